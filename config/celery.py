@@ -1,0 +1,62 @@
+"""The Celery app, so that `celery -A config worker|inspect|events|flower` works as usual.
+
+Producers send phase tasks by name (they never import worker code or libvirt); each phase is
+routed explicitly to the queue of the host that owns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from config.settings import Settings, load_settings
+
+QUEUE_PREFIX = "drover.host."
+WORKER_NODE_PREFIX = "drover@"
+
+
+def host_queue(host: str) -> str:
+    return f"{QUEUE_PREFIX}{host}"
+
+
+def worker_node(host: str) -> str:
+    return f"{WORKER_NODE_PREFIX}{host}"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings chosen for long, non-repeatable phase tasks (see docs/celery.md)."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: a pickle payload from the broker would be code execution as root.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "result_accept_content": ["json"],
+        # drover keeps its own job records; Celery results would be a second, weaker copy.
+        "task_ignore_result": True,
+        # Each worker takes one message at a time per free slot: a long perform phase must not
+        # sit on prefetched messages that another host's phases are waiting for.
+        "worker_prefetch_multiplier": 1,
+        # Ack on receipt: a perform phase must never be redelivered and run twice; a worker
+        # that dies mid-phase is recovered from libvirt's real state instead.
+        "task_acks_late": False,
+        "task_default_queue": "drover.default",
+        # Flower and `celery events` need these.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "worker_concurrency": settings.tunables.worker_concurrency,
+        "worker_pool": "threads",
+        "include": ["worker.tasks"],
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    celery_app = Celery("drover")
+    celery_app.conf.update(celery_config(settings or load_settings()))
+    return celery_app
+
+
+app = make_app()

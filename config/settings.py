@@ -1,0 +1,170 @@
+"""drover's settings: one TOML file plus a few environment overrides.
+
+Everything tunable lives here so that no module hides its own magic numbers. Producers and
+workers load the same file; workers re-read it when it changes on disk so that an operator can
+adjust a host's limits without restarting the fleet.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from threading import Lock
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+CONFIG_ENV = "DROVER_CONFIG"
+REDIS_URL_ENV = "DROVER_REDIS_URL"
+DEFAULT_CONFIG_PATHS = (Path("drover.toml"), Path("/etc/drover/drover.toml"))
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+HostName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", strip_whitespace=False)
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem an operator can fix; its message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostLimits(_Strict):
+    """What drover may use on a host, declared by the operator (like Nova's allocation ratios).
+
+    `memory_mib` caps the guest memory drover will place on the host; without it only the free
+    memory libvirt reports counts.
+    """
+
+    memory_mib: int | None = Field(default=None, ge=1)
+    max_outbound: int = Field(default=2, ge=1, le=64)
+    max_inbound: int = Field(default=2, ge=1, le=64)
+
+
+class Host(_Strict):
+    """One hypervisor host in the registry. Producers name it; only workers use its URIs."""
+
+    name: HostName
+    libvirt_uri: str = "qemu:///system"
+    peer_uri: str
+    migration_address: str
+    limits: HostLimits = HostLimits()
+
+
+class Tunables(_Strict):
+    """Timings and sizes. Seconds unless the name says otherwise."""
+
+    progress_interval: float = Field(default=0.5, gt=0, le=10)
+    phase_timeout: float = Field(default=60, gt=0)
+    migration_timeout: float = Field(default=1800, gt=0)
+    wait_poll_interval: float = Field(default=0.2, gt=0)
+    event_stream_maxlen: int = Field(default=10_000, ge=100)
+    job_retention_days: int = Field(default=30, ge=1)
+    worker_concurrency: int = Field(default=8, ge=2, le=64)
+    max_message_bytes: int = Field(default=65_536, ge=1024)
+
+
+class Settings(_Strict):
+    redis_url: str = DEFAULT_REDIS_URL
+    hosts: dict[str, Host] = {}
+    tunables: Tunables = Tunables()
+    source: str = "<defaults>"
+
+    def host(self, name: str) -> Host:
+        """The registry entry for `name`, or a one-line error listing the known hosts."""
+        try:
+            return self.hosts[name]
+        except KeyError:
+            known = ", ".join(sorted(self.hosts)) or "none"
+            raise ConfigError(f"unknown host {name!r} (known hosts: {known})") from None
+
+
+def _config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}"
+
+
+def _normalise_hosts(raw: dict[str, Any]) -> dict[str, Any]:
+    """Accept `[hosts.NAME]` tables; the table key is the host's name."""
+    hosts = raw.get("hosts", {})
+    if not isinstance(hosts, dict):
+        raise ConfigError("'hosts' must be a table of [hosts.NAME] sections")
+    out: dict[str, Any] = {}
+    for key, body in hosts.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"hosts.{key} must be a table")
+        if "name" in body and body["name"] != key:
+            raise ConfigError(f"hosts.{key} has name {body['name']!r}; the two must match")
+        out[key] = {**body, "name": key}
+    return {**raw, "hosts": out}
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load settings from `path`, $DROVER_CONFIG, ./drover.toml or /etc/drover/drover.toml.
+
+    With no file at all the defaults apply (an empty registry), which is enough for
+    `celery -A config inspect` against a local Redis.
+    """
+    cfg_path = _config_path(path)
+    raw: dict[str, Any] = {}
+    if cfg_path is not None:
+        try:
+            raw = tomllib.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {cfg_path} does not exist") from None
+        except PermissionError:
+            raise ConfigError(f"config file {cfg_path} is not readable") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {cfg_path} is not valid TOML: {exc}") from None
+        raw = _normalise_hosts(raw)
+        raw["source"] = str(cfg_path)
+    if os.environ.get(REDIS_URL_ENV):
+        raw["redis_url"] = os.environ[REDIS_URL_ENV]
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"config {raw.get('source', '<defaults>')}: {_first_error(exc)}") from None
+    if urlsplit(settings.redis_url).scheme not in ("redis", "rediss"):
+        raise ConfigError(f"redis_url must start with redis:// or rediss://, got {settings.redis_url!r}")
+    return settings
+
+
+class _Cache:
+    """Settings loaded once per process and reloaded when the file's mtime changes."""
+
+    def __init__(self) -> None:
+        self._lock = Lock()
+        self._settings: Settings | None = None
+        self._stamp: float | None = None
+
+    def get(self) -> Settings:
+        path = _config_path(None)
+        stamp = path.stat().st_mtime if path is not None and path.exists() else None
+        with self._lock:
+            if self._settings is None or stamp != self._stamp:
+                self._settings = load_settings()
+                self._stamp = stamp
+            return self._settings
+
+
+_cache = _Cache()
+
+
+def current() -> Settings:
+    """The process-wide settings, fresh if the config file changed since the last call."""
+    return _cache.get()

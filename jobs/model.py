@@ -1,0 +1,61 @@
+"""A job as read back from the store: what producers and CLIs show."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from jobs.spec import MigrationSpec
+from jobs.states import TERMINAL, JobState
+
+
+class PhaseRecord(BaseModel):
+    phase: str
+    host: str
+    started: datetime
+    ended: datetime | None = None
+    error: str | None = None
+
+
+class Transition(BaseModel):
+    state: JobState
+    at: datetime
+    host: str
+    reason: str | None = None
+
+
+class Job(BaseModel):
+    id: str
+    spec: MigrationSpec
+    state: JobState
+    created: datetime
+    updated: datetime
+    reason: str | None = None
+    facts: dict[str, Any] = {}
+    handoff: dict[str, Any] = {}
+    result: dict[str, Any] = {}
+    phases: dict[str, PhaseRecord] = {}
+    transitions: list[Transition] = []
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def duration_s(self) -> float:
+        end = self.updated if self.terminal else datetime.now(self.created.tzinfo)
+        return (end - self.created).total_seconds()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "domain": self.spec.domain,
+            "src": self.spec.src,
+            "dst": self.spec.dst,
+            "created": self.created.isoformat(),
+            "duration_s": round(self.duration_s, 3),
+            "reason": self.reason,
+        }

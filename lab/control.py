@@ -1,0 +1,272 @@
+"""`drover lab up|down|status|env`: the local lab of real libvirt hosts, start to finish.
+
+`up` is written so that `down` can always undo it: names are derived from the lab id, and
+`down` sweeps by those names as well as by the recorded state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from config.celery import make_app
+from config.settings import load_settings
+from lab import guests, libvirtd, network, redis_server
+from lab.kernel import build_dirty_kernel
+from lab.layout import MAX_HOSTS, HostLayout, LabLayout
+from lab.proc import LabError, alive, kill, run, spawn, wait_until
+
+WORKER_START_TIMEOUT = 60.0
+REQUIRED_COMMANDS = {
+    "ip": "iproute2",
+    "unshare": "util-linux",
+    "nsenter": "util-linux",
+    "libvirtd": "libvirt-daemon libvirt-daemon-driver-qemu",
+    "virsh": "libvirt-clients",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "redis-server": "redis-server",
+    "as": "binutils",
+    "ld": "binutils",
+}
+
+
+@dataclass
+class HostState:
+    name: str
+    address: str
+    netns: str
+    operator_uri: str
+    peer_uri: str
+    holder_pid: int = 0
+    libvirtd_pid: int = 0
+    worker_pid: int = 0
+    worker_log: str = ""
+
+
+@dataclass
+class LabState:
+    lab_id: int
+    config: str
+    redis_url: str
+    redis_pid: int = 0
+    hosts: dict[str, HostState] = field(default_factory=dict)
+
+    def save(self, lab: LabLayout) -> None:
+        lab.state_path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, lab: LabLayout) -> LabState | None:
+        try:
+            raw = json.loads(lab.state_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        hosts = {k: HostState(**v) for k, v in raw.pop("hosts").items()}
+        return cls(**raw, hosts=hosts)
+
+
+def check_prerequisites() -> None:
+    """Refuse early, with the fix, when not root or a needed program is missing."""
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, mounts, libvirtd): run as root")
+    missing = {cmd: pkg for cmd, pkg in REQUIRED_COMMANDS.items() if shutil.which(cmd) is None}
+    if missing:
+        pkgs = " ".join(sorted(set(missing.values())))
+        raise LabError(
+            f"missing {', '.join(sorted(missing))}: run `make deps` "
+            f"(or apt-get install --no-install-recommends {pkgs})"
+        )
+
+
+def write_config(lab: LabLayout, hosts: list[HostLayout], redis_url: str) -> Path:
+    lines = [
+        "# Written by `drover lab up`: the registry of this machine's lab hosts.",
+        f'redis_url = "{redis_url}"',
+        "",
+    ]
+    for h in hosts:
+        lines += [
+            f"[hosts.{h.name}]",
+            'libvirt_uri = "qemu:///system"',
+            f'peer_uri = "{h.peer_uri}"',
+            f'migration_address = "{h.address}"',
+            "",
+        ]
+    path = lab.config_path
+    path.write_text("\n".join(lines))
+    path.chmod(0o600)  # it holds the Redis password
+    return path
+
+
+def _worker_argv(host: HostState, config: Path) -> list[str]:
+    return [
+        *libvirtd.in_host(host.holder_pid),
+        "env", f"DROVER_CONFIG={config}",
+        sys.executable, "-m", "producer", "worker", "--host", host.name,
+    ]
+
+
+def start_worker(lab: LabLayout, host: HostState) -> None:
+    """Start `drover worker --host NAME` inside the host's namespaces; wait for its ping."""
+    app = make_app(load_settings(lab.config_path))
+    log = Path(host.worker_log)
+    host.worker_pid = spawn(_worker_argv(host, lab.config_path), log)
+
+    def answers() -> bool:
+        if not alive(host.worker_pid):
+            raise LabError(f"{host.name}'s worker exited; see {log}")
+        return bool(app.control.ping(destination=[f"drover@{host.name}"], timeout=0.5))
+
+    wait_until(answers, WORKER_START_TIMEOUT, f"{host.name}'s worker")
+
+
+def up(hosts: int = 2) -> LabState:
+    check_prerequisites()
+    if not 2 <= hosts <= MAX_HOSTS:
+        raise LabError(f"--hosts must be between 2 and {MAX_HOSTS}")
+    lab = LabLayout.from_env()
+    if LabState.load(lab) is not None or network.lab_namespaces(lab):
+        raise LabError(f"a lab is already up (id {lab.lab_id}); run `drover lab down` first")
+    lab.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _up(lab, lab.hosts(hosts))
+    except BaseException:
+        down()
+        raise
+
+
+def _up(lab: LabLayout, layouts: list[HostLayout]) -> LabState:
+    password = redis_server.new_password()
+    redis_url = f"redis://:{password}@{lab.root_address}:{lab.redis_port}/0"
+    config = write_config(lab, layouts, redis_url)
+    os.environ["DROVER_CONFIG"] = str(config)
+    state = LabState(lab_id=lab.lab_id, config=str(config), redis_url=redis_url)
+    state.save(lab)
+
+    network.create_bridge(lab)
+    state.redis_pid = redis_server.start(
+        lab.redis_dir, lab.redis_port, [lab.root_address, "127.0.0.1"], password
+    )
+    state.save(lab)
+    kernel = build_dirty_kernel(lab.guests_dir)
+    libvirtd.ensure_system_user()
+    for h in layouts:
+        network.create_host_network(lab, h)
+        libvirtd.prepare_dirs(lab, h)
+        hs = HostState(
+            name=h.name, address=h.address, netns=h.netns, operator_uri=h.operator_uri,
+            peer_uri=h.peer_uri, worker_log=str(h.dir / "worker.log"),
+        )
+        state.hosts[h.name] = hs
+        hs.holder_pid = libvirtd.start_holder(h)
+        hs.libvirtd_pid = libvirtd.start_libvirtd(h, hs.holder_pid)
+        state.save(lab)
+    guests.define_and_start(layouts[0].operator_uri, guests.default_guests(kernel))
+    for hs in state.hosts.values():
+        start_worker(lab, hs)
+        state.save(lab)
+    return state
+
+
+def down() -> list[str]:
+    """Stop everything of this lab and remove it; safe to run any number of times."""
+    lab = LabLayout.from_env()
+    state = LabState.load(lab)
+    removed: list[str] = []
+    pids: list[int] = []
+    for ns in network.lab_namespaces(lab):
+        pids += network.namespace_pids(ns)
+    if state is not None:
+        pids += [p for h in state.hosts.values() for p in (h.worker_pid, h.holder_pid) if p]
+    pids = sorted({p for p in pids if alive(p)})
+    if pids:
+        kill(pids)
+        removed.append(f"{len(pids)} processes")
+    redis_pid = state.redis_pid if state else _pid_from_file(lab.redis_dir / "redis.pid")
+    if redis_pid and alive(redis_pid):
+        kill([redis_pid])
+        removed.append("redis-server")
+    namespaces = network.lab_namespaces(lab)
+    network.destroy(lab)
+    if namespaces:
+        removed.append(f"namespaces {', '.join(namespaces)}")
+    if lab.dir.exists():
+        shutil.rmtree(lab.dir, ignore_errors=True)
+        removed.append(str(lab.dir))
+    return removed
+
+
+def _pid_from_file(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def status() -> dict[str, Any]:
+    """What is up: per host its operator URI, worker pid and liveness, and its domains."""
+    lab = LabLayout.from_env()
+    state = LabState.load(lab)
+    if state is None:
+        return {"up": False, "lab_id": lab.lab_id, "hosts": {}}
+    hosts: dict[str, Any] = {}
+    for name, h in state.hosts.items():
+        hosts[name] = {
+            "address": h.address,
+            "operator_uri": h.operator_uri,
+            "peer_uri": h.peer_uri,
+            "worker_pid": h.worker_pid,
+            "worker_alive": alive(h.worker_pid),
+            "libvirtd_alive": alive(h.libvirtd_pid),
+            "domains": _domains(h.operator_uri),
+        }
+    return {
+        "up": True,
+        "lab_id": state.lab_id,
+        "config": state.config,
+        "redis_alive": alive(state.redis_pid),
+        "hosts": hosts,
+    }
+
+
+def _domains(uri: str) -> list[dict[str, Any]]:
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return []
+    try:
+        return [
+            {"name": d.name(), "active": bool(d.isActive()), "persistent": bool(d.isPersistent())}
+            for d in conn.listAllDomains()
+        ]
+    finally:
+        conn.close()
+
+
+def env_line() -> str:
+    lab = LabLayout.from_env()
+    if not lab.config_path.exists():
+        raise LabError("no lab is up: run `drover lab up` first")
+    return f"export DROVER_CONFIG={lab.config_path}"
+
+
+def restart_worker(name: str) -> int:
+    """Start a host's worker again (after a crash or a kill); return its new pid."""
+    lab = LabLayout.from_env()
+    state = LabState.load(lab)
+    if state is None or name not in state.hosts:
+        raise LabError(f"no lab host named {name!r}")
+    os.environ["DROVER_CONFIG"] = state.config
+    start_worker(lab, state.hosts[name])
+    state.save(lab)
+    return state.hosts[name].worker_pid
+
+
+__all__ = ["LabError", "down", "env_line", "restart_worker", "run", "status", "up"]

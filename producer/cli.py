@@ -1,0 +1,256 @@
+"""The `drover` command line: migrate, follow, list; run a worker; manage the local lab.
+
+Every refusal is one line on stderr and a non-zero exit; `--json` gives scripts stable output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import redis
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+from config.settings import CONFIG_ENV, ConfigError
+from jobs.store import JobNotFound
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+lab_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                      help="The local lab: real libvirt hosts in namespaces.")
+app.add_typer(lab_app, name="lab")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    err.print(f"drover: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run `fn`, turning every expected error into one line and an exit code."""
+    from lab.proc import LabError  # noqa: PLC0415
+    from producer.api import BrokerUnavailable, SubmitError  # noqa: PLC0415
+
+    try:
+        return fn()
+    except (ConfigError, SubmitError, LabError) as exc:
+        fail(str(exc), EXIT_USAGE if isinstance(exc, SubmitError | ConfigError) else EXIT_FAILED)
+    except JobNotFound as exc:
+        fail(str(exc.args[0]), EXIT_USAGE)
+    except BrokerUnavailable as exc:
+        fail(str(exc))
+    except redis.AuthenticationError:
+        fail("Redis refused the password in the config (redis_url)")
+    except redis.RedisError as exc:
+        fail(f"Redis: {exc}")
+
+
+def _drover() -> Any:
+    from producer.api import Drover  # noqa: PLC0415
+
+    return Drover()
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, default=str) + "\n")
+
+
+@app.callback()
+def root(
+    config: Annotated[str | None, typer.Option("--config", help="drover.toml to use")] = None,
+) -> None:
+    """drover: move running VMs between libvirt/KVM hosts."""
+    if config:
+        os.environ[CONFIG_ENV] = config
+
+
+@app.command()
+def migrate(
+    domain: Annotated[str, typer.Argument(help="domain name")],
+    src: Annotated[str, typer.Option("--from", help="source host (registry name)")],
+    dst: Annotated[str, typer.Option("--to", help="destination host (registry name)")],
+    live: Annotated[bool, typer.Option("--live", help="migrate while the guest runs")] = False,
+    p2p: Annotated[bool, typer.Option("--p2p", help="managed peer-to-peer (default)")] = False,
+    persistent: Annotated[bool, typer.Option("--persistent")] = False,
+    undefine_source: Annotated[bool, typer.Option("--undefine-source")] = False,
+    auto_converge: Annotated[bool, typer.Option("--auto-converge")] = False,
+    bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="MiB/s cap")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow until the job ends")] = False,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="with --wait")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Queue a migration of DOMAIN from one host to another."""
+    request = {
+        "domain": domain, "src": src, "dst": dst, "live": live, "control": "p2p",
+        "persistent": persistent, "undefine_source": undefine_source,
+        "auto_converge": auto_converge, "bandwidth_mib": bandwidth,
+    }
+
+    def go() -> None:
+        d = _drover()
+        job_id = d.submit(d.spec(**request))
+        if not wait:
+            print_json({"job_id": job_id}) if as_json else out.print(job_id)
+            return
+        job = d.wait(job_id, timeout) if as_json else _follow_with_progress(d, job_id, timeout)
+        if as_json:
+            print_json(job.summary() | {"phases": {k: v.model_dump(mode="json")
+                                                   for k, v in job.phases.items()}})
+        if job.state.value != "succeeded":
+            fail(f"job {job_id} {job.state.value}: {job.reason}")
+
+    guarded(go)
+
+
+def _follow_with_progress(d: Any, job_id: str, timeout: float | None) -> Any:
+    from producer.render import event_line  # noqa: PLC0415
+
+    out.print(f"job {job_id}")
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=out, transient=True) as bar:
+        task = bar.add_task("migrating", total=None, visible=False)
+        for ev in d.events(job_id, follow=True):
+            if ev.get("event") == "migration.progress":
+                bar.update(task, visible=True, total=ev.get("data_total") or None,
+                           completed=ev.get("data_processed") or 0)
+            else:
+                bar.console.print(event_line(ev), markup=False, soft_wrap=True)
+    return d.wait(job_id, timeout)
+
+
+@app.command()
+def events(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print a job's events (JSON lines with --json); --follow until the job ends."""
+    from producer.render import event_line  # noqa: PLC0415
+
+    def go() -> None:
+        for ev in _drover().events(job_id, follow=follow):
+            print_json(ev) if as_json else out.print(event_line(ev), markup=False, soft_wrap=True)
+            sys.stdout.flush()
+
+    guarded(go)
+
+
+@app.command()
+def jobs(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
+) -> None:
+    """List recent jobs with state, domain, hosts and duration."""
+    from producer.render import jobs_table  # noqa: PLC0415
+
+    def go() -> None:
+        found = _drover().jobs(limit)
+        print_json([j.summary() for j in found]) if as_json else out.print(jobs_table(found))
+
+    guarded(go)
+
+
+@app.command()
+def job(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show one job: state, phases with host and timings, result."""
+
+    def go() -> None:
+        j = _drover().job(job_id)
+        data = j.model_dump(mode="json")
+        print_json(data) if as_json else out.print_json(json.dumps(data, default=str))
+
+    guarded(go)
+
+
+@app.command()
+def worker(
+    host: Annotated[str, typer.Option("--host", help="this hypervisor's registry name")],
+    loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
+) -> None:
+    """Run the Celery worker of one hypervisor host (consumes drover.host.HOST)."""
+    from worker.main import WorkerStartError, run_worker  # noqa: PLC0415
+
+    def go() -> None:
+        try:
+            run_worker(host, loglevel=loglevel)
+        except WorkerStartError as exc:
+            fail(str(exc))
+
+    guarded(go)
+
+
+@lab_app.command("up")
+def lab_up(
+    hosts: Annotated[int, typer.Option("--hosts", help="number of hosts")] = 2,
+) -> None:
+    """Create lab1..labN: namespaces, libvirtd, workers, Redis; guests on lab1."""
+    from lab import control  # noqa: PLC0415
+
+    def go() -> None:
+        state = control.up(hosts)
+        out.print(f"lab up: {', '.join(state.hosts)}; config {state.config}")
+        out.print(f"run: eval \"$(drover lab env)\"")
+
+    guarded(go)
+
+
+@lab_app.command("down")
+def lab_down() -> None:
+    """Stop and remove everything the lab created."""
+    from lab import control  # noqa: PLC0415
+
+    def go() -> None:
+        removed = control.down()
+        out.print("lab down: " + (", ".join(removed) if removed else "nothing was up"))
+
+    guarded(go)
+
+
+@lab_app.command("status")
+def lab_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Hosts, operator URIs for virsh, worker pids and domains."""
+    from lab import control  # noqa: PLC0415
+
+    def go() -> None:
+        st = control.status()
+        if as_json:
+            print_json(st)
+            return
+        if not st["up"]:
+            out.print("lab is down")
+            return
+        for name, h in st["hosts"].items():
+            doms = ", ".join(
+                f"{d['name']}({'running' if d['active'] else 'off'})" for d in h["domains"]
+            )
+            alive = "alive" if h["worker_alive"] else "DEAD"
+            out.print(f"{name}  {h['address']}  worker {h['worker_pid']} {alive}  "
+                      f"virsh -c '{h['operator_uri']}'  domains: {doms or '-'}")
+
+    guarded(go)
+
+
+@lab_app.command("env")
+def lab_env() -> None:
+    """Print the export line that points drover at the lab's config."""
+    from lab import control  # noqa: PLC0415
+
+    guarded(lambda: out.print(control.env_line(), markup=False))
+
+
+def main() -> None:
+    app()

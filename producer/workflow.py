@@ -1,0 +1,25 @@
+"""A migration as a Celery chain: each phase a task on the queue of the host that owns it.
+
+Signatures are immutable and carry only the job id; the chain moves on only when a phase
+succeeds, so a failed phase stops everything after it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, chain
+from celery.canvas import Signature
+
+from config.celery import host_queue
+from jobs.phases import PHASE_ORDER, PHASE_SIDE, Side, task_name
+from jobs.spec import MigrationSpec
+
+
+def migration_chain(app: Celery, job_id: str, spec: MigrationSpec) -> Signature:
+    steps = []
+    for phase in PHASE_ORDER:
+        host = spec.src if PHASE_SIDE[phase] is Side.SOURCE else spec.dst
+        steps.append(
+            app.signature(task_name(phase), args=(job_id,), immutable=True,
+                          queue=host_queue(host))
+        )
+    return chain(*steps)

@@ -1,0 +1,119 @@
+"""The worker's view of its own libvirtd: one connection, domain lookups and facts.
+
+Only this module and `worker/migration_call.py` touch libvirt, so the rest of the worker deals
+in plain facts and never in libvirt objects or error codes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import libvirt
+
+KIB_PER_MIB = 1024
+BYTES_PER_MIB = 1024 * 1024
+
+STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+
+def _quiet(_: Any, __: Any) -> None:
+    """libvirt prints every error to stderr unless a handler is set; we raise them instead."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+
+class LibvirtUnavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class DomainFacts:
+    name: str
+    uuid: str
+    state: str
+    active: bool
+    persistent: bool
+    memory_mib: int
+    vcpus: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def facts(dom: libvirt.virDomain) -> DomainFacts:
+    state, max_kib, _, vcpus, _ = dom.info()
+    return DomainFacts(
+        name=dom.name(),
+        uuid=dom.UUIDString(),
+        state=STATE_NAMES.get(state, str(state)),
+        active=bool(dom.isActive()),
+        persistent=bool(dom.isPersistent()),
+        memory_mib=max_kib // KIB_PER_MIB,
+        vcpus=vcpus,
+    )
+
+
+class LibvirtHost:
+    """A lazily opened, reopened-when-dead connection shared by the worker's threads."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is None or not self._conn.isAlive():
+                try:
+                    self._conn = libvirt.open(self.uri)
+                except libvirt.libvirtError as exc:
+                    raise LibvirtUnavailable(
+                        f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
+                    ) from None
+            return self._conn
+
+    def by_name(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def by_uuid(self, uuid: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def free_memory_mib(self) -> int:
+        return int(self.conn.getFreeMemory()) // BYTES_PER_MIB
+
+    def active_memory_mib(self) -> int:
+        """Memory of the domains running here: what the host has already committed."""
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        return sum(d.maxMemory() // KIB_PER_MIB for d in self.conn.listAllDomains(flags))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None

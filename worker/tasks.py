@@ -1,0 +1,85 @@
+"""The Celery tasks: one per phase, each a thin shell around worker/phases.py.
+
+Every task takes only a job id; everything else is read back from the job store and parsed
+again, so a message carries nothing the worker would have to trust.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import structlog
+from celery import Task
+from celery.exceptions import Ignore
+
+from config.celery import app
+from config.events import get_logger
+from jobs.model import Job
+from jobs.phases import ROLLBACK_DESTINATION_TASK, Phase, task_name
+from jobs.store import JobNotFound
+from worker import phases
+from worker.phase_scope import PhaseFailed, running_phase
+from worker.runtime import Runtime, runtime_for_node
+
+log = get_logger()
+JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
+
+PhaseFn = Callable[[Runtime, Job], None]
+
+
+def _runtime(task: Task) -> Runtime:
+    return runtime_for_node(str(task.request.hostname))
+
+
+def _checked_job_id(job_id: object) -> str:
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
+        log.warning("message.rejected", reason="malformed job id", value=repr(job_id)[:80])
+        raise Ignore()
+    return job_id
+
+
+def _run(task: Task, phase: Phase, fn: PhaseFn, job_id: object) -> str:
+    rt = _runtime(task)
+    checked = _checked_job_id(job_id)
+    with running_phase(rt, checked, phase) as job:
+        fn(rt, job)
+    return checked
+
+
+@app.task(bind=True, name=task_name(Phase.SOURCE_PREFLIGHT), throws=(PhaseFailed,))
+def source_preflight(self: Task, job_id: str) -> str:
+    return _run(self, Phase.SOURCE_PREFLIGHT, phases.source_preflight, job_id)
+
+
+@app.task(bind=True, name=task_name(Phase.DESTINATION_PREPARE), throws=(PhaseFailed,))
+def destination_prepare(self: Task, job_id: str) -> str:
+    return _run(self, Phase.DESTINATION_PREPARE, phases.destination_prepare, job_id)
+
+
+@app.task(bind=True, name=task_name(Phase.PERFORM), throws=(PhaseFailed,))
+def perform(self: Task, job_id: str) -> str:
+    return _run(self, Phase.PERFORM, phases.perform, job_id)
+
+
+@app.task(bind=True, name=task_name(Phase.FINISH), throws=(PhaseFailed,))
+def finish(self: Task, job_id: str) -> str:
+    return _run(self, Phase.FINISH, phases.finish, job_id)
+
+
+@app.task(bind=True, name=task_name(Phase.CONFIRM), throws=(PhaseFailed,))
+def confirm(self: Task, job_id: str) -> str:
+    return _run(self, Phase.CONFIRM, phases.confirm, job_id)
+
+
+@app.task(bind=True, name=ROLLBACK_DESTINATION_TASK)
+def rollback_destination(self: Task, job_id: str) -> None:
+    rt = _runtime(self)
+    try:
+        job = rt.store.get(_checked_job_id(job_id))
+    except JobNotFound:
+        raise Ignore() from None
+    context = {"job_id": job.id, "domain": job.spec.domain, "src": job.spec.src,
+               "dst": job.spec.dst, "phase": "rollback"}
+    with structlog.contextvars.bound_contextvars(**context):
+        phases.rollback_destination(rt, job)
