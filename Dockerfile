@@ -58,14 +58,14 @@ ENV PATH=/opt/drover/bin:$PATH \
     LIBVIRT_DEFAULT_URI=qemu:///system \
     DROVER_CONFIG=/etc/drover/drover.toml
 
-# Fails the build if the compiled binding does not load against this stage's libvirt0.
-RUN python -c "import libvirt; print('libvirt', libvirt.getVersion())"
-
-# Producer and Flower run unprivileged. The worker overrides this with `user: root`
-# in docker-compose.yml: libvirtd's read-write socket admits root (and the host's
-# libvirt group) only.
-RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/drover --create-home drover
-USER drover
+# The import fails the build if the compiled binding does not load against this
+# stage's libvirt0. Producer and Flower run as the unprivileged user; the worker
+# overrides it with `user: root` in docker-compose.yml, since libvirtd's read-write
+# socket admits root (and the host's libvirt group) only.
+RUN python -c "import libvirt; print('libvirt', libvirt.getVersion())" \
+ && groupadd --system --gid 10001 drover \
+ && useradd --system --uid 10001 --gid drover --home-dir /var/lib/drover --create-home drover
+USER 10001:10001
 WORKDIR /var/lib/drover
 
 ENTRYPOINT ["drover"]

@@ -59,7 +59,7 @@ class Host(_Strict):
 class Tunables(_Strict):
     """Timings and sizes. Seconds unless the name says otherwise."""
 
-    progress_interval: float = Field(default=0.5, gt=0, le=10)
+    progress_interval: float = Field(default=1.0, gt=0, le=10)
     phase_timeout: float = Field(default=60, gt=0)
     migration_timeout: float = Field(default=1800, gt=0)
     wait_poll_interval: float = Field(default=0.2, gt=0)
@@ -138,9 +138,10 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"config {raw.get('source', '<defaults>')}: {_first_error(exc)}") from None
+        where = raw.get("source", "<defaults>")
+        raise ConfigError(f"config {where}: {_first_error(exc)}") from None
     if urlsplit(settings.redis_url).scheme not in ("redis", "rediss"):
-        raise ConfigError(f"redis_url must start with redis:// or rediss://, got {settings.redis_url!r}")
+        raise ConfigError("redis_url must start with redis:// or rediss://")
     return settings
 
 

@@ -11,7 +11,7 @@ import json
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -22,6 +22,7 @@ from jobs.states import TERMINAL, JobState, allowed_sources
 KEY_PREFIX = "drover"
 JOBS_INDEX = f"{KEY_PREFIX}:jobs"
 EVENT_FIELD = "data"
+EVENT_READ_BATCH = 500
 
 # KEYS[1] job hash, KEYS[2] transitions list; ARGV[1] target state, ARGV[2] timestamp,
 # ARGV[3] transition JSON, ARGV[4] reason ("" for none), ARGV[5..] allowed source states.
@@ -115,7 +116,7 @@ class JobStore:
         )
 
     def state(self, job_id: str) -> JobState:
-        value = self.r.hget(job_key(job_id), "state")
+        value = cast(str | None, self.r.hget(job_key(job_id), "state"))
         if value is None:
             raise JobNotFound(f"no job {job_id!r}")
         return JobState(value)
@@ -136,7 +137,7 @@ class JobStore:
     def update(self, job_id: str, **fields: dict[str, Any]) -> None:
         """Merge JSON fields (facts, handoff, result) into the job record."""
         key = job_key(job_id)
-        current = self.r.hmget(key, list(fields))
+        current = cast(list[str | None], self.r.hmget(key, list(fields)))
         merged = {
             name: json.dumps({**json.loads(old or "{}"), **value})
             for (name, value), old in zip(fields.items(), current, strict=True)
@@ -149,7 +150,7 @@ class JobStore:
 
     def phase_ended(self, job_id: str, phase: str, error: str | None = None) -> None:
         key = f"{job_key(job_id)}:phases"
-        raw = self.r.hget(key, phase)
+        raw = cast(str | None, self.r.hget(key, phase))
         if raw is None:
             return
         rec = PhaseRecord.model_validate_json(raw).model_copy(
@@ -157,8 +158,8 @@ class JobStore:
         )
         self.r.hset(key, phase, rec.model_dump_json())
 
-    def list(self, limit: int = 50) -> list[Job]:
-        ids = self.r.zrevrange(JOBS_INDEX, 0, limit - 1)
+    def recent(self, limit: int = 50) -> list[Job]:
+        ids = cast(list[str], self.r.zrevrange(JOBS_INDEX, 0, limit - 1))
         jobs = []
         for job_id in ids:
             try:
@@ -170,13 +171,13 @@ class JobStore:
     # --- reservations -----------------------------------------------------------------------
 
     def reserve(self, host: str, job_id: str, memory_mib: int) -> None:
-        self.r.hset(reservations_key(host), job_id, memory_mib)
+        self.r.hset(reservations_key(host), job_id, str(memory_mib))
 
     def release(self, host: str, job_id: str) -> None:
         self.r.hdel(reservations_key(host), job_id)
 
     def reserved_mib(self, host: str, *, excluding: str | None = None) -> int:
-        held = self.r.hgetall(reservations_key(host))
+        held = cast(dict[str, str], self.r.hgetall(reservations_key(host)))
         return sum(int(v) for k, v in held.items() if k != excluding)
 
     # --- events -----------------------------------------------------------------------------
@@ -196,14 +197,18 @@ class JobStore:
     ) -> list[tuple[str, dict[str, Any]]]:
         """Events after stream id `after`; with `block_ms`, wait up to that long for new ones."""
         if block_ms is None:
-            rows = self.r.xrange(events_key(job_id), min=f"({after}" if after != "0-0" else "-")
+            start = f"({after}" if after != "0-0" else "-"
+            rows = cast(
+                list[tuple[str, dict[str, str]]], self.r.xrange(events_key(job_id), min=start)
+            )
             return [(eid, json.loads(f[EVENT_FIELD])) for eid, f in rows]
-        got = self.r.xread({events_key(job_id): after}, block=block_ms, count=500)
+        got = cast(
+            list[tuple[str, list[tuple[str, dict[str, str]]]]],
+            self.r.xread({events_key(job_id): after}, block=block_ms, count=EVENT_READ_BATCH),
+        )
         return [(eid, json.loads(f[EVENT_FIELD])) for _, rows in got for eid, f in rows]
 
-    def follow_events(
-        self, job_id: str, *, block_ms: int = 1000
-    ) -> Iterator[dict[str, Any]]:
+    def follow_events(self, job_id: str, *, block_ms: int = 1000) -> Iterator[dict[str, Any]]:
         """Every event of the job, old then new, until the job is terminal and drained."""
         last = "0-0"
         for eid, ev in self.read_events(job_id):

@@ -108,8 +108,14 @@ def write_config(lab: LabLayout, hosts: list[HostLayout], redis_url: str) -> Pat
 def _worker_argv(host: HostState, config: Path) -> list[str]:
     return [
         *libvirtd.in_host(host.holder_pid),
-        "env", f"DROVER_CONFIG={config}",
-        sys.executable, "-m", "producer", "worker", "--host", host.name,
+        "env",
+        f"DROVER_CONFIG={config}",
+        sys.executable,
+        "-m",
+        "producer",
+        "worker",
+        "--host",
+        host.name,
     ]
 
 
@@ -161,8 +167,12 @@ def _up(lab: LabLayout, layouts: list[HostLayout]) -> LabState:
         network.create_host_network(lab, h)
         libvirtd.prepare_dirs(lab, h)
         hs = HostState(
-            name=h.name, address=h.address, netns=h.netns, operator_uri=h.operator_uri,
-            peer_uri=h.peer_uri, worker_log=str(h.dir / "worker.log"),
+            name=h.name,
+            address=h.address,
+            netns=h.netns,
+            operator_uri=h.operator_uri,
+            peer_uri=h.peer_uri,
+            worker_log=str(h.dir / "worker.log"),
         )
         state.hosts[h.name] = hs
         hs.holder_pid = libvirtd.start_holder(h)

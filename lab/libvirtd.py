@@ -71,8 +71,16 @@ def ensure_system_user() -> None:
         pwd.getpwnam(QEMU_SYSTEM_USER)
     except KeyError:
         run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-             "--gid", QEMU_SYSTEM_USER, QEMU_SYSTEM_USER]
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--gid",
+                QEMU_SYSTEM_USER,
+                QEMU_SYSTEM_USER,
+            ]
         )
 
 
@@ -93,17 +101,30 @@ def start_holder(host: HostLayout) -> int:
     """Start the process that owns the host's mount namespace; return its pid."""
     pidfile = _holder_pidfile(host)
     pidfile.unlink(missing_ok=True)
-    binds = " && ".join(
-        f"mount --bind {host.own_dir(d)} {d}" for d in LIBVIRT_DIRS
-    )
+    binds = " && ".join(f"mount --bind {host.own_dir(d)} {d}" for d in LIBVIRT_DIRS)
     script = f"{binds} && echo $$ > {pidfile} && exec sleep infinity"
     spawn(
-        ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--propagation", "private",
-         "--", "sh", "-c", script],
+        [
+            "ip",
+            "netns",
+            "exec",
+            host.netns,
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
         host.dir / "holder.log",
     )
-    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "",
-               HOLDER_START_TIMEOUT, f"{host.name}'s namespace holder")
+    wait_until(
+        lambda: pidfile.exists() and pidfile.read_text().strip() != "",
+        HOLDER_START_TIMEOUT,
+        f"{host.name}'s namespace holder",
+    )
     return int(pidfile.read_text())
 
 
@@ -116,11 +137,22 @@ def start_libvirtd(host: HostLayout, holder_pid: int) -> int:
     """Start the host's libvirtd, wait until its socket answers, warm its QEMU probe; pid."""
     pidfile = host.own_dir("/run/libvirt") / "libvirtd.pid"
     run(
-        [*in_host(holder_pid), "libvirtd", "-d", "--listen",
-         "-f", "/etc/libvirt/libvirtd.conf", "-p", "/run/libvirt/libvirtd.pid"]
+        [
+            *in_host(holder_pid),
+            "libvirtd",
+            "-d",
+            "--listen",
+            "-f",
+            "/etc/libvirt/libvirtd.conf",
+            "-p",
+            "/run/libvirt/libvirtd.pid",
+        ]
     )
-    wait_until(lambda: host.socket.exists() and pidfile.exists(), LIBVIRTD_START_TIMEOUT,
-               f"{host.name}'s libvirtd socket")
+    wait_until(
+        lambda: host.socket.exists() and pidfile.exists(),
+        LIBVIRTD_START_TIMEOUT,
+        f"{host.name}'s libvirtd socket",
+    )
     pid = int(pidfile.read_text().strip())
     # The first capability probe costs seconds; pay it now rather than in the first migration.
     run(["virsh", "-c", host.operator_uri, "domcapabilities"], timeout=LIBVIRTD_START_TIMEOUT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,10 +69,8 @@ def kill(pids: Sequence[int], grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL what is still alive after `grace` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + grace
         while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -1,9 +1,9 @@
 """The Python API for scripts: submit a migration, wait for it, follow its events.
 
-    from producer.api import Drover
-    d = Drover()
-    job_id = d.submit(domain="web01", src="lab1", dst="lab2")
-    job = d.wait(job_id)
+from producer.api import Drover
+d = Drover()
+job_id = d.submit(domain="web01", src="lab1", dst="lab2")
+job = d.wait(job_id)
 """
 
 from __future__ import annotations
@@ -88,8 +88,14 @@ class Drover:
     def _event(job_id: str, spec: MigrationSpec, name: str) -> dict[str, Any]:
         event: dict[str, Any] = dict.fromkeys(CONTRACT_KEYS)
         event.update(
-            ts=datetime.now(UTC).isoformat(), event=name, job_id=job_id, domain=spec.domain,
-            src=spec.src, dst=spec.dst, host=producer_name(), state=JobState.QUEUED.value,
+            ts=datetime.now(UTC).isoformat(),
+            event=name,
+            job_id=job_id,
+            domain=spec.domain,
+            src=spec.src,
+            dst=spec.dst,
+            host=producer_name(),
+            state=JobState.QUEUED.value,
             spec=spec.model_dump(mode="json"),
         )
         return event
@@ -98,7 +104,7 @@ class Drover:
         return self.store.get(job_id)
 
     def jobs(self, limit: int = 50) -> list[Job]:
-        return self.store.list(limit)
+        return self.store.recent(limit)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is terminal; TimeoutError after `timeout` seconds."""

@@ -20,8 +20,11 @@ from config.settings import CONFIG_ENV, ConfigError
 from jobs.store import JobNotFound
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-lab_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                      help="The local lab: real libvirt hosts in namespaces.")
+lab_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="The local lab: real libvirt hosts in namespaces.",
+)
 app.add_typer(lab_app, name="lab")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -38,8 +41,8 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 def guarded(fn: Callable[[], T]) -> T:
     """Run `fn`, turning every expected error into one line and an exit code."""
-    from lab.proc import LabError  # noqa: PLC0415
-    from producer.api import BrokerUnavailable, SubmitError  # noqa: PLC0415
+    from lab.proc import LabError
+    from producer.api import BrokerUnavailable, SubmitError
 
     try:
         return fn()
@@ -56,7 +59,7 @@ def guarded(fn: Callable[[], T]) -> T:
 
 
 def _drover() -> Any:
-    from producer.api import Drover  # noqa: PLC0415
+    from producer.api import Drover
 
     return Drover()
 
@@ -91,9 +94,15 @@ def migrate(
 ) -> None:
     """Queue a migration of DOMAIN from one host to another."""
     request = {
-        "domain": domain, "src": src, "dst": dst, "live": live, "control": "p2p",
-        "persistent": persistent, "undefine_source": undefine_source,
-        "auto_converge": auto_converge, "bandwidth_mib": bandwidth,
+        "domain": domain,
+        "src": src,
+        "dst": dst,
+        "live": live,
+        "control": "p2p",
+        "persistent": persistent,
+        "undefine_source": undefine_source,
+        "auto_converge": auto_converge,
+        "bandwidth_mib": bandwidth,
     }
 
     def go() -> None:
@@ -104,8 +113,10 @@ def migrate(
             return
         job = d.wait(job_id, timeout) if as_json else _follow_with_progress(d, job_id, timeout)
         if as_json:
-            print_json(job.summary() | {"phases": {k: v.model_dump(mode="json")
-                                                   for k, v in job.phases.items()}})
+            print_json(
+                job.summary()
+                | {"phases": {k: v.model_dump(mode="json") for k, v in job.phases.items()}}
+            )
         if job.state.value != "succeeded":
             fail(f"job {job_id} {job.state.value}: {job.reason}")
 
@@ -113,17 +124,20 @@ def migrate(
 
 
 def _follow_with_progress(d: Any, job_id: str, timeout: float | None) -> Any:
-    from producer.render import event_line  # noqa: PLC0415
+    from producer.render import event_line
 
     out.print(f"job {job_id}")
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=out, transient=True) as bar:
         task = bar.add_task("migrating", total=None, visible=False)
         for ev in d.events(job_id, follow=True):
             if ev.get("event") == "migration.progress":
-                bar.update(task, visible=True, total=ev.get("data_total") or None,
-                           completed=ev.get("data_processed") or 0)
+                bar.update(
+                    task,
+                    visible=True,
+                    total=ev.get("data_total") or None,
+                    completed=ev.get("data_processed") or 0,
+                )
             else:
                 bar.console.print(event_line(ev), markup=False, soft_wrap=True)
     return d.wait(job_id, timeout)
@@ -136,7 +150,7 @@ def events(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Print a job's events (JSON lines with --json); --follow until the job ends."""
-    from producer.render import event_line  # noqa: PLC0415
+    from producer.render import event_line
 
     def go() -> None:
         for ev in _drover().events(job_id, follow=follow):
@@ -152,7 +166,7 @@ def jobs(
     limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
 ) -> None:
     """List recent jobs with state, domain, hosts and duration."""
-    from producer.render import jobs_table  # noqa: PLC0415
+    from producer.render import jobs_table
 
     def go() -> None:
         found = _drover().jobs(limit)
@@ -182,7 +196,7 @@ def worker(
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
 ) -> None:
     """Run the Celery worker of one hypervisor host (consumes drover.host.HOST)."""
-    from worker.main import WorkerStartError, run_worker  # noqa: PLC0415
+    from worker.main import WorkerStartError, run_worker
 
     def go() -> None:
         try:
@@ -198,12 +212,12 @@ def lab_up(
     hosts: Annotated[int, typer.Option("--hosts", help="number of hosts")] = 2,
 ) -> None:
     """Create lab1..labN: namespaces, libvirtd, workers, Redis; guests on lab1."""
-    from lab import control  # noqa: PLC0415
+    from lab import control
 
     def go() -> None:
         state = control.up(hosts)
         out.print(f"lab up: {', '.join(state.hosts)}; config {state.config}")
-        out.print(f"run: eval \"$(drover lab env)\"")
+        out.print('run: eval "$(drover lab env)"')
 
     guarded(go)
 
@@ -211,7 +225,7 @@ def lab_up(
 @lab_app.command("down")
 def lab_down() -> None:
     """Stop and remove everything the lab created."""
-    from lab import control  # noqa: PLC0415
+    from lab import control
 
     def go() -> None:
         removed = control.down()
@@ -223,7 +237,7 @@ def lab_down() -> None:
 @lab_app.command("status")
 def lab_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Hosts, operator URIs for virsh, worker pids and domains."""
-    from lab import control  # noqa: PLC0415
+    from lab import control
 
     def go() -> None:
         st = control.status()
@@ -238,8 +252,10 @@ def lab_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
                 f"{d['name']}({'running' if d['active'] else 'off'})" for d in h["domains"]
             )
             alive = "alive" if h["worker_alive"] else "DEAD"
-            out.print(f"{name}  {h['address']}  worker {h['worker_pid']} {alive}  "
-                      f"virsh -c '{h['operator_uri']}'  domains: {doms or '-'}")
+            out.print(
+                f"{name}  {h['address']}  worker {h['worker_pid']} {alive}  "
+                f"virsh -c '{h['operator_uri']}'  domains: {doms or '-'}"
+            )
 
     guarded(go)
 
@@ -247,7 +263,7 @@ def lab_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
 @lab_app.command("env")
 def lab_env() -> None:
     """Print the export line that points drover at the lab's config."""
-    from lab import control  # noqa: PLC0415
+    from lab import control
 
     guarded(lambda: out.print(control.env_line(), markup=False))
 

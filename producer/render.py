@@ -22,9 +22,10 @@ def _clock(ts: Any) -> str:
 def progress_text(ev: dict[str, Any]) -> str:
     total = int(ev.get("data_total") or 0)
     done = int(ev.get("data_processed") or 0)
-    pct = f"{100 * done / total:.0f}% " if total else ""
+    remaining = int(ev.get("data_remaining") or 0)
+    pct = f"{100 * (total - remaining) / total:.0f}% " if total else ""
     return (
-        f"{pct}{done / MIB:.1f}/{total / MIB:.1f} MiB, "
+        f"[{ev.get('stage')}] {pct}sent {done / MIB:.1f} MiB of {total / MIB:.1f} MiB, "
         f"remaining {int(ev.get('data_remaining') or 0) / MIB:.1f} MiB, "
         f"{int(ev.get('memory_bandwidth') or 0) / MIB:.1f} MiB/s, "
         f"dirty {ev.get('memory_dirty_rate')} pages/s, iteration {ev.get('memory_iteration')}"
@@ -36,7 +37,8 @@ _DETAIL_KEYS = ("state", "reason", "duration_ms", "migration_ms", "memory_mib", 
 
 def event_line(ev: dict[str, Any]) -> str:
     name = str(ev.get("event"))
-    head = f"{_clock(ev.get('ts'))}  {ev.get('host') or '-':<22} {ev.get('phase') or '-':<20} {name}"
+    host, phase = ev.get("host") or "-", ev.get("phase") or "-"
+    head = f"{_clock(ev.get('ts'))}  {host:<22} {phase:<20} {name}"
     if name == "migration.progress":
         return f"{head}  {progress_text(ev)}"
     details = " ".join(f"{k}={ev[k]}" for k in _DETAIL_KEYS if ev.get(k) is not None)
@@ -53,7 +55,12 @@ def jobs_table(jobs: list[Job]) -> Table:
     for job in jobs:
         s = job.summary()
         table.add_row(
-            s["id"], s["state"], s["domain"], s["src"], s["dst"], f"{s['duration_s']:.2f}s",
+            s["id"],
+            s["state"],
+            s["domain"],
+            s["src"],
+            s["dst"],
+            f"{s['duration_s']:.2f}s",
             s["reason"] or "",
         )
     return table

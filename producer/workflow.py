@@ -19,7 +19,6 @@ def migration_chain(app: Celery, job_id: str, spec: MigrationSpec) -> Signature:
     for phase in PHASE_ORDER:
         host = spec.src if PHASE_SIDE[phase] is Side.SOURCE else spec.dst
         steps.append(
-            app.signature(task_name(phase), args=(job_id,), immutable=True,
-                          queue=host_queue(host))
+            app.signature(task_name(phase), args=(job_id,), immutable=True, queue=host_queue(host))
         )
     return chain(*steps)

@@ -6,6 +6,7 @@ in plain facts and never in libvirt objects or error codes.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -13,7 +14,6 @@ from typing import Any
 import libvirt
 
 KIB_PER_MIB = 1024
-BYTES_PER_MIB = 1024 * 1024
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -102,7 +102,10 @@ class LibvirtHost:
             raise
 
     def free_memory_mib(self) -> int:
-        return int(self.conn.getFreeMemory()) // BYTES_PER_MIB
+        """Free memory including page cache the kernel would give back (like MemAvailable)."""
+        stats = self.conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+        reclaimable = sum(int(stats.get(k, 0)) for k in ("free", "buffers", "cached"))
+        return reclaimable // KIB_PER_MIB
 
     def active_memory_mib(self) -> int:
         """Memory of the domains running here: what the host has already committed."""
@@ -112,8 +115,6 @@ class LibvirtHost:
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
-                try:
+                with contextlib.suppress(libvirt.libvirtError):
                     self._conn.close()
-                except libvirt.libvirtError:
-                    pass
                 self._conn = None

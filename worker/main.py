@@ -26,9 +26,12 @@ def run_worker(host: str, *, loglevel: str = "INFO") -> None:
     app.worker_main(
         [
             "worker",
-            "--hostname", worker_node(host),
-            "--queues", host_queue(host),
-            "--loglevel", loglevel,
+            "--hostname",
+            worker_node(host),
+            "--queues",
+            host_queue(host),
+            "--loglevel",
+            loglevel,
             "--without-mingle",
             "--without-gossip",
             "--task-events",

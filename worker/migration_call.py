@@ -36,8 +36,12 @@ class MigrationCall:
     flags: int
 
     def describe(self) -> dict[str, Any]:
-        return {"api": self.api, "dconnuri": self.dconnuri, "params": self.params,
-                "flags": flag_names(self.flags)}
+        return {
+            "api": self.api,
+            "dconnuri": self.dconnuri,
+            "params": self.params,
+            "flags": flag_names(self.flags),
+        }
 
 
 _FLAG_NAMES = {
@@ -71,5 +75,4 @@ def build_call(spec: MigrationSpec, handoff: Handoff) -> MigrationCall:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = spec.bandwidth_mib
     if spec.control is ControlFlow.P2P:
         flags |= libvirt.VIR_MIGRATE_PEER2PEER
-    return MigrationCall(api="migrateToURI3", dconnuri=handoff.dconnuri, params=params,
-                         flags=flags)
+    return MigrationCall(api="migrateToURI3", dconnuri=handoff.dconnuri, params=params, flags=flags)

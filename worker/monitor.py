@@ -7,19 +7,25 @@ the policy's business (worker/convergence.py), in the manner of KubeVirt's migra
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import libvirt
 
 from worker.convergence import Action, ConvergencePolicy
 
+MS_PER_S = 1000
+
 
 @dataclass(frozen=True)
 class Progress:
     """One sample of libvirt's migration job statistics (bytes, bytes/s, pages/s, ms)."""
 
+    stage: str
     time_elapsed_ms: int
     data_total: int
     data_processed: int
@@ -32,32 +38,47 @@ class Progress:
     @classmethod
     def from_stats(cls, stats: dict[str, Any]) -> Progress:
         return cls(
+            stage="transfer",
             time_elapsed_ms=int(stats.get("time_elapsed", 0)),
             data_total=int(stats.get("data_total", 0)),
             data_processed=int(stats.get("data_processed", 0)),
             data_remaining=int(stats.get("data_remaining", 0)),
-            memory_bandwidth=int(stats.get("memory_bandwidth", 0)),
+            memory_bandwidth=int(stats.get("memory_bps", 0)),
             memory_dirty_rate=int(stats.get("memory_dirty_rate", 0)),
             memory_iteration=int(stats.get("memory_iteration", 0)),
             downtime_ms=int(stats["downtime"]) if "downtime" in stats else None,
         )
 
+    @classmethod
+    def waiting(cls, stage: str, elapsed_ms: int, last: Progress | None) -> Progress:
+        """No fresh figures: before the transfer starts, or while libvirt switches over."""
+        if last is None:
+            return cls(stage, elapsed_ms, 0, 0, 0, 0, 0, 0, None)
+        return replace(last, stage=stage, time_elapsed_ms=max(elapsed_ms, last.time_elapsed_ms))
+
     def as_event_fields(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def sample(dom: libvirt.virDomain) -> Progress | None:
-    """The current migration statistics, or None when no job runs (not started, or over)."""
+def sample(dom: libvirt.virDomain) -> dict[str, Any] | None:
+    """libvirt's statistics of the running migration, or None while there is no job."""
     try:
-        stats = dom.jobStats()
+        stats: dict[str, Any] = dom.jobStats()
     except libvirt.libvirtError:
         return None
     if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
         return None
-    return Progress.from_stats(stats)
+    return stats
 
 
 class MigrationMonitor:
+    """Reports once per interval, even while libvirt holds the statistics back.
+
+    During switch-over libvirt answers `jobStats` only when the job's phase allows it, which
+    can take seconds; sampling runs on its own thread so the reports keep their pace and say
+    that the migration is completing.
+    """
+
     def __init__(
         self,
         dom: libvirt.virDomain,
@@ -75,13 +96,30 @@ class MigrationMonitor:
         self.last: Progress | None = None
 
     def run(self, finished: threading.Event) -> None:
-        """Sample until `finished` is set (the migration call returned)."""
-        while not finished.wait(self.interval):
-            progress = sample(self.dom)
-            if progress is None:
-                continue
-            self.last = progress
-            self.on_progress(progress)
-            action = self.policy.decide(progress)
-            if action.kind != "continue":
-                self.on_action(action)
+        """Sample until `finished` is set (the migration call returned); one report a tick."""
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstats") as pool:
+            pending: Future[dict[str, Any] | None] | None = None
+            # Half the interval waiting, at most half for the sample: a report every interval.
+            half = self.interval / 2
+            while not finished.wait(half):
+                if pending is None:
+                    pending = pool.submit(sample, self.dom)
+                try:
+                    stats = pending.result(timeout=half)
+                except FutureTimeout:
+                    stats = None
+                    stage = "completing" if self.last else "setup"
+                else:
+                    pending = None
+                    stage = "transfer" if stats else ("completing" if self.last else "setup")
+                if stats is None:
+                    elapsed_ms = int((time.monotonic() - started) * MS_PER_S)
+                    self.on_progress(Progress.waiting(stage, elapsed_ms, self.last))
+                    continue
+                progress = Progress.from_stats(stats)
+                self.last = progress
+                self.on_progress(progress)
+                action = self.policy.decide(progress)
+                if action.kind != "continue":
+                    self.on_action(action)

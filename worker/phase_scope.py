@@ -55,9 +55,7 @@ def fail_job(rt: Runtime, job: Job, phase: Phase, reason: str) -> None:
         return
     log.error("job.state", state=JobState.FAILED.value, reason=reason)
     if PHASE_ORDER.index(phase) >= PHASE_ORDER.index(Phase.DESTINATION_PREPARE):
-        app.send_task(
-            ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst)
-        )
+        app.send_task(ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst))
 
 
 @contextmanager
@@ -69,12 +67,18 @@ def running_phase(rt: Runtime, job_id: str, phase: Phase) -> Iterator[Job]:
         raise Ignore() from None
     expected = owner(job, phase)
     if expected != rt.host:
-        log.warning("message.rejected", job_id=job_id,
-                    reason=f"{phase.value} belongs to {expected}, not {rt.host}")
+        log.warning(
+            "message.rejected",
+            job_id=job_id,
+            reason=f"{phase.value} belongs to {expected}, not {rt.host}",
+        )
         raise Ignore()
     context: dict[str, Any] = {
-        "job_id": job.id, "domain": job.spec.domain, "src": job.spec.src,
-        "dst": job.spec.dst, "phase": phase.value,
+        "job_id": job.id,
+        "domain": job.spec.domain,
+        "src": job.spec.src,
+        "dst": job.spec.dst,
+        "phase": phase.value,
     }
     with structlog.contextvars.bound_contextvars(**context):
         if job.terminal:
@@ -100,5 +104,4 @@ def running_phase(rt: Runtime, job_id: str, phase: Phase) -> Iterator[Job]:
             fail_job(rt, job, phase, reason)
             raise PhaseFailed(reason) from exc
         rt.store.phase_ended(job.id, phase.value)
-        log.info("phase.finished",
-                 duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
+        log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))

@@ -75,8 +75,9 @@ def destination_prepare(rt: Runtime, job: Job) -> None:
     rt.store.reserve(spec.dst, job.id, need)
     entry = rt.registry_entry
     handoff = Handoff(dconnuri=entry.peer_uri, migrate_uri=f"tcp://{entry.migration_address}")
-    rt.store.update(job.id, handoff={"dconnuri": handoff.dconnuri,
-                                     "migrate_uri": handoff.migrate_uri})
+    rt.store.update(
+        job.id, handoff={"dconnuri": handoff.dconnuri, "migrate_uri": handoff.migrate_uri}
+    )
     log.info("prepare.reserved", memory_mib=need, free_mib=free, **rt.store.get(job.id).handoff)
     advance(rt, job, JobState.PREPARED)
 

@@ -79,7 +79,12 @@ def rollback_destination(self: Task, job_id: str) -> None:
         job = rt.store.get(_checked_job_id(job_id))
     except JobNotFound:
         raise Ignore() from None
-    context = {"job_id": job.id, "domain": job.spec.domain, "src": job.spec.src,
-               "dst": job.spec.dst, "phase": "rollback"}
+    context = {
+        "job_id": job.id,
+        "domain": job.spec.domain,
+        "src": job.spec.src,
+        "dst": job.spec.dst,
+        "phase": "rollback",
+    }
     with structlog.contextvars.bound_contextvars(**context):
         phases.rollback_destination(rt, job)
