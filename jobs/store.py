@@ -57,6 +57,11 @@ def reservations_key(host: str) -> str:
     return f"{KEY_PREFIX}:host:{host}:reservations"
 
 
+def _in_run_order(raw: dict[str, str]) -> dict[str, PhaseRecord]:
+    records = [PhaseRecord.model_validate_json(v) for v in raw.values()]
+    return {r.phase: r for r in sorted(records, key=lambda r: r.started)}
+
+
 class JobNotFound(LookupError):
     pass
 
@@ -111,7 +116,7 @@ class JobStore:
             facts=json.loads(raw.get("facts", "{}")),
             handoff=json.loads(raw.get("handoff", "{}")),
             result=json.loads(raw.get("result", "{}")),
-            phases={k: PhaseRecord.model_validate_json(v) for k, v in phases.items()},
+            phases=_in_run_order(phases),
             transitions=[Transition.model_validate_json(t) for t in transitions],
         )
 

@@ -23,6 +23,9 @@ from lab.kernel import build_dirty_kernel
 from lab.layout import MAX_HOSTS, HostLayout, LabLayout
 from lab.proc import LabError, alive, kill, run, spawn, wait_until
 
+# libvirt prints every error to stderr unless told otherwise; we handle them.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
 WORKER_START_TIMEOUT = 60.0
 REQUIRED_COMMANDS = {
     "ip": "iproute2",

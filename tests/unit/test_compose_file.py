@@ -7,16 +7,15 @@ tests/support/compose_schema.py fetches from a package registry once and caches.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
+
+from tests.support import compose_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -33,22 +32,7 @@ SAMPLE_ENV = {
 }
 
 
-def _load_support() -> ModuleType:
-    # Loaded by path: works whatever the pytest import mode and sys.path are.
-    name = "drover_tests_support_compose_schema"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, ROOT / "tests" / "support" / "compose_schema.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_support = _load_support()
+_support = compose_schema
 
 
 # --- Compose's variable interpolation, enough of it for this file -------------------

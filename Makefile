@@ -1,0 +1,70 @@
+# drover: the two commands that matter are `make demo` and `make test` (as root, fresh Debian 12).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_STAMP := .cache/apt.installed
+
+# Debian packages: the lab's hypervisors (libvirtd + QEMU in TCG), Redis, the toolchain that
+# builds libvirt-python and the dirty guest's kernel. npm (if missing) fetches the Compose schema.
+APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
+	qemu-utils iproute2 util-linux binutils libvirt-dev pkg-config gcc redis-server \
+	python3-venv python3-dev
+
+.PHONY: help deps venv demo test test-unit test-lab lint fmt lab-up lab-down bench clean
+
+help:
+	@echo "make demo   - bring up the local lab, migrate real VMs, show events, tear down"
+	@echo "make test   - install what is needed and run the whole suite (lint + pytest)"
+	@echo "make lint   - ruff + mypy;  make bench - benchmarks (print figures)"
+
+$(APT_STAMP):
+	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get)"; exit 1; fi
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p .cache && touch $@
+
+deps: $(APT_STAMP)
+
+$(STAMP): requirements.lock pyproject.toml | $(APT_STAMP)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/drover demo
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: venv lint
+	$(BIN)/pytest -q tests
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+test-lab: venv
+	$(BIN)/pytest -q tests/lab
+
+fmt: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: venv
+	$(BIN)/python bench/overhead.py
+
+clean:
+	-$(BIN)/drover lab down
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .mypy_cache

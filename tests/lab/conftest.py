@@ -1,0 +1,103 @@
+"""The real lab for integration tests: its own lab id, so a demo lab can run beside it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+import pytest
+
+from config.settings import load_settings
+from jobs.model import Job
+from lab import control
+from producer.api import Drover
+
+# libvirt prints every error to stderr unless told otherwise; we handle them.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+TEST_LAB_ID = "9"
+JOB_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class DomainView:
+    """A domain as one host's libvirtd reports it (None fields: not defined there)."""
+
+    exists: bool
+    active: bool
+    persistent: bool
+    state: int | None
+
+
+def view(uri: str, name: str) -> DomainView:
+    conn = libvirt.open(uri)
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return DomainView(False, False, False, None)
+        return DomainView(True, bool(dom.isActive()), bool(dom.isPersistent()), dom.state()[0])
+    finally:
+        conn.close()
+
+
+@dataclass
+class Lab:
+    status: dict[str, Any]
+    config: str
+    drover: Drover
+
+    def uri(self, host: str) -> str:
+        return str(self.status["hosts"][host]["operator_uri"])
+
+    def view(self, host: str, domain: str) -> DomainView:
+        return view(self.uri(host), domain)
+
+    def running_on(self, domain: str) -> list[str]:
+        return [h for h in self.status["hosts"] if self.view(h, domain).active]
+
+    def migrate(self, domain: str, src: str, dst: str, **opts: Any) -> Job:
+        job_id = self.drover.submit(domain=domain, src=src, dst=dst, live=True, **opts)
+        return self.drover.wait(job_id, timeout=JOB_TIMEOUT_S)
+
+    def home(self, domain: str, host: str = "lab1") -> None:
+        """Bring `domain` back to `host` through drover if a previous test left it elsewhere."""
+        where = self.running_on(domain)
+        assert len(where) == 1, f"{domain} runs on {where}"
+        if where[0] != host:
+            job = self.migrate(domain, where[0], host)
+            assert job.state.value == "succeeded", job.reason
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def lab_env() -> Iterator[None]:
+    old = os.environ.get("DROVER_LAB_ID")
+    os.environ["DROVER_LAB_ID"] = TEST_LAB_ID
+    control.down()  # whatever an interrupted earlier run left behind
+    yield
+    control.down()
+    if old is None:
+        os.environ.pop("DROVER_LAB_ID", None)
+    else:
+        os.environ["DROVER_LAB_ID"] = old
+
+
+@pytest.fixture(scope="session")
+def lab(lab_env: None) -> Iterator[Lab]:
+    state = control.up(2)
+    try:
+        yield Lab(control.status(), state.config, Drover(load_settings(state.config)))
+    finally:
+        control.down()

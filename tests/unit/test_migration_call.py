@@ -1,0 +1,51 @@
+"""The spec-to-libvirt mapping: which API, which flags, which parameters."""
+
+from __future__ import annotations
+
+import libvirt
+
+from jobs.spec import MigrationSpec
+from worker.convergence import ConvergencePolicy
+from worker.migration_call import Handoff, build_call, flag_names
+from worker.monitor import Progress
+
+HANDOFF = Handoff(dconnuri="qemu+tcp://10.0.0.2/system", migrate_uri="tcp://10.0.0.2")
+
+
+def spec(**kw: object) -> MigrationSpec:
+    return MigrationSpec.model_validate({"domain": "web01", "src": "a", "dst": "b", **kw})
+
+
+def test_default_is_live_peer_to_peer_native_with_migration_uri() -> None:
+    call = build_call(spec(), HANDOFF)
+    assert call.api == "migrateToURI3"
+    assert call.dconnuri == "qemu+tcp://10.0.0.2/system"
+    assert call.flags == libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+    assert call.params == {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://10.0.0.2"}
+
+
+def test_requested_options_all_reach_the_call() -> None:
+    call = build_call(
+        spec(persistent=True, undefine_source=True, auto_converge=True, bandwidth_mib=64),
+        HANDOFF,
+    )
+    assert set(flag_names(call.flags)) == {
+        "VIR_MIGRATE_LIVE", "VIR_MIGRATE_PEER2PEER", "VIR_MIGRATE_PERSIST_DEST",
+        "VIR_MIGRATE_UNDEFINE_SOURCE", "VIR_MIGRATE_AUTO_CONVERGE",
+    }
+    assert call.params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] == 64
+
+
+def test_non_live_request_drops_the_live_flag() -> None:
+    assert not build_call(spec(live=False), HANDOFF).flags & libvirt.VIR_MIGRATE_LIVE
+
+
+def _progress(elapsed_ms: int) -> Progress:
+    return Progress("transfer", elapsed_ms, 100, 50, 50, 10, 5, 2, None)
+
+
+def test_policy_aborts_only_past_the_deadline() -> None:
+    policy = ConvergencePolicy(max_duration_s=10)
+    assert policy.decide(_progress(9_999)).kind == "continue"
+    decision = policy.decide(_progress(10_001))
+    assert decision.kind == "abort" and "not converged after 10s" in decision.reason
