@@ -54,8 +54,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_app(settings: Settings | None = None) -> Celery:
+    """An app for `settings`; without them, configured from the config file on first use.
+
+    The lazy form lets `import config.celery` succeed even when the file is broken, so the
+    error surfaces as one line where it is used rather than as an import traceback.
+    """
     celery_app = Celery("drover")
-    celery_app.conf.update(celery_config(settings or load_settings()))
+    if settings is not None:
+        celery_app.conf.update(celery_config(settings))
+    else:
+        celery_app.add_defaults(lambda: celery_config(load_settings()))
     return celery_app
 
 

@@ -14,10 +14,12 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import redis
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
 from config.settings import CONFIG_ENV, ConfigError
 from jobs.store import JobNotFound
+
+# Typer vendors Click; its usage errors all derive from this class (BadParameter included).
+UsageError = typer.BadParameter.__mro__[1]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 lab_app = typer.Typer(
@@ -26,11 +28,14 @@ lab_app = typer.Typer(
     help="The local lab: real libvirt hosts in namespaces.",
 )
 app.add_typer(lab_app, name="lab")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Wide enough for event lines and tables when piped to a log (a terminal sets its own width).
+PIPE_WIDTH = 160
+out = Console(highlight=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else PIPE_WIDTH)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 T = TypeVar("T")
 
 
@@ -124,23 +129,10 @@ def migrate(
 
 
 def _follow_with_progress(d: Any, job_id: str, timeout: float | None) -> Any:
-    from producer.render import event_line
+    from producer.follow import follow
 
     out.print(f"job {job_id}")
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=out, transient=True) as bar:
-        task = bar.add_task("migrating", total=None, visible=False)
-        for ev in d.events(job_id, follow=True):
-            if ev.get("event") == "migration.progress":
-                bar.update(
-                    task,
-                    visible=True,
-                    total=ev.get("data_total") or None,
-                    completed=ev.get("data_processed") or 0,
-                )
-            else:
-                bar.console.print(event_line(ev), markup=False, soft_wrap=True)
-    return d.wait(job_id, timeout)
+    return follow(d, job_id, out, timeout)
 
 
 @app.command()
@@ -207,6 +199,20 @@ def worker(
     guarded(go)
 
 
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option("--keep", help="leave the lab up afterwards")] = False,
+) -> None:
+    """Bring up the local lab, migrate real VMs with live events, verify, tear down."""
+    from producer.demo import run_demo
+
+    def go() -> None:
+        if not run_demo(out, keep=keep):
+            fail("demo: a migration did not end where libvirt should show it")
+
+    guarded(go)
+
+
 @lab_app.command("up")
 def lab_up(
     hosts: Annotated[int, typer.Option("--hosts", help="number of hosts")] = 2,
@@ -269,4 +275,16 @@ def lab_env() -> None:
 
 
 def main() -> None:
-    app()
+    """Run the CLI; usage errors become one line (Click's boxed help is for --help)."""
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+            err.print(exc.ctx.get_help(), markup=False)
+        else:
+            where = exc.ctx.command_path if exc.ctx else "drover"
+            err.print(f"{where}: {exc.format_message()}", markup=False, soft_wrap=True)
+        code = EXIT_USAGE
+    except typer.Abort:
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)

@@ -58,15 +58,24 @@ def test_transitions_follow_the_state_machine() -> None:
 
 def test_job_walks_forward_and_records_history(store: JobStore) -> None:
     job_id = store.create(spec(), host="test")
-    for target in (JobState.PREFLIGHT, JobState.PREPARED, JobState.MIGRATING,
-                   JobState.FINISHING, JobState.SUCCEEDED):
+    for target in (
+        JobState.PREFLIGHT,
+        JobState.PREPARED,
+        JobState.MIGRATING,
+        JobState.FINISHING,
+        JobState.SUCCEEDED,
+    ):
         moved, _ = store.transition(job_id, target, host="kvm1")
         assert moved
     job = store.get(job_id)
     assert job.state is JobState.SUCCEEDED and job.terminal
     assert [t.state for t in job.transitions] == [
-        JobState.QUEUED, JobState.PREFLIGHT, JobState.PREPARED, JobState.MIGRATING,
-        JobState.FINISHING, JobState.SUCCEEDED,
+        JobState.QUEUED,
+        JobState.PREFLIGHT,
+        JobState.PREPARED,
+        JobState.MIGRATING,
+        JobState.FINISHING,
+        JobState.SUCCEEDED,
     ]
     assert all(t.at <= u.at for t, u in zip(job.transitions, job.transitions[1:], strict=False))
 

@@ -30,8 +30,11 @@ def test_requested_options_all_reach_the_call() -> None:
         HANDOFF,
     )
     assert set(flag_names(call.flags)) == {
-        "VIR_MIGRATE_LIVE", "VIR_MIGRATE_PEER2PEER", "VIR_MIGRATE_PERSIST_DEST",
-        "VIR_MIGRATE_UNDEFINE_SOURCE", "VIR_MIGRATE_AUTO_CONVERGE",
+        "VIR_MIGRATE_LIVE",
+        "VIR_MIGRATE_PEER2PEER",
+        "VIR_MIGRATE_PERSIST_DEST",
+        "VIR_MIGRATE_UNDEFINE_SOURCE",
+        "VIR_MIGRATE_AUTO_CONVERGE",
     }
     assert call.params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] == 64
 

@@ -46,7 +46,9 @@ def test_environment_overrides_redis_url(tmp_path: Path, monkeypatch: pytest.Mon
     assert load_settings(write(tmp_path, GOOD)).redis_url == "redis://127.0.0.1:7000/1"
 
 
-def test_config_path_comes_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_path_comes_from_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DROVER_CONFIG", str(write(tmp_path, GOOD)))
     assert "kvm1" in load_settings().hosts
 
@@ -63,8 +65,11 @@ def test_unknown_host_names_the_known_ones(tmp_path: Path) -> None:
         ("redis_url = ", "not valid TOML"),
         ("[hosts.kvm1]\nmigration_address='x'\n", "hosts.kvm1.peer_uri: Field required"),
         ("[hosts.kvm1]\npeer_uri='a'\nmigration_address='b'\ncolour='red'\n", "colour"),
-        ("[hosts.kvm1]\npeer_uri='a'\nmigration_address='b'\n[hosts.kvm1.limits]\n"
-         "max_outbound=0\n", "max_outbound"),
+        (
+            "[hosts.kvm1]\npeer_uri='a'\nmigration_address='b'\n[hosts.kvm1.limits]\n"
+            "max_outbound=0\n",
+            "max_outbound",
+        ),
         ("[hosts.kvm1]\nname='other'\npeer_uri='a'\nmigration_address='b'\n", "must match"),
         ("redis_url = 'http://:secret@x/'\n", "redis_url must start with redis://"),
         ("hosts = 3\n", "'hosts' must be a table"),

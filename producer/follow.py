@@ -1,0 +1,38 @@
+"""Following a job live on a terminal: event lines above a Rich progress bar."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+from jobs.model import Job
+from producer.api import Drover
+from producer.render import event_line
+
+
+def follow(d: Drover, job_id: str, console: Console, timeout: float | None = None) -> Job:
+    """Print the job's events as they come, with a bar for the memory transfer; the final job.
+
+    Progress events are printed as lines too, so a log or a pipe shows them (once a second).
+    """
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("migrating", total=None, visible=False)
+        for ev in d.events(job_id, follow=True):
+            if ev.get("event") == "migration.progress":
+                total = int(ev.get("data_total") or 0)
+                remaining = int(ev.get("data_remaining") or 0)
+                bar.update(
+                    task,
+                    visible=True,
+                    description=f"{ev.get('domain')} [{ev.get('stage')}]",
+                    total=total or None,
+                    completed=total - remaining if total else 0,
+                )
+            bar.console.print(event_line(ev), markup=False, soft_wrap=True)
+    return d.wait(job_id, timeout)

@@ -1,0 +1,112 @@
+"""Bad input at the CLI: one line on stderr, a non-zero exit, and nothing queued in Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import RedisServer, free_port
+
+REGISTRY = """
+redis_url = "{url}"
+
+[hosts.kvm1]
+peer_uri = "qemu+tcp://192.0.2.1/system"
+migration_address = "192.0.2.1"
+
+[hosts.kvm2]
+peer_uri = "qemu+tcp://192.0.2.2/system"
+migration_address = "192.0.2.2"
+"""
+
+
+def drover(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DROVER_CONFIG": str(config)}
+    env.pop("DROVER_REDIS_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "producer", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path, redis_srv: RedisServer) -> Path:
+    redis.Redis.from_url(redis_srv.url).flushdb()
+    path = tmp_path / "drover.toml"
+    path.write_text(REGISTRY.format(url=redis_srv.url))
+    return path
+
+
+def queued_anything(redis_srv: RedisServer) -> bool:
+    return bool(redis.Redis.from_url(redis_srv.url).keys("*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["idle-1", "--from", "kvm1", "--to", "kvm9"],
+            "unknown host 'kvm9' (known hosts: kvm1, kvm2)",
+        ),
+        (["idle-1", "--from", "nowhere", "--to", "kvm2"], "unknown host 'nowhere'"),
+        (["idle-1", "--from", "kvm1", "--to", "kvm1"], "source and destination are the same host"),
+        (["../etc/passwd", "--from", "kvm1", "--to", "kvm2"], "invalid domain '../etc/passwd'"),
+        (["web 01", "--from", "kvm1", "--to", "kvm2"], "invalid domain 'web 01'"),
+        (["idle-1", "--from", "kvm1", "--to", "kvm2", "--bandwidth", "0"], "bandwidth_mib"),
+        (
+            ["idle-1", "--from", "kvm1", "--to", "kvm2", "--bandwidth", "lots"],
+            "Invalid value for '--bandwidth'",
+        ),
+    ],
+)
+def test_bad_migrate_requests(
+    config: Path, redis_srv: RedisServer, args: list[str], message: str
+) -> None:
+    result = drover(config, "migrate", *args, "--live")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not queued_anything(redis_srv)
+
+
+def test_unknown_job(config: Path) -> None:
+    result = drover(config, "events", "0123456789ab")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "drover: no job '0123456789ab'"
+
+
+def test_malformed_config_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[hosts.kvm1]\nmigration_address = 3\n")
+    result = drover(bad, "jobs")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "hosts.kvm1" in result.stderr
+
+
+def test_redis_unreachable_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "drover.toml"
+    path.write_text(REGISTRY.format(url=f"redis://:sekret@127.0.0.1:{free_port()}/0"))
+    result = drover(path, "migrate", "idle-1", "--from", "kvm1", "--to", "kvm2", "--live")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("drover: cannot reach Redis at 127.0.0.1:")
+    assert "sekret" not in result.stderr
+
+
+def test_wrong_redis_password_is_one_line(tmp_path: Path, redis_srv: RedisServer) -> None:
+    path = tmp_path / "drover.toml"
+    path.write_text(REGISTRY.format(url=f"redis://:wrong@127.0.0.1:{redis_srv.port}/0"))
+    result = drover(path, "jobs")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "password" in result.stderr.lower() and "wrong" not in result.stderr
