@@ -292,9 +292,14 @@ def segments(job: Job, start_wall: float, total_s: float) -> dict[str, float]:
     spans: list[tuple[str, datetime, datetime]] = []
     for phase in PHASE_ORDER:
         rec = job.phases.get(phase.value)
-        if rec is None or rec.ended is None:
+        if rec is None:
             return {}
-        spans.append((phase.value, rec.started, rec.ended))
+        # confirm turns the job succeeded before its own phase record gets its end time, so
+        # right after the succeeded event that end may still be missing; it is not needed.
+        ended = rec.ended or (job.updated if phase is Phase.CONFIRM else None)
+        if ended is None:
+            return {}
+        spans.append((phase.value, rec.started, ended))
 
     def ms(a: datetime, b: datetime) -> float:
         return (b - a).total_seconds() * MS_PER_S
@@ -308,7 +313,6 @@ def segments(job: Job, start_wall: float, total_s: float) -> dict[str, float]:
             out["perform: migrateToURI3"] = migration
             out["perform: the rest"] = ms(started, ended) - migration
         elif name == Phase.CONFIRM.value:
-            # The job turns succeeded inside confirm, before the phase's own end is recorded.
             out["confirm -> succeeded"] = ms(started, job.updated)
         else:
             out[name] = ms(started, ended)
@@ -369,6 +373,10 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _range(values: list[float]) -> list[float] | None:
+    return [min(values), max(values)] if values else None
+
+
 def summarise(runs: list[Run], lab_id: int, warmup: int) -> dict[str, Any]:
     measured = [r for r in runs if not r.warmup]
     drover = [r for r in measured if r.method == "drover"]
@@ -376,7 +384,7 @@ def summarise(runs: list[Run], lab_id: int, warmup: int) -> dict[str, Any]:
     job_ms = _median([r.total_ms for r in drover])
     direct_ms = _median([r.total_ms for r in direct])
     overhead = None if job_ms is None or direct_ms is None else job_ms - direct_ms
-    segment_names = list(drover[0].segments) if drover and drover[0].segments else []
+    segment_names = next((list(r.segments) for r in drover if r.segments), [])
     return {
         "lab_id": lab_id,
         "domain": DOMAIN,
@@ -388,6 +396,9 @@ def summarise(runs: list[Run], lab_id: int, warmup: int) -> dict[str, Any]:
         "ratio": job_ms / direct_ms if job_ms is not None and direct_ms else None,
         "median_internal_overhead_ms": _median([r.total_ms - r.migration_ms for r in drover]),
         "median_drover_migration_ms": _median([r.migration_ms for r in drover]),
+        "range_drover_job_ms": _range([r.total_ms for r in drover]),
+        "range_direct_ms": _range([r.total_ms for r in direct]),
+        "range_drover_migration_ms": _range([r.migration_ms for r in drover]),
         "median_drover_event_ms": _median([r.event_ms for r in drover if r.event_ms is not None]),
         "median_drover_record_ms": _median(
             [r.record_ms for r in drover if r.record_ms is not None]
@@ -401,6 +412,17 @@ def summarise(runs: list[Run], lab_id: int, warmup: int) -> dict[str, Any]:
         "target_met": overhead is not None and overhead <= TARGET_OVERHEAD_MS,
         "runs": [asdict(r) | {"internal_overhead_ms": r.internal_overhead_ms} for r in runs],
     }
+
+
+def _rounded(value: Any) -> Any:
+    """Times to 0.1 ms in the JSON (the clocks are not better than that); the ratio as is."""
+    if isinstance(value, float):
+        return round(value, 1)
+    if isinstance(value, dict):
+        return {k: v if k == "ratio" else _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def _f(value: float | None, width: int = 8) -> str:
@@ -440,6 +462,13 @@ def print_report(runs: list[Run], summary: dict[str, Any]) -> None:
     print(f"ratio drover/direct:                  {ratio:8.3f}" if ratio else "ratio: -")
     print(f"internal overhead (job - migr. ms):   {_f(s['median_internal_overhead_ms'])} ms")
     print(f"median drover migration_ms:           {_f(s['median_drover_migration_ms'])} ms")
+    for label, key in (
+        ("drover job", "range_drover_job_ms"),
+        ("direct libvirt", "range_direct_ms"),
+        ("drover migration_ms", "range_drover_migration_ms"),
+    ):
+        low, high = s[key] or (None, None)
+        print(f"{'range ' + label + ':':38}{_f(low)} .. {_f(high).strip()} ms")
     print(f"median drover submit() call:          {_f(s['median_submit_ms'])} ms")
     met = "met" if s["target_met"] else "NOT met"
     print(f"target: overhead <= {TARGET_OVERHEAD_MS:.0f} ms: {met}")
@@ -472,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = summarise(runs, args.lab_id, args.warmup)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(_rounded(summary), indent=2))
     else:
         print_report(runs, summary)
     return 0

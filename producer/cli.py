@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar, cast
 
 import redis
 import typer
@@ -19,7 +19,8 @@ from config.settings import CONFIG_ENV, ConfigError
 from jobs.store import JobNotFound
 
 # Typer vendors Click; its usage errors all derive from this class (BadParameter included).
-UsageError = typer.BadParameter.__mro__[1]
+# (typed as BadParameter, whose `ctx` and `format_message` it shares).
+UsageError = cast("type[typer.BadParameter]", typer.BadParameter.__mro__[1])
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 lab_app = typer.Typer(

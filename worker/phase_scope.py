@@ -7,8 +7,7 @@ worker/phases.py reads as the handful of libvirt facts it checks and the one thi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -58,8 +57,14 @@ def fail_job(rt: Runtime, job: Job, phase: Phase, reason: str) -> None:
         app.send_task(ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst))
 
 
-@contextmanager
-def running_phase(rt: Runtime, job_id: str, phase: Phase) -> Iterator[Job]:
+PhaseFn = Callable[[Runtime, Job], JobState | None]
+
+
+def execute_phase(rt: Runtime, job_id: str, phase: Phase, fn: PhaseFn) -> None:
+    """Run one phase inside its frame; the state `fn` returns is entered once it is done.
+
+    Entering that state last keeps the job's terminal event the last one in its stream.
+    """
     try:
         job = rt.store.get(job_id)
     except JobNotFound:
@@ -88,7 +93,7 @@ def running_phase(rt: Runtime, job_id: str, phase: Phase) -> Iterator[Job]:
         rt.store.phase_started(job.id, phase.value, rt.host)
         log.info("phase.started")
         try:
-            yield job
+            then = fn(rt, job)
         except Ignore:
             rt.store.phase_ended(job.id, phase.value, error="skipped")
             raise
@@ -105,3 +110,5 @@ def running_phase(rt: Runtime, job_id: str, phase: Phase) -> Iterator[Job]:
             raise PhaseFailed(reason) from exc
         rt.store.phase_ended(job.id, phase.value)
         log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
+        if then is not None:
+            advance(rt, job, then)

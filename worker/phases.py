@@ -32,7 +32,7 @@ log = get_logger()
 MS_PER_S = 1000
 
 
-def source_preflight(rt: Runtime, job: Job) -> None:
+def source_preflight(rt: Runtime, job: Job) -> JobState | None:
     advance(rt, job, JobState.PREFLIGHT)
     spec = job.spec
     dom = rt.libvirt.by_name(spec.domain)
@@ -45,6 +45,7 @@ def source_preflight(rt: Runtime, job: Job) -> None:
         )
     rt.store.update(job.id, facts=found.as_dict())
     log.info("preflight.facts", **found.as_dict())
+    return None
 
 
 def _free_memory_mib(rt: Runtime, job: Job) -> int:
@@ -57,7 +58,7 @@ def _free_memory_mib(rt: Runtime, job: Job) -> int:
     return max(free, 0)
 
 
-def destination_prepare(rt: Runtime, job: Job) -> None:
+def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     spec = job.spec
     uuid, need = job.facts["uuid"], int(job.facts["memory_mib"])
     same = rt.libvirt.by_uuid(uuid)
@@ -79,7 +80,7 @@ def destination_prepare(rt: Runtime, job: Job) -> None:
         job.id, handoff={"dconnuri": handoff.dconnuri, "migrate_uri": handoff.migrate_uri}
     )
     log.info("prepare.reserved", memory_mib=need, free_mib=free, **rt.store.get(job.id).handoff)
-    advance(rt, job, JobState.PREPARED)
+    return JobState.PREPARED
 
 
 def _ensure_running_on_source(rt: Runtime, job: Job) -> str:
@@ -94,7 +95,7 @@ def _ensure_running_on_source(rt: Runtime, job: Job) -> str:
     return f"{job.spec.domain} still running on {rt.host}"
 
 
-def perform(rt: Runtime, job: Job) -> None:
+def perform(rt: Runtime, job: Job) -> JobState | None:
     advance(rt, job, JobState.MIGRATING)
     spec = job.spec
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
@@ -146,9 +147,10 @@ def perform(rt: Runtime, job: Job) -> None:
     last = monitor.last.as_event_fields() if monitor.last else {}
     rt.store.update(job.id, result={"migration_ms": migration_ms, "last_progress": last})
     log.info("migration.completed", migration_ms=migration_ms)
+    return None
 
 
-def finish(rt: Runtime, job: Job) -> None:
+def finish(rt: Runtime, job: Job) -> JobState | None:
     advance(rt, job, JobState.FINISHING)
     spec = job.spec
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
@@ -163,9 +165,10 @@ def finish(rt: Runtime, job: Job) -> None:
     rt.store.release(spec.dst, job.id)
     rt.store.update(job.id, result={"destination": found.as_dict()})
     log.info("finish.verified", state=found.state, persistent=found.persistent)
+    return None
 
 
-def confirm(rt: Runtime, job: Job) -> None:
+def confirm(rt: Runtime, job: Job) -> JobState | None:
     spec = job.spec
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
     if dom is not None and dom.isActive():
@@ -175,7 +178,7 @@ def confirm(rt: Runtime, job: Job) -> None:
         raise PhaseFailed(f"{spec.domain} is still defined on {spec.src} despite undefine-source")
     rt.store.update(job.id, result={"source_defined": defined})
     log.info("confirm.verified", source_defined=defined)
-    advance(rt, job, JobState.SUCCEEDED)
+    return JobState.SUCCEEDED
 
 
 def rollback_destination(rt: Runtime, job: Job) -> None:

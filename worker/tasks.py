@@ -7,7 +7,6 @@ again, so a message carries nothing the worker would have to trust.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import structlog
 from celery import Task
@@ -15,17 +14,14 @@ from celery.exceptions import Ignore
 
 from config.celery import app
 from config.events import get_logger
-from jobs.model import Job
 from jobs.phases import ROLLBACK_DESTINATION_TASK, Phase, task_name
 from jobs.store import JobNotFound
 from worker import phases
-from worker.phase_scope import PhaseFailed, running_phase
+from worker.phase_scope import PhaseFailed, PhaseFn, execute_phase
 from worker.runtime import Runtime, runtime_for_node
 
 log = get_logger()
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
-
-PhaseFn = Callable[[Runtime, Job], None]
 
 
 def _runtime(task: Task) -> Runtime:
@@ -40,10 +36,8 @@ def _checked_job_id(job_id: object) -> str:
 
 
 def _run(task: Task, phase: Phase, fn: PhaseFn, job_id: object) -> str:
-    rt = _runtime(task)
     checked = _checked_job_id(job_id)
-    with running_phase(rt, checked, phase) as job:
-        fn(rt, job)
+    execute_phase(_runtime(task), checked, phase, fn)
     return checked
 
 
