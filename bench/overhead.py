@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import libvirt
 
+from config.settings import ConfigError
 from jobs.phases import PHASE_ORDER, Phase
 from lab.proc import LabError
 
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with lab(args.lab_id, args.use_running_lab):
             runs = bench(args)
-    except (BenchError, LabError) as exc:
+    except (BenchError, ConfigError, LabError) as exc:
         note(f"bench aborted: {exc}")
         return 1
     summary = summarise(runs, args.lab_id, args.warmup)
