@@ -226,9 +226,9 @@ def _iso(ts: str) -> datetime:
 def migrate_drover(d: Drover, src: LabHost, dst: LabHost, timeout: float) -> Run:
     """One job through drover, timed from the submit() call to the terminal event.
 
-    `Drover.wait` polls the record every `wait_poll_interval` (0.2 s), which would add 0-200 ms
-    to every sample: as much noise as the target itself. Instead the job's event stream is
-    read with a blocking XREAD, which returns the moment the worker appends the
+    `Drover.wait` also wakes on the stream but then re-reads the whole job record; to keep that
+    read out of the figure the job's event stream is read here with a blocking XREAD, which
+    returns the moment the worker appends the
     `job.state succeeded` event; the time that XREAD returns is the end of the job as a caller
     can see it (total_ms). The event's own `ts` (stamped by the worker just after the state
     change) gives a second end time that excludes delivery to us (event_ms), and

@@ -62,7 +62,8 @@ class Tunables(_Strict):
     progress_interval: float = Field(default=1.0, gt=0, le=10)
     phase_timeout: float = Field(default=60, gt=0)
     migration_timeout: float = Field(default=1800, gt=0)
-    wait_poll_interval: float = Field(default=0.2, gt=0)
+    # Longest blocking read on a job's stream while waiting; the state is re-checked this often.
+    wait_block: float = Field(default=1.0, gt=0, le=60)
     event_stream_maxlen: int = Field(default=10_000, ge=100)
     job_retention_days: int = Field(default=30, ge=1)
     worker_concurrency: int = Field(default=8, ge=2, le=64)

@@ -107,16 +107,24 @@ class Drover:
         return self.store.recent(limit)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """Block until the job is terminal; TimeoutError after `timeout` seconds."""
+        """Block until the job is terminal; TimeoutError after `timeout` seconds.
+
+        Waits on the job's event stream (a blocking read), so it returns as soon as the
+        terminal event lands instead of on the next tick of a polling loop.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        interval = self.settings.tunables.wait_poll_interval
+        block_s = self.settings.tunables.wait_block
+        last = "0-0"
         while True:
             job = self.store.get(job_id)
             if job.terminal:
                 return job
-            if deadline is not None and time.monotonic() > deadline:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout}s")
-            time.sleep(interval)
+            block_ms = max(1, int(1000 * (block_s if left is None else min(left, block_s))))
+            for eid, _ in self.store.read_events(job_id, after=last, block_ms=block_ms):
+                last = eid
 
     def events(self, job_id: str, *, follow: bool = False) -> Iterator[dict[str, Any]]:
         """The job's events; with `follow`, keep yielding until the job is terminal."""

@@ -79,7 +79,13 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     rt.store.update(
         job.id, handoff={"dconnuri": handoff.dconnuri, "migrate_uri": handoff.migrate_uri}
     )
-    log.info("prepare.reserved", memory_mib=need, free_mib=free, **rt.store.get(job.id).handoff)
+    log.info(
+        "prepare.reserved",
+        memory_mib=need,
+        free_mib=free,
+        dconnuri=handoff.dconnuri,
+        migrate_uri=handoff.migrate_uri,
+    )
     return JobState.PREPARED
 
 
