@@ -1,11 +1,17 @@
 """What a producer asks for: the migration spec, validated before anything is queued.
 
-The same model parses every task message on the worker side again (unknown fields rejected),
-so a message that did not come from a validating producer never reaches libvirt.
+The same model parses every job record on the worker side again (unknown fields rejected),
+so a request that did not come through a validating producer never reaches libvirt.
+
+Mode words follow virsh and libvirt's migration guide: control flow `p2p` (managed
+peer-to-peer, default), `direct` (managed direct: the source host's worker is the libvirt
+client of both daemons) or `unmanaged` (unmanaged direct: the hypervisor does it); transport
+`native` (default) or `tunnelled` (through the libvirtd connection, peer-to-peer only).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from enum import StrEnum
 from typing import Annotated
@@ -16,19 +22,63 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._+:@-]{0,199}$"
 HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MAX_BANDWIDTH_MIB = 1_000_000
+MAX_PARALLEL_CONNECTIONS = 64
+MIGRATION_URI_SCHEMES = ("tcp", "rdma", "unix")
+_DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*$"
+)
+_NET_URI = re.compile(r"^(tcp|rdma)://(\[[0-9A-Fa-f:.]+\]|[^/:?#@\[\]]+)(:(\d{1,5}))?/?$")
+_UNIX_URI = re.compile(r"^unix://(/[A-Za-z0-9._/-]{1,200})$")
 
 DomainName = Annotated[str, StringConstraints(pattern=DOMAIN_NAME_PATTERN)]
 HostRef = Annotated[str, StringConstraints(pattern=HOST_NAME_PATTERN)]
 
 
 class ControlFlow(StrEnum):
-    """Who drives the migration (libvirt's migration guide, "communication control paths")."""
-
     P2P = "p2p"
+    DIRECT = "direct"
+    UNMANAGED = "unmanaged"
 
 
 class Transport(StrEnum):
     NATIVE = "native"
+    TUNNELLED = "tunnelled"
+
+
+class CopyStorage(StrEnum):
+    ALL = "all"
+    INC = "inc"
+
+
+def check_address(value: str) -> str:
+    """An IP address or a DNS name: nothing that could carry a URI part or an option."""
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        ipaddress.ip_address(bare)
+        return value
+    except ValueError:
+        pass
+    if not _DNS_NAME.match(value):
+        raise ValueError(f"not an IP address or host name: {value!r}")
+    return value
+
+
+def check_migration_uri(value: str) -> str:
+    """tcp://HOST[:PORT], rdma://HOST[:PORT] or unix:///PATH; no user, query or fragment."""
+    net = _NET_URI.match(value)
+    if net:
+        check_address(net.group(2))
+        port = net.group(4)
+        if port is not None and not 1 <= int(port) <= 65535:
+            raise ValueError(f"port out of range in migration URI {value!r}")
+        return value
+    unix = _UNIX_URI.match(value)
+    if unix and ".." not in unix.group(1).split("/"):
+        return value
+    raise ValueError(
+        f"migration URI {value!r} must be tcp://HOST[:PORT], rdma://HOST[:PORT] or "
+        "unix:///PATH (no user, query or fragment)"
+    )
 
 
 class MigrationSpec(BaseModel):
@@ -38,18 +88,96 @@ class MigrationSpec(BaseModel):
     src: HostRef
     dst: HostRef
     live: bool = True
+    offline: bool = False
     control: ControlFlow = ControlFlow.P2P
     transport: Transport = Transport.NATIVE
+    # Scenarios "client to and peer2peer between two libvirtd": the worker also opens the
+    # destination connection and calls virDomainMigrate3 with PEER2PEER.
+    dest_connection: bool = False
+    tls: bool = False
     persistent: bool = False
     undefine_source: bool = False
+    force: bool = False
+    suspend: bool = False
+    dname: DomainName | None = None
+    change_protection: bool = False
+    abort_on_error: bool = False
     auto_converge: bool = False
+    compressed: bool = False
+    postcopy: bool = False
     bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
+    parallel: int | None = Field(default=None, ge=2, le=MAX_PARALLEL_CONNECTIONS)
+    copy_storage: CopyStorage | None = None
+    migrate_uri: str | None = None
+    listen_address: str | None = None
 
     @model_validator(mode="after")
     def _coherent(self) -> MigrationSpec:
-        if self.src == self.dst:
-            raise ValueError(f"source and destination are the same host ({self.src})")
+        problems = combination_problems(self)
+        if problems:
+            raise ValueError(problems[0])
+        if self.migrate_uri is not None:
+            check_migration_uri(self.migrate_uri)
+        if self.listen_address is not None:
+            check_address(self.listen_address)
         return self
+
+    @property
+    def arrives_as(self) -> str:
+        """The name the domain has on the destination."""
+        return self.dname or self.domain
+
+
+def combination_problems(s: MigrationSpec) -> list[str]:
+    """Requests libvirt would reject (or that would silently not do what was asked)."""
+    tunnelled = s.transport is Transport.TUNNELLED
+    problems = []
+    if s.src == s.dst:
+        problems.append(f"source and destination are the same host ({s.src})")
+    if tunnelled and s.control is not ControlFlow.P2P:
+        problems.append(f"--tunnelled needs peer-to-peer (--p2p); {s.control.value} cannot tunnel")
+    if s.dest_connection and s.control is not ControlFlow.P2P:
+        problems.append(
+            "--dest-connection is the peer-to-peer variant of virDomainMigrate; it goes with --p2p"
+        )
+    if tunnelled and s.migrate_uri:
+        problems.append("--migrate-uri has no effect when tunnelled (no hypervisor connection)")
+    if tunnelled and s.listen_address:
+        problems.append("--listen-address has no effect when tunnelled")
+    if tunnelled and s.postcopy:
+        problems.append("--postcopy cannot be tunnelled (libvirt refuses it)")
+    if tunnelled and s.parallel:
+        problems.append("--parallel cannot be tunnelled (libvirt refuses it)")
+    if s.offline:
+        if s.live:
+            problems.append("--offline and --live exclude each other")
+        if not s.persistent:
+            problems.append("--offline moves only the definition: it needs --persistent")
+        for flag, on in (
+            ("--suspend", s.suspend),
+            ("--postcopy", s.postcopy),
+            ("--auto-converge", s.auto_converge),
+            ("--compressed", s.compressed),
+            ("--parallel", s.parallel),
+            ("--copy-storage", s.copy_storage),
+            ("--bandwidth", s.bandwidth_mib),
+            ("--tunnelled", tunnelled),
+            ("--tls", s.tls),
+            ("--migrate-uri", s.migrate_uri),
+            ("--listen-address", s.listen_address),
+        ):
+            if on:
+                problems.append(f"{flag} does not apply to an offline migration")
+    if s.postcopy and not s.live:
+        problems.append("--postcopy needs --live")
+    if s.auto_converge and not s.live:
+        problems.append("--auto-converge needs --live")
+    if s.control is ControlFlow.UNMANAGED and (s.persistent or s.undefine_source):
+        problems.append(
+            "unmanaged migration leaves configuration to the hypervisor: "
+            "--persistent and --undefine-source need --p2p or --direct"
+        )
+    return problems
 
 
 def first_error(exc: Exception) -> str:
@@ -60,7 +188,6 @@ def first_error(exc: Exception) -> str:
         where = ".".join(str(p) for p in err.get("loc", ()))
         msg = re.sub(r"^Value error, ", "", str(err.get("msg", "")))
         if "pattern" in msg and where:
-            msg = f"invalid {where} {err.get('input')!r}"
-            return msg
+            return f"invalid {where} {err.get('input')!r}"
         return f"{where}: {msg}" if where else msg
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -22,6 +22,7 @@ from lab import guests, libvirtd, network, redis_server
 from lab.kernel import build_dirty_kernel
 from lab.layout import MAX_HOSTS, HostLayout, LabLayout
 from lab.proc import LabError, alive, kill, run, spawn, wait_until
+from lab.tls import create_ca, issue_host_certificates
 
 # libvirt prints every error to stderr unless told otherwise; we handle them.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -60,6 +61,7 @@ class LabState:
     config: str
     redis_url: str
     redis_pid: int = 0
+    tls: bool = False
     hosts: dict[str, HostState] = field(default_factory=dict)
 
     def save(self, lab: LabLayout) -> None:
@@ -88,7 +90,12 @@ def check_prerequisites() -> None:
         )
 
 
-def write_config(lab: LabLayout, hosts: list[HostLayout], redis_url: str) -> Path:
+def _peer_uri(host: HostLayout, tls: bool) -> str:
+    """How workers and peers reach the host's libvirtd: qemu+tls:// in a lab up with --tls."""
+    return host.tls_peer_uri if tls else host.peer_uri
+
+
+def write_config(lab: LabLayout, hosts: list[HostLayout], redis_url: str, tls: bool) -> Path:
     lines = [
         "# Written by `drover lab up`: the registry of this machine's lab hosts.",
         f'redis_url = "{redis_url}"',
@@ -98,7 +105,7 @@ def write_config(lab: LabLayout, hosts: list[HostLayout], redis_url: str) -> Pat
         lines += [
             f"[hosts.{h.name}]",
             'libvirt_uri = "qemu:///system"',
-            f'peer_uri = "{h.peer_uri}"',
+            f'peer_uri = "{_peer_uri(h, tls)}"',
             f'migration_address = "{h.address}"',
             "",
         ]
@@ -136,7 +143,8 @@ def start_worker(lab: LabLayout, host: HostState) -> None:
     wait_until(answers, WORKER_START_TIMEOUT, f"{host.name}'s worker")
 
 
-def up(hosts: int = 2) -> LabState:
+def up(hosts: int = 2, tls: bool = False) -> LabState:
+    """Bring the lab up; with `tls`, a CA and per-host certificates, libvirtd on TLS too."""
     check_prerequisites()
     if not 2 <= hosts <= MAX_HOSTS:
         raise LabError(f"--hosts must be between 2 and {MAX_HOSTS}")
@@ -145,18 +153,18 @@ def up(hosts: int = 2) -> LabState:
         raise LabError(f"a lab is already up (id {lab.lab_id}); run `drover lab down` first")
     lab.dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _up(lab, lab.hosts(hosts))
+        return _up(lab, lab.hosts(hosts), tls)
     except BaseException:
         down()
         raise
 
 
-def _up(lab: LabLayout, layouts: list[HostLayout]) -> LabState:
+def _up(lab: LabLayout, layouts: list[HostLayout], tls: bool) -> LabState:
     password = redis_server.new_password()
     redis_url = f"redis://:{password}@{lab.root_address}:{lab.redis_port}/0"
-    config = write_config(lab, layouts, redis_url)
+    config = write_config(lab, layouts, redis_url, tls)
     os.environ["DROVER_CONFIG"] = str(config)
-    state = LabState(lab_id=lab.lab_id, config=str(config), redis_url=redis_url)
+    state = LabState(lab_id=lab.lab_id, config=str(config), redis_url=redis_url, tls=tls)
     state.save(lab)
 
     network.create_bridge(lab)
@@ -166,15 +174,18 @@ def _up(lab: LabLayout, layouts: list[HostLayout]) -> LabState:
     state.save(lab)
     kernel = build_dirty_kernel(lab.guests_dir)
     libvirtd.ensure_system_user()
+    ca = create_ca(lab) if tls else None
     for h in layouts:
         network.create_host_network(lab, h)
-        libvirtd.prepare_dirs(lab, h)
+        libvirtd.prepare_dirs(lab, h, tls)
+        if ca is not None:
+            issue_host_certificates(ca, h)
         hs = HostState(
             name=h.name,
             address=h.address,
             netns=h.netns,
             operator_uri=h.operator_uri,
-            peer_uri=h.peer_uri,
+            peer_uri=_peer_uri(h, tls),
             worker_log=str(h.dir / "worker.log"),
         )
         state.hosts[h.name] = hs
@@ -244,6 +255,7 @@ def status() -> dict[str, Any]:
         "up": True,
         "lab_id": state.lab_id,
         "config": state.config,
+        "tls": state.tls,
         "redis_alive": alive(state.redis_pid),
         "hosts": hosts,
     }

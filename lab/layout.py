@@ -20,9 +20,11 @@ MAX_HOSTS = 8
 MAX_LAB_ID = 200
 
 # Inside each host's mount namespace these system directories are replaced by the host's own
-# copy (the value: its folder under the host's directory).
+# copy (the value: its folder under the host's directory). /etc/pki holds the host's TLS
+# certificates where libvirt and QEMU look by default; it stays empty in a lab without --tls.
 LIBVIRT_DIRS = {
     "/etc/libvirt": "etc",
+    "/etc/pki": "pki",
     "/run/libvirt": "run",
     "/var/lib/libvirt": "lib",
     "/var/cache/libvirt": "cache",
@@ -56,6 +58,11 @@ class HostLayout:
     @property
     def peer_uri(self) -> str:
         return f"qemu+tcp://{self.address}/system"
+
+    @property
+    def tls_peer_uri(self) -> str:
+        """The same libvirtd over TLS (port 16514); listening only in a lab up with --tls."""
+        return f"qemu+tls://{self.address}/system"
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,10 @@ class LabLayout:
     @property
     def guests_dir(self) -> Path:
         return self.dir / "guests"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.dir / "ca"
 
     def host(self, index: int) -> HostLayout:
         name = f"lab{index}"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lab.layout import LIBVIRT_DIRS, HostLayout, LabLayout
 from lab.proc import LabError, alive, run, spawn, wait_until
+from lab.tls import QEMU_CERT_DIR
 
 MIGRATION_PORT_MIN = 49152
 MIGRATION_PORT_MAX = 49215
@@ -23,12 +24,18 @@ LIBVIRTD_START_TIMEOUT = 30.0
 QEMU_SYSTEM_USER = "libvirt-qemu"
 
 
-def libvirtd_conf(lab: LabLayout, host: HostLayout) -> str:
+def libvirtd_conf(lab: LabLayout, host: HostLayout, tls: bool = False) -> str:
+    """With `tls`, libvirtd also listens on 16514, certificates at libvirt's default paths.
+
+    Plain TCP stays on either way: TLS is a choice per peer URI and per job, not of the host.
+    """
     host_uuid = uuid.uuid5(uuid.NAMESPACE_DNS, f"{lab.tag}.{host.name}.drover.lab")
+    tls_lines = ['auth_tls = "none"', "tls_no_verify_certificate = 0"] if tls else []
     return "\n".join(
         [
             "listen_tcp = 1",
-            "listen_tls = 0",
+            f"listen_tls = {int(tls)}",
+            *tls_lines,
             f'listen_addr = "{host.address}"',
             'auth_tcp = "none"',
             'auth_unix_rw = "none"',
@@ -41,7 +48,21 @@ def libvirtd_conf(lab: LabLayout, host: HostLayout) -> str:
     )
 
 
-def qemu_conf(host: HostLayout) -> str:
+def qemu_conf(host: HostLayout, tls: bool = False) -> str:
+    """With `tls`, QEMU can encrypt migrations (VIR_MIGRATE_TLS) and demands a client cert.
+
+    Without it the cert dir is left unset: libvirt refuses to start when an explicitly set
+    default_tls_x509_cert_dir does not exist.
+    """
+    tls_lines = (
+        [
+            f'default_tls_x509_cert_dir = "{QEMU_CERT_DIR}"',
+            f'migrate_tls_x509_cert_dir = "{QEMU_CERT_DIR}"',
+            "migrate_tls_x509_verify = 1",
+        ]
+        if tls
+        else []
+    )
     return "\n".join(
         [
             'user = "root"',
@@ -57,6 +78,7 @@ def qemu_conf(host: HostLayout) -> str:
             f'migration_host = "{host.address}"',
             f"migration_port_min = {MIGRATION_PORT_MIN}",
             f"migration_port_max = {MIGRATION_PORT_MAX}",
+            *tls_lines,
             "",
         ]
     )
@@ -84,13 +106,13 @@ def ensure_system_user() -> None:
         )
 
 
-def prepare_dirs(lab: LabLayout, host: HostLayout) -> None:
+def prepare_dirs(lab: LabLayout, host: HostLayout, tls: bool = False) -> None:
     for system_dir in LIBVIRT_DIRS:
         Path(system_dir).mkdir(parents=True, exist_ok=True)  # bind-mount targets
         host.own_dir(system_dir).mkdir(parents=True, exist_ok=True)
     etc = host.own_dir("/etc/libvirt")
-    (etc / "libvirtd.conf").write_text(libvirtd_conf(lab, host))
-    (etc / "qemu.conf").write_text(qemu_conf(host))
+    (etc / "libvirtd.conf").write_text(libvirtd_conf(lab, host, tls))
+    (etc / "qemu.conf").write_text(qemu_conf(host, tls))
 
 
 def _holder_pidfile(host: HostLayout) -> Path:

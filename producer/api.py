@@ -18,10 +18,11 @@ from urllib.parse import urlsplit
 import redis
 from pydantic import ValidationError
 
-from config.celery import make_app
+from config.celery import host_queue, make_app
 from config.events import CONTRACT_KEYS
 from config.settings import ConfigError, Settings, load_settings
 from jobs.model import Job
+from jobs.phases import POSTCOPY_TASK
 from jobs.spec import MigrationSpec, first_error
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -99,6 +100,17 @@ class Drover:
             spec=spec.model_dump(mode="json"),
         )
         return event
+
+    def start_postcopy(self, job_id: str) -> None:
+        """Ask the source host to switch a running --postcopy migration to post-copy."""
+        job = self.store.get(job_id)
+        if not job.spec.postcopy:
+            raise SubmitError(f"job {job_id} was not started with --postcopy")
+        if job.state is not JobState.MIGRATING:
+            raise SubmitError(
+                f"job {job_id} is {job.state.value}; post-copy can start only while migrating"
+            )
+        self._app.send_task(POSTCOPY_TASK, args=(job_id,), queue=host_queue(job.spec.src))
 
     def job(self, job_id: str) -> Job:
         return self.store.get(job_id)

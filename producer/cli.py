@@ -89,26 +89,86 @@ def migrate(
     src: Annotated[str, typer.Option("--from", help="source host (registry name)")],
     dst: Annotated[str, typer.Option("--to", help="destination host (registry name)")],
     live: Annotated[bool, typer.Option("--live", help="migrate while the guest runs")] = False,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="move only the definition (needs --persistent)")
+    ] = False,
     p2p: Annotated[bool, typer.Option("--p2p", help="managed peer-to-peer (default)")] = False,
+    direct: Annotated[
+        bool, typer.Option("--direct", help="managed direct: the worker drives both libvirtds")
+    ] = False,
+    unmanaged: Annotated[
+        bool, typer.Option("--unmanaged", help="unmanaged direct: the hypervisor migrates")
+    ] = False,
+    tunnelled: Annotated[
+        bool, typer.Option("--tunnelled", help="data through the libvirtd connection (p2p)")
+    ] = False,
+    dest_connection: Annotated[
+        bool,
+        typer.Option("--dest-connection", help="p2p through virDomainMigrate3 (worker opens dest)"),
+    ] = False,
+    tls: Annotated[bool, typer.Option("--tls", help="QEMU native migration TLS")] = False,
     persistent: Annotated[bool, typer.Option("--persistent")] = False,
     undefine_source: Annotated[bool, typer.Option("--undefine-source")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="allow --undefine-source to leave no definition")
+    ] = False,
+    suspend: Annotated[bool, typer.Option("--suspend", help="leave it paused on arrival")] = False,
+    dname: Annotated[str | None, typer.Option("--dname", help="new name on arrival")] = None,
+    change_protection: Annotated[bool, typer.Option("--change-protection")] = False,
+    abort_on_error: Annotated[bool, typer.Option("--abort-on-error")] = False,
     auto_converge: Annotated[bool, typer.Option("--auto-converge")] = False,
+    compressed: Annotated[bool, typer.Option("--compressed")] = False,
+    postcopy: Annotated[
+        bool, typer.Option("--postcopy", help="allow `drover postcopy JOB` to switch")
+    ] = False,
     bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="MiB/s cap")] = None,
+    parallel: Annotated[
+        int | None, typer.Option("--parallel", help="parallel migration connections")
+    ] = None,
+    copy_storage: Annotated[
+        str | None, typer.Option("--copy-storage", help="all|inc: copy local disks")
+    ] = None,
+    migrate_uri: Annotated[
+        str | None, typer.Option("--migrate-uri", help="tcp://HOST[:PORT] | rdma:// | unix://")
+    ] = None,
+    listen_address: Annotated[
+        str | None, typer.Option("--listen-address", help="destination listen address")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow until the job ends")] = False,
     timeout: Annotated[float | None, typer.Option("--timeout", help="with --wait")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Queue a migration of DOMAIN from one host to another."""
+    """Queue a migration of DOMAIN from one host to another (virsh migrate's options)."""
+    flows = [
+        name for name, on in (("p2p", p2p), ("direct", direct), ("unmanaged", unmanaged)) if on
+    ]
+    if len(flows) > 1:
+        fail(f"choose one control flow, not {' and '.join('--' + f for f in flows)}", EXIT_USAGE)
     request = {
         "domain": domain,
         "src": src,
         "dst": dst,
         "live": live,
-        "control": "p2p",
+        "offline": offline,
+        "control": flows[0] if flows else "p2p",
+        "transport": "tunnelled" if tunnelled else "native",
+        "dest_connection": dest_connection,
+        "tls": tls,
         "persistent": persistent,
         "undefine_source": undefine_source,
+        "force": force,
+        "suspend": suspend,
+        "dname": dname,
+        "change_protection": change_protection,
+        "abort_on_error": abort_on_error,
         "auto_converge": auto_converge,
+        "compressed": compressed,
+        "postcopy": postcopy,
         "bandwidth_mib": bandwidth,
+        "parallel": parallel,
+        "copy_storage": copy_storage,
+        "migrate_uri": migrate_uri,
+        "listen_address": listen_address,
     }
 
     def go() -> None:
@@ -119,14 +179,19 @@ def migrate(
             return
         job = d.wait(job_id, timeout) if as_json else _follow_with_progress(d, job_id, timeout)
         if as_json:
-            print_json(
-                job.summary()
-                | {"phases": {k: v.model_dump(mode="json") for k, v in job.phases.items()}}
-            )
+            phases = {k: v.model_dump(mode="json") for k, v in job.phases.items()}
+            print_json(job.summary() | {"phases": phases})
         if job.state.value != "succeeded":
             fail(f"job {job_id} {job.state.value}: {job.reason}")
 
     guarded(go)
+
+
+@app.command()
+def postcopy(job_id: Annotated[str, typer.Argument(help="a running --postcopy job")]) -> None:
+    """Switch a running migration started with --postcopy to post-copy."""
+    guarded(lambda: _drover().start_postcopy(job_id))
+    out.print(f"post-copy requested for {job_id}")
 
 
 def _follow_with_progress(d: Any, job_id: str, timeout: float | None) -> Any:

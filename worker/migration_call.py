@@ -1,7 +1,15 @@
 """From a migration spec and the destination's hand-off to the exact libvirt call.
 
-Kept pure (no connection, no I/O) so that the mode table in docs/ can point at one function
-and unit tests can check every flag without a hypervisor.
+Pure (no connection, no I/O), so docs/modes.md can point at one function for every mode and
+unit tests can check every flag without a hypervisor. The mapping, per libvirt's guide:
+
+    control    transport  dest_connection  API             flags
+    p2p        native     no               migrateToURI3   PEER2PEER
+    p2p        tunnelled  no               migrateToURI3   PEER2PEER | TUNNELLED
+    p2p        native     yes              migrate3(dconn) PEER2PEER
+    p2p        tunnelled  yes              migrate3(dconn) PEER2PEER | TUNNELLED
+    direct     native     -                migrate3(dconn) -
+    unmanaged  native     -                migrateToURI3   - (dconnuri None; the HV URI)
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from typing import Any
 
 import libvirt
 
-from jobs.spec import ControlFlow, MigrationSpec
+from jobs.spec import ControlFlow, CopyStorage, MigrationSpec, Transport
 
 
 @dataclass(frozen=True)
@@ -20,18 +28,31 @@ class Handoff:
 
     dconnuri: str
     migrate_uri: str | None
+    listen_address: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Handoff:
-        return cls(dconnuri=str(raw["dconnuri"]), migrate_uri=raw.get("migrate_uri"))
+        return cls(
+            dconnuri=str(raw["dconnuri"]),
+            migrate_uri=raw.get("migrate_uri"),
+            listen_address=raw.get("listen_address"),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dconnuri": self.dconnuri,
+            "migrate_uri": self.migrate_uri,
+            "listen_address": self.listen_address,
+        }
 
 
 @dataclass(frozen=True)
 class MigrationCall:
-    """`dom.migrateToURI3(dconnuri, params, flags)` for the managed peer-to-peer flow."""
+    """One libvirt migration call: `migrateToURI3(dconnuri, ...)` or `migrate3(dconn, ...)`."""
 
     api: str
-    dconnuri: str
+    dconnuri: str | None  # migrateToURI3's first argument
+    dest_connection_uri: str | None  # for migrate3: what the worker opens as dconn
     params: dict[str, Any]
     flags: int
 
@@ -39,40 +60,83 @@ class MigrationCall:
         return {
             "api": self.api,
             "dconnuri": self.dconnuri,
+            "dest_connection": self.dest_connection_uri,
             "params": self.params,
             "flags": flag_names(self.flags),
         }
 
 
-_FLAG_NAMES = {
-    libvirt.VIR_MIGRATE_LIVE: "VIR_MIGRATE_LIVE",
-    libvirt.VIR_MIGRATE_PEER2PEER: "VIR_MIGRATE_PEER2PEER",
-    libvirt.VIR_MIGRATE_TUNNELLED: "VIR_MIGRATE_TUNNELLED",
-    libvirt.VIR_MIGRATE_PERSIST_DEST: "VIR_MIGRATE_PERSIST_DEST",
-    libvirt.VIR_MIGRATE_UNDEFINE_SOURCE: "VIR_MIGRATE_UNDEFINE_SOURCE",
-    libvirt.VIR_MIGRATE_AUTO_CONVERGE: "VIR_MIGRATE_AUTO_CONVERGE",
+_FLAGS = {
+    "VIR_MIGRATE_LIVE": libvirt.VIR_MIGRATE_LIVE,
+    "VIR_MIGRATE_PEER2PEER": libvirt.VIR_MIGRATE_PEER2PEER,
+    "VIR_MIGRATE_TUNNELLED": libvirt.VIR_MIGRATE_TUNNELLED,
+    "VIR_MIGRATE_PERSIST_DEST": libvirt.VIR_MIGRATE_PERSIST_DEST,
+    "VIR_MIGRATE_UNDEFINE_SOURCE": libvirt.VIR_MIGRATE_UNDEFINE_SOURCE,
+    "VIR_MIGRATE_PAUSED": libvirt.VIR_MIGRATE_PAUSED,
+    "VIR_MIGRATE_NON_SHARED_DISK": libvirt.VIR_MIGRATE_NON_SHARED_DISK,
+    "VIR_MIGRATE_NON_SHARED_INC": libvirt.VIR_MIGRATE_NON_SHARED_INC,
+    "VIR_MIGRATE_CHANGE_PROTECTION": libvirt.VIR_MIGRATE_CHANGE_PROTECTION,
+    "VIR_MIGRATE_COMPRESSED": libvirt.VIR_MIGRATE_COMPRESSED,
+    "VIR_MIGRATE_ABORT_ON_ERROR": libvirt.VIR_MIGRATE_ABORT_ON_ERROR,
+    "VIR_MIGRATE_AUTO_CONVERGE": libvirt.VIR_MIGRATE_AUTO_CONVERGE,
+    "VIR_MIGRATE_OFFLINE": libvirt.VIR_MIGRATE_OFFLINE,
+    "VIR_MIGRATE_POSTCOPY": libvirt.VIR_MIGRATE_POSTCOPY,
+    "VIR_MIGRATE_TLS": libvirt.VIR_MIGRATE_TLS,
+    "VIR_MIGRATE_PARALLEL": libvirt.VIR_MIGRATE_PARALLEL,
 }
 
 
 def flag_names(flags: int) -> list[str]:
-    return [name for bit, name in _FLAG_NAMES.items() if flags & bit]
+    return [name for name, bit in _FLAGS.items() if flags & bit]
+
+
+def _flags(spec: MigrationSpec) -> int:
+    chosen = {
+        "VIR_MIGRATE_LIVE": spec.live,
+        "VIR_MIGRATE_PEER2PEER": spec.control is ControlFlow.P2P,
+        "VIR_MIGRATE_TUNNELLED": spec.transport is Transport.TUNNELLED,
+        "VIR_MIGRATE_PERSIST_DEST": spec.persistent,
+        "VIR_MIGRATE_UNDEFINE_SOURCE": spec.undefine_source,
+        "VIR_MIGRATE_PAUSED": spec.suspend,
+        "VIR_MIGRATE_NON_SHARED_DISK": spec.copy_storage is CopyStorage.ALL,
+        "VIR_MIGRATE_NON_SHARED_INC": spec.copy_storage is CopyStorage.INC,
+        "VIR_MIGRATE_CHANGE_PROTECTION": spec.change_protection,
+        "VIR_MIGRATE_COMPRESSED": spec.compressed,
+        "VIR_MIGRATE_ABORT_ON_ERROR": spec.abort_on_error,
+        "VIR_MIGRATE_AUTO_CONVERGE": spec.auto_converge,
+        "VIR_MIGRATE_OFFLINE": spec.offline,
+        "VIR_MIGRATE_POSTCOPY": spec.postcopy,
+        "VIR_MIGRATE_TLS": spec.tls,
+        "VIR_MIGRATE_PARALLEL": spec.parallel is not None,
+    }
+    flags = 0
+    for name, on in chosen.items():
+        if on:
+            flags |= _FLAGS[name]
+    return flags
+
+
+def _params(spec: MigrationSpec, handoff: Handoff) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    # Tunnelled data goes through libvirtd: a hypervisor URI would be meaningless there.
+    if handoff.migrate_uri and spec.transport is Transport.NATIVE:
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = handoff.migrate_uri
+    if handoff.listen_address and spec.transport is Transport.NATIVE:
+        params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = handoff.listen_address
+    if spec.dname:
+        params[libvirt.VIR_MIGRATE_PARAM_DEST_NAME] = spec.dname
+    if spec.bandwidth_mib is not None:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = spec.bandwidth_mib
+    if spec.parallel is not None:
+        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = spec.parallel
+    return params
 
 
 def build_call(spec: MigrationSpec, handoff: Handoff) -> MigrationCall:
-    flags = 0
-    if spec.live:
-        flags |= libvirt.VIR_MIGRATE_LIVE
-    if spec.persistent:
-        flags |= libvirt.VIR_MIGRATE_PERSIST_DEST
-    if spec.undefine_source:
-        flags |= libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-    if spec.auto_converge:
-        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-    params: dict[str, Any] = {}
-    if handoff.migrate_uri:
-        params[libvirt.VIR_MIGRATE_PARAM_URI] = handoff.migrate_uri
-    if spec.bandwidth_mib is not None:
-        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = spec.bandwidth_mib
-    if spec.control is ControlFlow.P2P:
-        flags |= libvirt.VIR_MIGRATE_PEER2PEER
-    return MigrationCall(api="migrateToURI3", dconnuri=handoff.dconnuri, params=params, flags=flags)
+    flags, params = _flags(spec), _params(spec, handoff)
+    if spec.control is ControlFlow.DIRECT or spec.dest_connection:
+        return MigrationCall("migrate3", None, handoff.dconnuri, params, flags)
+    if spec.control is ControlFlow.UNMANAGED:
+        # No destination libvirtd at all: the hypervisor URI is the only address.
+        return MigrationCall("migrateToURI3", None, None, params, flags)
+    return MigrationCall("migrateToURI3", handoff.dconnuri, None, params, flags)

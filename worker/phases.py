@@ -1,13 +1,14 @@
 """The five phases of a migration, top to bottom, each run on the host that owns it.
 
-    source_preflight   (source)       the domain exists and runs; record its facts
-    destination_prepare (destination) room for it, no clash; reserve; hand-off URIs
-    perform            (source)       libvirt migrates; progress sampled every interval
-    finish             (destination)  the domain runs here, persistence as asked
-    confirm            (source)       the source copy is gone or inactive, as asked
+    source_preflight    (source)       the domain exists, in a state the mode can move
+    destination_prepare (destination)  room for it, no clash, storage made; reserve; hand-off
+    perform             (source)       libvirt migrates; progress sampled every interval
+    finish              (destination)  the domain is here as asked (running, paused, defined)
+    confirm             (source)       the source copy is gone, inactive or kept, as asked
 
 Each phase checks libvirt's real state before it acts and raises PhaseFailed with a reason an
-operator can act on; worker/phase_scope.py does the bookkeeping around it.
+operator can act on; worker/phase_scope.py does the bookkeeping around it. A phase returns the
+job state to enter once it is done (or None to stay).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import libvirt
 
 from config.events import get_logger
 from jobs.model import Job
+from jobs.spec import MigrationSpec, Transport
 from jobs.states import JobState
 from worker.convergence import Action, ConvergencePolicy
-from worker.libvirt_host import facts
-from worker.migration_call import Handoff, build_call
+from worker.libvirt_host import DomainFacts, facts
+from worker.migration_call import Handoff, MigrationCall, build_call
 from worker.monitor import MigrationMonitor, Progress
 from worker.phase_scope import PhaseFailed, advance
 from worker.runtime import Runtime
+from worker.storage import Disk, StorageError, create_targets, local_disks, remove_targets
 
 log = get_logger()
 MS_PER_S = 1000
@@ -39,11 +42,21 @@ def source_preflight(rt: Runtime, job: Job) -> JobState | None:
     if dom is None:
         raise PhaseFailed(f"{spec.domain} is not defined on {spec.src}")
     found = facts(dom)
-    if not found.active:
+    if spec.offline and not found.persistent:
         raise PhaseFailed(
-            f"{spec.domain} is {found.state} on {spec.src}; live migration needs it running"
+            f"{spec.domain} is transient on {spec.src}; offline migration moves a persistent "
+            "definition"
         )
-    rt.store.update(job.id, facts=found.as_dict())
+    if not spec.offline and not found.active:
+        raise PhaseFailed(
+            f"{spec.domain} is {found.state} on {spec.src}; only --offline moves an inactive domain"
+        )
+    recorded: dict[str, Any] = found.as_dict()
+    if spec.copy_storage is not None:
+        recorded["disks"] = [d.as_dict() for d in local_disks(dom)]
+        if not recorded["disks"]:
+            raise PhaseFailed(f"--copy-storage: {spec.domain} has no local disk to copy")
+    rt.store.update(job.id, facts=recorded)
     log.info("preflight.facts", **found.as_dict())
     return None
 
@@ -58,33 +71,70 @@ def _free_memory_mib(rt: Runtime, job: Job) -> int:
     return max(free, 0)
 
 
-def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
-    spec = job.spec
-    uuid, need = job.facts["uuid"], int(job.facts["memory_mib"])
+def _dest_config_present(rt: Runtime, spec: MigrationSpec, uuid: str) -> bool:
+    """Refuse a clash; say whether this host already holds the domain's inactive config."""
     same = rt.libvirt.by_uuid(uuid)
     if same is not None and same.isActive():
         raise PhaseFailed(f"{spec.domain} ({uuid}) is already running on {spec.dst}")
-    named = rt.libvirt.by_name(spec.domain)
+    named = rt.libvirt.by_name(spec.arrives_as)
     if named is not None and named.UUIDString() != uuid:
         raise PhaseFailed(
-            f"{spec.dst} already has a different domain named {spec.domain} "
+            f"{spec.dst} already has a different domain named {spec.arrives_as} "
             f"(uuid {named.UUIDString()}, migrating {uuid})"
         )
-    free = _free_memory_mib(rt, job)
-    if free < need:
-        raise PhaseFailed(f"{spec.dst} has {free} MiB free, {spec.domain} needs {need} MiB")
-    rt.store.reserve(spec.dst, job.id, need)
+    if same is not None and same.name() != spec.arrives_as:
+        raise PhaseFailed(
+            f"{spec.dst} holds {spec.domain}'s uuid under the name {same.name()}; "
+            f"it would arrive as {spec.arrives_as}"
+        )
+    return same is not None and bool(same.isPersistent())
+
+
+def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
+    spec = job.spec
+    uuid, need = job.facts["uuid"], int(job.facts["memory_mib"])
+    config_present = _dest_config_present(rt, spec, uuid)
+    if (
+        spec.undefine_source
+        and not spec.persistent
+        and job.facts["persistent"]
+        and not config_present
+        and not spec.force
+    ):
+        raise PhaseFailed(
+            f"refusing: {spec.domain} is persistent on {spec.src} and {spec.dst} has no "
+            "definition of it, so --undefine-source without --persistent would leave it "
+            "defined nowhere; add --persistent, or --force to accept that"
+        )
+    if not spec.offline:
+        free = _free_memory_mib(rt, job)
+        if free < need:
+            raise PhaseFailed(f"{spec.dst} has {free} MiB free, {spec.domain} needs {need} MiB")
+        rt.store.reserve(spec.dst, job.id, need)
+    created: list[str] = []
+    if spec.copy_storage is not None:
+        try:
+            created = create_targets([Disk(**d) for d in job.facts["disks"]])
+        except StorageError as exc:
+            raise PhaseFailed(f"{spec.dst}: {exc}") from None
     entry = rt.registry_entry
-    handoff = Handoff(dconnuri=entry.peer_uri, migrate_uri=f"tcp://{entry.migration_address}")
+    native = spec.transport is Transport.NATIVE
+    handoff = Handoff(
+        dconnuri=entry.peer_uri,
+        migrate_uri=(spec.migrate_uri or f"tcp://{entry.migration_address}") if native else None,
+        listen_address=spec.listen_address,
+    )
     rt.store.update(
-        job.id, handoff={"dconnuri": handoff.dconnuri, "migrate_uri": handoff.migrate_uri}
+        job.id,
+        handoff=handoff.as_dict() | {"created_images": created},
+        facts={"dest_config_present": config_present},
     )
     log.info(
-        "prepare.reserved",
+        "prepare.ready",
         memory_mib=need,
-        free_mib=free,
-        dconnuri=handoff.dconnuri,
-        migrate_uri=handoff.migrate_uri,
+        dest_config_present=config_present,
+        created_images=created,
+        **handoff.as_dict(),
     )
     return JobState.PREPARED
 
@@ -95,17 +145,30 @@ def _ensure_running_on_source(rt: Runtime, job: Job) -> str:
     if dom is None or not dom.isActive():
         return f"{job.spec.domain} is no longer active on {rt.host}"
     state, _ = dom.state()
-    if state == libvirt.VIR_DOMAIN_PAUSED:
+    if state == libvirt.VIR_DOMAIN_PAUSED and job.facts.get("state") == "running":
         dom.resume()
         log.warning("source.resumed", reason="migration failed with the guest paused")
     return f"{job.spec.domain} still running on {rt.host}"
+
+
+def _invoke(dom: libvirt.virDomain, call: MigrationCall) -> None:
+    """Make the libvirt call; managed direct and virDomainMigrate3 need a destination conn."""
+    if call.api == "migrateToURI3":
+        dom.migrateToURI3(call.dconnuri, call.params, call.flags)
+        return
+    assert call.dest_connection_uri is not None
+    dconn = libvirt.open(call.dest_connection_uri)
+    try:
+        dom.migrate3(dconn, call.params, call.flags)
+    finally:
+        dconn.close()
 
 
 def perform(rt: Runtime, job: Job) -> JobState | None:
     advance(rt, job, JobState.MIGRATING)
     spec = job.spec
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
-    if dom is None or not dom.isActive():
+    if dom is None or (not spec.offline and not dom.isActive()):
         raise PhaseFailed(f"{spec.domain} is no longer running on {spec.src}")
     call = build_call(spec, Handoff.from_dict(job.handoff))
     log.info("migration.started", call=call.describe())
@@ -115,7 +178,7 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
 
     def migrate() -> None:
         try:
-            dom.migrateToURI3(call.dconnuri, call.params, call.flags)
+            _invoke(dom, call)
         except libvirt.libvirtError as exc:
             outcome["error"] = exc.get_error_message()
             outcome["code"] = exc.get_error_code()
@@ -143,11 +206,12 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     started = time.monotonic()
     worker = threading.Thread(target=migrate, name=f"migrate-{job.id}", daemon=True)
     worker.start()
-    monitor.run(finished)
+    if not spec.offline:  # an offline migration has no job statistics to sample
+        monitor.run(finished)
     worker.join()
     migration_ms = round((time.monotonic() - started) * MS_PER_S, 1)
     if "error" in outcome:
-        where = _ensure_running_on_source(rt, job)
+        where = _ensure_running_on_source(rt, job) if not spec.offline else "nothing moved"
         why = outcome.get("abort_reason") or outcome["error"]
         raise PhaseFailed(f"migration to {spec.dst} failed: {why}; {where}")
     last = monitor.last.as_event_fields() if monitor.last else {}
@@ -156,17 +220,32 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     return None
 
 
+def _expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise PhaseFailed(reason)
+
+
 def finish(rt: Runtime, job: Job) -> JobState | None:
     advance(rt, job, JobState.FINISHING)
     spec = job.spec
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
     if dom is None:
-        raise PhaseFailed(f"{spec.domain} is not on {spec.dst} after the migration")
-    found = facts(dom)
-    if found.state != "running":
-        raise PhaseFailed(f"{spec.domain} is {found.state} on {spec.dst}, expected running")
-    if spec.persistent and not found.persistent:
-        raise PhaseFailed(f"{spec.domain} arrived on {spec.dst} without a persistent definition")
+        raise PhaseFailed(f"{spec.arrives_as} is not on {spec.dst} after the migration")
+    found: DomainFacts = facts(dom)
+    here = f"{spec.arrives_as} on {spec.dst}"
+    _expect(found.name == spec.arrives_as, f"{here} arrived named {found.name}")
+    if spec.offline:
+        _expect(not found.active, f"{here} is {found.state}; offline should leave it inactive")
+    elif spec.suspend:
+        _expect(found.state == "paused", f"{here} is {found.state}, expected paused (--suspend)")
+    else:
+        _expect(found.state == "running", f"{here} is {found.state}, expected running")
+    wants_config = spec.persistent or bool(job.facts.get("dest_config_present"))
+    _expect(
+        found.persistent == wants_config,
+        f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
+        f"{'persistent' if wants_config else 'transient'}",
+    )
     # The guest now really uses the memory that was reserved for it.
     rt.store.release(spec.dst, job.id)
     rt.store.update(job.id, result={"destination": found.as_dict()})
@@ -177,18 +256,46 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
 def confirm(rt: Runtime, job: Job) -> JobState | None:
     spec = job.spec
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
-    if dom is not None and dom.isActive():
-        raise PhaseFailed(f"{spec.domain} is still active on {spec.src} after the migration")
-    defined = dom is not None
-    if spec.undefine_source and defined:
-        raise PhaseFailed(f"{spec.domain} is still defined on {spec.src} despite undefine-source")
+    here = f"{spec.domain} on {spec.src}"
+    if spec.offline:
+        was_active = bool(job.facts["active"])
+        _expect(
+            (dom is not None and bool(dom.isActive())) == was_active,
+            f"{here} changed state during an offline migration",
+        )
+    else:
+        _expect(dom is None or not dom.isActive(), f"{here} is still active after migrating")
+    keeps_config = bool(job.facts["persistent"]) and not spec.undefine_source
+    defined = dom is not None and bool(dom.isPersistent())
+    _expect(
+        defined == keeps_config,
+        f"{here} is {'still' if defined else 'no longer'} defined, expected "
+        f"{'kept' if keeps_config else 'removed'}",
+    )
     rt.store.update(job.id, result={"source_defined": defined})
     log.info("confirm.verified", source_defined=defined)
     return JobState.SUCCEEDED
 
 
+def start_postcopy(rt: Runtime, job: Job) -> None:
+    """Switch a running pre-copy migration to post-copy (asked for by `drover postcopy`)."""
+    if job.state is not JobState.MIGRATING:
+        raise PhaseFailed(f"job {job.id} is {job.state.value}, not migrating")
+    if not job.spec.postcopy:
+        raise PhaseFailed(f"job {job.id} was not started with --postcopy")
+    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    if dom is None:
+        raise PhaseFailed(f"{job.spec.domain} is not on {rt.host}")
+    try:
+        dom.migrateStartPostCopy()
+    except libvirt.libvirtError as exc:
+        reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
+        raise PhaseFailed(reason) from None
+    log.info("migration.postcopy_started")
+
+
 def rollback_destination(rt: Runtime, job: Job) -> None:
-    """After a failure: free the reservation; the guest must not be left half-arrived here."""
+    """After a failure: free the reservation; nothing half-arrived or half-made stays here."""
     rt.store.release(job.spec.dst, job.id)
     uuid = job.facts.get("uuid")
     dom = rt.libvirt.by_uuid(uuid) if uuid else None
@@ -198,6 +305,11 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
             # An incoming copy that never started while the source still runs the guest.
             dom.destroy()
             log.warning("rollback.removed_incoming", uuid=uuid)
+    arrived = dom is not None and bool(dom.isActive())
+    created = job.handoff.get("created_images", [])
+    if created and not arrived:
+        remove_targets(created)
+        log.info("rollback.removed_images", paths=created)
     log.info("rollback.done")
 
 
