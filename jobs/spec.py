@@ -140,6 +140,15 @@ def combination_problems(s: MigrationSpec) -> list[str]:
         problems.append(
             "--dest-connection is the peer-to-peer variant of virDomainMigrate; it goes with --p2p"
         )
+    if s.dest_connection:
+        for flag, on in (
+            ("--migrate-uri", s.migrate_uri),
+            ("--listen-address", s.listen_address),
+            ("--parallel", s.parallel),
+            ("--copy-storage", s.copy_storage),
+        ):
+            if on:
+                problems.append(f"{flag} cannot go through virDomainMigrate2 (--dest-connection)")
     if tunnelled and s.migrate_uri:
         problems.append("--migrate-uri has no effect when tunnelled (no hypervisor connection)")
     if tunnelled and s.listen_address:

@@ -282,12 +282,15 @@ def demo(
 @lab_app.command("up")
 def lab_up(
     hosts: Annotated[int, typer.Option("--hosts", help="number of hosts")] = 2,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="a CA and host certificates; libvirtd on qemu+tls")
+    ] = False,
 ) -> None:
     """Create lab1..labN: namespaces, libvirtd, workers, Redis; guests on lab1."""
     from lab import control
 
     def go() -> None:
-        state = control.up(hosts)
+        state = control.up(hosts, tls=tls)
         out.print(f"lab up: {', '.join(state.hosts)}; config {state.config}")
         out.print('run: eval "$(drover lab env)"')
 

@@ -6,8 +6,8 @@ unit tests can check every flag without a hypervisor. The mapping, per libvirt's
     control    transport  dest_connection  API             flags
     p2p        native     no               migrateToURI3   PEER2PEER
     p2p        tunnelled  no               migrateToURI3   PEER2PEER | TUNNELLED
-    p2p        native     yes              migrate3(dconn) PEER2PEER
-    p2p        tunnelled  yes              migrate3(dconn) PEER2PEER | TUNNELLED
+    p2p        native     yes              migrate2(dconn) PEER2PEER
+    p2p        tunnelled  yes              migrate2(dconn) PEER2PEER | TUNNELLED
     direct     native     -                migrate3(dconn) -
     unmanaged  native     -                migrateToURI3   - (dconnuri None; the HV URI)
 """
@@ -48,7 +48,13 @@ class Handoff:
 
 @dataclass(frozen=True)
 class MigrationCall:
-    """One libvirt migration call: `migrateToURI3(dconnuri, ...)` or `migrate3(dconn, ...)`."""
+    """One libvirt migration call: migrateToURI3(dconnuri, ...), migrate3 or migrate2(dconn, ...).
+
+    virDomainMigrate3 refuses PEER2PEER ("use virDomainMigrateToURI3"), so the guide's
+    "client to and peer2peer between two libvirtd" scenarios go through virDomainMigrate2,
+    which takes the destination libvirt URI from the connection and picks the hypervisor URI
+    itself (its only parameters are the new name and the bandwidth).
+    """
 
     api: str
     dconnuri: str | None  # migrateToURI3's first argument
@@ -84,6 +90,10 @@ _FLAGS = {
     "VIR_MIGRATE_TLS": libvirt.VIR_MIGRATE_TLS,
     "VIR_MIGRATE_PARALLEL": libvirt.VIR_MIGRATE_PARALLEL,
 }
+
+
+# What virDomainMigrate2 can carry besides flags (spec validation refuses the rest).
+MIGRATE2_PARAMS = (libvirt.VIR_MIGRATE_PARAM_DEST_NAME, libvirt.VIR_MIGRATE_PARAM_BANDWIDTH)
 
 
 def flag_names(flags: int) -> list[str]:
@@ -134,7 +144,10 @@ def _params(spec: MigrationSpec, handoff: Handoff) -> dict[str, Any]:
 
 def build_call(spec: MigrationSpec, handoff: Handoff) -> MigrationCall:
     flags, params = _flags(spec), _params(spec, handoff)
-    if spec.control is ControlFlow.DIRECT or spec.dest_connection:
+    if spec.dest_connection:
+        legacy = {k: v for k, v in params.items() if k in MIGRATE2_PARAMS}
+        return MigrationCall("migrate2", None, handoff.dconnuri, legacy, flags)
+    if spec.control is ControlFlow.DIRECT:
         return MigrationCall("migrate3", None, handoff.dconnuri, params, flags)
     if spec.control is ControlFlow.UNMANAGED:
         # No destination libvirtd at all: the hypervisor URI is the only address.

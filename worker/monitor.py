@@ -34,6 +34,8 @@ class Progress:
     memory_dirty_rate: int
     memory_iteration: int
     downtime_ms: int | None
+    disk_total: int = 0
+    disk_remaining: int = 0
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any]) -> Progress:
@@ -47,6 +49,8 @@ class Progress:
             memory_dirty_rate=int(stats.get("memory_dirty_rate", 0)),
             memory_iteration=int(stats.get("memory_iteration", 0)),
             downtime_ms=int(stats["downtime"]) if "downtime" in stats else None,
+            disk_total=int(stats.get("disk_total", 0)),
+            disk_remaining=int(stats.get("disk_remaining", 0)),
         )
 
     @classmethod

@@ -7,6 +7,7 @@ again, so a message carries nothing the worker would have to trust.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import structlog
 from celery import Task
@@ -14,7 +15,8 @@ from celery.exceptions import Ignore
 
 from config.celery import app
 from config.events import get_logger
-from jobs.phases import ROLLBACK_DESTINATION_TASK, Phase, task_name
+from jobs.model import Job
+from jobs.phases import POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
 from jobs.store import JobNotFound
 from worker import phases
 from worker.phase_scope import PhaseFailed, PhaseFn, execute_phase
@@ -66,9 +68,11 @@ def confirm(self: Task, job_id: str) -> str:
     return _run(self, Phase.CONFIRM, phases.confirm, job_id)
 
 
-@app.task(bind=True, name=ROLLBACK_DESTINATION_TASK)
-def rollback_destination(self: Task, job_id: str) -> None:
-    rt = _runtime(self)
+def _run_side_task(
+    task: Task, name: str, fn: Callable[[Runtime, Job], None], job_id: object
+) -> None:
+    """A task outside the phase chain (rollback, post-copy switch), run in the job's context."""
+    rt = _runtime(task)
     try:
         job = rt.store.get(_checked_job_id(job_id))
     except JobNotFound:
@@ -78,7 +82,21 @@ def rollback_destination(self: Task, job_id: str) -> None:
         "domain": job.spec.domain,
         "src": job.spec.src,
         "dst": job.spec.dst,
-        "phase": "rollback",
+        "phase": name,
     }
     with structlog.contextvars.bound_contextvars(**context):
-        phases.rollback_destination(rt, job)
+        try:
+            fn(rt, job)
+        except PhaseFailed as exc:
+            log.warning(f"{name}.refused", reason=exc.reason)
+            raise
+
+
+@app.task(bind=True, name=ROLLBACK_DESTINATION_TASK)
+def rollback_destination(self: Task, job_id: str) -> None:
+    _run_side_task(self, "rollback", phases.rollback_destination, job_id)
+
+
+@app.task(bind=True, name=POSTCOPY_TASK, throws=(PhaseFailed,))
+def postcopy(self: Task, job_id: str) -> None:
+    _run_side_task(self, "postcopy", phases.start_postcopy, job_id)

@@ -64,6 +64,20 @@ class Lab:
         job_id = self.drover.submit(domain=domain, src=src, dst=dst, live=True, **opts)
         return self.drover.wait(job_id, timeout=JOB_TIMEOUT_S)
 
+    def set_paused(self, domain: str, paused: bool) -> None:
+        """Pause or resume `domain` wherever it runs."""
+        for host in self.running_on(domain):
+            conn = libvirt.open(self.uri(host))
+            try:
+                dom = conn.lookupByName(domain)
+                is_paused = dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+                if paused and not is_paused:
+                    dom.suspend()
+                elif not paused and is_paused:
+                    dom.resume()
+            finally:
+                conn.close()
+
     def home(self, domain: str, host: str = "lab1") -> None:
         """Bring `domain` back to `host` through drover if a previous test left it elsewhere."""
         where = self.running_on(domain)
@@ -98,6 +112,19 @@ def lab_env() -> Iterator[None]:
 def lab(lab_env: None) -> Iterator[Lab]:
     state = control.up(2)
     try:
-        yield Lab(control.status(), state.config, Drover(load_settings(state.config)))
+        lab = Lab(control.status(), state.config, Drover(load_settings(state.config)))
+        # dirty-1 keeps a core busy; it runs only in the tests that need it (`dirty_running`).
+        lab.set_paused("dirty-1", True)
+        yield lab
     finally:
         control.down()
+
+
+@pytest.fixture
+def dirty_running(lab: Lab) -> Iterator[None]:
+    """dirty-1 running (on lab1) for this test, paused again afterwards."""
+    lab.home("dirty-1")
+    lab.set_paused("dirty-1", False)
+    yield
+    lab.home("dirty-1")
+    lab.set_paused("dirty-1", True)

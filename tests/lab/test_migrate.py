@@ -64,8 +64,9 @@ def test_events_cover_every_phase_with_the_contract_keys(lab: Lab) -> None:
     lab.home("idle-1")
 
 
-def test_dirty_guest_converges_with_auto_converge_and_reports_progress(lab: Lab) -> None:
-    lab.home("dirty-1")
+def test_dirty_guest_converges_with_auto_converge_and_reports_progress(
+    lab: Lab, dirty_running: None
+) -> None:
     job = lab.migrate("dirty-1", "lab1", "lab2", auto_converge=True, bandwidth_mib=128)
     assert job.state.value == "succeeded", job.reason
     assert lab.running_on("dirty-1") == ["lab2"]
@@ -79,4 +80,3 @@ def test_dirty_guest_converges_with_auto_converge_and_reports_progress(lab: Lab)
     assert perform.ended is not None
     span = (perform.ended - perform.started).total_seconds()
     assert len(progress) >= int(span) - 1
-    lab.home("dirty-1")
