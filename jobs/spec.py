@@ -67,7 +67,10 @@ def check_migration_uri(value: str) -> str:
     """tcp://HOST[:PORT], rdma://HOST[:PORT] or unix:///PATH; no user, query or fragment."""
     net = _NET_URI.match(value)
     if net:
-        check_address(net.group(2))
+        try:
+            check_address(net.group(2))
+        except ValueError:
+            raise ValueError(f"migration URI {value!r}: not an IP address or host name") from None
         port = net.group(4)
         if port is not None and not 1 <= int(port) <= 65535:
             raise ValueError(f"port out of range in migration URI {value!r}")
@@ -119,7 +122,10 @@ class MigrationSpec(BaseModel):
         if self.migrate_uri is not None:
             check_migration_uri(self.migrate_uri)
         if self.listen_address is not None:
-            check_address(self.listen_address)
+            try:
+                check_address(self.listen_address)
+            except ValueError as exc:
+                raise ValueError(f"listen address: {exc}") from None
         return self
 
     @property

@@ -19,7 +19,7 @@ from producer.api import Drover
 # libvirt prints every error to stderr unless told otherwise; we handle them.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
-TEST_LAB_ID = "9"
+TEST_LAB_ID = os.environ.get("DROVER_TEST_LAB_ID", "9")
 JOB_TIMEOUT_S = 180.0
 
 
