@@ -61,7 +61,7 @@ class Lab:
         return [h for h in self.status["hosts"] if self.view(h, domain).active]
 
     def migrate(self, domain: str, src: str, dst: str, **opts: Any) -> Job:
-        job_id = self.drover.submit(domain=domain, src=src, dst=dst, live=True, **opts)
+        job_id = self.drover.submit(domain=domain, src=src, dst=dst, **({"live": True} | opts))
         return self.drover.wait(job_id, timeout=JOB_TIMEOUT_S)
 
     def set_paused(self, domain: str, paused: bool) -> None:

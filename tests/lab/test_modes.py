@@ -1,0 +1,236 @@
+"""The six scenarios of libvirt's migration guide and virsh's options, through drover, on the
+real lab; every outcome is checked through libvirt on both hosts."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from jobs.model import Job
+from lab.guests import GuestSpec, domain_xml
+from tests.lab.conftest import JOB_TIMEOUT_S, Lab, wait_for
+
+# scenario -> (spec options, libvirt API, flags beyond VIR_MIGRATE_LIVE)
+SCENARIOS: dict[str, tuple[dict[str, Any], str, set[str]]] = {
+    "native-client-to-two-daemons": ({"control": "direct"}, "migrate3", set()),
+    "native-client-and-p2p": ({"dest_connection": True}, "migrate2", {"VIR_MIGRATE_PEER2PEER"}),
+    "tunnelled-client-and-p2p": (
+        {"dest_connection": True, "transport": "tunnelled"},
+        "migrate2",
+        {"VIR_MIGRATE_PEER2PEER", "VIR_MIGRATE_TUNNELLED"},
+    ),
+    "native-p2p": ({}, "migrateToURI3", {"VIR_MIGRATE_PEER2PEER"}),
+    "tunnelled-p2p": (
+        {"transport": "tunnelled"},
+        "migrateToURI3",
+        {"VIR_MIGRATE_PEER2PEER", "VIR_MIGRATE_TUNNELLED"},
+    ),
+}
+
+
+def call_of(lab: Lab, job: Job) -> dict[str, Any]:
+    started = [e for e in lab.drover.events(job.id) if e["event"] == "migration.started"]
+    assert len(started) == 1
+    call: dict[str, Any] = started[0]["call"]
+    return call
+
+
+def moved(lab: Lab, domain: str, src: str, dst: str) -> None:
+    assert lab.running_on(domain) == [dst]
+    assert lab.view(dst, domain).state == libvirt.VIR_DOMAIN_RUNNING
+    assert not lab.view(src, domain).active
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_scenario_moves_the_guest_there_and_back(lab: Lab, scenario: str) -> None:
+    options, api, flags = SCENARIOS[scenario]
+    lab.home("idle-1")
+    job = lab.migrate("idle-1", "lab1", "lab2", **options)
+    assert job.state.value == "succeeded", job.reason
+    moved(lab, "idle-1", "lab1", "lab2")
+    call = call_of(lab, job)
+    assert call["api"] == api
+    assert set(call["flags"]) == {"VIR_MIGRATE_LIVE"} | flags
+    tunnelled = "VIR_MIGRATE_TUNNELLED" in flags
+    assert ("migrate_uri" in call["params"]) is (not tunnelled and api != "migrate2")
+    back = lab.migrate("idle-1", "lab2", "lab1", **options)
+    assert back.state.value == "succeeded", back.reason
+    moved(lab, "idle-1", "lab2", "lab1")
+
+
+def test_unmanaged_direct_is_refused_by_qemu_and_leaves_the_guest_alone(lab: Lab) -> None:
+    lab.home("idle-1")
+    job = lab.migrate("idle-1", "lab1", "lab2", control="unmanaged")
+    assert job.state.value == "failed"
+    assert job.reason is not None
+    assert "direct migration is not supported by the source host" in job.reason
+    assert job.reason.endswith("idle-1 still running on lab1")
+    call = call_of(lab, job)
+    assert call["api"] == "migrateToURI3" and call["dconnuri"] is None
+    assert call["flags"] == ["VIR_MIGRATE_LIVE"]
+    assert call["params"]["migrate_uri"].startswith("tcp://")
+    assert lab.running_on("idle-1") == ["lab1"]
+    assert lab.view("lab1", "idle-1").state == libvirt.VIR_DOMAIN_RUNNING
+    assert not lab.view("lab2", "idle-1").exists
+    assert lab.drover.store.reserved_mib("lab2") == 0
+
+
+def test_tls_toward_a_host_without_certificates_fails_with_the_vm_intact(lab: Lab) -> None:
+    lab.home("idle-1")
+    job = lab.migrate("idle-1", "lab1", "lab2", tls=True)
+    assert job.state.value == "failed"
+    assert job.reason is not None and "credentials" in job.reason
+    assert lab.running_on("idle-1") == ["lab1"]
+    assert not lab.view("lab2", "idle-1").exists
+
+
+def test_suspend_dname_and_the_safety_flags(lab: Lab) -> None:
+    lab.home("idle-1")
+    job = lab.migrate(
+        "idle-1",
+        "lab1",
+        "lab2",
+        suspend=True,
+        dname="idle-renamed",
+        change_protection=True,
+        abort_on_error=True,
+        compressed=True,
+        bandwidth_mib=500,
+    )
+    assert job.state.value == "succeeded", job.reason
+    assert lab.view("lab2", "idle-renamed").state == libvirt.VIR_DOMAIN_PAUSED
+    assert not lab.view("lab2", "idle-1").exists
+    assert not lab.view("lab1", "idle-1").active
+    flags = set(call_of(lab, job)["flags"])
+    assert {
+        "VIR_MIGRATE_PAUSED",
+        "VIR_MIGRATE_CHANGE_PROTECTION",
+        "VIR_MIGRATE_ABORT_ON_ERROR",
+        "VIR_MIGRATE_COMPRESSED",
+    } <= flags
+    # A paused guest stays paused on the way back; its old name returns with --dname.
+    back = lab.migrate("idle-renamed", "lab2", "lab1", dname="idle-1")
+    assert back.state.value == "succeeded", back.reason
+    assert lab.view("lab1", "idle-1").state == libvirt.VIR_DOMAIN_PAUSED
+    lab.set_paused("idle-1", False)
+
+
+def test_parallel_connections_and_explicit_uris(lab: Lab) -> None:
+    lab.home("idle-1")
+    dst = lab.status["hosts"]["lab2"]["address"]
+    uri = f"tcp://{dst}:49200"
+    job = lab.migrate("idle-1", "lab1", "lab2", parallel=2, migrate_uri=uri, listen_address=dst)
+    assert job.state.value == "succeeded", job.reason
+    moved(lab, "idle-1", "lab1", "lab2")
+    call = call_of(lab, job)
+    assert "VIR_MIGRATE_PARALLEL" in call["flags"]
+    assert call["params"] == {"migrate_uri": uri, "listen_address": dst, "parallel.connections": 2}
+    lab.home("idle-1")
+
+
+def test_offline_migration_moves_only_the_definition(lab: Lab) -> None:
+    lab.home("idle-1")
+    job = lab.migrate("idle-1", "lab1", "lab2", live=False, offline=True, persistent=True)
+    assert job.state.value == "succeeded", job.reason
+    there = lab.view("lab2", "idle-1")
+    assert there.exists and there.persistent and not there.active
+    assert lab.running_on("idle-1") == ["lab1"]  # still running where it was
+    _undefine(lab, "lab2", "idle-1")
+
+
+def _undefine(lab: Lab, host: str, name: str) -> None:
+    conn = libvirt.open(lab.uri(host))
+    try:
+        dom = conn.lookupByName(name)
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefine()
+    except libvirt.libvirtError:
+        pass
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def disk_guest(lab: Lab) -> Iterator[str]:
+    """disk-1: a running guest with a local 64 MiB qcow2 disk on lab1 only."""
+    name = "disk-1"
+    inside = "/var/lib/libvirt/images/disk-1.qcow2"
+    hosts_dir = Path(lab.status["config"]).parent / "hosts"
+    image = hosts_dir / "lab1" / "lib" / "images" / "disk-1.qcow2"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    disk = (
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{inside}'/><target dev='hda' bus='ide'/></disk>"
+    )
+    xml = domain_xml(GuestSpec(name, 64)).replace("<devices>", f"<devices>{disk}", 1)
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        conn.defineXML(xml).create()
+    finally:
+        conn.close()
+    yield name
+    for host in ("lab1", "lab2"):
+        _undefine(lab, host, name)
+        (hosts_dir / host / "lib" / "images" / "disk-1.qcow2").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("mode", ["all", "inc"])
+def test_copy_storage_creates_the_target_image_and_moves_the_guest(
+    lab: Lab, disk_guest: str, mode: str
+) -> None:
+    lab2_image = Path(lab.status["config"]).parent / "hosts/lab2/lib/images/disk-1.qcow2"
+    job = lab.migrate(disk_guest, "lab1", "lab2", copy_storage=mode)
+    assert job.state.value == "succeeded", job.reason
+    moved(lab, disk_guest, "lab1", "lab2")
+    assert job.handoff["created_images"] == ["/var/lib/libvirt/images/disk-1.qcow2"]
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", "-U", str(lab2_image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert '"format": "qcow2"' in info and '"virtual-size": 67108864' in info
+
+
+def test_copy_storage_target_is_removed_when_the_job_fails(lab: Lab, disk_guest: str) -> None:
+    lab2_image = Path(lab.status["config"]).parent / "hosts/lab2/lib/images/disk-1.qcow2"
+    # The made image exists once prepare ran; TLS toward a host without certificates fails.
+    job = lab.migrate(disk_guest, "lab1", "lab2", copy_storage="all", tls=True)
+    assert job.state.value == "failed"
+    assert job.handoff["created_images"] == ["/var/lib/libvirt/images/disk-1.qcow2"]
+    wait_for(lambda: not lab2_image.exists(), 30, "the target image to be removed")
+    assert lab.running_on(disk_guest) == ["lab1"]
+
+
+def test_postcopy_switch_completes_a_migration_that_cannot_converge(
+    lab: Lab, dirty_running: None
+) -> None:
+    # 8 MiB/s is below dirty-1's dirty rate: pre-copy alone would never finish.
+    job_id = lab.drover.submit(
+        domain="dirty-1", src="lab1", dst="lab2", live=True, postcopy=True, bandwidth_mib=8
+    )
+    d = lab.drover
+
+    def copying() -> bool:
+        return any(
+            e["event"] == "migration.progress"
+            and e["stage"] == "transfer"
+            and e["memory_iteration"] >= 2
+            for e in d.events(job_id)
+        )
+
+    wait_for(copying, 60, "pre-copy to reach its second pass")
+    d.start_postcopy(job_id)
+    job = d.wait(job_id, timeout=JOB_TIMEOUT_S)
+    assert job.state.value == "succeeded", job.reason
+    names = [e["event"] for e in d.events(job_id)]
+    assert "migration.postcopy_started" in names
+    assert lab.running_on("dirty-1") == ["lab2"]
