@@ -2,8 +2,9 @@
 
 Migrations are driven straight through libvirt from the root namespace (operator URI of the
 source, peer-to-peer toward the destination's qemu+tls:// URI), so this checks the lab's
-certificates and configuration, not drover's job flow. A second, plain lab on the same id
-shows that asking for TLS where no certificates exist fails clearly and leaves the guest be.
+certificates and configuration, not drover's job flow. drover's own jobs then
+use every TLS-capable mode (tests/lab/test_modes.py shows `--tls` failing toward a host
+without certificates).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 import libvirt
 import pytest
 
+from config.settings import load_settings
 from lab import control
 from lab.layout import LabLayout
 from lab.proc import run
-from lab.tls import QEMU_CERT_DIR
+from producer.api import Drover
 from tests.lab.conftest import view, wait_for
 
 libvirt.registerErrorHandler(lambda *_: None, None)
@@ -30,27 +32,31 @@ LIVE_P2P = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
 pytestmark = pytest.mark.timeout(150)
 
 
-@pytest.fixture
-def lab6(monkeypatch: pytest.MonkeyPatch) -> Iterator[LabLayout]:
-    """Lab id 6, clean before and after; `up` exports DROVER_CONFIG, restored afterwards."""
-    monkeypatch.setenv("DROVER_LAB_ID", TLS_LAB_ID)
-    monkeypatch.delenv("DROVER_CONFIG", raising=False)
-    control.down()
-    yield LabLayout.from_env()
-    control.down()
+@pytest.fixture(scope="module")
+def lab6() -> Iterator[LabLayout]:
+    """Lab id 6 with TLS, shared by this module's tests; gone before and after."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DROVER_LAB_ID", TLS_LAB_ID)
+        mp.delenv("DROVER_CONFIG", raising=False)
+        control.down()
+        bring_up(tls=True)
+        yield LabLayout.from_env()
+        control.down()
 
 
-def bring_up(tls: bool) -> dict[str, Any]:
-    """The lab's hosts from `status()`, with dirty-1 paused so it stops burning a core."""
+def lab_hosts() -> dict[str, Any]:
+    hosts: dict[str, Any] = control.status()["hosts"]
+    return hosts
+
+
+def bring_up(tls: bool) -> None:
+    """Bring the lab up with dirty-1 paused, so it stops burning a core."""
     control.up(2, tls=tls)
-    status = control.status()
-    conn = libvirt.open(status["hosts"]["lab1"]["operator_uri"])
+    conn = libvirt.open(control.status()["hosts"]["lab1"]["operator_uri"])
     try:
         conn.lookupByName("dirty-1").suspend()
     finally:
         conn.close()
-    hosts: dict[str, Any] = status["hosts"]
-    return hosts
 
 
 def listening(lab: LabLayout, host: str) -> set[str]:
@@ -78,7 +84,7 @@ def assert_runs_only_on(hosts: dict[str, Any], where: str) -> None:
 
 
 def test_tls_lab_migrates_with_qemu_tls_and_tunnelled_over_libvirt_tls(lab6: LabLayout) -> None:
-    hosts = bring_up(tls=True)
+    hosts = lab_hosts()
     assert control.status()["tls"] is True
     lab2 = hosts["lab2"]["address"]
     assert hosts["lab2"]["peer_uri"] == f"qemu+tls://{lab2}/system"
@@ -97,26 +103,22 @@ def test_tls_lab_migrates_with_qemu_tls_and_tunnelled_over_libvirt_tls(lab6: Lab
     assert not view(hosts["lab2"]["operator_uri"], "idle-1").exists
 
 
-def test_tls_toward_a_lab_without_certificates_fails_clearly(lab6: LabLayout) -> None:
-    hosts = bring_up(tls=False)
-    assert control.status()["tls"] is False
-    lab2 = hosts["lab2"]["address"]
-    assert hosts["lab2"]["peer_uri"] == f"qemu+tcp://{lab2}/system"
-    assert f"{lab2}:{TLS_PORT}" not in listening(lab6, "lab2")
-
-    with pytest.raises(libvirt.libvirtError) as qemu_tls:
-        migrate(
-            hosts,
-            "lab1",
-            "lab2",
-            LIVE_P2P | libvirt.VIR_MIGRATE_TLS,
-            **{libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{lab2}"},
-        )
-    assert f"Unable to access credentials {QEMU_CERT_DIR}/" in str(qemu_tls.value)
-    assert_runs_only_on(hosts, "lab1")
-
-    hosts["lab2"]["peer_uri"] = f"qemu+tls://{lab2}/system"
-    with pytest.raises(libvirt.libvirtError) as libvirt_tls:
-        migrate(hosts, "lab1", "lab2", LIVE_P2P | libvirt.VIR_MIGRATE_TUNNELLED)
-    assert "Cannot read CA certificate" in str(libvirt_tls.value)
-    assert_runs_only_on(hosts, "lab1")
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"tls": True},
+        {"transport": "tunnelled"},
+        {"control": "direct", "tls": True},
+        {"dest_connection": True, "tls": True},
+    ],
+    ids=["p2p-native-tls", "p2p-tunnelled-over-qemu+tls", "direct-native-tls", "migrate2-tls"],
+)
+def test_drover_jobs_over_tls(lab6: LabLayout, options: dict[str, Any]) -> None:
+    hosts = lab_hosts()
+    d = Drover(load_settings(lab6.config_path))
+    for src, dst in (("lab1", "lab2"), ("lab2", "lab1")):
+        job = d.wait(d.submit(domain="idle-1", src=src, dst=dst, live=True, **options), 120)
+        assert job.state.value == "succeeded", job.reason
+        assert job.handoff["dconnuri"] == hosts[dst]["peer_uri"]
+        assert hosts[dst]["peer_uri"].startswith("qemu+tls://")
+        assert_runs_only_on(hosts, dst)
