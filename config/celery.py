@@ -29,6 +29,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": settings.tunables.broker_visibility_timeout
+        },
         # JSON only: a pickle payload from the broker would be code execution as root.
         "task_serializer": "json",
         "accept_content": ["json"],

@@ -67,6 +67,20 @@ class Tunables(_Strict):
     event_stream_maxlen: int = Field(default=10_000, ge=100)
     job_retention_days: int = Field(default=30, ge=1)
     worker_concurrency: int = Field(default=8, ge=2, le=64)
+    # Liveness and recovery. A worker's heartbeat lives `heartbeat_ttl`; a job whose next
+    # step belongs to a host without one for `stall_after` is marked stalled; a step that
+    # should have started `redispatch_after` ago is sent again (phase claims drop duplicates).
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    heartbeat_ttl: float = Field(default=10.0, gt=0)
+    watchdog_interval: float = Field(default=5.0, gt=0)
+    stall_after: float = Field(default=30.0, gt=0)
+    redispatch_after: float = Field(default=30.0, gt=0)
+    # One active job per domain: the lease, renewed while the job lives.
+    domain_lease: float = Field(default=120.0, gt=0)
+    # How long a worker's Redis commands keep retrying through a Redis restart.
+    redis_retry_for: float = Field(default=30.0, ge=0)
+    # Redis redelivers an unacknowledged message after this; drover acks early (docs/celery.md).
+    broker_visibility_timeout: float = Field(default=3600.0, gt=0)
     max_message_bytes: int = Field(default=65_536, ge=1024)
 
 

@@ -33,6 +33,8 @@ class Job(BaseModel):
     created: datetime
     updated: datetime
     reason: str | None = None
+    stalled_from: JobState | None = None
+    abort_requested: str | None = None
     facts: dict[str, Any] = {}
     handoff: dict[str, Any] = {}
     result: dict[str, Any] = {}

@@ -11,6 +11,7 @@ class JobState(StrEnum):
     PREPARED = "prepared"
     MIGRATING = "migrating"
     FINISHING = "finishing"
+    STALLED = "stalled"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -31,8 +32,18 @@ _FORWARD = {
 }
 
 
+LIVE = frozenset(s for s in JobState if s not in TERMINAL)
+
+
 def allowed_sources(target: JobState) -> frozenset[JobState]:
-    """The states from which a job may move to `target`."""
-    if target in (JobState.FAILED, JobState.CANCELLED, JobState.ROLLED_BACK):
-        return frozenset(s for s in JobState if s not in TERMINAL)
-    return frozenset(src for src, dst in _FORWARD.items() if dst == target)
+    """The states from which a job may move to `target`.
+
+    `stalled` is entered from any live state when the host that owns the next step is gone,
+    and left (by that host's recovery) to whichever live state the job really is in.
+    """
+    if target in TERMINAL and target is not JobState.SUCCEEDED:
+        return LIVE
+    if target is JobState.STALLED:
+        return LIVE - {JobState.STALLED}
+    forward = frozenset(src for src, dst in _FORWARD.items() if dst == target)
+    return forward | {JobState.STALLED}

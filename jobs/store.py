@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from jobs.model import Job, PhaseRecord, Transition
 from jobs.spec import MigrationSpec
@@ -21,23 +23,42 @@ from jobs.states import TERMINAL, JobState, allowed_sources
 
 KEY_PREFIX = "drover"
 JOBS_INDEX = f"{KEY_PREFIX}:jobs"
+ACTIVE_JOBS = f"{KEY_PREFIX}:active"
 EVENT_FIELD = "data"
 EVENT_READ_BATCH = 500
+RETRY_CAP_S = 1.0
+LEASE_ATTEMPTS = 3
+RETRY_BASE_S = 0.05
 
-# KEYS[1] job hash, KEYS[2] transitions list; ARGV[1] target state, ARGV[2] timestamp,
-# ARGV[3] transition JSON, ARGV[4] reason ("" for none), ARGV[5..] allowed source states.
+# KEYS[1] job hash, KEYS[2] transitions list, KEYS[3] active-jobs set; ARGV[1] target state,
+# ARGV[2] timestamp, ARGV[3] transition JSON, ARGV[4] reason ("" for none), ARGV[5] job id,
+# ARGV[6] "1" if the target is terminal, ARGV[7..] allowed source states.
+# Returns {1, previous} when moved, {2, current} when already there, {0, current} if refused.
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
-for i = 5, #ARGV do
+if cur == ARGV[1] then return {2, cur} end
+for i = 7, #ARGV do
   if cur == ARGV[i] then
     redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
     if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[4]) end
+    if ARGV[1] == 'stalled' then redis.call('HSET', KEYS[1], 'stalled_from', cur) end
     redis.call('RPUSH', KEYS[2], ARGV[3])
+    if ARGV[6] == '1' then redis.call('SREM', KEYS[3], ARGV[5]) end
     return {1, cur}
   end
 end
 return {0, cur}
+"""
+
+# Compare-and-delete / compare-and-extend for leases: only the holder may touch its lease.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 """
 
 
@@ -57,6 +78,15 @@ def reservations_key(host: str) -> str:
     return f"{KEY_PREFIX}:host:{host}:reservations"
 
 
+def heartbeat_key(host: str) -> str:
+    return f"{KEY_PREFIX}:worker:{host}:alive"
+
+
+def domain_lock_key(kind: str, value: str) -> str:
+    """One active job per domain: by name at submit, by UUID once the source has looked."""
+    return f"{KEY_PREFIX}:lock:{kind}:{value}"
+
+
 def _in_run_order(raw: dict[str, str]) -> dict[str, PhaseRecord]:
     records = [PhaseRecord.model_validate_json(v) for v in raw.values()]
     return {r.phase: r for r in sorted(records, key=lambda r: r.started)}
@@ -71,10 +101,20 @@ class JobStore:
         self.r = client
         self.event_maxlen = event_maxlen
         self._transition = client.register_script(_TRANSITION_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+        self._renew = client.register_script(_RENEW_LUA)
 
     @classmethod
-    def from_url(cls, url: str, *, event_maxlen: int = 10_000) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), event_maxlen=event_maxlen)
+    def from_url(cls, url: str, *, event_maxlen: int = 10_000, retry_for: float = 0.0) -> JobStore:
+        """A store on `url`; with `retry_for`, commands ride out a Redis restart that long."""
+        options: dict[str, Any] = {"decode_responses": True}
+        if retry_for > 0:
+            attempts = max(1, int(retry_for / RETRY_CAP_S))
+            options |= {
+                "retry": Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), attempts),
+                "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+            }
+        return cls(redis.Redis.from_url(url, **options), event_maxlen=event_maxlen)
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -95,8 +135,17 @@ class JobStore:
             )
             p.rpush(f"{job_key(job_id)}:transitions", first.model_dump_json())
             p.zadd(JOBS_INDEX, {job_id: ts.timestamp()})
+            p.sadd(ACTIVE_JOBS, job_id)
             p.execute()
         return job_id
+
+    def discard(self, job_id: str) -> None:
+        """Remove a job that was never queued (its submission was refused)."""
+        with self.r.pipeline(transaction=True) as p:
+            p.delete(job_key(job_id), f"{job_key(job_id)}:transitions", events_key(job_id))
+            p.zrem(JOBS_INDEX, job_id)
+            p.srem(ACTIVE_JOBS, job_id)
+            p.execute()
 
     def get(self, job_id: str) -> Job:
         with self.r.pipeline(transaction=True) as p:
@@ -113,6 +162,8 @@ class JobStore:
             created=datetime.fromisoformat(raw["created"]),
             updated=datetime.fromisoformat(raw["updated"]),
             reason=raw.get("reason"),
+            stalled_from=JobState(raw["stalled_from"]) if raw.get("stalled_from") else None,
+            abort_requested=raw.get("abort_requested"),
             facts=json.loads(raw.get("facts", "{}")),
             handoff=json.loads(raw.get("handoff", "{}")),
             result=json.loads(raw.get("result", "{}")),
@@ -129,15 +180,90 @@ class JobStore:
     def transition(
         self, job_id: str, target: JobState, *, host: str, reason: str | None = None
     ) -> tuple[bool, JobState | None]:
-        """Move the job to `target` if its current state allows it; (moved, previous state)."""
+        """Move the job to `target` if its current state allows it; (moved, previous state).
+
+        A job already in `target` is not moved again: (False, target) tells the caller so
+        (a phase run again by recovery re-enters the state it had reached).
+        """
         ts = now()
         entry = Transition(state=target, at=ts, host=host, reason=reason).model_dump_json()
         sources = sorted(s.value for s in allowed_sources(target))
+        terminal = "1" if target in TERMINAL else "0"
         moved, previous = self._transition(
-            keys=[job_key(job_id), f"{job_key(job_id)}:transitions"],
-            args=[target.value, ts.isoformat(), entry, reason or "", *sources],
+            keys=[job_key(job_id), f"{job_key(job_id)}:transitions", ACTIVE_JOBS],
+            args=[target.value, ts.isoformat(), entry, reason or "", job_id, terminal, *sources],
         )
-        return bool(moved), JobState(previous) if previous else None
+        if moved == 1 and target in TERMINAL:
+            self.release_holds(job_id)
+        return moved == 1, JobState(previous) if previous else None
+
+    def active_ids(self) -> list[str]:
+        return sorted(cast(set[str], self.r.smembers(ACTIVE_JOBS)))
+
+    def field(self, job_id: str, name: str) -> str | None:
+        return cast(str | None, self.r.hget(job_key(job_id), name))
+
+    # --- what makes phases idempotent and jobs abortable -------------------------------------
+
+    def claim_phase(self, job_id: str, phase: str, host: str) -> bool:
+        """True for the first caller only: a phase runs once per job, however often it is sent."""
+        return bool(self.r.hsetnx(f"{job_key(job_id)}:claims", phase, host))
+
+    def request_abort(self, job_id: str, reason: str) -> None:
+        self.r.hset(job_key(job_id), "abort_requested", reason)
+
+    def abort_requested(self, job_id: str) -> str | None:
+        return self.field(job_id, "abort_requested")
+
+    # --- leases: one active job per domain, workers' liveness ---------------------------------
+
+    def take_lease(self, key: str, job_id: str, lease_s: float) -> str | None:
+        """Hold `key` for `job_id`: None when held, else the id of the live job holding it."""
+        holder: str | None = None
+        for _ in range(LEASE_ATTEMPTS):
+            if self.r.set(key, job_id, nx=True, px=int(lease_s * 1000)):
+                self.r.hset(job_key(job_id), f"lease:{key}", "1")
+                return None
+            holder = cast(str | None, self.r.get(key))
+            if holder == job_id:
+                return None
+            if holder is None:
+                continue  # expired between the two calls
+            try:
+                stale = self.state(holder) in TERMINAL
+            except JobNotFound:
+                stale = True
+            if not stale:
+                return holder
+            # Its holder ended without releasing it (a crash between two writes).
+            self._release(keys=[key], args=[holder])
+        return holder
+
+    def leases_of(self, job_id: str) -> list[str]:
+        fields = cast(dict[str, str], self.r.hgetall(job_key(job_id)))
+        return [f.removeprefix("lease:") for f in fields if f.startswith("lease:")]
+
+    def renew_leases(self, job_id: str, lease_s: float) -> None:
+        for key in self.leases_of(job_id):
+            self._renew(keys=[key], args=[job_id, int(lease_s * 1000)])
+
+    def release_holds(self, job_id: str) -> None:
+        """Everything a finished job held: domain leases, reservations, its active mark."""
+        for key in self.leases_of(job_id):
+            self._release(keys=[key], args=[job_id])
+        try:
+            job = self.get(job_id)
+        except JobNotFound:
+            return
+        for host in (job.spec.src, job.spec.dst):
+            self.release(host, job_id)
+        self.r.srem(ACTIVE_JOBS, job_id)
+
+    def heartbeat(self, host: str, ttl_s: float) -> None:
+        self.r.set(heartbeat_key(host), now().isoformat(), px=int(ttl_s * 1000))
+
+    def alive(self, host: str) -> bool:
+        return bool(self.r.exists(heartbeat_key(host)))
 
     def update(self, job_id: str, **fields: dict[str, Any]) -> None:
         """Merge JSON fields (facts, handoff, result) into the job record."""

@@ -22,11 +22,16 @@ from config.celery import host_queue, make_app
 from config.events import CONTRACT_KEYS
 from config.settings import ConfigError, Settings, load_settings
 from jobs.model import Job
-from jobs.phases import POSTCOPY_TASK
+from jobs.phases import POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK
 from jobs.spec import MigrationSpec, first_error
-from jobs.states import JobState
-from jobs.store import JobStore
-from producer.workflow import migration_chain
+from jobs.states import TERMINAL, JobState
+from jobs.store import JobStore, domain_lock_key
+from jobs.workflow import migration_chain
+
+ABORT_REASON = "aborted by operator"
+TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
+# How long wait() gives a terminal job's last event to reach the stream.
+TERMINAL_EVENT_GRACE_S = 5.0
 
 
 class SubmitError(Exception):
@@ -73,8 +78,16 @@ class Drover:
         spec = spec if spec is not None else self.spec(**request)
         try:
             job_id = self.store.create(spec, host=producer_name())
+            lease = self.settings.tunables.domain_lease
+            holder = self.store.take_lease(domain_lock_key("name", spec.domain), job_id, lease)
+            if holder is not None:
+                self.store.discard(job_id)
+                state = self.store.state(holder).value
+                raise SubmitError(f"{spec.domain} already has an active job {holder} ({state})")
             self.store.append_event(job_id, self._event(job_id, spec, "job.queued"))
             migration_chain(self._app, job_id, spec).apply_async()
+        except SubmitError:
+            raise
         except redis.RedisError as exc:
             raise BrokerUnavailable(
                 f"cannot reach Redis at {redis_location(self.settings.redis_url)}: {exc}"
@@ -101,6 +114,35 @@ class Drover:
         )
         return event
 
+    def abort(self, job_id: str) -> str:
+        """Stop a job: a queued one never starts; a running migration is aborted in libvirt.
+
+        Returns what happened, in one line. The guest stays where it was in every case.
+        """
+        job = self.store.get(job_id)
+        if job.terminal:
+            raise SubmitError(f"job {job_id} already {job.state.value}; nothing to abort")
+        if job.state is JobState.FINISHING:
+            raise SubmitError(
+                f"job {job_id} is finishing: {job.spec.domain} already runs on {job.spec.dst}"
+            )
+        self.store.request_abort(job_id, ABORT_REASON)
+        if job.state is not JobState.MIGRATING:
+            moved, previous = self.store.transition(
+                job_id, JobState.CANCELLED, host=producer_name(), reason=ABORT_REASON
+            )
+            if moved:
+                event = self._event(job_id, job.spec, "job.state")
+                self.store.append_event(
+                    job_id, event | {"state": "cancelled", "reason": ABORT_REASON}
+                )
+                if JobState(previous or "queued") is not JobState.QUEUED:
+                    self._app.send_task(
+                        ROLLBACK_DESTINATION_TASK, args=(job_id,), queue=host_queue(job.spec.dst)
+                    )
+                return f"job {job_id} cancelled ({previous.value if previous else 'queued'})"
+        return f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
+
     def start_postcopy(self, job_id: str) -> None:
         """Ask the source host to switch a running --postcopy migration to post-copy."""
         job = self.store.get(job_id)
@@ -119,24 +161,33 @@ class Drover:
         return self.store.recent(limit)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """Block until the job is terminal; TimeoutError after `timeout` seconds.
+        """Block until the job is terminal and its terminal event is in the stream.
 
         Waits on the job's event stream (a blocking read), so it returns as soon as the
-        terminal event lands instead of on the next tick of a polling loop.
+        terminal event lands instead of on the next tick of a polling loop; a caller that
+        reads the events afterwards finds the whole story.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         block_s = self.settings.tunables.wait_block
-        last = "0-0"
+        last, seen_terminal_event = "0-0", False
+        grace_until: float | None = None
         while True:
             job = self.store.get(job_id)
             if job.terminal:
-                return job
+                grace_until = grace_until or time.monotonic() + TERMINAL_EVENT_GRACE_S
+                # Past the grace the worker could not write its last event; the record rules.
+                if seen_terminal_event or time.monotonic() > grace_until:
+                    return job
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            if left is not None and left <= 0 and not job.terminal:
                 raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout}s")
+            if left is not None:
+                left = max(left, 0.05)
             block_ms = max(1, int(1000 * (block_s if left is None else min(left, block_s))))
-            for eid, _ in self.store.read_events(job_id, after=last, block_ms=block_ms):
+            for eid, event in self.store.read_events(job_id, after=last, block_ms=block_ms):
                 last = eid
+                if event.get("event") == "job.state" and event.get("state") in TERMINAL_NAMES:
+                    seen_terminal_event = True
 
     def events(self, job_id: str, *, follow: bool = False) -> Iterator[dict[str, Any]]:
         """The job's events; with `follow`, keep yielding until the job is terminal."""

@@ -188,6 +188,12 @@ def migrate(
 
 
 @app.command()
+def abort(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
+    """Abort a job: queued ones never start, a running migration is aborted in libvirt."""
+    out.print(guarded(lambda: _drover().abort(job_id)), markup=False)
+
+
+@app.command()
 def postcopy(job_id: Annotated[str, typer.Argument(help="a running --postcopy job")]) -> None:
     """Switch a running migration started with --postcopy to post-copy."""
     guarded(lambda: _drover().start_postcopy(job_id))

@@ -15,7 +15,7 @@ MS_PER_S = 1000
 
 @dataclass(frozen=True)
 class Action:
-    kind: Literal["continue", "abort"]
+    kind: Literal["continue", "abort", "cancel"]  # cancel: the operator asked to abort
     reason: str = ""
 
 

@@ -91,13 +91,16 @@ class MigrationMonitor:
         policy: ConvergencePolicy,
         on_progress: Callable[[Progress], None],
         on_action: Callable[[Action], None],
+        abort_requested: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.dom = dom
         self.interval = interval
         self.policy = policy
         self.on_progress = on_progress
         self.on_action = on_action
+        self.abort_requested = abort_requested
         self.last: Progress | None = None
+        self.cancelled = False
 
     def run(self, finished: threading.Event) -> None:
         """Sample until `finished` is set (the migration call returned); one report a tick."""
@@ -107,6 +110,9 @@ class MigrationMonitor:
             # Half the interval waiting, at most half for the sample: a report every interval.
             half = self.interval / 2
             while not finished.wait(half):
+                if not self.cancelled and (reason := self.abort_requested()):
+                    self.cancelled = True
+                    self.on_action(Action("cancel", reason))
                 if pending is None:
                     pending = pool.submit(sample, self.dom)
                 try:

@@ -1,13 +1,16 @@
 """The frame around every phase: checks, context, bookkeeping, and failure handling.
 
 Cross-cutting concerns live here (as dramatiq keeps them in middleware) so that each phase in
-worker/phases.py reads as the handful of libvirt facts it checks and the one thing it does.
+worker/phases.py reads as the handful of libvirt facts it checks and the one thing it does:
+the message must match a live job and this host; a phase runs once per job however often its
+message arrives (a claim in Redis); failures end the job with a reason and clean up behind it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -18,7 +21,7 @@ from config.events import get_logger
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, PHASE_SIDE, ROLLBACK_DESTINATION_TASK, Phase, Side
 from jobs.states import JobState
-from jobs.store import JobNotFound
+from jobs.store import JobNotFound, domain_lock_key
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -28,42 +31,88 @@ MS_PER_S = 1000
 class PhaseFailed(Exception):
     """A phase cannot go on; `reason` is one line an operator can act on."""
 
+    final = JobState.FAILED
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class PhaseCancelled(PhaseFailed):
+    """The operator aborted the job; the guest stays where it was."""
+
+    final = JobState.CANCELLED
+
+
+PhaseFn = Callable[[Runtime, Job], JobState | None]
 
 
 def owner(job: Job, phase: Phase) -> str:
     return job.spec.src if PHASE_SIDE[phase] is Side.SOURCE else job.spec.dst
 
 
+def job_context(job: Job, phase: str) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "domain": job.spec.domain,
+        "src": job.spec.src,
+        "dst": job.spec.dst,
+        "phase": phase,
+    }
+
+
 def advance(rt: Runtime, job: Job, target: JobState) -> None:
     """Move the job on, or stop this phase quietly if someone else already ended the job."""
     moved, previous = rt.store.transition(job.id, target, host=rt.host)
-    if not moved:
+    if moved:
+        log.info("job.state", state=target.value, previous=previous.value if previous else None)
+    elif previous is not target:  # ended meanwhile (an abort, a failure elsewhere)
         log.info("phase.skipped", reason=f"job is {previous}, not ready for {target}")
         raise Ignore()
-    log.info("job.state", state=target.value, previous=previous.value if previous else None)
 
 
-def fail_job(rt: Runtime, job: Job, phase: Phase, reason: str) -> None:
-    """Record the failure once, free what the job held, and ask the destination to clean up."""
-    moved, _ = rt.store.transition(job.id, JobState.FAILED, host=rt.host, reason=reason)
-    rt.store.release(job.spec.dst, job.id)
+def hold_domain(rt: Runtime, job: Job, uuid: str) -> None:
+    """One active job per domain (by UUID); the lease is renewed while this job lives."""
+    lease = rt.settings.tunables.domain_lease
+    holder = rt.store.take_lease(domain_lock_key("uuid", uuid), job.id, lease)
+    if holder is not None:
+        raise PhaseFailed(f"{job.spec.domain} ({uuid}) already has an active job {holder}")
+
+
+def rollback_destination_later(job: Job) -> None:
+    app.send_task(ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst))
+
+
+def fail_job(
+    rt: Runtime, job: Job, phase: Phase, reason: str, final: JobState = JobState.FAILED
+) -> None:
+    """Record the end once, free what the job held, and ask the destination to clean up."""
+    moved, _ = rt.store.transition(job.id, final, host=rt.host, reason=reason)
     if not moved:
         return
-    log.error("job.state", state=JobState.FAILED.value, reason=reason)
+    log.error("job.state", state=final.value, reason=reason)
     if PHASE_ORDER.index(phase) >= PHASE_ORDER.index(Phase.DESTINATION_PREPARE):
-        app.send_task(ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst))
+        rollback_destination_later(job)
 
 
-PhaseFn = Callable[[Runtime, Job], JobState | None]
+@contextmanager
+def _running(rt: Runtime, job_id: str, phase: Phase) -> Iterator[None]:
+    with rt.lock:
+        rt.running.add((job_id, phase.value))
+    try:
+        yield
+    finally:
+        with rt.lock:
+            rt.running.discard((job_id, phase.value))
 
 
-def execute_phase(rt: Runtime, job_id: str, phase: Phase, fn: PhaseFn) -> None:
+def execute_phase(
+    rt: Runtime, job_id: str, phase: Phase, fn: PhaseFn, *, recovering: bool = False
+) -> None:
     """Run one phase inside its frame; the state `fn` returns is entered once it is done.
 
     Entering that state last keeps the job's terminal event the last one in its stream.
+    `recovering` re-runs a phase this host had started before it crashed (no new claim).
     """
     try:
         job = rt.store.get(job_id)
@@ -78,37 +127,44 @@ def execute_phase(rt: Runtime, job_id: str, phase: Phase, fn: PhaseFn) -> None:
             reason=f"{phase.value} belongs to {expected}, not {rt.host}",
         )
         raise Ignore()
-    context: dict[str, Any] = {
-        "job_id": job.id,
-        "domain": job.spec.domain,
-        "src": job.spec.src,
-        "dst": job.spec.dst,
-        "phase": phase.value,
-    }
-    with structlog.contextvars.bound_contextvars(**context):
+    with structlog.contextvars.bound_contextvars(**job_context(job, phase.value)):
         if job.terminal:
             log.info("phase.skipped", reason=f"job already {job.state.value}")
             raise Ignore()
-        started = time.monotonic()
+        if not recovering and not rt.store.claim_phase(job.id, phase.value, rt.host):
+            log.warning("phase.duplicate", reason="this phase already ran for this job")
+            raise Ignore()
+        with _running(rt, job.id, phase):
+            _run_in_frame(rt, job, phase, fn, recovering)
+
+
+def _run_in_frame(rt: Runtime, job: Job, phase: Phase, fn: PhaseFn, recovering: bool) -> None:
+    started = time.monotonic()
+    if not recovering or phase.value not in job.phases:
         rt.store.phase_started(job.id, phase.value, rt.host)
-        log.info("phase.started")
-        try:
-            then = fn(rt, job)
-        except Ignore:
-            rt.store.phase_ended(job.id, phase.value, error="skipped")
-            raise
-        except PhaseFailed as exc:
-            rt.store.phase_ended(job.id, phase.value, error=exc.reason)
-            log.error("phase.failed", reason=exc.reason)
-            fail_job(rt, job, phase, exc.reason)
-            raise
-        except Exception as exc:
-            reason = f"{phase.value} on {rt.host} failed unexpectedly: {exc}"
-            rt.store.phase_ended(job.id, phase.value, error=reason)
-            log.exception("phase.failed", reason=reason)
-            fail_job(rt, job, phase, reason)
-            raise PhaseFailed(reason) from exc
-        rt.store.phase_ended(job.id, phase.value)
-        log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
-        if then is not None:
-            advance(rt, job, then)
+    log.info("phase.recovering" if recovering else "phase.started")
+    rt.store.renew_leases(job.id, rt.settings.tunables.domain_lease)
+    try:
+        then = fn(rt, job)
+    except Ignore:
+        rt.store.phase_ended(job.id, phase.value, error="skipped")
+        if rt.store.state(job.id).value in ("cancelled", "failed"):
+            rt.store.release_holds(job.id)  # anything this phase took after the job ended
+            if PHASE_ORDER.index(phase) >= PHASE_ORDER.index(Phase.DESTINATION_PREPARE):
+                rollback_destination_later(job)
+        raise
+    except PhaseFailed as exc:
+        rt.store.phase_ended(job.id, phase.value, error=exc.reason)
+        log.error("phase.failed", reason=exc.reason)
+        fail_job(rt, job, phase, exc.reason, exc.final)
+        raise
+    except Exception as exc:
+        reason = f"{phase.value} on {rt.host} failed unexpectedly: {exc}"
+        rt.store.phase_ended(job.id, phase.value, error=reason)
+        log.exception("phase.failed", reason=reason)
+        fail_job(rt, job, phase, reason)
+        raise PhaseFailed(reason) from exc
+    rt.store.phase_ended(job.id, phase.value)
+    log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
+    if then is not None:
+        advance(rt, job, then)

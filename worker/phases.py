@@ -27,7 +27,7 @@ from worker.convergence import Action, ConvergencePolicy
 from worker.libvirt_host import DomainFacts, facts
 from worker.migration_call import Handoff, MigrationCall, build_call
 from worker.monitor import MigrationMonitor, Progress
-from worker.phase_scope import PhaseFailed, advance
+from worker.phase_scope import PhaseCancelled, PhaseFailed, advance, hold_domain
 from worker.runtime import Runtime
 from worker.storage import Disk, StorageError, create_targets, local_disks, remove_targets
 
@@ -56,6 +56,7 @@ def source_preflight(rt: Runtime, job: Job) -> JobState | None:
         recorded["disks"] = [d.as_dict() for d in local_disks(dom)]
         if not recorded["disks"]:
             raise PhaseFailed(f"--copy-storage: {spec.domain} has no local disk to copy")
+    hold_domain(rt, job, found.uuid)
     rt.store.update(job.id, facts=recorded)
     log.info("preflight.facts", **found.as_dict())
     return None
@@ -175,6 +176,9 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
     if dom is None or (not spec.offline and not dom.isActive()):
         raise PhaseFailed(f"{spec.domain} is no longer running on {spec.src}")
+    aborted = rt.store.abort_requested(job.id)
+    if aborted:
+        raise PhaseCancelled(f"{aborted} before the migration started; nothing moved")
     call = build_call(spec, Handoff.from_dict(job.handoff))
     log.info("migration.started", call=call.describe())
     tunables = rt.settings.tunables
@@ -194,8 +198,8 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
         log.info("migration.progress", **p.as_event_fields())
 
     def on_action(action: Action) -> None:
-        log.warning("migration.aborting", reason=action.reason)
-        outcome["abort_reason"] = action.reason
+        log.warning("migration.aborting", reason=action.reason, by=action.kind)
+        outcome["cancel_reason" if action.kind == "cancel" else "abort_reason"] = action.reason
         try:
             dom.abortJob()
         except libvirt.libvirtError as exc:
@@ -207,6 +211,7 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
         policy=ConvergencePolicy(max_duration_s=tunables.migration_timeout),
         on_progress=on_progress,
         on_action=on_action,
+        abort_requested=lambda: rt.store.abort_requested(job.id),
     )
     started = time.monotonic()
     worker = threading.Thread(target=migrate, name=f"migrate-{job.id}", daemon=True)
@@ -217,6 +222,8 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     migration_ms = round((time.monotonic() - started) * MS_PER_S, 1)
     if "error" in outcome:
         where = _ensure_running_on_source(rt, job) if not spec.offline else "nothing moved"
+        if "cancel_reason" in outcome:
+            raise PhaseCancelled(f"{outcome['cancel_reason']}: migration aborted; {where}")
         why = outcome.get("abort_reason") or outcome["error"]
         raise PhaseFailed(f"migration to {spec.dst} failed: {why}; {where}")
     last = monitor.last.as_event_fields() if monitor.last else {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from config import events
 from config.settings import Host, Settings, current
@@ -16,6 +16,9 @@ class Runtime:
     host: str
     store: JobStore
     libvirt: LibvirtHost
+    # (job id, phase) pairs this process is executing now: recovery leaves them alone.
+    running: set[tuple[str, str]] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def settings(self) -> Settings:
@@ -38,7 +41,9 @@ def init_runtime(host: str) -> Runtime:
             settings = current()
             entry = settings.host(host)
             store = JobStore.from_url(
-                settings.redis_url, event_maxlen=settings.tunables.event_stream_maxlen
+                settings.redis_url,
+                event_maxlen=settings.tunables.event_stream_maxlen,
+                retry_for=settings.tunables.redis_retry_for,
             )
             events.configure(host, store)
             _runtime = Runtime(host=host, store=store, libvirt=LibvirtHost(entry.libvirt_uri))

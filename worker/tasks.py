@@ -12,6 +12,7 @@ from collections.abc import Callable
 import structlog
 from celery import Task
 from celery.exceptions import Ignore
+from celery.signals import worker_ready
 
 from config.celery import app
 from config.events import get_logger
@@ -19,6 +20,7 @@ from jobs.model import Job
 from jobs.phases import POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
 from jobs.store import JobNotFound
 from worker import phases
+from worker.keeper import start_keeper
 from worker.phase_scope import PhaseFailed, PhaseFn, execute_phase
 from worker.runtime import Runtime, runtime_for_node
 
@@ -66,6 +68,14 @@ def finish(self: Task, job_id: str) -> str:
 @app.task(bind=True, name=task_name(Phase.CONFIRM), throws=(PhaseFailed,))
 def confirm(self: Task, job_id: str) -> str:
     return _run(self, Phase.CONFIRM, phases.confirm, job_id)
+
+
+@worker_ready.connect
+def _start_housekeeping(sender: object, **_: object) -> None:
+    """Heartbeat, leases and recovery start with the worker, whichever command started it."""
+    hostname = getattr(sender, "hostname", "")
+    if hostname:
+        start_keeper(runtime_for_node(str(hostname)))
 
 
 def _run_side_task(

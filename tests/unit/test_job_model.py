@@ -51,8 +51,9 @@ def test_bad_specs_are_refused_with_one_line(fields: dict[str, object], message:
 
 
 def test_transitions_follow_the_state_machine() -> None:
-    assert allowed_sources(JobState.PREFLIGHT) == {JobState.QUEUED}
-    assert allowed_sources(JobState.SUCCEEDED) == {JobState.FINISHING}
+    assert allowed_sources(JobState.PREFLIGHT) == {JobState.QUEUED, JobState.STALLED}
+    assert allowed_sources(JobState.SUCCEEDED) == {JobState.FINISHING, JobState.STALLED}
+    assert JobState.STALLED not in allowed_sources(JobState.STALLED)
     assert TERMINAL.isdisjoint(allowed_sources(JobState.FAILED))
 
 

@@ -1,5 +1,7 @@
 """A migration as a Celery chain: each phase a task on the queue of the host that owns it.
 
+Producers start the chain; a recovering worker resumes it from the phase it recovered.
+
 Signatures are immutable and carry only the job id; the chain moves on only when a phase
 succeeds, so a failed phase stops everything after it.
 """
@@ -10,13 +12,16 @@ from celery import Celery, chain
 from celery.canvas import Signature
 
 from config.celery import host_queue
-from jobs.phases import PHASE_ORDER, PHASE_SIDE, Side, task_name
+from jobs.phases import PHASE_ORDER, PHASE_SIDE, Phase, Side, task_name
 from jobs.spec import MigrationSpec
 
 
-def migration_chain(app: Celery, job_id: str, spec: MigrationSpec) -> Signature:
+def migration_chain(
+    app: Celery, job_id: str, spec: MigrationSpec, start: Phase = PHASE_ORDER[0]
+) -> Signature:
+    """The chain from `start` to the end: the whole job, or what is left after a recovery."""
     steps = []
-    for phase in PHASE_ORDER:
+    for phase in PHASE_ORDER[PHASE_ORDER.index(start) :]:
         host = spec.src if PHASE_SIDE[phase] is Side.SOURCE else spec.dst
         steps.append(
             app.signature(task_name(phase), args=(job_id,), immutable=True, queue=host_queue(host))

@@ -1,0 +1,197 @@
+"""Bringing every job this host has a part in to a true state, whatever was interrupted.
+
+Run when the worker starts and then every `watchdog_interval` (worker/keeper.py). For each
+live job it finds the step the job is at, and:
+
+- a step of this host's that started but is not running in this process (the worker died, or
+  lost Redis mid-phase): recover it from libvirt's real state, then resume the chain;
+- a step of this host's that never started although it should have: send it again (phase
+  claims drop the copy if the first message turns up after all);
+- a step of another host whose worker has no heartbeat: mark the job `stalled`, with why.
+
+Peer-to-peer migrations keep running inside libvirtd while their worker is gone: recovery
+re-attaches to them and waits. Managed-direct ones are aborted by libvirt when their client
+dies: recovery finds the guest still on the source, resumes it if it was left paused, and the
+destination's rollback removes the paused incoming copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import libvirt
+import structlog
+from celery.exceptions import Ignore
+
+from config.celery import app
+from config.events import get_logger
+from jobs.model import Job
+from jobs.phases import PHASE_ORDER, Phase
+from jobs.states import JobState
+from jobs.store import JobNotFound, now
+from jobs.workflow import migration_chain
+from worker import phases
+from worker.monitor import Progress, sample
+from worker.phase_scope import (
+    PhaseFailed,
+    execute_phase,
+    fail_job,
+    job_context,
+    owner,
+    rollback_destination_later,
+)
+from worker.runtime import Runtime
+
+log = get_logger()
+
+PHASE_FUNCTIONS = {
+    Phase.SOURCE_PREFLIGHT: phases.source_preflight,
+    Phase.DESTINATION_PREPARE: phases.destination_prepare,
+    Phase.FINISH: phases.finish,
+    Phase.CONFIRM: phases.confirm,
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    phase: Phase
+    started: bool
+    since: datetime  # when the job last moved: the step's start, or the previous step's end
+
+
+def current_step(job: Job) -> Step | None:
+    """The phase the job is in (started, not ended) or the next one to run."""
+    since = job.updated
+    for phase in PHASE_ORDER:
+        record = job.phases.get(phase.value)
+        if record is None:
+            return Step(phase, False, since)
+        if record.ended is None:
+            return Step(phase, True, record.started)
+        since = max(since, record.ended)
+    return None
+
+
+def sweep(rt: Runtime) -> None:
+    """One pass over every live job (see the module docstring)."""
+    for job_id in rt.store.active_ids():
+        try:
+            job = rt.store.get(job_id)
+        except JobNotFound:
+            continue
+        if job.terminal:
+            rt.store.release_holds(job.id)  # a crash between the transition and the cleanup
+            continue
+        if rt.host not in (job.spec.src, job.spec.dst):
+            continue
+        step = current_step(job)
+        if step is None:
+            continue
+        context = job_context(job, step.phase.value)
+        # A failure is recorded on the job already; the sweep goes on with the next job.
+        with (
+            structlog.contextvars.bound_contextvars(**context),
+            contextlib.suppress(Ignore, PhaseFailed),
+        ):
+            _attend(rt, job, step)
+
+
+def _idle_s(step: Step) -> float:
+    return (now() - step.since).total_seconds()
+
+
+def _attend(rt: Runtime, job: Job, step: Step) -> None:
+    tunables = rt.settings.tunables
+    step_owner = owner(job, step.phase)
+    if step_owner != rt.host:
+        if (
+            job.state is not JobState.STALLED
+            and not rt.store.alive(step_owner)
+            and _idle_s(step) > tunables.stall_after
+        ):
+            reason = (
+                f"{step_owner}'s worker has not been seen for {tunables.stall_after:.0f}s "
+                f"while the job was {job.state.value} ({step.phase.value})"
+            )
+            moved, _ = rt.store.transition(job.id, JobState.STALLED, host=rt.host, reason=reason)
+            if moved:
+                log.warning("job.state", state=JobState.STALLED.value, reason=reason)
+        return
+    with rt.lock:
+        if (job.id, step.phase.value) in rt.running:
+            return
+    if job.state is JobState.STALLED and job.stalled_from is not None:
+        rt.store.transition(job.id, job.stalled_from, host=rt.host)
+        log.info("job.state", state=job.stalled_from.value, reason="owner is back")
+        job = rt.store.get(job.id)
+    if step.started:
+        _recover(rt, job, step.phase)
+    elif _idle_s(step) > tunables.redispatch_after:
+        log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
+        migration_chain(app, job.id, job.spec, start=step.phase).apply_async()
+
+
+def _resume_after(job: Job, phase: Phase) -> None:
+    index = PHASE_ORDER.index(phase)
+    if index + 1 < len(PHASE_ORDER):
+        migration_chain(app, job.id, job.spec, start=PHASE_ORDER[index + 1]).apply_async()
+
+
+def _recover(rt: Runtime, job: Job, phase: Phase) -> None:
+    """This host started `phase` and then lost it: settle it from libvirt's real state."""
+    log.warning("phase.recovering", reason="started here but not running in this worker")
+    if phase is Phase.PERFORM:
+        if _recover_perform(rt, job):
+            _resume_after(job, phase)
+        return
+    execute_phase(rt, job.id, phase, PHASE_FUNCTIONS[phase], recovering=True)
+    if not rt.store.get(job.id).terminal:
+        _resume_after(job, phase)
+
+
+def _recover_perform(rt: Runtime, job: Job) -> bool:
+    """Wait for a migration still running in libvirt, then judge where the guest is."""
+    spec = job.spec
+    interval = rt.settings.tunables.progress_interval
+    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    reattached = False
+    while dom is not None and (stats := sample(dom)) is not None:
+        if not reattached:
+            log.info("migration.reattached")
+            reattached = True
+        log.info("migration.progress", **Progress.from_stats(stats).as_event_fields())
+        time.sleep(interval)
+    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
+        rt.store.phase_ended(job.id, Phase.PERFORM.value)
+        log.info("migration.completed", recovered=True)
+        return True
+    state, _ = dom.state()
+    if state == libvirt.VIR_DOMAIN_PAUSED and job.facts.get("state") == "running":
+        dom.resume()
+        log.warning("source.resumed", reason="the interrupted migration left the guest paused")
+    reason = (
+        f"the migration did not complete while {rt.host}'s worker was away; "
+        f"{spec.domain} still running on {rt.host}"
+    )
+    rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)
+    fail_job(rt, job, Phase.PERFORM, reason)
+    rollback_destination_later(job)
+    return False
+
+
+def _defined_on_destination(rt: Runtime, job: Job) -> bool:
+    try:
+        conn = libvirt.open(rt.settings.host(job.spec.dst).peer_uri)
+    except libvirt.libvirtError:
+        return False
+    try:
+        conn.lookupByUUIDString(job.facts["uuid"])
+        return True
+    except libvirt.libvirtError:
+        return False
+    finally:
+        conn.close()
