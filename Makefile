@@ -12,7 +12,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-s
 	qemu-utils iproute2 util-linux binutils libvirt-dev pkg-config gcc redis-server \
 	python3-venv python3-dev
 
-.PHONY: help deps venv demo test test-unit test-lab lint fmt lab-up lab-down bench clean
+.PHONY: help deps venv demo test test-unit test-lab test-faults lint fmt lab-up lab-down bench clean
 
 help:
 	@echo "make demo   - bring up the local lab, migrate real VMs, show events, tear down"
@@ -49,14 +49,18 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Unit tests first, then the lab (its lifecycle test before the shared lab), then faults.
 test: venv lint
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q tests/unit tests/lab tests/faults
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit
 
 test-lab: venv
 	$(BIN)/pytest -q tests/lab
+
+test-faults: venv
+	$(BIN)/pytest -q tests/faults
 
 fmt: venv
 	$(BIN)/ruff format .

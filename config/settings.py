@@ -77,17 +77,29 @@ class Tunables(_Strict):
     redispatch_after: float = Field(default=30.0, gt=0)
     # One active job per domain: the lease, renewed while the job lives.
     domain_lease: float = Field(default=120.0, gt=0)
-    # How long a worker's Redis commands keep retrying through a Redis restart.
+    # How long a worker's Redis commands keep retrying through a Redis restart; producers
+    # retry only briefly (a stale pooled connection), so a dead Redis is reported at once.
     redis_retry_for: float = Field(default=30.0, ge=0)
+    producer_redis_retry_for: float = Field(default=2.0, ge=0)
     # Redis redelivers an unacknowledged message after this; drover acks early (docs/celery.md).
     broker_visibility_timeout: float = Field(default=3600.0, gt=0)
     max_message_bytes: int = Field(default=65_536, ge=1024)
+
+
+class FaultInjection(_Strict):
+    """For the fault-injection suite only: hold a phase open so a fault can land inside it.
+
+    `phase_delays` maps a phase name to seconds slept at its start. Empty in production.
+    """
+
+    phase_delays: dict[str, float] = {}
 
 
 class Settings(_Strict):
     redis_url: str = DEFAULT_REDIS_URL
     hosts: dict[str, Host] = {}
     tunables: Tunables = Tunables()
+    faults: FaultInjection = FaultInjection()
     source: str = "<defaults>"
 
     def host(self, name: str) -> Host:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -292,6 +294,54 @@ def restart_worker(name: str) -> int:
     start_worker(lab, state.hosts[name])
     state.save(lab)
     return state.hosts[name].worker_pid
+
+
+def _loaded() -> tuple[LabLayout, LabState]:
+    lab = LabLayout.from_env()
+    state = LabState.load(lab)
+    if state is None:
+        raise LabError("no lab is up: run `drover lab up` first")
+    return lab, state
+
+
+def kill_worker(name: str, sig: int = signal.SIGKILL) -> None:
+    """Fault injection: kill a host's worker (kill -9 by default) and wait until it is gone."""
+    _, state = _loaded()
+    pid = state.hosts[name].worker_pid
+    os.kill(pid, sig)
+    wait_until(lambda: not alive(pid), WORKER_START_TIMEOUT, f"{name}'s worker to die")
+
+
+def restart_redis(sig: int = signal.SIGTERM) -> None:
+    """Fault injection: stop the lab's redis-server and start it again on its AOF."""
+    lab, state = _loaded()
+    if sig == signal.SIGTERM:
+        kill([state.redis_pid])
+    else:
+        os.kill(state.redis_pid, sig)
+    wait_until(lambda: not alive(state.redis_pid), WORKER_START_TIMEOUT, "redis-server to stop")
+    url = urlsplit(state.redis_url)
+    state.redis_pid = redis_server.run_with(
+        lab.redis_dir / "redis.conf", "127.0.0.1", int(url.port or 0), url.password or ""
+    )
+    state.save(lab)
+
+
+def restart_libvirtd(name: str) -> None:
+    """Fault injection: stop a host's libvirtd (its guests keep running) and start it again."""
+    lab, state = _loaded()
+    host = state.hosts[name]
+    kill([host.libvirtd_pid])
+    layout = lab.host(int(name.removeprefix("lab")))
+    (layout.own_dir("/run/libvirt") / "libvirtd.pid").unlink(missing_ok=True)
+    host.libvirtd_pid = libvirtd.start_libvirtd(layout, host.holder_pid)
+    state.save(lab)
+
+
+def set_link(name: str, up: bool) -> None:
+    """Fault injection: cut or restore a host's link to the lab bridge."""
+    lab, _ = _loaded()
+    network.set_link(lab.host(int(name.removeprefix("lab"))), up)
 
 
 __all__ = ["LabError", "down", "env_line", "restart_worker", "run", "status", "up"]

@@ -41,8 +41,14 @@ def start(data_dir: Path, port: int, bind: list[str], password: str) -> int:
         )
     )
     conf.chmod(0o600)
+    return run_with(conf, bind[0], port, password)
+
+
+def run_with(conf: Path, host: str, port: int, password: str) -> int:
+    """Start redis-server on an existing config (a restart keeps its AOF); wait for PING."""
+    data_dir = conf.parent
     pid = spawn(["redis-server", str(conf)], data_dir / "redis.log")
-    client = redis.Redis(host=bind[0], port=port, password=password, socket_timeout=1)
+    client = redis.Redis(host=host, port=port, password=password, socket_timeout=1)
 
     def answers() -> bool:
         try:

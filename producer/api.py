@@ -56,7 +56,9 @@ class Drover:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
         self.store = JobStore.from_url(
-            self.settings.redis_url, event_maxlen=self.settings.tunables.event_stream_maxlen
+            self.settings.redis_url,
+            event_maxlen=self.settings.tunables.event_stream_maxlen,
+            retry_for=self.settings.tunables.producer_redis_retry_for,
         )
         self._app = make_app(self.settings)
 

@@ -11,6 +11,8 @@ import pytest
 from lab import redis_server
 from lab.proc import kill
 
+pytest_plugins = ["tests.support.lab_fixtures"]
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -25,9 +25,9 @@ class Keeper(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        tunables = self.rt.settings.tunables
         next_sweep = 0.0  # sweep at once: recovery after a restart comes first
         while not self.stop.is_set():
+            tunables = self.rt.settings.tunables  # re-read: the config file may have changed
             try:
                 self.rt.store.heartbeat(self.rt.host, tunables.heartbeat_ttl)
                 with self.rt.lock:

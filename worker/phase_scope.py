@@ -144,6 +144,10 @@ def _run_in_frame(rt: Runtime, job: Job, phase: Phase, fn: PhaseFn, recovering: 
         rt.store.phase_started(job.id, phase.value, rt.host)
     log.info("phase.recovering" if recovering else "phase.started")
     rt.store.renew_leases(job.id, rt.settings.tunables.domain_lease)
+    delay = rt.settings.faults.phase_delays.get(phase.value)
+    if delay and not recovering:
+        log.warning("fault.delay", seconds=delay)  # the fault suite's window into this phase
+        time.sleep(delay)
     try:
         then = fn(rt, job)
     except Ignore:

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.lab.conftest import Lab
+from tests.support.lab_fixtures import Lab
 
 
 def run(lab: Lab, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ import libvirt
 import pytest
 
 from lab.guests import GuestSpec, domain_xml
-from tests.lab.conftest import Lab
+from tests.support.lab_fixtures import Lab
 
 SOURCE = "source"
 DEST_ORIGINAL = "dest-original"

@@ -18,7 +18,7 @@ import pytest
 from lab import control
 from lab.layout import LabLayout
 from lab.proc import LabError
-from tests.lab.conftest import wait_for
+from tests.support.lab_fixtures import wait_for
 
 LIFECYCLE_LAB_ID = "8"
 

@@ -7,7 +7,7 @@ from collections import Counter
 import libvirt
 
 from jobs.phases import PHASE_ORDER
-from tests.lab.conftest import Lab
+from tests.support.lab_fixtures import Lab
 
 CONTRACT = {"ts", "event", "job_id", "domain", "src", "dst", "phase", "host"}
 

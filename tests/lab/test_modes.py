@@ -13,7 +13,7 @@ import pytest
 
 from jobs.model import Job
 from lab.guests import GuestSpec, domain_xml
-from tests.lab.conftest import JOB_TIMEOUT_S, Lab, wait_for
+from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
 
 # scenario -> (spec options, libvirt API, flags beyond VIR_MIGRATE_LIVE)
 SCENARIOS: dict[str, tuple[dict[str, Any], str, set[str]]] = {

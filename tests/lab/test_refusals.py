@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import Lab
+from tests.support.lab_fixtures import Lab
 
 
 def test_unknown_domain_fails_in_preflight(lab: Lab) -> None:

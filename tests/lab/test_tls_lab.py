@@ -20,7 +20,7 @@ from lab import control
 from lab.layout import LabLayout
 from lab.proc import run
 from producer.api import Drover
-from tests.lab.conftest import view, wait_for
+from tests.support.lab_fixtures import view, wait_for
 
 libvirt.registerErrorHandler(lambda *_: None, None)
 

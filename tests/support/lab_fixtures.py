@@ -1,4 +1,7 @@
-"""The real lab for integration tests: its own lab id, so a demo lab can run beside it."""
+"""The real lab for integration and fault tests: its own lab id, so a demo lab can run beside it.
+
+Registered as a plugin by tests/conftest.py, so tests/lab and tests/faults share one lab.
+"""
 
 from __future__ import annotations
 
