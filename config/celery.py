@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 
+from config.security import enable_signing, signing_config
 from config.settings import Settings, load_settings
 
 QUEUE_PREFIX = "drover.host."
@@ -53,6 +54,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.tunables.worker_concurrency,
         "worker_pool": "threads",
         "include": ["worker.tasks"],
+        # Signed messages replace plain JSON when `[security] signing` is on (config/security.py).
+        **signing_config(settings),
     }
 
 
@@ -62,12 +65,19 @@ def make_app(settings: Settings | None = None) -> Celery:
     The lazy form lets `import config.celery` succeed even when the file is broken, so the
     error surfaces as one line where it is used rather than as an import traceback.
     """
-    celery_app = Celery("drover")
+    # Every task checks its message before it runs: size, content type, a job id only.
+    celery_app = Celery("drover", task_cls="config.security:DroverTask")
     if settings is not None:
         celery_app.conf.update(celery_config(settings))
+        enable_signing(celery_app, settings)
     else:
         celery_app.add_defaults(lambda: celery_config(load_settings()))
+        celery_app.on_after_configure.connect(_enable_signing_when_configured, weak=False)
     return celery_app
+
+
+def _enable_signing_when_configured(sender: Celery, **_: Any) -> None:
+    enable_signing(sender, load_settings())
 
 
 app = make_app()

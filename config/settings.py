@@ -11,15 +11,31 @@ import os
 import tomllib
 from pathlib import Path
 from threading import Lock
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from config.uris import ALLOWED_PARAMS, ALLOWED_SCHEMES, check_libvirt_uri
+from jobs.spec import check_address
 
 CONFIG_ENV = "DROVER_CONFIG"
 REDIS_URL_ENV = "DROVER_REDIS_URL"
 DEFAULT_CONFIG_PATHS = (Path("drover.toml"), Path("/etc/drover/drover.toml"))
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Top-level keys that replace the default URI allowlists (config/uris.py).
+URI_SCHEMES_KEY = "allowed_uri_schemes"
+URI_PARAMS_KEY = "allowed_uri_params"
 
 HostName = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", strip_whitespace=False)
@@ -55,6 +71,20 @@ class Host(_Strict):
     migration_address: str
     limits: HostLimits = HostLimits()
 
+    @field_validator("libvirt_uri", "peer_uri")
+    @classmethod
+    def _allowed_uri(cls, value: str, info: ValidationInfo) -> str:
+        """An allowed transport and allowed parameters only (config/uris.py)."""
+        context = info.context or {}
+        schemes = context.get(URI_SCHEMES_KEY, ALLOWED_SCHEMES)
+        params = context.get(URI_PARAMS_KEY, ALLOWED_PARAMS)
+        return check_libvirt_uri(value, schemes, params)
+
+    @field_validator("migration_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return check_address(value)
+
 
 class Tunables(_Strict):
     """Timings and sizes. Seconds unless the name says otherwise."""
@@ -81,6 +111,15 @@ class Tunables(_Strict):
     # retry only briefly (a stale pooled connection), so a dead Redis is reported at once.
     redis_retry_for: float = Field(default=30.0, ge=0)
     producer_redis_retry_for: float = Field(default=2.0, ge=0)
+    # Retries of a phase that could not reach its libvirtd, and the wait between them. Only
+    # phases that change nothing before that check are retried; perform never is.
+    phase_retries: dict[str, int] = {
+        "source_preflight": 3,
+        "destination_prepare": 3,
+        "finish": 3,
+        "confirm": 3,
+    }
+    retry_delay: float = Field(default=2.0, ge=0)
     # Redis redelivers an unacknowledged message after this; drover acks early (docs/celery.md).
     broker_visibility_timeout: float = Field(default=3600.0, gt=0)
     max_message_bytes: int = Field(default=65_536, ge=1024)
@@ -95,10 +134,38 @@ class FaultInjection(_Strict):
     phase_delays: dict[str, float] = {}
 
 
+class Security(_Strict):
+    """Signed task messages: Celery's `auth` serializer (docs/security.md).
+
+    With `signing` on, producers and workers sign every task message with `key` (RSA, PEM)
+    and `certificate`, and accept only messages signed by a certificate in `cert_store` (a
+    directory holding nothing but trusted certificates).
+    """
+
+    signing: bool = False
+    key: str | None = None
+    certificate: str | None = None
+    cert_store: str | None = None
+    digest: Literal["sha256", "sha384", "sha512"] = "sha256"
+
+    @model_validator(mode="after")
+    def _complete(self) -> Security:
+        if not self.signing:
+            return self
+        for name in ("key", "certificate", "cert_store"):
+            value = getattr(self, name)
+            if not value:
+                raise ValueError(f"signing = true needs {name}")
+            if not Path(value).exists():
+                raise ValueError(f"{name} {value} does not exist")
+        return self
+
+
 class Settings(_Strict):
     redis_url: str = DEFAULT_REDIS_URL
     hosts: dict[str, Host] = {}
     tunables: Tunables = Tunables()
+    security: Security = Security()
     faults: FaultInjection = FaultInjection()
     source: str = "<defaults>"
 
@@ -123,7 +190,20 @@ def _config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {err['msg']}"
+    return f"{where}: {str(err['msg']).removeprefix('Value error, ')}"
+
+
+def _allowlists(raw: dict[str, Any]) -> dict[str, frozenset[str]]:
+    """Pop the operator's URI allowlists off the top level (validation context for Host)."""
+    context: dict[str, frozenset[str]] = {}
+    for key in (URI_SCHEMES_KEY, URI_PARAMS_KEY):
+        if key not in raw:
+            continue
+        value = raw.pop(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key} must be a list of names")
+        context[key] = frozenset(value)
+    return context
 
 
 def _normalise_hosts(raw: dict[str, Any]) -> dict[str, Any]:
@@ -160,10 +240,11 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             raise ConfigError(f"config file {cfg_path} is not valid TOML: {exc}") from None
         raw = _normalise_hosts(raw)
         raw["source"] = str(cfg_path)
+    allowlists = _allowlists(raw)
     if os.environ.get(REDIS_URL_ENV):
         raw["redis_url"] = os.environ[REDIS_URL_ENV]
     try:
-        settings = Settings.model_validate(raw)
+        settings = Settings.model_validate(raw, context=allowlists)
     except ValidationError as exc:
         where = raw.get("source", "<defaults>")
         raise ConfigError(f"config {where}: {_first_error(exc)}") from None

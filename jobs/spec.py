@@ -24,11 +24,12 @@ HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MAX_BANDWIDTH_MIB = 1_000_000
 MAX_PARALLEL_CONNECTIONS = 64
 MIGRATION_URI_SCHEMES = ("tcp", "rdma", "unix")
+# Python's `$` also matches before a trailing newline, so these patterns end in \Z instead.
 _DNS_NAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*$"
+    r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*\Z"
 )
-_NET_URI = re.compile(r"^(tcp|rdma)://(\[[0-9A-Fa-f:.]+\]|[^/:?#@\[\]]+)(:(\d{1,5}))?/?$")
-_UNIX_URI = re.compile(r"^unix://(/[A-Za-z0-9._/-]{1,200})$")
+_NET_URI = re.compile(r"^(tcp|rdma)://(\[[0-9A-Fa-f:.]+\]|[^/:?#@\[\]]+)(:(\d{1,5}))?/?\Z")
+_UNIX_URI = re.compile(r"^unix://(/[A-Za-z0-9._/-]{1,200})\Z")
 
 DomainName = Annotated[str, StringConstraints(pattern=DOMAIN_NAME_PATTERN)]
 HostRef = Annotated[str, StringConstraints(pattern=HOST_NAME_PATTERN)]

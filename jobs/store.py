@@ -209,6 +209,10 @@ class JobStore:
         """True for the first caller only: a phase runs once per job, however often it is sent."""
         return bool(self.r.hsetnx(f"{job_key(job_id)}:claims", phase, host))
 
+    def unclaim_phase(self, job_id: str, phase: str) -> None:
+        """Give a phase back before a retry (it stopped before changing anything)."""
+        self.r.hdel(f"{job_key(job_id)}:claims", phase)
+
     def request_abort(self, job_id: str, reason: str) -> None:
         self.r.hset(job_key(job_id), "abort_requested", reason)
 

@@ -24,6 +24,7 @@ from lab import guests, libvirtd, network, redis_server
 from lab.kernel import build_dirty_kernel
 from lab.layout import MAX_HOSTS, HostLayout, LabLayout
 from lab.proc import LabError, alive, kill, run, spawn, wait_until
+from lab.signing import SigningIdentity, config_lines, create_signing_identity
 from lab.tls import create_ca, issue_host_certificates
 
 # libvirt prints every error to stderr unless told otherwise; we handle them.
@@ -97,12 +98,20 @@ def _peer_uri(host: HostLayout, tls: bool) -> str:
     return host.tls_peer_uri if tls else host.peer_uri
 
 
-def write_config(lab: LabLayout, hosts: list[HostLayout], redis_url: str, tls: bool) -> Path:
+def write_config(
+    lab: LabLayout,
+    hosts: list[HostLayout],
+    redis_url: str,
+    tls: bool,
+    signing: SigningIdentity | None = None,
+) -> Path:
     lines = [
         "# Written by `drover lab up`: the registry of this machine's lab hosts.",
         f'redis_url = "{redis_url}"',
         "",
     ]
+    if signing is not None:
+        lines += config_lines(signing)
     for h in hosts:
         lines += [
             f"[hosts.{h.name}]",
@@ -145,8 +154,11 @@ def start_worker(lab: LabLayout, host: HostState) -> None:
     wait_until(answers, WORKER_START_TIMEOUT, f"{host.name}'s worker")
 
 
-def up(hosts: int = 2, tls: bool = False) -> LabState:
-    """Bring the lab up; with `tls`, a CA and per-host certificates, libvirtd on TLS too."""
+def up(hosts: int = 2, tls: bool = False, signing: bool = True) -> LabState:
+    """Bring the lab up; with `tls`, a CA and per-host certificates, libvirtd on TLS too.
+
+    With `signing` (the default) every task message is signed with the lab's own key.
+    """
     check_prerequisites()
     if not 2 <= hosts <= MAX_HOSTS:
         raise LabError(f"--hosts must be between 2 and {MAX_HOSTS}")
@@ -155,16 +167,17 @@ def up(hosts: int = 2, tls: bool = False) -> LabState:
         raise LabError(f"a lab is already up (id {lab.lab_id}); run `drover lab down` first")
     lab.dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _up(lab, lab.hosts(hosts), tls)
+        return _up(lab, lab.hosts(hosts), tls, signing)
     except BaseException:
         down()
         raise
 
 
-def _up(lab: LabLayout, layouts: list[HostLayout], tls: bool) -> LabState:
+def _up(lab: LabLayout, layouts: list[HostLayout], tls: bool, signing: bool) -> LabState:
     password = redis_server.new_password()
     redis_url = f"redis://:{password}@{lab.root_address}:{lab.redis_port}/0"
-    config = write_config(lab, layouts, redis_url, tls)
+    identity = create_signing_identity(lab) if signing else None
+    config = write_config(lab, layouts, redis_url, tls, identity)
     os.environ["DROVER_CONFIG"] = str(config)
     state = LabState(lab_id=lab.lab_id, config=str(config), redis_url=redis_url, tls=tls)
     state.save(lab)
@@ -327,15 +340,26 @@ def restart_redis(sig: int = signal.SIGTERM) -> None:
     state.save(lab)
 
 
-def restart_libvirtd(name: str) -> None:
-    """Fault injection: stop a host's libvirtd (its guests keep running) and start it again."""
+def stop_libvirtd(name: str) -> None:
+    """Fault injection: stop a host's libvirtd; its guests keep running without it."""
     lab, state = _loaded()
-    host = state.hosts[name]
-    kill([host.libvirtd_pid])
+    kill([state.hosts[name].libvirtd_pid])
     layout = lab.host(int(name.removeprefix("lab")))
     (layout.own_dir("/run/libvirt") / "libvirtd.pid").unlink(missing_ok=True)
+
+
+def start_libvirtd(name: str) -> None:
+    lab, state = _loaded()
+    host = state.hosts[name]
+    layout = lab.host(int(name.removeprefix("lab")))
     host.libvirtd_pid = libvirtd.start_libvirtd(layout, host.holder_pid)
     state.save(lab)
+
+
+def restart_libvirtd(name: str) -> None:
+    """Fault injection: stop a host's libvirtd and start it again (it re-attaches guests)."""
+    stop_libvirtd(name)
+    start_libvirtd(name)
 
 
 def set_link(name: str, up: bool) -> None:

@@ -38,6 +38,21 @@ class LibvirtUnavailable(Exception):
     pass
 
 
+# Errors that mean "the daemon is not there (any more)", not "the request was wrong".
+_CONNECTION_ERRORS = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_AUTH_FAILED,
+}
+
+
+def is_connection_error(exc: libvirt.libvirtError) -> bool:
+    closed = "client socket is closed" in (exc.get_error_message() or "")
+    return closed or exc.get_error_code() in _CONNECTION_ERRORS
+
+
 @dataclass(frozen=True)
 class DomainFacts:
     name: str
@@ -84,6 +99,10 @@ class LibvirtHost:
                         f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
                     ) from None
             return self._conn
+
+    def reset(self) -> None:
+        """Forget a connection that failed; the next use opens a new one."""
+        self.close()
 
     def by_name(self, name: str) -> libvirt.virDomain | None:
         try:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
+import libvirt
 import structlog
 from celery.exceptions import Ignore
 
@@ -22,6 +23,7 @@ from jobs.model import Job
 from jobs.phases import PHASE_ORDER, PHASE_SIDE, ROLLBACK_DESTINATION_TASK, Phase, Side
 from jobs.states import JobState
 from jobs.store import JobNotFound, domain_lock_key
+from worker.libvirt_host import LibvirtUnavailable, is_connection_error
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -36,6 +38,10 @@ class PhaseFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class RetryPhase(Exception):
+    """The phase could not reach its libvirtd and may be tried again (tunables.phase_retries)."""
 
 
 class PhaseCancelled(PhaseFailed):
@@ -95,19 +101,37 @@ def fail_job(
         rollback_destination_later(job)
 
 
+def _unexpected(rt: Runtime, job: Job, phase: Phase, exc: Exception) -> NoReturn:
+    reason = f"{phase.value} on {rt.host} failed unexpectedly: {exc}"
+    rt.store.phase_ended(job.id, phase.value, error=reason)
+    log.exception("phase.failed", reason=reason)
+    fail_job(rt, job, phase, reason)
+    raise PhaseFailed(reason) from exc
+
+
 @contextmanager
 def _running(rt: Runtime, job_id: str, phase: Phase) -> Iterator[None]:
+    """Mark the phase as running in this process (unless a recovery already marked it)."""
+    key = (job_id, phase.value)
     with rt.lock:
-        rt.running.add((job_id, phase.value))
+        ours = key not in rt.running
+        rt.running.add(key)
     try:
         yield
     finally:
-        with rt.lock:
-            rt.running.discard((job_id, phase.value))
+        if ours:
+            with rt.lock:
+                rt.running.discard(key)
 
 
 def execute_phase(
-    rt: Runtime, job_id: str, phase: Phase, fn: PhaseFn, *, recovering: bool = False
+    rt: Runtime,
+    job_id: str,
+    phase: Phase,
+    fn: PhaseFn,
+    *,
+    recovering: bool = False,
+    attempt: int = 0,
 ) -> None:
     """Run one phase inside its frame; the state `fn` returns is entered once it is done.
 
@@ -135,10 +159,12 @@ def execute_phase(
             log.warning("phase.duplicate", reason="this phase already ran for this job")
             raise Ignore()
         with _running(rt, job.id, phase):
-            _run_in_frame(rt, job, phase, fn, recovering)
+            _run_in_frame(rt, job, phase, fn, recovering, attempt)
 
 
-def _run_in_frame(rt: Runtime, job: Job, phase: Phase, fn: PhaseFn, recovering: bool) -> None:
+def _run_in_frame(
+    rt: Runtime, job: Job, phase: Phase, fn: PhaseFn, recovering: bool, attempt: int
+) -> None:
     started = time.monotonic()
     if not recovering or phase.value not in job.phases:
         rt.store.phase_started(job.id, phase.value, rt.host)
@@ -157,17 +183,29 @@ def _run_in_frame(rt: Runtime, job: Job, phase: Phase, fn: PhaseFn, recovering: 
             if PHASE_ORDER.index(phase) >= PHASE_ORDER.index(Phase.DESTINATION_PREPARE):
                 rollback_destination_later(job)
         raise
+    except (LibvirtUnavailable, libvirt.libvirtError) as exc:
+        if isinstance(exc, libvirt.libvirtError):
+            if not is_connection_error(exc):
+                _unexpected(rt, job, phase, exc)
+            rt.libvirt.reset()
+        allowed = rt.settings.tunables.phase_retries.get(phase.value, 0)
+        if attempt < allowed and not recovering:
+            rt.store.phase_ended(job.id, phase.value, error=f"retrying: {exc}")
+            rt.store.unclaim_phase(job.id, phase.value)
+            log.warning("phase.retrying", reason=str(exc), attempt=attempt + 1, of=allowed)
+            raise RetryPhase(str(exc)) from exc
+        reason = f"{phase.value} on {rt.host}: {exc}"
+        rt.store.phase_ended(job.id, phase.value, error=reason)
+        log.error("phase.failed", reason=reason)
+        fail_job(rt, job, phase, reason)
+        raise PhaseFailed(reason) from exc
     except PhaseFailed as exc:
         rt.store.phase_ended(job.id, phase.value, error=exc.reason)
         log.error("phase.failed", reason=exc.reason)
         fail_job(rt, job, phase, exc.reason, exc.final)
         raise
     except Exception as exc:
-        reason = f"{phase.value} on {rt.host} failed unexpectedly: {exc}"
-        rt.store.phase_ended(job.id, phase.value, error=reason)
-        log.exception("phase.failed", reason=reason)
-        fail_job(rt, job, phase, reason)
-        raise PhaseFailed(reason) from exc
+        _unexpected(rt, job, phase, exc)
     rt.store.phase_ended(job.id, phase.value)
     log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
     if then is not None:

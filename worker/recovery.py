@@ -18,6 +18,7 @@ destination's rollback removes the paused incoming copy.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -128,7 +129,7 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         log.info("job.state", state=job.stalled_from.value, reason="owner is back")
         job = rt.store.get(job.id)
     if step.started:
-        _recover(rt, job, step.phase)
+        _recover_in_background(rt, job, step.phase)
     elif _idle_s(step) > tunables.redispatch_after:
         log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
         migration_chain(app, job.id, job.spec, start=step.phase).apply_async()
@@ -138,6 +139,31 @@ def _resume_after(job: Job, phase: Phase) -> None:
     index = PHASE_ORDER.index(phase)
     if index + 1 < len(PHASE_ORDER):
         migration_chain(app, job.id, job.spec, start=PHASE_ORDER[index + 1]).apply_async()
+
+
+def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
+    """Recover on a thread of its own: waiting for a migration must not stop the heartbeat."""
+    key = (job.id, phase.value)
+    with rt.lock:
+        if key in rt.running:
+            return
+        rt.running.add(key)
+    context = structlog.contextvars.get_contextvars()
+
+    def work() -> None:
+        try:
+            with (
+                structlog.contextvars.bound_contextvars(**context),
+                contextlib.suppress(Ignore, PhaseFailed),
+            ):
+                _recover(rt, job, phase)
+        except Exception as exc:  # never let one job's recovery kill the thread silently
+            log.exception("phase.recovery_failed", error=str(exc))
+        finally:
+            with rt.lock:
+                rt.running.discard(key)
+
+    threading.Thread(target=work, name=f"recover-{job.id}", daemon=True).start()
 
 
 def _recover(rt: Runtime, job: Job, phase: Phase) -> None:

@@ -21,7 +21,7 @@ from jobs.phases import POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_na
 from jobs.store import JobNotFound
 from worker import phases
 from worker.keeper import start_keeper
-from worker.phase_scope import PhaseFailed, PhaseFn, execute_phase
+from worker.phase_scope import PhaseFailed, PhaseFn, RetryPhase, execute_phase
 from worker.runtime import Runtime, runtime_for_node
 
 log = get_logger()
@@ -41,7 +41,11 @@ def _checked_job_id(job_id: object) -> str:
 
 def _run(task: Task, phase: Phase, fn: PhaseFn, job_id: object) -> str:
     checked = _checked_job_id(job_id)
-    execute_phase(_runtime(task), checked, phase, fn)
+    rt = _runtime(task)
+    try:
+        execute_phase(rt, checked, phase, fn, attempt=task.request.retries)
+    except RetryPhase as exc:
+        raise task.retry(countdown=rt.settings.tunables.retry_delay, max_retries=None) from exc
     return checked
 
 

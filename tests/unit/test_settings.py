@@ -64,9 +64,13 @@ def test_unknown_host_names_the_known_ones(tmp_path: Path) -> None:
     [
         ("redis_url = ", "not valid TOML"),
         ("[hosts.kvm1]\nmigration_address='x'\n", "hosts.kvm1.peer_uri: Field required"),
-        ("[hosts.kvm1]\npeer_uri='a'\nmigration_address='b'\ncolour='red'\n", "colour"),
         (
-            "[hosts.kvm1]\npeer_uri='a'\nmigration_address='b'\n[hosts.kvm1.limits]\n"
+            "[hosts.kvm1]\npeer_uri='qemu:///system'\nmigration_address='b'\ncolour='red'\n",
+            "colour",
+        ),
+        (
+            "[hosts.kvm1]\npeer_uri='qemu:///system'\nmigration_address='b'\n"
+            "[hosts.kvm1.limits]\n"
             "max_outbound=0\n",
             "max_outbound",
         ),

@@ -1,0 +1,96 @@
+"""Recovery rules that take a configured time: stalled jobs, retries, visibility timeouts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from jobs.states import JobState
+from lab import control
+from tests.faults.conftest import assert_invariants, finish, start_throttled
+from tests.support.lab_fixtures import Lab, wait_for
+
+pytestmark = pytest.mark.usefixtures("dirty_home", "workers_back")
+
+FAST_WATCHDOG = """[tunables]
+stall_after = 4
+heartbeat_ttl = 3
+heartbeat_interval = 1
+watchdog_interval = 1
+"""
+
+
+def test_a_job_whose_worker_stays_away_is_marked_stalled_then_recovered(
+    lab: Lab, fault_config: Callable[[str], None]
+) -> None:
+    fault_config(FAST_WATCHDOG)
+    job_id = start_throttled(lab)
+    control.kill_worker("lab1")
+
+    def stalled() -> bool:
+        return lab.drover.job(job_id).state is JobState.STALLED
+
+    wait_for(stalled, 60, "lab2's watchdog to mark the job stalled")
+    job = lab.drover.job(job_id)
+    assert job.reason is not None and job.reason.startswith("lab1's worker has not been seen")
+    listed = {j.id: j.state.value for j in lab.drover.jobs()}
+    assert listed[job_id] == "stalled"
+
+    control.restart_worker("lab1")
+    job = finish(lab, job_id)
+    assert_invariants(lab, job)
+    assert job.state.value == "succeeded", job.reason
+    states = [t.state.value for t in job.transitions]
+    assert states[-4:] == ["stalled", "migrating", "finishing", "succeeded"], str(states)
+
+
+def test_a_phase_that_cannot_reach_libvirtd_is_retried(lab: Lab) -> None:
+    control.stop_libvirtd("lab2")
+    try:
+        job_id = lab.drover.submit(
+            domain="dirty-1", src="lab1", dst="lab2", live=True, auto_converge=True
+        )
+
+        def retrying() -> bool:
+            return any(e["event"] == "phase.retrying" for e in lab.drover.events(job_id))
+
+        wait_for(retrying, 30, "destination_prepare to retry")
+    finally:
+        control.start_libvirtd("lab2")
+    job = finish(lab, job_id)
+    assert_invariants(lab, job)
+    assert job.state.value == "succeeded", job.reason
+
+
+def test_a_migration_outlasting_the_visibility_timeout_runs_once(
+    lab: Lab, fault_config: Callable[[str], None]
+) -> None:
+    visibility = 3
+    fault_config(f"[tunables]\nbroker_visibility_timeout = {visibility}\n")
+    for name in ("lab1", "lab2"):  # Celery reads its transport options at start
+        control.kill_worker(name)
+        control.restart_worker(name)
+    job_id = start_throttled(lab)
+    job = finish(lab, job_id)
+    assert job.state.value == "succeeded", job.reason
+    perform = job.phases["perform"]
+    assert perform.ended is not None
+    assert (perform.ended - perform.started).total_seconds() > visibility
+
+    # Watch for three more visibility timeouts: a redelivered phase would show up here.
+    deadline = time.monotonic() + 3 * visibility
+    while time.monotonic() < deadline:
+        names = [e["event"] for e in lab.drover.events(job_id)]
+        assert "phase.duplicate" not in names
+        # Nothing of this job waits in kombu's unacked set for redelivery.
+        assert job_id not in str(lab.drover.store.r.hgetall("unacked"))
+        time.sleep(0.2)
+    assert names.count("migration.started") == 1
+    assert sum(1 for n in names if n == "phase.started") == 5
+    assert_invariants(lab, job)
+    fault_config("")
+    for name in ("lab1", "lab2"):
+        control.kill_worker(name)
+        control.restart_worker(name)

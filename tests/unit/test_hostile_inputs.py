@@ -1,0 +1,543 @@
+"""Hostile input: a curated list through the real CLI, hostile task messages, property tests.
+
+Every bad request through `drover migrate` must end in a non-zero exit, exactly one line on
+stderr, no traceback, nothing in Redis and no libvirt call. Every hostile task message that
+reaches a worker must be discarded before task code runs, with a `message.rejected` event.
+MigrationSpec either validates into a spec whose fields are safe or raises ValidationError.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+import redis
+import structlog
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kombu import Connection, Exchange, Queue
+from pydantic import ValidationError
+
+from config import events
+from config.celery import make_app
+from config.settings import load_settings
+from jobs.spec import DOMAIN_NAME_PATTERN, HOST_NAME_PATTERN, MigrationSpec, check_migration_uri
+from producer import cli
+from tests.conftest import RedisServer
+
+REGISTRY = """
+redis_url = "{url}"
+
+[hosts.kvm1]
+peer_uri = "qemu+tcp://192.0.2.1/system"
+migration_address = "192.0.2.1"
+
+[hosts.kvm2]
+peer_uri = "qemu+tcp://192.0.2.2/system"
+migration_address = "192.0.2.2"
+"""
+JOB_ID = "0123456789ab"
+
+
+def m(*extra: str, domain: str = "idle-1", src: str = "kvm1", dst: str = "kvm2") -> list[str]:
+    """`drover migrate` arguments around `extra` (not --live: add it where a case needs it)."""
+    return ["migrate", domain, "--from", src, "--to", dst, *extra]
+
+
+def live(*extra: str, **kw: str) -> list[str]:
+    return m("--live", *extra, **kw)
+
+
+BAD_DOMAINS = [
+    "",
+    " ",
+    "web 01",
+    " web",
+    "web ",
+    "../etc/passwd",
+    "a/b",
+    "/abs",
+    "web\n01",
+    "web\n",
+    "web\x00",
+    "web\t1",
+    "web\r",
+    "\x1b[31mred",
+    "web\x7f",
+    "wéb",
+    "ウェブ",
+    "web\u200b",
+    "web\u202eevil",
+    "\uff57\uff45\uff42",  # fullwidth "web"
+    "-rf",
+    ".hidden",
+    "web;id",
+    "web$(id)",
+    "web`id`",
+    "web|cat",
+    "web&",
+    "web>x",
+    "web'",
+    'web"',
+    "web*",
+    "web?",
+    "web#1",
+    "web%00",
+    "web\\x",
+    "{web}",
+    "[web]",
+    "web,db",
+    "web=1",
+    "a" * 201,
+    "a" * 10_000,
+    "a" * 1_000_000,
+]
+BAD_HOSTS = [
+    "",
+    "kvm9",
+    "KVM1",
+    "kvm1 ",
+    "kvm1\n",
+    "../kvm1",
+    "kvm1;id",
+    "kvm1/x",
+    "\uff4b\uff56\uff4d1",  # fullwidth "kvm1"
+    "k" * 64,
+    "k" * 10_000,
+    "-kvm1",
+    "kvm1\x00",
+]
+BAD_MIGRATE_URIS = [
+    "qemu+ext:///system?command=/bin/sh",
+    "qemu+ssh://h/system?command=x",
+    "qemu+tcp://h/system?no_verify=1",
+    "qemu+tls://h/system?pkipath=/tmp",
+    "tcp://10.0.0.2?command=id",
+    "tcp://user@10.0.0.2",
+    "tcp://user:pw@10.0.0.2",
+    "tcp://10.0.0.2:0",
+    "tcp://10.0.0.2:99999",
+    "tcp://10.0.0.2:-1",
+    "tcp://10.0.0.2:abc",
+    "tcp://10.0.0.2:80:90",
+    "tcp://10.0.0.2#frag",
+    "tcp://10.0.0.2/path",
+    "tcp://10.0.0.2/?command=x",
+    "unix:///run/../etc/shadow",
+    "unix://relative",
+    "unix:///run/x;id",
+    "unix:///" + "a" * 300,
+    "tcp://",
+    "ssh://10.0.0.2",
+    "http://10.0.0.2",
+    "file:///etc/passwd",
+    "rdma://h?x=1",
+    "tcp://h;id",
+    "tcp://h\n",
+    "tcp://h ",
+    " tcp://h",
+    "tcp://[::1",
+    "tcp://[zz::1]",
+    "TCP://h",
+    "tcp:/h",
+    "tcp:h",
+    "tcp://-oProxyCommand=x",
+    "tcp://h%00",
+    "tcp://" + "a" * 300,
+]
+BAD_LISTEN_ADDRESSES = [
+    "10.0.0.1:80",
+    "x;rm",
+    "a..b",
+    "",
+    "tcp://h",
+    "h/x",
+    "h?x",
+    "[::1]:80",
+    "h\n",
+    " h",
+    "a" * 254,
+    "h_x",
+    "*",
+    "0.0.0.0/0",
+    "-h",
+]
+BAD_NUMBERS = [
+    ("--bandwidth", "0"),
+    ("--bandwidth", "-1"),
+    ("--bandwidth", "1000001"),
+    ("--bandwidth", "99999999999999999999999"),
+    ("--bandwidth", "lots"),
+    ("--bandwidth", "1.5"),
+    ("--bandwidth", ""),
+    ("--parallel", "0"),
+    ("--parallel", "1"),
+    ("--parallel", "65"),
+    ("--parallel", "-5"),
+    ("--parallel", "x"),
+    ("--copy-storage", "some"),
+    ("--copy-storage", ""),
+    ("--copy-storage", "ALL"),
+]
+BAD_COMBINATIONS = [
+    live("--p2p", "--direct"),
+    live("--direct", "--unmanaged"),
+    live("--p2p", "--direct", "--unmanaged"),
+    live("--direct", "--tunnelled"),
+    live("--unmanaged", "--tunnelled"),
+    live("--direct", "--dest-connection"),
+    live("--dest-connection", "--migrate-uri", "tcp://10.0.0.2"),
+    live("--dest-connection", "--parallel", "2"),
+    live("--dest-connection", "--listen-address", "10.0.0.2"),
+    live("--dest-connection", "--copy-storage", "all"),
+    live("--tunnelled", "--migrate-uri", "tcp://10.0.0.2"),
+    live("--tunnelled", "--listen-address", "10.0.0.2"),
+    live("--tunnelled", "--postcopy"),
+    live("--tunnelled", "--parallel", "2"),
+    live("--offline", "--persistent"),
+    m("--offline"),
+    m("--offline", "--persistent", "--suspend"),
+    m("--offline", "--persistent", "--postcopy"),
+    m("--offline", "--persistent", "--copy-storage", "all"),
+    m("--offline", "--persistent", "--bandwidth", "10"),
+    m("--offline", "--persistent", "--tls"),
+    m("--offline", "--persistent", "--migrate-uri", "tcp://10.0.0.2"),
+    m("--offline", "--persistent", "--tunnelled"),
+    m("--postcopy"),
+    m("--auto-converge"),
+    live("--unmanaged", "--persistent"),
+    live("--unmanaged", "--undefine-source"),
+    live(src="kvm1", dst="kvm1"),
+    live("--dname", "bad/name"),
+    live("--dname", "x" * 300),
+]
+BAD_ARGV = [
+    live("--no-such-flag"),
+    live("extra-positional"),
+    ["migrate", "idle-1", "--from", "kvm1", "--live"],
+    ["migrate", "--from", "kvm1", "--to", "kvm2"],
+    ["migrate", "idle-1", "--from", "kvm1", "--to", "kvm2", "--bandwidth"],
+    ["migrate", "idle-1", "--from"],
+    ["--config", "/nonexistent/drover.toml", *live()],
+]
+
+_CASES: list[tuple[str, list[str]]] = [
+    *((f"domain {d[:20]!r}", live(domain=d)) for d in BAD_DOMAINS),
+    *((f"--from {h[:20]!r}", live(src=h)) for h in BAD_HOSTS),
+    *((f"--to {h[:20]!r}", live(dst=h)) for h in BAD_HOSTS),
+    *((f"--migrate-uri {u[:30]!r}", live("--migrate-uri", u)) for u in BAD_MIGRATE_URIS),
+    *((f"--listen-address {a[:20]!r}", live("--listen-address", a)) for a in BAD_LISTEN_ADDRESSES),
+    *((f"{opt} {v[:20]!r}", live(opt, v)) for opt, v in BAD_NUMBERS),
+    *((f"flags {' '.join(a[6:])[:60]}", a) for a in BAD_COMBINATIONS),
+    *((f"argv {' '.join(a)[:60]}", a) for a in BAD_ARGV),
+]
+CASES = [(f"{i:03d} {name}", argv) for i, (name, argv) in enumerate(_CASES)]
+OUTCOMES_PER_CASE = 6  # exit code, one stderr line, no traceback, no stdout, no Redis, no libvirt
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory, redis_srv: RedisServer) -> Path:
+    path = tmp_path_factory.mktemp("hostile") / "drover.toml"
+    path.write_text(REGISTRY.format(url=redis_srv.url))
+    return path
+
+
+@pytest.fixture
+def no_libvirt(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record any attempt to open a libvirt connection (none may happen)."""
+    calls: list[str] = []
+    for name in ("open", "openAuth", "openReadOnly"):
+        monkeypatch.setattr(libvirt, name, lambda *a, _n=name, **k: calls.append(_n))
+    return calls
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """The real entry point (`python -m producer`), in process, output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    old_argv = sys.argv
+    sys.argv = ["drover", *argv]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            cli.main()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        sys.argv = old_argv
+    return int(code or 0), out.getvalue(), err.getvalue()
+
+
+def test_the_hostile_list_is_long_enough() -> None:
+    assert len(CASES) >= 100
+    assert len({name for name, _ in CASES}) == len(CASES), "case names must be unique"
+
+
+@pytest.mark.parametrize(("name", "argv"), CASES, ids=[name for name, _ in CASES])
+def test_hostile_cli_input_is_refused_cleanly(
+    name: str,
+    argv: list[str],
+    registry: Path,
+    redis_srv: RedisServer,
+    no_libvirt: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DROVER_CONFIG", str(registry))
+    monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
+    r = redis.Redis.from_url(redis_srv.url)
+    r.flushdb()
+    code, out, err = run_cli(argv)
+    lines = err.strip().splitlines()
+    assert code != 0, (name, out, err)
+    assert len(lines) == 1 and lines[0].strip(), (name, err[:500])
+    assert "Traceback" not in out + err
+    assert out == ""
+    assert r.keys("*") == [], name
+    assert no_libvirt == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        live(domain="web\n01"),
+        live("--migrate-uri", "qemu+ext:///system?command=/bin/sh"),
+        live("--p2p", "--direct"),
+        live(src="kvm9"),
+    ],
+)
+def test_a_sample_through_a_real_subprocess(
+    argv: list[str], registry: Path, redis_srv: RedisServer
+) -> None:
+    """The in-process harness above behaves like the installed command."""
+    from tests.unit.test_cli_errors import drover
+
+    result = drover(registry, *argv)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not redis.Redis.from_url(redis_srv.url).keys("drover:*")
+
+
+# ---- hostile task messages at a worker -------------------------------------------------------
+
+
+class Probe:
+    """A worker on a private queue with one drover-style task that records what it ran."""
+
+    def __init__(self, app: Celery, queue: str, log: io.StringIO) -> None:
+        self.app, self.queue, self.log = app, queue, log
+        self.ran: list[Any] = []
+        self.lock = threading.Lock()
+
+    def publish(self, body: Any, *, headers: dict[str, Any] | None = None, **how: Any) -> str:
+        message_id = str(uuid.uuid4())
+        hdrs = {"task": "drover.test_probe", "id": message_id, "lang": "py"}
+        if headers is not None:
+            hdrs = {**headers, "id": message_id}
+        exchange = Exchange(self.queue, "direct")
+        with Connection(self.app.conf.broker_url) as conn:
+            conn.Producer().publish(
+                body,
+                exchange=exchange,
+                routing_key=self.queue,
+                headers=hdrs,
+                declare=[Queue(self.queue, exchange, routing_key=self.queue)],
+                **how,
+            )
+        return message_id
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.getvalue().splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def probe(registry: Path) -> Iterator[Probe]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DROVER_CONFIG", str(registry))
+    old = structlog.get_config()
+    log = io.StringIO()
+    events.configure("test-worker", None, stream=log)
+    app = make_app(load_settings(registry))
+    queue = f"drover.test.{uuid.uuid4().hex[:8]}"
+    app.conf.update(include=[], task_default_queue=queue, worker_send_task_events=False)
+    p = Probe(app, queue, log)
+
+    @app.task(name="drover.test_probe")
+    def test_probe(job_id: str) -> None:
+        with p.lock:
+            p.ran.append(job_id)
+
+    try:
+        with start_worker(app, pool="threads", perform_ping_check=False, concurrency=2):
+            yield p
+    finally:
+        structlog.configure(**old)
+        mp.undo()
+
+
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+BIG = "x" * 70_000
+# (name, body, publish options, the reason logged)
+HOSTILE_MESSAGES: list[tuple[str, Any, dict[str, Any], str]] = [
+    ("pickle", [[JOB_ID], {}, EMBED], {"serializer": "pickle"}, "ContentDisallowed"),
+    (
+        "yaml content type",
+        b"- [0123456789ab]\n",
+        {"content_type": "application/x-yaml", "content_encoding": "utf-8"},
+        "ContentDisallowed",
+    ),
+    ("oversized", [[BIG], {}, EMBED], {"serializer": "json"}, "exceeds 65536"),
+    ("keyword arguments", [[JOB_ID], {"force": True}, EMBED], {"serializer": "json"}, "keyword"),
+    ("no argument", [[], {}, EMBED], {"serializer": "json"}, "not exactly one argument"),
+    ("two arguments", [[JOB_ID, JOB_ID], {}, EMBED], {"serializer": "json"}, "not exactly one"),
+    ("number", [[123456789012], {}, EMBED], {"serializer": "json"}, "not a job id"),
+    ("path", [["../../etc/pw"], {}, EMBED], {"serializer": "json"}, "not a job id"),
+    ("upper case id", [["0123456789AB"], {}, EMBED], {"serializer": "json"}, "not a job id"),
+    ("id with newline", [[JOB_ID + "\n"], {}, EMBED], {"serializer": "json"}, "not a job id"),
+    ("object as argument", [[{"id": JOB_ID}], {}, EMBED], {"serializer": "json"}, "not a job"),
+    (
+        "broken json",
+        b'[["0123456789ab"], {',
+        {"content_type": "application/json", "content_encoding": "utf-8"},
+        "DecodeError",
+    ),
+    ("body an object", {"job": JOB_ID}, {"serializer": "json"}, "ValueError"),
+    ("body a string", JOB_ID, {"serializer": "json"}, "ValueError"),
+    ("body null", None, {"serializer": "json"}, "TypeError"),
+]
+
+
+def _wait(cond: Any, what: str, timeout: float = 20.0) -> None:
+    from tests.support.lab_fixtures import wait_for
+
+    wait_for(cond, timeout, what)
+
+
+def test_a_well_formed_message_runs(probe: Probe) -> None:
+    probe.publish([[JOB_ID], {}, EMBED], serializer="json")
+    _wait(lambda: JOB_ID in probe.ran, "the probe task to run")
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "how", "reason"), HOSTILE_MESSAGES, ids=[c[0] for c in HOSTILE_MESSAGES]
+)
+def test_hostile_message_is_rejected_before_the_task_runs(
+    probe: Probe, name: str, body: Any, how: dict[str, Any], reason: str
+) -> None:
+    before = list(probe.ran)
+    message_id = probe.publish(body, **how)
+
+    def rejected() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in probe.events()
+            if e.get("event") == "message.rejected" and message_id in str(e.get("message_id"))
+        ]
+
+    _wait(lambda: bool(rejected()), f"the {name} message to be rejected")
+    event = rejected()[0]
+    assert reason in event["reason"], event
+    assert BIG not in json.dumps(event)  # the event carries an excerpt, never the whole body
+    # A good message published after it runs, and it is the only new run.
+    probe.publish([["fedcba987654"], {}, EMBED], serializer="json")
+    _wait(lambda: "fedcba987654" in probe.ran[len(before) :], "the next good message")
+    assert probe.ran[len(before) :] == ["fedcba987654"]
+    probe.ran.remove("fedcba987654")
+
+
+def test_protocol_1_message_with_keyword_arguments_is_rejected(probe: Probe) -> None:
+    before = list(probe.ran)
+    body = {"task": "drover.test_probe", "id": "p1", "args": [JOB_ID], "kwargs": {"x": 1}}
+    message_id = probe.publish(body, headers={}, serializer="json")
+    _wait(
+        lambda: any(
+            e.get("event") == "message.rejected" and "keyword" in e.get("reason", "")
+            for e in probe.events()
+        ),
+        f"the protocol-1 message {message_id} to be rejected",
+    )
+    assert probe.ran == before
+
+
+def test_task_called_directly_checks_its_arguments_too(probe: Probe) -> None:
+    from celery.exceptions import Reject
+
+    task = probe.app.tasks["drover.test_probe"]
+    with pytest.raises(Reject):
+        task("not-a-job-id")
+    with pytest.raises(Reject):
+        task(JOB_ID, extra=1)
+
+
+# ---- property tests over the spec -----------------------------------------------------------
+
+_DOMAIN = re.compile(DOMAIN_NAME_PATTERN.replace("$", r"\Z"))
+_HOST = re.compile(HOST_NAME_PATTERN.replace("$", r"\Z"))
+_UNSAFE = re.compile(r"[\x00-\x20\x7f?#;&|`$'\"\\<>]")
+
+text = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ["idle-1", "kvm1", "kvm2", "tcp://10.0.0.2:4000", "10.0.0.2", "unix:///run/m.sock", "web\n"]
+)
+request = st.fixed_dictionaries(
+    {"domain": text, "src": text, "dst": text},
+    optional={
+        "live": st.booleans(),
+        "offline": st.booleans(),
+        "persistent": st.booleans(),
+        "control": st.sampled_from(["p2p", "direct", "unmanaged", "x"]),
+        "transport": st.sampled_from(["native", "tunnelled", "pipe"]),
+        "dest_connection": st.booleans(),
+        "postcopy": st.booleans(),
+        "dname": text | st.none(),
+        "bandwidth_mib": st.integers(-5, 2_000_000) | st.none(),
+        "parallel": st.integers(-5, 100) | st.none(),
+        "copy_storage": st.sampled_from(["all", "inc", "some", None]),
+        "migrate_uri": text | st.none(),
+        "listen_address": text | st.none(),
+        "command": text,  # unknown fields must be refused
+    },
+)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(request)
+def test_spec_is_safe_or_a_validation_error(raw: dict[str, Any]) -> None:
+    try:
+        spec = MigrationSpec.model_validate(raw)
+    except ValidationError:
+        return
+    assert "command" not in raw
+    for name in (spec.domain, spec.dname or spec.domain):
+        assert _DOMAIN.match(name) and name != ".." and "/" not in name
+    assert _HOST.match(spec.src) and _HOST.match(spec.dst) and spec.src != spec.dst
+    for value in (spec.migrate_uri, spec.listen_address):
+        assert value is None or not _UNSAFE.search(value)
+    if spec.migrate_uri is not None:
+        assert check_migration_uri(spec.migrate_uri) == spec.migrate_uri
+        assert "?" not in spec.migrate_uri and "@" not in spec.migrate_uri
+    assert spec.bandwidth_mib is None or 1 <= spec.bandwidth_mib <= 1_000_000
+    assert spec.parallel is None or 2 <= spec.parallel <= 64
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_any_migrate_uri_is_strict_or_refused(uri: str) -> None:
+    try:
+        spec = MigrationSpec.model_validate(
+            {"domain": "d", "src": "a", "dst": "b", "migrate_uri": uri}
+        )
+    except ValidationError:
+        return
+    assert spec.migrate_uri is not None
+    assert re.fullmatch(r"(tcp|rdma)://[A-Za-z0-9.:\[\]-]+/?|unix:///[A-Za-z0-9._/-]+", uri)
