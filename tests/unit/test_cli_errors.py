@@ -11,18 +11,7 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer, free_port
-
-REGISTRY = """
-redis_url = "{url}"
-
-[hosts.kvm1]
-peer_uri = "qemu+tcp://192.0.2.1/system"
-migration_address = "192.0.2.1"
-
-[hosts.kvm2]
-peer_uri = "qemu+tcp://192.0.2.2/system"
-migration_address = "192.0.2.2"
-"""
+from tests.support.registry import REGISTRY
 
 
 def drover(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -36,18 +36,8 @@ from config.settings import load_settings
 from jobs.spec import DOMAIN_NAME_PATTERN, HOST_NAME_PATTERN, MigrationSpec, check_migration_uri
 from producer import cli
 from tests.conftest import RedisServer
+from tests.support.registry import REGISTRY
 
-REGISTRY = """
-redis_url = "{url}"
-
-[hosts.kvm1]
-peer_uri = "qemu+tcp://192.0.2.1/system"
-migration_address = "192.0.2.1"
-
-[hosts.kvm2]
-peer_uri = "qemu+tcp://192.0.2.2/system"
-migration_address = "192.0.2.2"
-"""
 JOB_ID = "0123456789ab"
 
 
