@@ -49,9 +49,10 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Unit tests first, then the lab (its lifecycle test before the shared lab), then faults.
+# Unit tests first, then the lab's lifecycle test (before the shared lab exists, so two labs
+# never share the two cores), the lab, then faults. pytest runs a path named twice once.
 test: venv lint
-	$(BIN)/pytest -q tests/unit tests/lab tests/faults
+	$(BIN)/pytest -q --durations=15 tests/unit tests/lab/test_lab_lifecycle.py tests/lab tests/faults
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit

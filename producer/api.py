@@ -16,10 +16,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from celery.canvas import Signature
 from pydantic import ValidationError
 
 from config.celery import host_queue, make_app
 from config.events import CONTRACT_KEYS
+from config.security import ensure_signing
 from config.settings import ConfigError, Settings, load_settings
 from jobs.model import Job
 from jobs.phases import POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK
@@ -87,7 +89,7 @@ class Drover:
                 state = self.store.state(holder).value
                 raise SubmitError(f"{spec.domain} already has an active job {holder} ({state})")
             self.store.append_event(job_id, self._event(job_id, spec, "job.queued"))
-            migration_chain(self._app, job_id, spec).apply_async()
+            self.send(migration_chain(self._app, job_id, spec))
         except SubmitError:
             raise
         except redis.RedisError as exc:
@@ -99,6 +101,11 @@ class Drover:
                 f"cannot queue the job on {redis_location(self.settings.redis_url)}: {exc}"
             ) from None
         return job_id
+
+    def send(self, signature: Signature) -> None:
+        """Publish a task (or a chain), signed with this fleet's key when signing is on."""
+        ensure_signing(self._app, self.settings)
+        signature.apply_async()
 
     @staticmethod
     def _event(job_id: str, spec: MigrationSpec, name: str) -> dict[str, Any]:
@@ -139,8 +146,12 @@ class Drover:
                     job_id, event | {"state": "cancelled", "reason": ABORT_REASON}
                 )
                 if JobState(previous or "queued") is not JobState.QUEUED:
-                    self._app.send_task(
-                        ROLLBACK_DESTINATION_TASK, args=(job_id,), queue=host_queue(job.spec.dst)
+                    self.send(
+                        self._app.signature(
+                            ROLLBACK_DESTINATION_TASK,
+                            args=(job_id,),
+                            queue=host_queue(job.spec.dst),
+                        )
                     )
                 return f"job {job_id} cancelled ({previous.value if previous else 'queued'})"
         return f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
@@ -154,7 +165,9 @@ class Drover:
             raise SubmitError(
                 f"job {job_id} is {job.state.value}; post-copy can start only while migrating"
             )
-        self._app.send_task(POSTCOPY_TASK, args=(job_id,), queue=host_queue(job.spec.src))
+        self.send(
+            self._app.signature(POSTCOPY_TASK, args=(job_id,), queue=host_queue(job.spec.src))
+        )
 
     def job(self, job_id: str) -> Job:
         return self.store.get(job_id)

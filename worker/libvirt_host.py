@@ -137,3 +137,20 @@ class LibvirtHost:
                 with contextlib.suppress(libvirt.libvirtError):
                     self._conn.close()
                 self._conn = None
+
+
+def on_peer(uri: str, uuid: str) -> DomainFacts | None:
+    """Ask another host's libvirtd about a domain: its facts there, or None (absent, unreachable).
+
+    Used before removing anything: a guest's only running copy is never touched on hearsay.
+    """
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return None
+    try:
+        return facts(conn.lookupByUUIDString(uuid))
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()

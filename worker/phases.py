@@ -24,7 +24,7 @@ from jobs.model import Job
 from jobs.spec import MigrationSpec, Transport
 from jobs.states import JobState
 from worker.convergence import Action, ConvergencePolicy
-from worker.libvirt_host import DomainFacts, facts
+from worker.libvirt_host import DomainFacts, facts, on_peer
 from worker.migration_call import Handoff, MigrationCall, build_call
 from worker.monitor import MigrationMonitor, Progress
 from worker.phase_scope import PhaseCancelled, PhaseFailed, advance, hold_domain
@@ -328,14 +328,5 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
 
 def _active_on_source(rt: Runtime, job: Job) -> bool:
     """Ask the source's libvirtd directly: never remove the only running copy of a guest."""
-    try:
-        conn = libvirt.open(rt.settings.host(job.spec.src).peer_uri)
-    except libvirt.libvirtError:
-        return False
-    try:
-        dom = conn.lookupByUUIDString(job.facts["uuid"])
-        return bool(dom.isActive())
-    except libvirt.libvirtError:
-        return False
-    finally:
-        conn.close()
+    there = on_peer(rt.settings.host(job.spec.src).peer_uri, job.facts["uuid"])
+    return there is not None and there.active

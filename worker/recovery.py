@@ -35,6 +35,7 @@ from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
 from worker import phases
+from worker.libvirt_host import on_peer
 from worker.monitor import Progress, sample
 from worker.phase_scope import (
     PhaseFailed,
@@ -42,7 +43,6 @@ from worker.phase_scope import (
     fail_job,
     job_context,
     owner,
-    rollback_destination_later,
 )
 from worker.runtime import Runtime
 
@@ -204,20 +204,9 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
         f"{spec.domain} still running on {rt.host}"
     )
     rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)
-    fail_job(rt, job, Phase.PERFORM, reason)
-    rollback_destination_later(job)
+    fail_job(rt, job, Phase.PERFORM, reason)  # which also rolls the destination back
     return False
 
 
 def _defined_on_destination(rt: Runtime, job: Job) -> bool:
-    try:
-        conn = libvirt.open(rt.settings.host(job.spec.dst).peer_uri)
-    except libvirt.libvirtError:
-        return False
-    try:
-        conn.lookupByUUIDString(job.facts["uuid"])
-        return True
-    except libvirt.libvirtError:
-        return False
-    finally:
-        conn.close()
+    return on_peer(rt.settings.host(job.spec.dst).peer_uri, job.facts["uuid"]) is not None

@@ -101,7 +101,11 @@ def test_source_libvirtd_restarted_during_perform(lab: Lab) -> None:
 def test_a_phase_message_delivered_twice_runs_once(lab: Lab) -> None:
     job_id = start_throttled(lab)
     # The same perform message again, straight onto the source host's queue.
-    lab.drover._app.send_task(task_name(Phase.PERFORM), args=(job_id,), queue=host_queue("lab1"))
+    lab.drover.send(
+        lab.drover._app.signature(
+            task_name(Phase.PERFORM), args=(job_id,), queue=host_queue("lab1")
+        )
+    )
     wait_for(
         lambda: bool(events_named(lab, job_id, "phase.duplicate")), 30, "the copy to be refused"
     )
