@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import kombu.exceptions
 import libvirt
+import redis
 
 from config.celery import make_app
 from config.settings import load_settings
@@ -149,7 +151,10 @@ def start_worker(lab: LabLayout, host: HostState) -> None:
     def answers() -> bool:
         if not alive(host.worker_pid):
             raise LabError(f"{host.name}'s worker exited; see {log}")
-        return bool(app.control.ping(destination=[f"drover@{host.name}"], timeout=0.5))
+        try:
+            return bool(app.control.ping(destination=[f"drover@{host.name}"], timeout=0.5))
+        except (redis.RedisError, OSError, kombu.exceptions.OperationalError):
+            return False  # a pooled connection from before a Redis restart: try again
 
     wait_until(answers, WORKER_START_TIMEOUT, f"{host.name}'s worker")
 
