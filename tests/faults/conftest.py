@@ -7,6 +7,7 @@ the job is terminal and its recorded outcome matches reality; nothing is left he
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 import pytest
 
 from jobs.model import Job
-from jobs.store import ACTIVE_JOBS, domain_lock_key
+from jobs.store import ACTIVE_JOBS, JobNotFound, domain_lock_key
 from lab import control
+from producer.api import SubmitError
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
 
 # dirty-1 at this cap with auto-converge takes several seconds: long enough to land a fault.
@@ -130,12 +132,23 @@ def fault_config(lab: Lab) -> Iterator[Callable[[str], None]]:
     path.write_text(original)
 
 
+def settle_jobs(lab: Lab) -> None:
+    """Abort whatever a failed case left running, and wait until every job has ended."""
+    store = lab.drover.store
+    for job_id in store.active_ids():
+        with contextlib.suppress(SubmitError, JobNotFound):
+            lab.drover.abort(job_id)
+    wait_for(lambda: not store.active_ids(), JOB_TIMEOUT_S, "every job to end")
+
+
 @pytest.fixture
 def dirty_home(lab: Lab) -> Iterator[None]:
     """dirty-1 running on lab1 before the case, paused on lab1 after it."""
+    settle_jobs(lab)
     lab.home("dirty-1")
     lab.set_paused("dirty-1", False)
     yield
+    settle_jobs(lab)
     lab.home("dirty-1")
     lab.set_paused("dirty-1", True)
 
