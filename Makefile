@@ -50,9 +50,11 @@ lint: venv
 	$(BIN)/mypy
 
 # Unit tests first, then the lab's lifecycle test (before the shared lab exists, so two labs
-# never share the two cores), the lab, then faults. pytest runs a path named twice once.
+# never share the two cores), the lab; then the fault suite in a process (and lab) of its own.
+# pytest runs a path named twice once.
 test: venv lint
-	$(BIN)/pytest -q --durations=15 tests/unit tests/lab/test_lab_lifecycle.py tests/lab tests/faults
+	$(BIN)/pytest -q --durations=10 tests/unit tests/lab/test_lab_lifecycle.py tests/lab
+	$(BIN)/pytest -q --durations=10 tests/faults
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit

@@ -126,12 +126,14 @@ class DroverTask(Task):  # type: ignore[misc]
 
 
 def ensure_signing(app: Celery, settings: Settings) -> None:
-    """Sign with `settings`' key from now on, if another identity was registered since.
+    """Sign with `settings`' key from now on, whatever identity was registered before.
 
     Only one identity can be registered per process; a process that talks to two fleets
     (the test suite, with one lab after another) re-registers before it publishes.
     """
-    if settings.security.signing and _registered_key != settings.security.key:
+    # Registering again costs a millisecond or two (two PEM files); comparing a remembered
+    # identity would miss a registration made behind our back (Celery's own setup_security).
+    if settings.security.signing:
         enable_signing(app, settings)
 
 
@@ -150,20 +152,15 @@ def signing_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-_registered_key: str | None = None
-
-
 def enable_signing(app: Celery, settings: Settings) -> None:
     """Register Celery's `auth` serializer with this fleet's key (no-op when signing is off).
 
     The serializer registry is process-wide (kombu's); JSON stays the only other decoder.
     """
-    global _registered_key
     if not settings.security.signing:
         return
     try:
         app.setup_security(allowed_serializers=["json"], digest=settings.security.digest)
-        _registered_key = settings.security.key
     except Exception as exc:  # unreadable key, a non-RSA or expired certificate, ...
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"[security] signing: {message}") from None
