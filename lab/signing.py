@@ -15,9 +15,9 @@ from pathlib import Path
 
 from lab.layout import LabLayout
 from lab.proc import run
+from lab.tls import openssl_req
 
-VALID_DAYS = 3650
-RSA_BITS = 2048  # Celery's `auth` serializer supports RSA keys only.
+# Keys come from lab.tls.openssl_req: RSA, which Celery's `auth` serializer requires.
 OPENSSL_CONF = """\
 [req]
 distinguished_name = dn
@@ -50,27 +50,7 @@ def make_certificate(key: Path, cert: Path, subject: str, *, serial: int | None 
     """A fresh RSA key and a self-signed signing certificate for it."""
     config = key.parent / "openssl-signing.cnf"
     config.write_text(OPENSSL_CONF)
-    argv = [
-        "openssl",
-        "req",
-        "-config",
-        str(config),
-        "-x509",
-        "-new",
-        "-newkey",
-        f"rsa:{RSA_BITS}",
-        "-noenc",
-        "-keyout",
-        str(key),
-        "-out",
-        str(cert),
-        "-subj",
-        subject,
-        "-days",
-        str(VALID_DAYS),
-        "-extensions",
-        "signing",
-    ]
+    argv = openssl_req(config, "signing", subject, key, cert)
     if serial is not None:
         argv += ["-set_serial", str(serial)]
     run(argv)

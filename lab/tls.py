@@ -92,8 +92,11 @@ class CertificateAuthority:
         return self.dir / "openssl.cnf"
 
 
-def _openssl_req(config: Path, section: str, subject: str, key: Path, cert: Path) -> list[str]:
-    """`openssl req` that makes a fresh key and a certificate with `section`'s extensions."""
+def openssl_req(config: Path, section: str, subject: str, key: Path, cert: Path) -> list[str]:
+    """`openssl req` that makes a fresh key and a certificate with `section`'s extensions.
+
+    Shared by the TLS certificates here and the message-signing identity (lab/signing.py).
+    """
     return [
         "openssl",
         "req",
@@ -123,7 +126,7 @@ def create_ca(lab: LabLayout) -> CertificateAuthority:
     ca.dir.mkdir(parents=True, exist_ok=True)
     ca.dir.chmod(0o700)
     ca.config.write_text(OPENSSL_CONF)
-    run(_openssl_req(ca.config, "ca", f"/CN=drover lab {lab.lab_id} CA", ca.key, ca.cert))
+    run(openssl_req(ca.config, "ca", f"/CN=drover lab {lab.lab_id} CA", ca.key, ca.cert))
     ca.key.chmod(0o600)
     return ca
 
@@ -141,7 +144,7 @@ def issue_host_certificates(ca: CertificateAuthority, host: HostLayout) -> None:
     files = {("ca", "cert"): ca.cert}
     for role in ("server", "client"):
         key, cert = issued / f"{role}key.pem", issued / f"{role}cert.pem"
-        argv = _openssl_req(ca.config, role, f"/CN={host.address}", key, cert)
+        argv = openssl_req(ca.config, role, f"/CN={host.address}", key, cert)
         signed = ["-CA", str(ca.cert), "-CAkey", str(ca.key)]
         run([*argv, *signed, "-addext", f"subjectAltName=IP:{host.address}"])
         files[(role, "cert")], files[(role, "key")] = cert, key
