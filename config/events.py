@@ -26,6 +26,16 @@ class EventSink(Protocol):
     def append_event(self, job_id: str, event: dict[str, Any]) -> str: ...
 
 
+def job_event(name: str, host: str, **fields: Any) -> dict[str, Any]:
+    """An event in the contract's shape, written by a producer or an admission pass directly
+    to a job's stream (a worker's go through the processor chain below)."""
+    from datetime import UTC, datetime
+
+    event: dict[str, Any] = dict.fromkeys(CONTRACT_KEYS)
+    event.update(ts=datetime.now(UTC).isoformat(), event=name, host=host, **fields)
+    return event
+
+
 def add_host(host: str) -> Processor:
     def processor(_: Any, __: str, event: EventDict) -> EventDict:
         event.setdefault("host", host)

@@ -86,6 +86,12 @@ class Host(_Strict):
         return check_address(value)
 
 
+class Cluster(_Strict):
+    """Fleet-wide limits: migrations in flight at once, whoever submitted them."""
+
+    max_migrations: int = Field(default=8, ge=1, le=1024)
+
+
 class Tunables(_Strict):
     """Timings and sizes. Seconds unless the name says otherwise."""
 
@@ -123,6 +129,14 @@ class Tunables(_Strict):
     # Redis redelivers an unacknowledged message after this; drover acks early (docs/celery.md).
     broker_visibility_timeout: float = Field(default=3600.0, gt=0)
     max_message_bytes: int = Field(default=65_536, ge=1024)
+    # Jobs waiting for a concurrency slot are re-examined this often (and at once whenever a
+    # job ends); a worker's evacuations are checked for finished children this often.
+    admission_interval: float = Field(default=0.5, gt=0)
+    evacuation_check_interval: float = Field(default=0.5, gt=0)
+    # The dry-run's duration estimate per domain: QEMU start-up on the destination plus its
+    # memory at this rate (the lab's idle guests move in about 2 s, nearly all start-up).
+    estimate_startup_s: float = Field(default=2.0, ge=0)
+    estimate_mib_per_s: float = Field(default=100.0, gt=0)
 
 
 class FaultInjection(_Strict):
@@ -164,6 +178,7 @@ class Security(_Strict):
 class Settings(_Strict):
     redis_url: str = DEFAULT_REDIS_URL
     hosts: dict[str, Host] = {}
+    cluster: Cluster = Cluster()
     tunables: Tunables = Tunables()
     security: Security = Security()
     faults: FaultInjection = FaultInjection()

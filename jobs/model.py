@@ -35,6 +35,10 @@ class Job(BaseModel):
     reason: str | None = None
     stalled_from: JobState | None = None
     abort_requested: str | None = None
+    # Admission (jobs/admission.py): when the job got its concurrency slots, or why it waits.
+    admitted: datetime | None = None
+    waiting_for: str | None = None
+    parent: str | None = None  # the evacuation this job belongs to
     facts: dict[str, Any] = {}
     handoff: dict[str, Any] = {}
     result: dict[str, Any] = {}
@@ -59,5 +63,6 @@ class Job(BaseModel):
             "dst": self.spec.dst,
             "created": self.created.isoformat(),
             "duration_s": round(self.duration_s, 3),
-            "reason": self.reason,
+            "reason": self.reason or self.waiting_for,
+            "parent": self.parent,
         }

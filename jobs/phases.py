@@ -43,3 +43,4 @@ def task_name(phase: Phase) -> str:
 
 ROLLBACK_DESTINATION_TASK = f"{TASK_PREFIX}rollback_destination"
 POSTCOPY_TASK = f"{TASK_PREFIX}postcopy"
+EVACUATE_TASK = f"{TASK_PREFIX}evacuate"

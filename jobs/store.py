@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -24,16 +24,23 @@ from jobs.states import TERMINAL, JobState, allowed_sources
 KEY_PREFIX = "drover"
 JOBS_INDEX = f"{KEY_PREFIX}:jobs"
 ACTIVE_JOBS = f"{KEY_PREFIX}:active"
+# Jobs not yet admitted, oldest first (jobs/admission.py).
+WAITING = f"{KEY_PREFIX}:waiting"
+# Evacuations share the job id space, index and event streams; their records say so.
+MIGRATION_KIND = "migration"
 EVENT_FIELD = "data"
 EVENT_READ_BATCH = 500
 RETRY_CAP_S = 1.0
 LEASE_ATTEMPTS = 3
 RETRY_BASE_S = 0.05
 
-# KEYS[1] job hash, KEYS[2] transitions list, KEYS[3] active-jobs set; ARGV[1] target state,
+# KEYS[1] job hash, KEYS[2] transitions list, KEYS[3] active-jobs set, KEYS[4] the waiting
+# line; ARGV[1] target state,
 # ARGV[2] timestamp, ARGV[3] transition JSON, ARGV[4] reason ("" for none), ARGV[5] job id,
 # ARGV[6] "1" if the target is terminal, ARGV[7..] allowed source states.
 # Returns {1, previous} when moved, {2, current} when already there, {0, current} if refused.
+# Ending a job gives back its concurrency slots (the `gates` it was admitted through) in the
+# same step, so no crash can leave a slot held by a job that has ended.
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
@@ -44,7 +51,14 @@ for i = 7, #ARGV do
     if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[4]) end
     if ARGV[1] == 'stalled' then redis.call('HSET', KEYS[1], 'stalled_from', cur) end
     redis.call('RPUSH', KEYS[2], ARGV[3])
-    if ARGV[6] == '1' then redis.call('SREM', KEYS[3], ARGV[5]) end
+    if ARGV[6] == '1' then
+      redis.call('SREM', KEYS[3], ARGV[5])
+      redis.call('ZREM', KEYS[4], ARGV[5])
+      local gates = redis.call('HGET', KEYS[1], 'gates')
+      if gates then
+        for gate in string.gmatch(gates, '%S+') do redis.call('SREM', gate, ARGV[5]) end
+      end
+    end
     return {1, cur}
   end
 end
@@ -80,6 +94,10 @@ def reservations_key(host: str) -> str:
 
 def heartbeat_key(host: str) -> str:
     return f"{KEY_PREFIX}:worker:{host}:alive"
+
+
+def host_report_key(host: str) -> str:
+    return f"{KEY_PREFIX}:worker:{host}:report"
 
 
 def domain_lock_key(kind: str, value: str) -> str:
@@ -118,21 +136,32 @@ class JobStore:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def create(self, spec: MigrationSpec, *, host: str) -> str:
+    def create(
+        self,
+        spec: MigrationSpec,
+        *,
+        host: str,
+        parent: str | None = None,
+        parent_limit: int | None = None,
+    ) -> str:
+        """Record a new queued job; `parent` is the evacuation it belongs to, if any, and
+        `parent_limit` that evacuation's --max-parallel (a gate at admission)."""
         ts = now()
         job_id = secrets.token_hex(6)
         first = Transition(state=JobState.QUEUED, at=ts, host=host)
+        record = {
+            "id": job_id,
+            "spec": spec.model_dump_json(),
+            "state": JobState.QUEUED.value,
+            "created": ts.isoformat(),
+            "updated": ts.isoformat(),
+        }
+        if parent is not None:
+            record["parent"] = parent
+        if parent_limit is not None:
+            record["parent_limit"] = str(parent_limit)
         with self.r.pipeline(transaction=True) as p:
-            p.hset(
-                job_key(job_id),
-                mapping={
-                    "id": job_id,
-                    "spec": spec.model_dump_json(),
-                    "state": JobState.QUEUED.value,
-                    "created": ts.isoformat(),
-                    "updated": ts.isoformat(),
-                },
-            )
+            p.hset(job_key(job_id), mapping=record)
             p.rpush(f"{job_key(job_id)}:transitions", first.model_dump_json())
             p.zadd(JOBS_INDEX, {job_id: ts.timestamp()})
             p.sadd(ACTIVE_JOBS, job_id)
@@ -145,6 +174,7 @@ class JobStore:
             p.delete(job_key(job_id), f"{job_key(job_id)}:transitions", events_key(job_id))
             p.zrem(JOBS_INDEX, job_id)
             p.srem(ACTIVE_JOBS, job_id)
+            p.zrem(WAITING, job_id)
             p.execute()
 
     def get(self, job_id: str) -> Job:
@@ -155,6 +185,8 @@ class JobStore:
             raw, phases, transitions = p.execute()
         if not raw:
             raise JobNotFound(f"no job {job_id!r}")
+        if raw.get("kind", MIGRATION_KIND) != MIGRATION_KIND:
+            raise JobNotFound(f"{job_id} is an {raw['kind']}, not a migration job")
         return Job(
             id=raw["id"],
             spec=MigrationSpec.model_validate_json(raw["spec"]),
@@ -164,6 +196,9 @@ class JobStore:
             reason=raw.get("reason"),
             stalled_from=JobState(raw["stalled_from"]) if raw.get("stalled_from") else None,
             abort_requested=raw.get("abort_requested"),
+            admitted=datetime.fromisoformat(raw["admitted"]) if raw.get("admitted") else None,
+            waiting_for=raw.get("waiting_for"),
+            parent=raw.get("parent"),
             facts=json.loads(raw.get("facts", "{}")),
             handoff=json.loads(raw.get("handoff", "{}")),
             result=json.loads(raw.get("result", "{}")),
@@ -190,7 +225,7 @@ class JobStore:
         sources = sorted(s.value for s in allowed_sources(target))
         terminal = "1" if target in TERMINAL else "0"
         moved, previous = self._transition(
-            keys=[job_key(job_id), f"{job_key(job_id)}:transitions", ACTIVE_JOBS],
+            keys=[job_key(job_id), f"{job_key(job_id)}:transitions", ACTIVE_JOBS, WAITING],
             args=[target.value, ts.isoformat(), entry, reason or "", job_id, terminal, *sources],
         )
         if moved == 1 and target in TERMINAL:
@@ -269,6 +304,14 @@ class JobStore:
     def alive(self, host: str) -> bool:
         return bool(self.r.exists(heartbeat_key(host)))
 
+    def report_host(self, host: str, report: dict[str, Any], ttl_s: float) -> None:
+        """A worker's view of its host (free memory, running domains) for `drover hosts`."""
+        self.r.set(host_report_key(host), json.dumps(report), px=int(ttl_s * 1000))
+
+    def host_report(self, host: str) -> dict[str, Any]:
+        raw = cast(str | None, self.r.get(host_report_key(host)))
+        return cast(dict[str, Any], json.loads(raw)) if raw else {}
+
     def update(self, job_id: str, **fields: dict[str, Any]) -> None:
         """Merge JSON fields (facts, handoff, result) into the job record."""
         key = job_key(job_id)
@@ -293,10 +336,20 @@ class JobStore:
         )
         self.r.hset(key, phase, rec.model_dump_json())
 
+    def recent_ids(self, limit: int = 50) -> list[str]:
+        """Newest first: migrations and evacuations alike."""
+        return cast(list[str], self.r.zrevrange(JOBS_INDEX, 0, limit - 1))
+
+    def kind(self, job_id: str) -> str:
+        """ "migration" or "evacuation"; JobNotFound for an unknown id."""
+        raw = cast(list[str | None], self.r.hmget(job_key(job_id), ["id", "kind"]))
+        if raw[0] is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return raw[1] or MIGRATION_KIND
+
     def recent(self, limit: int = 50) -> list[Job]:
-        ids = cast(list[str], self.r.zrevrange(JOBS_INDEX, 0, limit - 1))
         jobs = []
-        for job_id in ids:
+        for job_id in self.recent_ids(limit):
             try:
                 jobs.append(self.get(job_id))
             except JobNotFound:
@@ -343,8 +396,11 @@ class JobStore:
         )
         return [(eid, json.loads(f[EVENT_FIELD])) for _, rows in got for eid, f in rows]
 
-    def follow_events(self, job_id: str, *, block_ms: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every event of the job, old then new, until the job is terminal and drained."""
+    def follow_events(
+        self, job_id: str, ended: Callable[[], bool] | None = None, *, block_ms: int = 1000
+    ) -> Iterator[dict[str, Any]]:
+        """Every event of the job, old then new, until it has `ended` and its stream is drained."""
+        ended = ended or (lambda: self.state(job_id) in TERMINAL)
         last = "0-0"
         for eid, ev in self.read_events(job_id):
             last = eid
@@ -354,7 +410,7 @@ class JobStore:
             for eid, ev in batch:
                 last = eid
                 yield ev
-            if not batch and self.state(job_id) in TERMINAL:
+            if not batch and ended():
                 # One last non-blocking read: the terminal event may land just after the state.
                 for eid, ev in self.read_events(job_id, after=last):
                     last = eid

@@ -33,6 +33,10 @@ from lab.tls import create_ca, issue_host_certificates
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 WORKER_START_TIMEOUT = 60.0
+MAX_IDLE_GUESTS = 32
+# Every lab host reports the same machine's free memory; a declared size per host makes
+# placement (and the test of it) depend on the guests placed, not on the page cache.
+LAB_HOST_MEMORY_MIB = 1024
 REQUIRED_COMMANDS = {
     "ip": "iproute2",
     "unshare": "util-linux",
@@ -121,6 +125,9 @@ def write_config(
             f'peer_uri = "{_peer_uri(h, tls)}"',
             f'migration_address = "{h.address}"',
             "",
+            f"[hosts.{h.name}.limits]",
+            f"memory_mib = {LAB_HOST_MEMORY_MIB}",
+            "",
         ]
     path = lab.config_path
     path.write_text("\n".join(lines))
@@ -159,26 +166,31 @@ def start_worker(lab: LabLayout, host: HostState) -> None:
     wait_until(answers, WORKER_START_TIMEOUT, f"{host.name}'s worker")
 
 
-def up(hosts: int = 2, tls: bool = False, signing: bool = True) -> LabState:
+def up(hosts: int = 2, tls: bool = False, signing: bool = True, guests: int = 1) -> LabState:
     """Bring the lab up; with `tls`, a CA and per-host certificates, libvirtd on TLS too.
 
     With `signing` (the default) every task message is signed with the lab's own key.
+    `guests` idle guests (idle-1..idle-N) and dirty-1 start on lab1.
     """
-    check_prerequisites()
     if not 2 <= hosts <= MAX_HOSTS:
         raise LabError(f"--hosts must be between 2 and {MAX_HOSTS}")
+    if not 1 <= guests <= MAX_IDLE_GUESTS:
+        raise LabError(f"--guests must be between 1 and {MAX_IDLE_GUESTS}")
+    check_prerequisites()
     lab = LabLayout.from_env()
     if LabState.load(lab) is not None or network.lab_namespaces(lab):
         raise LabError(f"a lab is already up (id {lab.lab_id}); run `drover lab down` first")
     lab.dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _up(lab, lab.hosts(hosts), tls, signing)
+        return _up(lab, lab.hosts(hosts), tls, signing, guests)
     except BaseException:
         down()
         raise
 
 
-def _up(lab: LabLayout, layouts: list[HostLayout], tls: bool, signing: bool) -> LabState:
+def _up(
+    lab: LabLayout, layouts: list[HostLayout], tls: bool, signing: bool, idle_guests: int
+) -> LabState:
     password = redis_server.new_password()
     redis_url = f"redis://:{password}@{lab.root_address}:{lab.redis_port}/0"
     identity = create_signing_identity(lab) if signing else None
@@ -212,7 +224,7 @@ def _up(lab: LabLayout, layouts: list[HostLayout], tls: bool, signing: bool) -> 
         hs.holder_pid = libvirtd.start_holder(h)
         hs.libvirtd_pid = libvirtd.start_libvirtd(h, hs.holder_pid)
         state.save(lab)
-    guests.define_and_start(layouts[0].operator_uri, guests.default_guests(kernel))
+    guests.define_and_start(layouts[0].operator_uri, guests.default_guests(kernel, idle_guests))
     for hs in state.hosts.values():
         start_worker(lab, hs)
         state.save(lab)

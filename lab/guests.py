@@ -41,10 +41,10 @@ def domain_xml(spec: GuestSpec) -> str:
 """
 
 
-def default_guests(kernel: Path) -> list[GuestSpec]:
-    return [
-        GuestSpec("idle-1", IDLE_MEMORY_MIB),
-        GuestSpec("dirty-1", DIRTY_MEMORY_MIB, kernel=kernel),
+def default_guests(kernel: Path, idle: int = 1) -> list[GuestSpec]:
+    """`idle` idle guests (idle-1..idle-N, enough to drain a host) and the one dirty guest."""
+    return [GuestSpec(f"idle-{i}", IDLE_MEMORY_MIB) for i in range(1, idle + 1)] + [
+        GuestSpec("dirty-1", DIRTY_MEMORY_MIB, kernel=kernel)
     ]
 
 

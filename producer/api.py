@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,17 +20,27 @@ from celery.canvas import Signature
 from pydantic import ValidationError
 
 from config.celery import host_queue, make_app
-from config.events import CONTRACT_KEYS
+from config.events import job_event
 from config.security import ensure_signing
 from config.settings import ConfigError, Settings, load_settings
+from jobs.abort import ABORT_REASON, TooLate, abort_job
+from jobs.admission import Admission, inbound_gate, outbound_gate
+from jobs.evacuation import (
+    EVACUATION_KIND,
+    EVACUATION_TERMINAL,
+    Evacuation,
+    EvacuationSpec,
+    EvacuationStore,
+)
+from jobs.maintenance import Maintenance
 from jobs.model import Job
-from jobs.phases import POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK
+from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK
 from jobs.spec import MigrationSpec, first_error
 from jobs.states import TERMINAL, JobState
-from jobs.store import JobStore, domain_lock_key
+from jobs.store import JobNotFound, JobStore
+from jobs.submission import DomainBusy, enqueue
 from jobs.workflow import migration_chain
 
-ABORT_REASON = "aborted by operator"
 TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
 # How long wait() gives a terminal job's last event to reach the stream.
 TERMINAL_EVENT_GRACE_S = 5.0
@@ -63,6 +73,9 @@ class Drover:
             retry_for=self.settings.tunables.producer_redis_retry_for,
         )
         self._app = make_app(self.settings)
+        self.admission = Admission(self.store)
+        self.evacuations = EvacuationStore(self.store)
+        self.maintenance = Maintenance(self.store.r)
 
     def spec(self, **request: Any) -> MigrationSpec:
         """Validate a request into a spec, or raise SubmitError with one line."""
@@ -78,18 +91,35 @@ class Drover:
         return spec
 
     def submit(self, spec: MigrationSpec | None = None, **request: Any) -> str:
-        """Record the job and queue its first phase; return the job id."""
+        """Record the job and put it in line; it starts as soon as every limit has room."""
         spec = spec if spec is not None else self.spec(**request)
+        with self._broker_errors():
+            refusal = self.maintenance.refusal(spec.dst)
+            if refusal is not None:
+                raise SubmitError(refusal)
+            try:
+                job_id = enqueue(
+                    self.store,
+                    spec,
+                    origin=producer_name(),
+                    lease_s=self.settings.tunables.domain_lease,
+                )
+            except DomainBusy as exc:
+                raise SubmitError(str(exc)) from None
+            self.admit()
+        return job_id
+
+    def admit(self) -> list[str]:
+        """Start every waiting job that fits under the limits now (workers do this too)."""
+        return self.admission.admit_waiting(
+            self.settings, lambda job_id, spec: self.send(migration_chain(self._app, job_id, spec))
+        )
+
+    @contextmanager
+    def _broker_errors(self) -> Iterator[None]:
+        """Redis or the broker out of reach: one line naming where, never the password."""
         try:
-            job_id = self.store.create(spec, host=producer_name())
-            lease = self.settings.tunables.domain_lease
-            holder = self.store.take_lease(domain_lock_key("name", spec.domain), job_id, lease)
-            if holder is not None:
-                self.store.discard(job_id)
-                state = self.store.state(holder).value
-                raise SubmitError(f"{spec.domain} already has an active job {holder} ({state})")
-            self.store.append_event(job_id, self._event(job_id, spec, "job.queued"))
-            self.send(migration_chain(self._app, job_id, spec))
+            yield
         except SubmitError:
             raise
         except redis.RedisError as exc:
@@ -100,61 +130,31 @@ class Drover:
             raise BrokerUnavailable(
                 f"cannot queue the job on {redis_location(self.settings.redis_url)}: {exc}"
             ) from None
-        return job_id
 
     def send(self, signature: Signature) -> None:
         """Publish a task (or a chain), signed with this fleet's key when signing is on."""
         ensure_signing(self._app, self.settings)
         signature.apply_async()
 
-    @staticmethod
-    def _event(job_id: str, spec: MigrationSpec, name: str) -> dict[str, Any]:
-        event: dict[str, Any] = dict.fromkeys(CONTRACT_KEYS)
-        event.update(
-            ts=datetime.now(UTC).isoformat(),
-            event=name,
-            job_id=job_id,
-            domain=spec.domain,
-            src=spec.src,
-            dst=spec.dst,
-            host=producer_name(),
-            state=JobState.QUEUED.value,
-            spec=spec.model_dump(mode="json"),
-        )
-        return event
-
     def abort(self, job_id: str) -> str:
-        """Stop a job: a queued one never starts; a running migration is aborted in libvirt.
+        """Stop a job or an evacuation; returns what happened, in one line.
 
-        Returns what happened, in one line. The guest stays where it was in every case.
+        A queued job never starts, a running migration is aborted in libvirt; the guest stays
+        where it was. An evacuation stops its queued children and aborts its running ones.
         """
-        job = self.store.get(job_id)
-        if job.terminal:
-            raise SubmitError(f"job {job_id} already {job.state.value}; nothing to abort")
-        if job.state is JobState.FINISHING:
-            raise SubmitError(
-                f"job {job_id} is finishing: {job.spec.domain} already runs on {job.spec.dst}"
+        if self.store.kind(job_id) == EVACUATION_KIND:
+            return self.abort_evacuation(job_id)
+        try:
+            return abort_job(self.store, job_id, by=producer_name(), rollback=self._rollback)
+        except TooLate as exc:
+            raise SubmitError(str(exc)) from None
+
+    def _rollback(self, job: Job) -> None:
+        self.send(
+            self._app.signature(
+                ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst)
             )
-        self.store.request_abort(job_id, ABORT_REASON)
-        if job.state is not JobState.MIGRATING:
-            moved, previous = self.store.transition(
-                job_id, JobState.CANCELLED, host=producer_name(), reason=ABORT_REASON
-            )
-            if moved:
-                event = self._event(job_id, job.spec, "job.state")
-                self.store.append_event(
-                    job_id, event | {"state": "cancelled", "reason": ABORT_REASON}
-                )
-                if JobState(previous or "queued") is not JobState.QUEUED:
-                    self.send(
-                        self._app.signature(
-                            ROLLBACK_DESTINATION_TASK,
-                            args=(job_id,),
-                            queue=host_queue(job.spec.dst),
-                        )
-                    )
-                return f"job {job_id} cancelled ({previous.value if previous else 'queued'})"
-        return f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
+        )
 
     def start_postcopy(self, job_id: str) -> None:
         """Ask the source host to switch a running --postcopy migration to post-copy."""
@@ -172,8 +172,20 @@ class Drover:
     def job(self, job_id: str) -> Job:
         return self.store.get(job_id)
 
-    def jobs(self, limit: int = 50) -> list[Job]:
-        return self.store.recent(limit)
+    def jobs(self, limit: int = 50) -> list[Job | Evacuation]:
+        """Newest first: migration jobs and evacuations."""
+        found: list[Job | Evacuation] = []
+        for job_id in self.store.recent_ids(limit):
+            try:
+                kind = self.store.kind(job_id)
+                found.append(
+                    self.evacuations.get(job_id)
+                    if kind == EVACUATION_KIND
+                    else self.store.get(job_id)
+                )
+            except JobNotFound:
+                continue
+        return found
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is terminal and its terminal event is in the stream.
@@ -182,33 +194,173 @@ class Drover:
         terminal event lands instead of on the next tick of a polling loop; a caller that
         reads the events afterwards finds the whole story.
         """
+
+        def ended() -> tuple[bool, str]:
+            job = self.store.get(job_id)
+            return job.terminal, job.state.value
+
+        self._wait_for_end(job_id, ended, "job.state", TERMINAL_NAMES, timeout)
+        return self.store.get(job_id)
+
+    def wait_evacuation(self, evacuation_id: str, timeout: float | None = None) -> Evacuation:
+        """Block until the evacuation has ended (drained, partial, planned, ...)."""
+
+        def ended() -> tuple[bool, str]:
+            ev = self.evacuations.get(evacuation_id)
+            return ev.terminal, ev.state.value
+
+        names = frozenset(s.value for s in EVACUATION_TERMINAL)
+        self._wait_for_end(evacuation_id, ended, "evacuation.state", names, timeout)
+        return self.evacuations.get(evacuation_id)
+
+    def _wait_for_end(
+        self,
+        job_id: str,
+        ended: Callable[[], tuple[bool, str]],
+        state_event: str,
+        terminal_names: frozenset[str],
+        timeout: float | None,
+    ) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         block_s = self.settings.tunables.wait_block
         last, seen_terminal_event = "0-0", False
         grace_until: float | None = None
         while True:
-            job = self.store.get(job_id)
-            if job.terminal:
+            terminal, state = ended()
+            if terminal:
                 grace_until = grace_until or time.monotonic() + TERMINAL_EVENT_GRACE_S
                 # Past the grace the worker could not write its last event; the record rules.
                 if seen_terminal_event or time.monotonic() > grace_until:
-                    return job
+                    return
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0 and not job.terminal:
-                raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout}s")
+            if left is not None and left <= 0 and not terminal:
+                raise TimeoutError(f"job {job_id} still {state} after {timeout}s")
             if left is not None:
                 left = max(left, 0.05)
             block_ms = max(1, int(1000 * (block_s if left is None else min(left, block_s))))
             for eid, event in self.store.read_events(job_id, after=last, block_ms=block_ms):
                 last = eid
-                if event.get("event") == "job.state" and event.get("state") in TERMINAL_NAMES:
+                if event.get("event") == state_event and event.get("state") in terminal_names:
                     seen_terminal_event = True
 
+    # --- evacuations and maintenance ----------------------------------------------------------
+
+    def evacuation_spec(self, **request: Any) -> EvacuationSpec:
+        """Validate an evacuation request, or raise SubmitError with one line."""
+        try:
+            spec = EvacuationSpec.model_validate(request)
+        except ValidationError as exc:
+            raise SubmitError(first_error(exc)) from None
+        try:
+            for host in (spec.host, *spec.to):
+                self.settings.host(host)
+        except ConfigError as exc:
+            raise SubmitError(str(exc)) from None
+        return spec
+
+    def evacuate(
+        self, spec: EvacuationSpec | None = None, origin: str | None = None, **request: Any
+    ) -> str:
+        """Start emptying a host: its worker plans and queues one migration per domain.
+
+        Unless it is a dry run the host is disabled first, so nothing new is placed on it
+        while it drains; it stays disabled afterwards until `drover host enable`.
+        """
+        spec = spec if spec is not None else self.evacuation_spec(**request)
+        origin = origin or producer_name()
+        with self._broker_errors():
+            if not self.store.alive(spec.host):
+                raise SubmitError(
+                    f"{spec.host}'s worker is not alive; it plans the evacuation of its host"
+                )
+            evacuation_id = self.evacuations.create(spec, origin)
+            if not spec.dry_run:
+                self.maintenance.disable(spec.host, f"evacuation {evacuation_id}", by=origin)
+            self.store.append_event(
+                evacuation_id,
+                job_event(
+                    "evacuation.queued",
+                    origin,
+                    job_id=evacuation_id,
+                    src=spec.host,
+                    state="queued",
+                    spec=spec.model_dump(mode="json"),
+                ),
+            )
+            self.send(
+                self._app.signature(
+                    EVACUATE_TASK, args=(evacuation_id,), queue=host_queue(spec.host)
+                )
+            )
+        return evacuation_id
+
+    def evacuation(self, evacuation_id: str) -> Evacuation:
+        return self.evacuations.get(evacuation_id)
+
+    def abort_evacuation(self, evacuation_id: str) -> str:
+        """Stop an evacuation: queued children never start, running ones are aborted."""
+        ev = self.evacuations.get(evacuation_id)
+        if ev.terminal:
+            raise SubmitError(f"evacuation {evacuation_id} already {ev.state.value}")
+        self.evacuations.request_abort(evacuation_id, ABORT_REASON)
+        done = []
+        for job_id in ev.children.values():
+            try:
+                done.append(
+                    abort_job(self.store, job_id, by=producer_name(), rollback=self._rollback)
+                )
+            except TooLate:
+                continue
+        return (
+            f"evacuation {evacuation_id}: abort requested; {len(done)} of "
+            f"{len(ev.children)} child jobs stopped or being aborted, the rest had ended"
+        )
+
+    def set_host_enabled(self, host: str, enabled: bool, reason: str | None = None) -> str:
+        """Maintenance mode: a disabled host is never a destination."""
+        try:
+            self.settings.host(host)
+        except ConfigError as exc:
+            raise SubmitError(str(exc)) from None
+        if enabled:
+            was = self.maintenance.enable(host)
+            return f"{host} enabled" if was else f"{host} was not disabled"
+        entry = self.maintenance.disable(host, reason or "maintenance", by=producer_name())
+        return f"{host} disabled since {entry.since} ({entry.reason})"
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Each registry host: maintenance, worker liveness, and its worker's last report."""
+        disabled = self.maintenance.disabled()
+        rows = []
+        for name in sorted(self.settings.hosts):
+            report = self.store.host_report(name)
+            entry = disabled.get(name)
+            rows.append(
+                {
+                    "host": name,
+                    "state": "disabled" if entry else "enabled",
+                    "disabled_reason": entry.reason if entry else None,
+                    "worker_alive": self.store.alive(name),
+                    "migrations_out": len(self.admission.holders(outbound_gate(name))),
+                    "migrations_in": len(self.admission.holders(inbound_gate(name))),
+                    "free_mib": report.get("free_mib"),
+                    "running": report.get("running"),
+                    "reported": report.get("ts"),
+                }
+            )
+        return rows
+
     def events(self, job_id: str, *, follow: bool = False) -> Iterator[dict[str, Any]]:
-        """The job's events; with `follow`, keep yielding until the job is terminal."""
-        self.store.get(job_id)  # JobNotFound for a wrong id, before any waiting
+        """The job's (or evacuation's) events; with `follow`, until it has ended."""
+        kind = self.store.kind(job_id)  # JobNotFound for a wrong id, before any waiting
+
+        def ended() -> bool:
+            if kind == EVACUATION_KIND:
+                return self.evacuations.get(job_id).terminal
+            return self.store.get(job_id).terminal
+
         if follow:
-            yield from self.store.follow_events(job_id)
+            yield from self.store.follow_events(job_id, ended)
         else:
             for _, event in self.store.read_events(job_id):
                 yield event

@@ -287,7 +287,10 @@ def demo(
 
 @lab_app.command("up")
 def lab_up(
-    hosts: Annotated[int, typer.Option("--hosts", help="number of hosts")] = 2,
+    hosts: Annotated[int, typer.Option("--hosts", help="number of hosts (2-8)")] = 2,
+    guests: Annotated[
+        int, typer.Option("--guests", help="idle guests idle-1..idle-N on lab1 (and dirty-1)")
+    ] = 1,
     tls: Annotated[
         bool, typer.Option("--tls", help="a CA and host certificates; libvirtd on qemu+tls")
     ] = False,
@@ -296,7 +299,7 @@ def lab_up(
     from lab import control
 
     def go() -> None:
-        state = control.up(hosts, tls=tls)
+        state = control.up(hosts, tls=tls, guests=guests)
         out.print(f"lab up: {', '.join(state.hosts)}; config {state.config}")
         out.print('run: eval "$(drover lab env)"')
 
@@ -347,6 +350,12 @@ def lab_env() -> None:
     from lab import control
 
     guarded(lambda: out.print(control.env_line(), markup=False))
+
+
+# Commands kept in modules of their own; imported last, as they use the helpers above.
+from producer import cli_evacuate  # noqa: E402
+
+cli_evacuate.register(app)
 
 
 def main() -> None:

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
+from jobs.evacuation import Evacuation
 from jobs.model import Job
 from producer.api import Drover
 from producer.render import event_line
@@ -36,3 +44,28 @@ def follow(d: Drover, job_id: str, console: Console, timeout: float | None = Non
                 )
             bar.console.print(event_line(ev), markup=False, soft_wrap=True)
     return d.wait(job_id, timeout)
+
+
+def follow_evacuation(
+    d: Drover, evacuation_id: str, console: Console, timeout: float | None = None
+) -> Evacuation:
+    """Print an evacuation's events as they come, with a bar of its children that have ended."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("evacuating", total=None, visible=False)
+        queued = ended = 0
+        for ev in d.events(evacuation_id, follow=True):
+            name = ev.get("event")
+            if name == "evacuation.child_queued":
+                queued += 1
+            elif name == "evacuation.child_ended":
+                ended += 1
+            if queued:
+                bar.update(task, visible=True, total=queued, completed=ended)
+            bar.console.print(event_line(ev), markup=False, soft_wrap=True)
+    return d.wait_evacuation(evacuation_id, timeout)

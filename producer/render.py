@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
+from jobs.evacuation import DomainOutcome, Evacuation, Placement
 from jobs.model import Job
 
 MIB = 1024 * 1024
@@ -42,25 +43,87 @@ def event_line(ev: dict[str, Any]) -> str:
     if name == "migration.progress":
         return f"{head}  {progress_text(ev)}"
     details = " ".join(f"{k}={ev[k]}" for k in _DETAIL_KEYS if ev.get(k) is not None)
+    if name.startswith("evacuation.child"):
+        details = f"{ev.get('domain')} -> {ev.get('dst')} child={ev.get('child')} {details}"
+    elif name == "evacuation.planned" and isinstance(ev.get("placements"), list):
+        placed = sum(1 for p in ev["placements"] if p.get("destination"))
+        details = f"{placed} of {len(ev['placements'])} domains placed"
     if name == "migration.started" and isinstance(ev.get("call"), dict):
         call = ev["call"]
         details = f"{call.get('api')} {' | '.join(call.get('flags', []))} {call.get('params')}"
     return f"{head}  {details}".rstrip()
 
 
-def jobs_table(jobs: list[Job]) -> Table:
+def jobs_table(jobs: list[Job | Evacuation]) -> Table:
     table = Table(title="drover jobs")
-    for col in ("id", "state", "domain", "src", "dst", "duration", "reason"):
+    for col in ("id", "kind", "state", "domain", "src", "dst", "duration", "reason"):
         table.add_column(col)
     for job in jobs:
         s = job.summary()
+        kind = "evacuation" if isinstance(job, Evacuation) else "migration"
+        if isinstance(job, Job) and job.parent:
+            kind = f"migration of {job.parent}"
         table.add_row(
             s["id"],
+            kind,
             s["state"],
             s["domain"],
             s["src"],
             s["dst"],
             f"{s['duration_s']:.2f}s",
             s["reason"] or "",
+        )
+    return table
+
+
+def plan_table(placements: list[Placement], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("domain", "destination", "memory", "estimate", "how", "group", "reason"):
+        table.add_column(col)
+    for p in placements:
+        table.add_row(
+            p.domain,
+            p.destination or "-",
+            f"{p.memory_mib} MiB",
+            f"{p.estimate_s:.1f}s" if p.estimate_s is not None else "-",
+            "live" if p.active else "offline",
+            p.group or "",
+            p.reason or "",
+        )
+    return table
+
+
+def outcome_table(outcome: list[DomainOutcome], host: str) -> Table:
+    table = Table(title=f"where each domain is now (libvirt on {host} and its destination)")
+    for col in ("domain", "job", "job state", f"on {host}", "running on", "reason"):
+        table.add_column(col)
+    for o in outcome:
+        table.add_row(
+            o.domain,
+            o.job_id or "-",
+            o.job_state or "-",
+            "yes" if o.on_source else "no",
+            o.running_on or "-",
+            o.reason or "",
+        )
+    return table
+
+
+def hosts_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="drover hosts")
+    for col in ("host", "state", "worker", "free", "running", "out", "in"):
+        table.add_column(col)
+    for r in rows:
+        state = r["state"] + (f" ({r['disabled_reason']})" if r["disabled_reason"] else "")
+        free = f"{r['free_mib']} MiB" if r["free_mib"] is not None else "?"
+        running = r["running"]
+        table.add_row(
+            r["host"],
+            state,
+            "alive" if r["worker_alive"] else "DEAD",
+            free,
+            f"{len(running)}: {', '.join(running)}" if running is not None else "?",
+            str(r["migrations_out"]),
+            str(r["migrations_in"]),
         )
     return table

@@ -1,21 +1,77 @@
-"""The worker's housekeeping thread: heartbeat, lease renewal, and the recovery sweep.
+"""The worker's housekeeping thread: a few duties, each on its own tick, in one loop.
 
-Kept out of the task code: phases never wait on it, and it never runs a migration itself
-except to settle one that this host had started and lost (worker/recovery.py).
+Heartbeat and lease renewal, admission of waiting jobs, the watch over this host's
+evacuations, and the recovery sweep. Kept out of the task code: phases never wait on it, and
+it never runs a migration itself except to settle one this host had started and lost
+(worker/recovery.py). Intervals are re-read every pass, as the config file may change.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import libvirt
 import redis
 
 from config.events import get_logger
-from worker import recovery
+from config.settings import Tunables
+from jobs.store import now
+from worker import evacuation, recovery
+from worker.admission_pass import admit_waiting
+from worker.libvirt_host import LibvirtUnavailable, placement_room_mib
 from worker.runtime import Runtime
 
 log = get_logger()
+# The loop never sleeps longer than this, so a shortened interval takes effect promptly.
+MAX_TICK_S = 1.0
+
+
+@dataclass
+class Duty:
+    name: str
+    interval: Callable[[Tunables], float]
+    run: Callable[[Runtime], object]
+    due: float = 0.0  # monotonic time; 0 = at once (recovery after a restart comes first)
+
+
+def host_report(rt: Runtime) -> dict[str, Any]:
+    """What `drover hosts` shows of this host: room for guests and what runs here now."""
+    conn = rt.libvirt.conn
+    active = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    reserved = rt.store.reserved_mib(rt.host)
+    return {
+        "ts": now().isoformat(),
+        "free_mib": placement_room_mib(conn, reserved, rt.registry_entry.limits.memory_mib),
+        "reserved_mib": reserved,
+        "running": sorted(d.name() for d in active),
+    }
+
+
+def _heartbeat(rt: Runtime) -> None:
+    tunables = rt.settings.tunables
+    rt.store.heartbeat(rt.host, tunables.heartbeat_ttl)
+    try:
+        report = host_report(rt)
+    except (LibvirtUnavailable, libvirt.libvirtError) as exc:
+        report = {"ts": now().isoformat(), "error": str(exc)}  # the heartbeat still counts
+    rt.store.report_host(rt.host, report, tunables.heartbeat_ttl)
+    with rt.lock:
+        running = {job_id for job_id, _ in rt.running}
+    for job_id in running:
+        rt.store.renew_leases(job_id, tunables.domain_lease)
+
+
+def duties() -> list[Duty]:
+    return [
+        Duty("heartbeat", lambda t: t.heartbeat_interval, _heartbeat),
+        Duty("recovery", lambda t: t.watchdog_interval, recovery.sweep),
+        Duty("admission", lambda t: t.admission_interval, admit_waiting),
+        Duty("evacuations", lambda t: t.evacuation_check_interval, evacuation.watch),
+    ]
 
 
 class Keeper(threading.Thread):
@@ -23,25 +79,23 @@ class Keeper(threading.Thread):
         super().__init__(name="drover-keeper", daemon=True)
         self.rt = rt
         self.stop = threading.Event()
+        self.duties = duties()
 
     def run(self) -> None:
-        next_sweep = 0.0  # sweep at once: recovery after a restart comes first
         while not self.stop.is_set():
-            tunables = self.rt.settings.tunables  # re-read: the config file may have changed
-            try:
-                self.rt.store.heartbeat(self.rt.host, tunables.heartbeat_ttl)
-                with self.rt.lock:
-                    running = {job_id for job_id, _ in self.rt.running}
-                for job_id in running:
-                    self.rt.store.renew_leases(job_id, tunables.domain_lease)
-                if time.monotonic() >= next_sweep:
-                    recovery.sweep(self.rt)
-                    next_sweep = time.monotonic() + tunables.watchdog_interval
-            except redis.RedisError as exc:
-                log.warning("keeper.redis_unavailable", error=str(exc))
-            except Exception as exc:  # the keeper must outlive any one bad job
-                log.exception("keeper.error", error=str(exc))
-            self.stop.wait(tunables.heartbeat_interval)
+            tunables = self.rt.settings.tunables
+            for duty in self.duties:
+                if time.monotonic() < duty.due:
+                    continue
+                try:
+                    duty.run(self.rt)
+                except redis.RedisError as exc:
+                    log.warning("keeper.redis_unavailable", duty=duty.name, error=str(exc))
+                except Exception as exc:  # the keeper must outlive any one bad job
+                    log.exception("keeper.error", duty=duty.name, error=str(exc))
+                duty.due = time.monotonic() + duty.interval(tunables)
+            next_due = min(d.due for d in self.duties) - time.monotonic()
+            self.stop.wait(min(max(next_due, 0.0), MAX_TICK_S))
 
 
 _keepers: dict[str, Keeper] = {}

@@ -80,6 +80,28 @@ def facts(dom: libvirt.virDomain) -> DomainFacts:
     )
 
 
+def free_memory_mib(conn: libvirt.virConnect) -> int:
+    """Free memory including page cache the kernel would give back (like MemAvailable)."""
+    stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+    reclaimable = sum(int(stats.get(k, 0)) for k in ("free", "buffers", "cached"))
+    return reclaimable // KIB_PER_MIB
+
+
+def active_memory_mib(conn: libvirt.virConnect) -> int:
+    """Memory of the domains running on a host: what it has already committed."""
+    flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+    return sum(d.maxMemory() // KIB_PER_MIB for d in conn.listAllDomains(flags))
+
+
+def placement_room_mib(conn: libvirt.virConnect, reserved_mib: int, limit_mib: int | None) -> int:
+    """Memory drover may still place on a host: free minus reservations, capped by the
+    registry's declared limit (what is running there already counts against it)."""
+    room = free_memory_mib(conn) - reserved_mib
+    if limit_mib is not None:
+        room = min(room, limit_mib - active_memory_mib(conn) - reserved_mib)
+    return max(room, 0)
+
+
 class LibvirtHost:
     """A lazily opened, reopened-when-dead connection shared by the worker's threads."""
 
@@ -119,17 +141,6 @@ class LibvirtHost:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise
-
-    def free_memory_mib(self) -> int:
-        """Free memory including page cache the kernel would give back (like MemAvailable)."""
-        stats = self.conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
-        reclaimable = sum(int(stats.get(k, 0)) for k in ("free", "buffers", "cached"))
-        return reclaimable // KIB_PER_MIB
-
-    def active_memory_mib(self) -> int:
-        """Memory of the domains running here: what the host has already committed."""
-        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
-        return sum(d.maxMemory() // KIB_PER_MIB for d in self.conn.listAllDomains(flags))
 
     def close(self) -> None:
         with self._lock:

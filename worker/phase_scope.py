@@ -21,8 +21,9 @@ from config.celery import app, host_queue
 from config.events import get_logger
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, PHASE_SIDE, ROLLBACK_DESTINATION_TASK, Phase, Side
-from jobs.states import JobState
+from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound, domain_lock_key
+from worker.admission_pass import admit_waiting
 from worker.libvirt_host import LibvirtUnavailable, is_connection_error
 from worker.runtime import Runtime
 
@@ -99,6 +100,12 @@ def fail_job(
     log.error("job.state", state=final.value, reason=reason)
     if PHASE_ORDER.index(phase) >= PHASE_ORDER.index(Phase.DESTINATION_PREPARE):
         rollback_destination_later(job)
+    slot_freed(rt)
+
+
+def slot_freed(rt: Runtime) -> None:
+    """A job ended: its slots are free, so a waiting job may start now rather than next tick."""
+    admit_waiting(rt)
 
 
 def _unexpected(rt: Runtime, job: Job, phase: Phase, exc: Exception) -> NoReturn:
@@ -155,6 +162,11 @@ def execute_phase(
         if job.terminal:
             log.info("phase.skipped", reason=f"job already {job.state.value}")
             raise Ignore()
+        if job.admitted is None:
+            # Only admission starts a job (jobs/admission.py): a message for a job that holds
+            # no concurrency slot did not come from drover, and must not take the phase.
+            log.warning("message.rejected", reason="job was never admitted under the limits")
+            raise Ignore()
         if not recovering and not rt.store.claim_phase(job.id, phase.value, rt.host):
             log.warning("phase.duplicate", reason="this phase already ran for this job")
             raise Ignore()
@@ -210,3 +222,5 @@ def _run_in_frame(
     log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
     if then is not None:
         advance(rt, job, then)
+        if then in TERMINAL:
+            slot_freed(rt)

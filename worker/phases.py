@@ -20,11 +20,12 @@ from typing import Any
 import libvirt
 
 from config.events import get_logger
+from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.spec import MigrationSpec, Transport
 from jobs.states import JobState
 from worker.convergence import Action, ConvergencePolicy
-from worker.libvirt_host import DomainFacts, facts, on_peer
+from worker.libvirt_host import DomainFacts, facts, on_peer, placement_room_mib
 from worker.migration_call import Handoff, MigrationCall, build_call
 from worker.monitor import MigrationMonitor, Progress
 from worker.phase_scope import PhaseCancelled, PhaseFailed, advance, hold_domain
@@ -65,11 +66,7 @@ def source_preflight(rt: Runtime, job: Job) -> JobState | None:
 def _free_memory_mib(rt: Runtime, job: Job) -> int:
     """Memory this host can still give: libvirt's free memory, capped by the declared limit."""
     reserved = rt.store.reserved_mib(rt.host, excluding=job.id)
-    free = rt.libvirt.free_memory_mib() - reserved
-    limit = rt.registry_entry.limits.memory_mib
-    if limit is not None:
-        free = min(free, limit - rt.libvirt.active_memory_mib() - reserved)
-    return max(free, 0)
+    return placement_room_mib(rt.libvirt.conn, reserved, rt.registry_entry.limits.memory_mib)
 
 
 def _dest_config_present(rt: Runtime, spec: MigrationSpec, uuid: str) -> bool:
@@ -93,6 +90,9 @@ def _dest_config_present(rt: Runtime, spec: MigrationSpec, uuid: str) -> bool:
 
 def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     spec = job.spec
+    refusal = Maintenance(rt.store.r).refusal(rt.host)
+    if refusal is not None:
+        raise PhaseFailed(refusal)
     uuid, need = job.facts["uuid"], int(job.facts["memory_mib"])
     config_present = _dest_config_present(rt, spec, uuid)
     if (

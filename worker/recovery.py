@@ -101,7 +101,11 @@ def sweep(rt: Runtime) -> None:
 
 
 def _idle_s(step: Step) -> float:
-    return (now() - step.since).total_seconds()
+    return _since_s(step.since)
+
+
+def _since_s(then: datetime) -> float:
+    return (now() - then).total_seconds()
 
 
 def _attend(rt: Runtime, job: Job, step: Step) -> None:
@@ -130,7 +134,11 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         job = rt.store.get(job.id)
     if step.started:
         _recover_in_background(rt, job, step.phase)
-    elif _idle_s(step) > tunables.redispatch_after:
+    elif job.admitted is None:
+        return  # still waiting for a slot: admission, not recovery, starts it
+    elif _idle_s(step) > tunables.redispatch_after and _since_s(job.admitted) > (
+        tunables.redispatch_after
+    ):
         log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
         migration_chain(app, job.id, job.spec, start=step.phase).apply_async()
 

@@ -17,9 +17,15 @@ from celery.signals import worker_ready
 from config.celery import app
 from config.events import get_logger
 from jobs.model import Job
-from jobs.phases import POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
+from jobs.phases import (
+    EVACUATE_TASK,
+    POSTCOPY_TASK,
+    ROLLBACK_DESTINATION_TASK,
+    Phase,
+    task_name,
+)
 from jobs.store import JobNotFound
-from worker import phases
+from worker import evacuation, phases
 from worker.keeper import start_keeper
 from worker.phase_scope import PhaseFailed, PhaseFn, RetryPhase, execute_phase
 from worker.runtime import Runtime, runtime_for_node
@@ -114,3 +120,13 @@ def rollback_destination(self: Task, job_id: str) -> None:
 @app.task(bind=True, name=POSTCOPY_TASK, throws=(PhaseFailed,))
 def postcopy(self: Task, job_id: str) -> None:
     _run_side_task(self, "postcopy", phases.start_postcopy, job_id)
+
+
+@app.task(bind=True, name=EVACUATE_TASK)
+def evacuate(self: Task, evacuation_id: str) -> None:
+    """Plan an evacuation of this host and queue its children (worker/evacuation.py)."""
+    try:
+        evacuation.start(_runtime(self), _checked_job_id(evacuation_id))
+    except JobNotFound:
+        log.warning("message.rejected", reason=f"no evacuation {evacuation_id}")
+        raise Ignore() from None

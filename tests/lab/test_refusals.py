@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.control import LAB_HOST_MEMORY_MIB
 from tests.support.lab_fixtures import Lab
 
 
@@ -24,7 +25,9 @@ def lab2_memory_limited(lab: Lab) -> Iterator[None]:
     """Declare lab2 as having room for only 40 MiB of guests (workers re-read the file)."""
     path = Path(lab.config)
     original = path.read_text()
-    path.write_text(original + "\n[hosts.lab2.limits]\nmemory_mib = 40\n")
+    block = f"[hosts.lab2.limits]\nmemory_mib = {LAB_HOST_MEMORY_MIB}\n"
+    assert block in original
+    path.write_text(original.replace(block, "[hosts.lab2.limits]\nmemory_mib = 40\n"))
     try:
         yield
     finally:

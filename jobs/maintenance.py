@@ -1,0 +1,59 @@
+"""Maintenance mode: a disabled host is never chosen, or accepted, as a destination.
+
+Kept in Redis beside the jobs so that producers (which refuse at submit), planners (which
+never place on it) and the destination's own worker (which refuses in prepare, for jobs queued
+before the host was disabled) all read the same answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import cast
+
+import redis
+from pydantic import BaseModel
+
+from jobs.store import KEY_PREFIX, now
+
+DISABLED_HOSTS = f"{KEY_PREFIX}:hosts:disabled"
+
+
+class Disabled(BaseModel):
+    since: str
+    reason: str
+    by: str
+
+
+class Maintenance:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    def disable(self, host: str, reason: str, by: str) -> Disabled:
+        """Take `host` out of placement; a host already disabled keeps its first reason."""
+        entry = Disabled(since=now().isoformat(), reason=reason, by=by)
+        self.r.hsetnx(DISABLED_HOSTS, host, entry.model_dump_json())
+        current = self.disabled_entry(host)
+        assert current is not None
+        return current
+
+    def enable(self, host: str) -> bool:
+        """Put `host` back in placement; False when it was not disabled."""
+        return bool(self.r.hdel(DISABLED_HOSTS, host))
+
+    def disabled_entry(self, host: str) -> Disabled | None:
+        raw = cast(str | None, self.r.hget(DISABLED_HOSTS, host))
+        return Disabled.model_validate(json.loads(raw)) if raw else None
+
+    def disabled(self) -> dict[str, Disabled]:
+        raw = cast(dict[str, str], self.r.hgetall(DISABLED_HOSTS))
+        return {host: Disabled.model_validate_json(v) for host, v in raw.items()}
+
+    def refusal(self, host: str) -> str | None:
+        """Why `host` may not receive a guest now, or None."""
+        entry = self.disabled_entry(host)
+        if entry is None:
+            return None
+        return (
+            f"{host} is disabled for maintenance since {entry.since} ({entry.reason}); "
+            f"`drover host enable {host}` puts it back"
+        )

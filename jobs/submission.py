@@ -1,0 +1,75 @@
+"""Putting a migration in line: the one path every job takes, whoever asks for it.
+
+A producer's `submit` and an evacuation's child jobs both come through here, so the domain
+lease, the queued event and the waiting line (jobs/admission.py) hold for all of them; the
+caller then runs admission, which starts whatever fits under the limits.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from config.events import job_event
+from jobs.admission import Admission
+from jobs.spec import MigrationSpec
+from jobs.states import JobState
+from jobs.store import JobStore, domain_lock_key
+
+
+class DomainBusy(Exception):
+    """The domain already has a live job; the message is one line."""
+
+
+def migration_event(
+    job_id: str, migration: MigrationSpec, name: str, host: str, **fields: Any
+) -> dict[str, Any]:
+    """An event of a migration job, written by a producer or an admission pass."""
+    return job_event(
+        name,
+        host,
+        job_id=job_id,
+        domain=migration.domain,
+        src=migration.src,
+        dst=migration.dst,
+        **fields,
+    )
+
+
+def enqueue(
+    store: JobStore,
+    spec: MigrationSpec,
+    *,
+    origin: str,
+    lease_s: float,
+    parent: str | None = None,
+    parent_limit: int | None = None,
+    reserve_mib: int | None = None,
+) -> str:
+    """Record the job, take its domain's name lease, and put it in the waiting line.
+
+    `reserve_mib` books the guest's memory on the destination now (an evacuation's plan), so
+    planners counting free memory see migrations planned as well as those in flight.
+    """
+    job_id = store.create(spec, host=origin, parent=parent, parent_limit=parent_limit)
+    holder = store.take_lease(domain_lock_key("name", spec.domain), job_id, lease_s)
+    if holder is not None:
+        store.discard(job_id)
+        state = store.state(holder).value
+        raise DomainBusy(f"{spec.domain} already has an active job {holder} ({state})")
+    if reserve_mib is not None:
+        store.reserve(spec.dst, job_id, reserve_mib)
+    store.append_event(
+        job_id,
+        migration_event(
+            job_id,
+            spec,
+            "job.queued",
+            origin,
+            state=JobState.QUEUED.value,
+            spec=spec.model_dump(mode="json"),
+            parent=parent,
+        ),
+    )
+    Admission(store).wait(job_id, datetime.now(UTC).timestamp())
+    return job_id

@@ -1,0 +1,314 @@
+"""An evacuation, run by the worker of the host being emptied (see jobs/evacuation.py).
+
+    start()    the `drover.evacuate` task: disable the host, gather facts, plan, save the
+               plan; a dry run ends there; otherwise queue one child migration per placed
+               domain (they start as the limits allow, jobs/admission.py)
+    watch()    the keeper's duty, every `evacuation_check_interval`: report each child as
+               it ends; once all have ended, confirm through libvirt where every domain is
+               and end the evacuation drained, partial or cancelled
+
+All state lives in Redis, so a worker that restarts picks its evacuations up where they were:
+a plan is made once and children are queued once per domain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import libvirt
+import structlog
+
+from config.celery import app, host_queue
+from config.events import get_logger
+from jobs.abort import TooLate, abort_job
+from jobs.evacuation import (
+    DomainOutcome,
+    Evacuation,
+    EvacuationState,
+    EvacuationStore,
+    Placement,
+)
+from jobs.maintenance import Maintenance
+from jobs.model import Job
+from jobs.phases import EVACUATE_TASK
+from jobs.spec import MigrationSpec, Transport
+from jobs.states import JobState
+from jobs.store import JobNotFound, now
+from jobs.submission import DomainBusy, enqueue
+from worker.admission_pass import admit_waiting
+from worker.fleet_view import gather
+from worker.libvirt_host import LibvirtUnavailable, on_peer
+from worker.phase_scope import rollback_destination_later
+from worker.placement import Estimate, plan
+from worker.runtime import Runtime
+
+log = get_logger()
+PLANNING_KEY = "evacuation-planning"
+
+
+def _context(ev: Evacuation) -> dict[str, Any]:
+    return {"job_id": ev.id, "src": ev.spec.host, "phase": "evacuation"}
+
+
+def _plan_rows(placements: list[Placement]) -> list[dict[str, Any]]:
+    return [
+        {
+            "domain": p.domain,
+            "destination": p.destination,
+            "memory_mib": p.memory_mib,
+            "estimate_s": p.estimate_s,
+            "offline": not p.active,
+            "group": p.group,
+            "reason": p.reason,
+        }
+        for p in placements
+    ]
+
+
+def start(rt: Runtime, evacuation_id: str) -> None:
+    """Plan the evacuation and queue its children (the body of the `drover.evacuate` task)."""
+    store = EvacuationStore(rt.store)
+    ev = store.get(evacuation_id)
+    if ev.spec.host != rt.host:
+        log.warning("message.rejected", reason=f"evacuation of {ev.spec.host}, not {rt.host}")
+        return
+    with structlog.contextvars.bound_contextvars(**_context(ev)):
+        moved, previous = store.transition(ev.id, EvacuationState.PLANNING)
+        if not moved:
+            log.info("evacuation.skipped", reason=f"evacuation is {previous}, not queued")
+            return
+        with _planning(rt, ev.id):
+            _plan_and_queue(rt, store, ev)
+
+
+class _planning:
+    """Mark an evacuation as being planned in this process (the watch leaves it alone)."""
+
+    def __init__(self, rt: Runtime, evacuation_id: str) -> None:
+        self.rt, self.key = rt, (evacuation_id, PLANNING_KEY)
+
+    def __enter__(self) -> None:
+        with self.rt.lock:
+            self.rt.running.add(self.key)
+
+    def __exit__(self, *_: object) -> None:
+        with self.rt.lock:
+            self.rt.running.discard(self.key)
+
+
+def _plan_and_queue(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
+    spec = ev.spec
+    log.info("evacuation.state", state=EvacuationState.PLANNING.value, spec=spec.model_dump())
+    if not spec.dry_run:
+        Maintenance(rt.store.r).disable(spec.host, f"evacuation {ev.id}", by=rt.host)
+        log.info("host.disabled", reason=f"evacuation {ev.id}")
+    if ev.plan is None:
+        tunables = rt.settings.tunables
+        try:
+            view = gather(rt, spec)
+        except (LibvirtUnavailable, libvirt.libvirtError) as exc:
+            _end(store, ev, EvacuationState.FAILED, f"could not gather facts: {exc}")
+            return
+        estimate = Estimate(tunables.estimate_startup_s, tunables.estimate_mib_per_s)
+        placements = plan(view.guests, view.candidates, view.unavailable, estimate)
+        store.save_plan(ev.id, placements)
+        log.info(
+            "evacuation.planned",
+            placements=_plan_rows(placements),
+            candidates={c.name: c.free_mib for c in view.candidates},
+            unavailable=view.unavailable,
+        )
+        ev = store.get(ev.id)
+    if spec.dry_run:
+        _end(store, ev, EvacuationState.PLANNED, None)
+        return
+    _queue_children(rt, store, ev)
+    store.transition(ev.id, EvacuationState.RUNNING)
+    log.info("evacuation.state", state=EvacuationState.RUNNING.value, children=len(ev.children))
+    admit_waiting(rt)
+
+
+def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:
+    """A live peer-to-peer migration; a persistent definition moves with the guest."""
+    assert placement.destination is not None
+    return MigrationSpec(
+        domain=placement.domain,
+        src=ev.spec.host,
+        dst=placement.destination,
+        live=placement.active,
+        offline=not placement.active,
+        persistent=placement.persistent,
+        undefine_source=placement.persistent,
+        transport=Transport.TUNNELLED if ev.spec.tunnelled else Transport.NATIVE,
+        auto_converge=ev.spec.auto_converge and placement.active,
+        bandwidth_mib=ev.spec.bandwidth_mib if placement.active else None,
+    )
+
+
+def _queue_children(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
+    """One child per placed domain, once (a restarted worker skips those already queued)."""
+    changed = False
+    placements = list(ev.plan or [])
+    for i, placement in enumerate(placements):
+        if placement.destination is None or placement.domain in ev.children:
+            continue
+        if store.get(ev.id).abort_requested:
+            log.info("evacuation.stopped_queueing", reason="evacuation aborted")
+            break
+        spec = child_spec(ev, placement)
+        try:
+            job_id = enqueue(
+                rt.store,
+                spec,
+                origin=f"evacuation {ev.id}",
+                lease_s=rt.settings.tunables.domain_lease,
+                parent=ev.id,
+                parent_limit=ev.spec.max_parallel,
+                reserve_mib=placement.memory_mib if placement.active else None,
+            )
+        except DomainBusy as exc:
+            placements[i] = placement.model_copy(update={"destination": None, "reason": str(exc)})
+            changed = True
+            log.warning("evacuation.child_refused", domain=placement.domain, reason=str(exc))
+            continue
+        store.add_child(ev.id, placement.domain, job_id)
+        ev.children[placement.domain] = job_id
+        log.info(
+            "evacuation.child_queued",
+            child=job_id,
+            domain=placement.domain,
+            dst=placement.destination,
+        )
+    if changed:
+        store.save_plan(ev.id, placements)
+
+
+def watch(rt: Runtime) -> None:
+    """The keeper's duty: move on every live evacuation of this host."""
+    store = EvacuationStore(rt.store)
+    for evacuation_id in store.active_ids():
+        try:
+            ev = store.get(evacuation_id)
+        except JobNotFound:
+            continue
+        if ev.spec.host != rt.host or ev.terminal:
+            continue
+        with rt.lock:
+            if (ev.id, PLANNING_KEY) in rt.running:
+                continue
+        with structlog.contextvars.bound_contextvars(**_context(ev)):
+            _attend(rt, store, ev)
+
+
+def _attend(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
+    redispatch = rt.settings.tunables.redispatch_after
+    idle_s = (now() - ev.updated).total_seconds()
+    if ev.state is EvacuationState.QUEUED:
+        if ev.abort_requested:
+            _end(store, ev, EvacuationState.CANCELLED, ev.abort_requested)
+        elif idle_s > redispatch:  # the task message was lost: send it again
+            log.warning("evacuation.redispatched", reason=f"not started after {idle_s:.0f}s")
+            app.send_task(EVACUATE_TASK, args=(ev.id,), queue=host_queue(rt.host))
+        return
+    if ev.state is EvacuationState.PLANNING:
+        # Planning here was interrupted (the worker restarted): finish it from what is saved.
+        with _planning(rt, ev.id):
+            _plan_and_queue(rt, store, ev)
+        return
+    children = _children(rt, ev)
+    if ev.abort_requested:
+        _abort_children(rt, ev, children)
+    for job in children.values():
+        if job.terminal and store.mark_reported(ev.id, job.id):
+            log.info(
+                "evacuation.child_ended",
+                child=job.id,
+                domain=job.spec.domain,
+                dst=job.spec.dst,
+                state=job.state.value,
+                reason=job.reason,
+            )
+    if all(job.terminal for job in children.values()):
+        _finish(rt, store, ev, children)
+
+
+def _children(rt: Runtime, ev: Evacuation) -> dict[str, Job]:
+    found = {}
+    for domain, job_id in ev.children.items():
+        try:
+            found[domain] = rt.store.get(job_id)
+        except JobNotFound:
+            continue
+    return found
+
+
+def _abort_children(rt: Runtime, ev: Evacuation, children: dict[str, Job]) -> None:
+    for job in children.values():
+        if job.terminal or job.abort_requested:
+            continue
+        try:
+            abort_job(rt.store, job.id, by=rt.host, rollback=rollback_destination_later)
+        except TooLate:
+            continue  # finishing: the guest already runs on its destination
+
+
+def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[str, Job]) -> None:
+    """Confirm through libvirt where every domain is, then end the evacuation."""
+    outcome = [_confirm(rt, ev, p, children.get(p.domain)) for p in ev.plan or []]
+    planned = {p.uuid for p in ev.plan or []}
+    left = [
+        dom.name()
+        for dom in rt.libvirt.conn.listAllDomains()
+        if dom.UUIDString() not in planned
+        and (dom.isActive() or (ev.spec.include_inactive and dom.isPersistent()))
+    ]
+    store.save_outcome(ev.id, outcome, left)
+    remaining = [o for o in outcome if o.on_source]
+    if ev.abort_requested:
+        final, reason = EvacuationState.CANCELLED, ev.abort_requested
+    elif not remaining and not left:
+        final, reason = EvacuationState.DRAINED, None
+    else:
+        names = [f"{o.domain} ({o.reason})" for o in remaining] + [
+            f"{name} (appeared after planning)" for name in left
+        ]
+        final = EvacuationState.PARTIAL
+        reason = f"{len(names)} domain(s) still on {ev.spec.host}: " + "; ".join(names)
+    _end(store, ev, final, reason, outcome=[o.model_dump() for o in outcome])
+
+
+def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None) -> DomainOutcome:
+    here = rt.libvirt.by_uuid(placement.uuid)
+    on_source = here is not None and (
+        bool(here.isActive()) or (bool(here.isPersistent()) and placement.persistent)
+    )
+    running_on = None
+    if placement.destination is not None:
+        there = on_peer(rt.settings.host(placement.destination).peer_uri, placement.uuid)
+        if there is not None and (there.active or not placement.active):
+            running_on = placement.destination
+    reason = placement.reason
+    if job is not None and job.state is not JobState.SUCCEEDED:
+        reason = f"job {job.id} {job.state.value}: {job.reason}"
+    elif job is not None and on_source:
+        reason = f"job {job.id} succeeded but libvirt still shows it on {ev.spec.host}"
+    return DomainOutcome(
+        domain=placement.domain,
+        job_id=job.id if job else None,
+        job_state=job.state.value if job else None,
+        on_source=on_source,
+        running_on=running_on,
+        reason=reason,
+    )
+
+
+def _end(
+    store: EvacuationStore,
+    ev: Evacuation,
+    final: EvacuationState,
+    reason: str | None,
+    **fields: Any,
+) -> None:
+    moved, _ = store.transition(ev.id, final, reason)
+    if moved:
+        log.info("evacuation.state", state=final.value, reason=reason, **fields)

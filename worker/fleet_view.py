@@ -1,0 +1,145 @@
+"""What an evacuation's planner needs to know, read from libvirt on every host involved.
+
+The source's own domains come from its libvirtd; each candidate destination is asked over its
+registry `peer_uri` for free memory, the anti-affinity groups already running there, and
+whether its hypervisor can run each guest's CPU (libvirt's compareHypervisorCPU, the check
+virsh's `hypervisor-cpu-compare` makes). Reservations and maintenance come from Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass
+
+import libvirt
+
+from jobs.evacuation import EvacuationSpec
+from jobs.maintenance import Maintenance
+from worker.libvirt_host import KIB_PER_MIB, placement_room_mib
+from worker.placement import Candidate, Guest
+from worker.runtime import Runtime
+
+# Anti-affinity groups live in each domain's own XML, as libvirt metadata:
+#   virsh metadata DOMAIN --uri https://drover.dev/xmlns/placement/1 --key drover \
+#         --set '<placement group="web"/>'
+PLACEMENT_NS = "https://drover.dev/xmlns/placement/1"
+GROUP_ATTRIBUTE = "group"
+CPU_INCOMPATIBLE = libvirt.VIR_CPU_COMPARE_INCOMPATIBLE
+
+
+@dataclass(frozen=True)
+class GuestCpu:
+    virt_type: str
+    cpu_xml: str | None  # None: the domain asks for no particular CPU
+
+
+@dataclass
+class FleetView:
+    guests: list[Guest]
+    cpus: dict[str, GuestCpu]  # by uuid
+    candidates: list[Candidate]
+    unavailable: dict[str, str]  # host -> why it is not a candidate
+
+
+def anti_affinity_group(dom: libvirt.virDomain) -> str | None:
+    try:
+        raw = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, PLACEMENT_NS)
+    except libvirt.libvirtError:
+        return None  # no drover metadata: the domain is in no group
+    with contextlib.suppress(ET.ParseError):
+        group = ET.fromstring(raw).get(GROUP_ATTRIBUTE)
+        return group or None
+    return None
+
+
+def _cpu(dom: libvirt.virDomain) -> GuestCpu:
+    root = ET.fromstring(dom.XMLDesc(0))
+    cpu = root.find("cpu")
+    has_model = cpu is not None and cpu.find("model") is not None
+    return GuestCpu(
+        virt_type=root.get("type", "kvm"),
+        cpu_xml=ET.tostring(cpu, encoding="unicode") if cpu is not None and has_model else None,
+    )
+
+
+def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dict[str, GuestCpu]]:
+    """The domains that must leave: every running one, and with `include_inactive` every
+    defined-but-off one (moved by offline migration)."""
+    guests, cpus = [], {}
+    for dom in rt.libvirt.conn.listAllDomains():
+        active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+        if not active and not (include_inactive and persistent):
+            continue
+        uuid = dom.UUIDString()
+        guests.append(
+            Guest(
+                domain=dom.name(),
+                uuid=uuid,
+                memory_mib=dom.maxMemory() // KIB_PER_MIB,
+                active=active,
+                persistent=persistent,
+                group=anti_affinity_group(dom),
+            )
+        )
+        cpus[uuid] = _cpu(dom)
+    return guests, cpus
+
+
+def _candidate(
+    rt: Runtime, name: str, conn: libvirt.virConnect, cpus: dict[str, GuestCpu]
+) -> Candidate:
+    reserved = rt.store.reserved_mib(name)
+    limit = rt.settings.host(name).limits.memory_mib
+    groups: Counter[str] = Counter()
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        group = anti_affinity_group(dom)
+        if group is not None:
+            groups[group] += 1
+    refusals = {}
+    for uuid, cpu in cpus.items():
+        if cpu.cpu_xml is None:
+            continue
+        try:
+            result = conn.compareHypervisorCPU(None, None, None, cpu.virt_type, cpu.cpu_xml, 0)
+        except libvirt.libvirtError as exc:
+            refusals[uuid] = f"CPU comparison failed: {exc.get_error_message()}"
+            continue
+        if result == CPU_INCOMPATIBLE:
+            refusals[uuid] = "cannot run the guest's CPU model"
+    return Candidate(
+        name=name,
+        free_mib=placement_room_mib(conn, reserved, limit),
+        groups=groups,
+        cpu_refusals=refusals,
+    )
+
+
+def gather(rt: Runtime, spec: EvacuationSpec) -> FleetView:
+    guests, cpus = source_guests(rt, spec.include_inactive)
+    disabled = Maintenance(rt.store.r).disabled()
+    names = spec.to or sorted(rt.settings.hosts)
+    candidates, unavailable = [], {}
+    for name in names:
+        if name == spec.host:
+            continue
+        if name in disabled:
+            unavailable[name] = f"in maintenance ({disabled[name].reason})"
+            continue
+        if not rt.store.alive(name):
+            unavailable[name] = "its worker is not alive"
+            continue
+        try:
+            conn = libvirt.open(rt.settings.host(name).peer_uri)
+        except libvirt.libvirtError as exc:
+            unavailable[name] = f"libvirtd unreachable: {exc.get_error_message()}"
+            continue
+        try:
+            candidates.append(_candidate(rt, name, conn, cpus))
+        except libvirt.libvirtError as exc:
+            unavailable[name] = f"libvirtd error: {exc.get_error_message()}"
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+    return FleetView(guests, cpus, candidates, unavailable)

@@ -1,0 +1,116 @@
+"""Where each domain of an evacuated host goes: the placement policy, free of libvirt.
+
+The facts come in already gathered (worker/fleet_view.py); this module only decides, so it
+can be read, and tested, on its own. The rules, in order:
+
+- a host in maintenance, without a live worker, or unreachable is never a destination;
+- the destination must run the domain's CPU (libvirt's CPU comparison, done while gathering);
+- domains of one anti-affinity group never share a destination, nor join a domain of their
+  group already running there;
+- the destination must have the memory free, counting what is already reserved there
+  (migrations in flight and planned) and what this plan has placed so far.
+
+Running domains are placed first, largest first (first-fit decreasing packs best), each on
+the eligible host with the most memory left (which spreads the load); ties go by host name so
+the same facts always give the same plan (a dry run shows what a real run then does).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from jobs.evacuation import Placement
+
+# An offline migration moves only a definition: no memory to place, a fraction of a second.
+OFFLINE_ESTIMATE_S = 0.1
+
+
+@dataclass(frozen=True)
+class Guest:
+    domain: str
+    uuid: str
+    memory_mib: int
+    active: bool
+    persistent: bool
+    group: str | None = None
+
+
+@dataclass
+class Candidate:
+    """A host that may receive guests, and what it can still take."""
+
+    name: str
+    free_mib: int
+    groups: Counter[str] = field(default_factory=Counter)
+    # Guests (by uuid) whose CPU this host cannot run; the reason per guest.
+    cpu_refusals: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    startup_s: float
+    mib_per_s: float
+
+    def seconds(self, guest: Guest) -> float:
+        if not guest.active:
+            return OFFLINE_ESTIMATE_S
+        return round(self.startup_s + guest.memory_mib / self.mib_per_s, 1)
+
+
+def _order(guests: list[Guest]) -> list[Guest]:
+    return sorted(guests, key=lambda g: (not g.active, -g.memory_mib, g.domain))
+
+
+def _why_not(guest: Guest, host: Candidate) -> str | None:
+    if guest.uuid in host.cpu_refusals:
+        return f"{host.name}: {host.cpu_refusals[guest.uuid]}"
+    if guest.group is not None and host.groups[guest.group]:
+        return f"{host.name}: anti-affinity group {guest.group} already there"
+    need = guest.memory_mib if guest.active else 0
+    if host.free_mib < need:
+        return f"{host.name}: {host.free_mib} MiB free, needs {need} MiB"
+    return None
+
+
+def plan(
+    guests: list[Guest],
+    candidates: list[Candidate],
+    unavailable: dict[str, str],
+    estimate: Estimate,
+) -> list[Placement]:
+    """A placement for every guest; unplaced ones carry the reason per host considered."""
+    placements = []
+    for guest in _order(guests):
+        refusals = []
+        eligible = []
+        for host in candidates:
+            why = _why_not(guest, host)
+            if why is None:
+                eligible.append(host)
+            else:
+                refusals.append(why)
+        base = Placement(
+            domain=guest.domain,
+            uuid=guest.uuid,
+            memory_mib=guest.memory_mib,
+            active=guest.active,
+            persistent=guest.persistent,
+            group=guest.group,
+        )
+        if not eligible:
+            others = [f"{name}: {why}" for name, why in sorted(unavailable.items())]
+            reason = "; ".join(refusals + others) or "no other host in the registry"
+            placements.append(base.model_copy(update={"reason": f"no destination ({reason})"}))
+            continue
+        best = min(eligible, key=lambda h: (-h.free_mib, h.name))
+        if guest.active:
+            best.free_mib -= guest.memory_mib
+        if guest.group is not None:
+            best.groups[guest.group] += 1
+        placements.append(
+            base.model_copy(
+                update={"destination": best.name, "estimate_s": estimate.seconds(guest)}
+            )
+        )
+    return placements
