@@ -24,6 +24,10 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 TEST_LAB_ID = os.environ.get("DROVER_TEST_LAB_ID", "9")
 JOB_TIMEOUT_S = 180.0
+# Three hosts and four idle guests (plus dirty-1), enough to drain lab1 onto lab2 and lab3.
+LAB_HOSTS = 3
+LAB_IDLE_GUESTS = 4
+IDLE_GUESTS = tuple(f"idle-{i}" for i in range(1, LAB_IDLE_GUESTS + 1))
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,24 @@ class Lab:
             finally:
                 conn.close()
 
+    def hosts(self) -> list[str]:
+        return sorted(self.status["hosts"])
+
+    def all_home(self, host: str = "lab1") -> None:
+        """Every guest back on `host` and every host enabled, whatever a test left behind.
+
+        Drains the other hosts onto `host` with drover's own evacuations (in parallel).
+        """
+        for name in self.hosts():
+            self.drover.set_host_enabled(name, True)
+        others = [h for h in self.hosts() if h != host]
+        ids = [self.drover.evacuate(host=h, to=[host]) for h in others]
+        for evacuation_id in ids:
+            ev = self.drover.wait_evacuation(evacuation_id, JOB_TIMEOUT_S)
+            assert ev.state.value == "drained", ev.reason
+        for name in self.hosts():
+            self.drover.set_host_enabled(name, True)
+
     def home(self, domain: str, host: str = "lab1") -> None:
         """Bring `domain` back to `host` through drover if a previous test left it elsewhere."""
         where = self.running_on(domain)
@@ -113,7 +135,7 @@ def lab_env() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def lab(lab_env: None) -> Iterator[Lab]:
-    state = control.up(2)
+    state = control.up(LAB_HOSTS, guests=LAB_IDLE_GUESTS)
     try:
         lab = Lab(control.status(), state.config, Drover(load_settings(state.config)))
         # dirty-1 keeps a core busy; it runs only in the tests that need it (`dirty_running`).

@@ -1,0 +1,225 @@
+"""Draining a host in the real lab: plans, limits, maintenance, partial ends and aborts.
+
+Every claim is checked through libvirt on the hosts themselves: where each guest runs, that
+nothing of it is left on the drained host, and (sampled while the evacuation runs) that no
+host ever had more migrations going out or coming in than its limits allow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from config.settings import load_settings
+from jobs.evacuation import Evacuation
+from producer.api import Drover, SubmitError
+from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, wait_for
+from tests.support.limits_sampler import LimitsSampler
+from worker.fleet_view import PLACEMENT_NS
+
+pytestmark = pytest.mark.lab
+
+GUESTS = (*IDLE_GUESTS, "dirty-1")
+MAX_PARALLEL = 2
+DEFAULT_LIMIT = 2  # max_outbound / max_inbound in the lab's registry (the defaults)
+
+
+@pytest.fixture
+def home(lab: Lab) -> Iterator[None]:
+    """Every guest on lab1 and every host enabled, before and after the test."""
+    lab.all_home()
+    yield
+    lab.all_home()
+
+
+def uris(lab: Lab) -> dict[str, str]:
+    return {h: lab.uri(h) for h in lab.hosts()}
+
+
+def evacuate(lab: Lab, **request: object) -> Evacuation:
+    d = lab.drover
+    return d.wait_evacuation(d.evacuate(d.evacuation_spec(**request)), JOB_TIMEOUT_S)
+
+
+def test_evacuation_drains_lab1_within_limits_as_the_dry_run_planned(lab: Lab, home: None) -> None:
+    request = {"host": "lab1", "to": ["lab2", "lab3"], "max_parallel": MAX_PARALLEL}
+    dry = evacuate(lab, **request, dry_run=True)
+    assert dry.state.value == "planned"
+    planned = {p.domain: p.destination for p in dry.plan or []}
+    assert set(planned) == set(GUESTS) and set(planned.values()) == {"lab2", "lab3"}
+    assert all(p.estimate_s and p.estimate_s > 0 for p in dry.plan or [])
+    assert not dry.children and lab.running_on("idle-1") == ["lab1"]  # nothing queued
+
+    with LimitsSampler(uris(lab)) as sampler:
+        ev = evacuate(lab, **request)
+    assert ev.state.value == "drained", ev.reason
+    assert {p.domain: p.destination for p in ev.plan or []} == planned
+    for domain, destination in planned.items():
+        assert lab.running_on(domain) == [destination], domain
+        assert lab.view(destination, domain).persistent, domain
+        assert not lab.view("lab1", domain).exists, f"{domain} still defined on lab1"
+    assert all(o.running_on == planned[o.domain] and not o.on_source for o in ev.outcome)
+
+    # Limits, as libvirt itself showed them while the evacuation ran.
+    assert sampler.samples > 10
+    assert sampler.max_outbound["lab1"] == MAX_PARALLEL, sampler.max_outbound
+    assert sampler.max_total <= MAX_PARALLEL
+    assert all(n <= DEFAULT_LIMIT for n in sampler.max_inbound.values()), sampler.max_inbound
+
+    events = list(lab.drover.events(ev.id))
+    names = [e["event"] for e in events]
+    assert names.count("evacuation.child_queued") == len(GUESTS)
+    assert names.count("evacuation.child_ended") == len(GUESTS)
+    assert events[-1]["event"] == "evacuation.state" and events[-1]["state"] == "drained"
+    # The host stays in maintenance after the drain, and says why.
+    lab1 = next(h for h in lab.drover.hosts() if h["host"] == "lab1")
+    assert lab1["state"] == "disabled" and ev.id in lab1["disabled_reason"]
+    listed = {j.id: j.summary()["state"] for j in lab.drover.jobs(20)}
+    assert listed[ev.id] == "drained" and all(
+        listed[c] == "succeeded" for c in ev.children.values()
+    )
+
+
+@pytest.fixture
+def limits(lab: Lab) -> Iterator[Path]:
+    """The registry file, restored after the test changed limits in it (workers re-read it)."""
+    path = Path(lab.config)
+    original = path.read_text()
+    yield path
+    path.write_text(original)
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ("\n[cluster]\nmax_migrations = 1\n", "cluster-wide limit 1 reached"),
+        ("", "lab1 outbound limit 1 reached"),
+    ],
+    ids=["cluster", "outbound"],
+)
+def test_single_migrations_wait_for_a_slot(
+    lab: Lab, home: None, limits: Path, extra: str, reason: str
+) -> None:
+    text = limits.read_text()
+    if not extra:
+        block = "[hosts.lab1.limits]\n"
+        assert block in text
+        text = text.replace(block, block + "max_outbound = 1\n")
+    limits.write_text(text + extra)
+    drover = Drover(load_settings(limits))  # producers read the limits too (admission)
+    with LimitsSampler(uris(lab)) as sampler:
+        first = drover.submit(domain="idle-1", src="lab1", dst="lab2", live=True)
+        second = drover.submit(domain="idle-2", src="lab1", dst="lab3", live=True)
+        wait_for(
+            lambda: drover.job(second).waiting_for is not None,
+            JOB_TIMEOUT_S,
+            "the second job to wait for a slot",
+        )
+        assert reason in (drover.job(second).waiting_for or "")
+        jobs = [drover.wait(j, JOB_TIMEOUT_S) for j in (first, second)]
+    assert [j.state.value for j in jobs] == ["succeeded", "succeeded"]
+    assert sampler.max_total == 1, "two migrations ran at once under a limit of one"
+    # The second started only after the first had ended.
+    assert jobs[1].admitted is not None and jobs[1].admitted >= jobs[0].updated
+    waiting = [e for e in drover.events(second) if e["event"] == "job.waiting"]
+    assert waiting and reason in waiting[0]["reason"]
+    assert lab.running_on("idle-1") == ["lab2"] and lab.running_on("idle-2") == ["lab3"]
+
+
+def test_disabled_host_is_never_a_destination(lab: Lab, home: None) -> None:
+    d = lab.drover
+    assert "lab2 disabled" in d.set_host_enabled("lab2", False, "firmware update")
+    with pytest.raises(SubmitError, match="lab2 is disabled for maintenance"):
+        d.submit(domain="idle-1", src="lab1", dst="lab2", live=True)
+    dry = evacuate(lab, host="lab1", dry_run=True)
+    assert {p.destination for p in dry.plan or []} == {"lab3"}
+    rows = {h["host"]: h for h in d.hosts()}
+    assert rows["lab2"]["state"] == "disabled"
+    assert rows["lab2"]["disabled_reason"] == "firmware update"
+    assert rows["lab1"]["worker_alive"] and set(GUESTS) <= set(rows["lab1"]["running"])
+    assert lab.running_on("idle-1") == ["lab1"]
+
+
+def _set_group(lab: Lab, host: str, domain: str, group: str) -> None:
+    conn = libvirt.open(lab.uri(host))
+    try:
+        conn.lookupByName(domain).setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            f'<placement group="{group}"/>',
+            "drover",
+            PLACEMENT_NS,
+            libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+        )
+    finally:
+        conn.close()
+
+
+def _clear_group(lab: Lab, domain: str) -> None:
+    for host in lab.running_on(domain):
+        conn = libvirt.open(lab.uri(host))
+        try:
+            conn.lookupByName(domain).setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                None,
+                None,
+                PLACEMENT_NS,
+                libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+            )
+        finally:
+            conn.close()
+
+
+def test_anti_affinity_that_cannot_be_met_ends_partial_with_the_reason(
+    lab: Lab, home: None
+) -> None:
+    for domain in ("idle-1", "idle-2"):
+        _set_group(lab, "lab1", domain, "web")
+    try:
+        ev = evacuate(lab, host="lab1", to=["lab2"])
+        assert ev.state.value == "partial"
+        plan = {p.domain: p for p in ev.plan or []}
+        unplaced = [p for p in plan.values() if p.destination is None]
+        assert [p.domain for p in unplaced] == ["idle-2"]
+        assert "anti-affinity group web already there" in (unplaced[0].reason or "")
+        assert "idle-2" in (ev.reason or "") and "still on lab1" in (ev.reason or "")
+        assert lab.running_on("idle-2") == ["lab1"]
+        for domain in GUESTS:
+            if domain != "idle-2":
+                assert lab.running_on(domain) == ["lab2"], domain
+    finally:
+        for domain in ("idle-1", "idle-2"):
+            _clear_group(lab, domain)
+
+
+def test_aborted_evacuation_leaves_every_vm_on_exactly_one_host(
+    lab: Lab, home: None, dirty_running: None
+) -> None:
+    d = lab.drover
+    # dirty-1 goes first (largest first) and, capped at 8 MiB/s, cannot converge: the
+    # abort finds it mid-migration with the idle guests still waiting for the one slot.
+    evacuation_id = d.evacuate(
+        d.evacuation_spec(host="lab1", to=["lab2", "lab3"], max_parallel=1, bandwidth_mib=8)
+    )
+
+    def dirty_migrating() -> bool:
+        ev = d.evacuation(evacuation_id)
+        child = ev.children.get("dirty-1")
+        return child is not None and d.job(child).state.value == "migrating"
+
+    wait_for(dirty_migrating, JOB_TIMEOUT_S, "dirty-1's migration to start")
+    assert "abort requested" in d.abort(evacuation_id)
+    ev = d.wait_evacuation(evacuation_id, JOB_TIMEOUT_S)
+    assert ev.state.value == "cancelled"
+    children = {domain: d.job(job_id) for domain, job_id in ev.children.items()}
+    assert children["dirty-1"].state.value == "cancelled"
+    assert all(job.terminal for job in children.values())
+    for domain in GUESTS:
+        where = lab.running_on(domain)
+        assert len(where) == 1, f"{domain} runs on {where}"
+    assert lab.running_on("dirty-1") == ["lab1"]
+    assert not lab.view("lab2", "dirty-1").exists and not lab.view("lab3", "dirty-1").exists
+    with pytest.raises(SubmitError, match="already cancelled"):
+        d.abort(evacuation_id)
