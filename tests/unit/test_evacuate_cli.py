@@ -1,0 +1,57 @@
+"""`drover evacuate`, `drover host` and `drover hosts` at the CLI, against a real Redis.
+
+Bad input is one line and a non-zero exit, and nothing reaches Redis; maintenance mode is
+honoured by every submission.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RedisServer
+from tests.unit.test_cli_errors import config, drover, queued_anything
+
+__all__ = ["config"]  # the fixture, imported for this module's tests
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["kvm1", "--to", "kvm1"], "--to includes kvm1, the host being evacuated"),
+        (["kvm1", "--to", "kvm2,,kvm2"], "has an empty host name"),
+        (["kvm1", "--to", "kvm2,kvm2"], "--to names kvm2 twice"),
+        (["kvm9"], "unknown host 'kvm9' (known hosts: kvm1, kvm2)"),
+        (["kvm1", "--to", "kvm7"], "unknown host 'kvm7'"),
+        (["kvm1", "--max-parallel", "0"], "max_parallel"),
+        (["kvm1", "--bandwidth", "0"], "bandwidth_mib"),
+        (["kvm1"], "kvm1's worker is not alive; it plans the evacuation of its host"),
+    ],
+)
+def test_bad_evacuations_are_one_line_and_queue_nothing(
+    config: Path, redis_srv: RedisServer, args: list[str], message: str
+) -> None:
+    result = drover(config, "evacuate", *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not queued_anything(redis_srv)
+
+
+def test_maintenance_mode_refuses_a_destination_until_enabled(config: Path) -> None:
+    result = drover(config, "host", "disable", "kvm2", "--reason", "new DIMMs")
+    assert result.returncode == 0 and "kvm2 disabled" in result.stdout
+    refused = drover(config, "migrate", "idle-1", "--from", "kvm1", "--to", "kvm2", "--live")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("drover: kvm2 is disabled for maintenance since")
+    assert "(new DIMMs); `drover host enable kvm2` puts it back" in refused.stderr
+    rows = {r["host"]: r for r in json.loads(drover(config, "hosts", "--json").stdout)}
+    assert rows["kvm2"]["state"] == "disabled" and rows["kvm2"]["disabled_reason"] == "new DIMMs"
+    assert rows["kvm1"]["state"] == "enabled" and not rows["kvm1"]["worker_alive"]
+    assert drover(config, "host", "enable", "kvm2").stdout.strip() == "kvm2 enabled"
+    assert drover(config, "host", "enable", "kvm2").stdout.strip() == "kvm2 was not disabled"
+    unknown = drover(config, "host", "disable", "kvm9")
+    assert unknown.returncode == 2 and "unknown host 'kvm9'" in unknown.stderr
