@@ -53,7 +53,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_track_started": True,
         "worker_concurrency": settings.tunables.worker_concurrency,
         "worker_pool": "threads",
-        "include": ["worker.tasks"],
+        "include": ["worker.tasks", "worker.schedule_tasks"],
         # Signed messages replace plain JSON when `[security] signing` is on (config/security.py).
         **signing_config(settings),
     }

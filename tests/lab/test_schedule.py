@@ -1,0 +1,274 @@
+"""Scheduled evacuations on the real lab: `drover beat` fires them, the host's worker evacuates.
+
+The beats run as `drover beat` subprocesses with the lab's config (signed messages, as the
+lab signs by default), so what is proven is the operator's path: the fired message is
+accepted by the worker, the evacuation runs through libvirt, and one beat fires at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import cast
+
+import libvirt
+import pytest
+import redis
+
+from config.settings import load_settings
+from jobs.evacuation import EVACUATION_KIND
+from jobs.store import JOBS_INDEX, job_key
+from lab import control
+from lab.layout import LabLayout
+from producer.schedules import LOCK_KEY, ScheduleStore
+from tests.support.lab_fixtures import IDLE_GUESTS, Lab, wait_for
+from worker.schedule_tasks import origin
+
+pytestmark = pytest.mark.lab
+
+# The schedule is added this far ahead of now, once the beat holds its lock.
+AHEAD_S = 5
+CLI_TIMEOUT_S = 60
+BEAT_START_TIMEOUT_S = 60
+BEAT_STOP_TIMEOUT_S = 15
+# From the scheduled time until the worker has created the evacuation.
+FIRE_TIMEOUT_S = 60
+EVACUATION_TIMEOUT_S = 300
+# How long the waiting beat is watched after the firing, for a second firing it must not do.
+STANDBY_WATCH_S = 5
+POLL_S = 0.2
+GUESTS = (*IDLE_GUESTS, "dirty-1")
+DESTINATIONS = ("lab2", "lab3")
+
+
+def drover(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DROVER_CONFIG": lab.config}
+    return subprocess.run(
+        [sys.executable, "-m", "producer", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+
+
+class Beat:
+    """One `drover beat` process, its output in a file."""
+
+    def __init__(self, lab: Lab, log: Path) -> None:
+        self.log = log
+        env = {**os.environ, "DROVER_CONFIG": lab.config}
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "producer", "beat"], stdout=out, stderr=out, env=env
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_started(self) -> None:
+        wait_for(
+            lambda: "beat: Starting" in self.text() or self.proc.poll() is not None,
+            BEAT_START_TIMEOUT_S,
+            f"beat to start ({self.log})",
+        )
+        assert self.proc.poll() is None, self.text()
+
+    def holds_lock(self) -> bool:
+        return "beat: Acquired lock" in self.text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(BEAT_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def beats(lab: Lab) -> Iterator[list[Beat]]:
+    """Beats a test starts; every one is stopped afterwards, whatever happened."""
+    started: list[Beat] = []
+    yield started
+    for beat in started:
+        beat.stop()
+
+
+@pytest.fixture
+def store(lab: Lab) -> ScheduleStore:
+    return ScheduleStore(load_settings(lab.config))
+
+
+def redis_of(lab: Lab) -> redis.Redis:
+    return redis.Redis.from_url(load_settings(lab.config).redis_url, decode_responses=True)
+
+
+def add_once(lab: Lab, host: str, *extra: str) -> str:
+    at = (datetime.now(UTC) + timedelta(seconds=AHEAD_S)).isoformat()
+    result = drover(lab, "schedule", "add", "evacuate", host, "--at", at, *extra, "--json")
+    assert result.returncode == 0, result.stderr
+    return str(json.loads(result.stdout)["id"])
+
+
+def evacuations_from(lab: Lab, schedule_id: str) -> list[str]:
+    """Ids of the evacuations whose origin is this schedule."""
+    r = redis_of(lab)
+    ids = cast(list[str], r.zrange(JOBS_INDEX, 0, -1))
+    found = []
+    for job_id in ids:
+        kind, started_by = cast(list[str | None], r.hmget(job_key(job_id), ["kind", "origin"]))
+        if kind == EVACUATION_KIND and started_by == origin(schedule_id):
+            found.append(job_id)
+    return found
+
+
+def running_domains(lab: Lab, host: str) -> list[str]:
+    conn = libvirt.open(lab.uri(host))
+    try:
+        return sorted(
+            d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        )
+    finally:
+        conn.close()
+
+
+def worker_events(host: str, name: str) -> list[dict[str, object]]:
+    """The structured events called `name` in `host`'s worker log."""
+    state = control.LabState.load(LabLayout.from_env())
+    assert state is not None
+    found = []
+    for line in Path(state.hosts[host].worker_log).read_text(errors="replace").splitlines():
+        if f'"{name}"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == name:
+            found.append(event)
+    return found
+
+
+def holds_for(cond: Callable[[], bool], seconds: float, what: str) -> None:
+    """`cond` stays true for `seconds` (polled)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert cond(), what
+        time.sleep(POLL_S)
+
+
+def test_a_scheduled_evacuation_fires_and_drains_the_host(
+    lab: Lab, beats: list[Beat], store: ScheduleStore, tmp_path: Path
+) -> None:
+    assert load_settings(lab.config).security.signing  # beat signs, lab1's worker verifies
+    lab.all_home()
+    assert running_domains(lab, "lab1") == sorted(GUESTS)
+    schedule_id = None
+    try:
+        beats.append(Beat(lab, tmp_path / "beat.log"))
+        beats[0].wait_started()
+        wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
+        schedule_id = add_once(lab, "lab1", "--to", ",".join(DESTINATIONS))
+        sid = schedule_id
+        wait_for(
+            lambda: bool(evacuations_from(lab, sid)),
+            AHEAD_S + FIRE_TIMEOUT_S,
+            "the schedule to start an evacuation",
+        )
+        (evacuation_id,) = evacuations_from(lab, sid)
+        wait_for(
+            lambda: lab.drover.evacuation(evacuation_id).terminal,
+            EVACUATION_TIMEOUT_S,
+            f"evacuation {evacuation_id} to end",
+        )
+        evacuation = lab.drover.evacuation(evacuation_id)
+        assert evacuation.state.value == "drained", evacuation.reason
+        assert evacuation.origin == f"schedule:{sid}"
+        assert evacuation.spec.to == list(DESTINATIONS)
+
+        assert running_domains(lab, "lab1") == []
+        for guest in GUESTS:
+            (where,) = lab.running_on(guest)
+            assert where in DESTINATIONS
+
+        shown = store.get(sid)
+        assert shown.fired and shown.next_run is None and shown.runs == 1
+        assert shown.last_run is not None and shown.last_run.evacuation_id == evacuation_id
+        assert f"Sending due task {sid}" in beats[0].text()
+        (event,) = [e for e in worker_events("lab1", "schedule.fired") if e["schedule_id"] == sid]
+        assert event["evacuation_id"] == evacuation_id
+        rejected = worker_events("lab1", "message.rejected")
+        assert not [e for e in rejected if "scheduled_evacuation" in str(e.get("task"))]
+        assert evacuations_from(lab, sid) == [evacuation_id]
+    finally:
+        for beat in beats:
+            beat.stop()
+        if schedule_id is not None:
+            drover(lab, "schedule", "remove", schedule_id)
+        lab.all_home()  # enables every host, brings the guests back to lab1
+
+
+def test_a_second_beat_fires_nothing_while_the_first_holds_the_lock(
+    lab: Lab, beats: list[Beat], store: ScheduleStore, tmp_path: Path
+) -> None:
+    """Two beats, one schedule, one evacuation; the waiting beat takes over afterwards.
+
+    lab2 runs no guest here, so its evacuation is quick: planned empty, drained.
+    """
+    lab.all_home()
+    assert running_domains(lab, "lab2") == []
+    schedule_id = None
+    try:
+        beats.append(Beat(lab, tmp_path / "beat1.log"))
+        beats[0].wait_started()
+        wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "beat 1 to take the lock")
+        holder = redis_of(lab).get(LOCK_KEY)
+        beats.append(Beat(lab, tmp_path / "beat2.log"))
+        beats[1].wait_started()
+
+        schedule_id = add_once(lab, "lab2")
+        sid = schedule_id
+        wait_for(
+            lambda: store.get(sid).last_run is not None,
+            AHEAD_S + FIRE_TIMEOUT_S,
+            "the schedule to fire",
+        )
+        (evacuation_id,) = evacuations_from(lab, sid)
+        wait_for(
+            lambda: lab.drover.evacuation(evacuation_id).terminal,
+            EVACUATION_TIMEOUT_S,
+            f"evacuation {evacuation_id} to end",
+        )
+        assert lab.drover.evacuation(evacuation_id).state.value == "drained"
+
+        # The waiting beat never took the lock, so it never looked at the schedule.
+        holds_for(
+            lambda: evacuations_from(lab, sid) == [evacuation_id],
+            STANDBY_WATCH_S,
+            "one evacuation only",
+        )
+        assert store.get(sid).runs == 1
+        assert not beats[1].holds_lock() and sid not in beats[1].text()
+        assert redis_of(lab).get(LOCK_KEY) == holder
+
+        beats[0].stop()
+        assert beats[0].proc.returncode == 0, beats[0].text()
+        wait_for(beats[1].holds_lock, BEAT_START_TIMEOUT_S, "beat 2 to take over the lock")
+        assert evacuations_from(lab, sid) == [evacuation_id]
+    finally:
+        for beat in beats:
+            beat.stop()
+        if schedule_id is not None:
+            drover(lab, "schedule", "remove", schedule_id)
+        lab.drover.set_host_enabled("lab2", True)
+    assert redis_of(lab).get(LOCK_KEY) is None
