@@ -1,9 +1,10 @@
 """`drover demo` (what `make demo` runs): drover's main job, on the local lab, end to end.
 
-Brings the lab up, live-migrates idle-1 around the two hosts in three modes (peer-to-peer
-native, peer-to-peer tunnelled, managed direct) and dirty-1 to lab2, each as the CLI would,
-shows every event as it happens, proves each outcome through libvirt on both hosts, prints a
-summary, and tears the lab down again.
+Brings the lab up (three hosts, four idle guests and dirty-1 on lab1), live-migrates idle-1
+around in three modes (peer-to-peer native, peer-to-peer tunnelled, managed direct) and
+dirty-1 to lab2, each as the CLI would, then drains lab1 onto lab2 and lab3 two at a time.
+It shows every event as it happens, proves each outcome through libvirt on the hosts, prints
+a summary, and tears the lab down again.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ from rich.table import Table
 from config.settings import load_settings
 from lab import control
 from producer.api import Drover
-from producer.follow import follow
+from producer.follow import follow, follow_evacuation
+from producer.render import plan_table
 
 # libvirt prints every error to stderr unless told otherwise; lookups here may miss on purpose.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 JOB_TIMEOUT_S = 300.0
+DEMO_HOSTS = 3
+DEMO_IDLE_GUESTS = 4
+EVACUATED = "lab1"
+EVACUATION_PARALLEL = 2
 
 
 @dataclass(frozen=True)
@@ -92,8 +98,11 @@ def where_running(status: dict[str, Any], domain: str) -> list[str]:
 
 
 def run_demo(console: Console, keep: bool = False) -> bool:
-    console.rule("drover demo: bringing up the lab (2 hosts, real libvirtd + QEMU)")
-    state = control.up(2)
+    console.rule(
+        f"drover demo: bringing up the lab ({DEMO_HOSTS} hosts, real libvirtd + QEMU, "
+        f"{DEMO_IDLE_GUESTS + 1} guests on lab1)"
+    )
+    state = control.up(DEMO_HOSTS, guests=DEMO_IDLE_GUESTS)
     ok = True
     try:
         status = control.status()
@@ -143,6 +152,7 @@ def run_demo(console: Console, keep: bool = False) -> bool:
                 f"{job.duration_s * 1000:.0f} ms",
                 said,
             )
+        ok = _evacuation(console, d, status, summary) and ok
         console.print(summary)
     finally:
         if keep:
@@ -150,4 +160,38 @@ def run_demo(console: Console, keep: bool = False) -> bool:
         else:
             console.rule("tearing the lab down")
             console.print("removed: " + ", ".join(control.down()), markup=False)
+    return ok
+
+
+def _evacuation(console: Console, d: Drover, status: dict[str, Any], summary: Table) -> bool:
+    """Drain lab1: plan, children two at a time, every domain confirmed where it was placed."""
+    console.rule(f"draining {EVACUATED} for maintenance")
+    console.print(
+        "[dim]the host's worker places each guest (memory, CPU, anti-affinity), disables "
+        f"{EVACUATED}, and migrates at most {EVACUATION_PARALLEL} at a time[/dim]"
+    )
+    console.print(f"$ drover evacuate {EVACUATED} --max-parallel {EVACUATION_PARALLEL} --wait")
+    spec = d.evacuation_spec(host=EVACUATED, max_parallel=EVACUATION_PARALLEL)
+    ev = follow_evacuation(d, d.evacuate(spec), console, JOB_TIMEOUT_S)
+    console.print(plan_table(ev.plan or [], f"plan for {EVACUATED}"))
+    ok = ev.state.value == "drained" and bool(ev.plan)
+    for placement in ev.plan or []:
+        running = where_running(status, placement.domain)
+        verified = running == [placement.destination]
+        ok = ok and verified
+        console.print(
+            f"{'OK' if verified else 'MISMATCH'}: libvirt shows {placement.domain} running on "
+            f"{', '.join(running) or 'no host'}"
+        )
+    summary.add_row(
+        ev.id,
+        f"{len(ev.plan or [])} guests",
+        f"{EVACUATED} -> {', '.join(sorted({p.destination or '-' for p in ev.plan or []}))}",
+        f"evacuate --max-parallel {EVACUATION_PARALLEL}",
+        ev.state.value,
+        "-",
+        f"{ev.duration_s * 1000:.0f} ms",
+        f"{EVACUATED} empty" if ev.state.value == "drained" else str(ev.reason),
+    )
+    d.set_host_enabled(EVACUATED, True)
     return ok
