@@ -273,6 +273,14 @@ class Drover:
                 raise SubmitError(
                     f"{spec.host}'s worker is not alive; it plans the evacuation of its host"
                 )
+            if not spec.dry_run:
+                for other in self.evacuations.active_ids():
+                    running = self.evacuations.get(other)
+                    if running.spec.host == spec.host and not running.spec.dry_run:
+                        raise SubmitError(
+                            f"{spec.host} already has an active evacuation {other} "
+                            f"({running.state.value})"
+                        )
             evacuation_id = self.evacuations.create(spec, origin)
             if not spec.dry_run:
                 self.maintenance.disable(spec.host, f"evacuation {evacuation_id}", by=origin)

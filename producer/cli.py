@@ -365,8 +365,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except UsageError as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
-            err.print(exc.ctx.get_help(), markup=False)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            pass  # building this error rendered the help already (Typer's rich help prints)
         else:
             where = exc.ctx.command_path if exc.ctx else "drover"
             err.print(f"{where}: {exc.format_message()}", markup=False, soft_wrap=True)

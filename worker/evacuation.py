@@ -13,6 +13,8 @@ a plan is made once and children are queued once per domain.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import libvirt
@@ -72,28 +74,25 @@ def start(rt: Runtime, evacuation_id: str) -> None:
     if ev.spec.host != rt.host:
         log.warning("message.rejected", reason=f"evacuation of {ev.spec.host}, not {rt.host}")
         return
-    with structlog.contextvars.bound_contextvars(**_context(ev)):
+    with structlog.contextvars.bound_contextvars(**_context(ev)), _planning(rt, ev.id):
         moved, previous = store.transition(ev.id, EvacuationState.PLANNING)
         if not moved:
             log.info("evacuation.skipped", reason=f"evacuation is {previous}, not queued")
             return
-        with _planning(rt, ev.id):
-            _plan_and_queue(rt, store, ev)
+        _plan_and_queue(rt, store, ev)
 
 
-class _planning:
+@contextmanager
+def _planning(rt: Runtime, evacuation_id: str) -> Iterator[None]:
     """Mark an evacuation as being planned in this process (the watch leaves it alone)."""
-
-    def __init__(self, rt: Runtime, evacuation_id: str) -> None:
-        self.rt, self.key = rt, (evacuation_id, PLANNING_KEY)
-
-    def __enter__(self) -> None:
-        with self.rt.lock:
-            self.rt.running.add(self.key)
-
-    def __exit__(self, *_: object) -> None:
-        with self.rt.lock:
-            self.rt.running.discard(self.key)
+    key = (evacuation_id, PLANNING_KEY)
+    with rt.lock:
+        rt.running.add(key)
+    try:
+        yield
+    finally:
+        with rt.lock:
+            rt.running.discard(key)
 
 
 def _plan_and_queue(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:

@@ -111,7 +111,7 @@ def finish(lab: Lab, job_id: str, timeout: float = JOB_TIMEOUT_S) -> Job:
 def workers_back(lab: Lab) -> Iterator[None]:
     """Whatever a case kills, every worker, libvirtd, link and Redis is back afterwards."""
     yield
-    for name in ("lab1", "lab2"):
+    for name in lab.hosts():
         control.set_link(name, True)
         status = control.status()["hosts"][name]
         if not status["worker_alive"]:
