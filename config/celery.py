@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 
+from config.event_dispatcher import EVENTS_PATH
 from config.security import enable_signing, signing_config
 from config.settings import Settings, load_settings
 
@@ -66,7 +67,9 @@ def make_app(settings: Settings | None = None) -> Celery:
     error surfaces as one line where it is used rather than as an import traceback.
     """
     # Every task checks its message before it runs: size, content type, a job id only.
-    celery_app = Celery("drover", task_cls="config.security:DroverTask")
+    # Task events go through a dispatcher that does not drop those a pool thread sends while
+    # the worker's event loop is publishing (celery/celery#10434; config/event_dispatcher.py).
+    celery_app = Celery("drover", task_cls="config.security:DroverTask", events=EVENTS_PATH)
     if settings is not None:
         celery_app.conf.update(celery_config(settings))
         enable_signing(celery_app, settings)

@@ -186,10 +186,12 @@ def test_redis_keeps_an_append_only_file_on_a_named_volume(compose: dict[str, An
     assert redis["restart"] == "unless-stopped"
 
 
-def test_flower_runs_celery_flower_after_redis_is_healthy(compose: dict[str, Any]) -> None:
+def test_flower_runs_drover_flower_after_redis_is_healthy(compose: dict[str, Any]) -> None:
     flower = compose["services"]["flower"]
-    argv = _argv(flower, "entrypoint") + _argv(flower, "command")
-    assert argv[:4] == ["celery", "-A", "config", "flower"]
+    assert "entrypoint" not in flower  # the image's: `drover`
+    argv = _argv(flower, "command")
+    assert argv == ["flower", "--address", "0.0.0.0", "--port", "5555"]
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]  # it refuses 0.0.0.0 without auth
     assert any(p.split(":")[-2:] == ["5555", "5555"] for p in flower["ports"])
     assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
 
