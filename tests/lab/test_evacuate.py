@@ -15,6 +15,7 @@ import pytest
 
 from config.settings import load_settings
 from jobs.evacuation import Evacuation
+from lab.guests import GuestSpec, domain_xml
 from producer.api import Drover, SubmitError
 from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, wait_for
 from tests.support.limits_sampler import LimitsSampler
@@ -223,3 +224,80 @@ def test_aborted_evacuation_leaves_every_vm_on_exactly_one_host(
     assert not lab.view("lab2", "dirty-1").exists and not lab.view("lab3", "dirty-1").exists
     with pytest.raises(SubmitError, match="already cancelled"):
         d.abort(evacuation_id)
+
+
+OFF = "off-1"  # defined, never started: moved by offline migration with --include-inactive
+OLD_CPU = "oldcpu-1"  # asks for a CPU no lab hypervisor can run (TCG lacks its features)
+IMPOSSIBLE_CPU = (
+    "<cpu mode='custom' match='exact'><model fallback='forbid'>Icelake-Server</model></cpu>"
+)
+
+
+def _define_inactive(lab: Lab, name: str, cpu: str | None = None) -> None:
+    xml = domain_xml(GuestSpec(name, 64))
+    if cpu is not None:
+        start = xml.index("<cpu")
+        end = xml.index("</cpu>") + len("</cpu>")
+        xml = xml[:start] + cpu + xml[end:]
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        conn.defineXML(xml)
+    finally:
+        conn.close()
+
+
+def _undefine_everywhere(lab: Lab, name: str) -> None:
+    for host in lab.hosts():
+        conn = libvirt.open(lab.uri(host))
+        try:
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError:
+                continue
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def inactive_guests(lab: Lab) -> Iterator[None]:
+    _define_inactive(lab, OFF)
+    _define_inactive(lab, OLD_CPU, IMPOSSIBLE_CPU)
+    yield
+    for name in (OFF, OLD_CPU):
+        _undefine_everywhere(lab, name)
+
+
+def test_plan_from_real_facts_memory_cpu_and_inactive_domains(
+    lab: Lab, home: None, limits: Path, inactive_guests: None
+) -> None:
+    # lab2 declares room for two idle guests (128 MiB); dirty-1 (128) and the rest go to lab3.
+    block = "[hosts.lab2.limits]\nmemory_mib = 1024\n"
+    assert block in limits.read_text()
+    limits.write_text(limits.read_text().replace(block, "[hosts.lab2.limits]\nmemory_mib = 128\n"))
+    request = {"host": "lab1", "to": ["lab2", "lab3"], "include_inactive": True}
+    dry = evacuate(lab, **request, dry_run=True)
+    plan = {p.domain: p for p in dry.plan or []}
+    assert set(plan) == {*GUESTS, OFF, OLD_CPU}
+    on_lab2 = [p for p in plan.values() if p.destination == "lab2" and p.active]
+    assert sum(p.memory_mib for p in on_lab2) <= 128 and plan["dirty-1"].destination == "lab3"
+    assert plan[OLD_CPU].destination is None
+    assert "cannot run the guest's CPU model" in (plan[OLD_CPU].reason or "")
+    assert plan[OFF].destination is not None and not plan[OFF].active
+
+    ev = evacuate(lab, **request)
+    assert ev.state.value == "partial"
+    assert {p.domain: p.destination for p in ev.plan or []} == {
+        d: p.destination for d, p in plan.items()
+    }
+    assert f"{OLD_CPU} (no destination" in (ev.reason or "")
+    off_at = plan[OFF].destination
+    assert off_at is not None
+    moved = lab.view(off_at, OFF)
+    assert moved.exists and moved.persistent and not moved.active
+    assert not lab.view("lab1", OFF).exists
+    assert lab.view("lab1", OLD_CPU).exists  # it had nowhere to go, and is listed why
+    for domain in GUESTS:
+        assert lab.running_on(domain) == [plan[domain].destination], domain
