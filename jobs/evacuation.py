@@ -20,8 +20,9 @@ from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jobs.model import elapsed_s
 from jobs.spec import MAX_BANDWIDTH_MIB, HostRef
-from jobs.store import JOBS_INDEX, JobNotFound, JobStore, events_key, job_key, now
+from jobs.store import JOBS_INDEX, JobNotFound, JobStore, job_key, now
 
 M = TypeVar("M", bound=BaseModel)
 EVACUATION_KIND = "evacuation"
@@ -138,8 +139,7 @@ class Evacuation(BaseModel):
 
     @property
     def duration_s(self) -> float:
-        end = self.updated if self.terminal else datetime.now(self.created.tzinfo)
-        return (end - self.created).total_seconds()
+        return elapsed_s(self.created, self.updated, self.terminal)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -269,9 +269,6 @@ class EvacuationStore:
 
     def append_event(self, evacuation_id: str, event: dict[str, Any]) -> str:
         return self.store.append_event(evacuation_id, event)
-
-    def events_key(self, evacuation_id: str) -> str:
-        return events_key(evacuation_id)
 
 
 def _parse_list(model: type[M], raw: str | None) -> list[M] | None:

@@ -26,6 +26,12 @@ class Transition(BaseModel):
     reason: str | None = None
 
 
+def elapsed_s(created: datetime, updated: datetime, terminal: bool) -> float:
+    """How long a job ran (until its last update once it has ended, until now before)."""
+    end = updated if terminal else datetime.now(created.tzinfo)
+    return (end - created).total_seconds()
+
+
 class Job(BaseModel):
     id: str
     spec: MigrationSpec
@@ -51,8 +57,7 @@ class Job(BaseModel):
 
     @property
     def duration_s(self) -> float:
-        end = self.updated if self.terminal else datetime.now(self.created.tzinfo)
-        return (end - self.created).total_seconds()
+        return elapsed_s(self.created, self.updated, self.terminal)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -28,6 +28,7 @@ from jobs.store import JOBS_INDEX, job_key
 from lab import control
 from lab.layout import LabLayout
 from producer.schedules import LOCK_KEY, ScheduleStore
+from tests.support.cli import run_drover
 from tests.support.lab_fixtures import IDLE_GUESTS, Lab, wait_for
 from worker.schedule_tasks import origin
 
@@ -35,7 +36,6 @@ pytestmark = pytest.mark.lab
 
 # The schedule is added this far ahead of now, once the beat holds its lock.
 AHEAD_S = 5
-CLI_TIMEOUT_S = 60
 BEAT_START_TIMEOUT_S = 60
 BEAT_STOP_TIMEOUT_S = 15
 # From the scheduled time until the worker has created the evacuation.
@@ -49,15 +49,7 @@ DESTINATIONS = ("lab2", "lab3")
 
 
 def drover(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DROVER_CONFIG": lab.config}
-    return subprocess.run(
-        [sys.executable, "-m", "producer", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
+    return run_drover(lab.config, *args)
 
 
 class Beat:

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import redis
 
 from tests.conftest import RedisServer, free_port
+from tests.support.cli import run_drover
 from tests.support.registry import REGISTRY
 
 
 def drover(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DROVER_CONFIG": str(config)}
-    env.pop("DROVER_REDIS_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "producer", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
-@pytest.fixture
-def config(tmp_path: Path, redis_srv: RedisServer) -> Path:
-    redis.Redis.from_url(redis_srv.url).flushdb()
-    path = tmp_path / "drover.toml"
-    path.write_text(REGISTRY.format(url=redis_srv.url))
-    return path
+    return run_drover(config, *args)
 
 
 def queued_anything(redis_srv: RedisServer) -> bool:

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RedisServer
-from tests.unit.test_cli_errors import config, drover, queued_anything
-
-__all__ = ["config"]  # the fixture, imported for this module's tests
+from tests.unit.test_cli_errors import drover, queued_anything
 
 
 @pytest.mark.parametrize(

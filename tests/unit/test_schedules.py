@@ -44,11 +44,11 @@ from producer.schedules import (
     parse_cron,
 )
 from tests.conftest import RedisServer, free_port
+from tests.support.cli import run_drover
 from tests.support.registry import REGISTRY
 from worker.schedule_tasks import fire
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
-CLI_TIMEOUT_S = 60
 FIRE_TIMEOUT_S = 20
 BEAT_START_TIMEOUT_S = 30
 BEAT_STOP_TIMEOUT_S = 15
@@ -67,24 +67,7 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def drover(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DROVER_CONFIG": str(config)}
-    env.pop("DROVER_REDIS_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "producer", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
-
-
-@pytest.fixture
-def config(tmp_path: Path, redis_srv: RedisServer) -> Path:
-    redis.Redis.from_url(redis_srv.url).flushdb()
-    path = tmp_path / "drover.toml"
-    path.write_text(REGISTRY.format(url=redis_srv.url))
-    return path
+    return run_drover(config, *args)
 
 
 @pytest.fixture

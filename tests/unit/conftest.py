@@ -1,0 +1,20 @@
+"""Unit-level fixtures: a registry of hosts that do not exist, on the real test Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import RedisServer
+from tests.support.registry import REGISTRY
+
+
+@pytest.fixture
+def config(tmp_path: Path, redis_srv: RedisServer) -> Path:
+    """drover.toml naming kvm1 and kvm2 (never reachable), on an emptied Redis."""
+    redis.Redis.from_url(redis_srv.url).flushdb()
+    path = tmp_path / "drover.toml"
+    path.write_text(REGISTRY.format(url=redis_srv.url))
+    return path
