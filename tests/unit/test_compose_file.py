@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 CONFIG_IN_CONTAINER = "/etc/drover/drover.toml"
-DROVER_SERVICES = ("flower", "producer", "worker")
+DROVER_SERVICES = ("beat", "flower", "producer", "worker")
 
 # What an operator's .env holds (see the comments at the top of docker-compose.yml).
 SAMPLE_ENV = {
@@ -242,3 +242,11 @@ def test_every_service_of_the_drover_image_builds_from_the_dockerfile(
         assert dockerfile.resolve() == DOCKERFILE, name
     assert DOCKERFILE.is_file()
     assert re.search(r"^ENTRYPOINT \[\"drover\"\]$", DOCKERFILE.read_text(), re.M)
+
+
+def test_beat_fires_schedules_after_redis_is_healthy(compose: dict[str, Any]) -> None:
+    beat = compose["services"]["beat"]
+    assert "entrypoint" not in beat  # the image's: `drover`
+    assert _argv(beat, "command") == ["beat"]
+    assert beat["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert beat["restart"] == "unless-stopped"  # it exits when Redis goes away
