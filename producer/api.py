@@ -172,17 +172,18 @@ class Drover:
     def job(self, job_id: str) -> Job:
         return self.store.get(job_id)
 
+    def record(self, job_id: str) -> Job | Evacuation:
+        """A migration job or an evacuation, whichever the id names."""
+        if self.store.kind(job_id) == EVACUATION_KIND:
+            return self.evacuations.get(job_id)
+        return self.store.get(job_id)
+
     def jobs(self, limit: int = 50) -> list[Job | Evacuation]:
         """Newest first: migration jobs and evacuations."""
         found: list[Job | Evacuation] = []
         for job_id in self.store.recent_ids(limit):
             try:
-                kind = self.store.kind(job_id)
-                found.append(
-                    self.evacuations.get(job_id)
-                    if kind == EVACUATION_KIND
-                    else self.store.get(job_id)
-                )
+                found.append(self.record(job_id))
             except JobNotFound:
                 continue
         return found

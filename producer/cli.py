@@ -244,10 +244,10 @@ def job(
     job_id: Annotated[str, typer.Argument(help="job id")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Show one job: state, phases with host and timings, result."""
+    """Show one job (phases, hosts, timings, result) or evacuation (plan, children, outcome)."""
 
     def go() -> None:
-        j = _drover().job(job_id)
+        j = _drover().record(job_id)
         data = j.model_dump(mode="json")
         print_json(data) if as_json else out.print_json(json.dumps(data, default=str))
 

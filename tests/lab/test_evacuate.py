@@ -7,6 +7,7 @@ host ever had more migrations going out or coming in than its limits allow.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from config.settings import load_settings
 from jobs.evacuation import Evacuation
 from lab.guests import GuestSpec, domain_xml
 from producer.api import Drover, SubmitError
+from tests.support.cli import run_drover
 from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, wait_for
 from tests.support.limits_sampler import LimitsSampler
 from worker.fleet_view import PLACEMENT_NS
@@ -79,9 +81,16 @@ def test_evacuation_drains_lab1_within_limits_as_the_dry_run_planned(lab: Lab, h
     lab1 = next(h for h in lab.drover.hosts() if h["host"] == "lab1")
     assert lab1["state"] == "disabled" and ev.id in lab1["disabled_reason"]
     listed = {j.id: j.summary()["state"] for j in lab.drover.jobs(20)}
-    assert listed[ev.id] == "drained" and all(
-        listed[c] == "succeeded" for c in ev.children.values()
-    )
+    assert listed[ev.id] == "drained"
+    assert all(listed[c] == "succeeded" for c in ev.children.values())
+    # The same through the CLI an operator uses.
+    shown = json.loads(run_drover(lab.config, "job", ev.id, "--json").stdout)
+    assert shown["state"] == "drained" and set(shown["children"]) == set(GUESTS)
+    lines = run_drover(lab.config, "events", ev.id, "--json").stdout.splitlines()
+    assert json.loads(lines[-1])["state"] == "drained"
+    rows = json.loads(run_drover(lab.config, "jobs", "--json", "--limit", "20").stdout)
+    row = next(r for r in rows if r["id"] == ev.id)
+    assert (row["kind"], row["state"]) == ("evacuation", "drained")
 
 
 @pytest.fixture
