@@ -134,11 +134,12 @@ def fault_config(lab: Lab) -> Iterator[Callable[[str], None]]:
 
 def settle_jobs(lab: Lab) -> None:
     """Abort whatever a failed case left running, and wait until every job has ended."""
-    store = lab.drover.store
-    for job_id in store.active_ids():
+    store, evacuations = lab.drover.store, lab.drover.evacuations
+    for job_id in evacuations.active_ids() + store.active_ids():
         with contextlib.suppress(SubmitError, JobNotFound):
             lab.drover.abort(job_id)
     wait_for(lambda: not store.active_ids(), JOB_TIMEOUT_S, "every job to end")
+    wait_for(lambda: not evacuations.active_ids(), JOB_TIMEOUT_S, "every evacuation to end")
 
 
 @pytest.fixture
