@@ -16,6 +16,8 @@ from jobs.states import JobState
 from jobs.store import JobStore
 
 ABORT_REASON = "aborted by operator"
+# A job may move on between reading its state and cancelling it; read again this often.
+CANCEL_ATTEMPTS = 5
 
 
 class TooLate(Exception):
@@ -31,30 +33,42 @@ def abort_job(
     reason: str = ABORT_REASON,
 ) -> str:
     """Stop `job_id`; `rollback` asks its destination to clean up. Returns what happened."""
-    job = store.get(job_id)
-    if job.terminal:
-        raise TooLate(f"job {job_id} already {job.state.value}; nothing to abort")
-    if job.state is JobState.FINISHING:
-        raise TooLate(
-            f"job {job_id} is finishing: {job.spec.domain} already runs on {job.spec.dst}"
+    store.get(job_id)  # JobNotFound before any flag is set
+    for _ in range(CANCEL_ATTEMPTS):
+        job = store.get(job_id)
+        if job.terminal:
+            raise TooLate(f"job {job_id} already {job.state.value}; nothing to abort")
+        if job.state is JobState.FINISHING:
+            raise TooLate(
+                f"job {job_id} is finishing: {job.spec.domain} already runs on {job.spec.dst}"
+            )
+        store.request_abort(job_id, reason)
+        if job.state is JobState.MIGRATING:
+            return (
+                f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
+            )
+        # Only from the state just read: a job that moved on into `migrating` meanwhile is
+        # aborted by its source's monitor (which sees the flag), never cancelled under it.
+        moved, _ = store.transition(
+            job_id, JobState.CANCELLED, host=by, reason=reason, only_from=job.state
         )
-    store.request_abort(job_id, reason)
-    if job.state is JobState.MIGRATING:
-        return f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
-    moved, previous = store.transition(job_id, JobState.CANCELLED, host=by, reason=reason)
-    if not moved:
-        return f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
+        if moved:
+            _cancelled(store, job, by, reason)
+            if job.state is not JobState.QUEUED:
+                rollback(job)
+            return f"job {job_id} cancelled ({job.state.value})"
+    return f"abort requested: {job.spec.src} stops the job of {job.spec.domain}"
+
+
+def _cancelled(store: JobStore, job: Job, by: str, reason: str) -> None:
     event = job_event(
         "job.state",
         by,
-        job_id=job_id,
+        job_id=job.id,
         domain=job.spec.domain,
         src=job.spec.src,
         dst=job.spec.dst,
         state=JobState.CANCELLED.value,
         reason=reason,
     )
-    store.append_event(job_id, event)
-    if JobState(previous or "queued") is not JobState.QUEUED:
-        rollback(job)
-    return f"job {job_id} cancelled ({previous.value if previous else 'queued'})"
+    store.append_event(job.id, event)

@@ -29,10 +29,9 @@ if TYPE_CHECKING:
 
 JOB_KEY_PREFIX = job_key("")
 CLUSTER_GATE = f"{KEY_PREFIX}:slots:cluster"
-# How many waiting jobs one pass looks at (oldest first); the rest wait for the next pass.
-ADMIT_BATCH = 200
 
 ADMITTED, REFUSED, GONE, ALREADY = 1, 0, -1, 2
+ADMISSION_HOST = "admission"  # the `host` of the events and transitions admission writes
 
 # KEYS[1] waiting set, KEYS[2] job hash, KEYS[3..] gate sets; ARGV[1] job id, ARGV[2] time,
 # ARGV[3..] the gates' limits in KEYS order. Returns {1} admitted, {0, gate} refused by gate,
@@ -121,7 +120,7 @@ class Admission:
         self.store.r.zadd(WAITING, {job_id: created})
 
     def waiting_ids(self) -> list[str]:
-        return cast(list[str], self.store.r.zrange(WAITING, 0, ADMIT_BATCH - 1))
+        return cast(list[str], self.store.r.zrange(WAITING, 0, -1))
 
     def admit_waiting(self, settings: Settings, send: Send) -> list[str]:
         """Admit, oldest first, every waiting job that fits now; return the ids admitted."""
@@ -146,7 +145,7 @@ class Admission:
         try:
             gates = gates_for(spec, settings, int(parent_limit or 0) or None, parent or "")
         except Exception as exc:  # a host removed from the registry while the job waited
-            self._fail(job_id, spec, f"cannot admit: {exc}")
+            self._end(job_id, spec, JobState.FAILED, f"cannot admit: {exc}")
             return False
         result = cast(
             list[Any],
@@ -159,6 +158,9 @@ class Admission:
         if code == ADMITTED:
             send(job_id, spec)
             return True
+        if code == GONE and result[1] == JobState.QUEUED.value:
+            # Its abort was cut short between the flag and the transition: finish it.
+            self._end(job_id, spec, JobState.CANCELLED, "aborted before it started")
         if code == REFUSED:
             gate = next(g for g in gates if g.key == result[1])
             reason = f"waiting for a slot: {gate.label} limit {gate.limit} reached"
@@ -167,10 +169,12 @@ class Admission:
                 self.store.append_event(job_id, _event(job_id, spec, "job.waiting", reason))
         return False
 
-    def _fail(self, job_id: str, spec: MigrationSpec, reason: str) -> None:
-        moved, _ = self.store.transition(job_id, JobState.FAILED, host="admission", reason=reason)
+    def _end(self, job_id: str, spec: MigrationSpec, final: JobState, reason: str) -> None:
+        moved, _ = self.store.transition(
+            job_id, final, host=ADMISSION_HOST, reason=reason, only_from=JobState.QUEUED
+        )
         if moved:
-            event = _event(job_id, spec, "job.state", reason) | {"state": JobState.FAILED.value}
+            event = _event(job_id, spec, "job.state", reason) | {"state": final.value}
             self.store.append_event(job_id, event)
 
     def holders(self, gate: str) -> set[str]:
@@ -184,7 +188,7 @@ def _now_iso() -> str:
 def _event(job_id: str, spec: MigrationSpec, name: str, reason: str) -> dict[str, Any]:
     return job_event(
         name,
-        "admission",
+        ADMISSION_HOST,
         job_id=job_id,
         domain=spec.domain,
         src=spec.src,

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from jobs.model import elapsed_s
 from jobs.spec import MAX_BANDWIDTH_MIB, HostRef
-from jobs.store import JOBS_INDEX, JobNotFound, JobStore, job_key, now
+from jobs.store import JOBS_INDEX, JobNotFound, JobStore, children_key, job_key, now
 
 M = TypeVar("M", bound=BaseModel)
 EVACUATION_KIND = "evacuation"
@@ -115,8 +115,9 @@ class DomainOutcome(BaseModel):
     job_id: str | None
     job_state: str | None
     on_source: bool  # still defined or running on the evacuated host
-    running_on: str | None  # the destination it runs on, if confirmed there
-    reason: str | None = None
+    running_on: str | None  # its destination, if libvirt there shows it as planned
+    moved: bool = False  # the child succeeded, it is on its destination and gone from here
+    reason: str | None = None  # why it did not move
 
 
 class Evacuation(BaseModel):
@@ -208,7 +209,7 @@ class EvacuationStore:
             raise JobNotFound(f"no job {evacuation_id!r}")
         if raw.get("kind") != EVACUATION_KIND:
             raise JobNotFound(f"{evacuation_id} is a migration job, not an evacuation")
-        children = cast(dict[str, str], self.r.hgetall(f"{job_key(evacuation_id)}:children"))
+        children = cast(dict[str, str], self.r.hgetall(children_key(evacuation_id)))
         return Evacuation(
             id=raw["id"],
             spec=EvacuationSpec.model_validate_json(raw["spec"]),
@@ -245,9 +246,6 @@ class EvacuationStore:
         data = "[" + ",".join(p.model_dump_json() for p in plan) + "]"
         self.r.hset(job_key(evacuation_id), "plan", data)
 
-    def add_child(self, evacuation_id: str, domain: str, job_id: str) -> None:
-        self.r.hset(f"{job_key(evacuation_id)}:children", domain, job_id)
-
     def save_outcome(
         self, evacuation_id: str, outcome: list[DomainOutcome], left_on_host: list[str]
     ) -> None:
@@ -259,6 +257,11 @@ class EvacuationStore:
 
     def request_abort(self, evacuation_id: str, reason: str) -> None:
         self.r.hset(job_key(evacuation_id), "abort_requested", reason)
+
+    def may_redispatch(self, evacuation_id: str, every_s: float) -> bool:
+        """True at most once per `every_s`: a lost task message is sent again, not flooded."""
+        key = f"{job_key(evacuation_id)}:redispatched"
+        return bool(self.r.set(key, now().isoformat(), nx=True, px=int(every_s * 1000)))
 
     def mark_reported(self, evacuation_id: str, job_id: str) -> bool:
         """True the first time a child's end is reported (its event is written once)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -40,7 +41,8 @@ RETRY_BASE_S = 0.05
 # ARGV[6] "1" if the target is terminal, ARGV[7..] allowed source states.
 # Returns {1, previous} when moved, {2, current} when already there, {0, current} if refused.
 # Ending a job gives back its concurrency slots (the `gates` it was admitted through) in the
-# same step, so no crash can leave a slot held by a job that has ended.
+# same step (and its memory reservations), so no crash can leave a slot or a reservation held
+# by a job that has ended.
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
@@ -58,12 +60,16 @@ for i = 7, #ARGV do
       if gates then
         for gate in string.gmatch(gates, '%S+') do redis.call('SREM', gate, ARGV[5]) end
       end
+      local spec = cjson.decode(redis.call('HGET', KEYS[1], 'spec'))
+      for _, host in ipairs({spec['src'], spec['dst']}) do
+        redis.call('HDEL', '__RESERVATIONS__' .. host .. ':reservations', ARGV[5])
+      end
     end
     return {1, cur}
   end
 end
 return {0, cur}
-"""
+""".replace("__RESERVATIONS__", f"{KEY_PREFIX}:host:")
 
 # Compare-and-delete / compare-and-extend for leases: only the holder may touch its lease.
 _RELEASE_LUA = """
@@ -94,6 +100,11 @@ def reservations_key(host: str) -> str:
 
 def heartbeat_key(host: str) -> str:
     return f"{KEY_PREFIX}:worker:{host}:alive"
+
+
+def children_key(evacuation_id: str) -> str:
+    """An evacuation's child jobs: domain -> job id."""
+    return f"{job_key(evacuation_id)}:children"
 
 
 def host_report_key(host: str) -> str:
@@ -162,6 +173,8 @@ class JobStore:
             record["parent_limit"] = str(parent_limit)
         with self.r.pipeline(transaction=True) as p:
             p.hset(job_key(job_id), mapping=record)
+            if parent is not None:  # in the same step: a crash cannot leave an orphan child
+                p.hset(children_key(parent), spec.domain, job_id)
             p.rpush(f"{job_key(job_id)}:transitions", first.model_dump_json())
             p.zadd(JOBS_INDEX, {job_id: ts.timestamp()})
             p.sadd(ACTIVE_JOBS, job_id)
@@ -170,7 +183,10 @@ class JobStore:
 
     def discard(self, job_id: str) -> None:
         """Remove a job that was never queued (its submission was refused)."""
+        parent, raw_spec = cast(list[str | None], self.r.hmget(job_key(job_id), ["parent", "spec"]))
         with self.r.pipeline(transaction=True) as p:
+            if parent and raw_spec:
+                p.hdel(children_key(parent), MigrationSpec.model_validate_json(raw_spec).domain)
             p.delete(job_key(job_id), f"{job_key(job_id)}:transitions", events_key(job_id))
             p.zrem(JOBS_INDEX, job_id)
             p.srem(ACTIVE_JOBS, job_id)
@@ -213,16 +229,26 @@ class JobStore:
         return JobState(value)
 
     def transition(
-        self, job_id: str, target: JobState, *, host: str, reason: str | None = None
+        self,
+        job_id: str,
+        target: JobState,
+        *,
+        host: str,
+        reason: str | None = None,
+        only_from: JobState | None = None,
     ) -> tuple[bool, JobState | None]:
         """Move the job to `target` if its current state allows it; (moved, previous state).
 
         A job already in `target` is not moved again: (False, target) tells the caller so
-        (a phase run again by recovery re-enters the state it had reached).
+        (a phase run again by recovery re-enters the state it had reached). `only_from`
+        narrows the allowed sources to the state the caller decided on.
         """
         ts = now()
         entry = Transition(state=target, at=ts, host=host, reason=reason).model_dump_json()
-        sources = sorted(s.value for s in allowed_sources(target))
+        allowed = allowed_sources(target)
+        if only_from is not None:
+            allowed = allowed & {only_from}
+        sources = sorted(s.value for s in allowed)
         terminal = "1" if target in TERMINAL else "0"
         moved, previous = self._transition(
             keys=[job_key(job_id), f"{job_key(job_id)}:transitions", ACTIVE_JOBS, WAITING],
@@ -231,6 +257,14 @@ class JobStore:
         if moved == 1 and target in TERMINAL:
             self.release_holds(job_id)
         return moved == 1, JobState(previous) if previous else None
+
+    def hosts_of(self, job_id: str) -> tuple[str, ...]:
+        """The job's source and destination (nothing for a job gone meanwhile)."""
+        raw = cast(str | None, self.r.hget(job_key(job_id), "spec"))
+        if raw is None:
+            return ()
+        spec = MigrationSpec.model_validate_json(raw)
+        return (spec.src, spec.dst)
 
     def active_ids(self) -> list[str]:
         return sorted(cast(set[str], self.r.smembers(ACTIVE_JOBS)))
@@ -397,10 +431,19 @@ class JobStore:
         return [(eid, json.loads(f[EVENT_FIELD])) for _, rows in got for eid, f in rows]
 
     def follow_events(
-        self, job_id: str, ended: Callable[[], bool] | None = None, *, block_ms: int = 1000
+        self,
+        job_id: str,
+        ended: Callable[[], bool] | None = None,
+        *,
+        block_ms: int = 1000,
+        timeout: float | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Every event of the job, old then new, until it has `ended` and its stream is drained."""
+        """Every event of the job, old then new, until it has `ended` and its stream is drained.
+
+        With `timeout`, TimeoutError once that many seconds have passed without an end.
+        """
         ended = ended or (lambda: self.state(job_id) in TERMINAL)
+        deadline = None if timeout is None else time.monotonic() + timeout
         last = "0-0"
         for eid, ev in self.read_events(job_id):
             last = eid
@@ -410,6 +453,8 @@ class JobStore:
             for eid, ev in batch:
                 last = eid
                 yield ev
+            if deadline is not None and time.monotonic() > deadline and not ended():
+                raise TimeoutError(f"job {job_id} has not ended after {timeout:g}s")
             if not batch and ended():
                 # One last non-blocking read: the terminal event may land just after the state.
                 for eid, ev in self.read_events(job_id, after=last):

@@ -8,6 +8,7 @@ job = d.wait(job_id)
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from jobs.evacuation import (
     EVACUATION_TERMINAL,
     Evacuation,
     EvacuationSpec,
+    EvacuationState,
     EvacuationStore,
 )
 from jobs.maintenance import Maintenance
@@ -106,6 +108,9 @@ class Drover:
                 )
             except DomainBusy as exc:
                 raise SubmitError(str(exc)) from None
+        # The job is recorded and in line: whatever happens next, it will run. If starting it
+        # here fails, every worker's admission tick (or recovery, once admitted) starts it.
+        with contextlib.suppress(Exception):
             self.admit()
         return job_id
 
@@ -296,12 +301,25 @@ class Drover:
                     spec=spec.model_dump(mode="json"),
                 ),
             )
-            self.send(
-                self._app.signature(
-                    EVACUATE_TASK, args=(evacuation_id,), queue=host_queue(spec.host)
+            try:
+                self.send(
+                    self._app.signature(
+                        EVACUATE_TASK, args=(evacuation_id,), queue=host_queue(spec.host)
+                    )
                 )
-            )
+            except Exception as exc:
+                self._undo_evacuation(evacuation_id, spec, f"could not be queued: {exc}")
+                raise
         return evacuation_id
+
+    def _undo_evacuation(self, evacuation_id: str, spec: EvacuationSpec, reason: str) -> None:
+        """Best effort after a failed publish: end it `failed` (so no worker starts it later)
+        and enable the host again if this evacuation is what disabled it."""
+        with contextlib.suppress(Exception):
+            self.evacuations.transition(evacuation_id, EvacuationState.FAILED, reason)
+            entry = self.maintenance.disabled_entry(spec.host)
+            if entry is not None and entry.reason == f"evacuation {evacuation_id}":
+                self.maintenance.enable(spec.host)
 
     def evacuation(self, evacuation_id: str) -> Evacuation:
         return self.evacuations.get(evacuation_id)
@@ -320,10 +338,37 @@ class Drover:
                 )
             except TooLate:
                 continue
-        return (
+        said = (
             f"evacuation {evacuation_id}: abort requested; {len(done)} of "
             f"{len(ev.children)} child jobs stopped or being aborted, the rest had ended"
         )
+        if self.store.alive(ev.spec.host):
+            return said  # its worker checks where every domain is, then ends it `cancelled`
+        # Its host's worker is away and would be the one to end it: end it here once no
+        # child is live any more (a migrating one waits for that worker's recovery).
+        children = [
+            self.store.get(j) for j in self.evacuations.get(evacuation_id).children.values()
+        ]
+        if any(not c.terminal for c in children):
+            return f"{said}; a child is still live while {ev.spec.host}'s worker is away"
+        reason = (
+            f"{ABORT_REASON}; {ev.spec.host}'s worker is away, so where each domain is was "
+            "not checked through libvirt"
+        )
+        moved, _ = self.evacuations.transition(evacuation_id, EvacuationState.CANCELLED, reason)
+        if moved:
+            self.store.append_event(
+                evacuation_id,
+                job_event(
+                    "evacuation.state",
+                    producer_name(),
+                    job_id=evacuation_id,
+                    src=ev.spec.host,
+                    state=EvacuationState.CANCELLED.value,
+                    reason=reason,
+                ),
+            )
+        return f"evacuation {evacuation_id} cancelled ({reason})"
 
     def set_host_enabled(self, host: str, enabled: bool, reason: str | None = None) -> str:
         """Maintenance mode: a disabled host is never a destination."""
@@ -359,7 +404,9 @@ class Drover:
             )
         return rows
 
-    def events(self, job_id: str, *, follow: bool = False) -> Iterator[dict[str, Any]]:
+    def events(
+        self, job_id: str, *, follow: bool = False, timeout: float | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The job's (or evacuation's) events; with `follow`, until it has ended."""
         kind = self.store.kind(job_id)  # JobNotFound for a wrong id, before any waiting
 
@@ -369,7 +416,7 @@ class Drover:
             return self.store.get(job_id).terminal
 
         if follow:
-            yield from self.store.follow_events(job_id, ended)
+            yield from self.store.follow_events(job_id, ended, timeout=timeout)
         else:
             for _, event in self.store.read_events(job_id):
                 yield event

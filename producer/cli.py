@@ -58,6 +58,8 @@ def guarded(fn: Callable[[], T]) -> T:
         fail(str(exc.args[0]), EXIT_USAGE)
     except BrokerUnavailable as exc:
         fail(str(exc))
+    except TimeoutError as exc:  # --timeout ran out: the job goes on without us
+        fail(f"{exc}; it goes on (drover events ID --follow)")
     except redis.AuthenticationError:
         fail("Redis refused the password in the config (redis_url)")
     except redis.RedisError as exc:
@@ -68,6 +70,16 @@ def _drover() -> Any:
     from producer.api import Drover
 
     return Drover()
+
+
+def check_timeout(timeout: float | None, wait: bool) -> None:
+    """--timeout bounds --wait: alone, or not above zero, it would be silently meaningless."""
+    if timeout is None:
+        return
+    if not wait:
+        fail("--timeout applies only with --wait", EXIT_USAGE)
+    if timeout <= 0:
+        fail(f"--timeout must be above 0 seconds, not {timeout:g}", EXIT_USAGE)
 
 
 def print_json(value: Any) -> None:
@@ -170,6 +182,8 @@ def migrate(
         "migrate_uri": migrate_uri,
         "listen_address": listen_address,
     }
+
+    check_timeout(timeout, wait)
 
     def go() -> None:
         d = _drover()

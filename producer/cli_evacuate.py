@@ -21,7 +21,7 @@ def _split_hosts(value: str | None) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `drover` CLI."""
-    from producer.cli import _drover, fail, guarded, out, print_json
+    from producer.cli import _drover, check_timeout, fail, guarded, out, print_json
 
     host_app = typer.Typer(
         add_completion=False, no_args_is_help=True, help="Maintenance mode of one host."
@@ -65,6 +65,8 @@ def register(app: typer.Typer) -> None:
             "auto_converge": auto_converge,
             "bandwidth_mib": bandwidth,
         }
+
+        check_timeout(timeout, wait or dry_run)
 
         def go() -> None:
             d = _drover()

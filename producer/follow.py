@@ -31,7 +31,7 @@ def follow(d: Drover, job_id: str, console: Console, timeout: float | None = Non
     )
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("migrating", total=None, visible=False)
-        for ev in d.events(job_id, follow=True):
+        for ev in d.events(job_id, follow=True, timeout=timeout):
             if ev.get("event") == "migration.progress":
                 total = int(ev.get("data_total") or 0)
                 remaining = int(ev.get("data_remaining") or 0)
@@ -59,7 +59,7 @@ def follow_evacuation(
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("evacuating", total=None, visible=False)
         queued = ended = 0
-        for ev in d.events(evacuation_id, follow=True):
+        for ev in d.events(evacuation_id, follow=True, timeout=timeout):
             name = ev.get("event")
             if name == "evacuation.child_queued":
                 queued += 1

@@ -19,9 +19,11 @@ from typing import Any
 
 import libvirt
 import structlog
+from pydantic import ValidationError
 
 from config.celery import app, host_queue
 from config.events import get_logger
+from config.settings import ConfigError
 from jobs.abort import TooLate, abort_job
 from jobs.evacuation import (
     DomainOutcome,
@@ -33,7 +35,7 @@ from jobs.evacuation import (
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK
-from jobs.spec import MigrationSpec, Transport
+from jobs.spec import MigrationSpec, Transport, first_error
 from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from jobs.submission import DomainBusy, enqueue
@@ -79,7 +81,27 @@ def start(rt: Runtime, evacuation_id: str) -> None:
         if not moved:
             log.info("evacuation.skipped", reason=f"evacuation is {previous}, not queued")
             return
+        _plan_and_queue_or_fail(rt, store, ev)
+
+
+def _plan_and_queue_or_fail(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
+    """Planning that cannot go on ends the evacuation `failed`, with why; never a retry loop.
+
+    Children already queued are aborted: an evacuation that failed must not keep moving
+    guests on its own.
+    """
+    try:
         _plan_and_queue(rt, store, ev)
+    except (LibvirtUnavailable, libvirt.libvirtError, ConfigError, ValidationError) as exc:
+        reason = f"planning failed: {first_error(exc)}"
+    except Exception as exc:  # a bug must end the evacuation, not spin in the keeper
+        log.exception("evacuation.error", error=str(exc))
+        reason = f"planning failed unexpectedly: {exc}"
+    else:
+        return
+    current = store.get(ev.id)
+    _abort_children(rt, current, _children(rt, current))
+    _end(store, current, EvacuationState.FAILED, reason)
 
 
 @contextmanager
@@ -103,13 +125,11 @@ def _plan_and_queue(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None
         log.info("host.disabled", reason=f"evacuation {ev.id}")
     if ev.plan is None:
         tunables = rt.settings.tunables
-        try:
-            view = gather(rt, spec)
-        except (LibvirtUnavailable, libvirt.libvirtError) as exc:
-            _end(store, ev, EvacuationState.FAILED, f"could not gather facts: {exc}")
-            return
+        view = gather(rt, spec, ev.id)
         estimate = Estimate(tunables.estimate_startup_s, tunables.estimate_mib_per_s)
-        placements = plan(view.guests, view.candidates, view.unavailable, estimate)
+        placements = [
+            _checked(ev, p) for p in plan(view.guests, view.candidates, view.unavailable, estimate)
+        ]
         store.save_plan(ev.id, placements)
         log.info(
             "evacuation.planned",
@@ -127,8 +147,22 @@ def _plan_and_queue(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None
     admit_waiting(rt)
 
 
+def _checked(ev: Evacuation, placement: Placement) -> Placement:
+    """A placement drover cannot turn into a migration is unplaced, with why, at plan time
+    (so the dry run shows it too): e.g. a name libvirt allows and drover refuses."""
+    if placement.destination is None:
+        return placement
+    try:
+        child_spec(ev, placement)
+    except ValidationError as exc:
+        reason = f"cannot be migrated by drover: {first_error(exc)}"
+        return placement.model_copy(update={"destination": None, "reason": reason})
+    return placement
+
+
 def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:
-    """A live peer-to-peer migration; a persistent definition moves with the guest."""
+    """A live peer-to-peer migration; a persistent definition moves with the guest. An
+    offline child moves only a definition: nothing to tunnel, cap or converge."""
     assert placement.destination is not None
     return MigrationSpec(
         domain=placement.domain,
@@ -138,7 +172,9 @@ def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:
         offline=not placement.active,
         persistent=placement.persistent,
         undefine_source=placement.persistent,
-        transport=Transport.TUNNELLED if ev.spec.tunnelled else Transport.NATIVE,
+        transport=(
+            Transport.TUNNELLED if ev.spec.tunnelled and placement.active else Transport.NATIVE
+        ),
         auto_converge=ev.spec.auto_converge and placement.active,
         bandwidth_mib=ev.spec.bandwidth_mib if placement.active else None,
     )
@@ -170,8 +206,7 @@ def _queue_children(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None
             changed = True
             log.warning("evacuation.child_refused", domain=placement.domain, reason=str(exc))
             continue
-        store.add_child(ev.id, placement.domain, job_id)
-        ev.children[placement.domain] = job_id
+        ev.children[placement.domain] = job_id  # recorded with the job (JobStore.create)
         log.info(
             "evacuation.child_queued",
             child=job_id,
@@ -186,33 +221,34 @@ def watch(rt: Runtime) -> None:
     """The keeper's duty: move on every live evacuation of this host."""
     store = EvacuationStore(rt.store)
     for evacuation_id in store.active_ids():
+        with rt.lock:  # before reading: a planning that ends now must not be planned again
+            if (evacuation_id, PLANNING_KEY) in rt.running:
+                continue
         try:
             ev = store.get(evacuation_id)
         except JobNotFound:
             continue
         if ev.spec.host != rt.host or ev.terminal:
             continue
-        with rt.lock:
-            if (ev.id, PLANNING_KEY) in rt.running:
-                continue
         with structlog.contextvars.bound_contextvars(**_context(ev)):
             _attend(rt, store, ev)
 
 
 def _attend(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
     redispatch = rt.settings.tunables.redispatch_after
-    idle_s = (now() - ev.updated).total_seconds()
     if ev.state is EvacuationState.QUEUED:
+        idle_s = (now() - ev.updated).total_seconds()
         if ev.abort_requested:
             _end(store, ev, EvacuationState.CANCELLED, ev.abort_requested)
-        elif idle_s > redispatch:  # the task message was lost: send it again
+        elif idle_s > redispatch and store.may_redispatch(ev.id, redispatch):
+            # The task message was lost: send it again (once per `redispatch_after`).
             log.warning("evacuation.redispatched", reason=f"not started after {idle_s:.0f}s")
             app.send_task(EVACUATE_TASK, args=(ev.id,), queue=host_queue(rt.host))
         return
     if ev.state is EvacuationState.PLANNING:
         # Planning here was interrupted (the worker restarted): finish it from what is saved.
         with _planning(rt, ev.id):
-            _plan_and_queue(rt, store, ev)
+            _plan_and_queue_or_fail(rt, store, store.get(ev.id))
         return
     children = _children(rt, ev)
     if ev.abort_requested:
@@ -242,8 +278,10 @@ def _children(rt: Runtime, ev: Evacuation) -> dict[str, Job]:
 
 
 def _abort_children(rt: Runtime, ev: Evacuation, children: dict[str, Job]) -> None:
+    """Stop every child still live; asking again is harmless (and finishes an abort that
+    was interrupted between its flag and its transition)."""
     for job in children.values():
-        if job.terminal or job.abort_requested:
+        if job.terminal:
             continue
         try:
             abort_job(rt.store, job.id, by=rt.host, rollback=rollback_destination_later)
@@ -252,7 +290,12 @@ def _abort_children(rt: Runtime, ev: Evacuation, children: dict[str, Job]) -> No
 
 
 def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[str, Job]) -> None:
-    """Confirm through libvirt where every domain is, then end the evacuation."""
+    """Confirm through libvirt where every domain is, then end the evacuation.
+
+    `drained` needs every domain of the plan moved: its child succeeded, libvirt shows it on
+    its destination, and nothing of it is left here; and no other domain that had to go is
+    here. Anything else is `partial`, each domain that did not move listed with why.
+    """
     outcome = [_confirm(rt, ev, p, children.get(p.domain)) for p in ev.plan or []]
     planned = {p.uuid for p in ev.plan or []}
     left = [
@@ -262,18 +305,32 @@ def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[
         and (dom.isActive() or (ev.spec.include_inactive and dom.isPersistent()))
     ]
     store.save_outcome(ev.id, outcome, left)
-    remaining = [o for o in outcome if o.on_source]
+    not_moved = [o for o in outcome if not o.moved]
     if ev.abort_requested:
         final, reason = EvacuationState.CANCELLED, ev.abort_requested
-    elif not remaining and not left:
+    elif not not_moved and not left:
         final, reason = EvacuationState.DRAINED, None
     else:
-        names = [f"{o.domain} ({o.reason})" for o in remaining] + [
+        names = [f"{o.domain} ({o.reason})" for o in not_moved] + [
             f"{name} (appeared after planning)" for name in left
         ]
         final = EvacuationState.PARTIAL
-        reason = f"{len(names)} domain(s) still on {ev.spec.host}: " + "; ".join(names)
+        reason = f"{len(names)} domain(s) not moved off {ev.spec.host}: " + "; ".join(names)
     _end(store, ev, final, reason, outcome=[o.model_dump() for o in outcome])
+
+
+def _on_destination(rt: Runtime, placement: Placement) -> str | None:
+    """The destination, if its libvirtd shows the domain there as the plan meant it."""
+    if placement.destination is None:
+        return None
+    try:
+        uri = rt.settings.host(placement.destination).peer_uri
+    except ConfigError:
+        return None  # removed from the registry since: not confirmed
+    there = on_peer(uri, placement.uuid)
+    if there is not None and (there.active or not placement.active):
+        return placement.destination
+    return None
 
 
 def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None) -> DomainOutcome:
@@ -281,23 +338,27 @@ def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None)
     on_source = here is not None and (
         bool(here.isActive()) or (bool(here.isPersistent()) and placement.persistent)
     )
-    running_on = None
-    if placement.destination is not None:
-        there = on_peer(rt.settings.host(placement.destination).peer_uri, placement.uuid)
-        if there is not None and (there.active or not placement.active):
-            running_on = placement.destination
+    running_on = _on_destination(rt, placement)
+    succeeded = job is not None and job.state is JobState.SUCCEEDED
+    moved = succeeded and not on_source and running_on is not None
     reason = placement.reason
-    if job is not None and job.state is not JobState.SUCCEEDED:
+    if job is None and placement.destination is not None:
+        reason = "never queued: the evacuation was stopped first"
+    if job is not None and not succeeded:
         reason = f"job {job.id} {job.state.value}: {job.reason}"
-    elif job is not None and on_source:
-        reason = f"job {job.id} succeeded but libvirt still shows it on {ev.spec.host}"
+    elif succeeded and not moved:
+        seen = f"on {ev.spec.host}" if on_source else f"not on {placement.destination}"
+        reason = f"job {job.id if job else '-'} succeeded but libvirt shows it {seen}"
+    if not moved and not on_source and running_on is None and job is not None:
+        reason = f"{reason}; libvirt shows it neither here nor on {placement.destination}"
     return DomainOutcome(
         domain=placement.domain,
         job_id=job.id if job else None,
         job_state=job.state.value if job else None,
         on_source=on_source,
         running_on=running_on,
-        reason=reason,
+        moved=moved,
+        reason=None if moved else reason,
     )
 
 

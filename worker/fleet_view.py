@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 import libvirt
 
-from jobs.evacuation import EvacuationSpec
+from config.settings import ConfigError
+from jobs.evacuation import EvacuationSpec, EvacuationStore
 from jobs.maintenance import Maintenance
+from jobs.states import TERMINAL
+from jobs.store import JobNotFound
 from worker.libvirt_host import KIB_PER_MIB, placement_room_mib
 from worker.placement import Candidate, Guest
 from worker.runtime import Runtime
@@ -116,9 +119,32 @@ def _candidate(
     )
 
 
-def gather(rt: Runtime, spec: EvacuationSpec) -> FleetView:
+def groups_on_the_way(rt: Runtime, evacuation_id: str) -> dict[str, Counter[str]]:
+    """Anti-affinity groups already headed for each host: other evacuations' children not yet
+    ended (or not yet queued), as their plans placed them."""
+    store = EvacuationStore(rt.store)
+    heading: dict[str, Counter[str]] = {}
+    for other in store.active_ids():
+        if other == evacuation_id:
+            continue
+        try:
+            ev = store.get(other)
+        except JobNotFound:
+            continue
+        for p in ev.plan or []:
+            if p.group is None or p.destination is None:
+                continue
+            child = ev.children.get(p.domain)
+            if child is not None and rt.store.state(child) in TERMINAL:
+                continue
+            heading.setdefault(p.destination, Counter())[p.group] += 1
+    return heading
+
+
+def gather(rt: Runtime, spec: EvacuationSpec, evacuation_id: str) -> FleetView:
     guests, cpus = source_guests(rt, spec.include_inactive)
     disabled = Maintenance(rt.store.r).disabled()
+    heading = groups_on_the_way(rt, evacuation_id)
     names = spec.to or sorted(rt.settings.hosts)
     candidates, unavailable = [], {}
     for name in names:
@@ -132,11 +158,16 @@ def gather(rt: Runtime, spec: EvacuationSpec) -> FleetView:
             continue
         try:
             conn = libvirt.open(rt.settings.host(name).peer_uri)
+        except ConfigError as exc:  # named in --to, removed from the registry since
+            unavailable[name] = str(exc)
+            continue
         except libvirt.libvirtError as exc:
             unavailable[name] = f"libvirtd unreachable: {exc.get_error_message()}"
             continue
         try:
-            candidates.append(_candidate(rt, name, conn, cpus))
+            candidate = _candidate(rt, name, conn, cpus)
+            candidate.groups.update(heading.get(name, Counter()))
+            candidates.append(candidate)
         except libvirt.libvirtError as exc:
             unavailable[name] = f"libvirtd error: {exc.get_error_message()}"
         finally:

@@ -1,9 +1,10 @@
-"""The worker's housekeeping thread: a few duties, each on its own tick, in one loop.
+"""The worker's housekeeping: a few duties, each on its own tick, in two small loops.
 
-Heartbeat and lease renewal, admission of waiting jobs, the watch over this host's
-evacuations, and the recovery sweep. Kept out of the task code: phases never wait on it, and
-it never runs a migration itself except to settle one this host had started and lost
-(worker/recovery.py). Intervals are re-read every pass, as the config file may change.
+The heartbeat (with lease renewal) runs alone; the other loop reports the host, admits
+waiting jobs, watches this host's evacuations and sweeps for recovery. Kept out of the task
+code: phases never wait on it, and it never runs a migration itself except to settle one
+this host had started and lost (worker/recovery.py). Intervals are re-read every pass, as
+the config file may change.
 """
 
 from __future__ import annotations
@@ -52,22 +53,31 @@ def host_report(rt: Runtime) -> dict[str, Any]:
 
 
 def _heartbeat(rt: Runtime) -> None:
+    """Liveness, and the leases of every live job this host takes part in (waiting in line,
+    queued in Celery or running): Redis only, so a hung libvirtd cannot delay it."""
     tunables = rt.settings.tunables
     rt.store.heartbeat(rt.host, tunables.heartbeat_ttl)
+    for job_id in rt.store.active_ids():
+        if rt.host in rt.store.hosts_of(job_id):
+            rt.store.renew_leases(job_id, tunables.domain_lease)
+
+
+def _report(rt: Runtime) -> None:
     try:
         report = host_report(rt)
     except (LibvirtUnavailable, libvirt.libvirtError) as exc:
-        report = {"ts": now().isoformat(), "error": str(exc)}  # the heartbeat still counts
-    rt.store.report_host(rt.host, report, tunables.heartbeat_ttl)
-    with rt.lock:
-        running = {job_id for job_id, _ in rt.running}
-    for job_id in running:
-        rt.store.renew_leases(job_id, tunables.domain_lease)
+        report = {"ts": now().isoformat(), "error": str(exc)}
+    rt.store.report_host(rt.host, report, rt.settings.tunables.heartbeat_ttl)
+
+
+def heartbeat_duties() -> list[Duty]:
+    return [Duty("heartbeat", lambda t: t.heartbeat_interval, _heartbeat)]
 
 
 def duties() -> list[Duty]:
+    """The rest: these may wait on libvirt (reports, recovery, an evacuation's checks)."""
     return [
-        Duty("heartbeat", lambda t: t.heartbeat_interval, _heartbeat),
+        Duty("report", lambda t: t.heartbeat_interval, _report),
         Duty("recovery", lambda t: t.watchdog_interval, recovery.sweep),
         Duty("admission", lambda t: t.admission_interval, admit_waiting),
         Duty("evacuations", lambda t: t.evacuation_check_interval, evacuation.watch),
@@ -75,11 +85,11 @@ def duties() -> list[Duty]:
 
 
 class Keeper(threading.Thread):
-    def __init__(self, rt: Runtime) -> None:
-        super().__init__(name="drover-keeper", daemon=True)
+    def __init__(self, rt: Runtime, name: str, jobs: list[Duty]) -> None:
+        super().__init__(name=name, daemon=True)
         self.rt = rt
         self.stop = threading.Event()
-        self.duties = duties()
+        self.duties = jobs
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -98,10 +108,16 @@ class Keeper(threading.Thread):
             self.stop.wait(min(max(next_due, 0.0), MAX_TICK_S))
 
 
-_keepers: dict[str, Keeper] = {}
+_keepers: dict[str, list[Keeper]] = {}
 
 
 def start_keeper(rt: Runtime) -> None:
+    """Two threads: the heartbeat on its own, so that nothing the others wait on (libvirt)
+    can make this host look dead to its peers."""
     if rt.host not in _keepers:
-        _keepers[rt.host] = Keeper(rt)
-        _keepers[rt.host].start()
+        _keepers[rt.host] = [
+            Keeper(rt, "drover-heartbeat", heartbeat_duties()),
+            Keeper(rt, "drover-keeper", duties()),
+        ]
+        for keeper in _keepers[rt.host]:
+            keeper.start()

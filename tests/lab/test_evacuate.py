@@ -71,6 +71,7 @@ def test_evacuation_drains_lab1_within_limits_as_the_dry_run_planned(lab: Lab, h
     assert sampler.max_outbound["lab1"] == MAX_PARALLEL, sampler.max_outbound
     assert sampler.max_total <= MAX_PARALLEL
     assert all(n <= DEFAULT_LIMIT for n in sampler.max_inbound.values()), sampler.max_inbound
+    assert sum(sampler.max_inbound.values()) >= 1, "the sampler never saw a migration arrive"
 
     events = list(lab.drover.events(ev.id))
     names = [e["event"] for e in events]
@@ -188,13 +189,17 @@ def test_anti_affinity_that_cannot_be_met_ends_partial_with_the_reason(
     for domain in ("idle-1", "idle-2"):
         _set_group(lab, "lab1", domain, "web")
     try:
-        ev = evacuate(lab, host="lab1", to=["lab2"])
+        # No --max-parallel: lab1's outbound and lab2's inbound limits (2) are what bind.
+        with LimitsSampler(uris(lab)) as sampler:
+            ev = evacuate(lab, host="lab1", to=["lab2"])
+        assert sampler.max_outbound["lab1"] <= DEFAULT_LIMIT, sampler.max_outbound
+        assert 1 <= sampler.max_inbound["lab2"] <= DEFAULT_LIMIT, sampler.max_inbound
         assert ev.state.value == "partial"
         plan = {p.domain: p for p in ev.plan or []}
         unplaced = [p for p in plan.values() if p.destination is None]
         assert [p.domain for p in unplaced] == ["idle-2"]
         assert "anti-affinity group web already there" in (unplaced[0].reason or "")
-        assert "idle-2" in (ev.reason or "") and "still on lab1" in (ev.reason or "")
+        assert "idle-2" in (ev.reason or "") and "not moved off lab1" in (ev.reason or "")
         assert lab.running_on("idle-2") == ["lab1"]
         for domain in GUESTS:
             if domain != "idle-2":

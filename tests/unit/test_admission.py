@@ -106,9 +106,11 @@ def test_aborted_or_ended_waiting_jobs_leave_the_line(
     admission = Admission(store)
     assert admission.waiting_ids() == []
     b = submit(store, "web02", "kvm1", "kvm2")
-    store.request_abort(b, "aborted")
+    store.request_abort(b, "aborted")  # an abort cut short before its transition
     assert admission.admit_waiting(cfg, lambda j, s: None) == []
     assert admission.waiting_ids() == []
+    assert store.state(b) is JobState.CANCELLED  # finished by admission, not left queued
+    assert not store.r.hget("drover:host:kvm2:reservations", b)
 
 
 def test_a_slot_held_by_a_vanished_job_is_pruned(
@@ -119,6 +121,26 @@ def test_a_slot_held_by_a_vanished_job_is_pruned(
     a = submit(store, "web01", "kvm1", "kvm2")
     assert Admission(store).admit_waiting(cfg, lambda j, s: None) == [a]
     assert Admission(store).holders(inbound_gate("kvm2")) == {a}
+
+
+def test_ending_a_job_gives_back_its_reservations(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = submit(store, "web01", "kvm1", "kvm2", reserve_mib=64)
+    assert store.reserved_mib("kvm2") == 64
+    # As if the process died right after the transition, before its clean-up in Python.
+    monkeypatch.setattr(store, "release_holds", lambda job_id: None)
+    moved, _ = store.transition(job, JobState.FAILED, host="test", reason="x")
+    assert moved and store.reserved_mib("kvm2") == 0  # released by the transition itself
+
+
+def test_cancel_only_from_the_state_read(store: JobStore) -> None:
+    job = submit(store, "web01", "kvm1", "kvm2")
+    store.transition(job, JobState.PREFLIGHT, host="test")
+    moved, current = store.transition(
+        job, JobState.CANCELLED, host="test", only_from=JobState.QUEUED
+    )
+    assert not moved and current is JobState.PREFLIGHT
 
 
 def test_one_live_job_per_domain(store: JobStore) -> None:

@@ -37,6 +37,11 @@ def queued_anything(redis_srv: RedisServer) -> bool:
             ["idle-1", "--from", "kvm1", "--to", "kvm2", "--bandwidth", "lots"],
             "Invalid value for '--bandwidth'",
         ),
+        (["idle-1", "--from", "kvm1", "--to", "kvm2", "--timeout", "9"], "only with --wait"),
+        (
+            ["idle-1", "--from", "kvm1", "--to", "kvm2", "--wait", "--timeout", "-1"],
+            "--timeout must be above 0 seconds, not -1",
+        ),
     ],
 )
 def test_bad_migrate_requests(
