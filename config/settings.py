@@ -133,6 +133,9 @@ class Tunables(_Strict):
     # job ends); a worker's evacuations are checked for finished children this often.
     admission_interval: float = Field(default=0.5, gt=0)
     evacuation_check_interval: float = Field(default=0.5, gt=0)
+    # How often an evacuation queues a failed child again when its guest still runs on the
+    # host being emptied (a worker restart or a blip cut the migration short).
+    evacuation_retries: int = Field(default=1, ge=0, le=10)
     # The dry-run's duration estimate per domain: QEMU start-up on the destination plus its
     # memory at this rate (the lab's idle guests move in about 2 s, nearly all start-up).
     estimate_startup_s: float = Field(default=2.0, ge=0)

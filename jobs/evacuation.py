@@ -263,6 +263,14 @@ class EvacuationStore:
         key = f"{job_key(evacuation_id)}:redispatched"
         return bool(self.r.set(key, now().isoformat(), nx=True, px=int(every_s * 1000)))
 
+    def take_retry(self, evacuation_id: str, domain: str, limit: int) -> bool:
+        """True if `domain` may be queued again (fewer than `limit` retries so far)."""
+        key = f"{job_key(evacuation_id)}:retries"
+        if int(cast(str | None, self.r.hget(key, domain)) or 0) >= limit:
+            return False
+        self.r.hincrby(key, domain, 1)
+        return True
+
     def mark_reported(self, evacuation_id: str, job_id: str) -> bool:
         """True the first time a child's end is reported (its event is written once)."""
         return bool(self.r.sadd(f"{job_key(evacuation_id)}:reported", job_id))

@@ -42,12 +42,13 @@ from jobs.submission import DomainBusy, enqueue
 from worker.admission_pass import admit_waiting
 from worker.fleet_view import gather
 from worker.libvirt_host import LibvirtUnavailable, on_peer
-from worker.phase_scope import rollback_destination_later
+from worker.phase_scope import on_job_end, rollback_destination_later
 from worker.placement import Estimate, plan
 from worker.runtime import Runtime
 
 log = get_logger()
 PLANNING_KEY = "evacuation-planning"
+WATCH_KEY = "evacuation-watch"
 
 
 def _context(ev: Evacuation) -> dict[str, Any]:
@@ -190,48 +191,111 @@ def _queue_children(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None
         if store.get(ev.id).abort_requested:
             log.info("evacuation.stopped_queueing", reason="evacuation aborted")
             break
-        spec = child_spec(ev, placement)
         try:
-            job_id = enqueue(
-                rt.store,
-                spec,
-                origin=f"evacuation {ev.id}",
-                lease_s=rt.settings.tunables.domain_lease,
-                parent=ev.id,
-                parent_limit=ev.spec.max_parallel,
-                reserve_mib=placement.memory_mib if placement.active else None,
-            )
+            job_id = _queue_child(rt, ev, placement)
         except DomainBusy as exc:
             placements[i] = placement.model_copy(update={"destination": None, "reason": str(exc)})
             changed = True
             log.warning("evacuation.child_refused", domain=placement.domain, reason=str(exc))
             continue
-        ev.children[placement.domain] = job_id  # recorded with the job (JobStore.create)
-        log.info(
-            "evacuation.child_queued",
-            child=job_id,
-            domain=placement.domain,
-            dst=placement.destination,
-        )
+        ev.children[placement.domain] = job_id
     if changed:
         store.save_plan(ev.id, placements)
 
 
+def _queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **event: Any) -> str:
+    """Queue the migration of one placed domain; the job records itself as the child."""
+    job_id = enqueue(
+        rt.store,
+        child_spec(ev, placement),
+        origin=f"evacuation {ev.id}",
+        lease_s=rt.settings.tunables.domain_lease,
+        parent=ev.id,
+        parent_limit=ev.spec.max_parallel,
+        reserve_mib=placement.memory_mib if placement.active else None,
+    )
+    log.info(
+        "evacuation.child_queued",
+        child=job_id,
+        domain=placement.domain,
+        dst=placement.destination,
+        **event,
+    )
+    return job_id
+
+
+def _retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) -> Job | None:
+    """A child that failed with its guest still running here is queued once more (up to
+    `evacuation_retries`): a worker restart or a network blip mid-migration should not leave
+    a guest behind on a host going into maintenance. Returns the new child, or None."""
+    if job.state is not JobState.FAILED or ev.abort_requested:
+        return None
+    placement = next((p for p in ev.plan or [] if p.domain == job.spec.domain), None)
+    if placement is None or placement.destination is None:
+        return None
+    here = rt.libvirt.by_uuid(placement.uuid)
+    if here is None or bool(here.isActive()) != placement.active:
+        return None  # not as it was planned here: judged by _finish, not moved blindly
+    limit = rt.settings.tunables.evacuation_retries
+    if not store.take_retry(ev.id, placement.domain, limit):
+        return None
+    try:
+        child = _queue_child(rt, ev, placement, retry_of=job.id, reason=job.reason)
+    except DomainBusy as exc:
+        log.warning("evacuation.child_refused", domain=placement.domain, reason=str(exc))
+        return None
+    admit_waiting(rt)
+    return rt.store.get(child)
+
+
 def watch(rt: Runtime) -> None:
     """The keeper's duty: move on every live evacuation of this host."""
+    for evacuation_id in EvacuationStore(rt.store).active_ids():
+        check(rt, evacuation_id)
+
+
+@on_job_end
+def _child_ended(rt: Runtime, job: Job) -> None:
+    """A child ended in this worker: its evacuation may be done now, not at the next tick."""
+    if job.parent is not None:
+        check(rt, job.parent)
+
+
+def check(rt: Runtime, evacuation_id: str) -> None:
+    """Move one evacuation on, if it is this host's; one check at a time per process."""
     store = EvacuationStore(rt.store)
-    for evacuation_id in store.active_ids():
+    with _marked(rt, evacuation_id, WATCH_KEY) as ours:
+        if not ours:
+            return
         with rt.lock:  # before reading: a planning that ends now must not be planned again
             if (evacuation_id, PLANNING_KEY) in rt.running:
-                continue
+                return
         try:
             ev = store.get(evacuation_id)
         except JobNotFound:
-            continue
+            return
         if ev.spec.host != rt.host or ev.terminal:
-            continue
+            return
         with structlog.contextvars.bound_contextvars(**_context(ev)):
             _attend(rt, store, ev)
+
+
+@contextmanager
+def _marked(rt: Runtime, evacuation_id: str, what: str) -> Iterator[bool]:
+    """Mark (evacuation, what) as in hand in this process; False if it already was."""
+    key = (evacuation_id, what)
+    with rt.lock:
+        if key in rt.running:
+            ours = False
+        else:
+            rt.running.add(key)
+            ours = True
+    try:
+        yield ours
+    finally:
+        if ours:
+            with rt.lock:
+                rt.running.discard(key)
 
 
 def _attend(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
@@ -253,7 +317,7 @@ def _attend(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
     children = _children(rt, ev)
     if ev.abort_requested:
         _abort_children(rt, ev, children)
-    for job in children.values():
+    for domain, job in list(children.items()):
         if job.terminal and store.mark_reported(ev.id, job.id):
             log.info(
                 "evacuation.child_ended",
@@ -263,6 +327,9 @@ def _attend(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
                 state=job.state.value,
                 reason=job.reason,
             )
+            retried = _retry_failed(rt, store, ev, job)
+            if retried is not None:
+                children[domain] = retried
     if all(job.terminal for job in children.values()):
         _finish(rt, store, ev, children)
 

@@ -100,12 +100,27 @@ def fail_job(
     log.error("job.state", state=final.value, reason=reason)
     if PHASE_ORDER.index(phase) >= PHASE_ORDER.index(Phase.DESTINATION_PREPARE):
         rollback_destination_later(job)
-    slot_freed(rt)
+    job_ended(rt, job)
 
 
-def slot_freed(rt: Runtime) -> None:
-    """A job ended: its slots are free, so a waiting job may start now rather than next tick."""
-    admit_waiting(rt)
+JobEnded = Callable[[Runtime, Job], object]
+# What happens as soon as a job this worker ran has ended, rather than on the next tick:
+# its slots are free, so a waiting job may start; its evacuation may be done.
+_job_end_listeners: list[JobEnded] = [lambda rt, _job: admit_waiting(rt)]
+
+
+def on_job_end(listener: JobEnded) -> JobEnded:
+    """Register `listener(rt, job)` to run when a job ends in this worker (a decorator)."""
+    _job_end_listeners.append(listener)
+    return listener
+
+
+def job_ended(rt: Runtime, job: Job) -> None:
+    for listener in _job_end_listeners:
+        try:
+            listener(rt, job)
+        except Exception as exc:  # the keeper's ticks catch up with whatever failed here
+            log.warning("job.end_listener_failed", error=str(exc))
 
 
 def _unexpected(rt: Runtime, job: Job, phase: Phase, exc: Exception) -> NoReturn:
@@ -223,4 +238,4 @@ def _run_in_frame(
     if then is not None:
         advance(rt, job, then)
         if then in TERMINAL:
-            slot_freed(rt)
+            job_ended(rt, job)

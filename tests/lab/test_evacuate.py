@@ -68,8 +68,8 @@ def test_evacuation_drains_lab1_within_limits_as_the_dry_run_planned(lab: Lab, h
 
     # Limits, as libvirt itself showed them while the evacuation ran.
     assert sampler.samples > 10
-    assert sampler.max_outbound["lab1"] == MAX_PARALLEL, sampler.max_outbound
-    assert sampler.max_total <= MAX_PARALLEL
+    assert sampler.max_outbound["lab1"] <= MAX_PARALLEL, sampler.max_outbound
+    assert sampler.max_total == MAX_PARALLEL, "never saw two in flight: no parallelism shown"
     assert all(n <= DEFAULT_LIMIT for n in sampler.max_inbound.values()), sampler.max_inbound
     assert sum(sampler.max_inbound.values()) >= 1, "the sampler never saw a migration arrive"
 
