@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from config.events import job_event
-from jobs.model import Job
+from jobs.model import Job, migration_event
 from jobs.states import JobState
 from jobs.store import JobStore
 
@@ -61,14 +60,7 @@ def abort_job(
 
 
 def _cancelled(store: JobStore, job: Job, by: str, reason: str) -> None:
-    event = job_event(
-        "job.state",
-        by,
-        job_id=job.id,
-        domain=job.spec.domain,
-        src=job.spec.src,
-        dst=job.spec.dst,
-        state=JobState.CANCELLED.value,
-        reason=reason,
+    event = migration_event(
+        job.id, job.spec, "job.state", by, state=JobState.CANCELLED.value, reason=reason
     )
     store.append_event(job.id, event)

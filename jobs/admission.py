@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from config.events import job_event
+from jobs.model import migration_event
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import KEY_PREFIX, WAITING, JobStore, job_key, now
@@ -166,7 +166,10 @@ class Admission:
             reason = f"waiting for a slot: {gate.label} limit {gate.limit} reached"
             if reason != waiting_for:  # tell followers once per reason, not once per pass
                 self.store.r.hset(f"{JOB_KEY_PREFIX}{job_id}", "waiting_for", reason)
-                self.store.append_event(job_id, _event(job_id, spec, "job.waiting", reason))
+                self.store.append_event(
+                    job_id,
+                    migration_event(job_id, spec, "job.waiting", ADMISSION_HOST, reason=reason),
+                )
         return False
 
     def _end(self, job_id: str, spec: MigrationSpec, final: JobState, reason: str) -> None:
@@ -174,7 +177,9 @@ class Admission:
             job_id, final, host=ADMISSION_HOST, reason=reason, only_from=JobState.QUEUED
         )
         if moved:
-            event = _event(job_id, spec, "job.state", reason) | {"state": final.value}
+            event = migration_event(
+                job_id, spec, "job.state", ADMISSION_HOST, state=final.value, reason=reason
+            )
             self.store.append_event(job_id, event)
 
     def holders(self, gate: str) -> set[str]:
@@ -183,15 +188,3 @@ class Admission:
 
 def _now_iso() -> str:
     return now().isoformat()
-
-
-def _event(job_id: str, spec: MigrationSpec, name: str, reason: str) -> dict[str, Any]:
-    return job_event(
-        name,
-        ADMISSION_HOST,
-        job_id=job_id,
-        domain=spec.domain,
-        src=spec.src,
-        dst=spec.dst,
-        reason=reason,
-    )

@@ -7,8 +7,25 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from config.events import job_event
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
+
+
+def migration_event(
+    job_id: str, migration: MigrationSpec, name: str, host: str, **fields: Any
+) -> dict[str, Any]:
+    """An event of a migration job written straight to its stream (by a producer, an
+    admission pass or an abort), in the same shape as a worker's."""
+    return job_event(
+        name,
+        host,
+        job_id=job_id,
+        domain=migration.domain,
+        src=migration.src,
+        dst=migration.dst,
+        **fields,
+    )
 
 
 class PhaseRecord(BaseModel):

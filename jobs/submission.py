@@ -8,10 +8,9 @@ caller then runs admission, which starts whatever fits under the limits.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
-from config.events import job_event
 from jobs.admission import Admission
+from jobs.model import migration_event
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore, domain_lock_key
@@ -19,21 +18,6 @@ from jobs.store import JobStore, domain_lock_key
 
 class DomainBusy(Exception):
     """The domain already has a live job; the message is one line."""
-
-
-def migration_event(
-    job_id: str, migration: MigrationSpec, name: str, host: str, **fields: Any
-) -> dict[str, Any]:
-    """An event of a migration job, written by a producer or an admission pass."""
-    return job_event(
-        name,
-        host,
-        job_id=job_id,
-        domain=migration.domain,
-        src=migration.src,
-        dst=migration.dst,
-        **fields,
-    )
 
 
 def enqueue(
