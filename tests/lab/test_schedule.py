@@ -178,12 +178,7 @@ def test_a_scheduled_evacuation_fires_and_drains_the_host(
             "the schedule to start an evacuation",
         )
         (evacuation_id,) = evacuations_from(lab, sid)
-        wait_for(
-            lambda: lab.drover.evacuation(evacuation_id).terminal,
-            EVACUATION_TIMEOUT_S,
-            f"evacuation {evacuation_id} to end",
-        )
-        evacuation = lab.drover.evacuation(evacuation_id)
+        evacuation = lab.drover.wait_evacuation(evacuation_id, EVACUATION_TIMEOUT_S)
         assert evacuation.state.value == "drained", evacuation.reason
         assert evacuation.origin == f"schedule:{sid}"
         assert evacuation.spec.to == list(DESTINATIONS)
@@ -236,12 +231,8 @@ def test_a_second_beat_fires_nothing_while_the_first_holds_the_lock(
             "the schedule to fire",
         )
         (evacuation_id,) = evacuations_from(lab, sid)
-        wait_for(
-            lambda: lab.drover.evacuation(evacuation_id).terminal,
-            EVACUATION_TIMEOUT_S,
-            f"evacuation {evacuation_id} to end",
-        )
-        assert lab.drover.evacuation(evacuation_id).state.value == "drained"
+        evacuation = lab.drover.wait_evacuation(evacuation_id, EVACUATION_TIMEOUT_S)
+        assert evacuation.state.value == "drained", evacuation.reason
 
         # The waiting beat never took the lock, so it never looked at the schedule.
         holds_for(
