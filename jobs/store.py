@@ -20,7 +20,7 @@ from redis.retry import Retry
 
 from jobs.model import Job, PhaseRecord, Transition
 from jobs.spec import MigrationSpec
-from jobs.states import TERMINAL, JobState, allowed_sources
+from jobs.states import LIVE, TERMINAL, JobState, allowed_sources
 
 KEY_PREFIX = "drover"
 JOBS_INDEX = f"{KEY_PREFIX}:jobs"
@@ -74,6 +74,19 @@ return {0, cur}
 # Compare-and-delete / compare-and-extend for leases: only the holder may touch its lease.
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Book memory for a job only while it lives: a reservation written after the job's terminal
+# transition (which frees reservations) would hold that memory for ever.
+# KEYS[1] job hash, KEYS[2] reservations hash; ARGV[1] job id, ARGV[2] MiB, ARGV[3..] live states.
+_RESERVE_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+for i = 3, #ARGV do
+  if cur == ARGV[i] then
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+    return 1
+  end
+end
 return 0
 """
 _RENEW_LUA = """
@@ -132,6 +145,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
+        self._reserve = client.register_script(_RESERVE_LUA)
 
     @classmethod
     def from_url(cls, url: str, *, event_maxlen: int = 10_000, retry_for: float = 0.0) -> JobStore:
@@ -392,8 +406,13 @@ class JobStore:
 
     # --- reservations -----------------------------------------------------------------------
 
-    def reserve(self, host: str, job_id: str, memory_mib: int) -> None:
-        self.r.hset(reservations_key(host), job_id, str(memory_mib))
+    def reserve(self, host: str, job_id: str, memory_mib: int) -> bool:
+        """Book `memory_mib` on `host` for a live job; False (nothing booked) once it ended."""
+        live = [state.value for state in LIVE]
+        booked = self._reserve(
+            keys=[job_key(job_id), reservations_key(host)], args=[job_id, memory_mib, *live]
+        )
+        return bool(booked)
 
     def release(self, host: str, job_id: str) -> None:
         self.r.hdel(reservations_key(host), job_id)

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import libvirt
+from celery.exceptions import Ignore
 
 from config.events import get_logger
 from jobs.maintenance import Maintenance
@@ -111,7 +112,9 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         free = _free_memory_mib(rt, job)
         if free < need:
             raise PhaseFailed(f"{spec.dst} has {free} MiB free, {spec.domain} needs {need} MiB")
-        rt.store.reserve(spec.dst, job.id, need)
+        if not rt.store.reserve(spec.dst, job.id, need):
+            log.info("phase.skipped", reason="the job ended while its memory was being booked")
+            raise Ignore()
     created: list[str] = []
     if spec.copy_storage is not None:
         try:

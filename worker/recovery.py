@@ -156,6 +156,12 @@ def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
         if key in rt.running:
             return
         rt.running.add(key)
+    fresh = _still_interrupted(rt, job.id, phase)
+    if fresh is None:
+        with rt.lock:
+            rt.running.discard(key)
+        return
+    job = fresh
     context = structlog.contextvars.get_contextvars()
 
     def work() -> None:
@@ -172,6 +178,20 @@ def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
                 rt.running.discard(key)
 
     threading.Thread(target=work, name=f"recover-{job.id}", daemon=True).start()
+
+
+def _still_interrupted(rt: Runtime, job_id: str, phase: Phase) -> Job | None:
+    """Read the job again now that the phase is marked as ours: the sweep's copy may predate
+    the phase ending normally in this process, and re-running a finished phase (booking
+    memory, making disks) after the job moved on must never happen."""
+    try:
+        job = rt.store.get(job_id)
+    except JobNotFound:
+        return None
+    step = current_step(job)
+    if job.terminal or step is None or step.phase is not phase or not step.started:
+        return None
+    return job
 
 
 def _recover(rt: Runtime, job: Job, phase: Phase) -> None:

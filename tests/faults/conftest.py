@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from jobs.model import Job
-from jobs.store import ACTIVE_JOBS, JobNotFound, domain_lock_key
+from jobs.store import ACTIVE_JOBS, JobNotFound, JobStore, domain_lock_key, reservations_key
 from lab import control
 from producer.api import SubmitError
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
@@ -95,12 +95,23 @@ def assert_invariants(lab: Lab, job: Job, domain: str = "dirty-1") -> None:
         check(bool(job.reason), "a failed job must say why")
     store = lab.drover.store
     for host in (spec.src, spec.dst):
-        check(store.reserved_mib(host) == 0, f"a reservation is left on {host}")
+        check(
+            store.reserved_mib(host) == 0,
+            f"a reservation is left on {host}: {held_by(store, host)}",
+        )
     check(not store.r.sismember(ACTIVE_JOBS, job.id), "the job is still marked active")
     check(store.r.get(domain_lock_key("name", domain)) is None, "the name lease is left")
     uuid = job.facts.get("uuid")
     if uuid:
         check(store.r.get(domain_lock_key("uuid", uuid)) is None, "the uuid lease is left")
+
+
+def held_by(store: JobStore, host: str) -> str:
+    """Which jobs hold memory on `host`, and in what state: what a failed check needs to say."""
+    held = store.r.hgetall(reservations_key(host))
+    return ", ".join(
+        f"{job_id} ({store.state(job_id).value}) {mib} MiB" for job_id, mib in held.items()
+    )
 
 
 def finish(lab: Lab, job_id: str, timeout: float = JOB_TIMEOUT_S) -> Job:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from jobs.store import JobStore
 from tests.conftest import RedisServer
 from tests.support.registry import REGISTRY
 
@@ -18,3 +19,11 @@ def config(tmp_path: Path, redis_srv: RedisServer) -> Path:
     path = tmp_path / "drover.toml"
     path.write_text(REGISTRY.format(url=redis_srv.url))
     return path
+
+
+@pytest.fixture
+def store(redis_srv: RedisServer) -> JobStore:
+    """The job store on an emptied test Redis."""
+    s = JobStore.from_url(redis_srv.url)
+    s.r.flushdb()
+    return s

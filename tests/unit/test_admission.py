@@ -32,13 +32,6 @@ migration_address = "192.0.2.3"
 """
 
 
-@pytest.fixture
-def store(redis_srv: RedisServer) -> JobStore:
-    s = JobStore.from_url(redis_srv.url)
-    s.r.flushdb()
-    return s
-
-
 def settings(tmp_path: Path, redis_srv: RedisServer, cluster: int = 8):  # type: ignore[no-untyped-def]
     path = tmp_path / "drover.toml"
     path.write_text(REGISTRY.format(url=redis_srv.url, cluster=cluster))

@@ -10,14 +10,6 @@ from pydantic import ValidationError
 from jobs.spec import MigrationSpec, first_error
 from jobs.states import TERMINAL, JobState, allowed_sources
 from jobs.store import JobNotFound, JobStore
-from tests.conftest import RedisServer
-
-
-@pytest.fixture
-def store(redis_srv: RedisServer) -> JobStore:
-    s = JobStore.from_url(redis_srv.url)
-    s.r.flushdb()
-    return s
 
 
 def spec(**kw: object) -> MigrationSpec:
@@ -120,12 +112,24 @@ def test_events_are_kept_in_order_and_followed_to_the_end(store: JobStore) -> No
 
 
 def test_reservations_are_counted_per_host(store: JobStore) -> None:
-    store.reserve("kvm2", "a", 64)
-    store.reserve("kvm2", "b", 128)
+    a = store.create(spec(), host="cli")
+    b = store.create(spec(domain="web02"), host="cli")
+    assert store.reserve("kvm2", a, 64) and store.reserve("kvm2", b, 128)
     assert store.reserved_mib("kvm2") == 192
-    assert store.reserved_mib("kvm2", excluding="a") == 128
-    store.release("kvm2", "a")
+    assert store.reserved_mib("kvm2", excluding=a) == 128
+    store.release("kvm2", a)
     assert store.reserved_mib("kvm2") == 128
+
+
+@pytest.mark.parametrize("ended", [s for s in JobState if s in TERMINAL])
+def test_an_ended_job_books_no_memory(store: JobStore, ended: JobState) -> None:
+    """A phase that books memory after its job ended (a late or repeated step) books nothing:
+    the terminal transition already freed what the job held, and nothing would free it again."""
+    job_id = store.create(spec(), host="cli")
+    store.r.hset(f"drover:job:{job_id}", "state", ended.value)
+    assert not store.reserve("kvm2", job_id, 64)
+    assert not store.reserve("kvm2", "000000000000", 64)  # no such job
+    assert store.reserved_mib("kvm2") == 0
 
 
 def test_unknown_job_is_reported(store: JobStore) -> None:
