@@ -23,6 +23,7 @@ DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._+:@-]{0,199}$"
 HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MAX_BANDWIDTH_MIB = 1_000_000
 MAX_PARALLEL_CONNECTIONS = 64
+MAX_COMPLETION_TIMEOUT_S = 86_400
 MIGRATION_URI_SCHEMES = ("tcp", "rdma", "unix")
 # Python's `$` also matches before a trailing newline, so these patterns end in \Z instead.
 _DNS_NAME = re.compile(
@@ -49,6 +50,18 @@ class Transport(StrEnum):
 class CopyStorage(StrEnum):
     ALL = "all"
     INC = "inc"
+
+
+class TimeoutAction(StrEnum):
+    """What a live migration still running after its completion timeout is made to do.
+
+    As virsh's --timeout-suspend / --timeout-postcopy and Nova's live_migration_timeout_action:
+    a guest that dirties memory faster than the link carries it never converges by itself.
+    """
+
+    SUSPEND = "suspend"  # pause the guest: the rest is copied at once, it resumes on arrival
+    POSTCOPY = "postcopy"  # switch to post-copy (needs --postcopy)
+    ABORT = "abort"  # give up; the guest stays where it was
 
 
 def check_address(value: str) -> str:
@@ -110,6 +123,8 @@ class MigrationSpec(BaseModel):
     compressed: bool = False
     postcopy: bool = False
     bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
+    completion_timeout_s: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TIMEOUT_S)
+    timeout_action: TimeoutAction | None = None  # with completion_timeout_s; suspend if unset
     parallel: int | None = Field(default=None, ge=2, le=MAX_PARALLEL_CONNECTIONS)
     copy_storage: CopyStorage | None = None
     migrate_uri: str | None = None
@@ -128,6 +143,13 @@ class MigrationSpec(BaseModel):
             except ValueError as exc:
                 raise ValueError(f"listen address: {exc}") from None
         return self
+
+    @property
+    def on_timeout(self) -> TimeoutAction | None:
+        """The action at the completion timeout (suspend unless told), None without one."""
+        if self.completion_timeout_s is None:
+            return None
+        return self.timeout_action or TimeoutAction.SUSPEND
 
     @property
     def arrives_as(self) -> str:
@@ -186,6 +208,12 @@ def combination_problems(s: MigrationSpec) -> list[str]:
                 problems.append(f"{flag} does not apply to an offline migration")
     if s.postcopy and not s.live:
         problems.append("--postcopy needs --live")
+    if s.timeout_action is not None and s.completion_timeout_s is None:
+        problems.append("--timeout-action needs --completion-timeout")
+    if s.completion_timeout_s is not None and not s.live:
+        problems.append("--completion-timeout needs --live (only a live migration can stall)")
+    if s.timeout_action is TimeoutAction.POSTCOPY and not s.postcopy:
+        problems.append("--timeout-action postcopy needs --postcopy")
     if s.auto_converge and not s.live:
         problems.append("--auto-converge needs --live")
     if s.control is ControlFlow.UNMANAGED and (s.persistent or s.undefine_source):

@@ -134,6 +134,14 @@ def migrate(
         bool, typer.Option("--postcopy", help="allow `drover postcopy JOB` to switch")
     ] = False,
     bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="MiB/s cap")] = None,
+    completion_timeout: Annotated[
+        int | None,
+        typer.Option("--completion-timeout", help="seconds a live migration may take to converge"),
+    ] = None,
+    timeout_action: Annotated[
+        str | None,
+        typer.Option("--timeout-action", help="then: suspend (default) | postcopy | abort"),
+    ] = None,
     parallel: Annotated[
         int | None, typer.Option("--parallel", help="parallel migration connections")
     ] = None,
@@ -177,6 +185,8 @@ def migrate(
         "compressed": compressed,
         "postcopy": postcopy,
         "bandwidth_mib": bandwidth,
+        "completion_timeout_s": completion_timeout,
+        "timeout_action": timeout_action,
         "parallel": parallel,
         "copy_storage": copy_storage,
         "migrate_uri": migrate_uri,

@@ -1,6 +1,8 @@
 """What to do about a migration that is running: the policy half of the monitor.
 
-Decisions are pure functions of the samples so they can be tested without a hypervisor.
+Decisions are pure functions of the samples (and of what the policy already decided) so they
+can be tested without a hypervisor. The same policy judges a migration a restarted worker
+re-attaches to, since libvirt's elapsed time counts from the migration's real start.
 """
 
 from __future__ import annotations
@@ -8,14 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from jobs.spec import MigrationSpec, TimeoutAction
 from worker.monitor_types import ProgressLike
 
 MS_PER_S = 1000
+MIB = 1024 * 1024
+
+ActionKind = Literal["continue", "abort", "cancel", "suspend", "postcopy"]
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: Literal["continue", "abort", "cancel"]  # cancel: the operator asked to abort
+    kind: ActionKind  # cancel: the operator asked to abort
     reason: str = ""
 
 
@@ -24,15 +30,35 @@ CONTINUE = Action("continue")
 
 @dataclass
 class ConvergencePolicy:
-    """Abort a migration that has run longer than the job may take."""
+    """The job's completion timeout (once), then the fleet's hard limit on a migration."""
 
     max_duration_s: float
+    timeout_s: float | None = None
+    on_timeout: TimeoutAction | None = None
+    timed_out: bool = False
+
+    @classmethod
+    def for_job(cls, spec: MigrationSpec, max_duration_s: float) -> ConvergencePolicy:
+        return cls(max_duration_s, spec.completion_timeout_s, spec.on_timeout)
 
     def decide(self, progress: ProgressLike) -> Action:
-        if progress.time_elapsed_ms > self.max_duration_s * MS_PER_S:
+        elapsed_ms = progress.time_elapsed_ms
+        if elapsed_ms > self.max_duration_s * MS_PER_S:
             return Action(
                 "abort",
                 f"migration still not converged after {self.max_duration_s:.0f}s "
-                f"({progress.data_remaining // (1024 * 1024)} MiB remaining)",
+                f"({progress.data_remaining // MIB} MiB remaining)",
+            )
+        if (
+            self.timeout_s is not None
+            and self.on_timeout is not None
+            and not self.timed_out
+            and elapsed_ms > self.timeout_s * MS_PER_S
+        ):
+            self.timed_out = True
+            return Action(
+                self.on_timeout.value,
+                f"completion timeout of {self.timeout_s:.0f}s reached with "
+                f"{progress.data_remaining // MIB} MiB remaining",
             )
         return CONTINUE

@@ -155,6 +155,27 @@ def _ensure_running_on_source(rt: Runtime, job: Job) -> str:
     return f"{job.spec.domain} still running on {rt.host}"
 
 
+def carry_out(dom: libvirt.virDomain, action: Action) -> None:
+    """Make libvirt do what the policy (or the operator) decided about a running migration.
+
+    A refusal is logged and the migration goes on: it may still converge, and the fleet's
+    hard limit (tunables.migration_timeout) aborts it in the end.
+    """
+    if action.kind in ("suspend", "postcopy"):
+        log.warning("migration.timeout", action=action.kind, reason=action.reason)
+    else:
+        log.warning("migration.aborting", reason=action.reason, by=action.kind)
+    try:
+        if action.kind == "suspend":
+            dom.suspend()  # the guest resumes on arrival (unless --suspend asked otherwise)
+        elif action.kind == "postcopy":
+            dom.migrateStartPostCopy()
+        else:
+            dom.abortJob()
+    except libvirt.libvirtError as exc:
+        log.warning("migration.action_failed", action=action.kind, error=exc.get_error_message())
+
+
 def _invoke(dom: libvirt.virDomain, call: MigrationCall) -> None:
     """Make the libvirt call; managed direct and virDomainMigrate3 need a destination conn."""
     if call.api == "migrateToURI3":
@@ -201,17 +222,14 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
         log.info("migration.progress", **p.as_event_fields())
 
     def on_action(action: Action) -> None:
-        log.warning("migration.aborting", reason=action.reason, by=action.kind)
-        outcome["cancel_reason" if action.kind == "cancel" else "abort_reason"] = action.reason
-        try:
-            dom.abortJob()
-        except libvirt.libvirtError as exc:
-            log.warning("migration.abort_failed", error=exc.get_error_message())
+        if action.kind in ("cancel", "abort"):
+            outcome["cancel_reason" if action.kind == "cancel" else "abort_reason"] = action.reason
+        carry_out(dom, action)
 
     monitor = MigrationMonitor(
         dom,
         interval=tunables.progress_interval,
-        policy=ConvergencePolicy(max_duration_s=tunables.migration_timeout),
+        policy=ConvergencePolicy.for_job(spec, tunables.migration_timeout),
         on_progress=on_progress,
         on_action=on_action,
         abort_requested=lambda: rt.store.abort_requested(job.id),

@@ -35,6 +35,7 @@ from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
 from worker import phases
+from worker.convergence import ConvergencePolicy
 from worker.libvirt_host import on_peer
 from worker.monitor import Progress, sample
 from worker.phase_scope import (
@@ -209,15 +210,20 @@ def _recover(rt: Runtime, job: Job, phase: Phase) -> None:
 def _recover_perform(rt: Runtime, job: Job) -> bool:
     """Wait for a migration still running in libvirt, then judge where the guest is."""
     spec = job.spec
-    interval = rt.settings.tunables.progress_interval
+    tunables = rt.settings.tunables
+    policy = ConvergencePolicy.for_job(spec, tunables.migration_timeout)
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
     reattached = False
     while dom is not None and (stats := sample(dom)) is not None:
         if not reattached:
             log.info("migration.reattached")
             reattached = True
-        log.info("migration.progress", **Progress.from_stats(stats).as_event_fields())
-        time.sleep(interval)
+        progress = Progress.from_stats(stats)
+        log.info("migration.progress", **progress.as_event_fields())
+        action = policy.decide(progress)
+        if action.kind != "continue":
+            phases.carry_out(dom, action)
+        time.sleep(tunables.progress_interval)
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
     if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
         rt.store.phase_ended(job.id, Phase.PERFORM.value)

@@ -234,3 +234,37 @@ def test_postcopy_switch_completes_a_migration_that_cannot_converge(
     names = [e["event"] for e in d.events(job_id)]
     assert "migration.postcopy_started" in names
     assert lab.running_on("dirty-1") == ["lab2"]
+
+
+@pytest.mark.parametrize(
+    ("action", "state", "lands_on"),
+    [
+        ("suspend", "succeeded", "lab2"),
+        ("postcopy", "succeeded", "lab2"),
+        ("abort", "failed", "lab1"),
+    ],
+)
+def test_a_completion_timeout_ends_a_migration_that_cannot_converge(
+    lab: Lab, dirty_running: None, action: str, state: str, lands_on: str
+) -> None:
+    # 32 MiB/s is half dirty-1's dirty rate: without the timeout it would copy for ever.
+    job = lab.migrate(
+        "dirty-1",
+        "lab1",
+        "lab2",
+        bandwidth_mib=32,
+        completion_timeout_s=3,
+        timeout_action=action,
+        postcopy=action == "postcopy",
+    )
+    assert job.state.value == state, job.reason
+    events = lab.drover.events(job.id)
+    acted = [e for e in events if e["event"] in ("migration.timeout", "migration.aborting")]
+    assert [e.get("action", e.get("by")) for e in acted] == [action]
+    assert "completion timeout of 3s reached" in acted[0]["reason"]
+    if state == "failed":
+        assert job.reason is not None and "completion timeout of 3s" in job.reason
+    # Where libvirt says, and running: a suspended guest resumes on arrival, an aborted one
+    # is never left paused at home.
+    assert lab.running_on("dirty-1") == [lands_on]
+    assert lab.view(lands_on, "dirty-1").state == libvirt.VIR_DOMAIN_RUNNING

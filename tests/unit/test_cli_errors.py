@@ -12,6 +12,8 @@ from tests.conftest import RedisServer, free_port
 from tests.support.cli import run_drover
 from tests.support.registry import REGISTRY
 
+TIMED = ["idle-1", "--from", "kvm1", "--to", "kvm2", "--completion-timeout", "5"]
+
 
 def drover(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return run_drover(config, *args)
@@ -38,6 +40,22 @@ def queued_anything(redis_srv: RedisServer) -> bool:
             "Invalid value for '--bandwidth'",
         ),
         (["idle-1", "--from", "kvm1", "--to", "kvm2", "--timeout", "9"], "only with --wait"),
+        (
+            ["idle-1", "--from", "kvm1", "--to", "kvm2", "--completion-timeout", "0"],
+            "completion_timeout_s",
+        ),
+        (
+            ["idle-1", "--from", "kvm1", "--to", "kvm2", "--timeout-action", "abort"],
+            "--timeout-action needs --completion-timeout",
+        ),
+        (
+            [*TIMED, "--timeout-action", "postcopy"],
+            "--timeout-action postcopy needs --postcopy",
+        ),
+        (
+            [*TIMED, "--timeout-action", "sideways"],
+            "'suspend', 'postcopy' or 'abort'",
+        ),
         (
             ["idle-1", "--from", "kvm1", "--to", "kvm2", "--wait", "--timeout", "-1"],
             "--timeout must be above 0 seconds, not -1",

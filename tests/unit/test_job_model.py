@@ -7,7 +7,7 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from jobs.spec import MigrationSpec, first_error
+from jobs.spec import MigrationSpec, TimeoutAction, first_error
 from jobs.states import TERMINAL, JobState, allowed_sources
 from jobs.store import JobNotFound, JobStore
 
@@ -32,6 +32,8 @@ def test_spec_defaults_are_live_native_p2p() -> None:
         ({"src": "-kvm"}, "invalid src"),
         ({"bandwidth_mib": 0}, "bandwidth_mib"),
         ({"bogus": 1}, "bogus"),
+        ({"live": False, "completion_timeout_s": 30}, "--completion-timeout needs --live"),
+        ({"completion_timeout_s": 86_401}, "completion_timeout_s"),
     ],
 )
 def test_bad_specs_are_refused_with_one_line(fields: dict[str, object], message: str) -> None:
@@ -40,6 +42,13 @@ def test_bad_specs_are_refused_with_one_line(fields: dict[str, object], message:
     line = first_error(exc.value)
     assert message in line
     assert "\n" not in line
+
+
+def test_a_completion_timeout_suspends_unless_told_otherwise() -> None:
+    assert spec().on_timeout is None
+    assert spec(completion_timeout_s=30).on_timeout is TimeoutAction.SUSPEND
+    chosen = spec(completion_timeout_s=30, timeout_action="postcopy", postcopy=True)
+    assert chosen.on_timeout is TimeoutAction.POSTCOPY
 
 
 def test_transitions_follow_the_state_machine() -> None:

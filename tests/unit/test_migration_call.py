@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import libvirt
+import pytest
 
 from jobs.spec import MigrationSpec
 from worker.convergence import ConvergencePolicy
@@ -52,3 +53,26 @@ def test_policy_aborts_only_past_the_deadline() -> None:
     assert policy.decide(_progress(9_999)).kind == "continue"
     decision = policy.decide(_progress(10_001))
     assert decision.kind == "abort" and "not converged after 10s" in decision.reason
+
+
+def test_a_completion_timeout_acts_once_then_leaves_the_hard_limit_to_abort() -> None:
+    timed = spec(completion_timeout_s=5, timeout_action="suspend")
+    policy = ConvergencePolicy.for_job(timed, max_duration_s=60)
+    assert policy.decide(_progress(4_999)).kind == "continue"
+    first = policy.decide(_progress(5_001))
+    assert first.kind == "suspend" and "completion timeout of 5s" in first.reason
+    assert policy.decide(_progress(6_000)).kind == "continue"  # suspended once, not again
+    assert policy.decide(_progress(60_001)).kind == "abort"
+
+
+@pytest.mark.parametrize("action", ["postcopy", "abort"])
+def test_the_timeout_action_is_the_one_asked_for(action: str) -> None:
+    timed = spec(completion_timeout_s=5, timeout_action=action, postcopy=action == "postcopy")
+    assert ConvergencePolicy.for_job(timed, max_duration_s=60).decide(_progress(5_001)).kind == (
+        action
+    )
+
+
+def test_without_a_completion_timeout_only_the_hard_limit_acts() -> None:
+    policy = ConvergencePolicy.for_job(spec(), max_duration_s=60)
+    assert policy.decide(_progress(59_000)).kind == "continue"
