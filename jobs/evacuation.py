@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.model import elapsed_s
-from jobs.spec import MAX_BANDWIDTH_MIB, HostRef
+from jobs.spec import MAX_BANDWIDTH_MIB, MAX_COMPLETION_TIMEOUT_S, HostRef, TimeoutAction
 from jobs.store import JOBS_INDEX, JobNotFound, JobStore, children_key, job_key, now
 
 M = TypeVar("M", bound=BaseModel)
@@ -78,6 +78,9 @@ class EvacuationSpec(BaseModel):
     tunnelled: bool = False
     auto_converge: bool = False
     bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
+    # A guest that never converges would hold the drain until the fleet's hard limit.
+    completion_timeout_s: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TIMEOUT_S)
+    timeout_action: TimeoutAction | None = None
 
     @field_validator("to")
     @classmethod
@@ -91,6 +94,10 @@ class EvacuationSpec(BaseModel):
     def _not_itself(self) -> EvacuationSpec:
         if self.host in self.to:
             raise ValueError(f"--to includes {self.host}, the host being evacuated")
+        if self.timeout_action is not None and self.completion_timeout_s is None:
+            raise ValueError("--timeout-action needs --completion-timeout")
+        if self.timeout_action is TimeoutAction.POSTCOPY:
+            raise ValueError("--timeout-action postcopy: evacuations do not use post-copy")
         return self
 
 

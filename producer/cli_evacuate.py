@@ -48,6 +48,13 @@ def register(app: typer.Typer) -> None:
         tunnelled: Annotated[bool, typer.Option("--tunnelled")] = False,
         auto_converge: Annotated[bool, typer.Option("--auto-converge")] = False,
         bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="MiB/s cap")] = None,
+        completion_timeout: Annotated[
+            int | None,
+            typer.Option("--completion-timeout", help="seconds each migration may take"),
+        ] = None,
+        timeout_action: Annotated[
+            str | None, typer.Option("--timeout-action", help="then: suspend (default) | abort")
+        ] = None,
         wait: Annotated[bool, typer.Option("--wait", help="follow until it ends")] = False,
         timeout: Annotated[float | None, typer.Option("--timeout", help="with --wait")] = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -64,6 +71,8 @@ def register(app: typer.Typer) -> None:
             "tunnelled": tunnelled,
             "auto_converge": auto_converge,
             "bandwidth_mib": bandwidth,
+            "completion_timeout_s": completion_timeout,
+            "timeout_action": timeout_action,
         }
 
         check_timeout(timeout, wait or dry_run)

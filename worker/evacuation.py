@@ -163,7 +163,7 @@ def _checked(ev: Evacuation, placement: Placement) -> Placement:
 
 def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:
     """A live peer-to-peer migration; a persistent definition moves with the guest. An
-    offline child moves only a definition: nothing to tunnel, cap or converge."""
+    offline child moves only a definition: nothing to tunnel, cap, converge or time out."""
     assert placement.destination is not None
     return MigrationSpec(
         domain=placement.domain,
@@ -178,6 +178,8 @@ def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:
         ),
         auto_converge=ev.spec.auto_converge and placement.active,
         bandwidth_mib=ev.spec.bandwidth_mib if placement.active else None,
+        completion_timeout_s=ev.spec.completion_timeout_s if placement.active else None,
+        timeout_action=ev.spec.timeout_action if placement.active else None,
     )
 
 

@@ -213,7 +213,7 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
     tunables = rt.settings.tunables
     policy = ConvergencePolicy.for_job(spec, tunables.migration_timeout)
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
-    reattached = False
+    reattached, aborted = False, ""
     while dom is not None and (stats := sample(dom)) is not None:
         if not reattached:
             log.info("migration.reattached")
@@ -223,6 +223,7 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
         action = policy.decide(progress)
         if action.kind != "continue":
             phases.carry_out(dom, action)
+            aborted = action.reason if action.kind == "abort" else aborted
         time.sleep(tunables.progress_interval)
     dom = rt.libvirt.by_uuid(job.facts["uuid"])
     if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
@@ -233,10 +234,9 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
     if state == libvirt.VIR_DOMAIN_PAUSED and job.facts.get("state") == "running":
         dom.resume()
         log.warning("source.resumed", reason="the interrupted migration left the guest paused")
-    reason = (
-        f"the migration did not complete while {rt.host}'s worker was away; "
-        f"{spec.domain} still running on {rt.host}"
-    )
+    away = f"did not complete while {rt.host}'s worker was away"
+    why = f"was aborted: {aborted}" if aborted else away
+    reason = f"the migration {why}; {spec.domain} still running on {rt.host}"
     rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)
     fail_job(rt, job, Phase.PERFORM, reason)  # which also rolls the destination back
     return False

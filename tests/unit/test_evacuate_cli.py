@@ -25,6 +25,11 @@ from tests.unit.test_cli_errors import drover, queued_anything
         (["kvm1", "--to", "kvm7"], "unknown host 'kvm7'"),
         (["kvm1", "--max-parallel", "0"], "max_parallel"),
         (["kvm1", "--bandwidth", "0"], "bandwidth_mib"),
+        (["kvm1", "--timeout-action", "abort"], "--timeout-action needs --completion-timeout"),
+        (
+            ["kvm1", "--completion-timeout", "60", "--timeout-action", "postcopy"],
+            "evacuations do not use post-copy",
+        ),
         (["kvm1"], "kvm1's worker is not alive; it plans the evacuation of its host"),
         (["kvm1", "--timeout", "5"], "--timeout applies only with --wait"),
         (["kvm1", "--wait", "--timeout", "0"], "--timeout must be above 0 seconds, not 0"),

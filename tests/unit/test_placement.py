@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jobs.evacuation import Evacuation, EvacuationSpec, EvacuationState, Placement
+from jobs.spec import TimeoutAction
+from worker.evacuation import child_spec
 from worker.placement import OFFLINE_ESTIMATE_S, Candidate, Estimate, Guest, plan
 
 ESTIMATE = Estimate(startup_s=2.0, mib_per_s=100.0)
@@ -96,3 +100,34 @@ def test_never_overcommits_and_is_deterministic(sizes: list[int], rooms: list[in
             assert p.reason and "needs" in p.reason
     for i, room in enumerate(rooms):
         assert used[f"h{i}"] <= room
+
+
+def test_children_carry_the_completion_timeout_only_when_they_run() -> None:
+    """A live child gets the evacuation's completion timeout; an offline one (a definition,
+    nothing to converge) would be refused with it, so it never gets one."""
+    when = datetime.now(UTC)
+    ev = Evacuation(
+        id="0123456789ab",
+        spec=EvacuationSpec(
+            host="kvm1", completion_timeout_s=120, timeout_action=TimeoutAction.ABORT
+        ),
+        state=EvacuationState.RUNNING,
+        origin="cli",
+        created=when,
+        updated=when,
+    )
+
+    def placed(active: bool) -> Placement:
+        return Placement(
+            domain="web01",
+            uuid="u",
+            memory_mib=64,
+            active=active,
+            persistent=True,
+            destination="kvm2",
+        )
+
+    live = child_spec(ev, placed(True))
+    assert (live.completion_timeout_s, live.on_timeout) == (120, TimeoutAction.ABORT)
+    offline = child_spec(ev, placed(False))
+    assert offline.offline and offline.on_timeout is None
