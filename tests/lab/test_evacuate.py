@@ -248,6 +248,25 @@ def test_aborted_evacuation_leaves_every_vm_on_exactly_one_host(
         d.abort(evacuation_id)
 
 
+def test_a_guest_that_never_converges_is_suspended_and_the_drain_completes(
+    lab: Lab,
+    dirty_running: None,
+    home: None,  # home's teardown first: it enables lab1 again
+) -> None:
+    # At 32 MiB/s dirty-1 (dirtying about 64 MB/s) would copy until the fleet's hard limit;
+    # the evacuation's completion timeout suspends it, and it resumes on its destination.
+    ev = evacuate(lab, host="lab1", to=["lab2", "lab3"], bandwidth_mib=32, completion_timeout_s=3)
+    assert ev.state.value == "drained", ev.reason
+    dirty = lab.drover.job(ev.children["dirty-1"])
+    assert dirty.spec.completion_timeout_s == 3
+    timeouts = [e for e in lab.drover.events(dirty.id) if e["event"] == "migration.timeout"]
+    assert [e["action"] for e in timeouts] == ["suspend"]
+    (where,) = lab.running_on("dirty-1")
+    assert where != "lab1" and lab.view(where, "dirty-1").state == libvirt.VIR_DOMAIN_RUNNING
+    for domain in GUESTS:
+        assert not lab.view("lab1", domain).exists, f"{domain} still defined on lab1"
+
+
 OFF = "off-1"  # defined, never started: moved by offline migration with --include-inactive
 OLD_CPU = "oldcpu-1"  # asks for a CPU no lab hypervisor can run (TCG lacks its features)
 IMPOSSIBLE_CPU = (
