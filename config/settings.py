@@ -8,6 +8,7 @@ adjust a host's limits without restarting the fleet.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from threading import Lock
@@ -69,6 +70,18 @@ class Host(_Strict):
     libvirt_uri: str = "qemu:///system"
     peer_uri: str
     migration_address: str
+    # Other addresses of this host a `--migrate-uri tcp://ADDR` may name (a second NIC); the
+    # migration stream goes to `migration_address` or one of these, never anywhere else.
+    migration_addresses: list[str] = []
+    # `--migrate-uri unix:///PATH` is allowed only for a path under this directory (unset: no
+    # unix:// migration URI toward this host at all).
+    migration_socket_dir: str | None = None
+    # Where this host's worker may create (and after a failure remove) disk images for
+    # `--copy-storage`: a guest whose disks live elsewhere cannot be copied here.
+    storage_dirs: list[str] = ["/var/lib/libvirt/images"]
+    # The worker's own records on this host (images it created, message nonces it has seen):
+    # never in Redis, which the worker does not trust for what it does to its host.
+    state_dir: str = "/var/lib/drover"
     limits: HostLimits = HostLimits()
 
     @field_validator("libvirt_uri", "peer_uri")
@@ -84,6 +97,31 @@ class Host(_Strict):
     @classmethod
     def _address(cls, value: str) -> str:
         return check_address(value)
+
+    @field_validator("migration_addresses")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return [check_address(v) for v in value]
+
+    @field_validator("migration_socket_dir", "state_dir")
+    @classmethod
+    def _absolute_dir(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_absolute(value)
+        return value
+
+    @field_validator("storage_dirs")
+    @classmethod
+    def _absolute_dirs(cls, value: list[str]) -> list[str]:
+        for v in value:
+            _check_absolute(v)
+        return value
+
+
+def _check_absolute(path: str) -> None:
+    """A plain absolute directory: no `..`, no characters a shell or URI would read."""
+    if not re.match(r"^/[A-Za-z0-9._/-]{0,255}\Z", path) or ".." in path.split("/"):
+        raise ValueError(f"{path!r} is not a plain absolute path")
 
 
 class Cluster(_Strict):
@@ -129,6 +167,13 @@ class Tunables(_Strict):
     # Redis redelivers an unacknowledged message after this; drover acks early (docs/celery.md).
     broker_visibility_timeout: float = Field(default=3600.0, gt=0)
     max_message_bytes: int = Field(default=65_536, ge=1024)
+    # A signed task message is refused this long after it was sent (its body says when), and
+    # a worker remembers the nonces it has seen for as long. A phase whose message expired in
+    # a long queue is sent again by recovery with a fresh one.
+    message_ttl: float = Field(default=900.0, gt=0, le=86_400)
+    # A producer's signed request is refused at admission once it is older than this (a job
+    # may wait in line a long time behind the limits; a day covers a night's drain).
+    request_max_age: float = Field(default=86_400.0, gt=0)
     # Jobs waiting for a concurrency slot are re-examined this often (and at once whenever a
     # job ends); a worker's evacuations are checked for finished children this often.
     admission_interval: float = Field(default=0.5, gt=0)
@@ -160,6 +205,9 @@ class Security(_Strict):
     """
 
     signing: bool = False
+    # Run without signed requests and messages (anyone with the Redis password then controls
+    # every worker). A worker refuses to start unsigned unless this says so, and then warns.
+    insecure: bool = False
     key: str | None = None
     certificate: str | None = None
     cert_store: str | None = None
