@@ -6,13 +6,16 @@ routed explicitly to the queue of the host that owns it.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery
+from celery.signals import before_task_publish
 
+from config import envelope
 from config.event_dispatcher import EVENTS_PATH
-from config.security import enable_signing, signing_config
-from config.settings import Settings, load_settings
+from config.security import TASK_PREFIX, enable_signing, signing_config
+from config.settings import ConfigError, Settings, Tunables, current, load_settings
 
 QUEUE_PREFIX = "drover.host."
 WORKER_NODE_PREFIX = "drover@"
@@ -54,6 +57,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_track_started": True,
         "worker_concurrency": settings.tunables.worker_concurrency,
         "worker_pool": "threads",
+        # No remote control: a broadcast (shutdown, add_consumer, revoke, rate_limit, ...) is
+        # an unsigned order anyone with the Redis password could give. Flower and `celery
+        # events` still see every worker and task through events; liveness is drover's own
+        # heartbeat (`drover hosts`).
+        "worker_enable_remote_control": False,
         "include": ["worker.tasks", "worker.schedule_tasks"],
         # Signed messages replace plain JSON when `[security] signing` is on (config/security.py).
         **signing_config(settings),
@@ -77,6 +85,49 @@ def make_app(settings: Settings | None = None) -> Celery:
         celery_app.add_defaults(lambda: celery_config(load_settings()))
         celery_app.on_after_configure.connect(_enable_signing_when_configured, weak=False)
     return celery_app
+
+
+def host_of_queue(queue: str) -> str:
+    """The host a `drover.host.NAME` queue belongs to ("" for any other queue)."""
+    return queue.removeprefix(QUEUE_PREFIX) if queue.startswith(QUEUE_PREFIX) else ""
+
+
+def _stamp_envelope(
+    sender: str | None = None,
+    body: Any = None,
+    routing_key: str | None = None,
+    **_: Any,
+) -> None:
+    """Put a fresh envelope into every drover message's (signed) body as it is published.
+
+    Protocol 2 bodies are (args, kwargs, embed); the kwargs dict is the one serialized (and
+    signed) right after this signal, so whoever sends (a producer, beat, a worker moving a
+    chain on) needs no code of its own. Messages that are not drover's are left alone.
+    """
+    if not sender or not str(sender).startswith(TASK_PREFIX) or not isinstance(body, tuple):
+        return
+    args, kwargs = body[0], body[1]
+    if not isinstance(kwargs, dict) or not args:
+        return
+    kwargs[envelope.ENVELOPE_KEY] = envelope.stamp(
+        str(sender),
+        host_of_queue(routing_key or ""),
+        str(args[0]),
+        time.time(),
+        _message_ttl(),
+    )
+
+
+before_task_publish.connect(_stamp_envelope, weak=False)
+
+
+def _message_ttl() -> float:
+    """The fleet's message TTL; the default when this process's config cannot be read (a
+    producer given its settings explicitly need not have a config file of its own)."""
+    try:
+        return current().tunables.message_ttl
+    except ConfigError:
+        return Tunables().message_ttl
 
 
 def _enable_signing_when_configured(sender: Celery, **_: Any) -> None:

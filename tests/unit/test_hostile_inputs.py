@@ -13,6 +13,7 @@ import json
 import re
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 from kombu import Connection, Exchange, Queue
 from pydantic import ValidationError
 
-from config import events
+from config import envelope, events
 from config.celery import make_app
 from config.settings import load_settings
 from jobs.spec import DOMAIN_NAME_PATTERN, HOST_NAME_PATTERN, MigrationSpec, check_migration_uri
@@ -369,7 +370,9 @@ def probe(registry: Path) -> Iterator[Probe]:
             p.ran.append(job_id)
 
     try:
-        with start_worker(app, pool="threads", perform_ping_check=False, concurrency=2):
+        with start_worker(
+            app, pool="threads", perform_ping_check=False, concurrency=2, hostname=PROBE_NODE
+        ):
             yield p
     finally:
         structlog.configure(**old)
@@ -378,6 +381,18 @@ def probe(registry: Path) -> Iterator[Probe]:
 
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 BIG = "x" * 70_000
+PROBE_HOST = "probe-host"
+PROBE_NODE = f"drover@{PROBE_HOST}"
+PROBE_TASK = "drover.test_probe"
+MESSAGE_TTL_S = 900.0
+
+
+def sealed(job_id: str, **change: Any) -> dict[str, Any]:
+    """The kwargs of a message as drover's publisher stamps them (config/envelope.py)."""
+    env = envelope.stamp(PROBE_TASK, PROBE_HOST, job_id, time.time(), MESSAGE_TTL_S)
+    return {envelope.ENVELOPE_KEY: {**env, **change}}
+
+
 # (name, body, publish options, the reason logged)
 HOSTILE_MESSAGES: list[tuple[str, Any, dict[str, Any], str]] = [
     ("pickle", [[JOB_ID], {}, EMBED], {"serializer": "pickle"}, "ContentDisallowed"),
@@ -389,6 +404,61 @@ HOSTILE_MESSAGES: list[tuple[str, Any, dict[str, Any], str]] = [
     ),
     ("oversized", [[BIG], {}, EMBED], {"serializer": "json"}, "exceeds 65536"),
     ("keyword arguments", [[JOB_ID], {"force": True}, EMBED], {"serializer": "json"}, "keyword"),
+    ("no envelope", [[JOB_ID], {}, EMBED], {"serializer": "json"}, "no envelope"),
+    (
+        "envelope of another task (header swap)",
+        [[JOB_ID], sealed(JOB_ID, task="drover.source_preflight"), EMBED],
+        {"serializer": "json"},
+        "delivered as",
+    ),
+    (
+        "envelope for another host's queue",
+        [[JOB_ID], sealed(JOB_ID, host="kvm2"), EMBED],
+        {"serializer": "json"},
+        "delivered to",
+    ),
+    (
+        "envelope of another job",
+        [[JOB_ID], sealed("fedcba987654"), EMBED],
+        {"serializer": "json"},
+        "another job",
+    ),
+    (
+        "expired envelope",
+        [[JOB_ID], sealed(JOB_ID, exp=time.time() - 5), EMBED],
+        {"serializer": "json"},
+        "expired",
+    ),
+    (
+        "envelope valid for a year",
+        [[JOB_ID], sealed(JOB_ID, exp=time.time() + 365 * 86_400), EMBED],
+        {"serializer": "json"},
+        "further away",
+    ),
+    (
+        "envelope with NaN expiry",
+        [[JOB_ID], sealed(JOB_ID, exp=float("nan")), EMBED],
+        {"serializer": "json"},
+        "expiry",
+    ),
+    (
+        "envelope with a short nonce",
+        [[JOB_ID], sealed(JOB_ID, nonce="00"), EMBED],
+        {"serializer": "json"},
+        "nonce",
+    ),
+    (
+        "envelope with an extra field",
+        [[JOB_ID], {"envelope": {**sealed(JOB_ID)["envelope"], "x": 1}}, EMBED],
+        {"serializer": "json"},
+        "no valid envelope",
+    ),
+    (
+        "celery built-in (celery.accumulate)",
+        [[JOB_ID], sealed(JOB_ID, task="celery.accumulate"), EMBED],
+        {"serializer": "json", "headers": {"task": "celery.accumulate", "lang": "py"}},
+        "not a drover task",
+    ),
     ("no argument", [[], {}, EMBED], {"serializer": "json"}, "not exactly one argument"),
     ("two arguments", [[JOB_ID, JOB_ID], {}, EMBED], {"serializer": "json"}, "not exactly one"),
     ("number", [[123456789012], {}, EMBED], {"serializer": "json"}, "not a job id"),
@@ -415,8 +485,27 @@ def _wait(cond: Any, what: str, timeout: float = 20.0) -> None:
 
 
 def test_a_well_formed_message_runs(probe: Probe) -> None:
-    probe.publish([[JOB_ID], {}, EMBED], serializer="json")
+    probe.publish([[JOB_ID], sealed(JOB_ID), EMBED], serializer="json")
     _wait(lambda: JOB_ID in probe.ran, "the probe task to run")
+
+
+def test_a_replayed_message_runs_once(probe: Probe) -> None:
+    job_id = "0a0b0c0d0e0f"
+    body = [[job_id], sealed(job_id), EMBED]
+    probe.publish(body, serializer="json")
+    _wait(lambda: job_id in probe.ran, "the first delivery to run")
+    replay = probe.publish(body, serializer="json")
+    _wait(
+        lambda: any(
+            e.get("event") == "message.rejected" and replay in str(e.get("message_id"))
+            for e in probe.events()
+        ),
+        "the replay to be rejected",
+    )
+    assert "replayed" in next(
+        e["reason"] for e in probe.events() if replay in str(e.get("message_id"))
+    )
+    assert probe.ran.count(job_id) == 1
 
 
 @pytest.mark.parametrize(
@@ -440,7 +529,7 @@ def test_hostile_message_is_rejected_before_the_task_runs(
     assert reason in event["reason"], event
     assert BIG not in json.dumps(event)  # the event carries an excerpt, never the whole body
     # A good message published after it runs, and it is the only new run.
-    probe.publish([["fedcba987654"], {}, EMBED], serializer="json")
+    probe.publish([["fedcba987654"], sealed("fedcba987654"), EMBED], serializer="json")
     _wait(lambda: "fedcba987654" in probe.ran[len(before) :], "the next good message")
     assert probe.ran[len(before) :] == ["fedcba987654"]
     probe.ran.remove("fedcba987654")
