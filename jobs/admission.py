@@ -20,9 +20,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from jobs.model import migration_event
+from jobs.request_signing import (
+    REQUEST_FIELD,
+    SECURITY_REASON,
+    RequestRefused,
+    RequestVerifier,
+    check_record,
+)
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
-from jobs.store import KEY_PREFIX, WAITING, JobStore, job_key, now
+from jobs.store import KEY_PREFIX, MIGRATION_KIND, WAITING, JobStore, job_key, now
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -32,6 +39,7 @@ CLUSTER_GATE = f"{KEY_PREFIX}:slots:cluster"
 
 ADMITTED, REFUSED, GONE, ALREADY = 1, 0, -1, 2
 ADMISSION_HOST = "admission"  # the `host` of the events and transitions admission writes
+BAD_SPEC = "refused: the job record's spec is not valid"
 
 # KEYS[1] waiting set, KEYS[2] job hash, KEYS[3..] gate sets; ARGV[1] job id, ARGV[2] time,
 # ARGV[3..] the gates' limits in KEYS order. Returns {1} admitted, {0, gate} refused by gate,
@@ -111,8 +119,11 @@ Send = Callable[[str, MigrationSpec], None]
 class Admission:
     """Admits waiting jobs; `send` starts an admitted job's chain (Celery stays outside)."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, verifier: RequestVerifier | None = None) -> None:
+        """With a `verifier` (signing on), a job starts only if a trusted key signed its
+        request; anything else ends `failed` here and nothing is sent."""
         self.store = store
+        self.verifier = verifier
         self._admit = store.r.register_script(_ADMIT_LUA)
 
     def wait(self, job_id: str, created: float) -> None:
@@ -134,14 +145,40 @@ class Admission:
         fields = cast(
             list[str | None],
             self.store.r.hmget(
-                f"{JOB_KEY_PREFIX}{job_id}", ["spec", "parent", "parent_limit", "waiting_for"]
+                f"{JOB_KEY_PREFIX}{job_id}",
+                ["spec", "parent", "parent_limit", "waiting_for", REQUEST_FIELD],
             ),
         )
-        raw_spec, parent, parent_limit, waiting_for = fields
+        raw_spec, parent, parent_limit, waiting_for, request = fields
         if raw_spec is None:
             self.store.r.zrem(WAITING, job_id)
             return False
-        spec = MigrationSpec.model_validate_json(raw_spec)
+        try:
+            spec = MigrationSpec.model_validate_json(raw_spec)
+        except ValueError:
+            self.store.r.zrem(WAITING, job_id)  # not a job any producer could have written
+            self.store.transition(job_id, JobState.FAILED, host=ADMISSION_HOST, reason=BAD_SPEC)
+            return False
+        try:
+            check_record(
+                self.verifier,
+                request,
+                job_id,
+                kind=MIGRATION_KIND,
+                spec=spec,
+                parent=parent,
+                parent_limit=int(parent_limit) if parent_limit else None,
+                max_age_s=settings.tunables.request_max_age,
+            )
+        except RequestRefused as exc:
+            reason = f"{SECURITY_REASON}: {exc}"
+            event = migration_event(
+                job_id, spec, "security.rejected", ADMISSION_HOST, reason=reason
+            )
+            self.store.append_event(job_id, event)
+            self._end(job_id, spec, JobState.FAILED, reason)
+            self.store.r.zrem(WAITING, job_id)
+            return False
         try:
             gates = gates_for(spec, settings, int(parent_limit or 0) or None, parent or "")
         except Exception as exc:  # a host removed from the registry while the job waited

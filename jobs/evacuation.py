@@ -21,6 +21,7 @@ from typing import Any, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.model import elapsed_s
+from jobs.request_signing import REQUEST_FIELD, RequestSigner, signed_record
 from jobs.spec import MAX_BANDWIDTH_MIB, MAX_COMPLETION_TIMEOUT_S, HostRef, TimeoutAction
 from jobs.store import JOBS_INDEX, JobNotFound, JobStore, children_key, job_key, now
 
@@ -140,6 +141,7 @@ class Evacuation(BaseModel):
     children: dict[str, str] = {}  # domain -> child job id
     outcome: list[DomainOutcome] = []
     left_on_host: list[str] = []  # domains still on the host that the evacuation did not cover
+    request: str | None = None  # the signed request (jobs/request_signing.py)
 
     @property
     def terminal(self) -> bool:
@@ -189,9 +191,20 @@ class EvacuationStore:
         self.r = store.r
         self._transition = self.r.register_script(_TRANSITION_LUA)
 
-    def create(self, spec: EvacuationSpec, origin: str) -> str:
+    def create(self, spec: EvacuationSpec, origin: str, signer: RequestSigner | None = None) -> str:
+        """Record a queued evacuation; with a `signer`, its request is signed as `origin`'s."""
         ts = now()
         evacuation_id = secrets.token_hex(6)
+        signed = signed_record(
+            signer,
+            kind=EVACUATION_KIND,
+            job_id=evacuation_id,
+            spec=spec,
+            parent=None,
+            parent_limit=None,
+            origin=origin,
+            at=ts,
+        )
         with self.r.pipeline(transaction=True) as p:
             p.hset(
                 job_key(evacuation_id),
@@ -203,6 +216,7 @@ class EvacuationStore:
                     "origin": origin,
                     "created": ts.isoformat(),
                     "updated": ts.isoformat(),
+                    **signed,
                 },
             )
             p.zadd(JOBS_INDEX, {evacuation_id: ts.timestamp()})
@@ -230,6 +244,7 @@ class EvacuationStore:
             children=children,
             outcome=_parse_list(DomainOutcome, raw.get("outcome")) or [],
             left_on_host=_parse_strings(raw.get("left_on_host")),
+            request=raw.get(REQUEST_FIELD),
         )
 
     def transition(

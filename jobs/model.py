@@ -62,6 +62,9 @@ class Job(BaseModel):
     admitted: datetime | None = None
     waiting_for: str | None = None
     parent: str | None = None  # the evacuation this job belongs to
+    parent_limit: int | None = None  # that evacuation's --max-parallel
+    # The producer's signed request (jobs/request_signing.py); workers verify it before acting.
+    request: str | None = None
     facts: dict[str, Any] = {}
     handoff: dict[str, Any] = {}
     result: dict[str, Any] = {}

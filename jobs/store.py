@@ -19,6 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from jobs.model import Job, PhaseRecord, Transition
+from jobs.request_signing import REQUEST_FIELD, RequestSigner, signed_record
 from jobs.spec import MigrationSpec
 from jobs.states import LIVE, TERMINAL, JobState, allowed_sources
 
@@ -168,9 +169,11 @@ class JobStore:
         host: str,
         parent: str | None = None,
         parent_limit: int | None = None,
+        signer: RequestSigner | None = None,
     ) -> str:
         """Record a new queued job; `parent` is the evacuation it belongs to, if any, and
-        `parent_limit` that evacuation's --max-parallel (a gate at admission)."""
+        `parent_limit` that evacuation's --max-parallel (a gate at admission). With a
+        `signer`, the request is signed as `host` asked for it (jobs/request_signing.py)."""
         ts = now()
         job_id = secrets.token_hex(6)
         first = Transition(state=JobState.QUEUED, at=ts, host=host)
@@ -180,6 +183,16 @@ class JobStore:
             "state": JobState.QUEUED.value,
             "created": ts.isoformat(),
             "updated": ts.isoformat(),
+            **signed_record(
+                signer,
+                kind=MIGRATION_KIND,
+                job_id=job_id,
+                spec=spec,
+                parent=parent,
+                parent_limit=parent_limit,
+                origin=host,
+                at=ts,
+            ),
         }
         if parent is not None:
             record["parent"] = parent
@@ -229,6 +242,8 @@ class JobStore:
             admitted=datetime.fromisoformat(raw["admitted"]) if raw.get("admitted") else None,
             waiting_for=raw.get("waiting_for"),
             parent=raw.get("parent"),
+            parent_limit=int(raw["parent_limit"]) if raw.get("parent_limit") else None,
+            request=raw.get(REQUEST_FIELD),
             facts=json.loads(raw.get("facts", "{}")),
             handoff=json.loads(raw.get("handoff", "{}")),
             result=json.loads(raw.get("result", "{}")),

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from jobs.admission import Admission
 from jobs.model import migration_event
+from jobs.request_signing import RequestSigner
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore, domain_lock_key
@@ -29,13 +30,16 @@ def enqueue(
     parent: str | None = None,
     parent_limit: int | None = None,
     reserve_mib: int | None = None,
+    signer: RequestSigner | None = None,
 ) -> str:
     """Record the job, take its domain's name lease, and put it in the waiting line.
 
     `reserve_mib` books the guest's memory on the destination now (an evacuation's plan), so
     planners counting free memory see migrations planned as well as those in flight.
     """
-    job_id = store.create(spec, host=origin, parent=parent, parent_limit=parent_limit)
+    job_id = store.create(
+        spec, host=origin, parent=parent, parent_limit=parent_limit, signer=signer
+    )
     holder = store.take_lease(domain_lock_key("name", spec.domain), job_id, lease_s)
     if holder is not None:
         store.discard(job_id)

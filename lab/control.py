@@ -99,6 +99,10 @@ def check_prerequisites() -> None:
         )
 
 
+# Per host: /var/lib/libvirt is the host's own directory inside its mount namespace.
+LAB_STATE_DIR = "/var/lib/libvirt/drover"
+
+
 def _peer_uri(host: HostLayout, tls: bool) -> str:
     """How workers and peers reach the host's libvirtd: qemu+tls:// in a lab up with --tls."""
     return host.tls_peer_uri if tls else host.peer_uri
@@ -116,14 +120,16 @@ def write_config(
         f'redis_url = "{redis_url}"',
         "",
     ]
-    if signing is not None:
-        lines += config_lines(signing)
+    # A lab without signing says so: a worker refuses to start unsigned unless told.
+    lines += config_lines(signing) if signing is not None else ["[security]", "insecure = true"]
     for h in hosts:
         lines += [
             f"[hosts.{h.name}]",
             'libvirt_uri = "qemu:///system"',
             f'peer_uri = "{_peer_uri(h, tls)}"',
             f'migration_address = "{h.address}"',
+            # Inside the host's own mount namespace: each lab host keeps its own records.
+            f'state_dir = "{LAB_STATE_DIR}"',
             "",
             f"[hosts.{h.name}.limits]",
             f"memory_mib = {LAB_HOST_MEMORY_MIB}",

@@ -37,6 +37,7 @@ from jobs.evacuation import (
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK
+from jobs.request_signing import signer_for, verifier_for
 from jobs.spec import MigrationSpec, first_error
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound, JobStore
@@ -75,7 +76,8 @@ class Drover:
             retry_for=self.settings.tunables.producer_redis_retry_for,
         )
         self._app = make_app(self.settings)
-        self.admission = Admission(self.store)
+        self.signer = signer_for(self.settings.security)
+        self.admission = Admission(self.store, verifier_for(self.settings.security))
         self.evacuations = EvacuationStore(self.store)
         self.maintenance = Maintenance(self.store.r)
 
@@ -105,6 +107,7 @@ class Drover:
                     spec,
                     origin=producer_name(),
                     lease_s=self.settings.tunables.domain_lease,
+                    signer=self.signer,
                 )
             except DomainBusy as exc:
                 raise SubmitError(str(exc)) from None
@@ -287,7 +290,7 @@ class Drover:
                             f"{spec.host} already has an active evacuation {other} "
                             f"({running.state.value})"
                         )
-            evacuation_id = self.evacuations.create(spec, origin)
+            evacuation_id = self.evacuations.create(spec, origin, signer=self.signer)
             if not spec.dry_run:
                 self.maintenance.disable(spec.host, f"evacuation {evacuation_id}", by=origin)
             self.store.append_event(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from config.celery import app
 from config.events import get_logger
 from jobs.admission import Admission
+from jobs.request_signing import verifier_for
 from jobs.spec import MigrationSpec
 from jobs.workflow import migration_chain
 from worker.runtime import Runtime
@@ -22,4 +23,5 @@ def _start(job_id: str, spec: MigrationSpec) -> None:
 
 
 def admit_waiting(rt: Runtime) -> list[str]:
-    return Admission(rt.store).admit_waiting(rt.settings, _start)
+    verifier = verifier_for(rt.settings.security)
+    return Admission(rt.store, verifier).admit_waiting(rt.settings, _start)

@@ -26,6 +26,7 @@ from config.events import get_logger
 from config.settings import ConfigError
 from jobs.abort import TooLate, abort_job
 from jobs.evacuation import (
+    EVACUATION_KIND,
     DomainOutcome,
     Evacuation,
     EvacuationState,
@@ -35,6 +36,13 @@ from jobs.evacuation import (
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK
+from jobs.request_signing import (
+    SECURITY_REASON,
+    RequestRefused,
+    check_record,
+    signer_for,
+    verifier_for,
+)
 from jobs.spec import MigrationSpec, Transport, first_error
 from jobs.states import JobState
 from jobs.store import JobNotFound, now
@@ -78,6 +86,19 @@ def start(rt: Runtime, evacuation_id: str) -> None:
         log.warning("message.rejected", reason=f"evacuation of {ev.spec.host}, not {rt.host}")
         return
     with structlog.contextvars.bound_contextvars(**_context(ev)), _planning(rt, ev.id):
+        try:
+            check_record(
+                verifier_for(rt.settings.security),
+                ev.request,
+                ev.id,
+                kind=EVACUATION_KIND,
+                spec=ev.spec,
+            )
+        except RequestRefused as exc:
+            reason = f"{SECURITY_REASON}: {exc}"
+            log.error("security.rejected", reason=reason)
+            _end(store, ev, EvacuationState.FAILED, reason)
+            return
         moved, previous = store.transition(ev.id, EvacuationState.PLANNING)
         if not moved:
             log.info("evacuation.skipped", reason=f"evacuation is {previous}, not queued")
@@ -215,6 +236,7 @@ def _queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **event: Any
         parent=ev.id,
         parent_limit=ev.spec.max_parallel,
         reserve_mib=placement.memory_mib if placement.active else None,
+        signer=signer_for(rt.settings.security),
     )
     log.info(
         "evacuation.child_queued",

@@ -6,18 +6,44 @@ It consumes only its host's queue, so every phase runs beside the libvirtd it co
 from __future__ import annotations
 
 from config.celery import app, host_queue, worker_node
-from config.settings import current
+from config.events import get_logger
+from config.settings import Settings, current
 from worker.libvirt_host import LibvirtUnavailable
 from worker.runtime import init_runtime
+
+log = get_logger()
+UNSIGNED_REFUSAL = (
+    "refusing to start without signing: anyone with the Redis password could then make this "
+    "worker act on its host; set [security] signing = true (docs/security.md), or "
+    "insecure = true to run unprotected"
+)
 
 
 class WorkerStartError(Exception):
     pass
 
 
+def check_security(settings: Settings, *, announce: bool = True) -> None:
+    """Secure by default: a worker runs unsigned only where the config says so, and says so.
+
+    Every start of an insecure worker logs a warning, so the choice never goes unnoticed.
+    """
+    if settings.security.signing:
+        return
+    if not settings.security.insecure:
+        raise WorkerStartError(UNSIGNED_REFUSAL)
+    if announce:  # once per start: the worker_init signal (worker/tasks.py) announces it
+        log.warning(
+            "security.insecure",
+            reason="signing is off ([security] insecure = true): requests and task messages "
+            "are not verified; anyone who can write to Redis controls this worker",
+        )
+
+
 def run_worker(host: str, *, loglevel: str = "INFO") -> None:
     settings = current()
     settings.host(host)  # unknown host: one-line ConfigError
+    check_security(settings, announce=False)
     rt = init_runtime(host)
     try:
         rt.libvirt.conn.getHostname()

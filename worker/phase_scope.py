@@ -21,8 +21,9 @@ from config.celery import app, host_queue
 from config.events import get_logger
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, PHASE_SIDE, ROLLBACK_DESTINATION_TASK, Phase, Side
+from jobs.request_signing import SECURITY_REASON, RequestRefused, check_record, verifier_for
 from jobs.states import TERMINAL, JobState
-from jobs.store import JobNotFound, domain_lock_key
+from jobs.store import MIGRATION_KIND, JobNotFound, domain_lock_key
 from worker.admission_pass import admit_waiting
 from worker.libvirt_host import LibvirtUnavailable, is_connection_error
 from worker.runtime import Runtime
@@ -123,6 +124,34 @@ def job_ended(rt: Runtime, job: Job) -> None:
             log.warning("job.end_listener_failed", error=str(exc))
 
 
+def verified(rt: Runtime, job: Job) -> bool:
+    """Whether a trusted key signed this job's request as the record shows it.
+
+    A job that fails the check ends `failed` with a `security.rejected` event, and nothing
+    else happens: no phase, no rollback (the record is not to be believed about what exists).
+    Call it with the job's context bound, so that the event reaches the job's stream.
+    """
+    try:
+        check_record(
+            verifier_for(rt.settings.security),
+            job.request,
+            job.id,
+            kind=MIGRATION_KIND,
+            spec=job.spec,
+            parent=job.parent,
+            parent_limit=job.parent_limit,
+        )
+    except RequestRefused as exc:
+        reason = f"{SECURITY_REASON}: {exc}"
+        log.error("security.rejected", reason=reason)
+        moved, _ = rt.store.transition(job.id, JobState.FAILED, host=rt.host, reason=reason)
+        if moved:
+            log.error("job.state", state=JobState.FAILED.value, reason=reason)
+            job_ended(rt, job)
+        return False
+    return True
+
+
 def _unexpected(rt: Runtime, job: Job, phase: Phase, exc: Exception) -> NoReturn:
     reason = f"{phase.value} on {rt.host} failed unexpectedly: {exc}"
     rt.store.phase_ended(job.id, phase.value, error=reason)
@@ -181,6 +210,8 @@ def execute_phase(
             # Only admission starts a job (jobs/admission.py): a message for a job that holds
             # no concurrency slot did not come from drover, and must not take the phase.
             log.warning("message.rejected", reason="job was never admitted under the limits")
+            raise Ignore()
+        if not verified(rt, job):
             raise Ignore()
         if not recovering and not rt.store.claim_phase(job.id, phase.value, rt.host):
             log.warning("phase.duplicate", reason="this phase already ran for this job")

@@ -328,8 +328,17 @@ def start_postcopy(rt: Runtime, job: Job) -> None:
     log.info("migration.postcopy_started")
 
 
+# A rollback is for a job that ended without moving its guest, and for nothing else: sent for
+# a job still in flight (a replayed or forged message), it would destroy the incoming guest.
+ROLLBACK_STATES = frozenset({JobState.FAILED, JobState.CANCELLED})
+
+
 def rollback_destination(rt: Runtime, job: Job) -> None:
     """After a failure: free the reservation; nothing half-arrived or half-made stays here."""
+    if job.state not in ROLLBACK_STATES:
+        raise PhaseFailed(
+            f"job {job.id} is {job.state.value}; only a failed or cancelled job is rolled back"
+        )
     rt.store.release(job.spec.dst, job.id)
     uuid = job.facts.get("uuid")
     dom = rt.libvirt.by_uuid(uuid) if uuid else None

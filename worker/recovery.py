@@ -44,6 +44,7 @@ from worker.phase_scope import (
     fail_job,
     job_context,
     owner,
+    verified,
 )
 from worker.runtime import Runtime
 
@@ -129,6 +130,8 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
     with rt.lock:
         if (job.id, step.phase.value) in rt.running:
             return
+    if not verified(rt, job):
+        return  # nothing is recovered or sent for a request no trusted key signed
     if job.state is JobState.STALLED and job.stalled_from is not None:
         rt.store.transition(job.id, job.stalled_from, host=rt.host)
         log.info("job.state", state=job.stalled_from.value, reason="owner is back")

@@ -12,10 +12,11 @@ from collections.abc import Callable
 import structlog
 from celery import Task
 from celery.exceptions import Ignore
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
 from config.celery import app
 from config.events import get_logger
+from config.settings import current
 from jobs.model import Job
 from jobs.phases import (
     EVACUATE_TASK,
@@ -27,7 +28,8 @@ from jobs.phases import (
 from jobs.store import JobNotFound
 from worker import evacuation, phases
 from worker.keeper import start_keeper
-from worker.phase_scope import PhaseFailed, PhaseFn, RetryPhase, execute_phase
+from worker.main import WorkerStartError, check_security
+from worker.phase_scope import PhaseFailed, PhaseFn, RetryPhase, execute_phase, verified
 from worker.runtime import Runtime, runtime_for_node
 
 log = get_logger()
@@ -80,6 +82,15 @@ def confirm(self: Task, job_id: str) -> str:
     return _run(self, Phase.CONFIRM, phases.confirm, job_id)
 
 
+@worker_init.connect
+def _refuse_insecure_start(**_: object) -> None:
+    """`celery -A config worker` too refuses to run unsigned unless the config says so."""
+    try:
+        check_security(current())
+    except WorkerStartError as exc:
+        raise SystemExit(f"drover: {exc}") from None
+
+
 @worker_ready.connect
 def _start_housekeeping(sender: object, **_: object) -> None:
     """Heartbeat, leases and recovery start with the worker, whichever command started it."""
@@ -105,6 +116,8 @@ def _run_side_task(
         "phase": name,
     }
     with structlog.contextvars.bound_contextvars(**context):
+        if not verified(rt, job):
+            raise Ignore()
         try:
             fn(rt, job)
         except PhaseFailed as exc:
