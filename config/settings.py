@@ -233,6 +233,10 @@ class Settings(_Strict):
     tunables: Tunables = Tunables()
     security: Security = Security()
     faults: FaultInjection = FaultInjection()
+    # The URI allowlists the registry was checked with (config/uris.py); workers check every
+    # URI against them again where they open it.
+    allowed_uri_schemes: frozenset[str] = ALLOWED_SCHEMES
+    allowed_uri_params: frozenset[str] = ALLOWED_PARAMS
     source: str = "<defaults>"
 
     def host(self, name: str) -> Host:
@@ -307,6 +311,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         raw = _normalise_hosts(raw)
         raw["source"] = str(cfg_path)
     allowlists = _allowlists(raw)
+    raw.update(allowlists)
     if os.environ.get(REDIS_URL_ENV):
         raw["redis_url"] = os.environ[REDIS_URL_ENV]
     try:

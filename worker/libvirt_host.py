@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import libvirt
+
+from config.settings import current
+from config.uris import check_libvirt_uri
 
 KIB_PER_MIB = 1024
 
@@ -36,6 +40,28 @@ libvirt.registerErrorHandler(_quiet, None)
 
 class LibvirtUnavailable(Exception):
     pass
+
+
+class UnsafeURI(Exception):
+    """A libvirt URI this worker will not open or hand to libvirtd; one line."""
+
+
+def checked_uri(uri: str) -> str:
+    """`uri`, if the registry's allowlists allow it (config/uris.py); else UnsafeURI.
+
+    Every URI is checked again where it is opened or given to libvirtd, whatever checked it
+    before: a libvirt URI can run a program (`qemu+ext://...?command=`).
+    """
+    settings = current()
+    try:
+        return check_libvirt_uri(uri, settings.allowed_uri_schemes, settings.allowed_uri_params)
+    except ValueError as exc:
+        raise UnsafeURI(f"refusing libvirt URI: {exc}") from None
+
+
+def open_checked(uri: str) -> libvirt.virConnect:
+    """libvirt.open, for an allowed URI only."""
+    return libvirt.open(checked_uri(uri))
 
 
 # Errors that mean "the daemon is not there (any more)", not "the request was wrong".
@@ -115,7 +141,7 @@ class LibvirtHost:
         with self._lock:
             if self._conn is None or not self._conn.isAlive():
                 try:
-                    self._conn = libvirt.open(self.uri)
+                    self._conn = open_checked(self.uri)
                 except libvirt.libvirtError as exc:
                     raise LibvirtUnavailable(
                         f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
@@ -156,7 +182,7 @@ def on_peer(uri: str, uuid: str) -> DomainFacts | None:
     Used before removing anything: a guest's only running copy is never touched on hearsay.
     """
     try:
-        conn = libvirt.open(uri)
+        conn = open_checked(uri)
     except libvirt.libvirtError:
         return None
     try:
@@ -165,3 +191,26 @@ def on_peer(uri: str, uuid: str) -> DomainFacts | None:
         return None
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def peer_domain(uri: str, name: str) -> Iterator[libvirt.virDomain | None]:
+    """Another host's domain `name`, read from that host's libvirtd (None when not there).
+
+    Unreachable: LibvirtUnavailable, so that a phase needing it is retried.
+    """
+    try:
+        conn = open_checked(uri)
+    except libvirt.libvirtError as exc:
+        raise LibvirtUnavailable(f"cannot reach {uri}: {exc.get_error_message()}") from None
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+            dom = None
+        yield dom
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from config.celery import app, host_queue, worker_node
 from config.events import get_logger
 from config.settings import Settings, current
+from worker.ledger import LedgerError
 from worker.libvirt_host import LibvirtUnavailable
 from worker.runtime import init_runtime
 
@@ -44,7 +45,10 @@ def run_worker(host: str, *, loglevel: str = "INFO") -> None:
     settings = current()
     settings.host(host)  # unknown host: one-line ConfigError
     check_security(settings, announce=False)
-    rt = init_runtime(host)
+    try:
+        rt = init_runtime(host)
+    except LedgerError as exc:
+        raise WorkerStartError(str(exc)) from None
     try:
         rt.libvirt.conn.getHostname()
     except LibvirtUnavailable as exc:

@@ -18,25 +18,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import libvirt
+from jobs.targets import migration_uri_problem
 
+from config.settings import Host
 from jobs.spec import ControlFlow, CopyStorage, MigrationSpec, Transport
+
+
+class UnsafeTarget(ValueError):
+    """A migration URI the registry does not allow for the destination; one line."""
 
 
 @dataclass(frozen=True)
 class Handoff:
-    """What the destination's prepare phase tells the source: where to send the domain."""
+    """Where the domain goes: the destination libvirt URI, the hypervisor migration URI and
+    the listen address.
+
+    Always computed from the registry and the signed spec (`handoff_for`), on whichever side
+    needs it; the copy the destination writes into the job record is for people to read and
+    is never read back: a record anyone with the Redis password can edit must not choose the
+    URI libvirtd opens (`qemu+ext://...?command=` runs a program) or where a guest's memory goes.
+    """
 
     dconnuri: str
     migrate_uri: str | None
     listen_address: str | None = None
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Handoff:
-        return cls(
-            dconnuri=str(raw["dconnuri"]),
-            migrate_uri=raw.get("migrate_uri"),
-            listen_address=raw.get("listen_address"),
-        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -140,6 +145,19 @@ def _params(spec: MigrationSpec, handoff: Handoff) -> dict[str, Any]:
     if spec.parallel is not None:
         params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = spec.parallel
     return params
+
+
+def handoff_for(spec: MigrationSpec, dst: Host) -> Handoff:
+    """The hand-off toward `dst` (its registry entry): its peer URI, and the migration URI the
+    spec names (only toward one of its registry addresses) or its `migration_address`."""
+    if spec.transport is not Transport.NATIVE:
+        return Handoff(dconnuri=dst.peer_uri, migrate_uri=None, listen_address=None)
+    if spec.migrate_uri is not None:
+        problem = migration_uri_problem(spec.migrate_uri, dst)
+        if problem is not None:
+            raise UnsafeTarget(problem)
+    migrate_uri = spec.migrate_uri or f"tcp://{dst.migration_address}"
+    return Handoff(dst.peer_uri, migrate_uri, spec.listen_address)
 
 
 def build_call(spec: MigrationSpec, handoff: Handoff) -> MigrationCall:

@@ -216,6 +216,11 @@ def execute_phase(
         if not recovering and not rt.store.claim_phase(job.id, phase.value, rt.host):
             log.warning("phase.duplicate", reason="this phase already ran for this job")
             raise Ignore()
+        if not recovering and not rt.ledger.claim(job.id, phase.value):
+            # Redis said the phase was free, but this host has run it: a claim was removed
+            # behind drover's back (or the message replayed); the host's own record wins.
+            log.warning("phase.duplicate", reason="this host already ran this phase of the job")
+            raise Ignore()
         with _running(rt, job.id, phase):
             _run_in_frame(rt, job, phase, fn, recovering, attempt)
 
@@ -250,6 +255,7 @@ def _run_in_frame(
         if attempt < allowed and not recovering:
             rt.store.phase_ended(job.id, phase.value, error=f"retrying: {exc}")
             rt.store.unclaim_phase(job.id, phase.value)
+            rt.ledger.unclaim(job.id, phase.value)
             log.warning("phase.retrying", reason=str(exc), attempt=attempt + 1, of=allowed)
             raise RetryPhase(str(exc)) from exc
         reason = f"{phase.value} on {rt.host}: {exc}"

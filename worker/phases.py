@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import libvirt
@@ -23,15 +24,23 @@ from celery.exceptions import Ignore
 from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
-from jobs.spec import MigrationSpec, Transport
+from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from worker.convergence import Action, ConvergencePolicy
-from worker.libvirt_host import DomainFacts, facts, on_peer, placement_room_mib
-from worker.migration_call import Handoff, MigrationCall, build_call
+from worker.libvirt_host import (
+    DomainFacts,
+    checked_uri,
+    facts,
+    on_peer,
+    open_checked,
+    peer_domain,
+    placement_room_mib,
+)
+from worker.migration_call import Handoff, MigrationCall, UnsafeTarget, build_call, handoff_for
 from worker.monitor import MigrationMonitor, Progress
 from worker.phase_scope import PhaseCancelled, PhaseFailed, advance, hold_domain
 from worker.runtime import Runtime
-from worker.storage import Disk, StorageError, create_targets, local_disks, remove_targets
+from worker.storage import Disk, StorageError, create_targets, local_disks, remove_own
 
 log = get_logger()
 MS_PER_S = 1000
@@ -89,17 +98,46 @@ def _dest_config_present(rt: Runtime, spec: MigrationSpec, uuid: str) -> bool:
     return same is not None and bool(same.isPersistent())
 
 
+@dataclass(frozen=True)
+class SourceView:
+    """The guest as the source's libvirtd shows it to the destination's worker."""
+
+    facts: DomainFacts
+    disks: list[Disk]
+
+
+def _source_view(rt: Runtime, job: Job) -> SourceView:
+    """Read the guest from the source's libvirtd (registry URI, signed name), not the record.
+
+    The job record's facts were written by the source's worker, but anyone with the Redis
+    password can rewrite them; what this host reserves, checks and creates comes from libvirt.
+    """
+    spec = job.spec
+    with peer_domain(rt.settings.host(spec.src).peer_uri, spec.domain) as dom:
+        if dom is None:
+            raise PhaseFailed(f"{spec.domain} is not defined on {spec.src}")
+        found = facts(dom)
+        disks = local_disks(dom) if spec.copy_storage is not None else []
+    if found.uuid != job.facts.get("uuid"):
+        raise PhaseFailed(
+            f"{spec.domain} on {spec.src} has uuid {found.uuid}, not the job's "
+            f"{str(job.facts.get('uuid'))[:40]}"
+        )
+    return SourceView(found, disks)
+
+
 def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     spec = job.spec
     refusal = Maintenance(rt.store.r).refusal(rt.host)
     if refusal is not None:
         raise PhaseFailed(refusal)
-    uuid, need = job.facts["uuid"], int(job.facts["memory_mib"])
+    source = _source_view(rt, job)
+    uuid, need = source.facts.uuid, source.facts.memory_mib
     config_present = _dest_config_present(rt, spec, uuid)
     if (
         spec.undefine_source
         and not spec.persistent
-        and job.facts["persistent"]
+        and source.facts.persistent
         and not config_present
         and not spec.force
     ):
@@ -115,19 +153,17 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         if not rt.store.reserve(spec.dst, job.id, need):
             log.info("phase.skipped", reason="the job ended while its memory was being booked")
             raise Ignore()
+    handoff = _handoff(rt, spec)
     created: list[str] = []
     if spec.copy_storage is not None:
+        if not source.disks:
+            raise PhaseFailed(f"--copy-storage: {spec.domain} has no local disk to copy")
         try:
-            created = create_targets([Disk(**d) for d in job.facts["disks"]])
+            created = create_targets(
+                source.disks, rt.registry_entry.storage_dirs, rt.ledger, job.id
+            )
         except StorageError as exc:
             raise PhaseFailed(f"{spec.dst}: {exc}") from None
-    entry = rt.registry_entry
-    native = spec.transport is Transport.NATIVE
-    handoff = Handoff(
-        dconnuri=entry.peer_uri,
-        migrate_uri=(spec.migrate_uri or f"tcp://{entry.migration_address}") if native else None,
-        listen_address=spec.listen_address,
-    )
     rt.store.update(
         job.id,
         handoff=handoff.as_dict() | {"created_images": created},
@@ -143,9 +179,31 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     return JobState.PREPARED
 
 
+def _handoff(rt: Runtime, spec: MigrationSpec) -> Handoff:
+    """Where the guest goes, from the registry (worker/migration_call.py `handoff_for`)."""
+    try:
+        return handoff_for(spec, rt.settings.host(spec.dst))
+    except UnsafeTarget as exc:
+        raise PhaseFailed(str(exc)) from None
+
+
+def job_domain(rt: Runtime, job: Job, name: str) -> libvirt.virDomain | None:
+    """The job's guest on this host, by the uuid the source found, if it is named `name`.
+
+    The uuid comes from the job record; the name from the signed spec. A uuid that names
+    another domain here is a forged record: nothing is done to that domain.
+    """
+    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    if dom is not None and dom.name() != name:
+        raise PhaseFailed(
+            f"the job's uuid is {dom.name()} on {rt.host}, not {name}: refusing to touch it"
+        )
+    return dom
+
+
 def _ensure_running_on_source(rt: Runtime, job: Job) -> str:
     """After a failed migration, make sure the guest still runs here; say how it is."""
-    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    dom = job_domain(rt, job, job.spec.domain)
     if dom is None or not dom.isActive():
         return f"{job.spec.domain} is no longer active on {rt.host}"
     state, _ = dom.state()
@@ -179,10 +237,11 @@ def carry_out(dom: libvirt.virDomain, action: Action) -> None:
 def _invoke(dom: libvirt.virDomain, call: MigrationCall) -> None:
     """Make the libvirt call; managed direct and virDomainMigrate3 need a destination conn."""
     if call.api == "migrateToURI3":
-        dom.migrateToURI3(call.dconnuri, call.params, call.flags)
+        dconnuri = None if call.dconnuri is None else checked_uri(call.dconnuri)
+        dom.migrateToURI3(dconnuri, call.params, call.flags)
         return
     assert call.dest_connection_uri is not None
-    dconn = libvirt.open(call.dest_connection_uri)
+    dconn = open_checked(call.dest_connection_uri)
     try:
         if call.api == "migrate3":
             dom.migrate3(dconn, call.params, call.flags)
@@ -197,13 +256,13 @@ def _invoke(dom: libvirt.virDomain, call: MigrationCall) -> None:
 def perform(rt: Runtime, job: Job) -> JobState | None:
     advance(rt, job, JobState.MIGRATING)
     spec = job.spec
-    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    dom = job_domain(rt, job, spec.domain)
     if dom is None or (not spec.offline and not dom.isActive()):
         raise PhaseFailed(f"{spec.domain} is no longer running on {spec.src}")
     aborted = rt.store.abort_requested(job.id)
     if aborted:
         raise PhaseCancelled(f"{aborted} before the migration started; nothing moved")
-    call = build_call(spec, Handoff.from_dict(job.handoff))
+    call = build_call(spec, _handoff(rt, spec))
     log.info("migration.started", call=call.describe())
     tunables = rt.settings.tunables
     finished = threading.Event()
@@ -261,7 +320,7 @@ def _expect(condition: bool, reason: str) -> None:
 def finish(rt: Runtime, job: Job) -> JobState | None:
     advance(rt, job, JobState.FINISHING)
     spec = job.spec
-    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    dom = job_domain(rt, job, spec.arrives_as)
     if dom is None:
         raise PhaseFailed(f"{spec.arrives_as} is not on {spec.dst} after the migration")
     found: DomainFacts = facts(dom)
@@ -289,7 +348,7 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
 
 def confirm(rt: Runtime, job: Job) -> JobState | None:
     spec = job.spec
-    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    dom = job_domain(rt, job, spec.domain)
     here = f"{spec.domain} on {spec.src}"
     if spec.offline:
         was_active = bool(job.facts["active"])
@@ -317,7 +376,7 @@ def start_postcopy(rt: Runtime, job: Job) -> None:
         raise PhaseFailed(f"job {job.id} is {job.state.value}, not migrating")
     if not job.spec.postcopy:
         raise PhaseFailed(f"job {job.id} was not started with --postcopy")
-    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    dom = job_domain(rt, job, job.spec.domain)
     if dom is None:
         raise PhaseFailed(f"{job.spec.domain} is not on {rt.host}")
     try:
@@ -341,7 +400,7 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
         )
     rt.store.release(job.spec.dst, job.id)
     uuid = job.facts.get("uuid")
-    dom = rt.libvirt.by_uuid(uuid) if uuid else None
+    dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
     if dom is not None and dom.isActive():
         state, _ = dom.state()
         if state == libvirt.VIR_DOMAIN_PAUSED and _active_on_source(rt, job):
@@ -349,10 +408,11 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
             dom.destroy()
             log.warning("rollback.removed_incoming", uuid=uuid)
     arrived = dom is not None and bool(dom.isActive())
-    created = job.handoff.get("created_images", [])
-    if created and not arrived:
-        remove_targets(created)
-        log.info("rollback.removed_images", paths=created)
+    if not arrived:
+        # Only what this worker recorded making for this job (worker/ledger.py).
+        removed = remove_own(rt.ledger, job.id, rt.registry_entry.storage_dirs)
+        if removed:
+            log.info("rollback.removed_images", paths=removed)
     log.info("rollback.done")
 
 

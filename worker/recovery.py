@@ -215,7 +215,7 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
     spec = job.spec
     tunables = rt.settings.tunables
     policy = ConvergencePolicy.for_job(spec, tunables.migration_timeout)
-    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    dom = phases.job_domain(rt, job, spec.domain)
     reattached, aborted = False, ""
     while dom is not None and (stats := sample(dom)) is not None:
         if not reattached:
@@ -228,7 +228,7 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
             phases.carry_out(dom, action)
             aborted = action.reason if action.kind == "abort" else aborted
         time.sleep(tunables.progress_interval)
-    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    dom = phases.job_domain(rt, job, spec.domain)
     if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
         rt.store.phase_ended(job.id, Phase.PERFORM.value)
         log.info("migration.completed", recovered=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from config import events
 from config.settings import Host, Settings, current
 from jobs.store import JobStore
+from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
 
 
@@ -16,6 +17,7 @@ class Runtime:
     host: str
     store: JobStore
     libvirt: LibvirtHost
+    ledger: Ledger  # this host's own records (worker/ledger.py), never Redis
     # (job id, phase) pairs this process is executing now: recovery leaves them alone.
     running: set[tuple[str, str]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -46,7 +48,12 @@ def init_runtime(host: str) -> Runtime:
                 retry_for=settings.tunables.redis_retry_for,
             )
             events.configure(host, store)
-            _runtime = Runtime(host=host, store=store, libvirt=LibvirtHost(entry.libvirt_uri))
+            _runtime = Runtime(
+                host=host,
+                store=store,
+                libvirt=LibvirtHost(entry.libvirt_uri),
+                ledger=Ledger(entry.state_dir),
+            )
         return _runtime
 
 

@@ -3,10 +3,17 @@
 libvirt copies non-shared disks over NBD, but the destination images must already exist with
 the right format and size (or live in a pool); drover's prepare phase makes them, and a failed
 job removes exactly what it made.
+
+What to make is read by the destination's worker from the source's libvirtd (the domain's
+XML), never from the job record; a target is made only under the host's `storage_dirs`, and
+only after it is written in the worker's ledger (worker/ledger.py), which is all a rollback
+ever removes.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
@@ -15,7 +22,12 @@ from typing import Any
 
 import libvirt
 
+from worker.ledger import Ledger
+
 QEMU_IMG_TIMEOUT_S = 60.0
+# qemu-img formats a target may be created in (anything else: refused, never passed on).
+IMAGE_FORMATS = frozenset({"raw", "qcow2"})
+_PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._+@:/-]{1,4000}\Z")
 
 
 class StorageError(Exception):
@@ -52,17 +64,47 @@ def local_disks(dom: libvirt.virDomain) -> list[Disk]:
     return disks
 
 
-def create_targets(disks: list[Disk]) -> list[str]:
-    """Create an empty image for each disk; refuse to touch a path that already exists."""
+def confined(path: str, dirs: list[str]) -> Path:
+    """`path` if it lies in one of `dirs` (symbolic links resolved); else StorageError."""
+    if not _PLAIN_PATH.match(path) or ".." in path.split("/"):
+        raise StorageError(f"{path!r} is not a plain absolute path")
+    target = Path(path)
+    parent = Path(os.path.realpath(target.parent))
+    for allowed in dirs:
+        root = Path(os.path.realpath(allowed))
+        if parent == root or root in parent.parents:
+            return parent / target.name
+    shown = ", ".join(dirs) or "none"
+    raise StorageError(f"{path} is outside this host's storage directories ({shown})")
+
+
+def create_targets(disks: list[Disk], dirs: list[str], ledger: Ledger, job_id: str) -> list[str]:
+    """Create an empty image for each disk, only under `dirs`; never touch an existing path.
+
+    Each path goes into the ledger before qemu-img runs, so a crash half-way still leaves a
+    record of what may have been made.
+    """
     created: list[str] = []
     try:
         for disk in disks:
-            target = Path(disk.path)
-            if target.exists():
+            if disk.format not in IMAGE_FORMATS:
+                raise StorageError(f"{disk.path}: format {disk.format!r} is not supported")
+            target = confined(disk.path, dirs)
+            if target.exists() or target.is_symlink():
                 raise StorageError(f"{disk.path} already exists; refusing to overwrite it")
             target.parent.mkdir(parents=True, exist_ok=True)
+            ledger.record_image(job_id, str(target))
             result = subprocess.run(
-                ["qemu-img", "create", "-q", "-f", disk.format, disk.path, str(disk.capacity)],
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    disk.format,
+                    "--",
+                    str(target),
+                    str(disk.capacity),
+                ],
                 capture_output=True,
                 text=True,
                 timeout=QEMU_IMG_TIMEOUT_S,
@@ -71,13 +113,22 @@ def create_targets(disks: list[Disk]) -> list[str]:
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or ["qemu-img failed"])[-1]
                 raise StorageError(f"cannot create {disk.path}: {last}")
-            created.append(disk.path)
+            created.append(str(target))
     except BaseException:
-        remove_targets(created)
+        remove_own(ledger, job_id, dirs)
         raise
     return created
 
 
-def remove_targets(paths: list[str]) -> None:
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
+def remove_own(ledger: Ledger, job_id: str, dirs: list[str]) -> list[str]:
+    """Remove the images this worker recorded for `job_id` (still under `dirs`); the paths."""
+    removed = []
+    for path in ledger.images(job_id):
+        try:
+            target = confined(path, dirs)
+        except StorageError:
+            continue  # the registry no longer allows that directory: leave it to the operator
+        target.unlink(missing_ok=True)
+        removed.append(path)
+    ledger.forget_images(job_id)
+    return removed

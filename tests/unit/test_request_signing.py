@@ -1,0 +1,192 @@
+"""Signed requests against a real Redis: what a producer signs, a worker's check refuses when
+anything in the record changed, and admission never starts a job no trusted key signed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from config.settings import Settings, load_settings
+from jobs.admission import Admission
+from jobs.model import Job
+from jobs.request_signing import (
+    REQUEST_FIELD,
+    RequestRefused,
+    RequestSigner,
+    SignedRequest,
+    canonical,
+    check_record,
+    signer_for,
+    verifier_for,
+)
+from jobs.spec import MigrationSpec
+from jobs.states import JobState
+from jobs.store import MIGRATION_KIND, JobStore, job_key
+from jobs.submission import enqueue
+from lab.signing import make_certificate
+from tests.conftest import RedisServer
+from tests.support.registry import REGISTRY
+
+SPEC = MigrationSpec(domain="web01", src="kvm1", dst="kvm2")
+LEASE_S = 60.0
+
+
+@dataclass
+class Fleet:
+    settings: Settings
+    store: JobStore
+    stranger: RequestSigner
+
+    def job(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def check(self, job: Job, max_age_s: float | None = None) -> None:
+        check_record(
+            verifier_for(self.settings.security),
+            job.request,
+            job.id,
+            kind=MIGRATION_KIND,
+            spec=job.spec,
+            parent=job.parent,
+            parent_limit=job.parent_limit,
+            max_age_s=max_age_s,
+        )
+
+    def submit(self, spec: MigrationSpec = SPEC) -> str:
+        return enqueue(
+            self.store,
+            spec,
+            origin="producer@test",
+            lease_s=LEASE_S,
+            signer=signer_for(self.settings.security),
+        )
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, redis_srv: RedisServer) -> Fleet:
+    keys = tmp_path / "keys"
+    (keys / "trusted").mkdir(parents=True)
+    make_certificate(keys / "key.pem", keys / "cert.pem", "/CN=producer")
+    (keys / "trusted" / "producer.pem").write_bytes((keys / "cert.pem").read_bytes())
+    make_certificate(keys / "stranger-key.pem", keys / "stranger.pem", "/CN=stranger")
+    config = tmp_path / "drover.toml"
+    config.write_text(
+        REGISTRY.format(url=redis_srv.url)
+        + f"""
+[security]
+signing = true
+key = "{keys / "key.pem"}"
+certificate = "{keys / "cert.pem"}"
+cert_store = "{keys / "trusted"}"
+"""
+    )
+    store = JobStore.from_url(redis_srv.url)
+    store.r.flushdb()
+    stranger = RequestSigner(str(keys / "stranger-key.pem"), str(keys / "stranger.pem"))
+    return Fleet(load_settings(config), store, stranger)
+
+
+def refusal(fleet: Fleet, job_id: str, max_age_s: float | None = None) -> str:
+    with pytest.raises(RequestRefused) as caught:
+        fleet.check(fleet.job(job_id), max_age_s)
+    return str(caught.value)
+
+
+def test_a_submitted_job_carries_a_request_the_workers_accept(fleet: Fleet) -> None:
+    job = fleet.job(fleet.submit())
+    fleet.check(job)
+    payload = json.loads(SignedRequest.from_json(str(job.request)).payload)
+    assert payload["spec"]["domain"] == "web01" and payload["origin"] == "producer@test"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("migrate_uri", "tcp://203.0.113.9:4444"),
+        ("dst", "kvm9"),
+        ("dname", "other"),
+        ("undefine_source", True),
+        ("force", True),
+    ],
+)
+def test_a_spec_changed_in_redis_is_refused(fleet: Fleet, field: str, value: object) -> None:
+    job_id = fleet.submit()
+    tampered = SPEC.model_dump(mode="json") | {field: value}
+    fleet.store.r.hset(job_key(job_id), "spec", json.dumps(tampered))
+    assert f"changed: {field}" in refusal(fleet, job_id)
+
+
+def test_an_unsigned_record_is_refused(fleet: Fleet) -> None:
+    job_id = enqueue(fleet.store, SPEC, origin="by hand", lease_s=LEASE_S)
+    assert "no signed request" in refusal(fleet, job_id)
+
+
+def test_a_request_signed_by_an_untrusted_key_is_refused(fleet: Fleet) -> None:
+    job_id = enqueue(fleet.store, SPEC, origin="stranger", lease_s=LEASE_S, signer=fleet.stranger)
+    assert "does not trust" in refusal(fleet, job_id)
+
+
+def test_a_request_copied_onto_another_job_is_refused(fleet: Fleet) -> None:
+    first = fleet.submit()
+    other = fleet.submit(MigrationSpec(domain="web02", src="kvm1", dst="kvm2"))
+    stolen = fleet.store.r.hget(job_key(first), REQUEST_FIELD)
+    fleet.store.r.hset(
+        job_key(other), mapping={REQUEST_FIELD: stolen, "spec": SPEC.model_dump_json()}
+    )
+    assert f"is for job {first}" in refusal(fleet, other)
+
+
+def test_a_forged_signature_is_refused(fleet: Fleet) -> None:
+    job_id = fleet.submit()
+    signed = SignedRequest.from_json(str(fleet.job(job_id).request))
+    # The payload re-written to another destination, the signature and signer kept.
+    payload = json.loads(signed.payload)
+    payload["spec"]["dst"] = "kvm9"
+    forged = SignedRequest(json.dumps(payload), signed.signature, signed.signer)
+    fleet.store.r.hset(job_key(job_id), REQUEST_FIELD, forged.to_json())
+    assert "does not verify" in refusal(fleet, job_id)
+
+
+def test_a_request_moved_into_another_evacuation_is_refused(fleet: Fleet) -> None:
+    job_id = fleet.submit()
+    fleet.store.r.hset(job_key(job_id), mapping={"parent": "0123456789ab", "parent_limit": "64"})
+    assert "evacuation" in refusal(fleet, job_id)
+
+
+def test_an_old_request_is_refused_at_admission_age(fleet: Fleet) -> None:
+    job_id = fleet.submit()
+    signer = signer_for(fleet.settings.security)
+    assert signer is not None
+    old = canonical(
+        kind=MIGRATION_KIND,
+        job_id=job_id,
+        spec=SPEC.model_dump(mode="json"),
+        parent=None,
+        parent_limit=None,
+        origin="producer@test",
+        at=datetime.now(UTC) - timedelta(days=3),
+    )
+    fleet.store.r.hset(job_key(job_id), REQUEST_FIELD, signer.sign(old).to_json())
+    fleet.check(fleet.job(job_id))  # a running job's request does not expire
+    assert "request_max_age" in refusal(fleet, job_id, max_age_s=86_400)
+
+
+def test_admission_never_starts_a_forged_job(fleet: Fleet) -> None:
+    good = fleet.submit()
+    forged = enqueue(
+        fleet.store, MigrationSpec(domain="web02", src="kvm1", dst="kvm2"), origin="x", lease_s=9
+    )
+    started: list[str] = []
+    admission = Admission(fleet.store, verifier_for(fleet.settings.security))
+    admission.admit_waiting(fleet.settings, lambda job_id, _spec: started.append(job_id))
+    assert started == [good]
+    job = fleet.job(forged)
+    assert job.state is JobState.FAILED
+    assert job.reason is not None and job.reason.startswith("security: ")
+    events = [e["event"] for _, e in fleet.store.read_events(forged)]
+    assert "security.rejected" in events
+    assert forged not in admission.waiting_ids()
