@@ -170,6 +170,29 @@ BAD_MIGRATE_URIS = [
     "tcp://[]",
     "tcp://[kvm2]",
 ]
+# Well-formed, but not toward the destination: kvm2 receives at 192.0.2.2 and has no socket
+# directory; kvm3 (HOSTILE_EXTRA) receives at 192.0.2.3 and under /run/drover/migrate.
+FOREIGN_MIGRATE_URIS = [
+    ("kvm2", "tcp://attacker.example:4444"),
+    ("kvm2", "tcp://169.254.169.254:80"),
+    ("kvm2", "rdma://169.254.169.254"),
+    ("kvm2", "tcp://[::ffff:169.254.169.254]:80"),
+    ("kvm2", "tcp://192.0.2.1:4444"),  # the source host itself
+    ("kvm2", "tcp://192.0.2.2.attacker.example"),
+    ("kvm2", "unix:///etc/shadow"),
+    ("kvm2", "unix:///run/drover/migrate/m.sock"),
+    ("kvm3", "tcp://192.0.2.2"),  # another host's address
+    ("kvm3", "unix:///etc/shadow"),
+    ("kvm3", "unix:///run/drover/migrate"),
+    ("kvm3", "unix:///run/drover/migrate-evil/m.sock"),
+    ("kvm3", "unix:////run/drover/migrate/m.sock"),
+]
+HOSTILE_EXTRA = """
+[hosts.kvm3]
+peer_uri = "qemu+tcp://192.0.2.3/system"
+migration_address = "192.0.2.3"
+migration_socket_dir = "/run/drover/migrate"
+"""
 BAD_LISTEN_ADDRESSES = [
     "10.0.0.1:80",
     "x;rm",
@@ -251,6 +274,10 @@ _CASES: list[tuple[str, list[str]]] = [
     *((f"--from {h[:20]!r}", live(src=h)) for h in BAD_HOSTS),
     *((f"--to {h[:20]!r}", live(dst=h)) for h in BAD_HOSTS),
     *((f"--migrate-uri {u[:30]!r}", live("--migrate-uri", u)) for u in BAD_MIGRATE_URIS),
+    *(
+        (f"--migrate-uri {u[:30]!r} --to {h}", live("--migrate-uri", u, dst=h))
+        for h, u in FOREIGN_MIGRATE_URIS
+    ),
     *((f"--listen-address {a[:20]!r}", live("--listen-address", a)) for a in BAD_LISTEN_ADDRESSES),
     *((f"{opt} {v[:20]!r}", live(opt, v)) for opt, v in BAD_NUMBERS),
     *((f"flags {' '.join(a[6:])[:60]}", a) for a in BAD_COMBINATIONS),
@@ -263,7 +290,7 @@ OUTCOMES_PER_CASE = 6  # exit code, one stderr line, no traceback, no stdout, no
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory, redis_srv: RedisServer) -> Path:
     path = tmp_path_factory.mktemp("hostile") / "drover.toml"
-    path.write_text(REGISTRY.format(url=redis_srv.url))
+    path.write_text(REGISTRY.format(url=redis_srv.url) + HOSTILE_EXTRA)
     return path
 
 
