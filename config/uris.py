@@ -22,7 +22,7 @@ import re
 from collections.abc import Collection
 from urllib.parse import parse_qsl, urlsplit
 
-from jobs.spec import check_address
+from jobs.spec import MAX_PORT, check_address
 
 ALLOWED_SCHEMES = frozenset({"qemu", "qemu+unix", "qemu+tcp", "qemu+tls", "qemu+ssh"})
 ALLOWED_PARAMS = frozenset({"socket"})
@@ -34,7 +34,10 @@ _PASSWORD = re.compile(r"//([^/@]*):[^/@]*@")
 _PRINTABLE_ASCII = re.compile(r"^[\x21-\x7e]+\Z")
 _USER = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 _SOCKET_PATH = re.compile(r"^/[A-Za-z0-9._/-]{1,200}\Z")
-_NETLOC = re.compile(r"^(?:(?P<user>[^@]*)@)?(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>\d*))?\Z")
+# [0-9], never \d: \d matches every Unicode digit ("٤٩" would pass as a port).
+_NETLOC = re.compile(
+    r"^(?:(?P<user>[^@]*)@)?(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>[0-9]*))?\Z"
+)
 
 
 def redacted(uri: str) -> str:
@@ -85,7 +88,7 @@ def _check_netloc(uri: str, netloc: str, *, local: bool) -> None:
             raise ValueError(f"URI {uri!r}: host is not an IP address or DNS name") from None
     elif user is not None or port is not None:
         raise ValueError(f"URI {uri!r}: user or port without a host")
-    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+    if port is not None and not (port and 1 <= int(port) <= MAX_PORT):
         raise ValueError(f"URI {uri!r}: port out of range")
 
 

@@ -42,6 +42,7 @@ from jobs.spec import MigrationSpec, first_error
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound, JobStore
 from jobs.submission import DomainBusy, enqueue
+from jobs.targets import migration_uri_problem
 from jobs.workflow import migration_chain
 
 TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
@@ -87,16 +88,31 @@ class Drover:
             spec = MigrationSpec.model_validate(request)
         except ValidationError as exc:
             raise SubmitError(first_error(exc)) from None
-        try:
-            self.settings.host(spec.src)
-            self.settings.host(spec.dst)
-        except ConfigError as exc:
-            raise SubmitError(str(exc)) from None
+        self._check_against_registry(spec)
         return spec
 
+    def _check_against_registry(self, spec: MigrationSpec) -> None:
+        """Both hosts in the registry, and a --migrate-uri only toward the destination's own
+        migration addresses or socket directory (jobs/targets.py); SubmitError otherwise."""
+        try:
+            self.settings.host(spec.src)
+            dst = self.settings.host(spec.dst)
+        except ConfigError as exc:
+            raise SubmitError(str(exc)) from None
+        if spec.migrate_uri is not None:
+            problem = migration_uri_problem(spec.migrate_uri, dst)
+            if problem is not None:
+                raise SubmitError(problem)
+
     def submit(self, spec: MigrationSpec | None = None, **request: Any) -> str:
-        """Record the job and put it in line; it starts as soon as every limit has room."""
-        spec = spec if spec is not None else self.spec(**request)
+        """Record the job and put it in line; it starts as soon as every limit has room.
+
+        A spec built by the caller is checked against the registry here, as `spec()` does.
+        """
+        if spec is None:
+            spec = self.spec(**request)
+        else:
+            self._check_against_registry(spec)
         with self._broker_errors():
             refusal = self.maintenance.refusal(spec.dst)
             if refusal is not None:

@@ -34,7 +34,13 @@ from pydantic import ValidationError
 from config import envelope, events
 from config.celery import make_app
 from config.settings import load_settings
-from jobs.spec import DOMAIN_NAME_PATTERN, HOST_NAME_PATTERN, MigrationSpec, check_migration_uri
+from jobs.spec import (
+    DOMAIN_NAME_PATTERN,
+    HOST_NAME_PATTERN,
+    MigrationSpec,
+    check_address,
+    check_migration_uri,
+)
 from producer import cli
 from tests.conftest import RedisServer
 from tests.support.registry import REGISTRY
@@ -147,7 +153,47 @@ BAD_MIGRATE_URIS = [
     "tcp://-oProxyCommand=x",
     "tcp://h%00",
     "tcp://" + "a" * 300,
+    # IPv6 scope ids: a plain interface name only
+    "tcp://[fe80::1%x y]:4444",
+    "tcp://[fe80::1%" + "e" * 5000 + "]:4444",
+    "tcp://[fe80::1%eth0;id]",
+    "tcp://[fe80::1%eth0\n]",
+    "tcp://[fe80::1%\u0435th0]",  # a Cyrillic e
+    "tcp://[fe80::1%]",
+    "tcp://[fe80::1%eth0%eth1]",
+    # ports and addresses in ASCII digits only (`\d` matches every Unicode digit)
+    "tcp://h:\u0664\u0669",
+    "tcp://h:\uff14\uff19",
+    "tcp://\u0661\u0660.0.0.2",
+    # brackets hold an IPv6 address only
+    "tcp://[10.0.0.1]",
+    "tcp://[10.0.0.1]:4444",
+    "tcp://[]",
+    "tcp://[kvm2]",
 ]
+# Well-formed, but not toward the destination: kvm2 receives at 192.0.2.2 and has no socket
+# directory; kvm3 (HOSTILE_EXTRA) receives at 192.0.2.3 and under /run/drover/migrate.
+FOREIGN_MIGRATE_URIS = [
+    ("kvm2", "tcp://attacker.example:4444"),
+    ("kvm2", "tcp://169.254.169.254:80"),
+    ("kvm2", "rdma://169.254.169.254"),
+    ("kvm2", "tcp://[::ffff:169.254.169.254]:80"),
+    ("kvm2", "tcp://192.0.2.1:4444"),  # the source host itself
+    ("kvm2", "tcp://192.0.2.2.attacker.example"),
+    ("kvm2", "unix:///etc/shadow"),
+    ("kvm2", "unix:///run/drover/migrate/m.sock"),
+    ("kvm3", "tcp://192.0.2.2"),  # another host's address
+    ("kvm3", "unix:///etc/shadow"),
+    ("kvm3", "unix:///run/drover/migrate"),
+    ("kvm3", "unix:///run/drover/migrate-evil/m.sock"),
+    ("kvm3", "unix:////run/drover/migrate/m.sock"),
+]
+HOSTILE_EXTRA = """
+[hosts.kvm3]
+peer_uri = "qemu+tcp://192.0.2.3/system"
+migration_address = "192.0.2.3"
+migration_socket_dir = "/run/drover/migrate"
+"""
 BAD_LISTEN_ADDRESSES = [
     "10.0.0.1:80",
     "x;rm",
@@ -229,6 +275,10 @@ _CASES: list[tuple[str, list[str]]] = [
     *((f"--from {h[:20]!r}", live(src=h)) for h in BAD_HOSTS),
     *((f"--to {h[:20]!r}", live(dst=h)) for h in BAD_HOSTS),
     *((f"--migrate-uri {u[:30]!r}", live("--migrate-uri", u)) for u in BAD_MIGRATE_URIS),
+    *(
+        (f"--migrate-uri {u[:30]!r} --to {h}", live("--migrate-uri", u, dst=h))
+        for h, u in FOREIGN_MIGRATE_URIS
+    ),
     *((f"--listen-address {a[:20]!r}", live("--listen-address", a)) for a in BAD_LISTEN_ADDRESSES),
     *((f"{opt} {v[:20]!r}", live(opt, v)) for opt, v in BAD_NUMBERS),
     *((f"flags {' '.join(a[6:])[:60]}", a) for a in BAD_COMBINATIONS),
@@ -241,7 +291,7 @@ OUTCOMES_PER_CASE = 6  # exit code, one stderr line, no traceback, no stdout, no
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory, redis_srv: RedisServer) -> Path:
     path = tmp_path_factory.mktemp("hostile") / "drover.toml"
-    path.write_text(REGISTRY.format(url=redis_srv.url))
+    path.write_text(REGISTRY.format(url=redis_srv.url) + HOSTILE_EXTRA)
     return path
 
 
@@ -619,4 +669,32 @@ def test_any_migrate_uri_is_strict_or_refused(uri: str) -> None:
     except ValidationError:
         return
     assert spec.migrate_uri is not None
-    assert re.fullmatch(r"(tcp|rdma)://[A-Za-z0-9.:\[\]-]+/?|unix:///[A-Za-z0-9._/-]+", uri)
+    assert re.fullmatch(STRICT_MIGRATE_URI, uri)
+
+
+STRICT_MIGRATE_URI = (
+    r"(tcp|rdma)://(\[[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]{1,15})?\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?"
+    r"|unix:///[A-Za-z0-9._/-]+"
+)
+
+
+@pytest.mark.parametrize(
+    "uri", ["tcp://[fe80::1%eth0]:4444", "rdma://[fd00::2]", "tcp://10.0.0.2:49152/"]
+)
+def test_the_strict_uri_form_admits_what_the_spec_accepts(uri: str) -> None:
+    """The property above would be vacuous if its pattern refused the accepted forms."""
+    assert check_migration_uri(uri) == uri
+    assert re.fullmatch(STRICT_MIGRATE_URI, uri)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=40)
+    | st.builds(lambda a, s: f"{a}%{s}", st.sampled_from(["fe80::1", "::1", "10.0.0.1"]), st.text())
+)
+def test_any_address_is_plain_ascii_or_refused(value: str) -> None:
+    try:
+        check_address(value)
+    except ValueError:
+        return
+    assert re.fullmatch(r"\[?[A-Za-z0-9.:-]+(%[A-Za-z0-9_.-]{1,15})?\]?", value, re.ASCII), value

@@ -176,6 +176,8 @@ def test_bad_combinations_are_refused(options: dict[str, object], message: str) 
         "tcp://[fd00::2]:4000",
         "unix:///run/drover/mig.sock",
         "tcp://node-2.example.org/",
+        "tcp://[fe80::1%eth0]:4444",
+        "rdma://[fe80::2%br-mig.10]",
     ],
 )
 def test_strict_migration_uris_accepted(uri: str) -> None:
@@ -197,6 +199,17 @@ def test_strict_migration_uris_accepted(uri: str) -> None:
         "qemu+ext:///system?command=/bin/sh",
         "tcp://a b",
         "TCP://x",
+        "tcp://[10.0.0.1]",
+        "tcp://[10.0.0.1]:4444",
+        "tcp://[fe80::1%x y]",
+        "tcp://[fe80::1%" + "e" * 300 + "]",
+        "tcp://[fe80::1%eth0;id]",
+        "tcp://[fe80::1%eth0/x]",
+        "tcp://[fe80::1%]",
+        "tcp://[fe80::1%0123456789abcdef]",  # 16 characters: no interface name is that long
+        "tcp://h:\u0664\u0669",  # Arabic-Indic digits: `\d` would take them
+        "tcp://h:\uff14\uff19",  # full-width digits
+        "tcp://\u0661\u0660.0.0.1",
     ],
 )
 def test_loose_migration_uris_refused(uri: str) -> None:
@@ -205,12 +218,46 @@ def test_loose_migration_uris_refused(uri: str) -> None:
     assert "migrate_uri" in first_error(exc.value) or "migration URI" in first_error(exc.value)
 
 
-@pytest.mark.parametrize("addr", ["0.0.0.0", "::", "10.0.0.1", "node2.example"])
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("tcp://[10.0.0.1]", "brackets hold an IPv6 address only, not '[10.0.0.1]'"),
+        ("tcp://[fe80::1%x y]", "IPv6 scope id 'x y' must be an interface name"),
+        ("tcp://[fe80::1%" + "e" * 5000 + "]", "(5016 characters)"),
+        ("tcp://h:\u0664\u0669", "must be tcp://HOST[:PORT]"),
+    ],
+)
+def test_uri_refusals_say_why_in_one_short_line(uri: str, message: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        spec(migrate_uri=uri)
+    said = first_error(exc.value)
+    assert message in said
+    assert "\n" not in said and len(said) < 400  # a 5,000-character value is not echoed whole
+
+
+@pytest.mark.parametrize(
+    "addr", ["0.0.0.0", "::", "10.0.0.1", "node2.example", "fe80::1%eth0", "[fd00::1]"]
+)
 def test_listen_addresses(addr: str) -> None:
     assert spec(listen_address=addr).listen_address == addr
 
 
-@pytest.mark.parametrize("addr", ["10.0.0.1:80", "x;rm", "-h", "a..b", ""])
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "10.0.0.1:80",
+        "x;rm",
+        "-h",
+        "a..b",
+        "",
+        "[10.0.0.1]",
+        "[fd00::1",
+        "fe80::1%x y",
+        "fe80::1%eth0;id",
+        "10.0.0.1%eth0",
+        "\u0661\u0660.0.0.1",
+    ],
+)
 def test_bad_listen_addresses(addr: str) -> None:
     with pytest.raises(ValidationError):
         spec(listen_address=addr)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import ConfigError, load_settings
+from config.settings import ConfigError, Settings, load_settings
 
 REGISTRY = """{top}
 [hosts.kvm1]
@@ -30,7 +30,7 @@ def load(
     libvirt_uri: str = "qemu:///system",
     address: str = "192.0.2.1",
     top: str = "",
-) -> object:
+) -> Settings:
     path = tmp_path / "drover.toml"
     path.write_text(
         REGISTRY.format(
@@ -96,6 +96,11 @@ BAD_URIS = {
     "qemu+tcp://-h/system": "not an IP address or DNS name",
     "qemu+tcp://h;id/system": "not an IP address or DNS name",
     "qemu+tcp://[::1/system": "malformed host part",
+    "qemu+tcp://[192.0.2.1]/system": "malformed host part",
+    "qemu+tcp://[fe80::1%25x%20y]/system": "malformed host part",
+    # urlsplit takes these brackets; check_address does not
+    "qemu+tcp://[fe80::1%25eth0;id]/system": "not an IP address or DNS name",
+    "qemu+tcp://[v1.fe80::a+en1]/system": "not an IP address or DNS name",
     "qemu+tls://user:hunter2@h/system": "no password",
     "qemu+unix://h/system": "a qemu+unix URI takes no host",
     "qemu+tcp://h/sys tem": "whitespace",
@@ -127,6 +132,27 @@ def test_bad_uris_are_one_line_config_errors(tmp_path: Path, uri: str, field: st
 def test_migration_address_must_be_an_address(tmp_path: Path, address: str) -> None:
     with pytest.raises(ConfigError, match=r"hosts\.kvm1\.migration_address: not an IP address"):
         load(tmp_path, address=address)
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("[192.0.2.1]", "brackets hold an IPv6 address only"),
+        ("fe80::1%x y", "IPv6 scope id 'x y' must be an interface name"),
+        ("fe80::1%eth0;id", "IPv6 scope id 'eth0;id'"),
+        ("\u0661\u0669\u0662.0.2.1", "not an IP address or host name"),
+    ],
+)
+def test_migration_address_brackets_scopes_and_digits(
+    tmp_path: Path, address: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"hosts\.kvm1\.migration_address: ") as exc:
+        load(tmp_path, address=address)
+    assert message in str(exc.value)
+
+
+def test_a_link_local_migration_address_with_its_interface_loads(tmp_path: Path) -> None:
+    assert load(tmp_path, address="fe80::1%eth1").host("kvm1").migration_address == "fe80::1%eth1"
 
 
 def test_operator_can_replace_the_scheme_allowlist(tmp_path: Path) -> None:
