@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import kombu.exceptions
 import libvirt
 import redis
 
-from config.celery import make_app
 from config.settings import load_settings
+from jobs.store import JobStore, heartbeat_key
 from lab import guests, libvirtd, network, redis_server
 from lab.kernel import build_dirty_kernel
 from lab.layout import MAX_HOSTS, HostLayout, LabLayout
@@ -156,8 +155,14 @@ def _worker_argv(host: HostState, config: Path) -> list[str]:
 
 
 def start_worker(lab: LabLayout, host: HostState) -> None:
-    """Start `drover worker --host NAME` inside the host's namespaces; wait for its ping."""
-    app = make_app(load_settings(lab.config_path))
+    """Start `drover worker --host NAME` inside the host's namespaces; wait for its heartbeat.
+
+    Workers obey no remote control (not even ping), so readiness is drover's own heartbeat,
+    which the worker starts once it consumes its queue. A heartbeat left by the worker this
+    one replaces is removed first.
+    """
+    store = JobStore.from_url(load_settings(lab.config_path).redis_url)
+    store.r.delete(heartbeat_key(host.name))
     log = Path(host.worker_log)
     host.worker_pid = spawn(_worker_argv(host, lab.config_path), log)
 
@@ -165,8 +170,8 @@ def start_worker(lab: LabLayout, host: HostState) -> None:
         if not alive(host.worker_pid):
             raise LabError(f"{host.name}'s worker exited; see {log}")
         try:
-            return bool(app.control.ping(destination=[f"drover@{host.name}"], timeout=0.5))
-        except (redis.RedisError, OSError, kombu.exceptions.OperationalError):
+            return store.alive(host.name)
+        except (redis.RedisError, OSError):
             return False  # a pooled connection from before a Redis restart: try again
 
     wait_until(answers, WORKER_START_TIMEOUT, f"{host.name}'s worker")

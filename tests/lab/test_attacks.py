@@ -1,0 +1,343 @@
+"""Redis is not a root shell: each attack of issue 10, tried for real against the lab.
+
+The attacker holds the Redis password (as every producer script, the Flower host and the beat
+host do) but no trusted signing key. Everything here is done as they would do it: job records
+written field by field, messages captured off the broker and pushed back re-headed, replayed
+or onto another host's queue, Celery control broadcasts. Every outcome is read from libvirt on
+the hosts, the job records and the workers' logs: nothing the attacker wrote reaches libvirt,
+QEMU, qemu-img or the filesystem, and no VM moves except as a trusted producer signed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from config.celery import worker_node
+from jobs.admission import inbound_gate
+from jobs.model import Job
+from jobs.phases import POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
+from jobs.spec import MigrationSpec
+from jobs.store import job_key
+from lab import control
+from lab.layout import LabLayout
+from lab.proc import alive
+from tests.support.forgery import (
+    capture,
+    domain_facts,
+    forge_job,
+    lab_signer,
+    log_events,
+    message_id,
+    push,
+    reheaded,
+)
+from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
+
+pytestmark = pytest.mark.lab
+
+# Recovery sweeps every 5 s and re-sends a phase idle for 30 s; forged records say "long ago".
+RECOVERY_S = 60.0
+LOG_S = 30.0
+GUEST = "idle-2"
+
+
+def ended(lab: Lab, job_id: str, timeout: float = RECOVERY_S) -> Job:
+    wait_for(lambda: lab.drover.job(job_id).terminal, timeout, f"job {job_id} to end")
+    return lab.drover.job(job_id)
+
+
+def untouched(lab: Lab, domain: str = GUEST) -> None:
+    """The guest runs on lab1 as before, and no other host has any trace of it."""
+    assert lab.running_on(domain) == ["lab1"]
+    assert not lab.view("lab2", domain).exists and not lab.view("lab3", domain).exists
+
+
+def refused_for_security(lab: Lab, job_id: str) -> Job:
+    job = ended(lab, job_id)
+    assert job.state.value == "failed", job
+    assert job.reason is not None and job.reason.startswith("security: "), job.reason
+    assert "security.rejected" in [e["event"] for e in lab.drover.events(job_id)]
+    assert not job.phases or set(job.phases) <= {"source_preflight", "destination_prepare"}
+    return job
+
+
+def marker_script(tmp_path: Path) -> tuple[str, Path]:
+    """A program that leaves a file behind if anything ever runs it (as root)."""
+    marker = tmp_path / "ran-as-root"
+    script = tmp_path / "evil.sh"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    script.chmod(0o755)
+    return f"qemu+ext:///system?command={script}", marker
+
+
+@pytest.fixture
+def guest_home(lab: Lab) -> Iterator[None]:
+    lab.home(GUEST)
+    yield
+    lab.home(GUEST)
+
+
+@pytest.fixture
+def lab2_blocked(lab: Lab) -> Iterator[None]:
+    """lab2's inbound slots held by two live-looking jobs, so a submitted job waits in line."""
+    r = lab.drover.store.r
+    holders = ["f0f0f0f0f0f1", "f0f0f0f0f0f2"]
+    for holder in holders:
+        r.hset(job_key(holder), mapping={"id": holder, "state": "migrating"})
+        r.sadd(inbound_gate("lab2"), holder)
+    yield
+    for holder in holders:
+        r.srem(inbound_gate("lab2"), holder)
+        r.delete(job_key(holder))
+    lab.drover.admit()
+
+
+# ---- 1. a forged ext URI in the hand-off -------------------------------------------------
+
+
+def test_an_unsigned_record_with_an_ext_uri_runs_no_command(
+    lab: Lab, guest_home: None, tmp_path: Path
+) -> None:
+    uri, marker = marker_script(tmp_path)
+    forged = forge_job(
+        lab,
+        MigrationSpec(domain=GUEST, src="lab1", dst="lab2"),
+        state="prepared",
+        facts=domain_facts(lab, "lab1", GUEST),
+        handoff={"dconnuri": uri, "migrate_uri": "tcp://203.0.113.7:4444"},
+        ended_phases=("source_preflight", "destination_prepare"),
+    )
+    refused_for_security(lab, forged.id)
+    assert not marker.exists()
+    untouched(lab)
+
+
+def test_a_signed_job_goes_where_the_registry_says_whatever_its_handoff_says(
+    lab: Lab, guest_home: None, tmp_path: Path
+) -> None:
+    """A request a producer really signed, its hand-off rewritten in Redis: recovery re-sends
+    perform, which takes the destination URI and address from the registry."""
+    uri, marker = marker_script(tmp_path)
+    forged = forge_job(
+        lab,
+        MigrationSpec(domain=GUEST, src="lab1", dst="lab2"),
+        state="prepared",
+        facts=domain_facts(lab, "lab1", GUEST),
+        handoff={"dconnuri": uri, "migrate_uri": "tcp://203.0.113.7:4444"},
+        ended_phases=("source_preflight", "destination_prepare"),
+        signer=lab_signer(lab),
+    )
+    job = ended(lab, forged.id, RECOVERY_S + JOB_TIMEOUT_S)
+    assert job.state.value == "succeeded", job.reason
+    assert not marker.exists()
+    assert lab.running_on(GUEST) == ["lab2"]
+    started = [e for e in lab.drover.events(forged.id) if e["event"] == "migration.started"]
+    peer = lab.drover.settings.host("lab2").peer_uri
+    assert started and started[0]["call"]["dconnuri"] == peer, started
+
+
+# ---- 2. forged image paths -----------------------------------------------------------------
+
+
+def test_a_rollback_never_removes_a_path_the_record_names(lab: Lab, guest_home: None) -> None:
+    lab2_images = Path(lab.status["config"]).parent / "hosts/lab2/lib/images"
+    lab2_images.mkdir(parents=True, exist_ok=True)
+    victims = [lab2_images / "precious.qcow2", Path("/tmp") / "drover-precious-file"]
+    for victim in victims:
+        victim.write_text("precious")
+    inside = ["/var/lib/libvirt/images/precious.qcow2", str(victims[1])]
+    forged = forge_job(
+        lab,
+        MigrationSpec(domain=GUEST, src="lab1", dst="lab2"),
+        state="failed",
+        facts=domain_facts(lab, "lab1", GUEST),
+        handoff={"created_images": inside},
+        signer=lab_signer(lab),
+    )
+    try:
+        lab.drover._rollback(lab.drover.job(forged.id))  # a producer's signed rollback
+        wait_for(
+            lambda: any(e["event"] == "rollback.done" for e in log_events("lab2", forged.id)),
+            LOG_S,
+            "lab2's rollback",
+        )
+        assert all(v.read_text() == "precious" for v in victims)
+        assert not any(
+            e["event"] == "rollback.removed_images" for e in log_events("lab2", forged.id)
+        )
+    finally:
+        for victim in victims:
+            victim.unlink(missing_ok=True)
+    untouched(lab)
+
+
+def test_forged_disks_in_the_record_make_no_image(lab: Lab, guest_home: None) -> None:
+    """The destination reads the guest's disks from the source's libvirtd, not the record:
+    idle-2 has none, so nothing is made at the path the record names."""
+    target = Path(lab.status["config"]).parent / "hosts/lab2/lib/images/forged.qcow2"
+    target.unlink(missing_ok=True)
+    facts = domain_facts(lab, "lab1", GUEST) | {
+        "disks": [
+            {"path": "/var/lib/libvirt/images/forged.qcow2", "format": "qcow2", "capacity": 1 << 20}
+        ],
+    }
+    forged = forge_job(
+        lab,
+        MigrationSpec(domain=GUEST, src="lab1", dst="lab2", copy_storage="all"),
+        state="preflight",
+        facts=facts,
+        ended_phases=("source_preflight",),
+        signer=lab_signer(lab),
+    )
+    job = ended(lab, forged.id)
+    assert job.state.value == "failed" and "no local disk to copy" in str(job.reason), job.reason
+    assert not target.exists()
+    untouched(lab)
+
+
+# ---- 3. a forged waiting job ----------------------------------------------------------------
+
+
+def test_a_forged_waiting_job_never_reaches_libvirt(lab: Lab, guest_home: None) -> None:
+    spec = MigrationSpec(
+        domain=GUEST,
+        src="lab1",
+        dst="lab2",
+        migrate_uri="tcp://203.0.113.7:4444",
+        persistent=True,
+        undefine_source=True,
+    )
+    forged = forge_job(lab, spec, state="queued", admitted=False)
+    lab.drover.store.r.zadd("drover:waiting", {forged.id: 0})
+    job = refused_for_security(lab, forged.id)
+    assert not job.phases and job.admitted is None
+    for host in ("lab1", "lab2"):
+        assert not [e for e in log_events(host, forged.id) if e["event"] == "phase.started"]
+    untouched(lab)
+
+
+# ---- 4. a real job's spec changed between submission and perform ---------------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"migrate_uri": "tcp://203.0.113.7:4444"},
+        {"dname": "stolen"},
+        {"undefine_source": True, "persistent": True},
+        {"force": True, "undefine_source": True},
+    ],
+    ids=["migrate_uri", "dname", "undefine_source", "force"],
+)
+def test_a_spec_changed_in_redis_is_refused_with_the_vm_untouched(
+    lab: Lab, guest_home: None, lab2_blocked: None, change: dict[str, object]
+) -> None:
+    job_id = lab.drover.submit(domain=GUEST, src="lab1", dst="lab2", live=True)
+    assert lab.drover.job(job_id).state.value == "queued"  # waits behind the held slots
+    tampered = lab.drover.job(job_id).spec.model_dump(mode="json") | change
+    lab.drover.store.r.hset(job_key(job_id), "spec", MigrationSpec(**tampered).model_dump_json())
+    lab.drover.store.r.srem(inbound_gate("lab2"), "f0f0f0f0f0f1")
+    job = refused_for_security(lab, job_id)
+    assert "spec is not what was signed" in str(job.reason)
+    untouched(lab)
+
+
+# ---- 5. captured messages: header swap, another host, replay, other task names -------------
+
+
+def test_a_captured_message_cannot_be_reheaded_moved_or_replayed(
+    lab: Lab, guest_home: None
+) -> None:
+    job_id = "00000000dead"  # no such job: a message that gets through only logs "no job"
+    raw = capture(lab, task_name(Phase.SOURCE_PREFLIGHT), job_id, "lab1")
+    attempts = {
+        "reheaded as rollback": ("lab2", reheaded(raw, ROLLBACK_DESTINATION_TASK), "delivered"),
+        "reheaded as postcopy": ("lab1", reheaded(raw, POSTCOPY_TASK), "delivered as"),
+        "reheaded as celery.accumulate": (
+            "lab1",
+            reheaded(raw, "celery.accumulate"),
+            "not a drover task",
+        ),
+        "onto another host's queue": (
+            "lab2",
+            reheaded(raw, task_name(Phase.SOURCE_PREFLIGHT)),
+            "delivered to",
+        ),
+    }
+    for name, (host, message, reason) in attempts.items():
+        push(lab, host, message)
+        mid = message_id(message)
+
+        def rejected(host: str = host, mid: str = mid) -> list[dict[str, object]]:
+            return [e for e in log_events(host, mid) if e["event"] == "message.rejected"]
+
+        wait_for(lambda: bool(rejected()), LOG_S, f"the message {name} to be rejected")
+        assert reason in str(rejected()[0]["reason"]), (name, rejected())
+
+    # The original goes through once (and finds no such job); its replay is refused.
+    def got_through() -> int:
+        return sum(str(e.get("reason")) == f"no job {job_id}" for e in log_events("lab1", job_id))
+
+    push(lab, "lab1", raw)
+    wait_for(lambda: got_through() == 1, LOG_S, "the original message to get through")
+    push(lab, "lab1", raw)
+    mid = message_id(raw)
+    wait_for(
+        lambda: any("replayed" in str(e.get("reason")) for e in log_events("lab1", mid)),
+        LOG_S,
+        "the replay to be refused",
+    )
+    assert got_through() == 1
+    untouched(lab)
+
+
+def test_a_signed_rollback_of_a_job_that_succeeded_changes_nothing(
+    lab: Lab, guest_home: None
+) -> None:
+    job = lab.migrate(GUEST, "lab1", "lab2")
+    assert job.state.value == "succeeded", job.reason
+    lab.drover._rollback(job)  # a producer's own signed message, for a job that did not fail
+    wait_for(
+        lambda: any(e["event"] == "rollback.refused" for e in log_events("lab2", job.id)),
+        LOG_S,
+        "lab2 to refuse the rollback",
+    )
+    assert lab.running_on(GUEST) == ["lab2"]
+
+
+# ---- 6. Celery remote control ----------------------------------------------------------------
+
+
+def test_control_broadcasts_are_ignored(lab: Lab, guest_home: None) -> None:
+    app = lab.drover._app
+    app.control.broadcast(
+        "add_consumer", arguments={"queue": "drover.host.lab2"}, destination=[worker_node("lab3")]
+    )
+    app.control.broadcast("shutdown", destination=[worker_node("lab3")])
+    assert app.control.ping(timeout=2.0) == []  # no worker answers any control message
+    celery = os.path.join(os.path.dirname(sys.executable), "celery")
+    env = {**os.environ, "DROVER_CONFIG": lab.config}
+    inspect = subprocess.run(
+        [celery, "-A", "config", "inspect", "ping", "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+    assert inspect.returncode != 0 and "No nodes replied" in inspect.stdout + inspect.stderr
+    # lab3's worker still runs, and consumes its own queue only: a move onto lab3 succeeds,
+    # a move onto lab2 has its destination phases run by lab2.
+    state = control.LabState.load(LabLayout.from_env())
+    assert state is not None and alive(state.hosts["lab3"].worker_pid)
+    job = lab.migrate(GUEST, "lab1", "lab3")
+    assert job.state.value == "succeeded", job.reason
+    job = lab.migrate(GUEST, "lab3", "lab2")
+    assert job.state.value == "succeeded", job.reason
+    assert job.phases["finish"].host == "lab2" and job.phases["destination_prepare"].host == "lab2"

@@ -1,0 +1,161 @@
+"""What an attacker holding the Redis password can do, done for real against the lab.
+
+Job records written field by field (as `redis-cli HSET` would), raw messages read off one
+queue and pushed onto another, and the lab workers' logs read back to see what they did.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import libvirt
+from kombu import Connection, Exchange, Queue
+
+from config.celery import host_queue
+from jobs.model import PhaseRecord
+from jobs.request_signing import RequestSigner, canonical
+from jobs.spec import MigrationSpec
+from jobs.store import ACTIVE_JOBS, JOBS_INDEX, MIGRATION_KIND, job_key
+from lab import control
+from lab.layout import LabLayout
+from tests.support.lab_fixtures import Lab
+
+LONG_AGO = timedelta(minutes=10)
+
+
+def worker_log(host: str) -> Path:
+    state = control.LabState.load(LabLayout.from_env())
+    assert state is not None
+    return Path(state.hosts[host].worker_log)
+
+
+def log_events(host: str, needle: str) -> list[dict[str, Any]]:
+    """The JSON events in `host`'s worker log whose line mentions `needle`."""
+    found = []
+    for line in worker_log(host).read_text().splitlines():
+        if needle in line and line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+    return found
+
+
+def lab_signer(lab: Lab) -> RequestSigner:
+    """The lab's own key: a request signed with it is one a real producer could have made."""
+    sec = lab.drover.settings.security
+    assert sec.key and sec.certificate
+    return RequestSigner(sec.key, sec.certificate)
+
+
+def domain_facts(lab: Lab, host: str, name: str) -> dict[str, Any]:
+    """The facts a source preflight would have recorded, read from libvirt."""
+    conn = libvirt.open(lab.uri(host))
+    try:
+        dom = conn.lookupByName(name)
+        state = dom.state()[0]
+        return {
+            "name": name,
+            "uuid": dom.UUIDString(),
+            "state": "running" if state == libvirt.VIR_DOMAIN_RUNNING else "paused",
+            "active": bool(dom.isActive()),
+            "persistent": bool(dom.isPersistent()),
+            "memory_mib": dom.maxMemory() // 1024,
+            "vcpus": 1,
+        }
+    finally:
+        conn.close()
+
+
+@dataclass
+class ForgedJob:
+    id: str
+    spec: MigrationSpec
+
+
+def forge_job(
+    lab: Lab,
+    spec: MigrationSpec,
+    *,
+    state: str,
+    facts: dict[str, Any] | None = None,
+    handoff: dict[str, Any] | None = None,
+    ended_phases: tuple[str, ...] = (),
+    admitted: bool = True,
+    signer: RequestSigner | None = None,
+) -> ForgedJob:
+    """A job record written by hand: phases `ended_phases` ended long ago, so recovery takes
+    the job for one whose next phase was never sent. With `signer`, its request is signed."""
+    r = lab.drover.store.r
+    job_id = secrets.token_hex(6)
+    then = datetime.now(UTC) - LONG_AGO
+    record: dict[str, str] = {
+        "id": job_id,
+        "spec": spec.model_dump_json(),
+        "state": state,
+        "created": then.isoformat(),
+        "updated": then.isoformat(),
+        "facts": json.dumps(facts or {}),
+        "handoff": json.dumps(handoff or {}),
+    }
+    if admitted:
+        record["admitted"] = then.isoformat()
+    if signer is not None:
+        payload = canonical(
+            kind=MIGRATION_KIND,
+            job_id=job_id,
+            spec=spec.model_dump(mode="json"),
+            parent=None,
+            parent_limit=None,
+            origin="producer@forger",
+            at=then,
+        )
+        record["request"] = signer.sign(payload).to_json()
+    r.hset(job_key(job_id), mapping=record)
+    for phase in ended_phases:
+        rec = PhaseRecord(phase=phase, host="forger", started=then, ended=then)
+        r.hset(f"{job_key(job_id)}:phases", phase, rec.model_dump_json())
+    r.zadd(JOBS_INDEX, {job_id: then.timestamp()})
+    r.sadd(ACTIVE_JOBS, job_id)
+    return ForgedJob(job_id, spec)
+
+
+def capture(lab: Lab, task: str, job_id: str, host: str) -> bytes:
+    """A real message drover's producer sends (signed, enveloped for `host`), caught in a
+    queue of our own before any worker sees it: what an eavesdropper on Redis keeps."""
+    trap = f"drover.capture.{uuid.uuid4().hex[:8]}"
+    exchange = Exchange(trap, "direct")
+    queue = Queue(trap, exchange, routing_key=host_queue(host))
+    app = lab.drover._app
+    with Connection(lab.drover.settings.redis_url) as conn:
+        queue(conn.default_channel).declare()
+        lab.drover.send(
+            app.signature(task, args=(job_id,), exchange=trap, routing_key=host_queue(host))
+        )
+    raw = lab.drover.store.r.rpop(trap)
+    assert isinstance(raw, bytes | str), "the message was not caught"
+    lab.drover.store.r.delete(trap)
+    return raw.encode() if isinstance(raw, str) else raw
+
+
+def reheaded(raw: bytes, task: str) -> bytes:
+    """The same message (body and signature untouched) with another task name in its headers."""
+    message = json.loads(raw)
+    message["headers"]["task"] = task
+    message["headers"]["id"] = str(uuid.uuid4())
+    return json.dumps(message).encode()
+
+
+def message_id(raw: bytes) -> str:
+    return str(json.loads(raw)["headers"]["id"])
+
+
+def push(lab: Lab, host: str, raw: bytes) -> None:
+    """Put a raw message straight onto a host's queue (kombu's Redis transport is a list)."""
+    lab.drover.store.r.lpush(host_queue(host), raw)
