@@ -130,18 +130,19 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
     with rt.lock:
         if (job.id, step.phase.value) in rt.running:
             return
-    if not verified(rt, job):
-        return  # nothing is recovered or sent for a request no trusted key signed
     if job.state is JobState.STALLED and job.stalled_from is not None:
         rt.store.transition(job.id, job.stalled_from, host=rt.host)
         log.info("job.state", state=job.stalled_from.value, reason="owner is back")
         job = rt.store.get(job.id)
     if step.started:
-        _recover_in_background(rt, job, step.phase)
+        if verified(rt, job):  # nothing is recovered for a request no trusted key signed
+            _recover_in_background(rt, job, step.phase)
     elif job.admitted is None:
-        return  # still waiting for a slot: admission, not recovery, starts it
-    elif _idle_s(step) > tunables.redispatch_after and _since_s(job.admitted) > (
-        tunables.redispatch_after
+        return  # still waiting for a slot: admission, not recovery, starts it (and checks it)
+    elif (
+        _idle_s(step) > tunables.redispatch_after
+        and _since_s(job.admitted) > tunables.redispatch_after
+        and verified(rt, job)  # nor sent
     ):
         log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
         migration_chain(app, job.id, job.spec, start=step.phase).apply_async()

@@ -27,19 +27,13 @@ from config.celery import host_queue
 from config.settings import load_settings
 from jobs.phases import Phase, task_name
 from jobs.spec import MigrationSpec
-from lab import control
 from lab.layout import LabLayout
 from lab.signing import make_certificate
+from tests.support.forgery import worker_log
 from tests.support.lab_fixtures import Lab, wait_for
 
 pytestmark = pytest.mark.lab
 SETTLE_S = 3.0
-
-
-def worker_log(host: str) -> Path:
-    state = control.LabState.load(LabLayout.from_env())
-    assert state is not None
-    return Path(state.hosts[host].worker_log)
 
 
 def task_message(job_id: str) -> tuple[dict[str, Any], Any]:
