@@ -32,6 +32,13 @@ from config.celery import celery_config, host_queue, make_app
 from config.security import JOB_ID
 from config.settings import ConfigError, Settings
 from jobs.phases import TASK_PREFIX
+from jobs.request_signing import (
+    REQUEST_FIELD,
+    check_record,
+    signed_record,
+    signer_for,
+    verifier_for,
+)
 from jobs.store import KEY_PREFIX as JOBS_KEY_PREFIX
 from jobs.store import now
 from producer.api import Drover, SubmitError
@@ -45,6 +52,9 @@ KEY_PREFIX = f"{JOBS_KEY_PREFIX}:schedule:"
 LOCK_KEY = f"{KEY_PREFIX}lock"
 # Fields of the entry's hash that are drover's (redbeat owns `definition` and `meta`).
 RECORD_FIELD = "drover"
+# The signed request (jobs/request_signing.py) of the schedule, beside its record.
+SIGNED_FIELD = "drover_request"
+SCHEDULE_KIND = "schedule"
 LAST_RUN_FIELD = "drover_last_run"
 RUNS_FIELD = "drover_runs"
 
@@ -382,8 +392,23 @@ class ScheduleStore:
         # A cron entry's first run is the first match after now (without a last run, Celery
         # would call it overdue and fire at once); a one-shot has no run before its time.
         entry.last_run_at = current if cron is not None else None
+        # Signed like any request: a worker creates (and signs) the evacuation when it fires,
+        # so an entry written into Redis by hand must not be able to drain a host.
+        signed = signed_record(
+            signer_for(self.settings.security),
+            kind=SCHEDULE_KIND,
+            job_id=schedule_id,
+            spec=record,
+            parent=None,
+            parent_limit=None,
+            origin=by,
+            at=current,
+        )
         # The record first: an entry the beat can see always has its request.
-        self.r.hset(entry_key(schedule_id), RECORD_FIELD, record.model_dump_json())
+        fields = {RECORD_FIELD: record.model_dump_json()}
+        if REQUEST_FIELD in signed:
+            fields[SIGNED_FIELD] = signed[REQUEST_FIELD]
+        self.r.hset(entry_key(schedule_id), mapping=fields)
         try:
             entry.save()
         except BaseException:
@@ -403,6 +428,14 @@ class ScheduleStore:
         if raw is None:
             raise ScheduleNotFound(f"no schedule {schedule_id!r}")
         return ScheduleRecord.model_validate_json(raw)
+
+    def verified_record(self, schedule_id: str) -> ScheduleRecord:
+        """The record, if a trusted key signed it as it stands (RequestRefused otherwise)."""
+        record = self.record(schedule_id)
+        signed = cast(str | None, self.r.hget(entry_key(schedule_id), SIGNED_FIELD))
+        verifier = verifier_for(self.settings.security)
+        check_record(verifier, signed, schedule_id, kind=SCHEDULE_KIND, spec=record)
+        return record
 
     def get(self, schedule_id: str) -> Schedule:
         fields = cast(dict[str, str], self.r.hgetall(entry_key(check_schedule_id(schedule_id))))

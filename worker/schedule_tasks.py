@@ -14,6 +14,7 @@ from celery import Task
 from config.celery import app
 from config.events import get_logger
 from config.settings import current
+from jobs.request_signing import SECURITY_REASON, RequestRefused
 from jobs.store import now
 from producer.api import BrokerUnavailable, Drover, SubmitError
 from producer.schedules import (
@@ -43,9 +44,15 @@ def fire(schedule_id: str, *, message_id: str, node: str) -> str | None:
     store = ScheduleStore(settings, retry_period=settings.tunables.redis_retry_for)
     fields = {"schedule_id": schedule_id, "message_id": message_id}
     try:
-        record = store.record(schedule_id)
+        record = store.verified_record(schedule_id)
     except ScheduleNotFound:
         log.warning("schedule.ignored", reason="no such schedule (removed?)", **fields)
+        return None
+    except RequestRefused as exc:
+        # Written into Redis by hand, or changed since `drover schedule add` signed it.
+        reason = f"{SECURITY_REASON}: {exc}"
+        store.record_run(schedule_id, LastRun(at=now(), error=reason))
+        log.error("security.rejected", reason=reason, **fields)
         return None
     host = record.request.host
     here = node.split("@", 1)[-1]

@@ -27,7 +27,7 @@ from jobs.evacuation import EVACUATION_KIND
 from jobs.store import JOBS_INDEX, job_key
 from lab import control
 from lab.layout import LabLayout
-from producer.schedules import LOCK_KEY, ScheduleStore
+from producer.schedules import LOCK_KEY, RECORD_FIELD, ScheduleStore, entry_key
 from tests.support.cli import run_drover
 from tests.support.lab_fixtures import IDLE_GUESTS, Lab, wait_for
 from worker.schedule_tasks import origin
@@ -255,3 +255,37 @@ def test_a_second_beat_fires_nothing_while_the_first_holds_the_lock(
             drover(lab, "schedule", "remove", schedule_id)
         lab.drover.set_host_enabled("lab2", True)
     assert redis_of(lab).get(LOCK_KEY) is None
+
+
+def test_a_schedule_changed_in_redis_fires_nothing(
+    lab: Lab, beats: list[Beat], store: ScheduleStore, tmp_path: Path
+) -> None:
+    """Its record says to drain lab1 onto lab3 only, but `drover schedule add` signed lab2:
+    the worker refuses it when it fires, says why, and no guest moves."""
+    lab.all_home()
+    before = running_domains(lab, "lab1")
+    beats.append(Beat(lab, tmp_path / "beat.log"))
+    beats[0].wait_started()
+    wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
+    sid = add_once(lab, "lab1", "--to", "lab2")
+    try:
+        record = store.record(sid)
+        tampered = record.model_copy(
+            update={"request": record.request.model_copy(update={"to": ["lab3"]})}
+        )
+        redis_of(lab).hset(entry_key(sid), RECORD_FIELD, tampered.model_dump_json())
+
+        def refused() -> bool:
+            last = store.get(sid).last_run
+            return last is not None and bool(last.error)
+
+        wait_for(refused, AHEAD_S + FIRE_TIMEOUT_S, "the worker to refuse the schedule")
+        last_run = store.get(sid).last_run
+        assert last_run is not None and str(last_run.error).startswith("security: "), last_run
+        assert "spec is not what was signed" in str(last_run.error)
+        assert evacuations_from(lab, sid) == []
+        assert running_domains(lab, "lab1") == before
+        events = worker_events("lab1", "security.rejected")
+        assert [e for e in events if e.get("schedule_id") == sid]
+    finally:
+        drover(lab, "schedule", "remove", sid)
