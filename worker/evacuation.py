@@ -49,7 +49,7 @@ from jobs.store import JobNotFound, now
 from jobs.submission import DomainBusy, enqueue
 from worker.admission_pass import admit_waiting
 from worker.fleet_view import gather
-from worker.libvirt_host import LibvirtUnavailable, on_peer
+from worker.libvirt_host import LibvirtUnavailable, facts, on_peer
 from worker.phase_scope import on_job_end, rollback_destination_later
 from worker.placement import Estimate, plan
 from worker.runtime import Runtime
@@ -214,6 +214,12 @@ def _queue_children(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None
         if store.get(ev.id).abort_requested:
             log.info("evacuation.stopped_queueing", reason="evacuation aborted")
             break
+        problem = _placement_problem(rt, ev, placement)
+        if problem is not None:
+            placements[i] = placement.model_copy(update={"destination": None, "reason": problem})
+            changed = True
+            log.error("security.rejected", domain=placement.domain, reason=problem)
+            continue
         try:
             job_id = _queue_child(rt, ev, placement)
         except DomainBusy as exc:
@@ -224,6 +230,35 @@ def _queue_children(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None
         ev.children[placement.domain] = job_id
     if changed:
         store.save_plan(ev.id, placements)
+
+
+def _placement_problem(rt: Runtime, ev: Evacuation, placement: Placement) -> str | None:
+    """Why a placement read back from Redis must not become a migration this worker signs.
+
+    The plan is kept in the record so that a restarted worker goes on with it, so anyone with
+    the Redis password could have rewritten it: each child must go where the signed request
+    allows, and be the guest libvirt shows here, as it is here.
+    """
+    spec, destination = ev.spec, placement.destination
+    if destination is None:
+        return None
+    if destination == spec.host or destination not in rt.settings.hosts:
+        return f"the plan sends {placement.domain} to {destination}, not a host it may use"
+    if spec.to and destination not in spec.to:
+        return f"the plan sends {placement.domain} to {destination}, outside --to"
+    dom = rt.libvirt.by_name(placement.domain)
+    if dom is None:
+        return f"{placement.domain} is not defined on {rt.host}"
+    here = facts(dom)
+    if (here.uuid, here.active, here.persistent) != (
+        placement.uuid,
+        placement.active,
+        placement.persistent,
+    ):
+        return f"the plan's facts of {placement.domain} are not what libvirt shows on {rt.host}"
+    if not here.active and not spec.include_inactive:
+        return f"{placement.domain} is inactive and the evacuation did not include inactive ones"
+    return None
 
 
 def _queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **event: Any) -> str:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from config.celery import worker_node
+from config.celery import host_queue, worker_node
 from jobs.admission import inbound_gate
+from jobs.evacuation import EvacuationSpec, EvacuationStore, Placement
 from jobs.model import Job
-from jobs.phases import POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
+from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
 from jobs.spec import MigrationSpec
 from jobs.store import job_key
 from lab import control
@@ -341,3 +342,40 @@ def test_control_broadcasts_are_ignored(lab: Lab, guest_home: None) -> None:
     job = lab.migrate(GUEST, "lab3", "lab2")
     assert job.state.value == "succeeded", job.reason
     assert job.phases["finish"].host == "lab2" and job.phases["destination_prepare"].host == "lab2"
+
+
+# ---- an evacuation's plan rewritten in Redis -------------------------------------------------
+
+
+def test_a_forged_evacuation_plan_moves_nothing_outside_the_signed_request(
+    lab: Lab, guest_home: None
+) -> None:
+    """A producer signed "evacuate lab1 onto lab2"; the plan in Redis, written before the
+    worker planned, sends idle-2 to lab3 as a transient guest. The worker refuses it."""
+    evacuations = EvacuationStore(lab.drover.store)
+    spec = EvacuationSpec(host="lab1", to=["lab2"], dry_run=False)
+    ev_id = evacuations.create(spec, "producer@forger", signer=lab_signer(lab))
+    facts = domain_facts(lab, "lab1", GUEST)
+    evacuations.save_plan(
+        ev_id,
+        [
+            Placement(
+                domain=GUEST,
+                uuid=facts["uuid"],
+                memory_mib=facts["memory_mib"],
+                active=True,
+                persistent=facts["persistent"],
+                destination="lab3",
+            )
+        ],
+    )
+    try:
+        app = lab.drover._app
+        lab.drover.send(app.signature(EVACUATE_TASK, args=(ev_id,), queue=host_queue("lab1")))
+        ev = lab.drover.wait_evacuation(ev_id, JOB_TIMEOUT_S)
+        assert ev.state.value != "drained" and ev.children == {}, ev
+        (placement,) = ev.plan or []
+        assert placement.destination is None and "outside --to" in str(placement.reason)
+        untouched(lab)
+    finally:
+        lab.drover.set_host_enabled("lab1", True)
