@@ -276,7 +276,12 @@ def parse_at(text: str, *, reference: datetime | None = None) -> datetime:
         raise ScheduleError(
             f"--at {text!r} is not an ISO-8601 time (e.g. 2030-06-01T03:00:00Z)"
         ) from None
-    when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    try:
+        when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is in the year 10000 in UTC
+        raise ScheduleError(
+            f"--at {text!r} is out of range: in UTC it must fall within the years 1 to 9999"
+        ) from None
     when = when.replace(microsecond=0)  # redbeat keeps whole seconds
     current = reference or now()
     if when <= current:

@@ -269,6 +269,11 @@ BAD_ARGV = [
     ["--config", "/nonexistent/drover.toml", *live()],
 ]
 
+BAD_SCHEDULES = [
+    ["--at", "9999-12-31T23:59:59-14:00"],  # the year 10000 in UTC
+    ["--at", "0001-01-01T00:00:00+14:00"],  # before the year 1 in UTC
+]
+
 _CASES: list[tuple[str, list[str]]] = [
     *((f"domain {d[:20]!r}", live(domain=d)) for d in BAD_DOMAINS),
     *((f"--from {h[:20]!r}", live(src=h)) for h in BAD_HOSTS),
@@ -282,6 +287,10 @@ _CASES: list[tuple[str, list[str]]] = [
     *((f"{opt} {v[:20]!r}", live(opt, v)) for opt, v in BAD_NUMBERS),
     *((f"flags {' '.join(a[6:])[:60]}", a) for a in BAD_COMBINATIONS),
     *((f"argv {' '.join(a)[:60]}", a) for a in BAD_ARGV),
+    *(
+        (f"schedule {' '.join(a)[:60]}", ["schedule", "add", "evacuate", "kvm1", *a])
+        for a in BAD_SCHEDULES
+    ),
 ]
 CASES = [(f"{i:03d} {name}", argv) for i, (name, argv) in enumerate(_CASES)]
 OUTCOMES_PER_CASE = 6  # exit code, one stderr line, no traceback, no stdout, no Redis, no libvirt

@@ -147,6 +147,8 @@ def test_at_with_an_offset_is_converted_to_utc_whole_seconds() -> None:
         ("tomorrow", "is not an ISO-8601 time"),
         ("2030-13-01T00:00:00", "is not an ISO-8601 time"),
         ("", "is not an ISO-8601 time"),
+        ("9999-12-31T23:59:59-14:00", "is out of range: in UTC it must fall within the years"),
+        ("0001-01-01T00:00:00+14:00", "is out of range"),
     ],
 )
 def test_bad_or_past_at_is_refused(text: str, message: str) -> None:
@@ -171,6 +173,7 @@ def soon(seconds: float = 60) -> str:
         (["kvm1", "--cron", "0 0 30 2 *"], "matches no day that exists"),
         (["kvm1", "--at", "2001-01-01T00:00:00"], "--at 2001-01-01T00:00:00Z is in the past"),
         (["kvm1", "--at", "next tuesday"], "is not an ISO-8601 time"),
+        (["kvm1", "--at", "9999-12-31T23:59:59-14:00"], "is out of range"),
         (["kvm9", "--cron", "0 3 * * *"], "unknown host 'kvm9' (known hosts: kvm1, kvm2)"),
         (["../etc", "--cron", "0 3 * * *"], "unknown host '../etc'"),
         (["kvm1", "--cron", "0 3 * * *", "--to", "kvm2,kvm7"], "unknown host 'kvm7'"),
