@@ -6,6 +6,7 @@ Every refusal is one line on stderr and a non-zero exit; `--json` gives scripts 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -73,11 +74,17 @@ def _drover() -> Any:
 
 
 def check_timeout(timeout: float | None, wait: bool) -> None:
-    """--timeout bounds --wait: alone, or not above zero, it would be silently meaningless."""
+    """--timeout bounds --wait: alone, or not above zero, it would be silently meaningless.
+
+    Click reads `nan`, `inf` and `1e400` (inf) as floats: nan compares false with everything,
+    so it would pass `<= 0` and never expire, and inf is no bound either.
+    """
     if timeout is None:
         return
     if not wait:
         fail("--timeout applies only with --wait", EXIT_USAGE)
+    if not math.isfinite(timeout):
+        fail(f"--timeout must be a finite number of seconds, not {timeout:g}", EXIT_USAGE)
     if timeout <= 0:
         fail(f"--timeout must be above 0 seconds, not {timeout:g}", EXIT_USAGE)
 

@@ -33,6 +33,8 @@ from tests.unit.test_cli_errors import drover, queued_anything
         (["kvm1"], "kvm1's worker is not alive; it plans the evacuation of its host"),
         (["kvm1", "--timeout", "5"], "--timeout applies only with --wait"),
         (["kvm1", "--wait", "--timeout", "0"], "--timeout must be above 0 seconds, not 0"),
+        (["kvm1", "--wait", "--timeout", "nan"], "must be a finite number of seconds, not nan"),
+        (["kvm1", "--dry-run", "--timeout", "-inf"], "finite number of seconds, not -inf"),
     ],
 )
 def test_bad_evacuations_are_one_line_and_queue_nothing(

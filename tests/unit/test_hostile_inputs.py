@@ -269,6 +269,14 @@ BAD_ARGV = [
     ["--config", "/nonexistent/drover.toml", *live()],
 ]
 
+# --timeout bounds --wait: finite and above zero only (nan compares false with everything).
+BAD_TIMEOUTS = ["nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e400", "-1e400", "0", "-0.0"]
+BAD_TIMEOUT_COMMANDS = [
+    ["migrate", "idle-1", "--from", "kvm1", "--to", "kvm2", "--live", "--wait", "--timeout"],
+    ["evacuate", "kvm1", "--wait", "--timeout"],
+    ["evacuate", "kvm1", "--dry-run", "--timeout"],
+]
+
 BAD_SCHEDULES = [
     ["--at", "9999-12-31T23:59:59-14:00"],  # the year 10000 in UTC
     ["--at", "0001-01-01T00:00:00+14:00"],  # before the year 1 in UTC
@@ -325,6 +333,11 @@ _CASES: list[tuple[str, list[str]]] = [
     *(
         (f"schedule {' '.join(a)[:60]}", ["schedule", "add", "evacuate", "kvm1", *a])
         for a in BAD_SCHEDULES
+    ),
+    *(
+        (f"{c[0]} {c[-2]} --timeout {t}", [*c, t])
+        for c in BAD_TIMEOUT_COMMANDS
+        for t in BAD_TIMEOUTS
     ),
 ]
 _ENV_CASES: list[tuple[str, list[str], dict[str, str]]] = [
