@@ -280,6 +280,15 @@ BAD_TIMEOUT_COMMANDS = [
 BAD_SCHEDULES = [
     ["--at", "9999-12-31T23:59:59-14:00"],  # the year 10000 in UTC
     ["--at", "0001-01-01T00:00:00+14:00"],  # before the year 1 in UTC
+    # named ranges that run backwards (Celery would wrap them), names of the other field
+    ["--cron", "0 0 * * fri-mon"],
+    ["--cron", "0 0 * * sat-sun"],
+    ["--cron", "0 0 * * 5-mon"],
+    ["--cron", "0 0 1 dec-jan *"],
+    ["--cron", "0 0 1 nov-feb/2 *"],
+    ["--cron", "0 0 * feb-1 *"],
+    ["--cron", "0 0 * * jan"],  # Celery reads it as Monday
+    ["--cron", "0 0 * mon *"],
 ]
 
 # A malformed or unverified Redis URL, from the environment, for any command: refused when the
