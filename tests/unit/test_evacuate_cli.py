@@ -62,3 +62,30 @@ def test_maintenance_mode_refuses_a_destination_until_enabled(config: Path) -> N
     assert drover(config, "host", "enable", "kvm2").stdout.strip() == "kvm2 was not disabled"
     unknown = drover(config, "host", "disable", "kvm9")
     assert unknown.returncode == 2 and "unknown host 'kvm9'" in unknown.stderr
+
+
+@pytest.mark.parametrize("reason", ["Wartung für RAM", "[red]x[/red] 100% done", "r" * 200])
+def test_a_reason_is_any_printable_text_up_to_200_characters(config: Path, reason: str) -> None:
+    result = drover(config, "host", "disable", "kvm2", "--reason", reason)
+    assert result.returncode == 0, result.stderr
+    rows = {r["host"]: r for r in json.loads(drover(config, "hosts", "--json").stdout)}
+    assert rows["kvm2"]["disabled_reason"] == reason
+
+
+@pytest.mark.parametrize(
+    ("reason", "message"),
+    [
+        ("\x1b]52;c;aGk=\x07", "must be printable text on one line: character 1 is '\\x1b'"),
+        ("two\nlines", "character 4 is '\\n'"),
+        ("r" * 201, "is 201 characters; at most 200"),
+        (" ", "is empty"),
+    ],
+)
+def test_a_bad_reason_is_one_line_and_disables_nothing(
+    config: Path, redis_srv: RedisServer, reason: str, message: str
+) -> None:
+    result = drover(config, "host", "disable", "kvm2", "--reason", reason)
+    assert result.returncode == 2
+    assert result.stderr.startswith("drover: the maintenance reason (--reason) ")
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not queued_anything(redis_srv)

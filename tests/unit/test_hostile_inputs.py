@@ -326,6 +326,28 @@ BAD_REDIS_URLS = [
 ]
 REDIS_URL_COMMANDS = [live(), ["jobs"], ["hosts"], ["schedule", "list"], ["job", JOB_ID]]
 
+# `drover host disable kvm1 --reason R`: printable text on one line, at most 200 characters.
+BAD_REASONS = [
+    "\x1b]52;c;ZWNobyBvd25lZA==\x07",  # OSC 52: sets the terminal's clipboard
+    "\x1b]52;c;ZWNobyBvd25lZA==\x1b\\",  # the same, ended by ST
+    "\x1b[2J\x1b[Hall clear",
+    "\x1b[31mred",
+    "\x9b31mred",  # a C1 CSI
+    "fine\nkvm2 disabled since 2030-01-01 (forged)",
+    "line\r",
+    "tab\there",
+    "nul\x00",
+    "del\x7f",
+    "bell\x07",
+    "\u202eevil",  # right-to-left override
+    "zero\u200bwidth",
+    "nbsp\u00a0",
+    "",
+    "   ",
+    "r" * 201,
+    "r" * 100_000,
+]
+
 _CASES: list[tuple[str, list[str]]] = [
     *((f"domain {d[:20]!r}", live(domain=d)) for d in BAD_DOMAINS),
     *((f"--from {h[:20]!r}", live(src=h)) for h in BAD_HOSTS),
@@ -342,6 +364,10 @@ _CASES: list[tuple[str, list[str]]] = [
     *(
         (f"schedule {' '.join(a)[:60]}", ["schedule", "add", "evacuate", "kvm1", *a])
         for a in BAD_SCHEDULES
+    ),
+    *(
+        (f"host disable --reason {r[:30]!r}", ["host", "disable", "kvm1", "--reason", r])
+        for r in BAD_REASONS
     ),
     *(
         (f"{c[0]} {c[-2]} --timeout {t}", [*c, t])
