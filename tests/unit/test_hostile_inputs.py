@@ -226,6 +226,9 @@ BAD_NUMBERS = [
     ("--copy-storage", "some"),
     ("--copy-storage", ""),
     ("--copy-storage", "ALL"),
+    # Click quotes a bad value back as given: still one line, no escape sequence
+    ("--bandwidth", "1\nforged line"),
+    ("--parallel", "\x1b]52;c;aGk=\x07"),
 ]
 BAD_COMBINATIONS = [
     live("--p2p", "--direct"),
@@ -463,6 +466,7 @@ def test_hostile_cli_input_is_refused_cleanly(
     assert "Traceback" not in out + err
     assert out == ""
     assert URL_PASSWORD not in err and redis_srv.password not in err
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", err), err[:200]
     assert r.keys("*") == [], name
     assert no_libvirt == []
 
