@@ -369,7 +369,10 @@ _CASES: list[tuple[str, list[str]]] = [
         for a in BAD_SCHEDULES
     ),
     *(
-        (f"host disable --reason {r[:30]!r}", ["host", "disable", "kvm1", "--reason", r])
+        (
+            f"host disable --reason {r[:30]!r} ({len(r)} chars)",
+            ["host", "disable", "kvm1", "--reason", r],
+        )
         for r in BAD_REASONS
     ),
     *(
