@@ -13,7 +13,6 @@ import tomllib
 from pathlib import Path
 from threading import Lock
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -26,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from config.redis_url import check_redis_url
 from config.uris import ALLOWED_PARAMS, ALLOWED_SCHEMES, check_libvirt_uri
 from jobs.spec import check_address
 
@@ -319,8 +319,13 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     except ValidationError as exc:
         where = raw.get("source", "<defaults>")
         raise ConfigError(f"config {where}: {_first_error(exc)}") from None
-    if urlsplit(settings.redis_url).scheme not in ("redis", "rediss"):
-        raise ConfigError("redis_url must start with redis:// or rediss://")
+    try:
+        check_redis_url(settings.redis_url, settings.security.insecure)
+    except ValueError as exc:
+        origin = (
+            f"${REDIS_URL_ENV}" if os.environ.get(REDIS_URL_ENV) else f"config {settings.source}"
+        )
+        raise ConfigError(f"{origin}: {exc}") from None
     return settings
 
 

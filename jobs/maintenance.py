@@ -16,6 +16,32 @@ from pydantic import BaseModel
 from jobs.store import KEY_PREFIX, now
 
 DISABLED_HOSTS = f"{KEY_PREFIX}:hosts:disabled"
+# A reason is a note for people (`drover hosts`, the refusal a producer prints), not a log.
+MAX_REASON_CHARS = 200
+
+
+def reason_problem(reason: str) -> str | None:
+    """Why `reason` may not be kept as a host's maintenance reason, or None.
+
+    Printable text only, on one line: the reason is printed in terminals, by `drover hosts`
+    and in every refusal to place a guest there, where an escape sequence would act instead
+    of being read (OSC 52 sets the clipboard, CSI moves the cursor or clears the screen) and
+    a newline would forge a line of output.
+    """
+    if not reason.strip():
+        return "the maintenance reason (--reason) is empty"
+    if len(reason) > MAX_REASON_CHARS:
+        return (
+            f"the maintenance reason (--reason) is {len(reason)} characters; "
+            f"at most {MAX_REASON_CHARS}"
+        )
+    for position, char in enumerate(reason, start=1):
+        if not char.isprintable():
+            return (
+                f"the maintenance reason (--reason) must be printable text on one line: "
+                f"character {position} is {char!r}"
+            )
+    return None
 
 
 class Disabled(BaseModel):

@@ -34,7 +34,7 @@ from jobs.evacuation import (
     EvacuationState,
     EvacuationStore,
 )
-from jobs.maintenance import Maintenance
+from jobs.maintenance import Maintenance, reason_problem
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK
 from jobs.request_signing import signer_for, verifier_for
@@ -398,6 +398,9 @@ class Drover:
         if enabled:
             was = self.maintenance.enable(host)
             return f"{host} enabled" if was else f"{host} was not disabled"
+        problem = None if reason is None else reason_problem(reason)
+        if problem is not None:
+            raise SubmitError(problem)
         entry = self.maintenance.disable(host, reason or "maintenance", by=producer_name())
         return f"{host} disabled since {entry.since} ({entry.reason})"
 

@@ -6,6 +6,7 @@ Every refusal is one line on stderr and a non-zero exit; `--json` gives scripts 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from rich.console import Console
 
 from config.settings import CONFIG_ENV, ConfigError
 from jobs.store import JobNotFound
+from producer.text import plain, plain_data
 
 # Typer vendors Click; its usage errors all derive from this class (BadParameter included).
 # (typed as BadParameter, whose `ctx` and `format_message` it shares).
@@ -41,7 +43,9 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    err.print(f"drover: {message}", markup=False, soft_wrap=True)
+    """One line on stderr and exit: control characters stripped, as a message may quote
+    Redis content (a maintenance reason, a job's reason) or echo the command line."""
+    err.print(f"drover: {plain(message)}", markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -73,11 +77,17 @@ def _drover() -> Any:
 
 
 def check_timeout(timeout: float | None, wait: bool) -> None:
-    """--timeout bounds --wait: alone, or not above zero, it would be silently meaningless."""
+    """--timeout bounds --wait: alone, or not above zero, it would be silently meaningless.
+
+    Click reads `nan`, `inf` and `1e400` (inf) as floats: nan compares false with everything,
+    so it would pass `<= 0` and never expire, and inf is no bound either.
+    """
     if timeout is None:
         return
     if not wait:
         fail("--timeout applies only with --wait", EXIT_USAGE)
+    if not math.isfinite(timeout):
+        fail(f"--timeout must be a finite number of seconds, not {timeout:g}", EXIT_USAGE)
     if timeout <= 0:
         fail(f"--timeout must be above 0 seconds, not {timeout:g}", EXIT_USAGE)
 
@@ -214,7 +224,7 @@ def migrate(
 @app.command()
 def abort(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
     """Abort a job: queued ones never start, a running migration is aborted in libvirt."""
-    out.print(guarded(lambda: _drover().abort(job_id)), markup=False)
+    out.print(plain(guarded(lambda: _drover().abort(job_id))), markup=False)
 
 
 @app.command()
@@ -273,7 +283,10 @@ def job(
     def go() -> None:
         j = _drover().record(job_id)
         data = j.model_dump(mode="json")
-        print_json(data) if as_json else out.print_json(json.dumps(data, default=str))
+        if as_json:
+            print_json(data)  # json.dumps escapes every control and non-ASCII character
+        else:  # Rich re-dumps it without ensure_ascii: DEL, C1 and bidi controls would pass
+            out.print_json(json.dumps(plain_data(data), default=str))
 
     guarded(go)
 
@@ -393,7 +406,9 @@ def main() -> None:
             pass  # building this error rendered the help already (Typer's rich help prints)
         else:
             where = exc.ctx.command_path if exc.ctx else "drover"
-            err.print(f"{where}: {exc.format_message()}", markup=False, soft_wrap=True)
+            # One line whatever Click echoes of the command line (it escapes what it quotes
+            # today; a newline in a message would make two lines).
+            err.print(plain(f"{where}: {exc.format_message()}"), markup=False, soft_wrap=True)
         code = EXIT_USAGE
     except typer.Abort:
         code = EXIT_INTERRUPTED

@@ -22,6 +22,7 @@ def _split_hosts(value: str | None) -> list[str]:
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `drover` CLI."""
     from producer.cli import _drover, check_timeout, fail, guarded, out, print_json
+    from producer.text import plain
 
     host_app = typer.Typer(
         add_completion=False, no_args_is_help=True, help="Maintenance mode of one host."
@@ -97,7 +98,8 @@ def register(app: typer.Typer) -> None:
                 out.print(plan_table(ev.plan or [], f"plan for {host} ({ev.id})"))
                 if ev.outcome:
                     out.print(outcome_table(ev.outcome, host))
-                out.print(f"evacuation {ev.id} {ev.state.value}" + _because(ev.reason))
+                said = f"evacuation {ev.id} {ev.state.value}" + _because(ev.reason)
+                out.print(plain(said), markup=False, soft_wrap=True)
             wanted = "planned" if dry_run else "drained"
             if ev.state.value != wanted:
                 fail(f"evacuation {ev.id} {ev.state.value}{_because(ev.reason)}")
@@ -105,7 +107,8 @@ def register(app: typer.Typer) -> None:
         guarded(go)
 
     def _set(host: str, enabled: bool, reason: str | None) -> None:
-        out.print(guarded(lambda: _drover().set_host_enabled(host, enabled, reason)), markup=False)
+        said = guarded(lambda: _drover().set_host_enabled(host, enabled, reason))
+        out.print(plain(said), markup=False)  # a reason already in Redis is quoted back
 
     @host_app.command("disable")
     def host_disable(

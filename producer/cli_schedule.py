@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from producer.text import cell
+
 if TYPE_CHECKING:
     from producer.schedules import Schedule
 
@@ -57,7 +59,9 @@ def _last_run_text(schedule: Schedule) -> str:
 def schedules_table(schedules: list[Schedule]) -> Table:
     table = Table("id", "what", "when", "next run (UTC)", "last run (UTC)", box=None)
     for s in schedules:
-        table.add_row(s.id, s.what(), s.when(), _next_run_text(s), _last_run_text(s))
+        # Entries come from Redis (not trusted): stripped and escaped for Rich markup.
+        row = (s.id, s.what(), s.when(), _next_run_text(s), _last_run_text(s))
+        table.add_row(*(cell(value) for value in row))
     return table
 
 

@@ -21,6 +21,7 @@ from lab import control
 from producer.api import Drover
 from producer.follow import follow, follow_evacuation
 from producer.render import plan_table
+from producer.text import plain
 
 # libvirt prints every error to stderr unless told otherwise; lookups here may miss on purpose.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -139,8 +140,11 @@ def run_demo(console: Console, keep: bool = False) -> bool:
             ok = ok and job.state.value == "succeeded" and verified
             said = f"running on {', '.join(running) or 'no host'}"
             console.print(
-                f"{'OK' if verified else 'MISMATCH'}: libvirt shows {step.domain} {said}"
-                + (f"; job {job.state.value}: {job.reason}" if job.reason else "")
+                plain(
+                    f"{'OK' if verified else 'MISMATCH'}: libvirt shows {step.domain} {said}"
+                    + (f"; job {job.state.value}: {job.reason}" if job.reason else "")
+                ),
+                markup=False,
             )
             summary.add_row(
                 job.id,

@@ -16,6 +16,7 @@ from jobs.evacuation import Evacuation
 from jobs.model import Job
 from producer.api import Drover
 from producer.render import event_line
+from producer.text import cell
 
 
 def follow(d: Drover, job_id: str, console: Console, timeout: float | None = None) -> Job:
@@ -38,7 +39,7 @@ def follow(d: Drover, job_id: str, console: Console, timeout: float | None = Non
                 bar.update(
                     task,
                     visible=True,
-                    description=f"{ev.get('domain')} [{ev.get('stage')}]",
+                    description=cell(f"{ev.get('domain')} [{ev.get('stage')}]"),
                     total=total or None,
                     completed=total - remaining if total else 0,
                 )

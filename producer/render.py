@@ -1,4 +1,8 @@
-"""Turning jobs and events into lines and tables for people (the CLI's --json skips this)."""
+"""Turning jobs and events into lines and tables for people (the CLI's --json skips this).
+
+Everything here comes from Redis, which is not trusted: lines are stripped of control
+characters and table cells escaped for Rich markup as well (producer/text.py).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from rich.table import Table
 
 from jobs.evacuation import DomainOutcome, Evacuation, Placement
 from jobs.model import Job
+from producer.text import cell, plain
 
 MIB = 1024 * 1024
 
@@ -37,6 +42,11 @@ _DETAIL_KEYS = ("state", "reason", "duration_ms", "migration_ms", "memory_mib", 
 
 
 def event_line(ev: dict[str, Any]) -> str:
+    """One line per event; print it with markup=False (it is stripped, not escaped)."""
+    return plain(_event_line(ev))
+
+
+def _event_line(ev: dict[str, Any]) -> str:
     name = str(ev.get("event"))
     host, phase = ev.get("host") or "-", ev.get("phase") or "-"
     head = f"{_clock(ev.get('ts'))}  {host:<22} {phase:<20} {name}"
@@ -54,6 +64,11 @@ def event_line(ev: dict[str, Any]) -> str:
     return f"{head}  {details}".rstrip()
 
 
+def add_row(table: Table, *cells: object) -> None:
+    """A table row of untrusted values: each stripped and escaped (a cell is Rich markup)."""
+    table.add_row(*(cell(c) for c in cells))
+
+
 def jobs_table(jobs: list[Job | Evacuation]) -> Table:
     table = Table(title="drover jobs")
     for col in ("id", "kind", "state", "domain", "src", "dst", "duration", "reason"):
@@ -63,7 +78,8 @@ def jobs_table(jobs: list[Job | Evacuation]) -> Table:
         kind = "evacuation" if isinstance(job, Evacuation) else "migration"
         if isinstance(job, Job) and job.parent:
             kind = f"migration of {job.parent}"
-        table.add_row(
+        add_row(
+            table,
             s["id"],
             kind,
             s["state"],
@@ -77,11 +93,12 @@ def jobs_table(jobs: list[Job | Evacuation]) -> Table:
 
 
 def plan_table(placements: list[Placement], title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=cell(title))
     for col in ("domain", "destination", "memory", "estimate", "how", "group", "reason"):
         table.add_column(col)
     for p in placements:
-        table.add_row(
+        add_row(
+            table,
             p.domain,
             p.destination or "-",
             f"{p.memory_mib} MiB",
@@ -94,11 +111,12 @@ def plan_table(placements: list[Placement], title: str) -> Table:
 
 
 def outcome_table(outcome: list[DomainOutcome], host: str) -> Table:
-    table = Table(title=f"where each domain is now (libvirt on {host} and its destination)")
+    table = Table(title=cell(f"where each domain is now (libvirt on {host} and its destination)"))
     for col in ("domain", "job", "job state", f"on {host}", "running on", "reason"):
         table.add_column(col)
     for o in outcome:
-        table.add_row(
+        add_row(
+            table,
             o.domain,
             o.job_id or "-",
             o.job_state or "-",
@@ -117,7 +135,8 @@ def hosts_table(rows: list[dict[str, Any]]) -> Table:
         state = r["state"] + (f" ({r['disabled_reason']})" if r["disabled_reason"] else "")
         free = f"{r['free_mib']} MiB" if r["free_mib"] is not None else "?"
         running = r["running"]
-        table.add_row(
+        add_row(
+            table,
             r["host"],
             state,
             "alive" if r["worker_alive"] else "DEAD",

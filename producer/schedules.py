@@ -75,19 +75,22 @@ FIRE_CLAIM_TTL_S = 86_400
 CRON_FORM = "minute hour day-of-month month day-of-week, in UTC"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-# (name, lowest, highest, names allowed) for the five cron fields, in cron order.
-CRON_FIELDS = (
-    ("minute", 0, 59, False),
-    ("hour", 0, 23, False),
-    ("day of month", 1, 31, False),
-    ("month", 1, 12, True),
-    ("day of week", 0, 6, True),
+# Names stand for the numbers from the field's lowest on, in this order (Vixie cron's).
+MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+# (name, lowest, highest, names it takes) for the five cron fields, in cron order.
+CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, MONTH_NAMES),
+    ("day of week", 0, 6, DAY_NAMES),
 )
 _CRON_CHARS = re.compile(r"^[A-Za-z0-9*/, -]+\Z")
-_CRON_VALUE = r"(?:\d{1,2}|[a-z]{3})"
+_CRON_VALUE = r"(?:[0-9]{1,2}|[a-z]{3})"
 # One comma-separated part: *, */N, A, A-B or A-B/N (Vixie cron's forms, without A/N).
 _CRON_PART = re.compile(
-    rf"^(?:(?:\*|(?P<lo>{_CRON_VALUE})-(?P<hi>{_CRON_VALUE}))(?:/(?P<step>\d{{1,2}}))?"
+    rf"^(?:(?:\*|(?P<lo>{_CRON_VALUE})-(?P<hi>{_CRON_VALUE}))(?:/(?P<step>[0-9]{{1,2}}))?"
     rf"|(?P<one>{_CRON_VALUE}))\Z"
 )
 SCHEDULE_ID_PATTERN = r"^[0-9a-f]{12}$"
@@ -214,14 +217,29 @@ def check_schedule_id(schedule_id: str) -> str:
 # --- when: strict parsing -------------------------------------------------------------------
 
 
-def _cron_value_problem(text: str, name: str, low: int, high: int, names: bool) -> str | None:
-    if text.isdigit():
-        value = int(text)
-        return None if low <= value <= high else f"{name} {value} is outside {low}-{high}"
-    return None if names else f"{name} takes numbers only, not {text!r}"
+def _cron_number(text: str, low: int, names: tuple[str, ...]) -> int | None:
+    """A field value (digits, or one of the field's names) as its number; None if neither."""
+    if text.isascii() and text.isdigit():
+        return int(text)
+    return low + names.index(text) if text in names else None
 
 
-def _cron_field_problem(field: str, name: str, low: int, high: int, names: bool) -> str | None:
+def _cron_value_problem(
+    text: str, name: str, low: int, high: int, names: tuple[str, ...]
+) -> str | None:
+    """Celery takes any month or day name in either field (`jan` as a weekday is Monday), so
+    each field takes its own names only."""
+    value = _cron_number(text, low, names)
+    if value is None:
+        if not names:
+            return f"{name} takes numbers only, not {text!r}"
+        return f"{name} {text!r} is neither a number nor one of {', '.join(names)}"
+    return None if low <= value <= high else f"{name} {value} is outside {low}-{high}"
+
+
+def _cron_field_problem(
+    field: str, name: str, low: int, high: int, names: tuple[str, ...]
+) -> str | None:
     for part in field.split(","):
         match = _CRON_PART.match(part)
         if match is None:
@@ -231,7 +249,10 @@ def _cron_field_problem(field: str, name: str, low: int, high: int, names: bool)
             if problem:
                 return problem
         lo, hi = match["lo"], match["hi"]
-        if lo and hi and lo.isdigit() and hi.isdigit() and int(lo) > int(hi):
+        first = _cron_number(lo, low, names) if lo else None
+        last = _cron_number(hi, low, names) if hi else None
+        # Celery would wrap a backwards range (fri-mon as fri-sat,sun-mon); cron refuses it.
+        if first is not None and last is not None and first > last:
             return f"{name} range {lo}-{hi} runs backwards"
         if match["step"] is not None and int(match["step"]) == 0:
             return f"{name} step /0"
@@ -286,7 +307,12 @@ def parse_at(text: str, *, reference: datetime | None = None) -> datetime:
         raise ScheduleError(
             f"--at {text!r} is not an ISO-8601 time (e.g. 2030-06-01T03:00:00Z)"
         ) from None
-    when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    try:
+        when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is in the year 10000 in UTC
+        raise ScheduleError(
+            f"--at {text!r} is out of range: in UTC it must fall within the years 1 to 9999"
+        ) from None
     when = when.replace(microsecond=0)  # redbeat keeps whole seconds
     current = reference or now()
     if when <= current:
@@ -507,12 +533,17 @@ def _next_run(record: ScheduleRecord, last_run_at: datetime | None, sent: bool) 
     """When the beat will send it next (a time just past: overdue, sent on its next tick).
 
     A cron time missed by more than `FIRE_LATE_LIMIT_S` is never sent (the beat's deadline),
-    so the next run is then the first match from now.
+    so the next run is then the first match from now. None, shown as unknown, for a stored
+    expression the parser refuses today (`fri-mon`, stored before backwards names were
+    refused): `schedule list` still shows the entry, so it can be removed.
     """
     if record.at is not None:
         return None if sent else record.at
     assert record.cron is not None
-    schedule = parse_cron(record.cron)
+    try:
+        schedule = parse_cron(record.cron)
+    except ScheduleError:
+        return None
     current = now()
     after_last = _next_match(schedule, last_run_at or record.created)
     if (current - after_last).total_seconds() > FIRE_LATE_LIMIT_S:

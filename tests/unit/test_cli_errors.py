@@ -60,6 +60,14 @@ def queued_anything(redis_srv: RedisServer) -> bool:
             ["idle-1", "--from", "kvm1", "--to", "kvm2", "--wait", "--timeout", "-1"],
             "--timeout must be above 0 seconds, not -1",
         ),
+        (
+            ["idle-1", "--from", "kvm1", "--to", "kvm2", "--wait", "--timeout", "nan"],
+            "--timeout must be a finite number of seconds, not nan",
+        ),
+        (
+            ["idle-1", "--from", "kvm1", "--to", "kvm2", "--wait", "--timeout", "1e400"],
+            "--timeout must be a finite number of seconds, not inf",
+        ),
     ],
 )
 def test_bad_migrate_requests(

@@ -33,6 +33,8 @@ from tests.unit.test_cli_errors import drover, queued_anything
         (["kvm1"], "kvm1's worker is not alive; it plans the evacuation of its host"),
         (["kvm1", "--timeout", "5"], "--timeout applies only with --wait"),
         (["kvm1", "--wait", "--timeout", "0"], "--timeout must be above 0 seconds, not 0"),
+        (["kvm1", "--wait", "--timeout", "nan"], "must be a finite number of seconds, not nan"),
+        (["kvm1", "--dry-run", "--timeout", "-inf"], "finite number of seconds, not -inf"),
     ],
 )
 def test_bad_evacuations_are_one_line_and_queue_nothing(
@@ -60,3 +62,30 @@ def test_maintenance_mode_refuses_a_destination_until_enabled(config: Path) -> N
     assert drover(config, "host", "enable", "kvm2").stdout.strip() == "kvm2 was not disabled"
     unknown = drover(config, "host", "disable", "kvm9")
     assert unknown.returncode == 2 and "unknown host 'kvm9'" in unknown.stderr
+
+
+@pytest.mark.parametrize("reason", ["Wartung für RAM", "[red]x[/red] 100% done", "r" * 200])
+def test_a_reason_is_any_printable_text_up_to_200_characters(config: Path, reason: str) -> None:
+    result = drover(config, "host", "disable", "kvm2", "--reason", reason)
+    assert result.returncode == 0, result.stderr
+    rows = {r["host"]: r for r in json.loads(drover(config, "hosts", "--json").stdout)}
+    assert rows["kvm2"]["disabled_reason"] == reason
+
+
+@pytest.mark.parametrize(
+    ("reason", "message"),
+    [
+        ("\x1b]52;c;aGk=\x07", "must be printable text on one line: character 1 is '\\x1b'"),
+        ("two\nlines", "character 4 is '\\n'"),
+        ("r" * 201, "is 201 characters; at most 200"),
+        (" ", "is empty"),
+    ],
+)
+def test_a_bad_reason_is_one_line_and_disables_nothing(
+    config: Path, redis_srv: RedisServer, reason: str, message: str
+) -> None:
+    result = drover(config, "host", "disable", "kvm2", "--reason", reason)
+    assert result.returncode == 2
+    assert result.stderr.startswith("drover: the maintenance reason (--reason) ")
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not queued_anything(redis_srv)

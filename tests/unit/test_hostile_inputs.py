@@ -227,6 +227,9 @@ BAD_NUMBERS = [
     ("--copy-storage", "some"),
     ("--copy-storage", ""),
     ("--copy-storage", "ALL"),
+    # Click quotes a bad value back as given: still one line, no escape sequence
+    ("--bandwidth", "1\nforged line"),
+    ("--parallel", "\x1b]52;c;aGk=\x07"),
 ]
 BAD_COMBINATIONS = [
     live("--p2p", "--direct"),
@@ -270,6 +273,85 @@ BAD_ARGV = [
     ["--config", "/nonexistent/drover.toml", *live()],
 ]
 
+# --timeout bounds --wait: finite and above zero only (nan compares false with everything).
+BAD_TIMEOUTS = ["nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e400", "-1e400", "0", "-0.0"]
+BAD_TIMEOUT_COMMANDS = [
+    ["migrate", "idle-1", "--from", "kvm1", "--to", "kvm2", "--live", "--wait", "--timeout"],
+    ["evacuate", "kvm1", "--wait", "--timeout"],
+    ["evacuate", "kvm1", "--dry-run", "--timeout"],
+]
+
+BAD_SCHEDULES = [
+    ["--at", "9999-12-31T23:59:59-14:00"],  # the year 10000 in UTC
+    ["--at", "0001-01-01T00:00:00+14:00"],  # before the year 1 in UTC
+    # named ranges that run backwards (Celery would wrap them), names of the other field
+    ["--cron", "0 0 * * fri-mon"],
+    ["--cron", "0 0 * * sat-sun"],
+    ["--cron", "0 0 * * 5-mon"],
+    ["--cron", "0 0 1 dec-jan *"],
+    ["--cron", "0 0 1 nov-feb/2 *"],
+    ["--cron", "0 0 * feb-1 *"],
+    ["--cron", "0 0 * * jan"],  # Celery reads it as Monday
+    ["--cron", "0 0 * mon *"],
+]
+
+# A malformed or unverified Redis URL, from the environment, for any command: refused when the
+# settings load, in one line that never shows the password. {password} and {port} are the test
+# Redis's own, so a URL is refused for its form, not because nothing answers there.
+URL_PASSWORD = "hunter2-never-shown"
+BAD_REDIS_URLS = [
+    "redis://:{password}@127.0.0.1:abc/0",
+    "redis://:{password}@127.0.0.1:99999/0",
+    "redis://:{password}@127.0.0.1:0/0",
+    "redis://:{password}@127.0.0.1:\u0664\u0669/0",
+    "redis://:{password}@[::1",
+    "redis://:{password}@[::1]:abc/0",
+    "redis://:{password}@[127.0.0.1]:{port}/0",
+    "redis://:{password}@/0",
+    "redis://:{password}@127.0.0.1:{port}/abc",
+    "redis://:{password}@127.0.0.1:{port}/0?socket_timeout=abc",
+    "redis://:{password}@127.0.0.1:{port}/0?connection_class=x",
+    "redis://:{password}@127.0.0.1:{port}/0?password=" + URL_PASSWORD,
+    "redis://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=required",
+    "rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=bogus",
+    "rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=none",
+    "rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=CERT_NONE",
+    "rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=optional",
+    "rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=CERT_OPTIONAL",
+    "rediss://:{password}@127.0.0.1:{port}/0?ssl_ca_certs=../ca.pem",
+    "rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_cert_reqs=none",
+    "redis://:{password}/x@127.0.0.1:{port}/0",  # a raw '/' in the password
+    "redis://:{password}?x@127.0.0.1:{port}/0",
+    "redis://:{password} @127.0.0.1:{port}/0",
+    "redis://:{password}@127.0.0.1:{port}/0\n",
+    "redis://:{password}@127.0.0.1:{port}/0#frag",
+    "http://:{password}@127.0.0.1:{port}/0",
+    "{password}@127.0.0.1:{port}",
+]
+REDIS_URL_COMMANDS = [live(), ["jobs"], ["hosts"], ["schedule", "list"], ["job", JOB_ID]]
+
+# `drover host disable kvm1 --reason R`: printable text on one line, at most 200 characters.
+BAD_REASONS = [
+    "\x1b]52;c;ZWNobyBvd25lZA==\x07",  # OSC 52: sets the terminal's clipboard
+    "\x1b]52;c;ZWNobyBvd25lZA==\x1b\\",  # the same, ended by ST
+    "\x1b[2J\x1b[Hall clear",
+    "\x1b[31mred",
+    "\x9b31mred",  # a C1 CSI
+    "fine\nkvm2 disabled since 2030-01-01 (forged)",
+    "line\r",
+    "tab\there",
+    "nul\x00",
+    "del\x7f",
+    "bell\x07",
+    "\u202eevil",  # right-to-left override
+    "zero\u200bwidth",
+    "nbsp\u00a0",
+    "",
+    "   ",
+    "r" * 201,
+    "r" * 100_000,
+]
+
 _CASES: list[tuple[str, list[str]]] = [
     *((f"domain {d[:20]!r}", live(domain=d)) for d in BAD_DOMAINS),
     *((f"--from {h[:20]!r}", live(src=h)) for h in BAD_HOSTS),
@@ -283,9 +365,49 @@ _CASES: list[tuple[str, list[str]]] = [
     *((f"{opt} {v[:20]!r}", live(opt, v)) for opt, v in BAD_NUMBERS),
     *((f"flags {' '.join(a[6:])[:60]}", a) for a in BAD_COMBINATIONS),
     *((f"argv {' '.join(a)[:60]}", a) for a in BAD_ARGV),
+    *(
+        (f"schedule {' '.join(a)[:60]}", ["schedule", "add", "evacuate", "kvm1", *a])
+        for a in BAD_SCHEDULES
+    ),
+    *(
+        (
+            f"host disable --reason {r[:30]!r} ({len(r)} chars)",
+            ["host", "disable", "kvm1", "--reason", r],
+        )
+        for r in BAD_REASONS
+    ),
+    *(
+        (f"{c[0]} {c[-2]} --timeout {t}", [*c, t])
+        for c in BAD_TIMEOUT_COMMANDS
+        for t in BAD_TIMEOUTS
+    ),
 ]
-CASES = [(f"{i:03d} {name}", argv) for i, (name, argv) in enumerate(_CASES)]
-OUTCOMES_PER_CASE = 6  # exit code, one stderr line, no traceback, no stdout, no Redis, no libvirt
+_ENV_CASES: list[tuple[str, list[str], dict[str, str]]] = [
+    *(
+        (
+            f"DROVER_REDIS_URL {u.replace('{password}', 'PW').replace('{port}', 'PORT')[:60]!r}",
+            live(),
+            {"DROVER_REDIS_URL": u},
+        )
+        for u in BAD_REDIS_URLS
+    ),
+    *(
+        (
+            f"DROVER_REDIS_URL port abc: {' '.join(a)[:30]}",
+            a,
+            {"DROVER_REDIS_URL": BAD_REDIS_URLS[0]},
+        )
+        for a in REDIS_URL_COMMANDS[1:]
+    ),
+]
+CASES = [
+    (f"{i:03d} {name}", argv, env)
+    for i, (name, argv, env) in enumerate(
+        [*((name, argv, {}) for name, argv in _CASES), *_ENV_CASES]
+    )
+]
+# exit code, one stderr line, no traceback, no stdout, no password, no Redis, no libvirt
+OUTCOMES_PER_CASE = 7
 
 
 @pytest.fixture(scope="module")
@@ -322,13 +444,14 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 def test_the_hostile_list_is_long_enough() -> None:
     assert len(CASES) >= 100
-    assert len({name for name, _ in CASES}) == len(CASES), "case names must be unique"
+    assert len({name for name, _, _ in CASES}) == len(CASES), "case names must be unique"
 
 
-@pytest.mark.parametrize(("name", "argv"), CASES, ids=[name for name, _ in CASES])
+@pytest.mark.parametrize(("name", "argv", "env"), CASES, ids=[name for name, _, _ in CASES])
 def test_hostile_cli_input_is_refused_cleanly(
     name: str,
     argv: list[str],
+    env: dict[str, str],
     registry: Path,
     redis_srv: RedisServer,
     no_libvirt: list[str],
@@ -336,6 +459,8 @@ def test_hostile_cli_input_is_refused_cleanly(
 ) -> None:
     monkeypatch.setenv("DROVER_CONFIG", str(registry))
     monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value.format(password=redis_srv.password, port=redis_srv.port))
     r = redis.Redis.from_url(redis_srv.url)
     r.flushdb()
     code, out, err = run_cli(argv)
@@ -344,6 +469,8 @@ def test_hostile_cli_input_is_refused_cleanly(
     assert len(lines) == 1 and lines[0].strip(), (name, err[:500])
     assert "Traceback" not in out + err
     assert out == ""
+    assert URL_PASSWORD not in err and redis_srv.password not in err
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", err), err[:200]
     assert r.keys("*") == [], name
     assert no_libvirt == []
 

@@ -88,7 +88,17 @@ def body(message: dict[str, Any]) -> list[Any]:
 
 
 @pytest.mark.parametrize(
-    "expr", ["0 3 * * *", "*/15 * * * *", "0 22 * * mon-fri", "30 2 1,15 jan-jun *", "0 0 * * 0"]
+    "expr",
+    [
+        "0 3 * * *",
+        "*/15 * * * *",
+        "0 22 * * mon-fri",
+        "30 2 1,15 jan-jun *",
+        "0 0 * * 0",
+        "0 0 * * sun-sat/2",
+        "0 0 1 jan-dec *",
+        "0 0 * 3-dec *",
+    ],
 )
 def test_valid_cron_expressions(expr: str) -> None:
     schedule = parse_cron(expr, reference=NOW)
@@ -107,6 +117,15 @@ def test_valid_cron_expressions(expr: str) -> None:
         ("0 0 * 13 *", "month 13 is outside 1-12"),
         ("0 0 * * 7", "day of week 7 is outside 0-6"),
         ("30-10 * * * *", "minute range 30-10 runs backwards"),
+        ("0 0 * * fri-mon", "day of week range fri-mon runs backwards"),
+        ("0 0 * * FRI-MON", "day of week range fri-mon runs backwards"),
+        ("0 0 * * sat-sun", "day of week range sat-sun runs backwards"),
+        ("0 0 * * 5-mon", "day of week range 5-mon runs backwards"),
+        ("0 0 1 dec-jan *", "month range dec-jan runs backwards"),
+        ("0 0 1 nov-feb/2 *", "month range nov-feb runs backwards"),
+        ("0 0 * feb-1 *", "month range feb-1 runs backwards"),
+        ("0 0 * * jan", "day of week 'jan' is neither a number nor one of sun, mon"),
+        ("0 0 * mon *", "month 'mon' is neither a number nor one of jan, feb"),
         ("*/0 * * * *", "minute step /0"),
         ("5/15 * * * *", "is not *, N, N-M"),
         ("0,,5 * * * *", "is not *, N, N-M"),
@@ -147,6 +166,8 @@ def test_at_with_an_offset_is_converted_to_utc_whole_seconds() -> None:
         ("tomorrow", "is not an ISO-8601 time"),
         ("2030-13-01T00:00:00", "is not an ISO-8601 time"),
         ("", "is not an ISO-8601 time"),
+        ("9999-12-31T23:59:59-14:00", "is out of range: in UTC it must fall within the years"),
+        ("0001-01-01T00:00:00+14:00", "is out of range"),
     ],
 )
 def test_bad_or_past_at_is_refused(text: str, message: str) -> None:
@@ -171,6 +192,7 @@ def soon(seconds: float = 60) -> str:
         (["kvm1", "--cron", "0 0 30 2 *"], "matches no day that exists"),
         (["kvm1", "--at", "2001-01-01T00:00:00"], "--at 2001-01-01T00:00:00Z is in the past"),
         (["kvm1", "--at", "next tuesday"], "is not an ISO-8601 time"),
+        (["kvm1", "--at", "9999-12-31T23:59:59-14:00"], "is out of range"),
         (["kvm9", "--cron", "0 3 * * *"], "unknown host 'kvm9' (known hosts: kvm1, kvm2)"),
         (["../etc", "--cron", "0 3 * * *"], "unknown host '../etc'"),
         (["kvm1", "--cron", "0 3 * * *", "--to", "kvm2,kvm7"], "unknown host 'kvm7'"),
@@ -283,6 +305,20 @@ def test_add_list_remove_through_the_cli(config: Path, r: redis.Redis) -> None:
         weekly["id"]
     ]
     assert not r.exists(entry_key(one["id"]))
+
+
+def test_a_stored_expression_refused_today_still_lists(config: Path, r: redis.Redis) -> None:
+    """An entry stored before backwards names were refused shows, with no next run, and can
+    be removed: one refused expression must not hide every schedule."""
+    store = ScheduleStore(load_settings(config))
+    added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron="0 0 * * mon-fri", by="t")
+    record = store.record(added.id).model_copy(update={"cron": "0 0 * * fri-mon"})
+    r.hset(entry_key(added.id), "drover", record.model_dump_json())
+    listed = drover(config, "schedule", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [entry] = json.loads(listed.stdout)
+    assert (entry["cron"], entry["next_run"]) == ("0 0 * * fri-mon", None)
+    assert drover(config, "schedule", "remove", added.id).returncode == 0
 
 
 def test_an_entry_sends_only_its_id_to_the_evacuated_hosts_queue(config: Path) -> None:

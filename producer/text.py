@@ -1,0 +1,45 @@
+"""Untrusted text made safe to print on a terminal: what the CLI shows from Redis or echoes back.
+
+Redis content is not trusted (anyone with its password writes it), and neither is what a
+command line echoes back in an error. Printed as it came, a control character acts on the
+terminal instead of being read (OSC 52 sets the clipboard, CSI moves the cursor or clears the
+screen, a newline forges a line of output, a bidi override reorders one), and in Rich markup
+`[red]` styles the rest of a line while a stray `[/x]` raises MarkupError (a traceback). Kept
+free of Rich's rendering machinery so that `drover --help` stays light.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from rich.markup import escape
+
+# Unicode categories never printed as they come: every "C" category (C0, DEL and C1
+# controls, format characters such as bidi overrides, surrogates, private use, unassigned)
+# and the line and paragraph separators.
+UNSHOWN_CATEGORIES = ("C", "Zl", "Zp")
+
+
+def plain(value: object) -> str:
+    """`value` as text with every control or format character stripped."""
+    return "".join(
+        c for c in str(value) if not unicodedata.category(c).startswith(UNSHOWN_CATEGORIES)
+    )
+
+
+def cell(value: object) -> str:
+    """`value` for Rich markup (a table cell, a progress description): stripped as `plain`,
+    and escaped so that `[red]` shows literally instead of styling."""
+    return escape(plain(value))
+
+
+def plain_data(value: Any) -> Any:
+    """A JSON-like structure with every string in it (keys too) made `plain`."""
+    if isinstance(value, str):
+        return plain(value)
+    if isinstance(value, dict):
+        return {plain_data(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_data(v) for v in value]
+    return value
