@@ -53,7 +53,11 @@ def _run(task: Task, phase: Phase, fn: PhaseFn, job_id: object) -> str:
     try:
         execute_phase(rt, checked, phase, fn, attempt=task.request.retries)
     except RetryPhase as exc:
-        raise task.retry(countdown=rt.settings.tunables.retry_delay, max_retries=None) from exc
+        # No kwargs: the message's envelope is its own; the retry gets a fresh one as it is
+        # published (config/celery.py), and the task itself takes only the job id.
+        raise task.retry(
+            kwargs={}, countdown=rt.settings.tunables.retry_delay, max_retries=None
+        ) from exc
     return checked
 
 
