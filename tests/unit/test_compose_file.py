@@ -191,7 +191,8 @@ def test_flower_runs_drover_flower_after_redis_is_healthy(compose: dict[str, Any
     assert "entrypoint" not in flower  # the image's: `drover`
     argv = _argv(flower, "command")
     assert argv == ["flower", "--address", "0.0.0.0", "--port", "5555"]
-    assert "FLOWER_BASIC_AUTH" in flower["environment"]  # it refuses 0.0.0.0 without auth
+    assert "DROVER_FLOWER_AUTH" in flower["environment"]  # it refuses 0.0.0.0 without auth
+    assert not any(name.startswith("FLOWER_") for name in flower["environment"])  # refused
     assert any(p.split(":")[-2:] == ["5555", "5555"] for p in flower["ports"])
     assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
 

@@ -350,7 +350,7 @@ def test_flower_as_the_flower_user_shows_the_worker_and_queue_lengths(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = role_env(config, acl_redis, FLOWER) | {
-        "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}"
+        "DROVER_FLOWER_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}"
     }
     flower = spawn(
         [sys.executable, "-m", "producer", "flower", "--port", str(port)],
