@@ -46,6 +46,8 @@ WORKER_START_TIMEOUT = 60.0
 # The lab's directory holds Redis's passwords (state.json, drover.toml) and libvirtd sockets
 # that take no authentication: its owner's (root's) alone.
 LAB_DIR_MODE = 0o700
+# The directory holding this code's packages (config, jobs, lab, producer, worker).
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
 MAX_IDLE_GUESTS = 32
 # Every lab host reports the same machine's free memory; a declared size per host makes
 # placement (and the test of it) depend on the guests placed, not on the page cache.
@@ -174,9 +176,20 @@ def _worker_argv(host: HostState) -> list[str]:
 
 
 def worker_env(config: Path, redis_url: str) -> dict[str, str]:
-    """A worker's environment: the lab's registry, and its own Redis user's URL, which
-    never appears on a command line (`ps` would show it)."""
-    return {**os.environ, "DROVER_CONFIG": str(config), REDIS_URL_ENV: redis_url}
+    """A worker's environment: the lab's registry, its own Redis user's URL (which never
+    appears on a command line, where `ps` would show it), and this code on the path.
+
+    nsenter's switch to the host's mount namespace moves the working directory to `/`, so
+    `python -m producer` would otherwise import whichever drover is installed (an editable
+    install of another checkout, say) rather than the code that brought the lab up.
+    """
+    path = os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {
+        **os.environ,
+        "DROVER_CONFIG": str(config),
+        REDIS_URL_ENV: redis_url,
+        "PYTHONPATH": path,
+    }
 
 
 def start_worker(lab: LabLayout, host: HostState, redis_url: str) -> None:

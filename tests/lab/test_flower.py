@@ -38,7 +38,6 @@ from tests.support.lab_fixtures import Lab, wait_for
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-DROVER = Path(sys.executable).with_name("drover")
 SCREENSHOT = REPO / ".cache" / "screenshots" / "flower-dashboard.png"
 HOSTS = ("lab1", "lab2")
 FLOWER_START_S = 60.0
@@ -112,7 +111,16 @@ def flower(lab: Lab, tmp_path: Path) -> Iterator[Flower]:
     fl = Flower(f"http://127.0.0.1:{port}", user, password, tmp_path / "flower.log")
     with fl.log.open("wb") as log:
         proc = subprocess.Popen(
-            [str(DROVER), "--config", lab.config, "flower", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "producer",
+                "--config",
+                lab.config,
+                "flower",
+                "--port",
+                str(port),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ directory, those files, the sockets and their directory are their owner's alone.
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def test_worker_url_goes_through_the_environment_not_argv(lab: LabLayout) -> Non
     env = control.worker_env(lab.config_path, WORKER_URL)
     assert env[REDIS_URL_ENV] == WORKER_URL
     assert env["DROVER_CONFIG"] == str(lab.config_path)
+    # nsenter leaves the worker in `/`: it finds this checkout's code through PYTHONPATH.
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(control.__file__).parents[1])
 
 
 def test_redis_config_and_acl_are_private(tmp_path: Path) -> None:
