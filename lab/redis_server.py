@@ -32,19 +32,23 @@ def start(data_dir: Path, port: int, bind: list[str], password: str) -> int:
     return run_with(conf, bind[0], port, password)
 
 
-def start_with_acl(data_dir: Path, port: int, bind: list[str], acl: str) -> int:
+def start_with_acl(
+    data_dir: Path, port: int, bind: list[str], acl: str, extra: list[str] | None = None
+) -> int:
     """Start redis-server with the users of `acl` (an ACL file's text); wait for PING.
 
-    The file is written 0600 beside the data: it holds the users' password hashes.
+    The file is written 0600 beside the data: it holds the users' password hashes. `extra`
+    lines go into redis.conf as they are (a test's `tls-port`, say).
     """
     acl_path = data_dir / ACL_FILE
-    conf = write_conf(data_dir, port, bind, [f"aclfile {acl_path}"])
+    conf = write_conf(data_dir, port, bind, [f"aclfile {acl_path}", *(extra or [])])
     write_private(acl_path, acl)
     return run_with(conf, bind[0], port, HEALTH_PASSWORD, username=HEALTH_USER)
 
 
 def write_conf(data_dir: Path, port: int, bind: list[str], auth: list[str]) -> Path:
-    """redis.conf for the lab: AOF, fsync every second, no RDB snapshots, `auth` lines."""
+    """redis.conf for the lab: AOF, fsync every second, no RDB snapshots, then the `auth`
+    lines (requirepass, or aclfile and whatever else the caller adds)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(PRIVATE_DIR_MODE)
     conf = data_dir / "redis.conf"

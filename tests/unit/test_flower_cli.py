@@ -24,12 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from lab.layout import LabLayout
-from lab.proc import run
-from lab.tls import create_ca, openssl_req
 from producer.cli import EXIT_FAILED, EXIT_USAGE
 from producer.cli_flower import BASIC_AUTH_REFUSED
 from tests.conftest import RedisServer, free_port
+from tests.support.pki import LoopbackPki
 from tests.support.registry import REGISTRY
 
 FLOWER_TIMEOUT_S = 60
@@ -353,32 +351,14 @@ def test_flower_from_the_environment_counts_queues(config: Path, tmp_path: Path)
         stop(proc)
 
 
-def issue(
-    ca_dir: Path, ca_config: Path, ca_cert: Path, ca_key: Path, role: str
-) -> tuple[Path, Path]:
-    """A server (for 127.0.0.1) or client key and certificate signed by the test CA."""
-    key, cert = ca_dir / f"{role}-key.pem", ca_dir / f"{role}-cert.pem"
-    argv = openssl_req(ca_config, role, "/CN=127.0.0.1", key, cert)
-    run(
-        [
-            *argv,
-            "-CA",
-            str(ca_cert),
-            "-CAkey",
-            str(ca_key),
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ]
-    )
-    return key, cert
-
-
 def test_flower_serves_https_to_clients_with_a_certificate_of_the_ca(
     config: Path, tmp_path: Path
 ) -> None:
-    ca = create_ca(LabLayout(lab_id=7, dir=tmp_path / "pki"))
-    server_key, server_cert = issue(ca.dir, ca.config, ca.cert, ca.key, "server")
-    client_key, client_cert = issue(ca.dir, ca.config, ca.cert, ca.key, "client")
+    pki = LoopbackPki.create(tmp_path / "pki")
+    ca = pki.ca
+    (server_key, server_cert), (client_key, client_cert) = (
+        (p.key, p.cert) for p in (pki.issue("server"), pki.issue("client"))
+    )
     port = free_port()
     log = tmp_path / "flower.log"
     args = ["--port", str(port), "--certfile", str(server_cert), "--keyfile", str(server_key)]

@@ -52,6 +52,7 @@ from lab.proc import kill
 from producer.api import Drover
 from producer.schedules import LOCK_KEY, EvacuationRequest, ScheduleStore
 from tests.conftest import free_port
+from tests.support.pki import LoopbackPki
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_USER = "test-admin"
@@ -101,7 +102,9 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
 class AclRedis:
     """A redis-server of its own with drover's ACL users, and an admin to look with."""
 
-    def __init__(self, data_dir: Path, names: BrokerNames) -> None:
+    def __init__(
+        self, data_dir: Path, names: BrokerNames, extra: Callable[[], list[str]] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.names = names
         self.port = free_port()
@@ -113,6 +116,7 @@ class AclRedis:
             self.port,
             ["127.0.0.1"],
             self.acl + f"user {ADMIN_USER} on >{self.admin_password} ~* &* +@all\n",
+            extra() if extra else None,
         )
         self.admin = redis.Redis(
             port=self.port,
@@ -551,6 +555,44 @@ def test_passwords_are_checked_without_showing_them() -> None:
         render_acl(good | {BEAT: good[WORKER]})
     with pytest.raises(ConfigError, match="no password for role producer"):
         render_acl({r: p for r, p in good.items() if r != PRODUCER})
+
+
+# --- TLS: the rediss:// form docs/redis-acl.md and docker-compose.yml give workers -------------
+
+
+def test_rediss_url_with_the_ca_serves_every_client(tmp_path: Path) -> None:
+    """The job store (redis-py), the broker (kombu) and redbeat all read the URL's
+    ssl_cert_reqs and ssl_ca_certs: a producer submits over TLS, a schedule lists."""
+    pki = LoopbackPki.create(tmp_path / "pki")
+    server = pki.issue("server")
+    tls_port = free_port()
+    tls = [
+        f"tls-port {tls_port}",
+        f"tls-cert-file {server.cert}",
+        f"tls-key-file {server.key}",
+        f"tls-ca-cert-file {pki.ca.cert}",
+        "tls-auth-clients no",  # the ACL password authenticates the client
+    ]
+    acl = AclRedis(tmp_path / "redis", BrokerNames(), extra=lambda: tls)
+    try:
+        query = f"ssl_cert_reqs=required&ssl_ca_certs={pki.ca.cert}"
+        base = f"rediss://127.0.0.1:{tls_port}/0?{query}"
+        url = role_url(base, PRODUCER, acl.passwords[PRODUCER])
+        config = tmp_path / "drover.toml"
+        config.write_text(CONFIG.format(url=url, no_libvirt=NO_LIBVIRT))
+        settings = load_settings(config)
+        drover = Drover(settings)
+        job_id = drover.submit(domain="web04", src="kvm2", dst="kvm1", live=True)
+        assert drover.job(job_id).admitted is not None
+        assert acl.admin.llen(host_queue("kvm2")) == 1  # published by kombu, over TLS
+        assert ScheduleStore(settings).list() == []  # redbeat's own client, over TLS
+        assert acl.denials() == []
+        wrong = tmp_path / "other-ca.pem"
+        wrong.write_text(LoopbackPki.create(tmp_path / "other").ca.cert.read_text())
+        with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+            redis.Redis.from_url(url.replace(str(pki.ca.cert), str(wrong))).ping()
+    finally:
+        acl.stop()
 
 
 # --- `drover redis-acl` -----------------------------------------------------------------------
