@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -249,6 +250,19 @@ def test_the_file_holds_hashes_and_turns_the_default_user_off(acl_redis: AclRedi
     assert health.ping()
     with pytest.raises(redis.exceptions.NoPermissionError):
         health.get("drover:jobs")
+
+
+@pytest.mark.parametrize("remote_control", [True, False])
+def test_the_rules_in_the_documentation_are_the_rendered_ones(remote_control: bool) -> None:
+    """docs/redis-acl.md shows every user's exact rules, with and without remote control."""
+    doc = (REPO / "docs" / "redis-acl.md").read_text()
+    lines = render_acl(
+        {role: f"{role}-0123456789abcdef" for role in ROLES},
+        BrokerNames(remote_control=remote_control),
+    ).splitlines()
+    for line in lines:
+        shown = re.sub(r" #[0-9a-f]{64}", " #<sha256>", line)
+        assert shown in doc, shown
 
 
 def test_a_wrong_password_is_refused(acl_redis: AclRedis) -> None:
