@@ -609,6 +609,33 @@ def test_rediss_url_with_the_ca_serves_every_client(tmp_path: Path) -> None:
         acl.stop()
 
 
+# --- rotation ---------------------------------------------------------------------------------
+
+
+def test_a_role_being_rotated_has_both_passwords_until_the_previous_goes(tmp_path: Path) -> None:
+    old, new = "old-worker-0123456789abcdef", "new-worker-0123456789abcdef"
+    passwords = {role: f"{role}-0123456789abcdef" for role in ROLES} | {WORKER: new}
+    env = {f"DROVER_REDIS_{r.upper()}_PASSWORD": p for r, p in passwords.items()}
+    rotating = redis_acl_cli(tmp_path, env=env | {"DROVER_REDIS_WORKER_PASSWORD_PREVIOUS": old})
+    assert rotating.returncode == 0, rotating.stderr
+    done = redis_acl_cli(tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+
+    def accepted(acl: str, password: str) -> bool:
+        port = free_port()
+        pid = redis_server.start_with_acl(tmp_path / f"redis-{port}", port, ["127.0.0.1"], acl)
+        try:
+            redis.Redis.from_url(role_url(f"redis://127.0.0.1:{port}/0", WORKER, password)).ping()
+        except redis.AuthenticationError:
+            return False
+        finally:
+            kill([pid])
+        return True
+
+    assert accepted(rotating.stdout, old) and accepted(rotating.stdout, new)
+    assert accepted(done.stdout, new) and not accepted(done.stdout, old)
+
+
 # --- `drover redis-acl` -----------------------------------------------------------------------
 
 CLI_TIMEOUT_S = 60
