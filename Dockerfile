@@ -4,7 +4,7 @@
 # Its entrypoint is the `drover` console script:
 #   docker build -t drover .
 #   docker run --rm drover --help
-#   docker run --rm -e FLOWER_BASIC_AUTH=user:pass drover flower --address 0.0.0.0   (Flower)
+#   docker run --rm -e DROVER_FLOWER_AUTH=user:pass drover flower --address 0.0.0.0   (Flower)
 # docker-compose.yml beside this file wires the roles together.
 #
 # Two stages: libvirt-python 9.0.0 has no wheel and compiles against Debian 12's

@@ -19,7 +19,17 @@ from urllib.parse import urlsplit
 import libvirt
 import redis
 
-from config.settings import load_settings
+from config.redis_acl import (
+    HEALTH_USER,
+    PRODUCER,
+    ROLES,
+    WORKER,
+    BrokerNames,
+    render_acl,
+    role_url,
+    write_private,
+)
+from config.settings import REDIS_URL_ENV, load_settings
 from jobs.store import JobStore, heartbeat_key
 from lab import guests, libvirtd, network, redis_server
 from lab.kernel import build_dirty_kernel
@@ -32,6 +42,11 @@ from lab.tls import create_ca, issue_host_certificates
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 WORKER_START_TIMEOUT = 60.0
+# The lab's directory holds Redis's passwords (state.json, drover.toml) and libvirtd sockets
+# that take no authentication: its owner's (root's) alone.
+LAB_DIR_MODE = 0o700
+# The directory holding this code's packages (config, jobs, lab, producer, worker).
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
 MAX_IDLE_GUESTS = 32
 # Every lab host reports the same machine's free memory; a declared size per host makes
 # placement (and the test of it) depend on the guests placed, not on the page cache.
@@ -65,15 +80,23 @@ class HostState:
 
 @dataclass
 class LabState:
+    """What `down`, `status` and the fault helpers need; it holds every role's Redis URL
+    (with its password), so it is written 0600 in the 0700 lab directory."""
+
     lab_id: int
     config: str
-    redis_url: str
+    redis_url: str  # the producer's, as in drover.toml
     redis_pid: int = 0
     tls: bool = False
     hosts: dict[str, HostState] = field(default_factory=dict)
+    # Every role's URL (config/redis_acl.py): workers get theirs in their environment.
+    role_urls: dict[str, str] = field(default_factory=dict)
 
     def save(self, lab: LabLayout) -> None:
-        lab.state_path.write_text(json.dumps(asdict(self), indent=2))
+        write_private(lab.state_path, json.dumps(asdict(self), indent=2))
+
+    def url(self, role: str) -> str:
+        return self.role_urls.get(role, self.redis_url)
 
     @classmethod
     def load(cls, lab: LabLayout) -> LabState | None:
@@ -135,16 +158,19 @@ def write_config(
             "",
         ]
     path = lab.config_path
-    path.write_text("\n".join(lines))
-    path.chmod(0o600)  # it holds the Redis password
+    write_private(path, "\n".join(lines))  # it holds the producer's Redis password
     return path
 
 
-def _worker_argv(host: HostState, config: Path) -> list[str]:
+def make_lab_dir(lab: LabLayout) -> None:
+    """The lab's directory, its owner's alone (even when it existed before)."""
+    lab.dir.mkdir(parents=True, exist_ok=True)
+    lab.dir.chmod(LAB_DIR_MODE)
+
+
+def _worker_argv(host: HostState) -> list[str]:
     return [
         *libvirtd.in_host(host.holder_pid),
-        "env",
-        f"DROVER_CONFIG={config}",
         sys.executable,
         "-m",
         "producer",
@@ -154,8 +180,26 @@ def _worker_argv(host: HostState, config: Path) -> list[str]:
     ]
 
 
-def start_worker(lab: LabLayout, host: HostState) -> None:
-    """Start `drover worker --host NAME` inside the host's namespaces; wait for its heartbeat.
+def worker_env(config: Path, redis_url: str) -> dict[str, str]:
+    """A worker's environment: the lab's registry, its own Redis user's URL (which never
+    appears on a command line, where `ps` would show it), and this code on the path.
+
+    nsenter's switch to the host's mount namespace moves the working directory to `/`, so
+    `python -m producer` would otherwise import whichever drover is installed (an editable
+    install of another checkout, say) rather than the code that brought the lab up.
+    """
+    path = os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {
+        **os.environ,
+        "DROVER_CONFIG": str(config),
+        REDIS_URL_ENV: redis_url,
+        "PYTHONPATH": path,
+    }
+
+
+def start_worker(lab: LabLayout, host: HostState, redis_url: str) -> None:
+    """Start `drover worker --host NAME` inside the host's namespaces, as the worker user;
+    wait for its heartbeat.
 
     Workers obey no remote control (not even ping), so readiness is drover's own heartbeat,
     which the worker starts once it consumes its queue. A heartbeat left by the worker this
@@ -164,7 +208,7 @@ def start_worker(lab: LabLayout, host: HostState) -> None:
     store = JobStore.from_url(load_settings(lab.config_path).redis_url)
     store.r.delete(heartbeat_key(host.name))
     log = Path(host.worker_log)
-    host.worker_pid = spawn(_worker_argv(host, lab.config_path), log)
+    host.worker_pid = spawn(_worker_argv(host), log, env=worker_env(lab.config_path, redis_url))
 
     def answers() -> bool:
         if not alive(host.worker_pid):
@@ -191,7 +235,7 @@ def up(hosts: int = 2, tls: bool = False, signing: bool = True, guests: int = 1)
     lab = LabLayout.from_env()
     if LabState.load(lab) is not None or network.lab_namespaces(lab):
         raise LabError(f"a lab is already up (id {lab.lab_id}); run `drover lab down` first")
-    lab.dir.mkdir(parents=True, exist_ok=True)
+    make_lab_dir(lab)
     try:
         return _up(lab, lab.hosts(hosts), tls, signing, guests)
     except BaseException:
@@ -202,17 +246,22 @@ def up(hosts: int = 2, tls: bool = False, signing: bool = True, guests: int = 1)
 def _up(
     lab: LabLayout, layouts: list[HostLayout], tls: bool, signing: bool, idle_guests: int
 ) -> LabState:
-    password = redis_server.new_password()
-    redis_url = f"redis://:{password}@{lab.root_address}:{lab.redis_port}/0"
+    # One Redis user per role (config/redis_acl.py): drover.toml has the producer's.
+    passwords = {role: redis_server.new_password() for role in ROLES}
+    base_url = f"redis://{lab.root_address}:{lab.redis_port}/0"
+    urls = {role: role_url(base_url, role, passwords[role]) for role in ROLES}
     identity = create_signing_identity(lab) if signing else None
-    config = write_config(lab, layouts, redis_url, tls, identity)
+    config = write_config(lab, layouts, urls[PRODUCER], tls, identity)
     os.environ["DROVER_CONFIG"] = str(config)
-    state = LabState(lab_id=lab.lab_id, config=str(config), redis_url=redis_url, tls=tls)
+    state = LabState(
+        lab_id=lab.lab_id, config=str(config), redis_url=urls[PRODUCER], tls=tls, role_urls=urls
+    )
     state.save(lab)
 
     network.create_bridge(lab)
-    state.redis_pid = redis_server.start(
-        lab.redis_dir, lab.redis_port, [lab.root_address, "127.0.0.1"], password
+    acl = render_acl(passwords, BrokerNames.from_settings(load_settings(config)))
+    state.redis_pid = redis_server.start_with_acl(
+        lab.redis_dir, lab.redis_port, [lab.root_address, "127.0.0.1"], acl
     )
     state.save(lab)
     kernel = build_dirty_kernel(lab.guests_dir)
@@ -237,7 +286,7 @@ def _up(
         state.save(lab)
     guests.define_and_start(layouts[0].operator_uri, guests.default_guests(kernel, idle_guests))
     for hs in state.hosts.values():
-        start_worker(lab, hs)
+        start_worker(lab, hs, state.url(WORKER))
         state.save(lab)
     return state
 
@@ -332,7 +381,7 @@ def restart_worker(name: str) -> int:
     if state is None or name not in state.hosts:
         raise LabError(f"no lab host named {name!r}")
     os.environ["DROVER_CONFIG"] = state.config
-    start_worker(lab, state.hosts[name])
+    start_worker(lab, state.hosts[name], state.url(WORKER))
     state.save(lab)
     return state.hosts[name].worker_pid
 
@@ -362,8 +411,12 @@ def restart_redis(sig: int = signal.SIGTERM) -> None:
         os.kill(state.redis_pid, sig)
     wait_until(lambda: not alive(state.redis_pid), WORKER_START_TIMEOUT, "redis-server to stop")
     url = urlsplit(state.redis_url)
+    if state.role_urls:  # the lab's ACL users: the health user answers PING
+        user, password = HEALTH_USER, redis_server.HEALTH_PASSWORD
+    else:
+        user, password = None, url.password or ""
     state.redis_pid = redis_server.run_with(
-        lab.redis_dir / "redis.conf", "127.0.0.1", int(url.port or 0), url.password or ""
+        lab.redis_dir / "redis.conf", "127.0.0.1", int(url.port or 0), password, username=user
     )
     state.save(lab)
 

@@ -22,6 +22,10 @@ HOLDER_START_TIMEOUT = 10.0
 LIBVIRTD_START_TIMEOUT = 30.0
 # Debian's libvirtd resolves this user before reading qemu.conf; without it the daemon dies.
 QEMU_SYSTEM_USER = "libvirt-qemu"
+# libvirtd's sockets (in libvirtd.conf's octal string form) and the host's run directory
+# that holds them: root's alone, since the sockets ask for no credentials.
+SOCKET_PERMS = "0700"
+SOCKET_DIR_MODE = 0o700
 
 
 def libvirtd_conf(lab: LabLayout, host: HostLayout, tls: bool = False) -> str:
@@ -38,8 +42,13 @@ def libvirtd_conf(lab: LabLayout, host: HostLayout, tls: bool = False) -> str:
             *tls_lines,
             f'listen_addr = "{host.address}"',
             'auth_tcp = "none"',
+            # The UNIX sockets take no authentication: only their owner (root) may connect,
+            # and their directory is root's alone too (`write_host_files`).
             'auth_unix_rw = "none"',
             'auth_unix_ro = "none"',
+            f'unix_sock_rw_perms = "{SOCKET_PERMS}"',
+            f'unix_sock_ro_perms = "{SOCKET_PERMS}"',
+            f'unix_sock_admin_perms = "{SOCKET_PERMS}"',
             # Equal host UUIDs make libvirt refuse: "Attempt to migrate guest to the same host".
             f'host_uuid = "{host_uuid}"',
             'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"',
@@ -109,7 +118,14 @@ def ensure_system_user() -> None:
 def prepare_dirs(lab: LabLayout, host: HostLayout, tls: bool = False) -> None:
     for system_dir in LIBVIRT_DIRS:
         Path(system_dir).mkdir(parents=True, exist_ok=True)  # bind-mount targets
+    write_host_files(lab, host, tls)
+
+
+def write_host_files(lab: LabLayout, host: HostLayout, tls: bool = False) -> None:
+    """The host's own copies of libvirt's directories and its two config files."""
+    for system_dir in LIBVIRT_DIRS:
         host.own_dir(system_dir).mkdir(parents=True, exist_ok=True)
+    host.own_dir("/run/libvirt").chmod(SOCKET_DIR_MODE)
     etc = host.own_dir("/etc/libvirt")
     (etc / "libvirtd.conf").write_text(libvirtd_conf(lab, host, tls))
     (etc / "qemu.conf").write_text(qemu_conf(host, tls))

@@ -390,10 +390,11 @@ def lab_env() -> None:
 
 
 # Commands kept in modules of their own; imported last, as they use the helpers above.
-from producer import cli_evacuate, cli_flower, cli_schedule  # noqa: E402
+from producer import cli_evacuate, cli_flower, cli_redis_acl, cli_schedule  # noqa: E402
 
 cli_evacuate.register(app)
 cli_flower.register(app)
+cli_redis_acl.register(app)
 cli_schedule.register(app)
 
 

@@ -1,18 +1,32 @@
 """`drover flower`: Flower on the fleet's broker.
 
-It runs the same Flower as `celery -A config flower`, on the app `make_app` builds from the
-config file, so Flower signs its inspect requests like any drover process when `[security]
-signing` is on (workers obey only signed control messages) and reads the workers' events,
-which stay JSON. Two defaults differ from Flower's, because a worker runs as root beside
-libvirtd: Flower listens on the loopback address unless told otherwise, and it is read-only
-unless `--allow-control` is given (its shutdown, revoke, pool and consumer buttons would
-bypass drover's own abort and recovery; a consumer added to a worker would point it at
-another host's phases).
+It runs Flower in this process on the app `make_app` builds from the config file, so Flower
+signs its inspect requests like any drover process when `[security] signing` is on (workers
+obey only signed control messages) and reads the workers' events, which stay JSON. Several
+defaults differ from Flower's, because a worker runs as root beside libvirtd:
+
+- Flower listens on the loopback address unless told otherwise, and is read-only unless
+  `--allow-control` is given (its shutdown, revoke, pool and consumer buttons would bypass
+  drover's own abort and recovery; a consumer added to a worker would point it at another
+  host's phases);
+- basic auth comes from DROVER_FLOWER_AUTH or `--auth-file` (mode 0600), never from the
+  command line, and reaches Flower as an option set in this process: no argv shows it, here
+  or in a child. Flower's own FLOWER_* variables are refused, so that nothing from the
+  environment overrides these choices (FLOWER_UNAUTHENTICATED_API would open the API);
+- a request whose Host header is not an allowed name gets 403 before any handler runs
+  (producer/flower_guard.py): loopback names, `--allowed-host` names, the listening IP;
+- no `flowerconfig.py` from the working directory is executed (Flower's `--conf` default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+import ssl
+import stat
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -25,11 +39,18 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 5555
 DEFAULT_ADDRESS = "127.0.0.1"
 MAX_PORT = 65535
-BASIC_AUTH_ENV = "FLOWER_BASIC_AUTH"
+AUTH_ENV = "DROVER_FLOWER_AUTH"
+FLOWER_ENV_PREFIX = "FLOWER_"
 # A refused or silent Redis is reported before Flower starts, instead of Flower logging
 # reconnection attempts forever.
 REDIS_CHECK_TIMEOUT_S = 5.0
 LOOPBACK_NAMES = frozenset({"localhost"})
+# Group or others may read, write or run it: a credentials file must be its owner's alone.
+SHARED_MODE_BITS = 0o077
+AUTH_FORM = "USER:PASSWORD[,USER:PASSWORD...]"
+BASIC_AUTH_REFUSED = (
+    f"--basic-auth would show the password to `ps`: set {AUTH_ENV} or use --auth-file PATH"
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -44,14 +65,31 @@ def flower(
     address: Annotated[
         str, typer.Option("--address", help="address to listen on (loopback by default)")
     ] = DEFAULT_ADDRESS,
-    basic_auth: Annotated[
-        str | None,
+    auth_file: Annotated[
+        Path | None,
         typer.Option(
-            "--basic-auth",
-            envvar=BASIC_AUTH_ENV,
-            show_envvar=True,
-            help="USER:PASSWORD[,USER:PASSWORD...]: HTTP basic auth for the UI and the API",
+            "--auth-file",
+            help=f"basic auth for the UI and API: {AUTH_FORM}, one or more lines, mode 0600 "
+            f"(or set {AUTH_ENV})",
         ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="a name clients reach Flower by (Host header), besides the loopback names; "
+            "repeat for more",
+        ),
+    ] = None,
+    certfile: Annotated[
+        Path | None, typer.Option("--certfile", help="serve HTTPS with this certificate (PEM)")
+    ] = None,
+    keyfile: Annotated[
+        Path | None, typer.Option("--keyfile", help="the certificate's private key (PEM)")
+    ] = None,
+    ca_certs: Annotated[
+        Path | None,
+        typer.Option("--ca-certs", help="with HTTPS: require client certificates of this CA"),
     ] = None,
     read_only: Annotated[
         bool,
@@ -60,11 +98,24 @@ def flower(
             help="read-only (default), or allow Flower's worker and task controls",
         ),
     ] = True,
+    basic_auth: Annotated[str | None, typer.Option("--basic-auth", hidden=True)] = None,
 ) -> None:
     """Run Flower (web UI and HTTP API) on the fleet's broker: workers, host queues, tasks."""
     from producer.cli import EXIT_USAGE, fail, guarded
 
-    problem = _auth_problem(basic_auth) or _exposure_problem(address, basic_auth)
+    if basic_auth is not None:
+        fail(BASIC_AUTH_REFUSED, EXIT_USAGE)
+    problem = _environment_problem(os.environ)
+    if problem is not None:
+        fail(problem, EXIT_USAGE)
+    credentials, problem = _credentials(auth_file, os.environ.get(AUTH_ENV))
+    problem = (
+        problem
+        or _auth_problem(credentials)
+        or _exposure_problem(address, credentials)
+        or _hosts_problem(allowed_host or [])
+        or _tls_problem(certfile, keyfile, ca_certs)
+    )
     if problem is not None:
         fail(problem, EXIT_USAGE)
 
@@ -73,41 +124,109 @@ def flower(
 
         settings = load_settings()
         _check_redis(settings)
-        argv = [
-            "flower",
-            f"--port={port}",
-            f"--address={address}",
-            f"--read_only={read_only}",
-        ]
-        if basic_auth:
-            argv.append(f"--basic_auth={basic_auth}")
+        argv = [f"--port={port}", f"--address={address}", f"--read_only={read_only}"]
+        if certfile is not None and keyfile is not None:
+            argv += [f"--certfile={certfile}", f"--keyfile={keyfile}"]
+            if ca_certs is not None:
+                argv.append(f"--ca_certs={ca_certs}")
         try:
-            _flower_app(settings).start(argv)
+            run_flower(
+                _flower_app(settings),
+                argv,
+                basic_auth=credentials.split(",") if credentials else [],
+                allowed=_allowed(allowed_host or [], address),
+            )
         except OSError as exc:  # the port is taken, the address is not ours, ...
             fail(f"Flower cannot listen on {address}:{port}: {exc.strerror or exc}")
 
     guarded(go)
 
 
-def _auth_problem(basic_auth: str | None) -> str | None:
-    """Why the credentials would not work in Flower (which splits them on commas)."""
-    if basic_auth is None:
+def _allowed(names: list[str], address: str) -> frozenset[str]:
+    from producer.flower_guard import allowed_hosts
+
+    return allowed_hosts(names, address)
+
+
+def _environment_problem(environ: Mapping[str, str]) -> str | None:
+    """Flower would read any FLOWER_* variable as an option and override drover's."""
+    names = sorted(n for n in environ if n.startswith(FLOWER_ENV_PREFIX))
+    if not names:
         return None
-    for credential in basic_auth.split(","):
+    return (
+        f"{names[0]} is set: drover flower takes no Flower options from the environment "
+        f"(credentials: {AUTH_ENV} or --auth-file)"
+    )
+
+
+def _credentials(auth_file: Path | None, from_env: str | None) -> tuple[str | None, str | None]:
+    """(credentials, problem): from the file or the environment, exactly one of them."""
+    if auth_file is not None and from_env:
+        return None, f"credentials from {AUTH_ENV} and --auth-file: give one"
+    if auth_file is None:
+        return from_env, None
+    try:
+        info = auth_file.stat()
+        text = auth_file.read_text()
+    except OSError as exc:
+        return None, f"--auth-file {auth_file}: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        return None, f"--auth-file {auth_file} is not a regular file"
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & SHARED_MODE_BITS:
+        return None, (
+            f"--auth-file {auth_file} is mode {mode:04o}; it holds passwords: chmod 600 {auth_file}"
+        )
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return ",".join(lines), None
+
+
+def _auth_problem(credentials: str | None) -> str | None:
+    """Why the credentials would not work in Flower (which splits them on commas)."""
+    if credentials is None:
+        return None
+    for credential in credentials.split(","):
         user, colon, password = credential.partition(":")
         if not (user and colon and password):
-            return f"--basic-auth (or {BASIC_AUTH_ENV}) must be USER:PASSWORD[,USER:PASSWORD...]"
+            return f"basic auth ({AUTH_ENV} or --auth-file) must be {AUTH_FORM}"
     return None
 
 
-def _exposure_problem(address: str, basic_auth: str | None) -> str | None:
+def _exposure_problem(address: str, credentials: str | None) -> str | None:
     """Refuse to show the fleet to a network without a password."""
-    if basic_auth or _is_loopback(address):
+    if credentials or _is_loopback(address):
         return None
     return (
         f"--address {address or '(all)'} would show the fleet to the network without a "
-        f"password: add --basic-auth USER:PASSWORD (or set {BASIC_AUTH_ENV})"
+        f"password: set {AUTH_ENV}=USER:PASSWORD or use --auth-file PATH"
     )
+
+
+def _hosts_problem(names: list[str]) -> str | None:
+    from jobs.spec import check_address
+
+    for name in names:
+        try:
+            check_address(name)
+        except ValueError:
+            return f"--allowed-host {name!r} is not a host name or IP address (no port)"
+    return None
+
+
+def _tls_problem(certfile: Path | None, keyfile: Path | None, ca_certs: Path | None) -> str | None:
+    """Both halves of the server's pair, readable; a CA only with them."""
+    if (certfile is None) != (keyfile is None):
+        return "HTTPS needs both --certfile and --keyfile"
+    if ca_certs is not None and certfile is None:
+        return "--ca-certs needs --certfile and --keyfile (it checks HTTPS clients)"
+    for option, path in (
+        ("--certfile", certfile),
+        ("--keyfile", keyfile),
+        ("--ca-certs", ca_certs),
+    ):
+        if path is not None and not os.access(path, os.R_OK):
+            return f"{option} {path} is not a readable file"
+    return None
 
 
 def _is_loopback(address: str) -> bool:
@@ -139,6 +258,41 @@ def _check_redis(settings: Settings) -> None:
         raise BrokerUnavailable(f"cannot reach Redis at {location}: {exc}") from None
     finally:
         client.close()
+
+
+def run_flower(
+    celery_app: Celery, argv: list[str], *, basic_auth: list[str], allowed: frozenset[str]
+) -> None:
+    """What `celery flower` does, with the credentials and the Host rule set in-process.
+
+    The steps are those of flower.command.flower, minus reading FLOWER_* variables and a
+    `flowerconfig.py` from the working directory (`--conf` is /dev/null).
+    """
+    import atexit
+    import signal
+
+    from flower import command
+    from flower.app import Flower
+    from flower.urls import settings as flower_settings
+    from tornado.options import options
+
+    from producer.flower_guard import host_rule
+
+    command.apply_options("flower", [f"--conf={os.devnull}", *argv])
+    options.basic_auth = basic_auth
+    command.extract_settings()
+    ssl_options = flower_settings.get("ssl_options")
+    if ssl_options is not None and ssl_options.get("ca_certs"):
+        ssl_options["cert_reqs"] = ssl.CERT_REQUIRED
+    command.setup_logging()
+    app = Flower(capp=celery_app, options=options, **flower_settings)
+    app.default_router.rules.insert(0, host_rule(allowed))
+    atexit.register(app.stop)
+    signal.signal(signal.SIGTERM, command.sigterm_handler)
+    listening = app.start_http_server()
+    command.print_banner(celery_app, ssl_options is not None, listening)
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):  # SIGTERM's handler exits
+        app.start()
 
 
 def _flower_app(settings: Settings) -> Celery:

@@ -28,14 +28,16 @@ from urllib.parse import urlsplit
 import pytest
 
 from config.celery import host_queue, worker_node
+from config.redis_acl import FLOWER, ROLES
 from jobs.phases import PHASE_ORDER, PHASE_SIDE, Phase, Side, task_name
+from lab import control
+from lab.layout import LabLayout
 from tests.conftest import free_port
 from tests.support.lab_fixtures import Lab, wait_for
 
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-DROVER = Path(sys.executable).with_name("drover")
 SCREENSHOT = REPO / ".cache" / "screenshots" / "flower-dashboard.png"
 HOSTS = ("lab1", "lab2")
 FLOWER_START_S = 60.0
@@ -94,18 +96,31 @@ def _answers(flower: Flower) -> bool:
 
 @pytest.fixture
 def flower(lab: Lab, tmp_path: Path) -> Iterator[Flower]:
-    """`drover flower` with credentials in the environment, where `ps` does not show them.
+    """`drover flower` with credentials in the environment, where `ps` does not show them,
+    connected to Redis as the lab's flower user.
 
-    The caller's own FLOWER_* variables are dropped: Flower reads them too.
+    The caller's own FLOWER_* variables are dropped: drover flower refuses them.
     """
     port = free_port()
     user, password = "operator", secrets.token_hex(16)
+    state = control.LabState.load(LabLayout.from_env())
+    assert state is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
-    env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
+    env["DROVER_FLOWER_AUTH"] = f"{user}:{password}"
+    env["DROVER_REDIS_URL"] = state.url(FLOWER)
     fl = Flower(f"http://127.0.0.1:{port}", user, password, tmp_path / "flower.log")
     with fl.log.open("wb") as log:
         proc = subprocess.Popen(
-            [str(DROVER), "--config", lab.config, "flower", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "producer",
+                "--config",
+                lab.config,
+                "flower",
+                "--port",
+                str(port),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -230,11 +245,13 @@ def test_flower_shows_workers_host_queues_and_a_finished_migration(
         assert png_size(data) == WINDOW
         assert len(data) >= MIN_SCREENSHOT_BYTES, len(data)
 
-        password = urlsplit(lab.drover.settings.redis_url).password
-        assert password and len(password) >= 16
+        state = control.LabState.load(LabLayout.from_env())
+        assert state is not None
+        passwords = [urlsplit(state.url(role)).password or "" for role in ROLES]
+        assert all(len(p) >= 16 for p in passwords)
         seen = [dom, flower.log.read_text(), json.dumps(workers)]
         seen += [flower.request(p)[1] for p in ("/broker", "/tasks", "/api/tasks", "/metrics")]
-        assert not any(password in text for text in seen)
+        assert not any(p in text for p in passwords for text in seen)
     finally:
         lab.home("idle-1")
     with capsys.disabled():

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
 import pytest
 import yaml
 
+from config.redis_acl import HEALTH_USER, ROLES, user_name
 from tests.support import compose_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,11 +25,15 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 CONFIG_IN_CONTAINER = "/etc/drover/drover.toml"
 DROVER_SERVICES = ("beat", "flower", "producer", "worker")
+# Each drover service and the Redis user (config/redis_acl.py) it connects as.
+SERVICE_ROLES = {"beat": "beat", "flower": "flower", "producer": "producer", "worker": "worker"}
+SIGNING_DIR, TRUSTED_DIR = "/etc/drover/signing", "/etc/drover/trusted"
+REDIS_PORT, REDIS_TLS_PORT = "6379", "6380"
 
 # What an operator's .env holds (see the comments at the top of docker-compose.yml).
 SAMPLE_ENV = {
-    "DROVER_REDIS_PASSWORD": "0123456789abcdef",
-    "DROVER_REDIS_HOST": "10.0.0.5",
+    **{f"DROVER_REDIS_{role.upper()}_PASSWORD": f"{role}-0123456789abcdef" for role in ROLES},
+    "DROVER_REDIS_HOST": "redis.example.org",
     "DROVER_HOST": "kvm-07",
     "DROVER_FLOWER_AUTH": "admin:secret",
 }
@@ -83,6 +90,11 @@ def validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
     jsonschema.Draft7Validator.check_schema(schema)
     # No format checker: Compose's own formats ("duration", "ports") are not JSON Schema's.
     return jsonschema.Draft7Validator(schema)
+
+
+@pytest.fixture(scope="module")
+def raw_text() -> str:
+    return COMPOSE_FILE.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +190,6 @@ def test_redis_keeps_an_append_only_file_on_a_named_volume(compose: dict[str, An
     command = _argv(redis, "command")
     assert command[0] == "redis-server"
     assert command[command.index("--appendonly") + 1] == "yes"
-    assert command[command.index("--requirepass") + 1] == SAMPLE_ENV["DROVER_REDIS_PASSWORD"]
     data = [v for v in _volumes(redis) if v["target"] == "/data"]
     assert len(data) == 1
     assert data[0]["source"] in (compose.get("volumes") or {})
@@ -186,12 +197,111 @@ def test_redis_keeps_an_append_only_file_on_a_named_volume(compose: dict[str, An
     assert redis["restart"] == "unless-stopped"
 
 
+def test_redis_is_published_on_no_host_interface(compose: dict[str, Any]) -> None:
+    """Only the compose network reaches it: no ports, no host networking, and no other
+    service maps Redis's port either."""
+    redis = compose["services"]["redis"]
+    assert "ports" not in redis
+    assert "network_mode" not in redis
+    for name, service in compose["services"].items():
+        for mapping in service.get("ports", []):
+            published = str(mapping.get("target", "") if isinstance(mapping, dict) else mapping)
+            assert not published.endswith((REDIS_PORT, REDIS_TLS_PORT)), (name, mapping)
+
+
+def test_redis_requires_the_acl_users_from_a_secret_file(compose: dict[str, Any]) -> None:
+    """The users come from `drover redis-acl`'s file, mounted as a secret; no password in
+    Redis's command line or environment, so none in `docker inspect` or `ps`."""
+    redis = compose["services"]["redis"]
+    command = _argv(redis, "command")
+    assert "--requirepass" not in command
+    acl = command[command.index("--aclfile") + 1]
+    assert acl == "/run/secrets/redis_acl"
+    assert redis["secrets"] == ["redis_acl"]
+    source = compose["secrets"]["redis_acl"]["file"]
+    assert (ROOT / source).resolve().is_relative_to(ROOT / "secrets")
+    assert re.search(r"^/secrets/$", (ROOT / ".gitignore").read_text(), re.M)  # never committed
+    seen = " ".join(command) + " ".join(_env(redis).values())
+    assert not any(password in seen for password in SAMPLE_ENV.values())
+    health = " ".join(_argv(redis["healthcheck"], "test"))
+    assert f"--user {HEALTH_USER}" in health and "ping" in health
+
+
+def test_tls_for_redis_is_written_out_ready_to_uncomment(raw_text: str) -> None:
+    """Redis's own TLS (tls-port, the CA), the TLS port the only one to publish."""
+    tls = re.findall(r"^\s*#\s*- (--tls-[a-z-]+)$", raw_text, re.M)
+    assert tls == [
+        "--tls-port",
+        "--tls-cert-file",
+        "--tls-key-file",
+        "--tls-ca-cert-file",
+        "--tls-auth-clients",
+    ]
+    assert re.search(
+        rf"^\s*#\s+- \"\$\{{DROVER_REDIS_TLS_BIND:-[0-9.]+\}}:{REDIS_TLS_PORT}:", raw_text, re.M
+    )
+    assert re.search(r"^\s*#\s+file: ./secrets/redis-tls/ca.pem$", raw_text, re.M)
+
+
+def test_every_drover_service_is_its_own_redis_user(compose: dict[str, Any]) -> None:
+    users = {}
+    for name, role in SERVICE_ROLES.items():
+        url = urlsplit(_env(compose["services"][name])["DROVER_REDIS_URL"])
+        assert url.username == user_name(role), name
+        assert url.password == SAMPLE_ENV[f"DROVER_REDIS_{role.upper()}_PASSWORD"], name
+        users[name] = url.username
+    assert len(set(users.values())) == len(users)
+
+
+def test_worker_reaches_redis_over_verified_tls(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    url = urlsplit(_env(worker)["DROVER_REDIS_URL"])
+    assert url.scheme == "rediss"
+    assert (url.hostname, str(url.port)) == (SAMPLE_ENV["DROVER_REDIS_HOST"], REDIS_TLS_PORT)
+    query = parse_qs(url.query)
+    assert query["ssl_cert_reqs"] == ["required"]
+    (ca,) = query["ssl_ca_certs"]
+    mounts = [v for v in _volumes(worker) if ca.startswith(v["target"] + "/")]
+    assert len(mounts) == 1 and mounts[0]["read_only"] is True
+
+
+@pytest.mark.parametrize("name", DROVER_SERVICES)
+def test_signing_key_and_cert_store_are_mounted_read_only(
+    compose: dict[str, Any], name: str
+) -> None:
+    volumes = {v["target"]: v for v in _volumes(compose["services"][name])}
+    for target in (SIGNING_DIR, TRUSTED_DIR):
+        assert volumes[target]["read_only"] is True, target
+
+
+def test_the_mounted_config_turns_signing_on(compose: dict[str, Any]) -> None:
+    """The config every service mounts by default (deploy/drover.toml) signs messages with
+    the key, certificate and cert store of the read-only mounts, and holds no password."""
+    sources = {
+        v["source"]
+        for name in DROVER_SERVICES
+        for v in _volumes(compose["services"][name])
+        if v["target"] == CONFIG_IN_CONTAINER
+    }
+    (source,) = sources
+    config = tomllib.loads((ROOT / source).read_text())
+    security = config["security"]
+    assert security["signing"] is True
+    assert Path(security["key"]).parent == Path(SIGNING_DIR)
+    assert Path(security["certificate"]).parent == Path(SIGNING_DIR)
+    assert security["cert_store"] == TRUSTED_DIR
+    assert "@" not in config["redis_url"]  # each service's own user comes from DROVER_REDIS_URL
+    assert config["hosts"]
+
+
 def test_flower_runs_drover_flower_after_redis_is_healthy(compose: dict[str, Any]) -> None:
     flower = compose["services"]["flower"]
     assert "entrypoint" not in flower  # the image's: `drover`
     argv = _argv(flower, "command")
-    assert argv == ["flower", "--address", "0.0.0.0", "--port", "5555"]
-    assert "FLOWER_BASIC_AUTH" in flower["environment"]  # it refuses 0.0.0.0 without auth
+    assert argv[:5] == ["flower", "--address", "0.0.0.0", "--port", "5555"]
+    assert argv[5:] == ["--allowed-host", "localhost"]  # DROVER_FLOWER_HOST unset
+    assert "DROVER_FLOWER_AUTH" in flower["environment"]  # it refuses 0.0.0.0 without auth
+    assert not any(name.startswith("FLOWER_") for name in flower["environment"])  # refused
     assert any(p.split(":")[-2:] == ["5555", "5555"] for p in flower["ports"])
     assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
 
@@ -222,7 +332,6 @@ def test_drover_services_read_the_config_read_only(compose: dict[str, Any], name
     config = [v for v in _volumes(service) if v["target"] == CONFIG_IN_CONTAINER]
     assert len(config) == 1
     assert config[0]["read_only"] is True
-    assert _env(service)["DROVER_REDIS_URL"].startswith("redis://:")
 
 
 def test_every_service_of_the_drover_image_builds_from_the_dockerfile(
