@@ -154,8 +154,8 @@ class BrokerNames:
     """The names drover, Celery and kombu use in one Redis database."""
 
     db: int = 0
-    # Whether workers serve Celery's remote control (`worker_enable_remote_control`).
-    remote_control: bool = True
+    # Whether workers serve remote control (`worker_enable_remote_control`; off in drover).
+    remote_control: bool = False
     host_queue_prefix: str = QUEUE_PREFIX
     default_queue: str = "drover.default"
     event_exchange: str = "celeryev"

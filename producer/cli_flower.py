@@ -27,7 +27,7 @@ import ssl
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -124,7 +124,14 @@ def flower(
 
         settings = load_settings()
         _check_redis(settings)
-        argv = [f"--port={port}", f"--address={address}", f"--read_only={read_only}"]
+        # No periodic enable_events broadcast: workers send events from the start and obey
+        # no remote control (docs/security.md).
+        argv = [
+            f"--port={port}",
+            f"--address={address}",
+            f"--read_only={read_only}",
+            "--enable_events=False",
+        ]
         if certfile is not None and keyfile is not None:
             argv += [f"--certfile={certfile}", f"--keyfile={keyfile}"]
             if ca_certs is not None:
@@ -260,6 +267,17 @@ def _check_redis(settings: Settings) -> None:
         client.close()
 
 
+def silence_control(celery_app: Celery) -> None:
+    """Flower's event capture broadcasts a `heartbeat` wake-up (and its timer enable_events)
+    to the workers. Workers obey no remote control, so these go nowhere; not sending them
+    keeps the flower Redis user to reading events and queue lengths (docs/redis-acl.md)."""
+
+    def nowhere(*_: Any, **__: Any) -> list[Any]:
+        return []
+
+    celery_app.control.broadcast = nowhere
+
+
 def run_flower(
     celery_app: Celery, argv: list[str], *, basic_auth: list[str], allowed: frozenset[str]
 ) -> None:
@@ -285,6 +303,8 @@ def run_flower(
     if ssl_options is not None and ssl_options.get("ca_certs"):
         ssl_options["cert_reqs"] = ssl.CERT_REQUIRED
     command.setup_logging()
+    if not celery_app.conf.worker_enable_remote_control:
+        silence_control(celery_app)
     app = Flower(capp=celery_app, options=options, **flower_settings)
     app.default_router.rules.insert(0, host_rule(allowed))
     atexit.register(app.stop)

@@ -4,7 +4,8 @@ The server loads the file `render_acl` writes (plus a test-only admin user to lo
 The roles run their own code, in their own processes where drover runs them so: a producer
 submits through `Drover`; a real Celery worker (`celery -A config worker`, as the worker
 user) consumes its host's queue and runs the phase, which fails on the host's unreachable
-libvirtd and retries first; a producer pings it over remote control; Flower, as the flower
+libvirtd and retries first; a producer sees its heartbeat (workers obey no remote control);
+Flower, as the flower
 user, sees the worker through its events and reads the queue lengths; `drover beat`, as the
 beat user, holds its lock and fires a schedule that the worker then runs. Redis's ACL log must
 stay empty for all of it: a refused command that some library logged and retried would show
@@ -64,7 +65,6 @@ EVENT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 5.0
 POLL_S = 0.1
-PING_TIMEOUT_S = 1.0
 FIRE_AHEAD_S = 2
 # A socket nobody listens on: kvm1's libvirtd is unreachable, so its phases fail (after their
 # retries, which are fast here) without touching any hypervisor.
@@ -204,24 +204,24 @@ def worker(
     config: Path, acl_redis: AclRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Process]:
     """kvm1's Celery worker as the worker user, as `drover worker` runs it (without the
-    libvirt check at start-up: kvm1 has no libvirtd), answering a producer's ping."""
+    libvirt check at start-up: kvm1 has no libvirtd), its heartbeat seen by a producer."""
     acl_redis.admin.acl_log_reset()
     argv = [sys.executable, "-m", "celery", "-A", "config", "worker"]
     argv += ["--hostname", worker_node("kvm1"), "--queues", host_queue("kvm1")]
     argv += ["--without-mingle", "--without-gossip", "--task-events", "--loglevel", "INFO"]
     log = tmp_path_factory.mktemp("acl-worker") / "worker.log"
     process = spawn(argv, role_env(config, acl_redis, WORKER), log)
-    control = make_app(settings_as(config, acl_redis, PRODUCER)).control
+    store = JobStore.from_url(settings_as(config, acl_redis, PRODUCER).redis_url)
 
     def answers() -> bool:
         assert process.proc.poll() is None, process.text()
         try:
-            return bool(control.ping(destination=[worker_node("kvm1")], timeout=PING_TIMEOUT_S))
+            return store.alive("kvm1")
         except redis.exceptions.NoPermissionError:
             raise AssertionError(acl_redis.denials()) from None
 
     try:
-        wait_for(answers, START_TIMEOUT_S, "the worker to answer a ping")
+        wait_for(answers, START_TIMEOUT_S, "the worker's heartbeat")
         yield process
     finally:
         process.stop()
