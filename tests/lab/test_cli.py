@@ -85,12 +85,13 @@ def test_lab_status_and_env_for_operators(lab: Lab) -> None:
 
 
 def test_workers_answer_no_remote_control_and_show_alive_in_hosts(lab: Lab) -> None:
-    """Remote control is off on workers (docs/security.md): `celery inspect` gets no answer,
-    and `drover hosts` (drover's own heartbeat) shows every worker alive."""
+    """Remote control is off on workers (docs/security.md), and the producer's Redis user may
+    not even send it (docs/redis-acl.md): `celery inspect` gets no answer; `drover hosts`
+    (drover's own heartbeat) shows every worker alive."""
     celery = os.path.join(os.path.dirname(sys.executable), "celery")
     result = run(lab, celery, "-A", "config", "inspect", "ping", "--json", "--timeout", "2")
     assert result.returncode != 0
-    assert "No nodes replied" in result.stdout + result.stderr
+    assert "drover@" not in result.stdout
     hosts = json.loads(drover(lab, "hosts", "--json").stdout)
     alive = {h["host"]: h["worker_alive"] for h in hosts}
     assert alive == {h: True for h in lab.hosts()}, hosts

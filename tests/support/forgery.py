@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,18 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-from kombu import Connection, Exchange, Queue
+import redis
 
 from config.celery import host_queue
+from config.redis_acl import WORKER
 from jobs.model import PhaseRecord
 from jobs.request_signing import RequestSigner, canonical
 from jobs.spec import MigrationSpec
 from jobs.store import ACTIVE_JOBS, JOBS_INDEX, MIGRATION_KIND, job_key
 from lab import control
 from lab.layout import LabLayout
-from tests.support.lab_fixtures import Lab
+from tests.support.lab_fixtures import Lab, wait_for
 
 LONG_AGO = timedelta(minutes=10)
+CAPTURE_S = 10.0
 
 
 def worker_log(host: str) -> Path:
@@ -126,22 +129,28 @@ def forge_job(
     return ForgedJob(job_id, spec)
 
 
+def role_redis(role: str) -> redis.Redis:
+    """The lab's Redis as one of its ACL users (config/redis_acl.py)."""
+    state = control.LabState.load(LabLayout.from_env())
+    assert state is not None
+    return redis.Redis.from_url(state.url(role))
+
+
 def capture(lab: Lab, task: str, job_id: str, host: str) -> bytes:
-    """A real message drover's producer sends (signed, enveloped for `host`), caught in a
-    queue of our own before any worker sees it: what an eavesdropper on Redis keeps."""
-    trap = f"drover.capture.{uuid.uuid4().hex[:8]}"
-    exchange = Exchange(trap, "direct")
-    queue = Queue(trap, exchange, routing_key=host_queue(host))
-    app = lab.drover._app
-    with Connection(lab.drover.settings.redis_url) as conn:
-        queue(conn.default_channel).declare()
-        lab.drover.send(
-            app.signature(task, args=(job_id,), exchange=trap, routing_key=host_queue(host))
-        )
-    raw = lab.drover.store.r.rpop(trap)
-    assert isinstance(raw, bytes | str), "the message was not caught"
-    lab.drover.store.r.delete(trap)
-    return raw.encode() if isinstance(raw, str) else raw
+    """A real message drover's producer sends to `host` (signed, enveloped), copied off the
+    host's queue with the worker's Redis credential (which may read host queues) while the
+    host's worker is down; then the worker comes back and runs it: what is returned has been
+    delivered once. (A running worker's blocked BRPOP takes a message as it lands.)"""
+    reader = role_redis(WORKER)
+    control.kill_worker(host, signal.SIGTERM)
+    try:
+        lab.drover.send(lab.drover._app.signature(task, args=(job_id,), queue=host_queue(host)))
+        wait_for(lambda: bool(reader.llen(host_queue(host))), CAPTURE_S, "the message")
+        (raw,) = reader.lrange(host_queue(host), 0, 0)
+    finally:
+        control.restart_worker(host)
+    assert isinstance(raw, bytes), "the message was not caught"
+    return raw
 
 
 def reheaded(raw: bytes, task: str) -> bytes:

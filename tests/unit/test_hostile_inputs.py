@@ -666,6 +666,17 @@ def test_a_well_formed_message_runs(probe: Probe) -> None:
     _wait(lambda: JOB_ID in probe.ran, "the probe task to run")
 
 
+def test_control_messages_are_not_obeyed(probe: Probe) -> None:
+    """On a Redis that lets anyone publish control (no ACL here), a worker answers no ping
+    and ignores shutdown: remote control is off (config/celery.py)."""
+    assert probe.app.control.ping(destination=[PROBE_NODE], timeout=1.0) == []
+    probe.app.control.broadcast("shutdown", destination=[PROBE_NODE])
+    probe.app.control.broadcast("add_consumer", arguments={"queue": "drover.host.kvm2"})
+    job_id = "0c0c0c0c0c0c"
+    probe.publish([[job_id], sealed(job_id), EMBED], serializer="json")
+    _wait(lambda: job_id in probe.ran, "the worker to run a task after the shutdown order")
+
+
 def test_a_replayed_message_runs_once(probe: Probe) -> None:
     job_id = "0a0b0c0d0e0f"
     body = [[job_id], sealed(job_id), EMBED]
