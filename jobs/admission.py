@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from jobs.model import migration_event
 from jobs.request_signing import (
+    MIGRATION_KIND,
     REQUEST_FIELD,
     SECURITY_REASON,
     RequestRefused,
@@ -29,7 +30,7 @@ from jobs.request_signing import (
 )
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
-from jobs.store import KEY_PREFIX, MIGRATION_KIND, WAITING, JobStore, job_key, now
+from jobs.store import KEY_PREFIX, WAITING, JobStore, job_key, now
 
 if TYPE_CHECKING:
     from config.settings import Settings

@@ -200,8 +200,6 @@ class EvacuationStore:
             kind=EVACUATION_KIND,
             job_id=evacuation_id,
             spec=spec,
-            parent=None,
-            parent_limit=None,
             origin=origin,
             at=ts,
         )

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,7 +41,11 @@ from pydantic import BaseModel
 
 from config.settings import Security
 
+if TYPE_CHECKING:
+    from jobs.model import Job
+
 REQUEST_FIELD = "request"
+MIGRATION_KIND = "migration"  # the kind of a migration job's request (and record)
 # How a job refused for its request says so in its reason (and `security.rejected` events).
 SECURITY_REASON = "security"
 REQUEST_VERSION = 1
@@ -238,10 +242,10 @@ def signed_record(
     kind: str,
     job_id: str,
     spec: BaseModel,
-    parent: str | None,
-    parent_limit: int | None,
     origin: str,
     at: datetime,
+    parent: str | None = None,
+    parent_limit: int | None = None,
 ) -> dict[str, str]:
     """The record field holding the signed request (nothing with signing off)."""
     if signer is None:
@@ -296,6 +300,19 @@ def check_record(
             f"request_max_age ({max_age_s:.0f}s)"
         )
     return request
+
+
+def check_job(verifier: RequestVerifier | None, job: Job) -> Request | None:
+    """`check_record` for a migration job as read back from the store."""
+    return check_record(
+        verifier,
+        job.request,
+        job.id,
+        kind=MIGRATION_KIND,
+        spec=job.spec,
+        parent=job.parent,
+        parent_limit=job.parent_limit,
+    )
 
 
 _signers: dict[tuple[str, str, str], RequestSigner] = {}

@@ -19,7 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from jobs.model import Job, PhaseRecord, Transition
-from jobs.request_signing import REQUEST_FIELD, RequestSigner, signed_record
+from jobs.request_signing import MIGRATION_KIND, REQUEST_FIELD, RequestSigner, signed_record
 from jobs.spec import MigrationSpec
 from jobs.states import LIVE, TERMINAL, JobState, allowed_sources
 
@@ -29,7 +29,6 @@ ACTIVE_JOBS = f"{KEY_PREFIX}:active"
 # Jobs not yet admitted, oldest first (jobs/admission.py).
 WAITING = f"{KEY_PREFIX}:waiting"
 # Evacuations share the job id space, index and event streams; their records say so.
-MIGRATION_KIND = "migration"
 EVENT_FIELD = "data"
 EVENT_READ_BATCH = 500
 RETRY_CAP_S = 1.0

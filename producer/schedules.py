@@ -425,8 +425,6 @@ class ScheduleStore:
             kind=SCHEDULE_KIND,
             job_id=schedule_id,
             spec=record,
-            parent=None,
-            parent_limit=None,
             origin=by,
             at=current,
         )

@@ -21,9 +21,9 @@ from config.celery import app, host_queue
 from config.events import get_logger
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, PHASE_SIDE, ROLLBACK_DESTINATION_TASK, Phase, Side
-from jobs.request_signing import SECURITY_REASON, RequestRefused, check_record, verifier_for
+from jobs.request_signing import SECURITY_REASON, RequestRefused, check_job, verifier_for
 from jobs.states import TERMINAL, JobState
-from jobs.store import MIGRATION_KIND, JobNotFound, domain_lock_key
+from jobs.store import JobNotFound, domain_lock_key
 from worker.admission_pass import admit_waiting
 from worker.libvirt_host import LibvirtUnavailable, is_connection_error
 from worker.runtime import Runtime
@@ -132,15 +132,7 @@ def verified(rt: Runtime, job: Job) -> bool:
     Call it with the job's context bound, so that the event reaches the job's stream.
     """
     try:
-        check_record(
-            verifier_for(rt.settings.security),
-            job.request,
-            job.id,
-            kind=MIGRATION_KIND,
-            spec=job.spec,
-            parent=job.parent,
-            parent_limit=job.parent_limit,
-        )
+        check_job(verifier_for(rt.settings.security), job)
     except RequestRefused as exc:
         reason = f"{SECURITY_REASON}: {exc}"
         log.error("security.rejected", reason=reason)

@@ -21,9 +21,9 @@ import redis
 from config.celery import host_queue
 from config.redis_acl import WORKER
 from jobs.model import PhaseRecord
-from jobs.request_signing import RequestSigner, canonical
+from jobs.request_signing import MIGRATION_KIND, RequestSigner, canonical
 from jobs.spec import MigrationSpec
-from jobs.store import ACTIVE_JOBS, JOBS_INDEX, MIGRATION_KIND, job_key
+from jobs.store import ACTIVE_JOBS, JOBS_INDEX, job_key
 from lab import control
 from lab.layout import LabLayout
 from tests.support.lab_fixtures import Lab, wait_for

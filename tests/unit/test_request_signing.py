@@ -14,18 +14,20 @@ from config.settings import Settings, load_settings
 from jobs.admission import Admission
 from jobs.model import Job
 from jobs.request_signing import (
+    MIGRATION_KIND,
     REQUEST_FIELD,
     RequestRefused,
     RequestSigner,
     SignedRequest,
     canonical,
+    check_job,
     check_record,
     signer_for,
     verifier_for,
 )
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
-from jobs.store import MIGRATION_KIND, JobStore, job_key
+from jobs.store import JobStore, job_key
 from jobs.submission import enqueue
 from lab.signing import make_certificate
 from tests.conftest import RedisServer
@@ -45,14 +47,16 @@ class Fleet:
         return self.store.get(job_id)
 
     def check(self, job: Job, max_age_s: float | None = None) -> None:
+        verifier = verifier_for(self.settings.security)
+        if max_age_s is None:
+            check_job(verifier, job)
+            return
         check_record(
-            verifier_for(self.settings.security),
+            verifier,
             job.request,
             job.id,
             kind=MIGRATION_KIND,
             spec=job.spec,
-            parent=job.parent,
-            parent_limit=job.parent_limit,
             max_age_s=max_age_s,
         )
 
