@@ -450,6 +450,15 @@ def password_rule(password: str) -> str:
     return "#" + hashlib.sha256(password.encode()).hexdigest()
 
 
+# The default user stays `off`: no connection can ever act as it (a client that has not
+# authenticated may only AUTH or HELLO). Its permissions are nonetheless all: Redis (7.0.15,
+# Debian 12's) replays its AOF as the default user and re-checks every MULTI/EXEC block
+# against that user's rules, so with `-@all` each transaction (job creation, transitions,
+# the effects of admission's scripts) is silently dropped on restart (redis/redis#14541,
+# fixed upstream by #14545; tests/unit/test_redis_acl.py restarts a real server to prove it).
+DEFAULT_USER_RULE = "user default off resetpass resetkeys resetchannels ~* &* +@all"
+
+
 def render_acl(
     passwords: Mapping[str, str],
     names: BrokerNames | None = None,
@@ -474,7 +483,7 @@ def render_acl(
     if len(set(current)) != len(current):
         raise ConfigError("every role needs a password of its own (two roles share one)")
     lines = [
-        "user default off resetpass resetkeys resetchannels -@all",
+        DEFAULT_USER_RULE,
         f"user {HEALTH_USER} on nopass resetkeys resetchannels -@all +ping",
     ]
     for spec in roles(names).values():

@@ -37,6 +37,7 @@ import redis
 from config.celery import host_queue, make_app, worker_node
 from config.redis_acl import (
     BEAT,
+    DEFAULT_USER_RULE,
     FLOWER,
     HEALTH_USER,
     PRODUCER,
@@ -48,6 +49,7 @@ from config.redis_acl import (
     user_name,
 )
 from config.settings import ConfigError, Settings, load_settings
+from jobs.spec import MigrationSpec
 from jobs.store import JobStore, heartbeat_key
 from lab import redis_server
 from lab.proc import kill
@@ -235,11 +237,40 @@ def producer(config: Path, acl_redis: AclRedis) -> Drover:
 # --- the file ---------------------------------------------------------------------------------
 
 
+def test_a_restart_keeps_every_transaction_written_through_the_acl_users(
+    tmp_path: Path,
+) -> None:
+    """Job records are written in MULTI/EXEC blocks; Redis replays its AOF as the default
+    user and re-checks those blocks against it (redis#14541): nothing may be lost."""
+    server = AclRedis(tmp_path / "redis", BrokerNames())
+    try:
+        store = JobStore.from_url(server.url(PRODUCER))
+        spec = MigrationSpec(domain="web01", src="kvm1", dst="kvm2")
+        job_ids = [store.create(spec, host="producer@test") for _ in range(3)]
+        # The default user's rules are all, but nobody can act as it.
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=server.port).execute_command("AUTH", "default", "")
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=server.port).get(f"drover:job:{job_ids[0]}")
+        conf = server.data_dir / "redis.conf"
+        kill([server.pid])  # SIGTERM: Redis flushes its AOF and exits
+        server.pid = redis_server.run_with(
+            conf, "127.0.0.1", server.port, redis_server.HEALTH_PASSWORD, username=HEALTH_USER
+        )
+        store = JobStore.from_url(server.url(PRODUCER))
+        assert [store.get(j).spec for j in job_ids] == [spec] * 3
+        assert "NOPERM" not in (server.data_dir / "redis.log").read_text()
+    finally:
+        server.stop()
+
+
 def test_the_file_holds_hashes_and_turns_the_default_user_off(acl_redis: AclRedis) -> None:
     lines = acl_redis.acl.splitlines()
     assert lines[0].startswith("user default off ")
     assert not any(p in acl_redis.acl for p in acl_redis.passwords.values())
-    assert "+@all" not in acl_redis.acl and " ~* " not in acl_redis.acl
+    assert lines[0] == DEFAULT_USER_RULE  # off: nobody logs in as it (see the restart test)
+    roles_only = "\n".join(lines[1:])
+    assert "+@all" not in roles_only and " ~* " not in roles_only
     assert {line.split()[1] for line in lines} == {"default", HEALTH_USER} | {
         user_name(r) for r in ROLES
     }
