@@ -25,12 +25,14 @@ from jobs.admission import inbound_gate
 from jobs.evacuation import EvacuationSpec, EvacuationStore, Placement
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
+from jobs.request_signing import RequestSigner
 from jobs.spec import MigrationSpec
 from jobs.store import job_key
 from lab import control
 from lab.layout import LabLayout
 from lab.proc import alive
 from tests.support.forgery import (
+    ForgedJob,
     capture,
     domain_facts,
     forge_job,
@@ -104,9 +106,11 @@ def lab2_blocked(lab: Lab) -> Iterator[None]:
 # ---- 1. a forged ext URI in the hand-off -------------------------------------------------
 
 
-def test_an_unsigned_record_with_an_ext_uri_runs_no_command(
-    lab: Lab, guest_home: None, tmp_path: Path
-) -> None:
+def prepared_with_ext_uri(
+    lab: Lab, tmp_path: Path, signer: RequestSigner | None
+) -> tuple[ForgedJob, Path]:
+    """A job "prepared long ago" whose hand-off names a program and an outside address:
+    recovery re-sends its perform. The marker file appears if the program ever runs."""
     uri, marker = marker_script(tmp_path)
     forged = forge_job(
         lab,
@@ -115,7 +119,15 @@ def test_an_unsigned_record_with_an_ext_uri_runs_no_command(
         facts=domain_facts(lab, "lab1", GUEST),
         handoff={"dconnuri": uri, "migrate_uri": "tcp://203.0.113.7:4444"},
         ended_phases=("source_preflight", "destination_prepare"),
+        signer=signer,
     )
+    return forged, marker
+
+
+def test_an_unsigned_record_with_an_ext_uri_runs_no_command(
+    lab: Lab, guest_home: None, tmp_path: Path
+) -> None:
+    forged, marker = prepared_with_ext_uri(lab, tmp_path, signer=None)
     refused_for_security(lab, forged.id)
     assert not marker.exists()
     untouched(lab)
@@ -126,16 +138,7 @@ def test_a_signed_job_goes_where_the_registry_says_whatever_its_handoff_says(
 ) -> None:
     """A request a producer really signed, its hand-off rewritten in Redis: recovery re-sends
     perform, which takes the destination URI and address from the registry."""
-    uri, marker = marker_script(tmp_path)
-    forged = forge_job(
-        lab,
-        MigrationSpec(domain=GUEST, src="lab1", dst="lab2"),
-        state="prepared",
-        facts=domain_facts(lab, "lab1", GUEST),
-        handoff={"dconnuri": uri, "migrate_uri": "tcp://203.0.113.7:4444"},
-        ended_phases=("source_preflight", "destination_prepare"),
-        signer=lab_signer(lab),
-    )
+    forged, marker = prepared_with_ext_uri(lab, tmp_path, signer=lab_signer(lab))
     job = ended(lab, forged.id, RECOVERY_S + JOB_TIMEOUT_S)
     assert job.state.value == "succeeded", job.reason
     assert not marker.exists()
