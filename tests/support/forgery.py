@@ -21,7 +21,7 @@ import redis
 from config.celery import host_queue
 from config.redis_acl import WORKER
 from jobs.model import PhaseRecord
-from jobs.request_signing import MIGRATION_KIND, RequestSigner, canonical
+from jobs.request_signing import MIGRATION_KIND, RequestSigner, signed_record
 from jobs.spec import MigrationSpec
 from jobs.store import ACTIVE_JOBS, JOBS_INDEX, job_key
 from lab import control
@@ -109,17 +109,15 @@ def forge_job(
     }
     if admitted:
         record["admitted"] = then.isoformat()
-    if signer is not None:
-        payload = canonical(
-            kind=MIGRATION_KIND,
-            job_id=job_id,
-            spec=spec.model_dump(mode="json"),
-            parent=None,
-            parent_limit=None,
-            origin="producer@forger",
-            at=then,
-        )
-        record["request"] = signer.sign(payload).to_json()
+    # What a producer writes (jobs/request_signing.py), as it would have signed it then.
+    record |= signed_record(
+        signer,
+        kind=MIGRATION_KIND,
+        job_id=job_id,
+        spec=spec,
+        origin="producer@forger",
+        at=then,
+    )
     r.hset(job_key(job_id), mapping=record)
     for phase in ended_phases:
         rec = PhaseRecord(phase=phase, host="forger", started=then, ended=then)

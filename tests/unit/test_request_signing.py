@@ -19,9 +19,9 @@ from jobs.request_signing import (
     RequestRefused,
     RequestSigner,
     SignedRequest,
-    canonical,
     check_job,
     check_record,
+    signed_record,
     signer_for,
     verifier_for,
 )
@@ -165,16 +165,15 @@ def test_an_old_request_is_refused_at_admission_age(fleet: Fleet) -> None:
     job_id = fleet.submit()
     signer = signer_for(fleet.settings.security)
     assert signer is not None
-    old = canonical(
+    old = signed_record(
+        signer,
         kind=MIGRATION_KIND,
         job_id=job_id,
-        spec=SPEC.model_dump(mode="json"),
-        parent=None,
-        parent_limit=None,
+        spec=SPEC,
         origin="producer@test",
         at=datetime.now(UTC) - timedelta(days=3),
     )
-    fleet.store.r.hset(job_key(job_id), REQUEST_FIELD, signer.sign(old).to_json())
+    fleet.store.r.hset(job_key(job_id), mapping=old)
     fleet.check(fleet.job(job_id))  # a running job's request does not expire
     assert "request_max_age" in refusal(fleet, job_id, max_age_s=86_400)
 
