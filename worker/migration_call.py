@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import libvirt
-from jobs.targets import migration_uri_problem
 
 from config.settings import Host
 from jobs.spec import ControlFlow, CopyStorage, MigrationSpec, Transport
+from jobs.targets import migration_uri_problem
 
 
 class UnsafeTarget(ValueError):
