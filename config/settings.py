@@ -146,11 +146,14 @@ class Tunables(_Strict):
     # should have started `redispatch_after` ago is sent again (phase claims drop duplicates).
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_ttl: float = Field(default=10.0, gt=0)
+    # A warm shutdown (SIGTERM) waits this long for a running migration; then a peer-to-peer
+    # one is handed over to the next worker (libvirtd carries on without its client) and any
+    # other is aborted (it cannot outlive this process). Keep the service manager's stop
+    # timeout longer than this (docker-compose.yml: stop_grace_period).
+    drain_timeout: float = Field(default=600.0, gt=0)
     watchdog_interval: float = Field(default=5.0, gt=0)
     stall_after: float = Field(default=30.0, gt=0)
     redispatch_after: float = Field(default=30.0, gt=0)
-    # One active job per domain: the lease, renewed while the job lives.
-    domain_lease: float = Field(default=120.0, gt=0)
     # How long a worker's Redis commands keep retrying through a Redis restart; producers
     # retry only briefly (a stale pooled connection), so a dead Redis is reported at once.
     redis_retry_for: float = Field(default=30.0, ge=0)
@@ -330,21 +333,40 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
 
 
 class _Cache:
-    """Settings loaded once per process and reloaded when the file's mtime changes."""
+    """Settings loaded once per process and reloaded when the file's mtime changes.
+
+    A reload that fails (a typo saved mid-edit, a file half-copied) keeps the last good
+    settings: a worker's heartbeat, lease holding and recovery must not stop because an
+    operator's editor wrote a bad file, and its in-flight migrations must keep their policy.
+    The problem is kept (`problem()`) for the worker to report loudly until the file is fixed.
+    A process that never loaded good settings has nothing to fall back on and raises.
+    """
 
     def __init__(self) -> None:
         self._lock = Lock()
         self._settings: Settings | None = None
         self._stamp: float | None = None
+        self._problem: str | None = None
 
     def get(self) -> Settings:
         path = _config_path(None)
         stamp = path.stat().st_mtime if path is not None and path.exists() else None
         with self._lock:
             if self._settings is None or stamp != self._stamp:
-                self._settings = load_settings()
-                self._stamp = stamp
+                try:
+                    fresh = load_settings()
+                except ConfigError as exc:
+                    if self._settings is None:
+                        raise
+                    self._stamp = stamp  # tried once per change of the file, not per call
+                    self._problem = str(exc)
+                    return self._settings
+                self._settings, self._stamp, self._problem = fresh, stamp, None
             return self._settings
+
+    def problem(self) -> str | None:
+        with self._lock:
+            return self._problem
 
 
 _cache = _Cache()
@@ -353,3 +375,10 @@ _cache = _Cache()
 def current() -> Settings:
     """The process-wide settings, fresh if the config file changed since the last call."""
     return _cache.get()
+
+
+def config_problem() -> str | None:
+    """Why the config file on disk was not loaded (the last good settings are in use), or
+    None when the settings in use are the file's."""
+    current()  # notice a change made since the last call
+    return _cache.problem()

@@ -124,6 +124,20 @@ def host_report_key(host: str) -> str:
     return f"{KEY_PREFIX}:worker:{host}:report"
 
 
+def draining_key(host: str) -> str:
+    """Set by a worker in warm shutdown: since when, and what it still runs."""
+    return f"{KEY_PREFIX}:worker:{host}:draining"
+
+
+def runner_key(job_id: str, phase: str) -> str:
+    """Which worker process runs a job's phase now (the phase record says only which host)."""
+    return f"{job_key(job_id)}:runner:{phase}"
+
+
+def redispatched_field(phase: str) -> str:
+    return f"redispatched:{phase}"
+
+
 def domain_lock_key(kind: str, value: str) -> str:
     """One active job per domain: by name at submit, by UUID once the source has looked."""
     return f"{KEY_PREFIX}:lock:{kind}:{value}"
@@ -318,11 +332,17 @@ class JobStore:
 
     # --- leases: one active job per domain, workers' liveness ---------------------------------
 
-    def take_lease(self, key: str, job_id: str, lease_s: float) -> str | None:
-        """Hold `key` for `job_id`: None when held, else the id of the live job holding it."""
+    def take_lease(self, key: str, job_id: str) -> str | None:
+        """Hold `key` for `job_id`: None when held, else the id of the live job holding it.
+
+        A lease has no expiry: it lasts as long as its job lives, and is taken over only from
+        a job that has ended or vanished. A timer, however often renewed, can run out under a
+        live migration (a worker whose keeper stalled, a Redis outage) and let a second job
+        of the same domain in, whose rollback would then act on the first job's guest.
+        """
         holder: str | None = None
         for _ in range(LEASE_ATTEMPTS):
-            if self.r.set(key, job_id, nx=True, px=int(lease_s * 1000)):
+            if self.r.set(key, job_id, nx=True):
                 self.r.hset(job_key(job_id), f"lease:{key}", "1")
                 return None
             holder = cast(str | None, self.r.get(key))
@@ -344,10 +364,6 @@ class JobStore:
         fields = cast(dict[str, str], self.r.hgetall(job_key(job_id)))
         return [f.removeprefix("lease:") for f in fields if f.startswith("lease:")]
 
-    def renew_leases(self, job_id: str, lease_s: float) -> None:
-        for key in self.leases_of(job_id):
-            self._renew(keys=[key], args=[job_id, int(lease_s * 1000)])
-
     def release_holds(self, job_id: str) -> None:
         """Everything a finished job held: domain leases, reservations, its active mark."""
         for key in self.leases_of(job_id):
@@ -360,8 +376,57 @@ class JobStore:
             self.release(host, job_id)
         self.r.srem(ACTIVE_JOBS, job_id)
 
-    def heartbeat(self, host: str, ttl_s: float) -> None:
-        self.r.set(heartbeat_key(host), now().isoformat(), px=int(ttl_s * 1000))
+    # --- who runs a phase: by worker identity, not per process ------------------------------
+
+    def take_runner(self, job_id: str, phase: str, worker: str, ttl_s: float) -> str | None:
+        """Mark `worker` as the one running the phase: None when it is (now) ours, else the
+        live worker that runs it. The mark lives `ttl_s` unless renewed by its worker's
+        heartbeat, so a dead worker's phase is free for recovery once that has passed."""
+        key, ttl_ms = runner_key(job_id, phase), int(ttl_s * 1000)
+        for _ in range(LEASE_ATTEMPTS):
+            if self.r.set(key, worker, nx=True, px=ttl_ms):
+                return None
+            holder = cast(str | None, self.r.get(key))
+            if holder == worker:
+                self._renew(keys=[key], args=[worker, ttl_ms])
+                return None
+            if holder is not None:
+                return holder
+        return cast(str | None, self.r.get(key))
+
+    def renew_runner(self, job_id: str, phase: str, worker: str, ttl_s: float) -> None:
+        self._renew(keys=[runner_key(job_id, phase)], args=[worker, int(ttl_s * 1000)])
+
+    def drop_runner(self, job_id: str, phase: str, worker: str) -> None:
+        self._release(keys=[runner_key(job_id, phase)], args=[worker])
+
+    def runner(self, job_id: str, phase: str) -> str | None:
+        return cast(str | None, self.r.get(runner_key(job_id, phase)))
+
+    def mark_redispatched(self, job_id: str, phase: str) -> None:
+        self.r.hset(job_key(job_id), redispatched_field(phase), now().isoformat())
+
+    def redispatched_at(self, job_id: str, phase: str) -> datetime | None:
+        raw = self.field(job_id, redispatched_field(phase))
+        return datetime.fromisoformat(raw) if raw else None
+
+    # --- hosts ---------------------------------------------------------------------------
+
+    def set_draining(self, host: str, info: dict[str, Any], ttl_s: float) -> None:
+        self.r.set(draining_key(host), json.dumps(info), px=int(ttl_s * 1000))
+
+    def draining(self, host: str) -> dict[str, Any] | None:
+        """What a draining worker last said of itself, or None when `host`'s is not draining."""
+        raw = cast(str | None, self.r.get(draining_key(host)))
+        return cast(dict[str, Any], json.loads(raw)) if raw else None
+
+    def heartbeat(self, host: str, ttl_s: float, worker: str = "") -> None:
+        """`host` has a worker taking work (`worker` names the process)."""
+        self.r.set(heartbeat_key(host), worker or now().isoformat(), px=int(ttl_s * 1000))
+
+    def drop_heartbeat(self, host: str, worker: str) -> None:
+        """`worker` no longer takes work; a worker beside it that does keeps the host alive."""
+        self._release(keys=[heartbeat_key(host)], args=[worker])
 
     def alive(self, host: str) -> bool:
         return bool(self.r.exists(heartbeat_key(host)))
@@ -385,8 +450,16 @@ class JobStore:
         self.r.hset(key, mapping=merged)
 
     def phase_started(self, job_id: str, phase: str, host: str) -> None:
+        """Record the start; whatever the job was said to wait for is over."""
         rec = PhaseRecord(phase=phase, host=host, started=now())
-        self.r.hset(f"{job_key(job_id)}:phases", phase, rec.model_dump_json())
+        with self.r.pipeline(transaction=True) as p:
+            p.hset(f"{job_key(job_id)}:phases", phase, rec.model_dump_json())
+            p.hdel(job_key(job_id), "waiting_for")
+            p.execute()
+
+    def set_waiting_for(self, job_id: str, reason: str) -> None:
+        """Why an admitted job's next step has not started (shown until it starts)."""
+        self.r.hset(job_key(job_id), "waiting_for", reason)
 
     def phase_ended(self, job_id: str, phase: str, error: str | None = None) -> None:
         key = f"{job_key(job_id)}:phases"

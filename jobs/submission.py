@@ -26,7 +26,6 @@ def enqueue(
     spec: MigrationSpec,
     *,
     origin: str,
-    lease_s: float,
     parent: str | None = None,
     parent_limit: int | None = None,
     reserve_mib: int | None = None,
@@ -40,7 +39,7 @@ def enqueue(
     job_id = store.create(
         spec, host=origin, parent=parent, parent_limit=parent_limit, signer=signer
     )
-    holder = store.take_lease(domain_lock_key("name", spec.domain), job_id, lease_s)
+    holder = store.take_lease(domain_lock_key("name", spec.domain), job_id)
     if holder is not None:
         store.discard(job_id)
         state = store.state(holder).value

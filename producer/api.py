@@ -122,7 +122,6 @@ class Drover:
                     self.store,
                     spec,
                     origin=producer_name(),
-                    lease_s=self.settings.tunables.domain_lease,
                     signer=self.signer,
                 )
             except DomainBusy as exc:
@@ -411,12 +410,16 @@ class Drover:
         for name in sorted(self.settings.hosts):
             report = self.store.host_report(name)
             entry = disabled.get(name)
+            draining = self.store.draining(name)
             rows.append(
                 {
                     "host": name,
                     "state": "disabled" if entry else "enabled",
                     "disabled_reason": entry.reason if entry else None,
                     "worker_alive": self.store.alive(name),
+                    # A worker in warm shutdown: since when, and the jobs it still runs.
+                    "draining": draining,
+                    "config_error": report.get("config_error"),
                     "migrations_out": len(self.admission.holders(outbound_gate(name))),
                     "migrations_in": len(self.admission.holders(inbound_gate(name))),
                     "free_mib": report.get("free_mib"),

@@ -127,6 +127,19 @@ def outcome_table(outcome: list[DomainOutcome], host: str) -> Table:
     return table
 
 
+def worker_cell(row: dict[str, Any]) -> str:
+    """alive, draining (with what it still runs), or DEAD; and a config the worker refused."""
+    parts = ["alive"] if row["worker_alive"] else []
+    draining = row.get("draining")
+    if draining:
+        running = ", ".join(str(j) for j in draining.get("running", [])) or "nothing"
+        parts.append(f"draining since {draining.get('since')} (running {running})")
+    cell = "; ".join(parts) or "DEAD"
+    if row.get("config_error"):
+        cell += f"; CONFIG NOT LOADED: {row['config_error']}"
+    return cell
+
+
 def hosts_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="drover hosts")
     for col in ("host", "state", "worker", "free", "running", "out", "in"):
@@ -139,7 +152,7 @@ def hosts_table(rows: list[dict[str, Any]]) -> Table:
             table,
             r["host"],
             state,
-            "alive" if r["worker_alive"] else "DEAD",
+            worker_cell(r),
             free,
             f"{len(running)}: {', '.join(running)}" if running is not None else "?",
             str(r["migrations_out"]),

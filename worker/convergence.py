@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.spec import MigrationSpec, TimeoutAction
+from jobs.spec import ControlFlow, MigrationSpec, TimeoutAction
 from worker.monitor_types import ProgressLike
 
 MS_PER_S = 1000
 MIB = 1024 * 1024
 
-ActionKind = Literal["continue", "abort", "cancel", "suspend", "postcopy"]
+ActionKind = Literal["continue", "abort", "cancel", "suspend", "postcopy", "handover"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,19 @@ class Action:
 
 
 CONTINUE = Action("continue")
+
+
+def drain_action(spec: MigrationSpec, drained_s: float, drain_timeout_s: float) -> Action:
+    """What a worker in warm shutdown does about a migration it drives, `drained_s` into the
+    shutdown (0 while not draining): let it run until the drain timeout; then hand a
+    peer-to-peer one over (libvirtd drives it without its client; the next worker of the
+    host re-attaches to it), and abort any other, which cannot outlive its client."""
+    if drained_s <= 0 or drained_s < drain_timeout_s:
+        return CONTINUE
+    waited = f"the worker is shutting down and its drain timeout ({drain_timeout_s:g}s) passed"
+    if spec.control is ControlFlow.P2P:
+        return Action("handover", f"{waited}; libvirtd carries the migration on")
+    return Action("abort", f"{waited}; a {spec.control.value} migration cannot outlive it")
 
 
 @dataclass

@@ -267,7 +267,6 @@ def _queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **event: Any
         rt.store,
         child_spec(ev, placement),
         origin=f"evacuation {ev.id}",
-        lease_s=rt.settings.tunables.domain_lease,
         parent=ev.id,
         parent_limit=ev.spec.max_parallel,
         reserve_mib=placement.memory_mib if placement.active else None,

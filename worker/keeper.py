@@ -4,7 +4,9 @@ The heartbeat (with lease renewal) runs alone; the other loop reports the host, 
 waiting jobs, watches this host's evacuations and sweeps for recovery. Kept out of the task
 code: phases never wait on it, and it never runs a migration itself except to settle one
 this host had started and lost (worker/recovery.py). Intervals are re-read every pass, as
-the config file may change.
+the config file may change; a file that cannot be read keeps the last good settings
+(config/settings.py) and is reported here. During a warm shutdown only the heartbeat (which
+then says "draining") and the config watch go on.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import libvirt
 import redis
 
 from config.events import get_logger
-from config.settings import Tunables
-from jobs.store import now
+from config.settings import Tunables, config_problem
+from jobs.store import JobNotFound, now
 from worker import evacuation, recovery
 from worker.admission_pass import admit_waiting
 from worker.libvirt_host import LibvirtUnavailable, placement_room_mib
+from worker.phase_scope import job_context
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -37,6 +41,7 @@ class Duty:
     interval: Callable[[Tunables], float]
     run: Callable[[Runtime], object]
     due: float = 0.0  # monotonic time; 0 = at once (recovery after a restart comes first)
+    while_draining: bool = False  # whether it still runs during a warm shutdown
 
 
 def host_report(rt: Runtime) -> dict[str, Any]:
@@ -53,13 +58,32 @@ def host_report(rt: Runtime) -> dict[str, Any]:
 
 
 def _heartbeat(rt: Runtime) -> None:
-    """Liveness, and the leases of every live job this host takes part in (waiting in line,
-    queued in Celery or running): Redis only, so a hung libvirtd cannot delay it."""
+    """Liveness, and the marks of the phases this process runs (worker/runtime.py): Redis
+    only, so a hung libvirtd cannot delay it.
+
+    A draining worker (warm shutdown) no longer says it is alive, which would tell peers it
+    takes work; it says it is draining instead, with the jobs it still runs, for as long as
+    it keeps running them.
+    """
     tunables = rt.settings.tunables
-    rt.store.heartbeat(rt.host, tunables.heartbeat_ttl)
-    for job_id in rt.store.active_ids():
-        if rt.host in rt.store.hosts_of(job_id):
-            rt.store.renew_leases(job_id, tunables.domain_lease)
+    rt.renew_running()
+    if rt.draining:
+        with rt.lock:
+            running = sorted({job_id for job_id, _ in rt.running})
+        rt.store.set_draining(rt.host, _drain_report(rt, running), tunables.heartbeat_ttl)
+        rt.store.drop_heartbeat(rt.host, rt.worker_id)
+        return
+    rt.store.heartbeat(rt.host, tunables.heartbeat_ttl, rt.worker_id)
+
+
+def _drain_report(rt: Runtime, running: list[str]) -> dict[str, Any]:
+    waited = rt.drained_for()
+    return {
+        "since": (now() - timedelta(seconds=waited)).isoformat(),
+        "worker": rt.worker_id,
+        "running": running,
+        "drain_timeout": rt.settings.tunables.drain_timeout,
+    }
 
 
 def _report(rt: Runtime) -> None:
@@ -67,15 +91,44 @@ def _report(rt: Runtime) -> None:
         report = host_report(rt)
     except (LibvirtUnavailable, libvirt.libvirtError) as exc:
         report = {"ts": now().isoformat(), "error": str(exc)}
+    if rt.config_problem:
+        report["config_error"] = rt.config_problem
     rt.store.report_host(rt.host, report, rt.settings.tunables.heartbeat_ttl)
 
 
+def _watch_config(rt: Runtime) -> None:
+    """Say loudly, once per change, that the config file on disk is bad and that the last
+    good settings stay in use; and again when it is good again. On the log, in `drover
+    hosts`, and on the stream of every live job this host takes part in."""
+    problem = config_problem()
+    if problem == rt.config_problem:
+        return
+    rt.config_problem = problem
+    name, level = ("config.invalid", "error") if problem else ("config.restored", "info")
+    fields = {"reason": f"{problem}; keeping the last good settings"} if problem else {}
+    getattr(log, level)(name, **fields)
+    for job_id in rt.store.active_ids():
+        try:
+            job = rt.store.get(job_id)
+        except JobNotFound:
+            continue
+        if rt.host in (job.spec.src, job.spec.dst):
+            getattr(log, level)(name, **job_context(job, None), **fields)
+
+
 def heartbeat_duties() -> list[Duty]:
-    return [Duty("heartbeat", lambda t: t.heartbeat_interval, _heartbeat)]
+    return [
+        Duty("heartbeat", lambda t: t.heartbeat_interval, _heartbeat, while_draining=True),
+        Duty("config", lambda t: t.heartbeat_interval, _watch_config, while_draining=True),
+    ]
 
 
 def duties() -> list[Duty]:
-    """The rest: these may wait on libvirt (reports, recovery, an evacuation's checks)."""
+    """The rest: these may wait on libvirt (reports, recovery, an evacuation's checks).
+
+    None of them runs while the worker drains: it starts nothing new, recovers nothing (a
+    worker beside it may), and leaves the host's report to a worker that takes work.
+    """
     return [
         Duty("report", lambda t: t.heartbeat_interval, _report),
         Duty("recovery", lambda t: t.watchdog_interval, recovery.sweep),
@@ -85,27 +138,38 @@ def duties() -> list[Duty]:
 
 
 class Keeper(threading.Thread):
+    """Runs its duties for as long as the process lives: no error in one pass (Redis gone,
+    libvirt gone, a bug, a config that cannot be read) stops the next."""
+
     def __init__(self, rt: Runtime, name: str, jobs: list[Duty]) -> None:
         super().__init__(name=name, daemon=True)
         self.rt = rt
         self.stop = threading.Event()
+        self.wake = threading.Event()
         self.duties = jobs
 
     def run(self) -> None:
         while not self.stop.is_set():
-            tunables = self.rt.settings.tunables
-            for duty in self.duties:
-                if time.monotonic() < duty.due:
-                    continue
-                try:
-                    duty.run(self.rt)
-                except redis.RedisError as exc:
-                    log.warning("keeper.redis_unavailable", duty=duty.name, error=str(exc))
-                except Exception as exc:  # the keeper must outlive any one bad job
-                    log.exception("keeper.error", duty=duty.name, error=str(exc))
-                duty.due = time.monotonic() + duty.interval(tunables)
+            try:
+                self.run_due()
+            except Exception as exc:  # what run_due itself did not catch: never die
+                log.exception("keeper.error", duty=None, error=str(exc))
             next_due = min(d.due for d in self.duties) - time.monotonic()
-            self.stop.wait(min(max(next_due, 0.0), MAX_TICK_S))
+            self.wake.wait(min(max(next_due, 0.0), MAX_TICK_S))
+            self.wake.clear()
+
+    def run_due(self) -> None:
+        tunables = self.rt.settings.tunables
+        for duty in self.duties:
+            if time.monotonic() < duty.due or (self.rt.draining and not duty.while_draining):
+                continue
+            try:
+                duty.run(self.rt)
+            except redis.RedisError as exc:
+                log.warning("keeper.redis_unavailable", duty=duty.name, error=str(exc))
+            except Exception as exc:  # the keeper must outlive any one bad job
+                log.exception("keeper.error", duty=duty.name, error=str(exc))
+            duty.due = time.monotonic() + duty.interval(tunables)
 
 
 _keepers: dict[str, list[Keeper]] = {}
@@ -121,3 +185,15 @@ def start_keeper(rt: Runtime) -> None:
         ]
         for keeper in _keepers[rt.host]:
             keeper.start()
+
+
+def begin_drain(host: str) -> None:
+    """Warm shutdown began (Celery's worker_shutting_down, in a signal handler: no I/O here).
+
+    Celery stops taking messages and waits for the running tasks; the keepers, woken now,
+    say that the host is draining and stop every duty that would start or recover work.
+    """
+    for keeper in _keepers.get(host, []):
+        if keeper.rt.draining_since is None:
+            keeper.rt.draining_since = time.monotonic()
+        keeper.wake.set()

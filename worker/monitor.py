@@ -16,7 +16,7 @@ from typing import Any
 
 import libvirt
 
-from worker.convergence import Action, ConvergencePolicy
+from worker.convergence import CONTINUE, Action, ConvergencePolicy
 
 MS_PER_S = 1000
 
@@ -92,6 +92,7 @@ class MigrationMonitor:
         on_progress: Callable[[Progress], None],
         on_action: Callable[[Action], None],
         abort_requested: Callable[[], str | None] = lambda: None,
+        drain: Callable[[], Action] = lambda: CONTINUE,
     ) -> None:
         self.dom = dom
         self.interval = interval
@@ -99,8 +100,12 @@ class MigrationMonitor:
         self.on_progress = on_progress
         self.on_action = on_action
         self.abort_requested = abort_requested
+        self.drain = drain
         self.last: Progress | None = None
         self.cancelled = False
+        # Set when the worker's warm shutdown handed the migration over: the loop stops
+        # watching a migration libvirtd goes on with (convergence.drain_action).
+        self.handed_over: Action | None = None
 
     def run(self, finished: threading.Event) -> None:
         """Sample until `finished` is set (the migration call returned); one report a tick."""
@@ -110,6 +115,13 @@ class MigrationMonitor:
             # Half the interval waiting, at most half for the sample: a report every interval.
             half = self.interval / 2
             while not finished.wait(half):
+                verdict = self.drain()
+                if verdict.kind == "handover":
+                    self.handed_over = verdict
+                    return
+                if verdict.kind != "continue" and not self.cancelled:
+                    self.cancelled = True
+                    self.on_action(verdict)
                 if not self.cancelled and (reason := self.abort_requested()):
                     self.cancelled = True
                     self.on_action(Action("cancel", reason))

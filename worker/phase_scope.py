@@ -46,6 +46,15 @@ class RetryPhase(Exception):
     """The phase could not reach its libvirtd and may be tried again (tunables.phase_retries)."""
 
 
+class HandedOver(Exception):
+    """The phase goes on without this process (a peer-to-peer migration libvirtd carries on
+    through this worker's warm shutdown): it stays started, for the next worker to recover."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class PhaseCancelled(PhaseFailed):
     """The operator aborted the job; the guest stays where it was."""
 
@@ -59,7 +68,7 @@ def owner(job: Job, phase: Phase) -> str:
     return job.spec.src if PHASE_SIDE[phase] is Side.SOURCE else job.spec.dst
 
 
-def job_context(job: Job, phase: str) -> dict[str, Any]:
+def job_context(job: Job, phase: str | None) -> dict[str, Any]:
     return {
         "job_id": job.id,
         "domain": job.spec.domain,
@@ -80,9 +89,8 @@ def advance(rt: Runtime, job: Job, target: JobState) -> None:
 
 
 def hold_domain(rt: Runtime, job: Job, uuid: str) -> None:
-    """One active job per domain (by UUID); the lease is renewed while this job lives."""
-    lease = rt.settings.tunables.domain_lease
-    holder = rt.store.take_lease(domain_lock_key("uuid", uuid), job.id, lease)
+    """One active job per domain (by UUID), for as long as this job lives."""
+    holder = rt.store.take_lease(domain_lock_key("uuid", uuid), job.id)
     if holder is not None:
         raise PhaseFailed(f"{job.spec.domain} ({uuid}) already has an active job {holder}")
 
@@ -154,17 +162,22 @@ def _unexpected(rt: Runtime, job: Job, phase: Phase, exc: Exception) -> NoReturn
 
 @contextmanager
 def _running(rt: Runtime, job_id: str, phase: Phase) -> Iterator[None]:
-    """Mark the phase as running in this process (unless a recovery already marked it)."""
-    key = (job_id, phase.value)
+    """Mark the phase as run by this worker, in this process and in Redis (unless a recovery
+    in this process already marked it): recovery on any worker of this host leaves it alone
+    while this worker's heartbeat keeps the mark alive."""
     with rt.lock:
-        ours = key not in rt.running
-        rt.running.add(key)
+        marked = (job_id, phase.value) in rt.running
+    if marked:
+        yield
+        return
+    holder = rt.begin(job_id, phase.value)
+    if holder is not None:
+        log.warning("phase.duplicate", reason=f"worker {holder} on {rt.host} runs this phase")
+        raise Ignore()
     try:
         yield
     finally:
-        if ours:
-            with rt.lock:
-                rt.running.discard(key)
+        rt.end(job_id, phase.value)
 
 
 def execute_phase(
@@ -224,13 +237,15 @@ def _run_in_frame(
     if not recovering or phase.value not in job.phases:
         rt.store.phase_started(job.id, phase.value, rt.host)
     log.info("phase.recovering" if recovering else "phase.started")
-    rt.store.renew_leases(job.id, rt.settings.tunables.domain_lease)
     delay = rt.settings.faults.phase_delays.get(phase.value)
     if delay and not recovering:
         log.warning("fault.delay", seconds=delay)  # the fault suite's window into this phase
         time.sleep(delay)
     try:
         then = fn(rt, job)
+    except HandedOver as exc:
+        log.warning("phase.handed_over", reason=exc.reason)
+        raise Ignore() from None
     except Ignore:
         rt.store.phase_ended(job.id, phase.value, error="skipped")
         if rt.store.state(job.id).value in ("cancelled", "failed"):

@@ -26,7 +26,7 @@ from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
-from worker.convergence import Action, ConvergencePolicy
+from worker.convergence import Action, ConvergencePolicy, drain_action
 from worker.libvirt_host import (
     DomainFacts,
     checked_uri,
@@ -38,7 +38,7 @@ from worker.libvirt_host import (
 )
 from worker.migration_call import Handoff, MigrationCall, UnsafeTarget, build_call, handoff_for
 from worker.monitor import MigrationMonitor, Progress
-from worker.phase_scope import PhaseCancelled, PhaseFailed, advance, hold_domain
+from worker.phase_scope import HandedOver, PhaseCancelled, PhaseFailed, advance, hold_domain
 from worker.runtime import Runtime
 from worker.storage import Disk, StorageError, create_targets, local_disks, remove_own
 
@@ -292,12 +292,15 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
         on_progress=on_progress,
         on_action=on_action,
         abort_requested=lambda: rt.store.abort_requested(job.id),
+        drain=lambda: drain_action(spec, rt.drained_for(), tunables.drain_timeout),
     )
     started = time.monotonic()
     worker = threading.Thread(target=migrate, name=f"migrate-{job.id}", daemon=True)
     worker.start()
     if not spec.offline:  # an offline migration has no job statistics to sample
         monitor.run(finished)
+    if monitor.handed_over is not None:
+        raise HandedOver(monitor.handed_over.reason)
     worker.join()
     migration_ms = round((time.monotonic() - started) * MS_PER_S, 1)
     if "error" in outcome:

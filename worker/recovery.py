@@ -111,21 +111,9 @@ def _since_s(then: datetime) -> float:
 
 
 def _attend(rt: Runtime, job: Job, step: Step) -> None:
-    tunables = rt.settings.tunables
     step_owner = owner(job, step.phase)
     if step_owner != rt.host:
-        if (
-            job.state is not JobState.STALLED
-            and not rt.store.alive(step_owner)
-            and _idle_s(step) > tunables.stall_after
-        ):
-            reason = (
-                f"{step_owner}'s worker has not been seen for {tunables.stall_after:.0f}s "
-                f"while the job was {job.state.value} ({step.phase.value})"
-            )
-            moved, _ = rt.store.transition(job.id, JobState.STALLED, host=rt.host, reason=reason)
-            if moved:
-                log.warning("job.state", state=JobState.STALLED.value, reason=reason)
+        _watch_peer(rt, job, step, step_owner)
         return
     with rt.lock:
         if (job.id, step.phase.value) in rt.running:
@@ -139,13 +127,50 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
             _recover_in_background(rt, job, step.phase)
     elif job.admitted is None:
         return  # still waiting for a slot: admission, not recovery, starts it (and checks it)
-    elif (
-        _idle_s(step) > tunables.redispatch_after
-        and _since_s(job.admitted) > tunables.redispatch_after
-        and verified(rt, job)  # nor sent
-    ):
+    elif _quiet_s(rt, job, step) > rt.settings.tunables.redispatch_after and verified(rt, job):
+        # (nor is anything sent again for a request no trusted key signed)
         log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
+        rt.store.mark_redispatched(job.id, step.phase.value)
         migration_chain(app, job.id, job.spec, start=step.phase).apply_async()
+
+
+def _quiet_s(rt: Runtime, job: Job, step: Step) -> float:
+    """How long nothing has happened to a step that should have started: since the job last
+    moved, was admitted, or the step was last sent again (so re-sends keep their back-off)."""
+    assert job.admitted is not None
+    last = max(step.since, job.admitted)
+    resent = rt.store.redispatched_at(job.id, step.phase.value)
+    return _since_s(max(last, resent) if resent else last)
+
+
+def _watch_peer(rt: Runtime, job: Job, step: Step, peer: str) -> None:
+    """A step that is another host's: leave it to that host while it has a worker taking
+    work, or a live worker running this very step; otherwise say why the job waits, and
+    mark it `stalled` once it has waited `stall_after`."""
+    tunables = rt.settings.tunables
+    if job.state is JobState.STALLED or rt.store.alive(peer):
+        return
+    if step.started and rt.store.runner(job.id, step.phase.value) is not None:
+        return  # a draining worker still runs it, and keeps its mark alive
+    draining = rt.store.draining(peer)
+    if draining is not None:
+        why = (
+            f"{peer}'s worker is shutting down (draining since {draining.get('since')}) "
+            f"and takes no new work; {step.phase.value} waits for a worker on {peer}"
+        )
+    else:
+        why = (
+            f"{peer}'s worker has not been seen for {tunables.stall_after:.0f}s "
+            f"while the job was {job.state.value} ({step.phase.value})"
+        )
+    if _idle_s(step) <= tunables.stall_after:
+        if draining is not None and job.waiting_for != why:
+            rt.store.set_waiting_for(job.id, why)
+            log.info("job.waiting", reason=why)
+        return
+    moved, _ = rt.store.transition(job.id, JobState.STALLED, host=rt.host, reason=why)
+    if moved:
+        log.warning("job.state", state=JobState.STALLED.value, reason=why)
 
 
 def _resume_after(job: Job, phase: Phase) -> None:
@@ -156,15 +181,14 @@ def _resume_after(job: Job, phase: Phase) -> None:
 
 def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
     """Recover on a thread of its own: waiting for a migration must not stop the heartbeat."""
-    key = (job.id, phase.value)
-    with rt.lock:
-        if key in rt.running:
-            return
-        rt.running.add(key)
+    holder = rt.begin(job.id, phase.value)
+    if holder is not None:
+        if holder != rt.worker_id:
+            log.info("phase.not_recovered", reason=f"worker {holder} on {rt.host} still runs it")
+        return
     fresh = _still_interrupted(rt, job.id, phase)
     if fresh is None:
-        with rt.lock:
-            rt.running.discard(key)
+        rt.end(job.id, phase.value)
         return
     job = fresh
     context = structlog.contextvars.get_contextvars()
@@ -179,8 +203,7 @@ def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
         except Exception as exc:  # never let one job's recovery kill the thread silently
             log.exception("phase.recovery_failed", error=str(exc))
         finally:
-            with rt.lock:
-                rt.running.discard(key)
+            rt.end(job.id, phase.value)
 
     threading.Thread(target=work, name=f"recover-{job.id}", daemon=True).start()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 
 from config import events
@@ -21,6 +24,48 @@ class Runtime:
     # (job id, phase) pairs this process is executing now: recovery leaves them alone.
     running: set[tuple[str, str]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # This process among the workers of its host (two run side by side while one drains).
+    worker_id: str = field(default_factory=lambda: f"{os.getpid()}-{secrets.token_hex(3)}")
+    # Monotonic time the warm shutdown began, or None while the worker takes work.
+    draining_since: float | None = None
+    # The config problem last announced (worker/keeper.py), so it is said once per change.
+    config_problem: str | None = None
+
+    def begin(self, job_id: str, phase: str) -> str | None:
+        """Mark a phase as run by this process, here and in Redis: None when it is ours now,
+        else the identity of the live worker already running it (leave it alone)."""
+        key = (job_id, phase)
+        with self.lock:
+            if key in self.running:
+                return self.worker_id
+            self.running.add(key)
+        ttl = self.settings.tunables.heartbeat_ttl
+        holder = self.store.take_runner(job_id, phase, self.worker_id, ttl)
+        if holder is not None:
+            with self.lock:
+                self.running.discard(key)
+        return holder
+
+    def end(self, job_id: str, phase: str) -> None:
+        with self.lock:
+            self.running.discard((job_id, phase))
+        self.store.drop_runner(job_id, phase, self.worker_id)
+
+    def renew_running(self) -> None:
+        """Keep this process's marks on its phases alive (the heartbeat calls it)."""
+        ttl = self.settings.tunables.heartbeat_ttl
+        with self.lock:
+            running = sorted(self.running)
+        for job_id, phase in running:
+            self.store.renew_runner(job_id, phase, self.worker_id, ttl)
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def drained_for(self) -> float:
+        """Seconds since the warm shutdown began (0 while not draining)."""
+        return 0.0 if self.draining_since is None else time.monotonic() - self.draining_since
 
     @property
     def settings(self) -> Settings:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import structlog
 from celery import Task
 from celery.exceptions import Ignore
-from celery.signals import worker_init, worker_ready
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 from config.celery import app
 from config.events import get_logger
@@ -27,7 +27,7 @@ from jobs.phases import (
 )
 from jobs.store import JobNotFound
 from worker import evacuation, phases
-from worker.keeper import start_keeper
+from worker.keeper import begin_drain, start_keeper
 from worker.main import WorkerStartError, check_security
 from worker.phase_scope import PhaseFailed, PhaseFn, RetryPhase, execute_phase, verified
 from worker.runtime import Runtime, runtime_for_node
@@ -101,6 +101,13 @@ def _start_housekeeping(sender: object, **_: object) -> None:
     hostname = getattr(sender, "hostname", "")
     if hostname:
         start_keeper(runtime_for_node(str(hostname)))
+
+
+@worker_shutting_down.connect
+def _drain(sender: object, how: str = "", **_: object) -> None:
+    """A warm shutdown: this worker takes nothing new and says so (worker/keeper.py)."""
+    if how == "Warm" and sender:
+        begin_drain(str(sender).split("@", 1)[-1])
 
 
 def _run_side_task(

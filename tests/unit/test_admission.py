@@ -40,7 +40,7 @@ def settings(tmp_path: Path, redis_srv: RedisServer, cluster: int = 8):  # type:
 
 def submit(store: JobStore, domain: str, src: str, dst: str, **kw: object) -> str:
     spec = MigrationSpec(domain=domain, src=src, dst=dst)
-    return enqueue(store, spec, origin="test", lease_s=60, **kw)  # type: ignore[arg-type]
+    return enqueue(store, spec, origin="test", **kw)  # type: ignore[arg-type]
 
 
 def test_inbound_limit_holds_and_a_slot_comes_back_when_the_job_ends(

@@ -64,7 +64,7 @@ def test_the_sweep_takes_over_only_a_phase_still_interrupted(
     recovered: list[Phase] = []
     monkeypatch.setattr(recovery, "_recover", lambda rt, job, phase: recovered.append(phase))
     monkeypatch.setattr(threading, "Thread", InlineThread)  # for this test only
-    rt = cast(Runtime, SimpleNamespace(store=store, lock=threading.Lock(), running=set()))
+    rt = Runtime(host="kvm1", store=store, libvirt=cast(Any, None), ledger=cast(Any, None))
     job_id = started_job(store)
     stale = store.get(job_id)  # read by the sweep while prepare was still running
 

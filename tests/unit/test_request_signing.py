@@ -34,7 +34,6 @@ from tests.conftest import RedisServer
 from tests.support.registry import REGISTRY
 
 SPEC = MigrationSpec(domain="web01", src="kvm1", dst="kvm2")
-LEASE_S = 60.0
 
 
 @dataclass
@@ -65,7 +64,6 @@ class Fleet:
             self.store,
             spec,
             origin="producer@test",
-            lease_s=LEASE_S,
             signer=signer_for(self.settings.security),
         )
 
@@ -125,12 +123,12 @@ def test_a_spec_changed_in_redis_is_refused(fleet: Fleet, field: str, value: obj
 
 
 def test_an_unsigned_record_is_refused(fleet: Fleet) -> None:
-    job_id = enqueue(fleet.store, SPEC, origin="by hand", lease_s=LEASE_S)
+    job_id = enqueue(fleet.store, SPEC, origin="by hand")
     assert "no signed request" in refusal(fleet, job_id)
 
 
 def test_a_request_signed_by_an_untrusted_key_is_refused(fleet: Fleet) -> None:
-    job_id = enqueue(fleet.store, SPEC, origin="stranger", lease_s=LEASE_S, signer=fleet.stranger)
+    job_id = enqueue(fleet.store, SPEC, origin="stranger", signer=fleet.stranger)
     assert "does not trust" in refusal(fleet, job_id)
 
 
@@ -180,9 +178,7 @@ def test_an_old_request_is_refused_at_admission_age(fleet: Fleet) -> None:
 
 def test_admission_never_starts_a_forged_job(fleet: Fleet) -> None:
     good = fleet.submit()
-    forged = enqueue(
-        fleet.store, MigrationSpec(domain="web02", src="kvm1", dst="kvm2"), origin="x", lease_s=9
-    )
+    forged = enqueue(fleet.store, MigrationSpec(domain="web02", src="kvm1", dst="kvm2"), origin="x")
     started: list[str] = []
     admission = Admission(fleet.store, verifier_for(fleet.settings.security))
     admission.admit_waiting(fleet.settings, lambda job_id, _spec: started.append(job_id))

@@ -1,0 +1,192 @@
+"""A worker's background duties outlive bad config and errors; phases are owned by worker
+identity; leases last as long as their job; a draining worker's policy (issue 11)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from config.settings import ConfigError, _Cache
+from jobs.phases import Phase
+from jobs.spec import ControlFlow, MigrationSpec
+from jobs.states import JobState
+from jobs.store import JobStore, domain_lock_key, runner_key
+from producer.render import worker_cell
+from tests.support.lab_fixtures import wait_for
+from tests.unit.test_settings import GOOD
+from worker import keeper, recovery
+from worker.convergence import drain_action
+from worker.recovery import _quiet_s, _recover_in_background, current_step
+from worker.runtime import Runtime
+
+SPEC = MigrationSpec.model_validate({"domain": "web01", "src": "kvm1", "dst": "kvm2"})
+
+
+def runtime(store: JobStore, host: str = "kvm1") -> Runtime:
+    return Runtime(host=host, store=store, libvirt=cast(Any, None), ledger=cast(Any, None))
+
+
+# --- a config file saved with a typo -------------------------------------------------------
+
+
+def test_a_bad_config_file_keeps_the_last_good_settings_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "drover.toml"
+    path.write_text(GOOD)
+    monkeypatch.setenv("DROVER_CONFIG", str(path))
+    cache = _Cache()
+    good = cache.get()
+    assert cache.problem() is None
+
+    path.write_text(GOOD + "\n[tunables\nheartbeat_ttl = ")  # saved mid-edit
+    os.utime(path, (1, 1))  # a new mtime even within the filesystem's resolution
+    assert cache.get() is good
+    problem = cache.problem()
+    assert problem is not None and "not valid TOML" in problem and str(path) in problem
+
+    path.write_text(GOOD + "\n[tunables]\nheartbeat_ttl = 7\n")  # fixed
+    os.utime(path, (2, 2))
+    assert cache.get().tunables.heartbeat_ttl == 7
+    assert cache.problem() is None
+
+
+def test_a_process_with_no_good_settings_yet_still_refuses_a_bad_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "drover.toml"
+    path.write_text("redis_url = ")
+    monkeypatch.setenv("DROVER_CONFIG", str(path))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        _Cache().get()
+
+
+def test_a_keeper_outlives_any_error_in_its_duties(store: JobStore) -> None:
+    rt = runtime(store)
+    calls: list[int] = []
+
+    def failing(_: Runtime) -> None:
+        calls.append(1)
+        raise RuntimeError("a bug in one pass")
+
+    duty = keeper.Duty("failing", lambda _t: 0.01, failing)
+    worker = keeper.Keeper(rt, "test-keeper", [duty])
+    worker.start()
+    try:
+        wait_for(lambda: len(calls) >= 3, 10, "the duty to run again after failing")
+    finally:
+        worker.stop.set()
+        worker.wake.set()
+        worker.join(timeout=5)
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+def test_a_domain_lease_lasts_as_long_as_its_job_and_no_longer(store: JobStore) -> None:
+    first = store.create(SPEC, host="cli")
+    key = domain_lock_key("name", "web01")
+    assert store.take_lease(key, first) is None
+    assert store.r.pttl(key) == -1  # no expiry: nothing can run out under a live migration
+    second = store.create(SPEC, host="cli")
+    assert store.take_lease(key, second) == first
+    store.transition(first, JobState.CANCELLED, host="cli", reason="aborted")
+    assert store.take_lease(key, second) is None  # its holder ended: taken over
+
+
+# --- phases owned by worker identity ---------------------------------------------------------
+
+
+def test_a_phase_mark_belongs_to_one_worker_until_it_is_dropped_or_lapses(
+    store: JobStore,
+) -> None:
+    job_id = store.create(SPEC, host="cli")
+    assert store.take_runner(job_id, "perform", "old", 30) is None
+    assert store.take_runner(job_id, "perform", "new", 30) == "old"
+    assert store.take_runner(job_id, "perform", "old", 30) is None  # its own: renewed
+    store.drop_runner(job_id, "perform", "new")  # not the holder: nothing happens
+    assert store.runner(job_id, "perform") == "old"
+    store.drop_runner(job_id, "perform", "old")
+    assert store.take_runner(job_id, "perform", "new", 0.2) is None
+    wait_for(lambda: store.runner(job_id, "perform") is None, 5, "the mark to lapse")
+    assert store.r.get(runner_key(job_id, "perform")) is None
+
+
+class InlineThread:
+    def __init__(self, target: Any, **_: Any) -> None:
+        self.target = target
+
+    def start(self) -> None:
+        self.target()
+
+
+def test_recovery_leaves_alone_a_phase_another_live_worker_of_the_host_runs(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recovered: list[str] = []
+    monkeypatch.setattr(recovery, "_recover", lambda rt, job, phase: recovered.append(rt.worker_id))
+    monkeypatch.setattr(threading, "Thread", InlineThread)
+    draining, beside = runtime(store), runtime(store)
+    job_id = store.create(SPEC, host="cli")
+    store.phase_started(job_id, Phase.SOURCE_PREFLIGHT.value, "kvm1")
+    assert draining.begin(job_id, Phase.SOURCE_PREFLIGHT.value) is None
+
+    _recover_in_background(beside, store.get(job_id), Phase.SOURCE_PREFLIGHT)
+    assert recovered == []  # the draining worker still runs it
+    draining.end(job_id, Phase.SOURCE_PREFLIGHT.value)
+    _recover_in_background(beside, store.get(job_id), Phase.SOURCE_PREFLIGHT)
+    assert recovered == [beside.worker_id]
+    assert store.runner(job_id, Phase.SOURCE_PREFLIGHT.value) is None  # given back after
+
+
+def test_a_resent_step_waits_its_back_off_again(store: JobStore) -> None:
+    rt = runtime(store)
+    job_id = store.create(SPEC, host="cli")
+    store.r.hset(f"drover:job:{job_id}", "admitted", "2020-01-01T00:00:00+00:00")
+    store.r.hset(f"drover:job:{job_id}", "updated", "2020-01-01T00:00:00+00:00")
+    job = store.get(job_id)
+    step = current_step(job)
+    assert step is not None and not step.started
+    assert _quiet_s(rt, job, step) > 3600  # idle for years: due to be sent again
+    store.mark_redispatched(job_id, step.phase.value)
+    assert _quiet_s(rt, job, step) < 5  # just sent again: not again before its back-off
+
+
+# --- draining -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("control", "after", "kind"),
+    [
+        (ControlFlow.P2P, 0.0, "continue"),  # not draining
+        (ControlFlow.P2P, 5.0, "continue"),  # within the drain timeout
+        (ControlFlow.P2P, 11.0, "handover"),
+        (ControlFlow.DIRECT, 11.0, "abort"),
+        (ControlFlow.UNMANAGED, 11.0, "abort"),
+    ],
+)
+def test_a_draining_worker_waits_then_hands_over_or_aborts(
+    control: ControlFlow, after: float, kind: str
+) -> None:
+    spec = SPEC.model_copy(update={"control": control})
+    action = drain_action(spec, after, 10.0)
+    assert action.kind == kind
+    if kind != "continue":
+        assert "drain timeout (10s)" in action.reason
+
+
+def test_hosts_show_a_draining_worker_and_a_refused_config() -> None:
+    row = {
+        "worker_alive": False,
+        "draining": {"since": "2026-12-01T10:00:00", "running": ["ab12"]},
+        "config_error": "config /etc/drover/drover.toml is not valid TOML",
+    }
+    cell = worker_cell(row)
+    assert "draining since 2026-12-01T10:00:00 (running ab12)" in cell
+    assert "DEAD" not in cell and "CONFIG NOT LOADED" in cell
+    assert worker_cell({"worker_alive": False}) == "DEAD"
+    assert worker_cell({"worker_alive": True}) == "alive"
