@@ -183,7 +183,9 @@ def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
     """Recover on a thread of its own: waiting for a migration must not stop the heartbeat."""
     holder = rt.begin(job.id, phase.value)
     if holder is not None:
-        if holder != rt.worker_id:
+        noted = (job.id, phase.value, holder)
+        if holder != rt.worker_id and noted not in rt.noted_runners:
+            rt.noted_runners.add(noted)
             log.info("phase.not_recovered", reason=f"worker {holder} on {rt.host} still runs it")
         return
     fresh = _still_interrupted(rt, job.id, phase)

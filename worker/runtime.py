@@ -30,6 +30,8 @@ class Runtime:
     draining_since: float | None = None
     # The config problem last announced (worker/keeper.py), so it is said once per change.
     config_problem: str | None = None
+    # (job, phase, worker) marks recovery found held by another live worker: said once each.
+    noted_runners: set[tuple[str, str, str]] = field(default_factory=set)
 
     def begin(self, job_id: str, phase: str) -> str | None:
         """Mark a phase as run by this process, here and in Redis: None when it is ours now,
