@@ -24,6 +24,7 @@ from jobs.phases import PHASE_ORDER, PHASE_SIDE, ROLLBACK_DESTINATION_TASK, Phas
 from jobs.request_signing import SECURITY_REASON, RequestRefused, check_job, verifier_for
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound, domain_lock_key
+from jobs.workflow import migration_chain
 from worker.admission_pass import admit_waiting
 from worker.libvirt_host import LibvirtUnavailable, is_connection_error
 from worker.runtime import Runtime
@@ -217,6 +218,12 @@ def execute_phase(
             log.warning("message.rejected", reason="job was never admitted under the limits")
             raise Ignore()
         if not verified(rt, job):
+            raise Ignore()
+        if rt.draining and not recovering:
+            # Taken from the queue before the warm shutdown stopped the consumer: this
+            # worker starts nothing new, so the phase goes back for the host's next worker.
+            log.warning("phase.deferred", reason=f"{rt.host}'s worker is shutting down")
+            migration_chain(app, job.id, job.spec, start=phase).apply_async()
             raise Ignore()
         if not recovering and not rt.store.claim_phase(job.id, phase.value, rt.host):
             log.warning("phase.duplicate", reason="this phase already ran for this job")
