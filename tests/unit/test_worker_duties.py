@@ -17,6 +17,7 @@ from jobs.states import JobState
 from jobs.store import JobStore, domain_lock_key, runner_key
 from producer.render import worker_cell
 from tests.support.lab_fixtures import wait_for
+from tests.unit.test_recovery_step import InlineThread
 from tests.unit.test_settings import GOOD
 from worker import keeper, recovery
 from worker.convergence import drain_action
@@ -114,14 +115,6 @@ def test_a_phase_mark_belongs_to_one_worker_until_it_is_dropped_or_lapses(
     assert store.take_runner(job_id, "perform", "new", 0.2) is None
     wait_for(lambda: store.runner(job_id, "perform") is None, 5, "the mark to lapse")
     assert store.r.get(runner_key(job_id, "perform")) is None
-
-
-class InlineThread:
-    def __init__(self, target: Any, **_: Any) -> None:
-        self.target = target
-
-    def start(self) -> None:
-        self.target()
 
 
 def test_recovery_leaves_alone_a_phase_another_live_worker_of_the_host_runs(
