@@ -154,10 +154,15 @@ class Tunables(_Strict):
     watchdog_interval: float = Field(default=5.0, gt=0)
     stall_after: float = Field(default=30.0, gt=0)
     redispatch_after: float = Field(default=30.0, gt=0)
-    # How long a worker's Redis commands keep retrying through a Redis restart; producers
-    # retry only briefly (a stale pooled connection), so a dead Redis is reported at once.
+    # How long a worker's Redis commands keep retrying through a Redis outage (a refused
+    # connection included), counted from when each command started; producers retry only
+    # briefly, so a command line with a dead Redis answers within seconds.
     redis_retry_for: float = Field(default=30.0, ge=0)
     producer_redis_retry_for: float = Field(default=2.0, ge=0)
+    # What must never wait out an outage (the abort check and the progress events of a running
+    # migration: libvirt's migration goes on without Redis) tries Redis once, giving up after
+    # this long to connect or to hear back.
+    redis_probe_timeout: float = Field(default=1.0, gt=0, le=10)
     # Retries of a phase that could not reach its libvirtd, and the wait between them. Only
     # phases that change nothing before that check are retried; perform never is.
     phase_retries: dict[str, int] = {

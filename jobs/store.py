@@ -7,12 +7,14 @@ together. Two workers (or a redelivered message) can therefore never both move a
 
 from __future__ import annotations
 
+import builtins
 import json
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -34,6 +36,19 @@ EVENT_READ_BATCH = 500
 RETRY_CAP_S = 1.0
 LEASE_ATTEMPTS = 3
 RETRY_BASE_S = 0.05
+# What an outage looks like to redis-py: its own connection errors (a dropped connection,
+# a server still loading its AOF) and timeouts, and the OS errors of a connect to a server
+# that is not there (refused, reset; a unix socket removed while it is stopped). redis-py's
+# own Retry leaves the OS errors out, so a refused connect was never retried.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    socket.timeout,
+    builtins.ConnectionError,
+    FileNotFoundError,
+)
+
+T = TypeVar("T")
 
 # KEYS[1] job hash, KEYS[2] transitions list, KEYS[3] active-jobs set, KEYS[4] the waiting
 # line; ARGV[1] target state,
@@ -152,26 +167,86 @@ class JobNotFound(LookupError):
     pass
 
 
+class OutageRetry(Retry):
+    """Retry a Redis call through an outage for `retry_for` seconds from when it started.
+
+    redis-py counts attempts, and its connection pool connects outside the command's retry
+    with a Retry that does not cover a refused connect, so `retry_on_error` alone never rode
+    out a stopped server: a command failed at once. Here the connect is retried too (it runs
+    this same Retry), for a time rather than a count: a connect retried inside a command's
+    retry spends the same budget, so the two never add up to more than `retry_for`. A wrong
+    password is not an outage and fails at once.
+    """
+
+    def __init__(self, retry_for: float) -> None:
+        super().__init__(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), -1, OUTAGE_ERRORS)
+        self.retry_for = retry_for
+
+    def call_with_retry(self, do: Callable[[], T], fail: Callable[[Exception], Any]) -> T:
+        started = time.monotonic()  # (ExponentialBackoff keeps no state to reset)
+        failures = 0
+        while True:
+            try:
+                return do()
+            except redis.AuthenticationError:
+                raise
+            except self._supported_errors as error:
+                failures += 1
+                fail(error)
+                left = self.retry_for - (time.monotonic() - started)
+                if left <= 0:
+                    raise error
+                time.sleep(min(self._backoff.compute(failures), left))
+
+
 class JobStore:
-    def __init__(self, client: redis.Redis, *, event_maxlen: int = 10_000) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        event_maxlen: int = 10_000,
+        without_retry: JobStore | None = None,
+    ) -> None:
         self.r = client
         self.event_maxlen = event_maxlen
+        self._without_retry = without_retry
         self._transition = client.register_script(_TRANSITION_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
 
     @classmethod
-    def from_url(cls, url: str, *, event_maxlen: int = 10_000, retry_for: float = 0.0) -> JobStore:
-        """A store on `url`; with `retry_for`, commands ride out a Redis restart that long."""
+    def from_url(
+        cls,
+        url: str,
+        *,
+        event_maxlen: int = 10_000,
+        retry_for: float = 0.0,
+        probe_timeout: float | None = None,
+    ) -> JobStore:
+        """A store on `url`; with `retry_for`, each command rides out a Redis outage that long
+        (OutageRetry), and `without_retry` is the same store failing at once instead.
+
+        `probe_timeout` bounds the connect and each reply of that store without retries (or
+        of this one, without `retry_for`): a server that does not answer is an outage too.
+        """
         options: dict[str, Any] = {"decode_responses": True}
-        if retry_for > 0:
-            attempts = max(1, int(retry_for / RETRY_CAP_S))
-            options |= {
-                "retry": Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), attempts),
-                "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-            }
-        return cls(redis.Redis.from_url(url, **options), event_maxlen=event_maxlen)
+        if probe_timeout is not None and retry_for <= 0:
+            options |= {"socket_connect_timeout": probe_timeout, "socket_timeout": probe_timeout}
+        if retry_for <= 0:
+            return cls(redis.Redis.from_url(url, **options), event_maxlen=event_maxlen)
+        once = cls.from_url(url, event_maxlen=event_maxlen, probe_timeout=probe_timeout)
+        client = redis.Redis.from_url(url, retry=OutageRetry(retry_for), **options)
+        return cls(client, event_maxlen=event_maxlen, without_retry=once)
+
+    @property
+    def without_retry(self) -> JobStore:
+        """This store for a caller that must not wait out an outage: one try, then the error.
+
+        The monitor of a running migration checks for an abort and publishes its progress
+        through it, so that libvirt's migration is watched whether Redis answers or not.
+        """
+        return self._without_retry or self
 
     # --- jobs -------------------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ def init_runtime(host: str) -> Runtime:
                 settings.redis_url,
                 event_maxlen=settings.tunables.event_stream_maxlen,
                 retry_for=settings.tunables.redis_retry_for,
+                probe_timeout=settings.tunables.redis_probe_timeout,
             )
             events.configure(host, store)
             _runtime = Runtime(

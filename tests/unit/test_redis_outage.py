@@ -1,0 +1,116 @@
+"""Redis outages on a real redis-server of the test's own, stopped and started again.
+
+The store rides out a stopped server for `retry_for` (a refused connect included) and no
+longer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from jobs.spec import MigrationSpec
+from jobs.states import JobState
+from jobs.store import JobStore
+from lab.proc import alive
+from tests.conftest import RedisServer
+from tests.support.lab_fixtures import wait_for
+
+# Longer than any outage below: a call that rides one out returns well within it.
+RIDE_OUT_S = 20.0
+# A call that must not wait (no retry, or an error that is no outage) fails within this.
+AT_ONCE_S = 1.0
+# How long a call is seen still waiting (not failed) while the server is down.
+STILL_WAITING_S = 1.0
+SPEC = MigrationSpec(domain="web01", src="kvm1", dst="kvm2")
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server only this test stops and starts (the session's stays up)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    if alive(server.pid):
+        server.stop()
+
+
+def stop(server: RedisServer) -> None:
+    server.stop()  # SIGTERM: the AOF is flushed, the port closed
+    wait_for(lambda: not alive(server.pid), 10, "redis-server to stop")
+
+
+class Call:
+    """A store call on its own thread, so the test can restart Redis while it waits."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.started = time.monotonic()
+        self.ended = 0.0
+        threading.Thread(target=self._run, args=(fn,), daemon=True).start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended = time.monotonic()
+            self.done.set()
+
+    @property
+    def took(self) -> float:
+        return self.ended - self.started
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh-store", "pooled-connection"])
+def test_a_store_call_rides_out_a_stopped_redis(srv: RedisServer, pooled: bool) -> None:
+    job_id = JobStore.from_url(srv.url).create(SPEC, host="test")
+    store = JobStore.from_url(srv.url, retry_for=RIDE_OUT_S)
+    if pooled:  # a connection in the pool that the stop will break
+        assert store.state(job_id) is JobState.QUEUED
+    stop(srv)
+    call = Call(lambda: store.state(job_id))
+    assert not call.done.wait(STILL_WAITING_S), f"the call gave up at once: {call.error!r}"
+    srv.start()
+    assert call.done.wait(RIDE_OUT_S), "the call did not return once Redis was back"
+    assert call.error is None, repr(call.error)
+    assert call.result is JobState.QUEUED
+
+
+def test_without_retry_a_stopped_redis_fails_at_once(srv: RedisServer) -> None:
+    riding = JobStore.from_url(srv.url, retry_for=RIDE_OUT_S)
+    stop(srv)
+    for store in (JobStore.from_url(srv.url, retry_for=0), riding.without_retry):
+        call = Call(partial(store.state, "x"))
+        assert call.done.wait(AT_ONCE_S)
+        assert isinstance(call.error, redis.ConnectionError), repr(call.error)
+
+
+def test_an_outage_longer_than_retry_for_fails_clearly(srv: RedisServer) -> None:
+    retry_for = 1.5
+    store = JobStore.from_url(srv.url, retry_for=retry_for)
+    assert store.r.ping()
+    stop(srv)
+    call = Call(lambda: store.r.get("x"))
+    assert call.done.wait(RIDE_OUT_S)
+    assert isinstance(call.error, redis.ConnectionError), repr(call.error)
+    assert "Connection refused" in str(call.error)
+    # The pooled connection's reconnect spends the command's budget: one budget, not two.
+    assert retry_for <= call.took < 2 * retry_for
+
+
+def test_a_wrong_password_is_not_an_outage(redis_srv: RedisServer) -> None:
+    url = f"redis://:wrong@127.0.0.1:{redis_srv.port}/0"
+    call = Call(lambda: JobStore.from_url(url, retry_for=RIDE_OUT_S).r.ping())
+    assert call.done.wait(AT_ONCE_S)
+    assert isinstance(call.error, redis.AuthenticationError), repr(call.error)
