@@ -163,6 +163,11 @@ class Tunables(_Strict):
     # migration: libvirt's migration goes on without Redis) tries Redis once, giving up after
     # this long to connect or to hear back.
     redis_probe_timeout: float = Field(default=1.0, gt=0, le=10)
+    # Events a worker could not write to their streams are held, in order, and written once
+    # Redis answers again (tried this often); past `event_hold_max` the oldest are dropped
+    # and the job's stream says how many.
+    event_hold_max: int = Field(default=10_000, ge=100)
+    event_flush_interval: float = Field(default=0.5, gt=0, le=10)
     # Retries of a phase that could not reach its libvirtd, and the wait between them. Only
     # phases that change nothing before that check are retried; perform never is.
     phase_retries: dict[str, int] = {

@@ -89,13 +89,21 @@ def init_runtime(host: str) -> Runtime:
         if _runtime is None or _runtime.host != host:
             settings = current()
             entry = settings.host(host)
+            tunables = settings.tunables
             store = JobStore.from_url(
                 settings.redis_url,
-                event_maxlen=settings.tunables.event_stream_maxlen,
-                retry_for=settings.tunables.redis_retry_for,
-                probe_timeout=settings.tunables.redis_probe_timeout,
+                event_maxlen=tunables.event_stream_maxlen,
+                retry_for=tunables.redis_retry_for,
+                probe_timeout=tunables.redis_probe_timeout,
             )
-            events.configure(host, store)
+            # Events go out through the store that fails at once, and are held through an
+            # outage: a thread that logs never waits for Redis (config/events.py).
+            events.configure(
+                host,
+                store.without_retry,
+                hold_max=tunables.event_hold_max,
+                flush_interval=tunables.event_flush_interval,
+            )
             _runtime = Runtime(
                 host=host,
                 store=store,

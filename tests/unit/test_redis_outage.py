@@ -1,7 +1,7 @@
 """Redis outages on a real redis-server of the test's own, stopped and started again.
 
 The store rides out a stopped server for `retry_for` (a refused connect included) and no
-longer.
+longer; a worker's events are held through the outage and written in order when it ends.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from config.events import EVENTS_LOST, StreamPublisher
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -114,3 +115,51 @@ def test_a_wrong_password_is_not_an_outage(redis_srv: RedisServer) -> None:
     call = Call(lambda: JobStore.from_url(url, retry_for=RIDE_OUT_S).r.ping())
     assert call.done.wait(AT_ONCE_S)
     assert isinstance(call.error, redis.AuthenticationError), repr(call.error)
+
+
+def stream(store: JobStore, job_id: str) -> list[Any]:
+    return [ev.get("i", ev["event"]) for _, ev in store.read_events(job_id)]
+
+
+def test_events_of_an_outage_are_written_in_order_when_redis_returns(srv: RedisServer) -> None:
+    store = JobStore.from_url(srv.url, retry_for=RIDE_OUT_S, probe_timeout=AT_ONCE_S)
+    publisher = StreamPublisher(store.without_retry, "kvm1", flush_interval=0.05)
+    assert publisher.publish("j1", {"event": "before", "i": 0})
+    stop(srv)
+    started = time.monotonic()
+    held = [publisher.publish("j1", {"event": "during", "i": i}) for i in range(1, 6)]
+    assert held == [False] * 5
+    assert time.monotonic() - started < AT_ONCE_S, "publishing waited for Redis"
+    srv.start()
+    publisher.publish("j1", {"event": "after", "i": 6})
+    wait_for(lambda: len(stream(store, "j1")) == 7, RIDE_OUT_S, "the held events")
+    assert stream(store, "j1") == list(range(7))
+    assert publisher.publish("j1", {"event": "later", "i": 7}), "still holding after the flush"
+
+
+class FlakySink:
+    """Fails like a stopped Redis until `up`."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.written: list[tuple[str, dict[str, Any]]] = []
+
+    def append_event(self, job_id: str, event: dict[str, Any]) -> str:
+        if not self.up:
+            raise redis.ConnectionError("Error 111 connecting. Connection refused.")
+        self.written.append((job_id, event))
+        return str(len(self.written))
+
+
+def test_a_full_hold_drops_the_oldest_and_the_stream_says_how_many() -> None:
+    sink = FlakySink()
+    limit = 100
+    publisher = StreamPublisher(sink, "kvm1", limit=limit, flush_interval=60)
+    for i in range(limit + 3):
+        publisher.publish("j1", {"event": "migration.progress", "i": i})
+    sink.up = True
+    assert not publisher.publish("j1", {"event": "job.state", "i": limit + 3}), "jumped the queue"
+    assert publisher.flush()
+    first_job, first = sink.written[0]
+    assert (first_job, first["event"], first["count"]) == ("j1", EVENTS_LOST, 4)
+    assert [e["i"] for _, e in sink.written[1:]] == list(range(4, limit + 4))
