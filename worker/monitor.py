@@ -16,7 +16,10 @@ from typing import Any
 
 import libvirt
 
+from config.events import get_logger
 from worker.convergence import CONTINUE, Action, ConvergencePolicy
+
+log = get_logger()
 
 MS_PER_S = 1000
 
@@ -81,6 +84,10 @@ class MigrationMonitor:
     During switch-over libvirt answers `jobStats` only when the job's phase allows it, which
     can take seconds; sampling runs on its own thread so the reports keep their pace and say
     that the migration is completing.
+
+    The operator's abort request lives in Redis, which may be away while libvirt migrates:
+    a check that cannot be made counts as no new request (said once, in an event), and the
+    monitor goes on with its reports and the policy, checking again on the next tick.
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class MigrationMonitor:
         # Set when the worker's warm shutdown handed the migration over: the loop stops
         # watching a migration libvirtd goes on with (convergence.drain_action).
         self.handed_over: Action | None = None
+        self.abort_check_failing = False
 
     def run(self, finished: threading.Event) -> None:
         """Sample until `finished` is set (the migration call returned); one report a tick."""
@@ -122,7 +130,7 @@ class MigrationMonitor:
                 if verdict.kind != "continue" and not self.cancelled:
                     self.cancelled = True
                     self.on_action(verdict)
-                if not self.cancelled and (reason := self.abort_requested()):
+                if not self.cancelled and (reason := self._abort_reason()):
                     self.cancelled = True
                     self.on_action(Action("cancel", reason))
                 if pending is None:
@@ -145,3 +153,17 @@ class MigrationMonitor:
                 action = self.policy.decide(progress)
                 if action.kind != "continue":
                     self.on_action(action)
+
+    def _abort_reason(self) -> str | None:
+        """The operator's abort request, or None, also when it cannot be read just now."""
+        try:
+            reason = self.abort_requested()
+        except Exception as exc:  # Redis away: the migration must stay watched regardless
+            if not self.abort_check_failing:
+                self.abort_check_failing = True
+                log.warning("migration.abort_check_failed", error=str(exc))
+            return None
+        if self.abort_check_failing:
+            self.abort_check_failing = False
+            log.info("migration.abort_check_restored")
+        return reason

@@ -291,7 +291,8 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
         policy=ConvergencePolicy.for_job(spec, tunables.migration_timeout),
         on_progress=on_progress,
         on_action=on_action,
-        abort_requested=lambda: rt.store.abort_requested(job.id),
+        # Read once per tick, never waiting out a Redis outage: libvirt migrates meanwhile.
+        abort_requested=lambda: rt.store.without_retry.abort_requested(job.id),
         drain=lambda: drain_action(spec, rt.drained_for(), tunables.drain_timeout),
     )
     started = time.monotonic()

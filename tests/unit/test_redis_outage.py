@@ -1,7 +1,8 @@
 """Redis outages on a real redis-server of the test's own, stopped and started again.
 
 The store rides out a stopped server for `retry_for` (a refused connect included) and no
-longer; a worker's events are held through the outage and written in order when it ends.
+longer; a worker's events are held through the outage and written in order when it ends; a
+migration's monitor keeps watching libvirt whatever the abort check says.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 import redis
 
@@ -23,6 +25,8 @@ from jobs.store import JobStore
 from lab.proc import alive
 from tests.conftest import RedisServer
 from tests.support.lab_fixtures import wait_for
+from worker.convergence import ConvergencePolicy
+from worker.monitor import MigrationMonitor, Progress
 
 # Longer than any outage below: a call that rides one out returns well within it.
 RIDE_OUT_S = 20.0
@@ -163,3 +167,43 @@ def test_a_full_hold_drops_the_oldest_and_the_stream_says_how_many() -> None:
     first_job, first = sink.written[0]
     assert (first_job, first["event"], first["count"]) == ("j1", EVENTS_LOST, 4)
     assert [e["i"] for _, e in sink.written[1:]] == list(range(4, limit + 4))
+
+
+class FakeDomain:
+    """A domain in the middle of a migration, as jobStats shows it."""
+
+    def jobStats(self) -> dict[str, Any]:
+        return {"type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED, "data_total": 100, "data_remaining": 50}
+
+
+def test_the_monitor_keeps_watching_while_the_abort_check_fails() -> None:
+    """Redis away: no abort request can be read, and progress and policy go on regardless."""
+    reports: list[Progress] = []
+    actions: list[str] = []
+    finished = threading.Event()
+    redis_up = threading.Event()
+    wanted = 6
+
+    def abort_requested() -> str | None:
+        if not redis_up.is_set():
+            raise redis.ConnectionError("Error 111 connecting. Connection refused.")
+        return "operator abort"
+
+    def on_progress(p: Progress) -> None:
+        reports.append(p)
+        if len(reports) == wanted // 2:
+            redis_up.set()  # Redis is back: the next tick reads the abort request
+        if len(reports) >= wanted:
+            finished.set()
+
+    monitor = MigrationMonitor(
+        FakeDomain(),  # type: ignore[arg-type]
+        interval=0.05,
+        policy=ConvergencePolicy.for_job(SPEC, 3600),
+        on_progress=on_progress,
+        on_action=lambda a: actions.append(a.kind),
+        abort_requested=abort_requested,
+    )
+    monitor.run(finished)
+    assert len(reports) >= wanted and all(p.stage == "transfer" for p in reports)
+    assert actions == ["cancel"] and monitor.cancelled
