@@ -168,6 +168,9 @@ class Tunables(_Strict):
     # and the job's stream says how many.
     event_hold_max: int = Field(default=10_000, ge=100)
     event_flush_interval: float = Field(default=0.5, gt=0, le=10)
+    # `drover migrate --wait`, `drover events --follow` and `Drover.wait` follow a job through
+    # a Redis outage this long (a notice says so) before they give up; the job goes on.
+    wait_redis_outage: float = Field(default=120.0, ge=0)
     # Retries of a phase that could not reach its libvirtd, and the wait between them. Only
     # phases that change nothing before that check are retried; perform never is.
     phase_retries: dict[str, int] = {

@@ -14,7 +14,8 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from functools import partial
+from typing import Any, Protocol, TypeVar, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -197,6 +198,16 @@ class OutageRetry(Retry):
                 if left <= 0:
                     raise error
                 time.sleep(min(self._backoff.compute(failures), left))
+
+
+class Guard(Protocol):
+    """Runs one Redis call on a caller's terms (a follower riding out an outage)."""
+
+    def __call__(self, fn: Callable[[], T], /) -> T: ...
+
+
+def direct(fn: Callable[[], T], /) -> T:
+    return fn()
 
 
 class JobStore:
@@ -618,27 +629,30 @@ class JobStore:
         *,
         block_ms: int = 1000,
         timeout: float | None = None,
+        guard: Guard = direct,
     ) -> Iterator[dict[str, Any]]:
         """Every event of the job, old then new, until it has `ended` and its stream is drained.
 
         With `timeout`, TimeoutError once that many seconds have passed without an end.
+        Every Redis call goes through `guard` (a follower riding out an outage, say); the
+        stream is read on from the last event seen, so nothing is skipped or repeated.
         """
-        ended = ended or (lambda: self.state(job_id) in TERMINAL)
+        is_ended = ended or (lambda: self.state(job_id) in TERMINAL)
         deadline = None if timeout is None else time.monotonic() + timeout
         last = "0-0"
-        for eid, ev in self.read_events(job_id):
+        for eid, ev in guard(partial(self.read_events, job_id)):
             last = eid
             yield ev
         while True:
-            batch = self.read_events(job_id, after=last, block_ms=block_ms)
+            batch = guard(partial(self.read_events, job_id, after=last, block_ms=block_ms))
             for eid, ev in batch:
                 last = eid
                 yield ev
-            if deadline is not None and time.monotonic() > deadline and not ended():
+            if deadline is not None and time.monotonic() > deadline and not guard(is_ended):
                 raise TimeoutError(f"job {job_id} has not ended after {timeout:g}s")
-            if not batch and ended():
+            if not batch and guard(is_ended):
                 # One last non-blocking read: the terminal event may land just after the state.
-                for eid, ev in self.read_events(job_id, after=last):
+                for eid, ev in guard(partial(self.read_events, job_id, after=last)):
                     last = eid
                     yield ev
                 return

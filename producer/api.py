@@ -9,10 +9,12 @@ job = d.wait(job_id)
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,6 +46,7 @@ from jobs.store import JobNotFound, JobStore
 from jobs.submission import DomainBusy, enqueue
 from jobs.targets import migration_uri_problem
 from jobs.workflow import migration_chain
+from producer.outage import OutageRider
 
 TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
 # How long wait() gives a terminal job's last event to reach the stream.
@@ -69,8 +72,13 @@ def producer_name() -> str:
 
 
 class Drover:
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, notice: Callable[[str], None] | None = None
+    ) -> None:
+        """`notice` gets the one-line announcements of a Redis outage met while following a
+        job (the log's warnings by default; the command line prints them on stderr)."""
         self.settings = settings or load_settings()
+        self.notice = notice or logging.getLogger("drover").warning
         self.store = JobStore.from_url(
             self.settings.redis_url,
             event_maxlen=self.settings.tunables.event_stream_maxlen,
@@ -216,26 +224,41 @@ class Drover:
 
         Waits on the job's event stream (a blocking read), so it returns as soon as the
         terminal event lands instead of on the next tick of a polling loop; a caller that
-        reads the events afterwards finds the whole story.
+        reads the events afterwards finds the whole story. Rides out a Redis outage of up to
+        tunables.wait_redis_outage (producer/outage.py).
         """
+        ride = self._rider(job_id, timeout)
 
         def ended() -> tuple[bool, str]:
-            job = self.store.get(job_id)
+            job = ride(lambda: self.store.get(job_id))
             return job.terminal, job.state.value
 
-        self._wait_for_end(job_id, ended, "job.state", TERMINAL_NAMES, timeout)
-        return self.store.get(job_id)
+        self._wait_for_end(job_id, ended, "job.state", TERMINAL_NAMES, timeout, ride)
+        return ride(lambda: self.store.get(job_id))
 
     def wait_evacuation(self, evacuation_id: str, timeout: float | None = None) -> Evacuation:
         """Block until the evacuation has ended (drained, partial, planned, ...)."""
+        ride = self._rider(evacuation_id, timeout)
 
         def ended() -> tuple[bool, str]:
-            ev = self.evacuations.get(evacuation_id)
+            ev = ride(lambda: self.evacuations.get(evacuation_id))
             return ev.terminal, ev.state.value
 
         names = frozenset(s.value for s in EVACUATION_TERMINAL)
-        self._wait_for_end(evacuation_id, ended, "evacuation.state", names, timeout)
-        return self.evacuations.get(evacuation_id)
+        self._wait_for_end(evacuation_id, ended, "evacuation.state", names, timeout, ride)
+        return ride(lambda: self.evacuations.get(evacuation_id))
+
+    def _rider(self, job_id: str, timeout: float | None) -> OutageRider:
+        """Redis calls of one follower of `job_id`, riding out an outage (bounded by the
+        follower's own `timeout` too)."""
+        return OutageRider(
+            redis_location(self.settings.redis_url),
+            f"job {job_id}",
+            self.settings.tunables.wait_redis_outage,
+            self.notice,
+            deadline=None if timeout is None else time.monotonic() + timeout,
+            follow_again=f"drover events {job_id} --follow",
+        )
 
     def _wait_for_end(
         self,
@@ -244,6 +267,7 @@ class Drover:
         state_event: str,
         terminal_names: frozenset[str],
         timeout: float | None,
+        ride: OutageRider,
     ) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         block_s = self.settings.tunables.wait_block
@@ -262,7 +286,8 @@ class Drover:
             if left is not None:
                 left = max(left, 0.05)
             block_ms = max(1, int(1000 * (block_s if left is None else min(left, block_s))))
-            for eid, event in self.store.read_events(job_id, after=last, block_ms=block_ms):
+            batch = ride(partial(self.store.read_events, job_id, after=last, block_ms=block_ms))
+            for eid, event in batch:
                 last = eid
                 if event.get("event") == state_event and event.get("state") in terminal_names:
                     seen_terminal_event = True
@@ -432,8 +457,11 @@ class Drover:
     def events(
         self, job_id: str, *, follow: bool = False, timeout: float | None = None
     ) -> Iterator[dict[str, Any]]:
-        """The job's (or evacuation's) events; with `follow`, until it has ended."""
-        kind = self.store.kind(job_id)  # JobNotFound for a wrong id, before any waiting
+        """The job's (or evacuation's) events; with `follow`, until it has ended (through a
+        Redis outage of up to tunables.wait_redis_outage, as `wait`)."""
+        ride = self._rider(job_id, timeout)
+        # JobNotFound for a wrong id, before any waiting
+        kind = ride(partial(self.store.kind, job_id)) if follow else self.store.kind(job_id)
 
         def ended() -> bool:
             if kind == EVACUATION_KIND:
@@ -441,7 +469,7 @@ class Drover:
             return self.store.get(job_id).terminal
 
         if follow:
-            yield from self.store.follow_events(job_id, ended, timeout=timeout)
+            yield from self.store.follow_events(job_id, ended, timeout=timeout, guard=ride)
         else:
             for _, event in self.store.read_events(job_id):
                 yield event

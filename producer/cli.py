@@ -70,10 +70,15 @@ def guarded(fn: Callable[[], T]) -> T:
         fail(f"Redis: {exc}")
 
 
+def notice(message: str) -> None:
+    """One line on stderr that does not end the command (a Redis outage met while following)."""
+    err.print(f"drover: {plain(message)}", markup=False, soft_wrap=True)
+
+
 def _drover() -> Any:
     from producer.api import Drover
 
-    return Drover()
+    return Drover(notice=notice)
 
 
 def check_timeout(timeout: float | None, wait: bool) -> None:

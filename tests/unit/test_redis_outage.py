@@ -2,7 +2,8 @@
 
 The store rides out a stopped server for `retry_for` (a refused connect included) and no
 longer; a worker's events are held through the outage and written in order when it ends; a
-migration's monitor keeps watching libvirt whatever the abort check says.
+migration's monitor keeps watching libvirt whatever the abort check says; a follower of a
+job waits the outage out and says so.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import libvirt
 import pytest
 import redis
 
-from config.events import EVENTS_LOST, StreamPublisher
+from config.events import EVENTS_LOST, StreamPublisher, job_event
+from config.settings import load_settings
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
-from jobs.store import JobStore
+from jobs.store import JobStore, job_key
 from lab.proc import alive
+from producer.api import Drover
+from producer.outage import RedisOutage
 from tests.conftest import RedisServer
 from tests.support.lab_fixtures import wait_for
+from tests.support.registry import REGISTRY
 from worker.convergence import ConvergencePolicy
 from worker.monitor import MigrationMonitor, Progress
 
@@ -207,3 +212,47 @@ def test_the_monitor_keeps_watching_while_the_abort_check_fails() -> None:
     monitor.run(finished)
     assert len(reports) >= wanted and all(p.stage == "transfer" for p in reports)
     assert actions == ["cancel"] and monitor.cancelled
+
+
+def drover_on(srv: RedisServer, tmp_path: Path, extra: str = "") -> tuple[Drover, list[str]]:
+    path = tmp_path / "drover.toml"
+    path.write_text(REGISTRY.format(url=srv.url) + extra)
+    notices: list[str] = []
+    return Drover(load_settings(path), notice=notices.append), notices
+
+
+def end_job(store: JobStore, job_id: str) -> None:
+    store.r.hset(job_key(job_id), "state", JobState.SUCCEEDED.value)
+    store.append_event(job_id, job_event("job.state", "kvm1", job_id=job_id, state="succeeded"))
+
+
+def test_wait_follows_a_job_through_an_outage(srv: RedisServer, tmp_path: Path) -> None:
+    d, notices = drover_on(srv, tmp_path)
+    job_id = d.store.create(SPEC, host="test")
+    waiting = Call(lambda: d.wait(job_id, timeout=RIDE_OUT_S * 2))
+    following = Call(lambda: [e["event"] for e in d.events(job_id, follow=True)])
+    stop(srv)
+    wait_for(lambda: len(notices) >= 2, RIDE_OUT_S, "a notice from each follower")
+    assert not waiting.done.is_set() and not following.done.is_set()
+    srv.start()
+    end_job(JobStore.from_url(srv.url), job_id)
+    assert waiting.done.wait(RIDE_OUT_S) and following.done.wait(RIDE_OUT_S)
+    assert waiting.error is None and following.error is None, (waiting.error, following.error)
+    assert waiting.result.state is JobState.SUCCEEDED
+    assert following.result == ["job.state"]
+    assert any("unreachable" in n and "still following" in n for n in notices), notices
+    assert any("is back" in n for n in notices), notices
+    assert all("\n" not in n and srv.password not in n for n in notices)
+
+
+def test_wait_gives_up_after_wait_redis_outage_and_says_the_job_goes_on(
+    srv: RedisServer, tmp_path: Path
+) -> None:
+    d, _ = drover_on(srv, tmp_path, "\n[tunables]\nwait_redis_outage = 1\n")
+    job_id = d.store.create(SPEC, host="test")
+    stop(srv)
+    waiting = Call(lambda: d.wait(job_id))
+    assert waiting.done.wait(RIDE_OUT_S)
+    assert isinstance(waiting.error, RedisOutage), repr(waiting.error)
+    assert f"job {job_id} goes on" in str(waiting.error)
+    assert srv.password not in str(waiting.error)
