@@ -404,12 +404,23 @@ def kill_worker(name: str, sig: int = signal.SIGKILL) -> None:
 
 def restart_redis(sig: int = signal.SIGTERM) -> None:
     """Fault injection: stop the lab's redis-server and start it again on its AOF."""
-    lab, state = _loaded()
+    stop_redis(sig)
+    start_redis()
+
+
+def stop_redis(sig: int = signal.SIGTERM) -> None:
+    """Fault injection: stop the lab's redis-server (SIGTERM writes its AOF out first)."""
+    _, state = _loaded()
     if sig == signal.SIGTERM:
         kill([state.redis_pid])
     else:
         os.kill(state.redis_pid, sig)
     wait_until(lambda: not alive(state.redis_pid), WORKER_START_TIMEOUT, "redis-server to stop")
+
+
+def start_redis() -> None:
+    """Start the lab's redis-server again on its config and AOF; return once it answers."""
+    lab, state = _loaded()
     url = urlsplit(state.redis_url)
     if state.role_urls:  # the lab's ACL users: the health user answers PING
         user, password = HEALTH_USER, redis_server.HEALTH_PASSWORD
