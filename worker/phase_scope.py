@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import libvirt
+import redis
 import structlog
 from celery.exceptions import Ignore
 
@@ -281,6 +282,12 @@ def _run_in_frame(
         rt.store.phase_ended(job.id, phase.value, error=exc.reason)
         log.error("phase.failed", reason=exc.reason)
         fail_job(rt, job, phase, exc.reason, exc.final)
+        raise
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # Redis stayed away longer than tunables.redis_retry_for. Nothing is known to have
+        # failed (a migration may well have completed): the phase stops without a verdict,
+        # and recovery takes it up from libvirt's state once Redis is back.
+        log.error("phase.interrupted", reason=f"Redis unreachable: {exc}")
         raise
     except Exception as exc:
         _unexpected(rt, job, phase, exc)

@@ -2,8 +2,9 @@
 
 The store rides out a stopped server for `retry_for` (a refused connect included) and no
 longer; a worker's events are held through the outage and written in order when it ends; a
-migration's monitor keeps watching libvirt whatever the abort check says; a follower of a
-job waits the outage out and says so.
+migration's monitor keeps watching libvirt whatever the abort check says; a phase that loses
+Redis for longer than that stops without a verdict; a follower of a job waits the outage out
+and says so.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import redis
 
 from config.events import EVENTS_LOST, StreamPublisher, job_event
 from config.settings import load_settings
+from jobs.model import Job
+from jobs.phases import Phase
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore, job_key
@@ -31,7 +34,11 @@ from tests.conftest import RedisServer
 from tests.support.lab_fixtures import wait_for
 from tests.support.registry import REGISTRY
 from worker.convergence import ConvergencePolicy
+from worker.ledger import Ledger
+from worker.libvirt_host import LibvirtHost
 from worker.monitor import MigrationMonitor, Progress
+from worker.phase_scope import _run_in_frame as run_in_frame
+from worker.runtime import Runtime
 
 # Longer than any outage below: a call that rides one out returns well within it.
 RIDE_OUT_S = 20.0
@@ -256,3 +263,24 @@ def test_wait_gives_up_after_wait_redis_outage_and_says_the_job_goes_on(
     assert isinstance(waiting.error, RedisOutage), repr(waiting.error)
     assert f"job {job_id} goes on" in str(waiting.error)
     assert srv.password not in str(waiting.error)
+
+
+def test_a_phase_that_loses_redis_for_good_stops_without_a_verdict(
+    config: Path, store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Longer than redis_retry_for: no `failed` (the migration may have completed), no end
+    recorded; recovery takes the phase up from libvirt's state once Redis is back."""
+    monkeypatch.setenv("DROVER_CONFIG", str(config))
+    monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
+    job_id = store.create(SPEC, host="test")
+    rt = Runtime("kvm1", store, LibvirtHost("test:///default"), Ledger(str(tmp_path / "ledger")))
+
+    def perform(_rt: Runtime, _job: Job) -> JobState | None:
+        raise redis.ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+    with pytest.raises(redis.ConnectionError):
+        run_in_frame(rt, store.get(job_id), Phase.PERFORM, perform, False, 0)
+    job = store.get(job_id)
+    assert job.state is JobState.QUEUED and job.reason is None
+    record = job.phases[Phase.PERFORM.value]
+    assert record.ended is None and record.error is None
