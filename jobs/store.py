@@ -105,6 +105,16 @@ for i = 3, #ARGV do
 end
 return 0
 """
+# Renew a worker's mark on a phase, or put it back if it lapsed (a Redis outage longer than
+# its time to live): the worker still runs the phase. Never over another worker's mark.
+_KEEP_MARK_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] or not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -224,6 +234,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
+        self._keep_mark = client.register_script(_KEEP_MARK_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
 
     @classmethod
@@ -480,8 +491,10 @@ class JobStore:
                 return holder
         return cast(str | None, self.r.get(key))
 
-    def renew_runner(self, job_id: str, phase: str, worker: str, ttl_s: float) -> None:
-        self._renew(keys=[runner_key(job_id, phase)], args=[worker, int(ttl_s * 1000)])
+    def renew_runner(self, job_id: str, phase: str, worker: str, ttl_s: float) -> bool:
+        """Keep `worker`'s mark (putting it back if it lapsed); False if another holds it."""
+        kept = self._keep_mark(keys=[runner_key(job_id, phase)], args=[worker, int(ttl_s * 1000)])
+        return bool(kept)
 
     def drop_runner(self, job_id: str, phase: str, worker: str) -> None:
         self._release(keys=[runner_key(job_id, phase)], args=[worker])

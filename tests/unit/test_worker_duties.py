@@ -117,6 +117,18 @@ def test_a_phase_mark_belongs_to_one_worker_until_it_is_dropped_or_lapses(
     assert store.r.get(runner_key(job_id, "perform")) is None
 
 
+def test_a_mark_lost_in_a_redis_outage_is_put_back_but_never_over_another(
+    store: JobStore,
+) -> None:
+    job_id = store.create(SPEC, host="cli")
+    assert store.take_runner(job_id, "perform", "old", 30) is None
+    store.r.delete(runner_key(job_id, "perform"))  # lapsed while Redis was away
+    assert store.renew_runner(job_id, "perform", "old", 30)
+    assert store.runner(job_id, "perform") == "old"
+    assert not store.renew_runner(job_id, "perform", "new", 30)
+    assert store.runner(job_id, "perform") == "old"
+
+
 def test_recovery_leaves_alone_a_phase_another_live_worker_of_the_host_runs(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
