@@ -53,6 +53,7 @@ def guarded(fn: Callable[[], T]) -> T:
     """Run `fn`, turning every expected error into one line and an exit code."""
     from lab.proc import LabError
     from producer.api import BrokerUnavailable, SubmitError
+    from producer.outage import RedisOutage
 
     try:
         return fn()
@@ -64,6 +65,8 @@ def guarded(fn: Callable[[], T]) -> T:
         fail(str(exc))
     except TimeoutError as exc:  # --timeout ran out: the job goes on without us
         fail(f"{exc}; it goes on (drover events ID --follow)")
+    except RedisOutage as exc:  # already one line that names Redis
+        fail(str(exc))
     except redis.AuthenticationError:
         fail("Redis refused the password in the config (redis_url)")
     except redis.RedisError as exc:
