@@ -25,7 +25,8 @@ from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.spec import MigrationSpec
-from jobs.states import JobState
+from jobs.states import TERMINAL, JobState
+from jobs.store import JobNotFound
 from worker.convergence import Action, ConvergencePolicy
 from worker.libvirt_host import (
     DomainFacts,
@@ -133,6 +134,7 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         raise PhaseFailed(refusal)
     source = _source_view(rt, job)
     uuid, need = source.facts.uuid, source.facts.memory_mib
+    _take_incoming(rt, job, uuid)
     config_present = _dest_config_present(rt, spec, uuid)
     if (
         spec.undefine_source
@@ -177,6 +179,25 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         **handoff.as_dict(),
     )
     return JobState.PREPARED
+
+
+def _take_incoming(rt: Runtime, job: Job, uuid: str) -> None:
+    """Record on this host (worker/ledger.py) that this job brings `uuid` in; refuse if another
+    live job already is. Redis leases say the same thing, but they can run out under a live
+    migration; the host's own record is what a rollback trusts before it destroys anything."""
+
+    def ended(holder: str) -> bool:
+        try:
+            return rt.store.state(holder) in TERMINAL
+        except JobNotFound:
+            return True
+
+    holder = rt.ledger.take_incoming(uuid, job.id, ended)
+    if holder is not None:
+        raise PhaseFailed(
+            f"{job.spec.dst} is already bringing {job.spec.domain} ({uuid}) in for job "
+            f"{holder}; refusing a second migration of it"
+        )
 
 
 def _handoff(rt: Runtime, spec: MigrationSpec) -> Handoff:
@@ -339,8 +360,9 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
         f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
         f"{'persistent' if wants_config else 'transient'}",
     )
-    # The guest now really uses the memory that was reserved for it.
+    # The guest now really uses the memory that was reserved for it, and has arrived.
     rt.store.release(spec.dst, job.id)
+    rt.ledger.drop_incoming(found.uuid, job.id)
     rt.store.update(job.id, result={"destination": found.as_dict()})
     log.info("finish.verified", state=found.state, persistent=found.persistent)
     return None
@@ -393,7 +415,13 @@ ROLLBACK_STATES = frozenset({JobState.FAILED, JobState.CANCELLED})
 
 
 def rollback_destination(rt: Runtime, job: Job) -> None:
-    """After a failure: free the reservation; nothing half-arrived or half-made stays here."""
+    """After a failure: free the reservation; nothing half-arrived or half-made stays here.
+
+    Only what this job brought: a paused domain with the job's UUID is destroyed only if this
+    host's ledger says this job is the one bringing it in (prepare recorded it). Another job
+    for the same domain (its lease ran out in Redis) may be migrating it here right now; its
+    incoming copy, perhaps in post-copy the only up-to-date one, is left alone.
+    """
     if job.state not in ROLLBACK_STATES:
         raise PhaseFailed(
             f"job {job.id} is {job.state.value}; only a failed or cancelled job is rolled back"
@@ -401,12 +429,23 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
     rt.store.release(job.spec.dst, job.id)
     uuid = job.facts.get("uuid")
     dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
+    incoming = rt.ledger.incoming_job(uuid) if uuid else None
     if dom is not None and dom.isActive():
         state, _ = dom.state()
-        if state == libvirt.VIR_DOMAIN_PAUSED and _active_on_source(rt, job):
-            # An incoming copy that never started while the source still runs the guest.
+        if state == libvirt.VIR_DOMAIN_PAUSED and incoming != job.id:
+            owner = f"job {incoming}'s" if incoming else "not recorded as any job's"
+            log.warning(
+                "rollback.kept_incoming",
+                uuid=uuid,
+                reason=f"the incoming {job.spec.arrives_as} on {rt.host} is {owner}, "
+                "not this job's",
+            )
+        elif state == libvirt.VIR_DOMAIN_PAUSED and _active_on_source(rt, job):
+            # This job's incoming copy that never started while the source still runs it.
             dom.destroy()
             log.warning("rollback.removed_incoming", uuid=uuid)
+    if uuid:
+        rt.ledger.drop_incoming(uuid, job.id)
     arrived = dom is not None and bool(dom.isActive())
     if not arrived:
         # Only what this worker recorded making for this job (worker/ledger.py).
