@@ -39,7 +39,13 @@ from worker.libvirt_host import (
 )
 from worker.migration_call import Handoff, MigrationCall, UnsafeTarget, build_call, handoff_for
 from worker.monitor import MigrationMonitor, Progress
-from worker.phase_scope import PhaseCancelled, PhaseFailed, advance, hold_domain
+from worker.phase_scope import (
+    PhaseCancelled,
+    PhaseFailed,
+    advance,
+    hold_domain,
+    succeed_with_leftovers,
+)
 from worker.runtime import Runtime
 from worker.storage import Disk, StorageError, create_targets, local_disks, remove_own
 
@@ -369,26 +375,36 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
 
 
 def confirm(rt: Runtime, job: Job) -> JobState | None:
+    """Check what is left of the guest on the source; the job succeeds whatever that is.
+
+    Confirm runs only after finish verified the guest on the destination: the move is done,
+    and a source that does not look as asked (its definition removed by someone mid-flight,
+    a copy still defined) is a leftover to report, not a failure to roll back (a rollback
+    would be sent to the host where the guest now runs). The leftovers, and why, go into the
+    job's result and a `confirm.leftovers` event.
+    """
     spec = job.spec
     dom = job_domain(rt, job, spec.domain)
     here = f"{spec.domain} on {spec.src}"
+    leftovers: list[str] = []
     if spec.offline:
         was_active = bool(job.facts["active"])
-        _expect(
-            (dom is not None and bool(dom.isActive())) == was_active,
-            f"{here} changed state during an offline migration",
-        )
-    else:
-        _expect(dom is None or not dom.isActive(), f"{here} is still active after migrating")
+        if (dom is not None and bool(dom.isActive())) != was_active:
+            leftovers.append(f"{here} changed state during an offline migration")
+    elif dom is not None and dom.isActive():
+        leftovers.append(f"{here} is still active after migrating")
     keeps_config = bool(job.facts["persistent"]) and not spec.undefine_source
     defined = dom is not None and bool(dom.isPersistent())
-    _expect(
-        defined == keeps_config,
-        f"{here} is {'still' if defined else 'no longer'} defined, expected "
-        f"{'kept' if keeps_config else 'removed'}",
-    )
+    if defined != keeps_config:
+        leftovers.append(
+            f"{here} is {'still' if defined else 'no longer'} defined, expected "
+            f"{'kept' if keeps_config else 'removed'}"
+        )
     rt.store.update(job.id, result={"source_defined": defined})
-    log.info("confirm.verified", source_defined=defined)
+    if leftovers:
+        succeed_with_leftovers(rt, job, "; ".join(leftovers))
+    else:
+        log.info("confirm.verified", source_defined=defined)
     return JobState.SUCCEEDED
 
 
