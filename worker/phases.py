@@ -240,8 +240,9 @@ def _ensure_running_on_source(rt: Runtime, job: Job) -> str:
     return f"{job.spec.domain} still running on {rt.host}"
 
 
-def carry_out(dom: libvirt.virDomain, action: Action) -> None:
-    """Make libvirt do what the policy (or the operator) decided about a running migration.
+def carry_out(dom: libvirt.virDomain, action: Action) -> bool:
+    """Make libvirt do what the policy (or the operator) decided about a running migration;
+    whether libvirt did.
 
     A refusal is logged and the migration goes on: it may still converge, and the fleet's
     hard limit (tunables.migration_timeout) aborts it in the end.
@@ -259,6 +260,8 @@ def carry_out(dom: libvirt.virDomain, action: Action) -> None:
             dom.abortJob()
     except libvirt.libvirtError as exc:
         log.warning("migration.action_failed", action=action.kind, error=exc.get_error_message())
+        return False
+    return True
 
 
 def _invoke(dom: libvirt.virDomain, call: MigrationCall) -> None:
@@ -310,7 +313,15 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     def on_action(action: Action) -> None:
         if action.kind in ("cancel", "abort"):
             outcome["cancel_reason" if action.kind == "cancel" else "abort_reason"] = action.reason
-        carry_out(dom, action)
+        done = carry_out(dom, action)
+        if done and action.kind == "postcopy":
+            rt.store.mark_postcopy(job.id)
+        elif not done and action.kind == "cancel":
+            # The operator's abort cannot be carried out (libvirt refuses to abort a post-copy
+            # migration): the migration goes on, and the request is not left pending.
+            rt.store.withdraw_abort(job.id)
+            outcome.pop("cancel_reason", None)
+            log.warning("migration.abort_refused", reason=action.reason)
 
     monitor = MigrationMonitor(
         dom,
@@ -422,6 +433,7 @@ def start_postcopy(rt: Runtime, job: Job) -> None:
     except libvirt.libvirtError as exc:
         reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
         raise PhaseFailed(reason) from None
+    rt.store.mark_postcopy(job.id)
     log.info("migration.postcopy_started")
 
 
