@@ -483,6 +483,34 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
     log.info("rollback.done")
 
 
+def rollback_reconnecting(rt: Runtime, job: Job) -> None:
+    """`rollback_destination` through a libvirtd that may have restarted during the job.
+
+    Its connection then fails on first use; the rollback is run again on a fresh one
+    (tunables.rollback_attempts), and an event says how it ended either way: `rollback.done`,
+    or `rollback.failed` with why (the job's stream then shows what is left to clean up).
+    """
+    tunables = rt.settings.tunables
+
+    def retrying(error: str, attempt: int) -> None:
+        log.warning(
+            "rollback.retrying", reason=error, attempt=attempt, of=tunables.rollback_attempts
+        )
+
+    try:
+        rt.libvirt.reconnecting(
+            lambda: rollback_destination(rt, job),
+            attempts=tunables.rollback_attempts,
+            delay=tunables.retry_delay,
+            on_retry=retrying,
+        )
+    except PhaseFailed:
+        raise  # a refusal (the job did not fail), reported as such by the task
+    except Exception as exc:
+        log.error("rollback.failed", reason=f"rollback on {rt.host} failed: {exc}")
+        raise
+
+
 def _active_on_source(rt: Runtime, job: Job) -> bool:
     """Ask the source's libvirtd directly: never remove the only running copy of a guest."""
     there = on_peer(rt.settings.host(job.spec.src).peer_uri, job.facts["uuid"])
