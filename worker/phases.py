@@ -292,6 +292,11 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     aborted = rt.store.abort_requested(job.id)
     if aborted:
         raise PhaseCancelled(f"{aborted} before the migration started; nothing moved")
+    # Prepare refused a host in maintenance; one disabled since (another evacuation of it)
+    # must not receive the guest either: this is the last moment before libvirt moves it.
+    refusal = Maintenance(rt.store.r).refusal(spec.dst)
+    if refusal is not None:
+        raise PhaseFailed(f"{refusal}; it went into maintenance after prepare, nothing moved")
     call = build_call(spec, _handoff(rt, spec))
     log.info("migration.started", call=call.describe())
     tunables = rt.settings.tunables
