@@ -180,6 +180,9 @@ class Tunables(_Strict):
         "confirm": 3,
     }
     retry_delay: float = Field(default=2.0, ge=0)
+    # Tries of a destination's rollback on a fresh libvirt connection when the one it used
+    # died (libvirtd restarted during the job), `retry_delay` apart.
+    rollback_attempts: int = Field(default=4, ge=1, le=20)
     # Redis redelivers an unacknowledged message after this; drover acks early (docs/celery.md).
     broker_visibility_timeout: float = Field(default=3600.0, gt=0)
     max_message_bytes: int = Field(default=65_536, ge=1024)

@@ -2,8 +2,9 @@
 
 A queued job never starts; one between preflight and migrating is cancelled and its
 destination cleans up; a running migration gets an abort request that the source's monitor
-turns into libvirt's abortJob. A finishing job is past the point of no return. The guest
-stays where it was in every case but the last, where it already runs on the destination.
+turns into libvirt's abortJob. A finishing job is past the point of no return, and so is a
+migration libvirt has switched to post-copy (libvirt refuses to abort it: the guest runs on
+the destination already). The guest stays where it was in every case but these last two.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ CANCEL_ATTEMPTS = 5
 
 
 class TooLate(Exception):
-    """The job has ended or is finishing; the message is one line."""
+    """The job has ended, is finishing or is in post-copy; the message is one line."""
 
 
 def abort_job(
@@ -41,8 +42,13 @@ def abort_job(
             raise TooLate(
                 f"job {job_id} is finishing: {job.spec.domain} already runs on {job.spec.dst}"
             )
+        if job.postcopy_since is not None:
+            raise TooLate(_in_postcopy(job))
         store.request_abort(job_id, reason)
         if job.state is JobState.MIGRATING:
+            if store.get(job_id).postcopy_since is not None:  # switched while we asked
+                store.withdraw_abort(job_id)
+                raise TooLate(_in_postcopy(job))
             return (
                 f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
             )
@@ -57,6 +63,13 @@ def abort_job(
                 rollback(job)
             return f"job {job_id} cancelled ({job.state.value})"
     return f"abort requested: {job.spec.src} stops the job of {job.spec.domain}"
+
+
+def _in_postcopy(job: Job) -> str:
+    return (
+        f"job {job.id} is in post-copy: libvirt cannot abort a post-copy migration "
+        f"({job.spec.domain} already runs on {job.spec.dst}); it completes there"
+    )
 
 
 def _cancelled(store: JobStore, job: Job, by: str, reason: str) -> None:

@@ -58,6 +58,8 @@ class Job(BaseModel):
     reason: str | None = None
     stalled_from: JobState | None = None
     abort_requested: str | None = None
+    # When libvirt switched the migration to post-copy: past that, it cannot be aborted.
+    postcopy_since: datetime | None = None
     # Admission (jobs/admission.py): when the job got its concurrency slots, or why it waits.
     admitted: datetime | None = None
     waiting_for: str | None = None

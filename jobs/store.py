@@ -33,6 +33,8 @@ ACTIVE_JOBS = f"{KEY_PREFIX}:active"
 WAITING = f"{KEY_PREFIX}:waiting"
 # Evacuations share the job id space, index and event streams; their records say so.
 EVENT_FIELD = "data"
+# When libvirt switched a job's migration to post-copy (absent: it never did).
+POSTCOPY_FIELD = "postcopy_since"
 EVENT_READ_BATCH = 500
 RETRY_CAP_S = 1.0
 LEASE_ATTEMPTS = 3
@@ -58,7 +60,10 @@ T = TypeVar("T")
 # Returns {1, previous} when moved, {2, current} when already there, {0, current} if refused.
 # Ending a job gives back its concurrency slots (the `gates` it was admitted through) in the
 # same step (and its memory reservations), so no crash can leave a slot or a reservation held
-# by a job that has ended.
+# by a job that has ended. Leaving `stalled` clears the stall's reason and origin (the history
+# keeps them): a job that resumed is no longer stalled for that reason. A job that succeeds
+# has no abort pending any more: one that came too late to act on (libvirt cannot abort a
+# post-copy migration) is dropped, as the job's events say.
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
@@ -66,6 +71,8 @@ if cur == ARGV[1] then return {2, cur} end
 for i = 7, #ARGV do
   if cur == ARGV[i] then
     redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
+    if cur == 'stalled' then redis.call('HDEL', KEYS[1], 'reason', 'stalled_from') end
+    if ARGV[1] == 'succeeded' then redis.call('HDEL', KEYS[1], 'abort_requested') end
     if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[4]) end
     if ARGV[1] == 'stalled' then redis.call('HSET', KEYS[1], 'stalled_from', cur) end
     redis.call('RPUSH', KEYS[2], ARGV[3])
@@ -349,6 +356,9 @@ class JobStore:
             reason=raw.get("reason"),
             stalled_from=JobState(raw["stalled_from"]) if raw.get("stalled_from") else None,
             abort_requested=raw.get("abort_requested"),
+            postcopy_since=(
+                datetime.fromisoformat(raw[POSTCOPY_FIELD]) if raw.get(POSTCOPY_FIELD) else None
+            ),
             admitted=datetime.fromisoformat(raw["admitted"]) if raw.get("admitted") else None,
             waiting_for=raw.get("waiting_for"),
             parent=raw.get("parent"),
@@ -424,8 +434,17 @@ class JobStore:
     def request_abort(self, job_id: str, reason: str) -> None:
         self.r.hset(job_key(job_id), "abort_requested", reason)
 
+    def withdraw_abort(self, job_id: str) -> None:
+        """Take back an abort request that cannot be carried out."""
+        self.r.hdel(job_key(job_id), "abort_requested")
+
     def abort_requested(self, job_id: str) -> str | None:
         return self.field(job_id, "abort_requested")
+
+    def mark_postcopy(self, job_id: str) -> None:
+        """Record that libvirt switched the job's migration to post-copy: from then on it
+        cannot be aborted (the guest already runs on the destination), and `abort` says so."""
+        self.r.hset(job_key(job_id), POSTCOPY_FIELD, now().isoformat())
 
     # --- leases: one active job per domain, workers' liveness ---------------------------------
 

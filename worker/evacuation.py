@@ -297,6 +297,10 @@ def _retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job)
     limit = rt.settings.tunables.evacuation_retries
     if not store.take_retry(ev.id, placement.domain, limit):
         return None
+    if Maintenance(rt.store.r).refusal(placement.destination) is not None:
+        placement = _replanned(rt, store, ev, placement)
+        if placement.destination is None:
+            return None
     try:
         child = _queue_child(rt, ev, placement, retry_of=job.id, reason=job.reason)
     except DomainBusy as exc:
@@ -304,6 +308,37 @@ def _retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job)
         return None
     admit_waiting(rt)
     return rt.store.get(child)
+
+
+def _replanned(
+    rt: Runtime, store: EvacuationStore, ev: Evacuation, placement: Placement
+) -> Placement:
+    """`placement` placed again, its destination having gone into maintenance after planning
+    (another evacuation of it): the child was refused there before perform, and the domain
+    still has to leave. Placed by the same rules on what the fleet looks like now; saved in
+    the plan, so the evacuation's end is judged against where it really went."""
+    tunables = rt.settings.tunables
+    view = gather(rt, ev.spec, ev.id)
+    guests = [g for g in view.guests if g.uuid == placement.uuid]
+    estimate = Estimate(tunables.estimate_startup_s, tunables.estimate_mib_per_s)
+    if guests:
+        (fresh,) = plan(guests, view.candidates, view.unavailable, estimate)
+        fresh = _checked(ev, fresh)
+    else:
+        fresh = placement.model_copy(
+            update={"destination": None, "reason": f"no longer here to re-plan on {rt.host}"}
+        )
+    current = store.get(ev.id)
+    store.save_plan(ev.id, [fresh if p.domain == fresh.domain else p for p in current.plan or []])
+    log.warning(
+        "evacuation.replanned",
+        domain=placement.domain,
+        was=placement.destination,
+        dst=fresh.destination,
+        reason=f"{placement.destination} went into maintenance after planning"
+        + (f"; {fresh.reason}" if fresh.reason else ""),
+    )
+    return fresh
 
 
 def watch(rt: Runtime) -> None:

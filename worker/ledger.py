@@ -7,7 +7,11 @@ write (the registry's `state_dir`, mode 0700):
 - the disk images it created for a job: a rollback removes exactly these, never a path read
   from a job record;
 - the phases it has run for a job: a phase runs once per job on this host, even if someone
-  with the Redis password deletes the claims in Redis and sends it again.
+  with the Redis password deletes the claims in Redis and sends it again;
+- which job is bringing a domain (by UUID) in: prepare takes the UUID for its job and a
+  second job's prepare for it is refused; a rollback destroys an incoming copy only if it is
+  its own job's, so one job never destroys the guest another job is migrating here (with
+  leases run out in Redis, two jobs for one domain could otherwise both reach this host).
 
 SQLite (the standard library's), one small file, one connection shared by the worker's
 threads behind a lock.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 LEDGER_FILE = "ledger.sqlite3"
@@ -27,6 +32,7 @@ CREATE TABLE IF NOT EXISTS images (job_id TEXT NOT NULL, path TEXT NOT NULL,
                                    PRIMARY KEY (job_id, path));
 CREATE TABLE IF NOT EXISTS claims (job_id TEXT NOT NULL, phase TEXT NOT NULL,
                                    PRIMARY KEY (job_id, phase));
+CREATE TABLE IF NOT EXISTS incoming (uuid TEXT PRIMARY KEY, job_id TEXT NOT NULL);
 """
 
 
@@ -86,3 +92,28 @@ class Ledger:
         """Give a phase back before a retry (it stopped before changing anything)."""
         with self._lock:
             self._db.execute("DELETE FROM claims WHERE job_id = ? AND phase = ?", (job_id, phase))
+
+    # --- domains this host is bringing in, and for which job ------------------------------
+
+    def take_incoming(self, uuid: str, job_id: str, ended: Callable[[str], bool]) -> str | None:
+        """Record `job_id` as the job bringing `uuid` in: None when it now is, else the live
+        job that already is. An entry of a job that has `ended` (its rollback never came, or
+        it succeeded before the entry was dropped) is taken over."""
+        with self._lock:
+            row = self._db.execute("SELECT job_id FROM incoming WHERE uuid = ?", (uuid,)).fetchone()
+            holder = None if row is None else str(row[0])
+            if holder is not None and holder != job_id and not ended(holder):
+                return holder
+            self._db.execute("INSERT OR REPLACE INTO incoming VALUES (?, ?)", (uuid, job_id))
+        return None
+
+    def incoming_job(self, uuid: str) -> str | None:
+        """The job this host recorded as bringing `uuid` in, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT job_id FROM incoming WHERE uuid = ?", (uuid,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def drop_incoming(self, uuid: str, job_id: str) -> None:
+        """Forget `uuid` as incoming, if `job_id` is the job recorded for it (and only then)."""
+        with self._lock:
+            self._db.execute("DELETE FROM incoming WHERE uuid = ? AND job_id = ?", (uuid, job_id))

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import libvirt
 
@@ -18,6 +19,7 @@ from config.settings import current
 from config.uris import check_libvirt_uri
 
 KIB_PER_MIB = 1024
+T = TypeVar("T")
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -151,6 +153,37 @@ class LibvirtHost:
     def reset(self) -> None:
         """Forget a connection that failed; the next use opens a new one."""
         self.close()
+
+    def reconnecting(
+        self,
+        fn: Callable[[], T],
+        *,
+        attempts: int,
+        delay: float,
+        on_retry: Callable[[str, int], object] = lambda _error, _attempt: None,
+    ) -> T:
+        """`fn()`, again on a fresh connection when the one it used has died, `attempts` times
+        in all (`on_retry(error, attempt)` before each new try, `delay` seconds apart).
+
+        A libvirtd restarted since this worker last used it leaves the shared connection
+        looking alive until a call fails on it (`Cannot write data: Broken pipe`); `fn` must
+        be safe to run again (it re-reads libvirt's state). The last error is raised.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except LibvirtUnavailable as exc:
+                error = str(exc)
+                if attempt >= attempts:
+                    raise
+            except libvirt.libvirtError as exc:
+                if not is_connection_error(exc) or attempt >= attempts:
+                    raise
+                error = exc.get_error_message()
+            self.reset()
+            on_retry(error, attempt)
+            time.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def by_name(self, name: str) -> libvirt.virDomain | None:
         try:

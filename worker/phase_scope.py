@@ -101,10 +101,47 @@ def rollback_destination_later(job: Job) -> None:
     app.send_task(ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst))
 
 
+def moved_already(job: Job, phase: Phase) -> bool:
+    """Whether the guest is already where the job was to put it: `phase` comes after finish,
+    which verified it on the destination through libvirt (and ended without an error)."""
+    record = job.phases.get(Phase.FINISH.value)
+    return (
+        PHASE_ORDER.index(phase) > PHASE_ORDER.index(Phase.FINISH)
+        and record is not None
+        and record.ended is not None
+        and record.error is None
+    )
+
+
+def succeed_with_leftovers(rt: Runtime, job: Job, leftovers: str) -> None:
+    """Report what is left on the source of a job whose guest already runs on its destination:
+    in the result and a `confirm.leftovers` event. The job itself succeeded; nothing is rolled
+    back (that would act on the host where the guest now runs)."""
+    rt.store.update(job.id, result={"leftovers": leftovers})
+    log.warning(
+        "confirm.leftovers",
+        reason=leftovers,
+        running_on=job.spec.dst,
+        note=f"the guest runs on {job.spec.dst} (finish verified it); the source needs a look",
+    )
+
+
 def fail_job(
     rt: Runtime, job: Job, phase: Phase, reason: str, final: JobState = JobState.FAILED
 ) -> None:
-    """Record the end once, free what the job held, and ask the destination to clean up."""
+    """Record the end once, free what the job held, and ask the destination to clean up.
+
+    After a verified finish the move is done whatever failed since: the job succeeds, with
+    the failure as leftovers on the source (`succeed_with_leftovers`), and no rollback.
+    """
+    if final is JobState.FAILED and moved_already(rt.store.get(job.id), phase):
+        succeed_with_leftovers(rt, job, reason)
+        moved, previous = rt.store.transition(job.id, JobState.SUCCEEDED, host=rt.host)
+        if moved:
+            was = previous.value if previous else None
+            log.info("job.state", state=JobState.SUCCEEDED.value, previous=was)
+            job_ended(rt, job)
+        return
     moved, _ = rt.store.transition(job.id, final, host=rt.host, reason=reason)
     if not moved:
         return

@@ -25,7 +25,8 @@ from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.spec import MigrationSpec
-from jobs.states import JobState
+from jobs.states import TERMINAL, JobState
+from jobs.store import JobNotFound
 from worker.convergence import Action, ConvergencePolicy, drain_action
 from worker.libvirt_host import (
     DomainFacts,
@@ -38,7 +39,14 @@ from worker.libvirt_host import (
 )
 from worker.migration_call import Handoff, MigrationCall, UnsafeTarget, build_call, handoff_for
 from worker.monitor import MigrationMonitor, Progress
-from worker.phase_scope import HandedOver, PhaseCancelled, PhaseFailed, advance, hold_domain
+from worker.phase_scope import (
+    HandedOver,
+    PhaseCancelled,
+    PhaseFailed,
+    advance,
+    hold_domain,
+    succeed_with_leftovers,
+)
 from worker.runtime import Runtime
 from worker.storage import Disk, StorageError, create_targets, local_disks, remove_own
 
@@ -133,6 +141,7 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         raise PhaseFailed(refusal)
     source = _source_view(rt, job)
     uuid, need = source.facts.uuid, source.facts.memory_mib
+    _take_incoming(rt, job, uuid)
     config_present = _dest_config_present(rt, spec, uuid)
     if (
         spec.undefine_source
@@ -179,6 +188,25 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     return JobState.PREPARED
 
 
+def _take_incoming(rt: Runtime, job: Job, uuid: str) -> None:
+    """Record on this host (worker/ledger.py) that this job brings `uuid` in; refuse if another
+    live job already is. Redis leases say the same thing, but they can run out under a live
+    migration; the host's own record is what a rollback trusts before it destroys anything."""
+
+    def ended(holder: str) -> bool:
+        try:
+            return rt.store.state(holder) in TERMINAL
+        except JobNotFound:
+            return True
+
+    holder = rt.ledger.take_incoming(uuid, job.id, ended)
+    if holder is not None:
+        raise PhaseFailed(
+            f"{job.spec.dst} is already bringing {job.spec.domain} ({uuid}) in for job "
+            f"{holder}; refusing a second migration of it"
+        )
+
+
 def _handoff(rt: Runtime, spec: MigrationSpec) -> Handoff:
     """Where the guest goes, from the registry (worker/migration_call.py `handoff_for`)."""
     try:
@@ -213,8 +241,9 @@ def _ensure_running_on_source(rt: Runtime, job: Job) -> str:
     return f"{job.spec.domain} still running on {rt.host}"
 
 
-def carry_out(dom: libvirt.virDomain, action: Action) -> None:
-    """Make libvirt do what the policy (or the operator) decided about a running migration.
+def carry_out(dom: libvirt.virDomain, action: Action) -> bool:
+    """Make libvirt do what the policy (or the operator) decided about a running migration;
+    whether libvirt did.
 
     A refusal is logged and the migration goes on: it may still converge, and the fleet's
     hard limit (tunables.migration_timeout) aborts it in the end.
@@ -232,6 +261,8 @@ def carry_out(dom: libvirt.virDomain, action: Action) -> None:
             dom.abortJob()
     except libvirt.libvirtError as exc:
         log.warning("migration.action_failed", action=action.kind, error=exc.get_error_message())
+        return False
+    return True
 
 
 def _invoke(dom: libvirt.virDomain, call: MigrationCall) -> None:
@@ -262,6 +293,11 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     aborted = rt.store.abort_requested(job.id)
     if aborted:
         raise PhaseCancelled(f"{aborted} before the migration started; nothing moved")
+    # Prepare refused a host in maintenance; one disabled since (another evacuation of it)
+    # must not receive the guest either: this is the last moment before libvirt moves it.
+    refusal = Maintenance(rt.store.r).refusal(spec.dst)
+    if refusal is not None:
+        raise PhaseFailed(f"{refusal}; it went into maintenance after prepare, nothing moved")
     call = build_call(spec, _handoff(rt, spec))
     log.info("migration.started", call=call.describe())
     tunables = rt.settings.tunables
@@ -283,7 +319,15 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     def on_action(action: Action) -> None:
         if action.kind in ("cancel", "abort"):
             outcome["cancel_reason" if action.kind == "cancel" else "abort_reason"] = action.reason
-        carry_out(dom, action)
+        done = carry_out(dom, action)
+        if done and action.kind == "postcopy":
+            rt.store.mark_postcopy(job.id)
+        elif not done and action.kind == "cancel":
+            # The operator's abort cannot be carried out (libvirt refuses to abort a post-copy
+            # migration): the migration goes on, and the request is not left pending.
+            rt.store.withdraw_abort(job.id)
+            outcome.pop("cancel_reason", None)
+            log.warning("migration.abort_refused", reason=action.reason)
 
     monitor = MigrationMonitor(
         dom,
@@ -343,34 +387,45 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
         f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
         f"{'persistent' if wants_config else 'transient'}",
     )
-    # The guest now really uses the memory that was reserved for it.
+    # The guest now really uses the memory that was reserved for it, and has arrived.
     rt.store.release(spec.dst, job.id)
+    rt.ledger.drop_incoming(found.uuid, job.id)
     rt.store.update(job.id, result={"destination": found.as_dict()})
     log.info("finish.verified", state=found.state, persistent=found.persistent)
     return None
 
 
 def confirm(rt: Runtime, job: Job) -> JobState | None:
+    """Check what is left of the guest on the source; the job succeeds whatever that is.
+
+    Confirm runs only after finish verified the guest on the destination: the move is done,
+    and a source that does not look as asked (its definition removed by someone mid-flight,
+    a copy still defined) is a leftover to report, not a failure to roll back (a rollback
+    would be sent to the host where the guest now runs). The leftovers, and why, go into the
+    job's result and a `confirm.leftovers` event.
+    """
     spec = job.spec
     dom = job_domain(rt, job, spec.domain)
     here = f"{spec.domain} on {spec.src}"
+    leftovers: list[str] = []
     if spec.offline:
         was_active = bool(job.facts["active"])
-        _expect(
-            (dom is not None and bool(dom.isActive())) == was_active,
-            f"{here} changed state during an offline migration",
-        )
-    else:
-        _expect(dom is None or not dom.isActive(), f"{here} is still active after migrating")
+        if (dom is not None and bool(dom.isActive())) != was_active:
+            leftovers.append(f"{here} changed state during an offline migration")
+    elif dom is not None and dom.isActive():
+        leftovers.append(f"{here} is still active after migrating")
     keeps_config = bool(job.facts["persistent"]) and not spec.undefine_source
     defined = dom is not None and bool(dom.isPersistent())
-    _expect(
-        defined == keeps_config,
-        f"{here} is {'still' if defined else 'no longer'} defined, expected "
-        f"{'kept' if keeps_config else 'removed'}",
-    )
+    if defined != keeps_config:
+        leftovers.append(
+            f"{here} is {'still' if defined else 'no longer'} defined, expected "
+            f"{'kept' if keeps_config else 'removed'}"
+        )
     rt.store.update(job.id, result={"source_defined": defined})
-    log.info("confirm.verified", source_defined=defined)
+    if leftovers:
+        succeed_with_leftovers(rt, job, "; ".join(leftovers))
+    else:
+        log.info("confirm.verified", source_defined=defined)
     return JobState.SUCCEEDED
 
 
@@ -388,6 +443,7 @@ def start_postcopy(rt: Runtime, job: Job) -> None:
     except libvirt.libvirtError as exc:
         reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
         raise PhaseFailed(reason) from None
+    rt.store.mark_postcopy(job.id)
     log.info("migration.postcopy_started")
 
 
@@ -397,7 +453,13 @@ ROLLBACK_STATES = frozenset({JobState.FAILED, JobState.CANCELLED})
 
 
 def rollback_destination(rt: Runtime, job: Job) -> None:
-    """After a failure: free the reservation; nothing half-arrived or half-made stays here."""
+    """After a failure: free the reservation; nothing half-arrived or half-made stays here.
+
+    Only what this job brought: a paused domain with the job's UUID is destroyed only if this
+    host's ledger says this job is the one bringing it in (prepare recorded it). Another job
+    for the same domain (its lease ran out in Redis) may be migrating it here right now; its
+    incoming copy, perhaps in post-copy the only up-to-date one, is left alone.
+    """
     if job.state not in ROLLBACK_STATES:
         raise PhaseFailed(
             f"job {job.id} is {job.state.value}; only a failed or cancelled job is rolled back"
@@ -405,12 +467,23 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
     rt.store.release(job.spec.dst, job.id)
     uuid = job.facts.get("uuid")
     dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
+    incoming = rt.ledger.incoming_job(uuid) if uuid else None
     if dom is not None and dom.isActive():
         state, _ = dom.state()
-        if state == libvirt.VIR_DOMAIN_PAUSED and _active_on_source(rt, job):
-            # An incoming copy that never started while the source still runs the guest.
+        if state == libvirt.VIR_DOMAIN_PAUSED and incoming != job.id:
+            owner = f"job {incoming}'s" if incoming else "not recorded as any job's"
+            log.warning(
+                "rollback.kept_incoming",
+                uuid=uuid,
+                reason=f"the incoming {job.spec.arrives_as} on {rt.host} is {owner}, "
+                "not this job's",
+            )
+        elif state == libvirt.VIR_DOMAIN_PAUSED and _active_on_source(rt, job):
+            # This job's incoming copy that never started while the source still runs it.
             dom.destroy()
             log.warning("rollback.removed_incoming", uuid=uuid)
+    if uuid:
+        rt.ledger.drop_incoming(uuid, job.id)
     arrived = dom is not None and bool(dom.isActive())
     if not arrived:
         # Only what this worker recorded making for this job (worker/ledger.py).
@@ -418,6 +491,34 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
         if removed:
             log.info("rollback.removed_images", paths=removed)
     log.info("rollback.done")
+
+
+def rollback_reconnecting(rt: Runtime, job: Job) -> None:
+    """`rollback_destination` through a libvirtd that may have restarted during the job.
+
+    Its connection then fails on first use; the rollback is run again on a fresh one
+    (tunables.rollback_attempts), and an event says how it ended either way: `rollback.done`,
+    or `rollback.failed` with why (the job's stream then shows what is left to clean up).
+    """
+    tunables = rt.settings.tunables
+
+    def retrying(error: str, attempt: int) -> None:
+        log.warning(
+            "rollback.retrying", reason=error, attempt=attempt, of=tunables.rollback_attempts
+        )
+
+    try:
+        rt.libvirt.reconnecting(
+            lambda: rollback_destination(rt, job),
+            attempts=tunables.rollback_attempts,
+            delay=tunables.retry_delay,
+            on_retry=retrying,
+        )
+    except PhaseFailed:
+        raise  # a refusal (the job did not fail), reported as such by the task
+    except Exception as exc:
+        log.error("rollback.failed", reason=f"rollback on {rt.host} failed: {exc}")
+        raise
 
 
 def _active_on_source(rt: Runtime, job: Job) -> bool:

@@ -138,7 +138,7 @@ def _run_side_task(
 
 @app.task(bind=True, name=ROLLBACK_DESTINATION_TASK)
 def rollback_destination(self: Task, job_id: str) -> None:
-    _run_side_task(self, "rollback", phases.rollback_destination, job_id)
+    _run_side_task(self, "rollback", phases.rollback_reconnecting, job_id)
 
 
 @app.task(bind=True, name=POSTCOPY_TASK, throws=(PhaseFailed,))
