@@ -251,7 +251,8 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
         log.info("migration.progress", **progress.as_event_fields())
         action = policy.decide(progress)
         if action.kind != "continue":
-            phases.carry_out(dom, action)
+            if phases.carry_out(dom, action) and action.kind == "postcopy":
+                rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
             aborted = action.reason if action.kind == "abort" else aborted
         time.sleep(tunables.progress_interval)
     dom = phases.job_domain(rt, job, spec.domain)
