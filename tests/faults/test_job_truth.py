@@ -3,8 +3,9 @@ host, by the job's final state and result, its events, and what the CLI says.
 
 - the source definition removed mid-flight: the guest runs on the destination, so the job
   succeeds, with the leftovers in its result, and nothing is rolled back;
-- a second job for a domain whose leases ran out: its prepare is refused by the destination's
-  ledger, and its rollback leaves the first job's incoming guest alone;
+- a second job for a domain whose leases were removed behind drover's back: its prepare is
+  refused by the destination's ledger, and its rollback leaves the first job's incoming
+  guest alone;
 - the destination's libvirtd restarted during perform: the rollback reconnects and says so;
 - a stalled job that resumed and succeeded is no longer shown as stalled;
 - `drover abort` in post-copy says libvirt cannot abort it, and exits non-zero;

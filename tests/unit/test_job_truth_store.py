@@ -18,7 +18,7 @@ STALL = "kvm2's worker has not been seen for 30s while the job was migrating (fi
 
 def submit(store: JobStore) -> str:
     spec = MigrationSpec(domain="web01", src="kvm1", dst="kvm2", live=True)
-    return enqueue(store, spec, origin="test", lease_s=60)
+    return enqueue(store, spec, origin="test")
 
 
 def walk(store: JobStore, job_id: str, *states: JobState) -> None:
