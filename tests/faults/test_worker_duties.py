@@ -170,6 +170,7 @@ def test_warm_shutdown_during_a_long_p2p_migration(
     # The waiting job went on with the new worker, and nothing of its stall is left on it.
     other = finish(lab, queued)
     assert other.state.value == "succeeded", other.reason
+    assert other.stalled_from is None and other.reason is None, other.reason
     assert_invariants(lab, other, domain="idle-1")
 
 
