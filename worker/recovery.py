@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import libvirt
+import redis
 import structlog
 from celery.exceptions import Ignore
 
@@ -35,7 +36,7 @@ from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
 from worker import phases
-from worker.convergence import ConvergencePolicy
+from worker.convergence import CONTINUE, Action, ConvergencePolicy
 from worker.libvirt_host import on_peer
 from worker.monitor import Progress, sample
 from worker.phase_scope import (
@@ -242,7 +243,7 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
     tunables = rt.settings.tunables
     policy = ConvergencePolicy.for_job(spec, tunables.migration_timeout)
     dom = phases.job_domain(rt, job, spec.domain)
-    reattached, aborted = False, ""
+    reattached, aborted, cancelled = False, "", ""
     while dom is not None and (stats := sample(dom)) is not None:
         if not reattached:
             log.info("migration.reattached")
@@ -250,9 +251,17 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
         progress = Progress.from_stats(stats)
         log.info("migration.progress", **progress.as_event_fields())
         action = policy.decide(progress)
+        if action.kind == "continue" and not cancelled:
+            action = _operator_abort(rt, job)
         if action.kind != "continue":
-            if phases.carry_out(dom, action) and action.kind == "postcopy":
+            done = phases.carry_out(dom, action)
+            if done and action.kind == "postcopy":
                 rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
+            elif action.kind == "cancel" and done:
+                cancelled = action.reason
+            elif action.kind == "cancel":  # libvirt refused (post-copy): not left pending
+                rt.store.withdraw_abort(job.id)
+                log.warning("migration.abort_refused", reason=action.reason)
             aborted = action.reason if action.kind == "abort" else aborted
         time.sleep(tunables.progress_interval)
     dom = phases.job_domain(rt, job, spec.domain)
@@ -264,12 +273,28 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
     if state == libvirt.VIR_DOMAIN_PAUSED and job.facts.get("state") == "running":
         dom.resume()
         log.warning("source.resumed", reason="the interrupted migration left the guest paused")
+    where = f"{spec.domain} still running on {rt.host}"
+    if cancelled:
+        reason = f"{cancelled}: migration aborted; {where}"
+        rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)
+        fail_job(rt, job, Phase.PERFORM, reason, JobState.CANCELLED)
+        return False
     away = f"did not complete while {rt.host}'s worker was away"
     why = f"was aborted: {aborted}" if aborted else away
-    reason = f"the migration {why}; {spec.domain} still running on {rt.host}"
+    reason = f"the migration {why}; {where}"
     rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)
     fail_job(rt, job, Phase.PERFORM, reason)  # which also rolls the destination back
     return False
+
+
+def _operator_abort(rt: Runtime, job: Job) -> Action:
+    """An operator's abort of a migration recovery re-attached to: asked once per tick, and
+    a Redis that does not answer at once is no request (the migration stays watched)."""
+    try:
+        reason = rt.store.without_retry.abort_requested(job.id)
+    except redis.RedisError:
+        return CONTINUE
+    return Action("cancel", reason) if reason else CONTINUE
 
 
 def _defined_on_destination(rt: Runtime, job: Job) -> bool:

@@ -9,6 +9,7 @@ host, by the job's final state and result, its events, and what the CLI says.
 - the destination's libvirtd restarted during perform: the rollback reconnects and says so;
 - a stalled job that resumed and succeeded is no longer shown as stalled;
 - `drover abort` in post-copy says libvirt cannot abort it, and exits non-zero;
+- `drover abort` of a migration a restarted worker re-attached to is carried out;
 - a child migration toward a host another evacuation put in maintenance after it was planned
   is refused before perform and placed again elsewhere.
 """
@@ -181,6 +182,26 @@ def test_a_stalled_job_that_resumes_is_no_longer_stalled(
     listed = run_drover(lab.config, "jobs")
     row = next((line for line in listed.stdout.splitlines() if job_id in line), "")
     check("succeeded" in row and "not been seen" not in row, f"drover jobs shows: {row}")
+
+
+@HOME
+def test_abort_of_a_migration_recovery_re_attached_to(lab: Lab) -> None:
+    # Peer-to-peer, at a crawl: libvirtd carries it on through the worker's death, and it
+    # cannot converge before its completion timeout, so only the abort can end it early.
+    job_id = start_throttled(lab, bandwidth_mib=CRAWL_MIB, completion_timeout_s=90)
+    control.kill_worker("lab1")
+    control.restart_worker("lab1")
+    wait_for(
+        lambda: bool(named(lab, job_id, "migration.reattached")),
+        FAULT_WINDOW_S,
+        "recovery to re-attach to the migration",
+    )
+    said = run_drover(lab.config, "abort", job_id)
+    check(said.returncode == 0, f"abort exited {said.returncode}: {said.stderr}")
+    job = finish(lab, job_id)
+    assert_invariants(lab, job)
+    check(job.state.value == "cancelled", f"job {job.state.value}: {job.reason}")
+    check("aborted by operator" in (job.reason or ""), f"reason: {job.reason}")
 
 
 @HOME
