@@ -290,12 +290,16 @@ def _retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job)
         return None
     placement = next((p for p in ev.plan or [] if p.domain == job.spec.domain), None)
     if placement is None or placement.destination is None:
+        _not_retried(job, "it is not in the plan with a destination")
         return None
     here = rt.libvirt.by_uuid(placement.uuid)
     if here is None or bool(here.isActive()) != placement.active:
-        return None  # not as it was planned here: judged by _finish, not moved blindly
+        # not as it was planned here: judged by _finish, not moved blindly
+        _not_retried(job, f"libvirt on {rt.host} no longer shows it as planned")
+        return None
     limit = rt.settings.tunables.evacuation_retries
     if not store.take_retry(ev.id, placement.domain, limit):
+        _not_retried(job, f"its {limit} retries are spent")
         return None
     if Maintenance(rt.store.r).refusal(placement.destination) is not None:
         placement = _replanned(rt, store, ev, placement)
@@ -308,6 +312,11 @@ def _retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job)
         return None
     admit_waiting(rt)
     return rt.store.get(child)
+
+
+def _not_retried(job: Job, why: str) -> None:
+    """Say on the evacuation's stream why a failed child is not queued again."""
+    log.info("evacuation.not_retried", domain=job.spec.domain, child=job.id, reason=why)
 
 
 def _replanned(
@@ -420,7 +429,13 @@ def _attend(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
                 state=job.state.value,
                 reason=job.reason,
             )
-            retried = _retry_failed(rt, store, ev, job)
+            try:
+                retried = _retry_failed(rt, store, ev, job)
+            except Exception as exc:  # said on the evacuation's stream, not lost in a log
+                log.exception(
+                    "evacuation.retry_failed", domain=domain, child=job.id, reason=str(exc)
+                )
+                retried = None
             if retried is not None:
                 children[domain] = retried
     if all(job.terminal for job in children.values()):

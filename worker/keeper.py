@@ -28,7 +28,7 @@ from worker import evacuation, recovery
 from worker.admission_pass import admit_waiting
 from worker.libvirt_host import LibvirtUnavailable, placement_room_mib
 from worker.phase_scope import job_context
-from worker.runtime import Runtime
+from worker.runtime import PHASE_NAMES, Runtime
 
 log = get_logger()
 # The loop never sleeps longer than this, so a shortened interval takes effect promptly.
@@ -69,7 +69,7 @@ def _heartbeat(rt: Runtime) -> None:
     rt.renew_running()
     if rt.draining:
         with rt.lock:
-            running = sorted({job_id for job_id, _ in rt.running})
+            running = sorted({job_id for job_id, phase in rt.running if phase in PHASE_NAMES})
         rt.store.set_draining(rt.host, _drain_report(rt, running), tunables.heartbeat_ttl)
         rt.store.drop_heartbeat(rt.host, rt.worker_id)
         return

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from config import events
 from config.settings import Host, Settings, current
+from jobs.phases import Phase
 from jobs.store import JobStore
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
@@ -54,10 +55,11 @@ class Runtime:
         self.store.drop_runner(job_id, phase, self.worker_id)
 
     def renew_running(self) -> None:
-        """Keep this process's marks on its phases alive (the heartbeat calls it)."""
+        """Keep this process's marks on its phases alive (the heartbeat calls it); `running`
+        also holds an evacuation's in-process guards, which have no mark in Redis."""
         ttl = self.settings.tunables.heartbeat_ttl
         with self.lock:
-            running = sorted(self.running)
+            running = sorted((j, p) for j, p in self.running if p in PHASE_NAMES)
         for job_id, phase in running:
             self.store.renew_runner(job_id, phase, self.worker_id, ttl)
 
@@ -78,6 +80,7 @@ class Runtime:
         return self.settings.host(self.host)
 
 
+PHASE_NAMES = frozenset(phase.value for phase in Phase)
 _runtime: Runtime | None = None
 _lock = threading.Lock()
 
