@@ -145,16 +145,14 @@ def workers_back(lab: Lab) -> Iterator[None]:
 
 
 @pytest.fixture
-def fault_config(lab: Lab) -> Iterator[Callable[[str], None]]:
+def fault_config(lab_config_file: Path) -> Callable[[str], None]:
     """Append TOML to the lab config for one case (workers re-read it); restored after."""
-    path = Path(lab.config)
-    original = path.read_text()
+    original = lab_config_file.read_text()
 
     def add(extra: str) -> None:
-        path.write_text(original + "\n" + extra + "\n")  # workers see the new mtime
+        lab_config_file.write_text(original + "\n" + extra + "\n")  # workers see the new mtime
 
-    yield add
-    path.write_text(original)
+    return add
 
 
 def settle_jobs(lab: Lab) -> None:

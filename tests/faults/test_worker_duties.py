@@ -45,15 +45,8 @@ def reported_at(store: JobStore, host: str) -> datetime | None:
     return datetime.fromisoformat(ts) if ts else None
 
 
-@pytest.fixture
-def config_file(lab: Lab) -> Iterator[Path]:
-    path = Path(lab.config)
-    original = path.read_text()
-    yield path
-    path.write_text(original)
-
-
-def test_a_config_saved_with_a_typo_during_a_migration(lab: Lab, config_file: Path) -> None:
+def test_a_config_saved_with_a_typo_during_a_migration(lab: Lab, lab_config_file: Path) -> None:
+    config_file = lab_config_file
     good = config_file.read_text()
     job_id = lab.drover.submit(
         domain="dirty-1", src="lab1", dst="lab2", live=True, bandwidth_mib=8,

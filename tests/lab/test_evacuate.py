@@ -103,12 +103,9 @@ def test_evacuation_drains_lab1_within_limits_as_the_dry_run_planned(lab: Lab, h
 
 
 @pytest.fixture
-def limits(lab: Lab) -> Iterator[Path]:
+def limits(lab_config_file: Path) -> Path:
     """The registry file, restored after the test changed limits in it (workers re-read it)."""
-    path = Path(lab.config)
-    original = path.read_text()
-    yield path
-    path.write_text(original)
+    return lab_config_file
 
 
 @pytest.mark.parametrize(

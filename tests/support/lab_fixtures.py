@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -143,6 +144,16 @@ def lab(lab_env: None) -> Iterator[Lab]:
         yield lab
     finally:
         control.down()
+
+
+@pytest.fixture
+def lab_config_file(lab: Lab) -> Iterator[Path]:
+    """The lab's registry file, for a test to change (workers re-read it when its mtime
+    moves); restored as it was afterwards."""
+    path = Path(lab.config)
+    original = path.read_text()
+    yield path
+    path.write_text(original)
 
 
 @pytest.fixture
