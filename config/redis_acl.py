@@ -38,9 +38,9 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from config.celery import QUEUE_PREFIX, celery_config
+from config.key_prefixes import KEY_PREFIX as JOBS_KEY_PREFIX
+from config.key_prefixes import SCHEDULE_KEY_PREFIX
 from config.settings import ConfigError, Settings
-from jobs.store import KEY_PREFIX as JOBS_KEY_PREFIX
-from producer.schedules import KEY_PREFIX as SCHEDULE_KEY_PREFIX
 
 WORKER, PRODUCER, FLOWER, BEAT = "worker", "producer", "flower", "beat"
 ROLES = (WORKER, PRODUCER, FLOWER, BEAT)

@@ -25,9 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from config.addresses import check_address
 from config.redis_url import check_redis_url
 from config.uris import ALLOWED_PARAMS, ALLOWED_SCHEMES, check_libvirt_uri
-from jobs.spec import check_address
 
 CONFIG_ENV = "DROVER_CONFIG"
 REDIS_URL_ENV = "DROVER_REDIS_URL"

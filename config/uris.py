@@ -22,7 +22,7 @@ import re
 from collections.abc import Collection
 from urllib.parse import parse_qsl, urlsplit
 
-from jobs.spec import MAX_PORT, check_address
+from config.addresses import MAX_PORT, check_address
 
 ALLOWED_SCHEMES = frozenset({"qemu", "qemu+unix", "qemu+tcp", "qemu+tls", "qemu+ssh"})
 ALLOWED_PARAMS = frozenset({"socket"})

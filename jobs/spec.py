@@ -11,12 +11,22 @@ client of both daemons) or `unmanaged` (unmanaged direct: the hypervisor does it
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from enum import StrEnum
-from typing import Annotated, NamedTuple, TypeAlias
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+# Re-exported: address and URI checks were defined here before they moved down a layer.
+from config.addresses import MAX_PORT as MAX_PORT
+from config.addresses import IPAddress as IPAddress
+from config.addresses import check_address as check_address
+from config.addresses import parse_ip as parse_ip
+from config.addresses import shown as shown
+from jobs.migration_uri import MIGRATION_URI_SCHEMES as MIGRATION_URI_SCHEMES
+from jobs.migration_uri import MigrationURI as MigrationURI
+from jobs.migration_uri import check_migration_uri as check_migration_uri
+from jobs.migration_uri import parse_migration_uri as parse_migration_uri
 
 # A conservative subset of what libvirt accepts: no '/', no control characters, no spaces.
 DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._+:@-]{0,199}$"
@@ -24,23 +34,6 @@ HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 MAX_BANDWIDTH_MIB = 1_000_000
 MAX_PARALLEL_CONNECTIONS = 64
 MAX_COMPLETION_TIMEOUT_S = 86_400
-MIGRATION_URI_SCHEMES = ("tcp", "rdma", "unix")
-MAX_PORT = 65535
-# An IPv6 scope id names an interface: Linux's IFNAMSIZ is 16 bytes with the NUL.
-MAX_INTERFACE_NAME = 15
-# Longest excerpt of a refused value quoted back in an error (the value may be megabytes).
-MAX_SHOWN_CHARS = 80
-# Python's `$` also matches before a trailing newline, so these patterns end in \Z instead;
-# re.ASCII (or explicit [0-9] classes) because `\d` and `\w` match any Unicode digit or letter.
-_DNS_NAME = re.compile(
-    r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*\Z",
-    re.ASCII,
-)
-_SCOPE_ID = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_INTERFACE_NAME}}}\Z", re.ASCII)
-_NET_URI = re.compile(r"^(tcp|rdma)://(\[[^\[\]/?#@]*\]|[^/:?#@\[\]]+)(:([0-9]{1,5}))?/?\Z")
-_UNIX_URI = re.compile(r"^unix://(/[A-Za-z0-9._/-]{1,200})\Z", re.ASCII)
-
-IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DomainName = Annotated[str, StringConstraints(pattern=DOMAIN_NAME_PATTERN)]
 HostRef = Annotated[str, StringConstraints(pattern=HOST_NAME_PATTERN)]
@@ -72,108 +65,6 @@ class TimeoutAction(StrEnum):
     SUSPEND = "suspend"  # pause the guest: the rest is copied at once, it resumes on arrival
     POSTCOPY = "postcopy"  # switch to post-copy (needs --postcopy)
     ABORT = "abort"  # give up; the guest stays where it was
-
-
-def shown(value: str) -> str:
-    """`value` quoted for an error message, cut short: one readable line whatever came in."""
-    if len(value) <= MAX_SHOWN_CHARS:
-        return repr(value)
-    return f"{value[:MAX_SHOWN_CHARS]!r}... ({len(value)} characters)"
-
-
-def parse_ip(text: str) -> IPAddress | None:
-    """`text` as an IP address, or None; an IPv6 scope id only as a plain interface name.
-
-    `ipaddress` alone is too lenient for values that end up in QEMU and libvirt arguments:
-    it takes anything after an IPv6 `%` (spaces, quotes, thousands of characters).
-    """
-    if not text.isascii():
-        return None
-    address, percent, scope = text.partition("%")
-    try:
-        if percent:
-            if not _SCOPE_ID.match(scope):
-                return None
-            return ipaddress.IPv6Address(text)
-        return ipaddress.ip_address(address)
-    except ValueError:
-        return None
-
-
-def _scope_problem(text: str) -> str | None:
-    """Why an IPv6 address with a scope id is refused, when the scope id is the reason."""
-    address, percent, scope = text.partition("%")
-    if percent and parse_ip(address) is not None and not _SCOPE_ID.match(scope):
-        return (
-            f"IPv6 scope id {shown(scope)} must be an interface name "
-            f"([A-Za-z0-9_.-], at most {MAX_INTERFACE_NAME} characters)"
-        )
-    return None
-
-
-def check_address(value: str) -> str:
-    """An IP address or a DNS name: nothing that could carry a URI part or an option.
-
-    Brackets hold an IPv6 address only (`[10.0.0.1]` is no form QEMU or libvirt agree on);
-    ASCII only, so no look-alike digits or letters pass as an address.
-    """
-    if value.startswith("[") or value.endswith("]"):
-        inner = value[1:-1] if value.startswith("[") and value.endswith("]") else ""
-        ip = parse_ip(inner)
-        if ip is None or ip.version != 6:
-            problem = _scope_problem(inner)
-            raise ValueError(problem or f"brackets hold an IPv6 address only, not {shown(value)}")
-        return value
-    if parse_ip(value) is not None:
-        return value
-    problem = _scope_problem(value)
-    if problem:
-        raise ValueError(problem)
-    if not _DNS_NAME.match(value):
-        raise ValueError(f"not an IP address or host name: {shown(value)}")
-    return value
-
-
-class MigrationURI(NamedTuple):
-    """The parts of a checked migration URI: `host` for tcp/rdma, `path` for unix."""
-
-    scheme: str
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-
-
-def parse_migration_uri(value: str) -> MigrationURI:
-    """tcp://HOST[:PORT], rdma://HOST[:PORT] or unix:///PATH; no user, query or fragment.
-
-    HOST is returned as written (brackets stripped from an IPv6 address); ValueError, one
-    line, for anything else.
-    """
-    net = _NET_URI.match(value)
-    if net:
-        host = net.group(2)
-        try:
-            check_address(host)
-        except ValueError as exc:
-            raise ValueError(f"migration URI {shown(value)}: {exc}") from None
-        port = net.group(4)
-        if port is not None and not 1 <= int(port) <= MAX_PORT:
-            raise ValueError(f"port out of range in migration URI {shown(value)}")
-        bare = host[1:-1] if host.startswith("[") else host
-        return MigrationURI(net.group(1), host=bare, port=int(port) if port else None)
-    unix = _UNIX_URI.match(value)
-    if unix and ".." not in unix.group(1).split("/"):
-        return MigrationURI("unix", path=unix.group(1))
-    raise ValueError(
-        f"migration URI {shown(value)} must be tcp://HOST[:PORT], rdma://HOST[:PORT] or "
-        "unix:///PATH (no user, query or fragment)"
-    )
-
-
-def check_migration_uri(value: str) -> str:
-    """`value` if it is a migration URI of the strict form (parse_migration_uri)."""
-    parse_migration_uri(value)
-    return value
 
 
 class MigrationSpec(BaseModel):

@@ -17,8 +17,9 @@ from __future__ import annotations
 import ipaddress
 from pathlib import PurePosixPath
 
+from config.addresses import IPAddress, parse_ip, shown
 from config.settings import Host
-from jobs.spec import IPAddress, parse_ip, parse_migration_uri, shown
+from jobs.migration_uri import parse_migration_uri
 
 
 def _canonical(address: str) -> str:

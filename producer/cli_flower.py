@@ -210,7 +210,7 @@ def _exposure_problem(address: str, credentials: str | None) -> str | None:
 
 
 def _hosts_problem(names: list[str]) -> str | None:
-    from jobs.spec import check_address
+    from config.addresses import check_address
 
     for name in names:
         try:
