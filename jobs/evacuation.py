@@ -15,154 +15,25 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel
 
-from jobs.model import elapsed_s
+from config.key_prefixes import KEY_PREFIX
+from jobs.evacuation_model import _FROM as _FROM
+from jobs.evacuation_model import EVACUATION_KIND as EVACUATION_KIND
+from jobs.evacuation_model import EVACUATION_TERMINAL as EVACUATION_TERMINAL
+from jobs.evacuation_model import MAX_PARALLEL as MAX_PARALLEL
+from jobs.evacuation_model import DomainOutcome as DomainOutcome
+from jobs.evacuation_model import Evacuation as Evacuation
+from jobs.evacuation_model import EvacuationSpec as EvacuationSpec
+from jobs.evacuation_model import EvacuationState as EvacuationState
+from jobs.evacuation_model import Placement as Placement
 from jobs.request_signing import REQUEST_FIELD, RequestSigner, signed_record
-from jobs.spec import MAX_BANDWIDTH_MIB, MAX_COMPLETION_TIMEOUT_S, HostRef, TimeoutAction
 from jobs.store import JOBS_INDEX, JobNotFound, JobStore, children_key, job_key, now
 
 M = TypeVar("M", bound=BaseModel)
-EVACUATION_KIND = "evacuation"
-ACTIVE_EVACUATIONS = "drover:evacuations:active"
-MAX_PARALLEL = 64
-
-
-class EvacuationState(StrEnum):
-    QUEUED = "queued"
-    PLANNING = "planning"
-    RUNNING = "running"
-    PLANNED = "planned"
-    DRAINED = "drained"
-    PARTIAL = "partial"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-EVACUATION_TERMINAL = frozenset(
-    {
-        EvacuationState.PLANNED,
-        EvacuationState.DRAINED,
-        EvacuationState.PARTIAL,
-        EvacuationState.CANCELLED,
-        EvacuationState.FAILED,
-    }
-)
-_LIVE = frozenset(EvacuationState) - EVACUATION_TERMINAL
-_FROM: dict[EvacuationState, frozenset[EvacuationState]] = {
-    EvacuationState.PLANNING: frozenset({EvacuationState.QUEUED}),
-    EvacuationState.RUNNING: frozenset({EvacuationState.PLANNING}),
-    EvacuationState.PLANNED: frozenset({EvacuationState.PLANNING}),
-    EvacuationState.DRAINED: frozenset({EvacuationState.RUNNING}),
-    EvacuationState.PARTIAL: frozenset({EvacuationState.RUNNING}),
-    EvacuationState.CANCELLED: _LIVE,
-    EvacuationState.FAILED: _LIVE,
-}
-
-
-class EvacuationSpec(BaseModel):
-    """What the operator asked for. Child migrations are live and peer-to-peer; a persistent
-    domain's definition moves with it (--persistent --undefine-source), so nothing of it is
-    left on the host going into maintenance."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    host: HostRef
-    to: list[HostRef] = []
-    max_parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL)
-    include_inactive: bool = False
-    dry_run: bool = False
-    # Applied to every child migration.
-    tunnelled: bool = False
-    auto_converge: bool = False
-    bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
-    # A guest that never converges would hold the drain until the fleet's hard limit.
-    completion_timeout_s: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TIMEOUT_S)
-    timeout_action: TimeoutAction | None = None
-
-    @field_validator("to")
-    @classmethod
-    def _distinct(cls, value: list[str]) -> list[str]:
-        seen = [h for i, h in enumerate(value) if h in value[:i]]
-        if seen:
-            raise ValueError(f"--to names {seen[0]} twice")
-        return value
-
-    @model_validator(mode="after")
-    def _not_itself(self) -> EvacuationSpec:
-        if self.host in self.to:
-            raise ValueError(f"--to includes {self.host}, the host being evacuated")
-        if self.timeout_action is not None and self.completion_timeout_s is None:
-            raise ValueError("--timeout-action needs --completion-timeout")
-        if self.timeout_action is TimeoutAction.POSTCOPY:
-            raise ValueError("--timeout-action postcopy: evacuations do not use post-copy")
-        return self
-
-
-class Placement(BaseModel):
-    """One domain of the plan: where it goes, or why it cannot go anywhere."""
-
-    domain: str
-    uuid: str
-    memory_mib: int
-    active: bool
-    persistent: bool
-    group: str | None = None
-    destination: str | None = None
-    estimate_s: float | None = None
-    reason: str | None = None  # why it was not placed
-
-
-class DomainOutcome(BaseModel):
-    """Where a domain of the plan is at the end, as libvirt on both hosts reports it."""
-
-    domain: str
-    job_id: str | None
-    job_state: str | None
-    on_source: bool  # still defined or running on the evacuated host
-    running_on: str | None  # its destination, if libvirt there shows it as planned
-    moved: bool = False  # the child succeeded, it is on its destination and gone from here
-    reason: str | None = None  # why it did not move
-
-
-class Evacuation(BaseModel):
-    id: str
-    spec: EvacuationSpec
-    state: EvacuationState
-    origin: str
-    created: datetime
-    updated: datetime
-    reason: str | None = None
-    abort_requested: str | None = None
-    plan: list[Placement] | None = None
-    children: dict[str, str] = {}  # domain -> child job id
-    outcome: list[DomainOutcome] = []
-    left_on_host: list[str] = []  # domains still on the host that the evacuation did not cover
-    request: str | None = None  # the signed request (jobs/request_signing.py)
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in EVACUATION_TERMINAL
-
-    @property
-    def duration_s(self) -> float:
-        return elapsed_s(self.created, self.updated, self.terminal)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": EVACUATION_KIND,
-            "state": self.state.value,
-            "domain": f"{len(self.plan or [])} domains",
-            "src": self.spec.host,
-            "dst": ",".join(self.spec.to) or "any",
-            "created": self.created.isoformat(),
-            "duration_s": round(self.duration_s, 3),
-            "reason": self.reason,
-        }
+ACTIVE_EVACUATIONS = f"{KEY_PREFIX}:evacuations:active"
 
 
 # KEYS[1] record, KEYS[2] active set; ARGV[1] target, ARGV[2] time, ARGV[3] reason, ARGV[4] id,
@@ -183,6 +54,32 @@ return {0, cur}
 """
 
 
+# The single-evacuation-per-host check and the creation in one step: two producers (or a
+# producer and a scheduled fire) evacuating the same host at once cannot both pass the check.
+# KEYS[1] new record, KEYS[2] jobs index, KEYS[3] active set; ARGV[1] id, ARGV[2] score,
+# ARGV[3] host to check ('' for a dry run, which may run beside anything), ARGV[4] the record
+# key prefix, ARGV[5..] the record's field/value pairs. Returns {1} or {0, other id, its state}.
+_CREATE_LUA = """
+if ARGV[3] ~= '' then
+  for _, other in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    local found = redis.call('HMGET', ARGV[4] .. other, 'spec', 'state')
+    if found[1] then
+      local spec = cjson.decode(found[1])
+      if spec.host == ARGV[3] and not spec.dry_run then return {0, other, found[2] or ''} end
+    end
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+return {1}
+"""
+
+
+class EvacuationBusy(Exception):
+    """The host already has an active (not dry-run) evacuation; the message is one line."""
+
+
 class EvacuationStore:
     """Evacuation records, in the same id space, index and event streams as migration jobs."""
 
@@ -190,9 +87,14 @@ class EvacuationStore:
         self.store = store
         self.r = store.r
         self._transition = self.r.register_script(_TRANSITION_LUA)
+        self._create = self.r.register_script(_CREATE_LUA)
 
     def create(self, spec: EvacuationSpec, origin: str, signer: RequestSigner | None = None) -> str:
-        """Record a queued evacuation; with a `signer`, its request is signed as `origin`'s."""
+        """Record a queued evacuation; with a `signer`, its request is signed as `origin`'s.
+
+        EvacuationBusy, with nothing written, when the host already has an active evacuation
+        and this one is not a dry run (the check and the write are one atomic step).
+        """
         ts = now()
         evacuation_id = secrets.token_hex(6)
         signed = signed_record(
@@ -203,23 +105,29 @@ class EvacuationStore:
             origin=origin,
             at=ts,
         )
-        with self.r.pipeline(transaction=True) as p:
-            p.hset(
-                job_key(evacuation_id),
-                mapping={
-                    "id": evacuation_id,
-                    "kind": EVACUATION_KIND,
-                    "spec": spec.model_dump_json(),
-                    "state": EvacuationState.QUEUED.value,
-                    "origin": origin,
-                    "created": ts.isoformat(),
-                    "updated": ts.isoformat(),
-                    **signed,
-                },
-            )
-            p.zadd(JOBS_INDEX, {evacuation_id: ts.timestamp()})
-            p.sadd(ACTIVE_EVACUATIONS, evacuation_id)
-            p.execute()
+        fields = {
+            "id": evacuation_id,
+            "kind": EVACUATION_KIND,
+            "spec": spec.model_dump_json(),
+            "state": EvacuationState.QUEUED.value,
+            "origin": origin,
+            "created": ts.isoformat(),
+            "updated": ts.isoformat(),
+            **signed,
+        }
+        created = self._create(
+            keys=[job_key(evacuation_id), JOBS_INDEX, ACTIVE_EVACUATIONS],
+            args=[
+                evacuation_id,
+                ts.timestamp(),
+                "" if spec.dry_run else spec.host,
+                job_key(""),
+                *(item for pair in fields.items() for item in pair),
+            ],
+        )
+        if created[0] != 1:
+            other, state = created[1], created[2]
+            raise EvacuationBusy(f"{spec.host} already has an active evacuation {other} ({state})")
         return evacuation_id
 
     def get(self, evacuation_id: str) -> Evacuation:

@@ -1,6 +1,6 @@
 """`drover schedule add|list|remove` and `drover beat`: scheduled evacuations.
 
-Schedules are stored in Redis (producer/schedules.py) and fired by `drover beat`; every time
+Schedules are stored in Redis (schedules/) and fired by `drover beat`; every time
 is UTC. Bad input is one line on stderr and exit 2, and never reaches Redis.
 """
 
@@ -14,7 +14,7 @@ from rich.table import Table
 from producer.text import cell
 
 if TYPE_CHECKING:
-    from producer.schedules import Schedule
+    from schedules.records import Schedule
 
 NONE_TEXT = "-"
 # Kept here so that `drover --help` does not import Celery and redbeat.
@@ -36,7 +36,7 @@ def _hosts(value: str | None) -> list[str]:
 
 def _next_run_text(schedule: Schedule) -> str:
     from jobs.store import now
-    from producer.schedules import utc_text
+    from schedules.records import utc_text
 
     if schedule.next_run is None:
         return NONE_TEXT
@@ -45,7 +45,7 @@ def _next_run_text(schedule: Schedule) -> str:
 
 
 def _last_run_text(schedule: Schedule) -> str:
-    from producer.schedules import utc_text
+    from schedules.records import utc_text
 
     run = schedule.last_run
     if run is not None:
@@ -97,7 +97,8 @@ def register(app: typer.Typer) -> None:
         """Evacuate HOST on a cron schedule (--cron) or once (--at); times are UTC."""
         from config.settings import load_settings
         from producer.api import producer_name
-        from producer.schedules import EvacuationRequest, ScheduleStore, utc_text
+        from schedules.records import EvacuationRequest, utc_text
+        from schedules.store import ScheduleStore
 
         if (cron is None) == (at is None):
             cli.fail("give exactly one of --cron EXPR and --at TIME", cli.EXIT_USAGE)
@@ -125,7 +126,7 @@ def register(app: typer.Typer) -> None:
     def list_schedules(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         """Every schedule: id, what, when, next run and last run (UTC)."""
         from config.settings import load_settings
-        from producer.schedules import ScheduleStore
+        from schedules.store import ScheduleStore
 
         def go() -> None:
             found = ScheduleStore(load_settings()).list()
@@ -142,7 +143,8 @@ def register(app: typer.Typer) -> None:
     def remove(schedule_id: Annotated[str, typer.Argument(help="schedule id")]) -> None:
         """Remove a schedule: it never fires again, and a firing already sent is ignored."""
         from config.settings import load_settings
-        from producer.schedules import ScheduleNotFound, ScheduleStore, check_schedule_id
+        from schedules.records import ScheduleNotFound, check_schedule_id
+        from schedules.store import ScheduleStore
 
         def go() -> None:
             check_schedule_id(schedule_id)
@@ -162,6 +164,6 @@ def register(app: typer.Typer) -> None:
         over when the active one stops.
         """
         from config.settings import load_settings
-        from producer.schedules import run_beat
+        from schedules.beat import run_beat
 
         cli.guarded(lambda: run_beat(load_settings(), loglevel=loglevel))

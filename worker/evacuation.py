@@ -1,8 +1,8 @@
 """An evacuation, run by the worker of the host being emptied (see jobs/evacuation.py).
 
-    start()    the `drover.evacuate` task: disable the host, gather facts, plan, save the
-               plan; a dry run ends there; otherwise queue one child migration per placed
-               domain (they start as the limits allow, jobs/admission.py)
+    start()    the `drover.evacuate` task (its host was disabled when it was started): gather
+               facts, plan, save the plan; a dry run ends there; otherwise queue one child
+               migration per placed domain (they start as the limits allow, jobs/admission.py)
     watch()    the keeper's duty, every `evacuation_check_interval`: report each child as
                it ends; once all have ended, confirm through libvirt where every domain is
                and end the evacuation drained, partial or cancelled
@@ -142,9 +142,7 @@ def _planning(rt: Runtime, evacuation_id: str) -> Iterator[None]:
 def _plan_and_queue(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
     spec = ev.spec
     log.info("evacuation.state", state=EvacuationState.PLANNING.value, spec=spec.model_dump())
-    if not spec.dry_run:
-        Maintenance(rt.store.r).disable(spec.host, f"evacuation {ev.id}", by=rt.host)
-        log.info("host.disabled", reason=f"evacuation {ev.id}")
+    # The host was disabled when the evacuation was started (jobs/evacuations.py), once.
     if ev.plan is None:
         tunables = rt.settings.tunables
         view = gather(rt, spec, ev.id)

@@ -1,10 +1,8 @@
-"""The task a schedule fires: start the evacuation it stands for.
+"""The task a schedule fires: start the evacuation it stands for (schedules/firing.py).
 
-`drover beat` sends `drover.scheduled_evacuation` with the schedule id as its only argument to
-the queue of the host to evacuate. The message carries nothing to trust: the request is read
-back from the schedule's entry in Redis and validated again against today's registry, exactly
-as `drover evacuate` would validate it, and the evacuation is created through the same API.
-A schedule removed after the message was sent is logged and ignored.
+The worker of the host being evacuated runs it and starts the evacuation itself, through the
+evacuation service (jobs/evacuations.py) on its own store and Celery app: no producer, no
+second Redis pool, no round trip through the broker to reach the same worker.
 """
 
 from __future__ import annotations
@@ -12,74 +10,41 @@ from __future__ import annotations
 from celery import Task
 
 from config.celery import app
-from config.events import get_logger
 from config.settings import current
-from jobs.request_signing import SECURITY_REASON, RequestRefused
-from jobs.store import now
-from producer.api import BrokerUnavailable, Drover, SubmitError
-from producer.schedules import (
-    SCHEDULED_EVACUATION_TASK,
-    LastRun,
-    ScheduleNotFound,
-    ScheduleStore,
-    lateness,
-)
-
-log = get_logger()
-ORIGIN_PREFIX = "schedule:"
+from jobs.evacuations import EvacuationService
+from jobs.request_signing import signer_for
+from jobs.store import JobStore
+from schedules import firing
+from schedules.firing import origin as origin
+from schedules.records import SCHEDULED_EVACUATION_TASK
+from worker.runtime import runtime_for_node
 
 
-def origin(schedule_id: str) -> str:
-    """How an evacuation started by a schedule names its origin."""
-    return f"{ORIGIN_PREFIX}{schedule_id}"
-
-
-def fire(schedule_id: str, *, message_id: str, node: str) -> str | None:
-    """Start the evacuation of schedule `schedule_id`; its id, or None when nothing started.
-
-    `node` is the Celery node running this (`drover@HOST`): only the worker of the host being
-    evacuated starts its evacuation, as beat routes it there.
-    """
+def fire(
+    schedule_id: str, *, message_id: str, node: str, store: JobStore | None = None
+) -> str | None:
+    """Fire schedule `schedule_id` on worker `node` (`drover@HOST`); the evacuation's id, or
+    None when nothing started. `store` is the worker's own; None opens one (a caller outside
+    a worker: a test)."""
     settings = current()
-    store = ScheduleStore(settings, retry_period=settings.tunables.redis_retry_for)
-    fields = {"schedule_id": schedule_id, "message_id": message_id}
-    try:
-        record = store.verified_record(schedule_id)
-    except ScheduleNotFound:
-        log.warning("schedule.ignored", reason="no such schedule (removed?)", **fields)
-        return None
-    except RequestRefused as exc:
-        # Written into Redis by hand, or changed since `drover schedule add` signed it.
-        reason = f"{SECURITY_REASON}: {exc}"
-        store.record_run(schedule_id, LastRun(at=now(), error=reason))
-        log.error("security.rejected", reason=reason, **fields)
-        return None
-    host = record.request.host
-    here = node.split("@", 1)[-1]
-    if here != host:
-        log.warning("schedule.ignored", src=host, reason=f"sent to {here}, not {host}", **fields)
-        return None
-    if not store.claim_fire(schedule_id, message_id):
-        log.warning("schedule.ignored", src=host, reason="message delivered twice", **fields)
-        return None
-    late = lateness(record, now())
-    if late is not None:
-        store.record_run(schedule_id, LastRun(at=now(), error=late))
-        log.warning("schedule.refused", src=host, reason=late, **fields)
-        return None
-    drover = Drover(settings)
-    try:
-        spec = drover.evacuation_spec(**record.request.model_dump())
-        evacuation_id = drover.evacuate(spec, origin=origin(schedule_id))
-    except (SubmitError, BrokerUnavailable) as exc:
-        store.record_run(schedule_id, LastRun(at=now(), error=str(exc)))
-        log.warning("schedule.refused", src=host, reason=str(exc), **fields)
-        return None
-    store.record_run(schedule_id, LastRun(at=now(), evacuation_id=evacuation_id))
-    log.info("schedule.fired", src=host, evacuation_id=evacuation_id, **fields)
-    return evacuation_id
+    if store is None:
+        store = JobStore.from_url(
+            settings.redis_url,
+            event_maxlen=settings.tunables.event_stream_maxlen,
+            retry_for=settings.tunables.redis_retry_for,
+        )
+    service = EvacuationService(
+        settings,
+        store,
+        app,
+        lambda signature: signature.apply_async(),
+        signer_for(settings.security),
+    )
+    return firing.fire(settings, schedule_id, message_id=message_id, node=node, service=service)
 
 
 @app.task(bind=True, name=SCHEDULED_EVACUATION_TASK)
 def scheduled_evacuation(self: Task, schedule_id: str) -> str | None:
-    return fire(schedule_id, message_id=str(self.request.id), node=str(self.request.hostname))
+    node = str(self.request.hostname)
+    store = runtime_for_node(node).store
+    return fire(schedule_id, message_id=str(self.request.id), node=node, store=store)

@@ -27,7 +27,8 @@ from jobs.evacuation import EVACUATION_KIND
 from jobs.store import JOBS_INDEX, job_key
 from lab import control
 from lab.layout import LabLayout
-from producer.schedules import LOCK_KEY, RECORD_FIELD, ScheduleStore, entry_key
+from schedules.records import LOCK_KEY, RECORD_FIELD, entry_key
+from schedules.store import ScheduleStore
 from tests.support.cli import run_drover
 from tests.support.lab_fixtures import IDLE_GUESTS, Lab, wait_for
 from worker.schedule_tasks import origin

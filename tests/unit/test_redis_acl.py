@@ -54,7 +54,8 @@ from jobs.store import JobStore, heartbeat_key
 from lab import redis_server
 from lab.proc import kill
 from producer.api import Drover
-from producer.schedules import LOCK_KEY, EvacuationRequest, ScheduleStore
+from schedules.records import LOCK_KEY, EvacuationRequest
+from schedules.store import ScheduleStore
 from tests.conftest import free_port
 from tests.support.pki import LoopbackPki
 

@@ -28,21 +28,19 @@ from structlog.testing import capture_logs
 from config.celery import host_queue
 from config.security import argument_problem
 from config.settings import load_settings
-from producer.schedules import (
+from schedules.beat import REDBEAT_SCHEDULER
+from schedules.cron import lateness, parse_at, parse_cron
+from schedules.records import (
     FIRE_LATE_LIMIT_S,
     KEY_PREFIX,
     LOCK_KEY,
-    REDBEAT_SCHEDULER,
     SCHEDULED_EVACUATION_TASK,
     EvacuationRequest,
     ScheduleError,
     ScheduleRecord,
-    ScheduleStore,
     entry_key,
-    lateness,
-    parse_at,
-    parse_cron,
 )
+from schedules.store import ScheduleStore
 from tests.conftest import RedisServer, free_port
 from tests.support.cli import run_drover
 from tests.support.registry import REGISTRY

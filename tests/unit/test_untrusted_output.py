@@ -20,8 +20,9 @@ from config.settings import load_settings
 from jobs.maintenance import DISABLED_HOSTS, Disabled
 from jobs.spec import MigrationSpec
 from jobs.store import JobStore, job_key
-from producer.schedules import EvacuationRequest, LastRun, ScheduleStore
 from producer.text import cell, plain, plain_data
+from schedules.records import EvacuationRequest, LastRun
+from schedules.store import ScheduleStore
 from tests.conftest import RedisServer
 from tests.unit.test_cli_errors import drover
 

@@ -1,0 +1,153 @@
+"""An evacuation's record: its states, the operator's spec, the plan and the outcome.
+
+The state machine and the worker's part are described in jobs/evacuation.py; the records are
+read and written there (EvacuationStore) and started through jobs/evacuations.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs.model import elapsed_s
+from jobs.spec import MAX_BANDWIDTH_MIB, MAX_COMPLETION_TIMEOUT_S, HostRef, TimeoutAction
+
+EVACUATION_KIND = "evacuation"
+MAX_PARALLEL = 64
+
+
+class EvacuationState(StrEnum):
+    QUEUED = "queued"
+    PLANNING = "planning"
+    RUNNING = "running"
+    PLANNED = "planned"
+    DRAINED = "drained"
+    PARTIAL = "partial"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+EVACUATION_TERMINAL = frozenset(
+    {
+        EvacuationState.PLANNED,
+        EvacuationState.DRAINED,
+        EvacuationState.PARTIAL,
+        EvacuationState.CANCELLED,
+        EvacuationState.FAILED,
+    }
+)
+_LIVE = frozenset(EvacuationState) - EVACUATION_TERMINAL
+_FROM: dict[EvacuationState, frozenset[EvacuationState]] = {
+    EvacuationState.PLANNING: frozenset({EvacuationState.QUEUED}),
+    EvacuationState.RUNNING: frozenset({EvacuationState.PLANNING}),
+    EvacuationState.PLANNED: frozenset({EvacuationState.PLANNING}),
+    EvacuationState.DRAINED: frozenset({EvacuationState.RUNNING}),
+    EvacuationState.PARTIAL: frozenset({EvacuationState.RUNNING}),
+    EvacuationState.CANCELLED: _LIVE,
+    EvacuationState.FAILED: _LIVE,
+}
+
+
+class EvacuationSpec(BaseModel):
+    """What the operator asked for. Child migrations are live and peer-to-peer; a persistent
+    domain's definition moves with it (--persistent --undefine-source), so nothing of it is
+    left on the host going into maintenance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: HostRef
+    to: list[HostRef] = []
+    max_parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL)
+    include_inactive: bool = False
+    dry_run: bool = False
+    # Applied to every child migration.
+    tunnelled: bool = False
+    auto_converge: bool = False
+    bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
+    # A guest that never converges would hold the drain until the fleet's hard limit.
+    completion_timeout_s: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TIMEOUT_S)
+    timeout_action: TimeoutAction | None = None
+
+    @field_validator("to")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        seen = [h for i, h in enumerate(value) if h in value[:i]]
+        if seen:
+            raise ValueError(f"--to names {seen[0]} twice")
+        return value
+
+    @model_validator(mode="after")
+    def _not_itself(self) -> EvacuationSpec:
+        if self.host in self.to:
+            raise ValueError(f"--to includes {self.host}, the host being evacuated")
+        if self.timeout_action is not None and self.completion_timeout_s is None:
+            raise ValueError("--timeout-action needs --completion-timeout")
+        if self.timeout_action is TimeoutAction.POSTCOPY:
+            raise ValueError("--timeout-action postcopy: evacuations do not use post-copy")
+        return self
+
+
+class Placement(BaseModel):
+    """One domain of the plan: where it goes, or why it cannot go anywhere."""
+
+    domain: str
+    uuid: str
+    memory_mib: int
+    active: bool
+    persistent: bool
+    group: str | None = None
+    destination: str | None = None
+    estimate_s: float | None = None
+    reason: str | None = None  # why it was not placed
+
+
+class DomainOutcome(BaseModel):
+    """Where a domain of the plan is at the end, as libvirt on both hosts reports it."""
+
+    domain: str
+    job_id: str | None
+    job_state: str | None
+    on_source: bool  # still defined or running on the evacuated host
+    running_on: str | None  # its destination, if libvirt there shows it as planned
+    moved: bool = False  # the child succeeded, it is on its destination and gone from here
+    reason: str | None = None  # why it did not move
+
+
+class Evacuation(BaseModel):
+    id: str
+    spec: EvacuationSpec
+    state: EvacuationState
+    origin: str
+    created: datetime
+    updated: datetime
+    reason: str | None = None
+    abort_requested: str | None = None
+    plan: list[Placement] | None = None
+    children: dict[str, str] = {}  # domain -> child job id
+    outcome: list[DomainOutcome] = []
+    left_on_host: list[str] = []  # domains still on the host that the evacuation did not cover
+    request: str | None = None  # the signed request (jobs/request_signing.py)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in EVACUATION_TERMINAL
+
+    @property
+    def duration_s(self) -> float:
+        return elapsed_s(self.created, self.updated, self.terminal)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": EVACUATION_KIND,
+            "state": self.state.value,
+            "domain": f"{len(self.plan or [])} domains",
+            "src": self.spec.host,
+            "dst": ",".join(self.spec.to) or "any",
+            "created": self.created.isoformat(),
+            "duration_s": round(self.duration_s, 3),
+            "reason": self.reason,
+        }

@@ -1,0 +1,175 @@
+"""Starting, validating and aborting an evacuation: one service for every entry point.
+
+`drover evacuate`, the Python API (producer/api.py) and a scheduled fire on the host's own
+worker (worker/schedule_tasks.py) all go through `EvacuationService`, so each refuses with the
+same words, disables the host once, and creates at most one active evacuation per host (the
+check and the creation are one atomic step, jobs/evacuation.py). The caller hands in its store,
+its Celery app and how it publishes (a producer signs, a worker's app already does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from celery.canvas import Signature
+from pydantic import ValidationError
+
+from config.celery import host_queue
+from config.events import job_event
+from config.settings import ConfigError, Settings
+from jobs.abort import ABORT_REASON, TooLate, abort_job
+from jobs.errors import SubmitError, broker_errors
+from jobs.evacuation import (
+    EvacuationBusy,
+    EvacuationSpec,
+    EvacuationState,
+    EvacuationStore,
+)
+from jobs.maintenance import Maintenance
+from jobs.model import Job
+from jobs.phases import EVACUATE_TASK, ROLLBACK_DESTINATION_TASK
+from jobs.request_signing import RequestSigner
+from jobs.spec import first_error
+from jobs.store import JobStore
+
+
+def evacuation_reason(evacuation_id: str) -> str:
+    """The maintenance reason of a host disabled by an evacuation."""
+    return f"evacuation {evacuation_id}"
+
+
+def validate_evacuation(settings: Settings, **request: Any) -> EvacuationSpec:
+    """Validate an evacuation request against its rules and today's registry, or raise
+    SubmitError with one line."""
+    try:
+        spec = EvacuationSpec.model_validate(request)
+    except ValidationError as exc:
+        raise SubmitError(first_error(exc)) from None
+    try:
+        for host in (spec.host, *spec.to):
+            settings.host(host)
+    except ConfigError as exc:
+        raise SubmitError(str(exc)) from None
+    return spec
+
+
+@dataclass
+class EvacuationService:
+    """Evacuations as every entry point starts and stops them (see the module's doc)."""
+
+    settings: Settings
+    store: JobStore
+    app: Celery
+    send: Callable[[Signature], None]
+    signer: RequestSigner | None
+    records: EvacuationStore = field(init=False)
+    maintenance: Maintenance = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.records = EvacuationStore(self.store)
+        self.maintenance = Maintenance(self.store.r)
+
+    def validate(self, **request: Any) -> EvacuationSpec:
+        """Validate an evacuation request, or raise SubmitError with one line."""
+        return validate_evacuation(self.settings, **request)
+
+    def start(self, spec: EvacuationSpec, origin: str) -> str:
+        """Start emptying a host: its worker plans and queues one migration per domain.
+
+        Unless it is a dry run the host is disabled here, once, so nothing new is placed on it
+        while it drains; it stays disabled afterwards until `drover host enable`.
+        """
+        with broker_errors(self.settings.redis_url):
+            if not self.store.alive(spec.host):
+                raise SubmitError(
+                    f"{spec.host}'s worker is not alive; it plans the evacuation of its host"
+                )
+            try:
+                evacuation_id = self.records.create(spec, origin, signer=self.signer)
+            except EvacuationBusy as exc:
+                raise SubmitError(str(exc)) from None
+            self._event(
+                evacuation_id,
+                "evacuation.queued",
+                origin,
+                src=spec.host,
+                state="queued",
+                spec=spec.model_dump(mode="json"),
+            )
+            if not spec.dry_run:
+                reason = evacuation_reason(evacuation_id)
+                self.maintenance.disable(spec.host, reason, by=origin)
+                self._event(evacuation_id, "host.disabled", origin, src=spec.host, reason=reason)
+            try:
+                self.send(
+                    self.app.signature(
+                        EVACUATE_TASK, args=(evacuation_id,), queue=host_queue(spec.host)
+                    )
+                )
+            except Exception as exc:
+                self._undo(evacuation_id, spec, f"could not be queued: {exc}")
+                raise
+        return evacuation_id
+
+    def _undo(self, evacuation_id: str, spec: EvacuationSpec, reason: str) -> None:
+        """Best effort after a failed publish: end it `failed` (so no worker starts it later)
+        and enable the host again if this evacuation is what disabled it."""
+        with contextlib.suppress(Exception):
+            self.records.transition(evacuation_id, EvacuationState.FAILED, reason)
+            entry = self.maintenance.disabled_entry(spec.host)
+            if entry is not None and entry.reason == evacuation_reason(evacuation_id):
+                self.maintenance.enable(spec.host)
+
+    def rollback(self, job: Job) -> None:
+        """Ask an aborted job's destination to clean up."""
+        self.send(
+            self.app.signature(
+                ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst)
+            )
+        )
+
+    def abort(self, evacuation_id: str, by: str) -> str:
+        """Stop an evacuation: queued children never start, running ones are aborted."""
+        ev = self.records.get(evacuation_id)
+        if ev.terminal:
+            raise SubmitError(f"evacuation {evacuation_id} already {ev.state.value}")
+        self.records.request_abort(evacuation_id, ABORT_REASON)
+        done = []
+        for job_id in ev.children.values():
+            try:
+                done.append(abort_job(self.store, job_id, by=by, rollback=self.rollback))
+            except TooLate:
+                continue
+        said = (
+            f"evacuation {evacuation_id}: abort requested; {len(done)} of "
+            f"{len(ev.children)} child jobs stopped or being aborted, the rest had ended"
+        )
+        if self.store.alive(ev.spec.host):
+            return said  # its worker checks where every domain is, then ends it `cancelled`
+        # Its host's worker is away and would be the one to end it: end it here once no
+        # child is live any more (a migrating one waits for that worker's recovery).
+        children = [self.store.get(j) for j in self.records.get(evacuation_id).children.values()]
+        if any(not c.terminal for c in children):
+            return f"{said}; a child is still live while {ev.spec.host}'s worker is away"
+        reason = (
+            f"{ABORT_REASON}; {ev.spec.host}'s worker is away, so where each domain is was "
+            "not checked through libvirt"
+        )
+        moved, _ = self.records.transition(evacuation_id, EvacuationState.CANCELLED, reason)
+        if moved:
+            self._event(
+                evacuation_id,
+                "evacuation.state",
+                by,
+                src=ev.spec.host,
+                state=EvacuationState.CANCELLED.value,
+                reason=reason,
+            )
+        return f"evacuation {evacuation_id} cancelled ({reason})"
+
+    def _event(self, evacuation_id: str, name: str, by: str, **fields: Any) -> None:
+        self.store.append_event(evacuation_id, job_event(name, by, job_id=evacuation_id, **fields))

@@ -1,0 +1,64 @@
+"""Hosts as an operator sees them: maintenance mode on and off, and the `drover hosts` rows."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from config.settings import ConfigError, Settings
+from jobs.admission import Admission, inbound_gate, outbound_gate
+from jobs.errors import SubmitError
+from jobs.maintenance import Maintenance, reason_problem
+from jobs.store import JobStore
+
+
+def producer_name() -> str:
+    """How this producer names itself in records and events."""
+    return f"producer@{socket.gethostname()}"
+
+
+def set_host_enabled(
+    settings: Settings, maintenance: Maintenance, host: str, enabled: bool, reason: str | None
+) -> str:
+    """Maintenance mode: a disabled host is never a destination; what happened, in one line."""
+    try:
+        settings.host(host)
+    except ConfigError as exc:
+        raise SubmitError(str(exc)) from None
+    if enabled:
+        was = maintenance.enable(host)
+        return f"{host} enabled" if was else f"{host} was not disabled"
+    problem = None if reason is None else reason_problem(reason)
+    if problem is not None:
+        raise SubmitError(problem)
+    entry = maintenance.disable(host, reason or "maintenance", by=producer_name())
+    return f"{host} disabled since {entry.since} ({entry.reason})"
+
+
+def host_rows(
+    settings: Settings, store: JobStore, maintenance: Maintenance, admission: Admission
+) -> list[dict[str, Any]]:
+    """Each registry host: maintenance, worker liveness, and its worker's last report."""
+    disabled = maintenance.disabled()
+    rows = []
+    for name in sorted(settings.hosts):
+        report = store.host_report(name)
+        entry = disabled.get(name)
+        draining = store.draining(name)
+        rows.append(
+            {
+                "host": name,
+                "state": "disabled" if entry else "enabled",
+                "disabled_reason": entry.reason if entry else None,
+                "worker_alive": store.alive(name),
+                # A worker in warm shutdown: since when, and the jobs it still runs.
+                "draining": draining,
+                "config_error": report.get("config_error"),
+                "migrations_out": len(admission.holders(outbound_gate(name))),
+                "migrations_in": len(admission.holders(inbound_gate(name))),
+                "free_mib": report.get("free_mib"),
+                "running": report.get("running"),
+                "reported": report.get("ts"),
+            }
+        )
+    return rows

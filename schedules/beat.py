@@ -1,0 +1,74 @@
+"""celery-redbeat's settings for drover, and `drover beat`: the one active scheduler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from celery import Celery
+
+from config.celery import celery_config, make_app
+from config.settings import Settings
+from schedules.records import FIRE_LATE_LIMIT_S, KEY_PREFIX, LOCK_KEY, ScheduleError
+
+REDBEAT_SCHEDULER = "redbeat.RedBeatScheduler"
+# A beat looks for due entries at least this often, so an entry added while it runs fires on
+# time (redbeat's default of 300 s would sleep straight past a schedule added a minute ahead).
+BEAT_MAX_INTERVAL_S = 1.0
+# A standby beat takes over at most this long after the active one died without releasing
+# the lock (a beat stopped normally releases it at once). Longer than a tick can take.
+BEAT_LOCK_TIMEOUT_S = 60
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def redbeat_config(settings: Settings, *, retry_period: float | None = None) -> dict[str, Any]:
+    """Celery settings for redbeat, all explicit (redbeat 2.5 drops its broker fallbacks).
+
+    `retry_period` lets a worker's reads ride out a Redis restart; producers and the beat
+    fail at once instead.
+    `result_expires = None` keeps Celery from adding its daily `backend_cleanup` entry, which
+    no drover worker consumes (drover stores no results).
+    """
+    options: dict[str, Any] = {} if retry_period is None else {"retry_period": retry_period}
+    return {
+        "redbeat_redis_url": settings.redis_url,
+        "redbeat_redis_options": options,
+        "redbeat_key_prefix": KEY_PREFIX,
+        "redbeat_lock_key": LOCK_KEY,
+        "redbeat_lock_timeout": BEAT_LOCK_TIMEOUT_S,
+        "beat_scheduler": REDBEAT_SCHEDULER,
+        "beat_max_loop_interval": BEAT_MAX_INTERVAL_S,
+        "beat_cron_starting_deadline": FIRE_LATE_LIMIT_S,
+        "result_expires": None,
+    }
+
+
+def redbeat_app(settings: Settings, *, retry_period: float | None = None) -> Celery:
+    """A Celery app with the fleet's settings plus redbeat's, for reading and writing entries."""
+    app = Celery("drover", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    app.conf.update(redbeat_config(settings, retry_period=retry_period))
+    return app
+
+
+def run_beat(settings: Settings, *, loglevel: str) -> None:
+    """Run Celery beat with redbeat on the fleet's Redis until SIGTERM or SIGINT.
+
+    Only the beat holding the lock (`LOCK_KEY`) fires; another one started beside it waits
+    for the lock and takes over when the first stops (or `BEAT_LOCK_TIMEOUT_S` after it died).
+    Messages are signed like every producer's when `[security] signing` is on.
+    """
+    if loglevel.upper() not in LOG_LEVELS:
+        raise ScheduleError(f"--loglevel {loglevel!r}: one of {', '.join(LOG_LEVELS)}")
+    # Fail in one line when Redis is out of reach; redbeat would only log a traceback.
+    with redis.Redis.from_url(settings.redis_url) as client:
+        client.ping()
+    beat_app = make_app(settings)  # registers the signing key when signing is on
+    # No retrying: redbeat renews its lock on every tick without it anyway, so a beat that
+    # loses Redis exits at its next tick, and its supervisor starts it again.
+    beat_app.conf.update(redbeat_config(settings))
+    beat_app.Beat(
+        scheduler=REDBEAT_SCHEDULER,
+        max_interval=BEAT_MAX_INTERVAL_S,
+        loglevel=loglevel.upper(),
+    ).run()

@@ -1,0 +1,80 @@
+"""What the host's worker does when a schedule fires: start the evacuation it stands for.
+
+`drover beat` sends `drover.scheduled_evacuation` with the schedule id as its only argument to
+the queue of the host to evacuate. The message carries nothing to trust: the request is read
+back from the schedule's entry in Redis, its signature checked, and it is validated again
+against today's registry, exactly as `drover evacuate` would validate it; the evacuation is
+then started through the same service (jobs/evacuations.py), called directly by the worker.
+A schedule removed after the message was sent is logged and ignored.
+"""
+
+from __future__ import annotations
+
+from config.events import get_logger
+from config.settings import Settings
+from jobs.errors import BrokerUnavailable, SubmitError
+from jobs.evacuations import EvacuationService
+from jobs.request_signing import SECURITY_REASON, RequestRefused
+from jobs.store import now
+from schedules.cron import lateness
+from schedules.records import LastRun, ScheduleNotFound
+from schedules.store import ScheduleStore
+
+log = get_logger()
+ORIGIN_PREFIX = "schedule:"
+
+
+def origin(schedule_id: str) -> str:
+    """How an evacuation started by a schedule names its origin."""
+    return f"{ORIGIN_PREFIX}{schedule_id}"
+
+
+def fire(
+    settings: Settings,
+    schedule_id: str,
+    *,
+    message_id: str,
+    node: str,
+    service: EvacuationService,
+) -> str | None:
+    """Start the evacuation of schedule `schedule_id`; its id, or None when nothing started.
+
+    `node` is the Celery node running this (`drover@HOST`): only the worker of the host being
+    evacuated starts its evacuation, as beat routes it there.
+    """
+    store = ScheduleStore(settings, retry_period=settings.tunables.redis_retry_for)
+    fields = {"schedule_id": schedule_id, "message_id": message_id}
+    try:
+        record = store.verified_record(schedule_id)
+    except ScheduleNotFound:
+        log.warning("schedule.ignored", reason="no such schedule (removed?)", **fields)
+        return None
+    except RequestRefused as exc:
+        # Written into Redis by hand, or changed since `drover schedule add` signed it.
+        reason = f"{SECURITY_REASON}: {exc}"
+        store.record_run(schedule_id, LastRun(at=now(), error=reason))
+        log.error("security.rejected", reason=reason, **fields)
+        return None
+    host = record.request.host
+    here = node.split("@", 1)[-1]
+    if here != host:
+        log.warning("schedule.ignored", src=host, reason=f"sent to {here}, not {host}", **fields)
+        return None
+    if not store.claim_fire(schedule_id, message_id):
+        log.warning("schedule.ignored", src=host, reason="message delivered twice", **fields)
+        return None
+    late = lateness(record, now())
+    if late is not None:
+        store.record_run(schedule_id, LastRun(at=now(), error=late))
+        log.warning("schedule.refused", src=host, reason=late, **fields)
+        return None
+    try:
+        spec = service.validate(**record.request.model_dump())
+        evacuation_id = service.start(spec, origin(schedule_id))
+    except (SubmitError, BrokerUnavailable) as exc:
+        store.record_run(schedule_id, LastRun(at=now(), error=str(exc)))
+        log.warning("schedule.refused", src=host, reason=str(exc), **fields)
+        return None
+    store.record_run(schedule_id, LastRun(at=now(), evacuation_id=evacuation_id))
+    log.info("schedule.fired", src=host, evacuation_id=evacuation_id, **fields)
+    return evacuation_id
