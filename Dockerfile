@@ -38,6 +38,8 @@ COPY config ./config
 COPY worker ./worker
 COPY producer ./producer
 COPY jobs ./jobs
+COPY schedules ./schedules
+COPY cli ./cli
 COPY lab ./lab
 RUN pip install --no-deps .
 

@@ -18,7 +18,7 @@ APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-s
 help:
 	@echo "make demo   - bring up the local lab, migrate real VMs, show events, tear down"
 	@echo "make test   - install what is needed and run the whole suite (lint + pytest)"
-	@echo "make lint   - ruff + mypy;  make bench - benchmarks (print figures)"
+	@echo "make lint   - ruff + mypy + lint-imports (layers);  make bench - benchmarks (print figures)"
 
 $(APT_STAMP):
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get)"; exit 1; fi
@@ -49,6 +49,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Unit tests first, then the lab's lifecycle test (before the shared lab exists, so two labs
 # never share the two cores), the lab; then the fault suite in a process (and lab) of its own.

@@ -45,7 +45,8 @@ WORKER_START_TIMEOUT = 60.0
 # The lab's directory holds Redis's passwords (state.json, drover.toml) and libvirtd sockets
 # that take no authentication: its owner's (root's) alone.
 LAB_DIR_MODE = 0o700
-# The directory holding this code's packages (config, jobs, lab, producer, worker).
+# The directory holding this code's packages (config, jobs, schedules, worker, producer,
+# lab, cli).
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 MAX_IDLE_GUESTS = 32
 # Every lab host reports the same machine's free memory; a declared size per host makes
@@ -173,7 +174,7 @@ def _worker_argv(host: HostState) -> list[str]:
         *libvirtd.in_host(host.holder_pid),
         sys.executable,
         "-m",
-        "producer",
+        "cli",
         "worker",
         "--host",
         host.name,
@@ -185,7 +186,7 @@ def worker_env(config: Path, redis_url: str) -> dict[str, str]:
     appears on a command line, where `ps` would show it), and this code on the path.
 
     nsenter's switch to the host's mount namespace moves the working directory to `/`, so
-    `python -m producer` would otherwise import whichever drover is installed (an editable
+    `python -m cli` would otherwise import whichever drover is installed (an editable
     install of another checkout, say) rather than the code that brought the lab up.
     """
     path = os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p)

@@ -6,6 +6,9 @@ from typing import Annotated, Any
 
 import typer
 
+from producer.cli_common import check_timeout, drover, fail, guarded, out, print_json
+from producer.text import plain
+
 HOST_STATES = ("disable", "enable")
 
 
@@ -21,8 +24,6 @@ def _split_hosts(value: str | None) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `drover` CLI."""
-    from producer.cli import _drover, check_timeout, fail, guarded, out, print_json
-    from producer.text import plain
 
     host_app = typer.Typer(
         add_completion=False, no_args_is_help=True, help="Maintenance mode of one host."
@@ -79,7 +80,7 @@ def register(app: typer.Typer) -> None:
         check_timeout(timeout, wait or dry_run)
 
         def go() -> None:
-            d = _drover()
+            d = drover()
             evacuation_id = d.evacuate(d.evacuation_spec(**request))
             if not (wait or dry_run):
                 print_json({"job_id": evacuation_id}) if as_json else out.print(evacuation_id)
@@ -107,7 +108,7 @@ def register(app: typer.Typer) -> None:
         guarded(go)
 
     def _set(host: str, enabled: bool, reason: str | None) -> None:
-        said = guarded(lambda: _drover().set_host_enabled(host, enabled, reason))
+        said = guarded(lambda: drover().set_host_enabled(host, enabled, reason))
         out.print(plain(said), markup=False)  # a reason already in Redis is quoted back
 
     @host_app.command("disable")
@@ -129,7 +130,7 @@ def register(app: typer.Typer) -> None:
         from producer.render import hosts_table
 
         def go() -> None:
-            rows = _drover().hosts()
+            rows = drover().hosts()
             print_json(rows) if as_json else out.print(hosts_table(rows))
 
         guarded(go)

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from producer.cli_common import EXIT_USAGE, fail, guarded
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -101,8 +103,6 @@ def flower(
     basic_auth: Annotated[str | None, typer.Option("--basic-auth", hidden=True)] = None,
 ) -> None:
     """Run Flower (web UI and HTTP API) on the fleet's broker: workers, host queues, tasks."""
-    from producer.cli import EXIT_USAGE, fail, guarded
-
     if basic_auth is not None:
         fail(BASIC_AUTH_REFUSED, EXIT_USAGE)
     problem = _environment_problem(os.environ)
@@ -249,7 +249,7 @@ def _check_redis(settings: Settings) -> None:
     """One line now (via `guarded`) rather than Flower retrying a dead broker in its log."""
     import redis
 
-    from producer.api import BrokerUnavailable, redis_location
+    from jobs.errors import BrokerUnavailable, redis_location
 
     client = redis.Redis.from_url(
         settings.redis_url,

@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from producer.cli_common import fail, guarded, out
+
 PASSWORDS_FILE_HELP = (
     "NAME=VALUE lines (docker compose's .env works), mode 0600 or stricter; "
     "without it, the same names from the environment"
@@ -53,7 +55,6 @@ def redis_acl(
     Each role's password is DROVER_REDIS_<ROLE>_PASSWORD (and, while rotating it,
     DROVER_REDIS_<ROLE>_PASSWORD_PREVIOUS); docs/redis-acl.md.
     """
-    from producer.cli import fail, guarded, out
 
     def go() -> None:
         from config.redis_acl import BrokerNames, render_acl

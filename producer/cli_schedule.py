@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from producer.cli_common import EXIT_USAGE, fail, guarded, out, print_json
 from producer.text import cell
 
 if TYPE_CHECKING:
@@ -24,8 +25,6 @@ AT_HELP = "once, at this ISO-8601 time in the future (2030-06-01T03:00:00Z); no 
 
 def _hosts(value: str | None) -> list[str]:
     """`--to H1,H2` as a list; None (any host) is the empty list."""
-    from producer.cli import EXIT_USAGE, fail
-
     if value is None:
         return []
     names = [name.strip() for name in value.split(",")]
@@ -67,8 +66,6 @@ def schedules_table(schedules: list[Schedule]) -> Table:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `drover` CLI."""
-    from producer import cli
-
     schedule_app = typer.Typer(
         add_completion=False,
         no_args_is_help=True,
@@ -96,12 +93,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evacuate HOST on a cron schedule (--cron) or once (--at); times are UTC."""
         from config.settings import load_settings
-        from producer.api import producer_name
+        from producer.hosts import producer_name
         from schedules.records import EvacuationRequest, utc_text
         from schedules.store import ScheduleStore
 
         if (cron is None) == (at is None):
-            cli.fail("give exactly one of --cron EXPR and --at TIME", cli.EXIT_USAGE)
+            fail("give exactly one of --cron EXPR and --at TIME", EXIT_USAGE)
         request = EvacuationRequest(
             host=host, to=_hosts(to), max_parallel=max_parallel, include_inactive=include_inactive
         )
@@ -110,17 +107,17 @@ def register(app: typer.Typer) -> None:
             store = ScheduleStore(load_settings())
             added = store.add_evacuation(request, cron=cron, at=at, by=producer_name())
             if as_json:
-                cli.print_json(added.summary())
+                print_json(added.summary())
                 return
             next_run = utc_text(added.next_run) if added.next_run else NONE_TEXT
-            cli.out.print(
+            out.print(
                 f"schedule {added.id}: {added.what()}, {added.when()}; next run {next_run}"
                 " (times in UTC)",
                 markup=False,
                 soft_wrap=True,
             )
 
-        cli.guarded(go)
+        guarded(go)
 
     @schedule_app.command("list")
     def list_schedules(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -131,13 +128,13 @@ def register(app: typer.Typer) -> None:
         def go() -> None:
             found = ScheduleStore(load_settings()).list()
             if as_json:
-                cli.print_json([s.summary() for s in found])
+                print_json([s.summary() for s in found])
             elif not found:
-                cli.out.print("no schedules")
+                out.print("no schedules")
             else:
-                cli.out.print(schedules_table(found))
+                out.print(schedules_table(found))
 
-        cli.guarded(go)
+        guarded(go)
 
     @schedule_app.command("remove")
     def remove(schedule_id: Annotated[str, typer.Argument(help="schedule id")]) -> None:
@@ -151,10 +148,10 @@ def register(app: typer.Typer) -> None:
             try:
                 ScheduleStore(load_settings()).remove(schedule_id)
             except ScheduleNotFound as exc:
-                cli.fail(str(exc), cli.EXIT_USAGE)
-            cli.out.print(f"removed schedule {schedule_id}", markup=False)
+                fail(str(exc), EXIT_USAGE)
+            out.print(f"removed schedule {schedule_id}", markup=False)
 
-        cli.guarded(go)
+        guarded(go)
 
     @app.command()
     def beat(loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO") -> None:
@@ -166,4 +163,4 @@ def register(app: typer.Typer) -> None:
         from config.settings import load_settings
         from schedules.beat import run_beat
 
-        cli.guarded(lambda: run_beat(load_settings(), loglevel=loglevel))
+        guarded(lambda: run_beat(load_settings(), loglevel=loglevel))

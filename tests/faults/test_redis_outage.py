@@ -60,7 +60,7 @@ class Cli:
         env = {**os.environ, "DROVER_CONFIG": config}
         env.pop("DROVER_REDIS_URL", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "producer", *args],
+            [sys.executable, "-m", "cli", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

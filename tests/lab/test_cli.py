@@ -18,7 +18,7 @@ def run(lab: Lab, *args: str, timeout: float = 240) -> subprocess.CompletedProce
 
 
 def drover(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    return run(lab, sys.executable, "-m", "producer", *args)
+    return run(lab, sys.executable, "-m", "cli", *args)
 
 
 def virsh_state(lab: Lab, host: str, domain: str) -> str:

@@ -114,7 +114,7 @@ def flower(lab: Lab, tmp_path: Path) -> Iterator[Flower]:
             [
                 sys.executable,
                 "-m",
-                "producer",
+                "cli",
                 "--config",
                 lab.config,
                 "flower",

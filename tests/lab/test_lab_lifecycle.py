@@ -88,7 +88,7 @@ def test_up_builds_isolated_hosts_and_down_removes_everything(lifecycle_lab: Lab
 def test_down_cleans_up_after_an_up_that_was_killed(lifecycle_lab: LabLayout) -> None:
     env = {**os.environ, "DROVER_LAB_ID": LIFECYCLE_LAB_ID}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "producer", "lab", "up"],
+        [sys.executable, "-m", "cli", "lab", "up"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -105,7 +105,7 @@ def test_down_cleans_up_after_an_up_that_was_killed(lifecycle_lab: LabLayout) ->
         proc.wait()
     assert leftovers(lifecycle_lab), "nothing was up when the kill landed"
     result = subprocess.run(
-        [sys.executable, "-m", "producer", "lab", "down"],
+        [sys.executable, "-m", "cli", "lab", "down"],
         env=env,
         capture_output=True,
         text=True,

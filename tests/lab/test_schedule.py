@@ -61,7 +61,7 @@ class Beat:
         env = {**os.environ, "DROVER_CONFIG": lab.config}
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "producer", "beat"], stdout=out, stderr=out, env=env
+                [sys.executable, "-m", "cli", "beat"], stdout=out, stderr=out, env=env
             )
 
     def text(self) -> str:

@@ -15,7 +15,7 @@ def run_drover(config: Path | str, *args: str) -> subprocess.CompletedProcess[st
     env = {**os.environ, "DROVER_CONFIG": str(config)}
     env.pop("DROVER_REDIS_URL", None)
     return subprocess.run(
-        [sys.executable, "-m", "producer", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.cli import EXIT_FAILED, EXIT_USAGE
+from producer.cli_common import EXIT_FAILED, EXIT_USAGE
 from producer.cli_flower import BASIC_AUTH_REFUSED
 from tests.conftest import RedisServer, free_port
 from tests.support.pki import LoopbackPki
@@ -55,7 +55,7 @@ def drover_flower(
 ) -> subprocess.CompletedProcess[str]:
     """`drover flower ARGS` (on a free port) expected to refuse and exit."""
     return subprocess.run(
-        [sys.executable, "-m", "producer", "flower", "--port", str(free_port()), *args],
+        [sys.executable, "-m", "cli", "flower", "--port", str(free_port()), *args],
         capture_output=True,
         text=True,
         env=flower_env(config, auth, **extra),
@@ -246,7 +246,7 @@ class RunningFlower:
 def start_flower(config: Path, log: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "producer", "flower", *args],
+            [sys.executable, "-m", "cli", "flower", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

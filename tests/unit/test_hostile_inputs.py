@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from kombu import Connection, Exchange, Queue
 from pydantic import ValidationError
 
+from cli import main as cli
 from config import envelope, events
 from config.celery import make_app
 from config.settings import load_settings
@@ -41,7 +42,6 @@ from jobs.spec import (
     check_address,
     check_migration_uri,
 )
-from producer import cli
 from tests.conftest import RedisServer
 from tests.support.registry import REGISTRY
 
@@ -427,7 +427,7 @@ def no_libvirt(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """The real entry point (`python -m producer`), in process, output captured."""
+    """The real entry point (`python -m cli`), in process, output captured."""
     out, err = io.StringIO(), io.StringIO()
     old_argv = sys.argv
     sys.argv = ["drover", *argv]

@@ -403,7 +403,7 @@ def test_flower_as_the_flower_user_shows_the_worker_and_queue_lengths(
         "DROVER_FLOWER_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}"
     }
     flower = spawn(
-        [sys.executable, "-m", "producer", "flower", "--port", str(port)],
+        [sys.executable, "-m", "cli", "flower", "--port", str(port)],
         env,
         tmp_path / "flower.log",
     )
@@ -435,7 +435,7 @@ def test_beat_holds_its_lock_and_fires_a_schedule_the_worker_runs(
 ) -> None:
     acl_redis.admin.acl_log_reset()
     beat = spawn(
-        [sys.executable, "-m", "producer", "beat"],
+        [sys.executable, "-m", "cli", "beat"],
         role_env(config, acl_redis, BEAT),
         tmp_path / "beat.log",
     )
@@ -680,7 +680,7 @@ def redis_acl_cli(
     """`drover redis-acl ARGS` with no config file and no passwords but `env`'s."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
     return subprocess.run(
-        [sys.executable, "-m", "producer", "redis-acl", *args],
+        [sys.executable, "-m", "cli", "redis-acl", *args],
         cwd=tmp_path,  # no ./drover.toml: the defaults (database 0)
         env={**clean, "PYTHONPATH": str(REPO), **(env or {})},
         capture_output=True,

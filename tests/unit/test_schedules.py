@@ -410,7 +410,7 @@ def start_beat(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env.pop("DROVER_REDIS_URL", None)
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "producer", "beat"], stdout=out, stderr=out, env=env
+            [sys.executable, "-m", "cli", "beat"], stdout=out, stderr=out, env=env
         )
 
 
