@@ -1,0 +1,257 @@
+"""The settings' model: the registry of hosts, the cluster limits, tunables and security.
+
+Loaded from drover.toml by config/settings.py, which re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from config.addresses import check_address
+from config.uris import ALLOWED_PARAMS, ALLOWED_SCHEMES, check_libvirt_uri
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Top-level keys that replace the default URI allowlists (config/uris.py).
+URI_SCHEMES_KEY = "allowed_uri_schemes"
+URI_PARAMS_KEY = "allowed_uri_params"
+
+HostName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", strip_whitespace=False)
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem an operator can fix; its message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostLimits(_Strict):
+    """What drover may use on a host, declared by the operator (like Nova's allocation ratios).
+
+    `memory_mib` caps the guest memory drover will place on the host; without it only the free
+    memory libvirt reports counts.
+    """
+
+    memory_mib: int | None = Field(default=None, ge=1)
+    max_outbound: int = Field(default=2, ge=1, le=64)
+    max_inbound: int = Field(default=2, ge=1, le=64)
+
+
+class Host(_Strict):
+    """One hypervisor host in the registry. Producers name it; only workers use its URIs."""
+
+    name: HostName
+    libvirt_uri: str = "qemu:///system"
+    peer_uri: str
+    migration_address: str
+    # Other addresses of this host a `--migrate-uri tcp://ADDR` may name (a second NIC); the
+    # migration stream goes to `migration_address` or one of these, never anywhere else.
+    migration_addresses: list[str] = []
+    # `--migrate-uri unix:///PATH` is allowed only for a path under this directory (unset: no
+    # unix:// migration URI toward this host at all).
+    migration_socket_dir: str | None = None
+    # Where this host's worker may create (and after a failure remove) disk images for
+    # `--copy-storage`: a guest whose disks live elsewhere cannot be copied here.
+    storage_dirs: list[str] = ["/var/lib/libvirt/images"]
+    # The worker's own records on this host (images it created, message nonces it has seen):
+    # never in Redis, which the worker does not trust for what it does to its host.
+    state_dir: str = "/var/lib/drover"
+    limits: HostLimits = HostLimits()
+
+    @field_validator("libvirt_uri", "peer_uri")
+    @classmethod
+    def _allowed_uri(cls, value: str, info: ValidationInfo) -> str:
+        """An allowed transport and allowed parameters only (config/uris.py)."""
+        context = info.context or {}
+        schemes = context.get(URI_SCHEMES_KEY, ALLOWED_SCHEMES)
+        params = context.get(URI_PARAMS_KEY, ALLOWED_PARAMS)
+        return check_libvirt_uri(value, schemes, params)
+
+    @field_validator("migration_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return check_address(value)
+
+    @field_validator("migration_addresses")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return [check_address(v) for v in value]
+
+    @field_validator("migration_socket_dir", "state_dir")
+    @classmethod
+    def _absolute_dir(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_absolute(value)
+        return value
+
+    @field_validator("storage_dirs")
+    @classmethod
+    def _absolute_dirs(cls, value: list[str]) -> list[str]:
+        for v in value:
+            _check_absolute(v)
+        return value
+
+
+def _check_absolute(path: str) -> None:
+    """A plain absolute directory: no `..`, no characters a shell or URI would read."""
+    if not re.match(r"^/[A-Za-z0-9._/-]{0,255}\Z", path) or ".." in path.split("/"):
+        raise ValueError(f"{path!r} is not a plain absolute path")
+
+
+class Cluster(_Strict):
+    """Fleet-wide limits: migrations in flight at once, whoever submitted them."""
+
+    max_migrations: int = Field(default=8, ge=1, le=1024)
+
+
+class Tunables(_Strict):
+    """Timings and sizes. Seconds unless the name says otherwise."""
+
+    progress_interval: float = Field(default=1.0, gt=0, le=10)
+    phase_timeout: float = Field(default=60, gt=0)
+    migration_timeout: float = Field(default=1800, gt=0)
+    # Longest blocking read on a job's stream while waiting; the state is re-checked this often.
+    wait_block: float = Field(default=1.0, gt=0, le=60)
+    event_stream_maxlen: int = Field(default=10_000, ge=100)
+    job_retention_days: int = Field(default=30, ge=1)
+    worker_concurrency: int = Field(default=8, ge=2, le=64)
+    # Liveness and recovery. A worker's heartbeat lives `heartbeat_ttl`; a job whose next
+    # step belongs to a host without one for `stall_after` is marked stalled; a step that
+    # should have started `redispatch_after` ago is sent again (phase claims drop duplicates).
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    heartbeat_ttl: float = Field(default=10.0, gt=0)
+    # A warm shutdown (SIGTERM) waits this long for a running migration; then a peer-to-peer
+    # one is handed over to the next worker (libvirtd carries on without its client) and any
+    # other is aborted (it cannot outlive this process). Keep the service manager's stop
+    # timeout longer than this (docker-compose.yml: stop_grace_period).
+    drain_timeout: float = Field(default=600.0, gt=0)
+    watchdog_interval: float = Field(default=5.0, gt=0)
+    stall_after: float = Field(default=30.0, gt=0)
+    redispatch_after: float = Field(default=30.0, gt=0)
+    # How long a worker's Redis commands keep retrying through a Redis outage (a refused
+    # connection included), counted from when each command started; producers retry only
+    # briefly, so a command line with a dead Redis answers within seconds.
+    redis_retry_for: float = Field(default=30.0, ge=0)
+    producer_redis_retry_for: float = Field(default=2.0, ge=0)
+    # What must never wait out an outage (the abort check and the progress events of a running
+    # migration: libvirt's migration goes on without Redis) tries Redis once, giving up after
+    # this long to connect or to hear back.
+    redis_probe_timeout: float = Field(default=1.0, gt=0, le=10)
+    # Events a worker could not write to their streams are held, in order, and written once
+    # Redis answers again (tried this often); past `event_hold_max` the oldest are dropped
+    # and the job's stream says how many.
+    event_hold_max: int = Field(default=10_000, ge=100)
+    event_flush_interval: float = Field(default=0.5, gt=0, le=10)
+    # `drover migrate --wait`, `drover events --follow` and `Drover.wait` follow a job through
+    # a Redis outage this long (a notice says so) before they give up; the job goes on.
+    wait_redis_outage: float = Field(default=120.0, ge=0)
+    # Retries of a phase that could not reach its libvirtd, and the wait between them. Only
+    # phases that change nothing before that check are retried; perform never is.
+    phase_retries: dict[str, int] = {
+        "source_preflight": 3,
+        "destination_prepare": 3,
+        "finish": 3,
+        "confirm": 3,
+    }
+    retry_delay: float = Field(default=2.0, ge=0)
+    # Tries of a destination's rollback on a fresh libvirt connection when the one it used
+    # died (libvirtd restarted during the job), `retry_delay` apart.
+    rollback_attempts: int = Field(default=4, ge=1, le=20)
+    # Redis redelivers an unacknowledged message after this; drover acks early (docs/celery.md).
+    broker_visibility_timeout: float = Field(default=3600.0, gt=0)
+    max_message_bytes: int = Field(default=65_536, ge=1024)
+    # A signed task message is refused this long after it was sent (its body says when), and
+    # a worker remembers the nonces it has seen for as long. A phase whose message expired in
+    # a long queue is sent again by recovery with a fresh one.
+    message_ttl: float = Field(default=900.0, gt=0, le=86_400)
+    # A producer's signed request is refused at admission once it is older than this (a job
+    # may wait in line a long time behind the limits; a day covers a night's drain).
+    request_max_age: float = Field(default=86_400.0, gt=0)
+    # Jobs waiting for a concurrency slot are re-examined this often (and at once whenever a
+    # job ends); a worker's evacuations are checked for finished children this often.
+    admission_interval: float = Field(default=0.5, gt=0)
+    evacuation_check_interval: float = Field(default=0.5, gt=0)
+    # How often an evacuation queues a failed child again when its guest still runs on the
+    # host being emptied (a worker restart or a blip cut the migration short).
+    evacuation_retries: int = Field(default=1, ge=0, le=10)
+    # The dry-run's duration estimate per domain: QEMU start-up on the destination plus its
+    # memory at this rate (the lab's idle guests move in about 2 s, nearly all start-up).
+    estimate_startup_s: float = Field(default=2.0, ge=0)
+    estimate_mib_per_s: float = Field(default=100.0, gt=0)
+
+
+class FaultInjection(_Strict):
+    """For the fault-injection suite only: hold a phase open so a fault can land inside it.
+
+    `phase_delays` maps a phase name to seconds slept at its start. Empty in production.
+    """
+
+    phase_delays: dict[str, float] = {}
+
+
+class Security(_Strict):
+    """Signed task messages: Celery's `auth` serializer (docs/security.md).
+
+    With `signing` on, producers and workers sign every task message with `key` (RSA, PEM)
+    and `certificate`, and accept only messages signed by a certificate in `cert_store` (a
+    directory holding nothing but trusted certificates).
+    """
+
+    signing: bool = False
+    # Run without signed requests and messages (anyone with the Redis password then controls
+    # every worker). A worker refuses to start unsigned unless this says so, and then warns.
+    insecure: bool = False
+    key: str | None = None
+    certificate: str | None = None
+    cert_store: str | None = None
+    digest: Literal["sha256", "sha384", "sha512"] = "sha256"
+
+    @model_validator(mode="after")
+    def _complete(self) -> Security:
+        if not self.signing:
+            return self
+        for name in ("key", "certificate", "cert_store"):
+            value = getattr(self, name)
+            if not value:
+                raise ValueError(f"signing = true needs {name}")
+            if not Path(value).exists():
+                raise ValueError(f"{name} {value} does not exist")
+        return self
+
+
+class Settings(_Strict):
+    redis_url: str = DEFAULT_REDIS_URL
+    hosts: dict[str, Host] = {}
+    cluster: Cluster = Cluster()
+    tunables: Tunables = Tunables()
+    security: Security = Security()
+    faults: FaultInjection = FaultInjection()
+    # The URI allowlists the registry was checked with (config/uris.py); workers check every
+    # URI against them again where they open it.
+    allowed_uri_schemes: frozenset[str] = ALLOWED_SCHEMES
+    allowed_uri_params: frozenset[str] = ALLOWED_PARAMS
+    source: str = "<defaults>"
+
+    def host(self, name: str) -> Host:
+        """The registry entry for `name`, or a one-line error listing the known hosts."""
+        try:
+            return self.hosts[name]
+        except KeyError:
+            known = ", ".join(sorted(self.hosts)) or "none"
+            raise ConfigError(f"unknown host {name!r} (known hosts: {known})") from None
