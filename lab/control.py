@@ -6,21 +6,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import libvirt
-import redis
 
 from config.redis_acl import (
-    HEALTH_USER,
     PRODUCER,
     ROLES,
     WORKER,
@@ -29,25 +22,35 @@ from config.redis_acl import (
     role_url,
     write_private,
 )
-from config.settings import REDIS_URL_ENV, load_settings
-from jobs.store import JobStore, heartbeat_key
+from config.settings import load_settings
 from lab import guests, libvirtd, network, redis_server
+
+# Re-exported: the lab's record, its workers and its fault helpers have modules of their own
+# (lab/state.py, lab/workers.py, lab/faults.py).
+from lab.faults import kill_worker as kill_worker
+from lab.faults import restart_libvirtd as restart_libvirtd
+from lab.faults import restart_redis as restart_redis
+from lab.faults import set_link as set_link
+from lab.faults import start_libvirtd as start_libvirtd
+from lab.faults import start_redis as start_redis
+from lab.faults import stop_libvirtd as stop_libvirtd
+from lab.faults import stop_redis as stop_redis
 from lab.kernel import build_dirty_kernel
 from lab.layout import MAX_HOSTS, HostLayout, LabLayout
-from lab.proc import LabError, alive, kill, run, spawn, wait_until
+from lab.proc import LabError, alive, kill, run
 from lab.signing import SigningIdentity, config_lines, create_signing_identity
+from lab.state import HostState as HostState
+from lab.state import LabState as LabState
 from lab.tls import create_ca, issue_host_certificates
+from lab.workers import restart_worker as restart_worker
+from lab.workers import start_worker
 
 # libvirt prints every error to stderr unless told otherwise; we handle them.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
-WORKER_START_TIMEOUT = 60.0
 # The lab's directory holds Redis's passwords (state.json, drover.toml) and libvirtd sockets
 # that take no authentication: its owner's (root's) alone.
 LAB_DIR_MODE = 0o700
-# The directory holding this code's packages (config, jobs, schedules, worker, producer,
-# lab, cli).
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
 MAX_IDLE_GUESTS = 32
 # Every lab host reports the same machine's free memory; a declared size per host makes
 # placement (and the test of it) depend on the guests placed, not on the page cache.
@@ -64,49 +67,6 @@ REQUIRED_COMMANDS = {
     "as": "binutils",
     "ld": "binutils",
 }
-
-
-@dataclass
-class HostState:
-    name: str
-    address: str
-    netns: str
-    operator_uri: str
-    peer_uri: str
-    holder_pid: int = 0
-    libvirtd_pid: int = 0
-    worker_pid: int = 0
-    worker_log: str = ""
-
-
-@dataclass
-class LabState:
-    """What `down`, `status` and the fault helpers need; it holds every role's Redis URL
-    (with its password), so it is written 0600 in the 0700 lab directory."""
-
-    lab_id: int
-    config: str
-    redis_url: str  # the producer's, as in drover.toml
-    redis_pid: int = 0
-    tls: bool = False
-    hosts: dict[str, HostState] = field(default_factory=dict)
-    # Every role's URL (config/redis_acl.py): workers get theirs in their environment.
-    role_urls: dict[str, str] = field(default_factory=dict)
-
-    def save(self, lab: LabLayout) -> None:
-        write_private(lab.state_path, json.dumps(asdict(self), indent=2))
-
-    def url(self, role: str) -> str:
-        return self.role_urls.get(role, self.redis_url)
-
-    @classmethod
-    def load(cls, lab: LabLayout) -> LabState | None:
-        try:
-            raw = json.loads(lab.state_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        hosts = {k: HostState(**v) for k, v in raw.pop("hosts").items()}
-        return cls(**raw, hosts=hosts)
 
 
 def check_prerequisites() -> None:
@@ -167,59 +127,6 @@ def make_lab_dir(lab: LabLayout) -> None:
     """The lab's directory, its owner's alone (even when it existed before)."""
     lab.dir.mkdir(parents=True, exist_ok=True)
     lab.dir.chmod(LAB_DIR_MODE)
-
-
-def _worker_argv(host: HostState) -> list[str]:
-    return [
-        *libvirtd.in_host(host.holder_pid),
-        sys.executable,
-        "-m",
-        "cli",
-        "worker",
-        "--host",
-        host.name,
-    ]
-
-
-def worker_env(config: Path, redis_url: str) -> dict[str, str]:
-    """A worker's environment: the lab's registry, its own Redis user's URL (which never
-    appears on a command line, where `ps` would show it), and this code on the path.
-
-    nsenter's switch to the host's mount namespace moves the working directory to `/`, so
-    `python -m cli` would otherwise import whichever drover is installed (an editable
-    install of another checkout, say) rather than the code that brought the lab up.
-    """
-    path = os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {
-        **os.environ,
-        "DROVER_CONFIG": str(config),
-        REDIS_URL_ENV: redis_url,
-        "PYTHONPATH": path,
-    }
-
-
-def start_worker(lab: LabLayout, host: HostState, redis_url: str) -> None:
-    """Start `drover worker --host NAME` inside the host's namespaces, as the worker user;
-    wait for its heartbeat.
-
-    Workers obey no remote control (not even ping), so readiness is drover's own heartbeat,
-    which the worker starts once it consumes its queue. A heartbeat left by the worker this
-    one replaces is removed first.
-    """
-    store = JobStore.from_url(load_settings(lab.config_path).redis_url)
-    store.r.delete(heartbeat_key(host.name))
-    log = Path(host.worker_log)
-    host.worker_pid = spawn(_worker_argv(host), log, env=worker_env(lab.config_path, redis_url))
-
-    def answers() -> bool:
-        if not alive(host.worker_pid):
-            raise LabError(f"{host.name}'s worker exited; see {log}")
-        try:
-            return store.alive(host.name)
-        except (redis.RedisError, OSError):
-            return False  # a pooled connection from before a Redis restart: try again
-
-    wait_until(answers, WORKER_START_TIMEOUT, f"{host.name}'s worker")
 
 
 def up(hosts: int = 2, tls: bool = False, signing: bool = True, guests: int = 1) -> LabState:
@@ -373,92 +280,6 @@ def env_line() -> str:
     if not lab.config_path.exists():
         raise LabError("no lab is up: run `drover lab up` first")
     return f"export DROVER_CONFIG={lab.config_path}"
-
-
-def restart_worker(name: str) -> int:
-    """Start a host's worker again (after a crash or a kill); return its new pid."""
-    lab = LabLayout.from_env()
-    state = LabState.load(lab)
-    if state is None or name not in state.hosts:
-        raise LabError(f"no lab host named {name!r}")
-    os.environ["DROVER_CONFIG"] = state.config
-    start_worker(lab, state.hosts[name], state.url(WORKER))
-    state.save(lab)
-    return state.hosts[name].worker_pid
-
-
-def _loaded() -> tuple[LabLayout, LabState]:
-    lab = LabLayout.from_env()
-    state = LabState.load(lab)
-    if state is None:
-        raise LabError("no lab is up: run `drover lab up` first")
-    return lab, state
-
-
-def kill_worker(name: str, sig: int = signal.SIGKILL) -> None:
-    """Fault injection: kill a host's worker (kill -9 by default) and wait until it is gone."""
-    _, state = _loaded()
-    pid = state.hosts[name].worker_pid
-    os.kill(pid, sig)
-    wait_until(lambda: not alive(pid), WORKER_START_TIMEOUT, f"{name}'s worker to die")
-
-
-def restart_redis(sig: int = signal.SIGTERM) -> None:
-    """Fault injection: stop the lab's redis-server and start it again on its AOF."""
-    stop_redis(sig)
-    start_redis()
-
-
-def stop_redis(sig: int = signal.SIGTERM) -> None:
-    """Fault injection: stop the lab's redis-server (SIGTERM writes its AOF out first)."""
-    _, state = _loaded()
-    if sig == signal.SIGTERM:
-        kill([state.redis_pid])
-    else:
-        os.kill(state.redis_pid, sig)
-    wait_until(lambda: not alive(state.redis_pid), WORKER_START_TIMEOUT, "redis-server to stop")
-
-
-def start_redis() -> None:
-    """Start the lab's redis-server again on its config and AOF; return once it answers."""
-    lab, state = _loaded()
-    url = urlsplit(state.redis_url)
-    if state.role_urls:  # the lab's ACL users: the health user answers PING
-        user, password = HEALTH_USER, redis_server.HEALTH_PASSWORD
-    else:
-        user, password = None, url.password or ""
-    state.redis_pid = redis_server.run_with(
-        lab.redis_dir / "redis.conf", "127.0.0.1", int(url.port or 0), password, username=user
-    )
-    state.save(lab)
-
-
-def stop_libvirtd(name: str) -> None:
-    """Fault injection: stop a host's libvirtd; its guests keep running without it."""
-    lab, state = _loaded()
-    kill([state.hosts[name].libvirtd_pid])
-    layout = lab.host(int(name.removeprefix("lab")))
-    (layout.own_dir("/run/libvirt") / "libvirtd.pid").unlink(missing_ok=True)
-
-
-def start_libvirtd(name: str) -> None:
-    lab, state = _loaded()
-    host = state.hosts[name]
-    layout = lab.host(int(name.removeprefix("lab")))
-    host.libvirtd_pid = libvirtd.start_libvirtd(layout, host.holder_pid)
-    state.save(lab)
-
-
-def restart_libvirtd(name: str) -> None:
-    """Fault injection: stop a host's libvirtd and start it again (it re-attaches guests)."""
-    stop_libvirtd(name)
-    start_libvirtd(name)
-
-
-def set_link(name: str, up: bool) -> None:
-    """Fault injection: cut or restore a host's link to the lab bridge."""
-    lab, _ = _loaded()
-    network.set_link(lab.host(int(name.removeprefix("lab"))), up)
 
 
 __all__ = ["LabError", "down", "env_line", "restart_worker", "run", "status", "up"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from config.settings import REDIS_URL_ENV, load_settings
-from lab import control, libvirtd, redis_server
+from lab import control, libvirtd, redis_server, workers
 from lab.layout import LabLayout
 
 PRIVATE_FILE = 0o600
@@ -96,10 +96,10 @@ def test_worker_url_goes_through_the_environment_not_argv(lab: LabLayout) -> Non
         name="lab1", address="10.213.7.1", netns="drv7-lab1", operator_uri="", peer_uri=""
     )
     host.holder_pid = 4242
-    argv = control._worker_argv(host)
+    argv = workers.worker_argv(host)
     assert not any("redis" in arg or "DROVER_" in arg for arg in argv), argv
     assert argv[-3:] == ["worker", "--host", "lab1"]
-    env = control.worker_env(lab.config_path, WORKER_URL)
+    env = workers.worker_env(lab.config_path, WORKER_URL)
     assert env[REDIS_URL_ENV] == WORKER_URL
     assert env["DROVER_CONFIG"] == str(lab.config_path)
     # nsenter leaves the worker in `/`: it finds this checkout's code through PYTHONPATH.

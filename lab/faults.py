@@ -1,0 +1,83 @@
+"""Fault injection on the lab: kill a worker, stop Redis or a libvirtd, cut a host's link.
+
+Used by the fault suite (tests/faults) and the benchmarks; each helper returns once the fault
+(or the recovery from it) can be seen.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from urllib.parse import urlsplit
+
+from config.redis_acl import HEALTH_USER
+from lab import libvirtd, network, redis_server
+from lab.proc import alive, kill, wait_until
+from lab.state import WORKER_START_TIMEOUT
+from lab.state import loaded as _loaded
+
+
+def kill_worker(name: str, sig: int = signal.SIGKILL) -> None:
+    """Fault injection: kill a host's worker (kill -9 by default) and wait until it is gone."""
+    _, state = _loaded()
+    pid = state.hosts[name].worker_pid
+    os.kill(pid, sig)
+    wait_until(lambda: not alive(pid), WORKER_START_TIMEOUT, f"{name}'s worker to die")
+
+
+def restart_redis(sig: int = signal.SIGTERM) -> None:
+    """Fault injection: stop the lab's redis-server and start it again on its AOF."""
+    stop_redis(sig)
+    start_redis()
+
+
+def stop_redis(sig: int = signal.SIGTERM) -> None:
+    """Fault injection: stop the lab's redis-server (SIGTERM writes its AOF out first)."""
+    _, state = _loaded()
+    if sig == signal.SIGTERM:
+        kill([state.redis_pid])
+    else:
+        os.kill(state.redis_pid, sig)
+    wait_until(lambda: not alive(state.redis_pid), WORKER_START_TIMEOUT, "redis-server to stop")
+
+
+def start_redis() -> None:
+    """Start the lab's redis-server again on its config and AOF; return once it answers."""
+    lab, state = _loaded()
+    url = urlsplit(state.redis_url)
+    if state.role_urls:  # the lab's ACL users: the health user answers PING
+        user, password = HEALTH_USER, redis_server.HEALTH_PASSWORD
+    else:
+        user, password = None, url.password or ""
+    state.redis_pid = redis_server.run_with(
+        lab.redis_dir / "redis.conf", "127.0.0.1", int(url.port or 0), password, username=user
+    )
+    state.save(lab)
+
+
+def stop_libvirtd(name: str) -> None:
+    """Fault injection: stop a host's libvirtd; its guests keep running without it."""
+    lab, state = _loaded()
+    kill([state.hosts[name].libvirtd_pid])
+    layout = lab.host(int(name.removeprefix("lab")))
+    (layout.own_dir("/run/libvirt") / "libvirtd.pid").unlink(missing_ok=True)
+
+
+def start_libvirtd(name: str) -> None:
+    lab, state = _loaded()
+    host = state.hosts[name]
+    layout = lab.host(int(name.removeprefix("lab")))
+    host.libvirtd_pid = libvirtd.start_libvirtd(layout, host.holder_pid)
+    state.save(lab)
+
+
+def restart_libvirtd(name: str) -> None:
+    """Fault injection: stop a host's libvirtd and start it again (it re-attaches guests)."""
+    stop_libvirtd(name)
+    start_libvirtd(name)
+
+
+def set_link(name: str, up: bool) -> None:
+    """Fault injection: cut or restore a host's link to the lab bridge."""
+    lab, _ = _loaded()
+    network.set_link(lab.host(int(name.removeprefix("lab"))), up)
