@@ -25,18 +25,15 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from config.addresses import MAX_PORT
 from producer.cli_common import EXIT_USAGE, fail, guarded
-
-if TYPE_CHECKING:
-    pass
 
 DEFAULT_PORT = 5555
 DEFAULT_ADDRESS = "127.0.0.1"
-MAX_PORT = 65535
 AUTH_ENV = "DROVER_FLOWER_AUTH"
 FLOWER_ENV_PREFIX = "FLOWER_"
 LOOPBACK_NAMES = frozenset({"localhost"})
