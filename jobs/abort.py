@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from celery import Celery
+from celery.canvas import Signature
+
+from config.celery import host_queue
 from jobs.model import Job, migration_event
+from jobs.phases import ROLLBACK_DESTINATION_TASK
 from jobs.states import JobState
 from jobs.store import JobStore
 
@@ -77,3 +82,15 @@ def _cancelled(store: JobStore, job: Job, by: str, reason: str) -> None:
         job.id, job.spec, "job.state", by, state=JobState.CANCELLED.value, reason=reason
     )
     store.append_event(job.id, event)
+
+
+def rollback_sender(app: Celery, send: Callable[[Signature], None]) -> Callable[[Job], None]:
+    """The `rollback` of `abort_job` for a caller that publishes with `send`: it asks the
+    aborted job's destination to clean up."""
+
+    def rollback(job: Job) -> None:
+        send(
+            app.signature(ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst))
+        )
+
+    return rollback

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from config.celery import host_queue
 from config.events import job_event
 from config.settings import ConfigError, Settings
-from jobs.abort import ABORT_REASON, TooLate, abort_job
+from jobs.abort import ABORT_REASON, TooLate, abort_job, rollback_sender
 from jobs.errors import SubmitError, broker_errors
 from jobs.evacuation import (
     EvacuationBusy,
@@ -30,8 +30,7 @@ from jobs.evacuation import (
     EvacuationStore,
 )
 from jobs.maintenance import Maintenance
-from jobs.model import Job
-from jobs.phases import EVACUATE_TASK, ROLLBACK_DESTINATION_TASK
+from jobs.phases import EVACUATE_TASK
 from jobs.request_signing import RequestSigner
 from jobs.spec import first_error
 from jobs.store import JobStore
@@ -124,14 +123,6 @@ class EvacuationService:
             if entry is not None and entry.reason == evacuation_reason(evacuation_id):
                 self.maintenance.enable(spec.host)
 
-    def rollback(self, job: Job) -> None:
-        """Ask an aborted job's destination to clean up."""
-        self.send(
-            self.app.signature(
-                ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst)
-            )
-        )
-
     def abort(self, evacuation_id: str, by: str) -> str:
         """Stop an evacuation: queued children never start, running ones are aborted."""
         ev = self.records.get(evacuation_id)
@@ -139,9 +130,14 @@ class EvacuationService:
             raise SubmitError(f"evacuation {evacuation_id} already {ev.state.value}")
         self.records.request_abort(evacuation_id, ABORT_REASON)
         done = []
+        rollback = rollback_sender(self.app, self.send)
         for job_id in ev.children.values():
             try:
-                done.append(abort_job(self.store, job_id, by=by, rollback=self.rollback))
+                done.append(
+                    abort_job(
+                        self.store, job_id, by=by, rollback=rollback_sender(self.app, self.send)
+                    )
+                )
             except TooLate:
                 continue
         said = (

@@ -20,7 +20,7 @@ from celery.canvas import Signature
 from config.celery import host_queue, make_app
 from config.security import ensure_signing
 from config.settings import Settings, load_settings
-from jobs.abort import TooLate, abort_job
+from jobs.abort import TooLate, abort_job, rollback_sender
 from jobs.admission import Admission
 from jobs.errors import BrokerUnavailable as BrokerUnavailable
 from jobs.errors import SubmitError as SubmitError
@@ -127,9 +127,8 @@ class Drover:
         if self.store.kind(job_id) == EVACUATION_KIND:
             return self.abort_evacuation(job_id)
         try:
-            return abort_job(
-                self.store, job_id, by=producer_name(), rollback=self.evacuations_service.rollback
-            )
+            rollback = rollback_sender(self._app, self.send)
+            return abort_job(self.store, job_id, by=producer_name(), rollback=rollback)
         except TooLate as exc:
             raise SubmitError(str(exc)) from None
 
