@@ -133,11 +133,7 @@ class EvacuationService:
         rollback = rollback_sender(self.app, self.send)
         for job_id in ev.children.values():
             try:
-                done.append(
-                    abort_job(
-                        self.store, job_id, by=by, rollback=rollback_sender(self.app, self.send)
-                    )
-                )
+                done.append(abort_job(self.store, job_id, by=by, rollback=rollback))
             except TooLate:
                 continue
         said = (
