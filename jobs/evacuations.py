@@ -36,6 +36,10 @@ from jobs.spec import first_error
 from jobs.store import JobStore
 
 
+# The `phase` of an evacuation's own events (docs/events.md), as its worker writes them.
+EVACUATION_PHASE = "evacuation"
+
+
 def evacuation_reason(evacuation_id: str) -> str:
     """The maintenance reason of a host disabled by an evacuation."""
     return f"evacuation {evacuation_id}"
@@ -102,7 +106,14 @@ class EvacuationService:
             if not spec.dry_run:
                 reason = evacuation_reason(evacuation_id)
                 self.maintenance.disable(spec.host, reason, by=origin)
-                self._event(evacuation_id, "host.disabled", origin, src=spec.host, reason=reason)
+                self._event(
+                    evacuation_id,
+                    "host.disabled",
+                    origin,
+                    src=spec.host,
+                    phase=EVACUATION_PHASE,
+                    reason=reason,
+                )
             try:
                 self.send(
                     self.app.signature(
