@@ -35,7 +35,6 @@ from jobs.request_signing import RequestSigner
 from jobs.spec import first_error
 from jobs.store import JobStore
 
-
 # The `phase` of an evacuation's own events (docs/events.md), as its worker writes them.
 EVACUATION_PHASE = "evacuation"
 
