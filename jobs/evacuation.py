@@ -15,52 +15,32 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import datetime
-from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.model import elapsed_s
+from jobs.keys import (
+    ACTIVE_EVACUATIONS,
+    JOBS_INDEX,
+    children_key,
+    evacuation_redispatched_key,
+    evacuation_reported_key,
+    evacuation_retries_key,
+    job_key,
+)
+from jobs.model import Record
+from jobs.records import transition_keys
 from jobs.request_signing import REQUEST_FIELD, RequestSigner, signed_record
 from jobs.spec import MAX_BANDWIDTH_MIB, MAX_COMPLETION_TIMEOUT_S, HostRef, TimeoutAction
-from jobs.store import JOBS_INDEX, JobNotFound, JobStore, children_key, job_key, now
+from jobs.states import EVACUATION_TABLE, EVACUATION_TERMINAL, EvacuationState, StateTable
+from jobs.store import JobNotFound, JobStore, now
+from jobs.transition import Transitioner
+
+__all__ = ["ACTIVE_EVACUATIONS", "EVACUATION_TERMINAL", "EvacuationState"]
 
 M = TypeVar("M", bound=BaseModel)
 EVACUATION_KIND = "evacuation"
-ACTIVE_EVACUATIONS = "drover:evacuations:active"
 MAX_PARALLEL = 64
-
-
-class EvacuationState(StrEnum):
-    QUEUED = "queued"
-    PLANNING = "planning"
-    RUNNING = "running"
-    PLANNED = "planned"
-    DRAINED = "drained"
-    PARTIAL = "partial"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-EVACUATION_TERMINAL = frozenset(
-    {
-        EvacuationState.PLANNED,
-        EvacuationState.DRAINED,
-        EvacuationState.PARTIAL,
-        EvacuationState.CANCELLED,
-        EvacuationState.FAILED,
-    }
-)
-_LIVE = frozenset(EvacuationState) - EVACUATION_TERMINAL
-_FROM: dict[EvacuationState, frozenset[EvacuationState]] = {
-    EvacuationState.PLANNING: frozenset({EvacuationState.QUEUED}),
-    EvacuationState.RUNNING: frozenset({EvacuationState.PLANNING}),
-    EvacuationState.PLANNED: frozenset({EvacuationState.PLANNING}),
-    EvacuationState.DRAINED: frozenset({EvacuationState.RUNNING}),
-    EvacuationState.PARTIAL: frozenset({EvacuationState.RUNNING}),
-    EvacuationState.CANCELLED: _LIVE,
-    EvacuationState.FAILED: _LIVE,
-}
 
 
 class EvacuationSpec(BaseModel):
@@ -128,59 +108,21 @@ class DomainOutcome(BaseModel):
     reason: str | None = None  # why it did not move
 
 
-class Evacuation(BaseModel):
-    id: str
+class Evacuation(Record):
+    TABLE: ClassVar[StateTable] = EVACUATION_TABLE
+    KIND: ClassVar[str | None] = EVACUATION_KIND
+
     spec: EvacuationSpec
     state: EvacuationState
     origin: str
-    created: datetime
-    updated: datetime
-    reason: str | None = None
-    abort_requested: str | None = None
     plan: list[Placement] | None = None
-    children: dict[str, str] = {}  # domain -> child job id
-    outcome: list[DomainOutcome] = []
-    left_on_host: list[str] = []  # domains still on the host that the evacuation did not cover
-    request: str | None = None  # the signed request (jobs/request_signing.py)
+    children: dict[str, str] = Field(default_factory=dict)  # domain -> child job id
+    outcome: list[DomainOutcome] = Field(default_factory=list)
+    # Domains still on the host that the evacuation did not cover.
+    left_on_host: list[str] = Field(default_factory=list)
 
-    @property
-    def terminal(self) -> bool:
-        return self.state in EVACUATION_TERMINAL
-
-    @property
-    def duration_s(self) -> float:
-        return elapsed_s(self.created, self.updated, self.terminal)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": EVACUATION_KIND,
-            "state": self.state.value,
-            "domain": f"{len(self.plan or [])} domains",
-            "src": self.spec.host,
-            "dst": ",".join(self.spec.to) or "any",
-            "created": self.created.isoformat(),
-            "duration_s": round(self.duration_s, 3),
-            "reason": self.reason,
-        }
-
-
-# KEYS[1] record, KEYS[2] active set; ARGV[1] target, ARGV[2] time, ARGV[3] reason, ARGV[4] id,
-# ARGV[5] "1" if terminal, ARGV[6..] allowed sources. Returns {moved, previous}.
-_TRANSITION_LUA = """
-local cur = redis.call('HGET', KEYS[1], 'state')
-if not cur then return {0, ''} end
-if cur == ARGV[1] then return {2, cur} end
-for i = 6, #ARGV do
-  if cur == ARGV[i] then
-    redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
-    if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[3]) end
-    if ARGV[5] == '1' then redis.call('SREM', KEYS[2], ARGV[4]) end
-    return {1, cur}
-  end
-end
-return {0, cur}
-"""
+    def route(self) -> tuple[str, str, str]:
+        return f"{len(self.plan or [])} domains", self.spec.host, ",".join(self.spec.to) or "any"
 
 
 class EvacuationStore:
@@ -189,7 +131,7 @@ class EvacuationStore:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self.r = store.r
-        self._transition = self.r.register_script(_TRANSITION_LUA)
+        self._transitions = Transitioner(self.r, EVACUATION_TABLE)
 
     def create(self, spec: EvacuationSpec, origin: str, signer: RequestSigner | None = None) -> str:
         """Record a queued evacuation; with a `signer`, its request is signed as `origin`'s."""
@@ -248,19 +190,16 @@ class EvacuationStore:
     def transition(
         self, evacuation_id: str, target: EvacuationState, reason: str | None = None
     ) -> tuple[bool, EvacuationState | None]:
-        terminal = "1" if target in EVACUATION_TERMINAL else "0"
-        moved, previous = self._transition(
-            keys=[job_key(evacuation_id), ACTIVE_EVACUATIONS],
-            args=[
-                target.value,
-                now().isoformat(),
-                reason or "",
-                evacuation_id,
-                terminal,
-                *sorted(s.value for s in _FROM[target]),
-            ],
+        """Move the evacuation to `target` if its state allows it (jobs/transition.py); an
+        evacuation keeps no history list, its events tell the story."""
+        out = self._transitions.run(
+            transition_keys(evacuation_id, ACTIVE_EVACUATIONS),
+            evacuation_id,
+            target.value,
+            now().isoformat(),
+            reason=reason,
         )
-        return moved == 1, EvacuationState(previous) if previous else None
+        return out.moved, EvacuationState(out.previous) if out.previous else None
 
     def save_plan(self, evacuation_id: str, plan: list[Placement]) -> None:
         data = "[" + ",".join(p.model_dump_json() for p in plan) + "]"
@@ -280,12 +219,12 @@ class EvacuationStore:
 
     def may_redispatch(self, evacuation_id: str, every_s: float) -> bool:
         """True at most once per `every_s`: a lost task message is sent again, not flooded."""
-        key = f"{job_key(evacuation_id)}:redispatched"
+        key = evacuation_redispatched_key(evacuation_id)
         return bool(self.r.set(key, now().isoformat(), nx=True, px=int(every_s * 1000)))
 
     def take_retry(self, evacuation_id: str, domain: str, limit: int) -> bool:
         """True if `domain` may be queued again (fewer than `limit` retries so far)."""
-        key = f"{job_key(evacuation_id)}:retries"
+        key = evacuation_retries_key(evacuation_id)
         if int(cast(str | None, self.r.hget(key, domain)) or 0) >= limit:
             return False
         self.r.hincrby(key, domain, 1)
@@ -293,7 +232,7 @@ class EvacuationStore:
 
     def mark_reported(self, evacuation_id: str, job_id: str) -> bool:
         """True the first time a child's end is reported (its event is written once)."""
-        return bool(self.r.sadd(f"{job_key(evacuation_id)}:reported", job_id))
+        return bool(self.r.sadd(evacuation_reported_key(evacuation_id), job_id))
 
     def active_ids(self) -> list[str]:
         return sorted(cast(set[str], self.r.smembers(ACTIVE_EVACUATIONS)))
