@@ -95,7 +95,7 @@ def test_source_undefined_mid_flight_still_succeeds(lab: Lab, source_definition:
     check(job.state.value == "succeeded", f"job {job.state.value}: {job.reason}")
     check(lab.running_on("dirty-1") == ["lab2"], f"dirty-1 runs on {lab.running_on('dirty-1')}")
     check(not lab.view("lab1", "dirty-1").exists, "lab1 has a definition nobody made")
-    leftovers = str(job.result.get("leftovers", ""))
+    leftovers = job.result.leftovers or ""
     check("no longer defined" in leftovers, f"result {job.result}")
     reported = named(lab, job_id, "confirm.leftovers")
     check(len(reported) == 1 and "no longer defined" in str(reported[0]["reason"]), f"{reported}")
