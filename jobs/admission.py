@@ -4,7 +4,7 @@ A job falls under up to four gates: its source's outbound limit, its destination
 limit (both from the registry), the cluster-wide limit, and its evacuation's `--max-parallel`.
 A gate is a Redis set of the ids of the jobs holding a slot in it. One Lua script checks every
 gate and takes a slot in all of them at once, or in none; the store's terminal transition
-gives the slots back in the same atomic step that ends the job (jobs/store.py). So a slot is
+gives the slots back in the same atomic step that ends the job (jobs/transition.py). So a slot is
 held for exactly as long as its job lives: through a worker crash and its recovery, and never
 longer (a job that ended without giving a slot back is pruned by the next admission).
 

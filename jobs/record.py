@@ -2,7 +2,7 @@
 hand-off and the result, as typed models.
 
 Each is kept as one JSON field of the job hash (`facts`, `handoff`, `result`), merged into as
-the phases go (jobs/store.py `update`); an empty or absent field reads as "not written yet".
+the phases go (jobs/records.py `update`); an empty or absent field reads as "not written yet".
 A field that is not what drover writes is refused as a `MalformedRecord` naming the job and
 the field, rather than read as whatever it holds.
 
@@ -22,8 +22,17 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 M = TypeVar("M", bound=BaseModel)
 
 
-class MalformedRecord(ValueError):
-    """A job record field that drover did not write (or no longer can read); one line."""
+class JobNotFound(LookupError):
+    """No job (or evacuation) of that id, or not of the kind asked for."""
+
+
+class MalformedRecord(JobNotFound, ValueError):
+    """A job record field that drover did not write (or no longer can read); one line.
+
+    A JobNotFound too: whoever skips a job that is gone (the recovery sweep, the keeper's
+    duties, a phase's task) skips one it cannot read, with this message, instead of failing
+    on it every pass and never reaching the jobs after it.
+    """
 
 
 class DomainFacts(BaseModel):

@@ -24,7 +24,7 @@ from jobs.keys import (
     transitions_key,
 )
 from jobs.model import Job, PhaseRecord, Transition
-from jobs.record import Handoff, Result, SourceFacts, merged_field, parse_field
+from jobs.record import Handoff, JobNotFound, Result, SourceFacts, merged_field, parse_field
 from jobs.request_signing import MIGRATION_KIND, REQUEST_FIELD, RequestSigner, signed_record
 from jobs.spec import MigrationSpec
 from jobs.states import JOB_TABLE, JobState
@@ -33,10 +33,6 @@ from jobs.transition import Keys, Transitioner
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-class JobNotFound(LookupError):
-    pass
 
 
 def _in_run_order(raw: dict[str, str]) -> dict[str, PhaseRecord]:

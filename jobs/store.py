@@ -37,7 +37,8 @@ from jobs.keys import (
     runner_key,
 )
 from jobs.liveness import Liveness
-from jobs.records import JobNotFound, JobRecords, now
+from jobs.record import JobNotFound
+from jobs.records import JobRecords, now
 from jobs.states import TERMINAL, JobState
 from jobs.streams import DEFAULT_EVENT_MAXLEN, EventStreams
 
