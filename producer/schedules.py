@@ -31,6 +31,7 @@ from redbeat.schedules import rrule
 from config.celery import celery_config, host_queue, make_app
 from config.security import JOB_ID
 from config.settings import ConfigError, Settings
+from jobs.keys import SCHEDULE_PREFIX
 from jobs.phases import TASK_PREFIX
 from jobs.request_signing import (
     REQUEST_FIELD,
@@ -39,7 +40,6 @@ from jobs.request_signing import (
     signer_for,
     verifier_for,
 )
-from jobs.store import KEY_PREFIX as JOBS_KEY_PREFIX
 from jobs.store import now
 from producer.api import Drover, SubmitError
 
@@ -48,7 +48,7 @@ REDBEAT_SCHEDULER = "redbeat.RedBeatScheduler"
 
 # redbeat names an entry's hash `<prefix><name>` (the name is the schedule id) and keeps its
 # index in `<prefix>:schedule`; the lock must start with the prefix too.
-KEY_PREFIX = f"{JOBS_KEY_PREFIX}:schedule:"
+KEY_PREFIX = SCHEDULE_PREFIX
 LOCK_KEY = f"{KEY_PREFIX}lock"
 # Fields of the entry's hash that are drover's (redbeat owns `definition` and `meta`).
 RECORD_FIELD = "drover"
