@@ -203,7 +203,7 @@ def run_job(d: TimedDrover, mode: Mode, src: LabHost, dst: LabHost, timeout: flo
             dst=dst.name,
             state=job.state.value,
             job_ms=(d.read_at - d.submitted_at) * MS_PER_S,
-            migration_ms=job.result.get("migration_ms"),
+            migration_ms=job.result.migration_ms,
             job_id=job.id,
             call=describe_call(d, job.id),
             reason=job.reason,

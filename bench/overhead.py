@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import libvirt
 
 from config.settings import ConfigError
+from jobs.follow import follow, is_end_event
 from jobs.phases import PHASE_ORDER, Phase
 from lab.proc import LabError
 
@@ -200,7 +201,8 @@ def migrate_direct(
     d: Drover, conns: dict[str, libvirt.virConnect], src: LabHost, dst: LabHost
 ) -> float:
     """The same libvirt call a drover worker makes, from the root namespace; its wall ms."""
-    from worker.migration_call import Handoff, build_call
+    from jobs.record import Handoff
+    from worker.migration_call import build_call
 
     # Built by drover's own function from a default spec and the hand-off the destination's
     # prepare phase would give, so flags and URIs are drover's by construction.
@@ -227,45 +229,44 @@ def migrate_drover(d: Drover, src: LabHost, dst: LabHost, timeout: float) -> Run
     """One job through drover, timed from the submit() call to the terminal event.
 
     `Drover.wait` also wakes on the stream but then re-reads the whole job record; to keep that
-    read out of the figure the job's event stream is read here with a blocking XREAD, which
-    returns the moment the worker appends the
-    `job.state succeeded` event; the time that XREAD returns is the end of the job as a caller
-    can see it (total_ms). The event's own `ts` (stamped by the worker just after the state
-    change) gives a second end time that excludes delivery to us (event_ms), and
-    updated - created from the record a third that excludes submit() (record_ms).
+    read out of the figure the job's event stream is followed here (jobs/follow.py, a blocking
+    XREAD that returns the moment the worker appends the `job.state succeeded` event) and left
+    at that event; the time it is read is the end of the job as a caller can see it (total_ms).
+    The event's own `ts` (stamped by the worker just after the state change) gives a second
+    end time that excludes delivery to us (event_ms), and updated - created from the record a
+    third that excludes submit() (record_ms).
     """
     start_wall = time.time()
     started = time.perf_counter()
     job_id = d.submit(domain=DOMAIN, src=src.name, dst=dst.name, live=True)
     submit_ms = (time.perf_counter() - started) * MS_PER_S
-    deadline = started + timeout
-    last = "0-0"
     terminal: dict[str, Any] | None = None
-    while terminal is None:
-        remaining_ms = (deadline - time.perf_counter()) * MS_PER_S
-        if remaining_ms <= 0:
-            state = d.store.state(job_id).value
-            raise BenchError(f"drover job {job_id} still {state} after {timeout:.0f}s")
-        batch = d.store.read_events(
-            job_id, after=last, block_ms=max(1, int(min(remaining_ms, EVENT_BLOCK_MS)))
-        )
-        seen = time.perf_counter()
-        for event_id, event in batch:
-            last = event_id
-            if event.get("event") == "job.state" and event.get("state") in TERMINAL_STATES:
+    seen = started
+    try:
+        # The one follow of jobs/follow.py; stopping at the end event keeps the record read
+        # (that the follow makes only once the stream is quiet) out of the figure.
+        for _, event in follow(
+            d.store,
+            job_id,
+            lambda: d.store.state(job_id).value in TERMINAL_STATES,
+            state=lambda: d.store.state(job_id).value,
+            block_ms=EVENT_BLOCK_MS,
+            timeout=timeout,
+        ):
+            seen = time.perf_counter()
+            if is_end_event(event):
                 terminal = event
                 break
-        if terminal is None and not batch and d.store.state(job_id).value in TERMINAL_STATES:
-            rest = d.store.read_events(job_id, after=last)
-            terminal = next((e for _, e in rest if e.get("event") == "job.state"), None)
-            if terminal is None:
-                raise BenchError(f"drover job {job_id} ended without a job.state event")
+    except TimeoutError as exc:
+        raise BenchError(f"drover {exc}") from None
+    if terminal is None:
+        raise BenchError(f"drover job {job_id} ended without a job.state event")
     job = d.job(job_id)
     if terminal.get("state") != "succeeded" or job.state.value != "succeeded":
         raise BenchError(
             f"drover job {job_id} {src.name}->{dst.name} {job.state.value}: {job.reason}"
         )
-    if "migration_ms" not in job.result:
+    if job.result.migration_ms is None:
         raise BenchError(f"drover job {job_id} succeeded without result.migration_ms")
     return Run(
         index=0,
@@ -275,7 +276,7 @@ def migrate_drover(d: Drover, src: LabHost, dst: LabHost, timeout: float) -> Run
         src=src.name,
         dst=dst.name,
         total_ms=(seen - started) * MS_PER_S,
-        migration_ms=float(job.result["migration_ms"]),
+        migration_ms=job.result.migration_ms,
         submit_ms=submit_ms,
         event_ms=(_iso(terminal["ts"]).timestamp() - start_wall) * MS_PER_S,
         record_ms=(job.updated - job.created).total_seconds() * MS_PER_S,
@@ -310,7 +311,7 @@ def segments(job: Job, start_wall: float, total_s: float) -> dict[str, float]:
     for name, started, ended in spans:
         out[f"{'record' if name == spans[0][0] else 'hop'} -> {name}"] = ms(previous, started)
         if name == Phase.PERFORM.value:
-            migration = float(job.result["migration_ms"])
+            migration = job.result.migration_ms or 0.0
             out["perform: migrateToURI3"] = migration
             out["perform: the rest"] = ms(started, ended) - migration
         elif name == Phase.CONFIRM.value:

@@ -4,7 +4,7 @@ A job falls under up to four gates: its source's outbound limit, its destination
 limit (both from the registry), the cluster-wide limit, and its evacuation's `--max-parallel`.
 A gate is a Redis set of the ids of the jobs holding a slot in it. One Lua script checks every
 gate and takes a slot in all of them at once, or in none; the store's terminal transition
-gives the slots back in the same atomic step that ends the job (jobs/store.py). So a slot is
+gives the slots back in the same atomic step that ends the job (jobs/transition.py). So a slot is
 held for exactly as long as its job lives: through a worker crash and its recovery, and never
 longer (a job that ended without giving a slot back is pruned by the next admission).
 
@@ -19,6 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from jobs.keys import (
+    CLUSTER_GATE,
+    GATES_FIELD,
+    WAITING,
+    evacuation_gate,
+    inbound_gate,
+    job_key,
+    outbound_gate,
+)
 from jobs.model import migration_event
 from jobs.request_signing import (
     MIGRATION_KIND,
@@ -30,25 +39,25 @@ from jobs.request_signing import (
 )
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
-from jobs.store import KEY_PREFIX, WAITING, JobStore, job_key, now
+from jobs.store import JobStore, now
 
 if TYPE_CHECKING:
     from config.settings import Settings
 
-JOB_KEY_PREFIX = job_key("")
-CLUSTER_GATE = f"{KEY_PREFIX}:slots:cluster"
+__all__ = ["CLUSTER_GATE", "WAITING", "evacuation_gate", "inbound_gate", "outbound_gate"]
 
 ADMITTED, REFUSED, GONE, ALREADY = 1, 0, -1, 2
 ADMISSION_HOST = "admission"  # the `host` of the events and transitions admission writes
 BAD_SPEC = "refused: the job record's spec is not valid"
 
 # KEYS[1] waiting set, KEYS[2] job hash, KEYS[3..] gate sets; ARGV[1] job id, ARGV[2] time,
-# ARGV[3..] the gates' limits in KEYS order. Returns {1} admitted, {0, gate} refused by gate,
-# {-1, state} not waiting any more (ended, aborted), {2} admitted before.
-_ADMIT_LUA = (
-    """
+# ARGV[3] the queued state, ARGV[4] the job key prefix, ARGV[5] the gates field, ARGV[6] the
+# number of terminal states n, ARGV[7..6+n] those states, ARGV[7+n..] the gates' limits in
+# KEYS order. Returns {1} admitted, {0, gate} refused by gate, {-1, state} not waiting any
+# more (ended, aborted), {2} admitted before.
+_ADMIT_LUA = """
 local state = redis.call('HGET', KEYS[2], 'state')
-if state ~= '__QUEUED__' or redis.call('HEXISTS', KEYS[2], 'abort_requested') == 1 then
+if state ~= ARGV[3] or redis.call('HEXISTS', KEYS[2], 'abort_requested') == 1 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return {-1, state or ''}
 end
@@ -56,39 +65,27 @@ if redis.call('HEXISTS', KEYS[2], 'admitted') == 1 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return {2, ''}
 end
-local ended = {__TERMINAL__}
+local n = tonumber(ARGV[6])
+local ended = {}
+for i = 7, 6 + n do ended[ARGV[i]] = true end
 for i = 3, #KEYS do
   for _, member in ipairs(redis.call('SMEMBERS', KEYS[i])) do
-    local s = redis.call('HGET', '__JOB_PREFIX__' .. member, 'state')
+    local s = redis.call('HGET', ARGV[4] .. member, 'state')
     if (not s) or ended[s] then redis.call('SREM', KEYS[i], member) end
   end
-  if redis.call('SCARD', KEYS[i]) >= tonumber(ARGV[i]) then return {0, KEYS[i]} end
+  if redis.call('SCARD', KEYS[i]) >= tonumber(ARGV[4 + n + i]) then return {0, KEYS[i]} end
 end
 local gates = {}
 for i = 3, #KEYS do
   redis.call('SADD', KEYS[i], ARGV[1])
   gates[#gates + 1] = KEYS[i]
 end
-redis.call('HSET', KEYS[2], 'admitted', ARGV[2], 'gates', table.concat(gates, ' '))
+redis.call('HSET', KEYS[2], 'admitted', ARGV[2], ARGV[5], table.concat(gates, ' '))
 redis.call('HDEL', KEYS[2], 'waiting_for')
 redis.call('ZREM', KEYS[1], ARGV[1])
 return {1, ''}
-""".replace("__QUEUED__", JobState.QUEUED.value)
-    .replace("__TERMINAL__", ", ".join(f"['{s.value}'] = true" for s in sorted(TERMINAL)))
-    .replace("__JOB_PREFIX__", JOB_KEY_PREFIX)
-)
-
-
-def outbound_gate(host: str) -> str:
-    return f"{KEY_PREFIX}:slots:out:{host}"
-
-
-def inbound_gate(host: str) -> str:
-    return f"{KEY_PREFIX}:slots:in:{host}"
-
-
-def evacuation_gate(evacuation_id: str) -> str:
-    return f"{KEY_PREFIX}:slots:evacuation:{evacuation_id}"
+"""
+_TERMINAL_NAMES = sorted(s.value for s in TERMINAL)
 
 
 @dataclass(frozen=True)
@@ -146,7 +143,7 @@ class Admission:
         fields = cast(
             list[str | None],
             self.store.r.hmget(
-                f"{JOB_KEY_PREFIX}{job_id}",
+                job_key(job_id),
                 ["spec", "parent", "parent_limit", "waiting_for", REQUEST_FIELD],
             ),
         )
@@ -188,8 +185,17 @@ class Admission:
         result = cast(
             list[Any],
             self._admit(
-                keys=[WAITING, f"{JOB_KEY_PREFIX}{job_id}", *(g.key for g in gates)],
-                args=[job_id, _now_iso(), *(g.limit for g in gates)],
+                keys=[WAITING, job_key(job_id), *(g.key for g in gates)],
+                args=[
+                    job_id,
+                    _now_iso(),
+                    JobState.QUEUED.value,
+                    job_key(""),
+                    GATES_FIELD,
+                    len(_TERMINAL_NAMES),
+                    *_TERMINAL_NAMES,
+                    *(g.limit for g in gates),
+                ],
             ),
         )
         code = int(result[0])
@@ -203,7 +209,7 @@ class Admission:
             gate = next(g for g in gates if g.key == result[1])
             reason = f"waiting for a slot: {gate.label} limit {gate.limit} reached"
             if reason != waiting_for:  # tell followers once per reason, not once per pass
-                self.store.r.hset(f"{JOB_KEY_PREFIX}{job_id}", "waiting_for", reason)
+                self.store.r.hset(job_key(job_id), "waiting_for", reason)
                 self.store.append_event(
                     job_id,
                     migration_event(job_id, spec, "job.waiting", ADMISSION_HOST, reason=reason),

@@ -19,8 +19,6 @@ from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 
-from config.key_prefixes import KEY_PREFIX
-from jobs.evacuation_model import _FROM as _FROM
 from jobs.evacuation_model import EVACUATION_KIND as EVACUATION_KIND
 from jobs.evacuation_model import EVACUATION_TERMINAL as EVACUATION_TERMINAL
 from jobs.evacuation_model import MAX_PARALLEL as MAX_PARALLEL
@@ -29,29 +27,23 @@ from jobs.evacuation_model import Evacuation as Evacuation
 from jobs.evacuation_model import EvacuationSpec as EvacuationSpec
 from jobs.evacuation_model import EvacuationState as EvacuationState
 from jobs.evacuation_model import Placement as Placement
+from jobs.keys import (
+    ACTIVE_EVACUATIONS,
+    JOBS_INDEX,
+    children_key,
+    evacuation_redispatched_key,
+    evacuation_reported_key,
+    evacuation_retries_key,
+    job_key,
+)
+from jobs.records import transition_keys
 from jobs.request_signing import REQUEST_FIELD, RequestSigner, signed_record
-from jobs.store import JOBS_INDEX, JobNotFound, JobStore, children_key, job_key, now
+from jobs.states import EVACUATION_TABLE
+from jobs.store import JobNotFound, JobStore, now
+from jobs.transition import Transitioner
 
 M = TypeVar("M", bound=BaseModel)
-ACTIVE_EVACUATIONS = f"{KEY_PREFIX}:evacuations:active"
-
-
-# KEYS[1] record, KEYS[2] active set; ARGV[1] target, ARGV[2] time, ARGV[3] reason, ARGV[4] id,
-# ARGV[5] "1" if terminal, ARGV[6..] allowed sources. Returns {moved, previous}.
-_TRANSITION_LUA = """
-local cur = redis.call('HGET', KEYS[1], 'state')
-if not cur then return {0, ''} end
-if cur == ARGV[1] then return {2, cur} end
-for i = 6, #ARGV do
-  if cur == ARGV[i] then
-    redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
-    if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[3]) end
-    if ARGV[5] == '1' then redis.call('SREM', KEYS[2], ARGV[4]) end
-    return {1, cur}
-  end
-end
-return {0, cur}
-"""
+__all__ = ["ACTIVE_EVACUATIONS"]
 
 
 # The single-evacuation-per-host check and the creation in one step: two producers (or a
@@ -86,7 +78,7 @@ class EvacuationStore:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self.r = store.r
-        self._transition = self.r.register_script(_TRANSITION_LUA)
+        self._transitions = Transitioner(self.r, EVACUATION_TABLE)
         self._create = self.r.register_script(_CREATE_LUA)
 
     def create(self, spec: EvacuationSpec, origin: str, signer: RequestSigner | None = None) -> str:
@@ -156,19 +148,16 @@ class EvacuationStore:
     def transition(
         self, evacuation_id: str, target: EvacuationState, reason: str | None = None
     ) -> tuple[bool, EvacuationState | None]:
-        terminal = "1" if target in EVACUATION_TERMINAL else "0"
-        moved, previous = self._transition(
-            keys=[job_key(evacuation_id), ACTIVE_EVACUATIONS],
-            args=[
-                target.value,
-                now().isoformat(),
-                reason or "",
-                evacuation_id,
-                terminal,
-                *sorted(s.value for s in _FROM[target]),
-            ],
+        """Move the evacuation to `target` if its state allows it (jobs/transition.py); an
+        evacuation keeps no history list, its events tell the story."""
+        out = self._transitions.run(
+            transition_keys(evacuation_id, ACTIVE_EVACUATIONS),
+            evacuation_id,
+            target.value,
+            now().isoformat(),
+            reason=reason,
         )
-        return moved == 1, EvacuationState(previous) if previous else None
+        return out.moved, EvacuationState(out.previous) if out.previous else None
 
     def save_plan(self, evacuation_id: str, plan: list[Placement]) -> None:
         data = "[" + ",".join(p.model_dump_json() for p in plan) + "]"
@@ -188,12 +177,12 @@ class EvacuationStore:
 
     def may_redispatch(self, evacuation_id: str, every_s: float) -> bool:
         """True at most once per `every_s`: a lost task message is sent again, not flooded."""
-        key = f"{job_key(evacuation_id)}:redispatched"
+        key = evacuation_redispatched_key(evacuation_id)
         return bool(self.r.set(key, now().isoformat(), nx=True, px=int(every_s * 1000)))
 
     def take_retry(self, evacuation_id: str, domain: str, limit: int) -> bool:
         """True if `domain` may be queued again (fewer than `limit` retries so far)."""
-        key = f"{job_key(evacuation_id)}:retries"
+        key = evacuation_retries_key(evacuation_id)
         if int(cast(str | None, self.r.hget(key, domain)) or 0) >= limit:
             return False
         self.r.hincrby(key, domain, 1)
@@ -201,7 +190,7 @@ class EvacuationStore:
 
     def mark_reported(self, evacuation_id: str, job_id: str) -> bool:
         """True the first time a child's end is reported (its event is written once)."""
-        return bool(self.r.sadd(f"{job_key(evacuation_id)}:reported", job_id))
+        return bool(self.r.sadd(evacuation_reported_key(evacuation_id), job_id))
 
     def active_ids(self) -> list[str]:
         return sorted(cast(set[str], self.r.smembers(ACTIVE_EVACUATIONS)))

@@ -6,49 +6,18 @@ read and written there (EvacuationStore) and started through jobs/evacuations.py
 
 from __future__ import annotations
 
-from datetime import datetime
-from enum import StrEnum
-from typing import Any
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.model import elapsed_s
+from jobs.model import Record
 from jobs.spec import MAX_BANDWIDTH_MIB, MAX_COMPLETION_TIMEOUT_S, HostRef, TimeoutAction
+from jobs.states import EVACUATION_TABLE, EVACUATION_TERMINAL, EvacuationState, StateTable
+
+__all__ = ["EVACUATION_TERMINAL", "EvacuationState"]
 
 EVACUATION_KIND = "evacuation"
 MAX_PARALLEL = 64
-
-
-class EvacuationState(StrEnum):
-    QUEUED = "queued"
-    PLANNING = "planning"
-    RUNNING = "running"
-    PLANNED = "planned"
-    DRAINED = "drained"
-    PARTIAL = "partial"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-EVACUATION_TERMINAL = frozenset(
-    {
-        EvacuationState.PLANNED,
-        EvacuationState.DRAINED,
-        EvacuationState.PARTIAL,
-        EvacuationState.CANCELLED,
-        EvacuationState.FAILED,
-    }
-)
-_LIVE = frozenset(EvacuationState) - EVACUATION_TERMINAL
-_FROM: dict[EvacuationState, frozenset[EvacuationState]] = {
-    EvacuationState.PLANNING: frozenset({EvacuationState.QUEUED}),
-    EvacuationState.RUNNING: frozenset({EvacuationState.PLANNING}),
-    EvacuationState.PLANNED: frozenset({EvacuationState.PLANNING}),
-    EvacuationState.DRAINED: frozenset({EvacuationState.RUNNING}),
-    EvacuationState.PARTIAL: frozenset({EvacuationState.RUNNING}),
-    EvacuationState.CANCELLED: _LIVE,
-    EvacuationState.FAILED: _LIVE,
-}
 
 
 class EvacuationSpec(BaseModel):
@@ -116,38 +85,18 @@ class DomainOutcome(BaseModel):
     reason: str | None = None  # why it did not move
 
 
-class Evacuation(BaseModel):
-    id: str
+class Evacuation(Record):
+    TABLE: ClassVar[StateTable] = EVACUATION_TABLE
+    KIND: ClassVar[str | None] = EVACUATION_KIND
+
     spec: EvacuationSpec
     state: EvacuationState
     origin: str
-    created: datetime
-    updated: datetime
-    reason: str | None = None
-    abort_requested: str | None = None
     plan: list[Placement] | None = None
-    children: dict[str, str] = {}  # domain -> child job id
-    outcome: list[DomainOutcome] = []
-    left_on_host: list[str] = []  # domains still on the host that the evacuation did not cover
-    request: str | None = None  # the signed request (jobs/request_signing.py)
+    children: dict[str, str] = Field(default_factory=dict)  # domain -> child job id
+    outcome: list[DomainOutcome] = Field(default_factory=list)
+    # Domains still on the host that the evacuation did not cover.
+    left_on_host: list[str] = Field(default_factory=list)
 
-    @property
-    def terminal(self) -> bool:
-        return self.state in EVACUATION_TERMINAL
-
-    @property
-    def duration_s(self) -> float:
-        return elapsed_s(self.created, self.updated, self.terminal)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": EVACUATION_KIND,
-            "state": self.state.value,
-            "domain": f"{len(self.plan or [])} domains",
-            "src": self.spec.host,
-            "dst": ",".join(self.spec.to) or "any",
-            "created": self.created.isoformat(),
-            "duration_s": round(self.duration_s, 3),
-            "reason": self.reason,
-        }
+    def route(self) -> tuple[str, str, str]:
+        return f"{len(self.plan or [])} domains", self.spec.host, ",".join(self.spec.to) or "any"

@@ -13,9 +13,10 @@ from typing import cast
 import redis
 from pydantic import BaseModel
 
-from jobs.store import KEY_PREFIX, now
+from jobs.keys import DISABLED_HOSTS
+from jobs.store import now
 
-DISABLED_HOSTS = f"{KEY_PREFIX}:hosts:disabled"
+__all__ = ["DISABLED_HOSTS", "Disabled", "Maintenance", "reason_problem"]
 # A reason is a note for people (`drover hosts`, the refusal a producer prints), not a log.
 MAX_REASON_CHARS = 200
 

@@ -1,15 +1,22 @@
-"""A job as read back from the store: what producers and CLIs show."""
+"""A job or an evacuation as read back from the store: what producers and CLIs show.
+
+`Record` holds what both kinds share (identity, state, times, reason, a pending abort, the
+signed request) and says once what "ended", "how long" and the one-line summary mean; each
+kind adds its own spec, its state type and its state table (jobs/states.py).
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
 from config.events import job_event
+from jobs.record import Handoff, MalformedRecord, Result, SourceFacts
 from jobs.spec import MigrationSpec
-from jobs.states import TERMINAL, JobState
+from jobs.states import JOB_TABLE, JobState, StateTable
 
 
 def migration_event(
@@ -44,20 +51,63 @@ class Transition(BaseModel):
 
 
 def elapsed_s(created: datetime, updated: datetime, terminal: bool) -> float:
-    """How long a job ran (until its last update once it has ended, until now before)."""
+    """How long a record ran (until its last update once it has ended, until now before)."""
     end = updated if terminal else datetime.now(created.tzinfo)
     return (end - created).total_seconds()
 
 
-class Job(BaseModel):
+class Record(BaseModel):
+    """What a migration job and an evacuation have in common."""
+
+    TABLE: ClassVar[StateTable]
+    KIND: ClassVar[str | None] = None  # shown in a summary (migrations show none)
+
     id: str
-    spec: MigrationSpec
-    state: JobState
+    state: StrEnum
     created: datetime
     updated: datetime
     reason: str | None = None
-    stalled_from: JobState | None = None
     abort_requested: str | None = None
+    # The producer's signed request (jobs/request_signing.py); workers verify it before acting.
+    request: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.value in self.TABLE.terminal
+
+    @property
+    def duration_s(self) -> float:
+        return elapsed_s(self.created, self.updated, self.terminal)
+
+    def route(self) -> tuple[str, str, str]:
+        """(what moves, from, to) in words, for a summary."""
+        raise NotImplementedError
+
+    def shown_reason(self) -> str | None:
+        return self.reason
+
+    def summary(self) -> dict[str, Any]:
+        what, src, dst = self.route()
+        head: dict[str, Any] = {"id": self.id}
+        if self.KIND is not None:
+            head["kind"] = self.KIND
+        return head | {
+            "state": self.state.value,
+            "domain": what,
+            "src": src,
+            "dst": dst,
+            "created": self.created.isoformat(),
+            "duration_s": round(self.duration_s, 3),
+            "reason": self.shown_reason(),
+        }
+
+
+class Job(Record):
+    TABLE: ClassVar[StateTable] = JOB_TABLE
+
+    spec: MigrationSpec
+    state: JobState
+    stalled_from: JobState | None = None
     # When libvirt switched the migration to post-copy: past that, it cannot be aborted.
     postcopy_since: datetime | None = None
     # Admission (jobs/admission.py): when the job got its concurrency slots, or why it waits.
@@ -65,31 +115,24 @@ class Job(BaseModel):
     waiting_for: str | None = None
     parent: str | None = None  # the evacuation this job belongs to
     parent_limit: int | None = None  # that evacuation's --max-parallel
-    # The producer's signed request (jobs/request_signing.py); workers verify it before acting.
-    request: str | None = None
-    facts: dict[str, Any] = {}
-    handoff: dict[str, Any] = {}
-    result: dict[str, Any] = {}
+    facts: SourceFacts | None = None  # None until the source's preflight has looked
+    handoff: Handoff = Handoff()
+    result: Result = Result()
     phases: dict[str, PhaseRecord] = {}
     transitions: list[Transition] = []
 
     @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
+    def source(self) -> SourceFacts:
+        """The source's facts, for a phase that runs after preflight recorded them."""
+        if self.facts is None:
+            raise MalformedRecord(f"job {self.id}: no facts of the source recorded")
+        return self.facts
 
-    @property
-    def duration_s(self) -> float:
-        return elapsed_s(self.created, self.updated, self.terminal)
+    def route(self) -> tuple[str, str, str]:
+        return self.spec.domain, self.spec.src, self.spec.dst
+
+    def shown_reason(self) -> str | None:
+        return self.reason or self.waiting_for
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "state": self.state.value,
-            "domain": self.spec.domain,
-            "src": self.spec.src,
-            "dst": self.spec.dst,
-            "created": self.created.isoformat(),
-            "duration_s": round(self.duration_s, 3),
-            "reason": self.reason or self.waiting_for,
-            "parent": self.parent,
-        }
+        return super().summary() | {"parent": self.parent}

@@ -1,7 +1,13 @@
-"""A migration job's states and the transitions allowed between them."""
+"""The states of a migration job and of an evacuation, and the transitions allowed between them.
+
+Each kind has one `StateTable`; the store's single transition script (jobs/transition.py) is
+driven by it, so what a state means to Redis (terminal, a stall, success) is said only here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -47,3 +53,71 @@ def allowed_sources(target: JobState) -> frozenset[JobState]:
         return LIVE - {JobState.STALLED}
     forward = frozenset(src for src, dst in _FORWARD.items() if dst == target)
     return forward | {JobState.STALLED}
+
+
+class EvacuationState(StrEnum):
+    """queued -> planning -> running -> drained | partial | cancelled; planning -> planned
+    (a dry run); any live state -> failed (the plan itself could not be made)."""
+
+    QUEUED = "queued"
+    PLANNING = "planning"
+    RUNNING = "running"
+    PLANNED = "planned"
+    DRAINED = "drained"
+    PARTIAL = "partial"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+EVACUATION_TERMINAL = frozenset(
+    {
+        EvacuationState.PLANNED,
+        EvacuationState.DRAINED,
+        EvacuationState.PARTIAL,
+        EvacuationState.CANCELLED,
+        EvacuationState.FAILED,
+    }
+)
+EVACUATION_LIVE = frozenset(EvacuationState) - EVACUATION_TERMINAL
+_EVACUATION_FROM: dict[EvacuationState, frozenset[EvacuationState]] = {
+    EvacuationState.PLANNING: frozenset({EvacuationState.QUEUED}),
+    EvacuationState.RUNNING: frozenset({EvacuationState.PLANNING}),
+    EvacuationState.PLANNED: frozenset({EvacuationState.PLANNING}),
+    EvacuationState.DRAINED: frozenset({EvacuationState.RUNNING}),
+    EvacuationState.PARTIAL: frozenset({EvacuationState.RUNNING}),
+    EvacuationState.CANCELLED: EVACUATION_LIVE,
+    EvacuationState.FAILED: EVACUATION_LIVE,
+}
+
+
+def evacuation_sources(target: EvacuationState) -> frozenset[EvacuationState]:
+    """The states from which an evacuation may move to `target` (none into `queued`)."""
+    return _EVACUATION_FROM.get(target, frozenset())
+
+
+@dataclass(frozen=True)
+class StateTable:
+    """What the transition script needs to know of one kind's states.
+
+    `terminal`: entering one ends the record (its active mark, admission slots and memory
+    reservations are given back in the same step). `stall`: the state whose entry records
+    where it came from and whose exit clears that and the stall's reason. `success`: entering
+    it drops a pending abort request (one that came too late to act on).
+    """
+
+    terminal: frozenset[str]
+    sources: Callable[[str], frozenset[str]]
+    stall: str = ""
+    success: str = ""
+
+
+JOB_TABLE = StateTable(
+    terminal=frozenset(s.value for s in TERMINAL),
+    sources=lambda target: frozenset(s.value for s in allowed_sources(JobState(target))),
+    stall=JobState.STALLED.value,
+    success=JobState.SUCCEEDED.value,
+)
+EVACUATION_TABLE = StateTable(
+    terminal=frozenset(s.value for s in EVACUATION_TERMINAL),
+    sources=lambda target: frozenset(s.value for s in evacuation_sources(EvacuationState(target))),
+)

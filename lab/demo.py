@@ -152,7 +152,7 @@ def run_demo(console: Console, keep: bool = False) -> bool:
                 f"{step.src} -> {step.dst}",
                 step.flags,
                 job.state.value,
-                f"{job.result.get('migration_ms', 0):.0f} ms",
+                f"{job.result.migration_ms or 0:.0f} ms",
                 f"{job.duration_s * 1000:.0f} ms",
                 said,
             )

@@ -34,6 +34,7 @@ from jobs.evacuation import (
     EvacuationStore,
 )
 from jobs.evacuations import EvacuationService
+from jobs.follow import MS_PER_S, wait_for_end
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import POSTCOPY_TASK
@@ -49,8 +50,6 @@ from producer.hosts import producer_name as producer_name
 from producer.outage import OutageRider
 
 TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
-# How long wait() gives a terminal job's last event to reach the stream.
-TERMINAL_EVENT_GRACE_S = 5.0
 
 
 class Drover:
@@ -214,28 +213,18 @@ class Drover:
         timeout: float | None,
         ride: OutageRider,
     ) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        block_s = self.settings.tunables.wait_block
-        last, seen_terminal_event = "0-0", False
-        grace_until: float | None = None
-        while True:
-            terminal, state = ended()
-            if terminal:
-                grace_until = grace_until or time.monotonic() + TERMINAL_EVENT_GRACE_S
-                # Past the grace the worker could not write its last event; the record rules.
-                if seen_terminal_event or time.monotonic() > grace_until:
-                    return
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0 and not terminal:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout}s")
-            if left is not None:
-                left = max(left, 0.05)
-            block_ms = max(1, int(1000 * (block_s if left is None else min(left, block_s))))
-            batch = ride(partial(self.store.read_events, job_id, after=last, block_ms=block_ms))
-            for eid, event in batch:
-                last = eid
-                if event.get("event") == state_event and event.get("state") in terminal_names:
-                    seen_terminal_event = True
+        wait_for_end(
+            self.store,
+            job_id,
+            lambda: ended()[0],
+            end_event=lambda ev: (
+                ev.get("event") == state_event and ev.get("state") in terminal_names
+            ),
+            state=lambda: ended()[1],
+            block_ms=int(MS_PER_S * self.settings.tunables.wait_block),
+            timeout=timeout,
+            guard=ride,
+        )
 
     # --- evacuations (jobs/evacuations.py) and maintenance (producer/hosts.py) ---------------
 

@@ -23,6 +23,7 @@ def follow(d: Drover, job_id: str, console: Console, timeout: float | None = Non
     """Print the job's events as they come, with a bar for the memory transfer; the final job.
 
     Progress events are printed as lines too, so a log or a pipe shows them (once a second).
+    The stream is read once (jobs/follow.py): it ends with the job, so no wait follows it.
     """
     columns = (
         TextColumn("{task.description}"),
@@ -44,7 +45,8 @@ def follow(d: Drover, job_id: str, console: Console, timeout: float | None = Non
                     completed=total - remaining if total else 0,
                 )
             bar.console.print(event_line(ev), markup=False, soft_wrap=True)
-    return d.wait(job_id, timeout)
+    # The events were followed to the job's end: its record is final, read it once.
+    return d.job(job_id)
 
 
 def follow_evacuation(
@@ -69,4 +71,4 @@ def follow_evacuation(
             if queued:
                 bar.update(task, visible=True, total=queued, completed=ended)
             bar.console.print(event_line(ev), markup=False, soft_wrap=True)
-    return d.wait_evacuation(evacuation_id, timeout)
+    return d.evacuations.get(evacuation_id)

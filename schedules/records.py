@@ -7,17 +7,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from config.key_prefixes import SCHEDULE_KEY_PREFIX
 from config.security import JOB_ID
 from jobs.errors import SubmitError
+from jobs.keys import SCHEDULE_LOCK, SCHEDULE_PREFIX, schedule_entry_key
 from jobs.phases import TASK_PREFIX
 
 SCHEDULED_EVACUATION_TASK = f"{TASK_PREFIX}scheduled_evacuation"
 
-# redbeat names an entry's hash `<prefix><name>` (the name is the schedule id) and keeps its
-# index in `<prefix>:schedule`; the lock must start with the prefix too.
-KEY_PREFIX = SCHEDULE_KEY_PREFIX
-LOCK_KEY = f"{KEY_PREFIX}lock"
+# The keys are named in jobs/keys.py with every other key drover keeps.
+KEY_PREFIX = SCHEDULE_PREFIX
+LOCK_KEY = SCHEDULE_LOCK
 # Fields of the entry's hash that are drover's (redbeat owns `definition` and `meta`).
 RECORD_FIELD = "drover"
 # The signed request (jobs/request_signing.py) of the schedule, beside its record.
@@ -141,7 +140,7 @@ def utc_text(when: datetime) -> str:
 
 
 def entry_key(schedule_id: str) -> str:
-    return f"{KEY_PREFIX}{schedule_id}"
+    return schedule_entry_key(schedule_id)
 
 
 def fire_claim_key(schedule_id: str, message_id: str) -> str:

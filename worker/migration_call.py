@@ -20,35 +20,13 @@ from typing import Any
 import libvirt
 
 from config.settings import Host
+from jobs.record import Handoff
 from jobs.spec import ControlFlow, CopyStorage, MigrationSpec, Transport
 from jobs.targets import migration_uri_problem
 
 
 class UnsafeTarget(ValueError):
     """A migration URI the registry does not allow for the destination; one line."""
-
-
-@dataclass(frozen=True)
-class Handoff:
-    """Where the domain goes: the destination libvirt URI, the hypervisor migration URI and
-    the listen address.
-
-    Always computed from the registry and the signed spec (`handoff_for`), on whichever side
-    needs it; the copy the destination writes into the job record is for people to read and
-    is never read back: a record anyone with the Redis password can edit must not choose the
-    URI libvirtd opens (`qemu+ext://...?command=` runs a program) or where a guest's memory goes.
-    """
-
-    dconnuri: str
-    migrate_uri: str | None
-    listen_address: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "dconnuri": self.dconnuri,
-            "migrate_uri": self.migrate_uri,
-            "listen_address": self.listen_address,
-        }
 
 
 @dataclass(frozen=True)
@@ -157,7 +135,9 @@ def handoff_for(spec: MigrationSpec, dst: Host) -> Handoff:
         if problem is not None:
             raise UnsafeTarget(problem)
     migrate_uri = spec.migrate_uri or f"tcp://{dst.migration_address}"
-    return Handoff(dst.peer_uri, migrate_uri, spec.listen_address)
+    return Handoff(
+        dconnuri=dst.peer_uri, migrate_uri=migrate_uri, listen_address=spec.listen_address
+    )
 
 
 def build_call(spec: MigrationSpec, handoff: Handoff) -> MigrationCall:

@@ -24,6 +24,7 @@ from celery.exceptions import Ignore
 from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
+from jobs.record import Handoff
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
@@ -37,7 +38,7 @@ from worker.libvirt_host import (
     peer_domain,
     placement_room_mib,
 )
-from worker.migration_call import Handoff, MigrationCall, UnsafeTarget, build_call, handoff_for
+from worker.migration_call import MigrationCall, UnsafeTarget, build_call, handoff_for
 from worker.monitor import MigrationMonitor, Progress
 from worker.phase_scope import (
     HandedOver,
@@ -126,10 +127,11 @@ def _source_view(rt: Runtime, job: Job) -> SourceView:
             raise PhaseFailed(f"{spec.domain} is not defined on {spec.src}")
         found = facts(dom)
         disks = local_disks(dom) if spec.copy_storage is not None else []
-    if found.uuid != job.facts.get("uuid"):
+    recorded_uuid = job.facts.uuid if job.facts is not None else None
+    if found.uuid != recorded_uuid:
         raise PhaseFailed(
             f"{spec.domain} on {spec.src} has uuid {found.uuid}, not the job's "
-            f"{str(job.facts.get('uuid'))[:40]}"
+            f"{str(recorded_uuid)[:40]}"
         )
     return SourceView(found, disks)
 
@@ -175,7 +177,7 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
             raise PhaseFailed(f"{spec.dst}: {exc}") from None
     rt.store.update(
         job.id,
-        handoff=handoff.as_dict() | {"created_images": created},
+        handoff=handoff.model_copy(update={"created_images": created}),
         facts={"dest_config_present": config_present},
     )
     log.info(
@@ -221,7 +223,7 @@ def job_domain(rt: Runtime, job: Job, name: str) -> libvirt.virDomain | None:
     The uuid comes from the job record; the name from the signed spec. A uuid that names
     another domain here is a forged record: nothing is done to that domain.
     """
-    dom = rt.libvirt.by_uuid(job.facts["uuid"])
+    dom = rt.libvirt.by_uuid(job.source.uuid)
     if dom is not None and dom.name() != name:
         raise PhaseFailed(
             f"the job's uuid is {dom.name()} on {rt.host}, not {name}: refusing to touch it"
@@ -235,7 +237,11 @@ def _ensure_running_on_source(rt: Runtime, job: Job) -> str:
     if dom is None or not dom.isActive():
         return f"{job.spec.domain} is no longer active on {rt.host}"
     state, _ = dom.state()
-    if state == libvirt.VIR_DOMAIN_PAUSED and job.facts.get("state") == "running":
+    if (
+        state == libvirt.VIR_DOMAIN_PAUSED
+        and job.facts is not None
+        and job.facts.state == "running"
+    ):
         dom.resume()
         log.warning("source.resumed", reason="migration failed with the guest paused")
     return f"{job.spec.domain} still running on {rt.host}"
@@ -376,12 +382,12 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
     _expect(found.name == spec.arrives_as, f"{here} arrived named {found.name}")
     if spec.offline:
         _expect(not found.active, f"{here} is {found.state}; offline should leave it inactive")
-    elif spec.suspend or job.facts.get("state") == "paused":
+    elif spec.suspend or (job.facts is not None and job.facts.state == "paused"):
         # libvirt keeps a paused guest paused; --suspend pauses a running one on arrival.
         _expect(found.state == "paused", f"{here} is {found.state}, expected paused")
     else:
         _expect(found.state == "running", f"{here} is {found.state}, expected running")
-    wants_config = spec.persistent or bool(job.facts.get("dest_config_present"))
+    wants_config = spec.persistent or (job.facts is not None and job.facts.dest_config_present)
     _expect(
         found.persistent == wants_config,
         f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
@@ -409,12 +415,12 @@ def confirm(rt: Runtime, job: Job) -> JobState | None:
     here = f"{spec.domain} on {spec.src}"
     leftovers: list[str] = []
     if spec.offline:
-        was_active = bool(job.facts["active"])
+        was_active = job.source.active
         if (dom is not None and bool(dom.isActive())) != was_active:
             leftovers.append(f"{here} changed state during an offline migration")
     elif dom is not None and dom.isActive():
         leftovers.append(f"{here} is still active after migrating")
-    keeps_config = bool(job.facts["persistent"]) and not spec.undefine_source
+    keeps_config = job.source.persistent and not spec.undefine_source
     defined = dom is not None and bool(dom.isPersistent())
     if defined != keeps_config:
         leftovers.append(
@@ -465,7 +471,7 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
             f"job {job.id} is {job.state.value}; only a failed or cancelled job is rolled back"
         )
     rt.store.release(job.spec.dst, job.id)
-    uuid = job.facts.get("uuid")
+    uuid = job.facts.uuid if job.facts is not None else None
     dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
     incoming = rt.ledger.incoming_job(uuid) if uuid else None
     if dom is not None and dom.isActive():
@@ -523,5 +529,5 @@ def rollback_reconnecting(rt: Runtime, job: Job) -> None:
 
 def _active_on_source(rt: Runtime, job: Job) -> bool:
     """Ask the source's libvirtd directly: never remove the only running copy of a guest."""
-    there = on_peer(rt.settings.host(job.spec.src).peer_uri, job.facts["uuid"])
+    there = on_peer(rt.settings.host(job.spec.src).peer_uri, job.source.uuid)
     return there is not None and there.active

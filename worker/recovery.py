@@ -270,7 +270,11 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
         log.info("migration.completed", recovered=True)
         return True
     state, _ = dom.state()
-    if state == libvirt.VIR_DOMAIN_PAUSED and job.facts.get("state") == "running":
+    if (
+        state == libvirt.VIR_DOMAIN_PAUSED
+        and job.facts is not None
+        and job.facts.state == "running"
+    ):
         dom.resume()
         log.warning("source.resumed", reason="the interrupted migration left the guest paused")
     where = f"{spec.domain} still running on {rt.host}"
@@ -298,4 +302,4 @@ def _operator_abort(rt: Runtime, job: Job) -> Action:
 
 
 def _defined_on_destination(rt: Runtime, job: Job) -> bool:
-    return on_peer(rt.settings.host(job.spec.dst).peer_uri, job.facts["uuid"]) is not None
+    return on_peer(rt.settings.host(job.spec.dst).peer_uri, job.source.uuid) is not None

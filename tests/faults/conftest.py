@@ -115,7 +115,7 @@ def assert_invariants(lab: Lab, job: Job, domain: str = "dirty-1") -> None:
         )
     check(not store.r.sismember(ACTIVE_JOBS, job.id), "the job is still marked active")
     check(store.r.get(domain_lock_key("name", domain)) is None, "the name lease is left")
-    uuid = job.facts.get("uuid")
+    uuid = job.facts.uuid if job.facts is not None else None
     if uuid:
         check(store.r.get(domain_lock_key("uuid", uuid)) is None, "the uuid lease is left")
 

@@ -95,7 +95,7 @@ def test_source_undefined_mid_flight_still_succeeds(lab: Lab, source_definition:
     check(job.state.value == "succeeded", f"job {job.state.value}: {job.reason}")
     check(lab.running_on("dirty-1") == ["lab2"], f"dirty-1 runs on {lab.running_on('dirty-1')}")
     check(not lab.view("lab1", "dirty-1").exists, "lab1 has a definition nobody made")
-    leftovers = str(job.result.get("leftovers", ""))
+    leftovers = job.result.leftovers or ""
     check("no longer defined" in leftovers, f"result {job.result}")
     reported = named(lab, job_id, "confirm.leftovers")
     check(len(reported) == 1 and "no longer defined" in str(reported[0]["reason"]), f"{reported}")
@@ -116,7 +116,7 @@ def test_a_second_job_never_destroys_the_first_jobs_incoming_guest(lab: Lab) -> 
     first_id = start_throttled(lab, bandwidth_mib=CRAWL_MIB)
     incoming = domain_id(lab, "lab2", "dirty-1")
     check(incoming is not None, "no incoming dirty-1 on lab2 while migrating")
-    uuid = lab.drover.job(first_id).facts["uuid"]
+    uuid = lab.drover.job(first_id).source.uuid
     # The first job's leases run out under its live migration (as a keeper that stopped
     # renewing them would let happen): nothing in Redis says dirty-1 is busy any more.
     role_redis(WORKER).delete(domain_lock_key("name", "dirty-1"), domain_lock_key("uuid", uuid))

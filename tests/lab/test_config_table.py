@@ -173,7 +173,7 @@ def test_config_file_handling_row(lab: Lab, row: Row) -> None:
             force=row.guarded,
         )
         assert job.state.value == "succeeded", job.reason
-        assert job.facts["dest_config_present"] is row.dest_config
+        assert job.source.dest_config_present is row.dest_config
 
         with connect(lab.uri("lab2")) as conn:
             dom = lookup(conn, row.name)

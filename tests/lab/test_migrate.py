@@ -34,7 +34,7 @@ def test_idle_guest_goes_there_and_back(lab: Lab) -> None:
         "finishing",
         "succeeded",
     ]
-    assert job.facts["memory_mib"] == 64 and job.result["migration_ms"] > 0
+    assert job.source.memory_mib == 64 and (job.result.migration_ms or 0) > 0
 
     back = lab.migrate("idle-1", "lab2", "lab1")
     assert back.state.value == "succeeded", back.reason

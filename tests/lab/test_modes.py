@@ -190,7 +190,7 @@ def test_copy_storage_creates_the_target_image_and_moves_the_guest(
     job = lab.migrate(disk_guest, "lab1", "lab2", copy_storage=mode)
     assert job.state.value == "succeeded", job.reason
     moved(lab, disk_guest, "lab1", "lab2")
-    assert job.handoff["created_images"] == ["/var/lib/libvirt/images/disk-1.qcow2"]
+    assert job.handoff.created_images == ["/var/lib/libvirt/images/disk-1.qcow2"]
     info = subprocess.run(
         ["qemu-img", "info", "--output=json", "-U", str(lab2_image)],
         capture_output=True,
@@ -205,7 +205,7 @@ def test_copy_storage_target_is_removed_when_the_job_fails(lab: Lab, disk_guest:
     # The made image exists once prepare ran; TLS toward a host without certificates fails.
     job = lab.migrate(disk_guest, "lab1", "lab2", copy_storage="all", tls=True)
     assert job.state.value == "failed"
-    assert job.handoff["created_images"] == ["/var/lib/libvirt/images/disk-1.qcow2"]
+    assert job.handoff.created_images == ["/var/lib/libvirt/images/disk-1.qcow2"]
     wait_for(lambda: not lab2_image.exists(), 30, "the target image to be removed")
     assert lab.running_on(disk_guest) == ["lab1"]
 

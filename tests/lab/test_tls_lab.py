@@ -119,6 +119,6 @@ def test_drover_jobs_over_tls(lab6: LabLayout, options: dict[str, Any]) -> None:
     for src, dst in (("lab1", "lab2"), ("lab2", "lab1")):
         job = d.wait(d.submit(domain="idle-1", src=src, dst=dst, live=True, **options), 120)
         assert job.state.value == "succeeded", job.reason
-        assert job.handoff["dconnuri"] == hosts[dst]["peer_uri"]
+        assert job.handoff.dconnuri == hosts[dst]["peer_uri"]
         assert hosts[dst]["peer_uri"].startswith("qemu+tls://")
         assert_runs_only_on(hosts, dst)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import libvirt
 import pytest
 
+from jobs.record import Handoff
 from jobs.spec import MigrationSpec
 from worker.convergence import ConvergencePolicy
-from worker.migration_call import Handoff, build_call, flag_names
+from worker.migration_call import build_call, flag_names
 from worker.monitor import Progress
 
 HANDOFF = Handoff(dconnuri="qemu+tcp://10.0.0.2/system", migrate_uri="tcp://10.0.0.2")

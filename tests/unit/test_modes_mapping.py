@@ -6,8 +6,9 @@ import libvirt
 import pytest
 from pydantic import ValidationError
 
+from jobs.record import Handoff
 from jobs.spec import MigrationSpec, first_error
-from worker.migration_call import Handoff, build_call, flag_names
+from worker.migration_call import build_call, flag_names
 
 HANDOFF = Handoff(
     dconnuri="qemu+tcp://10.0.0.2/system", migrate_uri="tcp://10.0.0.2", listen_address=None
@@ -69,7 +70,11 @@ SCENARIOS = {
 def test_each_scenario_maps_to_its_libvirt_call(name: str) -> None:
     options, api, dconnuri, dest_conn, extra_flags, sends_uri = SCENARIOS[name]
     s = spec(**options)
-    handoff = HANDOFF if s.transport.value == "native" else Handoff(HANDOFF.dconnuri, None)
+    handoff = (
+        HANDOFF
+        if s.transport.value == "native"
+        else Handoff(dconnuri=HANDOFF.dconnuri, migrate_uri=None)
+    )
     call = build_call(s, handoff)
     assert call.api == api
     assert call.dconnuri == dconnuri
@@ -96,7 +101,14 @@ def test_every_virsh_option_reaches_the_call() -> None:
         migrate_uri="tcp://192.0.2.7:49999",
         listen_address="192.0.2.7",
     )
-    call = build_call(s, Handoff("qemu+tls://h/system", s.migrate_uri, s.listen_address))
+    call = build_call(
+        s,
+        Handoff(
+            dconnuri="qemu+tls://h/system",
+            migrate_uri=s.migrate_uri,
+            listen_address=s.listen_address,
+        ),
+    )
     assert set(flag_names(call.flags)) == {
         "VIR_MIGRATE_LIVE",
         "VIR_MIGRATE_PEER2PEER",

@@ -1,0 +1,85 @@
+"""Reaching Redis: what an outage looks like, and a retry that rides one out for a time."""
+
+from __future__ import annotations
+
+import builtins
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+RETRY_CAP_S = 1.0
+RETRY_BASE_S = 0.05
+# What an outage looks like to redis-py: its own connection errors (a dropped connection,
+# a server still loading its AOF) and timeouts, and the OS errors of a connect to a server
+# that is not there (refused, reset; a unix socket removed while it is stopped). redis-py's
+# own Retry leaves the OS errors out, so a refused connect was never retried.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    socket.timeout,
+    builtins.ConnectionError,
+    FileNotFoundError,
+)
+
+T = TypeVar("T")
+
+
+class OutageRetry(Retry):
+    """Retry a Redis call through an outage for `retry_for` seconds from when it started.
+
+    redis-py counts attempts, and its connection pool connects outside the command's retry
+    with a Retry that does not cover a refused connect, so `retry_on_error` alone never rode
+    out a stopped server: a command failed at once. Here the connect is retried too (it runs
+    this same Retry), for a time rather than a count: a connect retried inside a command's
+    retry spends the same budget, so the two never add up to more than `retry_for`. A wrong
+    password is not an outage and fails at once.
+    """
+
+    def __init__(self, retry_for: float) -> None:
+        super().__init__(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), -1, OUTAGE_ERRORS)
+        self.retry_for = retry_for
+
+    def call_with_retry(self, do: Callable[[], T], fail: Callable[[Exception], Any]) -> T:
+        started = time.monotonic()  # (ExponentialBackoff keeps no state to reset)
+        failures = 0
+        while True:
+            try:
+                return do()
+            except redis.AuthenticationError:
+                raise
+            except self._supported_errors as error:
+                failures += 1
+                fail(error)
+                left = self.retry_for - (time.monotonic() - started)
+                if left <= 0:
+                    raise error
+                time.sleep(min(self._backoff.compute(failures), left))
+
+
+class Guard(Protocol):
+    """Runs one Redis call on a caller's terms (a follower riding out an outage)."""
+
+    def __call__(self, fn: Callable[[], T], /) -> T: ...
+
+
+def direct(fn: Callable[[], T], /) -> T:
+    return fn()
+
+
+def client_for(
+    url: str, *, retry_for: float = 0.0, probe_timeout: float | None = None
+) -> redis.Redis:
+    """A client on `url` (strings in and out); with `retry_for`, each command rides out an
+    outage that long. Without it, `probe_timeout` bounds the connect and each reply: a
+    server that does not answer is an outage too."""
+    options: dict[str, Any] = {"decode_responses": True}
+    if probe_timeout is not None and retry_for <= 0:
+        options |= {"socket_connect_timeout": probe_timeout, "socket_timeout": probe_timeout}
+    if retry_for > 0:
+        options["retry"] = OutageRetry(retry_for)
+    return redis.Redis.from_url(url, **options)

@@ -1,0 +1,148 @@
+"""Every Redis key drover keeps, in one place: what each one holds and who writes it.
+
+All of them start with `KEY_PREFIX` (the Redis ACL of config/redis_acl.py grants `drover:*`).
+A job and an evacuation share one id space, one index and one layout under `job:<id>`. The
+names here are the data format: changing one strands what a running fleet has written.
+"""
+
+from __future__ import annotations
+
+from config.key_prefixes import KEY_PREFIX, SCHEDULE_KEY_PREFIX
+
+__all__ = ["KEY_PREFIX"]
+
+# --- indexes and lines --------------------------------------------------------------------
+JOBS_INDEX = f"{KEY_PREFIX}:jobs"  # sorted set: every job and evacuation id, by creation time
+ACTIVE_JOBS = f"{KEY_PREFIX}:active"  # set: migration jobs not yet terminal
+WAITING = f"{KEY_PREFIX}:waiting"  # sorted set: jobs not yet admitted, oldest first
+ACTIVE_EVACUATIONS = f"{KEY_PREFIX}:evacuations:active"  # set: evacuations not yet terminal
+DISABLED_HOSTS = f"{KEY_PREFIX}:hosts:disabled"  # hash: host -> why it is in maintenance
+
+# --- one job (or evacuation) ----------------------------------------------------------------
+JOB_PREFIX = f"{KEY_PREFIX}:job:"
+# The field of a stream entry that holds the event's JSON.
+EVENT_FIELD = "data"
+# Fields of the job hash written outside the record model (jobs/model.py).
+POSTCOPY_FIELD = "postcopy_since"  # when libvirt switched the migration to post-copy
+GATES_FIELD = "gates"  # the admission gates the job holds a slot in, space-separated
+LEASE_FIELD_PREFIX = "lease:"  # lease:<key> = "1" for each domain lease the job took
+
+
+def job_key(job_id: str) -> str:
+    """The record: a hash of its fields (jobs/model.py)."""
+    return f"{JOB_PREFIX}{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    """Its event stream."""
+    return f"{job_key(job_id)}:events"
+
+
+def transitions_key(job_id: str) -> str:
+    """A migration job's state history: a list of Transition JSON."""
+    return f"{job_key(job_id)}:transitions"
+
+
+def phases_key(job_id: str) -> str:
+    """A migration job's phase records: phase -> PhaseRecord JSON."""
+    return f"{job_key(job_id)}:phases"
+
+
+def claims_key(job_id: str) -> str:
+    """Which host claimed each phase (a phase runs once per job)."""
+    return f"{job_key(job_id)}:claims"
+
+
+def runner_key(job_id: str, phase: str) -> str:
+    """Which worker process runs a job's phase now (the phase record says only which host)."""
+    return f"{job_key(job_id)}:runner:{phase}"
+
+
+def redispatched_field(phase: str) -> str:
+    """The job hash's field saying when recovery last sent `phase` again."""
+    return f"redispatched:{phase}"
+
+
+def lease_field(key: str) -> str:
+    return f"{LEASE_FIELD_PREFIX}{key}"
+
+
+def children_key(evacuation_id: str) -> str:
+    """An evacuation's child jobs: domain -> job id."""
+    return f"{job_key(evacuation_id)}:children"
+
+
+def evacuation_redispatched_key(evacuation_id: str) -> str:
+    """Set (with a time to live) when an evacuation's task was last sent again."""
+    return f"{job_key(evacuation_id)}:redispatched"
+
+
+def evacuation_retries_key(evacuation_id: str) -> str:
+    """How often each domain of an evacuation was queued again: domain -> count."""
+    return f"{job_key(evacuation_id)}:retries"
+
+
+def evacuation_reported_key(evacuation_id: str) -> str:
+    """The children whose end the evacuation has reported (its event is written once)."""
+    return f"{job_key(evacuation_id)}:reported"
+
+
+# --- leases ------------------------------------------------------------------------------------
+
+
+def domain_lock_key(kind: str, value: str) -> str:
+    """One active job per domain: by name at submit, by UUID once the source has looked."""
+    return f"{KEY_PREFIX}:lock:{kind}:{value}"
+
+
+# --- hosts and their workers -----------------------------------------------------------------
+RESERVATIONS_PREFIX = f"{KEY_PREFIX}:host:"
+RESERVATIONS_SUFFIX = ":reservations"
+
+
+def reservations_key(host: str) -> str:
+    """Memory booked on `host` for live jobs: job id -> MiB."""
+    return f"{RESERVATIONS_PREFIX}{host}{RESERVATIONS_SUFFIX}"
+
+
+def heartbeat_key(host: str) -> str:
+    """Present (with a time to live) while `host` has a worker taking work."""
+    return f"{KEY_PREFIX}:worker:{host}:alive"
+
+
+def host_report_key(host: str) -> str:
+    """A worker's view of its host (free memory, running domains) for `drover hosts`."""
+    return f"{KEY_PREFIX}:worker:{host}:report"
+
+
+def draining_key(host: str) -> str:
+    """Set by a worker in warm shutdown: since when, and what it still runs."""
+    return f"{KEY_PREFIX}:worker:{host}:draining"
+
+
+# --- admission gates (jobs/admission.py) -------------------------------------------------------
+CLUSTER_GATE = f"{KEY_PREFIX}:slots:cluster"
+
+
+def outbound_gate(host: str) -> str:
+    return f"{KEY_PREFIX}:slots:out:{host}"
+
+
+def inbound_gate(host: str) -> str:
+    return f"{KEY_PREFIX}:slots:in:{host}"
+
+
+def evacuation_gate(evacuation_id: str) -> str:
+    return f"{KEY_PREFIX}:slots:evacuation:{evacuation_id}"
+
+
+# --- schedules (redbeat's entries and drover's schedule records) ------------------------------
+# redbeat names an entry's hash `<prefix><name>` (the name is the schedule id) and keeps its
+# index in `<prefix>:schedule`; the lock must start with the prefix too.
+SCHEDULE_PREFIX = SCHEDULE_KEY_PREFIX
+SCHEDULE_LOCK = f"{SCHEDULE_PREFIX}lock"  # string: the active beat's lock (redbeat)
+
+
+def schedule_entry_key(schedule_id: str) -> str:
+    """A schedule's redbeat entry, which also holds drover's signed record."""
+    return f"{SCHEDULE_PREFIX}{schedule_id}"

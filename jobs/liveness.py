@@ -1,0 +1,204 @@
+"""Who holds what, and who is alive: domain leases, the worker running a phase, memory
+reservations, workers' heartbeats, host reports and draining marks."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import redis
+
+from jobs.keys import (
+    ACTIVE_JOBS,
+    LEASE_FIELD_PREFIX,
+    draining_key,
+    heartbeat_key,
+    host_report_key,
+    job_key,
+    lease_field,
+    reservations_key,
+    runner_key,
+)
+from jobs.spec import MigrationSpec
+from jobs.states import LIVE, TERMINAL
+
+LEASE_ATTEMPTS = 3
+MS_PER_S = 1000
+
+# Compare-and-delete for leases and marks: only the holder may drop its own.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Compare-and-extend.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+# Book memory for a job only while it lives: a reservation written after the job's terminal
+# transition (which frees reservations) would hold that memory for ever.
+# KEYS[1] job hash, KEYS[2] reservations hash; ARGV[1] job id, ARGV[2] MiB, ARGV[3..] live states.
+_RESERVE_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+for i = 3, #ARGV do
+  if cur == ARGV[i] then
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
+# Renew a worker's mark on a phase, or put it back if it lapsed (a Redis outage longer than
+# its time to live): the worker still runs the phase. Never over another worker's mark.
+_KEEP_MARK_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] or not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * MS_PER_S)
+
+
+class Liveness:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._release = client.register_script(_RELEASE_LUA)
+        self._renew = client.register_script(_RENEW_LUA)
+        self._keep_mark = client.register_script(_KEEP_MARK_LUA)
+        self._reserve = client.register_script(_RESERVE_LUA)
+
+    # --- leases: one active job per domain ----------------------------------------------------
+
+    def _ended(self, job_id: str) -> bool:
+        state = cast(str | None, self.r.hget(job_key(job_id), "state"))
+        return state is None or state in TERMINAL
+
+    def take_lease(self, key: str, job_id: str) -> str | None:
+        """Hold `key` for `job_id`: None when held, else the id of the live job holding it.
+
+        A lease has no expiry: it lasts as long as its job lives, and is taken over only from
+        a job that has ended or vanished. A timer, however often renewed, can run out under a
+        live migration (a worker whose keeper stalled, a Redis outage) and let a second job
+        of the same domain in, whose rollback would then act on the first job's guest.
+        """
+        holder: str | None = None
+        for _ in range(LEASE_ATTEMPTS):
+            if self.r.set(key, job_id, nx=True):
+                self.r.hset(job_key(job_id), lease_field(key), "1")
+                return None
+            holder = cast(str | None, self.r.get(key))
+            if holder == job_id:
+                return None
+            if holder is None:
+                continue  # expired between the two calls
+            if not self._ended(holder):
+                return holder
+            # Its holder ended without releasing it (a crash between two writes).
+            self._release(keys=[key], args=[holder])
+        return holder
+
+    def leases_of(self, job_id: str) -> list[str]:
+        fields = cast(dict[str, str], self.r.hgetall(job_key(job_id)))
+        return [
+            f.removeprefix(LEASE_FIELD_PREFIX) for f in fields if f.startswith(LEASE_FIELD_PREFIX)
+        ]
+
+    def release_leases(self, job_id: str) -> None:
+        """The job's domain leases (the one thing its terminal transition does not free)."""
+        for key in self.leases_of(job_id):
+            self._release(keys=[key], args=[job_id])
+
+    def release_holds(self, job_id: str) -> None:
+        """Everything a finished job held: domain leases, reservations, its active mark (after
+        a crash between its terminal transition and the leases, or a phase that took
+        something after the job ended)."""
+        self.release_leases(job_id)
+        raw = cast(str | None, self.r.hget(job_key(job_id), "spec"))
+        if raw is None:
+            return
+        spec = MigrationSpec.model_validate_json(raw)
+        for host in (spec.src, spec.dst):
+            self.release(host, job_id)
+        self.r.srem(ACTIVE_JOBS, job_id)
+
+    # --- who runs a phase: by worker identity, not per process ------------------------------
+
+    def take_runner(self, job_id: str, phase: str, worker: str, ttl_s: float) -> str | None:
+        """Mark `worker` as the one running the phase: None when it is (now) ours, else the
+        live worker that runs it. The mark lives `ttl_s` unless renewed by its worker's
+        heartbeat, so a dead worker's phase is free for recovery once that has passed."""
+        key, ttl_ms = runner_key(job_id, phase), _ms(ttl_s)
+        for _ in range(LEASE_ATTEMPTS):
+            if self.r.set(key, worker, nx=True, px=ttl_ms):
+                return None
+            holder = cast(str | None, self.r.get(key))
+            if holder == worker:
+                self._renew(keys=[key], args=[worker, ttl_ms])
+                return None
+            if holder is not None:
+                return holder
+        return cast(str | None, self.r.get(key))
+
+    def renew_runner(self, job_id: str, phase: str, worker: str, ttl_s: float) -> bool:
+        """Keep `worker`'s mark (putting it back if it lapsed); False if another holds it."""
+        kept = self._keep_mark(keys=[runner_key(job_id, phase)], args=[worker, _ms(ttl_s)])
+        return bool(kept)
+
+    def drop_runner(self, job_id: str, phase: str, worker: str) -> None:
+        self._release(keys=[runner_key(job_id, phase)], args=[worker])
+
+    def runner(self, job_id: str, phase: str) -> str | None:
+        return cast(str | None, self.r.get(runner_key(job_id, phase)))
+
+    # --- reservations -----------------------------------------------------------------------
+
+    def reserve(self, host: str, job_id: str, memory_mib: int) -> bool:
+        """Book `memory_mib` on `host` for a live job; False (nothing booked) once it ended."""
+        live = [state.value for state in LIVE]
+        booked = self._reserve(
+            keys=[job_key(job_id), reservations_key(host)], args=[job_id, memory_mib, *live]
+        )
+        return bool(booked)
+
+    def release(self, host: str, job_id: str) -> None:
+        self.r.hdel(reservations_key(host), job_id)
+
+    def reserved_mib(self, host: str, *, excluding: str | None = None) -> int:
+        held = cast(dict[str, str], self.r.hgetall(reservations_key(host)))
+        return sum(int(v) for k, v in held.items() if k != excluding)
+
+    # --- hosts ---------------------------------------------------------------------------
+
+    def set_draining(self, host: str, info: dict[str, Any], ttl_s: float) -> None:
+        self.r.set(draining_key(host), json.dumps(info), px=_ms(ttl_s))
+
+    def draining(self, host: str) -> dict[str, Any] | None:
+        """What a draining worker last said of itself, or None when `host`'s is not draining."""
+        raw = cast(str | None, self.r.get(draining_key(host)))
+        return cast(dict[str, Any], json.loads(raw)) if raw else None
+
+    def heartbeat(self, host: str, ttl_s: float, worker: str = "") -> None:
+        """`host` has a worker taking work (`worker` names the process)."""
+        stamp = worker or datetime.now(UTC).isoformat()
+        self.r.set(heartbeat_key(host), stamp, px=_ms(ttl_s))
+
+    def drop_heartbeat(self, host: str, worker: str) -> None:
+        """`worker` no longer takes work; a worker beside it that does keeps the host alive."""
+        self._release(keys=[heartbeat_key(host)], args=[worker])
+
+    def alive(self, host: str) -> bool:
+        return bool(self.r.exists(heartbeat_key(host)))
+
+    def report_host(self, host: str, report: dict[str, Any], ttl_s: float) -> None:
+        """A worker's view of its host (free memory, running domains) for `drover hosts`."""
+        self.r.set(host_report_key(host), json.dumps(report), px=_ms(ttl_s))
+
+    def host_report(self, host: str) -> dict[str, Any]:
+        raw = cast(str | None, self.r.get(host_report_key(host)))
+        return cast(dict[str, Any], json.loads(raw)) if raw else {}

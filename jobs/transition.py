@@ -1,0 +1,127 @@
+"""The one transition script for migration jobs and evacuations, driven by their state table.
+
+A state change is a compare-and-set in Redis: it happens only from a state allowed to precede
+it (jobs/states.py), and the state, its timestamp, its reason and the history entry are
+written together. Two workers (or a redelivered message) can therefore never both move a
+record on. What a state means beyond that comes from the kind's `StateTable` as arguments, so
+the script itself names no state and no key: nothing is patched into it.
+
+Ending a record gives back, in the same step, its active mark, its place in the waiting line,
+its admission slots (the `gates` it was admitted through) and its memory reservations: no
+crash can leave a slot or a reservation held by a job that has ended. Leaving the stall state
+clears the stall's reason and origin (the history keeps them). Entering the success state
+drops a pending abort that came too late to act on (libvirt cannot abort post-copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import redis
+
+from jobs.keys import GATES_FIELD, RESERVATIONS_PREFIX, RESERVATIONS_SUFFIX
+from jobs.states import StateTable
+
+# KEYS[1] record hash, KEYS[2] history list, KEYS[3] active set, KEYS[4] waiting line.
+# ARGV[1] target, ARGV[2] timestamp, ARGV[3] history entry ("" keeps none), ARGV[4] reason
+# ("" for none), ARGV[5] record id, ARGV[6] "1" if the target is terminal, ARGV[7] the stall
+# state ("" if the kind has none), ARGV[8] "1" if the target drops a pending abort, ARGV[9]
+# and ARGV[10] the reservations key around a host name, ARGV[11] the gates field,
+# ARGV[12..] the allowed source states.
+# Returns {1, previous} when moved, {2, current} when already there, {0, current} if refused.
+TRANSITION_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {0, ''} end
+if cur == ARGV[1] then return {2, cur} end
+local stall = ARGV[7]
+for i = 12, #ARGV do
+  if cur == ARGV[i] then
+    redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
+    if stall ~= '' and cur == stall then redis.call('HDEL', KEYS[1], 'reason', 'stalled_from') end
+    if ARGV[8] == '1' then redis.call('HDEL', KEYS[1], 'abort_requested') end
+    if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[4]) end
+    if stall ~= '' and ARGV[1] == stall then redis.call('HSET', KEYS[1], 'stalled_from', cur) end
+    if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
+    if ARGV[6] == '1' then
+      redis.call('SREM', KEYS[3], ARGV[5])
+      redis.call('ZREM', KEYS[4], ARGV[5])
+      local gates = redis.call('HGET', KEYS[1], ARGV[11])
+      if gates then
+        for gate in string.gmatch(gates, '%S+') do redis.call('SREM', gate, ARGV[5]) end
+      end
+      local raw = redis.call('HGET', KEYS[1], 'spec')
+      if raw then
+        local spec = cjson.decode(raw)
+        for _, host in ipairs({spec['src'], spec['dst']}) do
+          redis.call('HDEL', ARGV[9] .. host .. ARGV[10], ARGV[5])
+        end
+      end
+    end
+    return {1, cur}
+  end
+end
+return {0, cur}
+"""
+
+MOVED, ALREADY_THERE = 1, 2
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys one transition touches."""
+
+    record: str
+    history: str
+    active: str
+    waiting: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    moved: bool
+    previous: str | None  # the state before (moved) or now (not moved); None: no such record
+
+
+class Transitioner:
+    """Runs the transition script for one kind of record (its `StateTable`)."""
+
+    def __init__(self, client: redis.Redis, table: StateTable) -> None:
+        self.table = table
+        self._script = client.register_script(TRANSITION_LUA)
+
+    def run(
+        self,
+        keys: Keys,
+        record_id: str,
+        target: str,
+        at: str,
+        *,
+        entry: str = "",
+        reason: str | None = None,
+        only_from: str | None = None,
+    ) -> Outcome:
+        """Move the record to `target` if its state allows it (narrowed to `only_from`)."""
+        table = self.table
+        allowed = table.sources(target)
+        if only_from is not None:
+            allowed = allowed & {only_from}
+        args = [
+            target,
+            at,
+            entry,
+            reason or "",
+            record_id,
+            "1" if target in table.terminal else "0",
+            table.stall,
+            "1" if table.success and target == table.success else "0",
+            RESERVATIONS_PREFIX,
+            RESERVATIONS_SUFFIX,
+            GATES_FIELD,
+            *sorted(allowed),
+        ]
+        moved, previous = cast(
+            list[object],
+            self._script(keys=[keys.record, keys.history, keys.active, keys.waiting], args=args),
+        )
+        return Outcome(moved == MOVED, str(previous) if previous else None)
