@@ -170,6 +170,8 @@ def _run(run: PhaseRun, job: Job) -> None:
 
 
 def _record_start(run: PhaseRun, job: Job) -> float:
+    """Record the start; the monotonic time it started (the fault delay counts in it)."""
+    started = time.monotonic()
     rt, phase = run.rt, run.phase.value
     if not run.recovering or phase not in job.phases:
         rt.store.phase_started(job.id, phase, rt.host)
@@ -178,7 +180,7 @@ def _record_start(run: PhaseRun, job: Job) -> float:
     if delay and not run.recovering:
         log.warning("fault.delay", seconds=delay)  # the fault suite's window into this phase
         time.sleep(delay)
-    return time.monotonic()
+    return started
 
 
 def _record_end(run: PhaseRun, job: Job, started: float) -> None:

@@ -9,10 +9,12 @@ live job it finds the step the job is at, and:
   claims drop the copy if the first message turns up after all);
 - a step of another host whose worker has no heartbeat: mark the job `stalled`, with why.
 
-Peer-to-peer migrations keep running inside libvirtd while their worker is gone: recovery
-re-attaches to them and waits. Managed-direct ones are aborted by libvirt when their client
-dies: recovery finds the guest still on the source, resumes it if it was left paused, and the
-destination's rollback removes the paused incoming copy.
+How a started step is settled is the phase registry's recovery rule (jobs/phases.py): re-run
+its checks, or, for perform, re-attach (worker/recovery_perform.py). Peer-to-peer migrations
+keep running inside libvirtd while their worker is gone: recovery re-attaches and waits.
+Managed-direct ones are aborted by libvirt when their client dies: recovery finds the guest
+still on the source, resumes it if it was left paused, and the destination's rollback
+removes the paused incoming copy.
 """
 
 from __future__ import annotations
