@@ -1,8 +1,19 @@
-"""The phases of one migration, in order, and which side of it runs each."""
+"""The one registry of a migration's phases: their order, the side that runs each, whether a
+phase may be retried, and how recovery settles one that was interrupted.
+
+Everything that lists phases is built from `PHASES`: the Celery tasks (worker/tasks.py, which
+binds a function to each through worker/registry.py), the chain (jobs/workflow.py), recovery
+(worker/recovery.py) and the heartbeat's phase marks. The jobs layer holds names and rules
+only; the worker binds the code.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
+
+from config.security import TASK_PREFIX as TASK_PREFIX
+from jobs.spec import MigrationSpec
 
 
 class Side(StrEnum):
@@ -18,23 +29,44 @@ class Phase(StrEnum):
     CONFIRM = "confirm"
 
 
-PHASE_ORDER = (
-    Phase.SOURCE_PREFLIGHT,
-    Phase.DESTINATION_PREPARE,
-    Phase.PERFORM,
-    Phase.FINISH,
-    Phase.CONFIRM,
+class Recovery(StrEnum):
+    """How a phase this host started and then lost (its worker died) is settled."""
+
+    RERUN = "rerun"  # run it again: its checks read libvirt's real state before acting
+    REATTACH = "reattach"  # wait for the migration libvirtd may still run, then judge
+
+
+@dataclass(frozen=True)
+class PhaseRule:
+    phase: Phase
+    side: Side
+    # Whether a phase that could not reach its libvirtd may be tried again (as often as
+    # tunables.phase_retries says): only one that changes nothing before that check.
+    retryable: bool
+    recovery: Recovery
+
+
+PHASES = (
+    PhaseRule(Phase.SOURCE_PREFLIGHT, Side.SOURCE, retryable=True, recovery=Recovery.RERUN),
+    PhaseRule(Phase.DESTINATION_PREPARE, Side.DESTINATION, retryable=True, recovery=Recovery.RERUN),
+    PhaseRule(Phase.PERFORM, Side.SOURCE, retryable=False, recovery=Recovery.REATTACH),
+    PhaseRule(Phase.FINISH, Side.DESTINATION, retryable=True, recovery=Recovery.RERUN),
+    PhaseRule(Phase.CONFIRM, Side.SOURCE, retryable=True, recovery=Recovery.RERUN),
 )
+RULES = {rule.phase: rule for rule in PHASES}
+PHASE_ORDER = tuple(rule.phase for rule in PHASES)
+PHASE_SIDE = {rule.phase: rule.side for rule in PHASES}
+PHASE_NAMES = frozenset(phase.value for phase in PHASE_ORDER)
 
-PHASE_SIDE = {
-    Phase.SOURCE_PREFLIGHT: Side.SOURCE,
-    Phase.DESTINATION_PREPARE: Side.DESTINATION,
-    Phase.PERFORM: Side.SOURCE,
-    Phase.FINISH: Side.DESTINATION,
-    Phase.CONFIRM: Side.SOURCE,
-}
 
-TASK_PREFIX = "drover."
+def owner_of(spec: MigrationSpec, phase: Phase) -> str:
+    """The host whose worker runs `phase` of a migration of `spec`."""
+    return spec.src if PHASE_SIDE[phase] is Side.SOURCE else spec.dst
+
+
+def next_phase(phase: Phase) -> Phase | None:
+    index = PHASE_ORDER.index(phase)
+    return PHASE_ORDER[index + 1] if index + 1 < len(PHASE_ORDER) else None
 
 
 def task_name(phase: Phase) -> str:

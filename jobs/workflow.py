@@ -1,6 +1,7 @@
 """A migration as a Celery chain: each phase a task on the queue of the host that owns it.
 
-Producers start the chain; a recovering worker resumes it from the phase it recovered.
+Producers start the chain; a recovering worker resumes it from the phase it recovered. Built
+from the phase registry (jobs/phases.py), like the tasks it names.
 
 Signatures are immutable and carry only the job id; the chain moves on only when a phase
 succeeds, so a failed phase stops everything after it.
@@ -12,7 +13,7 @@ from celery import Celery, chain
 from celery.canvas import Signature
 
 from config.celery import host_queue
-from jobs.phases import PHASE_ORDER, PHASE_SIDE, Phase, Side, task_name
+from jobs.phases import PHASE_ORDER, Phase, owner_of, task_name
 from jobs.spec import MigrationSpec
 
 
@@ -20,10 +21,13 @@ def migration_chain(
     app: Celery, job_id: str, spec: MigrationSpec, start: Phase = PHASE_ORDER[0]
 ) -> Signature:
     """The chain from `start` to the end: the whole job, or what is left after a recovery."""
-    steps = []
-    for phase in PHASE_ORDER[PHASE_ORDER.index(start) :]:
-        host = spec.src if PHASE_SIDE[phase] is Side.SOURCE else spec.dst
-        steps.append(
-            app.signature(task_name(phase), args=(job_id,), immutable=True, queue=host_queue(host))
+    steps = [
+        app.signature(
+            task_name(phase),
+            args=(job_id,),
+            immutable=True,
+            queue=host_queue(owner_of(spec, phase)),
         )
+        for phase in PHASE_ORDER[PHASE_ORDER.index(start) :]
+    ]
     return chain(*steps)

@@ -13,14 +13,21 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass
 
-import libvirt
-
 from config.settings import ConfigError
 from jobs.evacuation import EvacuationSpec, EvacuationStore
 from jobs.maintenance import Maintenance
 from jobs.states import TERMINAL
 from jobs.store import JobNotFound
-from worker.libvirt_host import KIB_PER_MIB, placement_room_mib
+from worker.libvirt_host import (
+    KIB_PER_MIB,
+    Connection,
+    Domain,
+    LibvirtError,
+    cpu_incompatible,
+    list_domains,
+    metadata_element,
+    placement_room_mib,
+)
 from worker.placement import Candidate, Guest
 from worker.runtime import Runtime
 
@@ -29,7 +36,6 @@ from worker.runtime import Runtime
 #         --set '<placement group="web"/>'
 PLACEMENT_NS = "https://drover.dev/xmlns/placement/1"
 GROUP_ATTRIBUTE = "group"
-CPU_INCOMPATIBLE = libvirt.VIR_CPU_COMPARE_INCOMPATIBLE
 
 
 @dataclass(frozen=True)
@@ -46,10 +52,9 @@ class FleetView:
     unavailable: dict[str, str]  # host -> why it is not a candidate
 
 
-def anti_affinity_group(dom: libvirt.virDomain) -> str | None:
-    try:
-        raw = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, PLACEMENT_NS)
-    except libvirt.libvirtError:
+def anti_affinity_group(dom: Domain) -> str | None:
+    raw = metadata_element(dom, PLACEMENT_NS)
+    if raw is None:
         return None  # no drover metadata: the domain is in no group
     with contextlib.suppress(ET.ParseError):
         group = ET.fromstring(raw).get(GROUP_ATTRIBUTE)
@@ -57,7 +62,7 @@ def anti_affinity_group(dom: libvirt.virDomain) -> str | None:
     return None
 
 
-def _cpu(dom: libvirt.virDomain) -> GuestCpu:
+def _cpu(dom: Domain) -> GuestCpu:
     root = ET.fromstring(dom.XMLDesc(0))
     cpu = root.find("cpu")
     has_model = cpu is not None and cpu.find("model") is not None
@@ -71,7 +76,7 @@ def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dic
     """The domains that must leave: every running one, and with `include_inactive` every
     defined-but-off one (moved by offline migration)."""
     guests, cpus = [], {}
-    for dom in rt.libvirt.conn.listAllDomains():
+    for dom in list_domains(rt.libvirt.conn):
         active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
         if not active and not (include_inactive and persistent):
             continue
@@ -90,13 +95,11 @@ def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dic
     return guests, cpus
 
 
-def _candidate(
-    rt: Runtime, name: str, conn: libvirt.virConnect, cpus: dict[str, GuestCpu]
-) -> Candidate:
+def _candidate(rt: Runtime, name: str, conn: Connection, cpus: dict[str, GuestCpu]) -> Candidate:
     reserved = rt.store.reserved_mib(name)
     limit = rt.settings.host(name).limits.memory_mib
     groups: Counter[str] = Counter()
-    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+    for dom in list_domains(conn, active_only=True):
         group = anti_affinity_group(dom)
         if group is not None:
             groups[group] += 1
@@ -105,11 +108,11 @@ def _candidate(
         if cpu.cpu_xml is None:
             continue
         try:
-            result = conn.compareHypervisorCPU(None, None, None, cpu.virt_type, cpu.cpu_xml, 0)
-        except libvirt.libvirtError as exc:
+            incompatible = cpu_incompatible(conn, cpu.virt_type, cpu.cpu_xml)
+        except LibvirtError as exc:
             refusals[uuid] = f"CPU comparison failed: {exc.get_error_message()}"
             continue
-        if result == CPU_INCOMPATIBLE:
+        if incompatible:
             refusals[uuid] = "cannot run the guest's CPU model"
     return Candidate(
         name=name,
@@ -157,20 +160,20 @@ def gather(rt: Runtime, spec: EvacuationSpec, evacuation_id: str) -> FleetView:
             unavailable[name] = "its worker is not alive"
             continue
         try:
-            conn = libvirt.open(rt.settings.host(name).peer_uri)
+            conn = rt.libvirt.open_peer(rt.settings.host(name).peer_uri)
         except ConfigError as exc:  # named in --to, removed from the registry since
             unavailable[name] = str(exc)
             continue
-        except libvirt.libvirtError as exc:
+        except LibvirtError as exc:
             unavailable[name] = f"libvirtd unreachable: {exc.get_error_message()}"
             continue
         try:
             candidate = _candidate(rt, name, conn, cpus)
             candidate.groups.update(heading.get(name, Counter()))
             candidates.append(candidate)
-        except libvirt.libvirtError as exc:
+        except LibvirtError as exc:
             unavailable[name] = f"libvirtd error: {exc.get_error_message()}"
         finally:
-            with contextlib.suppress(libvirt.libvirtError):
+            with contextlib.suppress(LibvirtError):
                 conn.close()
     return FleetView(guests, cpus, candidates, unavailable)

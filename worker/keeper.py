@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import libvirt
 import redis
 
 from config.events import get_logger
 from config.settings import Tunables, config_problem
+from jobs.phases import PHASE_NAMES
 from jobs.store import JobNotFound, now
-from worker import evacuation, recovery
+from worker import evacuation_watch, recovery
 from worker.admission_pass import admit_waiting
-from worker.libvirt_host import LibvirtUnavailable, placement_room_mib
-from worker.phase_scope import job_context
-from worker.runtime import PHASE_NAMES, Runtime
+from worker.job_end import job_context
+from worker.libvirt_host import LibvirtError, LibvirtUnavailable, list_domains, placement_room_mib
+from worker.runtime import Runtime
 
 log = get_logger()
 # The loop never sleeps longer than this, so a shortened interval takes effect promptly.
@@ -47,7 +47,7 @@ class Duty:
 def host_report(rt: Runtime) -> dict[str, Any]:
     """What `drover hosts` shows of this host: room for guests and what runs here now."""
     conn = rt.libvirt.conn
-    active = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    active = list_domains(conn, active_only=True)
     reserved = rt.store.reserved_mib(rt.host)
     return {
         "ts": now().isoformat(),
@@ -89,7 +89,7 @@ def _drain_report(rt: Runtime, running: list[str]) -> dict[str, Any]:
 def _report(rt: Runtime) -> None:
     try:
         report = host_report(rt)
-    except (LibvirtUnavailable, libvirt.libvirtError) as exc:
+    except (LibvirtUnavailable, LibvirtError) as exc:
         report = {"ts": now().isoformat(), "error": str(exc)}
     if rt.config_problem:
         report["config_error"] = rt.config_problem
@@ -133,7 +133,7 @@ def duties() -> list[Duty]:
         Duty("report", lambda t: t.heartbeat_interval, _report),
         Duty("recovery", lambda t: t.watchdog_interval, recovery.sweep),
         Duty("admission", lambda t: t.admission_interval, admit_waiting),
-        Duty("evacuations", lambda t: t.evacuation_check_interval, evacuation.watch),
+        Duty("evacuations", lambda t: t.evacuation_check_interval, evacuation_watch.watch),
     ]
 
 

@@ -1,7 +1,9 @@
-"""The worker's view of its own libvirtd: one connection, domain lookups and facts.
+"""The worker's one seam to libvirt: its own libvirtd's connection, peers', lookups, facts.
 
-Only this module and `worker/migration_call.py` touch libvirt, so the rest of the worker deals
-in plain facts and never in libvirt objects or error codes.
+Only this module and `worker/migration_call.py` (the migration call itself) import libvirt;
+the rest of the worker is handed a `LibvirtHost` (the runtime's) and uses what it and the
+functions here offer, so that phases, recovery and evacuation planning run as well against
+libvirt's own `test:///default` driver, without root (tests/unit/test_libvirt_seam.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import libvirt
 
@@ -20,6 +22,11 @@ from config.uris import check_libvirt_uri
 
 KIB_PER_MIB = 1024
 T = TypeVar("T")
+# What the rest of the worker names without importing libvirt.
+Domain: TypeAlias = libvirt.virDomain
+Connection: TypeAlias = libvirt.virConnect
+LibvirtError = libvirt.libvirtError
+Opener: TypeAlias = Callable[[str], Connection]
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -108,6 +115,41 @@ def facts(dom: libvirt.virDomain) -> DomainFacts:
     )
 
 
+def is_paused(dom: Domain) -> bool:
+    state, _ = dom.state()
+    return bool(state == libvirt.VIR_DOMAIN_PAUSED)
+
+
+def migration_stats(dom: Domain) -> dict[str, Any] | None:
+    """libvirt's statistics of the domain's running migration, or None while there is none."""
+    try:
+        stats: dict[str, Any] = dom.jobStats()
+    except libvirt.libvirtError:
+        return None
+    if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+        return None
+    return stats
+
+
+def list_domains(conn: Connection, *, active_only: bool = False) -> list[Domain]:
+    flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
+    return list(conn.listAllDomains(flags))
+
+
+def metadata_element(dom: Domain, namespace: str) -> str | None:
+    """The domain's metadata element in `namespace` (its XML), or None if it has none."""
+    try:
+        return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace))
+    except libvirt.libvirtError:
+        return None
+
+
+def cpu_incompatible(conn: Connection, virt_type: str, cpu_xml: str) -> bool:
+    """Whether the host's hypervisor cannot run this CPU (virsh hypervisor-cpu-compare)."""
+    result = conn.compareHypervisorCPU(None, None, None, virt_type, cpu_xml, 0)
+    return bool(result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE)
+
+
 def free_memory_mib(conn: libvirt.virConnect) -> int:
     """Free memory including page cache the kernel would give back (like MemAvailable)."""
     stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
@@ -117,8 +159,7 @@ def free_memory_mib(conn: libvirt.virConnect) -> int:
 
 def active_memory_mib(conn: libvirt.virConnect) -> int:
     """Memory of the domains running on a host: what it has already committed."""
-    flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
-    return sum(d.maxMemory() // KIB_PER_MIB for d in conn.listAllDomains(flags))
+    return sum(d.maxMemory() // KIB_PER_MIB for d in list_domains(conn, active_only=True))
 
 
 def placement_room_mib(conn: libvirt.virConnect, reserved_mib: int, limit_mib: int | None) -> int:
@@ -131,10 +172,13 @@ def placement_room_mib(conn: libvirt.virConnect, reserved_mib: int, limit_mib: i
 
 
 class LibvirtHost:
-    """A lazily opened, reopened-when-dead connection shared by the worker's threads."""
+    """A lazily opened, reopened-when-dead connection shared by the worker's threads, and the
+    way to other hosts' libvirtd (`opener` opens any URI: checked against the registry's
+    allowlists unless a test hands in another)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, opener: Opener = open_checked) -> None:
         self.uri = uri
+        self.opener = opener
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
 
@@ -143,7 +187,7 @@ class LibvirtHost:
         with self._lock:
             if self._conn is None or not self._conn.isAlive():
                 try:
-                    self._conn = open_checked(self.uri)
+                    self._conn = self.opener(self.uri)
                 except libvirt.libvirtError as exc:
                     raise LibvirtUnavailable(
                         f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
@@ -201,49 +245,50 @@ class LibvirtHost:
                 return None
             raise
 
+    def open_peer(self, uri: str) -> Connection:
+        """A connection of its own to another host's libvirtd (the caller closes it)."""
+        return self.opener(uri)
+
+    def on_peer(self, uri: str, uuid: str) -> DomainFacts | None:
+        """Another host's domain, its facts there, or None (absent, unreachable).
+
+        Used before removing anything: a guest's only running copy is never touched on
+        hearsay.
+        """
+        try:
+            conn = self.opener(uri)
+        except libvirt.libvirtError:
+            return None
+        try:
+            return facts(conn.lookupByUUIDString(uuid))
+        except libvirt.libvirtError:
+            return None
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def peer_domain(self, uri: str, name: str) -> Iterator[Domain | None]:
+        """Another host's domain `name`, read from that host's libvirtd (None when not
+        there). Unreachable: LibvirtUnavailable, so that a phase needing it is retried."""
+        try:
+            conn = self.opener(uri)
+        except libvirt.libvirtError as exc:
+            raise LibvirtUnavailable(f"cannot reach {uri}: {exc.get_error_message()}") from None
+        try:
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                dom = None
+            yield dom
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 with contextlib.suppress(libvirt.libvirtError):
                     self._conn.close()
                 self._conn = None
-
-
-def on_peer(uri: str, uuid: str) -> DomainFacts | None:
-    """Ask another host's libvirtd about a domain: its facts there, or None (absent, unreachable).
-
-    Used before removing anything: a guest's only running copy is never touched on hearsay.
-    """
-    try:
-        conn = open_checked(uri)
-    except libvirt.libvirtError:
-        return None
-    try:
-        return facts(conn.lookupByUUIDString(uuid))
-    except libvirt.libvirtError:
-        return None
-    finally:
-        conn.close()
-
-
-@contextlib.contextmanager
-def peer_domain(uri: str, name: str) -> Iterator[libvirt.virDomain | None]:
-    """Another host's domain `name`, read from that host's libvirtd (None when not there).
-
-    Unreachable: LibvirtUnavailable, so that a phase needing it is retried.
-    """
-    try:
-        conn = open_checked(uri)
-    except libvirt.libvirtError as exc:
-        raise LibvirtUnavailable(f"cannot reach {uri}: {exc.get_error_message()}") from None
-    try:
-        try:
-            dom = conn.lookupByName(name)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                raise
-            dom = None
-        yield dom
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()

@@ -1,7 +1,8 @@
 """From a migration spec and the destination's hand-off to the exact libvirt call.
 
-Pure (no connection, no I/O), so docs/modes.md can point at one function for every mode and
-unit tests can check every flag without a hypervisor. The mapping, per libvirt's guide:
+Pure up to `invoke` (which makes the call), so docs/modes.md can point at one function for
+every mode and unit tests can check every flag without a hypervisor. The mapping, per
+libvirt's guide:
 
     control    transport  dest_connection  API             flags
     p2p        native     no               migrateToURI3   PEER2PEER
@@ -23,6 +24,7 @@ from config.settings import Host
 from jobs.record import Handoff
 from jobs.spec import ControlFlow, CopyStorage, MigrationSpec, Transport
 from jobs.targets import migration_uri_problem
+from worker.libvirt_host import Domain, checked_uri, open_checked
 
 
 class UnsafeTarget(ValueError):
@@ -151,3 +153,22 @@ def build_call(spec: MigrationSpec, handoff: Handoff) -> MigrationCall:
         # No destination libvirtd at all: the hypervisor URI is the only address.
         return MigrationCall("migrateToURI3", None, None, params, flags)
     return MigrationCall("migrateToURI3", handoff.dconnuri, None, params, flags)
+
+
+def invoke(dom: Domain, call: MigrationCall) -> None:
+    """Make the libvirt call; managed direct and virDomainMigrate2 need a destination conn."""
+    if call.api == "migrateToURI3":
+        dconnuri = None if call.dconnuri is None else checked_uri(call.dconnuri)
+        dom.migrateToURI3(dconnuri, call.params, call.flags)
+        return
+    assert call.dest_connection_uri is not None
+    dconn = open_checked(call.dest_connection_uri)
+    try:
+        if call.api == "migrate3":
+            dom.migrate3(dconn, call.params, call.flags)
+        else:
+            dname = call.params.get(libvirt.VIR_MIGRATE_PARAM_DEST_NAME)
+            bandwidth = call.params.get(libvirt.VIR_MIGRATE_PARAM_BANDWIDTH, 0)
+            dom.migrate2(dconn, None, call.flags, dname, None, bandwidth)
+    finally:
+        dconn.close()

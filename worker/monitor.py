@@ -14,10 +14,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import libvirt
-
 from config.events import get_logger
 from worker.convergence import CONTINUE, Action, ConvergencePolicy
+from worker.libvirt_host import Domain, migration_stats
 
 log = get_logger()
 
@@ -67,15 +66,9 @@ class Progress:
         return asdict(self)
 
 
-def sample(dom: libvirt.virDomain) -> dict[str, Any] | None:
+def sample(dom: Domain) -> dict[str, Any] | None:
     """libvirt's statistics of the running migration, or None while there is no job."""
-    try:
-        stats: dict[str, Any] = dom.jobStats()
-    except libvirt.libvirtError:
-        return None
-    if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
-        return None
-    return stats
+    return migration_stats(dom)
 
 
 class MigrationMonitor:
@@ -92,7 +85,7 @@ class MigrationMonitor:
 
     def __init__(
         self,
-        dom: libvirt.virDomain,
+        dom: Domain,
         *,
         interval: float,
         policy: ConvergencePolicy,
@@ -100,6 +93,7 @@ class MigrationMonitor:
         on_action: Callable[[Action], None],
         abort_requested: Callable[[], str | None] = lambda: None,
         drain: Callable[[], Action] = lambda: CONTINUE,
+        until_idle: bool = False,
     ) -> None:
         self.dom = dom
         self.interval = interval
@@ -108,6 +102,9 @@ class MigrationMonitor:
         self.on_action = on_action
         self.abort_requested = abort_requested
         self.drain = drain
+        # Watching a migration this process did not start (recovery re-attached to it): it
+        # is over once libvirt shows no job, as nothing else will say so.
+        self.until_idle = until_idle
         self.last: Progress | None = None
         self.cancelled = False
         # Set when the worker's warm shutdown handed the migration over: the loop stops
@@ -116,7 +113,8 @@ class MigrationMonitor:
         self.abort_check_failing = False
 
     def run(self, finished: threading.Event) -> None:
-        """Sample until `finished` is set (the migration call returned); one report a tick."""
+        """Sample until `finished` is set (the migration call returned), or with `until_idle`
+        until libvirt shows no migration job; one report a tick."""
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstats") as pool:
             pending: Future[dict[str, Any] | None] | None = None
@@ -142,6 +140,8 @@ class MigrationMonitor:
                     stage = "completing" if self.last else "setup"
                 else:
                     pending = None
+                    if stats is None and self.until_idle:
+                        return
                     stage = "transfer" if stats else ("completing" if self.last else "setup")
                 if stats is None:
                     elapsed_ms = int((time.monotonic() - started) * MS_PER_S)

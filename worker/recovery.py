@@ -9,54 +9,38 @@ live job it finds the step the job is at, and:
   claims drop the copy if the first message turns up after all);
 - a step of another host whose worker has no heartbeat: mark the job `stalled`, with why.
 
-Peer-to-peer migrations keep running inside libvirtd while their worker is gone: recovery
-re-attaches to them and waits. Managed-direct ones are aborted by libvirt when their client
-dies: recovery finds the guest still on the source, resumes it if it was left paused, and the
-destination's rollback removes the paused incoming copy.
+How a started step is settled is the phase registry's recovery rule (jobs/phases.py): re-run
+its checks, or, for perform, re-attach (worker/recovery_perform.py). Peer-to-peer migrations
+keep running inside libvirtd while their worker is gone: recovery re-attaches and waits.
+Managed-direct ones are aborted by libvirt when their client dies: recovery finds the guest
+still on the source, resumes it if it was left paused, and the destination's rollback
+removes the paused incoming copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime
 
-import libvirt
-import redis
 import structlog
-from celery.exceptions import Ignore
 
 from config.celery import app
 from config.events import get_logger
 from jobs.model import Job
-from jobs.phases import PHASE_ORDER, Phase
+from jobs.phases import PHASE_ORDER, RULES, Phase, Recovery, next_phase, owner_of
 from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
-from worker import phases
-from worker.convergence import CONTINUE, Action, ConvergencePolicy
-from worker.libvirt_host import on_peer
-from worker.monitor import Progress, sample
-from worker.phase_scope import (
-    PhaseFailed,
-    execute_phase,
-    fail_job,
-    job_context,
-    owner,
-    verified,
-)
+from worker.job_end import job_context, verified
+from worker.phase_errors import Dropped, PhaseFailed
+from worker.phase_frame import execute_phase
+from worker.recovery_perform import recover_perform
+from worker.registry import BOUND
 from worker.runtime import Runtime
 
 log = get_logger()
-
-PHASE_FUNCTIONS = {
-    Phase.SOURCE_PREFLIGHT: phases.source_preflight,
-    Phase.DESTINATION_PREPARE: phases.destination_prepare,
-    Phase.FINISH: phases.finish,
-    Phase.CONFIRM: phases.confirm,
-}
 
 
 @dataclass(frozen=True)
@@ -98,7 +82,7 @@ def sweep(rt: Runtime) -> None:
         # A failure is recorded on the job already; the sweep goes on with the next job.
         with (
             structlog.contextvars.bound_contextvars(**context),
-            contextlib.suppress(Ignore, PhaseFailed),
+            contextlib.suppress(Dropped, PhaseFailed),
         ):
             _attend(rt, job, step)
 
@@ -112,13 +96,12 @@ def _since_s(then: datetime) -> float:
 
 
 def _attend(rt: Runtime, job: Job, step: Step) -> None:
-    step_owner = owner(job, step.phase)
+    step_owner = owner_of(job.spec, step.phase)
     if step_owner != rt.host:
         _watch_peer(rt, job, step, step_owner)
         return
-    with rt.lock:
-        if (job.id, step.phase.value) in rt.running:
-            return
+    if rt.marked(job.id, step.phase.value):
+        return
     if job.state is JobState.STALLED and job.stalled_from is not None:
         rt.store.transition(job.id, job.stalled_from, host=rt.host)
         log.info("job.state", state=job.stalled_from.value, reason="owner is back")
@@ -175,9 +158,9 @@ def _watch_peer(rt: Runtime, job: Job, step: Step, peer: str) -> None:
 
 
 def _resume_after(job: Job, phase: Phase) -> None:
-    index = PHASE_ORDER.index(phase)
-    if index + 1 < len(PHASE_ORDER):
-        migration_chain(app, job.id, job.spec, start=PHASE_ORDER[index + 1]).apply_async()
+    following = next_phase(phase)
+    if following is not None:
+        migration_chain(app, job.id, job.spec, start=following).apply_async()
 
 
 def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
@@ -200,7 +183,7 @@ def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
         try:
             with (
                 structlog.contextvars.bound_contextvars(**context),
-                contextlib.suppress(Ignore, PhaseFailed),
+                contextlib.suppress(Dropped, PhaseFailed),
             ):
                 _recover(rt, job, phase)
         except Exception as exc:  # never let one job's recovery kill the thread silently
@@ -226,80 +209,13 @@ def _still_interrupted(rt: Runtime, job_id: str, phase: Phase) -> Job | None:
 
 
 def _recover(rt: Runtime, job: Job, phase: Phase) -> None:
-    """This host started `phase` and then lost it: settle it from libvirt's real state."""
+    """This host started `phase` and then lost it: settle it from libvirt's real state, as
+    the phase registry says (jobs/phases.py `Recovery`)."""
     log.warning("phase.recovering", reason="started here but not running in this worker")
-    if phase is Phase.PERFORM:
-        if _recover_perform(rt, job):
+    if RULES[phase].recovery is Recovery.REATTACH:
+        if recover_perform(rt, job):
             _resume_after(job, phase)
         return
-    execute_phase(rt, job.id, phase, PHASE_FUNCTIONS[phase], recovering=True)
+    execute_phase(rt, job.id, phase, BOUND[phase].run, recovering=True)
     if not rt.store.get(job.id).terminal:
         _resume_after(job, phase)
-
-
-def _recover_perform(rt: Runtime, job: Job) -> bool:
-    """Wait for a migration still running in libvirt, then judge where the guest is."""
-    spec = job.spec
-    tunables = rt.settings.tunables
-    policy = ConvergencePolicy.for_job(spec, tunables.migration_timeout)
-    dom = phases.job_domain(rt, job, spec.domain)
-    reattached, aborted, cancelled = False, "", ""
-    while dom is not None and (stats := sample(dom)) is not None:
-        if not reattached:
-            log.info("migration.reattached")
-            reattached = True
-        progress = Progress.from_stats(stats)
-        log.info("migration.progress", **progress.as_event_fields())
-        action = policy.decide(progress)
-        if action.kind == "continue" and not cancelled:
-            action = _operator_abort(rt, job)
-        if action.kind != "continue":
-            done = phases.carry_out(dom, action)
-            if done and action.kind == "postcopy":
-                rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
-            elif action.kind == "cancel" and done:
-                cancelled = action.reason
-            elif action.kind == "cancel":  # libvirt refused (post-copy): not left pending
-                rt.store.withdraw_abort(job.id)
-                log.warning("migration.abort_refused", reason=action.reason)
-            aborted = action.reason if action.kind == "abort" else aborted
-        time.sleep(tunables.progress_interval)
-    dom = phases.job_domain(rt, job, spec.domain)
-    if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
-        rt.store.phase_ended(job.id, Phase.PERFORM.value)
-        log.info("migration.completed", recovered=True)
-        return True
-    state, _ = dom.state()
-    if (
-        state == libvirt.VIR_DOMAIN_PAUSED
-        and job.facts is not None
-        and job.facts.state == "running"
-    ):
-        dom.resume()
-        log.warning("source.resumed", reason="the interrupted migration left the guest paused")
-    where = f"{spec.domain} still running on {rt.host}"
-    if cancelled:
-        reason = f"{cancelled}: migration aborted; {where}"
-        rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)
-        fail_job(rt, job, Phase.PERFORM, reason, JobState.CANCELLED)
-        return False
-    away = f"did not complete while {rt.host}'s worker was away"
-    why = f"was aborted: {aborted}" if aborted else away
-    reason = f"the migration {why}; {where}"
-    rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)
-    fail_job(rt, job, Phase.PERFORM, reason)  # which also rolls the destination back
-    return False
-
-
-def _operator_abort(rt: Runtime, job: Job) -> Action:
-    """An operator's abort of a migration recovery re-attached to: asked once per tick, and
-    a Redis that does not answer at once is no request (the migration stays watched)."""
-    try:
-        reason = rt.store.without_retry.abort_requested(job.id)
-    except redis.RedisError:
-        return CONTINUE
-    return Action("cancel", reason) if reason else CONTINUE
-
-
-def _defined_on_destination(rt: Runtime, job: Job) -> bool:
-    return on_peer(rt.settings.host(job.spec.dst).peer_uri, job.source.uuid) is not None

@@ -6,11 +6,13 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from config import events
 from config.settings import Host, Settings, current
-from jobs.phases import Phase
+from jobs.phases import PHASE_NAMES
 from jobs.store import JobStore
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
@@ -22,7 +24,8 @@ class Runtime:
     store: JobStore
     libvirt: LibvirtHost
     ledger: Ledger  # this host's own records (worker/ledger.py), never Redis
-    # (job id, phase) pairs this process is executing now: recovery leaves them alone.
+    # (job id, phase) pairs this process is executing now: recovery leaves them alone; and an
+    # evacuation's in-process guards, (evacuation id, what), which have no mark in Redis.
     running: set[tuple[str, str]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     # This process among the workers of its host (two run side by side while one drains).
@@ -34,29 +37,50 @@ class Runtime:
     # (job, phase, worker) marks recovery found held by another live worker: said once each.
     noted_runners: set[tuple[str, str, str]] = field(default_factory=set)
 
+    def mark(self, job_id: str, what: str) -> bool:
+        """Mark (job, what) as in hand in this process only; False if it already was."""
+        with self.lock:
+            if (job_id, what) in self.running:
+                return False
+            self.running.add((job_id, what))
+            return True
+
+    def unmark(self, job_id: str, what: str) -> None:
+        with self.lock:
+            self.running.discard((job_id, what))
+
+    def marked(self, job_id: str, what: str) -> bool:
+        with self.lock:
+            return (job_id, what) in self.running
+
+    @contextmanager
+    def holding(self, job_id: str, what: str) -> Iterator[bool]:
+        """`mark` for the length of a block: yields whether the mark is this block's (and
+        only then removes it at the end)."""
+        ours = self.mark(job_id, what)
+        try:
+            yield ours
+        finally:
+            if ours:
+                self.unmark(job_id, what)
+
     def begin(self, job_id: str, phase: str) -> str | None:
         """Mark a phase as run by this process, here and in Redis: None when it is ours now,
         else the identity of the live worker already running it (leave it alone)."""
-        key = (job_id, phase)
-        with self.lock:
-            if key in self.running:
-                return self.worker_id
-            self.running.add(key)
+        if not self.mark(job_id, phase):
+            return self.worker_id
         ttl = self.settings.tunables.heartbeat_ttl
         holder = self.store.take_runner(job_id, phase, self.worker_id, ttl)
         if holder is not None:
-            with self.lock:
-                self.running.discard(key)
+            self.unmark(job_id, phase)
         return holder
 
     def end(self, job_id: str, phase: str) -> None:
-        with self.lock:
-            self.running.discard((job_id, phase))
+        self.unmark(job_id, phase)
         self.store.drop_runner(job_id, phase, self.worker_id)
 
     def renew_running(self) -> None:
-        """Keep this process's marks on its phases alive (the heartbeat calls it); `running`
-        also holds an evacuation's in-process guards, which have no mark in Redis."""
+        """Keep this process's marks on its phases alive (the heartbeat calls it)."""
         ttl = self.settings.tunables.heartbeat_ttl
         with self.lock:
             running = sorted((j, p) for j, p in self.running if p in PHASE_NAMES)
@@ -80,7 +104,6 @@ class Runtime:
         return self.settings.host(self.host)
 
 
-PHASE_NAMES = frozenset(phase.value for phase in Phase)
 _runtime: Runtime | None = None
 _lock = threading.Lock()
 

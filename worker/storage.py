@@ -20,9 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 from worker.ledger import Ledger
+from worker.libvirt_host import Domain
 
 QEMU_IMG_TIMEOUT_S = 60.0
 # qemu-img formats a target may be created in (anything else: refused, never passed on).
@@ -44,7 +43,7 @@ class Disk:
         return asdict(self)
 
 
-def local_disks(dom: libvirt.virDomain) -> list[Disk]:
+def local_disks(dom: Domain) -> list[Disk]:
     """The domain's writable file-backed disks: the ones a storage copy has to move."""
     root = ET.fromstring(dom.XMLDesc(0))
     disks = []

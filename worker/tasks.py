@@ -1,13 +1,17 @@
-"""The Celery tasks: one per phase, each a thin shell around worker/phases.py.
+"""The Celery tasks: one per phase of the registry (worker/registry.py), each a thin shell
+around the phase frame (worker/phase_frame.py); and the side tasks (rollback, post-copy
+switch, evacuation).
 
 Every task takes only a job id; everything else is read back from the job store and parsed
-again, so a message carries nothing the worker would have to trust.
+again, so a message carries nothing the worker would have to trust. This is the edge where
+the worker's `Dropped` becomes Celery's `Ignore` (the one place that raises it).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import structlog
 from celery import Task
@@ -16,74 +20,78 @@ from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 from config.celery import app
 from config.events import get_logger
+from config.security import JOB_ID
 from config.settings import current
 from jobs.model import Job
 from jobs.phases import (
     EVACUATE_TASK,
+    PHASE_ORDER,
     POSTCOPY_TASK,
     ROLLBACK_DESTINATION_TASK,
     Phase,
     task_name,
 )
 from jobs.store import JobNotFound
-from worker import evacuation, phases
+from worker import evacuation
+from worker.job_end import job_context, verified
 from worker.keeper import begin_drain, start_keeper
 from worker.main import WorkerStartError, check_security
-from worker.phase_scope import PhaseFailed, PhaseFn, RetryPhase, execute_phase, verified
+from worker.phase_errors import Dropped, PhaseFailed, RetryPhase
+from worker.phase_frame import execute_phase
+from worker.phase_perform import start_postcopy
+from worker.registry import BOUND
+from worker.rollback import rollback_reconnecting
 from worker.runtime import Runtime, runtime_for_node
 
 log = get_logger()
-JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 
 
 def _runtime(task: Task) -> Runtime:
     return runtime_for_node(str(task.request.hostname))
 
 
+@contextmanager
+def _edge() -> Iterator[None]:
+    """Celery's `Ignore` for whatever the worker dropped (no result, no retry, no failure)."""
+    try:
+        yield
+    except Dropped:
+        raise Ignore() from None
+
+
 def _checked_job_id(job_id: object) -> str:
-    if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
         log.warning("message.rejected", reason="malformed job id", value=repr(job_id)[:80])
-        raise Ignore()
+        raise Dropped("malformed job id")
     return job_id
 
 
-def _run(task: Task, phase: Phase, fn: PhaseFn, job_id: object) -> str:
-    checked = _checked_job_id(job_id)
+def _run(task: Task, phase: Phase, job_id: object) -> str:
     rt = _runtime(task)
-    try:
-        execute_phase(rt, checked, phase, fn, attempt=task.request.retries)
-    except RetryPhase as exc:
-        # No kwargs: the message's envelope is its own; the retry gets a fresh one as it is
-        # published (config/celery.py), and the task itself takes only the job id.
-        raise task.retry(
-            kwargs={}, countdown=rt.settings.tunables.retry_delay, max_retries=None
-        ) from exc
+    with _edge():
+        checked = _checked_job_id(job_id)
+        try:
+            execute_phase(rt, checked, phase, BOUND[phase].run, attempt=task.request.retries)
+        except RetryPhase as exc:
+            # No kwargs: the message's envelope is its own; the retry gets a fresh one as it
+            # is published (config/celery.py), and the task itself takes only the job id.
+            raise task.retry(
+                kwargs={}, countdown=rt.settings.tunables.retry_delay, max_retries=None
+            ) from exc
     return checked
 
 
-@app.task(bind=True, name=task_name(Phase.SOURCE_PREFLIGHT), throws=(PhaseFailed,))
-def source_preflight(self: Task, job_id: str) -> str:
-    return _run(self, Phase.SOURCE_PREFLIGHT, phases.source_preflight, job_id)
+def _phase_task(phase: Phase) -> Any:
+    """The task `drover.<phase>` (names are part of the signed envelope, routing and Flower)."""
+
+    def run(self: Task, job_id: str) -> str:
+        return _run(self, phase, job_id)
+
+    run.__name__ = run.__qualname__ = phase.value
+    return app.task(bind=True, name=task_name(phase), throws=(PhaseFailed,))(run)
 
 
-@app.task(bind=True, name=task_name(Phase.DESTINATION_PREPARE), throws=(PhaseFailed,))
-def destination_prepare(self: Task, job_id: str) -> str:
-    return _run(self, Phase.DESTINATION_PREPARE, phases.destination_prepare, job_id)
-
-
-@app.task(bind=True, name=task_name(Phase.PERFORM), throws=(PhaseFailed,))
-def perform(self: Task, job_id: str) -> str:
-    return _run(self, Phase.PERFORM, phases.perform, job_id)
-
-
-@app.task(bind=True, name=task_name(Phase.FINISH), throws=(PhaseFailed,))
-def finish(self: Task, job_id: str) -> str:
-    return _run(self, Phase.FINISH, phases.finish, job_id)
-
-
-@app.task(bind=True, name=task_name(Phase.CONFIRM), throws=(PhaseFailed,))
-def confirm(self: Task, job_id: str) -> str:
-    return _run(self, Phase.CONFIRM, phases.confirm, job_id)
+PHASE_TASKS = {phase: _phase_task(phase) for phase in PHASE_ORDER}
 
 
 @worker_init.connect
@@ -115,42 +123,37 @@ def _run_side_task(
 ) -> None:
     """A task outside the phase chain (rollback, post-copy switch), run in the job's context."""
     rt = _runtime(task)
-    try:
-        job = rt.store.get(_checked_job_id(job_id))
-    except JobNotFound:
-        raise Ignore() from None
-    context = {
-        "job_id": job.id,
-        "domain": job.spec.domain,
-        "src": job.spec.src,
-        "dst": job.spec.dst,
-        "phase": name,
-    }
-    with structlog.contextvars.bound_contextvars(**context):
-        if not verified(rt, job):
-            raise Ignore()
+    with _edge():
         try:
-            fn(rt, job)
-        except PhaseFailed as exc:
-            log.warning(f"{name}.refused", reason=exc.reason)
-            raise
+            job = rt.store.get(_checked_job_id(job_id))
+        except JobNotFound:
+            raise Dropped(f"no job {job_id}") from None
+        with structlog.contextvars.bound_contextvars(**job_context(job, name)):
+            if not verified(rt, job):
+                raise Dropped("not signed")
+            try:
+                fn(rt, job)
+            except PhaseFailed as exc:
+                log.warning(f"{name}.refused", reason=exc.reason)
+                raise
 
 
 @app.task(bind=True, name=ROLLBACK_DESTINATION_TASK)
 def rollback_destination(self: Task, job_id: str) -> None:
-    _run_side_task(self, "rollback", phases.rollback_reconnecting, job_id)
+    _run_side_task(self, "rollback", rollback_reconnecting, job_id)
 
 
 @app.task(bind=True, name=POSTCOPY_TASK, throws=(PhaseFailed,))
 def postcopy(self: Task, job_id: str) -> None:
-    _run_side_task(self, "postcopy", phases.start_postcopy, job_id)
+    _run_side_task(self, "postcopy", start_postcopy, job_id)
 
 
 @app.task(bind=True, name=EVACUATE_TASK)
 def evacuate(self: Task, evacuation_id: str) -> None:
     """Plan an evacuation of this host and queue its children (worker/evacuation.py)."""
-    try:
-        evacuation.start(_runtime(self), _checked_job_id(evacuation_id))
-    except JobNotFound:
-        log.warning("message.rejected", reason=f"no evacuation {evacuation_id}")
-        raise Ignore() from None
+    with _edge():
+        try:
+            evacuation.start(_runtime(self), _checked_job_id(evacuation_id))
+        except JobNotFound:
+            log.warning("message.rejected", reason=f"no evacuation {evacuation_id}")
+            raise Dropped(f"no evacuation {evacuation_id}") from None

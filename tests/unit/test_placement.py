@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from jobs.evacuation import Evacuation, EvacuationSpec, EvacuationState, Placement
 from jobs.spec import TimeoutAction
-from worker.evacuation import child_spec
+from worker.evacuation_plan import child_spec
 from worker.placement import OFFLINE_ESTIMATE_S, Candidate, Estimate, Guest, plan
 
 ESTIMATE = Estimate(startup_s=2.0, mib_per_s=100.0)

@@ -37,7 +37,7 @@ from worker.convergence import ConvergencePolicy
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
 from worker.monitor import MigrationMonitor, Progress
-from worker.phase_scope import _run_in_frame as run_in_frame
+from worker.phase_frame import run_in_frame
 from worker.runtime import Runtime
 
 # Longer than any outage below: a call that rides one out returns well within it.

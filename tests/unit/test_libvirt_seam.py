@@ -1,0 +1,301 @@
+"""Phases' checks, recovery's decisions and evacuation planning, run without root against
+libvirt's own `test:///default` driver (real libvirt: lookups, definitions, states; no
+migration) and the real test Redis. The worker is handed a `LibvirtHost` whose every
+connection, its own and its peers', opens that driver: one hypervisor seen as both hosts.
+
+Every claim about a migration itself stays on the lab (tests/lab, tests/faults).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from jobs.evacuation import Evacuation, EvacuationSpec, Placement
+from jobs.maintenance import Maintenance
+from jobs.phases import Phase
+from jobs.spec import MigrationSpec
+from jobs.states import JobState
+from jobs.store import JobStore
+from worker import job_end
+from worker.evacuation_children import _placement_problem
+from worker.fleet_view import gather
+from worker.ledger import Ledger
+from worker.libvirt_host import LibvirtHost, UnsafeURI
+from worker.phase_destination import destination_prepare, finish
+from worker.phase_errors import PhaseFailed
+from worker.phase_source import confirm, source_preflight
+from worker.placement import Estimate, plan
+from worker.recovery_perform import recover_perform
+from worker.runtime import Runtime
+
+TEST_URI = "test:///default"
+GUEST = "test"  # the running, persistent domain the test driver starts with
+IDLE_XML = """<domain type='test'><name>{name}</name><memory>65536</memory>
+<os><type>hvm</type></os></domain>"""
+WALK = (JobState.PREFLIGHT, JobState.PREPARED, JobState.MIGRATING)
+
+
+@pytest.fixture
+def hv() -> Iterator[libvirt.virConnect]:
+    """The test driver, left as it was found: the guest running, no extra domains."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open(TEST_URI)
+    yield conn
+    dom = conn.lookupByName(GUEST)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+        dom.resume()
+    for extra in conn.listAllDomains():
+        if extra.name() == GUEST:
+            continue
+        persistent = extra.isPersistent()
+        if extra.isActive():
+            extra.destroy()  # a transient domain is gone with it
+        if persistent:
+            extra.undefine()
+    conn.close()
+
+
+def seam() -> LibvirtHost:
+    """The worker's seam, every URI (its own, a peer's) opening the one test hypervisor."""
+    return LibvirtHost(TEST_URI, opener=lambda _uri: libvirt.open(TEST_URI))
+
+
+@pytest.fixture
+def env(config: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DROVER_CONFIG", str(config))
+    monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
+    return config
+
+
+def runtime(store: JobStore, host: str, tmp_path: Path) -> Runtime:
+    return Runtime(host, store, seam(), Ledger(str(tmp_path / f"ledger-{host}")))
+
+
+def job_for(store: JobStore, domain: str = GUEST, **spec: object) -> str:
+    fields = {"domain": domain, "src": "kvm1", "dst": "kvm2", **spec}
+    return store.create(MigrationSpec.model_validate(fields), host="test")
+
+
+def walked(store: JobStore, job_id: str, to: JobState) -> None:
+    """The job moved on as far as `to`, as its phases would have moved it."""
+    for state in WALK[: WALK.index(to) + 1]:
+        moved, _ = store.transition(job_id, state, host="test")
+        assert moved, state
+
+
+def guest_uuid(hv: libvirt.virConnect) -> str:
+    return str(hv.lookupByName(GUEST).UUIDString())
+
+
+# --- source_preflight -----------------------------------------------------------------------
+
+
+def test_preflight_records_what_libvirt_shows_and_holds_the_domain(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    job_id = job_for(store)
+    assert source_preflight(runtime(store, "kvm1", tmp_path), store.get(job_id)) is None
+    job = store.get(job_id)
+    assert job.state is JobState.PREFLIGHT
+    assert job.source.uuid == guest_uuid(hv)
+    assert job.source.state == "running" and job.source.persistent is True
+    again = job_for(store)  # a second job for the same guest: its uuid is held
+    with pytest.raises(PhaseFailed, match=f"already has an active job {job_id}"):
+        source_preflight(runtime(store, "kvm1", tmp_path), store.get(again))
+
+
+def test_preflight_refuses_a_domain_the_source_does_not_have(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    job_id = job_for(store, domain="absent")
+    with pytest.raises(PhaseFailed, match="absent is not defined on kvm1"):
+        source_preflight(runtime(store, "kvm1", tmp_path), store.get(job_id))
+
+
+def test_preflight_refuses_what_the_mode_cannot_move(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    hv.defineXML(IDLE_XML.format(name="idle"))  # defined, not running
+    hv.createXML(IDLE_XML.format(name="fleeting"), 0)  # running, never defined
+    rt = runtime(store, "kvm1", tmp_path)
+    with pytest.raises(PhaseFailed, match="idle is shutoff on kvm1; only --offline"):
+        source_preflight(rt, store.get(job_for(store, domain="idle")))
+    offline = job_for(store, domain="fleeting", offline=True, live=False, persistent=True)
+    with pytest.raises(PhaseFailed, match="fleeting is transient on kvm1"):
+        source_preflight(rt, store.get(offline))
+
+
+# --- destination_prepare and finish ---------------------------------------------------------
+
+
+def test_prepare_refuses_a_guest_already_running_on_the_destination(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    job_id = job_for(store)
+    store.update(job_id, facts={"uuid": guest_uuid(hv), "state": "running"})
+    with pytest.raises(PhaseFailed, match=f"test \\({guest_uuid(hv)}\\) is already running"):
+        destination_prepare(runtime(store, "kvm2", tmp_path), store.get(job_id))
+
+
+def test_prepare_believes_the_source_s_libvirtd_not_the_record(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    job_id = job_for(store)
+    forged = "00000000-0000-0000-0000-000000000001"
+    store.update(job_id, facts={"uuid": forged})
+    with pytest.raises(PhaseFailed, match=f"has uuid {guest_uuid(hv)}, not the job's {forged}"):
+        destination_prepare(runtime(store, "kvm2", tmp_path), store.get(job_id))
+
+
+def test_prepare_refuses_a_destination_in_maintenance(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    Maintenance(store.r).disable("kvm2", "disk swap", by="test")
+    job_id = job_for(store)
+    with pytest.raises(PhaseFailed, match="disk swap"):
+        destination_prepare(runtime(store, "kvm2", tmp_path), store.get(job_id))
+
+
+def test_finish_checks_the_arrived_guest_against_the_spec(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    rt = runtime(store, "kvm2", tmp_path)
+    transient = job_for(store)  # the guest here is persistent; the job asked for transient
+    store.update(transient, facts={"uuid": guest_uuid(hv), "state": "running"})
+    walked(store, transient, JobState.MIGRATING)
+    with pytest.raises(PhaseFailed, match="test on kvm2 is persistent, expected transient"):
+        finish(rt, store.get(transient))
+
+    kept = job_for(store, persistent=True)
+    store.update(kept, facts={"uuid": guest_uuid(hv), "state": "running"})
+    walked(store, kept, JobState.MIGRATING)
+    assert finish(rt, store.get(kept)) is None
+    job = store.get(kept)
+    assert job.state is JobState.FINISHING
+    assert job.result["destination"]["state"] == "running"
+
+
+def test_finish_refuses_a_record_whose_uuid_names_another_domain(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    hv.defineXML(IDLE_XML.format(name="other"))
+    job_id = job_for(store, persistent=True)
+    other = str(hv.lookupByName("other").UUIDString())
+    store.update(job_id, facts={"uuid": other, "state": "running"})
+    walked(store, job_id, JobState.MIGRATING)
+    with pytest.raises(PhaseFailed, match="the job's uuid is other on kvm2, not test"):
+        finish(runtime(store, "kvm2", tmp_path), store.get(job_id))
+
+
+def test_confirm_reports_a_source_copy_still_running_as_leftovers(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    job_id = job_for(store)
+    store.update(job_id, facts={"uuid": guest_uuid(hv), "persistent": True, "active": True})
+    assert confirm(runtime(store, "kvm1", tmp_path), store.get(job_id)) is JobState.SUCCEEDED
+    result = store.get(job_id).result
+    assert "test on kvm1 is still active after migrating" in result["leftovers"]
+    assert result["source_defined"] is True
+
+
+# --- recovery of an interrupted perform -----------------------------------------------------
+
+
+@pytest.fixture
+def rollbacks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The jobs whose destination was asked to roll back: recorded here rather than published
+    on the process-wide Celery app, whose broker a unit test does not choose."""
+    asked: list[str] = []
+    monkeypatch.setattr(job_end, "rollback_destination_later", lambda job: asked.append(job.id))
+    return asked
+
+
+def test_recovery_finds_no_migration_and_the_guest_still_here(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path, rollbacks: list[str]
+) -> None:
+    """The guest runs on the source, left paused by the migration that died with its worker:
+    it runs again, the job fails with why, and the destination is asked to roll back."""
+    job_id = job_for(store)
+    store.update(job_id, facts={"uuid": guest_uuid(hv), "state": "running"})
+    walked(store, job_id, JobState.MIGRATING)
+    store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
+    hv.lookupByName(GUEST).suspend()
+    assert recover_perform(runtime(store, "kvm1", tmp_path), store.get(job_id)) is False
+    assert hv.lookupByName(GUEST).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    job = store.get(job_id)
+    assert job.state is JobState.FAILED
+    assert job.reason == (
+        "the migration did not complete while kvm1's worker was away; test still running on kvm1"
+    )
+    assert job.phases[Phase.PERFORM.value].error == job.reason
+    assert rollbacks == [job_id]
+
+
+def test_recovery_judges_a_guest_gone_from_the_source_as_moved(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path, rollbacks: list[str]
+) -> None:
+    job_id = job_for(store)
+    store.update(job_id, facts={"uuid": "00000000-0000-0000-0000-0000000000aa"})
+    walked(store, job_id, JobState.MIGRATING)
+    store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
+    assert recover_perform(runtime(store, "kvm1", tmp_path), store.get(job_id)) is True
+    job = store.get(job_id)
+    assert job.state is JobState.MIGRATING  # the chain goes on with finish
+    record = job.phases[Phase.PERFORM.value]
+    assert record.ended is not None and record.error is None
+    assert rollbacks == []
+
+
+# --- evacuation planning --------------------------------------------------------------------
+
+
+def test_planning_reads_the_guests_and_says_why_each_host_is_no_candidate(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    hv.defineXML(IDLE_XML.format(name="idle"))
+    rt = runtime(store, "kvm1", tmp_path)
+    view = gather(rt, EvacuationSpec(host="kvm1"), "0123456789ab")
+    assert [(g.domain, g.memory_mib, g.active) for g in view.guests] == [(GUEST, 8192, True)]
+    assert view.candidates == []
+    assert view.unavailable == {"kvm2": "its worker is not alive"}
+
+    store.heartbeat("kvm2", 30, "w1")  # alive now; the test driver has no memory statistics
+    view = gather(rt, EvacuationSpec(host="kvm1", include_inactive=True), "0123456789ab")
+    assert sorted(g.domain for g in view.guests) == ["idle", GUEST]
+    assert view.unavailable["kvm2"].startswith("libvirtd error: ")
+    Maintenance(store.r).disable("kvm2", "disk swap", by="test")
+    view = gather(rt, EvacuationSpec(host="kvm1"), "0123456789ab")
+    assert view.unavailable == {"kvm2": "in maintenance (disk swap)"}
+    (placement,) = plan(view.guests, view.candidates, view.unavailable, Estimate(1.0, 100.0))
+    assert placement.domain == GUEST and placement.destination is None
+    assert placement.reason is not None and "kvm2" in placement.reason
+
+
+def test_a_plan_read_back_must_match_what_libvirt_shows(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    rt = runtime(store, "kvm1", tmp_path)
+    ev = Evacuation.model_construct(spec=EvacuationSpec(host="kvm1"))
+    placed = Placement(
+        domain=GUEST,
+        uuid=guest_uuid(hv),
+        memory_mib=8192,
+        active=True,
+        persistent=True,
+        destination="kvm2",
+        estimate_s=1.0,
+    )
+    assert _placement_problem(rt, ev, placed) is None
+    rewritten = placed.model_copy(update={"uuid": "00000000-0000-0000-0000-0000000000bb"})
+    assert "are not what libvirt shows on kvm1" in str(_placement_problem(rt, ev, rewritten))
+    elsewhere = placed.model_copy(update={"destination": "kvm9"})
+    assert "not a host it may use" in str(_placement_problem(rt, ev, elsewhere))
+
+
+def test_the_seam_refuses_a_uri_the_registry_does_not_allow(env: Path) -> None:
+    with pytest.raises(UnsafeURI, match="refusing libvirt URI"):
+        _ = LibvirtHost("qemu+ext:///system?command=/bin/true").conn

@@ -1,0 +1,161 @@
+"""An evacuation's children: one migration per placed domain, each checked against what
+the signed request allows and what libvirt shows here; a failed one queued again, aborted
+ones stopped (see worker/evacuation.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.events import get_logger
+from jobs.abort import TooLate, abort_job
+from jobs.evacuation import Evacuation, EvacuationStore, Placement
+from jobs.maintenance import Maintenance
+from jobs.model import Job
+from jobs.request_signing import signer_for
+from jobs.states import JobState
+from jobs.store import JobNotFound
+from jobs.submission import DomainBusy, enqueue
+from worker.admission_pass import admit_waiting
+from worker.evacuation_plan import child_spec, replanned
+from worker.job_end import rollback_destination_later
+from worker.libvirt_host import facts
+from worker.runtime import Runtime
+
+log = get_logger()
+
+
+def queue_children(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
+    """One child per placed domain, once (a restarted worker skips those already queued)."""
+    changed = False
+    placements = list(ev.plan or [])
+    for i, placement in enumerate(placements):
+        if placement.destination is None or placement.domain in ev.children:
+            continue
+        if store.get(ev.id).abort_requested:
+            log.info("evacuation.stopped_queueing", reason="evacuation aborted")
+            break
+        problem = _placement_problem(rt, ev, placement)
+        if problem is not None:
+            placements[i] = placement.model_copy(update={"destination": None, "reason": problem})
+            changed = True
+            log.error("security.rejected", domain=placement.domain, reason=problem)
+            continue
+        try:
+            job_id = _queue_child(rt, ev, placement)
+        except DomainBusy as exc:
+            placements[i] = placement.model_copy(update={"destination": None, "reason": str(exc)})
+            changed = True
+            log.warning("evacuation.child_refused", domain=placement.domain, reason=str(exc))
+            continue
+        ev.children[placement.domain] = job_id
+    if changed:
+        store.save_plan(ev.id, placements)
+
+
+def _placement_problem(rt: Runtime, ev: Evacuation, placement: Placement) -> str | None:
+    """Why a placement read back from Redis must not become a migration this worker signs.
+
+    The plan is kept in the record so that a restarted worker goes on with it, so anyone with
+    the Redis password could have rewritten it: each child must go where the signed request
+    allows, and be the guest libvirt shows here, as it is here.
+    """
+    spec, destination = ev.spec, placement.destination
+    if destination is None:
+        return None
+    if destination == spec.host or destination not in rt.settings.hosts:
+        return f"the plan sends {placement.domain} to {destination}, not a host it may use"
+    if spec.to and destination not in spec.to:
+        return f"the plan sends {placement.domain} to {destination}, outside --to"
+    dom = rt.libvirt.by_name(placement.domain)
+    if dom is None:
+        return f"{placement.domain} is not defined on {rt.host}"
+    here = facts(dom)
+    if (here.uuid, here.active, here.persistent) != (
+        placement.uuid,
+        placement.active,
+        placement.persistent,
+    ):
+        return f"the plan's facts of {placement.domain} are not what libvirt shows on {rt.host}"
+    if not here.active and not spec.include_inactive:
+        return f"{placement.domain} is inactive and the evacuation did not include inactive ones"
+    return None
+
+
+def _queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **event: Any) -> str:
+    """Queue the migration of one placed domain; the job records itself as the child."""
+    job_id = enqueue(
+        rt.store,
+        child_spec(ev, placement),
+        origin=f"evacuation {ev.id}",
+        parent=ev.id,
+        parent_limit=ev.spec.max_parallel,
+        reserve_mib=placement.memory_mib if placement.active else None,
+        signer=signer_for(rt.settings.security),
+    )
+    log.info(
+        "evacuation.child_queued",
+        child=job_id,
+        domain=placement.domain,
+        dst=placement.destination,
+        **event,
+    )
+    return job_id
+
+
+def retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) -> Job | None:
+    """A child that failed with its guest still running here is queued once more (up to
+    `evacuation_retries`): a worker restart or a network blip mid-migration should not leave
+    a guest behind on a host going into maintenance. Returns the new child, or None."""
+    if job.state is not JobState.FAILED or ev.abort_requested:
+        return None
+    placement = next((p for p in ev.plan or [] if p.domain == job.spec.domain), None)
+    if placement is None or placement.destination is None:
+        _not_retried(job, "it is not in the plan with a destination")
+        return None
+    here = rt.libvirt.by_uuid(placement.uuid)
+    if here is None or bool(here.isActive()) != placement.active:
+        # not as it was planned here: judged by _finish, not moved blindly
+        _not_retried(job, f"libvirt on {rt.host} no longer shows it as planned")
+        return None
+    limit = rt.settings.tunables.evacuation_retries
+    if not store.take_retry(ev.id, placement.domain, limit):
+        _not_retried(job, f"its {limit} retries are spent")
+        return None
+    if Maintenance(rt.store.r).refusal(placement.destination) is not None:
+        placement = replanned(rt, store, ev, placement)
+        if placement.destination is None:
+            return None
+    try:
+        child = _queue_child(rt, ev, placement, retry_of=job.id, reason=job.reason)
+    except DomainBusy as exc:
+        log.warning("evacuation.child_refused", domain=placement.domain, reason=str(exc))
+        return None
+    admit_waiting(rt)
+    return rt.store.get(child)
+
+
+def _not_retried(job: Job, why: str) -> None:
+    """Say on the evacuation's stream why a failed child is not queued again."""
+    log.info("evacuation.not_retried", domain=job.spec.domain, child=job.id, reason=why)
+
+
+def children_of(rt: Runtime, ev: Evacuation) -> dict[str, Job]:
+    found = {}
+    for domain, job_id in ev.children.items():
+        try:
+            found[domain] = rt.store.get(job_id)
+        except JobNotFound:
+            continue
+    return found
+
+
+def abort_children(rt: Runtime, ev: Evacuation, children: dict[str, Job]) -> None:
+    """Stop every child still live; asking again is harmless (and finishes an abort that
+    was interrupted between its flag and its transition)."""
+    for job in children.values():
+        if job.terminal:
+            continue
+        try:
+            abort_job(rt.store, job.id, by=rt.host, rollback=rollback_destination_later)
+        except TooLate:
+            continue  # finishing: the guest already runs on its destination

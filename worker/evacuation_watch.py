@@ -1,0 +1,173 @@
+"""The keeper's duty for evacuations (every `evacuation_check_interval`, and as soon as a
+child ends in this worker): report each child as it ends, queue a failed one again, and once
+all have ended confirm through libvirt where every domain is and end the evacuation drained,
+partial or cancelled (see worker/evacuation.py)."""
+
+from __future__ import annotations
+
+import structlog
+
+from config.celery import app, host_queue
+from config.events import get_logger
+from config.settings import ConfigError
+from jobs.evacuation import DomainOutcome, Evacuation, EvacuationState, EvacuationStore, Placement
+from jobs.model import Job
+from jobs.phases import EVACUATE_TASK
+from jobs.states import JobState
+from jobs.store import JobNotFound, now
+from worker.evacuation import PLANNING_KEY, plan_and_queue_or_fail, planning
+from worker.evacuation_children import abort_children, children_of, retry_failed
+from worker.evacuation_plan import end, evacuation_context
+from worker.job_end import on_job_end
+from worker.libvirt_host import list_domains
+from worker.runtime import Runtime
+
+log = get_logger()
+WATCH_KEY = "evacuation-watch"
+
+
+def watch(rt: Runtime) -> None:
+    """The keeper's duty: move on every live evacuation of this host."""
+    for evacuation_id in EvacuationStore(rt.store).active_ids():
+        check(rt, evacuation_id)
+
+
+@on_job_end
+def _child_ended(rt: Runtime, job: Job) -> None:
+    """A child ended in this worker: its evacuation may be done now, not at the next tick."""
+    if job.parent is not None:
+        check(rt, job.parent)
+
+
+def check(rt: Runtime, evacuation_id: str) -> None:
+    """Move one evacuation on, if it is this host's; one check at a time per process."""
+    store = EvacuationStore(rt.store)
+    with rt.holding(evacuation_id, WATCH_KEY) as ours:
+        if not ours:
+            return
+        # Before reading: a planning that ends now must not be planned again.
+        if rt.marked(evacuation_id, PLANNING_KEY):
+            return
+        try:
+            ev = store.get(evacuation_id)
+        except JobNotFound:
+            return
+        if ev.spec.host != rt.host or ev.terminal:
+            return
+        with structlog.contextvars.bound_contextvars(**evacuation_context(ev)):
+            _attend(rt, store, ev)
+
+
+def _attend(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
+    redispatch = rt.settings.tunables.redispatch_after
+    if ev.state is EvacuationState.QUEUED:
+        idle_s = (now() - ev.updated).total_seconds()
+        if ev.abort_requested:
+            end(store, ev, EvacuationState.CANCELLED, ev.abort_requested)
+        elif idle_s > redispatch and store.may_redispatch(ev.id, redispatch):
+            # The task message was lost: send it again (once per `redispatch_after`).
+            log.warning("evacuation.redispatched", reason=f"not started after {idle_s:.0f}s")
+            app.send_task(EVACUATE_TASK, args=(ev.id,), queue=host_queue(rt.host))
+        return
+    if ev.state is EvacuationState.PLANNING:
+        # Planning here was interrupted (the worker restarted): finish it from what is saved.
+        with planning(rt, ev.id):
+            plan_and_queue_or_fail(rt, store, store.get(ev.id))
+        return
+    children = children_of(rt, ev)
+    if ev.abort_requested:
+        abort_children(rt, ev, children)
+    for domain, job in list(children.items()):
+        if job.terminal and store.mark_reported(ev.id, job.id):
+            log.info(
+                "evacuation.child_ended",
+                child=job.id,
+                domain=job.spec.domain,
+                dst=job.spec.dst,
+                state=job.state.value,
+                reason=job.reason,
+            )
+            try:
+                retried = retry_failed(rt, store, ev, job)
+            except Exception as exc:  # said on the evacuation's stream, not lost in a log
+                log.exception(
+                    "evacuation.retry_failed", domain=domain, child=job.id, reason=str(exc)
+                )
+                retried = None
+            if retried is not None:
+                children[domain] = retried
+    if all(job.terminal for job in children.values()):
+        _finish(rt, store, ev, children)
+
+
+def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[str, Job]) -> None:
+    """Confirm through libvirt where every domain is, then end the evacuation.
+
+    `drained` needs every domain of the plan moved: its child succeeded, libvirt shows it on
+    its destination, and nothing of it is left here; and no other domain that had to go is
+    here. Anything else is `partial`, each domain that did not move listed with why.
+    """
+    outcome = [_confirm(rt, ev, p, children.get(p.domain)) for p in ev.plan or []]
+    planned = {p.uuid for p in ev.plan or []}
+    left = [
+        dom.name()
+        for dom in list_domains(rt.libvirt.conn)
+        if dom.UUIDString() not in planned
+        and (dom.isActive() or (ev.spec.include_inactive and dom.isPersistent()))
+    ]
+    store.save_outcome(ev.id, outcome, left)
+    not_moved = [o for o in outcome if not o.moved]
+    if ev.abort_requested:
+        final, reason = EvacuationState.CANCELLED, ev.abort_requested
+    elif not not_moved and not left:
+        final, reason = EvacuationState.DRAINED, None
+    else:
+        names = [f"{o.domain} ({o.reason})" for o in not_moved] + [
+            f"{name} (appeared after planning)" for name in left
+        ]
+        final = EvacuationState.PARTIAL
+        reason = f"{len(names)} domain(s) not moved off {ev.spec.host}: " + "; ".join(names)
+    end(store, ev, final, reason, outcome=[o.model_dump() for o in outcome])
+
+
+def _on_destination(rt: Runtime, placement: Placement) -> str | None:
+    """The destination, if its libvirtd shows the domain there as the plan meant it."""
+    if placement.destination is None:
+        return None
+    try:
+        uri = rt.settings.host(placement.destination).peer_uri
+    except ConfigError:
+        return None  # removed from the registry since: not confirmed
+    there = rt.libvirt.on_peer(uri, placement.uuid)
+    if there is not None and (there.active or not placement.active):
+        return placement.destination
+    return None
+
+
+def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None) -> DomainOutcome:
+    here = rt.libvirt.by_uuid(placement.uuid)
+    on_source = here is not None and (
+        bool(here.isActive()) or (bool(here.isPersistent()) and placement.persistent)
+    )
+    running_on = _on_destination(rt, placement)
+    succeeded = job is not None and job.state is JobState.SUCCEEDED
+    moved = succeeded and not on_source and running_on is not None
+    reason = placement.reason
+    if job is None and placement.destination is not None:
+        reason = "never queued: the evacuation was stopped first"
+    if job is not None and not succeeded:
+        reason = f"job {job.id} {job.state.value}: {job.reason}"
+    elif succeeded and not moved:
+        seen = f"on {ev.spec.host}" if on_source else f"not on {placement.destination}"
+        reason = f"job {job.id if job else '-'} succeeded but libvirt shows it {seen}"
+    if not moved and not on_source and running_on is None and job is not None:
+        reason = f"{reason}; libvirt shows it neither here nor on {placement.destination}"
+    return DomainOutcome(
+        domain=placement.domain,
+        job_id=job.id if job else None,
+        job_state=job.state.value if job else None,
+        on_source=on_source,
+        running_on=running_on,
+        moved=moved,
+        reason=None if moved else reason,
+    )

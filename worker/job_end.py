@@ -1,0 +1,150 @@
+"""Moving a job on and ending it: the state changes a phase makes, and what follows an end.
+
+Shared by the phase frame (worker/phase_frame.py), the phases, recovery and evacuations: a
+job is advanced or ended here only, so that whatever ends it frees what it held, asks the
+destination to clean up where needed, and tells the listeners (admission, evacuations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from config.celery import app, host_queue
+from config.events import get_logger
+from jobs.model import Job
+from jobs.phases import PHASE_ORDER, ROLLBACK_DESTINATION_TASK, Phase
+from jobs.request_signing import SECURITY_REASON, RequestRefused, check_job, verifier_for
+from jobs.states import JobState
+from jobs.store import domain_lock_key
+from worker.admission_pass import admit_waiting
+from worker.phase_errors import PhaseFailed, PhaseSkipped
+from worker.runtime import Runtime
+
+log = get_logger()
+
+
+def job_context(job: Job, phase: str | None) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "domain": job.spec.domain,
+        "src": job.spec.src,
+        "dst": job.spec.dst,
+        "phase": phase,
+    }
+
+
+def advance(rt: Runtime, job: Job, target: JobState) -> None:
+    """Move the job on, or stop this phase quietly if someone else already ended the job."""
+    moved, previous = rt.store.transition(job.id, target, host=rt.host)
+    if moved:
+        log.info("job.state", state=target.value, previous=previous.value if previous else None)
+    elif previous is not target:  # ended meanwhile (an abort, a failure elsewhere)
+        log.info("phase.skipped", reason=f"job is {previous}, not ready for {target}")
+        raise PhaseSkipped(f"job is {previous}")
+
+
+def hold_domain(rt: Runtime, job: Job, uuid: str) -> None:
+    """One active job per domain (by UUID), for as long as this job lives."""
+    holder = rt.store.take_lease(domain_lock_key("uuid", uuid), job.id)
+    if holder is not None:
+        raise PhaseFailed(f"{job.spec.domain} ({uuid}) already has an active job {holder}")
+
+
+def rollback_destination_later(job: Job) -> None:
+    app.send_task(ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst))
+
+
+def touched_destination(phase: Phase) -> bool:
+    """Whether the destination may hold something of the job once `phase` began."""
+    return PHASE_ORDER.index(phase) >= PHASE_ORDER.index(Phase.DESTINATION_PREPARE)
+
+
+def moved_already(job: Job, phase: Phase) -> bool:
+    """Whether the guest is already where the job was to put it: `phase` comes after finish,
+    which verified it on the destination through libvirt (and ended without an error)."""
+    record = job.phases.get(Phase.FINISH.value)
+    return (
+        PHASE_ORDER.index(phase) > PHASE_ORDER.index(Phase.FINISH)
+        and record is not None
+        and record.ended is not None
+        and record.error is None
+    )
+
+
+def succeed_with_leftovers(rt: Runtime, job: Job, leftovers: str) -> None:
+    """Report what is left on the source of a job whose guest already runs on its destination:
+    in the result and a `confirm.leftovers` event. The job itself succeeded; nothing is rolled
+    back (that would act on the host where the guest now runs)."""
+    rt.store.update(job.id, result={"leftovers": leftovers})
+    log.warning(
+        "confirm.leftovers",
+        reason=leftovers,
+        running_on=job.spec.dst,
+        note=f"the guest runs on {job.spec.dst} (finish verified it); the source needs a look",
+    )
+
+
+def fail_job(
+    rt: Runtime, job: Job, phase: Phase, reason: str, final: JobState = JobState.FAILED
+) -> None:
+    """Record the end once, free what the job held, and ask the destination to clean up.
+
+    After a verified finish the move is done whatever failed since: the job succeeds, with
+    the failure as leftovers on the source (`succeed_with_leftovers`), and no rollback.
+    """
+    if final is JobState.FAILED and moved_already(rt.store.get(job.id), phase):
+        succeed_with_leftovers(rt, job, reason)
+        moved, previous = rt.store.transition(job.id, JobState.SUCCEEDED, host=rt.host)
+        if moved:
+            was = previous.value if previous else None
+            log.info("job.state", state=JobState.SUCCEEDED.value, previous=was)
+            job_ended(rt, job)
+        return
+    moved, _ = rt.store.transition(job.id, final, host=rt.host, reason=reason)
+    if not moved:
+        return
+    log.error("job.state", state=final.value, reason=reason)
+    if touched_destination(phase):
+        rollback_destination_later(job)
+    job_ended(rt, job)
+
+
+JobEnded = Callable[[Runtime, Job], object]
+# What happens as soon as a job this worker ran has ended, rather than on the next tick:
+# its slots are free, so a waiting job may start; its evacuation may be done.
+_job_end_listeners: list[JobEnded] = [lambda rt, _job: admit_waiting(rt)]
+
+
+def on_job_end(listener: JobEnded) -> JobEnded:
+    """Register `listener(rt, job)` to run when a job ends in this worker (a decorator)."""
+    _job_end_listeners.append(listener)
+    return listener
+
+
+def job_ended(rt: Runtime, job: Job) -> None:
+    for listener in _job_end_listeners:
+        try:
+            listener(rt, job)
+        except Exception as exc:  # the keeper's ticks catch up with whatever failed here
+            log.warning("job.end_listener_failed", error=str(exc))
+
+
+def verified(rt: Runtime, job: Job) -> bool:
+    """Whether a trusted key signed this job's request as the record shows it.
+
+    A job that fails the check ends `failed` with a `security.rejected` event, and nothing
+    else happens: no phase, no rollback (the record is not to be believed about what exists).
+    Call it with the job's context bound, so that the event reaches the job's stream.
+    """
+    try:
+        check_job(verifier_for(rt.settings.security), job)
+    except RequestRefused as exc:
+        reason = f"{SECURITY_REASON}: {exc}"
+        log.error("security.rejected", reason=reason)
+        moved, _ = rt.store.transition(job.id, JobState.FAILED, host=rt.host, reason=reason)
+        if moved:
+            log.error("job.state", state=JobState.FAILED.value, reason=reason)
+            job_ended(rt, job)
+        return False
+    return True

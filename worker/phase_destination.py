@@ -1,0 +1,199 @@
+"""The destination's phases: destination_prepare before the migration, finish after it.
+
+    destination_prepare  room for the guest, no clash, storage made; memory reserved; hand-off
+    finish               the domain is here as asked (running, paused, defined)
+
+What the destination reserves, checks and creates comes from libvirt (its own, and the
+source's read over the registry's peer URI), never from the job record alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from config.events import get_logger
+from jobs.maintenance import Maintenance
+from jobs.model import Job
+from jobs.record import Handoff
+from jobs.spec import MigrationSpec
+from jobs.states import TERMINAL, JobState
+from jobs.store import JobNotFound
+from worker.job_end import advance
+from worker.libvirt_host import DomainFacts, facts, placement_room_mib
+from worker.migration_call import UnsafeTarget, handoff_for
+from worker.phase_errors import PhaseFailed, PhaseSkipped
+from worker.phase_source import job_domain
+from worker.runtime import Runtime
+from worker.storage import Disk, StorageError, create_targets, local_disks
+
+log = get_logger()
+
+
+def _free_memory_mib(rt: Runtime, job: Job) -> int:
+    """Memory this host can still give: libvirt's free memory, capped by the declared limit."""
+    reserved = rt.store.reserved_mib(rt.host, excluding=job.id)
+    return placement_room_mib(rt.libvirt.conn, reserved, rt.registry_entry.limits.memory_mib)
+
+
+def _dest_config_present(rt: Runtime, spec: MigrationSpec, uuid: str) -> bool:
+    """Refuse a clash; say whether this host already holds the domain's inactive config."""
+    same = rt.libvirt.by_uuid(uuid)
+    if same is not None and same.isActive():
+        raise PhaseFailed(f"{spec.domain} ({uuid}) is already running on {spec.dst}")
+    named = rt.libvirt.by_name(spec.arrives_as)
+    if named is not None and named.UUIDString() != uuid:
+        raise PhaseFailed(
+            f"{spec.dst} already has a different domain named {spec.arrives_as} "
+            f"(uuid {named.UUIDString()}, migrating {uuid})"
+        )
+    if same is not None and same.name() != spec.arrives_as:
+        raise PhaseFailed(
+            f"{spec.dst} holds {spec.domain}'s uuid under the name {same.name()}; "
+            f"it would arrive as {spec.arrives_as}"
+        )
+    return same is not None and bool(same.isPersistent())
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """The guest as the source's libvirtd shows it to the destination's worker."""
+
+    facts: DomainFacts
+    disks: list[Disk]
+
+
+def _source_view(rt: Runtime, job: Job) -> SourceView:
+    """Read the guest from the source's libvirtd (registry URI, signed name), not the record.
+
+    The job record's facts were written by the source's worker, but anyone with the Redis
+    password can rewrite them; what this host reserves, checks and creates comes from libvirt.
+    """
+    spec = job.spec
+    with rt.libvirt.peer_domain(rt.settings.host(spec.src).peer_uri, spec.domain) as dom:
+        if dom is None:
+            raise PhaseFailed(f"{spec.domain} is not defined on {spec.src}")
+        found = facts(dom)
+        disks = local_disks(dom) if spec.copy_storage is not None else []
+    recorded_uuid = job.facts.uuid if job.facts is not None else None
+    if found.uuid != recorded_uuid:
+        raise PhaseFailed(
+            f"{spec.domain} on {spec.src} has uuid {found.uuid}, not the job's "
+            f"{str(recorded_uuid)[:40]}"
+        )
+    return SourceView(found, disks)
+
+
+def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
+    spec = job.spec
+    refusal = Maintenance(rt.store.r).refusal(rt.host)
+    if refusal is not None:
+        raise PhaseFailed(refusal)
+    source = _source_view(rt, job)
+    uuid, need = source.facts.uuid, source.facts.memory_mib
+    _take_incoming(rt, job, uuid)
+    config_present = _dest_config_present(rt, spec, uuid)
+    if (
+        spec.undefine_source
+        and not spec.persistent
+        and source.facts.persistent
+        and not config_present
+        and not spec.force
+    ):
+        raise PhaseFailed(
+            f"refusing: {spec.domain} is persistent on {spec.src} and {spec.dst} has no "
+            "definition of it, so --undefine-source without --persistent would leave it "
+            "defined nowhere; add --persistent, or --force to accept that"
+        )
+    if not spec.offline:
+        free = _free_memory_mib(rt, job)
+        if free < need:
+            raise PhaseFailed(f"{spec.dst} has {free} MiB free, {spec.domain} needs {need} MiB")
+        if not rt.store.reserve(spec.dst, job.id, need):
+            log.info("phase.skipped", reason="the job ended while its memory was being booked")
+            raise PhaseSkipped("the job ended while its memory was being booked")
+    handoff = handoff_or_fail(rt, spec)
+    created: list[str] = []
+    if spec.copy_storage is not None:
+        if not source.disks:
+            raise PhaseFailed(f"--copy-storage: {spec.domain} has no local disk to copy")
+        try:
+            created = create_targets(
+                source.disks, rt.registry_entry.storage_dirs, rt.ledger, job.id
+            )
+        except StorageError as exc:
+            raise PhaseFailed(f"{spec.dst}: {exc}") from None
+    rt.store.update(
+        job.id,
+        handoff=handoff.model_copy(update={"created_images": created}),
+        facts={"dest_config_present": config_present},
+    )
+    log.info(
+        "prepare.ready",
+        memory_mib=need,
+        dest_config_present=config_present,
+        created_images=created,
+        **handoff.as_dict(),
+    )
+    return JobState.PREPARED
+
+
+def _take_incoming(rt: Runtime, job: Job, uuid: str) -> None:
+    """Record on this host (worker/ledger.py) that this job brings `uuid` in; refuse if another
+    live job already is. Redis leases say the same thing, but they can run out under a live
+    migration; the host's own record is what a rollback trusts before it destroys anything."""
+
+    def ended(holder: str) -> bool:
+        try:
+            return rt.store.state(holder) in TERMINAL
+        except JobNotFound:
+            return True
+
+    holder = rt.ledger.take_incoming(uuid, job.id, ended)
+    if holder is not None:
+        raise PhaseFailed(
+            f"{job.spec.dst} is already bringing {job.spec.domain} ({uuid}) in for job "
+            f"{holder}; refusing a second migration of it"
+        )
+
+
+def handoff_or_fail(rt: Runtime, spec: MigrationSpec) -> Handoff:
+    """Where the guest goes, from the registry (worker/migration_call.py `handoff_for`)."""
+    try:
+        return handoff_for(spec, rt.settings.host(spec.dst))
+    except UnsafeTarget as exc:
+        raise PhaseFailed(str(exc)) from None
+
+
+def _expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise PhaseFailed(reason)
+
+
+def finish(rt: Runtime, job: Job) -> JobState | None:
+    advance(rt, job, JobState.FINISHING)
+    spec = job.spec
+    dom = job_domain(rt, job, spec.arrives_as)
+    if dom is None:
+        raise PhaseFailed(f"{spec.arrives_as} is not on {spec.dst} after the migration")
+    found: DomainFacts = facts(dom)
+    here = f"{spec.arrives_as} on {spec.dst}"
+    _expect(found.name == spec.arrives_as, f"{here} arrived named {found.name}")
+    if spec.offline:
+        _expect(not found.active, f"{here} is {found.state}; offline should leave it inactive")
+    elif spec.suspend or (job.facts is not None and job.facts.state == "paused"):
+        # libvirt keeps a paused guest paused; --suspend pauses a running one on arrival.
+        _expect(found.state == "paused", f"{here} is {found.state}, expected paused")
+    else:
+        _expect(found.state == "running", f"{here} is {found.state}, expected running")
+    wants_config = spec.persistent or (job.facts is not None and job.facts.dest_config_present)
+    _expect(
+        found.persistent == wants_config,
+        f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
+        f"{'persistent' if wants_config else 'transient'}",
+    )
+    # The guest now really uses the memory that was reserved for it, and has arrived.
+    rt.store.release(spec.dst, job.id)
+    rt.ledger.drop_incoming(found.uuid, job.id)
+    rt.store.update(job.id, result={"destination": found.as_dict()})
+    log.info("finish.verified", state=found.state, persistent=found.persistent)
+    return None

@@ -1,0 +1,100 @@
+"""perform (source): libvirt migrates the guest, watched every interval; and the operator's
+switch of a running migration to post-copy (`drover postcopy`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from config.events import get_logger
+from jobs.maintenance import Maintenance
+from jobs.model import Job
+from jobs.states import JobState
+from worker.job_end import advance
+from worker.libvirt_host import LibvirtError
+from worker.migration_call import build_call, invoke
+from worker.migration_watch import watch_migration
+from worker.phase_destination import handoff_or_fail
+from worker.phase_errors import HandedOver, PhaseCancelled, PhaseFailed
+from worker.phase_source import ensure_running_on_source, job_domain
+from worker.runtime import Runtime
+
+log = get_logger()
+MS_PER_S = 1000
+
+
+@dataclass
+class CallOutcome:
+    """How the migration call returned: whether libvirt raised, and its error."""
+
+    failed: bool = False
+    error: str | None = None
+
+
+def perform(rt: Runtime, job: Job) -> JobState | None:
+    advance(rt, job, JobState.MIGRATING)
+    spec = job.spec
+    dom = job_domain(rt, job, spec.domain)
+    if dom is None or (not spec.offline and not dom.isActive()):
+        raise PhaseFailed(f"{spec.domain} is no longer running on {spec.src}")
+    aborted = rt.store.abort_requested(job.id)
+    if aborted:
+        raise PhaseCancelled(f"{aborted} before the migration started; nothing moved")
+    # Prepare refused a host in maintenance; one disabled since (another evacuation of it)
+    # must not receive the guest either: this is the last moment before libvirt moves it.
+    refusal = Maintenance(rt.store.r).refusal(spec.dst)
+    if refusal is not None:
+        raise PhaseFailed(f"{refusal}; it went into maintenance after prepare, nothing moved")
+    call = build_call(spec, handoff_or_fail(rt, spec))
+    log.info("migration.started", call=call.describe())
+    finished = threading.Event()
+    outcome = CallOutcome()
+
+    def migrate() -> None:
+        try:
+            invoke(dom, call)
+        except LibvirtError as exc:
+            outcome.failed, outcome.error = True, exc.get_error_message()
+        finally:
+            finished.set()
+
+    started = time.monotonic()
+    worker = threading.Thread(target=migrate, name=f"migrate-{job.id}", daemon=True)
+    worker.start()
+    cancel_reason = abort_reason = last = None
+    if not spec.offline:  # an offline migration has no job statistics to sample
+        seen = watch_migration(rt, job, dom, finished)
+        if seen.handed_over is not None:
+            raise HandedOver(seen.handed_over)
+        cancel_reason, abort_reason, last = seen.cancel_reason, seen.abort_reason, seen.last
+    worker.join()
+    migration_ms = round((time.monotonic() - started) * MS_PER_S, 1)
+    if outcome.failed:
+        where = ensure_running_on_source(rt, job) if not spec.offline else "nothing moved"
+        if cancel_reason:
+            raise PhaseCancelled(f"{cancel_reason}: migration aborted; {where}")
+        why = abort_reason or outcome.error
+        raise PhaseFailed(f"migration to {spec.dst} failed: {why}; {where}")
+    fields = last.as_event_fields() if last else {}
+    rt.store.update(job.id, result={"migration_ms": migration_ms, "last_progress": fields})
+    log.info("migration.completed", migration_ms=migration_ms)
+    return None
+
+
+def start_postcopy(rt: Runtime, job: Job) -> None:
+    """Switch a running pre-copy migration to post-copy (asked for by `drover postcopy`)."""
+    if job.state is not JobState.MIGRATING:
+        raise PhaseFailed(f"job {job.id} is {job.state.value}, not migrating")
+    if not job.spec.postcopy:
+        raise PhaseFailed(f"job {job.id} was not started with --postcopy")
+    dom = job_domain(rt, job, job.spec.domain)
+    if dom is None:
+        raise PhaseFailed(f"{job.spec.domain} is not on {rt.host}")
+    try:
+        dom.migrateStartPostCopy()
+    except LibvirtError as exc:
+        reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
+        raise PhaseFailed(reason) from None
+    rt.store.mark_postcopy(job.id)
+    log.info("migration.postcopy_started")

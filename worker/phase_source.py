@@ -1,0 +1,115 @@
+"""The source's phases: source_preflight before the migration, confirm after it.
+
+    source_preflight  the domain exists, in a state the mode can move; its facts recorded
+    confirm           the source copy is gone, inactive or kept, as asked (else leftovers)
+
+Each checks libvirt's real state before it acts and raises PhaseFailed with a reason an
+operator can act on; worker/phase_frame.py does the bookkeeping around it. A phase returns
+the job state to enter once it is done (or None to stay).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.events import get_logger
+from jobs.model import Job
+from jobs.states import JobState
+from worker.job_end import advance, hold_domain, succeed_with_leftovers
+from worker.libvirt_host import Domain, facts, is_paused
+from worker.phase_errors import PhaseFailed
+from worker.runtime import Runtime
+from worker.storage import local_disks
+
+log = get_logger()
+
+
+def source_preflight(rt: Runtime, job: Job) -> JobState | None:
+    advance(rt, job, JobState.PREFLIGHT)
+    spec = job.spec
+    dom = rt.libvirt.by_name(spec.domain)
+    if dom is None:
+        raise PhaseFailed(f"{spec.domain} is not defined on {spec.src}")
+    found = facts(dom)
+    if spec.offline and not found.persistent:
+        raise PhaseFailed(
+            f"{spec.domain} is transient on {spec.src}; offline migration moves a persistent "
+            "definition"
+        )
+    if not spec.offline and not found.active:
+        raise PhaseFailed(
+            f"{spec.domain} is {found.state} on {spec.src}; only --offline moves an inactive domain"
+        )
+    recorded: dict[str, Any] = found.as_dict()
+    if spec.copy_storage is not None:
+        recorded["disks"] = [d.as_dict() for d in local_disks(dom)]
+        if not recorded["disks"]:
+            raise PhaseFailed(f"--copy-storage: {spec.domain} has no local disk to copy")
+    hold_domain(rt, job, found.uuid)
+    rt.store.update(job.id, facts=recorded)
+    log.info("preflight.facts", **found.as_dict())
+    return None
+
+
+def job_domain(rt: Runtime, job: Job, name: str) -> Domain | None:
+    """The job's guest on this host, by the uuid the source found, if it is named `name`.
+
+    The uuid comes from the job record; the name from the signed spec. A uuid that names
+    another domain here is a forged record: nothing is done to that domain.
+    """
+    dom = rt.libvirt.by_uuid(job.source.uuid)
+    if dom is not None and dom.name() != name:
+        raise PhaseFailed(
+            f"the job's uuid is {dom.name()} on {rt.host}, not {name}: refusing to touch it"
+        )
+    return dom
+
+
+def resume_if_left_paused(dom: Domain, job: Job, why: str) -> None:
+    """A guest that was running before its migration and is left paused by it runs again."""
+    if is_paused(dom) and job.facts is not None and job.facts.state == "running":
+        dom.resume()
+        log.warning("source.resumed", reason=why)
+
+
+def ensure_running_on_source(rt: Runtime, job: Job) -> str:
+    """After a failed migration, make sure the guest still runs here; say how it is."""
+    dom = job_domain(rt, job, job.spec.domain)
+    if dom is None or not dom.isActive():
+        return f"{job.spec.domain} is no longer active on {rt.host}"
+    resume_if_left_paused(dom, job, "migration failed with the guest paused")
+    return f"{job.spec.domain} still running on {rt.host}"
+
+
+def confirm(rt: Runtime, job: Job) -> JobState | None:
+    """Check what is left of the guest on the source; the job succeeds whatever that is.
+
+    Confirm runs only after finish verified the guest on the destination: the move is done,
+    and a source that does not look as asked (its definition removed by someone mid-flight,
+    a copy still defined) is a leftover to report, not a failure to roll back (a rollback
+    would be sent to the host where the guest now runs). The leftovers, and why, go into the
+    job's result and a `confirm.leftovers` event.
+    """
+    spec = job.spec
+    dom = job_domain(rt, job, spec.domain)
+    here = f"{spec.domain} on {spec.src}"
+    leftovers: list[str] = []
+    if spec.offline:
+        was_active = job.source.active
+        if (dom is not None and bool(dom.isActive())) != was_active:
+            leftovers.append(f"{here} changed state during an offline migration")
+    elif dom is not None and dom.isActive():
+        leftovers.append(f"{here} is still active after migrating")
+    keeps_config = job.source.persistent and not spec.undefine_source
+    defined = dom is not None and bool(dom.isPersistent())
+    if defined != keeps_config:
+        leftovers.append(
+            f"{here} is {'still' if defined else 'no longer'} defined, expected "
+            f"{'kept' if keeps_config else 'removed'}"
+        )
+    rt.store.update(job.id, result={"source_defined": defined})
+    if leftovers:
+        succeed_with_leftovers(rt, job, "; ".join(leftovers))
+    else:
+        log.info("confirm.verified", source_defined=defined)
+    return JobState.SUCCEEDED

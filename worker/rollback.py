@@ -1,0 +1,94 @@
+"""The destination's clean-up after a job that ended without moving its guest (the
+`drover.rollback_destination` task): its reservation, its half-arrived copy, its images."""
+
+from __future__ import annotations
+
+from config.events import get_logger
+from jobs.model import Job
+from jobs.states import JobState
+from worker.libvirt_host import is_paused
+from worker.phase_errors import PhaseFailed
+from worker.phase_source import job_domain
+from worker.runtime import Runtime
+from worker.storage import remove_own
+
+log = get_logger()
+
+# A rollback is for a job that ended without moving its guest, and for nothing else: sent for
+# a job still in flight (a replayed or forged message), it would destroy the incoming guest.
+ROLLBACK_STATES = frozenset({JobState.FAILED, JobState.CANCELLED})
+
+
+def rollback_destination(rt: Runtime, job: Job) -> None:
+    """After a failure: free the reservation; nothing half-arrived or half-made stays here.
+
+    Only what this job brought: a paused domain with the job's UUID is destroyed only if this
+    host's ledger says this job is the one bringing it in (prepare recorded it). Another job
+    for the same domain (its lease ran out in Redis) may be migrating it here right now; its
+    incoming copy, perhaps in post-copy the only up-to-date one, is left alone.
+    """
+    if job.state not in ROLLBACK_STATES:
+        raise PhaseFailed(
+            f"job {job.id} is {job.state.value}; only a failed or cancelled job is rolled back"
+        )
+    rt.store.release(job.spec.dst, job.id)
+    uuid = job.facts.uuid if job.facts is not None else None
+    dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
+    incoming = rt.ledger.incoming_job(uuid) if uuid else None
+    if dom is not None and dom.isActive():
+        paused = is_paused(dom)
+        if paused and incoming != job.id:
+            owner = f"job {incoming}'s" if incoming else "not recorded as any job's"
+            log.warning(
+                "rollback.kept_incoming",
+                uuid=uuid,
+                reason=f"the incoming {job.spec.arrives_as} on {rt.host} is {owner}, "
+                "not this job's",
+            )
+        elif paused and _active_on_source(rt, job):
+            # This job's incoming copy that never started while the source still runs it.
+            dom.destroy()
+            log.warning("rollback.removed_incoming", uuid=uuid)
+    if uuid:
+        rt.ledger.drop_incoming(uuid, job.id)
+    arrived = dom is not None and bool(dom.isActive())
+    if not arrived:
+        # Only what this worker recorded making for this job (worker/ledger.py).
+        removed = remove_own(rt.ledger, job.id, rt.registry_entry.storage_dirs)
+        if removed:
+            log.info("rollback.removed_images", paths=removed)
+    log.info("rollback.done")
+
+
+def rollback_reconnecting(rt: Runtime, job: Job) -> None:
+    """`rollback_destination` through a libvirtd that may have restarted during the job.
+
+    Its connection then fails on first use; the rollback is run again on a fresh one
+    (tunables.rollback_attempts), and an event says how it ended either way: `rollback.done`,
+    or `rollback.failed` with why (the job's stream then shows what is left to clean up).
+    """
+    tunables = rt.settings.tunables
+
+    def retrying(error: str, attempt: int) -> None:
+        log.warning(
+            "rollback.retrying", reason=error, attempt=attempt, of=tunables.rollback_attempts
+        )
+
+    try:
+        rt.libvirt.reconnecting(
+            lambda: rollback_destination(rt, job),
+            attempts=tunables.rollback_attempts,
+            delay=tunables.retry_delay,
+            on_retry=retrying,
+        )
+    except PhaseFailed:
+        raise  # a refusal (the job did not fail), reported as such by the task
+    except Exception as exc:
+        log.error("rollback.failed", reason=f"rollback on {rt.host} failed: {exc}")
+        raise
+
+
+def _active_on_source(rt: Runtime, job: Job) -> bool:
+    """Ask the source's libvirtd directly: never remove the only running copy of a guest."""
+    there = rt.libvirt.on_peer(rt.settings.host(job.spec.src).peer_uri, job.source.uuid)
+    return there is not None and there.active
