@@ -91,6 +91,21 @@ def guest_uuid(hv: libvirt.virConnect) -> str:
     return str(hv.lookupByName(GUEST).UUIDString())
 
 
+def recorded(uuid: str, **seen: object) -> dict[str, object]:
+    """Source facts as a preflight writes them (a whole record: the store checks its shape),
+    the test guest running and persistent unless `seen` says otherwise."""
+    facts: dict[str, object] = {
+        "name": GUEST,
+        "uuid": uuid,
+        "state": "running",
+        "active": True,
+        "persistent": True,
+        "memory_mib": 64,
+        "vcpus": 1,
+    }
+    return facts | seen
+
+
 # --- source_preflight -----------------------------------------------------------------------
 
 
@@ -136,7 +151,7 @@ def test_prepare_refuses_a_guest_already_running_on_the_destination(
     env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
 ) -> None:
     job_id = job_for(store)
-    store.update(job_id, facts={"uuid": guest_uuid(hv), "state": "running"})
+    store.update(job_id, facts=recorded(guest_uuid(hv), state="running"))
     with pytest.raises(PhaseFailed, match=f"test \\({guest_uuid(hv)}\\) is already running"):
         destination_prepare(runtime(store, "kvm2", tmp_path), store.get(job_id))
 
@@ -146,7 +161,7 @@ def test_prepare_believes_the_source_s_libvirtd_not_the_record(
 ) -> None:
     job_id = job_for(store)
     forged = "00000000-0000-0000-0000-000000000001"
-    store.update(job_id, facts={"uuid": forged})
+    store.update(job_id, facts=recorded(forged))
     with pytest.raises(PhaseFailed, match=f"has uuid {guest_uuid(hv)}, not the job's {forged}"):
         destination_prepare(runtime(store, "kvm2", tmp_path), store.get(job_id))
 
@@ -165,18 +180,18 @@ def test_finish_checks_the_arrived_guest_against_the_spec(
 ) -> None:
     rt = runtime(store, "kvm2", tmp_path)
     transient = job_for(store)  # the guest here is persistent; the job asked for transient
-    store.update(transient, facts={"uuid": guest_uuid(hv), "state": "running"})
+    store.update(transient, facts=recorded(guest_uuid(hv), state="running"))
     walked(store, transient, JobState.MIGRATING)
     with pytest.raises(PhaseFailed, match="test on kvm2 is persistent, expected transient"):
         finish(rt, store.get(transient))
 
     kept = job_for(store, persistent=True)
-    store.update(kept, facts={"uuid": guest_uuid(hv), "state": "running"})
+    store.update(kept, facts=recorded(guest_uuid(hv), state="running"))
     walked(store, kept, JobState.MIGRATING)
     assert finish(rt, store.get(kept)) is None
     job = store.get(kept)
     assert job.state is JobState.FINISHING
-    assert job.result["destination"]["state"] == "running"
+    assert job.result.destination is not None and job.result.destination.state == "running"
 
 
 def test_finish_refuses_a_record_whose_uuid_names_another_domain(
@@ -185,7 +200,7 @@ def test_finish_refuses_a_record_whose_uuid_names_another_domain(
     hv.defineXML(IDLE_XML.format(name="other"))
     job_id = job_for(store, persistent=True)
     other = str(hv.lookupByName("other").UUIDString())
-    store.update(job_id, facts={"uuid": other, "state": "running"})
+    store.update(job_id, facts=recorded(other, state="running"))
     walked(store, job_id, JobState.MIGRATING)
     with pytest.raises(PhaseFailed, match="the job's uuid is other on kvm2, not test"):
         finish(runtime(store, "kvm2", tmp_path), store.get(job_id))
@@ -195,11 +210,11 @@ def test_confirm_reports_a_source_copy_still_running_as_leftovers(
     env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
 ) -> None:
     job_id = job_for(store)
-    store.update(job_id, facts={"uuid": guest_uuid(hv), "persistent": True, "active": True})
+    store.update(job_id, facts=recorded(guest_uuid(hv), persistent=True, active=True))
     assert confirm(runtime(store, "kvm1", tmp_path), store.get(job_id)) is JobState.SUCCEEDED
     result = store.get(job_id).result
-    assert "test on kvm1 is still active after migrating" in result["leftovers"]
-    assert result["source_defined"] is True
+    assert "test on kvm1 is still active after migrating" in (result.leftovers or "")
+    assert result.source_defined is True
 
 
 # --- recovery of an interrupted perform -----------------------------------------------------
@@ -220,7 +235,7 @@ def test_recovery_finds_no_migration_and_the_guest_still_here(
     """The guest runs on the source, left paused by the migration that died with its worker:
     it runs again, the job fails with why, and the destination is asked to roll back."""
     job_id = job_for(store)
-    store.update(job_id, facts={"uuid": guest_uuid(hv), "state": "running"})
+    store.update(job_id, facts=recorded(guest_uuid(hv), state="running"))
     walked(store, job_id, JobState.MIGRATING)
     store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
     hv.lookupByName(GUEST).suspend()
@@ -239,7 +254,7 @@ def test_recovery_judges_a_guest_gone_from_the_source_as_moved(
     env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path, rollbacks: list[str]
 ) -> None:
     job_id = job_for(store)
-    store.update(job_id, facts={"uuid": "00000000-0000-0000-0000-0000000000aa"})
+    store.update(job_id, facts=recorded("00000000-0000-0000-0000-0000000000aa"))
     walked(store, job_id, JobState.MIGRATING)
     store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
     assert recover_perform(runtime(store, "kvm1", tmp_path), store.get(job_id)) is True
