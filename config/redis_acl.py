@@ -10,7 +10,11 @@ transport (kombu/transport/redis.py):
 - a queue is a list named after it (`drover.host.kvm1`, plus `<queue>\\x06\\x16<priority>`
   lists when priorities are used), filled with LPUSH, consumed with BRPOP;
 - a binding is a member of the set `_kombu.binding.<exchange>` (SADD when a queue is
-  declared, SMEMBERS to route a message, SREM when an auto-delete queue goes);
+  declared, SMEMBERS to route a message, SREM when an auto-delete queue goes); since kombu
+  5.7 a queue without x-expires also marks its binding in `_kombu.binding_permanent.<exchange>`,
+  and a queue with x-expires (an event receiver's, a pidbox's) keeps its binding alive by a
+  Lua script that stamps a deadline in `_kombu.binding_deadlines` (TIME, ZADD), where a
+  sweep of the same consumers drops overdue tables (ZRANGEBYSCORE, EXISTS, DEL, ZREM);
 - a fanout exchange (Celery's events `celeryev`, remote control's `celery.pidbox`) is a
   pub/sub channel `/<db>.<exchange>[/<routing key>]`, PUBLISHed to and PSUBSCRIBEd;
 - a consumer that acknowledges keeps its in-flight messages in `unacked` and
@@ -59,6 +63,13 @@ PRIVATE_FILE_MODE = 0o600
 
 # kombu's Redis transport (kombu/transport/redis.py: keyprefix_queue, the unacked_* keys).
 BINDING_PREFIX = "_kombu.binding."
+# kombu 5.7: bindings of queues without x-expires (keyprefix_binding_permanent), and the
+# deadlines of expiring queues' binding tables (keyprefix_binding_deadlines).
+PERMANENT_BINDING_PREFIX = "_kombu.binding_permanent."
+BINDING_DEADLINES = "_kombu.binding_deadlines"
+# What an expiring queue's consumer runs to keep its binding (kombu's REFRESH_BINDING and
+# SWEEP_BINDINGS scripts): Lua runs with the caller's permissions.
+BINDING_EXPIRY_COMMANDS = ("+time", "+zadd", "+zrangebyscore", "+zrem", "+exists", "+del")
 UNACKED_KEYS = ("unacked", "unacked_index", "unacked_mutex")
 # Transport options that would move kombu's keys or channels away from the names above.
 _UNSUPPORTED_TRANSPORT_OPTIONS = ("global_keyprefix", "fanout_prefix", "fanout_patterns")
@@ -257,6 +268,11 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                     "RW",
                     "the queue's binding: SADD when declared, SMEMBERS to route",
                 ),
+                KeyPattern(
+                    f"{PERMANENT_BINDING_PREFIX}{queues}",
+                    "RW",
+                    "the same binding marked permanent (no x-expires): SADD when declared",
+                ),
             ),
             data_commands=("+lpush", "+sadd", "+smembers"),
         ),
@@ -290,8 +306,10 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                 KeyPattern(
                     f"{BINDING_PREFIX}{n.event_exchange}",
                     "RW",
-                    "the receiver's binding: SADD, SREM when it leaves",
+                    "the receiver's binding: SADD (by kombu's refresh script), SREM when it "
+                    "leaves, DEL by a sweep once overdue",
                 ),
+                *_binding_expiry_keys(n.event_exchange),
                 KeyPattern(
                     f"{n.event_queue_prefix}.*",
                     "W",
@@ -304,8 +322,16 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                     "PSUBSCRIBE of exactly this pattern (routing key #)",
                 ),
             ),
-            commands=("+psubscribe", "+punsubscribe", "+unsubscribe"),
-            data_commands=("+sadd", "+srem", "+del", "+multi", "+exec", "+discard"),
+            commands=("+psubscribe", "+punsubscribe", "+unsubscribe", *SCRIPT_COMMANDS),
+            data_commands=(
+                "+sadd",
+                "+srem",
+                "+del",
+                "+multi",
+                "+exec",
+                "+discard",
+                *BINDING_EXPIRY_COMMANDS,
+            ),
         ),
         "queue-lengths": Grant(
             "queue-lengths",
@@ -326,6 +352,7 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                     "RW",
                     "the reply queue's binding: SADD, SREM when it goes",
                 ),
+                *_binding_expiry_keys(n.reply_pidbox),
                 KeyPattern(
                     f"*.{n.reply_pidbox}*",
                     "RW",
@@ -364,6 +391,7 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                 "+multi",
                 "+exec",
                 "+discard",
+                *BINDING_EXPIRY_COMMANDS,
             ),
         ),
         "serve-control": Grant(
@@ -375,6 +403,7 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                     "RW",
                     "the worker's pidbox binding: SADD, SREM when it stops",
                 ),
+                *_binding_expiry_keys(n.pidbox),
                 KeyPattern(
                     f"{BINDING_PREFIX}{n.reply_pidbox}",
                     "R",
@@ -388,10 +417,27 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                 ),
             ),
             channels=(ChannelPattern(f"{n.fanout}{n.pidbox}", "PSUBSCRIBE of exactly this"),),
-            commands=("+psubscribe", "+punsubscribe", "+unsubscribe"),
+            commands=("+psubscribe", "+punsubscribe", "+unsubscribe", "+time"),
             data_commands=("+lpush", "+smembers"),
         ),
     }
+
+
+def _binding_expiry_keys(exchange: str) -> tuple[KeyPattern, ...]:
+    """The keys by which an expiring queue bound to `exchange` keeps its binding (kombu 5.7)."""
+    return (
+        KeyPattern(
+            f"{PERMANENT_BINDING_PREFIX}{exchange}",
+            "RW",
+            "SREM when the queue goes; EXISTS by a sweep (a permanent binding is kept)",
+        ),
+        KeyPattern(
+            BINDING_DEADLINES,
+            "RW",
+            "the binding's deadline: ZADD by kombu's refresh script, ZRANGEBYSCORE and ZREM "
+            "by its sweep",
+        ),
+    )
 
 
 _ROLE_WHY = {

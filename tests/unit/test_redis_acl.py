@@ -514,6 +514,8 @@ ROLE_REFUSED: dict[str, list[tuple[str, ...]]] = {
         ("PSUBSCRIBE", "/0.celeryev/*"),
     ],
 }
+# How Redis words a refusal of a command a Lua script calls (the script runs as its caller).
+SCRIPT_REFUSED = "The user executing the script can't"
 WITHOUT_REMOTE_CONTROL_REFUSED: dict[str, list[tuple[str, ...]]] = {
     role: [
         ("PUBLISH", "/0.celery.pidbox", "{}"),
@@ -526,7 +528,9 @@ WITHOUT_REMOTE_CONTROL_REFUSED: dict[str, list[tuple[str, ...]]] = {
 WITHOUT_REMOTE_CONTROL_REFUSED[PRODUCER] += [("HSET", "unacked", "tag", "x")]
 WITHOUT_REMOTE_CONTROL_REFUSED[FLOWER] += [
     ("HSET", "unacked", "tag", "x"),
-    ("EVAL", "return 1", "0"),
+    # Flower runs kombu 5.7's binding scripts, but a script of its own reaches no job.
+    ("EVAL", "return redis.call('HGETALL', KEYS[1])", "1", "drover:job:0123456789ab"),
+    ("EVAL", "return redis.call('FLUSHALL')", "0"),
     ("PUBLISH", "/0.celeryev/worker.heartbeat", "{}"),  # no forged events
 ]
 
@@ -561,6 +565,10 @@ def test_a_role_is_refused_what_it_must_not_do(sandbox: AclRedis, role: str) -> 
             client.execute_command(*command)
         except redis.exceptions.NoPermissionError:
             continue
+        except redis.exceptions.ResponseError as exc:  # a script's call refused by the ACL
+            if SCRIPT_REFUSED in str(exc):
+                continue
+            raise
         allowed.append(command)
     assert allowed == []
     client.close()
