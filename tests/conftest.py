@@ -13,6 +13,24 @@ from lab.proc import kill
 
 pytest_plugins = ["tests.support.lab_fixtures"]
 
+# Everything here needs root and the lab; each module says so (`pytestmark = pytest.mark.lab`)
+# so that `pytest -m "not lab"` runs all the rest as an ordinary user.
+LAB_TEST_DIRS = ("lab", "faults")
+TESTS_ROOT = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a lab or fault test without the `lab` marker: `-m "not lab"` would run it."""
+    lab_dirs = [TESTS_ROOT / name for name in LAB_TEST_DIRS]
+    unmarked = [
+        item.nodeid
+        for item in items
+        if any(item.path.is_relative_to(d) for d in lab_dirs)
+        and item.get_closest_marker("lab") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"lab tests without the `lab` marker: {unmarked[:5]}")
+
 
 def free_port() -> int:
     with socket.socket() as s:
