@@ -13,7 +13,6 @@ from celery import Celery
 from celery.signals import before_task_publish
 
 from config import envelope
-from config.event_dispatcher import EVENTS_PATH
 from config.security import TASK_PREFIX, enable_signing, signing_config
 from config.settings import ConfigError, Settings, Tunables, current, load_settings
 
@@ -75,9 +74,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     error surfaces as one line where it is used rather than as an import traceback.
     """
     # Every task checks its message before it runs: size, content type, a job id only.
-    # Task events go through a dispatcher that does not drop those a pool thread sends while
-    # the worker's event loop is publishing (celery/celery#10434; config/event_dispatcher.py).
-    celery_app = Celery("drover", task_cls="config.security:DroverTask", events=EVENTS_PATH)
+    celery_app = Celery("drover", task_cls="config.security:DroverTask")
     if settings is not None:
         celery_app.conf.update(celery_config(settings))
         enable_signing(celery_app, settings)

@@ -1,8 +1,11 @@
-"""Structured events: one structlog processor chain for logs and the job's Redis stream.
+"""Structured events: one writer for the job's Redis stream, and the log, of every process.
 
-Every event a worker emits with a job bound goes through the same small steps: context from
-the running phase, the contract keys, a timestamp, publication to the job's stream, then
-JSON for the log. Producers follow the stream; the worker log keeps the same lines.
+An event is built by the same pure steps wherever it is emitted: a timestamp in one format,
+the emitting host, the contract keys. A worker emits through structlog (`configure`): its
+context from the running phase, those steps, then output last: the copy on the job's stream
+and the JSON log line. A producer or an admission pass writes one event straight to a job's
+stream (`job_event` builds it by the same steps), so every stream holds one shape and one
+timestamp format whoever wrote it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
@@ -25,6 +29,8 @@ EVENTS_LOST = "events.lost"
 # Defaults for a chain configured without the tunables (tools, tests).
 HOLD_MAX = 10_000
 FLUSH_INTERVAL_S = 0.5
+# The log level structlog adds: not part of the event on the stream.
+LEVEL_KEY = "level"
 
 EventDict = MutableMapping[str, Any]
 Processor = Callable[[Any, str, EventDict], EventDict]
@@ -34,13 +40,14 @@ class EventSink(Protocol):
     def append_event(self, job_id: str, event: dict[str, Any]) -> str: ...
 
 
-def job_event(name: str, host: str, **fields: Any) -> dict[str, Any]:
-    """An event in the contract's shape, written by a producer or an admission pass directly
-    to a job's stream (a worker's go through the processor chain below)."""
-    from datetime import UTC, datetime
+def now_ts() -> str:
+    """The one timestamp format of events: ISO 8601 in UTC with `+00:00`, as
+    `datetime.isoformat()` writes it (and every other time drover stores in Redis)."""
+    return datetime.now(UTC).isoformat()
 
-    event: dict[str, Any] = dict.fromkeys(CONTRACT_KEYS)
-    event.update(ts=datetime.now(UTC).isoformat(), event=name, host=host, **fields)
+
+def add_timestamp(_: Any, __: str, event: EventDict) -> EventDict:
+    event["ts"] = now_ts()
     return event
 
 
@@ -56,6 +63,23 @@ def ensure_contract_keys(_: Any, __: str, event: EventDict) -> EventDict:
     for key in CONTRACT_KEYS:
         event.setdefault(key, None)
     return event
+
+
+def contract_steps(host: str) -> list[Processor]:
+    """The pure steps that give an event its contract shape: the same for every writer."""
+    return [add_timestamp, add_host(host), ensure_contract_keys]
+
+
+def run_steps(steps: Sequence[Processor], event: EventDict) -> EventDict:
+    for step in steps:
+        event = step(None, "info", event)
+    return event
+
+
+def job_event(name: str, host: str, **fields: Any) -> dict[str, Any]:
+    """An event in the contract's shape, for a producer or an admission pass to write straight
+    to a job's stream: built by the steps a worker's events go through (`configure`)."""
+    return dict(run_steps(contract_steps(host), {"event": name, **fields}))
 
 
 class StreamPublisher:
@@ -139,22 +163,25 @@ class StreamPublisher:
                     return
 
 
-def publish_to_job_stream(publisher: StreamPublisher | None) -> Processor:
-    """Copy events that belong to a job onto that job's stream; never fail the caller.
+class StreamAndLog:
+    """The chain's output, its last step: the event onto its job's stream, then its JSON line.
 
-    The log line of an event that could not be written yet says `stream_held`; the event
-    itself reaches the stream once Redis is back (StreamPublisher).
+    Events without a `job_id` are log lines only. Writing never fails the caller: the log line
+    of an event that could not be written yet says `stream_held`, and the event itself reaches
+    the stream once Redis is back (StreamPublisher).
     """
 
-    def processor(_: Any, __: str, event: EventDict) -> EventDict:
-        job_id = event.get("job_id")
-        if publisher is not None and job_id:
-            copy = {k: v for k, v in event.items() if k != "level"}
-            if not publisher.publish(str(job_id), copy):
-                event["stream_held"] = True
-        return event
+    def __init__(self, publisher: StreamPublisher | None) -> None:
+        self.publisher = publisher
+        self.render = structlog.processors.JSONRenderer(default=str)
 
-    return processor
+    def __call__(self, logger: Any, method: str, event: EventDict) -> str:
+        job_id = event.get("job_id")
+        if self.publisher is not None and job_id:
+            copy = {k: v for k, v in event.items() if k != LEVEL_KEY}
+            if not self.publisher.publish(str(job_id), copy):
+                event["stream_held"] = True
+        return str(self.render(logger, method, event))
 
 
 def configure(
@@ -179,11 +206,8 @@ def configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-            add_host(host),
-            ensure_contract_keys,
-            publish_to_job_stream(publisher),
-            structlog.processors.JSONRenderer(default=str),
+            *contract_steps(host),
+            StreamAndLog(publisher),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),

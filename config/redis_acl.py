@@ -10,7 +10,11 @@ transport (kombu/transport/redis.py):
 - a queue is a list named after it (`drover.host.kvm1`, plus `<queue>\\x06\\x16<priority>`
   lists when priorities are used), filled with LPUSH, consumed with BRPOP;
 - a binding is a member of the set `_kombu.binding.<exchange>` (SADD when a queue is
-  declared, SMEMBERS to route a message, SREM when an auto-delete queue goes);
+  declared, SMEMBERS to route a message, SREM when an auto-delete queue goes); since kombu
+  5.7 a queue without x-expires also marks its binding in `_kombu.binding_permanent.<exchange>`,
+  and a queue with x-expires (an event receiver's, a pidbox's) keeps its binding alive by a
+  Lua script that stamps a deadline in `_kombu.binding_deadlines` (TIME, ZADD), where a
+  sweep of the same consumers drops overdue tables (ZRANGEBYSCORE, EXISTS, DEL, ZREM);
 - a fanout exchange (Celery's events `celeryev`, remote control's `celery.pidbox`) is a
   pub/sub channel `/<db>.<exchange>[/<routing key>]`, PUBLISHed to and PSUBSCRIBEd;
 - a consumer that acknowledges keeps its in-flight messages in `unacked` and

@@ -9,8 +9,11 @@ from config.key_prefixes import KEY_PREFIX as JOBS_KEY_PREFIX
 from config.key_prefixes import SCHEDULE_KEY_PREFIX
 from config.redis_acl_model import (
     BEAT,
+    BINDING_DEADLINES,
+    BINDING_EXPIRY_COMMANDS,
     BINDING_PREFIX,
     FLOWER,
+    PERMANENT_BINDING_PREFIX,
     PRODUCER,
     ROLES,
     SCRIPT_COMMANDS,
@@ -66,6 +69,11 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                     "RW",
                     "the queue's binding: SADD when declared, SMEMBERS to route",
                 ),
+                KeyPattern(
+                    f"{PERMANENT_BINDING_PREFIX}{queues}",
+                    "RW",
+                    "the same binding marked permanent (no x-expires): SADD when declared",
+                ),
             ),
             data_commands=("+lpush", "+sadd", "+smembers"),
         ),
@@ -99,8 +107,10 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                 KeyPattern(
                     f"{BINDING_PREFIX}{n.event_exchange}",
                     "RW",
-                    "the receiver's binding: SADD, SREM when it leaves",
+                    "the receiver's binding: SADD (by kombu's refresh script), SREM when it "
+                    "leaves, DEL by a sweep once overdue",
                 ),
+                *_binding_expiry_keys(n.event_exchange),
                 KeyPattern(
                     f"{n.event_queue_prefix}.*",
                     "W",
@@ -113,8 +123,16 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                     "PSUBSCRIBE of exactly this pattern (routing key #)",
                 ),
             ),
-            commands=("+psubscribe", "+punsubscribe", "+unsubscribe"),
-            data_commands=("+sadd", "+srem", "+del", "+multi", "+exec", "+discard"),
+            commands=("+psubscribe", "+punsubscribe", "+unsubscribe", *SCRIPT_COMMANDS),
+            data_commands=(
+                "+sadd",
+                "+srem",
+                "+del",
+                "+multi",
+                "+exec",
+                "+discard",
+                *BINDING_EXPIRY_COMMANDS,
+            ),
         ),
         "queue-lengths": Grant(
             "queue-lengths",
@@ -135,6 +153,7 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                     "RW",
                     "the reply queue's binding: SADD, SREM when it goes",
                 ),
+                *_binding_expiry_keys(n.reply_pidbox),
                 KeyPattern(
                     f"*.{n.reply_pidbox}*",
                     "RW",
@@ -173,6 +192,7 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                 "+multi",
                 "+exec",
                 "+discard",
+                *BINDING_EXPIRY_COMMANDS,
             ),
         ),
         "serve-control": Grant(
@@ -184,6 +204,7 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                     "RW",
                     "the worker's pidbox binding: SADD, SREM when it stops",
                 ),
+                *_binding_expiry_keys(n.pidbox),
                 KeyPattern(
                     f"{BINDING_PREFIX}{n.reply_pidbox}",
                     "R",
@@ -197,10 +218,27 @@ def grants(names: BrokerNames) -> dict[str, Grant]:
                 ),
             ),
             channels=(ChannelPattern(f"{n.fanout}{n.pidbox}", "PSUBSCRIBE of exactly this"),),
-            commands=("+psubscribe", "+punsubscribe", "+unsubscribe"),
+            commands=("+psubscribe", "+punsubscribe", "+unsubscribe", "+time"),
             data_commands=("+lpush", "+smembers"),
         ),
     }
+
+
+def _binding_expiry_keys(exchange: str) -> tuple[KeyPattern, ...]:
+    """The keys by which an expiring queue bound to `exchange` keeps its binding (kombu 5.7)."""
+    return (
+        KeyPattern(
+            f"{PERMANENT_BINDING_PREFIX}{exchange}",
+            "RW",
+            "SREM when the queue goes; EXISTS by a sweep (a permanent binding is kept)",
+        ),
+        KeyPattern(
+            BINDING_DEADLINES,
+            "RW",
+            "the binding's deadline: ZADD by kombu's refresh script, ZRANGEBYSCORE and ZREM "
+            "by its sweep",
+        ),
+    )
 
 
 _ROLE_WHY = {

@@ -22,6 +22,13 @@ MAX_DB = 15  # Redis's default `databases 16`
 
 # kombu's Redis transport (kombu/transport/redis.py: keyprefix_queue, the unacked_* keys).
 BINDING_PREFIX = "_kombu.binding."
+# kombu 5.7: bindings of queues without x-expires (keyprefix_binding_permanent), and the
+# deadlines of expiring queues' binding tables (keyprefix_binding_deadlines).
+PERMANENT_BINDING_PREFIX = "_kombu.binding_permanent."
+BINDING_DEADLINES = "_kombu.binding_deadlines"
+# What an expiring queue's consumer runs to keep its binding (kombu's REFRESH_BINDING and
+# SWEEP_BINDINGS scripts): Lua runs with the caller's permissions.
+BINDING_EXPIRY_COMMANDS = ("+time", "+zadd", "+zrangebyscore", "+zrem", "+exists", "+del")
 UNACKED_KEYS = ("unacked", "unacked_index", "unacked_mutex")
 # Transport options that would move kombu's keys or channels away from the names above.
 _UNSUPPORTED_TRANSPORT_OPTIONS = ("global_keyprefix", "fanout_prefix", "fanout_patterns")

@@ -49,7 +49,7 @@ def migrate(
     ] = False,
     dest_connection: Annotated[
         bool,
-        typer.Option("--dest-connection", help="p2p through virDomainMigrate3 (worker opens dest)"),
+        typer.Option("--dest-connection", help="p2p through virDomainMigrate2 (worker opens dest)"),
     ] = False,
     tls: Annotated[bool, typer.Option("--tls", help="QEMU native migration TLS")] = False,
     persistent: Annotated[bool, typer.Option("--persistent")] = False,

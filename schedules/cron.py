@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime
 from typing import cast
 
-from celery.schedules import crontab
+from celery.schedules import crontab, crontab_parser
 from redbeat.schedules import rrule
 
 from jobs.store import now
@@ -93,7 +93,11 @@ def parse_cron(expr: str, *, reference: datetime | None = None) -> crontab:
         if problem:
             raise ScheduleError(f"{where}: {problem}")
     minute, hour, day_of_month, month, day_of_week = fields
+    no_day = ScheduleError(f"{where}: matches no day that exists")
     try:
+        # Checked first: Celery 5.7 refuses such a crontab itself, in words of its own.
+        if not _some_day_exists(day_of_month, month):
+            raise no_day
         schedule = crontab(
             minute=minute,
             hour=hour,
@@ -101,13 +105,28 @@ def parse_cron(expr: str, *, reference: datetime | None = None) -> crontab:
             month_of_year=month,
             day_of_week=day_of_week,
         )
+    except ScheduleError:
+        raise
     except Exception as exc:  # Celery's ParseException, ValueError: unknown names, ranges
         raise ScheduleError(f"{where}: {str(exc).rstrip('.')}") from None
     try:
         schedule.remaining_estimate(reference or now())
     except RuntimeError:
-        raise ScheduleError(f"{where}: matches no day that exists") from None
+        raise no_day from None
     return schedule
+
+
+# The most days each month can have (February: in a leap year).
+DAYS_IN_MONTH = {
+    1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31,
+}  # fmt: skip
+
+
+def _some_day_exists(day_of_month: str, month: str) -> bool:
+    """Whether a day of `day_of_month` falls in a month of `month` (`31 2` never does)."""
+    days = crontab_parser(31, 1).parse(day_of_month)
+    months = crontab_parser(12, 1).parse(month)
+    return any(day <= DAYS_IN_MONTH[m] for m in months for day in days)
 
 
 def normal_cron(expr: str) -> str:

@@ -13,6 +13,46 @@ from lab.proc import kill
 
 pytest_plugins = ["tests.support.lab_fixtures"]
 
+# Everything here needs root and the lab; each module says so (`pytestmark = pytest.mark.lab`)
+# so that `pytest -m "not lab"` runs all the rest as an ordinary user.
+LAB_TEST_DIRS = ("lab", "faults")
+TESTS_ROOT = Path(__file__).resolve().parent
+
+
+# `pytest -m "not lab"`: what runs as any user, spread over this many processes (pytest-xdist).
+# Most of its time is spent waiting (subprocesses, Redis round trips, polls), so more
+# processes than cores pay; each process starts its own redis-server (`redis_srv`).
+NOT_LAB = "not lab"
+NOT_LAB_PROCESSES = 4
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Run the `-m "not lab"` selection in parallel unless told otherwise (`-n 0`, `-p
+    no:xdist`); lab and fault runs stay in one process, as one lab at a time demands."""
+    option = config.option
+    if (
+        config.pluginmanager.hasplugin("xdist")
+        and not hasattr(config, "workerinput")  # an xdist worker itself: one process
+        and getattr(option, "markexpr", "") == NOT_LAB
+        and getattr(option, "numprocesses", None) is None
+        and not getattr(option, "collectonly", False)
+    ):
+        option.numprocesses = NOT_LAB_PROCESSES
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a lab or fault test without the `lab` marker: `-m "not lab"` would run it."""
+    lab_dirs = [TESTS_ROOT / name for name in LAB_TEST_DIRS]
+    unmarked = [
+        item.nodeid
+        for item in items
+        if any(item.path.is_relative_to(d) for d in lab_dirs)
+        and item.get_closest_marker("lab") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"lab tests without the `lab` marker: {unmarked[:5]}")
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -18,7 +18,7 @@ from tests.faults.conftest import check
 from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, wait_for
 from tests.support.limits_sampler import LimitsSampler
 
-pytestmark = pytest.mark.usefixtures("workers_back")
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("workers_back")]
 
 MAX_PARALLEL = 2
 GUESTS = (*IDLE_GUESTS, "dirty-1")

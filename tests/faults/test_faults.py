@@ -20,7 +20,7 @@ from tests.faults.conftest import (
 )
 from tests.support.lab_fixtures import Lab, wait_for
 
-pytestmark = pytest.mark.usefixtures("dirty_home", "workers_back")
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_back")]
 
 
 def events_named(lab: Lab, job_id: str, name: str) -> list[dict[str, object]]:

@@ -37,7 +37,7 @@ from tests.support.cli import run_drover
 from tests.support.forgery import role_redis
 from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, wait_for
 
-pytestmark = pytest.mark.usefixtures("workers_back")
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("workers_back")]
 HOME = pytest.mark.usefixtures("dirty_home")
 
 # Slow enough that a second job reaches its prepare while the first is still copying memory

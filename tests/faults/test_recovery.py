@@ -15,7 +15,7 @@ from tests.faults.conftest import assert_invariants, finish, start_throttled
 from tests.support.forgery import role_redis
 from tests.support.lab_fixtures import Lab, wait_for
 
-pytestmark = pytest.mark.usefixtures("dirty_home", "workers_back")
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_back")]
 
 FAST_WATCHDOG = """[tunables]
 stall_after = 4

@@ -42,7 +42,7 @@ MAX_REPORT_GAP_S = 3.0
 MIN_REPORTS_IN_OUTAGE = 3
 CLI_START_S = 30.0
 
-pytestmark = pytest.mark.usefixtures("dirty_home", "workers_back", "redis_back")
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_back", "redis_back")]
 
 
 @pytest.fixture

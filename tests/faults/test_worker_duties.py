@@ -19,7 +19,7 @@ from producer.api import SubmitError
 from tests.faults.conftest import assert_invariants, finish, in_transfer
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
 
-pytestmark = pytest.mark.usefixtures("dirty_home", "workers_back")
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_back")]
 
 A_TYPO = "\n[tunables\nheartbeat_interval = \n"  # what an editor saves mid-edit
 HEARTBEAT_TTL_S = 10.0  # tunables.heartbeat_ttl's default: a stopped heartbeat shows by then

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.lab_fixtures import Lab
+
+pytestmark = pytest.mark.lab
 
 
 def run(lab: Lab, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

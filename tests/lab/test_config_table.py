@@ -20,6 +20,8 @@ import pytest
 from lab.guests import GuestSpec, domain_xml
 from tests.support.lab_fixtures import Lab
 
+pytestmark = pytest.mark.lab
+
 SOURCE = "source"
 DEST_ORIGINAL = "dest-original"
 MEMORY_MIB = 64

@@ -210,8 +210,8 @@ def test_flower_shows_workers_host_queues_and_a_finished_migration(
                 host_queue(host),
             ), task
             # Flower sets `started` only from a task-started event, which the threads pool
-            # used to lose (celery/celery#10434, config/event_dispatcher.py); without it a
-            # running phase shows RECEIVED, never STARTED.
+            # lost before Celery 5.7 (celery/celery#10434, tests/unit/test_task_events.py);
+            # without it a running phase shows RECEIVED, never STARTED.
             assert isinstance(task["started"], float), (phase, task)
             assert task["received"] <= task["started"] <= task["succeeded"], (phase, task)
         perform = tasks[task_name(Phase.PERFORM)]

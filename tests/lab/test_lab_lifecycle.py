@@ -20,6 +20,8 @@ from lab.layout import LabLayout
 from lab.proc import LabError
 from tests.support.lab_fixtures import wait_for
 
+pytestmark = pytest.mark.lab
+
 LIFECYCLE_LAB_ID = "8"
 
 

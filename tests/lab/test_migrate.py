@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 import libvirt
+import pytest
 
 from jobs.phases import PHASE_ORDER
 from tests.support.lab_fixtures import Lab
+
+pytestmark = pytest.mark.lab
 
 CONTRACT = {"ts", "event", "job_id", "domain", "src", "dst", "phase", "host"}
 

@@ -15,6 +15,8 @@ from jobs.model import Job
 from lab.guests import GuestSpec, domain_xml
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
 
+pytestmark = pytest.mark.lab
+
 # scenario -> (spec options, libvirt API, flags beyond VIR_MIGRATE_LIVE)
 SCENARIOS: dict[str, tuple[dict[str, Any], str, set[str]]] = {
     "native-client-to-two-daemons": ({"control": "direct"}, "migrate3", set()),

@@ -11,6 +11,8 @@ import pytest
 from lab.control import LAB_HOST_MEMORY_MIB
 from tests.support.lab_fixtures import Lab
 
+pytestmark = pytest.mark.lab
+
 
 def test_unknown_domain_fails_in_preflight(lab: Lab) -> None:
     job = lab.migrate("no-such-vm", "lab1", "lab2")

@@ -29,7 +29,7 @@ TLS_PORT = 16514
 SETTLE_S = 15.0
 LIVE_P2P = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(150)]
 
 
 @pytest.fixture(scope="module")

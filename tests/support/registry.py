@@ -1,5 +1,12 @@
 """A registry of two hosts that do not exist: for tests that must never reach a hypervisor."""
 
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_HOST_HEADER = re.compile(r"^\[hosts\.(?P<host>[A-Za-z0-9_-]+)\]$")
+
 REGISTRY = """
 redis_url = "{url}"
 
@@ -11,3 +18,15 @@ migration_address = "192.0.2.1"
 peer_uri = "qemu+tcp://192.0.2.2/system"
 migration_address = "192.0.2.2"
 """
+
+
+def with_state_dirs(registry: str, root: Path) -> str:
+    """`registry` with each host's `state_dir` (its ledger) under `root`, not /var/lib/drover:
+    a worker started by a test then runs as any user."""
+    lines = []
+    for line in registry.splitlines():
+        lines.append(line)
+        header = _HOST_HEADER.match(line)
+        if header:
+            lines.append(f'state_dir = "{root / header["host"]}"')
+    return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ import redis
 
 from jobs.store import JobStore
 from tests.conftest import RedisServer
-from tests.support.registry import REGISTRY
+from tests.support.registry import REGISTRY, with_state_dirs
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def config(tmp_path: Path, redis_srv: RedisServer) -> Path:
     """drover.toml naming kvm1 and kvm2 (never reachable), on an emptied Redis."""
     redis.Redis.from_url(redis_srv.url).flushdb()
     path = tmp_path / "drover.toml"
-    path.write_text(REGISTRY.format(url=redis_srv.url))
+    path.write_text(with_state_dirs(REGISTRY.format(url=redis_srv.url), tmp_path / "state"))
     return path
 
 

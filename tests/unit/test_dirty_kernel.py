@@ -129,6 +129,7 @@ def _short_dir(tmp_path: Path) -> Iterator[Path]:
         yield Path(short)
 
 
+@pytest.mark.lab  # boots QEMU
 @pytest.mark.timeout(60)
 def test_dirty_kernel_boots_and_counts_passes(tmp_path: Path) -> None:
     elf = build_dirty_kernel(tmp_path / "build")

@@ -352,7 +352,13 @@ BAD_REASONS = [
     "r" * 100_000,
 ]
 
+# Ids and names an operator passes to the commands that act on one job, schedule or host.
+BAD_IDS = ["../../etc/passwd", "0123456789ab\n", "\x1b[31mred", "", "x" * 10_000, "*"]
+ID_COMMANDS = [["abort"], ["postcopy"], ["events"], ["schedule", "remove"]]
+
 _CASES: list[tuple[str, list[str]]] = [
+    *((f"{' '.join(c)} {i[:20]!r}", [*c, i]) for c in ID_COMMANDS for i in BAD_IDS),
+    *((f"host enable {h[:20]!r}", ["host", "enable", h]) for h in BAD_HOSTS),
     *((f"domain {d[:20]!r}", live(domain=d)) for d in BAD_DOMAINS),
     *((f"--from {h[:20]!r}", live(src=h)) for h in BAD_HOSTS),
     *((f"--to {h[:20]!r}", live(dst=h)) for h in BAD_HOSTS),
@@ -442,8 +448,36 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return int(code or 0), out.getvalue(), err.getvalue()
 
 
-def test_the_hostile_list_is_long_enough() -> None:
-    assert len(CASES) >= 100
+# Every command that changes what drover does: each must meet hostile input below.
+CHANGING_COMMANDS = [
+    ("migrate",),
+    ("abort",),
+    ("postcopy",),
+    ("evacuate",),
+    ("host", "disable"),
+    ("host", "enable"),
+    ("schedule", "add", "evacuate"),
+    ("schedule", "remove"),
+]
+
+
+def _command_paths(command: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    subcommands = getattr(command, "commands", None)
+    if not subcommands:
+        yield prefix
+        return
+    for name, sub in subcommands.items():
+        yield from _command_paths(sub, (*prefix, name))
+
+
+def test_every_command_that_changes_state_meets_hostile_input() -> None:
+    """A new or renamed command that acts on jobs, hosts or schedules is attacked too."""
+    from typer.main import get_command
+
+    commands = set(_command_paths(get_command(cli.app)))
+    assert set(CHANGING_COMMANDS) <= commands, set(CHANGING_COMMANDS) - commands
+    attacked = {tuple(argv[: len(c)]) for _, argv, _ in CASES for c in CHANGING_COMMANDS}
+    assert [c for c in CHANGING_COMMANDS if c not in attacked] == []
     assert len({name for name, _, _ in CASES}) == len(CASES), "case names must be unique"
 
 

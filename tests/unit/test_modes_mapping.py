@@ -273,3 +273,20 @@ def test_listen_addresses(addr: str) -> None:
 def test_bad_listen_addresses(addr: str) -> None:
     with pytest.raises(ValidationError):
         spec(listen_address=addr)
+
+
+# libvirt's C API behind each python binding name (MigrationCall.api).
+C_API = {"migrate2": "virDomainMigrate2", "migrate3": "virDomainMigrate3"}
+
+
+def test_the_dest_connection_help_names_the_api_it_uses() -> None:
+    """`drover migrate --help` tells an operator which libvirt call --dest-connection makes."""
+    from typer.main import get_command
+
+    from producer.cli import app
+
+    api = C_API[build_call(spec(dest_connection=True), HANDOFF).api]
+    migrate = get_command(app).commands["migrate"]
+    option = next(p for p in migrate.params if "--dest-connection" in p.opts)
+    assert api in option.help, option.help
+    assert not (set(C_API.values()) - {api}) & set(option.help.split()), option.help

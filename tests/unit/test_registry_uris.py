@@ -59,8 +59,10 @@ GOOD_URIS = [
 
 
 @pytest.mark.parametrize("uri", GOOD_URIS)
-def test_allowed_uris_load(tmp_path: Path, uri: str) -> None:
-    load(tmp_path, peer_uri=uri, libvirt_uri=uri)
+def test_allowed_uris_load_as_written(tmp_path: Path, uri: str) -> None:
+    """An allowed URI is what the worker and its peers then open: kept exactly, not rewritten."""
+    host = load(tmp_path, peer_uri=uri, libvirt_uri=uri).host("kvm1")
+    assert (host.libvirt_uri, host.peer_uri) == (uri, uri)
 
 
 BAD_URIS = {

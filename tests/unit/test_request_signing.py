@@ -68,13 +68,19 @@ class Fleet:
         )
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, redis_srv: RedisServer) -> Fleet:
-    keys = tmp_path / "keys"
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fleet's key, a store trusting it, and a stranger's key: made once (RSA is slow)."""
+    keys = tmp_path_factory.mktemp("keys")
     (keys / "trusted").mkdir(parents=True)
     make_certificate(keys / "key.pem", keys / "cert.pem", "/CN=producer")
     (keys / "trusted" / "producer.pem").write_bytes((keys / "cert.pem").read_bytes())
     make_certificate(keys / "stranger-key.pem", keys / "stranger.pem", "/CN=stranger")
+    return keys
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, redis_srv: RedisServer, keys: Path) -> Fleet:
     config = tmp_path / "drover.toml"
     config.write_text(
         REGISTRY.format(url=redis_srv.url)

@@ -53,7 +53,9 @@ BEAT_STOP_TIMEOUT_S = 15
 # How long the second beat is watched for not firing (a few of the first beat's ticks).
 STANDBY_WATCH_S = 4
 POLL_S = 0.05
-SOON_S = 2
+# A one-shot's time from now: it must still be ahead when `drover schedule add` (a fresh
+# process, slower on a busy machine) checks it.
+SOON_S = 5
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -79,10 +79,12 @@ def test_a_keeper_outlives_any_error_in_its_duties(store: JobStore) -> None:
     worker.start()
     try:
         wait_for(lambda: len(calls) >= 3, 10, "the duty to run again after failing")
+        assert worker.is_alive(), "the keeper died of its duty's error"
     finally:
         worker.stop.set()
         worker.wake.set()
         worker.join(timeout=5)
+    assert not worker.is_alive(), "the keeper did not stop when told"
 
 
 # --- leases ---------------------------------------------------------------------------------

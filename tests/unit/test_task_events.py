@@ -1,5 +1,10 @@
 """Task events survive a flush that races with pool threads (celery/celery#10434).
 
+Flower shows a running phase as STARTED only from its `task-started` event. Before Celery
+5.7.0 the `threads` pool dropped some of those (an event a pool thread buffered while the
+worker's event loop published the buffer was cleared unsent); drover carried a backport of
+the fix until the lock pinned 5.7. These tests hold Celery's own dispatcher to it.
+
 The dispatcher is the one drover's app gives its workers (`app.events.Dispatcher`), set up
 as the worker's Events bootstep sets it up under the `threads` pool: `task-*` events are
 buffered, each send asks the event loop to flush, and a full buffer is flushed by the sending
@@ -16,13 +21,13 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+import celery
 import pytest
 from celery import Celery
 from celery.events.dispatcher import EventDispatcher
 
 import config.celery
 from config.celery import make_app
-from config.event_dispatcher import ThreadSafeEventDispatcher, celery_has_upstream_fix
 from config.settings import Settings
 from tests.conftest import RedisServer
 from tests.support.lab_fixtures import wait_for
@@ -36,6 +41,8 @@ JOIN_S = 30.0
 PROBE_INTERVAL_S = 0.2
 HOSTNAME = "drover@dispatcher-test"
 PROBE, DONE = "drover-probe", "drover-done"  # not buffered: published at once, in order
+# The first Celery release whose EventDispatcher.flush() keeps events appended during it.
+UPSTREAM_FIX = (5, 7)
 
 
 @pytest.fixture
@@ -129,12 +136,14 @@ def finish(dispatcher: EventDispatcher, received: Received) -> None:
     assert received.done.wait(DELIVERED_S), "the marker event never arrived"
 
 
-def test_drover_app_dispatches_events_with_the_thread_safe_dispatcher(app: Celery) -> None:
-    """The worker's Events bootstep builds its dispatcher from `app.events.Dispatcher`."""
+def test_drover_app_dispatches_events_with_celerys_own_dispatcher(app: Celery) -> None:
+    """The worker's Events bootstep builds its dispatcher from `app.events.Dispatcher`: on a
+    release with the upstream fix (celery/celery#10435, 5.7.0) that is Celery's own."""
+    assert (celery.VERSION.major, celery.VERSION.minor) >= UPSTREAM_FIX, celery.__version__
     for celery_app in (app, config.celery.app):
-        uses_ours = issubclass(celery_app.events.Dispatcher, ThreadSafeEventDispatcher)
-        # Celery 5.7.0 has the upstream fix; there drover keeps Celery's own dispatcher.
-        assert uses_ours is not celery_has_upstream_fix()
+        dispatcher_cls = celery_app.events.Dispatcher
+        assert issubclass(dispatcher_cls, EventDispatcher), dispatcher_cls.__mro__
+        assert dispatcher_cls.flush is EventDispatcher.flush, "not Celery's own flush()"
 
 
 def test_no_task_event_is_lost_when_pool_threads_send_during_flushes(app: Celery) -> None:
