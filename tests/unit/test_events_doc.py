@@ -17,11 +17,14 @@ from pathlib import Path
 from config import events
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("config", "jobs", "worker", "producer")
+PACKAGES = ("config", "jobs", "schedules", "worker", "producer")
 DOC = REPO / "docs" / "events.md"
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
 # Event builders and the position of the event name among their arguments.
 BUILDERS = {"job_event": 0, "migration_event": 2}
+# Methods that write an event to a stream, and the position of its name after the record's id
+# (jobs/evacuations.py `EvacuationService._event(evacuation_id, name, ...)`).
+METHOD_BUILDERS = {"_event": 1}
 # A table row's first cell: one or more `name` spellings.
 _ROW = re.compile(r"^\|\s*(?P<cell>`[^|]+)\|", re.MULTILINE)
 _NAME = re.compile(r"`([a-z_<>]+(?:\.[a-z_<>]+)+)`")
@@ -61,6 +64,8 @@ def emitted_names() -> set[str]:
                     index = 0
                 elif isinstance(func, ast.Name) and func.id in BUILDERS:
                     index = BUILDERS[func.id]
+                elif isinstance(func, ast.Attribute) and func.attr in METHOD_BUILDERS:
+                    index = METHOD_BUILDERS[func.attr]
                 if index is not None and len(node.args) > index:
                     names |= {n for n in _names_of(node.args[index]) if "." in n}
     return names

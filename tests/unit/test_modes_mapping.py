@@ -283,7 +283,7 @@ def test_the_dest_connection_help_names_the_api_it_uses() -> None:
     """`drover migrate --help` tells an operator which libvirt call --dest-connection makes."""
     from typer.main import get_command
 
-    from producer.cli import app
+    from cli.main import app
 
     api = C_API[build_call(spec(dest_connection=True), HANDOFF).api]
     migrate = get_command(app).commands["migrate"]
