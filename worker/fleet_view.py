@@ -72,22 +72,31 @@ def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dic
     defined-but-off one (moved by offline migration)."""
     guests, cpus = [], {}
     for dom in rt.libvirt.conn.listAllDomains():
-        active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
-        if not active and not (include_inactive and persistent):
-            continue
-        uuid = dom.UUIDString()
-        guests.append(
-            Guest(
-                domain=dom.name(),
-                uuid=uuid,
-                memory_mib=dom.maxMemory() // KIB_PER_MIB,
-                active=active,
-                persistent=persistent,
-                group=anti_affinity_group(dom),
-            )
-        )
-        cpus[uuid] = _cpu(dom)
+        try:
+            guest = _guest(dom, include_inactive)
+            cpu = _cpu(dom) if guest is not None else None
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+            continue  # it left between the listing and the look (a migration that just ended)
+        if guest is not None and cpu is not None:
+            guests.append(guest)
+            cpus[guest.uuid] = cpu
     return guests, cpus
+
+
+def _guest(dom: libvirt.virDomain, include_inactive: bool) -> Guest | None:
+    active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+    if not active and not (include_inactive and persistent):
+        return None
+    return Guest(
+        domain=dom.name(),
+        uuid=dom.UUIDString(),
+        memory_mib=dom.maxMemory() // KIB_PER_MIB,
+        active=active,
+        persistent=persistent,
+        group=anti_affinity_group(dom),
+    )
 
 
 def _candidate(
