@@ -24,6 +24,7 @@ from worker.libvirt_host import (
     Domain,
     LibvirtError,
     cpu_incompatible,
+    is_gone,
     list_domains,
     metadata_element,
     placement_room_mib,
@@ -77,22 +78,31 @@ def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dic
     defined-but-off one (moved by offline migration)."""
     guests, cpus = [], {}
     for dom in list_domains(rt.libvirt.conn):
-        active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
-        if not active and not (include_inactive and persistent):
-            continue
-        uuid = dom.UUIDString()
-        guests.append(
-            Guest(
-                domain=dom.name(),
-                uuid=uuid,
-                memory_mib=dom.maxMemory() // KIB_PER_MIB,
-                active=active,
-                persistent=persistent,
-                group=anti_affinity_group(dom),
-            )
-        )
-        cpus[uuid] = _cpu(dom)
+        try:
+            guest = _guest(dom, include_inactive)
+            cpu = _cpu(dom) if guest is not None else None
+        except LibvirtError as exc:
+            if not is_gone(exc):
+                raise
+            continue  # it left between the listing and the look (a migration that just ended)
+        if guest is not None and cpu is not None:
+            guests.append(guest)
+            cpus[guest.uuid] = cpu
     return guests, cpus
+
+
+def _guest(dom: Domain, include_inactive: bool) -> Guest | None:
+    active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+    if not active and not (include_inactive and persistent):
+        return None
+    return Guest(
+        domain=dom.name(),
+        uuid=dom.UUIDString(),
+        memory_mib=dom.maxMemory() // KIB_PER_MIB,
+        active=active,
+        persistent=persistent,
+        group=anti_affinity_group(dom),
+    )
 
 
 def _candidate(rt: Runtime, name: str, conn: Connection, cpus: dict[str, GuestCpu]) -> Candidate:

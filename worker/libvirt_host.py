@@ -88,6 +88,11 @@ def is_connection_error(exc: libvirt.libvirtError) -> bool:
     return closed or exc.get_error_code() in _CONNECTION_ERRORS
 
 
+def is_gone(exc: libvirt.libvirtError) -> bool:
+    """The domain left since it was listed or looked up (undefined, or migrated away)."""
+    return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
+
+
 @dataclass(frozen=True)
 class DomainFacts:
     name: str
