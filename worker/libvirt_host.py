@@ -12,13 +12,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import libvirt
 
 from config.settings import current
 from config.uris import check_libvirt_uri
+from jobs.record import DomainFacts
 
 KIB_PER_MIB = 1024
 T = TypeVar("T")
@@ -91,20 +91,6 @@ def is_connection_error(exc: libvirt.libvirtError) -> bool:
 def is_gone(exc: libvirt.libvirtError) -> bool:
     """The domain left since it was listed or looked up (undefined, or migrated away)."""
     return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
-
-
-@dataclass(frozen=True)
-class DomainFacts:
-    name: str
-    uuid: str
-    state: str
-    active: bool
-    persistent: bool
-    memory_mib: int
-    vcpus: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def facts(dom: libvirt.virDomain) -> DomainFacts:

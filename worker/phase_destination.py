@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
-from jobs.record import Handoff
+from jobs.record import DomainFacts, Handoff
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
 from worker.job_end import advance
-from worker.libvirt_host import DomainFacts, facts, placement_room_mib
+from worker.libvirt_host import facts, placement_room_mib
 from worker.migration_call import UnsafeTarget, handoff_for
 from worker.phase_errors import PhaseFailed, PhaseSkipped
 from worker.phase_source import job_domain
@@ -194,6 +194,6 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
     # The guest now really uses the memory that was reserved for it, and has arrived.
     rt.store.release(spec.dst, job.id)
     rt.ledger.drop_incoming(found.uuid, job.id)
-    rt.store.update(job.id, result={"destination": found.as_dict()})
+    rt.store.update(job.id, result={"destination": found.model_dump()})
     log.info("finish.verified", state=found.state, persistent=found.persistent)
     return None

@@ -40,14 +40,14 @@ def source_preflight(rt: Runtime, job: Job) -> JobState | None:
         raise PhaseFailed(
             f"{spec.domain} is {found.state} on {spec.src}; only --offline moves an inactive domain"
         )
-    recorded: dict[str, Any] = found.as_dict()
+    recorded: dict[str, Any] = found.model_dump()
     if spec.copy_storage is not None:
-        recorded["disks"] = [d.as_dict() for d in local_disks(dom)]
+        recorded["disks"] = [d.model_dump() for d in local_disks(dom)]
         if not recorded["disks"]:
             raise PhaseFailed(f"--copy-storage: {spec.domain} has no local disk to copy")
     hold_domain(rt, job, found.uuid)
     rt.store.update(job.id, facts=recorded)
-    log.info("preflight.facts", **found.as_dict())
+    log.info("preflight.facts", **found.model_dump())
     return None
 
 

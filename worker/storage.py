@@ -16,10 +16,9 @@ import os
 import re
 import subprocess
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
+from jobs.record import DiskFacts
 from worker.ledger import Ledger
 from worker.libvirt_host import Domain
 
@@ -33,14 +32,8 @@ class StorageError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Disk:
-    path: str
-    format: str
-    capacity: int  # bytes
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+# A disk as the worker reads it from the domain's XML is the record's own type.
+Disk = DiskFacts
 
 
 def local_disks(dom: Domain) -> list[Disk]:
