@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import kombu.exceptions
@@ -21,6 +21,7 @@ import pytest
 
 from config.celery import host_queue, make_app, worker_node
 from config.redis_acl import PRODUCER, WORKER
+from jobs.abort import rollback_sender
 from jobs.admission import inbound_gate
 from jobs.evacuation import EvacuationSpec, EvacuationStore, Placement
 from jobs.model import Job
@@ -55,6 +56,12 @@ GUEST = "idle-2"
 def ended(lab: Lab, job_id: str, timeout: float = RECOVERY_S) -> Job:
     wait_for(lambda: lab.drover.job(job_id).terminal, timeout, f"job {job_id} to end")
     return lab.drover.job(job_id)
+
+
+def producer_rollback(lab: Lab) -> Callable[[Job], None]:
+    """What a producer's abort sends: its own signed request that a job's destination roll
+    back (jobs/abort.py)."""
+    return rollback_sender(lab.drover._app, lab.drover.send)
 
 
 def untouched(lab: Lab, domain: str = GUEST) -> None:
@@ -167,7 +174,7 @@ def test_a_rollback_never_removes_a_path_the_record_names(lab: Lab, guest_home: 
         signer=lab_signer(lab),
     )
     try:
-        lab.drover._rollback(lab.drover.job(forged.id))  # a producer's signed rollback
+        producer_rollback(lab)(lab.drover.job(forged.id))  # a producer's signed rollback
         wait_for(
             lambda: any(e["event"] == "rollback.done" for e in log_events("lab2", forged.id)),
             LOG_S,
@@ -301,7 +308,7 @@ def test_a_signed_rollback_of_a_job_that_succeeded_changes_nothing(
 ) -> None:
     job = lab.migrate(GUEST, "lab1", "lab2")
     assert job.state.value == "succeeded", job.reason
-    lab.drover._rollback(job)  # a producer's own signed message, for a job that did not fail
+    producer_rollback(lab)(job)  # a producer's own signed message, for a job that did not fail
     wait_for(
         lambda: any(e["event"] == "rollback.refused" for e in log_events("lab2", job.id)),
         LOG_S,
