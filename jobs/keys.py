@@ -146,3 +146,8 @@ SCHEDULE_LOCK = f"{SCHEDULE_PREFIX}lock"  # string: the active beat's lock (redb
 def schedule_entry_key(schedule_id: str) -> str:
     """A schedule's redbeat entry, which also holds drover's signed record."""
     return f"{SCHEDULE_PREFIX}{schedule_id}"
+
+
+def schedule_fired_key(schedule_id: str, message_id: str) -> str:
+    """Set once by the worker that fires a schedule's message (a redelivery fires nothing)."""
+    return f"{schedule_entry_key(schedule_id)}:fired:{message_id}"

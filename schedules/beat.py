@@ -9,7 +9,8 @@ from celery import Celery
 
 from config.celery import celery_config, make_app
 from config.settings import Settings
-from schedules.records import FIRE_LATE_LIMIT_S, KEY_PREFIX, LOCK_KEY, ScheduleError
+from jobs.keys import SCHEDULE_LOCK, SCHEDULE_PREFIX
+from schedules.records import FIRE_LATE_LIMIT_S, ScheduleError
 
 REDBEAT_SCHEDULER = "redbeat.RedBeatScheduler"
 # A beat looks for due entries at least this often, so an entry added while it runs fires on
@@ -33,8 +34,8 @@ def redbeat_config(settings: Settings, *, retry_period: float | None = None) -> 
     return {
         "redbeat_redis_url": settings.redis_url,
         "redbeat_redis_options": options,
-        "redbeat_key_prefix": KEY_PREFIX,
-        "redbeat_lock_key": LOCK_KEY,
+        "redbeat_key_prefix": SCHEDULE_PREFIX,
+        "redbeat_lock_key": SCHEDULE_LOCK,
         "redbeat_lock_timeout": BEAT_LOCK_TIMEOUT_S,
         "beat_scheduler": REDBEAT_SCHEDULER,
         "beat_max_loop_interval": BEAT_MAX_INTERVAL_S,
@@ -54,7 +55,7 @@ def redbeat_app(settings: Settings, *, retry_period: float | None = None) -> Cel
 def run_beat(settings: Settings, *, loglevel: str) -> None:
     """Run Celery beat with redbeat on the fleet's Redis until SIGTERM or SIGINT.
 
-    Only the beat holding the lock (`LOCK_KEY`) fires; another one started beside it waits
+    Only the beat holding the lock (`SCHEDULE_LOCK`) fires; another one started beside it waits
     for the lock and takes over when the first stops (or `BEAT_LOCK_TIMEOUT_S` after it died).
     Messages are signed like every producer's when `[security] signing` is on.
     """

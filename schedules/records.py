@@ -9,14 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from config.security import JOB_ID
 from jobs.errors import SubmitError
-from jobs.keys import SCHEDULE_LOCK, SCHEDULE_PREFIX, schedule_entry_key
 from jobs.phases import TASK_PREFIX
 
 SCHEDULED_EVACUATION_TASK = f"{TASK_PREFIX}scheduled_evacuation"
 
-# The keys are named in jobs/keys.py with every other key drover keeps.
-KEY_PREFIX = SCHEDULE_PREFIX
-LOCK_KEY = SCHEDULE_LOCK
 # Fields of the entry's hash that are drover's (redbeat owns `definition` and `meta`).
 RECORD_FIELD = "drover"
 # The signed request (jobs/request_signing.py) of the schedule, beside its record.
@@ -137,14 +133,6 @@ class Schedule(BaseModel):
 def utc_text(when: datetime) -> str:
     """`2030-06-01T03:00:00Z`: what every drover schedule output shows."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def entry_key(schedule_id: str) -> str:
-    return schedule_entry_key(schedule_id)
-
-
-def fire_claim_key(schedule_id: str, message_id: str) -> str:
-    return f"{entry_key(schedule_id)}:fired:{message_id}"
 
 
 def check_schedule_id(schedule_id: str) -> str:

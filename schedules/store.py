@@ -12,6 +12,7 @@ from redbeat.schedulers import RedBeatSchedulerEntry, get_redis
 from config.celery import host_queue
 from config.settings import ConfigError, Settings
 from jobs.evacuations import validate_evacuation
+from jobs.keys import schedule_entry_key, schedule_fired_key
 from jobs.store import now
 from schedules.beat import redbeat_app
 from schedules.cron import next_run, normal_cron, one_shot, parse_at, parse_cron
@@ -30,8 +31,6 @@ from schedules.records import (
     ScheduleNotFound,
     ScheduleRecord,
     check_schedule_id,
-    entry_key,
-    fire_claim_key,
 )
 from schedules.signing import signed_fields, verify_record
 
@@ -99,23 +98,26 @@ class ScheduleStore:
         # beat can see always has its request.
         fields = {RECORD_FIELD: record.model_dump_json()}
         fields.update(signed_fields(self.settings, record, by, current))
-        self.r.hset(entry_key(schedule_id), mapping=fields)
+        self.r.hset(schedule_entry_key(schedule_id), mapping=fields)
         try:
             entry.save()
         except BaseException:
-            self.r.delete(entry_key(schedule_id))
+            self.r.delete(schedule_entry_key(schedule_id))
             raise
         return self.get(schedule_id)
 
     def _new_id(self) -> str:
         while True:
             schedule_id = secrets.token_hex(6)
-            if not self.r.exists(entry_key(schedule_id)):
+            if not self.r.exists(schedule_entry_key(schedule_id)):
                 return schedule_id
 
     def record(self, schedule_id: str) -> ScheduleRecord:
         """The stored record, or ScheduleNotFound (removed, never added)."""
-        raw = cast(str | None, self.r.hget(entry_key(check_schedule_id(schedule_id)), RECORD_FIELD))
+        raw = cast(
+            str | None,
+            self.r.hget(schedule_entry_key(check_schedule_id(schedule_id)), RECORD_FIELD),
+        )
         if raw is None:
             raise ScheduleNotFound(f"no schedule {schedule_id!r}")
         return ScheduleRecord.model_validate_json(raw)
@@ -123,12 +125,14 @@ class ScheduleStore:
     def verified_record(self, schedule_id: str) -> ScheduleRecord:
         """The record, if a trusted key signed it as it stands (RequestRefused otherwise)."""
         record = self.record(schedule_id)
-        signed = cast(str | None, self.r.hget(entry_key(schedule_id), SIGNED_FIELD))
+        signed = cast(str | None, self.r.hget(schedule_entry_key(schedule_id), SIGNED_FIELD))
         verify_record(self.settings, record, signed)
         return record
 
     def get(self, schedule_id: str) -> Schedule:
-        fields = cast(dict[str, str], self.r.hgetall(entry_key(check_schedule_id(schedule_id))))
+        fields = cast(
+            dict[str, str], self.r.hgetall(schedule_entry_key(check_schedule_id(schedule_id)))
+        )
         schedule = self._from_fields(fields)
         if schedule is None:
             raise ScheduleNotFound(f"no schedule {schedule_id!r}")
@@ -152,7 +156,7 @@ class ScheduleStore:
 
     def claim_fire(self, schedule_id: str, message_id: str) -> bool:
         """True for the first delivery of a fired message only."""
-        key = fire_claim_key(schedule_id, message_id)
+        key = schedule_fired_key(schedule_id, message_id)
         return bool(self.r.set(key, "1", nx=True, ex=FIRE_CLAIM_TTL_S))
 
     def record_run(self, schedule_id: str, run: LastRun) -> None:
@@ -160,7 +164,7 @@ class ScheduleStore:
         self.r.eval(
             _RECORD_RUN_LUA,
             1,
-            entry_key(schedule_id),
+            schedule_entry_key(schedule_id),
             RECORD_FIELD,
             LAST_RUN_FIELD,
             run.model_dump_json(),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
-from jobs.record import DomainFacts, Handoff
+from jobs.record import DiskFacts, DomainFacts, Handoff
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
@@ -24,7 +24,7 @@ from worker.migration_call import UnsafeTarget, handoff_for
 from worker.phase_errors import PhaseFailed, PhaseSkipped
 from worker.phase_source import job_domain
 from worker.runtime import Runtime
-from worker.storage import Disk, StorageError, create_targets, local_disks
+from worker.storage import StorageError, create_targets, local_disks
 
 log = get_logger()
 
@@ -59,7 +59,7 @@ class SourceView:
     """The guest as the source's libvirtd shows it to the destination's worker."""
 
     facts: DomainFacts
-    disks: list[Disk]
+    disks: list[DiskFacts]
 
 
 def _source_view(rt: Runtime, job: Job) -> SourceView:

@@ -32,11 +32,7 @@ class StorageError(Exception):
     pass
 
 
-# A disk as the worker reads it from the domain's XML is the record's own type.
-Disk = DiskFacts
-
-
-def local_disks(dom: Domain) -> list[Disk]:
+def local_disks(dom: Domain) -> list[DiskFacts]:
     """The domain's writable file-backed disks: the ones a storage copy has to move."""
     root = ET.fromstring(dom.XMLDesc(0))
     disks = []
@@ -52,7 +48,7 @@ def local_disks(dom: Domain) -> list[Disk]:
         driver = disk.find("driver")
         fmt = driver.get("type", "raw") if driver is not None else "raw"
         capacity = int(dom.blockInfo(path)[0])
-        disks.append(Disk(path=path, format=fmt, capacity=capacity))
+        disks.append(DiskFacts(path=path, format=fmt, capacity=capacity))
     return disks
 
 
@@ -70,7 +66,9 @@ def confined(path: str, dirs: list[str]) -> Path:
     raise StorageError(f"{path} is outside this host's storage directories ({shown})")
 
 
-def create_targets(disks: list[Disk], dirs: list[str], ledger: Ledger, job_id: str) -> list[str]:
+def create_targets(
+    disks: list[DiskFacts], dirs: list[str], ledger: Ledger, job_id: str
+) -> list[str]:
     """Create an empty image for each disk, only under `dirs`; never touch an existing path.
 
     Each path goes into the ledger before qemu-img runs, so a crash half-way still leaves a

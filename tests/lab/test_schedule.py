@@ -24,10 +24,11 @@ import redis
 
 from config.settings import load_settings
 from jobs.evacuation import EVACUATION_KIND
+from jobs.keys import SCHEDULE_LOCK, schedule_entry_key
 from jobs.store import JOBS_INDEX, job_key
 from lab import control
 from lab.layout import LabLayout
-from schedules.records import LOCK_KEY, RECORD_FIELD, entry_key
+from schedules.records import RECORD_FIELD
 from schedules.store import ScheduleStore
 from tests.support.cli import run_drover
 from tests.support.lab_fixtures import IDLE_GUESTS, Lab, wait_for
@@ -220,7 +221,7 @@ def test_a_second_beat_fires_nothing_while_the_first_holds_the_lock(
         beats.append(Beat(lab, tmp_path / "beat1.log"))
         beats[0].wait_started()
         wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "beat 1 to take the lock")
-        holder = redis_of(lab).get(LOCK_KEY)
+        holder = redis_of(lab).get(SCHEDULE_LOCK)
         beats.append(Beat(lab, tmp_path / "beat2.log"))
         beats[1].wait_started()
 
@@ -243,7 +244,7 @@ def test_a_second_beat_fires_nothing_while_the_first_holds_the_lock(
         )
         assert store.get(sid).runs == 1
         assert not beats[1].holds_lock() and sid not in beats[1].text()
-        assert redis_of(lab).get(LOCK_KEY) == holder
+        assert redis_of(lab).get(SCHEDULE_LOCK) == holder
 
         beats[0].stop()
         assert beats[0].proc.returncode == 0, beats[0].text()
@@ -255,7 +256,7 @@ def test_a_second_beat_fires_nothing_while_the_first_holds_the_lock(
         if schedule_id is not None:
             drover(lab, "schedule", "remove", schedule_id)
         lab.drover.set_host_enabled("lab2", True)
-    assert redis_of(lab).get(LOCK_KEY) is None
+    assert redis_of(lab).get(SCHEDULE_LOCK) is None
 
 
 def test_a_schedule_changed_in_redis_fires_nothing(
@@ -274,7 +275,7 @@ def test_a_schedule_changed_in_redis_fires_nothing(
         tampered = record.model_copy(
             update={"request": record.request.model_copy(update={"to": ["lab3"]})}
         )
-        redis_of(lab).hset(entry_key(sid), RECORD_FIELD, tampered.model_dump_json())
+        redis_of(lab).hset(schedule_entry_key(sid), RECORD_FIELD, tampered.model_dump_json())
 
         def refused() -> bool:
             last = store.get(sid).last_run

@@ -30,3 +30,15 @@ def with_state_dirs(registry: str, root: Path) -> str:
         if header:
             lines.append(f'state_dir = "{root / header["host"]}"')
     return "\n".join(lines) + "\n"
+
+
+def signing_section(keys: Path) -> str:
+    """The `[security]` table of a fleet with signing on, its key and certificate in `keys`
+    (key.pem, cert.pem) and the certificates it trusts in `keys/trusted`."""
+    return f"""
+[security]
+signing = true
+key = "{keys / "key.pem"}"
+certificate = "{keys / "cert.pem"}"
+cert_store = "{keys / "trusted"}"
+"""

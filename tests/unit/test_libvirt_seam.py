@@ -151,7 +151,7 @@ def test_prepare_refuses_a_guest_already_running_on_the_destination(
     env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
 ) -> None:
     job_id = job_for(store)
-    store.update(job_id, facts=recorded(guest_uuid(hv), state="running"))
+    store.update(job_id, facts=recorded(guest_uuid(hv)))
     with pytest.raises(PhaseFailed, match=f"test \\({guest_uuid(hv)}\\) is already running"):
         destination_prepare(runtime(store, "kvm2", tmp_path), store.get(job_id))
 
@@ -180,13 +180,13 @@ def test_finish_checks_the_arrived_guest_against_the_spec(
 ) -> None:
     rt = runtime(store, "kvm2", tmp_path)
     transient = job_for(store)  # the guest here is persistent; the job asked for transient
-    store.update(transient, facts=recorded(guest_uuid(hv), state="running"))
+    store.update(transient, facts=recorded(guest_uuid(hv)))
     walked(store, transient, JobState.MIGRATING)
     with pytest.raises(PhaseFailed, match="test on kvm2 is persistent, expected transient"):
         finish(rt, store.get(transient))
 
     kept = job_for(store, persistent=True)
-    store.update(kept, facts=recorded(guest_uuid(hv), state="running"))
+    store.update(kept, facts=recorded(guest_uuid(hv)))
     walked(store, kept, JobState.MIGRATING)
     assert finish(rt, store.get(kept)) is None
     job = store.get(kept)
@@ -200,7 +200,7 @@ def test_finish_refuses_a_record_whose_uuid_names_another_domain(
     hv.defineXML(IDLE_XML.format(name="other"))
     job_id = job_for(store, persistent=True)
     other = str(hv.lookupByName("other").UUIDString())
-    store.update(job_id, facts=recorded(other, state="running"))
+    store.update(job_id, facts=recorded(other))
     walked(store, job_id, JobState.MIGRATING)
     with pytest.raises(PhaseFailed, match="the job's uuid is other on kvm2, not test"):
         finish(runtime(store, "kvm2", tmp_path), store.get(job_id))
@@ -235,7 +235,7 @@ def test_recovery_finds_no_migration_and_the_guest_still_here(
     """The guest runs on the source, left paused by the migration that died with its worker:
     it runs again, the job fails with why, and the destination is asked to roll back."""
     job_id = job_for(store)
-    store.update(job_id, facts=recorded(guest_uuid(hv), state="running"))
+    store.update(job_id, facts=recorded(guest_uuid(hv)))
     walked(store, job_id, JobState.MIGRATING)
     store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
     hv.lookupByName(GUEST).suspend()

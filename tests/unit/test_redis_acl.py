@@ -51,12 +51,13 @@ from config.redis_acl import (
     user_name,
 )
 from config.settings import ConfigError, Settings, load_settings
+from jobs.keys import SCHEDULE_LOCK
 from jobs.spec import MigrationSpec
 from jobs.store import JobStore, heartbeat_key
 from lab import redis_server
 from lab.proc import kill
 from producer.api import Drover
-from schedules.records import LOCK_KEY, EvacuationRequest
+from schedules.records import EvacuationRequest
 from schedules.store import ScheduleStore
 from tests.conftest import free_port
 from tests.support.pki import LoopbackPki
@@ -467,7 +468,7 @@ def test_beat_holds_its_lock_and_fires_a_schedule_the_worker_runs(
         run = store.get(added.id).last_run
         assert run is not None and run.evacuation_id, run  # started by kvm1's worker
         assert beat.stop() == 0, beat.text()[-3000:]
-        assert acl_redis.admin.get(LOCK_KEY) is None  # released with redis-py's Lua script
+        assert acl_redis.admin.get(SCHEDULE_LOCK) is None  # released with redis-py's Lua script
     finally:
         beat.stop()
         store.remove(added.id) if "added" in locals() else None

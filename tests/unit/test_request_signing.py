@@ -31,7 +31,7 @@ from jobs.store import JobStore, job_key
 from jobs.submission import enqueue
 from lab.signing import make_certificate
 from tests.conftest import RedisServer
-from tests.support.registry import REGISTRY
+from tests.support.registry import REGISTRY, signing_section
 
 SPEC = MigrationSpec(domain="web01", src="kvm1", dst="kvm2")
 
@@ -82,16 +82,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fleet(tmp_path: Path, redis_srv: RedisServer, keys: Path) -> Fleet:
     config = tmp_path / "drover.toml"
-    config.write_text(
-        REGISTRY.format(url=redis_srv.url)
-        + f"""
-[security]
-signing = true
-key = "{keys / "key.pem"}"
-certificate = "{keys / "cert.pem"}"
-cert_store = "{keys / "trusted"}"
-"""
-    )
+    config.write_text(REGISTRY.format(url=redis_srv.url) + signing_section(keys))
     store = JobStore.from_url(redis_srv.url)
     store.r.flushdb()
     stranger = RequestSigner(str(keys / "stranger-key.pem"), str(keys / "stranger.pem"))

@@ -28,17 +28,15 @@ from structlog.testing import capture_logs
 from config.celery import host_queue
 from config.security import argument_problem
 from config.settings import load_settings
+from jobs.keys import SCHEDULE_LOCK, SCHEDULE_PREFIX, schedule_entry_key
 from schedules.beat import REDBEAT_SCHEDULER
 from schedules.cron import lateness, parse_at, parse_cron
 from schedules.records import (
     FIRE_LATE_LIMIT_S,
-    KEY_PREFIX,
-    LOCK_KEY,
     SCHEDULED_EVACUATION_TASK,
     EvacuationRequest,
     ScheduleError,
     ScheduleRecord,
-    entry_key,
 )
 from schedules.store import ScheduleStore
 from tests.conftest import RedisServer, free_port
@@ -304,7 +302,7 @@ def test_add_list_remove_through_the_cli(config: Path, r: redis.Redis) -> None:
     assert [s["id"] for s in json.loads(drover(config, "schedule", "list", "--json").stdout)] == [
         weekly["id"]
     ]
-    assert not r.exists(entry_key(one["id"]))
+    assert not r.exists(schedule_entry_key(one["id"]))
 
 
 def test_a_stored_expression_refused_today_still_lists(config: Path, r: redis.Redis) -> None:
@@ -313,7 +311,7 @@ def test_a_stored_expression_refused_today_still_lists(config: Path, r: redis.Re
     store = ScheduleStore(load_settings(config))
     added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron="0 0 * * mon-fri", by="t")
     record = store.record(added.id).model_copy(update={"cron": "0 0 * * fri-mon"})
-    r.hset(entry_key(added.id), "drover", record.model_dump_json())
+    r.hset(schedule_entry_key(added.id), "drover", record.model_dump_json())
     listed = drover(config, "schedule", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     [entry] = json.loads(listed.stdout)
@@ -325,13 +323,13 @@ def test_an_entry_sends_only_its_id_to_the_evacuated_hosts_queue(config: Path) -
     store = ScheduleStore(load_settings(config))
     request = EvacuationRequest(host="kvm2", to=["kvm1"])
     added = store.add_evacuation(request, cron="*/5 * * * *", by="test")
-    definition = json.loads(cast(str, store.r.hget(entry_key(added.id), "definition")))
+    definition = json.loads(cast(str, store.r.hget(schedule_entry_key(added.id), "definition")))
     assert definition["task"] == SCHEDULED_EVACUATION_TASK
     assert argument_problem(definition["args"], definition["kwargs"]) is None
     assert definition["args"] == [added.id]
     assert definition["options"] == {"queue": host_queue("kvm2"), "expires": FIRE_LATE_LIMIT_S}
-    assert store.r.zscore(store.index_key, entry_key(added.id)) is not None
-    assert entry_key(added.id).startswith(KEY_PREFIX)
+    assert store.r.zscore(store.index_key, schedule_entry_key(added.id)) is not None
+    assert schedule_entry_key(added.id).startswith(SCHEDULE_PREFIX)
 
 
 # --- the beat, in-process and as `drover beat` ---------------------------------------------------
@@ -379,7 +377,7 @@ def test_a_cron_time_missed_while_no_beat_ran_is_not_caught_up(
     """A beat back after a missed 1st of January does not evacuate on the 2nd of March."""
     store = ScheduleStore(load_settings(config))
     added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron="0 0 1 1 *", by="test")
-    entry = RedBeatSchedulerEntry.from_key(entry_key(added.id), app=store.app)
+    entry = RedBeatSchedulerEntry.from_key(schedule_entry_key(added.id), app=store.app)
     entry.reschedule(last_run_at=datetime.now(UTC) - timedelta(days=2 * 365))
     for _ in range(3):
         scheduler.tick()
@@ -434,7 +432,7 @@ def test_a_second_beat_waits_for_the_lock_and_takes_over(
     second: subprocess.Popen[bytes] | None = None
     try:
         wait_for(lambda: "Acquired lock" in first_log.read_text(), BEAT_START_TIMEOUT_S, "beat 1")
-        holder = r.get(LOCK_KEY)
+        holder = r.get(SCHEDULE_LOCK)
         second = start_beat(config, second_log)
         wait_for(lambda: "beat: Starting" in second_log.read_text(), BEAT_START_TIMEOUT_S, "beat 2")
         at = soon(SOON_S)
@@ -446,7 +444,7 @@ def test_a_second_beat_waits_for_the_lock_and_takes_over(
             assert len(queued_messages(r, "kvm1")) == 1
             time.sleep(POLL_S)
         assert "Acquired lock" not in second_log.read_text()
-        assert r.get(LOCK_KEY) == holder
+        assert r.get(SCHEDULE_LOCK) == holder
         assert schedule_id in first_log.read_text() and schedule_id not in second_log.read_text()
 
         stop(first)
@@ -456,13 +454,13 @@ def test_a_second_beat_waits_for_the_lock_and_takes_over(
             BEAT_START_TIMEOUT_S,
             "beat 2 to take over",
         )
-        assert r.get(LOCK_KEY) not in (None, holder)
+        assert r.get(SCHEDULE_LOCK) not in (None, holder)
         assert len(queued_messages(r, "kvm1")) == 1
     finally:
         stop(first)
         if second is not None:
             stop(second)
-    assert r.get(LOCK_KEY) is None  # released on a normal stop
+    assert r.get(SCHEDULE_LOCK) is None  # released on a normal stop
 
 
 # --- the task's side, before any evacuation ----------------------------------------------------

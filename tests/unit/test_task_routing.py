@@ -34,7 +34,7 @@ from jobs.workflow import migration_chain
 from lab.signing import make_certificate
 from tests.conftest import RedisServer
 from tests.support.lab_fixtures import wait_for
-from tests.support.registry import REGISTRY
+from tests.support.registry import REGISTRY, signing_section
 
 SPEC = MigrationSpec(domain="web01", src="kvm1", dst="kvm2")
 PROBE_TASK = "drover.test_signed_probe"
@@ -55,16 +55,7 @@ def fleet_settings(tmp_path_factory: pytest.TempPathFactory, redis_srv: RedisSer
     make_certificate(keys / "key.pem", keys / "cert.pem", "/CN=producer")
     shutil.copy(keys / "cert.pem", keys / "trusted" / "producer.pem")
     config = keys / "drover.toml"
-    config.write_text(
-        REGISTRY.format(url=redis_srv.url)
-        + f"""
-[security]
-signing = true
-key = "{keys / "key.pem"}"
-certificate = "{keys / "cert.pem"}"
-cert_store = "{keys / "trusted"}"
-"""
-    )
+    config.write_text(REGISTRY.format(url=redis_srv.url) + signing_section(keys))
     return load_settings(config)
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs.record import DiskFacts
 from worker.ledger import Ledger
-from worker.storage import Disk, StorageError, confined, create_targets, remove_own
+from worker.storage import StorageError, confined, create_targets, remove_own
 
 MIB = 1024 * 1024
 
@@ -33,7 +34,7 @@ def test_the_ledger_is_private_to_root(tmp_path: Path, ledger: Ledger) -> None:
 
 
 def test_targets_are_made_recorded_and_removed_by_the_ledger(images: Path, ledger: Ledger) -> None:
-    disk = Disk(path=str(images / "a.qcow2"), format="qcow2", capacity=MIB)
+    disk = DiskFacts(path=str(images / "a.qcow2"), format="qcow2", capacity=MIB)
     made = create_targets([disk], [str(images)], ledger, "job000000001")
     assert made == [str(images / "a.qcow2")] and (images / "a.qcow2").exists()
     assert ledger.images("job000000001") == made
@@ -49,7 +50,9 @@ def test_a_target_outside_the_storage_dirs_is_refused(
     images: Path, ledger: Ledger, path: str
 ) -> None:
     with pytest.raises(StorageError):
-        create_targets([Disk(path=path, format="raw", capacity=MIB)], [str(images)], ledger, "j")
+        create_targets(
+            [DiskFacts(path=path, format="raw", capacity=MIB)], [str(images)], ledger, "j"
+        )
     assert ledger.images("j") == []
 
 
@@ -68,13 +71,13 @@ def test_an_existing_file_is_never_overwritten(images: Path, ledger: Ledger) -> 
     victim.write_text("keep me")
     with pytest.raises(StorageError, match="already exists"):
         create_targets(
-            [Disk(path=str(victim), format="raw", capacity=MIB)], [str(images)], ledger, "j"
+            [DiskFacts(path=str(victim), format="raw", capacity=MIB)], [str(images)], ledger, "j"
         )
     assert victim.read_text() == "keep me"
 
 
 def test_an_unknown_format_never_reaches_qemu_img(images: Path, ledger: Ledger) -> None:
-    disk = Disk(path=str(images / "x"), format="raw -o preallocation=full", capacity=MIB)
+    disk = DiskFacts(path=str(images / "x"), format="raw -o preallocation=full", capacity=MIB)
     with pytest.raises(StorageError, match="not supported"):
         create_targets([disk], [str(images)], ledger, "j")
     assert not (images / "x").exists()
