@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from config.addresses import check_address
+from config.policy_model import BUILTIN_POLICIES, MigrationPolicy, PolicyName
 from config.uris import ALLOWED_PARAMS, ALLOWED_SCHEMES, check_libvirt_uri
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -73,6 +74,10 @@ class Host(_Strict):
     # never in Redis, which the worker does not trust for what it does to its host.
     state_dir: str = "/var/lib/drover"
     limits: HostLimits = HostLimits()
+    # The migration policy of guests leaving this host (config/policy_model.py), and the
+    # host group whose policy applies when the host names none.
+    policy: PolicyName | None = None
+    group: PolicyName | None = None
 
     @field_validator("libvirt_uri", "peer_uri")
     @classmethod
@@ -112,6 +117,12 @@ def _check_absolute(path: str) -> None:
     """A plain absolute directory: no `..`, no characters a shell or URI would read."""
     if not re.match(r"^/[A-Za-z0-9._/-]{0,255}\Z", path) or ".." in path.split("/"):
         raise ValueError(f"{path!r} is not a plain absolute path")
+
+
+class HostGroup(_Strict):
+    """Hosts that share settings; today their migration policy."""
+
+    policy: PolicyName | None = None
 
 
 class Cluster(_Strict):
@@ -242,11 +253,31 @@ class Settings(_Strict):
     tunables: Tunables = Tunables()
     security: Security = Security()
     faults: FaultInjection = FaultInjection()
+    # `[policies.NAME]`, partial tables over the shipped ones (config/policy_model.py).
+    policies: dict[PolicyName, MigrationPolicy] = {}
+    groups: dict[PolicyName, HostGroup] = {}
     # The URI allowlists the registry was checked with (config/uris.py); workers check every
     # URI against them again where they open it.
     allowed_uri_schemes: frozenset[str] = ALLOWED_SCHEMES
     allowed_uri_params: frozenset[str] = ALLOWED_PARAMS
     source: str = "<defaults>"
+
+    @model_validator(mode="after")
+    def _policies_known(self) -> Settings:
+        known = self.policy_names()
+        for host in self.hosts.values():
+            if host.policy is not None and host.policy not in known:
+                raise ValueError(f"host {host.name}: unknown policy {host.policy!r}")
+            if host.group is not None and host.group not in self.groups:
+                raise ValueError(f"host {host.name}: unknown group {host.group!r}")
+        for name, group in self.groups.items():
+            if group.policy is not None and group.policy not in known:
+                raise ValueError(f"group {name}: unknown policy {group.policy!r}")
+        return self
+
+    def policy_names(self) -> list[str]:
+        """Every policy a job may name: the shipped ones and the configured ones."""
+        return sorted(set(BUILTIN_POLICIES) | set(self.policies))
 
     def host(self, name: str) -> Host:
         """The registry entry for `name`, or a one-line error listing the known hosts."""

@@ -23,6 +23,7 @@ from config.addresses import IPAddress as IPAddress
 from config.addresses import check_address as check_address
 from config.addresses import parse_ip as parse_ip
 from config.addresses import shown as shown
+from config.policy_model import PolicyName
 from jobs.migration_uri import MIGRATION_URI_SCHEMES as MIGRATION_URI_SCHEMES
 from jobs.migration_uri import MigrationURI as MigrationURI
 from jobs.migration_uri import check_migration_uri as check_migration_uri
@@ -92,6 +93,9 @@ class MigrationSpec(BaseModel):
     compressed: bool = False
     postcopy: bool = False
     bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
+    postcopy_bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
+    # A named migration policy (config/policy_model.py); flags above override its fields.
+    policy: PolicyName | None = None
     completion_timeout_s: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TIMEOUT_S)
     timeout_action: TimeoutAction | None = None  # with completion_timeout_s; suspend if unset
     parallel: int | None = Field(default=None, ge=2, le=MAX_PARALLEL_CONNECTIONS)
@@ -153,6 +157,8 @@ def combination_problems(s: MigrationSpec) -> list[str]:
         problems.append("--listen-address has no effect when tunnelled")
     if tunnelled and s.postcopy:
         problems.append("--postcopy cannot be tunnelled (libvirt refuses it)")
+    if tunnelled and s.postcopy_bandwidth_mib:
+        problems.append("--postcopy-bandwidth cannot be tunnelled (post-copy is not)")
     if tunnelled and s.parallel:
         problems.append("--parallel cannot be tunnelled (libvirt refuses it)")
     if s.offline:
@@ -168,6 +174,8 @@ def combination_problems(s: MigrationSpec) -> list[str]:
             ("--parallel", s.parallel),
             ("--copy-storage", s.copy_storage),
             ("--bandwidth", s.bandwidth_mib),
+            ("--postcopy-bandwidth", s.postcopy_bandwidth_mib),
+            ("--policy", s.policy),
             ("--tunnelled", tunnelled),
             ("--tls", s.tls),
             ("--migrate-uri", s.migrate_uri),
