@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from config.events import job_event
+from config.policy_model import EffectivePolicy
 from jobs.record import Handoff, MalformedRecord, Result, SourceFacts
 from jobs.spec import MigrationSpec
 from jobs.states import JOB_TABLE, JobState, StateTable
@@ -117,6 +118,9 @@ class Job(Record):
     parent_limit: int | None = None  # that evacuation's --max-parallel
     facts: SourceFacts | None = None  # None until the source's preflight has looked
     handoff: Handoff = Handoff()
+    # perform: the migration policy the source worker runs the job with, and where each of
+    # its values came from (jobs/policy_choice.py); None until perform resolved it.
+    policy: EffectivePolicy | None = None
     result: Result = Result()
     phases: dict[str, PhaseRecord] = {}
     transitions: list[Transition] = []

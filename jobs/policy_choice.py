@@ -130,13 +130,29 @@ def applicable(effective: EffectivePolicy, spec: MigrationSpec) -> EffectivePoli
         why = "not applicable: offline migration"
     elif spec.transport.value == "tunnelled":
         why = "not applicable: tunnelled migration"
+    elif spec.suspend:
+        why = "not applicable: --suspend (libvirt refuses post-copy into a paused guest)"
+    elif spec.copy_storage is not None:
+        why = "not applicable by default with --copy-storage (disks must be complete first)"
     if why is not None and values["allow_postcopy"] and not spec.postcopy:
         values["allow_postcopy"] = False
         values["actions"] = tuple(a for a in values["actions"] if a is not PolicyAction.POSTCOPY)
         sources["allow_postcopy"] = why
+    if spec.dest_connection:  # virDomainMigrate2 carries only the bandwidth and a name
+        through = "not applicable: virDomainMigrate2 (--dest-connection)"
+        for field, off in (
+            ("parallel_connections", 1),
+            ("postcopy_bandwidth_mib", 0),
+        ):
+            if values[field] != off:
+                values[field] = off
+                sources[field] = through
+        if values["compression"] not in (Compression.NONE, Compression.XBZRLE):
+            values["compression"] = Compression.XBZRLE
+            sources["compression"] = through + ": libvirt's default method"
     if spec.offline:
         values["actions"] = ()
         values["auto_converge"] = False
-        sources["actions"] = sources["auto_converge"] = why or ""
+        sources["actions"] = sources["auto_converge"] = "not applicable: offline migration"
     policy = MigrationPolicy.model_validate(values)
     return EffectivePolicy(name=effective.name, values=policy, sources=sources)

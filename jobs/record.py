@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from config.policy_model import EffectivePolicy
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -107,6 +109,7 @@ class Result(BaseModel):
 
 RECORD_FIELDS: dict[str, type[BaseModel]] = {
     "facts": SourceFacts,
+    "policy": EffectivePolicy,
     "handoff": Handoff,
     "result": Result,
 }

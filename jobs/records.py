@@ -10,6 +10,7 @@ from typing import Any, cast
 import redis
 from pydantic import BaseModel
 
+from config.policy_model import EffectivePolicy
 from jobs.keys import (
     ACTIVE_JOBS,
     JOBS_INDEX,
@@ -141,6 +142,7 @@ class JobRecords:
             request=raw.get(REQUEST_FIELD),
             facts=parse_field(SourceFacts, job_id, "facts", raw.get("facts")),
             handoff=parse_field(Handoff, job_id, "handoff", raw.get("handoff")) or Handoff(),
+            policy=parse_field(EffectivePolicy, job_id, "policy", raw.get("policy")),
             result=parse_field(Result, job_id, "result", raw.get("result")) or Result(),
             phases=_in_run_order(phases),
             transitions=[Transition.model_validate_json(t) for t in transitions],

@@ -185,6 +185,8 @@ def combination_problems(s: MigrationSpec) -> list[str]:
                 problems.append(f"{flag} does not apply to an offline migration")
     if s.postcopy and not s.live:
         problems.append("--postcopy needs --live")
+    if s.postcopy and s.suspend:
+        problems.append("--postcopy cannot go with --suspend (libvirt refuses it)")
     if s.timeout_action is not None and s.completion_timeout_s is None:
         problems.append("--timeout-action needs --completion-timeout")
     if s.completion_timeout_s is not None and not s.live:

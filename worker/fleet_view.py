@@ -18,6 +18,8 @@ from jobs.evacuation import EvacuationSpec, EvacuationStore
 from jobs.maintenance import Maintenance
 from jobs.states import TERMINAL
 from jobs.store import JobNotFound
+from worker.domain_metadata import PLACEMENT_NS as PLACEMENT_NS
+from worker.domain_metadata import anti_affinity_group
 from worker.libvirt_host import (
     KIB_PER_MIB,
     Connection,
@@ -26,17 +28,10 @@ from worker.libvirt_host import (
     cpu_incompatible,
     is_gone,
     list_domains,
-    metadata_element,
     placement_room_mib,
 )
 from worker.placement import Candidate, Guest
 from worker.runtime import Runtime
-
-# Anti-affinity groups live in each domain's own XML, as libvirt metadata:
-#   virsh metadata DOMAIN --uri https://drover.dev/xmlns/placement/1 --key drover \
-#         --set '<placement group="web"/>'
-PLACEMENT_NS = "https://drover.dev/xmlns/placement/1"
-GROUP_ATTRIBUTE = "group"
 
 
 @dataclass(frozen=True)
@@ -51,16 +46,6 @@ class FleetView:
     cpus: dict[str, GuestCpu]  # by uuid
     candidates: list[Candidate]
     unavailable: dict[str, str]  # host -> why it is not a candidate
-
-
-def anti_affinity_group(dom: Domain) -> str | None:
-    raw = metadata_element(dom, PLACEMENT_NS)
-    if raw is None:
-        return None  # no drover metadata: the domain is in no group
-    with contextlib.suppress(ET.ParseError):
-        group = ET.fromstring(raw).get(GROUP_ATTRIBUTE)
-        return group or None
-    return None
 
 
 def _cpu(dom: Domain) -> GuestCpu:

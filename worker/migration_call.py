@@ -20,6 +20,7 @@ from typing import Any
 
 import libvirt
 
+from config.policy_model import Compression, MigrationPolicy
 from config.settings import Host
 from jobs.record import Handoff
 from jobs.spec import ControlFlow, CopyStorage, MigrationSpec, Transport
@@ -85,7 +86,7 @@ def flag_names(flags: int) -> list[str]:
     return [name for name, bit in _FLAGS.items() if flags & bit]
 
 
-def _flags(spec: MigrationSpec) -> int:
+def _flags(spec: MigrationSpec, policy: MigrationPolicy) -> int:
     chosen = {
         "VIR_MIGRATE_LIVE": spec.live,
         "VIR_MIGRATE_PEER2PEER": spec.control is ControlFlow.P2P,
@@ -96,13 +97,13 @@ def _flags(spec: MigrationSpec) -> int:
         "VIR_MIGRATE_NON_SHARED_DISK": spec.copy_storage is CopyStorage.ALL,
         "VIR_MIGRATE_NON_SHARED_INC": spec.copy_storage is CopyStorage.INC,
         "VIR_MIGRATE_CHANGE_PROTECTION": spec.change_protection,
-        "VIR_MIGRATE_COMPRESSED": spec.compressed,
+        "VIR_MIGRATE_COMPRESSED": policy.compression is not Compression.NONE,
         "VIR_MIGRATE_ABORT_ON_ERROR": spec.abort_on_error,
-        "VIR_MIGRATE_AUTO_CONVERGE": spec.auto_converge,
+        "VIR_MIGRATE_AUTO_CONVERGE": policy.auto_converge,
         "VIR_MIGRATE_OFFLINE": spec.offline,
-        "VIR_MIGRATE_POSTCOPY": spec.postcopy,
+        "VIR_MIGRATE_POSTCOPY": policy.allow_postcopy,
         "VIR_MIGRATE_TLS": spec.tls,
-        "VIR_MIGRATE_PARALLEL": spec.parallel is not None,
+        "VIR_MIGRATE_PARALLEL": policy.parallel_connections > 1,
     }
     flags = 0
     for name, on in chosen.items():
@@ -111,7 +112,7 @@ def _flags(spec: MigrationSpec) -> int:
     return flags
 
 
-def _params(spec: MigrationSpec, handoff: Handoff) -> dict[str, Any]:
+def _params(spec: MigrationSpec, handoff: Handoff, policy: MigrationPolicy) -> dict[str, Any]:
     params: dict[str, Any] = {}
     # Tunnelled data goes through libvirtd: a hypervisor URI would be meaningless there.
     if handoff.migrate_uri and spec.transport is Transport.NATIVE:
@@ -120,10 +121,17 @@ def _params(spec: MigrationSpec, handoff: Handoff) -> dict[str, Any]:
         params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = handoff.listen_address
     if spec.dname:
         params[libvirt.VIR_MIGRATE_PARAM_DEST_NAME] = spec.dname
-    if spec.bandwidth_mib is not None:
-        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = spec.bandwidth_mib
-    if spec.parallel is not None:
-        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = spec.parallel
+    if policy.bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = policy.bandwidth_mib
+    if policy.allow_postcopy and policy.postcopy_bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = policy.postcopy_bandwidth_mib
+    if policy.parallel_connections > 1:
+        params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = policy.parallel_connections
+    if policy.compression not in (Compression.NONE, Compression.XBZRLE):
+        params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = policy.compression.value
+    if policy.auto_converge:
+        params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = policy.auto_converge_initial
+        params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = policy.auto_converge_increment
     return params
 
 
@@ -142,8 +150,10 @@ def handoff_for(spec: MigrationSpec, dst: Host) -> Handoff:
     )
 
 
-def build_call(spec: MigrationSpec, handoff: Handoff) -> MigrationCall:
-    flags, params = _flags(spec), _params(spec, handoff)
+def build_call(spec: MigrationSpec, handoff: Handoff, policy: MigrationPolicy) -> MigrationCall:
+    """The call for `spec` run under `policy` (the effective one, jobs/policy_choice.py:
+    the job's flags are already in it)."""
+    flags, params = _flags(spec, policy), _params(spec, handoff, policy)
     if spec.dest_connection:
         legacy = {k: v for k, v in params.items() if k in MIGRATE2_PARAMS}
         return MigrationCall("migrate2", None, handoff.dconnuri, legacy, flags)

@@ -18,6 +18,7 @@ from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
 from worker.phase_errors import HandedOver, PhaseCancelled, PhaseFailed
 from worker.phase_source import ensure_running_on_source, job_domain
+from worker.policy_source import resolve_and_record
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -46,7 +47,8 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     refusal = Maintenance(rt.store.r).refusal(spec.dst)
     if refusal is not None:
         raise PhaseFailed(f"{refusal}; it went into maintenance after prepare, nothing moved")
-    call = build_call(spec, handoff_or_fail(rt, spec))
+    policy = resolve_and_record(rt, job, dom)
+    call = build_call(spec, handoff_or_fail(rt, spec), policy.values)
     log.info("migration.started", call=call.describe())
     finished = threading.Event()
     outcome = CallOutcome()

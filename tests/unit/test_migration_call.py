@@ -8,10 +8,17 @@ import pytest
 from jobs.record import Handoff
 from jobs.spec import MigrationSpec
 from worker.convergence import ConvergencePolicy
-from worker.migration_call import build_call, flag_names
+from config.settings import Settings
+from jobs.policy_choice import effective_policy
+from worker.migration_call import MigrationCall, build_call, flag_names
 from worker.monitor import Progress
 
 HANDOFF = Handoff(dconnuri="qemu+tcp://10.0.0.2/system", migrate_uri="tcp://10.0.0.2")
+
+def call_of(s: MigrationSpec, handoff: Handoff) -> MigrationCall:
+    """The call a worker with no drover.toml policies builds (the shipped default policy)."""
+    return build_call(s, handoff, effective_policy(Settings(), s).values)
+
 
 
 def spec(**kw: object) -> MigrationSpec:
@@ -19,15 +26,18 @@ def spec(**kw: object) -> MigrationSpec:
 
 
 def test_default_is_live_peer_to_peer_native_with_migration_uri() -> None:
-    call = build_call(spec(), HANDOFF)
+    call = call_of(spec(), HANDOFF)
     assert call.api == "migrateToURI3"
     assert call.dconnuri == "qemu+tcp://10.0.0.2/system"
-    assert call.flags == libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+    # The shipped default policy allows post-copy: the flag is set, the switch is the monitor's.
+    assert call.flags == (
+        libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_POSTCOPY
+    )
     assert call.params == {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://10.0.0.2"}
 
 
 def test_requested_options_all_reach_the_call() -> None:
-    call = build_call(
+    call = call_of(
         spec(persistent=True, undefine_source=True, auto_converge=True, bandwidth_mib=64),
         HANDOFF,
     )
@@ -37,12 +47,16 @@ def test_requested_options_all_reach_the_call() -> None:
         "VIR_MIGRATE_PERSIST_DEST",
         "VIR_MIGRATE_UNDEFINE_SOURCE",
         "VIR_MIGRATE_AUTO_CONVERGE",
+        "VIR_MIGRATE_POSTCOPY",  # the default policy allows it
     }
     assert call.params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] == 64
+    # auto-converge's throttle steps are the policy's (QEMU's own 20 and 10 by default)
+    assert call.params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] == 20
+    assert call.params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] == 10
 
 
 def test_non_live_request_drops_the_live_flag() -> None:
-    assert not build_call(spec(live=False), HANDOFF).flags & libvirt.VIR_MIGRATE_LIVE
+    assert not call_of(spec(live=False), HANDOFF).flags & libvirt.VIR_MIGRATE_LIVE
 
 
 def _progress(elapsed_ms: int) -> Progress:

@@ -8,12 +8,21 @@ from pydantic import ValidationError
 
 from jobs.record import Handoff
 from jobs.spec import MigrationSpec, first_error
-from worker.migration_call import build_call, flag_names
+from config.settings import Settings
+from jobs.policy_choice import effective_policy
+from worker.migration_call import MigrationCall, build_call, flag_names
 
 HANDOFF = Handoff(
     dconnuri="qemu+tcp://10.0.0.2/system", migrate_uri="tcp://10.0.0.2", listen_address=None
 )
 URI = libvirt.VIR_MIGRATE_PARAM_URI
+
+def call_of(s: MigrationSpec, handoff: Handoff) -> MigrationCall:
+    """The call under the shipped `manual` policy (no post-copy unless asked for): the modes'
+    own flags; what the default policy adds is tested in test_migration_call.py."""
+    manual = s.model_copy(update={"policy": "manual"})
+    return build_call(s, handoff, effective_policy(Settings(), manual).values)
+
 
 
 def spec(**kw: object) -> MigrationSpec:
@@ -75,7 +84,7 @@ def test_each_scenario_maps_to_its_libvirt_call(name: str) -> None:
         if s.transport.value == "native"
         else Handoff(dconnuri=HANDOFF.dconnuri, migrate_uri=None)
     )
-    call = build_call(s, handoff)
+    call = call_of(s, handoff)
     assert call.api == api
     assert call.dconnuri == dconnuri
     assert (call.dest_connection_uri == HANDOFF.dconnuri) is dest_conn
@@ -101,7 +110,7 @@ def test_every_virsh_option_reaches_the_call() -> None:
         migrate_uri="tcp://192.0.2.7:49999",
         listen_address="192.0.2.7",
     )
-    call = build_call(
+    call = call_of(
         s,
         Handoff(
             dconnuri="qemu+tls://h/system",
@@ -130,17 +139,19 @@ def test_every_virsh_option_reaches_the_call() -> None:
         libvirt.VIR_MIGRATE_PARAM_DEST_NAME: "web02",
         libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 100,
         libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS: 4,
+        libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL: 20,
+        libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT: 10,
     }
 
 
 def test_offline_and_incremental_storage_flags() -> None:
-    offline = build_call(spec(live=False, offline=True, persistent=True), HANDOFF)
+    offline = call_of(spec(live=False, offline=True, persistent=True), HANDOFF)
     assert set(flag_names(offline.flags)) == {
         "VIR_MIGRATE_OFFLINE",
         "VIR_MIGRATE_PERSIST_DEST",
         "VIR_MIGRATE_PEER2PEER",
     }
-    inc = build_call(spec(copy_storage="inc"), HANDOFF)
+    inc = call_of(spec(copy_storage="inc"), HANDOFF)
     assert "VIR_MIGRATE_NON_SHARED_INC" in flag_names(inc.flags)
 
 
@@ -285,7 +296,7 @@ def test_the_dest_connection_help_names_the_api_it_uses() -> None:
 
     from cli.main import app
 
-    api = C_API[build_call(spec(dest_connection=True), HANDOFF).api]
+    api = C_API[call_of(spec(dest_connection=True), HANDOFF).api]
     migrate = get_command(app).commands["migrate"]
     option = next(p for p in migrate.params if "--dest-connection" in p.opts)
     assert api in option.help, option.help
