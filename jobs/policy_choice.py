@@ -130,6 +130,8 @@ def applicable(effective: EffectivePolicy, spec: MigrationSpec) -> EffectivePoli
         why = "not applicable: offline migration"
     elif spec.transport.value == "tunnelled":
         why = "not applicable: tunnelled migration"
+    elif not spec.live:
+        why = "not applicable: non-live migration"
     elif spec.suspend:
         why = "not applicable: --suspend (libvirt refuses post-copy into a paused guest)"
     elif spec.copy_storage is not None:

@@ -58,10 +58,24 @@ def _event_line(ev: dict[str, Any]) -> str:
     elif name == "evacuation.planned" and isinstance(ev.get("placements"), list):
         placed = sum(1 for p in ev["placements"] if p.get("destination"))
         details = f"{placed} of {len(ev['placements'])} domains placed"
-    if name == "migration.started" and isinstance(ev.get("call"), dict):
+    if name == "policy.step":
+        details = policy_step_text(ev)
+        if name == "migration.started" and isinstance(ev.get("call"), dict):
         call = ev["call"]
         details = f"{call.get('api')} {' | '.join(call.get('flags', []))} {call.get('params')}"
     return f"{head}  {details}".rstrip()
+
+
+def policy_step_text(ev: dict[str, Any]) -> str:
+    """A policy decision as a line: the action, why, and the figures it looked at."""
+    figures = (
+        f"{ev.get('remaining_mib')} MiB left, {ev.get('dirty_mib_s', '-')} MiB/s dirtied, "
+        f"{ev.get('transfer_mib_s')} MiB/s sent, pass {ev.get('iteration')}"
+    )
+    done = "" if ev.get("done", True) else f" (libvirt refused: {ev.get('error')})"
+    allowed = f" -> {ev['downtime_ms']} ms" if ev.get("downtime_ms") is not None else ""
+    skipped = f"; passed over {'; '.join(ev['skipped'])}" if ev.get("skipped") else ""
+    return f"{ev.get('action')}{allowed}{done}: {ev.get('reason')} [{figures}]{skipped}"
 
 
 def add_row(table: Table, *cells: object) -> None:

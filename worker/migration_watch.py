@@ -12,36 +12,52 @@ import threading
 from dataclasses import dataclass
 
 from config.events import get_logger
+from config.policy_model import MigrationPolicy
 from jobs.model import Job
-from worker.convergence import Action, ConvergencePolicy, drain_action
+from worker.convergence import ConvergenceEngine, Decision
 from worker.libvirt_host import Domain, LibvirtError
 from worker.monitor import MigrationMonitor, Progress
 from worker.runtime import Runtime
+from worker.steering import Action, drain_action
 
 log = get_logger()
 
 
 def carry_out(dom: Domain, action: Action) -> bool:
-    """Make libvirt do what the policy (or the operator) decided about a running migration;
-    whether libvirt did.
+    """Abort the migration, as the operator or the drain decided; whether libvirt did.
 
-    A refusal is logged and the migration goes on: it may still converge, and the fleet's
-    hard limit (tunables.migration_timeout) aborts it in the end.
+    A refusal (libvirt cannot abort a post-copy migration) is logged and the migration goes
+    on.
     """
-    if action.kind in ("suspend", "postcopy"):
-        log.warning("migration.timeout", action=action.kind, reason=action.reason)
-    else:
-        log.warning("migration.aborting", reason=action.reason, by=action.kind)
+    log.warning("migration.aborting", reason=action.reason, by=action.kind)
     try:
-        if action.kind == "suspend":
-            dom.suspend()  # the guest resumes on arrival (unless --suspend asked otherwise)
-        elif action.kind == "postcopy":
-            dom.migrateStartPostCopy()
-        else:
-            dom.abortJob()
+        dom.abortJob()
     except LibvirtError as exc:
         log.warning("migration.action_failed", action=action.kind, error=exc.get_error_message())
         return False
+    return True
+
+
+def carry_out_step(dom: Domain, decision: Decision) -> bool:
+    """Make libvirt do what the policy decided (a `policy.step` event either way); whether
+    libvirt did. A refusal is said and the migration goes on: the policy takes its next
+    action at the next trigger, and the fleet's hard limit ends it in the end."""
+    try:
+        if decision.action in ("set_downtime", "raise_downtime"):
+            assert decision.downtime_ms is not None
+            dom.migrateSetMaxDowntime(decision.downtime_ms)
+        elif decision.action == "postcopy":
+            dom.migrateStartPostCopy()
+        elif decision.action == "suspend":
+            dom.suspend()  # the guest resumes on arrival (unless --suspend asked otherwise)
+        elif decision.action == "abort":
+            dom.abortJob()
+        # throttle: QEMU's auto-converge throttles by itself; none_left: nothing to do
+    except LibvirtError as exc:
+        refused = exc.get_error_message()
+        log.warning("policy.step", **decision.event_fields(), done=False, error=refused)
+        return False
+    log.info("policy.step", **decision.event_fields(), done=True)
     return True
 
 
@@ -59,10 +75,16 @@ class Watched:
 
 
 def watch_migration(
-    rt: Runtime, job: Job, dom: Domain, finished: threading.Event, *, until_idle: bool = False
+    rt: Runtime,
+    job: Job,
+    dom: Domain,
+    finished: threading.Event,
+    *,
+    policy: MigrationPolicy,
+    until_idle: bool = False,
 ) -> Watched:
-    """Report and steer the job's migration until `finished` is set (or, `until_idle`, until
-    libvirt shows no migration job on `dom`)."""
+    """Report and steer the job's migration under its effective `policy` until `finished` is
+    set (or, `until_idle`, until libvirt shows no migration job on `dom`)."""
     spec, tunables = job.spec, rt.settings.tunables
     seen = Watched()
 
@@ -72,15 +94,21 @@ def watch_migration(
             log.info("migration.reattached")
         log.info("migration.progress", **p.as_event_fields())
 
+    def on_decision(decision: Decision) -> bool:
+        if decision.action == "abort":
+            seen.abort_reason = decision.reason
+        done = carry_out_step(dom, decision)
+        if done and decision.action == "postcopy":
+            rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
+        return done
+
     def on_action(action: Action) -> None:
         if action.kind == "cancel":
             seen.cancel_reason = action.reason
         elif action.kind == "abort":
             seen.abort_reason = action.reason
         done = carry_out(dom, action)
-        if done and action.kind == "postcopy":
-            rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
-        elif not done and action.kind == "cancel":
+        if not done and action.kind == "cancel":
             # The operator's abort cannot be carried out (libvirt refuses to abort a post-copy
             # migration): the migration goes on, and the request is not left pending.
             rt.store.withdraw_abort(job.id)
@@ -90,9 +118,12 @@ def watch_migration(
     monitor = MigrationMonitor(
         dom,
         interval=tunables.progress_interval,
-        policy=ConvergencePolicy.for_job(spec, tunables.migration_timeout),
+        decision_interval=tunables.decision_interval,
+        engine=ConvergenceEngine(policy, _memory_mib(job), tunables.migration_timeout),
         on_progress=on_progress,
         on_action=on_action,
+        on_decision=on_decision,
+        postcopy=job.postcopy_since is not None,
         # Read once per tick, never waiting out a Redis outage: libvirt migrates meanwhile.
         abort_requested=lambda: rt.store.without_retry.abort_requested(job.id),
         drain=lambda: drain_action(spec, rt.drained_for(), tunables.drain_timeout),
@@ -102,3 +133,8 @@ def watch_migration(
     seen.last = monitor.last
     seen.handed_over = monitor.handed_over.reason if monitor.handed_over else None
     return seen
+
+
+def _memory_mib(job: Job) -> int:
+    """The guest's memory as preflight saw it (the completion timeout scales with it)."""
+    return job.facts.memory_mib if job.facts is not None else 0

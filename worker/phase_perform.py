@@ -66,7 +66,7 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     worker.start()
     cancel_reason = abort_reason = last = None
     if not spec.offline:  # an offline migration has no job statistics to sample
-        seen = watch_migration(rt, job, dom, finished)
+        seen = watch_migration(rt, job, dom, finished, policy=policy.values)
         if seen.handed_over is not None:
             raise HandedOver(seen.handed_over)
         cancel_reason, abort_reason, last = seen.cancel_reason, seen.abort_reason, seen.last

@@ -19,6 +19,7 @@ from jobs.states import JobState
 from worker.job_end import fail_job
 from worker.migration_watch import watch_migration
 from worker.phase_source import job_domain, resume_if_left_paused
+from worker.policy_source import job_policy
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -31,7 +32,8 @@ def recover_perform(rt: Runtime, job: Job) -> bool:
     dom = job_domain(rt, job, spec.domain)
     cancelled = aborted = None
     if dom is not None:
-        seen = watch_migration(rt, job, dom, threading.Event(), until_idle=True)
+        policy = job_policy(rt, job, dom).values
+        seen = watch_migration(rt, job, dom, threading.Event(), policy=policy, until_idle=True)
         if seen.handed_over is not None:
             # The worker drains: libvirtd carries on, and the host's next worker recovers it.
             log.warning("phase.handed_over", reason=seen.handed_over)

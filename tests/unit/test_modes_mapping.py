@@ -6,10 +6,10 @@ import libvirt
 import pytest
 from pydantic import ValidationError
 
-from jobs.record import Handoff
-from jobs.spec import MigrationSpec, first_error
 from config.settings import Settings
 from jobs.policy_choice import effective_policy
+from jobs.record import Handoff
+from jobs.spec import MigrationSpec, first_error
 from worker.migration_call import MigrationCall, build_call, flag_names
 
 HANDOFF = Handoff(
@@ -17,12 +17,12 @@ HANDOFF = Handoff(
 )
 URI = libvirt.VIR_MIGRATE_PARAM_URI
 
+
 def call_of(s: MigrationSpec, handoff: Handoff) -> MigrationCall:
     """The call under the shipped `manual` policy (no post-copy unless asked for): the modes'
     own flags; what the default policy adds is tested in test_migration_call.py."""
     manual = s.model_copy(update={"policy": "manual"})
     return build_call(s, handoff, effective_policy(Settings(), manual).values)
-
 
 
 def spec(**kw: object) -> MigrationSpec:
@@ -102,7 +102,6 @@ def test_every_virsh_option_reaches_the_call() -> None:
         abort_on_error=True,
         auto_converge=True,
         compressed=True,
-        postcopy=True,
         bandwidth_mib=100,
         parallel=4,
         copy_storage="all",
@@ -128,7 +127,6 @@ def test_every_virsh_option_reaches_the_call() -> None:
         "VIR_MIGRATE_ABORT_ON_ERROR",
         "VIR_MIGRATE_AUTO_CONVERGE",
         "VIR_MIGRATE_COMPRESSED",
-        "VIR_MIGRATE_POSTCOPY",
         "VIR_MIGRATE_PARALLEL",
         "VIR_MIGRATE_NON_SHARED_DISK",
         "VIR_MIGRATE_TLS",

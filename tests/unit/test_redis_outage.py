@@ -33,7 +33,6 @@ from producer.outage import RedisOutage
 from tests.conftest import RedisServer
 from tests.support.lab_fixtures import wait_for
 from tests.support.registry import REGISTRY
-from worker.convergence import ConvergencePolicy
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
 from worker.monitor import MigrationMonitor, Progress
@@ -211,7 +210,7 @@ def test_the_monitor_keeps_watching_while_the_abort_check_fails() -> None:
     monitor = MigrationMonitor(
         FakeDomain(),  # type: ignore[arg-type]
         interval=0.05,
-        policy=ConvergencePolicy.for_job(SPEC, 3600),
+        engine=None,
         on_progress=on_progress,
         on_action=lambda a: actions.append(a.kind),
         abort_requested=abort_requested,

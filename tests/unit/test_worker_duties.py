@@ -20,9 +20,9 @@ from tests.support.lab_fixtures import wait_for
 from tests.unit.test_recovery_step import InlineThread
 from tests.unit.test_settings import GOOD
 from worker import keeper, recovery
-from worker.convergence import drain_action
 from worker.recovery import _quiet_s, _recover_in_background, current_step
 from worker.runtime import Runtime
+from worker.steering import drain_action
 
 SPEC = MigrationSpec.model_validate({"domain": "web01", "src": "kvm1", "dst": "kvm2"})
 
