@@ -60,7 +60,7 @@ def _event_line(ev: dict[str, Any]) -> str:
         details = f"{placed} of {len(ev['placements'])} domains placed"
     if name == "policy.step":
         details = policy_step_text(ev)
-        if name == "migration.started" and isinstance(ev.get("call"), dict):
+    if name == "migration.started" and isinstance(ev.get("call"), dict):
         call = ev["call"]
         details = f"{call.get('api')} {' | '.join(call.get('flags', []))} {call.get('params')}"
     return f"{head}  {details}".rstrip()
