@@ -86,6 +86,10 @@ class ConvergenceEngine:
     best_remaining: int | None = None
     progress_at_ms: int = 0  # when the last new low (or step) happened
     throttling: bool = False  # the throttle step was taken: give it time to bite
+    # A suspend decided mid-pass waits for the pass to end (trigger, why): paused now, the
+    # guest would stay paused while the pages it dirtied since the pass began are sent too.
+    deferred: tuple[str, str] | None = None
+    deferred_skipped: tuple[str, ...] = ()
 
     def initial_downtime_ms(self) -> int:
         """The schedule's first step when the policy may raise it, else its maximum."""
@@ -131,10 +135,12 @@ class ConvergenceEngine:
             self.pass_started_ms = p.time_elapsed_ms
             self.iteration = p.memory_iteration
         self._progress(p, new_pass)
+        if self.deferred is not None:
+            return self._act(p, *self.deferred, new_pass=True) if new_pass else None
         trigger = self._trigger(p, new_pass)
         if trigger is None:
             return None
-        return self._act(p, *trigger)
+        return self._act(p, *trigger, new_pass=new_pass)
 
     def _progress(self, p: Progress, new_pass: bool) -> None:
         """Count a new low of what is left: during the first pass (it only goes down), then
@@ -180,9 +186,9 @@ class ConvergenceEngine:
             return ("completion_timeout", f"completion timeout of {timeout_s:g}s reached")
         return None
 
-    def _act(self, p: Progress, trigger: str, why: str) -> Decision:
+    def _act(self, p: Progress, trigger: str, why: str, *, new_pass: bool) -> Decision | None:
         """The policy's next action that can help, passing over (and naming) those that
-        cannot; the stall clock restarts with every step."""
+        cannot; the stall clock restarts with every step. A suspend waits for the pass's end."""
         self.progress_at_ms = p.time_elapsed_ms
         skipped: list[str] = []
         actions = self.policy.actions
@@ -193,6 +199,13 @@ class ConvergenceEngine:
                 skipped.append(f"{action.value}: {useless}")
                 self.next_action += 1
                 continue
+            if action is PolicyAction.SUSPEND and not new_pass:
+                self.deferred, self.deferred_skipped = (trigger, why), tuple(skipped)
+                return None
+            if self.deferred is not None:
+                why = f"{why} (suspended as the pass ended: fewest pages left to send paused)"
+                skipped[:0] = self.deferred_skipped
+                self.deferred, self.deferred_skipped = None, ()
             decision = self._step(action, p, trigger, why, tuple(skipped))
             self.throttling = action is PolicyAction.THROTTLE
             if action in TERMINAL_ACTIONS:

@@ -117,6 +117,9 @@ def test_no_postcopy_throttles_then_suspends_after_the_progress_timeout() -> Non
     throttle, suspend = decisions[1], decisions[2]
     assert throttle.trigger == "not_converging"
     assert suspend.trigger == "stalled" and "progress timeout 10s" in suspend.reason
+    # the stall was seen mid-pass; the guest is paused only as the next pass starts
+    assert "as the pass ended" in suspend.reason
+    assert suspend.figures["remaining_mib"] == 64.0
     assert all("postcopy" not in s for d in decisions for s in d.skipped)
 
 
