@@ -75,6 +75,9 @@ class MigrationPolicy(BaseModel):
     completion_timeout_per_gib_s: float = Field(default=150.0, gt=0, le=MAX_TIMEOUT_S)
     # A fixed completion timeout (a job's --completion-timeout); overrides the per-GiB one.
     completion_timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
+    # Act as soon as libvirt's statistics show pre-copy will not converge, or stalls; false:
+    # only at the completion timeout (virsh's --timeout; a job's --completion-timeout).
+    act_on_statistics: bool = True
     compression: Compression = Compression.NONE
     parallel_connections: int = Field(default=1, ge=1, le=MAX_PARALLEL_CONNECTIONS)
     actions: tuple[PolicyAction, ...] = (

@@ -137,7 +137,7 @@ class Tunables(_Strict):
     progress_interval: float = Field(default=1.0, gt=0, le=10)
     # How often the monitor samples a running migration for its policy's decisions (a switch
     # to post-copy follows the end of a pass within this); reports stay once per interval.
-    decision_interval: float = Field(default=0.1, gt=0, le=10)
+    decision_interval: float = Field(default=0.05, gt=0, le=10)
     phase_timeout: float = Field(default=60, gt=0)
     migration_timeout: float = Field(default=1800, gt=0)
     # Longest blocking read on a job's stream while waiting; the state is re-checked this often.

@@ -68,7 +68,9 @@ def flag_layer(spec: MigrationSpec) -> MigrationPolicy:
     if spec.parallel is not None:
         fields["parallel_connections"] = spec.parallel
     if spec.completion_timeout_s is not None:
+        # A timer asked for by the job is what it gets: no earlier action from the figures.
         fields["completion_timeout_s"] = float(spec.completion_timeout_s)
+        fields["act_on_statistics"] = False
     if spec.on_timeout is not None:
         fields["actions"] = (_TIMEOUT_ACTIONS[spec.on_timeout],)
     return MigrationPolicy.model_validate(fields)
@@ -82,6 +84,7 @@ FLAG_LABELS = {
     "compression": "flag --compressed",
     "parallel_connections": "flag --parallel",
     "completion_timeout_s": "flag --completion-timeout",
+    "act_on_statistics": "flag --completion-timeout",
     "actions": "flag --timeout-action",
 }
 

@@ -165,7 +165,9 @@ class ConvergenceEngine:
         # After the throttle step, a pass that still dirties too much is QEMU's cue to throttle
         # harder, not ours to move on: only a stall or the throttle at its limit moves on.
         throttle_bites = self.throttling and p.auto_converge_throttle < MAX_THROTTLE_PERCENT
-        if new_pass and p.memory_iteration >= 2 and p.memory_bandwidth > 0 and not throttle_bites:
+        watching = self.policy.act_on_statistics
+        passed = new_pass and p.memory_iteration >= 2 and p.memory_bandwidth > 0
+        if watching and passed and not throttle_bites:
             dirty = self.dirty_rate(p)
             if dirty >= NON_CONVERGENCE_RATIO * p.memory_bandwidth:
                 return (
@@ -174,7 +176,7 @@ class ConvergenceEngine:
                     f"carries {_mib(p.memory_bandwidth)} MiB/s: pre-copy will not converge",
                 )
         stalled_ms = p.time_elapsed_ms - self.progress_at_ms
-        if stalled_ms > self.policy.progress_timeout_s * MS_PER_S:
+        if watching and stalled_ms > self.policy.progress_timeout_s * MS_PER_S:
             return (
                 "stalled",
                 f"no new low of remaining data for {stalled_ms / MS_PER_S:.0f}s "
@@ -199,7 +201,8 @@ class ConvergenceEngine:
                 skipped.append(f"{action.value}: {useless}")
                 self.next_action += 1
                 continue
-            if action is PolicyAction.SUSPEND and not new_pass:
+            # (a job's own timer is kept to the second: suspended when it rings)
+            if action is PolicyAction.SUSPEND and not new_pass and self.policy.act_on_statistics:
                 self.deferred, self.deferred_skipped = (trigger, why), tuple(skipped)
                 return None
             if self.deferred is not None:

@@ -171,3 +171,18 @@ def test_nothing_is_decided_outside_pre_copy() -> None:
     engine = ConvergenceEngine(DEFAULT, memory_mib=128, max_duration_s=1)
     assert engine.decide(sample(5000, 10, stage="postcopy")) is None
     assert engine.decide(sample(5000, 10, stage="completing")) is None
+
+
+def test_a_jobs_own_completion_timeout_is_a_timer_not_a_judgement() -> None:
+    # --completion-timeout 5 --timeout-action suspend (virsh's --timeout): suspend at 5 s,
+    # not at the first pass that will not converge.
+    timer = MigrationPolicy(
+        completion_timeout_s=5, act_on_statistics=False, actions=(PolicyAction.SUSPEND,)
+    )
+    engine = ConvergenceEngine(timer, memory_mib=128, max_duration_s=1800)
+    samples = dirty_guest(64, passes=8)
+    decisions = run(engine, samples)
+    assert [d.action for d in decisions] == ["set_downtime", "suspend"]
+    assert (
+        decisions[1].trigger == "completion_timeout" and decisions[1].figures["elapsed_ms"] > 5000
+    )
