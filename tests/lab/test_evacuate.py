@@ -256,8 +256,9 @@ def test_a_guest_that_never_converges_is_suspended_and_the_drain_completes(
     assert ev.state.value == "drained", ev.reason
     dirty = lab.drover.job(ev.children["dirty-1"])
     assert dirty.spec.completion_timeout_s == 3
-    timeouts = [e for e in lab.drover.events(dirty.id) if e["event"] == "migration.timeout"]
-    assert [e["action"] for e in timeouts] == ["suspend"]
+    steps = [e for e in lab.drover.events(dirty.id) if e["event"] == "policy.step"]
+    acted = [(e["action"], e["trigger"]) for e in steps if e["action"] != "set_downtime"]
+    assert acted == [("suspend", "completion_timeout")]
     (where,) = lab.running_on("dirty-1")
     assert where != "lab1" and lab.view(where, "dirty-1").state == libvirt.VIR_DOMAIN_RUNNING
     for domain in GUESTS:
