@@ -67,7 +67,10 @@ def dirty_guest(
 def test_the_first_decision_sets_the_schedules_first_downtime() -> None:
     engine = ConvergenceEngine(DEFAULT, memory_mib=128, max_duration_s=1800)
     (first,) = run(engine, [sample(100, 120)])
-    assert first.action == "set_downtime" and first.downtime_ms == 100  # 300 ms in 3 steps
+    assert first.action == "set_downtime" and first.downtime_ms == 300  # QEMU's own default
+    stepped = MigrationPolicy(max_downtime_ms=500, downtime_steps=5)
+    (first,) = run(ConvergenceEngine(stepped, 128, 1800), [sample(100, 120)])
+    assert first.downtime_ms == 100
 
 
 @pytest.mark.parametrize("rate", [8, 32, 64])
@@ -79,7 +82,7 @@ def test_default_switches_to_postcopy_at_the_first_pass_that_will_not_converge(r
     assert switch.trigger == "not_converging" and switch.figures["iteration"] == 2
     # raising the downtime could not send 64 MiB within 300 ms at this rate: said, and passed over
     assert switch.skipped and switch.skipped[0].startswith("raise_downtime:")
-    assert "over the policy's maximum of 300 ms" in switch.skipped[0]
+    assert "already at the policy's maximum of 300 ms" in switch.skipped[0]
     assert engine.finished
 
 
@@ -96,7 +99,8 @@ def test_raise_downtime_goes_straight_to_the_step_that_sends_what_is_left() -> N
     # 2 MiB re-dirtied each pass at 8 MiB/s: 250 ms would do; the schedule is 100/200/300.
     # The first pass's estimate looks convergent (2 MiB over 8 s); the second (2 MiB over
     # 0.25 s) is not.
-    engine = ConvergenceEngine(DEFAULT, memory_mib=128, max_duration_s=1800)
+    stepped = MigrationPolicy(downtime_steps=3)
+    engine = ConvergenceEngine(stepped, memory_mib=128, max_duration_s=1800)
     decisions = run(engine, dirty_guest(8, passes=2, working_set_mib=2))
     raised = decisions[1]
     assert raised.figures["iteration"] == 3
