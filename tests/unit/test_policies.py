@@ -9,16 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from config.policy_model import BUILTIN_POLICIES, Compression, PolicyAction
 from config.settings import ConfigError, Settings, load_settings
+from jobs.evacuation import EvacuationState, EvacuationStore
 from jobs.evacuation_model import EvacuationSpec, Placement
 from jobs.policy_choice import UnknownPolicy, effective_policy
 from jobs.spec import MigrationSpec
+from jobs.store import JobStore
 from producer.cli_policies import standing
 from tests.support.registry import REGISTRY
+from tests.unit import test_libvirt_seam as seam
+from worker.domain_metadata import PLACEMENT_NS
+from worker.evacuation import plan_and_queue_or_fail
 from worker.evacuation_plan import checked, child_spec
+from worker.fleet_view import gather
+from worker.libvirt_host import dirty_rates_mib_s
 from worker.placement import Estimate, Guest
 
 LAYERED = """
@@ -317,3 +325,53 @@ def test_child_spec_is_the_evacuations_child(fleet: Settings) -> None:
 
     child = child_spec(Ev(), placement())  # type: ignore[arg-type]
     assert child.policy == "fast" and child.transport.value == "tunnelled"
+
+
+# --- the worker's side, against libvirt's test driver --------------------------------------
+
+env = seam.env  # the seam tests' fixtures: a registry file, the test hypervisor
+hv = seam.hv
+GUEST = seam.GUEST
+
+
+def test_the_planner_reads_the_metadata_policy_and_no_dirty_rate_unmeasured(
+    env: Path,
+    store: JobStore,
+    hv: libvirt.virConnect,
+    tmp_path: Path,
+) -> None:
+    dom = hv.lookupByName(GUEST)
+    live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+    dom.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        '<placement policy="db"/>',
+        "drover",
+        PLACEMENT_NS,
+        live,
+    )
+    try:
+        view = gather(seam.runtime(store, "kvm1", tmp_path), EvacuationSpec(host="kvm1"), "0" * 12)
+    finally:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, PLACEMENT_NS, live)
+    (guest,) = view.guests
+    assert guest.policy == "db" and guest.dirty_mib_s is None
+    assert dirty_rates_mib_s(hv) == {}  # no calculation ran (the test driver has none)
+
+
+def test_the_worker_checks_the_evacuations_policy_again_when_it_plans(
+    env: Path,
+    store: JobStore,
+    hv: libvirt.virConnect,
+    tmp_path: Path,
+) -> None:
+    records = EvacuationStore(store)
+    # Created by a producer whose registry knew `gone`; this worker's does not.
+    evacuation_id = records.create(EvacuationSpec(host="kvm1", policy="gone"), "test", signer=None)
+    records.transition(evacuation_id, EvacuationState.PLANNING)
+    plan_and_queue_or_fail(
+        seam.runtime(store, "kvm1", tmp_path), records, records.get(evacuation_id)
+    )
+    ended = records.get(evacuation_id)
+    assert ended.state is EvacuationState.FAILED
+    assert ended.reason is not None
+    assert ended.reason.startswith("planning failed: unknown policy 'gone' (known policies:")
