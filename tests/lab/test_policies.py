@@ -27,6 +27,7 @@ from worker.domain_metadata import PLACEMENT_NS
 pytestmark = pytest.mark.lab
 
 MIB = 1024 * 1024
+HOLD_CAP_MIB = 8
 POLICIES = """
 [policies.labhost]
 bandwidth_mib = 300
@@ -163,7 +164,9 @@ def test_the_metadata_policy_is_what_qemu_runs_with(
             "dirty-1 migrating",
         )
         wait_for(
-            lambda: qemu_parameters(lab, "lab1", "dirty-1").get("max-bandwidth") == 8 * MIB,
+            lambda: (
+                qemu_parameters(lab, "lab1", "dirty-1").get("max-bandwidth") == HOLD_CAP_MIB * MIB
+            ),
             30,
             "QEMU on lab1 migrating dirty-1 at the metadata policy's 8 MiB/s",
         )
@@ -179,3 +182,41 @@ def test_the_metadata_policy_is_what_qemu_runs_with(
     assert job.state.value == "cancelled", job.reason
     assert lab.running_on("dirty-1") == ["lab1"]
     assert not lab.view("lab2", "dirty-1").exists
+
+
+def dirty_rate_measured(lab: Lab, domain: str) -> float | None:
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        dom = conn.lookupByName(domain)
+        ((_, stats),) = conn.domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_DIRTYRATE)
+    finally:
+        conn.close()
+    if stats.get("dirtyrate.calc_status") != libvirt.VIR_DOMAIN_DIRTYRATE_MEASURED:
+        return None
+    return float(stats["dirtyrate.megabytes_per_second"])
+
+
+def test_the_dry_run_estimates_with_the_policy_and_the_measured_dirty_rate(
+    lab: Lab, policies: Drover, dirty_running: None
+) -> None:
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        conn.lookupByName("dirty-1").startDirtyRateCalc(1, 0)  # virsh domdirtyrate-calc
+    finally:
+        conn.close()
+    wait_for(lambda: dirty_rate_measured(lab, "dirty-1") is not None, 30, "dirty rate measured")
+    rate = dirty_rate_measured(lab, "dirty-1")
+    assert rate is not None and rate > HOLD_CAP_MIB
+    spec = policies.evacuation_spec(host="lab1", to=["lab2", "lab3"], dry_run=True, policy="hold")
+    ev = policies.wait_evacuation(policies.evacuate(spec), JOB_TIMEOUT_S)
+    assert ev.state.value == "planned", ev.reason
+    plan = {p.domain: p for p in ev.plan or []}
+    startup = policies.settings.tunables.estimate_startup_s
+    busy, idle = plan["dirty-1"], plan["idle-1"]
+    assert busy.policy == idle.policy == "hold"
+    assert busy.estimate_s == round(startup + busy.memory_mib / HOLD_CAP_MIB, 1)
+    assert busy.convergence is not None
+    assert busy.convergence.startswith("will not converge: policy hold takes no action")
+    assert f"copied at {HOLD_CAP_MIB} MiB/s" in busy.convergence
+    assert idle.convergence is None  # no calculation ran for it
+    assert lab.running_on("dirty-1") == ["lab1"]  # a dry run moves nothing
