@@ -10,8 +10,16 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from config.policy_model import PolicyName
 from jobs.model import Record
-from jobs.spec import MAX_BANDWIDTH_MIB, MAX_COMPLETION_TIMEOUT_S, HostRef, TimeoutAction
+from jobs.spec import (
+    MAX_BANDWIDTH_MIB,
+    MAX_COMPLETION_TIMEOUT_S,
+    HostRef,
+    MigrationSpec,
+    TimeoutAction,
+    Transport,
+)
 from jobs.states import EVACUATION_TABLE, EVACUATION_TERMINAL, EvacuationState, StateTable
 
 __all__ = ["EVACUATION_TERMINAL", "EvacuationState"]
@@ -39,6 +47,9 @@ class EvacuationSpec(BaseModel):
     # A guest that never converges would hold the drain until the fleet's hard limit.
     completion_timeout_s: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TIMEOUT_S)
     timeout_action: TimeoutAction | None = None
+    # The migration policy of every child (config/policy_model.py): above the domain's
+    # metadata and its host's and group's policies, below the flags above.
+    policy: PolicyName | None = None
 
     @field_validator("to")
     @classmethod
@@ -54,9 +65,34 @@ class EvacuationSpec(BaseModel):
             raise ValueError(f"--to includes {self.host}, the host being evacuated")
         if self.timeout_action is not None and self.completion_timeout_s is None:
             raise ValueError("--timeout-action needs --completion-timeout")
-        if self.timeout_action is TimeoutAction.POSTCOPY:
-            raise ValueError("--timeout-action postcopy: evacuations do not use post-copy")
+        if self.timeout_action is TimeoutAction.POSTCOPY and self.tunnelled:
+            raise ValueError("--timeout-action postcopy cannot be tunnelled (post-copy is not)")
         return self
+
+    def child(self, domain: str, dst: str, *, active: bool, persistent: bool) -> MigrationSpec:
+        """The migration that moves `domain` to `dst`: live and peer-to-peer, a persistent
+        definition moving with the guest. Each child runs with its effective policy (this
+        spec's `policy` over the domain's, its host's and group's), post-copy included when
+        that policy allows it: a busy guest that never converges is exactly what holds a drain
+        up. An offline child moves only a definition: nothing to tunnel, cap, converge or time
+        out, and no policy applies to it."""
+        postcopy_asked = self.timeout_action is TimeoutAction.POSTCOPY
+        return MigrationSpec(
+            domain=domain,
+            src=self.host,
+            dst=dst,
+            live=active,
+            offline=not active,
+            persistent=persistent,
+            undefine_source=persistent,
+            transport=Transport.TUNNELLED if self.tunnelled and active else Transport.NATIVE,
+            auto_converge=self.auto_converge and active,
+            postcopy=postcopy_asked and active,
+            bandwidth_mib=self.bandwidth_mib if active else None,
+            completion_timeout_s=self.completion_timeout_s if active else None,
+            timeout_action=self.timeout_action if active else None,
+            policy=self.policy if active else None,
+        )
 
 
 class Placement(BaseModel):
@@ -70,6 +106,10 @@ class Placement(BaseModel):
     group: str | None = None
     destination: str | None = None
     estimate_s: float | None = None
+    # The child's migration policy, and what it will take to converge when libvirt knows
+    # the guest's dirty rate (e.g. "post-copy likely"): worker/evacuation_plan.py.
+    policy: str | None = None
+    convergence: str | None = None
     reason: str | None = None  # why it was not placed
 
 

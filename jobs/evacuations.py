@@ -31,12 +31,16 @@ from jobs.evacuation import (
 )
 from jobs.maintenance import Maintenance
 from jobs.phases import EVACUATE_TASK
+from jobs.policy_choice import effective_policy, named_layers
 from jobs.request_signing import RequestSigner
 from jobs.spec import first_error
 from jobs.store import JobStore
 
 # The `phase` of an evacuation's own events (docs/events.md), as its worker writes them.
 EVACUATION_PHASE = "evacuation"
+# The domain name of the child spec an evacuation's options are checked with (no domain is
+# known before its worker plans): any valid name would do.
+PROBE_DOMAIN = "any-domain"
 
 
 def evacuation_reason(evacuation_id: str) -> str:
@@ -54,9 +58,27 @@ def validate_evacuation(settings: Settings, **request: Any) -> EvacuationSpec:
     try:
         for host in (spec.host, *spec.to):
             settings.host(host)
+        check_child_policy(settings, spec)
     except ConfigError as exc:
         raise SubmitError(str(exc)) from None
     return spec
+
+
+def check_child_policy(settings: Settings, spec: EvacuationSpec) -> None:
+    """The policy a live child would run with, resolved as `drover migrate` resolves it
+    (without the domain's metadata, read on the worker): ConfigError, one line, for an
+    unknown name or a policy these options cannot use. The worker checks again at planning,
+    each domain with its own metadata."""
+    if spec.policy is not None:
+        named_layers(settings, spec.policy, "--policy")  # an unknown name, whatever the hosts
+    others = [h for h in (spec.to or sorted(settings.hosts)) if h != spec.host]
+    if not others:
+        return  # nowhere to go: the plan will say so
+    try:
+        child = spec.child(PROBE_DOMAIN, others[0], active=True, persistent=True)
+    except ValidationError as exc:
+        raise ConfigError(first_error(exc)) from None
+    effective_policy(settings, child)
 
 
 @dataclass

@@ -116,6 +116,9 @@ def effective_policy(
     policy = MigrationPolicy.model_validate(values)
     effective = applicable(EffectivePolicy(name=chosen.name, values=policy, sources=sources), spec)
     problems = policy_problems(effective.values)
+    if spec.postcopy_bandwidth_mib is not None and not effective.values.allow_postcopy:
+        why = effective.sources["allow_postcopy"]
+        problems.append(f"--postcopy-bandwidth needs post-copy, which is off ({why})")
     if problems:
         raise ConfigError(f"policy {effective.name}: {problems[0]}")
     return effective

@@ -148,6 +148,7 @@ def combination_problems(s: MigrationSpec) -> list[str]:
             ("--listen-address", s.listen_address),
             ("--parallel", s.parallel),
             ("--copy-storage", s.copy_storage),
+            ("--postcopy-bandwidth", s.postcopy_bandwidth_mib),
         ):
             if on:
                 problems.append(f"{flag} cannot go through virDomainMigrate2 (--dest-connection)")

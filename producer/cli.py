@@ -67,6 +67,12 @@ def migrate(
         bool, typer.Option("--postcopy", help="allow `drover postcopy JOB` to switch")
     ] = False,
     bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="MiB/s cap")] = None,
+    postcopy_bandwidth: Annotated[
+        int | None, typer.Option("--postcopy-bandwidth", help="MiB/s cap of post-copy")
+    ] = None,
+    policy: Annotated[
+        str | None, typer.Option("--policy", help="migration policy (drover policies)")
+    ] = None,
     completion_timeout: Annotated[
         int | None,
         typer.Option("--completion-timeout", help="seconds a live migration may take to converge"),
@@ -118,6 +124,8 @@ def migrate(
         "compressed": compressed,
         "postcopy": postcopy,
         "bandwidth_mib": bandwidth,
+        "postcopy_bandwidth_mib": postcopy_bandwidth,
+        "policy": policy,
         "completion_timeout_s": completion_timeout,
         "timeout_action": timeout_action,
         "parallel": parallel,
@@ -196,7 +204,8 @@ def job(
     job_id: Annotated[str, typer.Argument(help="job id")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Show one job (phases, hosts, timings, result) or evacuation (plan, children, outcome)."""
+    """Show one job (phases, hosts, timings, result, effective policy and where each of its
+    values came from) or evacuation (plan, children, outcome)."""
 
     def go() -> None:
         j = drover().record(job_id)
@@ -205,5 +214,10 @@ def job(
             print_json(data)  # json.dumps escapes every control and non-ASCII character
         else:  # Rich re-dumps it without ensure_ascii: DEL, C1 and bidi controls would pass
             out.print_json(json.dumps(plain_data(data), default=str))
+            policy = getattr(j, "policy", None)
+            if policy is not None:  # recorded by the source worker when perform began
+                from producer.render import policy_table
+
+                out.print(policy_table(policy, f"effective policy {policy.name}"))
 
     guarded(go)

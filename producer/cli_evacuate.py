@@ -55,7 +55,11 @@ def register(app: typer.Typer) -> None:
             typer.Option("--completion-timeout", help="seconds each migration may take"),
         ] = None,
         timeout_action: Annotated[
-            str | None, typer.Option("--timeout-action", help="then: suspend (default) | abort")
+            str | None,
+            typer.Option("--timeout-action", help="then: suspend (default) | postcopy | abort"),
+        ] = None,
+        policy: Annotated[
+            str | None, typer.Option("--policy", help="every child's policy (drover policies)")
         ] = None,
         wait: Annotated[bool, typer.Option("--wait", help="follow until it ends")] = False,
         timeout: Annotated[float | None, typer.Option("--timeout", help="with --wait")] = None,
@@ -75,6 +79,7 @@ def register(app: typer.Typer) -> None:
             "bandwidth_mib": bandwidth,
             "completion_timeout_s": completion_timeout,
             "timeout_action": timeout_action,
+            "policy": policy,
         }
 
         check_timeout(timeout, wait or dry_run)

@@ -89,6 +89,9 @@ def register(app: typer.Typer) -> None:
         include_inactive: Annotated[
             bool, typer.Option("--include-inactive", help="move shut-off guests too")
         ] = False,
+        policy: Annotated[
+            str | None, typer.Option("--policy", help="every child's policy (drover policies)")
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """Evacuate HOST on a cron schedule (--cron) or once (--at); times are UTC."""
@@ -100,7 +103,11 @@ def register(app: typer.Typer) -> None:
         if (cron is None) == (at is None):
             fail("give exactly one of --cron EXPR and --at TIME", EXIT_USAGE)
         request = EvacuationRequest(
-            host=host, to=_hosts(to), max_parallel=max_parallel, include_inactive=include_inactive
+            host=host,
+            to=_hosts(to),
+            max_parallel=max_parallel,
+            include_inactive=include_inactive,
+            policy=policy,
         )
 
         def go() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
+from config.policy_model import EffectivePolicy, MigrationPolicy
 from jobs.evacuation import DomainOutcome, Evacuation, Placement
 from jobs.model import Job
 from producer.text import cell, plain
@@ -111,16 +112,48 @@ def plan_table(placements: list[Placement], title: str) -> Table:
     for col in ("domain", "destination", "memory", "estimate", "how", "group", "reason"):
         table.add_column(col)
     for p in placements:
+        estimate = f"{p.estimate_s:.1f}s" if p.estimate_s is not None else "-"
         add_row(
             table,
             p.domain,
             p.destination or "-",
             f"{p.memory_mib} MiB",
-            f"{p.estimate_s:.1f}s" if p.estimate_s is not None else "-",
+            estimate + (f" ({p.convergence})" if p.convergence else ""),
             "live" if p.active else "offline",
             p.group or "",
             p.reason or "",
         )
+    return table
+
+
+def policy_value(value: object) -> str:
+    """A policy field as drover.toml spells it: lists comma-separated, no value as `-`."""
+    if isinstance(value, tuple | list):
+        return ", ".join(str(v) for v in value) or "(none)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "-" if value is None else str(value)
+
+
+def policy_table(policy: EffectivePolicy, title: str) -> Table:
+    """Every field of a policy, its value and where that value came from."""
+    table = Table(title=cell(title))
+    for col in ("field", "value", "from"):
+        table.add_column(col)
+    for field in MigrationPolicy.model_fields:
+        value = getattr(policy.values, field)
+        add_row(table, field, policy_value(value), policy.sources.get(field, ""))
+    return table
+
+
+def policies_table(policies: dict[str, MigrationPolicy], defined_in: dict[str, str]) -> Table:
+    """One column per policy, one row per field (`drover policies`)."""
+    table = Table(title="drover policies")
+    table.add_column("field")
+    for name in policies:
+        table.add_column(cell(f"{name} ({defined_in[name]})"))
+    for field in MigrationPolicy.model_fields:
+        add_row(table, field, *(policy_value(getattr(p, field)) for p in policies.values()))
     return table
 
 

@@ -49,6 +49,7 @@ class EvacuationRequest(BaseModel):
     to: list[str] = []
     max_parallel: int | None = None
     include_inactive: bool = False
+    policy: str | None = None  # every child's migration policy (checked as evacuate does)
 
 
 class ScheduleRecord(BaseModel):
@@ -102,6 +103,8 @@ class Schedule(BaseModel):
             text += f", {req.max_parallel} at a time"
         if req.include_inactive:
             text += ", inactive too"
+        if req.policy is not None:
+            text += f", policy {req.policy}"
         return text
 
     def when(self) -> str:

@@ -23,14 +23,14 @@ from pydantic import ValidationError
 from config.events import get_logger
 from config.settings import ConfigError
 from jobs.evacuation import EVACUATION_KIND, Evacuation, EvacuationState, EvacuationStore
+from jobs.policy_choice import named_layers
 from jobs.request_signing import SECURITY_REASON, RequestRefused, check_record, verifier_for
 from jobs.spec import first_error
 from worker.admission_pass import admit_waiting
 from worker.evacuation_children import abort_children, children_of, queue_children
-from worker.evacuation_plan import checked, end, evacuation_context, plan_rows
+from worker.evacuation_plan import end, evacuation_context, plan_rows, planned
 from worker.fleet_view import gather
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
-from worker.placement import Estimate, plan
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -97,12 +97,10 @@ def _plan_and_queue(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None
     log.info("evacuation.state", state=EvacuationState.PLANNING.value, spec=spec.model_dump())
     # The host was disabled when the evacuation was started (jobs/evacuations.py), once.
     if ev.plan is None:
-        tunables = rt.settings.tunables
+        if spec.policy is not None:  # checked where it was created; this registry may differ
+            named_layers(rt.settings, spec.policy, "--policy")
         view = gather(rt, spec, ev.id)
-        estimate = Estimate(tunables.estimate_startup_s, tunables.estimate_mib_per_s)
-        placements = [
-            checked(ev, p) for p in plan(view.guests, view.candidates, view.unavailable, estimate)
-        ]
+        placements = planned(rt, ev, view)
         store.save_plan(ev.id, placements)
         log.info(
             "evacuation.planned",

@@ -11,10 +11,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from config.events import get_logger
+from config.settings import ConfigError, Settings
 from jobs.evacuation import Evacuation, EvacuationState, EvacuationStore, Placement
-from jobs.spec import MigrationSpec, Transport, first_error
-from worker.fleet_view import gather
-from worker.placement import Estimate, plan
+from jobs.policy_choice import effective_policy
+from jobs.spec import MigrationSpec, first_error
+from worker.fleet_view import FleetView, gather
+from worker.placement import Estimate, Guest, plan
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -31,6 +33,8 @@ def plan_rows(placements: list[Placement]) -> list[dict[str, Any]]:
             "destination": p.destination,
             "memory_mib": p.memory_mib,
             "estimate_s": p.estimate_s,
+            "policy": p.policy,
+            "convergence": p.convergence,
             "offline": not p.active,
             "group": p.group,
             "reason": p.reason,
@@ -39,38 +43,53 @@ def plan_rows(placements: list[Placement]) -> list[dict[str, Any]]:
     ]
 
 
-def checked(ev: Evacuation, placement: Placement) -> Placement:
+def checked(
+    settings: Settings, ev: Evacuation, placement: Placement, guest: Guest, estimate: Estimate
+) -> Placement:
     """A placement drover cannot turn into a migration is unplaced, with why, at plan time
-    (so the dry run shows it too): e.g. a name libvirt allows and drover refuses."""
+    (so the dry run shows it too): e.g. a name libvirt allows and drover refuses, or a policy
+    (the evacuation's, or the one the domain's metadata names) this registry does not know.
+    A placed one gets its child's policy, the estimate at that policy's pre-copy cap, and
+    what the guest will need to converge when libvirt measured its dirty rate."""
     if placement.destination is None:
         return placement
     try:
-        child_spec(ev, placement)
+        spec = child_spec(ev, placement)
+        policy = effective_policy(settings, spec, guest.policy) if spec.live else None
     except ValidationError as exc:
         reason = f"cannot be migrated by drover: {first_error(exc)}"
         return placement.model_copy(update={"destination": None, "reason": reason})
-    return placement
+    except ConfigError as exc:
+        reason = f"cannot be migrated by drover: migration policy: {exc}"
+        return placement.model_copy(update={"destination": None, "reason": reason})
+    if policy is None:
+        return placement
+    return placement.model_copy(
+        update={
+            "policy": policy.name,
+            "estimate_s": estimate.seconds(guest, policy.values.bandwidth_mib),
+            "convergence": estimate.convergence(guest, policy.name, policy.values),
+        }
+    )
+
+
+def planned(rt: Runtime, ev: Evacuation, view: FleetView) -> list[Placement]:
+    """Every guest of `view` placed (worker/placement.py) and checked as above."""
+    tunables = rt.settings.tunables
+    estimate = Estimate(tunables.estimate_startup_s, tunables.estimate_mib_per_s)
+    guests = {g.uuid: g for g in view.guests}
+    placements = plan(view.guests, view.candidates, view.unavailable, estimate)
+    return [checked(rt.settings, ev, p, guests[p.uuid], estimate) for p in placements]
 
 
 def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:
-    """A live peer-to-peer migration; a persistent definition moves with the guest. An
-    offline child moves only a definition: nothing to tunnel, cap, converge or time out."""
+    """The child migration of `placement` (jobs/evacuation_model.py `EvacuationSpec.child`)."""
     assert placement.destination is not None
-    return MigrationSpec(
-        domain=placement.domain,
-        src=ev.spec.host,
-        dst=placement.destination,
-        live=placement.active,
-        offline=not placement.active,
+    return ev.spec.child(
+        placement.domain,
+        placement.destination,
+        active=placement.active,
         persistent=placement.persistent,
-        undefine_source=placement.persistent,
-        transport=(
-            Transport.TUNNELLED if ev.spec.tunnelled and placement.active else Transport.NATIVE
-        ),
-        auto_converge=ev.spec.auto_converge and placement.active,
-        bandwidth_mib=ev.spec.bandwidth_mib if placement.active else None,
-        completion_timeout_s=ev.spec.completion_timeout_s if placement.active else None,
-        timeout_action=ev.spec.timeout_action if placement.active else None,
     )
 
 
@@ -81,13 +100,10 @@ def replanned(
     (another evacuation of it): the child was refused there before perform, and the domain
     still has to leave. Placed by the same rules on what the fleet looks like now; saved in
     the plan, so the evacuation's end is judged against where it really went."""
-    tunables = rt.settings.tunables
     view = gather(rt, ev.spec, ev.id)
-    guests = [g for g in view.guests if g.uuid == placement.uuid]
-    estimate = Estimate(tunables.estimate_startup_s, tunables.estimate_mib_per_s)
-    if guests:
-        (fresh,) = plan(guests, view.candidates, view.unavailable, estimate)
-        fresh = checked(ev, fresh)
+    view.guests = [g for g in view.guests if g.uuid == placement.uuid]
+    if view.guests:
+        (fresh,) = planned(rt, ev, view)
     else:
         fresh = placement.model_copy(
             update={"destination": None, "reason": f"no longer here to re-plan on {rt.host}"}

@@ -19,16 +19,17 @@ from jobs.maintenance import Maintenance
 from jobs.states import TERMINAL
 from jobs.store import JobNotFound
 from worker.domain_metadata import PLACEMENT_NS as PLACEMENT_NS
-from worker.domain_metadata import anti_affinity_group
+from worker.domain_metadata import anti_affinity_group, policy_name
+from worker.host_memory import placement_room_mib
 from worker.libvirt_host import (
     KIB_PER_MIB,
     Connection,
     Domain,
     LibvirtError,
     cpu_incompatible,
+    dirty_rates_mib_s,
     is_gone,
     list_domains,
-    placement_room_mib,
 )
 from worker.placement import Candidate, Guest
 from worker.runtime import Runtime
@@ -62,9 +63,10 @@ def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dic
     """The domains that must leave: every running one, and with `include_inactive` every
     defined-but-off one (moved by offline migration)."""
     guests, cpus = [], {}
+    rates = dirty_rates_mib_s(rt.libvirt.conn)
     for dom in list_domains(rt.libvirt.conn):
         try:
-            guest = _guest(dom, include_inactive)
+            guest = _guest(dom, include_inactive, rates)
             cpu = _cpu(dom) if guest is not None else None
         except LibvirtError as exc:
             if not is_gone(exc):
@@ -76,7 +78,7 @@ def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dic
     return guests, cpus
 
 
-def _guest(dom: Domain, include_inactive: bool) -> Guest | None:
+def _guest(dom: Domain, include_inactive: bool, rates: dict[str, float]) -> Guest | None:
     active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
     if not active and not (include_inactive and persistent):
         return None
@@ -87,6 +89,8 @@ def _guest(dom: Domain, include_inactive: bool) -> Guest | None:
         active=active,
         persistent=persistent,
         group=anti_affinity_group(dom),
+        policy=policy_name(dom),
+        dirty_mib_s=rates.get(dom.UUIDString()),
     )
 
 

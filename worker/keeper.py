@@ -26,8 +26,9 @@ from jobs.phases import PHASE_NAMES
 from jobs.store import JobNotFound, now
 from worker import evacuation_watch, recovery
 from worker.admission_pass import admit_waiting
+from worker.host_memory import placement_room_mib
 from worker.job_end import job_context
-from worker.libvirt_host import LibvirtError, LibvirtUnavailable, list_domains, placement_room_mib
+from worker.libvirt_host import LibvirtError, LibvirtUnavailable, list_domains
 from worker.runtime import Runtime
 
 log = get_logger()

@@ -1,6 +1,7 @@
 """The worker's one seam to libvirt: its own libvirtd's connection, peers', lookups, facts.
 
-Only this module and `worker/migration_call.py` (the migration call itself) import libvirt;
+Only this module, `worker/host_memory.py` (a host's memory) and `worker/migration_call.py`
+(the migration call itself) import libvirt;
 the rest of the worker is handed a `LibvirtHost` (the runtime's) and uses what it and the
 functions here offer, so that phases, recovery and evacuation planning run as well against
 libvirt's own `test:///default` driver, without root (tests/unit/test_libvirt_seam.py).
@@ -141,25 +142,20 @@ def cpu_incompatible(conn: Connection, virt_type: str, cpu_xml: str) -> bool:
     return bool(result == libvirt.VIR_CPU_COMPARE_INCOMPATIBLE)
 
 
-def free_memory_mib(conn: libvirt.virConnect) -> int:
-    """Free memory including page cache the kernel would give back (like MemAvailable)."""
-    stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
-    reclaimable = sum(int(stats.get(k, 0)) for k in ("free", "buffers", "cached"))
-    return reclaimable // KIB_PER_MIB
-
-
-def active_memory_mib(conn: libvirt.virConnect) -> int:
-    """Memory of the domains running on a host: what it has already committed."""
-    return sum(d.maxMemory() // KIB_PER_MIB for d in list_domains(conn, active_only=True))
-
-
-def placement_room_mib(conn: libvirt.virConnect, reserved_mib: int, limit_mib: int | None) -> int:
-    """Memory drover may still place on a host: free minus reservations, capped by the
-    registry's declared limit (what is running there already counts against it)."""
-    room = free_memory_mib(conn) - reserved_mib
-    if limit_mib is not None:
-        room = min(room, limit_mib - active_memory_mib(conn) - reserved_mib)
-    return max(room, 0)
+def dirty_rates_mib_s(conn: Connection) -> dict[str, float]:
+    """Each domain's (by UUID) dirty rate in MiB/s, as libvirt last measured it: only for a
+    domain whose calculation has run (`virsh domdirtyrate-calc`; none of its statistics
+    otherwise). A driver without dirty-rate statistics reports none."""
+    try:
+        rows = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_DIRTYRATE, 0)
+    except libvirt.libvirtError:
+        return {}
+    rates = {}
+    for dom, stats in rows:
+        measured = stats.get("dirtyrate.calc_status") == libvirt.VIR_DOMAIN_DIRTYRATE_MEASURED
+        if measured and "dirtyrate.megabytes_per_second" in stats:
+            rates[dom.UUIDString()] = float(stats["dirtyrate.megabytes_per_second"])
+    return rates
 
 
 class LibvirtHost:

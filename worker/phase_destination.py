@@ -18,8 +18,9 @@ from jobs.record import DiskFacts, DomainFacts, Handoff
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
+from worker.host_memory import placement_room_mib
 from worker.job_end import advance
-from worker.libvirt_host import facts, placement_room_mib
+from worker.libvirt_host import facts
 from worker.migration_call import UnsafeTarget, handoff_for
 from worker.phase_errors import PhaseFailed, PhaseSkipped
 from worker.phase_source import job_domain

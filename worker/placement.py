@@ -20,10 +20,21 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from config.policy_model import MigrationPolicy, PolicyAction
 from jobs.evacuation import Placement
 
 # An offline migration moves only a definition: no memory to place, a fraction of a second.
 OFFLINE_ESTIMATE_S = 0.1
+
+# What each convergence action means for a guest that dirties memory faster than its link
+# copies it (the dry run's `convergence`); raising the allowed downtime alone never settles
+# such a guest, and throttling may or may not, so the policy's next action is named too.
+_NEEDS = {
+    PolicyAction.THROTTLE: "throttling (auto-converge)",
+    PolicyAction.POSTCOPY: "post-copy likely",
+    PolicyAction.SUSPEND: "will not converge without suspend",
+    PolicyAction.ABORT: "will not converge: the policy aborts it",
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,8 @@ class Guest:
     active: bool
     persistent: bool
     group: str | None = None
+    policy: str | None = None  # the policy its libvirt metadata names (worker/domain_metadata.py)
+    dirty_mib_s: float | None = None  # libvirt's last measured dirty rate, if one was measured
 
 
 @dataclass
@@ -49,13 +62,39 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Estimate:
+    """The dry run's figures: QEMU start-up, then the guest's memory at the fleet's rate, or
+    at its policy's pre-copy cap when that is lower."""
+
     startup_s: float
     mib_per_s: float
 
-    def seconds(self, guest: Guest) -> float:
+    def rate(self, cap_mib: int = 0) -> float:
+        """MiB/s to count on under a pre-copy cap of `cap_mib` (0: no cap)."""
+        return min(self.mib_per_s, float(cap_mib)) if cap_mib > 0 else self.mib_per_s
+
+    def seconds(self, guest: Guest, cap_mib: int = 0) -> float:
         if not guest.active:
             return OFFLINE_ESTIMATE_S
-        return round(self.startup_s + guest.memory_mib / self.mib_per_s, 1)
+        return round(self.startup_s + guest.memory_mib / self.rate(cap_mib), 1)
+
+    def convergence(self, guest: Guest, name: str, policy: MigrationPolicy) -> str | None:
+        """What the guest will need to land under policy `name`, judged from its dirty rate
+        against the rate it will be copied at; None when libvirt measured no dirty rate."""
+        if not guest.active or guest.dirty_mib_s is None:
+            return None
+        rate = self.rate(policy.bandwidth_mib)
+        figures = f"dirties {guest.dirty_mib_s:.0f} MiB/s, copied at {rate:.0f} MiB/s"
+        if guest.dirty_mib_s < rate:
+            return f"pre-copy converges ({figures})"
+        needs = []
+        for action in policy.actions:
+            if action in _NEEDS:
+                needs.append(_NEEDS[action])
+                if action is not PolicyAction.THROTTLE:
+                    break
+        if not needs:
+            return f"will not converge: policy {name} takes no action ({figures})"
+        return f"{', then '.join(needs)} ({figures})"
 
 
 def _order(guests: list[Guest]) -> list[Guest]:

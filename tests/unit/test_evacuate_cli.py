@@ -27,9 +27,11 @@ from tests.unit.test_cli_errors import drover, queued_anything
         (["kvm1", "--bandwidth", "0"], "bandwidth_mib"),
         (["kvm1", "--timeout-action", "abort"], "--timeout-action needs --completion-timeout"),
         (
-            ["kvm1", "--completion-timeout", "60", "--timeout-action", "postcopy"],
-            "evacuations do not use post-copy",
+            ["kvm1", "--tunnelled", "--completion-timeout", "60", "--timeout-action", "postcopy"],
+            "--timeout-action postcopy cannot be tunnelled",
         ),
+        (["kvm1", "--policy", "nope"], "unknown policy 'nope' (known policies: default, manual"),
+        (["kvm1", "--policy", "Bad Name"], "invalid policy 'Bad Name'"),
         (["kvm1"], "kvm1's worker is not alive; it plans the evacuation of its host"),
         (["kvm1", "--timeout", "5"], "--timeout applies only with --wait"),
         (["kvm1", "--wait", "--timeout", "0"], "--timeout must be above 0 seconds, not 0"),

@@ -268,6 +268,7 @@ def test_add_list_remove_through_the_cli(config: Path, r: redis.Redis) -> None:
         "to": ["kvm2"],
         "max_parallel": None,
         "include_inactive": False,
+        "policy": None,
     }
     assert (one["fired"], one["last_run"], one["runs"]) == (False, None, 0)
 
