@@ -598,7 +598,8 @@ def summarise(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
                     "median_wall_s": _finite(median),
                     "median_downtime_ms": statistics.median(downs) if downs else None,
                     "max_downtime_ms": max(downs) if downs else None,
-                    "steps": sorted({a for r in mine for a in r.actions}),
+                    # The actions the policy took in this row, in the order first taken.
+                    "steps": list(dict.fromkeys(a for r in mine for a in r.actions)),
                 }
             )
     for row in rows:
@@ -768,7 +769,7 @@ def print_report(summary: dict[str, Any], console: Console) -> None:
         ("median wall", "right"),
         ("downtime median ms", "right"),
         ("downtime max ms", "right"),
-        ("drover / virsh post-copy", "right"),
+        ("ratio to virsh post-copy", "right"),
         ("policy steps", "left"),
     )
     for name, justify in columns:
