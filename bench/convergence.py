@@ -795,7 +795,8 @@ def print_report(summary: dict[str, Any], console: Console) -> None:
     console.print(
         "median wall: over every run of the row, a run not completed within the cut counting as "
         "longer; virsh: the command's wall time; drover: submit() to its end event read.\n"
-        "downtime: libvirt's job-completed event on the source (`downtime`), runs that landed.",
+        "downtime: libvirt's job-completed event on the source (`downtime`), runs that landed."
+        "\nratio: a drover row's median wall over virsh --postcopy-after-precopy's, same cap.",
         highlight=False,
     )
     console.print("\ntargets (issue 13):", highlight=False)
