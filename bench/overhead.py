@@ -201,13 +201,15 @@ def migrate_direct(
     d: Drover, conns: dict[str, libvirt.virConnect], src: LabHost, dst: LabHost
 ) -> float:
     """The same libvirt call a drover worker makes, from the root namespace; its wall ms."""
+    from jobs.policy_choice import effective_policy
     from jobs.record import Handoff
     from worker.migration_call import build_call
 
     # Built by drover's own function from a default spec and the hand-off the destination's
     # prepare phase would give, so flags and URIs are drover's by construction.
     spec = d.spec(domain=DOMAIN, src=src.name, dst=dst.name, live=True)
-    call = build_call(spec, Handoff(dconnuri=dst.peer_uri, migrate_uri=f"tcp://{dst.address}"))
+    handoff = Handoff(dconnuri=dst.peer_uri, migrate_uri=f"tcp://{dst.address}")
+    call = build_call(spec, handoff, effective_policy(d.settings, spec).values)
     dom = lookup(conns[src.name], DOMAIN)
     if dom is None:
         raise BenchError(f"{DOMAIN} is not defined on {src.name}")
