@@ -70,10 +70,14 @@ def test_the_manual_policy_never_acts_on_its_own(lab: Lab, dirty_running: None) 
     def said_none_left() -> bool:
         return any(e["action"] == "none_left" for e in steps(lab, job_id))
 
-    wait_for(said_none_left, 60, "the policy to say it has no action left")
-    assert d.job(job_id).state.value == "migrating"
-    assert lab.running_on("dirty-1") == ["lab1"]
-    d.abort(job_id)
+    try:
+        wait_for(said_none_left, 60, "the policy to say it has no action left")
+        assert d.job(job_id).state.value == "migrating"
+        # still pre-copy: the guest runs on lab1 (lab2 holds only the paused incoming copy)
+        assert lab.view("lab1", "dirty-1").state == libvirt.VIR_DOMAIN_RUNNING
+        assert lab.view("lab2", "dirty-1").state == libvirt.VIR_DOMAIN_PAUSED
+    finally:
+        d.abort(job_id)
     job = d.wait(job_id, timeout=60)
     assert job.state.value == "cancelled", job.reason
     assert lab.running_on("dirty-1") == ["lab1"]
