@@ -218,10 +218,13 @@ def test_aborted_evacuation_leaves_every_vm_on_exactly_one_host(
     lab: Lab, home: None, dirty_running: None
 ) -> None:
     d = lab.drover
-    # dirty-1 goes first (largest first) and, capped at 8 MiB/s, cannot converge: the
-    # abort finds it mid-migration with the idle guests still waiting for the one slot.
+    # dirty-1 goes first (largest first) and, capped at 8 MiB/s under the manual policy (no
+    # switch to post-copy), cannot converge: the abort finds it mid-migration with the idle
+    # guests still waiting for the one slot.
     evacuation_id = d.evacuate(
-        d.evacuation_spec(host="lab1", to=["lab2", "lab3"], max_parallel=1, bandwidth_mib=8)
+        d.evacuation_spec(
+            host="lab1", to=["lab2", "lab3"], max_parallel=1, bandwidth_mib=8, policy="manual"
+        )
     )
 
     def dirty_migrating() -> bool:

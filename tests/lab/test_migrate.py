@@ -70,7 +70,11 @@ def test_events_cover_every_phase_with_the_contract_keys(lab: Lab) -> None:
 def test_dirty_guest_converges_with_auto_converge_and_reports_progress(
     lab: Lab, dirty_running: None
 ) -> None:
-    job = lab.migrate("dirty-1", "lab1", "lab2", auto_converge=True, bandwidth_mib=128)
+    # The manual policy: auto-converge alone does it (the default policy would switch to
+    # post-copy at the first pass's end, tests/lab/test_convergence.py).
+    job = lab.migrate(
+        "dirty-1", "lab1", "lab2", auto_converge=True, bandwidth_mib=128, policy="manual"
+    )
     assert job.state.value == "succeeded", job.reason
     assert lab.running_on("dirty-1") == ["lab2"]
     progress = [ev for ev in lab.drover.events(job.id) if ev["event"] == "migration.progress"]
