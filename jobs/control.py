@@ -10,7 +10,6 @@ and cannot make a worker act without a (signed) task message.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import cast
 
 import redis
@@ -41,8 +40,7 @@ class TuneRequest(BaseModel):
     bandwidth_mib: int | None = Field(default=None, ge=0, le=MAX_BANDWIDTH_MIB)
     postcopy_bandwidth_mib: int | None = Field(default=None, ge=0, le=MAX_BANDWIDTH_MIB)
     max_downtime_ms: int | None = Field(default=None, ge=1, le=MAX_DOWNTIME_MS)
-    by: str = ""
-    at: datetime | None = None
+    by: str = ""  # the producer that asked (for the event)
 
     @model_validator(mode="after")
     def _something(self) -> TuneRequest:

@@ -30,10 +30,19 @@ OPERATOR = "operator"
 # How often per progress interval a request that came during the migration's setup looks
 # again whether the transfer has begun.
 SETUP_POLLS_PER_INTERVAL = 5
+# libvirt's statistics a force-complete step reports (as migration.progress names them).
+LOOKED_AT = {
+    "data_remaining": "data_remaining",
+    "memory_iteration": "memory_iteration",
+    "memory_dirty_rate": "memory_dirty_rate",
+    "memory_bps": "memory_bandwidth",
+    "time_elapsed": "time_elapsed_ms",
+}
 
 
-def migrating_domain(rt: Runtime, job: Job, what: str) -> Domain:
-    """The job's guest here while libvirt migrates it out; PhaseFailed (one line) otherwise."""
+def migrating_domain(rt: Runtime, job: Job, what: str) -> tuple[Domain, dict[str, Any]]:
+    """The job's guest here while libvirt migrates it out, and the migration's statistics;
+    PhaseFailed (one line) otherwise."""
     reason = not_migrating(job, what)
     if reason is not None:
         raise PhaseFailed(reason)
@@ -42,11 +51,10 @@ def migrating_domain(rt: Runtime, job: Job, what: str) -> Domain:
     dom = job_domain(rt, job, job.spec.domain)
     if dom is None:
         raise PhaseFailed(f"{job.spec.domain} is not on {rt.host}: nothing to {what}")
-    _wait_for_transfer(rt, job, dom, what)
-    return dom
+    return dom, _wait_for_transfer(rt, job, dom, what)
 
 
-def _wait_for_transfer(rt: Runtime, job: Job, dom: Domain, what: str) -> None:
+def _wait_for_transfer(rt: Runtime, job: Job, dom: Domain, what: str) -> dict[str, Any]:
     """Return once libvirt migrates the guest out and QEMU transfers memory; PhaseFailed when
     libvirt shows no such migration. A migration still in libvirt's setup (the destination
     being prepared) is waited for, up to tunables.control_setup_wait: what is set before
@@ -63,7 +71,7 @@ def _wait_for_transfer(rt: Runtime, job: Job, dom: Domain, what: str) -> None:
                 f"nothing to {what}"
             )
         if stats.get("memory_total", 0) > 0:
-            return
+            return stats
         if time.monotonic() > deadline:
             raise PhaseFailed(
                 f"the migration of {job.spec.domain} is still being set up after "
@@ -84,7 +92,7 @@ def tune(rt: Runtime, job: Job) -> None:
         raise PhaseFailed(str(exc)) from None
     if request is None:
         raise PhaseFailed(f"job {job.id} has no tune request waiting")
-    dom = migrating_domain(rt, job, "tune")
+    dom, _ = migrating_domain(rt, job, "tune")
     applied = apply_tune(dom, request)
     who = f" by {request.by}" if request.by else ""
     _step("tune", f"asked{who} (drover tune)", **applied)
@@ -116,7 +124,8 @@ def apply_tune(dom: Domain, request: TuneRequest) -> dict[str, int]:
 def force_complete(rt: Runtime, job: Job) -> None:
     """Finish the migration now: switch to post-copy when the job's effective policy allows it
     and libvirt's migration was started with post-copy allowed, else suspend the guest."""
-    dom = migrating_domain(rt, job, "force-complete")
+    dom, stats = migrating_domain(rt, job, "force-complete")
+    seen = {field: stats[name] for name, field in LOOKED_AT.items() if name in stats}
     state, reason = dom.state()
     in_postcopy = (
         state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY
@@ -140,11 +149,11 @@ def force_complete(rt: Runtime, job: Job) -> None:
         else:
             rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
             log.info("migration.postcopy_started")
-            _step("postcopy", f"force-complete: policy {policy.name} allows post-copy")
+            _step("postcopy", f"force-complete: policy {policy.name} allows post-copy", **seen)
             return
     try:
         dom.suspend()  # the guest resumes on arrival (phase_destination.py)
     except LibvirtError as exc:
         reason = f"libvirt refused to pause the guest: {exc.get_error_message()}"
         raise PhaseFailed(reason) from None
-    _step("suspend", f"force-complete: {why_not}; the guest is paused until it arrives")
+    _step("suspend", f"force-complete: {why_not}; the guest is paused until it arrives", **seen)

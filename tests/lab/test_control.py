@@ -138,14 +138,31 @@ def test_tune_takes_effect_in_libvirt_and_force_complete_suspends_without_postco
 
 
 def test_force_complete_switches_to_postcopy_where_allowed(lab: Lab, started: Started) -> None:
-    job_id = started.migrating(policy="manual", postcopy=True, bandwidth_mib=SLOW_MIB)
+    # A 1 MiB/s post-copy cap holds post-copy open until the operator lifts it.
+    job_id = started.migrating(
+        policy="manual", postcopy=True, bandwidth_mib=SLOW_MIB, postcopy_bandwidth_mib=1
+    )
     line = lab.drover.force_complete(job_id)
     assert "post-copy" in line
+    wait_for(
+        lambda: lab.view("lab1", DIRTY).state == libvirt.VIR_DOMAIN_PAUSED,
+        START_TIMEOUT_S,
+        "the source paused for post-copy",
+    )
+    # In post-copy already: the source worker refuses, after asking libvirt.
+    with pytest.raises(SubmitError, match=r"refused by lab1: .* already in post-copy"):
+        lab.drover.force_complete(job_id)
+    assert lab.drover.job(job_id).state.value == "migrating"
+
+    assert "postcopy_bandwidth_mib=0" in lab.drover.tune(job_id, postcopy_bandwidth_mib=0)
     job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
     landed_on_lab2(lab, job)
     assert job.result.mode == "postcopy" and job.postcopy_since is not None
-    [step] = operator_steps(lab, job_id)
-    assert step["action"] == "postcopy"
+    steps = operator_steps(lab, job_id)
+    assert [s["action"] for s in steps] == ["postcopy", "tune"]
+    assert steps[0]["data_remaining"] > 0 and "memory_iteration" in steps[0]
+    refusals = [ev for ev in lab.drover.events(job_id) if ev["event"] == "control.refused"]
+    assert len(refusals) == 1 and "already in post-copy" in refusals[0]["reason"]
 
 
 def test_every_successful_job_reports_its_downtime(lab: Lab) -> None:
