@@ -13,7 +13,15 @@ import typer
 
 from cli.lab import lab_app, lab_guarded
 from config.settings import CONFIG_ENV
-from producer import cli, cli_evacuate, cli_flower, cli_policies, cli_redis_acl, cli_schedule
+from producer import (
+    cli,
+    cli_control,
+    cli_evacuate,
+    cli_flower,
+    cli_policies,
+    cli_redis_acl,
+    cli_schedule,
+)
 from producer.cli_common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, err, fail, out
 from producer.text import plain
 
@@ -62,6 +70,7 @@ def demo(
 # In the order `drover --help` lists them.
 cli.register(app)
 cli_policies.register(app)
+cli_control.register(app)
 app.command()(worker)
 app.command()(demo)
 cli_evacuate.register(app)

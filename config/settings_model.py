@@ -204,6 +204,15 @@ class Tunables(_Strict):
     # How often an evacuation queues a failed child again when its guest still runs on the
     # host being emptied (a worker restart or a blip cut the migration short).
     evacuation_retries: int = Field(default=1, ge=0, le=10)
+    # `drover tune` / `force-complete` wait this long for the source worker's answer (its
+    # `policy.step` or `control.refused` event) before saying they got none.
+    control_reply_timeout: float = Field(default=15.0, gt=0, le=600)
+    # A control request that comes while libvirt still sets the migration up (the destination
+    # being prepared) waits this long on the worker for the transfer to begin.
+    control_setup_wait: float = Field(default=5.0, gt=0, le=300)
+    # After a migration call returns, how long perform waits for libvirt's job-completed event
+    # (the guest's downtime, the final figures) before asking the destination instead.
+    completion_event_wait: float = Field(default=2.0, gt=0, le=60)
     # The dry-run's duration estimate per domain: QEMU start-up on the destination plus its
     # memory at this rate (the lab's idle guests move in about 2 s, nearly all start-up).
     estimate_startup_s: float = Field(default=2.0, ge=0)

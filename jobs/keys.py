@@ -48,6 +48,12 @@ def phases_key(job_id: str) -> str:
     return f"{job_key(job_id)}:phases"
 
 
+def tune_key(job_id: str) -> str:
+    """The operator's `drover tune` requests not yet taken by the source worker: a list of
+    TuneRequest JSON (jobs/control.py), pushed by the producer, popped by the worker."""
+    return f"{job_key(job_id)}:tune"
+
+
 def claims_key(job_id: str) -> str:
     """Which host claimed each phase (a phase runs once per job)."""
     return f"{job_key(job_id)}:claims"

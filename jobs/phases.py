@@ -75,4 +75,6 @@ def task_name(phase: Phase) -> str:
 
 ROLLBACK_DESTINATION_TASK = f"{TASK_PREFIX}rollback_destination"
 POSTCOPY_TASK = f"{TASK_PREFIX}postcopy"
+TUNE_TASK = f"{TASK_PREFIX}tune"
+FORCE_COMPLETE_TASK = f"{TASK_PREFIX}force_complete"
 EVACUATE_TASK = f"{TASK_PREFIX}evacuate"

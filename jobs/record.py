@@ -15,7 +15,7 @@ the signed spec and libvirt itself; the record only says what was found or done.
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -97,11 +97,44 @@ class Handoff(BaseModel):
         }
 
 
+class MigrationFigures(BaseModel):
+    """libvirt's completed job statistics of a migration (virDomainGetJobStats with
+    VIR_DOMAIN_JOB_STATS_COMPLETED, or the job-completed event): what it took, in total."""
+
+    model_config = ConfigDict(frozen=True)
+
+    time_elapsed_ms: int | None = None
+    setup_time_ms: int | None = None
+    data_total: int | None = None  # bytes
+    data_processed: int | None = None
+    data_remaining: int | None = None
+    memory_total: int | None = None
+    memory_processed: int | None = None
+    memory_bps: int | None = None  # bytes per second at the end
+    memory_dirty_rate: int | None = None  # pages per second at the end
+    memory_iteration: int | None = None
+    memory_postcopy_requests: int | None = None  # pages the destination faulted in
+    disk_total: int | None = None
+    disk_processed: int | None = None
+    auto_converge_throttle: int | None = None  # percent
+
+
+MigrationMode = Literal["precopy", "postcopy"]
+# Where the final figures came from: the source's job-completed event, or the destination's
+# completed statistics (pre-copy only: after post-copy the destination has no downtime).
+FiguresSource = Literal["job-completed event", "destination"]
+
+
 class Result(BaseModel):
     """What the job's phases measured and verified, each field written by the phase named."""
 
     migration_ms: float | None = None  # perform: the libvirt migration call, timed
     last_progress: dict[str, Any] = {}  # perform: libvirt's last job statistics
+    # perform: how long the guest was paused for the switch-over, as libvirt measured it
+    downtime_ms: int | None = None
+    mode: MigrationMode | None = None  # perform: the mode the migration finished in
+    final: MigrationFigures | None = None  # perform: libvirt's completed statistics
+    figures_from: FiguresSource | None = None
     destination: DomainFacts | None = None  # finish: the guest as it arrived
     source_defined: bool | None = None  # confirm: whether the source still defines it
     leftovers: str | None = None  # confirm: what was left behind on the source, and why

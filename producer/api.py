@@ -45,6 +45,7 @@ from jobs.store import JobNotFound, JobStore
 from jobs.submission import DomainBusy, enqueue
 from jobs.validation import check_against_registry, migration_spec
 from jobs.workflow import migration_chain
+from producer.control import ControlRequests
 from producer.hosts import host_rows, set_host_enabled
 from producer.hosts import producer_name as producer_name
 from producer.outage import OutageRider
@@ -72,6 +73,9 @@ class Drover:
         self.maintenance = Maintenance(self.store.r)
         self.evacuations_service = EvacuationService(
             self.settings, self.store, self._app, self.send, self.signer
+        )
+        self._control = ControlRequests(
+            self.settings, self.store, self._app, self.send, producer_name()
         )
 
     def spec(self, **request: Any) -> MigrationSpec:
@@ -143,6 +147,26 @@ class Drover:
         self.send(
             self._app.signature(POSTCOPY_TASK, args=(job_id,), queue=host_queue(job.spec.src))
         )
+
+    def tune(
+        self,
+        job_id: str,
+        *,
+        bandwidth_mib: int | None = None,
+        postcopy_bandwidth_mib: int | None = None,
+        max_downtime_ms: int | None = None,
+    ) -> str:
+        """New limits for a running migration (migrateSetMaxSpeed/-Downtime); one line."""
+        return self._control.tune(
+            job_id,
+            bandwidth_mib=bandwidth_mib,
+            postcopy_bandwidth_mib=postcopy_bandwidth_mib,
+            max_downtime_ms=max_downtime_ms,
+        )
+
+    def force_complete(self, job_id: str) -> str:
+        """Post-copy where the policy allows it, else pause the guest until it arrives."""
+        return self._control.force_complete(job_id)
 
     def job(self, job_id: str) -> Job:
         return self.store.get(job_id)

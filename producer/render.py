@@ -86,13 +86,15 @@ def add_row(table: Table, *cells: object) -> None:
 
 def jobs_table(jobs: list[Job | Evacuation]) -> Table:
     table = Table(title="drover jobs")
-    for col in ("id", "kind", "state", "domain", "src", "dst", "duration", "reason"):
+    for col in ("id", "kind", "state", "domain", "src", "dst", "duration", "downtime", "reason"):
         table.add_column(col)
     for job in jobs:
         s = job.summary()
         kind = "evacuation" if isinstance(job, Evacuation) else "migration"
-        if isinstance(job, Job) and job.parent:
-            kind = f"migration of {job.parent}"
+        downtime = ""
+        if isinstance(job, Job):
+            kind = f"migration of {job.parent}" if job.parent else kind
+            downtime = downtime_cell(job)
         add_row(
             table,
             s["id"],
@@ -102,9 +104,19 @@ def jobs_table(jobs: list[Job | Evacuation]) -> Table:
             s["src"],
             s["dst"],
             f"{s['duration_s']:.2f}s",
+            downtime,
             s["reason"] or "",
         )
     return table
+
+
+def downtime_cell(job: Job) -> str:
+    """The guest's pause as libvirt measured it, and the mode it finished in (post-copy
+    with no figure: libvirt gave none)."""
+    r = job.result
+    if r.downtime_ms is None:
+        return r.mode or ""
+    return f"{r.downtime_ms} ms" + (f" ({r.mode})" if r.mode == "postcopy" else "")
 
 
 def plan_table(placements: list[Placement], title: str) -> Table:

@@ -9,6 +9,7 @@ from config.celery import app, host_queue, worker_node
 from config.events import get_logger
 from config.settings import Settings, current
 from worker.ledger import LedgerError
+from worker.libvirt_events import start_event_loop
 from worker.libvirt_host import LibvirtUnavailable
 from worker.runtime import init_runtime
 
@@ -45,6 +46,7 @@ def run_worker(host: str, *, loglevel: str = "INFO") -> None:
     settings = current()
     settings.host(host)  # unknown host: one-line ConfigError
     check_security(settings, announce=False)
+    start_event_loop()  # before the first libvirt connection opens (worker/libvirt_events.py)
     try:
         rt = init_runtime(host)
     except LedgerError as exc:

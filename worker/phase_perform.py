@@ -11,7 +11,9 @@ from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.states import JobState
+from worker.completion import Landing, landing
 from worker.job_end import advance
+from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import LibvirtError
 from worker.migration_call import build_call, invoke
 from worker.migration_watch import watch_migration
@@ -52,13 +54,19 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     log.info("migration.started", call=call.describe())
     finished = threading.Event()
     outcome = CallOutcome()
+    # libvirt's job-completed event (downtime, final figures) for the success path below.
+    completion = None if spec.offline else CompletionWatch(dom)
 
     def migrate() -> None:
+        returned = False
         try:
             invoke(dom, call)
+            returned = True
         except LibvirtError as exc:
             outcome.failed, outcome.error = True, exc.get_error_message()
         finally:
+            if completion is not None and not returned:
+                completion.close()  # a failed migration completes nothing
             finished.set()
 
     started = time.monotonic()
@@ -79,8 +87,10 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
         why = abort_reason or outcome.error
         raise PhaseFailed(f"migration to {spec.dst} failed: {why}; {where}")
     fields = last.as_event_fields() if last else {}
-    rt.store.update(job.id, result={"migration_ms": migration_ms, "last_progress": fields})
-    log.info("migration.completed", migration_ms=migration_ms)
+    landed = Landing() if completion is None else landing(rt, job, completion)
+    result = {"migration_ms": migration_ms, "last_progress": fields}
+    rt.store.update(job.id, result=result | landed.result_fields())
+    log.info("migration.completed", migration_ms=migration_ms, **landed.event_fields())
     return None
 
 

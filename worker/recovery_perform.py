@@ -16,6 +16,7 @@ from config.events import get_logger
 from jobs.model import Job
 from jobs.phases import Phase
 from jobs.states import JobState
+from worker.completion import Landing, landing
 from worker.job_end import fail_job
 from worker.migration_watch import watch_migration
 from worker.phase_source import job_domain, resume_if_left_paused
@@ -42,7 +43,10 @@ def recover_perform(rt: Runtime, job: Job) -> bool:
     dom = job_domain(rt, job, spec.domain)
     if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
         rt.store.phase_ended(job.id, Phase.PERFORM.value)
-        log.info("migration.completed", recovered=True)
+        # No job-completed event was listened for: the destination's completed statistics.
+        landed = Landing() if spec.offline else landing(rt, job, None)
+        rt.store.update(job.id, result=landed.result_fields())
+        log.info("migration.completed", recovered=True, **landed.event_fields())
         return True
     resume_if_left_paused(dom, job, "the interrupted migration left the guest paused")
     where = f"{spec.domain} still running on {rt.host}"

@@ -25,9 +25,11 @@ from config.settings import current
 from jobs.model import Job
 from jobs.phases import (
     EVACUATE_TASK,
+    FORCE_COMPLETE_TASK,
     PHASE_ORDER,
     POSTCOPY_TASK,
     ROLLBACK_DESTINATION_TASK,
+    TUNE_TASK,
     Phase,
     task_name,
 )
@@ -35,7 +37,9 @@ from jobs.store import JobNotFound
 from worker import evacuation
 from worker.job_end import job_context, verified
 from worker.keeper import begin_drain, start_keeper
+from worker.libvirt_events import start_event_loop
 from worker.main import WorkerStartError, check_security
+from worker.migration_control import force_complete, tune
 from worker.phase_errors import Dropped, PhaseFailed, RetryPhase
 from worker.phase_frame import execute_phase
 from worker.phase_perform import start_postcopy
@@ -103,6 +107,14 @@ def _refuse_insecure_start(**_: object) -> None:
         raise SystemExit(f"drover: {exc}") from None
 
 
+@worker_init.connect
+def _listen_to_libvirt(**_: object) -> None:
+    """libvirt's events (the job-completed statistics) need their loop running before the
+    worker opens its libvirt connections (worker/libvirt_events.py); `drover worker` started
+    it already, `celery -A config worker` starts it here."""
+    start_event_loop()
+
+
 @worker_ready.connect
 def _start_housekeeping(sender: object, **_: object) -> None:
     """Heartbeat, leases and recovery start with the worker, whichever command started it."""
@@ -146,6 +158,23 @@ def rollback_destination(self: Task, job_id: str) -> None:
 @app.task(bind=True, name=POSTCOPY_TASK, throws=(PhaseFailed,))
 def postcopy(self: Task, job_id: str) -> None:
     _run_side_task(self, "postcopy", start_postcopy, job_id)
+
+
+def _run_control(task: Task, fn: Callable[[Runtime, Job], None], job_id: object) -> None:
+    """`drover tune` / `force-complete`: its events name the request (the task's id), which
+    the producer waits for (its `policy.step`, or `control.refused` with the reason)."""
+    with structlog.contextvars.bound_contextvars(request=str(task.request.id)):
+        _run_side_task(task, "control", fn, job_id)
+
+
+@app.task(bind=True, name=TUNE_TASK, throws=(PhaseFailed,))
+def tune_migration(self: Task, job_id: str) -> None:
+    _run_control(self, tune, job_id)
+
+
+@app.task(bind=True, name=FORCE_COMPLETE_TASK, throws=(PhaseFailed,))
+def force_complete_migration(self: Task, job_id: str) -> None:
+    _run_control(self, force_complete, job_id)
 
 
 @app.task(bind=True, name=EVACUATE_TASK)

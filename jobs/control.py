@@ -1,0 +1,100 @@
+"""The operator's control of a running migration: `drover tune` and `drover force-complete`.
+
+A task message carries only a job id (config/security.py), so a tune request's numbers travel
+beside it in Redis: the producer pushes a `TuneRequest` onto the job's tune list
+(jobs/keys.py `tune_key`) and sends one task per request; the source worker pops one per task
+and validates it again against the same bounds (config/policy_model.py) before libvirt sees a
+number. Whoever can write to Redis can change a request's numbers, never beyond those bounds,
+and cannot make a worker act without a (signed) task message.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from config.policy_model import MAX_BANDWIDTH_MIB, MAX_DOWNTIME_MS
+from jobs.keys import tune_key
+from jobs.model import Job
+from jobs.states import JobState
+
+# What `drover tune` sets, by field, as the CLI spells it.
+TUNE_OPTIONS = {
+    "bandwidth_mib": "--bandwidth",
+    "postcopy_bandwidth_mib": "--postcopy-bandwidth",
+    "max_downtime_ms": "--max-downtime",
+}
+
+
+class TuneRequest(BaseModel):
+    """New limits for a running migration; the fields left out stay as they are.
+
+    The bounds are the policy's (a tune sets what a policy could have set); a bandwidth of 0
+    lifts the cap, as in a policy.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bandwidth_mib: int | None = Field(default=None, ge=0, le=MAX_BANDWIDTH_MIB)
+    postcopy_bandwidth_mib: int | None = Field(default=None, ge=0, le=MAX_BANDWIDTH_MIB)
+    max_downtime_ms: int | None = Field(default=None, ge=1, le=MAX_DOWNTIME_MS)
+    by: str = ""  # the producer that asked (for the event)
+
+    @model_validator(mode="after")
+    def _something(self) -> TuneRequest:
+        if not self.figures():
+            raise ValueError(f"give at least one of {', '.join(TUNE_OPTIONS.values())}")
+        return self
+
+    def figures(self) -> dict[str, int]:
+        """The values this request sets, by field."""
+        return {k: v for k in TUNE_OPTIONS if (v := getattr(self, k)) is not None}
+
+
+class BadControlRequest(ValueError):
+    """A tune request that is not valid; the message is one line naming the option."""
+
+
+def tune_request(**values: object) -> TuneRequest:
+    """A checked request, or BadControlRequest naming the option and its bound."""
+    try:
+        return TuneRequest.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        option = TUNE_OPTIONS.get(field, field)
+        value = values.get(field)
+        head = f"{option} {value}: " if option else ""
+        raise BadControlRequest(f"{head}{err['msg']}".replace("Value error, ", "")) from None
+
+
+def not_migrating(job: Job, what: str) -> str | None:
+    """Why `what` cannot be done to `job` now (it is not migrating), or None."""
+    if job.state is JobState.MIGRATING:
+        return None
+    return f"job {job.id} is {job.state.value}, not migrating: nothing to {what}"
+
+
+def push_tune(r: redis.Redis, job_id: str, request: TuneRequest, ttl_s: float) -> None:
+    """Put a request in line for the source worker (kept no longer than a task message)."""
+    key = tune_key(job_id)
+    with r.pipeline(transaction=True) as p:
+        p.rpush(key, request.model_dump_json())
+        p.expire(key, max(1, round(ttl_s)))
+        p.execute()
+
+
+def pop_tune(r: redis.Redis, job_id: str) -> TuneRequest | None:
+    """The oldest request in line (None when there is none), validated again here:
+    BadControlRequest when what Redis holds is not a valid request."""
+    raw = cast(str | bytes | None, r.lpop(tune_key(job_id)))
+    if raw is None:
+        return None
+    try:
+        return TuneRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "the request"
+        raise BadControlRequest(f"the tune request is not valid: {where}: {err['msg']}") from None

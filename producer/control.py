@@ -1,0 +1,117 @@
+"""`Drover.tune` and `Drover.force_complete`: ask the source worker to act on a running
+migration, and wait for its answer.
+
+Bad numbers and a job that is not migrating are refused here, before anything is sent. The
+request goes to the source host's queue as a task (the tune's numbers beside it in Redis,
+jobs/control.py); the worker checks again, with libvirt, and answers in the job's event stream
+with a `policy.step` (done) or `control.refused` (why not) naming the request (the task's id),
+which is what this module waits for.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, cast
+
+from celery import Celery
+from celery.canvas import Signature
+
+from config.celery import host_queue
+from config.settings import Settings
+from jobs.control import (
+    TUNE_OPTIONS,
+    BadControlRequest,
+    TuneRequest,
+    not_migrating,
+    push_tune,
+    tune_request,
+)
+from jobs.errors import SubmitError
+from jobs.follow import MS_PER_S
+from jobs.keys import events_key
+from jobs.model import Job
+from jobs.phases import FORCE_COMPLETE_TASK, TUNE_TASK
+from jobs.store import JobStore
+
+DONE_EVENT = "policy.step"
+REFUSED_EVENT = "control.refused"
+
+
+class ControlRequests:
+    """What the API needs to send a control request and hear back."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        app: Celery,
+        send: Callable[[Signature], None],
+        by: str,
+    ) -> None:
+        self.settings, self.store, self.app, self.send, self.by = settings, store, app, send, by
+
+    def tune(self, job_id: str, **values: int | None) -> str:
+        """New limits for a running migration (None: leave it); one line saying what was set."""
+        given = {k: v for k, v in values.items() if v is not None}
+        try:
+            request = tune_request(**given, by=self.by)
+        except BadControlRequest as exc:
+            raise SubmitError(str(exc)) from None
+        job = self._migrating(job_id, "tune")
+        return self._ask(job, TUNE_TASK, "tune", lambda: self._push(job_id, request))
+
+    def force_complete(self, job_id: str) -> str:
+        """Finish a running migration now (post-copy where allowed, else pause the guest)."""
+        job = self._migrating(job_id, "force-complete")
+        return self._ask(job, FORCE_COMPLETE_TASK, "force-complete", lambda: None)
+
+    def _migrating(self, job_id: str, what: str) -> Job:
+        job = self.store.get(job_id)
+        reason = not_migrating(job, what)
+        if reason is not None:
+            raise SubmitError(reason)
+        return job
+
+    def _push(self, job_id: str, request: TuneRequest) -> None:
+        push_tune(self.store.r, job_id, request, self.settings.tunables.message_ttl)
+
+    def _ask(self, job: Job, task: str, what: str, before: Callable[[], None]) -> str:
+        """Send the request and wait for the worker's answer; its line, or SubmitError with
+        the worker's refusal, or TimeoutError when no answer came in time."""
+        newest = cast(list[tuple[str, Any]], self.store.r.xrevrange(events_key(job.id), count=1))
+        after = newest[0][0] if newest else "0-0"
+        request_id = uuid.uuid4().hex
+        before()
+        src = job.spec.src
+        self.send(
+            self.app.signature(task, args=(job.id,), queue=host_queue(src), task_id=request_id)
+        )
+        tunables = self.settings.tunables
+        deadline = time.monotonic() + tunables.control_reply_timeout
+        block_ms = int(MS_PER_S * tunables.wait_block)
+        while time.monotonic() < deadline:
+            for event_id, event in self.store.read_events(job.id, after, block_ms=block_ms):
+                after = event_id
+                if event.get("request") != request_id:
+                    continue
+                if event.get("event") == REFUSED_EVENT:
+                    raise SubmitError(f"{what} refused by {src}: {event.get('reason')}")
+                if event.get("event") == DONE_EVENT:
+                    return done_line(job.id, what, event)
+        raise TimeoutError(
+            f"no answer from {src}'s worker to {what} of job {job.id} within "
+            f"{tunables.control_reply_timeout:g}s"
+        )
+
+
+def done_line(job_id: str, what: str, event: dict[str, Any]) -> str:
+    """One line for a `policy.step` the worker made at the operator's request."""
+    action = event.get("action")
+    if action == "tune":
+        figures = " ".join(f"{k}={event[k]}" for k in TUNE_OPTIONS if k in event)
+        return f"job {job_id}: {figures}"
+    if action == "postcopy":
+        return f"job {job_id}: switched to post-copy ({event.get('reason')})"
+    return f"job {job_id}: {action} ({event.get('reason')})"

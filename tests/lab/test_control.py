@@ -1,0 +1,180 @@
+"""`drover tune` and `drover force-complete` on a running migration of dirty-1, and the
+downtime every successful job reports, checked through libvirt on both hosts.
+
+dirty-1 stays in pre-copy under `policy="manual"` (no action of its own) and a small
+bandwidth cap until the operator acts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import libvirt
+import pytest
+
+from jobs.errors import SubmitError
+from jobs.model import Job
+from tests.support.cli import run_drover
+from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
+
+pytestmark = pytest.mark.lab
+
+DIRTY = "dirty-1"
+START_TIMEOUT_S = 60.0
+SLOW_MIB = 8  # far below dirty-1's dirty rate: pre-copy never ends on its own
+
+
+class Started:
+    """The jobs a test started, aborted at teardown if a failure left one running."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.ids: list[str] = []
+
+    def migrating(self, **opts: Any) -> str:
+        """Submit dirty-1 lab1 -> lab2 and return once libvirt on lab1 migrates it."""
+        job_id = self.lab.drover.submit(domain=DIRTY, src="lab1", dst="lab2", live=True, **opts)
+        self.ids.append(job_id)
+        wait_for(
+            lambda: (
+                self.lab.drover.job(job_id).state.value == "migrating"
+                and outgoing_stats(self.lab) is not None
+            ),
+            START_TIMEOUT_S,
+            f"job {job_id} migrating in libvirt",
+        )
+        return job_id
+
+
+def outgoing_stats(lab: Lab) -> dict[str, Any] | None:
+    """libvirt's statistics of dirty-1's migration on lab1 (None: no migration job)."""
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        stats: dict[str, Any] = conn.lookupByName(DIRTY).jobStats()
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+    return None if stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE else stats
+
+
+def on_source(lab: Lab, fn: Any) -> Any:
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        return fn(conn.lookupByName(DIRTY))
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def started(lab: Lab, dirty_running: None) -> Iterator[Started]:
+    s = Started(lab)
+    yield s
+    for job_id in s.ids:
+        if not lab.drover.job(job_id).terminal:
+            lab.drover.abort(job_id)
+            lab.drover.wait(job_id, JOB_TIMEOUT_S)
+    if lab.running_on(DIRTY) == ["lab2"]:  # home while it runs: auto-converge lands it
+        home = lab.migrate(DIRTY, "lab2", "lab1", auto_converge=True, bandwidth_mib=128)
+        assert home.state.value == "succeeded", home.reason
+
+
+def operator_steps(lab: Lab, job_id: str) -> list[dict[str, Any]]:
+    return [
+        ev
+        for ev in lab.drover.events(job_id)
+        if ev["event"] == "policy.step" and ev.get("by") == "operator"
+    ]
+
+
+def landed_on_lab2(lab: Lab, job: Job) -> None:
+    assert job.state.value == "succeeded", job.reason
+    assert lab.running_on(DIRTY) == ["lab2"]
+    assert lab.view("lab2", DIRTY).state == libvirt.VIR_DOMAIN_RUNNING
+    completed = [ev for ev in lab.drover.events(job.id) if ev["event"] == "migration.completed"]
+    assert len(completed) == 1 and completed[0]["mode"] == job.result.mode
+    assert job.result.downtime_ms is not None and job.result.downtime_ms >= 0
+    assert completed[0]["downtime_ms"] == job.result.downtime_ms
+
+
+def test_tune_takes_effect_in_libvirt_and_force_complete_suspends_without_postcopy(
+    lab: Lab, started: Started
+) -> None:
+    job_id = started.migrating(policy="manual", bandwidth_mib=SLOW_MIB)
+
+    done = run_drover(
+        lab.config, "tune", job_id, "--bandwidth", "64", "--max-downtime", "700",
+        "--postcopy-bandwidth", "5",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "bandwidth_mib=64" in done.stdout and "max_downtime_ms=700" in done.stdout
+    assert on_source(lab, lambda d: d.migrateGetMaxSpeed(0)) == 64
+    postcopy_flag = libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
+    assert on_source(lab, lambda d: d.migrateGetMaxSpeed(postcopy_flag)) == 5
+    assert on_source(lab, lambda d: d.migrateGetMaxDowntime(0)) == 700
+    [step] = operator_steps(lab, job_id)
+    assert step["action"] == "tune" and step["bandwidth_mib"] == 64
+    assert step["max_downtime_ms"] == 700 and step["postcopy_bandwidth_mib"] == 5
+
+    # manual forbids post-copy: force-complete pauses the guest; it runs again on arrival.
+    line = lab.drover.force_complete(job_id)
+    assert "suspend" in line and "forbids post-copy" in line
+    job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
+    landed_on_lab2(lab, job)
+    assert job.result.mode == "precopy"
+    assert [s["action"] for s in operator_steps(lab, job_id)] == ["tune", "suspend"]
+
+    # A finished job is not migrating: refused with the reason, nothing sent.
+    for act in (
+        lambda: lab.drover.tune(job_id, bandwidth_mib=9),
+        lambda: lab.drover.force_complete(job_id),
+    ):
+        with pytest.raises(SubmitError, match=f"job {job_id} is succeeded, not migrating"):
+            act()
+    refused = run_drover(lab.config, "force-complete", job_id)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "is succeeded, not migrating" in refused.stderr
+
+
+def test_force_complete_switches_to_postcopy_where_allowed(lab: Lab, started: Started) -> None:
+    # A 1 MiB/s post-copy cap holds post-copy open until the operator lifts it.
+    job_id = started.migrating(
+        policy="manual", postcopy=True, bandwidth_mib=SLOW_MIB, postcopy_bandwidth_mib=1
+    )
+    line = lab.drover.force_complete(job_id)
+    assert "post-copy" in line
+    wait_for(
+        lambda: lab.view("lab1", DIRTY).state == libvirt.VIR_DOMAIN_PAUSED,
+        START_TIMEOUT_S,
+        "the source paused for post-copy",
+    )
+    # In post-copy already: the source worker refuses, after asking libvirt.
+    with pytest.raises(SubmitError, match=r"refused by lab1: .* already in post-copy"):
+        lab.drover.force_complete(job_id)
+    assert lab.drover.job(job_id).state.value == "migrating"
+
+    assert "postcopy_bandwidth_mib=0" in lab.drover.tune(job_id, postcopy_bandwidth_mib=0)
+    job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
+    landed_on_lab2(lab, job)
+    assert job.result.mode == "postcopy" and job.postcopy_since is not None
+    steps = operator_steps(lab, job_id)
+    assert [s["action"] for s in steps] == ["postcopy", "tune"]
+    assert steps[0]["data_remaining"] > 0 and "memory_iteration" in steps[0]
+    refusals = [ev for ev in lab.drover.events(job_id) if ev["event"] == "control.refused"]
+    assert len(refusals) == 1 and "already in post-copy" in refusals[0]["reason"]
+
+
+def test_every_successful_job_reports_its_downtime(lab: Lab) -> None:
+    lab.home("idle-1")
+    job = lab.migrate("idle-1", "lab1", "lab2")
+    assert job.state.value == "succeeded", job.reason
+    assert lab.running_on("idle-1") == ["lab2"]
+    assert job.result.downtime_ms is not None and job.result.mode == "precopy"
+    assert job.result.final is not None and (job.result.final.data_total or 0) > 0
+    [completed] = [ev for ev in lab.drover.events(job.id) if ev["event"] == "migration.completed"]
+    assert completed["downtime_ms"] == job.result.downtime_ms
+    assert completed["figures_from"] == "job-completed event"
+    jobs = run_drover(lab.config, "jobs", "--limit", "1")
+    assert jobs.returncode == 0 and f"{job.result.downtime_ms} ms" in jobs.stdout
+    lab.home("idle-1")

@@ -1,0 +1,164 @@
+"""`drover tune` / `force-complete` refusals before anything reaches a worker, the tune
+request's round trip through Redis, and libvirt's completed statistics read into a job's
+result (worker/completion.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.control import BadControlRequest, TuneRequest, pop_tune, push_tune, tune_request
+from jobs.keys import tune_key
+from jobs.record import Result, merged_field
+from jobs.spec import MigrationSpec
+from jobs.states import JobState
+from jobs.store import JobStore
+from jobs.submission import enqueue
+from producer.render import downtime_cell, jobs_table
+from tests.support.cli import run_drover
+from worker.completion import Landing, parse_completed
+
+# A pre-copy migration's completed statistics, as libvirt's job-completed event gives them.
+PRECOPY_STATS = {
+    "type": 3,
+    "operation": 3,
+    "time_elapsed": 2310,
+    "downtime": 27,
+    "setup_time": 4,
+    "data_total": 139_000_000,
+    "data_processed": 412_000_000,
+    "data_remaining": 0,
+    "memory_total": 139_000_000,
+    "memory_processed": 412_000_000,
+    "memory_bps": 66_000_000,
+    "memory_dirty_rate": 0,
+    "memory_iteration": 7,
+    "memory_postcopy_requests": 0,
+    "disk_total": 0,
+    "disk_processed": 0,
+    "auto_converge_throttle": 0,
+}
+
+
+def test_precopy_statistics_give_downtime_mode_and_figures() -> None:
+    landed = parse_completed(PRECOPY_STATS, "job-completed event", switched=False)
+    assert landed.downtime_ms == 27 and landed.mode == "precopy"
+    assert landed.final is not None
+    assert landed.final.time_elapsed_ms == 2310 and landed.final.memory_iteration == 7
+    assert landed.final.data_total == 139_000_000 and landed.final.data_processed == 412_000_000
+    event = landed.event_fields()
+    assert event["downtime_ms"] == 27 and event["mode"] == "precopy"
+    assert event["figures_from"] == "job-completed event" and event["memory_iteration"] == 7
+
+
+def test_postcopy_is_told_by_the_switch_or_by_pages_the_destination_faulted_in() -> None:
+    assert parse_completed(PRECOPY_STATS, "job-completed event", switched=True).mode == "postcopy"
+    faulted = PRECOPY_STATS | {"memory_postcopy_requests": 12}
+    assert parse_completed(faulted, "job-completed event", switched=False).mode == "postcopy"
+
+
+def test_missing_and_odd_values_are_left_out_not_guessed() -> None:
+    landed = parse_completed(
+        {"type": 3, "downtime": "soon", "memory_iteration": True}, "destination", False
+    )
+    assert landed.downtime_ms is None
+    assert landed.final is not None and landed.final.memory_iteration is None
+    assert "downtime_ms" not in landed.result_fields()
+    assert Landing().result_fields() == {}
+
+
+def test_the_result_record_keeps_the_figures_typed() -> None:
+    landed = parse_completed(PRECOPY_STATS, "job-completed event", switched=False)
+    raw = merged_field(
+        "0123456789ab", "result", None, {"migration_ms": 2400.0} | landed.result_fields()
+    )
+    result = Result.model_validate_json(raw)
+    assert result.downtime_ms == 27 and result.mode == "precopy"
+    assert result.final is not None and result.final.memory_iteration == 7
+    assert result.figures_from == "job-completed event"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({}, "give at least one of --bandwidth, --postcopy-bandwidth, --max-downtime"),
+        ({"bandwidth_mib": -1}, "--bandwidth -1: Input should be greater than or equal to 0"),
+        ({"bandwidth_mib": 10**7}, "--bandwidth 10000000: Input should be less than or equal"),
+        ({"max_downtime_ms": 0}, "--max-downtime 0: Input should be greater than or equal to 1"),
+        ({"max_downtime_ms": 60_001}, "--max-downtime 60001: Input should be less than or equal"),
+        ({"postcopy_bandwidth_mib": -5}, "--postcopy-bandwidth -5: Input should be greater"),
+    ],
+)
+def test_bad_tune_numbers_are_one_line(values: dict[str, int], message: str) -> None:
+    with pytest.raises(BadControlRequest) as exc:
+        tune_request(**values)
+    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
+
+
+def test_tune_requests_wait_in_order_and_are_checked_again_when_taken(store: JobStore) -> None:
+    job_id = "0123456789ab"
+    push_tune(store.r, job_id, tune_request(bandwidth_mib=8), ttl_s=60)
+    push_tune(store.r, job_id, tune_request(max_downtime_ms=500, by="ops"), ttl_s=60)
+    assert pop_tune(store.r, job_id) == TuneRequest(bandwidth_mib=8)
+    assert pop_tune(store.r, job_id) == TuneRequest(max_downtime_ms=500, by="ops")
+    assert pop_tune(store.r, job_id) is None
+    store.r.rpush(tune_key(job_id), '{"bandwidth_mib": 99999999}')  # edited in Redis
+    with pytest.raises(BadControlRequest, match="bandwidth_mib"):
+        pop_tune(store.r, job_id)
+
+
+def _job(store: JobStore, state: JobState | None = None) -> str:
+    job_id = enqueue(store, MigrationSpec(domain="idle-1", src="kvm1", dst="kvm2"), origin="t")
+    if state is not None:
+        for step in (JobState.PREFLIGHT, JobState.PREPARED, JobState.MIGRATING):
+            store.transition(job_id, step, host="kvm1")
+            if step is state:
+                break
+    return job_id
+
+
+def _one_line_refusal(config: Path, *args: str) -> str:
+    done = run_drover(config, *args)
+    assert done.returncode != 0, done.stdout
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize("command", [["tune", "--bandwidth", "8"], ["force-complete"]])
+def test_a_job_that_is_not_migrating_is_refused_with_its_state(
+    config: Path, store: JobStore, command: list[str]
+) -> None:
+    queued = _job(store)
+    line = _one_line_refusal(config, *command, queued)
+    assert f"job {queued} is queued, not migrating" in line
+    assert store.r.llen(tune_key(queued)) == 0  # nothing was put in line for a worker
+
+
+def test_bad_numbers_are_refused_before_anything_is_sent(config: Path, store: JobStore) -> None:
+    migrating = _job(store, JobState.MIGRATING)
+    line = _one_line_refusal(config, "tune", migrating, "--max-downtime", "0")
+    assert "--max-downtime 0: Input should be greater than or equal to 1" in line
+    line = _one_line_refusal(config, "tune", migrating)
+    assert "give at least one of --bandwidth" in line
+    assert store.r.llen(tune_key(migrating)) == 0
+
+
+def test_no_answer_from_the_source_worker_is_said_not_hung_on(
+    config: Path, store: JobStore
+) -> None:
+    config.write_text(config.read_text() + "\n[tunables]\ncontrol_reply_timeout = 1\n")
+    migrating = _job(store, JobState.MIGRATING)
+    line = _one_line_refusal(config, "force-complete", migrating)
+    assert f"no answer from kvm1's worker to force-complete of job {migrating} within 1s" in line
+
+
+def test_jobs_table_shows_the_downtime(store: JobStore) -> None:
+    job_id = _job(store, JobState.MIGRATING)
+    landed = parse_completed(PRECOPY_STATS, "job-completed event", switched=False)
+    store.update(job_id, result=landed.result_fields())
+    job = store.get(job_id)
+    assert downtime_cell(job) == "27 ms"
+    assert "downtime" in [c.header for c in jobs_table([job]).columns]
+    store.update(job_id, result={"downtime_ms": 180, "mode": "postcopy"})
+    assert downtime_cell(store.get(job_id)) == "180 ms (postcopy)"

@@ -1,0 +1,159 @@
+"""The operator's control of a running migration, on its source host: `drover tune` (new
+bandwidth and downtime limits) and `drover force-complete` (Nova's
+live-migration-force-complete: post-copy where allowed, else pause the guest so that the rest
+is copied at once; it resumes on arrival).
+
+Redis names the job, and for a tune the numbers, which are validated again here (jobs/control.py);
+whether the job may be acted on is asked of libvirt: the job must be migrating in its record
+AND libvirt must show an outgoing migration job on the domain. Each change is a `policy.step`
+event (by="operator"); a refusal is PhaseFailed with one line (`control.refused`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import libvirt
+
+from config.events import get_logger
+from jobs.control import BadControlRequest, TuneRequest, not_migrating, pop_tune
+from jobs.model import Job
+from worker.libvirt_host import Domain, LibvirtError, migration_stats
+from worker.phase_errors import PhaseFailed
+from worker.phase_source import job_domain
+from worker.policy_source import job_policy
+from worker.runtime import Runtime
+
+log = get_logger()
+OPERATOR = "operator"
+# How often per progress interval a request that came during the migration's setup looks
+# again whether the transfer has begun.
+SETUP_POLLS_PER_INTERVAL = 5
+# libvirt's statistics a force-complete step reports (as migration.progress names them).
+LOOKED_AT = {
+    "data_remaining": "data_remaining",
+    "memory_iteration": "memory_iteration",
+    "memory_dirty_rate": "memory_dirty_rate",
+    "memory_bps": "memory_bandwidth",
+    "time_elapsed": "time_elapsed_ms",
+}
+
+
+def migrating_domain(rt: Runtime, job: Job, what: str) -> tuple[Domain, dict[str, Any]]:
+    """The job's guest here while libvirt migrates it out, and the migration's statistics;
+    PhaseFailed (one line) otherwise."""
+    reason = not_migrating(job, what)
+    if reason is not None:
+        raise PhaseFailed(reason)
+    if rt.host != job.spec.src:
+        raise PhaseFailed(f"job {job.id} migrates from {job.spec.src}, not from {rt.host}")
+    dom = job_domain(rt, job, job.spec.domain)
+    if dom is None:
+        raise PhaseFailed(f"{job.spec.domain} is not on {rt.host}: nothing to {what}")
+    return dom, _wait_for_transfer(rt, job, dom, what)
+
+
+def _wait_for_transfer(rt: Runtime, job: Job, dom: Domain, what: str) -> dict[str, Any]:
+    """Return once libvirt migrates the guest out and QEMU transfers memory; PhaseFailed when
+    libvirt shows no such migration. A migration still in libvirt's setup (the destination
+    being prepared) is waited for, up to tunables.control_setup_wait: what is set before
+    QEMU starts would be overwritten by the migration's own parameters, and QEMU cannot
+    switch to post-copy yet."""
+    tunables = rt.settings.tunables
+    deadline = time.monotonic() + tunables.control_setup_wait
+    outgoing = libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
+    while True:
+        stats = migration_stats(dom)
+        if stats is None or stats.get("operation", outgoing) != outgoing:
+            raise PhaseFailed(
+                f"libvirt on {rt.host} shows no migration of {job.spec.domain} running: "
+                f"nothing to {what}"
+            )
+        if stats.get("memory_total", 0) > 0:
+            return stats
+        if time.monotonic() > deadline:
+            raise PhaseFailed(
+                f"the migration of {job.spec.domain} is still being set up after "
+                f"{tunables.control_setup_wait:g}s: try again once it transfers"
+            )
+        time.sleep(tunables.progress_interval / SETUP_POLLS_PER_INTERVAL)
+
+
+def _step(action: str, reason: str, **figures: Any) -> None:
+    log.info("policy.step", action=action, by=OPERATOR, reason=reason, **figures)
+
+
+def tune(rt: Runtime, job: Job) -> None:
+    """Apply the oldest tune request of the job to its running migration."""
+    try:
+        request = pop_tune(rt.store.r, job.id)
+    except BadControlRequest as exc:
+        raise PhaseFailed(str(exc)) from None
+    if request is None:
+        raise PhaseFailed(f"job {job.id} has no tune request waiting")
+    dom, _ = migrating_domain(rt, job, "tune")
+    applied = apply_tune(dom, request)
+    who = f" by {request.by}" if request.by else ""
+    _step("tune", f"asked{who} (drover tune)", **applied)
+
+
+def apply_tune(dom: Domain, request: TuneRequest) -> dict[str, int]:
+    """Set each limit the request names; the values set, by field. libvirt's refusal of
+    any of them is PhaseFailed, naming what was already set."""
+    calls = {
+        "bandwidth_mib": lambda v: dom.migrateSetMaxSpeed(v, 0),
+        "postcopy_bandwidth_mib": lambda v: dom.migrateSetMaxSpeed(
+            v, libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
+        ),
+        "max_downtime_ms": lambda v: dom.migrateSetMaxDowntime(v, 0),
+    }
+    applied: dict[str, int] = {}
+    for field, value in request.figures().items():
+        try:
+            calls[field](value)
+        except LibvirtError as exc:
+            done = f" (already set: {applied})" if applied else ""
+            raise PhaseFailed(
+                f"libvirt refused {field}={value}: {exc.get_error_message()}{done}"
+            ) from None
+        applied[field] = value
+    return applied
+
+
+def force_complete(rt: Runtime, job: Job) -> None:
+    """Finish the migration now: switch to post-copy when the job's effective policy allows it
+    and libvirt's migration was started with post-copy allowed, else suspend the guest."""
+    dom, stats = migrating_domain(rt, job, "force-complete")
+    seen = {field: stats[name] for name, field in LOOKED_AT.items() if name in stats}
+    state, reason = dom.state()
+    in_postcopy = (
+        state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY
+    )
+    if job.postcopy_since is not None or in_postcopy:
+        raise PhaseFailed(f"job {job.id} is already in post-copy: it completes on its own")
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        raise PhaseFailed(f"{job.spec.domain} is already paused: the rest is being copied")
+    policy = job_policy(rt, job, dom)
+    why_not = f"policy {policy.name} forbids post-copy"
+    if policy.values.allow_postcopy:
+        try:
+            dom.migrateStartPostCopy()
+        except LibvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                raise PhaseFailed(
+                    f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
+                ) from None
+            # Not started with VIR_MIGRATE_POSTCOPY (or not switchable): pause instead.
+            why_not = f"libvirt cannot switch to post-copy: {exc.get_error_message()}"
+        else:
+            rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
+            log.info("migration.postcopy_started")
+            _step("postcopy", f"force-complete: policy {policy.name} allows post-copy", **seen)
+            return
+    try:
+        dom.suspend()  # the guest resumes on arrival (phase_destination.py)
+    except LibvirtError as exc:
+        reason = f"libvirt refused to pause the guest: {exc.get_error_message()}"
+        raise PhaseFailed(reason) from None
+    _step("suspend", f"force-complete: {why_not}; the guest is paused until it arrives", **seen)
