@@ -60,6 +60,9 @@ class CompletionWatch:
     def __init__(self, dom: Domain) -> None:
         self.stats: dict[str, Any] | None = None
         self.postcopy = False
+        # Set at the end of every pass of pre-copy (libvirt's migration-iteration event): the
+        # monitor samples then, rather than polling libvirt for it (worker/monitor.py).
+        self.pass_ended = threading.Event()
         self._arrived = threading.Event()
         self._ids: list[int] = []
         self._conn = dom.connect()
@@ -76,6 +79,11 @@ class CompletionWatch:
                     dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
                 )
             )
+            self._ids.append(
+                self._conn.domainEventRegisterAny(
+                    dom, libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, self._on_pass, None
+                )
+            )
         except libvirt.libvirtError as exc:
             log.warning("libvirt.events_unavailable", error=exc.get_error_message())
             self.close()
@@ -87,6 +95,9 @@ class CompletionWatch:
     def _on_completed(self, _conn: Any, _dom: Any, params: dict[str, Any], _opaque: Any) -> None:
         self.stats = dict(params)
         self._arrived.set()
+
+    def _on_pass(self, _conn: Any, _dom: Any, _iteration: int, _opaque: Any) -> None:
+        self.pass_ended.set()
 
     def _on_lifecycle(self, _conn: Any, _dom: Any, event: int, detail: int, _opaque: Any) -> None:
         if (

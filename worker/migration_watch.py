@@ -82,6 +82,7 @@ def watch_migration(
     *,
     policy: MigrationPolicy,
     until_idle: bool = False,
+    pass_ended: threading.Event | None = None,
 ) -> Watched:
     """Report and steer the job's migration under its effective `policy` until `finished` is
     set (or, `until_idle`, until libvirt shows no migration job on `dom`)."""
@@ -124,6 +125,7 @@ def watch_migration(
         on_action=on_action,
         on_decision=on_decision,
         postcopy=job.postcopy_since is not None,
+        pass_ended=pass_ended,
         # Read once per tick, never waiting out a Redis outage: libvirt migrates meanwhile.
         abort_requested=lambda: rt.store.without_retry.abort_requested(job.id),
         drain=lambda: drain_action(spec, rt.drained_for(), tunables.drain_timeout),

@@ -60,6 +60,7 @@ class MigrationMonitor:
         until_idle: bool = False,
         decision_interval: float | None = None,
         postcopy: bool = False,
+        pass_ended: threading.Event | None = None,
     ) -> None:
         self.dom = dom
         self.interval = interval
@@ -74,6 +75,10 @@ class MigrationMonitor:
         # is over once libvirt shows no job, as nothing else will say so.
         self.until_idle = until_idle
         self.postcopy = postcopy  # the guest already runs on the destination
+        # libvirt's end-of-pass event, when it is delivered (worker/libvirt_events.py): then
+        # libvirt is asked for its statistics at each pass's end and once per report only,
+        # as virsh's --postcopy-after-precopy is told of the pass; otherwise every tick.
+        self.pass_ended = pass_ended
         self.last: Progress | None = None
         self.cancelled = False
         # Set when the worker's warm shutdown handed the migration over: the loop stops
@@ -94,6 +99,8 @@ class MigrationMonitor:
                 due = time.monotonic() - reported >= self.interval
                 if due and self._steered():
                     return
+                if pending is None and not (due or self._pass_ended()):
+                    continue  # told of passes: nothing to ask libvirt between them
                 if pending is None:
                     pending = pool.submit(sample, self.dom)
                 try:
@@ -111,6 +118,15 @@ class MigrationMonitor:
                 if stats is not None and progress.stage != "setup":
                     self.last = progress
                     self._judge(progress)
+
+    def _pass_ended(self) -> bool:
+        """Whether to sample now: a pass just ended, or no end-of-pass event comes here."""
+        if self.pass_ended is None or self.engine is None or self.engine.finished:
+            return self.pass_ended is None
+        if self.pass_ended.is_set():
+            self.pass_ended.clear()
+            return True
+        return False
 
     def _steered(self) -> bool:
         """The drain's and the operator's say, once per report; True when handed over."""

@@ -74,8 +74,11 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     worker.start()
     cancel_reason = abort_reason = last = None
     if not spec.offline:  # an offline migration has no job statistics to sample
-        seen = watch_migration(rt, job, dom, finished, policy=policy.values)
+        told = completion.pass_ended if completion is not None and completion.registered else None
+        seen = watch_migration(rt, job, dom, finished, policy=policy.values, pass_ended=told)
         if seen.handed_over is not None:
+            if completion is not None:
+                completion.close()  # this worker no longer follows the migration
             raise HandedOver(seen.handed_over)
         cancel_reason, abort_reason, last = seen.cancel_reason, seen.abort_reason, seen.last
     worker.join()
