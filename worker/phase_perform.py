@@ -20,7 +20,7 @@ from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
 from worker.phase_errors import HandedOver, PhaseCancelled, PhaseFailed
 from worker.phase_source import ensure_running_on_source, job_domain
-from worker.policy_source import resolve_and_record
+from worker.policy_source import job_policy, resolve_and_record
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -101,11 +101,11 @@ def start_postcopy(rt: Runtime, job: Job) -> None:
     """Switch a running pre-copy migration to post-copy (asked for by `drover postcopy`)."""
     if job.state is not JobState.MIGRATING:
         raise PhaseFailed(f"job {job.id} is {job.state.value}, not migrating")
-    if not job.spec.postcopy:
-        raise PhaseFailed(f"job {job.id} was not started with --postcopy")
     dom = job_domain(rt, job, job.spec.domain)
     if dom is None:
         raise PhaseFailed(f"{job.spec.domain} is not on {rt.host}")
+    if not job_policy(rt, job, dom).values.allow_postcopy:
+        raise PhaseFailed(f"job {job.id}'s policy does not allow post-copy")
     try:
         dom.migrateStartPostCopy()
     except LibvirtError as exc:
