@@ -64,7 +64,7 @@ def migrate(
     auto_converge: Annotated[bool, typer.Option("--auto-converge")] = False,
     compressed: Annotated[bool, typer.Option("--compressed")] = False,
     postcopy: Annotated[
-        bool, typer.Option("--postcopy", help="allow `drover postcopy JOB` to switch")
+        bool, typer.Option("--postcopy", help="allow post-copy (over a policy that does not)")
     ] = False,
     bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="MiB/s cap")] = None,
     postcopy_bandwidth: Annotated[
@@ -157,8 +157,8 @@ def abort(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
     out.print(plain(guarded(lambda: drover().abort(job_id))), markup=False)
 
 
-def postcopy(job_id: Annotated[str, typer.Argument(help="a running --postcopy job")]) -> None:
-    """Switch a running migration started with --postcopy to post-copy."""
+def postcopy(job_id: Annotated[str, typer.Argument(help="a running migration")]) -> None:
+    """Switch a running migration to post-copy (its policy must allow post-copy)."""
     guarded(lambda: drover().start_postcopy(job_id))
     out.print(f"post-copy requested for {job_id}")
 
