@@ -136,16 +136,14 @@ class Drover:
             raise SubmitError(str(exc)) from None
 
     def start_postcopy(self, job_id: str) -> None:
-        """Ask the source host to switch a running migration to post-copy (its policy must
-        allow post-copy: the source worker checks again with its own registry)."""
+        """Ask the source host to switch a running migration to post-copy (policy allowing)."""
         job = self.store.get(job_id)
         if job.state is not JobState.MIGRATING:
             raise SubmitError(
                 f"job {job_id} is {job.state.value}; post-copy can start only while migrating"
             )
         if job.policy is not None and not job.policy.values.allow_postcopy:
-            why = job.policy.sources.get("allow_postcopy", job.policy.name)
-            raise SubmitError(f"job {job_id}'s policy does not allow post-copy ({why})")
+            raise SubmitError(f"job {job_id}'s policy {job.policy.name} does not allow post-copy")
         self.send(
             self._app.signature(POSTCOPY_TASK, args=(job_id,), queue=host_queue(job.spec.src))
         )
