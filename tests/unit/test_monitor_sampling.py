@@ -1,0 +1,90 @@
+"""How often the monitor asks libvirt for its statistics (worker/monitor.py).
+
+Told of each pass's end by libvirt's migration-iteration event, it asks then (and once per
+report) and decides at once; without that event it asks every tick. The domain here is a
+scripted stand-in for jobStats: these tests count calls, the lab tests judge migrations.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import libvirt
+
+from config.policy_model import BUILTIN_POLICIES
+from tests.support.lab_fixtures import wait_for
+from worker.convergence import ConvergenceEngine, Decision
+from worker.monitor import MigrationMonitor
+
+MIB = 1024 * 1024
+
+
+class ScriptedDomain:
+    """jobStats of a guest that re-dirties 64 MiB a pass at 8 MiB/s; `iteration` moves on
+    when the test says a pass ended."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.iteration = 1
+        self.elapsed_ms = 100
+
+    def jobStats(self) -> dict[str, Any]:
+        self.calls += 1
+        self.elapsed_ms += 8000 if self.iteration > 1 else 0
+        return {
+            "type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
+            "time_elapsed": self.elapsed_ms,
+            "data_total": 128 * MIB,
+            "data_remaining": 64 * MIB,
+            "memory_bps": 8 * MIB,
+            "memory_iteration": self.iteration,
+        }
+
+
+def monitor(dom: ScriptedDomain, decided: list[Decision], **kw: Any) -> MigrationMonitor:
+    engine = ConvergenceEngine(BUILTIN_POLICIES["default"], 128, 1800)
+    return MigrationMonitor(
+        dom,  # type: ignore[arg-type]
+        interval=3600,  # one report, at the start: what remains is the event's doing
+        decision_interval=0.01,
+        engine=engine,
+        on_progress=lambda _: None,
+        on_action=lambda _: None,
+        on_decision=lambda d: decided.append(d) or True,
+        **kw,
+    )
+
+
+def test_told_of_passes_it_asks_libvirt_only_when_one_ends() -> None:
+    dom, decided, finished = ScriptedDomain(), [], threading.Event()
+    pass_ended = threading.Event()
+    m = monitor(dom, decided, pass_ended=pass_ended)
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    try:
+        wait_for(lambda: [d.action for d in decided] == ["set_downtime"], 5, "the first sample")
+        calls = dom.calls
+        threading.Event().wait(0.2)  # twenty ticks with no pass ending
+        assert dom.calls == calls
+        dom.iteration = 2
+        pass_ended.set()
+        wait_for(lambda: len(decided) == 2, 5, "the decision at the pass's end")
+        assert decided[1].action == "postcopy" and decided[1].trigger == "not_converging"
+        assert dom.calls == calls + 1
+    finally:
+        finished.set()
+        runner.join()
+
+
+def test_without_the_event_it_asks_every_tick() -> None:
+    dom, decided, finished = ScriptedDomain(), [], threading.Event()
+    m = monitor(dom, decided)
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    try:
+        wait_for(lambda: dom.calls >= 5, 5, "five samples")
+    finally:
+        finished.set()
+        runner.join()
+    assert [d.action for d in decided] == ["set_downtime"]
