@@ -1,6 +1,7 @@
 """The worker's one seam to libvirt: its own libvirtd's connection, peers', lookups, facts.
 
-Only this module and `worker/migration_call.py` (the migration call itself) import libvirt;
+Only this module, its sibling `worker/libvirt_states.py` (a domain's state and reason, as
+post-copy needs them) and `worker/migration_call.py` (the migration call itself) import libvirt;
 the rest of the worker is handed a `LibvirtHost` (the runtime's) and uses what it and the
 functions here offer, so that phases, recovery and evacuation planning run as well against
 libvirt's own `test:///default` driver, without root (tests/unit/test_libvirt_seam.py).
