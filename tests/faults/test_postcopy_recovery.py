@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import libvirt
 import pytest
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_ba
 
 DOMAIN = "dirty-1"
 # Pre-copy slow enough that the switch lands mid-transfer; post-copy held open at 1 MiB/s.
-POSTCOPY_JOB = {
+POSTCOPY_JOB: dict[str, Any] = {
     "policy": "manual",
     "postcopy": True,
     "bandwidth_mib": 8,
