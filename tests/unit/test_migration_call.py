@@ -5,20 +5,20 @@ from __future__ import annotations
 import libvirt
 import pytest
 
+from config.settings import Settings
+from jobs.policy_choice import effective_policy
 from jobs.record import Handoff
 from jobs.spec import MigrationSpec
 from worker.convergence import ConvergencePolicy
-from config.settings import Settings
-from jobs.policy_choice import effective_policy
 from worker.migration_call import MigrationCall, build_call, flag_names
 from worker.monitor import Progress
 
 HANDOFF = Handoff(dconnuri="qemu+tcp://10.0.0.2/system", migrate_uri="tcp://10.0.0.2")
 
+
 def call_of(s: MigrationSpec, handoff: Handoff) -> MigrationCall:
     """The call a worker with no drover.toml policies builds (the shipped default policy)."""
     return build_call(s, handoff, effective_policy(Settings(), s).values)
-
 
 
 def spec(**kw: object) -> MigrationSpec:

@@ -6,10 +6,10 @@ import libvirt
 import pytest
 from pydantic import ValidationError
 
-from jobs.record import Handoff
-from jobs.spec import MigrationSpec, first_error
 from config.settings import Settings
 from jobs.policy_choice import effective_policy
+from jobs.record import Handoff
+from jobs.spec import MigrationSpec, first_error
 from worker.migration_call import MigrationCall, build_call, flag_names
 
 HANDOFF = Handoff(
@@ -17,12 +17,12 @@ HANDOFF = Handoff(
 )
 URI = libvirt.VIR_MIGRATE_PARAM_URI
 
+
 def call_of(s: MigrationSpec, handoff: Handoff) -> MigrationCall:
     """The call under the shipped `manual` policy (no post-copy unless asked for): the modes'
     own flags; what the default policy adds is tested in test_migration_call.py."""
     manual = s.model_copy(update={"policy": "manual"})
     return build_call(s, handoff, effective_policy(Settings(), manual).values)
-
 
 
 def spec(**kw: object) -> MigrationSpec:

@@ -68,9 +68,7 @@ def test_the_resume_call_is_the_same_call_with_postcopy_resume() -> None:
     again = resume_call(call)
     assert (again.api, again.dconnuri, again.params) == (call.api, call.dconnuri, params)
     names = flag_names(again.flags)
-    assert {"VIR_MIGRATE_LIVE", "VIR_MIGRATE_POSTCOPY", "VIR_MIGRATE_POSTCOPY_RESUME"} <= set(
-        names
-    )
+    assert {"VIR_MIGRATE_LIVE", "VIR_MIGRATE_POSTCOPY", "VIR_MIGRATE_POSTCOPY_RESUME"} <= set(names)
 
 
 def test_post_copy_states_come_from_migrating_and_lead_back_to_it() -> None:
