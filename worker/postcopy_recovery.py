@@ -56,7 +56,7 @@ def recover_failed_postcopy(
         return False
     job = rt.store.get(job.id)  # the switch to post-copy may postdate the phase's copy
     seen = locate(rt, job, ANSWER_WITHIN_S)
-    if not seen.failed and not (job.postcopy_since is not None and seen.landed):
+    if not seen.in_postcopy and not (job.postcopy_since is not None and seen.landed):
         return False
     if seen.landed:  # the call failed, but the guest got there all the same
         _back_to_migrating(rt, job, f"post-copy completed despite: {error}", seen)

@@ -36,6 +36,11 @@ class Whereabouts:
         return any(s is not None and s.postcopy_failed for s in (self.source, self.destination))
 
     @property
+    def in_postcopy(self) -> bool:
+        """Part of a post-copy on either side, running or failed: nothing to roll back."""
+        return any(s is not None and s.in_postcopy for s in (self.source, self.destination))
+
+    @property
     def resumable(self) -> bool:
         """The source's libvirtd knows its post-copy failed (it accepts the resume) and the
         destination answers."""

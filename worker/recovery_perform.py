@@ -11,6 +11,7 @@ as perform would (worker/postcopy_recovery.py), never resumed as a paused guest.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from config.events import get_logger
@@ -19,7 +20,7 @@ from jobs.model import Job
 from jobs.phases import Phase
 from jobs.states import JobState
 from worker.job_end import fail_job
-from worker.libvirt_host import Domain
+from worker.libvirt_host import Domain, LibvirtError
 from worker.libvirt_states import state_reason
 from worker.migration_call import build_call
 from worker.migration_watch import watch_migration
@@ -41,7 +42,11 @@ def recover_perform(rt: Runtime, job: Job) -> bool:
     dom = job_domain(rt, job, spec.domain)
     cancelled = aborted = None
     if dom is not None and not _postcopy_broke(dom, job):
-        seen = watch_migration(rt, job, dom, threading.Event(), until_idle=True)
+        broke = _until_postcopy_breaks(rt, dom)
+        try:
+            seen = watch_migration(rt, job, dom, broke, until_idle=True)
+        finally:
+            broke.set()
         if seen.handed_over is not None:
             # The worker drains: libvirtd carries on, and the host's next worker recovers it.
             log.warning("phase.handed_over", reason=seen.handed_over)
@@ -76,6 +81,21 @@ def _completed(rt: Runtime, job: Job) -> bool:
     rt.store.phase_ended(job.id, Phase.PERFORM.value)
     log.info("migration.completed", recovered=True)
     return True
+
+
+def _until_postcopy_breaks(rt: Runtime, dom: Domain) -> threading.Event:
+    """An event set once libvirt shows the re-attached migration's post-copy failed (a job
+    libvirt may still list then, with nothing left to watch but a migration to resume)."""
+    broke = threading.Event()
+
+    def look() -> None:
+        while not broke.wait(rt.settings.tunables.progress_interval):
+            with contextlib.suppress(LibvirtError):
+                if state_reason(dom).postcopy_failed:
+                    broke.set()
+
+    threading.Thread(target=look, name="postcopy-look", daemon=True).start()
+    return broke
 
 
 def _postcopy_broke(dom: Domain, job: Job) -> bool:

@@ -50,6 +50,9 @@ def test_a_broken_post_copy_is_resumable_only_when_the_destination_answers() -> 
     assert "unknown (its libvirtd does not answer) on kvm2" in cut.describe()
     # The destination gave up first: the source's libvirtd has not noticed yet.
     assert not where(PAUSED_POSTCOPY, HUNG).resumable
+    # A source still in post-copy behind a cut link: a post-copy all the same, never rolled back.
+    assert where(PAUSED_POSTCOPY, None, reachable=False).in_postcopy
+    assert not where(PLAIN_PAUSE, None).in_postcopy
 
 
 def test_landed_means_running_on_the_destination_only() -> None:
