@@ -105,6 +105,9 @@ def resumed_and_landed(lab: Lab, job_id: str) -> None:
     assert lab.view("lab2", DOMAIN).state == libvirt.VIR_DOMAIN_RUNNING
     assert not lab.view("lab1", DOMAIN).active
     seen = events_of(lab, job_id)
+    for event in lab.drover.events(job_id):  # the recovery's timeline, shown with -rP
+        if event["event"].startswith("postcopy.") or event["event"] == "job.state":
+            print(event.get("ts"), event["event"], event.get("state") or event.get("reason"))
     for name in RECOVERY_EVENTS:
         assert name in seen, f"no {name} in {seen}"
     states = [t.state for t in job.transitions]
