@@ -73,11 +73,11 @@ def resume_until_landed(rt: Runtime, job: Job, call: MigrationCall) -> bool:
     the deadline (from when the job entered `postcopy_recovering`) has passed."""
     tunables = rt.settings.tunables
     deadline = _recovering_since(job) + timedelta(seconds=tunables.postcopy_recovery_timeout)
-    delay, attempt, waiting = tunables.postcopy_resume_delay, 0, False
+    delay, attempt, waiting, resumed = tunables.postcopy_resume_delay, 0, False, False
     while True:
         seen = locate(rt, job, ANSWER_WITHIN_S)
         if seen.landed:
-            _back_to_migrating(rt, job, f"post-copy resumed after {attempt} tries", seen)
+            _back_to_migrating(rt, job, _how(resumed, attempt, job.spec.dst), seen)
             return True
         if now() >= deadline:
             _give_up(rt, job, seen)
@@ -88,10 +88,20 @@ def resume_until_landed(rt: Runtime, job: Job, call: MigrationCall) -> bool:
         elif seen.resumable:
             waiting = False
             attempt += 1
-            if _resume(rt, job, call, attempt, seen, delay):
+            resumed = _resume(rt, job, call, attempt, seen, delay)
+            if resumed:
                 continue  # libvirt says it completed: look again, without waiting
         time.sleep(delay)
         delay = min(delay * 2, tunables.postcopy_resume_max_delay)
+
+
+def _how(resumed: bool, attempts: int, dst: str) -> str:
+    """How it landed, truthfully: by drover's resume, or by the migration going on by itself
+    once the peers reached each other again (libvirt then refuses the resume calls)."""
+    if resumed:
+        return f"post-copy resumed (VIR_MIGRATE_POSTCOPY_RESUME, try {attempts})"
+    refused = f" ({attempts} resume tries refused)" if attempts else ""
+    return f"post-copy went on by itself once {dst} answered again{refused}"
 
 
 def _resume(

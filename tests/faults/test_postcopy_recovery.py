@@ -65,20 +65,26 @@ def start_in_postcopy(lab: Lab) -> str:
     job_id = lab.drover.submit(domain=DOMAIN, src="lab1", dst="lab2", live=True, **POSTCOPY_JOB)
     wait_for(in_transfer(lab, job_id), FAULT_WINDOW_S, "the migration to be in flight")
     lab.drover.start_postcopy(job_id)
-    wait_for(
-        source_is(lab, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY), FAULT_WINDOW_S, "libvirt's post-copy"
-    )
+    try:
+        wait_for(source_is(lab, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY), FAULT_WINDOW_S, "post-copy")
+    except AssertionError:
+        said = [(e["event"], e.get("reason") or e.get("stage")) for e in lab.drover.events(job_id)]
+        raise AssertionError(
+            f"no post-copy; lab1 shows {source_state(lab)}; {said[-12:]}"
+        ) from None
     return job_id
 
 
 def speed_up_postcopy(lab: Lab) -> bool:
-    """Lift the 1 MiB/s post-copy cap of a running (resumed) post-copy; True once done or
-    once there is no post-copy left on lab1 to speed up."""
+    """Lift the 1 MiB/s post-copy cap of the (resumed) post-copy; True once libvirt took it,
+    or once there is no post-copy left on lab1 to speed up."""
     conn = libvirt.open(lab.uri("lab1"))
     try:
         dom = conn.lookupByName(DOMAIN)
-        if dom.state() != [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY]:
-            return not dom.isActive()
+        if not dom.isActive():
+            return True
+        if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+            return False
         dom.migrateSetMaxSpeed(CATCH_UP_MIB, libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY)
         return True
     except libvirt.libvirtError:
@@ -107,7 +113,8 @@ def resumed_and_landed(lab: Lab, job_id: str) -> None:
     seen = events_of(lab, job_id)
     for event in lab.drover.events(job_id):  # the recovery's timeline, shown with -rP
         if event["event"].startswith("postcopy.") or event["event"] == "job.state":
-            print(event.get("ts"), event["event"], event.get("state") or event.get("reason"))
+            said = event.get("state") or event.get("reason") or event.get("error")
+            print(event.get("ts"), event["event"], said)
     for name in RECOVERY_EVENTS:
         assert name in seen, f"no {name} in {seen}"
     states = [t.state for t in job.transitions]
