@@ -6,7 +6,9 @@ link to lab2 is cut past libvirt's keepalive, or the migration stream is reset (
 or the source's worker is killed and the stream reset before it comes back. In every case
 libvirt shows the guest paused on lab1 ("post-copy failed") and hung on lab2, drover resumes
 the migration (VIR_MIGRATE_POSTCOPY_RESUME) and the job succeeds with the recovery in its
-events; the guest ends running on lab2 only, per libvirt on both hosts.
+events; the guest ends running on lab2 only, per libvirt on both hosts. Past a (shortened)
+recovery deadline the job says where the guest is, keeps its holds, and goes on once libvirt
+shows the guest landed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from jobs.keys import ACTIVE_JOBS
 from jobs.states import JobState
 from lab import control, faults
 from producer.api import SubmitError
@@ -41,6 +44,8 @@ FAILURE_SEEN_S = 30.0
 RECOVERY_S = 120.0
 # Once resumed, the rest of the memory goes at this speed (MiB/s) so the case ends soon.
 CATCH_UP_MIB = 256
+# A deadline the recovery cannot meet while the link is down.
+SHORT_DEADLINE_S = 3
 RECOVERY_EVENTS = ("postcopy.failed", "postcopy.resuming", "postcopy.resumed")
 
 
@@ -183,3 +188,36 @@ def test_abort_during_postcopy_is_refused(lab: Lab) -> None:
     job = finish(lab, job_id)
     assert job.state is JobState.SUCCEEDED, job.reason
     assert_invariants(lab, job, DOMAIN)
+
+
+def test_past_the_deadline_the_job_says_where_the_guest_is_and_keeps_its_holds(
+    lab: Lab, fault_config: Callable[[str], None]
+) -> None:
+    fault_config(f"[tunables]\npostcopy_recovery_timeout = {SHORT_DEADLINE_S}\n")
+    job_id = start_in_postcopy(lab)
+    control.set_link("lab2", False)
+    try:
+        wait_for(
+            lambda: lab.drover.job(job_id).state is JobState.POSTCOPY_PAUSED,
+            KEEPALIVE_FAILURE_S,
+            "drover to give the recovery up",
+        )
+        job = lab.drover.job(job_id)
+        assert job.reason is not None, "a job drover gave up on must say why"
+        assert "paused (post-copy failed) on lab1" in job.reason, job.reason
+        assert "postcopy.unrecovered" in events_of(lab, job_id)
+        store = lab.drover.store
+        assert store.r.sismember(ACTIVE_JOBS, job_id), "the job must stay live"
+        assert store.reserved_mib("lab2") > 0, "the destination's reservation must be kept"
+        with pytest.raises(SubmitError, match="post-copy"):
+            lab.drover.abort(job_id)
+    finally:
+        control.set_link("lab2", True)
+    # Once the peers reach each other the post-copy goes on; the watchdog sees it land.
+    wait_for(lambda: speed_up_postcopy(lab), RECOVERY_S, "the post-copy to go on")
+    job = finish(lab, job_id)
+    assert job.state is JobState.SUCCEEDED, job.reason
+    assert_invariants(lab, job, DOMAIN)
+    assert lab.running_on(DOMAIN) == ["lab2"]
+    states = [t.state for t in job.transitions]
+    assert JobState.POSTCOPY_PAUSED in states, states
