@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -85,7 +86,9 @@ def start_in_postcopy(lab: Lab) -> str:
                 for e in lab.drover.events(job_id)
                 if e["event"] != "migration.progress"
             ]
-            print(f"no post-copy yet; lab1 shows {source_state(lab)}; {said}")
+            log = Path(lab.config).parent / "hosts" / "lab1" / "worker.log"
+            tail = [line for line in log.read_text().splitlines() if "postcopy" in line][-5:]
+            print(f"no post-copy yet; lab1 shows {source_state(lab)}; {said}; lab1: {tail}")
     raise AssertionError(f"no post-copy after {SWITCH_TRIES} requests; lab1 {source_state(lab)}")
 
 
