@@ -13,8 +13,9 @@ shows the guest landed.
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ POSTCOPY_JOB: dict[str, Any] = {
     "bandwidth_mib": 8,
     "postcopy_bandwidth_mib": 1,
 }
+KEPT_LOGS = Path("/tmp/drover-postcopy-logs")
 SWITCH_TRIES, SWITCH_WAIT_S = 3, 15.0
 # Past libvirt's 30 s keepalive: the peers give each other up and the post-copy fails.
 LONG_CUT_S = 45.0
@@ -49,6 +51,23 @@ CATCH_UP_MIB = 256
 # A deadline the recovery cannot meet while the link is down.
 SHORT_DEADLINE_S = 3
 RECOVERY_EVENTS = ("postcopy.failed", "postcopy.resuming", "postcopy.resumed")
+
+
+@pytest.fixture(autouse=True)
+def kept_logs(lab: Lab, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each case's worker and libvirtd logs, copied out of the lab (which `down` removes) to
+    KEPT_LOGS/<case> for a look after a failure."""
+    yield
+    hosts = Path(lab.config).parent / "hosts"
+    target = KEPT_LOGS / request.node.name
+    for name in ("lab1", "lab2"):
+        for part in ("worker.log", "log"):
+            source = hosts / name / part
+            if source.is_dir():
+                shutil.copytree(source, target / name / part, dirs_exist_ok=True)
+            elif source.exists():
+                (target / name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, target / name / part)
 
 
 def source_state(lab: Lab) -> tuple[int, int] | None:
