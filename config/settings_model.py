@@ -217,6 +217,13 @@ class Tunables(_Strict):
     # memory at this rate (the lab's idle guests move in about 2 s, nearly all start-up).
     estimate_startup_s: float = Field(default=2.0, ge=0)
     estimate_mib_per_s: float = Field(default=100.0, gt=0)
+    # A post-copy that failed (worker/postcopy_recovery.py) is resumed as soon as the
+    # destination answers: first after `postcopy_resume_delay`, the wait doubling after each
+    # failed try up to `postcopy_resume_max_delay`. Past `postcopy_recovery_timeout` drover
+    # stops trying and the job says where the guest is (paused), keeping its holds.
+    postcopy_resume_delay: float = Field(default=1.0, gt=0)
+    postcopy_resume_max_delay: float = Field(default=15.0, gt=0)
+    postcopy_recovery_timeout: float = Field(default=3600.0, gt=0)
 
 
 class FaultInjection(_Strict):

@@ -4,7 +4,8 @@ A queued job never starts; one between preflight and migrating is cancelled and 
 destination cleans up; a running migration gets an abort request that the source's monitor
 turns into libvirt's abortJob. A finishing job is past the point of no return, and so is a
 migration libvirt has switched to post-copy (libvirt refuses to abort it: the guest runs on
-the destination already). The guest stays where it was in every case but these last two.
+the destination already), including one whose post-copy failed and is being recovered.
+The guest stays where it was in every case but these last two.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from celery.canvas import Signature
 from config.celery import host_queue
 from jobs.model import Job, migration_event
 from jobs.phases import ROLLBACK_DESTINATION_TASK
-from jobs.states import JobState
+from jobs.states import POSTCOPY_STATES, JobState
 from jobs.store import JobStore
 
 ABORT_REASON = "aborted by operator"
@@ -47,12 +48,15 @@ def abort_job(
             raise TooLate(
                 f"job {job_id} is finishing: {job.spec.domain} already runs on {job.spec.dst}"
             )
+        if job.state in POSTCOPY_STATES:
+            raise TooLate(_recovering(job))
         if job.postcopy_since is not None:
             raise TooLate(_in_postcopy(job))
         store.request_abort(job_id, reason)
         if job.state is JobState.MIGRATING:
-            if store.get(job_id).postcopy_since is not None:  # switched while we asked
-                store.withdraw_abort(job_id)
+            now = store.get(job_id)
+            if now.postcopy_since is not None or now.state in POSTCOPY_STATES:
+                store.withdraw_abort(job_id)  # switched (or failed) while we asked
                 raise TooLate(_in_postcopy(job))
             return (
                 f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
@@ -74,6 +78,14 @@ def _in_postcopy(job: Job) -> str:
     return (
         f"job {job.id} is in post-copy: libvirt cannot abort a post-copy migration "
         f"({job.spec.domain} already runs on {job.spec.dst}); it completes there"
+    )
+
+
+def _recovering(job: Job) -> str:
+    where = job.reason or f"{job.spec.domain} is between {job.spec.src} and {job.spec.dst}"
+    return (
+        f"job {job.id} is {job.state.value}: its post-copy failed and cannot be aborted "
+        f"(the guest's newest memory is on {job.spec.dst}); {where}"
     )
 
 

@@ -16,6 +16,12 @@ class JobState(StrEnum):
     PREFLIGHT = "preflight"
     PREPARED = "prepared"
     MIGRATING = "migrating"
+    # A post-copy that failed (the guest paused on the source, hung on the destination) is
+    # being resumed; the job keeps its lease, reservations and slots meanwhile.
+    POSTCOPY_RECOVERING = "postcopy_recovering"
+    # drover stopped resuming it (tunables.postcopy_recovery_timeout): the reason says where
+    # the guest is; still live, still holding, until someone resumes it and it lands.
+    POSTCOPY_PAUSED = "postcopy_paused"
     FINISHING = "finishing"
     STALLED = "stalled"
     SUCCEEDED = "succeeded"
@@ -38,6 +44,16 @@ _FORWARD = {
 }
 
 
+# Beside the forward steps: a failed post-copy is recovered, given up on, taken up again (a
+# restarted worker), and goes back to migrating once libvirt copies again.
+_POSTCOPY_SOURCES = {
+    JobState.POSTCOPY_RECOVERING: frozenset({JobState.MIGRATING, JobState.POSTCOPY_PAUSED}),
+    JobState.POSTCOPY_PAUSED: frozenset({JobState.POSTCOPY_RECOVERING}),
+    JobState.MIGRATING: frozenset({JobState.POSTCOPY_RECOVERING, JobState.POSTCOPY_PAUSED}),
+}
+# Where a post-copy failed: the guest is on both hosts' books and must not be rolled back.
+POSTCOPY_STATES = frozenset({JobState.POSTCOPY_RECOVERING, JobState.POSTCOPY_PAUSED})
+
 LIVE = frozenset(s for s in JobState if s not in TERMINAL)
 
 
@@ -52,7 +68,7 @@ def allowed_sources(target: JobState) -> frozenset[JobState]:
     if target is JobState.STALLED:
         return LIVE - {JobState.STALLED}
     forward = frozenset(src for src, dst in _FORWARD.items() if dst == target)
-    return forward | {JobState.STALLED}
+    return forward | _POSTCOPY_SOURCES.get(target, frozenset()) | {JobState.STALLED}
 
 
 class EvacuationState(StrEnum):

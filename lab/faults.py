@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from config.redis_acl import HEALTH_USER
 from lab import libvirtd, network, redis_server
-from lab.proc import alive, kill, wait_until
+from lab.proc import alive, kill, run, wait_until
 from lab.state import WORKER_START_TIMEOUT
 from lab.state import loaded as _loaded
 
@@ -81,3 +81,18 @@ def set_link(name: str, up: bool) -> None:
     """Fault injection: cut or restore a host's link to the lab bridge."""
     lab, _ = _loaded()
     network.set_link(lab.host(int(name.removeprefix("lab"))), up)
+
+
+def reset_migration_stream(src: str, dst: str) -> int:
+    """Fault injection: reset the TCP connections of `src`'s outgoing migration streams to
+    `dst` (`ss -K` inside `src`'s namespace); how many it reset.
+
+    Both ends see the stream break at once, as when a router drops the connection: a
+    post-copy migration then fails on both hosts (QEMU `postcopy-paused`).
+    """
+    lab, _ = _loaded()
+    source = lab.host(int(src.removeprefix("lab")))
+    address = lab.host(int(dst.removeprefix("lab"))).address
+    kill_filter = ["dst", address, "dport", "ge", str(libvirtd.MIGRATION_PORT_MIN)]
+    out = run(["ip", "netns", "exec", source.netns, "ss", "-K", "-t", "-n", *kill_filter])
+    return sum(1 for line in out.splitlines()[1:] if line.strip())

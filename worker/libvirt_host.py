@@ -1,7 +1,9 @@
 """The worker's one seam to libvirt: its own libvirtd's connection, peers', lookups, facts.
 
-Only this module, `worker/host_memory.py` (a host's memory) and `worker/migration_call.py`
-(the migration call itself) import libvirt;
+Only this module, its siblings `worker/host_memory.py` (a host's memory),
+`worker/libvirt_states.py` (a domain's state and reason, as post-copy needs them) and
+`worker/libvirt_events.py` (libvirt's event loop and a migration's events), and
+`worker/migration_call.py` (the migration call itself) import libvirt;
 the rest of the worker is handed a `LibvirtHost` (the runtime's) and uses what it and the
 functions here offer, so that phases, recovery and evacuation planning run as well against
 libvirt's own `test:///default` driver, without root (tests/unit/test_libvirt_seam.py).

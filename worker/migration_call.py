@@ -73,6 +73,7 @@ _FLAGS = {
     "VIR_MIGRATE_AUTO_CONVERGE": libvirt.VIR_MIGRATE_AUTO_CONVERGE,
     "VIR_MIGRATE_OFFLINE": libvirt.VIR_MIGRATE_OFFLINE,
     "VIR_MIGRATE_POSTCOPY": libvirt.VIR_MIGRATE_POSTCOPY,
+    "VIR_MIGRATE_POSTCOPY_RESUME": libvirt.VIR_MIGRATE_POSTCOPY_RESUME,
     "VIR_MIGRATE_TLS": libvirt.VIR_MIGRATE_TLS,
     "VIR_MIGRATE_PARALLEL": libvirt.VIR_MIGRATE_PARALLEL,
 }
@@ -182,3 +183,10 @@ def invoke(dom: Domain, call: MigrationCall) -> None:
             dom.migrate2(dconn, None, call.flags, dname, None, bandwidth)
     finally:
         dconn.close()
+
+
+def resume_call(call: MigrationCall) -> MigrationCall:
+    """The same call again, to resume a post-copy migration that failed (virsh migrate
+    --postcopy --postcopy-resume): libvirt reconnects the stream and goes on copying."""
+    flags = call.flags | libvirt.VIR_MIGRATE_POSTCOPY | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
+    return MigrationCall(call.api, call.dconnuri, call.dest_connection_uri, call.params, flags)

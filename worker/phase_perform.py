@@ -21,6 +21,7 @@ from worker.phase_destination import handoff_or_fail
 from worker.phase_errors import HandedOver, PhaseCancelled, PhaseFailed
 from worker.phase_source import ensure_running_on_source, job_domain
 from worker.policy_source import job_policy, resolve_and_record
+from worker.postcopy_recovery import recover_failed_postcopy
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -83,7 +84,8 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
         cancel_reason, abort_reason, last = seen.cancel_reason, seen.abort_reason, seen.last
     worker.join()
     migration_ms = round((time.monotonic() - started) * MS_PER_S, 1)
-    if outcome.failed:
+    if outcome.failed and not recover_failed_postcopy(rt, job, call, outcome.error):
+        # Not a post-copy (libvirt shows none): the guest is still on the source.
         where = ensure_running_on_source(rt, job) if not spec.offline else "nothing moved"
         if cancel_reason:
             raise PhaseCancelled(f"{cancel_reason}: migration aborted; {where}")

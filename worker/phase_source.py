@@ -17,6 +17,7 @@ from jobs.model import Job
 from jobs.states import JobState
 from worker.job_end import advance, hold_domain, succeed_with_leftovers
 from worker.libvirt_host import Domain, facts, is_paused
+from worker.libvirt_states import paused_for_postcopy, state_reason
 from worker.phase_errors import PhaseFailed
 from worker.runtime import Runtime
 from worker.storage import local_disks
@@ -66,7 +67,12 @@ def job_domain(rt: Runtime, job: Job, name: str) -> Domain | None:
 
 
 def resume_if_left_paused(dom: Domain, job: Job, why: str) -> None:
-    """A guest that was running before its migration and is left paused by it runs again."""
+    """A guest that was running before its migration and is left paused by it runs again;
+    never one paused by post-copy (its newest memory is on the destination, and libvirt
+    blocks the resume then fails it: worker/postcopy_recovery.py resumes the migration)."""
+    if paused_for_postcopy(dom):
+        log.warning("source.not_resumed", reason=f"{why}, but paused by post-copy")
+        return
     if is_paused(dom) and job.facts is not None and job.facts.state == "running":
         dom.resume()
         log.warning("source.resumed", reason=why)
@@ -77,6 +83,8 @@ def ensure_running_on_source(rt: Runtime, job: Job) -> str:
     dom = job_domain(rt, job, job.spec.domain)
     if dom is None or not dom.isActive():
         return f"{job.spec.domain} is no longer active on {rt.host}"
+    if paused_for_postcopy(dom):
+        return f"{job.spec.domain} is {state_reason(dom).describe()} on {rt.host}"
     resume_if_left_paused(dom, job, "migration failed with the guest paused")
     return f"{job.spec.domain} still running on {rt.host}"
 

@@ -211,7 +211,8 @@ def _still_interrupted(rt: Runtime, job_id: str, phase: Phase) -> Job | None:
 def _recover(rt: Runtime, job: Job, phase: Phase) -> None:
     """This host started `phase` and then lost it: settle it from libvirt's real state, as
     the phase registry says (jobs/phases.py `Recovery`)."""
-    log.warning("phase.recovering", reason="started here but not running in this worker")
+    if job.state is not JobState.POSTCOPY_PAUSED:  # that one is looked at every tick, quietly
+        log.warning("phase.recovering", reason="started here but not running in this worker")
     if RULES[phase].recovery is Recovery.REATTACH:
         if recover_perform(rt, job):
             _resume_after(job, phase)

@@ -5,22 +5,30 @@ abort, post-copy, the drain, a Redis outage), then judge from libvirt where the 
 Peer-to-peer migrations keep running inside libvirtd while their worker is gone; managed
 direct ones are aborted by libvirt with their client, so recovery finds the guest still on
 the source (resumed if it was left paused) and the destination's rollback removes the paused
-incoming copy.
+incoming copy. A post-copy that failed (before or while the worker was away) is resumed
+as perform would (worker/postcopy_recovery.py), never resumed as a paused guest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from config.events import get_logger
+from config.policy_model import MigrationPolicy
 from jobs.model import Job
 from jobs.phases import Phase
 from jobs.states import JobState
 from worker.completion import Landing, landing
 from worker.job_end import fail_job
+from worker.libvirt_host import Domain, LibvirtError
+from worker.libvirt_states import state_reason
+from worker.migration_call import build_call
 from worker.migration_watch import watch_migration
+from worker.phase_destination import handoff_or_fail
 from worker.phase_source import job_domain, resume_if_left_paused
 from worker.policy_source import job_policy
+from worker.postcopy_recovery import check_paused, recover_failed_postcopy, resume_until_landed
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -30,24 +38,27 @@ def recover_perform(rt: Runtime, job: Job) -> bool:
     """Wait for a migration still running in libvirt, then judge where the guest is: True
     when it completed (the chain goes on), False when the job ended or was handed over."""
     spec = job.spec
+    if job.state is JobState.POSTCOPY_PAUSED:  # drover gave up: has someone resumed it?
+        return check_paused(rt, job) and _completed(rt, job)
     dom = job_domain(rt, job, spec.domain)
     cancelled = aborted = None
-    if dom is not None:
+    if dom is not None and not _postcopy_broke(dom, job):
         policy = job_policy(rt, job, dom).values
-        seen = watch_migration(rt, job, dom, threading.Event(), policy=policy, until_idle=True)
+        broke = _until_postcopy_breaks(rt, dom)
+        try:
+            seen = watch_migration(rt, job, dom, broke, policy=policy, until_idle=True)
+        finally:
+            broke.set()
         if seen.handed_over is not None:
             # The worker drains: libvirtd carries on, and the host's next worker recovers it.
             log.warning("phase.handed_over", reason=seen.handed_over)
             return False
         cancelled, aborted = seen.cancel_reason, seen.abort_reason
+    if _recovered_postcopy(rt, job):
+        return _completed(rt, job)
     dom = job_domain(rt, job, spec.domain)
     if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
-        rt.store.phase_ended(job.id, Phase.PERFORM.value)
-        # No job-completed event was listened for: the destination's completed statistics.
-        landed = Landing() if spec.offline else landing(rt, job, None)
-        rt.store.update(job.id, result=landed.result_fields())
-        log.info("migration.completed", recovered=True, **landed.event_fields())
-        return True
+        return _completed(rt, job)
     resume_if_left_paused(dom, job, "the interrupted migration left the guest paused")
     where = f"{spec.domain} still running on {rt.host}"
     if cancelled:
@@ -66,3 +77,51 @@ def recover_perform(rt: Runtime, job: Job) -> bool:
 def _defined_on_destination(rt: Runtime, job: Job) -> bool:
     peer_uri = rt.settings.host(job.spec.dst).peer_uri
     return rt.libvirt.on_peer(peer_uri, job.source.uuid) is not None
+
+
+def _completed(rt: Runtime, job: Job) -> bool:
+    rt.store.phase_ended(job.id, Phase.PERFORM.value)
+    # No job-completed event was listened for: the destination's completed statistics.
+    landed = Landing() if job.spec.offline else landing(rt, job, None)
+    rt.store.update(job.id, result=landed.result_fields())
+    log.info("migration.completed", recovered=True, **landed.event_fields())
+    return True
+
+
+def _until_postcopy_breaks(rt: Runtime, dom: Domain) -> threading.Event:
+    """An event set once libvirt shows the re-attached migration's post-copy failed (a job
+    libvirt may still list then, with nothing left to watch but a migration to resume)."""
+    broke = threading.Event()
+
+    def look() -> None:
+        while not broke.wait(rt.settings.tunables.progress_interval):
+            with contextlib.suppress(LibvirtError):
+                if state_reason(dom).postcopy_failed:
+                    broke.set()
+
+    threading.Thread(target=look, name="postcopy-look", daemon=True).start()
+    return broke
+
+
+def _postcopy_broke(dom: Domain, job: Job) -> bool:
+    """A post-copy that failed while the worker was away (or was being recovered): there is
+    no migration to watch, only one to resume."""
+    return job.state is JobState.POSTCOPY_RECOVERING or state_reason(dom).postcopy_failed
+
+
+def _recovered_postcopy(rt: Runtime, job: Job) -> bool:
+    """Resume a failed post-copy as perform would (worker/postcopy_recovery.py), with the
+    call perform made: rebuilt from the spec, this worker's registry and the domain's
+    policy. False when libvirt shows no post-copy to recover."""
+    job = rt.store.get(job.id)
+    dom = job_domain(rt, job, job.spec.domain)
+    if dom is None and job.state is not JobState.POSTCOPY_RECOVERING:
+        return False
+    # The policy from this worker's registry and libvirtd, never the copy recorded in Redis;
+    # with the source's domain gone there is nothing to resume from (the whereabouts decide).
+    values = job_policy(rt, job, dom).values if dom is not None else MigrationPolicy()
+    call = build_call(job.spec, handoff_or_fail(rt, job.spec), values)
+    if job.state is JobState.POSTCOPY_RECOVERING:
+        log.warning("postcopy.resuming_again", reason="the worker recovering it was restarted")
+        return resume_until_landed(rt, job, call)
+    return recover_failed_postcopy(rt, job, call, f"{rt.host}'s worker was away")

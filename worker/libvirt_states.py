@@ -1,0 +1,88 @@
+"""What libvirt says a domain's state and its reason are, as drover needs to judge post-copy.
+
+A sibling of worker/libvirt_host.py (the seam; only these modules and worker/migration_call.py
+import libvirt). libvirt names a post-copy migration in the reason, not the state: during
+post-copy the source is paused (VIR_DOMAIN_PAUSED_POSTCOPY) and the destination running
+(VIR_DOMAIN_RUNNING_POSTCOPY); once it failed (the stream broke, the peers lost each other
+past the keepalive) the source is paused (VIR_DOMAIN_PAUSED_POSTCOPY_FAILED) and the
+destination "running" (VIR_DOMAIN_RUNNING_POSTCOPY_FAILED) with QEMU `postcopy-paused`: the
+guest runs nowhere until VIR_MIGRATE_POSTCOPY_RESUME. Resuming such a source (`resume()`)
+blocks and fails; these helpers are how the worker tells the cases apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import libvirt
+
+from worker.libvirt_host import STATE_NAMES, Domain
+
+_REASONS = {
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY): "post-copy",
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED): "post-copy failed",
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY): "post-copy",
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED): "post-copy failed",
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED): "migrated",
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION): "migrating",
+    (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED): "migrated",
+}
+_POSTCOPY = frozenset(
+    {
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY),
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED),
+        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY),
+        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED),
+    }
+)
+_FAILED = frozenset(
+    {
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED),
+        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED),
+    }
+)
+
+
+@dataclass(frozen=True)
+class StateReason:
+    """A domain's state and reason codes as libvirt reports them (virDomainGetState)."""
+
+    state: int
+    reason: int
+
+    @property
+    def in_postcopy(self) -> bool:
+        """Part of a post-copy migration, running or failed: never resumed, never aborted."""
+        return (self.state, self.reason) in _POSTCOPY
+
+    @property
+    def postcopy_failed(self) -> bool:
+        """A post-copy that broke: only VIR_MIGRATE_POSTCOPY_RESUME brings the guest back."""
+        return (self.state, self.reason) in _FAILED
+
+    @property
+    def running(self) -> bool:
+        """Running for real: not paused, and not a destination hung by a failed post-copy."""
+        return self.state == libvirt.VIR_DOMAIN_RUNNING and not self.postcopy_failed
+
+    @property
+    def active(self) -> bool:
+        return self.state not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_NOSTATE)
+
+    def describe(self) -> str:
+        """As virsh's `domstate --reason` would say it: "paused (post-copy failed)"."""
+        name = STATE_NAMES.get(self.state, str(self.state))
+        why = _REASONS.get((self.state, self.reason))
+        return f"{name} ({why})" if why else name
+
+
+def state_reason(dom: Domain) -> StateReason:
+    state, reason = dom.state()
+    return StateReason(int(state), int(reason))
+
+
+def paused_for_postcopy(dom: Domain) -> bool:
+    """Whether `dom` is a source paused by post-copy (running or failed): resume() on it
+    blocks for libvirt's job timeout and fails, and would be wrong anyway."""
+    found = state_reason(dom)
+    return found.state == libvirt.VIR_DOMAIN_PAUSED and found.in_postcopy
