@@ -90,7 +90,11 @@ FLAG_LABELS = {
 
 
 def effective_policy(
-    settings: Settings, spec: MigrationSpec, metadata_policy: str | None = None
+    settings: Settings,
+    spec: MigrationSpec,
+    metadata_policy: str | None = None,
+    *,
+    guest_paused: bool = False,
 ) -> EffectivePolicy:
     """The policy `spec` runs with on its source host; UnknownPolicy or ConfigError (one
     line) when a name is unknown or the layered policy cannot be used."""
@@ -114,7 +118,9 @@ def effective_policy(
         values[field] = getattr(flags, field)
         sources[field] = FLAG_LABELS[field]
     policy = MigrationPolicy.model_validate(values)
-    effective = applicable(EffectivePolicy(name=chosen.name, values=policy, sources=sources), spec)
+    effective = applicable(
+        EffectivePolicy(name=chosen.name, values=policy, sources=sources), spec, guest_paused
+    )
     problems = policy_problems(effective.values)
     if spec.postcopy_bandwidth_mib is not None and not effective.values.allow_postcopy:
         why = effective.sources["allow_postcopy"]
@@ -124,7 +130,9 @@ def effective_policy(
     return effective
 
 
-def applicable(effective: EffectivePolicy, spec: MigrationSpec) -> EffectivePolicy:
+def applicable(
+    effective: EffectivePolicy, spec: MigrationSpec, guest_paused: bool = False
+) -> EffectivePolicy:
     """The policy with what cannot apply to this migration turned off, and said so in its
     sources: post-copy for a tunnelled or offline one (libvirt refuses it), every convergence
     setting for an offline one. A flag the job set is never turned off here: such a request is
@@ -142,6 +150,8 @@ def applicable(effective: EffectivePolicy, spec: MigrationSpec) -> EffectivePoli
         why = "not applicable: --suspend (libvirt refuses post-copy into a paused guest)"
     elif spec.copy_storage is not None:
         why = "not applicable by default with --copy-storage (disks must be complete first)"
+    elif guest_paused:
+        why = "not applicable: the guest is paused (libvirt refuses post-copy of a paused guest)"
     if why is not None and values["allow_postcopy"] and not spec.postcopy:
         values["allow_postcopy"] = False
         values["actions"] = tuple(a for a in values["actions"] if a is not PolicyAction.POSTCOPY)

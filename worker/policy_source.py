@@ -12,21 +12,26 @@ from config.settings import ConfigError
 from jobs.model import Job
 from jobs.policy_choice import effective_policy
 from worker.domain_metadata import policy_name
-from worker.libvirt_host import Domain
+from worker.libvirt_host import Domain, is_paused
 from worker.phase_errors import PhaseFailed
 from worker.runtime import Runtime
 
 
-def job_policy(rt: Runtime, job: Job, dom: Domain) -> EffectivePolicy:
-    """The job's effective policy; PhaseFailed (one line) when it names an unknown policy."""
+def job_policy(rt: Runtime, job: Job, dom: Domain, *, starting: bool = False) -> EffectivePolicy:
+    """The job's effective policy; PhaseFailed (one line) when it names an unknown policy.
+
+    `starting`: before the migration call, when a paused guest rules post-copy out (libvirt
+    refuses it); later the guest may be paused by the migration itself (post-copy, a suspend
+    step), which changes nothing of the policy it was started with."""
     try:
-        return effective_policy(rt.settings, job.spec, policy_name(dom))
+        paused = starting and is_paused(dom)
+        return effective_policy(rt.settings, job.spec, policy_name(dom), guest_paused=paused)
     except ConfigError as exc:
         raise PhaseFailed(f"migration policy: {exc}") from None
 
 
 def resolve_and_record(rt: Runtime, job: Job, dom: Domain) -> EffectivePolicy:
     """`job_policy`, written on the job (replacing what an earlier attempt wrote)."""
-    policy = job_policy(rt, job, dom)
+    policy = job_policy(rt, job, dom, starting=True)
     rt.store.update(job.id, policy=policy)
     return policy

@@ -17,16 +17,23 @@ from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
 
 pytestmark = pytest.mark.lab
 
-# scenario -> (spec options, libvirt API, flags beyond VIR_MIGRATE_LIVE)
+# scenario -> (spec options, libvirt API, flags beyond VIR_MIGRATE_LIVE). The default policy
+# allows post-copy wherever libvirt can do it (native transport): VIR_MIGRATE_POSTCOPY is set,
+# the switch is the policy's when pre-copy will not converge (tests/lab/test_convergence.py).
+POSTCOPY = "VIR_MIGRATE_POSTCOPY"
 SCENARIOS: dict[str, tuple[dict[str, Any], str, set[str]]] = {
-    "native-client-to-two-daemons": ({"control": "direct"}, "migrate3", set()),
-    "native-client-and-p2p": ({"dest_connection": True}, "migrate2", {"VIR_MIGRATE_PEER2PEER"}),
+    "native-client-to-two-daemons": ({"control": "direct"}, "migrate3", {POSTCOPY}),
+    "native-client-and-p2p": (
+        {"dest_connection": True},
+        "migrate2",
+        {"VIR_MIGRATE_PEER2PEER", POSTCOPY},
+    ),
     "tunnelled-client-and-p2p": (
         {"dest_connection": True, "transport": "tunnelled"},
         "migrate2",
         {"VIR_MIGRATE_PEER2PEER", "VIR_MIGRATE_TUNNELLED"},
     ),
-    "native-p2p": ({}, "migrateToURI3", {"VIR_MIGRATE_PEER2PEER"}),
+    "native-p2p": ({}, "migrateToURI3", {"VIR_MIGRATE_PEER2PEER", POSTCOPY}),
     "tunnelled-p2p": (
         {"transport": "tunnelled"},
         "migrateToURI3",
@@ -74,7 +81,7 @@ def test_unmanaged_direct_is_refused_by_qemu_and_leaves_the_guest_alone(lab: Lab
     assert job.reason.endswith("idle-1 still running on lab1")
     call = call_of(lab, job)
     assert call["api"] == "migrateToURI3" and call["dconnuri"] is None
-    assert call["flags"] == ["VIR_MIGRATE_LIVE"]
+    assert call["flags"] == ["VIR_MIGRATE_LIVE", POSTCOPY]
     assert call["params"]["migrate_uri"].startswith("tcp://")
     assert lab.running_on("idle-1") == ["lab1"]
     assert lab.view("lab1", "idle-1").state == libvirt.VIR_DOMAIN_RUNNING
@@ -115,9 +122,13 @@ def test_suspend_dname_and_the_safety_flags(lab: Lab) -> None:
         "VIR_MIGRATE_ABORT_ON_ERROR",
         "VIR_MIGRATE_COMPRESSED",
     } <= flags
-    # A paused guest stays paused on the way back; its old name returns with --dname.
+    assert POSTCOPY not in flags  # libvirt refuses post-copy into a paused guest
+    # A paused guest stays paused on the way back; its old name returns with --dname. The
+    # policy's post-copy does not apply to a guest paused at the start, and says why.
     back = lab.migrate("idle-renamed", "lab2", "lab1", dname="idle-1")
     assert back.state.value == "succeeded", back.reason
+    assert POSTCOPY not in call_of(lab, back)["flags"]
+    assert back.policy is not None and "paused" in back.policy.sources["allow_postcopy"]
     assert lab.view("lab1", "idle-1").state == libvirt.VIR_DOMAIN_PAUSED
     lab.set_paused("idle-1", False)
 
