@@ -101,6 +101,14 @@ class MigrationMonitor:
                     return
                 if pending is None and not (due or self._pass_ended()):
                     continue  # told of passes: nothing to ask libvirt between them
+                if pending is None and self.postcopy and self.pass_ended is not None:
+                    # Post-copy, followed by events: nothing left to decide, and libvirt is
+                    # not asked while it completes (reports repeat the last figures).
+                    if due:
+                        reported = time.monotonic()
+                        elapsed_ms = int((time.monotonic() - started) * MS_PER_S)
+                        self.on_progress(Progress.waiting("postcopy", elapsed_ms, self.last))
+                    continue
                 if pending is None:
                     pending = pool.submit(sample, self.dom)
                 try:
