@@ -44,6 +44,11 @@ class ScriptedDomain:
 
 def monitor(dom: ScriptedDomain, decided: list[Decision], **kw: Any) -> MigrationMonitor:
     engine = ConvergenceEngine(BUILTIN_POLICIES["default"], 128, 1800)
+
+    def carried_out(decision: Decision) -> bool:
+        decided.append(decision)
+        return True
+
     return MigrationMonitor(
         dom,  # type: ignore[arg-type,unused-ignore]
         interval=3600,  # one report, at the start: what remains is the event's doing
@@ -51,7 +56,7 @@ def monitor(dom: ScriptedDomain, decided: list[Decision], **kw: Any) -> Migratio
         engine=engine,
         on_progress=lambda _: None,
         on_action=lambda _: None,
-        on_decision=lambda d: not decided.append(d),  # type: ignore[func-returns-value]
+        on_decision=carried_out,
         **kw,
     )
 
