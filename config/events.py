@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
-import structlog
 
 # The keys every event carries (null where a key does not apply, e.g. `phase` of a state change).
 CONTRACT_KEYS = ("ts", "event", "job_id", "domain", "src", "dst", "phase", "host")
@@ -172,6 +171,8 @@ class StreamAndLog:
     """
 
     def __init__(self, publisher: StreamPublisher | None) -> None:
+        import structlog
+
         self.publisher = publisher
         self.render = structlog.processors.JSONRenderer(default=str)
 
@@ -197,6 +198,8 @@ def configure(
     `sink` is where job events go (a store that fails at once, see StreamPublisher);
     `hold_max` and `flush_interval` bound and pace the hold of events during an outage.
     """
+    import structlog  # here and in get_logger: reading a job's events needs no logger
+
     publisher = (
         None
         if sink is None
@@ -216,4 +219,6 @@ def configure(
 
 
 def get_logger() -> Any:
+    import structlog
+
     return structlog.get_logger("drover")

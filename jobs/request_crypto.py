@@ -12,12 +12,12 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+if TYPE_CHECKING:  # imported where used: a command that signs nothing should not pay for it
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
 
 REQUEST_FIELD = "request"
 MIGRATION_KIND = "migration"  # the kind of a migration job's request (and record)
@@ -27,11 +27,7 @@ REQUEST_VERSION = 1
 # A request signed this far in the future comes from a clock nobody should trust.
 MAX_CLOCK_SKEW_S = 300.0
 MAX_REQUEST_BYTES = 16_384
-_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-}
+DIGESTS = ("sha256", "sha384", "sha512")
 
 
 class RequestRefused(Exception):
@@ -101,11 +97,24 @@ def canonical(
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def _digest(name: str) -> hashes.HashAlgorithm:
+    from cryptography.hazmat.primitives import hashes
+
+    if name not in DIGESTS:
+        raise ValueError(f"unknown digest {name!r}")
+    algorithm: hashes.HashAlgorithm = getattr(hashes, name.upper())()
+    return algorithm
+
+
 def fingerprint(cert: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def _pss(algorithm: hashes.HashAlgorithm) -> padding.PSS:
+    from cryptography.hazmat.primitives.asymmetric import padding
+
     return padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.MAX_LENGTH)
 
 
@@ -113,12 +122,16 @@ class RequestSigner:
     """Signs requests with this machine's key (`[security] key` and `certificate`)."""
 
     def __init__(self, key_path: str, cert_path: str, digest: str = "sha256") -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ValueError("the signing key must be an RSA key")
         self._key = key
         self._cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-        self._digest = _HASHES[digest]()
+        self._digest = _digest(digest)
         self.signer = fingerprint(self._cert)
 
     def sign(self, payload: str) -> SignedRequest:
@@ -140,6 +153,8 @@ class TrustStore:
         return tuple((p.name, p.stat().st_mtime) for p in files)
 
     def get(self, signer: str) -> x509.Certificate | None:
+        from cryptography import x509
+
         with self._lock:
             stamp = self._snapshot()
             if stamp != self._stamp:
@@ -159,9 +174,12 @@ class RequestVerifier:
 
     def __init__(self, store: TrustStore, digest: str = "sha256") -> None:
         self.store = store
-        self._digest = _HASHES[digest]()
+        self._digest = _digest(digest)
 
     def verify(self, raw: str | None, job_id: str) -> Request:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         if not raw:
             raise RequestRefused("the job carries no signed request")
         signed = SignedRequest.from_json(raw)
