@@ -12,12 +12,8 @@ left there; anything else ends `partial`, each domain left behind listed with it
 
 from __future__ import annotations
 
-import json
 import secrets
-from datetime import datetime
-from typing import Any, TypeVar, cast
-
-from pydantic import BaseModel
+from typing import Any, cast
 
 from jobs.evacuation_model import EVACUATION_KIND as EVACUATION_KIND
 from jobs.evacuation_model import EVACUATION_TERMINAL as EVACUATION_TERMINAL
@@ -37,13 +33,13 @@ from jobs.keys import (
     job_key,
     jobs_by_host_key,
 )
+from jobs.record_read import evacuation_from
 from jobs.records import transition_keys
-from jobs.request_signing import REQUEST_FIELD, RequestSigner, signed_record
+from jobs.request_signing import RequestSigner, signed_record
 from jobs.states import EVACUATION_TABLE
 from jobs.store import JobNotFound, JobStore, now
 from jobs.transition import Transitioner
 
-M = TypeVar("M", bound=BaseModel)
 __all__ = ["ACTIVE_EVACUATIONS"]
 
 
@@ -199,32 +195,3 @@ class EvacuationStore:
 
     def append_event(self, evacuation_id: str, event: dict[str, Any]) -> str:
         return self.store.append_event(evacuation_id, event)
-
-
-def evacuation_from(raw: dict[str, str], children: dict[str, str]) -> Evacuation:
-    """An evacuation from its hash and children as Redis returns them."""
-    return Evacuation(
-        id=raw["id"],
-        spec=EvacuationSpec.model_validate_json(raw["spec"]),
-        state=EvacuationState(raw["state"]),
-        origin=raw.get("origin", ""),
-        created=datetime.fromisoformat(raw["created"]),
-        updated=datetime.fromisoformat(raw["updated"]),
-        reason=raw.get("reason"),
-        abort_requested=raw.get("abort_requested"),
-        plan=_parse_list(Placement, raw.get("plan")),
-        children=children,
-        outcome=_parse_list(DomainOutcome, raw.get("outcome")) or [],
-        left_on_host=_parse_strings(raw.get("left_on_host")),
-        request=raw.get(REQUEST_FIELD),
-    )
-
-
-def _parse_list(model: type[M], raw: str | None) -> list[M] | None:
-    if raw is None:
-        return None
-    return [model.model_validate(item) for item in json.loads(raw)]
-
-
-def _parse_strings(raw: str | None) -> list[str]:
-    return [s for s in (raw or "").split(",") if s]

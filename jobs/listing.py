@@ -22,7 +22,7 @@ from typing import cast
 
 import redis
 
-from jobs.evacuation import EVACUATION_KIND, Evacuation, evacuation_from
+from jobs.evacuation_model import EVACUATION_KIND, Evacuation
 from jobs.keys import (
     ACTIVE_EVACUATIONS,
     ACTIVE_JOBS,
@@ -35,7 +35,7 @@ from jobs.keys import (
     transitions_key,
 )
 from jobs.model import Job
-from jobs.records import job_from
+from jobs.record_read import evacuation_from, job_from
 from jobs.states import EVACUATION_TERMINAL, TERMINAL, EvacuationState, JobState
 
 FINAL_STATES = frozenset(s.value for s in (*TERMINAL, *EVACUATION_TERMINAL))

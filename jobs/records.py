@@ -4,17 +4,14 @@ fields the phases write (facts, hand-off, result, phase records, claims, an abor
 from __future__ import annotations
 
 import secrets
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from pydantic import BaseModel
 
-from config.policy_model import EffectivePolicy
 from jobs.keys import (
     ACTIVE_JOBS,
     JOBS_INDEX,
-    POSTCOPY_FIELD,
     WAITING,
     children_key,
     events_key,
@@ -25,9 +22,10 @@ from jobs.keys import (
     waiting_by_origin_key,
 )
 from jobs.model import Job, PhaseRecord, Transition
-from jobs.record import Handoff, JobNotFound, Result, SourceFacts, merged_field, parse_field
-from jobs.record_marks import RecordMarks, now, when
-from jobs.request_signing import MIGRATION_KIND, REQUEST_FIELD, RequestSigner, signed_record
+from jobs.record import JobNotFound, merged_field
+from jobs.record_marks import RecordMarks, now
+from jobs.record_read import job_from
+from jobs.request_signing import MIGRATION_KIND, RequestSigner, signed_record
 from jobs.retention import Retention
 from jobs.spec import MigrationSpec
 from jobs.states import JOB_TABLE, JobState
@@ -37,42 +35,8 @@ if TYPE_CHECKING:
     from redis.client import Pipeline
 
 
-def _in_run_order(raw: dict[str, str]) -> dict[str, PhaseRecord]:
-    records = [PhaseRecord.model_validate_json(v) for v in raw.values()]
-    return {r.phase: r for r in sorted(records, key=lambda r: r.started)}
-
-
 def transition_keys(record_id: str, active: str) -> Keys:
     return Keys(job_key(record_id), transitions_key(record_id), active, WAITING)
-
-
-def job_from(
-    job_id: str, raw: dict[str, str], phases: dict[str, str], transitions: list[str]
-) -> Job:
-    """A migration job from its hash, phase records and history as Redis returns them."""
-    stalled_from = raw.get("stalled_from")
-    return Job(
-        id=raw["id"],
-        spec=MigrationSpec.model_validate_json(raw["spec"]),
-        state=JobState(raw["state"]),
-        created=datetime.fromisoformat(raw["created"]),
-        updated=datetime.fromisoformat(raw["updated"]),
-        reason=raw.get("reason"),
-        stalled_from=JobState(stalled_from) if stalled_from else None,
-        abort_requested=raw.get("abort_requested"),
-        postcopy_since=when(raw.get(POSTCOPY_FIELD)),
-        admitted=when(raw.get("admitted")),
-        waiting_for=raw.get("waiting_for"),
-        parent=raw.get("parent"),
-        parent_limit=int(raw["parent_limit"]) if raw.get("parent_limit") else None,
-        request=raw.get(REQUEST_FIELD),
-        facts=parse_field(SourceFacts, job_id, "facts", raw.get("facts")),
-        handoff=parse_field(Handoff, job_id, "handoff", raw.get("handoff")) or Handoff(),
-        policy=parse_field(EffectivePolicy, job_id, "policy", raw.get("policy")),
-        result=parse_field(Result, job_id, "result", raw.get("result")) or Result(),
-        phases=_in_run_order(phases),
-        transitions=[Transition.model_validate_json(t) for t in transitions],
-    )
 
 
 class JobRecords(RecordMarks):

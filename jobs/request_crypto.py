@@ -19,8 +19,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-REQUEST_FIELD = "request"
-MIGRATION_KIND = "migration"  # the kind of a migration job's request (and record)
+from jobs.request_fields import MIGRATION_KIND as MIGRATION_KIND
+from jobs.request_fields import REQUEST_FIELD as REQUEST_FIELD
+
 # How a job refused for its request says so in its reason (and `security.rejected` events).
 SECURITY_REASON = "security"
 REQUEST_VERSION = 1

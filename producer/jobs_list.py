@@ -16,7 +16,7 @@ import redis
 from config.settings import ConfigError, Settings
 from jobs.connection import client_for
 from jobs.errors import BrokerUnavailable, SubmitError, redis_location
-from jobs.evacuation import Evacuation
+from jobs.evacuation_model import Evacuation
 from jobs.listing import ALL_STATES, JobFilter, fetch, recent_ids
 from jobs.model import Job
 from jobs.retention import retention_seconds
