@@ -120,20 +120,24 @@ def _host_ids(
     return found[:limit]
 
 
-def fetch(r: redis.Redis, ids: Iterable[str]) -> list[Job | Evacuation]:
+def fetch(r: redis.Redis, ids: Iterable[str], *, full: bool = True) -> list[Job | Evacuation]:
     """The records of `ids` in their order, in one round trip; a record gone (expired since
-    it was listed) is left out."""
+    it was listed) is left out. Without `full`, a job's phases and history are not read
+    (a listing shows neither, and validating them is most of its work)."""
     ids = list(ids)
     with r.pipeline(transaction=False) as p:
         for job_id in ids:
             p.hgetall(job_key(job_id))
-            p.hgetall(phases_key(job_id))
-            p.lrange(transitions_key(job_id), 0, -1)
-            p.hgetall(children_key(job_id))
+            if full:
+                p.hgetall(phases_key(job_id))
+                p.lrange(transitions_key(job_id), 0, -1)
+                p.hgetall(children_key(job_id))
         got = p.execute()
+    step = 4 if full else 1
     records: list[Job | Evacuation] = []
     for n, job_id in enumerate(ids):
-        raw, phases, transitions, children = got[4 * n : 4 * n + 4]
+        raw, *rest = got[step * n : step * n + step]
+        phases, transitions, children = rest if full else ({}, [], {})
         if not raw:
             continue
         if raw.get("kind") == EVACUATION_KIND:

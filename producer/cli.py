@@ -210,7 +210,7 @@ def jobs(
     def go() -> None:
         settings = load_settings()
         flt = job_filter(settings, states=state or (), host=host, since=since)
-        found = list_jobs(settings, flt, limit)
+        found = list_jobs(settings, flt, limit, full=False)  # a row shows no phases
         print_json([j.summary() for j in found]) if as_json else out.print(jobs_table(found))
 
     guarded(go)

@@ -77,8 +77,11 @@ def job_filter(
     )
 
 
-def list_jobs(settings: Settings, flt: JobFilter, limit: int) -> list[Job | Evacuation]:
-    """Newest first: migration jobs and evacuations passing `flt`, at most `limit`."""
+def list_jobs(
+    settings: Settings, flt: JobFilter, limit: int, *, full: bool = True
+) -> list[Job | Evacuation]:
+    """Newest first: migration jobs and evacuations passing `flt`, at most `limit`; without
+    `full`, without a job's phases and history or an evacuation's children (jobs/listing.py)."""
     r = client_for(settings.redis_url, retry_for=settings.tunables.producer_redis_retry_for)
     try:
         ids = recent_ids(
@@ -88,7 +91,7 @@ def list_jobs(settings: Settings, flt: JobFilter, limit: int) -> list[Job | Evac
             now_s=datetime.now(UTC).timestamp(),
             retention_s=retention_seconds(settings.tunables.job_retention_days),
         )
-        return fetch(r, ids)
+        return fetch(r, ids, full=full)
     except redis.RedisError as exc:
         where = redis_location(settings.redis_url)
         raise BrokerUnavailable(f"cannot reach Redis at {where}: {exc}") from None
