@@ -53,18 +53,17 @@ class JobRecords(RecordMarks):
         parent: str | None = None,
         parent_limit: int | None = None,
         signer: RequestSigner | None = None,
-        job_id: str | None = None,
         pipe: Pipeline | None = None,
     ) -> str:
         """Record a new queued job; `parent` is the evacuation it belongs to, if any, and
         `parent_limit` that evacuation's --max-parallel (a gate at admission). With a
         `signer`, the request is signed as `host` asked for it (jobs/request_signing.py).
 
-        `host` is the job's `origin` (the producer, or the evacuation's worker). A `job_id`
-        chosen beforehand (a producer's quota place, jobs/quota.py) is used as is; with a
-        `pipe`, the writes are stacked there and not executed (jobs/history.py)."""
+        `host` is the job's `origin` (the producer, or the evacuation's worker: a producer's
+        quota counts by it, jobs/quota.py). With a `pipe`, the writes are stacked there and
+        not executed (filling a store with history in bulk, bench/history.py)."""
         ts = now()
-        job_id = job_id or secrets.token_hex(6)
+        job_id = secrets.token_hex(6)
         first = Transition(state=JobState.QUEUED, at=ts, host=host)
         record = {
             "id": job_id,

@@ -137,7 +137,7 @@ class Transitioner:
         entry: str = "",
     ) -> None:
         """Stack the transition (and, ending, the retention) on `pipe` without reading the
-        outcome: for filling a store with history in bulk (jobs/history.py)."""
+        outcome: for filling a store with history in bulk (bench/history.py)."""
         args = self._args(record_id, target, at, entry, None, None)
         script_keys = [keys.record, keys.history, keys.active, keys.waiting]
         self._script(keys=script_keys, args=args, client=pipe)
