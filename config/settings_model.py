@@ -127,9 +127,12 @@ class HostGroup(_Strict):
 
 
 class Cluster(_Strict):
-    """Fleet-wide limits: migrations in flight at once, whoever submitted them."""
+    """Fleet-wide limits: migrations in flight at once, whoever submitted them; and, if set,
+    how many jobs one producer may have waiting for admission (jobs/quota.py; an evacuation's
+    children are not counted)."""
 
     max_migrations: int = Field(default=8, ge=1, le=1024)
+    max_waiting_per_producer: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
 class FaultInjection(_Strict):

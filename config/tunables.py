@@ -22,6 +22,8 @@ class Tunables(BaseModel):
     # Longest blocking read on a job's stream while waiting; the state is re-checked this often.
     wait_block: float = Field(default=1.0, gt=0, le=60)
     event_stream_maxlen: int = Field(default=10_000, ge=100)
+    # A finished job's (or evacuation's) keys expire this long after its end, and the
+    # listing indexes drop it this long after its creation (jobs/retention.py).
     job_retention_days: int = Field(default=30, ge=1)
     worker_concurrency: int = Field(default=8, ge=2, le=64)
     # Liveness and recovery. A worker's heartbeat lives `heartbeat_ttl`; a job whose next

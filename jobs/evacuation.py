@@ -12,12 +12,8 @@ left there; anything else ends `partial`, each domain left behind listed with it
 
 from __future__ import annotations
 
-import json
 import secrets
-from datetime import datetime
-from typing import Any, TypeVar, cast
-
-from pydantic import BaseModel
+from typing import Any, cast
 
 from jobs.evacuation_model import EVACUATION_KIND as EVACUATION_KIND
 from jobs.evacuation_model import EVACUATION_TERMINAL as EVACUATION_TERMINAL
@@ -35,20 +31,22 @@ from jobs.keys import (
     evacuation_reported_key,
     evacuation_retries_key,
     job_key,
+    jobs_by_host_key,
 )
+from jobs.record_read import evacuation_from
 from jobs.records import transition_keys
-from jobs.request_signing import REQUEST_FIELD, RequestSigner, signed_record
+from jobs.request_signing import RequestSigner, signed_record
 from jobs.states import EVACUATION_TABLE
 from jobs.store import JobNotFound, JobStore, now
 from jobs.transition import Transitioner
 
-M = TypeVar("M", bound=BaseModel)
 __all__ = ["ACTIVE_EVACUATIONS"]
 
 
 # The single-evacuation-per-host check and the creation in one step: two producers (or a
 # producer and a scheduled fire) evacuating the same host at once cannot both pass the check.
-# KEYS[1] new record, KEYS[2] jobs index, KEYS[3] active set; ARGV[1] id, ARGV[2] score,
+# KEYS[1] new record, KEYS[2] jobs index, KEYS[3] active set, KEYS[4] the host's index
+# (jobs/keys.py jobs_by_host_key); ARGV[1] id, ARGV[2] score,
 # ARGV[3] host to check ('' for a dry run, which may run beside anything), ARGV[4] the record
 # key prefix, ARGV[5..] the record's field/value pairs. Returns {1} or {0, other id, its state}.
 _CREATE_LUA = """
@@ -63,6 +61,7 @@ if ARGV[3] ~= '' then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
 return {1}
 """
@@ -78,7 +77,7 @@ class EvacuationStore:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self.r = store.r
-        self._transitions = Transitioner(self.r, EVACUATION_TABLE)
+        self._transitions = Transitioner(self.r, EVACUATION_TABLE, store.retention)
         self._create = self.r.register_script(_CREATE_LUA)
 
     def create(self, spec: EvacuationSpec, origin: str, signer: RequestSigner | None = None) -> str:
@@ -108,7 +107,12 @@ class EvacuationStore:
             **signed,
         }
         created = self._create(
-            keys=[job_key(evacuation_id), JOBS_INDEX, ACTIVE_EVACUATIONS],
+            keys=[
+                job_key(evacuation_id),
+                JOBS_INDEX,
+                ACTIVE_EVACUATIONS,
+                jobs_by_host_key(spec.host),
+            ],
             args=[
                 evacuation_id,
                 ts.timestamp(),
@@ -129,21 +133,7 @@ class EvacuationStore:
         if raw.get("kind") != EVACUATION_KIND:
             raise JobNotFound(f"{evacuation_id} is a migration job, not an evacuation")
         children = cast(dict[str, str], self.r.hgetall(children_key(evacuation_id)))
-        return Evacuation(
-            id=raw["id"],
-            spec=EvacuationSpec.model_validate_json(raw["spec"]),
-            state=EvacuationState(raw["state"]),
-            origin=raw.get("origin", ""),
-            created=datetime.fromisoformat(raw["created"]),
-            updated=datetime.fromisoformat(raw["updated"]),
-            reason=raw.get("reason"),
-            abort_requested=raw.get("abort_requested"),
-            plan=_parse_list(Placement, raw.get("plan")),
-            children=children,
-            outcome=_parse_list(DomainOutcome, raw.get("outcome")) or [],
-            left_on_host=_parse_strings(raw.get("left_on_host")),
-            request=raw.get(REQUEST_FIELD),
-        )
+        return evacuation_from(raw, children)
 
     def transition(
         self, evacuation_id: str, target: EvacuationState, reason: str | None = None
@@ -185,25 +175,23 @@ class EvacuationStore:
         key = evacuation_retries_key(evacuation_id)
         if int(cast(str | None, self.r.hget(key, domain)) or 0) >= limit:
             return False
-        self.r.hincrby(key, domain, 1)
+        with self.r.pipeline(transaction=True) as p:
+            p.hincrby(key, domain, 1)
+            self.store.retention.queue_adopt(p, evacuation_id, key)
+            p.execute()
         return True
 
     def mark_reported(self, evacuation_id: str, job_id: str) -> bool:
         """True the first time a child's end is reported (its event is written once)."""
-        return bool(self.r.sadd(evacuation_reported_key(evacuation_id), job_id))
+        key = evacuation_reported_key(evacuation_id)
+        with self.r.pipeline(transaction=True) as p:
+            p.sadd(key, job_id)
+            self.store.retention.queue_adopt(p, evacuation_id, key)
+            added, _ = p.execute()
+        return bool(added)
 
     def active_ids(self) -> list[str]:
         return sorted(cast(set[str], self.r.smembers(ACTIVE_EVACUATIONS)))
 
     def append_event(self, evacuation_id: str, event: dict[str, Any]) -> str:
         return self.store.append_event(evacuation_id, event)
-
-
-def _parse_list(model: type[M], raw: str | None) -> list[M] | None:
-    if raw is None:
-        return None
-    return [model.model_validate(item) for item in json.loads(raw)]
-
-
-def _parse_strings(raw: str | None) -> list[str]:
-    return [s for s in (raw or "").split(",") if s]

@@ -157,3 +157,44 @@ def schedule_entry_key(schedule_id: str) -> str:
 def schedule_fired_key(schedule_id: str, message_id: str) -> str:
     """Set once by the worker that fires a schedule's message (a redelivery fires nothing)."""
     return f"{schedule_entry_key(schedule_id)}:fired:{message_id}"
+
+
+# --- retention and the listing indexes (jobs/retention.py, jobs/listing.py) -------------------
+# A finished job's (or evacuation's) own keys expire `tunables.job_retention_days` after its
+# end; these shared sorted sets, scored by creation time like JOBS_INDEX, are trimmed to that
+# window whenever a record ends (sorted-set members cannot expire on their own).
+JOBS_BY_STATE_PREFIX = f"{KEY_PREFIX}:jobs:state:"
+JOBS_BY_HOST_PREFIX = f"{KEY_PREFIX}:jobs:host:"
+WAITING_BY_ORIGIN_PREFIX = f"{KEY_PREFIX}:waiting:origin:"
+
+
+def jobs_by_state_key(state: str) -> str:
+    """Sorted set: ids of the records that ended in `state` (terminal states only)."""
+    return f"{JOBS_BY_STATE_PREFIX}{state}"
+
+
+def jobs_by_host_key(host: str) -> str:
+    """Sorted set: ids of the migrations from or to `host`, and of the evacuations of it."""
+    return f"{JOBS_BY_HOST_PREFIX}{host}"
+
+
+def waiting_by_origin_key(origin: str) -> str:
+    """Set: the jobs a producer submitted that may still wait (`[cluster]
+    max_waiting_per_producer`); admitted and ended ones are pruned when it is counted."""
+    return f"{WAITING_BY_ORIGIN_PREFIX}{origin}"
+
+
+def record_keys(job_id: str) -> list[str]:
+    """Every key of one record that has no time to live of its own: they all expire together
+    once it has ended (runner marks and the evacuation's redispatch mark carry their own)."""
+    return [
+        job_key(job_id),
+        events_key(job_id),
+        transitions_key(job_id),
+        phases_key(job_id),
+        tune_key(job_id),
+        claims_key(job_id),
+        children_key(job_id),
+        evacuation_retries_key(job_id),
+        evacuation_reported_key(job_id),
+    ]

@@ -24,6 +24,7 @@ from jobs.spec import MigrationSpec
 from jobs.states import LIVE, TERMINAL
 
 LEASE_ATTEMPTS = 3
+LEASE_TAKEN, LEASE_JOB_ENDED = 1, -1
 MS_PER_S = 1000
 
 # Compare-and-delete for leases and marks: only the holder may drop its own.
@@ -49,6 +50,21 @@ for i = 3, #ARGV do
 end
 return 0
 """
+# Take a domain lease for a live job only, noting it in the job's record in the same step: a
+# lease taken after the job's end (which gives its leases back, jobs/retention.py) would hold
+# the domain for a finished job. KEYS[1] lock, KEYS[2] job hash; ARGV[1] job id, ARGV[2] the
+# record's lease field, ARGV[3..] live states. Returns {1} taken, {0, holder}, {-1} ended.
+_TAKE_LUA = """
+local cur = redis.call('HGET', KEYS[2], 'state')
+local live = false
+for i = 3, #ARGV do if cur == ARGV[i] then live = true end end
+if not live then return {-1} end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('HSET', KEYS[2], ARGV[2], '1')
+  return {1}
+end
+return {0, redis.call('GET', KEYS[1]) or ''}
+"""
 # Renew a worker's mark on a phase, or put it back if it lapsed (a Redis outage longer than
 # its time to live): the worker still runs the phase. Never over another worker's mark.
 _KEEP_MARK_LUA = """
@@ -72,6 +88,7 @@ class Liveness:
         self._renew = client.register_script(_RENEW_LUA)
         self._keep_mark = client.register_script(_KEEP_MARK_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
+        self._take = client.register_script(_TAKE_LUA)
 
     # --- leases: one active job per domain ----------------------------------------------------
 
@@ -86,17 +103,24 @@ class Liveness:
         a job that has ended or vanished. A timer, however often renewed, can run out under a
         live migration (a worker whose keeper stalled, a Redis outage) and let a second job
         of the same domain in, whose rollback would then act on the first job's guest.
+        A job that has ended (or vanished) takes nothing: its own id comes back.
         """
         holder: str | None = None
+        live = [state.value for state in LIVE]
         for _ in range(LEASE_ATTEMPTS):
-            if self.r.set(key, job_id, nx=True):
-                self.r.hset(job_key(job_id), lease_field(key), "1")
+            taken = cast(
+                list[Any],
+                self._take(keys=[key, job_key(job_id)], args=[job_id, lease_field(key), *live]),
+            )
+            if int(taken[0]) == LEASE_TAKEN:
                 return None
-            holder = cast(str | None, self.r.get(key))
+            if int(taken[0]) == LEASE_JOB_ENDED:
+                return job_id
+            holder = str(taken[1]) or None
             if holder == job_id:
                 return None
             if holder is None:
-                continue  # expired between the two calls
+                continue  # released between the two steps
             if not self._ended(holder):
                 return holder
             # Its holder ended without releasing it (a crash between two writes).

@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from config.events import job_event
 from config.policy_model import EffectivePolicy
 from jobs.record import Handoff, MalformedRecord, Result, SourceFacts
 from jobs.spec import MigrationSpec
@@ -25,6 +24,8 @@ def migration_event(
 ) -> dict[str, Any]:
     """An event of a migration job written straight to its stream (by a producer, an
     admission pass or an abort), in the same shape as a worker's."""
+    from config.events import job_event  # its logging stack is not needed to read records
+
     return job_event(
         name,
         host,

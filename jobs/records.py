@@ -4,55 +4,46 @@ fields the phases write (facts, hand-off, result, phase records, claims, an abor
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from pydantic import BaseModel
 
-from config.policy_model import EffectivePolicy
 from jobs.keys import (
     ACTIVE_JOBS,
     JOBS_INDEX,
-    POSTCOPY_FIELD,
     WAITING,
     children_key,
-    claims_key,
     events_key,
     job_key,
+    jobs_by_host_key,
     phases_key,
-    redispatched_field,
     transitions_key,
+    waiting_by_origin_key,
 )
 from jobs.model import Job, PhaseRecord, Transition
-from jobs.record import Handoff, JobNotFound, Result, SourceFacts, merged_field, parse_field
-from jobs.request_signing import MIGRATION_KIND, REQUEST_FIELD, RequestSigner, signed_record
+from jobs.record import JobNotFound, merged_field
+from jobs.record_marks import RecordMarks, now
+from jobs.record_read import job_from
+from jobs.request_signing import MIGRATION_KIND, RequestSigner, signed_record
+from jobs.retention import Retention
 from jobs.spec import MigrationSpec
 from jobs.states import JOB_TABLE, JobState
 from jobs.transition import Keys, Transitioner
 
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _in_run_order(raw: dict[str, str]) -> dict[str, PhaseRecord]:
-    records = [PhaseRecord.model_validate_json(v) for v in raw.values()]
-    return {r.phase: r for r in sorted(records, key=lambda r: r.started)}
-
-
-def _when(raw: str | None) -> datetime | None:
-    return datetime.fromisoformat(raw) if raw else None
+if TYPE_CHECKING:
+    from redis.client import Pipeline
 
 
 def transition_keys(record_id: str, active: str) -> Keys:
     return Keys(job_key(record_id), transitions_key(record_id), active, WAITING)
 
 
-class JobRecords:
-    def __init__(self, client: redis.Redis) -> None:
+class JobRecords(RecordMarks):
+    def __init__(self, client: redis.Redis, retention: Retention) -> None:
         self.r = client
-        self._transitions = Transitioner(client, JOB_TABLE)
+        self.retention = retention
+        self._transitions = Transitioner(client, JOB_TABLE, retention)
 
     def create(
         self,
@@ -62,10 +53,15 @@ class JobRecords:
         parent: str | None = None,
         parent_limit: int | None = None,
         signer: RequestSigner | None = None,
+        pipe: Pipeline | None = None,
     ) -> str:
         """Record a new queued job; `parent` is the evacuation it belongs to, if any, and
         `parent_limit` that evacuation's --max-parallel (a gate at admission). With a
-        `signer`, the request is signed as `host` asked for it (jobs/request_signing.py)."""
+        `signer`, the request is signed as `host` asked for it (jobs/request_signing.py).
+
+        `host` is the job's `origin` (the producer, or the evacuation's worker: a producer's
+        quota counts by it, jobs/quota.py). With a `pipe`, the writes are stacked there and
+        not executed (filling a store with history in bulk, bench/history.py)."""
         ts = now()
         job_id = secrets.token_hex(6)
         first = Transition(state=JobState.QUEUED, at=ts, host=host)
@@ -75,6 +71,7 @@ class JobRecords:
             "state": JobState.QUEUED.value,
             "created": ts.isoformat(),
             "updated": ts.isoformat(),
+            "origin": host,
             **signed_record(
                 signer,
                 kind=MIGRATION_KIND,
@@ -90,24 +87,36 @@ class JobRecords:
             record["parent"] = parent
         if parent_limit is not None:
             record["parent_limit"] = str(parent_limit)
-        with self.r.pipeline(transaction=True) as p:
-            p.hset(job_key(job_id), mapping=record)
-            if parent is not None:  # in the same step: a crash cannot leave an orphan child
-                p.hset(children_key(parent), spec.domain, job_id)
-            p.rpush(transitions_key(job_id), first.model_dump_json())
-            p.zadd(JOBS_INDEX, {job_id: ts.timestamp()})
-            p.sadd(ACTIVE_JOBS, job_id)
-            p.execute()
+        p = pipe if pipe is not None else self.r.pipeline(transaction=True)
+        p.hset(job_key(job_id), mapping=record)
+        if parent is not None:  # in the same step: a crash cannot leave an orphan child
+            p.hset(children_key(parent), spec.domain, job_id)
+            self.retention.queue_adopt(p, parent, children_key(parent))
+        p.rpush(transitions_key(job_id), first.model_dump_json())
+        p.zadd(JOBS_INDEX, {job_id: ts.timestamp()})
+        for host_index in {jobs_by_host_key(spec.src), jobs_by_host_key(spec.dst)}:
+            p.zadd(host_index, {job_id: ts.timestamp()})
+        p.sadd(ACTIVE_JOBS, job_id)
+        if pipe is None:
+            with p:
+                p.execute()
         return job_id
 
     def discard(self, job_id: str) -> None:
         """Remove a job that was never queued (its submission was refused)."""
-        parent, raw_spec = cast(list[str | None], self.r.hmget(job_key(job_id), ["parent", "spec"]))
+        parent, raw_spec, origin = cast(
+            list[str | None], self.r.hmget(job_key(job_id), ["parent", "spec", "origin"])
+        )
+        spec = MigrationSpec.model_validate_json(raw_spec) if raw_spec else None
         with self.r.pipeline(transaction=True) as p:
-            if parent and raw_spec:
-                p.hdel(children_key(parent), MigrationSpec.model_validate_json(raw_spec).domain)
+            if parent and spec:
+                p.hdel(children_key(parent), spec.domain)
             p.delete(job_key(job_id), transitions_key(job_id), events_key(job_id))
             p.zrem(JOBS_INDEX, job_id)
+            for host in (spec.src, spec.dst) if spec else ():
+                p.zrem(jobs_by_host_key(host), job_id)
+            if origin:
+                p.srem(waiting_by_origin_key(origin), job_id)
             p.srem(ACTIVE_JOBS, job_id)
             p.zrem(WAITING, job_id)
             p.execute()
@@ -124,29 +133,7 @@ class JobRecords:
             raise JobNotFound(f"no job {job_id!r}")
         if raw.get("kind", MIGRATION_KIND) != MIGRATION_KIND:
             raise JobNotFound(f"{job_id} is an {raw['kind']}, not a migration job")
-        stalled_from = raw.get("stalled_from")
-        return Job(
-            id=raw["id"],
-            spec=MigrationSpec.model_validate_json(raw["spec"]),
-            state=JobState(raw["state"]),
-            created=datetime.fromisoformat(raw["created"]),
-            updated=datetime.fromisoformat(raw["updated"]),
-            reason=raw.get("reason"),
-            stalled_from=JobState(stalled_from) if stalled_from else None,
-            abort_requested=raw.get("abort_requested"),
-            postcopy_since=_when(raw.get(POSTCOPY_FIELD)),
-            admitted=_when(raw.get("admitted")),
-            waiting_for=raw.get("waiting_for"),
-            parent=raw.get("parent"),
-            parent_limit=int(raw["parent_limit"]) if raw.get("parent_limit") else None,
-            request=raw.get(REQUEST_FIELD),
-            facts=parse_field(SourceFacts, job_id, "facts", raw.get("facts")),
-            handoff=parse_field(Handoff, job_id, "handoff", raw.get("handoff")) or Handoff(),
-            policy=parse_field(EffectivePolicy, job_id, "policy", raw.get("policy")),
-            result=parse_field(Result, job_id, "result", raw.get("result")) or Result(),
-            phases=_in_run_order(phases),
-            transitions=[Transition.model_validate_json(t) for t in transitions],
-        )
+        return job_from(job_id, raw, phases, transitions)
 
     def state(self, job_id: str) -> JobState:
         value = cast(str | None, self.r.hget(job_key(job_id), "state"))
@@ -183,6 +170,13 @@ class JobRecords:
         )
         return out.moved, JobState(out.previous) if out.previous else None
 
+    def queue_transition(self, pipe: Pipeline, job_id: str, target: JobState, host: str) -> None:
+        """Stack a transition on `pipe`, unread (filling a store with history in bulk)."""
+        ts = now()
+        entry = Transition(state=target, at=ts, host=host).model_dump_json()
+        keys = transition_keys(job_id, ACTIVE_JOBS)
+        self._transitions.queue(pipe, keys, job_id, target.value, ts.isoformat(), entry=entry)
+
     def hosts_of(self, job_id: str) -> tuple[str, ...]:
         """The job's source and destination (nothing for a job gone meanwhile)."""
         raw = cast(str | None, self.r.hget(job_key(job_id), "spec"))
@@ -214,6 +208,7 @@ class JobRecords:
         with self.r.pipeline(transaction=True) as p:
             p.hset(phases_key(job_id), phase, rec.model_dump_json())
             p.hdel(job_key(job_id), "waiting_for")
+            self.retention.queue_adopt(p, job_id, phases_key(job_id))
             p.execute()
 
     def set_waiting_for(self, job_id: str, reason: str) -> None:
@@ -228,11 +223,10 @@ class JobRecords:
         rec = PhaseRecord.model_validate_json(raw).model_copy(
             update={"ended": now(), "error": error}
         )
-        self.r.hset(key, phase, rec.model_dump_json())
-
-    def recent_ids(self, limit: int = 50) -> list[str]:
-        """Newest first: migrations and evacuations alike."""
-        return cast(list[str], self.r.zrevrange(JOBS_INDEX, 0, limit - 1))
+        with self.r.pipeline(transaction=True) as p:
+            p.hset(key, phase, rec.model_dump_json())
+            self.retention.queue_adopt(p, job_id, key)
+            p.execute()
 
     def kind(self, job_id: str) -> str:
         """ "migration" or "evacuation"; JobNotFound for an unknown id."""
@@ -240,43 +234,3 @@ class JobRecords:
         if raw[0] is None:
             raise JobNotFound(f"no job {job_id!r}")
         return raw[1] or MIGRATION_KIND
-
-    def recent(self, limit: int = 50) -> list[Job]:
-        jobs = []
-        for job_id in self.recent_ids(limit):
-            try:
-                jobs.append(self.get(job_id))
-            except JobNotFound:
-                continue
-        return jobs
-
-    # --- what makes phases idempotent and jobs abortable -------------------------------------
-
-    def claim_phase(self, job_id: str, phase: str, host: str) -> bool:
-        """True for the first caller only: a phase runs once per job, however often it is sent."""
-        return bool(self.r.hsetnx(claims_key(job_id), phase, host))
-
-    def unclaim_phase(self, job_id: str, phase: str) -> None:
-        """Give a phase back before a retry (it stopped before changing anything)."""
-        self.r.hdel(claims_key(job_id), phase)
-
-    def request_abort(self, job_id: str, reason: str) -> None:
-        self.r.hset(job_key(job_id), "abort_requested", reason)
-
-    def withdraw_abort(self, job_id: str) -> None:
-        """Take back an abort request that cannot be carried out."""
-        self.r.hdel(job_key(job_id), "abort_requested")
-
-    def abort_requested(self, job_id: str) -> str | None:
-        return self.field(job_id, "abort_requested")
-
-    def mark_postcopy(self, job_id: str) -> None:
-        """Record that libvirt switched the job's migration to post-copy: from then on it
-        cannot be aborted (the guest already runs on the destination), and `abort` says so."""
-        self.r.hset(job_key(job_id), POSTCOPY_FIELD, now().isoformat())
-
-    def mark_redispatched(self, job_id: str, phase: str) -> None:
-        self.r.hset(job_key(job_id), redispatched_field(phase), now().isoformat())
-
-    def redispatched_at(self, job_id: str, phase: str) -> datetime | None:
-        return _when(self.field(job_id, redispatched_field(phase)))

@@ -19,8 +19,9 @@ if TYPE_CHECKING:  # imported where used: a command that signs nothing should no
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding
 
-REQUEST_FIELD = "request"
-MIGRATION_KIND = "migration"  # the kind of a migration job's request (and record)
+from jobs.request_fields import MIGRATION_KIND as MIGRATION_KIND
+from jobs.request_fields import REQUEST_FIELD as REQUEST_FIELD
+
 # How a job refused for its request says so in its reason (and `security.rejected` events).
 SECURITY_REASON = "security"
 REQUEST_VERSION = 1

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from config.tunables import Tunables
 from jobs.connection import OUTAGE_ERRORS, Guard, OutageRetry, client_for, direct
 from jobs.follow import DEFAULT_BLOCK_MS, follow
 from jobs.keys import (
@@ -38,9 +39,14 @@ from jobs.keys import (
 )
 from jobs.liveness import Liveness
 from jobs.record import JobNotFound
-from jobs.records import JobRecords, now
+from jobs.record_marks import now
+from jobs.records import JobRecords
+from jobs.retention import Retention, retention_seconds
 from jobs.states import TERMINAL, JobState
 from jobs.streams import DEFAULT_EVENT_MAXLEN, EventStreams
+
+# A store made without settings keeps records as long as the default `job_retention_days`.
+DEFAULT_RETENTION_S = retention_seconds(Tunables().job_retention_days)
 
 __all__ = [
     "ACTIVE_JOBS",
@@ -75,9 +81,11 @@ class JobStore(JobRecords, Liveness, EventStreams):
         client: redis.Redis,
         *,
         event_maxlen: int = DEFAULT_EVENT_MAXLEN,
+        retention_s: int = DEFAULT_RETENTION_S,
         without_retry: JobStore | None = None,
     ) -> None:
-        JobRecords.__init__(self, client)
+        retention = Retention(client, retention_s)
+        JobRecords.__init__(self, client, retention)
         Liveness.__init__(self, client)
         EventStreams.__init__(self, client, event_maxlen=event_maxlen)
         self._without_retry = without_retry
@@ -88,6 +96,7 @@ class JobStore(JobRecords, Liveness, EventStreams):
         url: str,
         *,
         event_maxlen: int = DEFAULT_EVENT_MAXLEN,
+        retention_s: int = DEFAULT_RETENTION_S,
         retry_for: float = 0.0,
         probe_timeout: float | None = None,
     ) -> JobStore:
@@ -99,9 +108,11 @@ class JobStore(JobRecords, Liveness, EventStreams):
         """
         client = client_for(url, retry_for=retry_for, probe_timeout=probe_timeout)
         if retry_for <= 0:
-            return cls(client, event_maxlen=event_maxlen)
-        once = cls.from_url(url, event_maxlen=event_maxlen, probe_timeout=probe_timeout)
-        return cls(client, event_maxlen=event_maxlen, without_retry=once)
+            return cls(client, event_maxlen=event_maxlen, retention_s=retention_s)
+        once = cls.from_url(
+            url, event_maxlen=event_maxlen, retention_s=retention_s, probe_timeout=probe_timeout
+        )
+        return cls(client, event_maxlen=event_maxlen, retention_s=retention_s, without_retry=once)
 
     @property
     def without_retry(self) -> JobStore:

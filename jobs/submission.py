@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from jobs.admission import Admission
 from jobs.model import migration_event
+from jobs.quota import take_place
 from jobs.request_signing import RequestSigner
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
@@ -30,15 +31,24 @@ def enqueue(
     parent_limit: int | None = None,
     reserve_mib: int | None = None,
     signer: RequestSigner | None = None,
+    max_waiting: int | None = None,
 ) -> str:
     """Record the job, take its domain's name lease, and put it in the waiting line.
 
     `reserve_mib` books the guest's memory on the destination now (an evacuation's plan), so
     planners counting free memory see migrations planned as well as those in flight.
+    `max_waiting` is the producer's quota of waiting jobs (jobs/quota.py): QuotaFull, and
+    nothing kept, when it is reached.
     """
     job_id = store.create(
         spec, host=origin, parent=parent, parent_limit=parent_limit, signer=signer
     )
+    if max_waiting is not None:
+        try:
+            take_place(store.r, origin, job_id, max_waiting)
+        except Exception:
+            store.discard(job_id)
+            raise
     holder = store.take_lease(domain_lock_key("name", spec.domain), job_id)
     if holder is not None:
         store.discard(job_id)

@@ -11,17 +11,25 @@ its admission slots (the `gates` it was admitted through) and its memory reserva
 crash can leave a slot or a reservation held by a job that has ended. Leaving the stall state
 clears the stall's reason and origin (the history keeps them). Entering the success state
 drops a pending abort that came too late to act on (libvirt cannot abort post-copy).
+
+With a `Retention` (jobs/retention.py), a terminal transition also runs its end script in
+the same MULTI: the record and all its keys get their time to live, its leases are given
+back and it is filed in the listing indexes, atomically with the state change.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import redis
 
 from jobs.keys import GATES_FIELD, RESERVATIONS_PREFIX, RESERVATIONS_SUFFIX
 from jobs.states import StateTable
+
+if TYPE_CHECKING:
+    from jobs.retention import Retention
 
 # KEYS[1] record hash, KEYS[2] history list, KEYS[3] active set, KEYS[4] waiting line.
 # ARGV[1] target, ARGV[2] timestamp, ARGV[3] history entry ("" keeps none), ARGV[4] reason
@@ -86,8 +94,12 @@ class Outcome:
 class Transitioner:
     """Runs the transition script for one kind of record (its `StateTable`)."""
 
-    def __init__(self, client: redis.Redis, table: StateTable) -> None:
+    def __init__(
+        self, client: redis.Redis, table: StateTable, retention: Retention | None = None
+    ) -> None:
         self.table = table
+        self.r = client
+        self.retention = retention
         self._script = client.register_script(TRANSITION_LUA)
 
     def run(
@@ -102,11 +114,50 @@ class Transitioner:
         only_from: str | None = None,
     ) -> Outcome:
         """Move the record to `target` if its state allows it (narrowed to `only_from`)."""
+        args = self._args(record_id, target, at, entry, reason, only_from)
+        script_keys = [keys.record, keys.history, keys.active, keys.waiting]
+        if self.retention is None or target not in self.table.terminal:
+            raw = self._script(keys=script_keys, args=args)
+        else:
+            with self.r.pipeline(transaction=True) as p:
+                self._script(keys=script_keys, args=args, client=p)
+                self.retention.queue_end(p, record_id, time.time(), self.table.terminal)
+                raw = p.execute()[0]
+        moved, previous = cast(list[object], raw)
+        return Outcome(moved == MOVED, str(previous) if previous else None)
+
+    def queue(
+        self,
+        pipe: redis.client.Pipeline,
+        keys: Keys,
+        record_id: str,
+        target: str,
+        at: str,
+        *,
+        entry: str = "",
+    ) -> None:
+        """Stack the transition (and, ending, the retention) on `pipe` without reading the
+        outcome: for filling a store with history in bulk (bench/history.py)."""
+        args = self._args(record_id, target, at, entry, None, None)
+        script_keys = [keys.record, keys.history, keys.active, keys.waiting]
+        self._script(keys=script_keys, args=args, client=pipe)
+        if self.retention is not None and target in self.table.terminal:
+            self.retention.queue_end(pipe, record_id, time.time(), self.table.terminal)
+
+    def _args(
+        self,
+        record_id: str,
+        target: str,
+        at: str,
+        entry: str,
+        reason: str | None,
+        only_from: str | None,
+    ) -> list[str]:
         table = self.table
         allowed = table.sources(target)
         if only_from is not None:
             allowed = allowed & {only_from}
-        args = [
+        return [
             target,
             at,
             entry,
@@ -120,8 +171,3 @@ class Transitioner:
             GATES_FIELD,
             *sorted(allowed),
         ]
-        moved, previous = cast(
-            list[object],
-            self._script(keys=[keys.record, keys.history, keys.active, keys.waiting], args=args),
-        )
-        return Outcome(moved == MOVED, str(previous) if previous else None)

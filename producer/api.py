@@ -38,16 +38,19 @@ from jobs.follow import MS_PER_S, wait_for_end
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import POSTCOPY_TASK
+from jobs.quota import QuotaFull
 from jobs.request_signing import signer_for, verifier_for
+from jobs.retention import retention_seconds
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
-from jobs.store import JobNotFound, JobStore
+from jobs.store import JobStore
 from jobs.submission import DomainBusy, enqueue
 from jobs.validation import check_against_registry, migration_spec
 from jobs.workflow import migration_chain
 from producer.control import ControlRequests
 from producer.hosts import host_rows, set_host_enabled
 from producer.hosts import producer_name as producer_name
+from producer.jobs_list import job_filter, list_jobs
 from producer.outage import OutageRider
 
 TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
@@ -64,6 +67,7 @@ class Drover:
         self.store = JobStore.from_url(
             self.settings.redis_url,
             event_maxlen=self.settings.tunables.event_stream_maxlen,
+            retention_s=retention_seconds(self.settings.tunables.job_retention_days),
             retry_for=self.settings.tunables.producer_redis_retry_for,
         )
         self._app = make_app(self.settings)
@@ -101,8 +105,9 @@ class Drover:
                     spec,
                     origin=producer_name(),
                     signer=self.signer,
+                    max_waiting=self.settings.cluster.max_waiting_per_producer,
                 )
-            except DomainBusy as exc:
+            except (DomainBusy, QuotaFull) as exc:
                 raise SubmitError(str(exc)) from None
         # The job is recorded and in line: whatever happens next, it will run. If starting it
         # here fails, every worker's admission tick (or recovery, once admitted) starts it.
@@ -177,15 +182,10 @@ class Drover:
             return self.evacuations.get(job_id)
         return self.store.get(job_id)
 
-    def jobs(self, limit: int = 50) -> list[Job | Evacuation]:
-        """Newest first: migration jobs and evacuations."""
-        found: list[Job | Evacuation] = []
-        for job_id in self.store.recent_ids(limit):
-            try:
-                found.append(self.record(job_id))
-            except JobNotFound:
-                continue
-        return found
+    def jobs(self, limit: int = 50, **filters: Any) -> list[Job | Evacuation]:
+        """Newest first: migration jobs and evacuations; `states`, `host` and `since` (30m,
+        2h, 7d or an ISO time) filter them (producer/jobs_list.py), SubmitError if bad."""
+        return list_jobs(self.settings, job_filter(self.settings, **filters), limit)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is terminal and its terminal event is in the stream.

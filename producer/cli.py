@@ -189,12 +189,28 @@ def events(
 def jobs(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
+    state: Annotated[
+        list[str] | None,
+        typer.Option("--state", help="only these states (repeat, or comma-separated)"),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="only jobs from or to HOST, its evacuations")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="created since: a duration (30m, 2h, 7d) or an ISO time"),
+    ] = None,
 ) -> None:
-    """List recent jobs with state, domain, hosts and duration."""
+    """List recent jobs with state, domain, hosts and duration (newest first)."""
+    # Not through the Python API: listing needs no Celery, and this command should be quick.
+    from config.settings import load_settings
+    from producer.jobs_list import job_filter, list_jobs
     from producer.render import jobs_table
 
     def go() -> None:
-        found = drover().jobs(limit)
+        settings = load_settings()
+        flt = job_filter(settings, states=state or (), host=host, since=since)
+        found = list_jobs(settings, flt, limit, full=False)  # a row shows no phases
         print_json([j.summary() for j in found]) if as_json else out.print(jobs_table(found))
 
     guarded(go)

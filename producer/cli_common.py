@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from config.settings import ConfigError
-from jobs.store import JobNotFound
+from jobs.record import JobNotFound
 from producer.text import plain
 
 # Typer vendors Click; its usage errors all derive from this class (BadParameter included).

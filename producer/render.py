@@ -12,7 +12,7 @@ from typing import Any
 from rich.table import Table
 
 from config.policy_model import EffectivePolicy, MigrationPolicy
-from jobs.evacuation import DomainOutcome, Evacuation, Placement
+from jobs.evacuation_model import DomainOutcome, Evacuation, Placement
 from jobs.model import Job
 from producer.text import cell, plain
 

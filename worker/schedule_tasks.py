@@ -13,6 +13,7 @@ from config.celery import app
 from config.settings import current
 from jobs.evacuations import EvacuationService
 from jobs.request_signing import signer_for
+from jobs.retention import retention_seconds
 from jobs.store import JobStore
 from schedules import firing
 from schedules.firing import origin as origin
@@ -31,6 +32,7 @@ def fire(
         store = JobStore.from_url(
             settings.redis_url,
             event_maxlen=settings.tunables.event_stream_maxlen,
+            retention_s=retention_seconds(settings.tunables.job_retention_days),
             retry_for=settings.tunables.redis_retry_for,
         )
     service = EvacuationService(

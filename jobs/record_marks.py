@@ -1,0 +1,66 @@
+"""The marks a job's record carries besides its state: who claimed each phase (a phase runs
+once per job), a pending abort, post-copy and redispatch times. Part of `JobRecords`
+(jobs/records.py), apart to keep each module short."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import redis
+
+from jobs.keys import POSTCOPY_FIELD, claims_key, job_key, redispatched_field
+
+if TYPE_CHECKING:
+    from jobs.retention import Retention
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def when(raw: str | None) -> datetime | None:
+    return datetime.fromisoformat(raw) if raw else None
+
+
+class RecordMarks:
+    r: redis.Redis
+    retention: Retention
+
+    def field(self, job_id: str, name: str) -> str | None:
+        raise NotImplementedError
+
+    # --- what makes phases idempotent and jobs abortable -------------------------------------
+
+    def claim_phase(self, job_id: str, phase: str, host: str) -> bool:
+        """True for the first caller only: a phase runs once per job, however often it is sent."""
+        with self.r.pipeline(transaction=True) as p:
+            p.hsetnx(claims_key(job_id), phase, host)
+            self.retention.queue_adopt(p, job_id, claims_key(job_id))
+            claimed, _ = p.execute()
+        return bool(claimed)
+
+    def unclaim_phase(self, job_id: str, phase: str) -> None:
+        """Give a phase back before a retry (it stopped before changing anything)."""
+        self.r.hdel(claims_key(job_id), phase)
+
+    def request_abort(self, job_id: str, reason: str) -> None:
+        self.r.hset(job_key(job_id), "abort_requested", reason)
+
+    def withdraw_abort(self, job_id: str) -> None:
+        """Take back an abort request that cannot be carried out."""
+        self.r.hdel(job_key(job_id), "abort_requested")
+
+    def abort_requested(self, job_id: str) -> str | None:
+        return self.field(job_id, "abort_requested")
+
+    def mark_postcopy(self, job_id: str) -> None:
+        """Record that libvirt switched the job's migration to post-copy: from then on it
+        cannot be aborted (the guest already runs on the destination), and `abort` says so."""
+        self.r.hset(job_key(job_id), POSTCOPY_FIELD, now().isoformat())
+
+    def mark_redispatched(self, job_id: str, phase: str) -> None:
+        self.r.hset(job_key(job_id), redispatched_field(phase), now().isoformat())
+
+    def redispatched_at(self, job_id: str, phase: str) -> datetime | None:
+        return when(self.field(job_id, redispatched_field(phase)))

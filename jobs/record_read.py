@@ -1,0 +1,88 @@
+"""Records as Redis returns them, read into models: for the store and for `drover jobs`.
+
+Apart from jobs/records.py and jobs/evacuation.py (which import the whole store, request
+signing and its cryptography) so that listing jobs loads only the models it shows.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from config.policy_model import EffectivePolicy
+from jobs.evacuation_model import DomainOutcome, Evacuation, EvacuationSpec, Placement
+from jobs.keys import POSTCOPY_FIELD
+from jobs.model import Job, PhaseRecord, Transition
+from jobs.record import Handoff, Result, SourceFacts, parse_field
+from jobs.record_marks import when
+from jobs.request_fields import REQUEST_FIELD
+from jobs.spec import MigrationSpec
+from jobs.states import EvacuationState, JobState
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _in_run_order(raw: dict[str, str]) -> dict[str, PhaseRecord]:
+    records = [PhaseRecord.model_validate_json(v) for v in raw.values()]
+    return {r.phase: r for r in sorted(records, key=lambda r: r.started)}
+
+
+def job_from(
+    job_id: str, raw: dict[str, str], phases: dict[str, str], transitions: list[str]
+) -> Job:
+    """A migration job from its hash, phase records and history as Redis returns them."""
+    stalled_from = raw.get("stalled_from")
+    return Job(
+        id=raw["id"],
+        spec=MigrationSpec.model_validate_json(raw["spec"]),
+        state=JobState(raw["state"]),
+        created=datetime.fromisoformat(raw["created"]),
+        updated=datetime.fromisoformat(raw["updated"]),
+        reason=raw.get("reason"),
+        stalled_from=JobState(stalled_from) if stalled_from else None,
+        abort_requested=raw.get("abort_requested"),
+        postcopy_since=when(raw.get(POSTCOPY_FIELD)),
+        admitted=when(raw.get("admitted")),
+        waiting_for=raw.get("waiting_for"),
+        parent=raw.get("parent"),
+        parent_limit=int(raw["parent_limit"]) if raw.get("parent_limit") else None,
+        request=raw.get(REQUEST_FIELD),
+        facts=parse_field(SourceFacts, job_id, "facts", raw.get("facts")),
+        handoff=parse_field(Handoff, job_id, "handoff", raw.get("handoff")) or Handoff(),
+        policy=parse_field(EffectivePolicy, job_id, "policy", raw.get("policy")),
+        result=parse_field(Result, job_id, "result", raw.get("result")) or Result(),
+        phases=_in_run_order(phases),
+        transitions=[Transition.model_validate_json(t) for t in transitions],
+    )
+
+
+def evacuation_from(raw: dict[str, str], children: dict[str, str]) -> Evacuation:
+    """An evacuation from its hash and children as Redis returns them."""
+    return Evacuation(
+        id=raw["id"],
+        spec=EvacuationSpec.model_validate_json(raw["spec"]),
+        state=EvacuationState(raw["state"]),
+        origin=raw.get("origin", ""),
+        created=datetime.fromisoformat(raw["created"]),
+        updated=datetime.fromisoformat(raw["updated"]),
+        reason=raw.get("reason"),
+        abort_requested=raw.get("abort_requested"),
+        plan=_parse_list(Placement, raw.get("plan")),
+        children=children,
+        outcome=_parse_list(DomainOutcome, raw.get("outcome")) or [],
+        left_on_host=_parse_strings(raw.get("left_on_host")),
+        request=raw.get(REQUEST_FIELD),
+    )
+
+
+def _parse_list(model: type[M], raw: str | None) -> list[M] | None:
+    if raw is None:
+        return None
+    return [model.model_validate(item) for item in json.loads(raw)]
+
+
+def _parse_strings(raw: str | None) -> list[str]:
+    return [s for s in (raw or "").split(",") if s]
