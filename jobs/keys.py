@@ -157,3 +157,10 @@ def schedule_entry_key(schedule_id: str) -> str:
 def schedule_fired_key(schedule_id: str, message_id: str) -> str:
     """Set once by the worker that fires a schedule's message (a redelivery fires nothing)."""
     return f"{schedule_entry_key(schedule_id)}:fired:{message_id}"
+
+
+# --- host facts (jobs/host_facts.py) ------------------------------------------------------------
+# A worker's published inventory of its host, for the evacuation planner; with a time to live.
+def host_facts_key(host: str) -> str:
+    """A `HostFacts` record (JSON): memory, hypervisor CPU, running domains and groups."""
+    return f"{KEY_PREFIX}:worker:{host}:facts"
