@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import Annotated, cast
 
 import redis
@@ -60,10 +59,12 @@ class HostCpu(BaseModel):
     host_model: bool = False  # mode host-model supported
     host_passthrough: bool = False  # mode host-passthrough supported
 
-    @cached_property
+    @property
     def signature(self) -> str:
         """A digest of everything the CPU rule reads: equal signatures, equal verdicts (the
-        key of the compatibility cache, worker/cpu_compat.py)."""
+        key of the compatibility cache, worker/cpu_compat.py). Computed on each use (a few
+        microseconds, once per host per distinct guest CPU in a plan): a cached value would
+        survive `model_copy(update=...)` and describe the wrong CPU."""
         parts = [
             self.virt_type,
             self.arch,
