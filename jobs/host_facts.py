@@ -35,7 +35,8 @@ MAX_VIRT_TYPES = 4
 MAX_TEXT = 1024
 
 # CPU model, feature, vendor, arch and virt type names as libvirt spells them.
-CpuName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+\-]{0,63}$")]
+CPU_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+\-]{0,63}$"
+CpuName = Annotated[str, StringConstraints(pattern=CPU_NAME_PATTERN)]
 # Domain, group, host and worker names: libvirt allows nearly anything in the first two, so
 # only the length is bounded (the planner compares them, never shows or executes them).
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]

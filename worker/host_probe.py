@@ -8,6 +8,7 @@ call) changes only with a new libvirtd or QEMU, so it is read again every
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from jobs.host_facts import HostCpu, HostFacts, RunningDomain
+from jobs.host_facts import CPU_NAME_PATTERN, HostCpu, HostFacts, RunningDomain
 from jobs.store import now
 from worker.domain_metadata import anti_affinity_group
 from worker.host_memory import free_memory_mib
@@ -25,6 +26,9 @@ from worker.libvirt_host import KIB_PER_MIB, Connection, LibvirtError, is_gone, 
 # (libvirt refuses its domain capabilities) and it is left out of the facts.
 VIRT_TYPES = ("kvm", "qemu")
 _REQUIRING = {"require", None}
+# A name the facts' model would refuse is left out (a guest can then not be matched to it, a
+# refusal on the safe side) rather than failing the whole record.
+_NAME = re.compile(CPU_NAME_PATTERN)
 _CONNECTION_ERRORS = (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT)
 
 
@@ -49,13 +53,18 @@ def _expanded_features(conn: Connection, arch: str, virt_type: str, mode: ET.Ele
 
 
 def host_cpu(conn: Connection, virt_type: str) -> HostCpu | None:
-    """What the hypervisor offers guests of `virt_type`; None when it offers no such guests."""
+    """What the hypervisor offers guests of `virt_type`; None when it offers no such guests
+    (or libvirt cannot describe them: the planner then places none of that type here)."""
     try:
-        caps = ET.fromstring(conn.getDomainCapabilities(None, None, None, virt_type, 0))
+        return _host_cpu(conn, virt_type)
     except LibvirtError as exc:
         if exc.get_error_code() in _CONNECTION_ERRORS:
             raise
-        return None  # this virt type is not offered here (or the driver has no capabilities)
+        return None  # not offered here, or the driver has no capabilities to read
+
+
+def _host_cpu(conn: Connection, virt_type: str) -> HostCpu:
+    caps = ET.fromstring(conn.getDomainCapabilities(None, None, None, virt_type, 0))
     arch = caps.findtext("arch") or "unknown"
     modes = {m.get("name"): m for m in caps.findall("cpu/mode")}
 
@@ -77,10 +86,10 @@ def host_cpu(conn: Connection, virt_type: str) -> HostCpu | None:
     return HostCpu(
         virt_type=virt_type,
         arch=arch,
-        vendor=vendor,
-        model=model,
-        features=frozenset(features),
-        usable_models=frozenset(usable),
+        vendor=vendor if vendor and _NAME.match(vendor) else None,
+        model=model if model and _NAME.match(model) else None,
+        features=frozenset(f for f in features if _NAME.match(f)),
+        usable_models=frozenset(m for m in usable if _NAME.match(m)),
         host_model=supported("host-model"),
         host_passthrough=supported("host-passthrough"),
     )
