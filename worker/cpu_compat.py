@@ -137,3 +137,9 @@ def cpu_refusal(guest: GuestCpuSig, host: HostCpu | None) -> str | None:
 def cache_size() -> int:
     """Verdicts held (the tests see a pair decided once)."""
     return len(_verdicts)
+
+
+def clear_cache() -> None:
+    """Forget every verdict and parsed guest CPU (a benchmark timing a cold plan)."""
+    _verdicts.clear()
+    guest_cpu_sig.cache_clear()

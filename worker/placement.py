@@ -3,8 +3,10 @@
 The facts come in already gathered (worker/fleet_view.py); this module only decides, so it
 can be read, and tested, on its own. The rules, in order:
 
-- a host in maintenance, without a live worker, or unreachable is never a destination;
-- the destination must run the domain's CPU (libvirt's CPU comparison, done while gathering);
+- a host in maintenance, without a live worker, or without recent facts from its worker is
+  never a destination;
+- the destination must run the domain's CPU (judged from its published CPU facts while
+  gathering, worker/cpu_compat.py; libvirt checks again in the destination's prepare);
 - domains of one anti-affinity group never share a destination, nor join a domain of their
   group already running there;
 - the destination must have the memory free, counting what is already reserved there
