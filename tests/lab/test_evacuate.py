@@ -376,3 +376,15 @@ def test_plan_from_real_facts_memory_cpu_and_inactive_domains(
     assert lab.view("lab1", OLD_CPU).exists  # it had nowhere to go, and is listed why
     for domain in GUESTS:
         assert lab.running_on(domain) == [plan[domain].destination], domain
+
+
+def test_the_destination_asks_its_own_libvirt_about_the_cpu(
+    lab: Lab, home: None, inactive_guests: None
+) -> None:
+    # Whatever a planner (or a producer) chose, lab2's prepare compares the guest's CPU with
+    # its own hypervisor before it takes anything: facts choose, libvirt has the last word.
+    job = lab.migrate(OLD_CPU, "lab1", "lab2", live=False, offline=True, persistent=True)
+    assert job.state.value == "failed"
+    assert "lab2 cannot run the guest's CPU model" in (job.reason or ""), job.reason
+    assert "libvirt's comparison" in (job.reason or "")
+    assert lab.view("lab1", OLD_CPU).exists and not lab.view("lab2", OLD_CPU).exists
