@@ -105,3 +105,10 @@ class Tunables(BaseModel):
     postcopy_resume_delay: float = Field(default=1.0, gt=0)
     postcopy_resume_max_delay: float = Field(default=15.0, gt=0)
     postcopy_recovery_timeout: float = Field(default=3600.0, gt=0)
+    # Host facts (jobs/host_facts.py): each worker publishes its host's inventory every report
+    # tick (`heartbeat_interval`) to live this long; the planner refuses a record older than
+    # that, or dated more than `host_facts_max_skew` in its future (clocks disagree). The host
+    # CPU (libvirt's domain capabilities) is read again this often, or when libvirtd restarts.
+    host_facts_ttl: float = Field(default=15.0, gt=0)
+    host_facts_max_skew: float = Field(default=5.0, ge=0)
+    host_cpu_refresh: float = Field(default=300.0, gt=0)

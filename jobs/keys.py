@@ -198,3 +198,10 @@ def record_keys(job_id: str) -> list[str]:
         evacuation_retries_key(job_id),
         evacuation_reported_key(job_id),
     ]
+
+
+# --- host facts (jobs/host_facts.py) ------------------------------------------------------------
+# A worker's published inventory of its host, for the evacuation planner; with a time to live.
+def host_facts_key(host: str) -> str:
+    """A `HostFacts` record (JSON): memory, hypervisor CPU, running domains and groups."""
+    return f"{KEY_PREFIX}:worker:{host}:facts"

@@ -10,6 +10,7 @@ import redis
 
 from config.redis_acl import WORKER
 from config.settings import REDIS_URL_ENV, load_settings
+from jobs.keys import host_facts_key
 from jobs.store import JobStore, heartbeat_key
 from lab import libvirtd
 from lab.layout import LabLayout
@@ -55,11 +56,12 @@ def start_worker(lab: LabLayout, host: HostState, redis_url: str) -> None:
     wait for its heartbeat.
 
     Workers obey no remote control (not even ping), so readiness is drover's own heartbeat,
-    which the worker starts once it consumes its queue. A heartbeat left by the worker this
-    one replaces is removed first.
+    which the worker starts once it consumes its queue, and its first host facts (what an
+    evacuation plans from, jobs/host_facts.py). What the worker this one replaces left of
+    either is removed first.
     """
     store = JobStore.from_url(load_settings(lab.config_path).redis_url)
-    store.r.delete(heartbeat_key(host.name))
+    store.r.delete(heartbeat_key(host.name), host_facts_key(host.name))
     log = Path(host.worker_log)
     host.worker_pid = spawn(worker_argv(host), log, env=worker_env(lab.config_path, redis_url))
 
@@ -67,7 +69,7 @@ def start_worker(lab: LabLayout, host: HostState, redis_url: str) -> None:
         if not alive(host.worker_pid):
             raise LabError(f"{host.name}'s worker exited; see {log}")
         try:
-            return store.alive(host.name)
+            return store.alive(host.name) and bool(store.r.exists(host_facts_key(host.name)))
         except (redis.RedisError, OSError):
             return False  # a pooled connection from before a Redis restart: try again
 

@@ -58,6 +58,8 @@ def host_rows(
                 "migrations_in": len(admission.holders(inbound_gate(name))),
                 "free_mib": report.get("free_mib"),
                 "running": report.get("running"),
+                # The hypervisor's host-model CPU per virt type, as its worker read it.
+                "cpu": report.get("cpu"),
                 "reported": report.get("ts"),
             }
         )

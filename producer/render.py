@@ -201,7 +201,7 @@ def worker_cell(row: dict[str, Any]) -> str:
 
 def hosts_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="drover hosts")
-    for col in ("host", "state", "worker", "free", "running", "out", "in"):
+    for col in ("host", "state", "worker", "free", "running", "out", "in", "cpu"):
         table.add_column(col)
     for r in rows:
         state = r["state"] + (f" ({r['disabled_reason']})" if r["disabled_reason"] else "")
@@ -216,5 +216,6 @@ def hosts_table(rows: list[dict[str, Any]]) -> Table:
             f"{len(running)}: {', '.join(running)}" if running is not None else "?",
             str(r["migrations_out"]),
             str(r["migrations_in"]),
+            str(r.get("cpu") or "?"),
         )
     return table

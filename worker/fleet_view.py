@@ -1,44 +1,44 @@
-"""What an evacuation's planner needs to know, read from libvirt on every host involved.
+"""What an evacuation's planner needs to know: the source's guests from its own libvirtd,
+every candidate destination from the facts its worker published in Redis.
 
-The source's own domains come from its libvirtd; each candidate destination is asked over its
-registry `peer_uri` for free memory, the anti-affinity groups already running there, and
-whether its hypervisor can run each guest's CPU (libvirt's compareHypervisorCPU, the check
-virsh's `hypervisor-cpu-compare` makes). Reservations and maintenance come from Redis.
+No libvirt connection is opened to a candidate: its free memory, the anti-affinity groups
+running there and its hypervisor's CPU come from its `HostFacts` record (jobs/host_facts.py,
+published every report tick with a time to live); a host whose record is missing, expired
+or invalid is unavailable, with that reason in the plan. CPUs are judged from the facts once
+per (guest CPU, host CPU) pair (worker/cpu_compat.py). Reservations, maintenance and
+liveness come from Redis, read fresh. The planner does not wait for facts: a worker
+publishes its first record as it starts, so a host without one has no worker that could
+take the guest anyway. What the facts say is checked again by the destination's prepare
+against its own libvirtd (worker/phase_destination.py): libvirt has the last word.
 """
 
 from __future__ import annotations
 
-import contextlib
-import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass
 
 from config.settings import ConfigError
 from jobs.evacuation import EvacuationSpec, EvacuationStore
+from jobs.host_facts import liveness_and_reservations, read_facts
 from jobs.maintenance import Maintenance
 from jobs.states import TERMINAL
 from jobs.store import JobNotFound
+from worker.cpu_compat import GuestCpu as GuestCpu
 from worker.domain_metadata import PLACEMENT_NS as PLACEMENT_NS
 from worker.domain_metadata import anti_affinity_group, policy_name
-from worker.host_memory import placement_room_mib
+from worker.facts_placement import candidates_from_facts, guest_signatures
+from worker.guest_cpu import guest_cpu
+from worker.host_probe import host_cpus
 from worker.libvirt_host import (
     KIB_PER_MIB,
-    Connection,
     Domain,
     LibvirtError,
-    cpu_incompatible,
     dirty_rates_mib_s,
     is_gone,
     list_domains,
 )
 from worker.placement import Candidate, Guest
 from worker.runtime import Runtime
-
-
-@dataclass(frozen=True)
-class GuestCpu:
-    virt_type: str
-    cpu_xml: str | None  # None: the domain asks for no particular CPU
 
 
 @dataclass
@@ -49,16 +49,6 @@ class FleetView:
     unavailable: dict[str, str]  # host -> why it is not a candidate
 
 
-def _cpu(dom: Domain) -> GuestCpu:
-    root = ET.fromstring(dom.XMLDesc(0))
-    cpu = root.find("cpu")
-    has_model = cpu is not None and cpu.find("model") is not None
-    return GuestCpu(
-        virt_type=root.get("type", "kvm"),
-        cpu_xml=ET.tostring(cpu, encoding="unicode") if cpu is not None and has_model else None,
-    )
-
-
 def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dict[str, GuestCpu]]:
     """The domains that must leave: every running one, and with `include_inactive` every
     defined-but-off one (moved by offline migration)."""
@@ -67,7 +57,7 @@ def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dic
     for dom in list_domains(rt.libvirt.conn):
         try:
             guest = _guest(dom, include_inactive, rates)
-            cpu = _cpu(dom) if guest is not None else None
+            cpu = guest_cpu(dom) if guest is not None else None
         except LibvirtError as exc:
             if not is_gone(exc):
                 raise
@@ -91,33 +81,6 @@ def _guest(dom: Domain, include_inactive: bool, rates: dict[str, float]) -> Gues
         group=anti_affinity_group(dom),
         policy=policy_name(dom),
         dirty_mib_s=rates.get(dom.UUIDString()),
-    )
-
-
-def _candidate(rt: Runtime, name: str, conn: Connection, cpus: dict[str, GuestCpu]) -> Candidate:
-    reserved = rt.store.reserved_mib(name)
-    limit = rt.settings.host(name).limits.memory_mib
-    groups: Counter[str] = Counter()
-    for dom in list_domains(conn, active_only=True):
-        group = anti_affinity_group(dom)
-        if group is not None:
-            groups[group] += 1
-    refusals = {}
-    for uuid, cpu in cpus.items():
-        if cpu.cpu_xml is None:
-            continue
-        try:
-            incompatible = cpu_incompatible(conn, cpu.virt_type, cpu.cpu_xml)
-        except LibvirtError as exc:
-            refusals[uuid] = f"CPU comparison failed: {exc.get_error_message()}"
-            continue
-        if incompatible:
-            refusals[uuid] = "cannot run the guest's CPU model"
-    return Candidate(
-        name=name,
-        free_mib=placement_room_mib(conn, reserved, limit),
-        groups=groups,
-        cpu_refusals=refusals,
     )
 
 
@@ -145,34 +108,33 @@ def groups_on_the_way(rt: Runtime, evacuation_id: str) -> dict[str, Counter[str]
 
 def gather(rt: Runtime, spec: EvacuationSpec, evacuation_id: str) -> FleetView:
     guests, cpus = source_guests(rt, spec.include_inactive)
+    tunables = rt.settings.tunables
     disabled = Maintenance(rt.store.r).disabled()
-    heading = groups_on_the_way(rt, evacuation_id)
-    names = spec.to or sorted(rt.settings.hosts)
-    candidates, unavailable = [], {}
-    for name in names:
+    unavailable: dict[str, str] = {}
+    limits: dict[str, int | None] = {}
+    for name in spec.to or sorted(rt.settings.hosts):
         if name == spec.host:
             continue
         if name in disabled:
             unavailable[name] = f"in maintenance ({disabled[name].reason})"
             continue
-        if not rt.store.alive(name):
-            unavailable[name] = "its worker is not alive"
-            continue
         try:
-            conn = rt.libvirt.open_peer(rt.settings.host(name).peer_uri)
+            limits[name] = rt.settings.host(name).limits.memory_mib
         except ConfigError as exc:  # named in --to, removed from the registry since
             unavailable[name] = str(exc)
-            continue
-        except LibvirtError as exc:
-            unavailable[name] = f"libvirtd unreachable: {exc.get_error_message()}"
-            continue
-        try:
-            candidate = _candidate(rt, name, conn, cpus)
-            candidate.groups.update(heading.get(name, Counter()))
-            candidates.append(candidate)
-        except LibvirtError as exc:
-            unavailable[name] = f"libvirtd error: {exc.get_error_message()}"
-        finally:
-            with contextlib.suppress(LibvirtError):
-                conn.close()
+    alive, reserved = liveness_and_reservations(rt.store.r, list(limits))
+    for name in limits:
+        if name not in alive:
+            unavailable[name] = "its worker is not alive"
+    asked = [name for name in limits if name in alive]
+    facts = read_facts(rt.store.r, asked, tunables.host_facts_ttl, tunables.host_facts_max_skew)
+    sigs = guest_signatures(cpus, host_cpus(rt.libvirt.conn, tunables.host_cpu_refresh))
+    candidates, without_facts = candidates_from_facts(
+        facts,
+        sigs,
+        reserved_mib=reserved,
+        limits_mib=limits,
+        heading=groups_on_the_way(rt, evacuation_id),
+    )
+    unavailable.update(without_facts)
     return FleetView(guests, cpus, candidates, unavailable)

@@ -1,7 +1,7 @@
 """A host's memory as libvirt reports it, and what drover may still place there.
 
 Part of the libvirt seam (worker/libvirt_host.py): the destination's room check, the keeper's
-report and the evacuation planner all count memory the same way.
+report and the evacuation planner (from published facts) all count memory the same way.
 """
 
 from __future__ import annotations
@@ -23,10 +23,17 @@ def active_memory_mib(conn: libvirt.virConnect) -> int:
     return sum(d.maxMemory() // KIB_PER_MIB for d in list_domains(conn, active_only=True))
 
 
-def placement_room_mib(conn: libvirt.virConnect, reserved_mib: int, limit_mib: int | None) -> int:
+def room_mib(free_mib: int, active_mib: int, reserved_mib: int, limit_mib: int | None) -> int:
     """Memory drover may still place on a host: free minus reservations, capped by the
-    registry's declared limit (what is running there already counts against it)."""
-    room = free_memory_mib(conn) - reserved_mib
+    registry's declared limit (what is running there already counts against it). Pure, so
+    the planner applies it to published facts (worker/facts_placement.py) the same way."""
+    room = free_mib - reserved_mib
     if limit_mib is not None:
-        room = min(room, limit_mib - active_memory_mib(conn) - reserved_mib)
+        room = min(room, limit_mib - active_mib - reserved_mib)
     return max(room, 0)
+
+
+def placement_room_mib(conn: libvirt.virConnect, reserved_mib: int, limit_mib: int | None) -> int:
+    """`room_mib` with this host's memory read from libvirt now."""
+    active = active_memory_mib(conn) if limit_mib is not None else 0
+    return room_mib(free_memory_mib(conn), active, reserved_mib, limit_mib)

@@ -22,13 +22,15 @@ import redis
 
 from config.events import get_logger
 from config.settings import Tunables, config_problem
+from jobs.host_facts import MAX_TEXT, HostFacts, publish_facts
 from jobs.phases import PHASE_NAMES
 from jobs.store import JobNotFound, now
 from worker import evacuation_watch, recovery
 from worker.admission_pass import admit_waiting
-from worker.host_memory import placement_room_mib
+from worker.host_memory import room_mib
+from worker.host_probe import collect_facts
 from worker.job_end import job_context
-from worker.libvirt_host import LibvirtError, LibvirtUnavailable, list_domains
+from worker.libvirt_host import LibvirtError, LibvirtUnavailable
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -45,17 +47,27 @@ class Duty:
     while_draining: bool = False  # whether it still runs during a warm shutdown
 
 
-def host_report(rt: Runtime) -> dict[str, Any]:
-    """What `drover hosts` shows of this host: room for guests and what runs here now."""
-    conn = rt.libvirt.conn
-    active = list_domains(conn, active_only=True)
+def host_report(rt: Runtime) -> tuple[HostFacts, dict[str, Any]]:
+    """This host's facts for the planner (jobs/host_facts.py), and what `drover hosts` shows
+    of it: room for guests and what runs here now. One look at libvirt for both."""
+    facts = collect_facts(
+        rt.libvirt.conn, rt.host, rt.worker_id, rt.settings.tunables.host_cpu_refresh
+    )
     reserved = rt.store.reserved_mib(rt.host)
-    return {
-        "ts": now().isoformat(),
-        "free_mib": placement_room_mib(conn, reserved, rt.registry_entry.limits.memory_mib),
+    limit = rt.registry_entry.limits.memory_mib
+    return facts, {
+        "ts": facts.ts.isoformat(),
+        "free_mib": room_mib(facts.free_mib, facts.active_mib, reserved, limit),
         "reserved_mib": reserved,
-        "running": sorted(d.name() for d in active),
+        "running": sorted(d.name for d in facts.domains),
+        "cpu": _cpu_summary(facts),
     }
+
+
+def _cpu_summary(facts: HostFacts) -> str | None:
+    """The host-model CPU of the virt types offered, e.g. `kvm: Skylake-Client (Intel)`."""
+    parts = [f"{c.virt_type}: {c.model} ({c.vendor})" for c in facts.cpus if c.model]
+    return "; ".join(parts) or None
 
 
 def _heartbeat(rt: Runtime) -> None:
@@ -88,13 +100,25 @@ def _drain_report(rt: Runtime, running: list[str]) -> dict[str, Any]:
 
 
 def _report(rt: Runtime) -> None:
+    """The host's report for `drover hosts` and its facts for evacuation planners: a facts
+    record that says only why libvirt could not be read when it could not."""
+    tunables = rt.settings.tunables
     try:
-        report = host_report(rt)
+        facts, report = host_report(rt)
     except (LibvirtUnavailable, LibvirtError) as exc:
         report = {"ts": now().isoformat(), "error": str(exc)}
+        facts = HostFacts(
+            host=rt.host,
+            worker=rt.worker_id,
+            ts=now(),
+            free_mib=0,
+            active_mib=0,
+            error=str(exc)[:MAX_TEXT],
+        )
     if rt.config_problem:
         report["config_error"] = rt.config_problem
-    rt.store.report_host(rt.host, report, rt.settings.tunables.heartbeat_ttl)
+    rt.store.report_host(rt.host, report, tunables.heartbeat_ttl)
+    publish_facts(rt.store.r, facts, tunables.host_facts_ttl)
 
 
 def _watch_config(rt: Runtime) -> None:

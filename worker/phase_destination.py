@@ -1,6 +1,7 @@
 """The destination's phases: destination_prepare before the migration, finish after it.
 
-    destination_prepare  room for the guest, no clash, storage made; memory reserved; hand-off
+    destination_prepare  its CPU runs here, room for the guest, no clash, storage made; memory
+                         reserved; hand-off
     finish               the domain is here as asked (running, paused, defined)
 
 What the destination reserves, checks and creates comes from libvirt (its own, and the
@@ -18,6 +19,8 @@ from jobs.record import DiskFacts, DomainFacts, Handoff
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
+from worker.cpu_compat import GuestCpu
+from worker.guest_cpu import guest_cpu, libvirt_cpu_refusal
 from worker.host_memory import placement_room_mib
 from worker.job_end import advance
 from worker.libvirt_host import facts
@@ -61,6 +64,7 @@ class SourceView:
 
     facts: DomainFacts
     disks: list[DiskFacts]
+    cpu: GuestCpu
 
 
 def _source_view(rt: Runtime, job: Job) -> SourceView:
@@ -75,13 +79,14 @@ def _source_view(rt: Runtime, job: Job) -> SourceView:
             raise PhaseFailed(f"{spec.domain} is not defined on {spec.src}")
         found = facts(dom)
         disks = local_disks(dom) if spec.copy_storage is not None else []
+        cpu = guest_cpu(dom)
     recorded_uuid = job.facts.uuid if job.facts is not None else None
     if found.uuid != recorded_uuid:
         raise PhaseFailed(
             f"{spec.domain} on {spec.src} has uuid {found.uuid}, not the job's "
             f"{str(recorded_uuid)[:40]}"
         )
-    return SourceView(found, disks)
+    return SourceView(found, disks, cpu)
 
 
 def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
@@ -90,6 +95,10 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     if refusal is not None:
         raise PhaseFailed(refusal)
     source = _source_view(rt, job)
+    # The planner chose this host from published facts; its own libvirtd decides.
+    cpu_refusal = libvirt_cpu_refusal(rt.libvirt.conn, source.cpu)
+    if cpu_refusal is not None:
+        raise PhaseFailed(f"{spec.dst} {cpu_refusal} ({spec.domain}, libvirt's comparison)")
     uuid, need = source.facts.uuid, source.facts.memory_mib
     _take_incoming(rt, job, uuid)
     config_present = _dest_config_present(rt, spec, uuid)

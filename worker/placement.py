@@ -3,8 +3,10 @@
 The facts come in already gathered (worker/fleet_view.py); this module only decides, so it
 can be read, and tested, on its own. The rules, in order:
 
-- a host in maintenance, without a live worker, or unreachable is never a destination;
-- the destination must run the domain's CPU (libvirt's CPU comparison, done while gathering);
+- a host in maintenance, without a live worker, or without recent facts from its worker is
+  never a destination;
+- the destination must run the domain's CPU (judged from its published CPU facts while
+  gathering, worker/cpu_compat.py; libvirt checks again in the destination's prepare);
 - domains of one anti-affinity group never share a destination, nor join a domain of their
   group already running there;
 - the destination must have the memory free, counting what is already reserved there
@@ -22,6 +24,10 @@ from dataclasses import dataclass, field
 
 from config.policy_model import MigrationPolicy, PolicyAction
 from jobs.evacuation import Placement
+
+# An unplaced guest's reason names this many hosts' refusals, then counts the rest: over a
+# 200-host fleet a full list would be kilobytes per guest in the plan, and unreadable.
+REASONS_NAMED = 10
 
 # An offline migration moves only a definition: no memory to place, a fraction of a second.
 OFFLINE_ESTIMATE_S = 0.1
@@ -112,6 +118,12 @@ def _why_not(guest: Guest, host: Candidate) -> str | None:
     return None
 
 
+def _summary(reasons: list[str]) -> str:
+    named = "; ".join(reasons[:REASONS_NAMED])
+    more = len(reasons) - REASONS_NAMED
+    return f"{named}; and {more} more host{'s' if more > 1 else ''}" if more > 0 else named
+
+
 def plan(
     guests: list[Guest],
     candidates: list[Candidate],
@@ -139,7 +151,7 @@ def plan(
         )
         if not eligible:
             others = [f"{name}: {why}" for name, why in sorted(unavailable.items())]
-            reason = "; ".join(refusals + others) or "no other host in the registry"
+            reason = _summary(refusals + others) or "no other host in the registry"
             placements.append(base.model_copy(update={"reason": f"no destination ({reason})"}))
             continue
         best = min(eligible, key=lambda h: (-h.free_mib, h.name))

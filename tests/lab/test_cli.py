@@ -99,3 +99,5 @@ def test_workers_answer_no_remote_control_and_show_alive_in_hosts(lab: Lab) -> N
     hosts = json.loads(drover(lab, "hosts", "--json").stdout)
     alive = {h["host"]: h["worker_alive"] for h in hosts}
     assert alive == {h: True for h in lab.hosts()}, hosts
+    # Each worker's report names its hypervisor's host-model CPU (the lab's guests run on qemu).
+    assert all("qemu: " in (h["cpu"] or "") for h in hosts), hosts

@@ -16,6 +16,7 @@ import pytest
 
 from config.settings import load_settings
 from jobs.evacuation import Evacuation
+from jobs.host_facts import HostFacts, read_facts
 from lab.guests import GuestSpec, domain_xml
 from producer.api import Drover, SubmitError
 from tests.support.cli import run_drover
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.lab
 
 GUESTS = (*IDLE_GUESTS, "dirty-1")
 MAX_PARALLEL = 2
+FACTS_MAX_AGE_S, FACTS_SKEW_S = 15.0, 5.0  # the tunables' defaults (host_facts_ttl, max_skew)
+ACTIVE = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
 DEFAULT_LIMIT = 2  # max_outbound / max_inbound in the lab's registry (the defaults)
 
 
@@ -45,6 +48,36 @@ def uris(lab: Lab) -> dict[str, str]:
 def evacuate(lab: Lab, **request: object) -> Evacuation:
     d = lab.drover
     return d.wait_evacuation(d.evacuate(d.evacuation_spec(**request)), JOB_TIMEOUT_S)
+
+
+def _facts_match_libvirt(lab: Lab) -> bool:
+    facts = read_facts(lab.drover.store.r, lab.hosts(), FACTS_MAX_AGE_S, FACTS_SKEW_S)
+    for host in lab.hosts():
+        record = facts[host]
+        if not isinstance(record, HostFacts):
+            return False
+        conn = libvirt.open(lab.uri(host))
+        try:
+            running = sorted(d.name() for d in conn.listAllDomains(ACTIVE))
+        finally:
+            conn.close()
+        if sorted(d.name for d in record.domains) != running:
+            return False
+    return True
+
+
+def test_workers_publish_their_hosts_facts_as_libvirt_shows_them(lab: Lab, home: None) -> None:
+    # The report duty runs every couple of seconds: the facts catch up with libvirt.
+    wait_for(lambda: _facts_match_libvirt(lab), FACTS_MAX_AGE_S, "facts matching libvirt")
+    facts = read_facts(lab.drover.store.r, lab.hosts(), FACTS_MAX_AGE_S, FACTS_SKEW_S)
+    for host in lab.hosts():
+        record = facts[host]
+        assert isinstance(record, HostFacts) and record.host == host
+        qemu = record.cpu("qemu")  # the lab's guests run under TCG
+        assert qemu is not None and "qemu64" in qemu.usable_models, qemu
+        assert "Icelake-Server" not in qemu.usable_models
+        assert {"hypervisor", "lahf_lm"} <= qemu.features  # what a running qemu64 requires
+        assert record.free_mib > 0
 
 
 def test_evacuation_drains_lab1_within_limits_as_the_dry_run_planned(lab: Lab, home: None) -> None:
@@ -343,3 +376,15 @@ def test_plan_from_real_facts_memory_cpu_and_inactive_domains(
     assert lab.view("lab1", OLD_CPU).exists  # it had nowhere to go, and is listed why
     for domain in GUESTS:
         assert lab.running_on(domain) == [plan[domain].destination], domain
+
+
+def test_the_destination_asks_its_own_libvirt_about_the_cpu(
+    lab: Lab, home: None, inactive_guests: None
+) -> None:
+    # Whatever a planner (or a producer) chose, lab2's prepare compares the guest's CPU with
+    # its own hypervisor before it takes anything: facts choose, libvirt has the last word.
+    job = lab.migrate(OLD_CPU, "lab1", "lab2", live=False, offline=True, persistent=True)
+    assert job.state.value == "failed"
+    assert "lab2 cannot run the guest's CPU model" in (job.reason or ""), job.reason
+    assert "libvirt's comparison" in (job.reason or "")
+    assert lab.view("lab1", OLD_CPU).exists and not lab.view("lab2", OLD_CPU).exists

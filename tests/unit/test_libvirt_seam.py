@@ -9,12 +9,14 @@ Every claim about a migration itself stays on the lab (tests/lab, tests/faults).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from jobs.evacuation import Evacuation, EvacuationSpec, Placement
+from jobs.host_facts import HostCpu, HostFacts, publish_facts
 from jobs.maintenance import Maintenance
 from jobs.phases import Phase
 from jobs.spec import MigrationSpec
@@ -278,10 +280,22 @@ def test_planning_reads_the_guests_and_says_why_each_host_is_no_candidate(
     assert view.candidates == []
     assert view.unavailable == {"kvm2": "its worker is not alive"}
 
-    store.heartbeat("kvm2", 30, "w1")  # alive now; the test driver has no memory statistics
+    store.heartbeat("kvm2", 30, "w1")  # alive now, but no facts published yet
     view = gather(rt, EvacuationSpec(host="kvm1", include_inactive=True), "0123456789ab")
     assert sorted(g.domain for g in view.guests) == ["idle", GUEST]
-    assert view.unavailable["kvm2"].startswith("libvirtd error: ")
+    assert view.unavailable == {
+        "kvm2": "no recent facts from its worker (none published, or expired)"
+    }
+    # Its facts, as a worker on the test driver would publish them: a candidate, no libvirt
+    # connection opened to it (the test driver offers no domain capabilities to read).
+    cpu = HostCpu(virt_type="test", arch="i686", host_model=True)
+    facts = HostFacts(
+        host="kvm2", worker="w1", ts=datetime.now(UTC), free_mib=9000, active_mib=0, cpus=[cpu]
+    )
+    publish_facts(store.r, facts, 30)
+    view = gather(rt, EvacuationSpec(host="kvm1"), "0123456789ab")
+    assert view.unavailable == {}
+    assert [(c.name, c.free_mib, c.cpu_refusals) for c in view.candidates] == [("kvm2", 9000, {})]
     Maintenance(store.r).disable("kvm2", "disk swap", by="test")
     view = gather(rt, EvacuationSpec(host="kvm1"), "0123456789ab")
     assert view.unavailable == {"kvm2": "in maintenance (disk swap)"}

@@ -131,3 +131,11 @@ def test_children_carry_the_completion_timeout_only_when_they_run() -> None:
     assert (live.completion_timeout_s, live.on_timeout) == (120, TimeoutAction.ABORT)
     offline = child_spec(ev, placed(False))
     assert offline.offline and offline.on_timeout is None
+
+
+def test_a_reason_names_ten_hosts_and_counts_the_rest() -> None:
+    hosts = [Candidate(f"h{i:02d}", 10) for i in range(12)]
+    (placement,) = plan([guest("big", 64)], hosts, {"down": "its worker is not alive"}, ESTIMATE)
+    assert placement.destination is None and placement.reason is not None
+    assert placement.reason.count("MiB free, needs 64 MiB") == 10
+    assert placement.reason.endswith("h09: 10 MiB free, needs 64 MiB; and 3 more hosts)")
