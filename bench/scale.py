@@ -24,15 +24,23 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from history import fill_history, memory_per_job
 from scale_fleet import HOSTS, Fleet, fleet, host_name
 
 from config.settings import load_settings
+from jobs.host_facts import read_facts
+from lab.synthetic_facts import publish_synthetic_facts, synthetic_fleet
 from producer.api import Drover
+from worker import cpu_compat
+from worker.facts_placement import plan_from_facts
+from worker.placement import Estimate
 
 DEFAULT_JOBS = 10_000
 DEFAULT_HISTORY = 100_000
@@ -40,6 +48,14 @@ BLOCK = 1_000
 MS = 1000.0
 P95 = 0.95
 LANE_STRIDE = 7  # job n goes from host n to host n*7+1: lanes spread over the whole fleet
+MEMORY_SAMPLE = 1_000  # finished jobs written to measure memory per job (and the small history)
+CLI_RUNS = 5
+JOBS_TARGET_MS = 300.0
+PLAN_GUESTS, PLAN_SMALL_GUESTS, PLAN_SMALL_HOSTS = 1_000, 100, 20
+PLAN_TARGET_MS = 2_000.0
+FACTS_TTL_S = 600.0  # the synthetic facts outlive the bench's planning
+SKEW_S = 5.0
+STARTUP_S, LINK_MIB_S = 2.0, 100.0  # the plan's estimate: QEMU start-up and the link's rate
 
 
 def ms_since(started: float) -> float:
@@ -114,6 +130,8 @@ def submit_sweep(drover: Drover, jobs: int, report: Report) -> None:
                 f" p95 {row['p95_ms']:.2f} ms",
                 flush=True,
             )
+    if not report.blocks:  # fewer jobs than one block: nothing to compare
+        return
     first, last = report.blocks[0], report.blocks[-1]
     median, tail = statistics.median(times), p95(times)
     report.add(Figure("submit median", median, "ms", "<= 10 ms", median <= 10))
@@ -144,7 +162,85 @@ def run(args: argparse.Namespace) -> Report:
 
 def measure_rest(f: Fleet, drover: Drover, args: argparse.Namespace, report: Report) -> None:
     """The sections after the submit sweep (one admission pass, heartbeats, history, plan)."""
-    del f, drover, args, report
+    history_section(f, drover, args.history, report)
+    plan_section(f, report)
+
+
+def drover_jobs_ms(f: Fleet, runs: int = CLI_RUNS) -> tuple[float, float]:
+    """`drover jobs` as an operator runs it (a new process each time): median and best."""
+    cli = Path(sys.executable).parent / "drover"
+    env = {**os.environ, "DROVER_CONFIG": str(f.config)}
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([str(cli), "jobs"], env=env, check=True, capture_output=True)
+        times.append(ms_since(started))
+    return statistics.median(times), min(times)
+
+
+def history_section(f: Fleet, drover: Drover, history: int, report: Report) -> None:
+    """Redis memory per finished job, and `drover jobs` at a small and at a large history."""
+    store, hosts = drover.store, [host_name(i) for i in range(HOSTS)]
+    print(f"finished jobs: memory per job over {MEMORY_SAMPLE}, then history to {history}")
+    per_job = memory_per_job(store, MEMORY_SAMPLE, hosts=hosts)
+    report.add(Figure("Redis memory per finished job", per_job, "bytes", "(sizing)", True))
+    small, small_best = drover_jobs_ms(f)
+    print(f"  drover jobs at {MEMORY_SAMPLE} finished: {small:.0f} ms (best {small_best:.0f})")
+    started = time.perf_counter()
+    fill_history(store, history - MEMORY_SAMPLE, hosts=hosts)
+    print(f"  filled in {time.perf_counter() - started:.0f} s", flush=True)
+    large, best = drover_jobs_ms(f)
+    report.add(
+        Figure(
+            f"drover jobs (whole command) at {history} finished, median",
+            large,
+            "ms",
+            "<= 300 ms",
+            large <= JOBS_TARGET_MS,
+            baseline=f"the same at {MEMORY_SAMPLE}",
+            ratio=large / small,
+        )
+    )
+    print(f"  (best of {CLI_RUNS}: {best:.0f} ms)")
+
+
+def plan_section(f: Fleet, report: Report) -> None:
+    """Planning a drain of 1,000 guests over 200 hosts from published facts, cold cache."""
+
+    def plan_ms(hosts: int, guests: int) -> float:
+        synthetic = synthetic_fleet(hosts=hosts, guests=guests)
+        publish_synthetic_facts(f.client, synthetic.facts, ttl_s=FACTS_TTL_S)
+        cpu_compat.clear_cache()
+        started = time.perf_counter()
+        facts = read_facts(
+            f.client, [x.host for x in synthetic.facts], max_age_s=FACTS_TTL_S, skew_s=SKEW_S
+        )
+        placements = plan_from_facts(
+            synthetic.guests,
+            synthetic.cpus,
+            facts,
+            Estimate(STARTUP_S, LINK_MIB_S),
+            source_cpus=synthetic.source_cpus,
+        )
+        took = ms_since(started)
+        placed = sum(1 for p in placements if p.destination is not None)
+        print(f"  {guests} guests over {hosts} hosts: {took:.0f} ms ({placed} placed)")
+        return took
+
+    print("planning a drain from published facts (no libvirt connection)")
+    small = plan_ms(PLAN_SMALL_HOSTS, PLAN_SMALL_GUESTS)
+    large = plan_ms(HOSTS, PLAN_GUESTS)
+    report.add(
+        Figure(
+            f"plan of {PLAN_GUESTS} guests over {HOSTS} hosts",
+            large,
+            "ms",
+            "<= 2 s",
+            large <= PLAN_TARGET_MS,
+            baseline=f"{PLAN_SMALL_GUESTS} guests over {PLAN_SMALL_HOSTS} hosts",
+            ratio=large / small,
+        )
+    )
 
 
 def main() -> int:
