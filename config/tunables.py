@@ -103,3 +103,7 @@ class Tunables(BaseModel):
     postcopy_resume_delay: float = Field(default=1.0, gt=0)
     postcopy_resume_max_delay: float = Field(default=15.0, gt=0)
     postcopy_recovery_timeout: float = Field(default=3600.0, gt=0)
+    # Besides the quick admission pass (every `admission_interval`: only the lanes that can
+    # move), each worker looks at every lane's head this often, so that a step lost to a
+    # crash in the middle of a pass cannot leave a lane waiting for ever.
+    admission_safety_interval: float = Field(default=15.0, gt=0)

@@ -59,6 +59,21 @@ if cur == ARGV[1] or not cur then
 end
 return 0
 """
+# The same for every mark a worker holds, in one call (its heartbeat): KEYS the marks, ARGV[1]
+# the worker, ARGV[2] the time to live in ms. Returns 1 (kept) or 0 (another's) per mark.
+_KEEP_MARKS_LUA = """
+local kept = {}
+for i = 1, #KEYS do
+  local cur = redis.call('GET', KEYS[i])
+  if cur == ARGV[1] or not cur then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    kept[i] = 1
+  else
+    kept[i] = 0
+  end
+end
+return kept
+"""
 
 
 def _ms(seconds: float) -> int:
@@ -71,6 +86,7 @@ class Liveness:
         self._release = client.register_script(_RELEASE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self._keep_mark = client.register_script(_KEEP_MARK_LUA)
+        self._keep_marks = client.register_script(_KEEP_MARKS_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
 
     # --- leases: one active job per domain ----------------------------------------------------
@@ -149,6 +165,17 @@ class Liveness:
         """Keep `worker`'s mark (putting it back if it lapsed); False if another holds it."""
         kept = self._keep_mark(keys=[runner_key(job_id, phase)], args=[worker, _ms(ttl_s)])
         return bool(kept)
+
+    def renew_runners(
+        self, marks: list[tuple[str, str]], worker: str, ttl_s: float
+    ) -> dict[tuple[str, str], bool]:
+        """`renew_runner` for every (job id, phase) in `marks` in one round trip, so a
+        heartbeat costs the same however many phases its worker runs; what each came to."""
+        if not marks:
+            return {}
+        keys = [runner_key(job_id, phase) for job_id, phase in marks]
+        kept = cast(list[int], self._keep_marks(keys=keys, args=[worker, _ms(ttl_s)]))
+        return {mark: bool(k) for mark, k in zip(marks, kept, strict=True)}
 
     def drop_runner(self, job_id: str, phase: str, worker: str) -> None:
         self._release(keys=[runner_key(job_id, phase)], args=[worker])

@@ -20,7 +20,7 @@ from typing import cast
 
 import redis
 
-from jobs.keys import GATES_FIELD, RESERVATIONS_PREFIX, RESERVATIONS_SUFFIX
+from jobs.keys import GATES_FIELD, LANE_FIELD, RESERVATIONS_PREFIX, RESERVATIONS_SUFFIX
 from jobs.states import StateTable
 
 # KEYS[1] record hash, KEYS[2] history list, KEYS[3] active set, KEYS[4] waiting line.
@@ -28,14 +28,14 @@ from jobs.states import StateTable
 # ("" for none), ARGV[5] record id, ARGV[6] "1" if the target is terminal, ARGV[7] the stall
 # state ("" if the kind has none), ARGV[8] "1" if the target drops a pending abort, ARGV[9]
 # and ARGV[10] the reservations key around a host name, ARGV[11] the gates field,
-# ARGV[12..] the allowed source states.
+# ARGV[12] the lane field (jobs/lanes.py), ARGV[13..] the allowed source states.
 # Returns {1, previous} when moved, {2, current} when already there, {0, current} if refused.
 TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 if cur == ARGV[1] then return {2, cur} end
 local stall = ARGV[7]
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   if cur == ARGV[i] then
     redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
     if stall ~= '' and cur == stall then redis.call('HDEL', KEYS[1], 'reason', 'stalled_from') end
@@ -46,6 +46,8 @@ for i = 12, #ARGV do
     if ARGV[6] == '1' then
       redis.call('SREM', KEYS[3], ARGV[5])
       redis.call('ZREM', KEYS[4], ARGV[5])
+      local lane = redis.call('HGET', KEYS[1], ARGV[12])
+      if lane then redis.call('ZREM', lane, ARGV[5]) end
       local gates = redis.call('HGET', KEYS[1], ARGV[11])
       if gates then
         for gate in string.gmatch(gates, '%S+') do redis.call('SREM', gate, ARGV[5]) end
@@ -118,6 +120,7 @@ class Transitioner:
             RESERVATIONS_PREFIX,
             RESERVATIONS_SUFFIX,
             GATES_FIELD,
+            LANE_FIELD,
             *sorted(allowed),
         ]
         moved, previous = cast(

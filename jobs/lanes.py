@@ -1,0 +1,223 @@
+"""The waiting line, one lane per source -> destination (and evacuation): Redis's side.
+
+Every waiting job sits in its lane (a sorted set, oldest first). A non-empty lane is in one
+of two indexes: ready (its head has not been tried since the head changed) or blocked on the
+gate that last refused its head. The scripts here keep that true in the same atomic step as
+the change that moves it (a job lined up, admitted, or dropped), so an admission pass need
+read only the ready lanes and those blocked on a gate that has room now: its cost follows
+what can move, not how long the line is. A lost step (a crash between two calls of a pass)
+leaves a lane where it was; the rare safety pass (jobs/admission.py) looks at every lane's
+head and puts a lane found in no index back as ready.
+
+Which lane a job belongs in is never taken from here on trust: admission derives it again
+from the job's spec, and its gates from the registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import redis
+
+from jobs.keys import (
+    BLOCKED_PREFIX,
+    BLOCKING_GATES,
+    JOB_PREFIX,
+    LANE_FIELD,
+    LANES,
+    LANES_BLOCKED_BY,
+    LANES_READY,
+    blocked_key,
+)
+
+# Shared by the scripts below: KEYS[1] the lane, KEYS[3] every lane, KEYS[4] ready lanes,
+# KEYS[5] lane -> blocking gate, KEYS[6] gate -> limit; BLOCKED the blocked-set key prefix.
+_HELPERS = """
+local function unblock(lane, blocked)
+  local old = redis.call('HGET', KEYS[5], lane)
+  if old then
+    local bkey = blocked .. old
+    redis.call('ZREM', bkey, lane)
+    if redis.call('ZCARD', bkey) == 0 then redis.call('HDEL', KEYS[6], old) end
+    redis.call('HDEL', KEYS[5], lane)
+  end
+end
+local function next_head(lane, blocked)
+  unblock(lane, blocked)
+  local head = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    redis.call('ZREM', KEYS[4], lane)
+    redis.call('SREM', KEYS[3], lane)
+    return ''
+  end
+  redis.call('ZADD', KEYS[4], head[2], lane)
+  return head[1]
+end
+"""
+
+# Line a job up. KEYS[1] lane, KEYS[2] job hash, KEYS[3..6] as above; ARGV[1] job id,
+# ARGV[2] its creation time, ARGV[3] the lane field, ARGV[4] the blocked-set prefix.
+_LINE_UP_LUA = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[3], KEYS[1])
+redis.call('HSET', KEYS[2], ARGV[3], KEYS[1])
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local gate = redis.call('HGET', KEYS[5], KEYS[1])
+if gate then
+  redis.call('ZADD', ARGV[4] .. gate, 'XX', head[2], KEYS[1])
+else
+  redis.call('ZADD', KEYS[4], head[2], KEYS[1])
+end
+return 1
+"""
+
+# Take a job out of its lane without admitting it (it ended, its record is bad, ...).
+# KEYS as for lining up; ARGV[1] job id, ARGV[2] the blocked-set prefix. Returns the new head.
+_DROP_LUA = (
+    _HELPERS
+    + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+return next_head(KEYS[1], ARGV[2])
+"""
+)
+
+# Admit a lane's head when every gate has room. KEYS[1] lane, KEYS[2] job hash, KEYS[3..6] as
+# above, KEYS[7..] the gates; ARGV[1] job id, ARGV[2] time, ARGV[3] the queued state, ARGV[4]
+# the job key prefix, ARGV[5] the gates field, ARGV[6] the blocked-set prefix, ARGV[7] the
+# number n of terminal states, ARGV[8..7+n] those states, ARGV[8+n..] the gates' limits in
+# KEYS order. Returns {1, '', next head} admitted, {0, gate, ''} refused by gate (the lane is
+# now blocked on it), {-1, state, next head} not waiting any more (ended, aborted), {2, '',
+# next head} admitted before.
+_ADMIT_LUA = (
+    _HELPERS
+    + """
+local lane, id, blocked = KEYS[1], ARGV[1], ARGV[6]
+local state = redis.call('HGET', KEYS[2], 'state')
+if state ~= ARGV[3] or redis.call('HEXISTS', KEYS[2], 'abort_requested') == 1 then
+  redis.call('ZREM', lane, id)
+  return {-1, state or '', next_head(lane, blocked)}
+end
+if redis.call('HEXISTS', KEYS[2], 'admitted') == 1 then
+  redis.call('ZREM', lane, id)
+  return {2, '', next_head(lane, blocked)}
+end
+local n = tonumber(ARGV[7])
+local ended = {}
+for i = 8, 7 + n do ended[ARGV[i]] = true end
+for i = 7, #KEYS do
+  for _, member in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    local s = redis.call('HGET', ARGV[4] .. member, 'state')
+    if (not s) or ended[s] then redis.call('SREM', KEYS[i], member) end
+  end
+  local limit = ARGV[1 + n + i]
+  if redis.call('SCARD', KEYS[i]) >= tonumber(limit) then
+    local head = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
+    unblock(lane, blocked)
+    redis.call('ZREM', KEYS[4], lane)
+    if #head > 0 then
+      redis.call('ZADD', blocked .. KEYS[i], head[2], lane)
+      redis.call('HSET', KEYS[5], lane, KEYS[i])
+      redis.call('HSET', KEYS[6], KEYS[i], limit)
+    end
+    return {0, KEYS[i], ''}
+  end
+end
+local gates = {}
+for i = 7, #KEYS do
+  redis.call('SADD', KEYS[i], id)
+  gates[#gates + 1] = KEYS[i]
+end
+redis.call('HSET', KEYS[2], 'admitted', ARGV[2], ARGV[5], table.concat(gates, ' '))
+redis.call('HDEL', KEYS[2], 'waiting_for')
+redis.call('ZREM', lane, id)
+return {1, '', next_head(lane, blocked)}
+"""
+)
+
+
+class Lanes:
+    """The lanes and their indexes; every change goes through one script."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._line_up = client.register_script(_LINE_UP_LUA)
+        self._drop = client.register_script(_DROP_LUA)
+        self.admit_script = client.register_script(_ADMIT_LUA)
+
+    @staticmethod
+    def index_keys(lane: str, job_key: str) -> list[str]:
+        """KEYS[1..6] of every script here."""
+        return [lane, job_key, LANES, LANES_READY, LANES_BLOCKED_BY, BLOCKING_GATES]
+
+    def line_up(self, job_id: str, job_key: str, lane: str, score: float) -> None:
+        """Put a job at its place in `lane` (by creation time) and record the lane on it."""
+        self._line_up(
+            keys=self.index_keys(lane, job_key), args=[job_id, score, LANE_FIELD, BLOCKED_PREFIX]
+        )
+
+    def drop(self, job_id: str, job_key: str, lane: str) -> str:
+        """Take `job_id` out of `lane`; returns the lane's new head ("" when it is empty)."""
+        head = self._drop(keys=self.index_keys(lane, job_key), args=[job_id, BLOCKED_PREFIX])
+        return str(head)
+
+    def head(self, lane: str) -> str | None:
+        found = cast(list[str], self.r.zrange(lane, 0, 0))
+        return found[0] if found else None
+
+    def ready(self) -> list[tuple[str, float]]:
+        return cast(list[tuple[str, float]], self.r.zrange(LANES_READY, 0, -1, withscores=True))
+
+    def blocking_gates(self) -> dict[str, int]:
+        """Every gate some lane is blocked on -> its limit when it refused."""
+        raw = cast(dict[str, str], self.r.hgetall(BLOCKING_GATES))
+        return {gate: int(limit) for gate, limit in raw.items()}
+
+    def holders_count(self, gates: list[str]) -> list[int]:
+        with self.r.pipeline(transaction=False) as p:
+            for gate in gates:
+                p.scard(gate)
+            return [int(n) for n in p.execute()]
+
+    def blocked_on(self, gates: list[str]) -> list[tuple[str, float]]:
+        """The lanes blocked on any of `gates`, with their heads' creation times."""
+        with self.r.pipeline(transaction=False) as p:
+            for gate in gates:
+                p.zrange(blocked_key(gate), 0, -1, withscores=True)
+            found: list[list[tuple[str, float]]] = p.execute()
+        return [lane for lanes in found for lane in lanes]
+
+    def every_head(self) -> list[tuple[str, str, float]]:
+        """(lane, head job, its creation time) of every non-empty lane, oldest first."""
+        lanes = sorted(cast(set[str], self.r.smembers(LANES)))
+        with self.r.pipeline(transaction=False) as p:
+            for lane in lanes:
+                p.zrange(lane, 0, 0, withscores=True)
+            heads: list[list[tuple[str, float]]] = p.execute()
+        found = []
+        for lane, head in zip(lanes, heads, strict=True):
+            if head:
+                found.append((lane, head[0][0], float(head[0][1])))
+            else:
+                self.forget(lane)
+        return sorted(found, key=lambda row: row[2])
+
+    def reindex(self, heads: list[tuple[str, str, float]]) -> int:
+        """Put back as ready every lane found in no index (a pass cut short); how many."""
+        indexed = set(cast(dict[str, str], self.r.hgetall(LANES_BLOCKED_BY)))
+        indexed |= {lane for lane, _ in self.ready()}
+        lost = {lane: score for lane, _, score in heads if lane not in indexed}
+        if lost:
+            self.r.zadd(LANES_READY, cast(Any, lost), nx=True)
+        return len(lost)
+
+    def forget(self, lane: str) -> None:
+        """A lane found empty (its jobs ended while waiting) leaves every index, if still
+        empty; one with a job again is put back as ready."""
+        self.drop("", JOB_PREFIX, lane)
+
+    def members(self) -> list[str]:
+        """Every job id in every lane (for tests and people; the passes never read this)."""
+        with self.r.pipeline(transaction=False) as p:
+            for lane in sorted(cast(set[str], self.r.smembers(LANES))):
+                p.zrange(lane, 0, -1)
+            return [job_id for ids in p.execute() for job_id in ids]
