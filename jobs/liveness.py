@@ -59,20 +59,25 @@ if cur == ARGV[1] or not cur then
 end
 return 0
 """
-# The same for every mark a worker holds, in one call (its heartbeat): KEYS the marks, ARGV[1]
-# the worker, ARGV[2] the time to live in ms. Returns 1 (kept) or 0 (another's) per mark.
+# The same for every mark a worker holds, in one call (its heartbeat): ARGV[1] the worker,
+# ARGV[2] the time to live in ms, ARGV[3] the marks' keys, space-separated (one argument: at
+# ten thousand marks, encoding one key per argument costs the client more than Redis spends
+# renewing them). Returns the positions (from 1) of the marks another worker holds: nearly
+# always none, so the answer stays small however many marks.
 _KEEP_MARKS_LUA = """
-local kept = {}
-for i = 1, #KEYS do
-  local cur = redis.call('GET', KEYS[i])
-  if cur == ARGV[1] or not cur then
-    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
-    kept[i] = 1
+local others, i = {}, 0
+for key in string.gmatch(ARGV[3], '%S+') do
+  i = i + 1
+  local cur = redis.call('GET', key)
+  if cur == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  elseif not cur then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
   else
-    kept[i] = 0
+    others[#others + 1] = i
   end
 end
-return kept
+return others
 """
 
 
@@ -168,14 +173,15 @@ class Liveness:
 
     def renew_runners(
         self, marks: list[tuple[str, str]], worker: str, ttl_s: float
-    ) -> dict[tuple[str, str], bool]:
+    ) -> list[tuple[str, str]]:
         """`renew_runner` for every (job id, phase) in `marks` in one round trip, so a
-        heartbeat costs the same however many phases its worker runs; what each came to."""
+        heartbeat costs one call however many phases its worker runs. Returns the marks
+        another worker holds (left as they are)."""
         if not marks:
-            return {}
-        keys = [runner_key(job_id, phase) for job_id, phase in marks]
-        kept = cast(list[int], self._keep_marks(keys=keys, args=[worker, _ms(ttl_s)]))
-        return {mark: bool(k) for mark, k in zip(marks, kept, strict=True)}
+            return []
+        keys = " ".join(runner_key(job_id, phase) for job_id, phase in marks)
+        others = cast(list[int], self._keep_marks(args=[worker, _ms(ttl_s), keys]))
+        return [marks[i - 1] for i in others]
 
     def drop_runner(self, job_id: str, phase: str, worker: str) -> None:
         self._release(keys=[runner_key(job_id, phase)], args=[worker])

@@ -53,10 +53,12 @@ for i = 13, #ARGV do
         for gate in string.gmatch(gates, '%S+') do redis.call('SREM', gate, ARGV[5]) end
       end
       local raw = redis.call('HGET', KEYS[1], 'spec')
-      if raw then
-        local spec = cjson.decode(raw)
+      local ok, spec = pcall(cjson.decode, raw or '')  -- a spec that is not JSON ends too
+      if ok and type(spec) == 'table' then
         for _, host in ipairs({spec['src'], spec['dst']}) do
-          redis.call('HDEL', ARGV[9] .. host .. ARGV[10], ARGV[5])
+          if type(host) == 'string' then
+            redis.call('HDEL', ARGV[9] .. host .. ARGV[10], ARGV[5])
+          end
         end
       end
     end
