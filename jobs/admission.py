@@ -128,7 +128,6 @@ class Admission:
         in no index are put back as ready, and jobs in the old one-line set move to lanes."""
         self._drain_legacy()
         heads = self.lanes.every_head()
-        self.lanes.reindex(heads)
         return self._run(
             settings,
             send,

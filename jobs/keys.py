@@ -171,6 +171,7 @@ LANES_BLOCKED_BY = f"{KEY_PREFIX}:lanes:blocked_by"  # hash: lane -> the gate re
 BLOCKING_GATES = f"{KEY_PREFIX}:lanes:blocking"
 BLOCKED_PREFIX = f"{KEY_PREFIX}:lanes:blocked:"
 LANE_FIELD = "lane"  # the job hash's field naming the lane it waits in
+SAFETY_PASS = f"{KEY_PREFIX}:lanes:safety"  # string with a time to live: who did the last one
 
 
 def lane_key(src: str, dst: str, parent: str | None = None) -> str:

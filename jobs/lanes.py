@@ -15,7 +15,7 @@ from the job's spec, and its gates from the registry.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import redis
 
@@ -27,8 +27,11 @@ from jobs.keys import (
     LANES,
     LANES_BLOCKED_BY,
     LANES_READY,
+    SAFETY_PASS,
     blocked_key,
 )
+
+MS_PER_S = 1000
 
 # Shared by the scripts below: KEYS[1] the lane, KEYS[3] every lane, KEYS[4] ready lanes,
 # KEYS[5] lane -> blocking gate, KEYS[6] gate -> limit; BLOCKED the blocked-set key prefix.
@@ -134,6 +137,34 @@ return {1, '', next_head(lane, blocked)}
 """
 )
 
+# Every lane's head. KEYS[1..4] = KEYS[3..6] of the scripts above (every lane, ready lanes,
+# lane -> blocking gate, gate -> limit); ARGV[1] the blocked-set prefix. Returns a flat list
+# of lane, head, creation time.
+_EVERY_HEAD_LUA = """
+local found = {}
+for _, lane in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local head = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
+  local gate = redis.call('HGET', KEYS[3], lane)
+  if #head == 0 then
+    if gate then
+      redis.call('ZREM', ARGV[1] .. gate, lane)
+      if redis.call('ZCARD', ARGV[1] .. gate) == 0 then redis.call('HDEL', KEYS[4], gate) end
+      redis.call('HDEL', KEYS[3], lane)
+    end
+    redis.call('ZREM', KEYS[2], lane)
+    redis.call('SREM', KEYS[1], lane)
+  else
+    if not gate and not redis.call('ZSCORE', KEYS[2], lane) then
+      redis.call('ZADD', KEYS[2], head[2], lane)
+    end
+    found[#found + 1] = lane
+    found[#found + 1] = head[1]
+    found[#found + 1] = head[2]
+  end
+end
+return found
+"""
+
 
 class Lanes:
     """The lanes and their indexes; every change goes through one script."""
@@ -143,6 +174,7 @@ class Lanes:
         self._line_up = client.register_script(_LINE_UP_LUA)
         self._drop = client.register_script(_DROP_LUA)
         self.admit_script = client.register_script(_ADMIT_LUA)
+        self._every_head = client.register_script(_EVERY_HEAD_LUA)
 
     @staticmethod
     def index_keys(lane: str, job_key: str) -> list[str]:
@@ -167,6 +199,11 @@ class Lanes:
     def ready(self) -> list[tuple[str, float]]:
         return cast(list[tuple[str, float]], self.r.zrange(LANES_READY, 0, -1, withscores=True))
 
+    def claim_safety_pass(self, holder: str, every_s: float) -> bool:
+        """True for one caller per `every_s` in the whole fleet: the safety pass is the same
+        work whoever does it, so two hundred workers need not all do it."""
+        return bool(self.r.set(SAFETY_PASS, holder, nx=True, px=int(every_s * MS_PER_S)))
+
     def blocking_gates(self) -> dict[str, int]:
         """Every gate some lane is blocked on -> its limit when it refused."""
         raw = cast(dict[str, str], self.r.hgetall(BLOCKING_GATES))
@@ -187,28 +224,15 @@ class Lanes:
         return [lane for lanes in found for lane in lanes]
 
     def every_head(self) -> list[tuple[str, str, float]]:
-        """(lane, head job, its creation time) of every non-empty lane, oldest first."""
-        lanes = sorted(cast(set[str], self.r.smembers(LANES)))
-        with self.r.pipeline(transaction=False) as p:
-            for lane in lanes:
-                p.zrange(lane, 0, 0, withscores=True)
-            heads: list[list[tuple[str, float]]] = p.execute()
-        found = []
-        for lane, head in zip(lanes, heads, strict=True):
-            if head:
-                found.append((lane, head[0][0], float(head[0][1])))
-            else:
-                self.forget(lane)
+        """(lane, head job, its creation time) of every non-empty lane, oldest first, in one
+        call: a lane found in no index is put back as ready (a pass cut short), an empty one
+        leaves every index."""
+        flat = cast(
+            list[str],
+            self._every_head(keys=self.index_keys("", JOB_PREFIX)[2:], args=[BLOCKED_PREFIX]),
+        )
+        found = [(flat[i], flat[i + 1], float(flat[i + 2])) for i in range(0, len(flat), 3)]
         return sorted(found, key=lambda row: row[2])
-
-    def reindex(self, heads: list[tuple[str, str, float]]) -> int:
-        """Put back as ready every lane found in no index (a pass cut short); how many."""
-        indexed = set(cast(dict[str, str], self.r.hgetall(LANES_BLOCKED_BY)))
-        indexed |= {lane for lane, _ in self.ready()}
-        lost = {lane: score for lane, _, score in heads if lane not in indexed}
-        if lost:
-            self.r.zadd(LANES_READY, cast(Any, lost), nx=True)
-        return len(lost)
 
     def forget(self, lane: str) -> None:
         """A lane found empty (its jobs ended while waiting) leaves every index, if still

@@ -2,8 +2,9 @@
 
 Every worker runs the quick pass on a short tick and right after a job it ran has ended
 (which is when a slot comes free), so a waiting migration starts within moments whoever's
-slot it takes; the pass reads only the lanes that can move. The safety pass, much rarer,
-looks at every lane's head, so that no step lost to a crash can leave a lane stranded.
+slot it takes; the pass reads only the lanes that can move. The safety pass, much rarer and
+done by one worker of the fleet at a time, looks at every lane's head, so that no step lost
+to a crash can leave a lane stranded.
 """
 
 from __future__ import annotations
@@ -34,5 +35,11 @@ def admit_waiting(rt: Runtime) -> list[str]:
 
 
 def admit_safety(rt: Runtime) -> list[str]:
-    """The safety pass: every lane's head (and the line of versions before lanes)."""
-    return _admission(rt).safety_pass(rt.settings, _start)
+    """The safety pass: every lane's head (and the line of versions before lanes), by one
+    worker of the fleet per `admission_safety_interval`."""
+    admission = _admission(rt)
+    if not admission.lanes.claim_safety_pass(
+        rt.worker_id, rt.settings.tunables.admission_safety_interval
+    ):
+        return []
+    return admission.safety_pass(rt.settings, _start)

@@ -181,3 +181,28 @@ def test_an_evacuations_children_wait_in_a_lane_of_their_own(
     assert store.r.zrange(lane_key("kvm1", "kvm3", "0123456789ab"), 0, -1) == [kids[1]]
     store.transition(kids[0], JobState.FAILED, host="test", reason="x")
     assert admission.pass_(cfg, none) == [kids[1]]
+
+
+def test_a_lane_lost_from_every_index_is_ready_again_even_when_the_cluster_is_full(
+    store: JobStore, redis_srv: RedisServer, tmp_path: Path, tried: list[str]
+) -> None:
+    cfg = settings(tmp_path, redis_srv, cluster=1)
+    first = submit(store, "web01", "kvm1", "kvm3")
+    admission = Admission(store)
+    assert admission.pass_(cfg, none) == [first]
+    older = submit(store, "web02", "kvm2", "kvm1")
+    lost = submit(store, "web03", "kvm3", "kvm2")
+    store.r.delete(LANES_READY)  # neither lane is in any index now
+    tried.clear()
+    assert admission.safety_pass(cfg, none) == []
+    assert tried == [older]  # the cluster refused it: the pass ends there
+    assert store.r.zscore(LANES_READY, lane_key("kvm3", "kvm2")) is not None  # but not lost
+    store.transition(first, JobState.FAILED, host="test", reason="x")
+    store.transition(older, JobState.CANCELLED, host="test", reason="x")
+    assert admission.pass_(cfg, none) == [lost]
+
+
+def test_one_worker_of_the_fleet_does_each_safety_pass(store: JobStore) -> None:
+    lanes = Admission(store).lanes
+    assert lanes.claim_safety_pass("worker-a", 30)
+    assert not lanes.claim_safety_pass("worker-b", 30)
