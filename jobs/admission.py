@@ -33,6 +33,7 @@ from jobs.admission_head import (
     ADMITTED,
     BAD_SPEC,
     REFUSED,
+    TERMINAL_NAMES,
     Gate,
     HeadTrial,
     Send,
@@ -47,7 +48,7 @@ from jobs.keys import (
     job_key,
     outbound_gate,
 )
-from jobs.lanes import Lanes
+from jobs.lanes import Lanes, lane_gates
 from jobs.request_signing import RequestVerifier
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
@@ -114,25 +115,39 @@ class Admission:
     def gates_with_room(self, settings: Settings) -> list[str]:
         """The gates some lane is blocked on that have room now (limits from the registry;
         an evacuation's from when it refused)."""
+        return self._blocking_gates(settings)[0]
+
+    def _blocking_gates(self, settings: Settings) -> tuple[list[str], set[str]]:
+        """The gates some lane is blocked on: those with room now, and those full."""
         blocking = self.lanes.blocking_gates()
         gates = sorted(blocking)
         counts = self.lanes.holders_count(gates)
-        return [
+        room = [
             gate
             for gate, held in zip(gates, counts, strict=True)
             if held < _limit_now(settings, gate, blocking[gate])
         ]
+        return room, set(gates) - set(room)
 
     def safety_pass(self, settings: Settings, send: Send) -> list[str]:
         """Every lane's head, oldest first, until the cluster-wide gate refuses; lanes found
-        in no index are put back as ready, and jobs in the old one-line set move to lanes."""
+        in no index are put back as ready, and jobs in the old one-line set move to lanes.
+
+        A head is not tried when its lane is blocked on one of its own gates that is full
+        now (its slots' holders checked first): it cannot start, whatever else is true.
+        """
         self._drain_legacy()
+        self.lanes.prune(sorted(self.lanes.blocking_gates()), TERMINAL_NAMES)
         heads = self.lanes.every_head()
+        full = self._blocking_gates(settings)[1]
+        heads = [
+            h for h in heads if not (h.blocked_on in full and h.blocked_on in lane_gates(h.lane))
+        ]
         return self._run(
             settings,
             send,
-            [(lane, score) for lane, _, score in heads],
-            {lane: head for lane, head, _ in heads},
+            [(h.lane, h.created) for h in heads],
+            {h.lane: h.head for h in heads},
         )
 
     def admit_waiting(self, settings: Settings, send: Send) -> list[str]:

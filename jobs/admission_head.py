@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 ADMITTED, REFUSED, GONE, ALREADY = 1, 0, -1, 2
 ADMISSION_HOST = "admission"  # the `host` of the events and transitions admission writes
 BAD_SPEC = "refused: the job record's spec is not valid"
-_TERMINAL_NAMES = sorted(s.value for s in TERMINAL)
+TERMINAL_NAMES = sorted(s.value for s in TERMINAL)
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,8 @@ class HeadTrial:
                     job_key(""),
                     GATES_FIELD,
                     BLOCKED_PREFIX,
-                    len(_TERMINAL_NAMES),
-                    *_TERMINAL_NAMES,
+                    len(TERMINAL_NAMES),
+                    *TERMINAL_NAMES,
                     *(g.limit for g in gates),
                 ],
             ),

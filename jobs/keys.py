@@ -170,6 +170,7 @@ LANES_BLOCKED_BY = f"{KEY_PREFIX}:lanes:blocked_by"  # hash: lane -> the gate re
 # hash: gate -> its limit when it last refused a lane, for every gate some lane is blocked on
 BLOCKING_GATES = f"{KEY_PREFIX}:lanes:blocking"
 BLOCKED_PREFIX = f"{KEY_PREFIX}:lanes:blocked:"
+LANE_PREFIX = f"{KEY_PREFIX}:lane:"
 LANE_FIELD = "lane"  # the job hash's field naming the lane it waits in
 SAFETY_PASS = f"{KEY_PREFIX}:lanes:safety"  # string with a time to live: who did the last one
 
@@ -177,7 +178,7 @@ SAFETY_PASS = f"{KEY_PREFIX}:lanes:safety"  # string with a time to live: who di
 def lane_key(src: str, dst: str, parent: str | None = None) -> str:
     """A lane: host names cannot hold ':' (jobs/spec.py), so the key names one lane only."""
     tail = f":{parent}" if parent else ""
-    return f"{KEY_PREFIX}:lane:{src}:{dst}{tail}"
+    return f"{LANE_PREFIX}{src}:{dst}{tail}"
 
 
 def blocked_key(gate: str) -> str:

@@ -15,6 +15,7 @@ from the job's spec, and its gates from the registry.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import cast
 
 import redis
@@ -22,13 +23,18 @@ import redis
 from jobs.keys import (
     BLOCKED_PREFIX,
     BLOCKING_GATES,
+    CLUSTER_GATE,
     JOB_PREFIX,
     LANE_FIELD,
+    LANE_PREFIX,
     LANES,
     LANES_BLOCKED_BY,
     LANES_READY,
     SAFETY_PASS,
     blocked_key,
+    evacuation_gate,
+    inbound_gate,
+    outbound_gate,
 )
 
 MS_PER_S = 1000
@@ -139,7 +145,7 @@ return {1, '', next_head(lane, blocked)}
 
 # Every lane's head. KEYS[1..4] = KEYS[3..6] of the scripts above (every lane, ready lanes,
 # lane -> blocking gate, gate -> limit); ARGV[1] the blocked-set prefix. Returns a flat list
-# of lane, head, creation time.
+# of lane, head, creation time, the gate it is blocked on ('' for none).
 _EVERY_HEAD_LUA = """
 local found = {}
 for _, lane in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -160,10 +166,41 @@ for _, lane in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     found[#found + 1] = lane
     found[#found + 1] = head[1]
     found[#found + 1] = head[2]
+    found[#found + 1] = gate or ''
   end
 end
 return found
 """
+
+# Slots held by jobs that ended or vanished without giving them back (a crash, a record
+# deleted by hand) leave their gates. KEYS the gates; ARGV[1] the job key prefix, ARGV[2..]
+# the terminal states.
+_PRUNE_LUA = """
+local ended = {}
+for i = 2, #ARGV do ended[ARGV[i]] = true end
+for _, gate in ipairs(KEYS) do
+  for _, member in ipairs(redis.call('SMEMBERS', gate)) do
+    local s = redis.call('HGET', ARGV[1] .. member, 'state')
+    if (not s) or ended[s] then redis.call('SREM', gate, member) end
+  end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class LaneHead:
+    lane: str
+    head: str  # the oldest job in it
+    created: float  # the head's creation time
+    blocked_on: str  # the gate the lane is blocked on, "" for none
+
+
+def lane_gates(lane: str) -> set[str]:
+    """The gates every job of `lane` falls under, from its key (host names hold no ':')."""
+    src, dst, *parent = lane.removeprefix(LANE_PREFIX).split(":")
+    gates = {outbound_gate(src), inbound_gate(dst), CLUSTER_GATE}
+    return gates | {evacuation_gate(p) for p in parent}
 
 
 class Lanes:
@@ -175,6 +212,7 @@ class Lanes:
         self._drop = client.register_script(_DROP_LUA)
         self.admit_script = client.register_script(_ADMIT_LUA)
         self._every_head = client.register_script(_EVERY_HEAD_LUA)
+        self._prune = client.register_script(_PRUNE_LUA)
 
     @staticmethod
     def index_keys(lane: str, job_key: str) -> list[str]:
@@ -223,16 +261,23 @@ class Lanes:
             found: list[list[tuple[str, float]]] = p.execute()
         return [lane for lanes in found for lane in lanes]
 
-    def every_head(self) -> list[tuple[str, str, float]]:
-        """(lane, head job, its creation time) of every non-empty lane, oldest first, in one
-        call: a lane found in no index is put back as ready (a pass cut short), an empty one
-        leaves every index."""
+    def every_head(self) -> list[LaneHead]:
+        """Every non-empty lane's head, oldest first, in one call: a lane found in no index
+        is put back as ready (a pass cut short), an empty one leaves every index."""
         flat = cast(
             list[str],
             self._every_head(keys=self.index_keys("", JOB_PREFIX)[2:], args=[BLOCKED_PREFIX]),
         )
-        found = [(flat[i], flat[i + 1], float(flat[i + 2])) for i in range(0, len(flat), 3)]
-        return sorted(found, key=lambda row: row[2])
+        found = [
+            LaneHead(flat[i], flat[i + 1], float(flat[i + 2]), flat[i + 3])
+            for i in range(0, len(flat), 4)
+        ]
+        return sorted(found, key=lambda row: row.created)
+
+    def prune(self, gates: list[str], terminal: list[str]) -> None:
+        """Take out of `gates` the slots of jobs that ended or vanished."""
+        if gates:
+            self._prune(keys=gates, args=[JOB_PREFIX, *terminal])
 
     def forget(self, lane: str) -> None:
         """A lane found empty (its jobs ended while waiting) leaves every index, if still

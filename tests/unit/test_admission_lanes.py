@@ -206,3 +206,29 @@ def test_one_worker_of_the_fleet_does_each_safety_pass(store: JobStore) -> None:
     lanes = Admission(store).lanes
     assert lanes.claim_safety_pass("worker-a", 30)
     assert not lanes.claim_safety_pass("worker-b", 30)
+
+
+def test_the_safety_pass_skips_only_lanes_truly_blocked_and_frees_slots_of_vanished_jobs(
+    store: JobStore, redis_srv: RedisServer, tmp_path: Path, tried: list[str]
+) -> None:
+    cfg = settings(tmp_path, redis_srv)
+    a = submit(store, "web01", "kvm1", "kvm2")
+    b = submit(store, "web02", "kvm3", "kvm2")  # blocked on kvm2 inbound (limit 1)
+    c = submit(store, "web03", "kvm1", "kvm3")
+    admission = Admission(store)
+    assert admission.pass_(cfg, none) == [a, c]
+    tried.clear()
+    assert admission.safety_pass(cfg, none) == []
+    assert tried == []  # b's lane waits on a gate of its own that is full: nothing to try
+
+    d = submit(store, "web04", "kvm3", "kvm1")
+    store.r.delete(LANES_READY)
+    forged = lane_key("kvm3", "kvm1")  # a Redis writer says it waits on kvm2's inbound gate
+    store.r.hset("drover:lanes:blocked_by", forged, inbound_gate("kvm2"))
+    store.r.zadd(f"drover:lanes:blocked:{inbound_gate('kvm2')}", {forged: 0})
+    assert admission.pass_(cfg, none) == []  # the quick pass believes the index
+    assert admission.safety_pass(cfg, none) == [d]  # the safety pass checks it: not d's gate
+
+    store.r.delete(job_key(a))  # a crash left kvm2's slot held by a job that is gone
+    assert admission.pass_(cfg, none) == []
+    assert admission.safety_pass(cfg, none) == [b]
