@@ -26,6 +26,7 @@ Every pass tries heads oldest first and stops as soon as the cluster-wide gate r
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 from jobs.admission_head import (
@@ -104,8 +105,7 @@ class Admission:
     def admit_after_free(self, settings: Settings, send: Send, freed_gates: list[str]) -> list[str]:
         """Admit from the ready lanes and those blocked on `freed_gates` (gates that have room
         now), oldest head first."""
-        lanes = self.lanes.ready() + self.lanes.blocked_on(freed_gates)
-        return self._run(settings, send, lanes, {})
+        return self._run(settings, send, self.lanes.oldest_first(freed_gates), {})
 
     def pass_(self, settings: Settings, send: Send) -> list[str]:
         """Admit whatever can have become admissible: the ready lanes and those blocked on a
@@ -158,14 +158,14 @@ class Admission:
         self,
         settings: Settings,
         send: Send,
-        lanes: list[tuple[str, float]],
+        lanes: Iterable[tuple[str, float]],
         heads: dict[str, str],
     ) -> list[str]:
-        """Each lane (once, oldest head first) from its head until a refusal; all stop once
-        the cluster-wide gate refuses."""
+        """Each lane (once, in the order given: oldest head first) from its head until a
+        refusal; all stop once the cluster-wide gate refuses."""
         admitted: list[str] = []
         seen: set[str] = set()
-        for lane, _ in sorted(lanes, key=lambda row: row[1]):
+        for lane, _ in lanes:
             if lane in seen:
                 continue
             seen.add(lane)

@@ -15,6 +15,8 @@ from the job's spec, and its gates from the registry.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -38,6 +40,7 @@ from jobs.keys import (
 )
 
 MS_PER_S = 1000
+LANE_PAGE = 32  # lanes read at a time from one index by a pass
 
 # Shared by the scripts below: KEYS[1] the lane, KEYS[3] every lane, KEYS[4] ready lanes,
 # KEYS[5] lane -> blocking gate, KEYS[6] gate -> limit; BLOCKED the blocked-set key prefix.
@@ -234,9 +237,6 @@ class Lanes:
         found = cast(list[str], self.r.zrange(lane, 0, 0))
         return found[0] if found else None
 
-    def ready(self) -> list[tuple[str, float]]:
-        return cast(list[tuple[str, float]], self.r.zrange(LANES_READY, 0, -1, withscores=True))
-
     def claim_safety_pass(self, holder: str, every_s: float) -> bool:
         """True for one caller per `every_s` in the whole fleet: the safety pass is the same
         work whoever does it, so two hundred workers need not all do it."""
@@ -253,13 +253,35 @@ class Lanes:
                 p.scard(gate)
             return [int(n) for n in p.execute()]
 
-    def blocked_on(self, gates: list[str]) -> list[tuple[str, float]]:
-        """The lanes blocked on any of `gates`, with their heads' creation times."""
+    def oldest_first(self, gates: list[str]) -> Iterator[tuple[str, float]]:
+        """The ready lanes and those blocked on any of `gates`, oldest head first, read a
+        page at a time (a pass usually stops after a few lanes, however many wait): the first
+        page of each in one round trip, the next ones only if the pass gets that far.
+
+        Pages follow creation time, not position, so lanes leaving a set while the pass runs
+        cannot make it skip others (a tie in time at a page's edge waits for the next pass).
+        """
+        keys = [LANES_READY, *(blocked_key(gate) for gate in gates)]
         with self.r.pipeline(transaction=False) as p:
-            for gate in gates:
-                p.zrange(blocked_key(gate), 0, -1, withscores=True)
-            found: list[list[tuple[str, float]]] = p.execute()
-        return [lane for lanes in found for lane in lanes]
+            for key in keys:
+                p.zrange(key, 0, LANE_PAGE - 1, withscores=True)
+            firsts: list[list[tuple[str, float]]] = p.execute()
+        return heapq.merge(
+            *(self._pages(key, first) for key, first in zip(keys, firsts, strict=True)),
+            key=lambda row: row[1],
+        )
+
+    def _pages(self, key: str, rows: list[tuple[str, float]]) -> Iterator[tuple[str, float]]:
+        while rows:
+            yield from rows
+            if len(rows) < LANE_PAGE:
+                return
+            rows = cast(
+                list[tuple[str, float]],
+                self.r.zrangebyscore(
+                    key, f"({rows[-1][1]}", "+inf", start=0, num=LANE_PAGE, withscores=True
+                ),
+            )
 
     def every_head(self) -> list[LaneHead]:
         """Every non-empty lane's head, oldest first, in one call: a lane found in no index

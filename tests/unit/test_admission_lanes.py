@@ -232,3 +232,37 @@ def test_the_safety_pass_skips_only_lanes_truly_blocked_and_frees_slots_of_vanis
     store.r.delete(job_key(a))  # a crash left kvm2's slot held by a job that is gone
     assert admission.pass_(cfg, none) == []
     assert admission.safety_pass(cfg, none) == [b]
+
+
+WIDE = """
+redis_url = "{url}"
+[cluster]
+max_migrations = {cluster}
+[hosts.kvm1]
+peer_uri = "qemu+tcp://192.0.2.1/system"
+migration_address = "192.0.2.1"
+limits = {{ max_outbound = 10, max_inbound = 10 }}
+[hosts.kvm2]
+peer_uri = "qemu+tcp://192.0.2.2/system"
+migration_address = "192.0.2.2"
+limits = {{ max_outbound = 10, max_inbound = 10 }}
+"""
+
+
+def test_a_pass_reads_lanes_a_page_at_a_time_oldest_head_first(
+    store: JobStore, redis_srv: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("jobs.lanes.LANE_PAGE", 2)
+    path = tmp_path / "wide.toml"
+
+    def registry(cluster: int):  # type: ignore[no-untyped-def]
+        path.write_text(WIDE.format(url=redis_srv.url, cluster=cluster))
+        return load_settings(path)
+
+    jobs = [  # one lane each: every evacuation has its own
+        submit(store, f"vm{i}", "kvm1", "kvm2", parent=f"00000000000{i}", parent_limit=5)
+        for i in range(7)
+    ]
+    admission = Admission(store)
+    assert admission.pass_(registry(1), none) == jobs[:1]  # jobs[1] refused: the pass ends
+    assert admission.pass_(registry(8), none) == jobs[1:]  # blocked and ready lanes, merged
