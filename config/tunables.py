@@ -112,3 +112,7 @@ class Tunables(BaseModel):
     host_facts_ttl: float = Field(default=15.0, gt=0)
     host_facts_max_skew: float = Field(default=5.0, ge=0)
     host_cpu_refresh: float = Field(default=300.0, gt=0)
+    # Besides the quick admission pass (every `admission_interval`: only the lanes that can
+    # move), each worker looks at every lane's head this often, so that a step lost to a
+    # crash in the middle of a pass cannot leave a lane waiting for ever.
+    admission_safety_interval: float = Field(default=15.0, gt=0)

@@ -8,110 +8,71 @@ gives the slots back in the same atomic step that ends the job (jobs/transition.
 held for exactly as long as its job lives: through a worker crash and its recovery, and never
 longer (a job that ended without giving a slot back is pruned by the next admission).
 
-Jobs not yet admitted wait in one sorted set, oldest first. Whoever runs `admit_waiting`
-(a producer after submitting, every worker on a short tick and whenever a job ends) admits
-what fits now; a job blocked on one host never holds up a job between two other hosts.
+Jobs not yet admitted wait in lanes, one per source -> destination (and evacuation), oldest
+first (jobs/lanes.py). Every job of a lane falls under the same gates, so a lane moves only
+from its head, and a refused head means the rest of the lane waits too; a job blocked on one
+host never holds up a job between two other hosts, which is in another lane. The passes:
+
+- `admit_lane`: one lane (a producer after submitting: its own job's lane, not the fleet's);
+- `pass_`: the ready lanes and those blocked on a gate that has room now (every worker on a
+  short tick and whenever a job ends); its cost follows the gates and the lanes that can
+  move, not the length of the line; `admit_after_free` is the same for gates the caller names;
+- `safety_pass` (`admit_waiting`): every lane's head, rarely, so that no lost step (a crash in
+  the middle of a pass) can strand a lane; it also moves jobs from the one-line waiting set
+  of earlier versions into their lanes.
+
+Every pass tries heads oldest first and stops as soon as the cluster-wide gate refuses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
+from jobs.admission_head import (
+    ADMISSION_HOST,
+    ADMITTED,
+    BAD_SPEC,
+    REFUSED,
+    TERMINAL_NAMES,
+    Gate,
+    HeadTrial,
+    Send,
+    gates_for,
+    lane_of,
+)
 from jobs.keys import (
     CLUSTER_GATE,
-    GATES_FIELD,
     WAITING,
     evacuation_gate,
     inbound_gate,
     job_key,
     outbound_gate,
 )
-from jobs.model import migration_event
-from jobs.request_signing import (
-    MIGRATION_KIND,
-    REQUEST_FIELD,
-    SECURITY_REASON,
-    RequestRefused,
-    RequestVerifier,
-    check_record,
-)
+from jobs.lanes import Lanes, lane_gates
+from jobs.request_signing import RequestVerifier
 from jobs.spec import MigrationSpec
-from jobs.states import TERMINAL, JobState
-from jobs.store import JobStore, now
+from jobs.states import JobState
+from jobs.store import JobStore
 
 if TYPE_CHECKING:
     from config.settings import Settings
 
-__all__ = ["CLUSTER_GATE", "WAITING", "evacuation_gate", "inbound_gate", "outbound_gate"]
+__all__ = [
+    "CLUSTER_GATE",
+    "WAITING",
+    "Gate",
+    "Send",
+    "evacuation_gate",
+    "gates_for",
+    "inbound_gate",
+    "lane_of",
+    "outbound_gate",
+]
 
-ADMITTED, REFUSED, GONE, ALREADY = 1, 0, -1, 2
-ADMISSION_HOST = "admission"  # the `host` of the events and transitions admission writes
-BAD_SPEC = "refused: the job record's spec is not valid"
-
-# KEYS[1] waiting set, KEYS[2] job hash, KEYS[3..] gate sets; ARGV[1] job id, ARGV[2] time,
-# ARGV[3] the queued state, ARGV[4] the job key prefix, ARGV[5] the gates field, ARGV[6] the
-# number of terminal states n, ARGV[7..6+n] those states, ARGV[7+n..] the gates' limits in
-# KEYS order. Returns {1} admitted, {0, gate} refused by gate, {-1, state} not waiting any
-# more (ended, aborted), {2} admitted before.
-_ADMIT_LUA = """
-local state = redis.call('HGET', KEYS[2], 'state')
-if state ~= ARGV[3] or redis.call('HEXISTS', KEYS[2], 'abort_requested') == 1 then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return {-1, state or ''}
-end
-if redis.call('HEXISTS', KEYS[2], 'admitted') == 1 then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return {2, ''}
-end
-local n = tonumber(ARGV[6])
-local ended = {}
-for i = 7, 6 + n do ended[ARGV[i]] = true end
-for i = 3, #KEYS do
-  for _, member in ipairs(redis.call('SMEMBERS', KEYS[i])) do
-    local s = redis.call('HGET', ARGV[4] .. member, 'state')
-    if (not s) or ended[s] then redis.call('SREM', KEYS[i], member) end
-  end
-  if redis.call('SCARD', KEYS[i]) >= tonumber(ARGV[4 + n + i]) then return {0, KEYS[i]} end
-end
-local gates = {}
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], ARGV[1])
-  gates[#gates + 1] = KEYS[i]
-end
-redis.call('HSET', KEYS[2], 'admitted', ARGV[2], ARGV[5], table.concat(gates, ' '))
-redis.call('HDEL', KEYS[2], 'waiting_for')
-redis.call('ZREM', KEYS[1], ARGV[1])
-return {1, ''}
-"""
-_TERMINAL_NAMES = sorted(s.value for s in TERMINAL)
-
-
-@dataclass(frozen=True)
-class Gate:
-    key: str
-    limit: int
-    label: str  # for people: "lab1 outbound (limit 2)"
-
-
-def gates_for(
-    spec: MigrationSpec, settings: Settings, parent_limit: int | None = None, parent: str = ""
-) -> list[Gate]:
-    """Every limit a migration falls under, read from the registry as it is now."""
-    src, dst = settings.host(spec.src).limits, settings.host(spec.dst).limits
-    cluster = settings.cluster.max_migrations
-    gates = [
-        Gate(outbound_gate(spec.src), src.max_outbound, f"{spec.src} outbound"),
-        Gate(inbound_gate(spec.dst), dst.max_inbound, f"{spec.dst} inbound"),
-        Gate(CLUSTER_GATE, cluster, "cluster-wide"),
-    ]
-    if parent and parent_limit is not None:
-        gates.append(Gate(evacuation_gate(parent), parent_limit, f"evacuation {parent}"))
-    return gates
-
-
-Send = Callable[[str, MigrationSpec], None]
+# A gate of a host no longer in the registry: treated as having room, so its lanes are tried
+# and their jobs end `failed` with the reason rather than wait for ever.
+_UNBOUNDED = 1 << 30
 
 
 class Admission:
@@ -122,113 +83,135 @@ class Admission:
         request; anything else ends `failed` here and nothing is sent."""
         self.store = store
         self.verifier = verifier
-        self._admit = store.r.register_script(_ADMIT_LUA)
+        self.lanes = Lanes(store.r)
+        self._heads = HeadTrial(store, self.lanes, verifier)
 
-    def wait(self, job_id: str, created: float) -> None:
-        """Put a new job in line; it starts when `admit_waiting` finds room for it."""
-        self.store.r.zadd(WAITING, {job_id: created})
+    def wait(self, job_id: str, spec: MigrationSpec, parent: str | None, created: float) -> str:
+        """Put a new job in its lane; returns the lane (for its submitter's `admit_lane`)."""
+        lane = lane_of(spec, parent)
+        self.lanes.line_up(job_id, job_key(job_id), lane, created)
+        return lane
 
     def waiting_ids(self) -> list[str]:
-        return cast(list[str], self.store.r.zrange(WAITING, 0, -1))
+        """Every job in line (reads every lane: for tests and people, not for the passes)."""
+        return self.lanes.members()
+
+    # --- the passes ---------------------------------------------------------------------------
+
+    def admit_lane(self, settings: Settings, send: Send, lane: str) -> list[str]:
+        """Admit, oldest first, what fits now from one lane."""
+        return self._run(settings, send, [(lane, 0.0)], {})
+
+    def admit_after_free(self, settings: Settings, send: Send, freed_gates: list[str]) -> list[str]:
+        """Admit from the ready lanes and those blocked on `freed_gates` (gates that have room
+        now), oldest head first."""
+        return self._run(settings, send, self.lanes.oldest_first(freed_gates), {})
+
+    def pass_(self, settings: Settings, send: Send) -> list[str]:
+        """Admit whatever can have become admissible: the ready lanes and those blocked on a
+        gate with room now. A few round trips whatever the length of the line."""
+        return self.admit_after_free(settings, send, self.gates_with_room(settings))
+
+    def gates_with_room(self, settings: Settings) -> list[str]:
+        """The gates some lane is blocked on that have room now (limits from the registry;
+        an evacuation's from when it refused)."""
+        return self._blocking_gates(settings)[0]
+
+    def _blocking_gates(self, settings: Settings) -> tuple[list[str], set[str]]:
+        """The gates some lane is blocked on: those with room now, and those full."""
+        blocking = self.lanes.blocking_gates()
+        gates = sorted(blocking)
+        counts = self.lanes.holders_count(gates)
+        room = [
+            gate
+            for gate, held in zip(gates, counts, strict=True)
+            if held < _limit_now(settings, gate, blocking[gate])
+        ]
+        return room, set(gates) - set(room)
+
+    def safety_pass(self, settings: Settings, send: Send) -> list[str]:
+        """Every lane's head, oldest first, until the cluster-wide gate refuses; lanes found
+        in no index are put back as ready, and jobs in the old one-line set move to lanes.
+
+        A head is not tried when its lane is blocked on one of its own gates that is full
+        now (its slots' holders checked first): it cannot start, whatever else is true.
+        """
+        self._drain_legacy()
+        self.lanes.prune(sorted(self.lanes.blocking_gates()), TERMINAL_NAMES)
+        heads = self.lanes.every_head()
+        full = self._blocking_gates(settings)[1]
+        heads = [
+            h for h in heads if not (h.blocked_on in full and h.blocked_on in lane_gates(h.lane))
+        ]
+        return self._run(
+            settings,
+            send,
+            [(h.lane, h.created) for h in heads],
+            {h.lane: h.head for h in heads},
+        )
 
     def admit_waiting(self, settings: Settings, send: Send) -> list[str]:
-        """Admit, oldest first, every waiting job that fits now; return the ids admitted."""
-        admitted = []
-        for job_id in self.waiting_ids():
-            if self._try(job_id, settings, send):
-                admitted.append(job_id)
+        """Admit, oldest first, every waiting job that fits now (the safety pass)."""
+        return self.safety_pass(settings, send)
+
+    def _run(
+        self,
+        settings: Settings,
+        send: Send,
+        lanes: Iterable[tuple[str, float]],
+        heads: dict[str, str],
+    ) -> list[str]:
+        """Each lane (once, in the order given: oldest head first) from its head until a
+        refusal; all stop once the cluster-wide gate refuses."""
+        admitted: list[str] = []
+        seen: set[str] = set()
+        for lane, _ in lanes:
+            if lane in seen:
+                continue
+            seen.add(lane)
+            head = heads.get(lane) or self.lanes.head(lane)
+            if head is None:
+                self.lanes.forget(lane)  # emptied by transitions: out of the indexes
+                continue
+            while head:
+                trial = self._heads.attempt(lane, head, settings, send)
+                if trial.code == REFUSED:
+                    if trial.gate == CLUSTER_GATE:
+                        return admitted
+                    break
+                if trial.code == ADMITTED:
+                    admitted.append(head)
+                head = trial.next_head
         return admitted
 
-    def _try(self, job_id: str, settings: Settings, send: Send) -> bool:
-        fields = cast(
-            list[str | None],
-            self.store.r.hmget(
-                job_key(job_id),
-                ["spec", "parent", "parent_limit", "waiting_for", REQUEST_FIELD],
-            ),
-        )
-        raw_spec, parent, parent_limit, waiting_for, request = fields
-        if raw_spec is None:
+    def _drain_legacy(self) -> None:
+        """Jobs in the waiting set of versions before lanes go to their lanes."""
+        old = cast(list[tuple[str, float]], self.store.r.zrange(WAITING, 0, -1, withscores=True))
+        for job_id, created in old:
+            raw, parent = cast(
+                list[str | None], self.store.r.hmget(job_key(job_id), ["spec", "parent"])
+            )
+            try:
+                spec = MigrationSpec.model_validate_json(raw) if raw else None
+            except ValueError:
+                self.store.transition(job_id, JobState.FAILED, host=ADMISSION_HOST, reason=BAD_SPEC)
+                spec = None
+            if spec is not None:
+                self.wait(job_id, spec, parent, created)
             self.store.r.zrem(WAITING, job_id)
-            return False
-        try:
-            spec = MigrationSpec.model_validate_json(raw_spec)
-        except ValueError:
-            self.store.r.zrem(WAITING, job_id)  # not a job any producer could have written
-            self.store.transition(job_id, JobState.FAILED, host=ADMISSION_HOST, reason=BAD_SPEC)
-            return False
-        try:
-            check_record(
-                self.verifier,
-                request,
-                job_id,
-                kind=MIGRATION_KIND,
-                spec=spec,
-                parent=parent,
-                parent_limit=int(parent_limit) if parent_limit else None,
-                max_age_s=settings.tunables.request_max_age,
-            )
-        except RequestRefused as exc:
-            reason = f"{SECURITY_REASON}: {exc}"
-            event = migration_event(
-                job_id, spec, "security.rejected", ADMISSION_HOST, reason=reason
-            )
-            self.store.append_event(job_id, event)
-            self._end(job_id, spec, JobState.FAILED, reason)
-            self.store.r.zrem(WAITING, job_id)
-            return False
-        try:
-            gates = gates_for(spec, settings, int(parent_limit or 0) or None, parent or "")
-        except Exception as exc:  # a host removed from the registry while the job waited
-            self._end(job_id, spec, JobState.FAILED, f"cannot admit: {exc}")
-            return False
-        result = cast(
-            list[Any],
-            self._admit(
-                keys=[WAITING, job_key(job_id), *(g.key for g in gates)],
-                args=[
-                    job_id,
-                    _now_iso(),
-                    JobState.QUEUED.value,
-                    job_key(""),
-                    GATES_FIELD,
-                    len(_TERMINAL_NAMES),
-                    *_TERMINAL_NAMES,
-                    *(g.limit for g in gates),
-                ],
-            ),
-        )
-        code = int(result[0])
-        if code == ADMITTED:
-            send(job_id, spec)
-            return True
-        if code == GONE and result[1] == JobState.QUEUED.value:
-            # Its abort was cut short between the flag and the transition: finish it.
-            self._end(job_id, spec, JobState.CANCELLED, "aborted before it started")
-        if code == REFUSED:
-            gate = next(g for g in gates if g.key == result[1])
-            reason = f"waiting for a slot: {gate.label} limit {gate.limit} reached"
-            if reason != waiting_for:  # tell followers once per reason, not once per pass
-                self.store.r.hset(job_key(job_id), "waiting_for", reason)
-                self.store.append_event(
-                    job_id,
-                    migration_event(job_id, spec, "job.waiting", ADMISSION_HOST, reason=reason),
-                )
-        return False
-
-    def _end(self, job_id: str, spec: MigrationSpec, final: JobState, reason: str) -> None:
-        moved, _ = self.store.transition(
-            job_id, final, host=ADMISSION_HOST, reason=reason, only_from=JobState.QUEUED
-        )
-        if moved:
-            event = migration_event(
-                job_id, spec, "job.state", ADMISSION_HOST, state=final.value, reason=reason
-            )
-            self.store.append_event(job_id, event)
 
     def holders(self, gate: str) -> set[str]:
         return cast(set[str], self.store.r.smembers(gate))
 
 
-def _now_iso() -> str:
-    return now().isoformat()
+def _limit_now(settings: Settings, gate: str, when_refused: int) -> int:
+    """A gate's limit in the registry as it is now (it may have changed since it refused)."""
+    if gate == CLUSTER_GATE:
+        return settings.cluster.max_migrations
+    for prefix, outbound in ((outbound_gate(""), True), (inbound_gate(""), False)):
+        if gate.startswith(prefix):
+            host = settings.hosts.get(gate.removeprefix(prefix))
+            if host is None:
+                return _UNBOUNDED
+            return host.limits.max_outbound if outbound else host.limits.max_inbound
+    return when_refused

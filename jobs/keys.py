@@ -205,3 +205,30 @@ def record_keys(job_id: str) -> list[str]:
 def host_facts_key(host: str) -> str:
     """A `HostFacts` record (JSON): memory, hypervisor CPU, running domains and groups."""
     return f"{KEY_PREFIX}:worker:{host}:facts"
+
+
+# --- the waiting line, by lane (jobs/lanes.py) -------------------------------------------------
+# A lane is every waiting job between one source and one destination (and of one evacuation,
+# whose --max-parallel is a gate of its own): a sorted set, oldest first. A non-empty lane is
+# either ready (its head not tried since it changed) or blocked on the one gate that refused
+# its head, so an admission pass looks only at lanes that can move.
+LANES = f"{KEY_PREFIX}:lanes"  # set: every lane key that may hold waiting jobs
+LANES_READY = f"{KEY_PREFIX}:lanes:ready"  # sorted set: lane -> its head's creation time
+LANES_BLOCKED_BY = f"{KEY_PREFIX}:lanes:blocked_by"  # hash: lane -> the gate refusing its head
+# hash: gate -> its limit when it last refused a lane, for every gate some lane is blocked on
+BLOCKING_GATES = f"{KEY_PREFIX}:lanes:blocking"
+BLOCKED_PREFIX = f"{KEY_PREFIX}:lanes:blocked:"
+LANE_PREFIX = f"{KEY_PREFIX}:lane:"
+LANE_FIELD = "lane"  # the job hash's field naming the lane it waits in
+SAFETY_PASS = f"{KEY_PREFIX}:lanes:safety"  # string with a time to live: who did the last one
+
+
+def lane_key(src: str, dst: str, parent: str | None = None) -> str:
+    """A lane: host names cannot hold ':' (jobs/spec.py), so the key names one lane only."""
+    tail = f":{parent}" if parent else ""
+    return f"{LANE_PREFIX}{src}:{dst}{tail}"
+
+
+def blocked_key(gate: str) -> str:
+    """Sorted set: the lanes whose head `gate` refused -> the head's creation time."""
+    return f"{BLOCKED_PREFIX}{gate}"

@@ -75,6 +75,26 @@ if cur == ARGV[1] or not cur then
 end
 return 0
 """
+# The same for every mark a worker holds, in one call (its heartbeat): ARGV[1] the worker,
+# ARGV[2] the time to live in ms, ARGV[3] the marks' keys, space-separated (one argument: at
+# ten thousand marks, encoding one key per argument costs the client more than Redis spends
+# renewing them). Returns the positions (from 1) of the marks another worker holds: nearly
+# always none, so the answer stays small however many marks.
+_KEEP_MARKS_LUA = """
+local others, i = {}, 0
+for key in string.gmatch(ARGV[3], '%S+') do
+  i = i + 1
+  local cur = redis.call('GET', key)
+  if cur == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  elseif not cur then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+  else
+    others[#others + 1] = i
+  end
+end
+return others
+"""
 
 
 def _ms(seconds: float) -> int:
@@ -87,6 +107,7 @@ class Liveness:
         self._release = client.register_script(_RELEASE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self._keep_mark = client.register_script(_KEEP_MARK_LUA)
+        self._keep_marks = client.register_script(_KEEP_MARKS_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
         self._take = client.register_script(_TAKE_LUA)
 
@@ -173,6 +194,18 @@ class Liveness:
         """Keep `worker`'s mark (putting it back if it lapsed); False if another holds it."""
         kept = self._keep_mark(keys=[runner_key(job_id, phase)], args=[worker, _ms(ttl_s)])
         return bool(kept)
+
+    def renew_runners(
+        self, marks: list[tuple[str, str]], worker: str, ttl_s: float
+    ) -> list[tuple[str, str]]:
+        """`renew_runner` for every (job id, phase) in `marks` in one round trip, so a
+        heartbeat costs one call however many phases its worker runs. Returns the marks
+        another worker holds (left as they are)."""
+        if not marks:
+            return []
+        keys = " ".join(runner_key(job_id, phase) for job_id, phase in marks)
+        others = cast(list[int], self._keep_marks(args=[worker, _ms(ttl_s), keys]))
+        return [marks[i - 1] for i in others]
 
     def drop_runner(self, job_id: str, phase: str, worker: str) -> None:
         self._release(keys=[runner_key(job_id, phase)], args=[worker])

@@ -1,8 +1,9 @@
 """Putting a migration in line: the one path every job takes, whoever asks for it.
 
 A producer's `submit` and an evacuation's child jobs both come through here, so the domain
-lease, the queued event and the waiting line (jobs/admission.py) hold for all of them; the
-caller then runs admission, which starts whatever fits under the limits.
+lease, the queued event and the job's lane in the waiting line (jobs/lanes.py) hold for all
+of them; the caller then runs admission on that lane (a producer) or on what can move (a
+worker's pass), which starts whatever fits under the limits.
 """
 
 from __future__ import annotations
@@ -68,5 +69,5 @@ def enqueue(
             parent=parent,
         ),
     )
-    Admission(store).wait(job_id, datetime.now(UTC).timestamp())
+    Admission(store).wait(job_id, spec, parent, datetime.now(UTC).timestamp())
     return job_id

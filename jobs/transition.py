@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 
-from jobs.keys import GATES_FIELD, RESERVATIONS_PREFIX, RESERVATIONS_SUFFIX
+from jobs.keys import GATES_FIELD, LANE_FIELD, RESERVATIONS_PREFIX, RESERVATIONS_SUFFIX
 from jobs.states import StateTable
 
 if TYPE_CHECKING:
@@ -36,14 +36,14 @@ if TYPE_CHECKING:
 # ("" for none), ARGV[5] record id, ARGV[6] "1" if the target is terminal, ARGV[7] the stall
 # state ("" if the kind has none), ARGV[8] "1" if the target drops a pending abort, ARGV[9]
 # and ARGV[10] the reservations key around a host name, ARGV[11] the gates field,
-# ARGV[12..] the allowed source states.
+# ARGV[12] the lane field (jobs/lanes.py), ARGV[13..] the allowed source states.
 # Returns {1, previous} when moved, {2, current} when already there, {0, current} if refused.
 TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 if cur == ARGV[1] then return {2, cur} end
 local stall = ARGV[7]
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   if cur == ARGV[i] then
     redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
     if stall ~= '' and cur == stall then redis.call('HDEL', KEYS[1], 'reason', 'stalled_from') end
@@ -54,15 +54,19 @@ for i = 12, #ARGV do
     if ARGV[6] == '1' then
       redis.call('SREM', KEYS[3], ARGV[5])
       redis.call('ZREM', KEYS[4], ARGV[5])
+      local lane = redis.call('HGET', KEYS[1], ARGV[12])
+      if lane then redis.call('ZREM', lane, ARGV[5]) end
       local gates = redis.call('HGET', KEYS[1], ARGV[11])
       if gates then
         for gate in string.gmatch(gates, '%S+') do redis.call('SREM', gate, ARGV[5]) end
       end
       local raw = redis.call('HGET', KEYS[1], 'spec')
-      if raw then
-        local spec = cjson.decode(raw)
+      local ok, spec = pcall(cjson.decode, raw or '')  -- a spec that is not JSON ends too
+      if ok and type(spec) == 'table' then
         for _, host in ipairs({spec['src'], spec['dst']}) do
-          redis.call('HDEL', ARGV[9] .. host .. ARGV[10], ARGV[5])
+          if type(host) == 'string' then
+            redis.call('HDEL', ARGV[9] .. host .. ARGV[10], ARGV[5])
+          end
         end
       end
     end
@@ -169,5 +173,6 @@ class Transitioner:
             RESERVATIONS_PREFIX,
             RESERVATIONS_SUFFIX,
             GATES_FIELD,
+            LANE_FIELD,
             *sorted(allowed),
         ]

@@ -21,7 +21,7 @@ from config.celery import host_queue, make_app
 from config.security import ensure_signing
 from config.settings import Settings, load_settings
 from jobs.abort import TooLate, abort_job, rollback_sender
-from jobs.admission import Admission
+from jobs.admission import Admission, lane_of
 from jobs.errors import BrokerUnavailable as BrokerUnavailable
 from jobs.errors import SubmitError as SubmitError
 from jobs.errors import broker_errors
@@ -111,15 +111,19 @@ class Drover:
                 raise SubmitError(str(exc)) from None
         # The job is recorded and in line: whatever happens next, it will run. If starting it
         # here fails, every worker's admission tick (or recovery, once admitted) starts it.
+        # Only this job's lane: the rest of the line is the workers' (a pass on each tick and
+        # whenever a job ends), so a submit costs the same however long the line is.
         with contextlib.suppress(Exception):
-            self.admit()
+            self.admission.admit_lane(self.settings, self._start, lane_of(spec, None))
         return job_id
 
     def admit(self) -> list[str]:
-        """Start every waiting job that fits under the limits now (workers do this too)."""
-        return self.admission.admit_waiting(
-            self.settings, lambda job_id, spec: self.send(migration_chain(self._app, job_id, spec))
-        )
+        """Start every waiting job that fits under the limits now, looking at every lane's
+        head (the workers' safety pass; their usual pass looks only at what can move)."""
+        return self.admission.safety_pass(self.settings, self._start)
+
+    def _start(self, job_id: str, spec: MigrationSpec) -> None:
+        self.send(migration_chain(self._app, job_id, spec))
 
     def send(self, signature: Signature) -> None:
         """Publish a task (or a chain), signed with this fleet's key when signing is on."""

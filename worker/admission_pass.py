@@ -1,7 +1,10 @@
 """The worker's side of admission: start waiting jobs that now fit (jobs/admission.py).
 
-Every worker runs it on a short tick and right after a job it ran has ended (which is when a
-slot comes free), so a waiting migration starts within moments whoever's slot it takes.
+Every worker runs the quick pass on a short tick and right after a job it ran has ended
+(which is when a slot comes free), so a waiting migration starts within moments whoever's
+slot it takes; the pass reads only the lanes that can move. The safety pass, much rarer and
+done by one worker of the fleet at a time, looks at every lane's head, so that no step lost
+to a crash can leave a lane stranded.
 """
 
 from __future__ import annotations
@@ -22,6 +25,21 @@ def _start(job_id: str, spec: MigrationSpec) -> None:
     log.info("job.admitted", job_id=job_id, domain=spec.domain, src=spec.src, dst=spec.dst)
 
 
+def _admission(rt: Runtime) -> Admission:
+    return Admission(rt.store, verifier_for(rt.settings.security))
+
+
 def admit_waiting(rt: Runtime) -> list[str]:
-    verifier = verifier_for(rt.settings.security)
-    return Admission(rt.store, verifier).admit_waiting(rt.settings, _start)
+    """The quick pass: ready lanes and those blocked on a gate with room now."""
+    return _admission(rt).pass_(rt.settings, _start)
+
+
+def admit_safety(rt: Runtime) -> list[str]:
+    """The safety pass: every lane's head (and the line of versions before lanes), by one
+    worker of the fleet per `admission_safety_interval`."""
+    admission = _admission(rt)
+    if not admission.lanes.claim_safety_pass(
+        rt.worker_id, rt.settings.tunables.admission_safety_interval
+    ):
+        return []
+    return admission.safety_pass(rt.settings, _start)

@@ -26,7 +26,7 @@ from jobs.host_facts import MAX_TEXT, HostFacts, publish_facts
 from jobs.phases import PHASE_NAMES
 from jobs.store import JobNotFound, now
 from worker import evacuation_watch, recovery
-from worker.admission_pass import admit_waiting
+from worker.admission_pass import admit_safety, admit_waiting
 from worker.host_memory import room_mib
 from worker.host_probe import collect_facts
 from worker.job_end import job_context
@@ -158,6 +158,7 @@ def duties() -> list[Duty]:
         Duty("report", lambda t: t.heartbeat_interval, _report),
         Duty("recovery", lambda t: t.watchdog_interval, recovery.sweep),
         Duty("admission", lambda t: t.admission_interval, admit_waiting),
+        Duty("admission-safety", lambda t: t.admission_safety_interval, admit_safety),
         Duty("evacuations", lambda t: t.evacuation_check_interval, evacuation_watch.watch),
     ]
 

@@ -85,8 +85,7 @@ class Runtime:
         ttl = self.settings.tunables.heartbeat_ttl
         with self.lock:
             running = sorted((j, p) for j, p in self.running if p in PHASE_NAMES)
-        for job_id, phase in running:
-            self.store.renew_runner(job_id, phase, self.worker_id, ttl)
+        self.store.renew_runners(running, self.worker_id, ttl)  # one round trip for all
 
     @property
     def draining(self) -> bool:

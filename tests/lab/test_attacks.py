@@ -24,6 +24,7 @@ from config.redis_acl import PRODUCER, WORKER
 from jobs.abort import rollback_sender
 from jobs.admission import inbound_gate
 from jobs.evacuation import EvacuationSpec, EvacuationStore, Placement
+from jobs.keys import LANES, LANES_READY, lane_key
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
 from jobs.request_signing import RequestSigner
@@ -227,7 +228,10 @@ def test_a_forged_waiting_job_never_reaches_libvirt(lab: Lab, guest_home: None) 
         undefine_source=True,
     )
     forged = forge_job(lab, spec, state="queued", admitted=False)
-    lab.drover.store.r.zadd("drover:waiting", {forged.id: 0})
+    r = lab.drover.store.r  # put in its lane by hand, as a Redis writer could
+    r.zadd(lane_key("lab1", "lab2"), {forged.id: 0})
+    r.sadd(LANES, lane_key("lab1", "lab2"))
+    r.zadd(LANES_READY, {lane_key("lab1", "lab2"): 0})
     job = refused_for_security(lab, forged.id)
     assert not job.phases and job.admitted is None
     for host in ("lab1", "lab2"):

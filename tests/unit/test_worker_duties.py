@@ -131,6 +131,23 @@ def test_a_mark_lost_in_a_redis_outage_is_put_back_but_never_over_another(
     assert store.runner(job_id, "perform") == "old"
 
 
+def test_one_call_renews_every_mark_puts_back_a_lapsed_one_and_never_takes_another(
+    store: JobStore,
+) -> None:
+    jobs = [
+        store.create(SPEC.model_copy(update={"domain": f"web{i}"}), host="cli") for i in range(3)
+    ]
+    mine, lapsed, theirs = ((job_id, "perform") for job_id in jobs)
+    assert store.take_runner(*mine, "me", 30) is None
+    assert store.take_runner(*theirs, "other", 30) is None
+    store.r.pexpire(runner_key(*mine), 500)  # close to lapsing: the renewal extends it
+    assert store.renew_runners([mine, lapsed, theirs], "me", 30) == [theirs]
+    assert store.runner(*mine) == "me" and store.r.pttl(runner_key(*mine)) > 500
+    assert store.runner(*lapsed) == "me"  # lapsed in an outage: put back
+    assert store.runner(*theirs) == "other"
+    assert store.renew_runners([], "me", 30) == []
+
+
 def test_recovery_leaves_alone_a_phase_another_live_worker_of_the_host_runs(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,189 @@
+"""Trying one lane's head: everything admission checks before a job may take its slots.
+
+The job's record is read and judged here, never the lane it was found in: its spec must be
+valid, its signed request verified (jobs/request_signing.py), the lane must be the one its
+spec and evacuation name, and its gates are derived from the registry as it is now. A job
+failing any of these ends `failed` with the reason and leaves the line; one that fits takes a
+slot in every gate at once (jobs/lanes.py) and is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from jobs.keys import (
+    BLOCKED_PREFIX,
+    CLUSTER_GATE,
+    GATES_FIELD,
+    evacuation_gate,
+    inbound_gate,
+    job_key,
+    lane_key,
+    outbound_gate,
+)
+from jobs.lanes import Lanes
+from jobs.model import migration_event
+from jobs.request_signing import (
+    MIGRATION_KIND,
+    REQUEST_FIELD,
+    SECURITY_REASON,
+    RequestRefused,
+    RequestVerifier,
+    check_record,
+)
+from jobs.spec import MigrationSpec
+from jobs.states import TERMINAL, JobState
+from jobs.store import JobStore, now
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+ADMITTED, REFUSED, GONE, ALREADY = 1, 0, -1, 2
+ADMISSION_HOST = "admission"  # the `host` of the events and transitions admission writes
+BAD_SPEC = "refused: the job record's spec is not valid"
+TERMINAL_NAMES = sorted(s.value for s in TERMINAL)
+
+
+@dataclass(frozen=True)
+class Gate:
+    key: str
+    limit: int
+    label: str  # for people: "lab1 outbound (limit 2)"
+
+
+def gates_for(
+    spec: MigrationSpec, settings: Settings, parent_limit: int | None = None, parent: str = ""
+) -> list[Gate]:
+    """Every limit a migration falls under, read from the registry as it is now."""
+    src, dst = settings.host(spec.src).limits, settings.host(spec.dst).limits
+    cluster = settings.cluster.max_migrations
+    gates = [
+        Gate(outbound_gate(spec.src), src.max_outbound, f"{spec.src} outbound"),
+        Gate(inbound_gate(spec.dst), dst.max_inbound, f"{spec.dst} inbound"),
+        Gate(CLUSTER_GATE, cluster, "cluster-wide"),
+    ]
+    if parent and parent_limit is not None:
+        gates.append(Gate(evacuation_gate(parent), parent_limit, f"evacuation {parent}"))
+    return gates
+
+
+def lane_of(spec: MigrationSpec, parent: str | None) -> str:
+    """The lane a job belongs in: its source, destination and evacuation."""
+    return lane_key(spec.src, spec.dst, parent or None)
+
+
+Send = Callable[[str, MigrationSpec], None]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What trying a head came to: the code, the refusing gate, the lane's next head."""
+
+    code: int
+    gate: str = ""
+    next_head: str = ""
+
+
+class HeadTrial:
+    """Tries lane heads, one at a time; `send` starts an admitted job (Celery stays outside)."""
+
+    def __init__(self, store: JobStore, lanes: Lanes, verifier: RequestVerifier | None) -> None:
+        self.store = store
+        self.lanes = lanes
+        self.verifier = verifier
+
+    def attempt(self, lane: str, job_id: str, settings: Settings, send: Send) -> Trial:
+        fields = cast(
+            list[str | None],
+            self.store.r.hmget(
+                job_key(job_id),
+                ["spec", "parent", "parent_limit", "waiting_for", REQUEST_FIELD],
+            ),
+        )
+        raw_spec, parent, parent_limit, waiting_for, request = fields
+        if raw_spec is None:
+            return self._out(lane, job_id)
+        try:
+            spec = MigrationSpec.model_validate_json(raw_spec)
+        except ValueError:  # not a job any producer could have written
+            self.store.transition(job_id, JobState.FAILED, host=ADMISSION_HOST, reason=BAD_SPEC)
+            return self._out(lane, job_id)
+        try:
+            check_record(
+                self.verifier,
+                request,
+                job_id,
+                kind=MIGRATION_KIND,
+                spec=spec,
+                parent=parent,
+                parent_limit=int(parent_limit) if parent_limit else None,
+                max_age_s=settings.tunables.request_max_age,
+            )
+        except RequestRefused as exc:
+            reason = f"{SECURITY_REASON}: {exc}"
+            event = migration_event(
+                job_id, spec, "security.rejected", ADMISSION_HOST, reason=reason
+            )
+            self.store.append_event(job_id, event)
+            return self._fail(lane, job_id, spec, reason)
+        own = lane_of(spec, parent)
+        if lane != own:  # put there by a Redis writer, not by enqueue
+            reason = f"refused: the job was found in the waiting line {lane}, not its own {own}"
+            return self._fail(lane, job_id, spec, reason)
+        try:
+            gates = gates_for(spec, settings, int(parent_limit or 0) or None, parent or "")
+        except Exception as exc:  # a host removed from the registry while the job waited
+            return self._fail(lane, job_id, spec, f"cannot admit: {exc}")
+        result = cast(
+            list[Any],
+            self.lanes.admit_script(
+                keys=[*Lanes.index_keys(lane, job_key(job_id)), *(g.key for g in gates)],
+                args=[
+                    job_id,
+                    now().isoformat(),
+                    JobState.QUEUED.value,
+                    job_key(""),
+                    GATES_FIELD,
+                    BLOCKED_PREFIX,
+                    len(TERMINAL_NAMES),
+                    *TERMINAL_NAMES,
+                    *(g.limit for g in gates),
+                ],
+            ),
+        )
+        trial = Trial(int(result[0]), str(result[1]), str(result[2]))
+        if trial.code == ADMITTED:
+            send(job_id, spec)
+        elif trial.code == GONE and trial.gate == JobState.QUEUED.value:
+            # Its abort was cut short between the flag and the transition: finish it.
+            self._end(job_id, spec, JobState.CANCELLED, "aborted before it started")
+            return Trial(GONE, "", trial.next_head)
+        elif trial.code == REFUSED:
+            gate = next(g for g in gates if g.key == trial.gate)
+            reason = f"waiting for a slot: {gate.label} limit {gate.limit} reached"
+            if reason != waiting_for:  # tell followers once per reason, not once per pass
+                self.store.r.hset(job_key(job_id), "waiting_for", reason)
+                self.store.append_event(
+                    job_id,
+                    migration_event(job_id, spec, "job.waiting", ADMISSION_HOST, reason=reason),
+                )
+        return trial
+
+    def _out(self, lane: str, job_id: str) -> Trial:
+        return Trial(GONE, "", self.lanes.drop(job_id, job_key(job_id), lane))
+
+    def _fail(self, lane: str, job_id: str, spec: MigrationSpec, reason: str) -> Trial:
+        self._end(job_id, spec, JobState.FAILED, reason)
+        return self._out(lane, job_id)
+
+    def _end(self, job_id: str, spec: MigrationSpec, final: JobState, reason: str) -> None:
+        moved, _ = self.store.transition(
+            job_id, final, host=ADMISSION_HOST, reason=reason, only_from=JobState.QUEUED
+        )
+        if moved:
+            event = migration_event(
+                job_id, spec, "job.state", ADMISSION_HOST, state=final.value, reason=reason
+            )
+            self.store.append_event(job_id, event)
