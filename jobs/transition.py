@@ -25,25 +25,37 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 
-from jobs.keys import GATES_FIELD, LANE_FIELD, RESERVATIONS_PREFIX, RESERVATIONS_SUFFIX
+from jobs.keys import (
+    BLOCKED_PREFIX,
+    BLOCKING_GATES,
+    GATES_FIELD,
+    LANE_FIELD,
+    LANES,
+    LANES_BLOCKED_BY,
+    LANES_READY,
+    RESERVATIONS_PREFIX,
+    RESERVATIONS_SUFFIX,
+)
 from jobs.states import StateTable
 
 if TYPE_CHECKING:
     from jobs.retention import Retention
 
-# KEYS[1] record hash, KEYS[2] history list, KEYS[3] active set, KEYS[4] waiting line.
+# KEYS[1] record hash, KEYS[2] history list, KEYS[3] active set, KEYS[4] waiting line,
+# KEYS[5..8] the lanes' indexes: every lane, ready lanes, lane -> blocking gate, gate -> limit.
 # ARGV[1] target, ARGV[2] timestamp, ARGV[3] history entry ("" keeps none), ARGV[4] reason
 # ("" for none), ARGV[5] record id, ARGV[6] "1" if the target is terminal, ARGV[7] the stall
 # state ("" if the kind has none), ARGV[8] "1" if the target drops a pending abort, ARGV[9]
 # and ARGV[10] the reservations key around a host name, ARGV[11] the gates field,
-# ARGV[12] the lane field (jobs/lanes.py), ARGV[13..] the allowed source states.
+# ARGV[12] the lane field (jobs/lanes.py), ARGV[13] the blocked-lanes key prefix, ARGV[14..]
+# the allowed source states. A lane its end leaves empty leaves the indexes with it.
 # Returns {1, previous} when moved, {2, current} when already there, {0, current} if refused.
 TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 if cur == ARGV[1] then return {2, cur} end
 local stall = ARGV[7]
-for i = 13, #ARGV do
+for i = 14, #ARGV do
   if cur == ARGV[i] then
     redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
     if stall ~= '' and cur == stall then redis.call('HDEL', KEYS[1], 'reason', 'stalled_from') end
@@ -55,7 +67,20 @@ for i = 13, #ARGV do
       redis.call('SREM', KEYS[3], ARGV[5])
       redis.call('ZREM', KEYS[4], ARGV[5])
       local lane = redis.call('HGET', KEYS[1], ARGV[12])
-      if lane then redis.call('ZREM', lane, ARGV[5]) end
+      if lane then
+        redis.call('ZREM', lane, ARGV[5])
+        if redis.call('ZCARD', lane) == 0 then
+          redis.call('SREM', KEYS[5], lane)
+          redis.call('ZREM', KEYS[6], lane)
+          local gate = redis.call('HGET', KEYS[7], lane)
+          if gate then
+            local blocked = ARGV[13] .. gate
+            redis.call('HDEL', KEYS[7], lane)
+            redis.call('ZREM', blocked, lane)
+            if redis.call('ZCARD', blocked) == 0 then redis.call('HDEL', KEYS[8], gate) end
+          end
+        end
+      end
       local gates = redis.call('HGET', KEYS[1], ARGV[11])
       if gates then
         for gate in string.gmatch(gates, '%S+') do redis.call('SREM', gate, ARGV[5]) end
@@ -77,6 +102,7 @@ return {0, cur}
 """
 
 MOVED, ALREADY_THERE = 1, 2
+LANE_INDEXES = (LANES, LANES_READY, LANES_BLOCKED_BY, BLOCKING_GATES)
 
 
 @dataclass(frozen=True)
@@ -119,7 +145,7 @@ class Transitioner:
     ) -> Outcome:
         """Move the record to `target` if its state allows it (narrowed to `only_from`)."""
         args = self._args(record_id, target, at, entry, reason, only_from)
-        script_keys = [keys.record, keys.history, keys.active, keys.waiting]
+        script_keys = [keys.record, keys.history, keys.active, keys.waiting, *LANE_INDEXES]
         if self.retention is None or target not in self.table.terminal:
             raw = self._script(keys=script_keys, args=args)
         else:
@@ -143,7 +169,7 @@ class Transitioner:
         """Stack the transition (and, ending, the retention) on `pipe` without reading the
         outcome: for filling a store with history in bulk (bench/history.py)."""
         args = self._args(record_id, target, at, entry, None, None)
-        script_keys = [keys.record, keys.history, keys.active, keys.waiting]
+        script_keys = [keys.record, keys.history, keys.active, keys.waiting, *LANE_INDEXES]
         self._script(keys=script_keys, args=args, client=pipe)
         if self.retention is not None and target in self.table.terminal:
             self.retention.queue_end(pipe, record_id, time.time(), self.table.terminal)
@@ -174,5 +200,6 @@ class Transitioner:
             RESERVATIONS_SUFFIX,
             GATES_FIELD,
             LANE_FIELD,
+            BLOCKED_PREFIX,
             *sorted(allowed),
         ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -34,7 +33,6 @@ from jobs.evacuation import (
     EvacuationStore,
 )
 from jobs.evacuations import EvacuationService
-from jobs.follow import MS_PER_S, wait_for_end
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import POSTCOPY_TASK
@@ -52,6 +50,7 @@ from producer.hosts import host_rows, set_host_enabled
 from producer.hosts import producer_name as producer_name
 from producer.jobs_list import job_filter, list_jobs
 from producer.outage import OutageRider
+from producer.waiting import Ended, rider, wait_for_state_event
 
 TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
 
@@ -221,38 +220,18 @@ class Drover:
         return ride(lambda: self.evacuations.get(evacuation_id))
 
     def _rider(self, job_id: str, timeout: float | None) -> OutageRider:
-        """Redis calls of one follower of `job_id`, riding out an outage (bounded by the
-        follower's own `timeout` too)."""
-        return OutageRider(
-            redis_location(self.settings.redis_url),
-            f"job {job_id}",
-            self.settings.tunables.wait_redis_outage,
-            self.notice,
-            deadline=None if timeout is None else time.monotonic() + timeout,
-            follow_again=f"drover events {job_id} --follow",
-        )
+        return rider(self.settings, self.notice, job_id, timeout)
 
     def _wait_for_end(
         self,
         job_id: str,
-        ended: Callable[[], tuple[bool, str]],
-        state_event: str,
-        terminal_names: frozenset[str],
+        ended: Ended,
+        event: str,
+        names: frozenset[str],
         timeout: float | None,
         ride: OutageRider,
     ) -> None:
-        wait_for_end(
-            self.store,
-            job_id,
-            lambda: ended()[0],
-            end_event=lambda ev: (
-                ev.get("event") == state_event and ev.get("state") in terminal_names
-            ),
-            state=lambda: ended()[1],
-            block_ms=int(MS_PER_S * self.settings.tunables.wait_block),
-            timeout=timeout,
-            guard=ride,
-        )
+        wait_for_state_event(self.store, self.settings, job_id, ended, event, names, timeout, ride)
 
     # --- evacuations (jobs/evacuations.py) and maintenance (producer/hosts.py) ---------------
 
