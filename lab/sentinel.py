@@ -40,7 +40,7 @@ REPLICA_NODE_RULES = "resetchannels -@all +psync +replconf +ping"
 # What a client (redis-py's Sentinel, kombu's, redbeat's) asks a sentinel: where the master
 # is and which sentinels and replicas there are; nothing that reconfigures or fails over.
 CLIENT_SENTINEL_RULES = (
-    "resetchannels -@all +ping +auth +hello +client|setinfo +client|setname "
+    "resetchannels -@all +ping +auth +hello +client|setname "
     "+sentinel|get-master-addr-by-name +sentinel|masters +sentinel|master "
     "+sentinel|sentinels +sentinel|slaves +sentinel|replicas"
 )
@@ -116,7 +116,8 @@ def start_replica(lab: LabLayout, acl: str, replica_password: str) -> int:
 
 
 def start_sentinels(lab: LabLayout, passwords: Mapping[str, str]) -> list[int]:
-    """Three redis-sentinel processes; return once each sees the master and its replica."""
+    """Three redis-sentinel processes; return once each sees the replica in sync and the
+    other two (before that, a failover could not happen)."""
     pids = []
     for index, port in enumerate(lab.sentinel_ports):
         directory = lab.sentinel_dir(index)
@@ -146,11 +147,16 @@ def _ask(port: int, password: str) -> redis.Redis:
 
 
 def _sees_replica(port: int, password: str) -> bool:
+    """The sentinel sees the replica in sync and the other sentinels: it can fail over."""
     try:
         with _ask(port, password) as client:
-            return bool(client.sentinel_slaves(MASTER_NAME))
+            replicas = client.sentinel_slaves(MASTER_NAME)
+            # (redis-py 6.4's parsers of SENTINEL SENTINELS / MASTER fail: the raw reply)
+            others = len(client.execute_command("SENTINEL", "SENTINELS", MASTER_NAME))
     except redis.RedisError:
         return False
+    synced = [r for r in replicas if r.get("master-link-status") == "ok"]
+    return bool(synced) and others == len(LabLayout.from_env().sentinel_ports) - 1
 
 
 def master_port(state: LabState) -> int | None:
