@@ -103,3 +103,8 @@ class Tunables(BaseModel):
     postcopy_resume_delay: float = Field(default=1.0, gt=0)
     postcopy_resume_max_delay: float = Field(default=15.0, gt=0)
     postcopy_recovery_timeout: float = Field(default=3600.0, gt=0)
+    # A Sentinel set (docs/sentinel.md): after a job's creation, a phase claim and a state
+    # transition the store waits (Redis WAIT) until this many replicas hold the write, at
+    # most `redis_wait_ms`; a primary killed then cannot take those writes with it.
+    redis_wait_replicas: int = Field(default=1, ge=0, le=5)
+    redis_wait_ms: int = Field(default=500, ge=1, le=10_000)

@@ -26,6 +26,7 @@ from jobs.keys import (
 )
 from jobs.model import Job, PhaseRecord, Transition
 from jobs.record import Handoff, JobNotFound, Result, SourceFacts, merged_field, parse_field
+from jobs.replication import NO_WAIT
 from jobs.request_signing import MIGRATION_KIND, REQUEST_FIELD, RequestSigner, signed_record
 from jobs.spec import MigrationSpec
 from jobs.states import JOB_TABLE, JobState
@@ -53,6 +54,12 @@ class JobRecords:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._transitions = Transitioner(client, JOB_TABLE)
+        # Set by JobStore.from_url for a Sentinel set (jobs/replication.py).
+        self.replica_wait = NO_WAIT
+
+    def replicated(self) -> bool:
+        """Wait until a replica holds this store's writes so far (a Sentinel set only)."""
+        return self.replica_wait(self.r)
 
     def create(
         self,
@@ -181,6 +188,8 @@ class JobRecords:
             reason=reason,
             only_from=only_from.value if only_from is not None else None,
         )
+        if out.moved:
+            self.replicated()
         return out.moved, JobState(out.previous) if out.previous else None
 
     def hosts_of(self, job_id: str) -> tuple[str, ...]:
@@ -254,7 +263,10 @@ class JobRecords:
 
     def claim_phase(self, job_id: str, phase: str, host: str) -> bool:
         """True for the first caller only: a phase runs once per job, however often it is sent."""
-        return bool(self.r.hsetnx(claims_key(job_id), phase, host))
+        claimed = bool(self.r.hsetnx(claims_key(job_id), phase, host))
+        if claimed:
+            self.replicated()  # the claim and the message's pop before it, on a replica
+        return claimed
 
     def unclaim_phase(self, job_id: str, phase: str) -> None:
         """Give a phase back before a retry (it stopped before changing anything)."""
