@@ -172,6 +172,25 @@ def master_port(state: LabState) -> int | None:
     return None
 
 
+def replica_in_sync(state: LabState, port: int) -> bool:
+    """Every sentinel sees the node on `port` as a replica whose link to the master is up."""
+    for sentinel_port in LabLayout.from_env().sentinel_ports:
+        try:
+            with _ask(sentinel_port, state.sentinel_password) as client:
+                replicas = client.sentinel_slaves(MASTER_NAME)
+        except redis.RedisError:
+            return False
+        if not any(
+            int(r["port"]) == port
+            and r.get("master-link-status") == "ok"
+            and not r.get("is_sdown")
+            and not r.get("is_disconnected")
+            for r in replicas
+        ):
+            return False
+    return True
+
+
 def node_dir(lab: LabLayout, port: int) -> Path:
     if port == lab.redis_port:
         return lab.redis_dir
