@@ -146,12 +146,18 @@ def _ask(port: int, password: str) -> redis.Redis:
     )
 
 
+def _replicas(client: redis.Redis) -> list[dict[str, str]]:
+    """SENTINEL REPLICAS as dicts, read raw: redis-py 6.4's parsers of the SENTINEL
+    replies fail when called on a plain client (an unexpected keyword argument)."""
+    rows: list[list[str]] = client.execute_command("SENTINEL", "REPLICAS", MASTER_NAME)  # type: ignore[no-untyped-call]
+    return [dict(zip(row[::2], row[1::2], strict=True)) for row in rows]
+
+
 def _sees_replica(port: int, password: str) -> bool:
     """The sentinel sees the replica in sync and the other sentinels: it can fail over."""
     try:
         with _ask(port, password) as client:
-            replicas = client.sentinel_slaves(MASTER_NAME)
-            # (redis-py 6.4's parsers of SENTINEL SENTINELS / MASTER fail: the raw reply)
+            replicas = _replicas(client)
             others = len(client.execute_command("SENTINEL", "SENTINELS", MASTER_NAME))
     except redis.RedisError:
         return False
@@ -164,7 +170,7 @@ def master_port(state: LabState) -> int | None:
     for port in LabLayout.from_env().sentinel_ports:
         try:
             with _ask(port, state.sentinel_password) as client:
-                found = client.sentinel_get_master_addr_by_name(MASTER_NAME)
+                found = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)
         except redis.RedisError:
             continue
         if found:
@@ -177,14 +183,13 @@ def replica_in_sync(state: LabState, port: int) -> bool:
     for sentinel_port in LabLayout.from_env().sentinel_ports:
         try:
             with _ask(sentinel_port, state.sentinel_password) as client:
-                replicas = client.sentinel_slaves(MASTER_NAME)
+                replicas = _replicas(client)
         except redis.RedisError:
             return False
         if not any(
             int(r["port"]) == port
             and r.get("master-link-status") == "ok"
-            and not r.get("is_sdown")
-            and not r.get("is_disconnected")
+            and not {"s_down", "disconnected"} & set(r.get("flags", "").split(","))
             for r in replicas
         ):
             return False

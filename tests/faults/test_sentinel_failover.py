@@ -22,6 +22,7 @@ import pytest
 
 from config.settings import load_settings
 from jobs.keys import claims_key
+from jobs.request_signing import forget_keys
 from lab import control, sentinel_faults
 from lab.state import loaded
 from producer.api import Drover
@@ -44,6 +45,7 @@ def relaunch(lab: Lab, *, sentinel: bool) -> None:
     """The session's lab again, with (or without) a Sentinel set; `lab` now points at it."""
     control.down()
     state = control.up(LAB_HOSTS, guests=LAB_IDLE_GUESTS, sentinel=sentinel)
+    forget_keys()  # the new lab's signing key sits where the old one's was
     lab.status = control.status()
     lab.config = state.config
     lab.drover = Drover(load_settings(state.config))
@@ -78,7 +80,8 @@ def test_primary_killed_under_a_migration_and_an_evacuation(sentinel_lab: Lab) -
     lab, d = sentinel_lab, sentinel_lab.drover
     ids = [d.submit(domain=g, src="lab1", dst="lab3", live=True) for g in EVACUATED]
     for job_id in ids:
-        check(finish(lab, job_id).state.value == "succeeded", "setup: a guest to lab3")
+        setup = finish(lab, job_id)
+        check(setup.state.value == "succeeded", f"setup to lab3: {setup.reason}")
     lab.set_paused("dirty-1", False)
 
     migration = start_throttled(lab)
