@@ -86,14 +86,12 @@ class _Refused(ValueError):
 def _sentinel(part: str, index: int) -> tuple[str, str, int]:
     """(userinfo as written, host, port) of one `sentinel://` part (the path already cut)."""
     if not part.startswith(PREFIX):
-        # The part is never quoted: a raw ';' in a password would put part of it here.
-        raise _Refused(
-            f"part {index} does not start with {PREFIX} (separate sentinels with ';', and "
-            "percent-encode ';' in a password)"
-        )
+        raise _Refused(f"does not start with {PREFIX} (separate sentinels with ';{PREFIX}')")
     userinfo, at, authority = part[len(PREFIX) :].rpartition("@")
     if at and any(c in userinfo for c in "/?#"):
         raise _Refused("has '/', '?' or '#' before an '@': percent-encode them in the password")
+    if at and SEPARATOR in userinfo:
+        raise _Refused("has ';' in its credentials: percent-encode it in the password")
     if at and not _USERINFO.match(userinfo):
         raise _Refused("has malformed credentials (USER:PASSWORD@)")
     match = single._AUTHORITY.match(authority)
@@ -143,13 +141,16 @@ def _parse(url: str) -> SentinelUrl:
     head, qmark, query = url.partition("?")
     if qmark and "@" in query:
         raise _Refused("has '@' after '?': credentials go before the first host")
-    parts = head.split(SEPARATOR)
+    # A part starts at each `;sentinel://`: a raw ';' elsewhere stays inside its part (and is
+    # refused there), so no piece of a password is ever read, and shown, as a host or port.
+    parts = re.split(f"{SEPARATOR}(?={PREFIX})", head)
     if len(parts) > MAX_SENTINELS:
         raise _Refused(f"names more than {MAX_SENTINELS} sentinels")
-    last = parts[-1]
-    slash = last.find("/", len(PREFIX)) if last.startswith(PREFIX) else -1
-    path = last[slash:] if slash >= 0 else ""
-    parts[-1] = last[:slash] if slash >= 0 else last
+    cred, at, rest = parts[-1].rpartition("@")
+    start = 0 if at else len(PREFIX)
+    slash = rest.find("/", start)
+    path = rest[slash:] if slash >= 0 else ""
+    parts[-1] = cred + at + (rest[:slash] if slash >= 0 else rest)
     found = [_sentinel(part, i) for i, part in enumerate(parts, start=1)]
     first = found[0][0]
     others = {info for info, _, _ in found[1:]}
