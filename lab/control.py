@@ -65,6 +65,7 @@ REQUIRED_COMMANDS = {
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
     "redis-server": "redis-server",
+    "redis-sentinel": "redis-sentinel",
     "as": "binutils",
     "ld": "binutils",
 }
@@ -165,9 +166,8 @@ def _up(
 ) -> LabState:
     # One Redis user per role (config/redis_acl.py): drover.toml has the producer's.
     passwords = {role: redis_server.new_password() for role in ROLES}
-    base_url = f"redis://{lab.root_address}:{lab.redis_port}/0"
-    if sentinel:
-        base_url = redis_sentinel.base_url(lab)
+    plain = f"redis://{lab.root_address}:{lab.redis_port}/0"
+    base_url = redis_sentinel.base_url(lab) if sentinel else plain
     urls = {role: role_url(base_url, role, passwords[role]) for role in ROLES}
     identity = create_signing_identity(lab) if signing else None
     config = write_config(lab, layouts, urls[PRODUCER], tls, identity)
