@@ -93,6 +93,9 @@ def test_primary_killed_under_a_migration_and_an_evacuation(sentinel_lab: Lab) -
 
     wait_for(child_under_way, JOB_TIMEOUT_S, "an evacuation child under way")
     given = {migration, evacuation, *ids, *d.evacuation(evacuation).children.values()}
+    # Both in flight as the primary dies.
+    check(not d.job(migration).terminal, "the migration ended before the kill")
+    check(not d.evacuation(evacuation).terminal, "the evacuation ended before the kill")
     killed = sentinel_faults.kill_primary()
     sentinel_faults.restart_node(killed)
 
