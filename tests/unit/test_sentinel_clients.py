@@ -20,7 +20,11 @@ from kombu import Connection
 from config.celery import celery_config
 from config.redis_acl import write_private
 from config.settings import load_settings
+from jobs.replication import ReplicaWait
+from jobs.spec import MigrationSpec
+from jobs.states import JobState
 from jobs.store import JobStore
+from jobs.submission import enqueue
 from lab.proc import kill, spawn, wait_until
 from schedules.beat import redbeat_config
 from tests.conftest import RedisServer, free_port
@@ -91,3 +95,26 @@ def test_kombu_and_redbeat_reach_the_master(sentinel_url: str, tmp_path: Path) -
     client = get_redis(app)
     assert client.ping()
     assert client.info("replication")["role"] == "master"
+
+
+def waits(store: JobStore) -> int:
+    """How many WAIT commands the server has run so far."""
+    stats = store.r.info("commandstats").get("cmdstat_wait", {})
+    return int(stats.get("calls", 0))
+
+
+def test_creation_claims_and_transitions_wait_for_a_replica(sentinel_url: str) -> None:
+    """The write-loss guard runs where it must (jobs/replication.py): after a job is created
+    (and in line), after a phase is claimed, after a transition; not after a claim refused."""
+    store = JobStore.from_url(sentinel_url, retry_for=5.0)
+    store.replica_wait = ReplicaWait(1, 10)  # no replica here: each WAIT gives up in 10 ms
+    domain = f"sentinel-unit-{time.monotonic_ns()}"
+    before = waits(store)
+    job_id = enqueue(store, MigrationSpec(domain=domain, src="kvm1", dst="kvm2"), origin="t")
+    assert waits(store) == before + 1
+    assert store.claim_phase(job_id, "preflight", "kvm1")
+    assert waits(store) == before + 2
+    assert not store.claim_phase(job_id, "preflight", "kvm1")
+    assert waits(store) == before + 2
+    moved, _ = store.transition(job_id, JobState.FAILED, host="kvm1", reason="unit test")
+    assert moved and waits(store) == before + 3
