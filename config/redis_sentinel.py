@@ -41,7 +41,6 @@ SENTINEL_SOCKET_TIMEOUT_S = 1.0
 FORM = "sentinel://[USER:PASSWORD@]HOST[:PORT];sentinel://HOST[:PORT];...[/DB]?master_name=NAME"
 # What `redis-sentinel` accepts as a master's name, kept to characters no client re-reads.
 _MASTER = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
-_USERINFO = re.compile(r"^[^:]*(:.*)?\Z")
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,6 @@ def _sentinel(part: str, index: int) -> tuple[str, str, int]:
         raise _Refused("has '/', '?' or '#' before an '@': percent-encode them in the password")
     if at and SEPARATOR in userinfo:
         raise _Refused("has ';' in its credentials: percent-encode it in the password")
-    if at and not _USERINFO.match(userinfo):
-        raise _Refused("has malformed credentials (USER:PASSWORD@)")
     match = single._AUTHORITY.match(authority)
     if match is None or "/" in authority or "?" in authority:
         raise _Refused(f"sentinel {index} has a malformed host part ({FORM})")
