@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
+from redis.credentials import UsernamePasswordCredentialProvider
+
 from config import redis_url as single
 
 SCHEME = "sentinel"
@@ -61,12 +63,20 @@ class SentinelUrl:
         return {k: v for k, v in found.items() if v}
 
     def sentinel_kwargs(self) -> dict[str, Any]:
-        """How a client talks to the sentinels themselves (not to the master)."""
-        timeouts = {
+        """How a client talks to the sentinels themselves (not to the master).
+
+        The credentials go in a credential provider, not as `password`: redis-py's
+        "No master found" error quotes each sentinel's connection pool, every keyword
+        included, and clients (kombu, Celery's log) print that error as it is."""
+        timeouts: dict[str, Any] = {
             "socket_timeout": SENTINEL_SOCKET_TIMEOUT_S,
             "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT_S,
         }
-        return timeouts | (self.credentials() if self.sentinel_auth else {})
+        if self.sentinel_auth and self.password:
+            timeouts["credential_provider"] = UsernamePasswordCredentialProvider(
+                self.username, self.password
+            )
+        return timeouts
 
     def location(self) -> str:
         """What an error names: the master's name and the sentinels, never the password."""

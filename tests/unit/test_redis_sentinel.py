@@ -64,7 +64,7 @@ def test_the_parts_read_back() -> None:
     encoded = parse_sentinel_url("sentinel://u:a%3Bb%40c@h?master_name=m")
     assert encoded.password == "a;b@c"
     open_sentinels = parse_sentinel_url("sentinel://u:p@h?master_name=m&sentinel_auth=none")
-    assert "password" not in open_sentinels.sentinel_kwargs()
+    assert "credential_provider" not in open_sentinels.sentinel_kwargs()
 
 
 BAD = {
@@ -133,7 +133,9 @@ def test_kombu_gets_every_sentinel_the_user_and_the_master_name(settings: Settin
     conf = celery_config(settings)
     options = conf["broker_transport_options"]
     assert options["master_name"] == "fleet"
-    assert options["sentinel_kwargs"]["password"] == SECRET
+    provider = options["sentinel_kwargs"]["credential_provider"]
+    assert provider.get_credentials() == ("drover", SECRET)
+    assert SECRET not in repr(options)
     assert options["visibility_timeout"] == settings.tunables.broker_visibility_timeout
     conn = Connection(conf["broker_url"], transport_options=options)
     assert conn.transport_cls == "sentinel"
@@ -157,7 +159,9 @@ def test_redbeat_builds_a_sentinel_client_on_the_set(settings: Settings) -> None
         for s in sentinel.sentinels
     ]
     assert addresses == list(parse_sentinel_url(THREE).sentinels)
-    assert sentinel.sentinels[0].connection_pool.connection_kwargs["password"] == SECRET
+    provider = sentinel.sentinels[0].connection_pool.connection_kwargs["credential_provider"]
+    assert provider.get_credentials() == ("drover", SECRET)
+    assert SECRET not in repr(sentinel.sentinels[0])
     kwargs = sentinel.connection_kwargs
     assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("drover", SECRET, 2)
     assert redbeat_settings(THREE)[1]["service_name"] == "fleet"
@@ -173,11 +177,8 @@ def test_redis_py_client_is_the_masters_and_rides_out_a_failover() -> None:
     assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("drover", SECRET, 2)
     assert isinstance(kwargs["retry"], OutageRetry)
     sentinel = pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs
-    assert (sentinel["host"], sentinel["username"], sentinel["password"]) == (
-        "10.0.0.1",
-        "drover",
-        SECRET,
-    )
+    assert sentinel["host"] == "10.0.0.1"
+    assert sentinel["credential_provider"].get_credentials() == ("drover", SECRET)
 
 
 def test_the_store_waits_for_a_replica_on_a_sentinel_set_only() -> None:

@@ -20,6 +20,8 @@ from kombu import Connection
 from config.celery import celery_config
 from config.redis_acl import write_private
 from config.settings import load_settings
+from jobs.connection import client_for
+from jobs.errors import BrokerUnavailable, broker_errors
 from jobs.replication import ReplicaWait
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
@@ -118,3 +120,13 @@ def test_creation_claims_and_transitions_wait_for_a_replica(sentinel_url: str) -
     assert waits(store) == before + 2
     moved, _ = store.transition(job_id, JobState.FAILED, host="kvm1", reason="unit test")
     assert moved and waits(store) == before + 3
+
+
+def test_a_password_the_sentinels_refuse_is_one_line_without_it(sentinel_url: str) -> None:
+    wrong = "wrong-password-0123456789"
+    url = sentinel_url.replace(sentinel_url.split("@")[0], f"sentinel://:{wrong}")
+    with pytest.raises(BrokerUnavailable) as info, broker_errors(url):
+        client_for(url, probe_timeout=1.0).ping()
+    message = str(info.value)
+    assert f"No master found for '{MASTER}'" in message and "invalid" in message, message
+    assert wrong not in message and "\n" not in message
