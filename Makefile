@@ -8,10 +8,12 @@ APT_STAMP := .cache/apt.installed
 
 # Debian packages: the lab's hypervisors (libvirtd + QEMU in TCG), Redis, the toolchain that
 # builds libvirt-python and the dirty guest's kernel. npm (if missing) fetches the Compose schema.
-# chromium (headless) loads the Flower dashboard in its test.
+# chromium (headless) loads the Flower dashboard in its test. redis-sentinel runs the lab's
+# Sentinel set (`drover lab up --sentinel`); its package enables a system service on
+# 127.0.0.1:26379, which the lab leaves alone: its sentinels listen on ports of their own.
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
 	qemu-utils iproute2 util-linux binutils libvirt-dev pkg-config gcc redis-server \
-	python3-venv python3-dev chromium
+	redis-sentinel python3-venv python3-dev chromium
 
 .PHONY: help deps venv demo test test-unit test-lab test-faults lint fmt lab-up lab-down bench clean
 

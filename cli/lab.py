@@ -40,12 +40,18 @@ def lab_up(
     tls: Annotated[
         bool, typer.Option("--tls", help="a CA and host certificates; libvirtd on qemu+tls")
     ] = False,
+    sentinel: Annotated[
+        bool,
+        typer.Option(
+            "--sentinel", help="Redis as a primary, a replica and three sentinels (failover)"
+        ),
+    ] = False,
 ) -> None:
     """Create lab1..labN: namespaces, libvirtd, workers, Redis; guests on lab1."""
     from lab import control
 
     def go() -> None:
-        state = control.up(hosts, tls=tls, guests=guests)
+        state = control.up(hosts, tls=tls, guests=guests, sentinel=sentinel)
         out.print(f"lab up: {', '.join(state.hosts)}; config {state.config}")
         out.print('run: eval "$(drover lab env)"')
 

@@ -13,6 +13,7 @@ from celery import Celery
 from celery.signals import before_task_publish
 
 from config import envelope
+from config.redis_sentinel import is_sentinel, kombu_broker
 from config.security import TASK_PREFIX, enable_signing, signing_config
 from config.settings import ConfigError, Settings, Tunables, current, load_settings
 
@@ -28,13 +29,23 @@ def worker_node(host: str) -> str:
     return f"{WORKER_NODE_PREFIX}{host}"
 
 
+def broker_of(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """kombu's broker URL and the transport options it needs beside it: a Sentinel set
+    becomes kombu's `sentinel://` parts plus the master's name (config/redis_sentinel.py)."""
+    if is_sentinel(settings.redis_url):
+        return kombu_broker(settings.redis_url)
+    return settings.redis_url, {}
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings chosen for long, non-repeatable phase tasks (see docs/celery.md)."""
+    broker_url, transport = broker_of(settings)
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            "visibility_timeout": settings.tunables.broker_visibility_timeout
+            "visibility_timeout": settings.tunables.broker_visibility_timeout,
+            **transport,
         },
         # JSON only: a pickle payload from the broker would be code execution as root.
         "task_serializer": "json",

@@ -48,6 +48,7 @@ from config.redis_acl_model import ROLES as ROLES
 from config.redis_acl_model import USER_PREFIX as USER_PREFIX
 from config.redis_acl_model import WORKER as WORKER
 from config.redis_acl_model import BrokerNames as BrokerNames
+from config.redis_sentinel import is_sentinel, with_user
 from config.settings import ConfigError
 
 # Passwords go into redis:// URLs as they are, so only URL-unreserved characters.
@@ -130,7 +131,9 @@ def render_acl(
 
 
 def role_url(url: str, role: str, password: str) -> str:
-    """`url` (redis:// or rediss://) with the role's user and password in it."""
+    """`url` (redis://, rediss:// or a Sentinel set) with the role's user and password."""
+    if is_sentinel(url):
+        return with_user(url, user_name(role), password)
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user_name(role)}:{password}@{host}"))

@@ -11,6 +11,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from config.celery import QUEUE_PREFIX, celery_config
+from config.redis_sentinel import is_sentinel, parse_sentinel_url
 from config.settings import ConfigError, Settings
 
 WORKER, PRODUCER, FLOWER, BEAT = "worker", "producer", "flower", "beat"
@@ -176,7 +177,12 @@ class BrokerNames:
 
 
 def redis_db(url: str) -> int:
-    """The database number of a redis:// URL (0 when it names none)."""
+    """The database number of a redis:// URL (0 when it names none) or a Sentinel set."""
+    if is_sentinel(url):
+        try:
+            return parse_sentinel_url(url).db
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     path = urlsplit(url).path.strip("/")
     if not path:
         return 0

@@ -113,7 +113,7 @@ def _query_problem(query: str, scheme: str, insecure: bool) -> str | None:
 def _problem(url: str, insecure: bool) -> str | None:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in SCHEMES:
-        return "must start with redis:// or rediss://"
+        return "must start with redis://, rediss:// or sentinel:// (docs/sentinel.md)"
     if not _PRINTABLE_ASCII.match(url):
         return "has whitespace, control or non-ASCII characters"
     credentials, at, remainder = rest.rpartition("@")
@@ -143,7 +143,8 @@ def _problem(url: str, insecure: bool) -> str | None:
 
 def check_redis_url(url: str, insecure: bool) -> str:
     """`url` if every drover client reads it alike and it verifies TLS (unless `insecure`);
-    else ValueError, one line starting `redis_url`, never showing the password."""
+    else ValueError, one line starting `redis_url`, never showing the password. (A Sentinel
+    set, `sentinel://`, is config/redis_sentinel.py's: `check_any_redis_url` takes both.)"""
     problem = _problem(url, insecure)
     if problem is not None:
         raise ValueError(f"redis_url {problem}")

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from config.redis_url import check_redis_url
+from config.redis_sentinel import check_any_redis_url
 
 # Re-exported: the model lives in config/settings_model.py.
 from config.settings_model import DEFAULT_REDIS_URL as DEFAULT_REDIS_URL
@@ -106,7 +106,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         where = raw.get("source", "<defaults>")
         raise ConfigError(f"config {where}: {_first_error(exc)}") from None
     try:
-        check_redis_url(settings.redis_url, settings.security.insecure)
+        check_any_redis_url(settings.redis_url, settings.security.insecure)
     except ValueError as exc:
         origin = (
             f"${REDIS_URL_ENV}" if os.environ.get(REDIS_URL_ENV) else f"config {settings.source}"

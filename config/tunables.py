@@ -116,3 +116,8 @@ class Tunables(BaseModel):
     # move), each worker looks at every lane's head this often, so that a step lost to a
     # crash in the middle of a pass cannot leave a lane waiting for ever.
     admission_safety_interval: float = Field(default=15.0, gt=0)
+    # A Sentinel set (docs/sentinel.md): after a job's creation, a phase claim and a state
+    # transition the store waits (Redis WAIT) until this many replicas hold the write, at
+    # most `redis_wait_ms`; a primary killed then cannot take those writes with it.
+    redis_wait_replicas: int = Field(default=1, ge=0, le=5)
+    redis_wait_ms: int = Field(default=500, ge=1, le=10_000)

@@ -11,6 +11,9 @@ from typing import Any, Protocol, TypeVar
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from config.redis_sentinel import is_sentinel, parse_sentinel_url
 
 RETRY_CAP_S = 1.0
 RETRY_BASE_S = 0.05
@@ -76,10 +79,29 @@ def client_for(
 ) -> redis.Redis:
     """A client on `url` (strings in and out); with `retry_for`, each command rides out an
     outage that long. Without it, `probe_timeout` bounds the connect and each reply: a
-    server that does not answer is an outage too."""
+    server that does not answer is an outage too.
+
+    For a Sentinel set (config/redis_sentinel.py) the client is the master's: each connect
+    asks the sentinels where the master is, and a connection to a master that went away
+    (or came back as a replica: READONLY) fails as an outage, so OutageRetry rides a
+    failover out like a restart and reconnects to the master the sentinels promoted.
+    """
     options: dict[str, Any] = {"decode_responses": True}
     if probe_timeout is not None and retry_for <= 0:
         options |= {"socket_connect_timeout": probe_timeout, "socket_timeout": probe_timeout}
     if retry_for > 0:
         options["retry"] = OutageRetry(retry_for)
+    if is_sentinel(url):
+        return sentinel_master(url, **options)
     return redis.Redis.from_url(url, **options)
+
+
+def sentinel_master(url: str, **options: Any) -> redis.Redis:
+    """The master of the Sentinel set `url`, through redis-py's Sentinel (`options` go to
+    the master's connections)."""
+    s = parse_sentinel_url(url)
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        list(s.sentinels), sentinel_kwargs=s.sentinel_kwargs(), **s.credentials(), db=s.db
+    )
+    master: redis.Redis = sentinels.master_for(s.master_name, **options)  # type: ignore[no-untyped-call]
+    return master

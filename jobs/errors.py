@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 import redis
 
+from config.redis_sentinel import is_sentinel, parse_sentinel_url
+
 DEFAULT_REDIS_PORT = 6379
 
 
@@ -24,7 +26,13 @@ class BrokerUnavailable(Exception):
 
 
 def redis_location(url: str) -> str:
-    """host:port of a Redis URL, never its password."""
+    """host:port of a Redis URL (a Sentinel set's master name and sentinels), never its
+    password."""
+    if is_sentinel(url):
+        try:
+            return parse_sentinel_url(url).location()
+        except ValueError:
+            return "a Sentinel set"
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or DEFAULT_REDIS_PORT}"
 

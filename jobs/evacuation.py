@@ -124,6 +124,7 @@ class EvacuationStore:
         if created[0] != 1:
             other, state = created[1], created[2]
             raise EvacuationBusy(f"{spec.host} already has an active evacuation {other} ({state})")
+        self.store.replicated()  # on a replica before its id is handed out (jobs/replication.py)
         return evacuation_id
 
     def get(self, evacuation_id: str) -> Evacuation:
@@ -147,6 +148,8 @@ class EvacuationStore:
             now().isoformat(),
             reason=reason,
         )
+        if out.moved:
+            self.store.replicated()
         return out.moved, EvacuationState(out.previous) if out.previous else None
 
     def save_plan(self, evacuation_id: str, plan: list[Placement]) -> None:

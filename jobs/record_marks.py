@@ -12,6 +12,7 @@ import redis
 from jobs.keys import POSTCOPY_FIELD, claims_key, job_key, redispatched_field
 
 if TYPE_CHECKING:
+    from jobs.replication import ReplicaWait
     from jobs.retention import Retention
 
 
@@ -26,6 +27,11 @@ def when(raw: str | None) -> datetime | None:
 class RecordMarks:
     r: redis.Redis
     retention: Retention
+    replica_wait: ReplicaWait
+
+    def replicated(self) -> bool:
+        """Wait until a replica holds this store's writes so far (a Sentinel set only)."""
+        return self.replica_wait(self.r)
 
     def field(self, job_id: str, name: str) -> str | None:
         raise NotImplementedError
@@ -38,6 +44,8 @@ class RecordMarks:
             p.hsetnx(claims_key(job_id), phase, host)
             self.retention.queue_adopt(p, job_id, claims_key(job_id))
             claimed, _ = p.execute()
+        if claimed:
+            self.replicated()  # the claim and the message's pop before it, on a replica
         return bool(claimed)
 
     def unclaim_phase(self, job_id: str, phase: str) -> None:

@@ -25,6 +25,7 @@ from jobs.model import Job, PhaseRecord, Transition
 from jobs.record import JobNotFound, merged_field
 from jobs.record_marks import RecordMarks, now
 from jobs.record_read import job_from
+from jobs.replication import NO_WAIT
 from jobs.request_signing import MIGRATION_KIND, RequestSigner, signed_record
 from jobs.retention import Retention
 from jobs.spec import MigrationSpec
@@ -44,6 +45,8 @@ class JobRecords(RecordMarks):
         self.r = client
         self.retention = retention
         self._transitions = Transitioner(client, JOB_TABLE, retention)
+        # Set by JobStore.from_url for a Sentinel set (jobs/replication.py).
+        self.replica_wait = NO_WAIT
 
     def create(
         self,
@@ -168,6 +171,8 @@ class JobRecords(RecordMarks):
             reason=reason,
             only_from=only_from.value if only_from is not None else None,
         )
+        if out.moved:
+            self.replicated()
         return out.moved, JobState(out.previous) if out.previous else None
 
     def queue_transition(self, pipe: Pipeline, job_id: str, target: JobState, host: str) -> None:

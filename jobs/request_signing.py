@@ -151,3 +151,11 @@ def verifier_for(security: Security) -> RequestVerifier | None:
         if ident not in _verifiers:
             _verifiers[ident] = RequestVerifier(TrustStore(security.cert_store), security.digest)
         return _verifiers[ident]
+
+
+def forget_keys() -> None:
+    """Drop the keys loaded so far: a process that talks to a lab brought up again (the
+    test suite, tests/faults/test_sentinel_failover.py) finds new keys at the same paths."""
+    with _cache_lock:
+        _signers.clear()
+        _verifiers.clear()

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from config.redis_sentinel import is_sentinel
 from config.tunables import Tunables
 from jobs.connection import OUTAGE_ERRORS, Guard, OutageRetry, client_for, direct
 from jobs.follow import DEFAULT_BLOCK_MS, follow
@@ -41,6 +42,7 @@ from jobs.liveness import Liveness
 from jobs.record import JobNotFound
 from jobs.record_marks import now
 from jobs.records import JobRecords
+from jobs.replication import NO_WAIT, ReplicaWait
 from jobs.retention import Retention, retention_seconds
 from jobs.states import TERMINAL, JobState
 from jobs.streams import DEFAULT_EVENT_MAXLEN, EventStreams
@@ -75,6 +77,14 @@ __all__ = [
 ]
 
 
+def replica_wait_for(url: str) -> ReplicaWait:
+    """WAIT on a Sentinel set (the tunables' defaults), nothing on a single server."""
+    if not is_sentinel(url):
+        return NO_WAIT
+    tunables = Tunables()
+    return ReplicaWait(tunables.redis_wait_replicas, tunables.redis_wait_ms)
+
+
 class JobStore(JobRecords, Liveness, EventStreams):
     def __init__(
         self,
@@ -105,14 +115,21 @@ class JobStore(JobRecords, Liveness, EventStreams):
 
         `probe_timeout` bounds the connect and each reply of that store without retries (or
         of this one, without `retry_for`): a server that does not answer is an outage too.
+        On a Sentinel set the store WAITs for a replica after the writes that matter
+        (jobs/replication.py).
         """
         client = client_for(url, retry_for=retry_for, probe_timeout=probe_timeout)
         if retry_for <= 0:
-            return cls(client, event_maxlen=event_maxlen, retention_s=retention_s)
-        once = cls.from_url(
-            url, event_maxlen=event_maxlen, retention_s=retention_s, probe_timeout=probe_timeout
-        )
-        return cls(client, event_maxlen=event_maxlen, retention_s=retention_s, without_retry=once)
+            store = cls(client, event_maxlen=event_maxlen, retention_s=retention_s)
+        else:
+            once = cls.from_url(
+                url, event_maxlen=event_maxlen, retention_s=retention_s, probe_timeout=probe_timeout
+            )
+            store = cls(
+                client, event_maxlen=event_maxlen, retention_s=retention_s, without_retry=once
+            )
+        store.replica_wait = replica_wait_for(url)
+        return store
 
     @property
     def without_retry(self) -> JobStore:

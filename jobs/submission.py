@@ -70,4 +70,5 @@ def enqueue(
         ),
     )
     Admission(store).wait(job_id, spec, parent, datetime.now(UTC).timestamp())
+    store.replicated()  # the job exists on a replica before its caller is told it does
     return job_id

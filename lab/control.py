@@ -24,6 +24,7 @@ from config.redis_acl import (
 )
 from config.settings import load_settings
 from lab import guests, libvirtd, network, redis_server
+from lab import sentinel as redis_sentinel
 
 # Re-exported: the lab's record, its workers and its fault helpers have modules of their own
 # (lab/state.py, lab/workers.py, lab/faults.py).
@@ -64,6 +65,7 @@ REQUIRED_COMMANDS = {
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
     "redis-server": "redis-server",
+    "redis-sentinel": "redis-sentinel",
     "as": "binutils",
     "ld": "binutils",
 }
@@ -129,8 +131,11 @@ def make_lab_dir(lab: LabLayout) -> None:
     lab.dir.chmod(LAB_DIR_MODE)
 
 
-def up(hosts: int = 2, tls: bool = False, signing: bool = True, guests: int = 1) -> LabState:
-    """Bring the lab up; with `tls`, a CA and per-host certificates, libvirtd on TLS too.
+def up(
+    hosts: int = 2, tls: bool = False, signing: bool = True, guests: int = 1, sentinel: bool = False
+) -> LabState:
+    """Bring the lab up; with `tls`, a CA and per-host certificates, libvirtd on TLS too;
+    with `sentinel`, Redis is a primary, a replica and three sentinels (lab/sentinel.py).
 
     With `signing` (the default) every task message is signed with the lab's own key.
     `guests` idle guests (idle-1..idle-N) and dirty-1 start on lab1.
@@ -145,18 +150,24 @@ def up(hosts: int = 2, tls: bool = False, signing: bool = True, guests: int = 1)
         raise LabError(f"a lab is already up (id {lab.lab_id}); run `drover lab down` first")
     make_lab_dir(lab)
     try:
-        return _up(lab, lab.hosts(hosts), tls, signing, guests)
+        return _up(lab, lab.hosts(hosts), tls, signing, guests, sentinel)
     except BaseException:
         down()
         raise
 
 
 def _up(
-    lab: LabLayout, layouts: list[HostLayout], tls: bool, signing: bool, idle_guests: int
+    lab: LabLayout,
+    layouts: list[HostLayout],
+    tls: bool,
+    signing: bool,
+    idle_guests: int,
+    sentinel: bool = False,
 ) -> LabState:
     # One Redis user per role (config/redis_acl.py): drover.toml has the producer's.
     passwords = {role: redis_server.new_password() for role in ROLES}
-    base_url = f"redis://{lab.root_address}:{lab.redis_port}/0"
+    plain = f"redis://{lab.root_address}:{lab.redis_port}/0"
+    base_url = redis_sentinel.base_url(lab) if sentinel else plain
     urls = {role: role_url(base_url, role, passwords[role]) for role in ROLES}
     identity = create_signing_identity(lab) if signing else None
     config = write_config(lab, layouts, urls[PRODUCER], tls, identity)
@@ -168,9 +179,12 @@ def _up(
 
     network.create_bridge(lab)
     acl = render_acl(passwords, BrokerNames.from_settings(load_settings(config)))
-    state.redis_pid = redis_server.start_with_acl(
-        lab.redis_dir, lab.redis_port, [lab.root_address, "127.0.0.1"], acl
-    )
+    if sentinel:
+        redis_sentinel.start_set(lab, state, acl, passwords)
+    else:
+        state.redis_pid = redis_server.start_with_acl(
+            lab.redis_dir, lab.redis_port, [lab.root_address, "127.0.0.1"], acl
+        )
     state.save(lab)
     kernel = build_dirty_kernel(lab.guests_dir)
     libvirtd.ensure_system_user()
@@ -209,6 +223,7 @@ def down() -> list[str]:
         pids += network.namespace_pids(ns)
     if state is not None:
         pids += [p for h in state.hosts.values() for p in (h.worker_pid, h.holder_pid) if p]
+    pids += redis_sentinel.leftover_pids(lab, state)
     pids = sorted({p for p in pids if alive(p)})
     if pids:
         kill(pids)

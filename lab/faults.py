@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from config.redis_acl import HEALTH_USER
 from lab import libvirtd, network, redis_server
 from lab.proc import alive, kill, run, wait_until
+from lab.sentinel_faults import restart_node
 from lab.state import WORKER_START_TIMEOUT
 from lab.state import loaded as _loaded
 
@@ -42,8 +43,15 @@ def stop_redis(sig: int = signal.SIGTERM) -> None:
 
 
 def start_redis() -> None:
-    """Start the lab's redis-server again on its config and AOF; return once it answers."""
+    """Start the lab's redis-server again on its config and AOF; return once it answers.
+
+    In a lab up with `--sentinel`, every node that is down comes back as a replica."""
     lab, state = _loaded()
+    if state.sentinel_pids:
+        for port, pid in state.node_pids.items():
+            if not alive(pid):
+                restart_node(int(port))
+        return
     url = urlsplit(state.redis_url)
     if state.role_urls:  # the lab's ACL users: the health user answers PING
         user, password = HEALTH_USER, redis_server.HEALTH_PASSWORD

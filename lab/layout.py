@@ -16,6 +16,11 @@ DEFAULT_LAB_ROOT = Path("/var/tmp/drover-lab")
 SUBNET_PREFIX = "10.213"
 ROOT_HOST_OCTET = 254
 REDIS_BASE_PORT = 6390
+# `lab up --sentinel`: the replica's port, and three sentinels' from here (clear of the
+# redis-sentinel package's own 26379, which a system service may hold).
+REPLICA_BASE_PORT = 6600
+SENTINEL_BASE_PORT = 26400
+SENTINELS = 3
 MAX_HOSTS = 8
 MAX_LAB_ID = 200
 
@@ -97,6 +102,22 @@ class LabLayout:
     @property
     def redis_port(self) -> int:
         return REDIS_BASE_PORT + self.lab_id
+
+    @property
+    def replica_port(self) -> int:
+        return REPLICA_BASE_PORT + self.lab_id
+
+    @property
+    def sentinel_ports(self) -> list[int]:
+        first = SENTINEL_BASE_PORT + SENTINELS * self.lab_id
+        return [first + i for i in range(SENTINELS)]
+
+    @property
+    def replica_dir(self) -> Path:
+        return self.dir / "redis-replica"
+
+    def sentinel_dir(self, index: int) -> Path:
+        return self.dir / f"sentinel-{index}"
 
     @property
     def config_path(self) -> Path:

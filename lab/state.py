@@ -39,6 +39,12 @@ class LabState:
     hosts: dict[str, HostState] = field(default_factory=dict)
     # Every role's URL (config/redis_acl.py): workers get theirs in their environment.
     role_urls: dict[str, str] = field(default_factory=dict)
+    # `lab up --sentinel` (lab/sentinel.py): each Redis node's pid by port (the primary's
+    # is `redis_pid` too until a failover), the sentinels' pids, and the password of the
+    # sentinels' own user (the fault helpers ask them which node is the master).
+    node_pids: dict[str, int] = field(default_factory=dict)
+    sentinel_pids: list[int] = field(default_factory=list)
+    sentinel_password: str = ""
 
     def save(self, lab: LabLayout) -> None:
         write_private(lab.state_path, json.dumps(asdict(self), indent=2))

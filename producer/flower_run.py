@@ -22,13 +22,10 @@ def check_redis(settings: Settings) -> None:
     """One line now (via `guarded`) rather than Flower retrying a dead broker in its log."""
     import redis
 
+    from jobs.connection import client_for
     from jobs.errors import BrokerUnavailable, redis_location
 
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=REDIS_CHECK_TIMEOUT_S,
-        socket_timeout=REDIS_CHECK_TIMEOUT_S,
-    )
+    client = client_for(settings.redis_url, probe_timeout=REDIS_CHECK_TIMEOUT_S)
     try:
         client.ping()
     except redis.AuthenticationError:

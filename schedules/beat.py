@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 from celery import Celery
 
 from config.celery import celery_config, make_app
+from config.redis_sentinel import is_sentinel, redbeat_settings
 from config.settings import Settings
+from jobs.connection import client_for
 from jobs.keys import SCHEDULE_LOCK, SCHEDULE_PREFIX
 from schedules.records import FIRE_LATE_LIMIT_S, ScheduleError
 
@@ -31,8 +32,12 @@ def redbeat_config(settings: Settings, *, retry_period: float | None = None) -> 
     no drover worker consumes (drover stores no results).
     """
     options: dict[str, Any] = {} if retry_period is None else {"retry_period": retry_period}
+    url = settings.redis_url
+    if is_sentinel(url):  # redbeat reads a Sentinel set from its options
+        url, sentinel_options = redbeat_settings(url)
+        options |= sentinel_options
     return {
-        "redbeat_redis_url": settings.redis_url,
+        "redbeat_redis_url": url,
         "redbeat_redis_options": options,
         "redbeat_key_prefix": SCHEDULE_PREFIX,
         "redbeat_lock_key": SCHEDULE_LOCK,
@@ -62,7 +67,7 @@ def run_beat(settings: Settings, *, loglevel: str) -> None:
     if loglevel.upper() not in LOG_LEVELS:
         raise ScheduleError(f"--loglevel {loglevel!r}: one of {', '.join(LOG_LEVELS)}")
     # Fail in one line when Redis is out of reach; redbeat would only log a traceback.
-    with redis.Redis.from_url(settings.redis_url) as client:
+    with client_for(settings.redis_url) as client:
         client.ping()
     beat_app = make_app(settings)  # registers the signing key when signing is on
     # No retrying: redbeat renews its lock on every tick without it anyway, so a beat that

@@ -67,7 +67,7 @@ BAD = {
     f"redis://:{SECRET}@h/0\n": "whitespace, control or non-ASCII",
     f"redis://:{SECRET}\u00e9@h/0": "non-ASCII",
     f"redis://:{SECRET}@h:\u0664\u0669/0": "non-ASCII",
-    f"http://:{SECRET}@h/": "redis_url must start with redis:// or rediss://",
+    f"http://:{SECRET}@h/": "redis_url must start with redis://, rediss:// or sentinel://",
     f"unix://:{SECRET}@/run/redis.sock": "must start with redis://",
     f"{SECRET}@h:6379": "must start with redis://",
 }

@@ -1,0 +1,56 @@
+"""Fault injection on a lab up with `--sentinel`: kill the primary, bring a node back.
+
+Each helper returns once what it did can be seen: the sentinels name a new master, or the
+node is back as a replica in sync with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from config.redis_acl import HEALTH_USER
+from lab import redis_server
+from lab.proc import LabError, alive, wait_until
+from lab.sentinel import master_port, node_dir, replica_in_sync
+from lab.state import WORKER_START_TIMEOUT
+from lab.state import loaded as _loaded
+
+
+def kill_primary(sig: int = signal.SIGKILL) -> int:
+    """Fault injection: kill the node the sentinels call master (kill -9 by default) and
+    wait until they have promoted the replica; the port of the node killed."""
+    lab, state = _loaded()
+    if not state.sentinel_pids:
+        raise LabError("the lab has no sentinels: `drover lab up --sentinel`")
+    port = master_port(state)
+    if port is None:
+        raise LabError("no sentinel names a master")
+    pid = state.node_pids[str(port)]
+    os.kill(pid, sig)
+    wait_until(lambda: not alive(pid), WORKER_START_TIMEOUT, "the Redis primary to die")
+
+    def promoted() -> bool:
+        return master_port(state) not in (None, port)
+
+    wait_until(promoted, WORKER_START_TIMEOUT, "the sentinels to promote the replica")
+    state.redis_pid = state.node_pids[str(master_port(state))]  # `status` follows the master
+    state.save(lab)
+    return port
+
+
+def restart_node(port: int) -> None:
+    """Start a node again on its config and AOF; return once it is the new master's
+    replica, in sync (the sentinels turn a returning old primary into one)."""
+    lab, state = _loaded()
+    conf = node_dir(lab, port) / "redis.conf"
+    pid = redis_server.run_with(
+        conf, "127.0.0.1", port, redis_server.HEALTH_PASSWORD, username=HEALTH_USER
+    )
+    state.node_pids[str(port)] = pid
+    if port == lab.redis_port:
+        state.redis_pid = pid
+    state.save(lab)
+    wait_until(
+        lambda: replica_in_sync(state, port), WORKER_START_TIMEOUT, f"Redis on {port} to follow"
+    )
