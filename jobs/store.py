@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from config.redis_sentinel import is_sentinel
+from config.settings import Settings
 from config.tunables import Tunables
 from jobs.connection import OUTAGE_ERRORS, Guard, OutageRetry, client_for, direct
 from jobs.follow import DEFAULT_BLOCK_MS, follow
@@ -77,11 +78,12 @@ __all__ = [
 ]
 
 
-def replica_wait_for(url: str) -> ReplicaWait:
-    """WAIT on a Sentinel set (the tunables' defaults), nothing on a single server."""
+def replica_wait_for(url: str, tunables: Tunables | None = None) -> ReplicaWait:
+    """WAIT on a Sentinel set (as `tunables` say, else their defaults), nothing on a single
+    server."""
     if not is_sentinel(url):
         return NO_WAIT
-    tunables = Tunables()
+    tunables = tunables or Tunables()
     return ReplicaWait(tunables.redis_wait_replicas, tunables.redis_wait_ms)
 
 
@@ -99,6 +101,26 @@ class JobStore(JobRecords, Liveness, EventStreams):
         Liveness.__init__(self, client)
         EventStreams.__init__(self, client, event_maxlen=event_maxlen)
         self._without_retry = without_retry
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, retry_for: float, probe_timeout: float | None = None
+    ) -> JobStore:
+        """The store of a worker or producer: `from_url` as the settings' tunables say (event
+        stream length, retention, the replica WAIT on a Sentinel set)."""
+        tunables = settings.tunables
+        store = cls.from_url(
+            settings.redis_url,
+            event_maxlen=tunables.event_stream_maxlen,
+            retention_s=retention_seconds(tunables.job_retention_days),
+            retry_for=retry_for,
+            probe_timeout=probe_timeout,
+        )
+        wait = replica_wait_for(settings.redis_url, tunables)
+        store.replica_wait = wait
+        if store._without_retry is not None:
+            store._without_retry.replica_wait = wait
+        return store
 
     @classmethod
     def from_url(

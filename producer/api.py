@@ -38,7 +38,6 @@ from jobs.model import Job
 from jobs.phases import POSTCOPY_TASK
 from jobs.quota import QuotaFull
 from jobs.request_signing import signer_for, verifier_for
-from jobs.retention import retention_seconds
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobStore
@@ -63,11 +62,8 @@ class Drover:
         job (the log's warnings by default; the command line prints them on stderr)."""
         self.settings = settings or load_settings()
         self.notice = notice or logging.getLogger("drover").warning
-        self.store = JobStore.from_url(
-            self.settings.redis_url,
-            event_maxlen=self.settings.tunables.event_stream_maxlen,
-            retention_s=retention_seconds(self.settings.tunables.job_retention_days),
-            retry_for=self.settings.tunables.producer_redis_retry_for,
+        self.store = JobStore.from_settings(
+            self.settings, retry_for=self.settings.tunables.producer_redis_retry_for
         )
         self._app = make_app(self.settings)
         self.signer = signer_for(self.settings.security)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from config import events
 from config.settings import Host, Settings, current
 from jobs.phases import PHASE_NAMES
-from jobs.retention import retention_seconds
 from jobs.store import JobStore
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
@@ -116,10 +115,8 @@ def init_runtime(host: str) -> Runtime:
             settings = current()
             entry = settings.host(host)
             tunables = settings.tunables
-            store = JobStore.from_url(
-                settings.redis_url,
-                event_maxlen=tunables.event_stream_maxlen,
-                retention_s=retention_seconds(tunables.job_retention_days),
+            store = JobStore.from_settings(
+                settings,
                 retry_for=tunables.redis_retry_for,
                 probe_timeout=tunables.redis_probe_timeout,
             )

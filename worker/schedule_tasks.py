@@ -13,7 +13,6 @@ from config.celery import app
 from config.settings import current
 from jobs.evacuations import EvacuationService
 from jobs.request_signing import signer_for
-from jobs.retention import retention_seconds
 from jobs.store import JobStore
 from schedules import firing
 from schedules.firing import origin as origin
@@ -29,12 +28,7 @@ def fire(
     a worker: a test)."""
     settings = current()
     if store is None:
-        store = JobStore.from_url(
-            settings.redis_url,
-            event_maxlen=settings.tunables.event_stream_maxlen,
-            retention_s=retention_seconds(settings.tunables.job_retention_days),
-            retry_for=settings.tunables.redis_retry_for,
-        )
+        store = JobStore.from_settings(settings, retry_for=settings.tunables.redis_retry_for)
     service = EvacuationService(
         settings,
         store,

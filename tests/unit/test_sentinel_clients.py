@@ -130,3 +130,20 @@ def test_a_password_the_sentinels_refuse_is_one_line_without_it(sentinel_url: st
     message = str(info.value)
     assert f"No master found for '{MASTER}'" in message and "invalid" in message, message
     assert wrong not in message and "\n" not in message
+
+
+INSECURE = "[security]\ninsecure = true\n"
+
+
+def test_the_config_sets_the_replica_wait_of_every_store_of_a_worker_or_producer(
+    sentinel_url: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "drover.toml"
+    tunables = "[tunables]\nredis_wait_replicas = 2\nredis_wait_ms = 750\n"
+    config.write_text(f'redis_url = "{sentinel_url}"\n{INSECURE}{tunables}')
+    store = JobStore.from_settings(load_settings(config), retry_for=1.0)
+    assert store.replica_wait == ReplicaWait(2, 750)
+    assert store.without_retry.replica_wait == ReplicaWait(2, 750)
+    plain = tmp_path / "plain.toml"
+    plain.write_text(f'redis_url = "redis://127.0.0.1:1/0"\n{INSECURE}')
+    assert JobStore.from_settings(load_settings(plain), retry_for=0).replica_wait.replicas == 0
