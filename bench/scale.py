@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
 
-from history import fill_history, memory_per_job
+from history import fill_history, memory_per_job, used_memory
 from scale_fleet import HOSTS, Fleet, fleet, host_name
 
 from config.settings import load_settings
@@ -51,7 +51,8 @@ DEFAULT_HISTORY = 100_000
 BLOCK = 1_000
 MS = 1000.0
 P95 = 0.95
-LANE_STRIDE = 7  # job n goes from host n to host n*7+1: lanes spread over the whole fleet
+DESTINATIONS = 10  # per source host
+LANE_STRIDE = 7  # how far a host's next job's destination is from its last one's
 MEMORY_SAMPLE = 1_000  # finished jobs written to measure memory per job (and the small history)
 CLI_RUNS = 5
 JOBS_TARGET_MS = 300.0
@@ -108,8 +109,10 @@ class Report:
 
 
 def lane(n: int) -> tuple[str, str]:
+    """Job n's source and destination: each host sends to `DESTINATIONS` others in turn,
+    so 10,000 jobs wait in 2,000 lanes of 5 (a drain spreads a host over several)."""
     src = n % HOSTS
-    dst = (n * LANE_STRIDE + 1) % HOSTS
+    dst = (src + 1 + ((n // HOSTS) % DESTINATIONS) * LANE_STRIDE) % HOSTS
     if dst == src:
         dst = (dst + 1) % HOSTS
     return host_name(src), host_name(dst)
@@ -117,8 +120,10 @@ def lane(n: int) -> tuple[str, str]:
 
 def submit_sweep(drover: Drover, jobs: int, report: Report) -> None:
     """Submit `jobs` jobs one after another; median and p95 per block of 1,000."""
-    print(f"submitting {jobs} jobs over {HOSTS} hosts (workers absent: every job waits)")
+    lanes = len({lane(n) for n in range(jobs)})
+    print(f"submitting {jobs} jobs over {HOSTS} hosts in {lanes} lanes (no worker: all wait)")
     times: list[float] = []
+    memory_before = used_memory(drover.store)
     for n in range(jobs):
         src, dst = lane(n)
         started = time.perf_counter()
@@ -139,6 +144,8 @@ def submit_sweep(drover: Drover, jobs: int, report: Report) -> None:
                 f" p95 {row['p95_ms']:.2f} ms",
                 flush=True,
             )
+    per_job = (used_memory(drover.store) - memory_before) / jobs
+    report.add(Figure("Redis memory per waiting job", per_job, "bytes", "(sizing)", True))
     if not report.blocks:  # fewer jobs than one block: nothing to compare
         return
     first, last = report.blocks[0], report.blocks[-1]

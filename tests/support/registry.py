@@ -20,6 +20,15 @@ migration_address = "192.0.2.2"
 """
 
 
+def hosts_toml(count: int) -> str:
+    """`[hosts.kvm1]` .. `[hosts.kvmN]`: hosts that do not exist (TEST-NET-1 addresses)."""
+    return "".join(
+        f'[hosts.kvm{n}]\npeer_uri = "qemu+tcp://192.0.2.{n}/system"\n'
+        f'migration_address = "192.0.2.{n}"\n'
+        for n in range(1, count + 1)
+    )
+
+
 def with_state_dirs(registry: str, root: Path) -> str:
     """`registry` with each host's `state_dir` (its ledger) under `root`, not /var/lib/drover:
     a worker started by a test then runs as any user."""

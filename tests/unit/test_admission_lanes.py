@@ -17,17 +17,8 @@ from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from tests.conftest import RedisServer
+from tests.support.registry import REGISTRY
 from tests.unit.test_admission import settings, submit
-
-TWO_HOSTS = """
-redis_url = "{url}"
-[hosts.kvm1]
-peer_uri = "qemu+tcp://192.0.2.1/system"
-migration_address = "192.0.2.1"
-[hosts.kvm2]
-peer_uri = "qemu+tcp://192.0.2.2/system"
-migration_address = "192.0.2.2"
-"""
 
 
 def none(job_id: str, spec: MigrationSpec) -> None:
@@ -151,7 +142,7 @@ def test_a_bad_spec_or_a_host_gone_from_the_registry_ends_the_job_and_frees_the_
     store: JobStore, redis_srv: RedisServer, tmp_path: Path
 ) -> None:
     path = tmp_path / "two.toml"
-    path.write_text(TWO_HOSTS.format(url=redis_srv.url))
+    path.write_text(REGISTRY.format(url=redis_srv.url))
     cfg = load_settings(path)
     gone, behind = (submit(store, f"web0{i}", "kvm1", "kvm3") for i in range(2))
     bad = submit(store, "web03", "kvm2", "kvm1")

@@ -20,21 +20,10 @@ from jobs.store import JobStore
 from jobs.submission import enqueue
 from tests.conftest import RedisServer
 from tests.support.cli import run_drover
+from tests.support.registry import hosts_toml
 
 HOUR_S = 3600
-REGISTRY = """
-redis_url = "{url}"
-{extra}
-[hosts.kvm1]
-peer_uri = "qemu+tcp://192.0.2.1/system"
-migration_address = "192.0.2.1"
-[hosts.kvm2]
-peer_uri = "qemu+tcp://192.0.2.2/system"
-migration_address = "192.0.2.2"
-[hosts.kvm3]
-peer_uri = "qemu+tcp://192.0.2.3/system"
-migration_address = "192.0.2.3"
-"""
+REGISTRY = 'redis_url = "{url}"\n{extra}\n' + hosts_toml(3)
 
 
 def fleet(tmp_path: Path, redis_srv: RedisServer, extra: str = "") -> Path:

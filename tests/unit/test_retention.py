@@ -47,23 +47,11 @@ from jobs.states import JobState
 from jobs.store import JobStore
 from jobs.submission import enqueue
 from tests.conftest import RedisServer
+from tests.support.registry import hosts_toml
 
 DAY_S = 86_400
 TOLERANCE_S = 60  # the test's own run time, with a wide margin
-REGISTRY = """
-redis_url = "{url}"
-[tunables]
-job_retention_days = {days}
-[hosts.kvm1]
-peer_uri = "qemu+tcp://192.0.2.1/system"
-migration_address = "192.0.2.1"
-[hosts.kvm2]
-peer_uri = "qemu+tcp://192.0.2.2/system"
-migration_address = "192.0.2.2"
-[hosts.kvm3]
-peer_uri = "qemu+tcp://192.0.2.3/system"
-migration_address = "192.0.2.3"
-"""
+REGISTRY = 'redis_url = "{url}"\n[tunables]\njob_retention_days = {days}\n' + hosts_toml(3)
 RUN_ORDER = (
     (Phase.SOURCE_PREFLIGHT, "kvm1", JobState.PREFLIGHT),
     (Phase.DESTINATION_PREPARE, "kvm2", JobState.PREPARED),
