@@ -12,25 +12,15 @@ from typing import Annotated
 
 import typer
 
-from cli.lab import lab_app, lab_guarded
 from config.settings import CONFIG_ENV
-from producer import (
-    cli,
-    cli_control,
-    cli_evacuate,
-    cli_flower,
-    cli_policies,
-    cli_redis_acl,
-    cli_schedule,
-)
+from producer import cli
 from producer.cli_common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, err, fail, out
 from producer.text import plain
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-app.add_typer(lab_app, name="lab")
+# The root's own option that may come before a command: `drover --config FILE jobs`.
+CONFIG_OPTION = "--config"
 
 
-@app.callback()
 def root(
     config: Annotated[str | None, typer.Option("--config", help="drover.toml to use")] = None,
 ) -> None:
@@ -44,6 +34,7 @@ def worker(
     loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO",
 ) -> None:
     """Run the Celery worker of one hypervisor host (consumes drover.host.HOST)."""
+    from cli.lab import lab_guarded
     from worker.main import WorkerStartError, run_worker
 
     def go() -> None:
@@ -59,6 +50,7 @@ def demo(
     keep: Annotated[bool, typer.Option("--keep", help="leave the lab up afterwards")] = False,
 ) -> None:
     """Bring up the local lab, migrate real VMs with live events, verify, tear down."""
+    from cli.lab import lab_guarded
     from lab.demo import run_demo
 
     def go() -> None:
@@ -68,22 +60,70 @@ def demo(
     lab_guarded(go)
 
 
-# In the order `drover --help` lists them.
-cli.register(app)
-cli_policies.register(app)
-cli_control.register(app)
-app.command()(worker)
-app.command()(demo)
-cli_evacuate.register(app)
-cli_flower.register(app)
-cli_redis_acl.register(app)
-cli_schedule.register(app)
+def _app() -> typer.Typer:
+    app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+    app.callback()(root)
+    return app
+
+
+def full_app() -> typer.Typer:
+    """Every command, in the order `drover --help` lists them."""
+    from cli.lab import lab_app
+    from producer import (
+        cli_control,
+        cli_evacuate,
+        cli_flower,
+        cli_policies,
+        cli_redis_acl,
+        cli_schedule,
+    )
+
+    app = _app()
+    app.add_typer(lab_app, name="lab")
+    cli.register(app)
+    cli_policies.register(app)
+    cli_control.register(app)
+    app.command()(worker)
+    app.command()(demo)
+    cli_evacuate.register(app)
+    cli_flower.register(app)
+    cli_redis_acl.register(app)
+    cli_schedule.register(app)
+    return app
+
+
+def job_app() -> typer.Typer:
+    """The job commands alone (producer/cli.py: migrate, jobs, job, events, ...).
+
+    Typer reads every command's signature each time it runs: a `drover jobs` that should
+    answer at once would pay for the lab's, the schedules' and Flower's commands too (their
+    imports and about 15 ms of Click). Their help, options and errors are the same here.
+    """
+    app = _app()
+    cli.register(app)
+    return app
+
+
+def command_named(args: list[str]) -> str | None:
+    """The command on a `drover` command line (after the root's `--config`), if any."""
+    rest = list(args)
+    while rest and (rest[0] == CONFIG_OPTION or rest[0].startswith(f"{CONFIG_OPTION}=")):
+        rest = rest[1:] if "=" in rest[0] else rest[2:]
+    return rest[0] if rest and not rest[0].startswith("-") else None
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """`cli.main.app`: the whole `drover` app (tests walk its commands)."""
+    if name == "app":
+        return full_app()
+    raise AttributeError(name)
 
 
 def main() -> None:
     """Run the CLI; usage errors become one line (Click's boxed help is for --help)."""
+    quick = command_named(sys.argv[1:]) in cli.COMMAND_NAMES
     try:
-        code = app(standalone_mode=False)
+        code = (job_app() if quick else full_app())(standalone_mode=False)
     except UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             pass  # building this error rendered the help already (Typer's rich help prints)

@@ -29,6 +29,10 @@ def register(app: typer.Typer) -> None:
         app.command()(command)
 
 
+# The names `register` gives them (cli/main.py runs these without the other commands).
+COMMAND_NAMES = frozenset({"migrate", "abort", "postcopy", "events", "jobs", "job"})
+
+
 def migrate(
     domain: Annotated[str, typer.Argument(help="domain name")],
     src: Annotated[str, typer.Option("--from", help="source host (registry name)")],

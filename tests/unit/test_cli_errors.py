@@ -112,3 +112,32 @@ def test_wrong_redis_password_is_one_line(tmp_path: Path, redis_srv: RedisServer
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
     assert "password" in result.stderr.lower() and "wrong" not in result.stderr
+
+
+def test_the_job_commands_run_alone_as_they_run_among_all_the_others(config: Path) -> None:
+    """`drover jobs` builds only producer/cli.py's commands (cli/main.py job_app): the same
+    names, help and errors as in the whole app, and every other command still reachable."""
+    from typer.main import get_command
+
+    from cli import main as cli_main
+    from producer.cli import COMMAND_NAMES
+
+    alone = get_command(cli_main.job_app()).commands  # type: ignore[attr-defined]
+    everything = get_command(cli_main.full_app()).commands  # type: ignore[attr-defined]
+    assert set(alone) == COMMAND_NAMES
+    assert set(everything) > COMMAND_NAMES
+    for name in COMMAND_NAMES:
+        one, other = alone[name], everything[name]
+        assert one.help == other.help
+        assert [p.opts for p in one.params] == [p.opts for p in other.params]
+    assert cli_main.command_named(["--config", "x.toml", "jobs", "--state", "a"]) == "jobs"
+    assert cli_main.command_named(["--config=x.toml", "lab", "up"]) == "lab"
+    assert cli_main.command_named(["--configx", "jobs"]) is None  # the whole app refuses it
+    assert cli_main.command_named(["--help"]) is None
+    refused = drover(config, "--config", str(config), "jobs", "--bogus")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith(
+        "jobs: No such option: --bogus (Possible options: --host)"
+    )
+    listed = drover(config, "--help").stdout
+    assert all(name in listed for name in ("evacuate", "schedule", "lab", "jobs"))
