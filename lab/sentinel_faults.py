@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
-from config.redis_acl import HEALTH_USER
+from config.redis_acl import HEALTH_USER, write_private
 from lab import redis_server
 from lab.proc import LabError, alive, wait_until
 from lab.sentinel import master_port, node_dir, replica_in_sync
@@ -39,11 +40,26 @@ def kill_primary(sig: int = signal.SIGKILL) -> int:
     return port
 
 
+def _follow(conf: Path, address: str, master: int) -> None:
+    """Make the node of `conf` start as `master`'s replica, as an operator brings back an old
+    primary: left to the sentinels, it starts as a second primary until they notice it and
+    turn it (tens of seconds on a busy machine), taking writes nobody will keep."""
+    kept = [
+        line
+        for line in conf.read_text().splitlines()
+        if not line.startswith(("replicaof ", "slaveof "))
+    ]
+    write_private(conf, "\n".join([*kept, f"replicaof {address} {master}", ""]))
+
+
 def restart_node(port: int) -> None:
-    """Start a node again on its config and AOF; return once it is the new master's
-    replica, in sync (the sentinels turn a returning old primary into one)."""
+    """Start a node again on its config and AOF as the master's replica; return once the
+    sentinels see it in sync."""
     lab, state = _loaded()
     conf = node_dir(lab, port) / "redis.conf"
+    master = master_port(state)
+    if master is not None and master != port:
+        _follow(conf, lab.root_address, master)
     pid = redis_server.run_with(
         conf, "127.0.0.1", port, redis_server.HEALTH_PASSWORD, username=HEALTH_USER
     )
