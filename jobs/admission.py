@@ -17,7 +17,7 @@ host never holds up a job between two other hosts, which is in another lane. The
 - `pass_`: the ready lanes and those blocked on a gate that has room now (every worker on a
   short tick and whenever a job ends); its cost follows the gates and the lanes that can
   move, not the length of the line; `admit_after_free` is the same for gates the caller names;
-- `safety_pass` (`admit_waiting`): every lane's head, rarely, so that no lost step (a crash in
+- `safety_pass`: every lane's head, rarely, so that no lost step (a crash in
   the middle of a pass) can strand a lane; it also moves jobs from the one-line waiting set
   of earlier versions into their lanes.
 
@@ -149,10 +149,6 @@ class Admission:
             [(h.lane, h.created) for h in heads],
             {h.lane: h.head for h in heads},
         )
-
-    def admit_waiting(self, settings: Settings, send: Send) -> list[str]:
-        """Admit, oldest first, every waiting job that fits now (the safety pass)."""
-        return self.safety_pass(settings, send)
 
     def _run(
         self,

@@ -25,12 +25,8 @@ from producer.text import plain, plain_data
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `drover` CLI."""
-    for command in (migrate, abort, postcopy, events, jobs, job):
+    for command in COMMANDS:
         app.command()(command)
-
-
-# The names `register` gives them (cli/main.py runs these without the other commands).
-COMMAND_NAMES = frozenset({"migrate", "abort", "postcopy", "events", "jobs", "job"})
 
 
 def migrate(
@@ -241,3 +237,8 @@ def job(
                 out.print(policy_table(policy, f"effective policy {policy.name}"))
 
     guarded(go)
+
+
+# In the order `drover --help` lists them; cli/main.py runs these without the other commands.
+COMMANDS = (migrate, abort, postcopy, events, jobs, job)
+COMMAND_NAMES = frozenset(command.__name__ for command in COMMANDS)  # Typer's names for them

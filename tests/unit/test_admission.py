@@ -52,12 +52,12 @@ def test_inbound_limit_holds_and_a_slot_comes_back_when_the_job_ends(
     b = submit(store, "web02", "kvm3", "kvm2")  # kvm2 takes one at a time
     c = submit(store, "web03", "kvm1", "kvm3")  # not held up by b
     admission = Admission(store)
-    assert admission.admit_waiting(cfg, lambda j, s: started.append(j)) == [a, c]
+    assert admission.safety_pass(cfg, lambda j, s: started.append(j)) == [a, c]
     assert started == [a, c]
     assert store.get(b).waiting_for == "waiting for a slot: kvm2 inbound limit 1 reached"
     waiting = [e for _, e in store.read_events(b) if e["event"] == "job.waiting"]
     assert len(waiting) == 1
-    admission.admit_waiting(cfg, lambda j, s: started.append(j))
+    admission.safety_pass(cfg, lambda j, s: started.append(j))
     assert len([e for _, e in store.read_events(b) if e["event"] == "job.waiting"]) == 1
     assert admission.holders(inbound_gate("kvm2")) == {a}
     assert admission.holders(outbound_gate("kvm1")) == {a, c}
@@ -65,7 +65,7 @@ def test_inbound_limit_holds_and_a_slot_comes_back_when_the_job_ends(
 
     store.transition(a, JobState.FAILED, host="test", reason="x")  # ends: slots given back
     assert a not in admission.holders(inbound_gate("kvm2")) | admission.holders(CLUSTER_GATE)
-    assert admission.admit_waiting(cfg, lambda j, s: started.append(j)) == [b]
+    assert admission.safety_pass(cfg, lambda j, s: started.append(j)) == [b]
     job = store.get(b)
     assert job.admitted is not None and job.waiting_for is None
 
@@ -77,7 +77,7 @@ def test_cluster_and_evacuation_limits(
     a = submit(store, "web01", "kvm1", "kvm3")
     b = submit(store, "web02", "kvm2", "kvm1")
     admission = Admission(store)
-    assert admission.admit_waiting(cfg, lambda j, s: None) == [a]
+    assert admission.safety_pass(cfg, lambda j, s: None) == [a]
     assert "cluster-wide limit 1 reached" in (store.get(b).waiting_for or "")
 
     store.r.flushdb()
@@ -86,7 +86,7 @@ def test_cluster_and_evacuation_limits(
         submit(store, f"vm{i}", "kvm1", "kvm3", parent="0123456789ab", parent_limit=1)
         for i in range(2)
     ]
-    assert Admission(store).admit_waiting(cfg, lambda j, s: None) == [kids[0]]
+    assert Admission(store).safety_pass(cfg, lambda j, s: None) == [kids[0]]
     assert "evacuation 0123456789ab limit 1 reached" in (store.get(kids[1]).waiting_for or "")
 
 
@@ -100,7 +100,7 @@ def test_aborted_or_ended_waiting_jobs_leave_the_line(
     assert admission.waiting_ids() == []
     b = submit(store, "web02", "kvm1", "kvm2")
     store.request_abort(b, "aborted")  # an abort cut short before its transition
-    assert admission.admit_waiting(cfg, lambda j, s: None) == []
+    assert admission.safety_pass(cfg, lambda j, s: None) == []
     assert admission.waiting_ids() == []
     assert store.state(b) is JobState.CANCELLED  # finished by admission, not left queued
     assert not store.r.hget("drover:host:kvm2:reservations", b)
@@ -112,7 +112,7 @@ def test_a_slot_held_by_a_vanished_job_is_pruned(
     cfg = settings(tmp_path, redis_srv)
     store.r.sadd(inbound_gate("kvm2"), "deadbeef0000")  # a crash left it; no such job
     a = submit(store, "web01", "kvm1", "kvm2")
-    assert Admission(store).admit_waiting(cfg, lambda j, s: None) == [a]
+    assert Admission(store).safety_pass(cfg, lambda j, s: None) == [a]
     assert Admission(store).holders(inbound_gate("kvm2")) == {a}
 
 

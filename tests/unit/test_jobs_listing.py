@@ -174,7 +174,7 @@ def test_a_producer_past_its_quota_of_waiting_jobs_is_refused_and_nothing_is_kep
     settings = load_settings(config)
     from jobs.admission import Admission
 
-    Admission(store).admit_waiting(settings, lambda job_id, spec: None)
+    Admission(store).safety_pass(settings, lambda job_id, spec: None)
     again = migrate("web9")
     assert again.returncode == 0, again.stderr
 

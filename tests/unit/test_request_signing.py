@@ -178,7 +178,7 @@ def test_admission_never_starts_a_forged_job(fleet: Fleet) -> None:
     forged = enqueue(fleet.store, MigrationSpec(domain="web02", src="kvm1", dst="kvm2"), origin="x")
     started: list[str] = []
     admission = Admission(fleet.store, verifier_for(fleet.settings.security))
-    admission.admit_waiting(fleet.settings, lambda job_id, _spec: started.append(job_id))
+    admission.safety_pass(fleet.settings, lambda job_id, _spec: started.append(job_id))
     assert started == [good]
     job = fleet.job(forged)
     assert job.state is JobState.FAILED

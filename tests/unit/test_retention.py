@@ -157,7 +157,7 @@ def test_nothing_of_a_finished_job_or_evacuation_is_left_without_a_time_to_live(
         )
         for n in range(2)
     ]
-    admission.admit_waiting(settings, lambda job_id, spec: None)
+    admission.safety_pass(settings, lambda job_id, spec: None)
     assert store.r.smembers(CLUSTER_GATE)  # slots are held while the jobs live
 
     run_like_a_worker(store, plain)
