@@ -15,6 +15,13 @@ with the replica away there is nothing to wait for (refusing every write until a
 back would stop the fleet, which is what `min-replicas-to-write` does; docs/sentinel.md).
 The phase a lost claim would let run again is still refused on the host that ran it, by
 its own ledger (worker/ledger.py): a phase only runs on the host that owns it.
+
+Nor does a WAIT that reaches a replica: in a failover a sentinel that has not heard of the
+promotion yet still names the old primary, now a replica, and a connection made then lands
+there. A write on it fails READONLY, which redis-py turns into a reconnect; a WAIT there
+fails with a plain error that nothing caught, and it failed the phase that had just written
+its state on the real master. It counts as not acknowledged, and the idle connections are
+dropped so the next command asks the sentinels again.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from dataclasses import dataclass
 from typing import cast
 
 import redis
+
+
+# How Redis refuses a WAIT sent to a replica ("WAIT cannot be used with replica instances").
+REPLICA_REFUSAL = "replica"
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,13 @@ class ReplicaWait:
         """True once the writes made so far on `client` are on `replicas` replicas."""
         if self.replicas <= 0:
             return True
-        acknowledged = cast(int, client.wait(self.replicas, self.timeout_ms))
+        try:
+            acknowledged = cast(int, client.wait(self.replicas, self.timeout_ms))
+        except redis.ResponseError as error:
+            if REPLICA_REFUSAL not in str(error).lower():
+                raise
+            client.connection_pool.disconnect(inuse_connections=False)
+            return False
         return acknowledged >= self.replicas
 
 
