@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 CONFIG_IN_CONTAINER = "/etc/drover/drover.toml"
-DROVER_SERVICES = ("beat", "flower", "producer", "worker")
-# Each drover service and the Redis user (config/redis_acl.py) it connects as.
+DROVER_SERVICES = ("beat", "exporter", "flower", "producer", "worker")
+# Each drover service and the Redis user (config/redis_acl.py) it connects as. The fleet
+# exporter reads and holds its lease as the producer (docs/redis-acl.md): the one shared user.
 SERVICE_ROLES = {"beat": "beat", "flower": "flower", "producer": "producer", "worker": "worker"}
+SHARED_ROLES = {"exporter": "producer"}
 SIGNING_DIR, TRUSTED_DIR = "/etc/drover/signing", "/etc/drover/trusted"
 REDIS_PORT, REDIS_TLS_PORT = "6379", "6380"
 # Services run from images of their own, not drover's.
@@ -262,6 +264,9 @@ def test_every_drover_service_is_its_own_redis_user(compose: dict[str, Any]) -> 
         assert url.password == SAMPLE_ENV[f"DROVER_REDIS_{role.upper()}_PASSWORD"], name
         users[name] = url.username
     assert len(set(users.values())) == len(users)
+    for name, role in SHARED_ROLES.items():
+        url = urlsplit(_env(compose["services"][name])["DROVER_REDIS_URL"])
+        assert (url.username, url.hostname) == (user_name(role), "redis"), name
 
 
 def test_worker_reaches_redis_over_verified_tls(compose: dict[str, Any]) -> None:
@@ -394,3 +399,20 @@ def test_prometheus_scrapes_with_drovers_rules_on_loopback_only(compose: dict[st
     assert data["source"] in (compose.get("volumes") or {})
     assert prometheus["ports"] == ["127.0.0.1:9090:9090"]
     assert prometheus["restart"] == "unless-stopped"
+
+
+def test_exporter_serves_the_compose_network_only(compose: dict[str, Any]) -> None:
+    """`drover exporter` on every address of its container (it refuses that without
+    --expose-all), published on no host interface: prometheus.yml's exporter:9640."""
+    exporter = compose["services"]["exporter"]
+    assert "entrypoint" not in exporter  # the image's: `drover`
+    assert _argv(exporter, "command") == ["exporter", "--listen", "0.0.0.0:9640", "--expose-all"]
+    assert "ports" not in exporter and "network_mode" not in exporter
+    assert exporter["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert exporter["restart"] == "unless-stopped"
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        c["job_name"]: [t for sc in c["static_configs"] for t in sc["targets"]]
+        for c in config["scrape_configs"]
+    }
+    assert targets["drover-exporter"] == ["exporter:9640"]
