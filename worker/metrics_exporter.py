@@ -10,13 +10,16 @@ target down, and `drover hosts` still shows the worker alive.
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 import redis
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 
 from config.events import get_logger
 from config.metrics import NO_EXPORTER
+from config.settings import Host, HostLimits
 from jobs.host_load import host_load
-from worker.metrics_host import DIRECTIONS, HostSnapshot
+from worker.metrics_host import HostSnapshot
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -27,43 +30,53 @@ def bind_address(address: str) -> str:
     return address.removeprefix("[").removesuffix("]")
 
 
-def start_exporter(rt: Runtime) -> bool:
-    """Serve the runtime's registry (once per process); whether it listens now."""
-    if rt.metrics is None or rt.metrics_listening:
-        return rt.metrics_listening
-    entry = rt.registry_entry
+def serve(registry: CollectorRegistry, entry: Host) -> WSGIServer | None:
+    """`registry` on the host's metrics address and port, on a daemon thread; None (and a
+    `metrics.unavailable` event) when it cannot listen there, or the port is 0."""
     if entry.metrics_port == NO_EXPORTER:
-        return False
+        return None
     where = {"address": entry.metrics_address, "port": entry.metrics_port}
     try:
-        start_http_server(
-            entry.metrics_port, bind_address(entry.metrics_address), rt.metrics.registry
+        server, _ = start_http_server(
+            entry.metrics_port, bind_address(entry.metrics_address), registry
         )
     except OSError as exc:
         log.error("metrics.unavailable", **where, error=str(exc))
-        return False
-    rt.metrics_listening = True
+        return None
     log.info("metrics.listening", **where)
-    return True
+    return server
 
 
-def cache_host(rt: Runtime, report: dict[str, object]) -> None:
-    """Leave what the report tick saw for the host gauges (worker/metrics_host.py): the
-    report's figures, and slots and maintenance in one pipelined read."""
-    limits = rt.registry_entry.limits
+def start_exporter(rt: Runtime) -> bool:
+    """Serve the runtime's registry (once per process); whether it listens now."""
+    if rt.metrics is not None and not rt.metrics_listening:
+        rt.metrics_listening = serve(rt.metrics.registry, rt.registry_entry) is not None
+    return rt.metrics_listening
+
+
+def host_snapshot(
+    r: redis.Redis, host: str, limits: HostLimits, report: dict[str, object]
+) -> HostSnapshot:
+    """The host gauges' figures: the report's, and slots and maintenance in one pipelined
+    read (left out when Redis does not answer)."""
     try:
-        load = host_load(rt.store.r, rt.host)
+        load = host_load(r, host)
         held: dict[str, int] | None = {"out": load.slots_out, "in": load.slots_in}
         maintenance: bool | None = load.maintenance
     except redis.RedisError:
         held, maintenance = None, None
     free = report.get("free_mib")
     running = report.get("running")
-    rt.host_snapshot = HostSnapshot(
+    return HostSnapshot(
         libvirtd_up="error" not in report,
         free_mib=free if isinstance(free, int) else None,
         running=len(running) if isinstance(running, list) else None,
         slots_held=held,
-        slots_limit=dict(zip(DIRECTIONS, (limits.max_inbound, limits.max_outbound), strict=True)),
+        slots_limit={"out": limits.max_outbound, "in": limits.max_inbound},
         maintenance=maintenance,
     )
+
+
+def cache_host(rt: Runtime, report: dict[str, object]) -> None:
+    """Leave what the report tick saw for the host gauges (worker/metrics_host.py)."""
+    rt.host_snapshot = host_snapshot(rt.store.r, rt.host, rt.registry_entry.limits, report)
