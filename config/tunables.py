@@ -121,3 +121,7 @@ class Tunables(BaseModel):
     # most `redis_wait_ms`; a primary killed then cannot take those writes with it.
     redis_wait_replicas: int = Field(default=1, ge=0, le=5)
     redis_wait_ms: int = Field(default=500, ge=1, le=10_000)
+    # A migration's in-flight series (worker exporter, docs/metrics.md) are dropped from a
+    # scrape once their last progress sample is this old, even if the worker never saw the
+    # job end (another host ended it, a Redis outage cut the story short).
+    metrics_stale_after: float = Field(default=120.0, gt=0)
