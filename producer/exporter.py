@@ -13,6 +13,7 @@ It runs until SIGTERM or SIGINT. It starts whether or not Redis answers (a scrap
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Callable
@@ -112,10 +113,8 @@ class Exporter:
             self.say(f"Redis unreachable ({exc}); scrapes say drover_exporter_redis_up 0")
 
     def _give_back(self) -> None:
-        try:
+        with contextlib.suppress(*REDIS_FAILURES):  # else it lapses by itself within the lease
             self.lease.release()
-        except REDIS_FAILURES:
-            pass  # it lapses by itself within the lease
         self.client.close()
 
     def _stop(self, signum: int, frame: Any) -> None:

@@ -70,7 +70,11 @@ class FleetCollector(Collector):
             now_s=time.time(),
             retention_s=retention_seconds(tunables.job_retention_days),
         )
-        return fleet, read_schedules(self.r)
+        try:
+            schedules = read_schedules(self.r)
+        except ValueError:  # a record drover cannot read: the fleet's figures still count
+            schedules = []
+        return fleet, schedules
 
 
 def fleet_metrics(fleet: Fleet) -> Iterator[Metric]:
