@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -26,7 +27,7 @@ from config.redis_acl_model import BrokerNames
 from config.settings import load_settings
 from jobs.admission import Admission
 from jobs.evacuation import EvacuationSpec, EvacuationState, EvacuationStore, Placement
-from jobs.keys import EXPORTER_LEASE, SCHEDULE_INDEX
+from jobs.keys import EVACUATIONS_INDEX, EXPORTER_LEASE, SCHEDULE_INDEX
 from jobs.lease import Lease
 from jobs.maintenance import Maintenance
 from jobs.spec import MigrationSpec
@@ -348,3 +349,34 @@ def test_the_lease_is_renewed_only_by_its_holder(redis_srv: RedisServer) -> None
 def config_fast(tmp_path: Path, redis_srv: RedisServer) -> Path:
     redis.Redis.from_url(redis_srv.url).flushdb()
     return write_config(tmp_path / "drover.toml", redis_srv.url)
+
+
+def test_a_taken_port_or_a_lease_renewed_too_rarely_is_one_line(
+    config_fast: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_drover(config_fast, "exporter", "--listen", f"127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    url = load_settings(config_fast).redis_url
+    slow = write_config(
+        tmp_path / "slow.toml", url, "exporter_lease_ttl = 5\nexporter_lease_renew = 5\n"
+    )
+    done = run_drover(slow, "exporter")
+    assert done.returncode == 2
+    assert "exporter_lease_renew must be shorter than exporter_lease_ttl" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_evacuations_index_keeps_the_retention_only(config_fast: Path) -> None:
+    settings = load_settings(config_fast)
+    store = JobStore.from_settings(settings, retry_for=0)
+    retention_s = store.retention.retention_s
+    old = datetime.now(UTC).timestamp() - retention_s - 60
+    store.r.zadd(EVACUATIONS_INDEX, {"long-gone": old})
+    new = EvacuationStore(store).create(EvacuationSpec(host="kvm1", dry_run=True), "t")
+    assert store.r.zrange(EVACUATIONS_INDEX, 0, -1) == [new]
