@@ -31,7 +31,6 @@ from typing import cast
 
 import redis
 
-
 # How Redis refuses a WAIT sent to a replica ("WAIT cannot be used with replica instances").
 REPLICA_REFUSAL = "replica"
 
