@@ -24,6 +24,7 @@ help:
 	@echo "make demo   - bring up the local lab, migrate real VMs, show events, tear down"
 	@echo "make test   - install what is needed and run the whole suite (lint + pytest)"
 	@echo "make lint   - ruff + mypy + lint-imports (layers);  make bench - benchmarks (print figures)"
+	@echo "make check-rules - promtool: deploy/prometheus's config, alert rules and their unit tests"
 
 $(APT_STAMP):
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get)"; exit 1; fi
