@@ -9,6 +9,7 @@ evacuation, move nothing but the refused and recovery counters.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -118,11 +119,10 @@ Update = Sample | Gone | PhaseStart | PhaseEnd | Count | Observe
 
 def event_time(event: Event) -> float:
     """The event's `ts` as unix time (the chain adds it before observers see the event)."""
-    ts = event.get("ts")
     try:
-        return datetime.fromisoformat(str(ts)).timestamp()
+        return datetime.fromisoformat(str(event.get("ts"))).timestamp()
     except ValueError:
-        return datetime.now().timestamp()
+        return time.time()
 
 
 def _mode(event: Event) -> str:

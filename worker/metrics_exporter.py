@@ -1,11 +1,12 @@
 """The worker's exporter: its registry on HTTP, and the host snapshot its gauges read.
 
-Started with the worker (worker/tasks.py, on worker_ready, whichever command started it) on
-the registry's `metrics_address`:`metrics_port` of the host (port 0: none). A port that
-cannot be bound does not stop the worker: migrations and evacuations matter more than their
-figures, and a worker refusing to start over a port clash would leave its host unserved
-(maybe mid-evacuation). It says so in a `metrics.unavailable` event; Prometheus shows the
-target down, and `drover hosts` still shows the worker alive.
+Started with the worker by its heartbeat loop (worker/keeper.py, the `metrics` duty) on the
+registry's `metrics_address`:`metrics_port` of the host (port 0: none). A port that cannot
+be bound does not stop the worker: migrations and evacuations matter more than their figures,
+and a worker refusing to start over a port clash would leave its host unserved (maybe
+mid-evacuation, or taking over from a draining worker that still holds the port). It says so
+in a `metrics.unavailable` event and tries again every tick; Prometheus shows the target
+down meanwhile, and `drover hosts` still shows the worker alive.
 """
 
 from __future__ import annotations
@@ -33,25 +34,39 @@ def bind_address(address: str) -> str:
 def serve(registry: CollectorRegistry, entry: Host) -> WSGIServer | None:
     """`registry` on the host's metrics address and port, on a daemon thread; None (and a
     `metrics.unavailable` event) when it cannot listen there, or the port is 0."""
+    try:
+        return listen(registry, entry)
+    except OSError as exc:
+        log.error("metrics.unavailable", **where(entry), error=str(exc))
+        return None
+
+
+def listen(registry: CollectorRegistry, entry: Host) -> WSGIServer | None:
+    """As `serve`, raising OSError when the address or port cannot be bound."""
     if entry.metrics_port == NO_EXPORTER:
         return None
-    where = {"address": entry.metrics_address, "port": entry.metrics_port}
-    try:
-        server, _ = start_http_server(
-            entry.metrics_port, bind_address(entry.metrics_address), registry
-        )
-    except OSError as exc:
-        log.error("metrics.unavailable", **where, error=str(exc))
-        return None
-    log.info("metrics.listening", **where)
+    server, _ = start_http_server(entry.metrics_port, bind_address(entry.metrics_address), registry)
+    log.info("metrics.listening", **where(entry))
     return server
 
 
-def start_exporter(rt: Runtime) -> bool:
-    """Serve the runtime's registry (once per process); whether it listens now."""
-    if rt.metrics is not None and not rt.metrics_listening:
-        rt.metrics_listening = serve(rt.metrics.registry, rt.registry_entry) is not None
-    return rt.metrics_listening
+def where(entry: Host) -> dict[str, object]:
+    return {"address": entry.metrics_address, "port": entry.metrics_port}
+
+
+def start_exporter(rt: Runtime) -> None:
+    """Serve the runtime's registry, once per process: a keeper duty (worker/keeper.py), so a
+    port held by the worker this one replaces (still draining beside it) is taken as soon as
+    that one exits. A failure is said once per distinct error, not every tick."""
+    if rt.metrics is None or rt.metrics_server is not None:
+        return
+    entry = rt.registry_entry
+    try:
+        rt.metrics_server = listen(rt.metrics.registry, entry)
+    except OSError as exc:
+        if str(exc) != rt.metrics_problem:
+            log.error("metrics.unavailable", **where(entry), error=str(exc))
+        rt.metrics_problem = str(exc)
 
 
 def host_snapshot(

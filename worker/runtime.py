@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 from config import events
 from config.settings import Host, Settings, current
@@ -39,10 +40,11 @@ class Runtime:
     # (job, phase, worker) marks recovery found held by another live worker: said once each.
     noted_runners: set[tuple[str, str, str]] = field(default_factory=set)
     # The exporter (worker/metrics_exporter.py): its registry, fed by the event chain; the
-    # host as the keeper's last report tick saw it; whether it listens.
+    # host as the keeper's last report tick saw it; whether it listens, or why not.
     metrics: WorkerMetrics | None = None
     host_snapshot: HostSnapshot | None = None
-    metrics_listening: bool = False
+    metrics_server: WSGIServer | None = None
+    metrics_problem: str | None = None
 
     def mark(self, job_id: str, what: str) -> bool:
         """Mark (job, what) as in hand in this process only; False if it already was."""

@@ -39,7 +39,6 @@ from worker.job_end import job_context, verified
 from worker.keeper import begin_drain, start_keeper
 from worker.libvirt_events import start_event_loop
 from worker.main import WorkerStartError, check_security
-from worker.metrics_exporter import start_exporter
 from worker.migration_control import force_complete, tune
 from worker.phase_errors import Dropped, PhaseFailed, RetryPhase
 from worker.phase_frame import execute_phase
@@ -118,13 +117,10 @@ def _listen_to_libvirt(**_: object) -> None:
 
 @worker_ready.connect
 def _start_housekeeping(sender: object, **_: object) -> None:
-    """Heartbeat, leases, recovery and the metrics exporter start with the worker, whichever
-    command started it."""
+    """Heartbeat, leases and recovery start with the worker, whichever command started it."""
     hostname = getattr(sender, "hostname", "")
     if hostname:
-        rt = runtime_for_node(str(hostname))
-        start_keeper(rt)
-        start_exporter(rt)
+        start_keeper(runtime_for_node(str(hostname)))
 
 
 @worker_shutting_down.connect

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -31,14 +33,17 @@ from jobs.states import JobState
 from jobs.store import JobStore, now
 from lab.proc import wait_until
 from tests.conftest import free_port
+from tests.support.registry import REGISTRY
 from worker.job_end import ended_fields, job_context
-from worker.metrics_exporter import host_snapshot, serve
+from worker.metrics_exporter import host_snapshot, serve, start_exporter
 from worker.metrics_host import HostCollector, HostSnapshot
 from worker.metrics_registry import WorkerMetrics
 from worker.progress import Progress
+from worker.runtime import Runtime
 
 HOST = "kvm1"
 STALE_AFTER_S = 600.0
+UNIQUE_MTIME = 1_500_000_015.0  # no other test's config file has this mtime
 PAGE = 4096
 # A sample of libvirt's job statistics in pre-copy, as the monitor reads them.
 STATS = {
@@ -341,3 +346,45 @@ def test_a_port_taken_leaves_the_worker_running_and_says_why(
     assert (said["event"], said["port"], said["level"]) == ("metrics.unavailable", port, "error")
     assert "in use" in said["error"]
     assert serve(metrics.registry, registry_host(0)) is None  # port 0: no exporter, by choice
+
+
+def test_a_worker_takes_its_port_once_the_worker_it_replaces_lets_go(
+    chain: tuple[WorkerMetrics, io.StringIO],
+    store: JobStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker started while the draining one it replaces still holds the port: no exporter
+    yet, said once; the keeper's `metrics` duty takes the port as soon as it is free."""
+    metrics, out = chain
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    config = tmp_path / "drover.toml"
+    config.write_text(
+        REGISTRY.format(url="redis://127.0.0.1:1/0").replace(
+            'migration_address = "192.0.2.1"',
+            f'migration_address = "192.0.2.1"\nmetrics_port = {port}',
+        )
+    )
+    os.utime(config, (UNIQUE_MTIME, UNIQUE_MTIME))  # the settings cache sees a new file
+    monkeypatch.setenv("DROVER_CONFIG", str(config))
+    rt = Runtime(HOST, store, cast(Any, None), cast(Any, None), metrics=metrics)
+    try:
+        for _ in range(3):  # three ticks while the port is held
+            start_exporter(rt)
+        assert rt.metrics_server is None
+        said = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+        assert said == ["metrics.unavailable"]
+        held.close()
+        start_exporter(rt)
+        assert rt.metrics_server is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert find(parse(resp.read().decode()), "drover_migration_iteration") == {}
+        assert json.loads(out.getvalue().splitlines()[-1])["event"] == "metrics.listening"
+    finally:
+        held.close()
+        if rt.metrics_server is not None:
+            rt.metrics_server.shutdown()
+            rt.metrics_server.server_close()
