@@ -16,8 +16,8 @@ read from records of which there are few at any time (jobs holding a slot, live 
 - evacuations by state, and for each one running the guests of its plan not yet moved;
 - per registry host, whether its worker's heartbeat is there; hosts in maintenance.
 
-Each round trip is a MULTI block, so the counts read together are of one moment: three round
-trips in all (the third only while an evacuation runs).
+Reads go in MULTI blocks, so the counts read together are of one moment: three blocks in all
+(the third only while an evacuation runs), plus redis-py's check that the script is loaded.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Fleet:
 
 
 def read_fleet(r: redis.Redis, hosts: Iterable[str], *, now_s: float, retention_s: float) -> Fleet:
-    """The figures above in three round trips (RedisError for the caller on an outage)."""
+    """The figures above, in three MULTI blocks (RedisError for the caller on an outage)."""
     hosts = sorted(hosts)
     low = now_s - retention_s
     waiting_by_gate = r.register_script(_WAITING_BY_GATE_LUA)
@@ -110,15 +110,14 @@ def read_fleet(r: redis.Redis, hosts: Iterable[str], *, now_s: float, retention_
             p.zcount(jobs_by_state_key(state), low, "+inf")
         p.smembers(ACTIVE_EVACUATIONS)
         p.zrangebyscore(EVACUATIONS_INDEX, low, "+inf")
-        for host in hosts:
-            p.exists(heartbeat_key(host))
+        p.mget([heartbeat_key(host) for host in hosts] or [heartbeat_key("")])
         p.hgetall(DISABLED_HOSTS)
         first = p.execute()
     live_total, holders, by_gate, legacy = first[:4]
     finals = dict(zip(ALL_FINAL, (int(n) for n in first[4 : 4 + len(ALL_FINAL)]), strict=True))
     rest = first[4 + len(ALL_FINAL) :]
     live_evacuations, recent_evacuations = sorted(rest[0]), list(rest[1])
-    beats, disabled = rest[2 : 2 + len(hosts)], rest[2 + len(hosts)]
+    beats, disabled = rest[2], rest[3]  # one MGET: a reply per host, not a command
     holders = sorted(holders)
 
     with r.pipeline(transaction=True) as p:
@@ -144,7 +143,7 @@ def read_fleet(r: redis.Redis, hosts: Iterable[str], *, now_s: float, retention_
         waiting=_waiting(by_gate, int(legacy)),
         evacuations=_evacuations(running[::2], finals, evacuations_ended),
         guests_left=_guests_left(r, live_evacuations, running[::2], running[1::2]),
-        alive={host: bool(beat) for host, beat in zip(hosts, beats, strict=True)},
+        alive={host: beat is not None for host, beat in zip(hosts, beats, strict=False)},
         maintenance={host: _since(raw) for host, raw in sorted(disabled.items())},
     )
 
