@@ -107,7 +107,11 @@ class Exporter:
         active = self.lease.held()
         if active != self._was_active:
             self._was_active = active
-            self.say("active: serving the fleet" if active else "standby: another holds the lease")
+            self.say(
+                "active: serving the fleet"
+                if active
+                else "standby: the lease is another exporter's (or Redis is out of reach)"
+            )
 
     def _outage(self, exc: Exception) -> None:
         if not self._redis_down:

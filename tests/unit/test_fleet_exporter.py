@@ -387,3 +387,14 @@ def test_the_evacuations_index_keeps_the_retention_only(config_fast: Path) -> No
     store.r.zadd(EVACUATIONS_INDEX, {"long-gone": old})
     new = EvacuationStore(store).create(EvacuationSpec(host="kvm1", dry_run=True), "t")
     assert store.r.zrange(EVACUATIONS_INDEX, 0, -1) == [new]
+
+
+def test_a_password_redis_refuses_stops_it_in_one_line(
+    tmp_path: Path, redis_srv: RedisServer
+) -> None:
+    wrong = redis_srv.url.replace(redis_srv.password, "not-the-password")
+    done = run_drover(write_config(tmp_path / "drover.toml", wrong), "exporter")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "Redis refused the exporter" in done.stderr
+    assert redis_srv.password not in done.stderr
