@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         admission = Admission(store)
         timeout = settings.tunables.exporter_redis_timeout
         client = client_for(settings.redis_url, probe_timeout=timeout)
-        collector = FleetCollector(settings, client, lambda: True)
+        collector = FleetCollector(lambda: settings, client, lambda: True)
         ping = median_ms(client.ping, PINGS)
         print(f"baseline: one PING round trip {ping * MS:.0f} us (median of {PINGS})")
         exporter = Exporter(f, port=_free_port())

@@ -8,16 +8,17 @@ read from records of which there are few at any time (jobs holding a slot, live 
   within the retention as `drover jobs` reads it, less the evacuations filed under the same
   state (`EVACUATIONS_INDEX` tells them apart, ZMSCORE). Live: the active set's size. A live
   job past admission holds a slot in the cluster-wide gate (at most `max_migrations` of
-  them) and its state is read; every other live job is queued (in a lane, or between its
-  creation and its lane);
+  them) and its state is read by a script in the same MULTI; every other live job is
+  queued (in a lane, or between its creation and its lane);
 - waiting jobs per gate: the size of each lane (jobs/lanes.py), under the gate that refused
   its head (`LANES_BLOCKED_BY`), or `none` for a lane the next admission pass will try;
   summed inside Redis by one script (2,000 lanes would be 2,000 replies to parse here);
 - evacuations by state, and for each one running the guests of its plan not yet moved;
 - per registry host, whether its worker's heartbeat is there; hosts in maintenance.
 
-Each round trip is a MULTI block, so the counts read together are of one moment: three round
-trips in all (the third only while an evacuation runs).
+Reads go in MULTI blocks, so the counts read together are of one moment: one block for the
+jobs, lines, hosts and the ids of evacuations, a second when there are evacuations, a third
+while one runs (its children's states); plus redis-py's check that the scripts are loaded.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import redis
 
@@ -72,6 +73,15 @@ local out = {}
 for _, gate in ipairs(order) do out[#out + 1] = gate; out[#out + 1] = counts[gate] end
 return out
 """
+# KEYS[1] the cluster-wide gate; ARGV[1] the job key prefix. The state of every job holding a
+# slot ('' for a record gone), read in the same MULTI as the active set's size. Reads only.
+_HOLDER_STATES_LUA = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = redis.call('HGET', ARGV[1] .. id, 'state') or ''
+end
+return out
+"""
 
 
 def gate_label(gate: str) -> str:
@@ -97,41 +107,38 @@ class Fleet:
 
 
 def read_fleet(r: redis.Redis, hosts: Iterable[str], *, now_s: float, retention_s: float) -> Fleet:
-    """The figures above in three round trips (RedisError for the caller on an outage)."""
+    """The figures above, in one to three MULTI blocks (RedisError for the caller on an
+    outage)."""
     hosts = sorted(hosts)
     low = now_s - retention_s
     waiting_by_gate = r.register_script(_WAITING_BY_GATE_LUA)
+    holder_states = r.register_script(_HOLDER_STATES_LUA)
     with r.pipeline(transaction=True) as p:
         p.scard(ACTIVE_JOBS)
-        p.smembers(CLUSTER_GATE)
+        holder_states(keys=[CLUSTER_GATE], args=[job_key("")], client=p)
         waiting_by_gate(keys=[LANES, LANES_BLOCKED_BY], client=p)
         p.zcard(WAITING)
         for state in ALL_FINAL:
             p.zcount(jobs_by_state_key(state), low, "+inf")
         p.smembers(ACTIVE_EVACUATIONS)
         p.zrangebyscore(EVACUATIONS_INDEX, low, "+inf")
-        for host in hosts:
-            p.exists(heartbeat_key(host))
+        p.mget([heartbeat_key(host) for host in hosts] or [heartbeat_key("")])
         p.hgetall(DISABLED_HOSTS)
         first = p.execute()
-    live_total, holders, by_gate, legacy = first[:4]
+    live_total, held, by_gate, legacy = first[:4]
     finals = dict(zip(ALL_FINAL, (int(n) for n in first[4 : 4 + len(ALL_FINAL)]), strict=True))
     rest = first[4 + len(ALL_FINAL) :]
     live_evacuations, recent_evacuations = sorted(rest[0]), list(rest[1])
-    beats, disabled = rest[2 : 2 + len(hosts)], rest[2 + len(hosts)]
-    holders = sorted(holders)
+    beats, disabled = rest[2], rest[3]  # one MGET: a reply per host, not a command
 
     with r.pipeline(transaction=True) as p:
-        for job_id in holders:
-            p.hget(job_key(job_id), "state")
         for state in SHARED_FINAL if recent_evacuations else ():
             p.zmscore(jobs_by_state_key(state), recent_evacuations)
         for evacuation_id in live_evacuations:
             p.hmget(job_key(evacuation_id), ["state", "spec", "plan"])
             p.hgetall(children_key(evacuation_id))
         second = p.execute()
-    held = cast(list[str | None], second[: len(holders)])
-    rest = second[len(holders) :]
+    rest = second
     shared = len(SHARED_FINAL) if recent_evacuations else 0
     evacuations_ended = {
         state: sum(1 for score in scores if score is not None)
@@ -140,24 +147,24 @@ def read_fleet(r: redis.Redis, hosts: Iterable[str], *, now_s: float, retention_
     running = rest[shared:]
 
     return Fleet(
-        jobs=_jobs(int(live_total), held, finals, evacuations_ended),
+        jobs=_jobs(int(live_total), [str(x) for x in held], finals, evacuations_ended),
         waiting=_waiting(by_gate, int(legacy)),
         evacuations=_evacuations(running[::2], finals, evacuations_ended),
         guests_left=_guests_left(r, live_evacuations, running[::2], running[1::2]),
-        alive={host: bool(beat) for host, beat in zip(hosts, beats, strict=True)},
+        alive={host: beat is not None for host, beat in zip(hosts, beats, strict=False)},
         maintenance={host: _since(raw) for host, raw in sorted(disabled.items())},
     )
 
 
 def _jobs(
     live_total: int,
-    held: list[str | None],
+    held: list[str],
     finals: dict[str, int],
     evacuations_ended: dict[str, int],
 ) -> dict[str, int]:
     counts = dict.fromkeys((s.value for s in JobState), 0)
     live = {s.value for s in LIVE}
-    for state in held:  # a holder that ended meanwhile (or vanished) is counted as ended
+    for state in held:  # a holder that ended (its slot not pruned yet) is counted as ended
         if state in live and state != JobState.QUEUED.value:
             counts[state] += 1
     past_admission = sum(counts.values())

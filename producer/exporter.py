@@ -8,7 +8,9 @@ others serve `drover_exporter_active 0` and take over within `exporter_lease_ttl
 death (at once when it stops normally: it gives the lease back).
 
 It runs until SIGTERM or SIGINT. It starts whether or not Redis answers (a scrape then says
-`drover_exporter_redis_up 0`); a wrong password or a config error stops it at once.
+`drover_exporter_redis_up 0`); a wrong password or a config error stops it at once. The
+registry is read again when drover.toml changes (hosts, retention); the Redis URL and the
+lease's timings are those it started with.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
 
-from config.settings import Settings
+from config.settings import Settings, current
 from jobs.connection import client_for
 from jobs.keys import EXPORTER_LEASE
 from jobs.lease import Lease
@@ -58,7 +60,7 @@ class Exporter:
         self.lease = Lease(self.client, EXPORTER_LEASE, tunables.exporter_lease_ttl)
         self.renew_every = tunables.exporter_lease_renew
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(FleetCollector(settings, self.client, self.lease.held))
+        self.registry.register(FleetCollector(current, self.client, self.lease.held))
         self.stopping = threading.Event()
         self._was_active: bool | None = None
         self._redis_down = False
@@ -105,7 +107,11 @@ class Exporter:
         active = self.lease.held()
         if active != self._was_active:
             self._was_active = active
-            self.say("active: serving the fleet" if active else "standby: another holds the lease")
+            self.say(
+                "active: serving the fleet"
+                if active
+                else "standby: the lease is another exporter's (or Redis is out of reach)"
+            )
 
     def _outage(self, exc: Exception) -> None:
         if not self._redis_down:

@@ -37,9 +37,13 @@ def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricF
 
 
 class FleetCollector(Collector):
-    """Collects at each scrape; `active()` says whether this exporter holds the lease."""
+    """Collects at each scrape; `active()` says whether this exporter holds the lease, and
+    `settings()` gives the registry as it is now (config.settings.current: a host added to
+    drover.toml is in the next scrape's `drover_workers_alive`)."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, active: Callable[[], bool]) -> None:
+    def __init__(
+        self, settings: Callable[[], Settings], client: redis.Redis, active: Callable[[], bool]
+    ) -> None:
         self.settings = settings
         self.r = client
         self.active = active
@@ -63,10 +67,11 @@ class FleetCollector(Collector):
             yield from schedule_metrics(schedules)
 
     def _read(self) -> tuple[Fleet, list[Schedule]]:
-        tunables = self.settings.tunables
+        settings = self.settings()
+        tunables = settings.tunables
         fleet = read_fleet(
             self.r,
-            self.settings.hosts,
+            settings.hosts,
             now_s=time.time(),
             retention_s=retention_seconds(tunables.job_retention_days),
         )

@@ -66,8 +66,8 @@ max_outbound = 1
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def write_config(path: Path, url: str, tunables: str = FAST_LEASE) -> Path:
-    text = REGISTRY.format(url=url, tunables=tunables, hosts=hosts_toml(3))
+def write_config(path: Path, url: str, tunables: str = FAST_LEASE, hosts: int = 3) -> Path:
+    text = REGISTRY.format(url=url, tunables=tunables, hosts=hosts_toml(hosts))
     path.write_text(with_state_dirs(text, path.parent / "state"))
     return path
 
@@ -237,6 +237,13 @@ def test_the_active_exporter_serves_the_fleet_as_redis_holds_it(
     when = datetime.fromtimestamp(fire, UTC)
     assert (when.hour, when.minute) == (3, 0)
     assert timedelta(0) < when - datetime.now(UTC) <= timedelta(days=1)
+    # A host added to the registry is in the next scrape, without a restart.
+    write_config(config_fast, load_settings(config_fast).redis_url, hosts=4)
+    wait_until(
+        lambda: ("drover_workers_alive", (("host", "kvm4"),)) in e.scrape(),
+        START_TIMEOUT_S,
+        "kvm4 in the scrape",
+    )
 
 
 def test_one_of_two_exporters_is_active_and_the_other_takes_over_when_it_dies(
@@ -380,3 +387,14 @@ def test_the_evacuations_index_keeps_the_retention_only(config_fast: Path) -> No
     store.r.zadd(EVACUATIONS_INDEX, {"long-gone": old})
     new = EvacuationStore(store).create(EvacuationSpec(host="kvm1", dry_run=True), "t")
     assert store.r.zrange(EVACUATIONS_INDEX, 0, -1) == [new]
+
+
+def test_a_password_redis_refuses_stops_it_in_one_line(
+    tmp_path: Path, redis_srv: RedisServer
+) -> None:
+    wrong = redis_srv.url.replace(redis_srv.password, "not-the-password")
+    done = run_drover(write_config(tmp_path / "drover.toml", wrong), "exporter")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "Redis refused the exporter" in done.stderr
+    assert redis_srv.password not in done.stderr
