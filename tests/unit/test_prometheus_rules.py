@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from config.metrics import DEFAULT_METRICS_ADDRESS, DEFAULT_METRICS_PORT
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "alerts.yml"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 RULE_TESTS = PROMETHEUS_DIR / "alerts_test.yml"
+# The registry docker-compose.yml mounts by default: the fleet prometheus.yml scrapes.
+SHIPPED_REGISTRY = ROOT / "deploy" / "drover.toml"
 # The scrape jobs the rules (and the dashboard) name.
 SCRAPE_JOBS = {"drover-worker", "drover-exporter"}
 
@@ -61,6 +66,21 @@ def test_config_scrapes_the_workers_and_the_exporter() -> None:
         for name, job in jobs.items()
     }
     assert ports == {"drover-worker": {"9641"}, "drover-exporter": {"9640"}}
+
+
+def test_config_scrapes_every_worker_of_the_shipped_registry() -> None:
+    """One target per host of deploy/drover.toml, at its metrics address and port, labelled
+    with its name: the two files are edited together."""
+    (workers,) = [c for c in load(CONFIG)["scrape_configs"] if c["job_name"] == "drover-worker"]
+    targets = {sc["labels"]["host"]: sc["targets"] for sc in workers["static_configs"]}
+    hosts = tomllib.loads(SHIPPED_REGISTRY.read_text())["hosts"]
+    assert targets == {
+        name: [
+            f"{host.get('metrics_address', DEFAULT_METRICS_ADDRESS)}"
+            f":{host.get('metrics_port', DEFAULT_METRICS_PORT)}"
+        ]
+        for name, host in hosts.items()
+    }
 
 
 def test_rule_unit_tests_pass() -> None:
