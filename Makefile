@@ -11,16 +11,20 @@ APT_STAMP := .cache/apt.installed
 # chromium (headless) loads the Flower dashboard in its test. redis-sentinel runs the lab's
 # Sentinel set (`drover lab up --sentinel`); its package enables a system service on
 # 127.0.0.1:26379, which the lab leaves alone: its sentinels listen on ports of their own.
+# prometheus: promtool checks and unit-tests deploy/prometheus/, and the lab's metrics test
+# runs the server itself (lab/prometheus.py); its package enables a system service on :9090,
+# which the lab leaves alone too (it listens on a port of its own).
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
 	qemu-utils iproute2 util-linux binutils libvirt-dev pkg-config gcc redis-server \
-	redis-sentinel python3-venv python3-dev chromium
+	redis-sentinel python3-venv python3-dev chromium prometheus
 
-.PHONY: help deps venv demo test test-unit test-lab test-faults lint fmt lab-up lab-down bench clean
+.PHONY: help deps venv demo test test-unit test-lab test-faults lint check-rules fmt lab-up lab-down bench clean
 
 help:
 	@echo "make demo   - bring up the local lab, migrate real VMs, show events, tear down"
 	@echo "make test   - install what is needed and run the whole suite (lint + pytest)"
 	@echo "make lint   - ruff + mypy + lint-imports (layers);  make bench - benchmarks (print figures)"
+	@echo "make check-rules - promtool: deploy/prometheus's config, alert rules and their unit tests"
 
 $(APT_STAMP):
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get)"; exit 1; fi
@@ -55,10 +59,18 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The Prometheus config and alert rules (deploy/prometheus/): valid, and their unit tests
+# (every alert firing where it must, quiet where it must not) pass.
+PROMETHEUS_DIR := deploy/prometheus
+check-rules: $(APT_STAMP)
+	promtool check rules $(PROMETHEUS_DIR)/alerts.yml
+	promtool check config $(PROMETHEUS_DIR)/prometheus.yml
+	promtool test rules $(PROMETHEUS_DIR)/alerts_test.yml
+
 # Unit tests first, then the lab's lifecycle test (before the shared lab exists, so two labs
 # never share the two cores), the lab; then the fault suite in a process (and lab) of its own.
 # pytest runs a path named twice once.
-test: venv lint
+test: venv lint check-rules
 	$(BIN)/pytest -q --durations=10 tests/unit tests/lab/test_lab_lifecycle.py tests/lab
 	$(BIN)/pytest -q --durations=10 tests/faults
 

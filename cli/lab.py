@@ -90,7 +90,8 @@ def lab_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
             alive = "alive" if h["worker_alive"] else "DEAD"
             out.print(
                 f"{name}  {h['address']}  worker {h['worker_pid']} {alive}  "
-                f"virsh -c '{h['operator_uri']}'  domains: {doms or '-'}"
+                f"virsh -c '{h['operator_uri']}'  domains: {doms or '-'}  "
+                f"metrics {h['metrics_url']}"
             )
 
     lab_guarded(go)

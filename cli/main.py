@@ -72,6 +72,7 @@ def full_app() -> typer.Typer:
     from producer import (
         cli_control,
         cli_evacuate,
+        cli_exporter,
         cli_flower,
         cli_policies,
         cli_redis_acl,
@@ -89,6 +90,7 @@ def full_app() -> typer.Typer:
     cli_flower.register(app)
     cli_redis_acl.register(app)
     cli_schedule.register(app)
+    cli_exporter.register(app)
     return app
 
 

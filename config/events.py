@@ -192,11 +192,14 @@ def configure(
     stream: Any = None,
     hold_max: int = HOLD_MAX,
     flush_interval: float = FLUSH_INTERVAL_S,
+    observers: Sequence[Processor] = (),
 ) -> None:
     """Set the process-wide chain: call once when a worker or producer starts.
 
     `sink` is where job events go (a store that fails at once, see StreamPublisher);
     `hold_max` and `flush_interval` bound and pace the hold of events during an outage.
+    `observers` see every event in its contract shape just before the output (a worker's
+    metrics, worker/metrics_registry.py); each returns the event as it came.
     """
     import structlog  # here and in get_logger: reading a job's events needs no logger
 
@@ -210,6 +213,7 @@ def configure(
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             *contract_steps(host),
+            *observers,
             StreamAndLog(publisher),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

@@ -19,7 +19,8 @@ from pydantic import (
     model_validator,
 )
 
-from config.addresses import check_address
+from config.addresses import MAX_PORT, check_address, parse_ip
+from config.metrics import DEFAULT_METRICS_ADDRESS, DEFAULT_METRICS_PORT
 from config.policy_model import BUILTIN_POLICIES, MigrationPolicy, PolicyName
 from config.tunables import Tunables as Tunables
 from config.uris import ALLOWED_PARAMS, ALLOWED_SCHEMES, check_libvirt_uri
@@ -79,6 +80,11 @@ class Host(_Strict):
     # host group whose policy applies when the host names none.
     policy: PolicyName | None = None
     group: PolicyName | None = None
+    # The worker's Prometheus exporter (docs/metrics.md): loopback by default, port 0 for none.
+    # Its series name the host's domains: listening on every interface needs expose_all.
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=MAX_PORT)
+    metrics_expose_all: bool = False
 
     @field_validator("libvirt_uri", "peer_uri")
     @classmethod
@@ -89,10 +95,21 @@ class Host(_Strict):
         params = context.get(URI_PARAMS_KEY, ALLOWED_PARAMS)
         return check_libvirt_uri(value, schemes, params)
 
-    @field_validator("migration_address")
+    @field_validator("migration_address", "metrics_address")
     @classmethod
     def _address(cls, value: str) -> str:
         return check_address(value)
+
+    @model_validator(mode="after")
+    def _metrics_not_everywhere(self) -> Host:
+        """A wildcard would publish the host's domain names on every interface: only when
+        the registry says so in as many words."""
+        if is_wildcard(self.metrics_address) and not self.metrics_expose_all:
+            raise ValueError(
+                f"metrics_address {self.metrics_address} listens on every interface; "
+                "name one address, or set metrics_expose_all = true"
+            )
+        return self
 
     @field_validator("migration_addresses")
     @classmethod
@@ -112,6 +129,12 @@ class Host(_Strict):
         for v in value:
             _check_absolute(v)
         return value
+
+
+def is_wildcard(address: str) -> bool:
+    """Whether binding `address` listens on every interface (0.0.0.0, ::)."""
+    ip = parse_ip(address.removeprefix("[").removesuffix("]"))
+    return ip is not None and ip.is_unspecified
 
 
 def _check_absolute(path: str) -> None:

@@ -5,7 +5,7 @@ Apart from the registry's model (config/settings_model.py), which uses them.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Tunables(BaseModel):
@@ -121,3 +121,23 @@ class Tunables(BaseModel):
     # most `redis_wait_ms`; a primary killed then cannot take those writes with it.
     redis_wait_replicas: int = Field(default=1, ge=0, le=5)
     redis_wait_ms: int = Field(default=500, ge=1, le=10_000)
+    # A migration's in-flight series (worker exporter, docs/metrics.md) are dropped from a
+    # scrape once their last progress sample is this old, even if the worker never saw the
+    # job end (another host ended it, a Redis outage cut the story short).
+    metrics_stale_after: float = Field(default=120.0, gt=0)
+    # `drover exporter` (producer/exporter.py): one of any number is active, holding a lease
+    # in Redis of `exporter_lease_ttl`, renewed every `exporter_lease_renew` (a standby takes
+    # over within the lease once the active one dies). A scrape gives up on Redis after
+    # `exporter_redis_timeout` (connect, and each reply) and says Redis is down.
+    exporter_lease_ttl: float = Field(default=15.0, gt=0, le=300)
+    exporter_lease_renew: float = Field(default=5.0, gt=0, le=300)
+    exporter_redis_timeout: float = Field(default=2.0, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _exporter_renews_within_its_lease(self) -> Tunables:
+        if self.exporter_lease_renew >= self.exporter_lease_ttl:
+            raise ValueError(
+                "exporter_lease_renew must be shorter than exporter_lease_ttl "
+                "(the lease would lapse between renewals)"
+            )
+        return self

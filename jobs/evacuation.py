@@ -25,6 +25,7 @@ from jobs.evacuation_model import EvacuationState as EvacuationState
 from jobs.evacuation_model import Placement as Placement
 from jobs.keys import (
     ACTIVE_EVACUATIONS,
+    EVACUATIONS_INDEX,
     JOBS_INDEX,
     children_key,
     evacuation_redispatched_key,
@@ -46,9 +47,10 @@ __all__ = ["ACTIVE_EVACUATIONS"]
 # The single-evacuation-per-host check and the creation in one step: two producers (or a
 # producer and a scheduled fire) evacuating the same host at once cannot both pass the check.
 # KEYS[1] new record, KEYS[2] jobs index, KEYS[3] active set, KEYS[4] the host's index
-# (jobs/keys.py jobs_by_host_key); ARGV[1] id, ARGV[2] score,
+# (jobs/keys.py jobs_by_host_key), KEYS[5] the evacuations' index; ARGV[1] id, ARGV[2] score,
 # ARGV[3] host to check ('' for a dry run, which may run beside anything), ARGV[4] the record
-# key prefix, ARGV[5..] the record's field/value pairs. Returns {1} or {0, other id, its state}.
+# key prefix, ARGV[5] the oldest score the evacuations' index keeps (the retention),
+# ARGV[6..] the record's field/value pairs. Returns {1} or {0, other id, its state}.
 _CREATE_LUA = """
 if ARGV[3] ~= '' then
   for _, other in ipairs(redis.call('SMEMBERS', KEYS[3])) do
@@ -59,9 +61,11 @@ if ARGV[3] ~= '' then
     end
   end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[5])
 redis.call('SADD', KEYS[3], ARGV[1])
 return {1}
 """
@@ -112,12 +116,14 @@ class EvacuationStore:
                 JOBS_INDEX,
                 ACTIVE_EVACUATIONS,
                 jobs_by_host_key(spec.host),
+                EVACUATIONS_INDEX,
             ],
             args=[
                 evacuation_id,
                 ts.timestamp(),
                 "" if spec.dry_run else spec.host,
                 job_key(""),
+                ts.timestamp() - self.store.retention.retention_s,
                 *(item for pair in fields.items() for item in pair),
             ],
         )

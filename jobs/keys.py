@@ -232,3 +232,15 @@ def lane_key(src: str, dst: str, parent: str | None = None) -> str:
 def blocked_key(gate: str) -> str:
     """Sorted set: the lanes whose head `gate` refused -> the head's creation time."""
     return f"{BLOCKED_PREFIX}{gate}"
+
+
+# --- the fleet exporter (producer/exporter.py, jobs/fleet.py) ----------------------------------
+# string with a time to live: the token of the one active `drover exporter` (jobs/lease.py)
+EXPORTER_LEASE = f"{KEY_PREFIX}:exporter:lease"
+# sorted set: every evacuation id, by creation time (written by jobs/evacuation.py's create,
+# trimmed to the retention there). Evacuations share the state indexes with migration jobs
+# (`failed`, `cancelled`): this tells the two apart without reading a record.
+EVACUATIONS_INDEX = f"{KEY_PREFIX}:evacuations:all"
+# redbeat's index of its entries (`<key_prefix>:schedule`, scored by when each is due next).
+SCHEDULE_INDEX = f"{SCHEDULE_PREFIX}:schedule"
+SLOTS_PREFIX = f"{KEY_PREFIX}:slots:"  # every admission gate's key starts so (see above)

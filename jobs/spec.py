@@ -215,3 +215,15 @@ def first_error(exc: Exception) -> str:
             return f"invalid {where} {err.get('input')!r}"
         return f"{where}: {msg}" if where else msg
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+OFFLINE_MODE = "offline"
+
+
+def migration_mode(spec: MigrationSpec) -> str:
+    """The job's mode in one word, for metrics' `mode` label and events' `migration_mode`:
+    `offline`, else `{control}-{transport}` (`p2p-native`, `p2p-tunnelled`, `direct-native`,
+    `unmanaged-native`)."""
+    if spec.offline:
+        return OFFLINE_MODE
+    return f"{spec.control.value}-{spec.transport.value}"

@@ -26,8 +26,7 @@ from config.settings import load_settings
 from lab import guests, libvirtd, network, redis_server
 from lab import sentinel as redis_sentinel
 
-# Re-exported: the lab's record, its workers and its fault helpers have modules of their own
-# (lab/state.py, lab/workers.py, lab/faults.py).
+# Re-exported: the lab's record, workers and fault helpers (lab/state, workers, faults).
 from lab.faults import kill_worker as kill_worker
 from lab.faults import restart_libvirtd as restart_libvirtd
 from lab.faults import restart_redis as restart_redis
@@ -38,7 +37,8 @@ from lab.faults import stop_libvirtd as stop_libvirtd
 from lab.faults import stop_redis as stop_redis
 from lab.kernel import build_dirty_kernel
 from lab.layout import MAX_HOSTS, HostLayout, LabLayout
-from lab.proc import LabError, alive, kill, run
+from lab.metrics import metrics_lines, metrics_url
+from lab.proc import LabError, alive, kill, pid_from_file, run
 from lab.signing import SigningIdentity, config_lines, create_signing_identity
 from lab.state import HostState as HostState
 from lab.state import LabState as LabState
@@ -115,6 +115,7 @@ def write_config(
             f'migration_address = "{h.address}"',
             # Inside the host's own mount namespace: each lab host keeps its own records.
             f'state_dir = "{LAB_STATE_DIR}"',
+            *metrics_lines(h.address),  # reachable from the root namespace (lab/metrics.py)
             "",
             f"[hosts.{h.name}.limits]",
             f"memory_mib = {LAB_HOST_MEMORY_MIB}",
@@ -137,8 +138,8 @@ def up(
     """Bring the lab up; with `tls`, a CA and per-host certificates, libvirtd on TLS too;
     with `sentinel`, Redis is a primary, a replica and three sentinels (lab/sentinel.py).
 
-    With `signing` (the default) every task message is signed with the lab's own key.
-    `guests` idle guests (idle-1..idle-N) and dirty-1 start on lab1.
+    With `signing` (default) task messages are signed with the lab's own key; `guests`
+    idle guests (idle-1..idle-N) and dirty-1 start on lab1.
     """
     if not 2 <= hosts <= MAX_HOSTS:
         raise LabError(f"--hosts must be between 2 and {MAX_HOSTS}")
@@ -228,7 +229,7 @@ def down() -> list[str]:
     if pids:
         kill(pids)
         removed.append(f"{len(pids)} processes")
-    redis_pid = state.redis_pid if state else _pid_from_file(lab.redis_dir / "redis.pid")
+    redis_pid = state.redis_pid if state else pid_from_file(lab.redis_dir / "redis.pid")
     if redis_pid and alive(redis_pid):
         kill([redis_pid])
         removed.append("redis-server")
@@ -240,13 +241,6 @@ def down() -> list[str]:
         shutil.rmtree(lab.dir, ignore_errors=True)
         removed.append(str(lab.dir))
     return removed
-
-
-def _pid_from_file(path: Path) -> int:
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 def status() -> dict[str, Any]:
@@ -264,6 +258,7 @@ def status() -> dict[str, Any]:
             "worker_pid": h.worker_pid,
             "worker_alive": alive(h.worker_pid),
             "libvirtd_alive": alive(h.libvirtd_pid),
+            "metrics_url": metrics_url(h.address),
             "domains": _domains(h.operator_uri),
         }
     return {

@@ -76,3 +76,11 @@ def kill(pids: Sequence[int], grace: float = 5.0) -> None:
             time.sleep(0.05)
         if not any(alive(p) for p in pids):
             return
+
+
+def pid_from_file(path: Path) -> int:
+    """The pid a daemon wrote to `path` (0 when there is none to read)."""
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return 0

@@ -12,7 +12,7 @@ from redbeat.schedulers import RedBeatSchedulerEntry, get_redis
 from config.celery import host_queue
 from config.settings import ConfigError, Settings
 from jobs.evacuations import validate_evacuation
-from jobs.keys import schedule_entry_key, schedule_fired_key
+from jobs.keys import SCHEDULE_INDEX, schedule_entry_key, schedule_fired_key
 from jobs.store import now
 from schedules.beat import redbeat_app
 from schedules.cron import next_run, normal_cron, one_shot, parse_at, parse_cron
@@ -133,20 +133,14 @@ class ScheduleStore:
         fields = cast(
             dict[str, str], self.r.hgetall(schedule_entry_key(check_schedule_id(schedule_id)))
         )
-        schedule = self._from_fields(fields)
+        schedule = schedule_from_fields(fields)
         if schedule is None:
             raise ScheduleNotFound(f"no schedule {schedule_id!r}")
         return schedule
 
     def list(self) -> list[Schedule]:
         """Every schedule, oldest first (entries that are not drover's are left out)."""
-        keys = cast(list[str], self.r.zrange(self.index_key, 0, -1))
-        with self.r.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hgetall(key)
-            rows = cast(list[dict[str, str]], pipe.execute())
-        found = [s for s in (self._from_fields(row) for row in rows) if s is not None]
-        return sorted(found, key=lambda s: (s.record.created, s.id))
+        return read_schedules(self.r, self.index_key)
 
     def remove(self, schedule_id: str) -> ScheduleRecord:
         """Delete the entry: a beat never fires it again, a worker ignores a message in flight."""
@@ -171,25 +165,37 @@ class ScheduleStore:
             RUNS_FIELD,
         )
 
-    def _from_fields(self, fields: dict[str, str]) -> Schedule | None:
-        if RECORD_FIELD not in fields:
-            return None
-        record = ScheduleRecord.model_validate_json(fields[RECORD_FIELD])
-        meta = RedBeatSchedulerEntry.decode_meta(fields.get("meta"))
-        sent = int(meta.get("total_run_count") or 0) > 0
-        sent_at = cast(datetime | None, meta.get("last_run_at")) if sent else None
-        last_run = (
-            LastRun.model_validate_json(fields[LAST_RUN_FIELD])
-            if LAST_RUN_FIELD in fields
-            else None
-        )
-        return Schedule(
-            record=record,
-            next_run=next_run(record, meta.get("last_run_at"), sent),
-            sent_at=sent_at,
-            last_run=last_run,
-            runs=int(fields.get(RUNS_FIELD, "0")),
-        )
+
+def read_schedules(r: redis.Redis, index_key: str = SCHEDULE_INDEX) -> list[Schedule]:
+    """Every schedule in redbeat's index, oldest first, in two round trips: `drover schedule
+    list` and the fleet exporter (on a client of its own, with its timeouts) read the same."""
+    keys = cast(list[str], r.zrange(index_key, 0, -1))
+    with r.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hgetall(key)
+        rows = cast(list[dict[str, str]], pipe.execute())
+    found = [s for s in (schedule_from_fields(row) for row in rows) if s is not None]
+    return sorted(found, key=lambda s: (s.record.created, s.id))
+
+
+def schedule_from_fields(fields: dict[str, str]) -> Schedule | None:
+    """A schedule from its entry's hash; None for an entry that is not drover's."""
+    if RECORD_FIELD not in fields:
+        return None
+    record = ScheduleRecord.model_validate_json(fields[RECORD_FIELD])
+    meta = RedBeatSchedulerEntry.decode_meta(fields.get("meta"))
+    sent = int(meta.get("total_run_count") or 0) > 0
+    sent_at = cast(datetime | None, meta.get("last_run_at")) if sent else None
+    last_run = (
+        LastRun.model_validate_json(fields[LAST_RUN_FIELD]) if LAST_RUN_FIELD in fields else None
+    )
+    return Schedule(
+        record=record,
+        next_run=next_run(record, meta.get("last_run_at"), sent),
+        sent_at=sent_at,
+        last_run=last_run,
+        runs=int(fields.get(RUNS_FIELD, "0")),
+    )
 
 
 def validate_request(settings: Settings, request: EvacuationRequest) -> Any:

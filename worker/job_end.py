@@ -15,8 +15,9 @@ from config.events import get_logger
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, ROLLBACK_DESTINATION_TASK, Phase
 from jobs.request_signing import SECURITY_REASON, RequestRefused, check_job, verifier_for
-from jobs.states import JobState
-from jobs.store import domain_lock_key
+from jobs.spec import migration_mode
+from jobs.states import TERMINAL, JobState
+from jobs.store import domain_lock_key, now
 from worker.admission_pass import admit_waiting
 from worker.phase_errors import PhaseFailed, PhaseSkipped
 from worker.runtime import Runtime
@@ -31,14 +32,25 @@ def job_context(job: Job, phase: str | None) -> dict[str, Any]:
         "src": job.spec.src,
         "dst": job.spec.dst,
         "phase": phase,
+        # Not `mode`: migration.completed's `mode` says pre-copy or post-copy.
+        "migration_mode": migration_mode(job.spec),
     }
+
+
+def ended_fields(job: Job) -> dict[str, Any]:
+    """What a terminal `job.state` adds: the job's duration from its admission (its creation
+    if it was never admitted), for the duration histogram (docs/metrics.md)."""
+    start = job.admitted or job.created
+    return {"duration_s": round((now() - start).total_seconds(), 3)}
 
 
 def advance(rt: Runtime, job: Job, target: JobState) -> None:
     """Move the job on, or stop this phase quietly if someone else already ended the job."""
     moved, previous = rt.store.transition(job.id, target, host=rt.host)
     if moved:
-        log.info("job.state", state=target.value, previous=previous.value if previous else None)
+        was = previous.value if previous else None
+        ended = ended_fields(job) if target in TERMINAL else {}
+        log.info("job.state", state=target.value, previous=was, **ended)
     elif previous is not target:  # ended meanwhile (an abort, a failure elsewhere)
         log.info("phase.skipped", reason=f"job is {previous}, not ready for {target}")
         raise PhaseSkipped(f"job is {previous}")
@@ -98,13 +110,13 @@ def fail_job(
         moved, previous = rt.store.transition(job.id, JobState.SUCCEEDED, host=rt.host)
         if moved:
             was = previous.value if previous else None
-            log.info("job.state", state=JobState.SUCCEEDED.value, previous=was)
+            log.info("job.state", state=JobState.SUCCEEDED.value, previous=was, **ended_fields(job))
             job_ended(rt, job)
         return
     moved, _ = rt.store.transition(job.id, final, host=rt.host, reason=reason)
     if not moved:
         return
-    log.error("job.state", state=final.value, reason=reason)
+    log.error("job.state", state=final.value, reason=reason, **ended_fields(job))
     if touched_destination(phase):
         rollback_destination_later(job)
     job_ended(rt, job)
@@ -144,7 +156,7 @@ def verified(rt: Runtime, job: Job) -> bool:
         log.error("security.rejected", reason=reason)
         moved, _ = rt.store.transition(job.id, JobState.FAILED, host=rt.host, reason=reason)
         if moved:
-            log.error("job.state", state=JobState.FAILED.value, reason=reason)
+            log.error("job.state", state=JobState.FAILED.value, reason=reason, **ended_fields(job))
             job_ended(rt, job)
         return False
     return True

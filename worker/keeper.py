@@ -31,6 +31,7 @@ from worker.host_memory import room_mib
 from worker.host_probe import collect_facts
 from worker.job_end import job_context
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
+from worker.metrics_exporter import cache_host, start_exporter
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -117,6 +118,7 @@ def _report(rt: Runtime) -> None:
         )
     if rt.config_problem:
         report["config_error"] = rt.config_problem
+    cache_host(rt, report)  # for the exporter's host gauges: a scrape reads nothing itself
     rt.store.report_host(rt.host, report, tunables.heartbeat_ttl)
     publish_facts(rt.store.r, facts, tunables.host_facts_ttl)
 
@@ -145,6 +147,8 @@ def heartbeat_duties() -> list[Duty]:
     return [
         Duty("heartbeat", lambda t: t.heartbeat_interval, _heartbeat, while_draining=True),
         Duty("config", lambda t: t.heartbeat_interval, _watch_config, while_draining=True),
+        # At once, and again while the port is held (by the worker this one replaces).
+        Duty("metrics", lambda t: t.heartbeat_interval, start_exporter),
     ]
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 from config import events
 from config.settings import Host, Settings, current
@@ -16,6 +17,8 @@ from jobs.phases import PHASE_NAMES
 from jobs.store import JobStore
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
+from worker.metrics_host import HostCollector, HostSnapshot
+from worker.metrics_registry import WorkerMetrics
 
 
 @dataclass
@@ -36,6 +39,12 @@ class Runtime:
     config_problem: str | None = None
     # (job, phase, worker) marks recovery found held by another live worker: said once each.
     noted_runners: set[tuple[str, str, str]] = field(default_factory=set)
+    # The exporter (worker/metrics_exporter.py): its registry, fed by the event chain; the
+    # host as the keeper's last report tick saw it; whether it listens, or why not.
+    metrics: WorkerMetrics | None = None
+    host_snapshot: HostSnapshot | None = None
+    metrics_server: WSGIServer | None = None
+    metrics_problem: str | None = None
 
     def mark(self, job_id: str, what: str) -> bool:
         """Mark (job, what) as in hand in this process only; False if it already was."""
@@ -121,19 +130,25 @@ def init_runtime(host: str) -> Runtime:
                 probe_timeout=tunables.redis_probe_timeout,
             )
             # Events go out through the store that fails at once, and are held through an
-            # outage: a thread that logs never waits for Redis (config/events.py).
+            # outage: a thread that logs never waits for Redis (config/events.py). Each
+            # passes the worker's metrics on the way (worker/metrics_registry.py).
+            metrics = WorkerMetrics(host, tunables.metrics_stale_after)
             events.configure(
                 host,
                 store.without_retry,
                 hold_max=tunables.event_hold_max,
                 flush_interval=tunables.event_flush_interval,
+                observers=[metrics.observe],
             )
-            _runtime = Runtime(
+            rt = Runtime(
                 host=host,
                 store=store,
                 libvirt=LibvirtHost(entry.libvirt_uri),
                 ledger=Ledger(entry.state_dir),
+                metrics=metrics,
             )
+            metrics.registry.register(HostCollector(host, lambda: rt.host_snapshot))
+            _runtime = rt
         return _runtime
 
 

@@ -24,11 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 CONFIG_IN_CONTAINER = "/etc/drover/drover.toml"
-DROVER_SERVICES = ("beat", "flower", "producer", "worker")
-# Each drover service and the Redis user (config/redis_acl.py) it connects as.
+DROVER_SERVICES = ("beat", "exporter", "flower", "producer", "worker")
+# Each drover service and the Redis user (config/redis_acl.py) it connects as. The fleet
+# exporter reads and holds its lease as the producer (docs/redis-acl.md): the one shared user.
 SERVICE_ROLES = {"beat": "beat", "flower": "flower", "producer": "producer", "worker": "worker"}
+SHARED_ROLES = {"exporter": "producer"}
 SIGNING_DIR, TRUSTED_DIR = "/etc/drover/signing", "/etc/drover/trusted"
 REDIS_PORT, REDIS_TLS_PORT = "6379", "6380"
+# Services run from images of their own, not drover's.
+THIRD_PARTY_IMAGES = ("redis:", "prom/prometheus:")
+PROMETHEUS_DIR = "/etc/prometheus"
 
 # What an operator's .env holds (see the comments at the top of docker-compose.yml).
 SAMPLE_ENV = {
@@ -259,6 +264,9 @@ def test_every_drover_service_is_its_own_redis_user(compose: dict[str, Any]) -> 
         assert url.password == SAMPLE_ENV[f"DROVER_REDIS_{role.upper()}_PASSWORD"], name
         users[name] = url.username
     assert len(set(users.values())) == len(users)
+    for name, role in SHARED_ROLES.items():
+        url = urlsplit(_env(compose["services"][name])["DROVER_REDIS_URL"])
+        assert (url.username, url.hostname) == (user_name(role), "redis"), name
 
 
 def test_worker_reaches_redis_over_verified_tls(compose: dict[str, Any]) -> None:
@@ -348,7 +356,7 @@ def test_every_service_of_the_drover_image_builds_from_the_dockerfile(
     images = {
         name: service["image"]
         for name, service in compose["services"].items()
-        if not service["image"].startswith("redis:")
+        if not service["image"].startswith(THIRD_PARTY_IMAGES)
     }
     assert set(images) == set(DROVER_SERVICES)
     assert len(set(images.values())) == 1, images  # one image for every role
@@ -367,3 +375,44 @@ def test_beat_fires_schedules_after_redis_is_healthy(compose: dict[str, Any]) ->
     assert _argv(beat, "command") == ["beat"]
     assert beat["depends_on"]["redis"]["condition"] == "service_healthy"
     assert beat["restart"] == "unless-stopped"  # it exits when Redis goes away
+
+
+def test_prometheus_scrapes_with_drovers_rules_on_loopback_only(compose: dict[str, Any]) -> None:
+    """A pinned Prometheus image, deploy/prometheus/'s config and alert rules mounted
+    read-only where the config looks for them, its data on a named volume, published on
+    127.0.0.1 only (Prometheus has no authentication of its own)."""
+    prometheus = compose["services"]["prometheus"]
+    name, _, tag = prometheus["image"].partition(":")
+    assert name == "prom/prometheus"
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", tag), tag  # a release, never :latest
+    argv = _argv(prometheus, "command")
+    config_target = f"{PROMETHEUS_DIR}/prometheus.yml"
+    assert f"--config.file={config_target}" in argv
+    mounts = {v["target"]: v for v in _volumes(prometheus)}
+    for target in (config_target, f"{PROMETHEUS_DIR}/alerts.yml"):
+        assert mounts[target]["read_only"] is True, target
+        assert (ROOT / mounts[target]["source"]).is_file(), target
+    config = yaml.safe_load((ROOT / mounts[config_target]["source"]).read_text())
+    for rule_file in config["rule_files"]:  # relative to the config's directory
+        assert f"{PROMETHEUS_DIR}/{rule_file}" in mounts, rule_file
+    (data,) = [v for v in _volumes(prometheus) if v["target"] == "/prometheus"]
+    assert data["source"] in (compose.get("volumes") or {})
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]
+    assert prometheus["restart"] == "unless-stopped"
+
+
+def test_exporter_serves_the_compose_network_only(compose: dict[str, Any]) -> None:
+    """`drover exporter` on every address of its container (it refuses that without
+    --expose-all), published on no host interface: prometheus.yml's exporter:9640."""
+    exporter = compose["services"]["exporter"]
+    assert "entrypoint" not in exporter  # the image's: `drover`
+    assert _argv(exporter, "command") == ["exporter", "--listen", "0.0.0.0:9640", "--expose-all"]
+    assert "ports" not in exporter and "network_mode" not in exporter
+    assert exporter["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert exporter["restart"] == "unless-stopped"
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        c["job_name"]: [t for sc in c["static_configs"] for t in sc["targets"]]
+        for c in config["scrape_configs"]
+    }
+    assert targets["drover-exporter"] == ["exporter:9640"]

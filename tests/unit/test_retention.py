@@ -18,6 +18,7 @@ from jobs.keys import (
     ACTIVE_JOBS,
     CLUSTER_GATE,
     DISABLED_HOSTS,
+    EVACUATIONS_INDEX,
     JOBS_BY_HOST_PREFIX,
     JOBS_BY_STATE_PREFIX,
     JOBS_INDEX,
@@ -59,10 +60,16 @@ RUN_ORDER = (
     (Phase.FINISH, "kvm2", JobState.FINISHING),
     (Phase.CONFIRM, "kvm1", JobState.SUCCEEDED),
 )
-# Shared keys that may name a finished record: the listing indexes (trimmed by creation
-# time), and a host's maintenance entry (its reason names the evacuation that disabled it,
-# kept until `drover host enable`).
-MAY_NAME_FINISHED = (JOBS_INDEX, JOBS_BY_STATE_PREFIX, JOBS_BY_HOST_PREFIX, DISABLED_HOSTS)
+# Shared keys that may name a finished record: the listing indexes and the evacuations'
+# (trimmed by creation time), and a host's maintenance entry (its reason names the evacuation
+# that disabled it, kept until `drover host enable`).
+MAY_NAME_FINISHED = (
+    JOBS_INDEX,
+    JOBS_BY_STATE_PREFIX,
+    JOBS_BY_HOST_PREFIX,
+    EVACUATIONS_INDEX,
+    DISABLED_HOSTS,
+)
 
 
 def fleet(tmp_path: Path, redis_srv: RedisServer, days: int = 7) -> Settings:

@@ -1,0 +1,153 @@
+"""The fleet exporter's series, read from Redis at scrape time (a prometheus_client Collector).
+
+Why at scrape time: the figures are Redis's, not this process's; reading them when Prometheus
+asks means a scrape never shows what Redis said minutes ago. Why the care about who answers:
+Prometheus scrapes every `drover exporter` (any number run, so that one can die), and the
+fleet's series must reach it once. So only the exporter holding the lease (jobs/lease.py)
+reads the fleet; a standby serves `drover_exporter_active 0` and nothing else.
+
+A scrape while Redis is down or silent gives up after `tunables.exporter_redis_timeout` and
+says so: `drover_exporter_redis_up 0` and no fleet series at all, never stale figures shown
+as fresh. Names and their KubeVirt equivalents: docs/metrics.md, "Fleet: drover exporter".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import redis
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from config.settings import Settings
+from jobs.connection import OUTAGE_ERRORS
+from jobs.fleet import Fleet, read_fleet
+from jobs.retention import retention_seconds
+from schedules.records import Schedule
+from schedules.store import read_schedules
+
+PREFIX = "drover_"
+# What a scrape takes as "Redis is down": any Redis error, refused or timed-out connects.
+REDIS_FAILURES: tuple[type[Exception], ...] = (redis.RedisError, *OUTAGE_ERRORS)
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}{name}", doc, labels=labels)
+
+
+class FleetCollector(Collector):
+    """Collects at each scrape; `active()` says whether this exporter holds the lease, and
+    `settings()` gives the registry as it is now (config.settings.current: a host added to
+    drover.toml is in the next scrape's `drover_workers_alive`)."""
+
+    def __init__(
+        self, settings: Callable[[], Settings], client: redis.Redis, active: Callable[[], bool]
+    ) -> None:
+        self.settings = settings
+        self.r = client
+        self.active = active
+
+    def collect(self) -> Iterator[Metric]:
+        active = self.active()
+        flag = _gauge("exporter_active", "1 on the active fleet exporter, 0 on a standby")
+        flag.add_metric([], 1.0 if active else 0.0)
+        yield flag
+        if not active:
+            return
+        try:
+            fleet, schedules = self._read()
+        except REDIS_FAILURES:
+            fleet, schedules = None, []
+        up = _gauge("exporter_redis_up", "1 when this scrape read the fleet from Redis")
+        up.add_metric([], 0.0 if fleet is None else 1.0)
+        yield up
+        if fleet is not None:
+            yield from fleet_metrics(fleet)
+            yield from schedule_metrics(schedules)
+
+    def _read(self) -> tuple[Fleet, list[Schedule]]:
+        settings = self.settings()
+        tunables = settings.tunables
+        fleet = read_fleet(
+            self.r,
+            settings.hosts,
+            now_s=time.time(),
+            retention_s=retention_seconds(tunables.job_retention_days),
+        )
+        try:
+            schedules = read_schedules(self.r)
+        except ValueError:  # a record drover cannot read: the fleet's figures still count
+            schedules = []
+        return fleet, schedules
+
+
+def fleet_metrics(fleet: Fleet) -> Iterator[Metric]:
+    """Jobs, waiting lines, evacuations, workers and maintenance, as read by jobs/fleet.py."""
+    jobs = _gauge("jobs", "migration jobs by state (finished ones within the retention)", ["state"])
+    for state, n in sorted(fleet.jobs.items()):
+        jobs.add_metric([state], n)
+    yield jobs
+    waiting = _gauge(
+        "jobs_waiting",
+        "jobs waiting for admission, by the gate (limit) refusing their lane's head; "
+        "gate=none: not refused yet",
+        ["gate"],
+    )
+    for gate, n in sorted(fleet.waiting.items()):
+        waiting.add_metric([gate], n)
+    yield waiting
+    evacuations = _gauge(
+        "evacuations", "evacuations by state (finished ones within the retention)", ["state"]
+    )
+    for state, n in sorted(fleet.evacuations.items()):
+        evacuations.add_metric([state], n)
+    yield evacuations
+    left = _gauge(
+        "evacuation_guests_left",
+        "domains of a running evacuation's plan not yet moved off its host",
+        ["evacuation", "host"],
+    )
+    for row in fleet.guests_left:
+        left.add_metric([row.evacuation, row.host], row.left)
+    yield left
+    alive = _gauge(
+        "workers_alive", "1 when the registry host's worker heartbeat is in Redis", ["host"]
+    )
+    for host, beat in sorted(fleet.alive.items()):
+        alive.add_metric([host], 1.0 if beat else 0.0)
+    yield alive
+    count = _gauge("hosts_in_maintenance", "hosts disabled for maintenance (drover host disable)")
+    count.add_metric([], len(fleet.maintenance))
+    yield count
+    since = _gauge(
+        "host_maintenance_since_timestamp_seconds",
+        "when a host in maintenance was disabled (unix time)",
+        ["host"],
+    )
+    for host, at in sorted(fleet.maintenance.items()):
+        if at is not None:
+            since.add_metric([host], at)
+    yield since
+
+
+def schedule_metrics(schedules: list[Schedule]) -> Iterator[Metric]:
+    """One series per scheduled evacuation, and when it fires next (absent when it will not:
+    a one-shot already sent, or an expression drover no longer parses)."""
+    info = _gauge(
+        "schedules",
+        "scheduled actions (drover schedule list): 1 per schedule",
+        ["schedule_id", "action", "host", "kind"],
+    )
+    fire = _gauge(
+        "schedule_next_fire_timestamp_seconds",
+        "when the schedule fires next (unix time)",
+        ["schedule_id"],
+    )
+    for s in schedules:
+        kind = "cron" if s.record.cron is not None else "at"
+        info.add_metric([s.id, s.record.action, s.record.request.host, kind], 1.0)
+        if s.next_run is not None:
+            fire.add_metric([s.id], s.next_run.timestamp())
+    yield info
+    yield fire
