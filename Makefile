@@ -26,7 +26,9 @@ help:
 	@echo "make lint   - ruff + mypy + lint-imports (layers);  make bench - benchmarks (print figures)"
 	@echo "make check-rules - promtool: deploy/prometheus's config, alert rules and their unit tests"
 
-$(APT_STAMP):
+# Made again when this file changes, so a package added to the list is installed on a
+# machine whose stamp is older (the check of what is missing costs a few dpkg calls).
+$(APT_STAMP): Makefile
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root (apt-get)"; exit 1; fi
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	command -v npm >/dev/null || missing="$$missing npm"; \
