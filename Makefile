@@ -69,11 +69,14 @@ check-rules: $(APT_STAMP)
 	promtool check config $(PROMETHEUS_DIR)/prometheus.yml
 	promtool test rules $(PROMETHEUS_DIR)/alerts_test.yml
 
-# Unit tests first, then the lab's lifecycle test (before the shared lab exists, so two labs
-# never share the two cores), the lab; then the fault suite in a process (and lab) of its own.
-# pytest runs a path named twice once.
+# Unit tests first, spread over processes (`-m "not lab"`: tests/conftest.py); then the unit
+# tests that boot QEMU or need npm, the lab's lifecycle test (before the shared lab exists,
+# so two labs never share the two cores) and the lab, in one process; then the fault suite
+# in a process (and lab) of its own. The two markers together select every test; pytest
+# runs a path named twice once.
 test: venv lint check-rules
-	$(BIN)/pytest -q --durations=10 tests/unit tests/lab/test_lab_lifecycle.py tests/lab
+	$(BIN)/pytest -q --durations=10 -m "not lab" tests/unit
+	$(BIN)/pytest -q --durations=10 -m lab tests/unit tests/lab/test_lab_lifecycle.py tests/lab
 	$(BIN)/pytest -q --durations=10 tests/faults
 
 test-unit: venv

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from config.redis_acl import PRODUCER
 from lab import control
@@ -67,6 +68,10 @@ def succeeded_by_host(observed: Observed) -> dict[str, float]:
     return {s.labels["host"]: s.value for s in observed.api.query(query)}
 
 
+def lab1_metrics() -> str:
+    return metrics_url(control.status()["hosts"]["lab1"]["address"])
+
+
 def scrape(url: str) -> str:
     with _OPENER.open(url, timeout=SCRAPE_TIMEOUT_S) as response:
         return bytes(response.read()).decode()
@@ -103,7 +108,7 @@ def test_dashboard_and_rules_read_only_series_drover_exports(lab: Lab, observed:
     read = {n for expr in dashboard_exprs(dashboard) for n in metric_names(expr)}
     rules = yaml.safe_load(RULES.read_text())["groups"]
     read |= {n for g in rules for r in g["rules"] for n in metric_names(r["expr"])}
-    worker = metrics_url(control.status()["hosts"]["lab1"]["address"])
+    worker = lab1_metrics()
 
     def missing() -> set[str]:
         exposed = exposed_names(scrape(worker)) | exposed_names(observed.exporter.scrape())
@@ -138,6 +143,16 @@ def test_a_migration_in_flight_then_counted_once(
         # Dirtying faster than the capped link copies: the dashboard's "does not converge".
         transfer = observed.value(f"drover_migration_transfer_rate_bytes_per_second{selector}")
         assert transfer is not None and transfer > 0
+        # The source's own exporter, read directly: the job's mode and its current stage.
+        ours = [
+            sample
+            for family in text_string_to_metric_families(scrape(lab1_metrics()))
+            for sample in family.samples
+            if sample.labels.get("job") == job_id
+        ]
+        assert {sample.labels["mode"] for sample in ours} == {"p2p-native"}
+        stages = {s.labels["stage"] for s in ours if s.name == "drover_migration_stage_seconds"}
+        assert stages == {"transfer"}
     finally:
         lab.drover.force_complete(job_id)  # manual forbids post-copy: suspend and finish
     job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
@@ -157,7 +172,10 @@ def test_a_migration_in_flight_then_counted_once(
         SHOW_TIMEOUT_S,
         "the job's in-flight series to be gone",
     )
-    assert job_id not in scrape(metrics_url(control.status()["hosts"]["lab1"]["address"]))
+    assert job_id not in scrape(lab1_metrics())
+    # Its downtime (from libvirt's completed statistics) is in the source's histogram.
+    downtime = 'sum(drover_migration_downtime_seconds_count{host="lab1", mode="p2p-native"})'
+    wait_for(lambda: (observed.value(downtime) or 0) >= 1, SHOW_TIMEOUT_S, "a downtime observed")
 
 
 def test_a_killed_worker_fires_worker_down(lab: Lab, observed: Observed) -> None:
