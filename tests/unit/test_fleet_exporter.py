@@ -39,6 +39,7 @@ from schedules.records import EvacuationRequest
 from schedules.store import ScheduleStore
 from tests.conftest import RedisServer, free_port
 from tests.support.cli import run_drover
+from tests.support.process import terminate
 from tests.support.registry import hosts_toml, with_state_dirs
 from tests.unit.test_redis_acl import AclRedis
 
@@ -101,14 +102,7 @@ class ExporterProcess:
         return self.scrape().get(("drover_exporter_active", ())) == 1.0
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, STOP_TIMEOUT_S)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from schedules.records import EvacuationRequest
 from schedules.store import ScheduleStore
 from tests.conftest import free_port
 from tests.support.pki import LoopbackPki
+from tests.support.process import terminate
 from tests.support.registry import with_state_dirs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -202,14 +202,7 @@ class Process:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, STOP_TIMEOUT_S)
 
 
 def spawn(argv: list[str], env: dict[str, str], log: Path) -> Process:
