@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from producer.cli_common import EXIT_FAILED, EXIT_USAGE
 from producer.cli_flower import BASIC_AUTH_REFUSED
 from tests.conftest import RedisServer, free_port
 from tests.support.pki import LoopbackPki
+from tests.support.process import terminate
 from tests.support.registry import REGISTRY
 
 FLOWER_TIMEOUT_S = 60
@@ -268,13 +268,7 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate(proc, STOP_TIMEOUT_S)
 
 
 @pytest.fixture

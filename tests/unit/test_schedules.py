@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from schedules.records import (
 from schedules.store import ScheduleStore
 from tests.conftest import RedisServer, free_port
 from tests.support.cli import run_drover
+from tests.support.process import terminate
 from tests.support.registry import REGISTRY
 from worker.schedule_tasks import fire
 
@@ -416,13 +416,7 @@ def start_beat(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(BEAT_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate(proc, BEAT_STOP_TIMEOUT_S)
 
 
 def test_a_second_beat_waits_for_the_lock_and_takes_over(
