@@ -50,30 +50,21 @@ class HostCollector(Collector):
         snap = self.latest()
         if snap is None:
             return
-        yield _gauge(
-            f"{PREFIX}host_libvirtd_up",
-            "1 when the worker's last look at libvirtd succeeded.",
-            host,
-            int(snap.libvirtd_up),
-        )
-        if snap.maintenance is not None:
-            yield _gauge(
-                f"{PREFIX}host_maintenance",
-                "1 while the host is in maintenance (never a destination).",
-                host,
-                int(snap.maintenance),
-            )
-        if snap.free_mib is not None:
-            yield _gauge(
-                f"{PREFIX}host_free_memory_bytes",
-                "Room for guests as placement sees it (free, reserved and the limit counted).",
-                host,
-                snap.free_mib * BYTES_PER_MIB,
-            )
-        if snap.running is not None:
-            yield _gauge(
-                f"{PREFIX}host_running_guests", "Guests running on the host.", host, snap.running
-            )
+        maintenance = None if snap.maintenance is None else int(snap.maintenance)
+        free = None if snap.free_mib is None else snap.free_mib * BYTES_PER_MIB
+        gauges: tuple[tuple[str, str, float | None], ...] = (
+            ("host_libvirtd_up", "1 when the worker's last look at libvirtd succeeded.",
+             int(snap.libvirtd_up)),
+            ("host_maintenance", "1 while the host is in maintenance (never a destination).",
+             maintenance),
+            ("host_free_memory_bytes",
+             "Room for guests as placement sees it (free, reserved and the limit counted).",
+             free),
+            ("host_running_guests", "Guests running on the host.", snap.running),
+        )  # fmt: skip
+        for name, help_text, value in gauges:
+            if value is not None:  # a part the tick could not read is left out, not zero
+                yield _gauge(f"{PREFIX}{name}", help_text, host, value)
         yield from self._slots(snap)
 
     def _slots(self, snap: HostSnapshot) -> Iterator[Metric]:

@@ -157,6 +157,7 @@ def test_a_migration_in_flight_then_counted_once(
         lab.drover.force_complete(job_id)  # manual forbids post-copy: suspend and finish
     job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
     assert job.state.value == "succeeded", job.reason
+    assert lab.running_on("dirty-1") == ["lab2"]  # libvirt's word, on every host
 
     # Counted once, by the source: lab1's count rises by one, no other host's moves.
     expected = before | {"lab1": before.get("lab1", 0.0) + 1}
