@@ -46,12 +46,32 @@ def lab_up(
             "--sentinel", help="Redis as a primary, a replica and three sentinels (failover)"
         ),
     ] = False,
+    linux_guests: Annotated[
+        int,
+        typer.Option(
+            "--linux-guests", help="Linux guests linux-1..N on lab1, disks on shared storage"
+        ),
+    ] = 0,
+    local_linux_guests: Annotated[
+        int,
+        typer.Option(
+            "--local-linux-guests",
+            help="Linux guests linux-local-1..N on lab1, disks on lab1's own storage",
+        ),
+    ] = 0,
 ) -> None:
     """Create lab1..labN: namespaces, libvirtd, workers, Redis; guests on lab1."""
     from lab import control
 
     def go() -> None:
-        state = control.up(hosts, tls=tls, guests=guests, sentinel=sentinel)
+        state = control.up(
+            hosts,
+            tls=tls,
+            guests=guests,
+            sentinel=sentinel,
+            linux_guests=linux_guests,
+            local_linux_guests=local_linux_guests,
+        )
         out.print(f"lab up: {', '.join(state.hosts)}; config {state.config}")
         out.print('run: eval "$(drover lab env)"')
 
@@ -93,6 +113,8 @@ def lab_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
                 f"virsh -c '{h['operator_uri']}'  domains: {doms or '-'}  "
                 f"metrics {h['metrics_url']}"
             )
+        for g in st["linux_guests"]:
+            out.print(f"{g['name']}  {g['address']}  {g['kind']} disk {g['disk']}")
 
     lab_guarded(go)
 

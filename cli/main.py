@@ -12,13 +12,23 @@ from typing import Annotated
 
 import typer
 
-from config.settings import CONFIG_ENV
+from cli import help_render
+from cli.outline import outlined
 from producer import cli
-from producer.cli_common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, err, fail, out
+from producer.cli_common import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    UsageError,
+    err,
+    fail,
+    out,
+    start_up_over,
+)
 from producer.text import plain
 
 # The root's own option that may come before a command: `drover --config FILE jobs`.
 CONFIG_OPTION = "--config"
+HELP_OPTION = "--help"
 
 
 def root(
@@ -26,6 +36,8 @@ def root(
 ) -> None:
     """drover: move running VMs between libvirt/KVM hosts."""
     if config:
+        from config.settings import CONFIG_ENV
+
         os.environ[CONFIG_ENV] = config
 
 
@@ -54,7 +66,7 @@ def demo(
     from lab.demo import run_demo
 
     def go() -> None:
-        if not run_demo(out, keep=keep):
+        if not run_demo(out.console, keep=keep):
             fail("demo: a migration did not end where libvirt should show it")
 
     lab_guarded(go)
@@ -123,9 +135,18 @@ def __getattr__(name: str) -> typer.Typer:
 
 def main() -> None:
     """Run the CLI; usage errors become one line (Click's boxed help is for --help)."""
-    quick = command_named(sys.argv[1:]) in cli.COMMAND_NAMES
+    # No garbage collection until the start-up is over (producer/cli_common.py says why): a
+    # job command turns it back on once its API is built, every other command before it runs.
+    gc.disable()
+    args = sys.argv[1:]
+    quick = command_named(args) in cli.COMMAND_NAMES
+    if HELP_OPTION in args or not args:  # `drover` alone shows the help too
+        help_render.load()
     try:
-        code = (job_app() if quick else full_app())(standalone_mode=False)
+        command = outlined(job_app() if quick else full_app(), args)
+        if not quick:  # a worker, Flower, the exporter, the lab...: long-running, most of them
+            start_up_over()
+        code = command(standalone_mode=False)
     except UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             pass  # building this error rendered the help already (Typer's rich help prints)
@@ -139,6 +160,8 @@ def main() -> None:
         code = EXIT_INTERRUPTED
     # Python's last garbage collection at exit walks every object the imports made (pydantic's
     # schemas, Click's commands): about 50 ms of a `drover jobs` that should answer at once.
-    # Frozen objects are skipped; atexit handlers and finalizers still run.
+    # Frozen objects are skipped; atexit handlers and finalizers still run. Collection is on
+    # again for whatever runs after main() in this interpreter (a test calling it in process).
+    start_up_over()
     gc.freeze()
     sys.exit(code if isinstance(code, int) else 0)

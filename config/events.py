@@ -217,7 +217,10 @@ def configure(
             StreamAndLog(publisher),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        # WriteLogger writes a line and its newline in one call; PrintLogger's print() writes
+        # them apart, and another process appending to the same log (Celery's own logger, a
+        # pool child) could land between them, leaving a JSON line with text after it.
+        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
 

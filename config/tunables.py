@@ -105,6 +105,11 @@ class Tunables(BaseModel):
     postcopy_resume_delay: float = Field(default=1.0, gt=0)
     postcopy_resume_max_delay: float = Field(default=15.0, gt=0)
     postcopy_recovery_timeout: float = Field(default=3600.0, gt=0)
+    # A resume libvirt keeps refusing because QEMU says the old stream still runs (a link cut
+    # the TCP stream outlived, now stalled) for this long: the stream is interrupted
+    # (VIR_DOMAIN_ABORT_JOB_POSTCOPY, as `virsh domjobabort --postcopy`) and resumed after
+    # `postcopy_resume_delay`; 0 interrupts it at the first refusal.
+    postcopy_stall_timeout: float = Field(default=30.0, ge=0)
     # Host facts (jobs/host_facts.py): each worker publishes its host's inventory every report
     # tick (`heartbeat_interval`) to live this long; the planner refuses a record older than
     # that, or dated more than `host_facts_max_skew` in its future (clocks disagree). The host

@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -105,3 +106,15 @@ def sentinel_master(url: str, **options: Any) -> redis.Redis:
     )
     master: redis.Redis = sentinels.master_for(s.master_name, **options)  # type: ignore[no-untyped-call]
     return master
+
+
+def queue_script(pipe: Any, script: Script, keys: list[Any], args: list[Any] | None = None) -> None:
+    """Stack `script` on a pipeline as EVAL with its text.
+
+    redis-py stacks a registered script as EVALSHA and, to be sure of it, asks SCRIPT EXISTS
+    in a round trip of its own before every such pipeline: a second round trip for every
+    event appended, phase claimed or job ended. EVAL with the text needs none, and cannot
+    meet a script cache emptied by a restart (NOSCRIPT halfway through a MULTI). Redis
+    caches the compiled script either way.
+    """
+    pipe.eval(script.script, len(keys), *keys, *(args or []))

@@ -8,48 +8,30 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from config.policy_model import PolicyName
+from jobs.drain_options import DrainOptions
 from jobs.model import Record
-from jobs.spec import (
-    MAX_BANDWIDTH_MIB,
-    MAX_COMPLETION_TIMEOUT_S,
-    HostRef,
-    MigrationSpec,
-    TimeoutAction,
-    Transport,
-)
+from jobs.spec import HostRef, MigrationSpec
+from jobs.states import EVACUATION_KIND as EVACUATION_KIND
 from jobs.states import EVACUATION_TABLE, EVACUATION_TERMINAL, EvacuationState, StateTable
 
 __all__ = ["EVACUATION_TERMINAL", "EvacuationState"]
 
-EVACUATION_KIND = "evacuation"
 MAX_PARALLEL = 64
 
 
-class EvacuationSpec(BaseModel):
+class EvacuationSpec(DrainOptions):
     """What the operator asked for. Child migrations are live and peer-to-peer; a persistent
     domain's definition moves with it (--persistent --undefine-source), so nothing of it is
-    left on the host going into maintenance."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    left on the host going into maintenance. The options every child carries are
+    DrainOptions' (jobs/drain_options.py), shared with scheduled drains."""
 
     host: HostRef
-    to: list[HostRef] = []
+    to: list[HostRef] = Field(default_factory=list)
     max_parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL)
     include_inactive: bool = False
     dry_run: bool = False
-    # Applied to every child migration.
-    tunnelled: bool = False
-    auto_converge: bool = False
-    bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
-    # A guest that never converges would hold the drain until the fleet's hard limit.
-    completion_timeout_s: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TIMEOUT_S)
-    timeout_action: TimeoutAction | None = None
-    # The migration policy of every child (config/policy_model.py): above the domain's
-    # metadata and its host's and group's policies, below the flags above.
-    policy: PolicyName | None = None
 
     @field_validator("to")
     @classmethod
@@ -63,20 +45,21 @@ class EvacuationSpec(BaseModel):
     def _not_itself(self) -> EvacuationSpec:
         if self.host in self.to:
             raise ValueError(f"--to includes {self.host}, the host being evacuated")
-        if self.timeout_action is not None and self.completion_timeout_s is None:
-            raise ValueError("--timeout-action needs --completion-timeout")
-        if self.timeout_action is TimeoutAction.POSTCOPY and self.tunnelled:
-            raise ValueError("--timeout-action postcopy cannot be tunnelled (post-copy is not)")
+        problems = self.drain_problems()
+        if problems:
+            raise ValueError(problems[0])
         return self
 
-    def child(self, domain: str, dst: str, *, active: bool, persistent: bool) -> MigrationSpec:
+    def child(
+        self, domain: str, dst: str, *, active: bool, persistent: bool, local_disks: bool = False
+    ) -> MigrationSpec:
         """The migration that moves `domain` to `dst`: live and peer-to-peer, a persistent
         definition moving with the guest. Each child runs with its effective policy (this
         spec's `policy` over the domain's, its host's and group's), post-copy included when
         that policy allows it: a busy guest that never converges is exactly what holds a drain
         up. An offline child moves only a definition: nothing to tunnel, cap, converge or time
-        out, and no policy applies to it."""
-        postcopy_asked = self.timeout_action is TimeoutAction.POSTCOPY
+        out, and no policy applies to it. `--copy-storage` goes to guests with local disks
+        (`local_disks`) only (jobs/drain_options.py)."""
         return MigrationSpec(
             domain=domain,
             src=self.host,
@@ -85,13 +68,7 @@ class EvacuationSpec(BaseModel):
             offline=not active,
             persistent=persistent,
             undefine_source=persistent,
-            transport=Transport.TUNNELLED if self.tunnelled and active else Transport.NATIVE,
-            auto_converge=self.auto_converge and active,
-            postcopy=postcopy_asked and active,
-            bandwidth_mib=self.bandwidth_mib if active else None,
-            completion_timeout_s=self.completion_timeout_s if active else None,
-            timeout_action=self.timeout_action if active else None,
-            policy=self.policy if active else None,
+            **self.child_fields(active=active, local_disks=local_disks),
         )
 
 
@@ -104,6 +81,7 @@ class Placement(BaseModel):
     active: bool
     persistent: bool
     group: str | None = None
+    local_disks: int = 0  # writable file-backed disks (worker/storage.py): --copy-storage
     destination: str | None = None
     estimate_s: float | None = None
     # The child's migration policy, and what it will take to converge when libvirt knows

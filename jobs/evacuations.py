@@ -75,7 +75,7 @@ def check_child_policy(settings: Settings, spec: EvacuationSpec) -> None:
     if not others:
         return  # nowhere to go: the plan will say so
     try:
-        child = spec.child(PROBE_DOMAIN, others[0], active=True, persistent=True)
+        child = spec.child(PROBE_DOMAIN, others[0], active=True, persistent=True, local_disks=True)
     except ValidationError as exc:
         raise ConfigError(first_error(exc)) from None
     effective_policy(settings, child)

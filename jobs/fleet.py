@@ -31,6 +31,7 @@ from typing import Any
 
 import redis
 
+from jobs.connection import queue_script
 from jobs.evacuation_model import EVACUATION_TERMINAL, EvacuationState
 from jobs.keys import (
     ACTIVE_EVACUATIONS,
@@ -115,8 +116,8 @@ def read_fleet(r: redis.Redis, hosts: Iterable[str], *, now_s: float, retention_
     holder_states = r.register_script(_HOLDER_STATES_LUA)
     with r.pipeline(transaction=True) as p:
         p.scard(ACTIVE_JOBS)
-        holder_states(keys=[CLUSTER_GATE], args=[job_key("")], client=p)
-        waiting_by_gate(keys=[LANES, LANES_BLOCKED_BY], client=p)
+        queue_script(p, holder_states, [CLUSTER_GATE], [job_key("")])
+        queue_script(p, waiting_by_gate, [LANES, LANES_BLOCKED_BY])
         p.zcard(WAITING)
         for state in ALL_FINAL:
             p.zcount(jobs_by_state_key(state), low, "+inf")

@@ -59,6 +59,7 @@ class HostCpu(BaseModel):
     usable_models: frozenset[CpuName] = Field(default=frozenset(), max_length=MAX_CPU_MODELS)
     host_model: bool = False  # mode host-model supported
     host_passthrough: bool = False  # mode host-passthrough supported
+    maximum: bool = False  # mode maximum supported (TCG offers it, not host-passthrough)
 
     @property
     def signature(self) -> str:
@@ -73,7 +74,7 @@ class HostCpu(BaseModel):
             self.model or "",
             ",".join(sorted(self.features)),
             ",".join(sorted(self.usable_models)),
-            f"{self.host_model}:{self.host_passthrough}",
+            f"{self.host_model}:{self.host_passthrough}:{self.maximum}",
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
@@ -100,6 +101,8 @@ class HostFacts(BaseModel):
     active_mib: Mib
     cpus: list[HostCpu] = Field(default=[], max_length=MAX_VIRT_TYPES)
     domains: list[RunningDomain] = Field(default=[], max_length=MAX_DOMAINS)
+    # QEMU migration TLS certificates in place (worker/tls_facts.py); None: not reported.
+    migration_tls: bool | None = None
     # Set when the worker could not read its libvirtd: the record then says only that.
     error: Reason | None = None
 

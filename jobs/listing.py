@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import redis
 
-from jobs.evacuation_model import EVACUATION_KIND, Evacuation
 from jobs.keys import (
     ACTIVE_EVACUATIONS,
     ACTIVE_JOBS,
@@ -36,7 +35,10 @@ from jobs.keys import (
 )
 from jobs.model import Job
 from jobs.record_read import evacuation_from, job_from
-from jobs.states import EVACUATION_TERMINAL, TERMINAL, EvacuationState, JobState
+from jobs.states import EVACUATION_KIND, EVACUATION_TERMINAL, TERMINAL, EvacuationState, JobState
+
+if TYPE_CHECKING:  # a listing of migrations alone never loads the evacuation models
+    from jobs.evacuation_model import Evacuation
 
 FINAL_STATES = frozenset(s.value for s in (*TERMINAL, *EVACUATION_TERMINAL))
 ALL_STATES = frozenset(s.value for s in (*JobState, *EvacuationState))

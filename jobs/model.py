@@ -37,6 +37,21 @@ def migration_event(
     )
 
 
+def queued_event(
+    job_id: str, migration: MigrationSpec, origin: str, **fields: Any
+) -> dict[str, Any]:
+    """The first event of every migration job (queued, its whole spec), however it started."""
+    return migration_event(
+        job_id,
+        migration,
+        "job.queued",
+        origin,
+        state=JobState.QUEUED.value,
+        spec=migration.model_dump(mode="json"),
+        **fields,
+    )
+
+
 class PhaseRecord(BaseModel):
     phase: str
     host: str

@@ -65,6 +65,8 @@ def flag_layer(spec: MigrationSpec) -> MigrationPolicy:
         fields["allow_postcopy"] = True
     if spec.compressed:
         fields["compression"] = Compression.XBZRLE
+    if spec.compression is not None:  # the methods named win; the call carries them all
+        fields["compression"] = spec.compression.representative
     if spec.parallel is not None:
         fields["parallel_connections"] = spec.parallel
     if spec.completion_timeout_s is not None:
@@ -81,7 +83,7 @@ FLAG_LABELS = {
     "postcopy_bandwidth_mib": "flag --postcopy-bandwidth",
     "auto_converge": "flag --auto-converge",
     "allow_postcopy": "flag --postcopy",
-    "compression": "flag --compressed",
+    "compression": "flag --compressed / --comp-methods",
     "parallel_connections": "flag --parallel",
     "completion_timeout_s": "flag --completion-timeout",
     "act_on_statistics": "flag --completion-timeout",

@@ -125,6 +125,17 @@ MigrationMode = Literal["precopy", "postcopy"]
 FiguresSource = Literal["job-completed event", "destination"]
 
 
+class CheckVerdict(BaseModel):
+    """One pre-check's verdict on one host (worker/precheck.py): passed, or why not."""
+
+    model_config = ConfigDict(frozen=True)
+
+    check: str
+    host: str
+    passed: bool
+    reason: str | None = None
+
+
 class Result(BaseModel):
     """What the job's phases measured and verified, each field written by the phase named."""
 
@@ -138,6 +149,8 @@ class Result(BaseModel):
     destination: DomainFacts | None = None  # finish: the guest as it arrived
     source_defined: bool | None = None  # confirm: whether the source still defines it
     leftovers: str | None = None  # confirm: what was left behind on the source, and why
+    source_checks: list[CheckVerdict] = []  # source_preflight: its pre-checks' verdicts
+    destination_checks: list[CheckVerdict] = []  # destination_prepare: its pre-checks'
 
 
 RECORD_FIELDS: dict[str, type[BaseModel]] = {

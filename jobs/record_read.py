@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel
 
 from config.policy_model import EffectivePolicy
-from jobs.evacuation_model import DomainOutcome, Evacuation, EvacuationSpec, Placement
 from jobs.keys import POSTCOPY_FIELD
 from jobs.model import Job, PhaseRecord, Transition
 from jobs.record import Handoff, Result, SourceFacts, parse_field
@@ -21,6 +20,9 @@ from jobs.record_marks import when
 from jobs.request_fields import REQUEST_FIELD
 from jobs.spec import MigrationSpec
 from jobs.states import EvacuationState, JobState
+
+if TYPE_CHECKING:
+    from jobs.evacuation_model import Evacuation
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -61,6 +63,9 @@ def job_from(
 
 def evacuation_from(raw: dict[str, str], children: dict[str, str]) -> Evacuation:
     """An evacuation from its hash and children as Redis returns them."""
+    # Imported here: `drover jobs` reads migrations far more often than evacuations.
+    from jobs.evacuation_model import DomainOutcome, Evacuation, EvacuationSpec, Placement
+
     return Evacuation(
         id=raw["id"],
         spec=EvacuationSpec.model_validate_json(raw["spec"]),

@@ -207,27 +207,37 @@ class JobRecords(RecordMarks):
         }
         self.r.hset(key, mapping=merged)
 
-    def phase_started(self, job_id: str, phase: str, host: str) -> None:
-        """Record the start; whatever the job was said to wait for is over."""
+    def phase_started(self, job_id: str, phase: str, host: str) -> PhaseRecord:
+        """Record the start; whatever the job was said to wait for is over. The record is
+        returned for `phase_ended`, which then need not read it back."""
         rec = PhaseRecord(phase=phase, host=host, started=now())
         with self.r.pipeline(transaction=True) as p:
             p.hset(phases_key(job_id), phase, rec.model_dump_json())
             p.hdel(job_key(job_id), "waiting_for")
             self.retention.queue_adopt(p, job_id, phases_key(job_id))
             p.execute()
+        return rec
 
     def set_waiting_for(self, job_id: str, reason: str) -> None:
         """Why an admitted job's next step has not started (shown until it starts)."""
         self.r.hset(job_key(job_id), "waiting_for", reason)
 
-    def phase_ended(self, job_id: str, phase: str, error: str | None = None) -> None:
+    def phase_ended(
+        self,
+        job_id: str,
+        phase: str,
+        error: str | None = None,
+        *,
+        started: PhaseRecord | None = None,
+    ) -> None:
+        """Record the end: of the record `phase_started` returned, or of the one read back."""
         key = phases_key(job_id)
-        raw = cast(str | None, self.r.hget(key, phase))
-        if raw is None:
-            return
-        rec = PhaseRecord.model_validate_json(raw).model_copy(
-            update={"ended": now(), "error": error}
-        )
+        if started is None:
+            raw = cast(str | None, self.r.hget(key, phase))
+            if raw is None:
+                return
+            started = PhaseRecord.model_validate_json(raw)
+        rec = started.model_copy(update={"ended": now(), "error": error})
         with self.r.pipeline(transaction=True) as p:
             p.hset(key, phase, rec.model_dump_json())
             self.retention.queue_adopt(p, job_id, key)

@@ -27,6 +27,7 @@ from typing import Any
 
 import redis
 
+from jobs.connection import queue_script
 from jobs.keys import (
     JOBS_BY_HOST_PREFIX,
     JOBS_BY_STATE_PREFIX,
@@ -121,8 +122,8 @@ class Retention:
             WAITING_BY_ORIGIN_PREFIX,
             *sorted(terminal),
         ]
-        self._end(keys=record_keys(record_id), args=args, client=pipe)
+        queue_script(pipe, self._end, record_keys(record_id), args)
 
     def queue_adopt(self, pipe: Any, record_id: str, *written: str) -> None:
         """Stack, after a write to `written` keys of the record, what gives them its TTL."""
-        self._adopt(keys=[job_key(record_id), *written], args=[self.retention_s], client=pipe)
+        queue_script(pipe, self._adopt, [job_key(record_id), *written], [self.retention_s])

@@ -24,10 +24,12 @@ from config.addresses import check_address as check_address
 from config.addresses import parse_ip as parse_ip
 from config.addresses import shown as shown
 from config.policy_model import PolicyName
+from jobs.compression import CompressionOptions
 from jobs.migration_uri import MIGRATION_URI_SCHEMES as MIGRATION_URI_SCHEMES
 from jobs.migration_uri import MigrationURI as MigrationURI
 from jobs.migration_uri import check_migration_uri as check_migration_uri
 from jobs.migration_uri import parse_migration_uri as parse_migration_uri
+from jobs.spec_options import MAX_XML_CHARS, MIN_DISKS_PORT, option_problems
 
 # A conservative subset of what libvirt accepts: no '/', no control characters, no spaces.
 DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._+:@-]{0,199}$"
@@ -37,6 +39,10 @@ MAX_PARALLEL_CONNECTIONS = 64
 MAX_COMPLETION_TIMEOUT_S = 86_400
 
 DomainName = Annotated[str, StringConstraints(pattern=DOMAIN_NAME_PATTERN)]
+# A disk's target name as libvirt spells it (vda, sdb, hdc, vdaa...): what --migrate-disks names.
+DISK_TARGET_PATTERN = r"^[a-z]{1,4}[a-z0-9]{1,8}$"
+MAX_MIGRATE_DISKS = 64
+DiskTarget = Annotated[str, StringConstraints(pattern=DISK_TARGET_PATTERN)]
 HostRef = Annotated[str, StringConstraints(pattern=HOST_NAME_PATTERN)]
 
 
@@ -91,6 +97,8 @@ class MigrationSpec(BaseModel):
     abort_on_error: bool = False
     auto_converge: bool = False
     compressed: bool = False
+    # Compression methods and levels (jobs/compression.py); naming methods compresses.
+    compression: CompressionOptions | None = None
     postcopy: bool = False
     bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
     postcopy_bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
@@ -102,10 +110,24 @@ class MigrationSpec(BaseModel):
     copy_storage: CopyStorage | None = None
     migrate_uri: str | None = None
     listen_address: str | None = None
+    # Pre-checks (docs/prechecks.md): accept a disk libvirt deems unsafe to migrate
+    # (VIR_MIGRATE_UNSAFE); copy only these disks (VIR_MIGRATE_PARAM_MIGRATE_DISKS); run the
+    # checks only (a dry run ends `checked` or `failed` after the destination's checks).
+    unsafe: bool = False
+    migrate_disks: tuple[DiskTarget, ...] | None = Field(
+        default=None, min_length=1, max_length=MAX_MIGRATE_DISKS
+    )
+    dry_run: bool = False
+    # --xml, --persistent-xml, --tls-destination, --disks-port, --disks-uri (jobs/spec_options.py)
+    dest_xml: str | None = Field(default=None, max_length=MAX_XML_CHARS)
+    persist_xml: str | None = Field(default=None, max_length=MAX_XML_CHARS)
+    tls_destination: str | None = None
+    disks_port: int | None = Field(default=None, ge=MIN_DISKS_PORT, le=MAX_PORT)
+    disks_uri: str | None = None
 
     @model_validator(mode="after")
     def _coherent(self) -> MigrationSpec:
-        problems = combination_problems(self)
+        problems = combination_problems(self) + option_problems(self)
         if problems:
             raise ValueError(problems[0])
         if self.migrate_uri is not None:
@@ -149,6 +171,7 @@ def combination_problems(s: MigrationSpec) -> list[str]:
             ("--parallel", s.parallel),
             ("--copy-storage", s.copy_storage),
             ("--postcopy-bandwidth", s.postcopy_bandwidth_mib),
+            ("--comp-methods", s.compression),
         ):
             if on:
                 problems.append(f"{flag} cannot go through virDomainMigrate2 (--dest-connection)")
@@ -172,6 +195,7 @@ def combination_problems(s: MigrationSpec) -> list[str]:
             ("--postcopy", s.postcopy),
             ("--auto-converge", s.auto_converge),
             ("--compressed", s.compressed),
+            ("--comp-methods", s.compression),
             ("--parallel", s.parallel),
             ("--copy-storage", s.copy_storage),
             ("--bandwidth", s.bandwidth_mib),
@@ -181,9 +205,14 @@ def combination_problems(s: MigrationSpec) -> list[str]:
             ("--tls", s.tls),
             ("--migrate-uri", s.migrate_uri),
             ("--listen-address", s.listen_address),
+            ("--unsafe", s.unsafe),
         ):
             if on:
                 problems.append(f"{flag} does not apply to an offline migration")
+    if s.migrate_disks is not None and s.copy_storage is None:
+        problems.append("--migrate-disks chooses disks to copy: it needs --copy-storage")
+    if s.migrate_disks is not None and len(set(s.migrate_disks)) != len(s.migrate_disks):
+        problems.append("--migrate-disks names a disk twice")
     if s.postcopy and not s.live:
         problems.append("--postcopy needs --live")
     if s.postcopy and s.suspend:

@@ -28,10 +28,18 @@ class JobState(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     ROLLED_BACK = "rolled_back"
+    # A dry run (`drover migrate --dry-run`) whose every pre-check passed: nothing moved.
+    CHECKED = "checked"
 
 
 TERMINAL = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.ROLLED_BACK}
+    {
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.CANCELLED,
+        JobState.ROLLED_BACK,
+        JobState.CHECKED,
+    }
 )
 
 # Forward progress is one step at a time; any live state may end failed or cancelled.
@@ -69,6 +77,11 @@ def allowed_sources(target: JobState) -> frozenset[JobState]:
         return LIVE - {JobState.STALLED}
     forward = frozenset(src for src, dst in _FORWARD.items() if dst == target)
     return forward | _POSTCOPY_SOURCES.get(target, frozenset()) | {JobState.STALLED}
+
+
+# The `kind` field of an evacuation's record (a migration job's has none): here, beside its
+# states, so that telling the two apart in a listing needs no evacuation model.
+EVACUATION_KIND = "evacuation"
 
 
 class EvacuationState(StrEnum):

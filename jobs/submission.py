@@ -11,11 +11,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from jobs.admission import Admission
-from jobs.model import migration_event
+from jobs.model import queued_event
 from jobs.quota import take_place
 from jobs.request_signing import RequestSigner
 from jobs.spec import MigrationSpec
-from jobs.states import JobState
 from jobs.store import JobStore, domain_lock_key
 
 
@@ -59,15 +58,7 @@ def enqueue(
         store.reserve(spec.dst, job_id, reserve_mib)
     store.append_event(
         job_id,
-        migration_event(
-            job_id,
-            spec,
-            "job.queued",
-            origin,
-            state=JobState.QUEUED.value,
-            spec=spec.model_dump(mode="json"),
-            parent=parent,
-        ),
+        queued_event(job_id, spec, origin, parent=parent),
     )
     Admission(store).wait(job_id, spec, parent, datetime.now(UTC).timestamp())
     store.replicated()  # the job exists on a replica before its caller is told it does

@@ -64,7 +64,7 @@ def _path_problem(path: str, dst: Host) -> str | None:
     return None
 
 
-def migration_uri_problem(uri: str, dst: Host) -> str | None:
+def migration_uri_problem(uri: str, dst: Host, option: str = "--migrate-uri") -> str | None:
     """Why `uri` may not carry a migration to `dst`, in one line naming what is allowed; or None.
 
     tcp:// and rdma:// only to one of `dst`'s migration addresses (any port); unix:// only to a
@@ -76,12 +76,12 @@ def migration_uri_problem(uri: str, dst: Host) -> str | None:
         return str(exc)
     if parsed.path is not None:
         problem = _path_problem(parsed.path, dst)
-        return None if problem is None else f"--migrate-uri {shown(uri)}: {problem}"
+        return None if problem is None else f"{option} {shown(uri)}: {problem}"
     assert parsed.host is not None
     allowed = allowed_addresses(dst)
     if _canonical(parsed.host) in {_canonical(a) for a in allowed}:
         return None
     return (
-        f"--migrate-uri {shown(uri)}: {dst.name} receives migrations only at "
+        f"{option} {shown(uri)}: {dst.name} receives migrations only at "
         f"{', '.join(allowed)} (its migration addresses in the registry)"
     )

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 
+from jobs.connection import queue_script
 from jobs.keys import (
     BLOCKED_PREFIX,
     BLOCKING_GATES,
@@ -150,7 +151,7 @@ class Transitioner:
             raw = self._script(keys=script_keys, args=args)
         else:
             with self.r.pipeline(transaction=True) as p:
-                self._script(keys=script_keys, args=args, client=p)
+                queue_script(p, self._script, script_keys, args)
                 self.retention.queue_end(p, record_id, time.time(), self.table.terminal)
                 raw = p.execute()[0]
         moved, previous = cast(list[object], raw)
@@ -170,7 +171,7 @@ class Transitioner:
         outcome: for filling a store with history in bulk (bench/history.py)."""
         args = self._args(record_id, target, at, entry, None, None)
         script_keys = [keys.record, keys.history, keys.active, keys.waiting, *LANE_INDEXES]
-        self._script(keys=script_keys, args=args, client=pipe)
+        queue_script(pipe, self._script, script_keys, args)
         if self.retention is not None and target in self.table.terminal:
             self.retention.queue_end(pipe, record_id, time.time(), self.table.terminal)
 

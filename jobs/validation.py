@@ -43,6 +43,10 @@ def check_against_registry(settings: Settings, spec: MigrationSpec) -> None:
         problem = migration_uri_problem(spec.migrate_uri, dst)
         if problem is not None:
             raise SubmitError(problem)
+    if spec.disks_uri is not None:
+        problem = migration_uri_problem(spec.disks_uri, dst, "--disks-uri")
+        if problem is not None:
+            raise SubmitError(problem)
     try:
         effective_policy(settings, spec)
     except ConfigError as exc:

@@ -16,6 +16,9 @@ from config.celery import host_queue
 from jobs.phases import PHASE_ORDER, Phase, owner_of, task_name
 from jobs.spec import MigrationSpec
 
+# A dry run's chain: the checks of both sides, never the phases that move anything.
+DRY_RUN_PHASES = (Phase.SOURCE_PREFLIGHT, Phase.DESTINATION_PREPARE)
+
 
 def migration_chain(
     app: Celery, job_id: str, spec: MigrationSpec, start: Phase = PHASE_ORDER[0]
@@ -29,5 +32,6 @@ def migration_chain(
             queue=host_queue(owner_of(spec, phase)),
         )
         for phase in PHASE_ORDER[PHASE_ORDER.index(start) :]
+        if phase in DRY_RUN_PHASES or not spec.dry_run
     ]
     return chain(*steps)

@@ -23,7 +23,7 @@ from config.redis_acl import (
     write_private,
 )
 from config.settings import load_settings
-from lab import guests, libvirtd, network, redis_server
+from lab import guests, libvirtd, linux_lab, network, redis_server, shared_storage
 from lab import sentinel as redis_sentinel
 
 # Re-exported: the lab's record, workers and fault helpers (lab/state, workers, faults).
@@ -38,6 +38,7 @@ from lab.faults import stop_redis as stop_redis
 from lab.kernel import build_dirty_kernel
 from lab.layout import MAX_HOSTS, HostLayout, LabLayout
 from lab.metrics import metrics_lines, metrics_url
+from lab.prerequisites import check_prerequisites
 from lab.proc import LabError, alive, kill, pid_from_file, run
 from lab.signing import SigningIdentity, config_lines, create_signing_identity
 from lab.state import HostState as HostState
@@ -56,34 +57,6 @@ MAX_IDLE_GUESTS = 32
 # Every lab host reports the same machine's free memory; a declared size per host makes
 # placement (and the test of it) depend on the guests placed, not on the page cache.
 LAB_HOST_MEMORY_MIB = 1024
-REQUIRED_COMMANDS = {
-    "ip": "iproute2",
-    "unshare": "util-linux",
-    "nsenter": "util-linux",
-    "libvirtd": "libvirt-daemon libvirt-daemon-driver-qemu",
-    "virsh": "libvirt-clients",
-    "qemu-system-x86_64": "qemu-system-x86",
-    "qemu-img": "qemu-utils",
-    "redis-server": "redis-server",
-    "redis-sentinel": "redis-sentinel",
-    "as": "binutils",
-    "ld": "binutils",
-}
-
-
-def check_prerequisites() -> None:
-    """Refuse early, with the fix, when not root or a needed program is missing."""
-    if os.geteuid() != 0:
-        raise LabError("the lab needs root (network namespaces, mounts, libvirtd): run as root")
-    missing = {cmd: pkg for cmd, pkg in REQUIRED_COMMANDS.items() if shutil.which(cmd) is None}
-    if missing:
-        pkgs = " ".join(sorted(set(missing.values())))
-        raise LabError(
-            f"missing {', '.join(sorted(missing))}: run `make deps` "
-            f"(or apt-get install --no-install-recommends {pkgs})"
-        )
-
-
 # Per host: /var/lib/libvirt is the host's own directory inside its mount namespace.
 LAB_STATE_DIR = "/var/lib/libvirt/drover"
 
@@ -133,25 +106,39 @@ def make_lab_dir(lab: LabLayout) -> None:
 
 
 def up(
-    hosts: int = 2, tls: bool = False, signing: bool = True, guests: int = 1, sentinel: bool = False
+    hosts: int = 2,
+    tls: bool = False,
+    signing: bool = True,
+    guests: int = 1,
+    sentinel: bool = False,
+    linux_guests: int = 0,
+    local_linux_guests: int = 0,
 ) -> LabState:
     """Bring the lab up; with `tls`, a CA and per-host certificates, libvirtd on TLS too;
     with `sentinel`, Redis is a primary, a replica and three sentinels (lab/sentinel.py).
 
     With `signing` (default) task messages are signed with the lab's own key; `guests`
-    idle guests (idle-1..idle-N) and dirty-1 start on lab1.
+    idle guests (idle-1..idle-N) and dirty-1 start on lab1, and the Linux guests
+    (lab/linux_lab.py: linux-N on shared storage, linux-local-N on lab1's own disk).
     """
     if not 2 <= hosts <= MAX_HOSTS:
         raise LabError(f"--hosts must be between 2 and {MAX_HOSTS}")
     if not 1 <= guests <= MAX_IDLE_GUESTS:
         raise LabError(f"--guests must be between 1 and {MAX_IDLE_GUESTS}")
+    linux_lab.check_counts(linux_guests, local_linux_guests)
     check_prerequisites()
     lab = LabLayout.from_env()
     if LabState.load(lab) is not None or network.lab_namespaces(lab):
         raise LabError(f"a lab is already up (id {lab.lab_id}); run `drover lab down` first")
     make_lab_dir(lab)
     try:
-        return _up(lab, lab.hosts(hosts), tls, signing, guests, sentinel)
+        state = _up(lab, lab.hosts(hosts), tls, signing, guests, sentinel)
+        holders = [h.holder_pid for h in state.hosts.values()]
+        state.linux_guests = linux_lab.setup(
+            lab, lab.hosts(hosts), holders, linux_guests, local_linux_guests
+        )
+        state.save(lab)
+        return state
     except BaseException:
         down()
         raise
@@ -229,6 +216,8 @@ def down() -> list[str]:
     if pids:
         kill(pids)
         removed.append(f"{len(pids)} processes")
+    if shared_storage.stop(lab):
+        removed.append("glusterd")
     redis_pid = state.redis_pid if state else pid_from_file(lab.redis_dir / "redis.pid")
     if redis_pid and alive(redis_pid):
         kill([redis_pid])
@@ -268,6 +257,7 @@ def status() -> dict[str, Any]:
         "tls": state.tls,
         "redis_alive": alive(state.redis_pid),
         "hosts": hosts,
+        "linux_guests": linux_lab.status_entries(state.linux_guests),
     }
 
 

@@ -2,7 +2,9 @@
 
 Brings the lab up (three hosts, four idle guests and dirty-1 on lab1), live-migrates idle-1
 around in three modes (peer-to-peer native, peer-to-peer tunnelled, managed direct) and
-dirty-1 to lab2, each as the CLI would, then drains lab1 onto lab2 and lab3 two at a time.
+dirty-1 to lab2, each as the CLI would, moves the Linux guest linux-1 to lab2 while pinging
+it (its longest ping gap beside libvirt's downtime: lab/demo_linux.py), then drains lab1 onto
+lab2 and lab3 two at a time.
 It shows every event as it happens, proves each outcome through libvirt on the hosts, prints
 a summary, and tears the lab down again.
 """
@@ -18,6 +20,8 @@ from rich.table import Table
 
 from config.settings import load_settings
 from lab import control
+from lab.demo_linux import FLAGS as LINUX_FLAGS
+from lab.demo_linux import move_linux_guest
 from producer.api import Drover
 from producer.follow import follow, follow_evacuation
 from producer.render import plan_table
@@ -29,6 +33,7 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 JOB_TIMEOUT_S = 300.0
 DEMO_HOSTS = 3
 DEMO_IDLE_GUESTS = 4
+DEMO_LINUX_GUESTS = 1
 EVACUATED = "lab1"
 EVACUATION_PARALLEL = 2
 
@@ -102,9 +107,9 @@ def where_running(status: dict[str, Any], domain: str) -> list[str]:
 def run_demo(console: Console, keep: bool = False) -> bool:
     console.rule(
         f"drover demo: bringing up the lab ({DEMO_HOSTS} hosts, real libvirtd + QEMU, "
-        f"{DEMO_IDLE_GUESTS + 1} guests on lab1)"
+        f"{DEMO_IDLE_GUESTS + 1} guests and a Linux guest on lab1)"
     )
-    state = control.up(DEMO_HOSTS, guests=DEMO_IDLE_GUESTS)
+    state = control.up(DEMO_HOSTS, guests=DEMO_IDLE_GUESTS, linux_guests=DEMO_LINUX_GUESTS)
     ok = True
     try:
         status = control.status()
@@ -156,6 +161,22 @@ def run_demo(console: Console, keep: bool = False) -> bool:
                 f"{job.result.migration_ms or 0:.0f} ms",
                 f"{job.duration_s * 1000:.0f} ms",
                 said,
+            )
+        for guest in state.linux_guests:  # moved off lab1 before the drain
+            console.rule(f"{guest.name}: lab1 -> lab2")
+            m = move_linux_guest(console, d, guest, "lab1", "lab2")
+            running = where_running(status, guest.name)
+            ok = ok and m.job.state.value == "succeeded" and running == ["lab2"]
+            ok = ok and not m.continuity_problems()
+            summary.add_row(
+                m.job.id,
+                guest.name,
+                "lab1 -> lab2",
+                LINUX_FLAGS,
+                m.job.state.value,
+                f"{m.job.result.migration_ms or 0:.0f} ms",
+                f"{m.job.duration_s * 1000:.0f} ms",
+                f"running on {', '.join(running) or 'no host'}; ping gap {m.longest_gap_ms:.0f} ms",
             )
         ok = _evacuation(console, d, status, summary) and ok
         console.print(summary)

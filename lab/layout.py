@@ -14,6 +14,11 @@ LAB_DIR_ENV = "DROVER_LAB_DIR"
 LAB_ID_ENV = "DROVER_LAB_ID"
 DEFAULT_LAB_ROOT = Path("/var/tmp/drover-lab")
 SUBNET_PREFIX = "10.213"
+# The guests' own network (lab/guest_net.py): one L2 segment across the hosts, root at .254.
+GUEST_SUBNET_PREFIX = "10.214"
+# The bridge inside every host's namespace that guests' NICs join: one name on every host,
+# so a domain's XML is valid on both ends of a migration.
+HOST_GUEST_BRIDGE = "drvguest"
 ROOT_HOST_OCTET = 254
 REDIS_BASE_PORT = 6390
 # `lab up --sentinel`: the replica's port, and three sentinels' from here (clear of the
@@ -41,6 +46,7 @@ LIBVIRT_DIRS = {
 class HostLayout:
     index: int
     name: str
+    tag: str  # the lab's (drv<id>): every link name starts with it
     netns: str
     veth_host: str
     veth_bridge: str
@@ -50,6 +56,15 @@ class HostLayout:
     def own_dir(self, system_dir: str) -> Path:
         """The host's private copy of a system directory, e.g. /run/libvirt -> <dir>/run."""
         return self.dir / LIBVIRT_DIRS[system_dir]
+
+    @property
+    def veth_guest_root(self) -> str:
+        """The root namespace's end of the host's link into the guest network."""
+        return f"{self.tag}g{self.index}"
+
+    @property
+    def veth_guest_host(self) -> str:
+        return f"{self.tag}k{self.index}"
 
     @property
     def socket(self) -> Path:
@@ -94,6 +109,24 @@ class LabLayout:
     @property
     def subnet(self) -> str:
         return f"{SUBNET_PREFIX}.{self.lab_id}"
+
+    @property
+    def guest_bridge(self) -> str:
+        """The root namespace's bridge of the guest network (it holds `guest_root_address`)."""
+        return f"{self.tag}gbr"
+
+    @property
+    def guest_subnet(self) -> str:
+        return f"{GUEST_SUBNET_PREFIX}.{self.lab_id}"
+
+    @property
+    def guest_root_address(self) -> str:
+        return f"{self.guest_subnet}.{ROOT_HOST_OCTET}"
+
+    @property
+    def shared_dir(self) -> Path:
+        """Storage every lab host sees at the same path (lab/shared_storage.py)."""
+        return self.dir / "shared"
 
     @property
     def root_address(self) -> str:
@@ -144,6 +177,7 @@ class LabLayout:
         return HostLayout(
             index=index,
             name=name,
+            tag=self.tag,
             netns=f"{self.tag}-{name}",
             veth_host=f"{self.tag}h{index}",
             veth_bridge=f"{self.tag}b{index}",

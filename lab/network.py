@@ -60,9 +60,12 @@ def destroy(lab: LabLayout) -> None:
     """Remove every namespace and link of this lab, whatever state `up` left them in."""
     for ns in lab_namespaces(lab):
         run(["ip", "netns", "del", ns], check=False)
-    for i in range(1, 65):
-        name = f"{lab.tag}b{i}"
-        if _link_exists(name):
-            run(["ip", "link", "del", name], check=False)
-    if _link_exists(lab.bridge):
-        run(["ip", "link", "del", lab.bridge], check=False)
+    # The hosts' links and bridge, then the guest network's (lab/guest_net.py): all named
+    # from the lab's tag.
+    for kind, bridge in (("b", lab.bridge), ("g", lab.guest_bridge)):
+        for i in range(1, 65):
+            name = f"{lab.tag}{kind}{i}"
+            if _link_exists(name):
+                run(["ip", "link", "del", name], check=False)
+        if _link_exists(bridge):
+            run(["ip", "link", "del", bridge], check=False)

@@ -196,6 +196,22 @@ def replica_in_sync(state: LabState, port: int) -> bool:
     return True
 
 
+def replica_views(state: LabState, port: int) -> str:
+    """What each sentinel says of the node on `port`, in one line: why it is not (yet) seen
+    in sync, when a wait for it times out."""
+    views = []
+    for sentinel_port in LabLayout.from_env().sentinel_ports:
+        try:
+            with _ask(sentinel_port, state.sentinel_password) as client:
+                rows = [r for r in _replicas(client) if int(r["port"]) == port]
+        except redis.RedisError as exc:
+            views.append(f"sentinel {sentinel_port}: {exc}")
+            continue
+        said = [f"{r.get('flags')} link {r.get('master-link-status')}" for r in rows]
+        views.append(f"sentinel {sentinel_port}: {said or 'not listed'}")
+    return "; ".join(views)
+
+
 def node_dir(lab: LabLayout, port: int) -> Path:
     if port == lab.redis_port:
         return lab.redis_dir

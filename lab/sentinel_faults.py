@@ -13,9 +13,13 @@ from pathlib import Path
 from config.redis_acl import HEALTH_USER, write_private
 from lab import redis_server
 from lab.proc import LabError, alive, wait_until
-from lab.sentinel import master_port, node_dir, replica_in_sync
+from lab.sentinel import master_port, node_dir, replica_in_sync, replica_views
 from lab.state import WORKER_START_TIMEOUT
 from lab.state import loaded as _loaded
+
+# A node brought back resyncs in full from the new master, and the sentinels notice its
+# link is up on their next INFO look (every 10 s): on a loaded 2-core machine, tens of seconds.
+SYNC_TIMEOUT_S = 2 * WORKER_START_TIMEOUT
 
 
 def kill_primary(sig: int = signal.SIGKILL) -> int:
@@ -67,6 +71,7 @@ def restart_node(port: int) -> None:
     if port == lab.redis_port:
         state.redis_pid = pid
     state.save(lab)
-    wait_until(
-        lambda: replica_in_sync(state, port), WORKER_START_TIMEOUT, f"Redis on {port} to follow"
-    )
+    try:
+        wait_until(lambda: replica_in_sync(state, port), SYNC_TIMEOUT_S, f"Redis on {port}")
+    except LabError as exc:
+        raise LabError(f"{exc} to follow: {replica_views(state, port)}") from None

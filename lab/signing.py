@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.request_signing import forget_keys
 from lab.layout import LabLayout
 from lab.proc import run
 from lab.tls import openssl_req
@@ -65,6 +66,9 @@ def create_signing_identity(lab: LabLayout) -> SigningIdentity:
     make_certificate(ident.key, ident.certificate, f"/CN=drover lab {lab.lab_id} signing")
     ident.cert_store.mkdir(exist_ok=True)
     shutil.copyfile(ident.certificate, ident.cert_store / "drover-lab.pem")
+    # A process that talked to an earlier lab of this id (a test session bringing a lab up
+    # again) holds the old key from these very paths: it would sign what no worker trusts.
+    forget_keys()
     return ident
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from config.redis_acl import write_private
 from lab.layout import LabLayout
+from lab.linux_domain import LinuxGuest
 from lab.proc import LabError
 
 # How long a worker (or Redis, or a worker's death) may take to show.
@@ -45,6 +46,8 @@ class LabState:
     node_pids: dict[str, int] = field(default_factory=dict)
     sentinel_pids: list[int] = field(default_factory=list)
     sentinel_password: str = ""
+    # `lab up --linux-guests/--local-linux-guests` (lab/linux_lab.py).
+    linux_guests: list[LinuxGuest] = field(default_factory=list)
 
     def save(self, lab: LabLayout) -> None:
         write_private(lab.state_path, json.dumps(asdict(self), indent=2))
@@ -59,7 +62,8 @@ class LabState:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         hosts = {k: HostState(**v) for k, v in raw.pop("hosts").items()}
-        return cls(**raw, hosts=hosts)
+        linux = [LinuxGuest(**g) for g in raw.pop("linux_guests", [])]
+        return cls(**raw, hosts=hosts, linux_guests=linux)
 
 
 def loaded() -> tuple[LabLayout, LabState]:

@@ -11,7 +11,9 @@ without --tls simply has an empty /etc/pki: asking it for TLS fails instead of s
 finding some other certificate.
 
 Each certificate carries the host's address as CN and as an IP subjectAltName, since peers
-are reached by address and both libvirt and QEMU check the name they dialled against it. The
+are reached by address and both libvirt and QEMU check the name they dialled against it; and
+the host's name (lab2) as a DNS subjectAltName, the name `--tls-destination lab2` makes QEMU
+check instead (the address, then, no longer). The
 CA key stays in the lab's directory, outside every host. Made with the `openssl` CLI.
 """
 
@@ -146,7 +148,7 @@ def issue_host_certificates(ca: CertificateAuthority, host: HostLayout) -> None:
         key, cert = issued / f"{role}key.pem", issued / f"{role}cert.pem"
         argv = openssl_req(ca.config, role, f"/CN={host.address}", key, cert)
         signed = ["-CA", str(ca.cert), "-CAkey", str(ca.key)]
-        run([*argv, *signed, "-addext", f"subjectAltName=IP:{host.address}"])
+        run([*argv, *signed, "-addext", f"subjectAltName=IP:{host.address},DNS:{host.name}"])
         files[(role, "cert")], files[(role, "key")] = cert, key
     pki = host.own_dir(PKI_DIR)
     qemu_dir = pki / Path(QEMU_CERT_DIR).relative_to(PKI_DIR)

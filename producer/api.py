@@ -8,11 +8,10 @@ job = d.wait(job_id)
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from functools import partial
-from typing import Any
+from functools import cached_property, partial
+from typing import TYPE_CHECKING, Any
 
 from celery.canvas import Signature
 
@@ -21,35 +20,32 @@ from config.security import ensure_signing
 from config.settings import Settings, load_settings
 from jobs.abort import TooLate, abort_job, rollback_sender
 from jobs.admission import Admission, lane_of
+from jobs.dry_run import record_dry_run
 from jobs.errors import BrokerUnavailable as BrokerUnavailable
 from jobs.errors import SubmitError as SubmitError
 from jobs.errors import broker_errors
 from jobs.errors import redis_location as redis_location
-from jobs.evacuation import (
-    EVACUATION_KIND,
-    EVACUATION_TERMINAL,
-    Evacuation,
-    EvacuationSpec,
-    EvacuationStore,
-)
-from jobs.evacuations import EvacuationService
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import POSTCOPY_TASK
 from jobs.quota import QuotaFull
 from jobs.request_signing import signer_for, verifier_for
 from jobs.spec import MigrationSpec
-from jobs.states import TERMINAL, JobState
+from jobs.states import EVACUATION_KIND, TERMINAL, JobState
 from jobs.store import JobStore
 from jobs.submission import DomainBusy, enqueue
 from jobs.validation import check_against_registry, migration_spec
 from jobs.workflow import migration_chain
-from producer.control import ControlRequests
 from producer.hosts import host_rows, set_host_enabled
 from producer.hosts import producer_name as producer_name
 from producer.jobs_list import job_filter, list_jobs
 from producer.outage import OutageRider
 from producer.waiting import Ended, rider, wait_for_state_event
+
+if TYPE_CHECKING:  # made on first use below: a migration needs none (~10 ms of imports)
+    from jobs.evacuation import Evacuation, EvacuationSpec, EvacuationStore
+    from jobs.evacuations import EvacuationService
+    from producer.control import ControlRequests
 
 TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
 
@@ -58,8 +54,9 @@ class Drover:
     def __init__(
         self, settings: Settings | None = None, *, notice: Callable[[str], None] | None = None
     ) -> None:
-        """`notice` gets the one-line announcements of a Redis outage met while following a
-        job (the log's warnings by default; the command line prints them on stderr)."""
+        """`notice` gets one-line announcements: a Redis outage met while following a job, a
+        job recorded whose start here failed (the log's warnings by default; the command line
+        prints them on stderr)."""
         self.settings = settings or load_settings()
         self.notice = notice or logging.getLogger("drover").warning
         self.store = JobStore.from_settings(
@@ -68,14 +65,25 @@ class Drover:
         self._app = make_app(self.settings)
         self.signer = signer_for(self.settings.security)
         self.admission = Admission(self.store, verifier_for(self.settings.security))
-        self.evacuations = EvacuationStore(self.store)
         self.maintenance = Maintenance(self.store.r)
-        self.evacuations_service = EvacuationService(
-            self.settings, self.store, self._app, self.send, self.signer
-        )
-        self._control = ControlRequests(
-            self.settings, self.store, self._app, self.send, producer_name()
-        )
+
+    @cached_property
+    def evacuations(self) -> EvacuationStore:
+        from jobs.evacuation import EvacuationStore
+
+        return EvacuationStore(self.store)
+
+    @cached_property
+    def evacuations_service(self) -> EvacuationService:
+        from jobs.evacuations import EvacuationService
+
+        return EvacuationService(self.settings, self.store, self._app, self.send, self.signer)
+
+    @cached_property
+    def _control(self) -> ControlRequests:
+        from producer.control import ControlRequests
+
+        return ControlRequests(self.settings, self.store, self._app, self.send, producer_name())
 
     def spec(self, **request: Any) -> MigrationSpec:
         """Validate a request into a spec, or raise SubmitError with one line."""
@@ -94,6 +102,12 @@ class Drover:
             refusal = self.maintenance.refusal(spec.dst)
             if refusal is not None:
                 raise SubmitError(refusal)
+            if spec.dry_run:  # the checks only: no lane, slot, lease or reservation
+                job_id = record_dry_run(
+                    self.store, spec, origin=producer_name(), signer=self.signer
+                )
+                self._start(job_id, spec)
+                return job_id
             try:
                 job_id = enqueue(
                     self.store,
@@ -108,8 +122,13 @@ class Drover:
         # here fails, every worker's admission tick (or recovery, once admitted) starts it.
         # Only this job's lane: the rest of the line is the workers' (a pass on each tick and
         # whenever a job ends), so a submit costs the same however long the line is.
-        with contextlib.suppress(Exception):
+        try:
             self.admission.admit_lane(self.settings, self._start, lane_of(spec, None))
+        except Exception as exc:  # said, never raised: the job is in line and will start
+            self.notice(
+                f"job {job_id} is in line; starting it here failed ({exc}); "
+                "a worker's admission tick starts it"
+            )
         return job_id
 
     def admit(self) -> list[str]:
@@ -210,6 +229,8 @@ class Drover:
         def ended() -> tuple[bool, str]:
             ev = ride(lambda: self.evacuations.get(evacuation_id))
             return ev.terminal, ev.state.value
+
+        from jobs.evacuation import EVACUATION_TERMINAL
 
         names = frozenset(s.value for s in EVACUATION_TERMINAL)
         self._wait_for_end(evacuation_id, ended, "evacuation.state", names, timeout, ride)

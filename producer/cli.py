@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from producer import cli_drain_options as o
 from producer.cli_common import (
     EXIT_USAGE,
     check_timeout,
@@ -20,6 +21,8 @@ from producer.cli_common import (
     out,
     print_json,
 )
+from producer.cli_dry_run import disk_list, show_dry_run
+from producer.cli_xml import xml_request
 from producer.text import plain, plain_data
 
 
@@ -63,6 +66,13 @@ def migrate(
     abort_on_error: Annotated[bool, typer.Option("--abort-on-error")] = False,
     auto_converge: Annotated[bool, typer.Option("--auto-converge")] = False,
     compressed: Annotated[bool, typer.Option("--compressed")] = False,
+    comp_methods: o.CompMethods = None,
+    comp_mt_level: o.CompMtLevel = None,
+    comp_mt_threads: o.CompMtThreads = None,
+    comp_mt_dthreads: o.CompMtDthreads = None,
+    comp_xbzrle_cache: o.CompXbzrleCache = None,
+    comp_zlib_level: o.CompZlibLevel = None,
+    comp_zstd_level: o.CompZstdLevel = None,
     postcopy: Annotated[
         bool, typer.Option("--postcopy", help="allow post-copy (over a policy that does not)")
     ] = False,
@@ -93,6 +103,32 @@ def migrate(
     listen_address: Annotated[
         str | None, typer.Option("--listen-address", help="destination listen address")
     ] = None,
+    unsafe: Annotated[
+        bool, typer.Option("--unsafe", help="migrate disks libvirt deems unsafe (cache mode)")
+    ] = False,
+    migrate_disks: Annotated[
+        str | None,
+        typer.Option("--migrate-disks", help="vda,vdb: copy only these (with --copy-storage)"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="run every pre-check, move nothing")
+    ] = False,
+    xml: Annotated[
+        str | None, typer.Option("--xml", help="FILE: domain XML for the destination")
+    ] = None,
+    persistent_xml: Annotated[
+        str | None,
+        typer.Option("--persistent-xml", help="FILE: persistent domain XML (with --persistent)"),
+    ] = None,
+    tls_destination: Annotated[
+        str | None, typer.Option("--tls-destination", help="name in the dest's TLS certificate")
+    ] = None,
+    disks_port: Annotated[
+        int | None, typer.Option("--disks-port", help="NBD port for --copy-storage")
+    ] = None,
+    disks_uri: Annotated[
+        str | None, typer.Option("--disks-uri", help="tcp://HOST[:PORT] | unix:///PATH for disks")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="follow until the job ends")] = False,
     timeout: Annotated[float | None, typer.Option("--timeout", help="with --wait")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -122,6 +158,7 @@ def migrate(
         "abort_on_error": abort_on_error,
         "auto_converge": auto_converge,
         "compressed": compressed,
+        "compression": o.compression_request_of(locals()),
         "postcopy": postcopy,
         "bandwidth_mib": bandwidth,
         "postcopy_bandwidth_mib": postcopy_bandwidth,
@@ -132,13 +169,22 @@ def migrate(
         "copy_storage": copy_storage,
         "migrate_uri": migrate_uri,
         "listen_address": listen_address,
-    }
+        "unsafe": unsafe,
+        "migrate_disks": disk_list(migrate_disks),
+        "dry_run": dry_run,
+        "tls_destination": tls_destination,
+        "disks_port": disks_port,
+        "disks_uri": disks_uri,
+    } | xml_request(xml, persistent_xml)
 
-    check_timeout(timeout, wait)
+    check_timeout(timeout, wait or dry_run)
 
     def go() -> None:
         d = drover()
         job_id = d.submit(d.spec(**request))
+        if dry_run:
+            show_dry_run(d, job_id, timeout, as_json)
+            return
         if not wait:
             print_json({"job_id": job_id}) if as_json else out.print(job_id)
             return
@@ -167,7 +213,7 @@ def _follow_with_progress(d: Any, job_id: str, timeout: float | None) -> Any:
     from producer.follow import follow
 
     out.print(f"job {job_id}")
-    return follow(d, job_id, out, timeout)
+    return follow(d, job_id, out.console, timeout)
 
 
 def events(
@@ -205,13 +251,17 @@ def jobs(
     # Not through the Python API: listing needs no Celery, and this command should be quick.
     from config.settings import load_settings
     from producer.jobs_list import job_filter, list_jobs
-    from producer.render import jobs_table
 
     def go() -> None:
         settings = load_settings()
         flt = job_filter(settings, states=state or (), host=host, since=since)
         found = list_jobs(settings, flt, limit, full=False)  # a row shows no phases
-        print_json([j.summary() for j in found]) if as_json else out.print(jobs_table(found))
+        if as_json:
+            print_json([j.summary() for j in found])
+            return
+        from producer.render import jobs_table  # Rich's tables: not for JSON
+
+        out.print(jobs_table(found))
 
     guarded(go)
 

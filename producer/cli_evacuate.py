@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from producer import cli_drain_options as o
 from producer.cli_common import check_timeout, drover, fail, guarded, out, print_json
 from producer.text import plain
 
@@ -47,20 +48,25 @@ def register(app: typer.Typer) -> None:
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="print the plan; queue nothing")
         ] = False,
-        tunnelled: Annotated[bool, typer.Option("--tunnelled")] = False,
-        auto_converge: Annotated[bool, typer.Option("--auto-converge")] = False,
-        bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="MiB/s cap")] = None,
-        completion_timeout: Annotated[
-            int | None,
-            typer.Option("--completion-timeout", help="seconds each migration may take"),
-        ] = None,
-        timeout_action: Annotated[
-            str | None,
-            typer.Option("--timeout-action", help="then: suspend (default) | postcopy | abort"),
-        ] = None,
+        tunnelled: o.Tunnelled = False,
+        auto_converge: o.AutoConverge = False,
+        bandwidth: o.Bandwidth = None,
+        completion_timeout: o.CompletionTimeout = None,
+        timeout_action: o.TimeoutActionOpt = None,
         policy: Annotated[
             str | None, typer.Option("--policy", help="every child's policy (drover policies)")
         ] = None,
+        tls: o.Tls = False,
+        copy_storage: o.CopyStorage = None,
+        parallel: o.Parallel = None,
+        compressed: o.Compressed = False,
+        comp_methods: o.CompMethods = None,
+        comp_mt_level: o.CompMtLevel = None,
+        comp_mt_threads: o.CompMtThreads = None,
+        comp_mt_dthreads: o.CompMtDthreads = None,
+        comp_xbzrle_cache: o.CompXbzrleCache = None,
+        comp_zlib_level: o.CompZlibLevel = None,
+        comp_zstd_level: o.CompZstdLevel = None,
         wait: Annotated[bool, typer.Option("--wait", help="follow until it ends")] = False,
         timeout: Annotated[float | None, typer.Option("--timeout", help="with --wait")] = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -74,12 +80,7 @@ def register(app: typer.Typer) -> None:
             "max_parallel": max_parallel,
             "include_inactive": include_inactive,
             "dry_run": dry_run,
-            "tunnelled": tunnelled,
-            "auto_converge": auto_converge,
-            "bandwidth_mib": bandwidth,
-            "completion_timeout_s": completion_timeout,
-            "timeout_action": timeout_action,
-            "policy": policy,
+            **o.drain_request_of(locals()),
         }
 
         check_timeout(timeout, wait or dry_run)
@@ -99,7 +100,7 @@ def register(app: typer.Typer) -> None:
                 from producer.follow import follow_evacuation
 
                 out.print(f"evacuation {evacuation_id}")
-                ev = follow_evacuation(d, evacuation_id, out, timeout)
+                ev = follow_evacuation(d, evacuation_id, out.console, timeout)
             if not as_json:
                 out.print(plan_table(ev.plan or [], f"plan for {host} ({ev.id})"))
                 if ev.outcome:

@@ -13,7 +13,7 @@ import typer
 
 from config.addresses import MAX_PORT, check_address, parse_ip, shown
 from producer.cli_common import EXIT_USAGE, fail, guarded, notice
-from producer.exporter import DEFAULT_ADDRESS, DEFAULT_PORT, Listen
+from producer.exporter_listen import DEFAULT_ADDRESS, DEFAULT_PORT, Listen
 
 LISTEN_FORM = "ADDR:PORT (127.0.0.1:9640, [::1]:9640)"
 

@@ -9,21 +9,16 @@ a job really ran with.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from config.policy_model import (
-    BUILTIN_POLICIES,
-    DEFAULT_POLICY,
-    EffectivePolicy,
-    layered,
-    policy_problems,
-)
-from config.settings import Settings
-from jobs.policy_choice import named_layers
 from producer.cli_common import guarded, out, print_json
 from producer.text import plain
+
+if TYPE_CHECKING:  # the models are imported when the command runs, not by `drover --help`
+    from config.policy_model import EffectivePolicy
+    from config.settings import Settings
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +28,8 @@ def register(app: typer.Typer) -> None:
 
 def defined_in(settings: Settings, name: str) -> str:
     """`shipped`, `drover.toml`, or both (a drover.toml table over a shipped policy)."""
+    from config.policy_model import BUILTIN_POLICIES
+
     places = (("shipped", name in BUILTIN_POLICIES), ("drover.toml", name in settings.policies))
     return " + ".join(where for where, there in places if there)
 
@@ -41,6 +38,9 @@ def standing(settings: Settings, name: str) -> EffectivePolicy:
     """Policy `name` over `default`, each value labelled with where it comes from: `shipped`
     or `drover.toml` (its own), `default (shipped)` or `default (drover.toml)` (inherited).
     UnknownPolicy (one line) for a name no layer defines."""
+    from config.policy_model import DEFAULT_POLICY, EffectivePolicy, layered
+    from jobs.policy_choice import named_layers
+
     layers = named_layers(settings, DEFAULT_POLICY, DEFAULT_POLICY)
     if name != DEFAULT_POLICY:
         layers += named_layers(settings, name, name)
@@ -54,6 +54,8 @@ def standing(settings: Settings, name: str) -> EffectivePolicy:
 
 
 def _entry(settings: Settings, name: str) -> dict[str, Any]:
+    from config.policy_model import policy_problems
+
     policy = standing(settings, name)
     return {
         "name": name,

@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
+from producer import cli_drain_options as o
 from producer.cli_common import EXIT_USAGE, fail, guarded, out, print_json
 from producer.text import cell
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from schedules.records import Schedule
 
 NONE_TEXT = "-"
@@ -56,6 +58,8 @@ def _last_run_text(schedule: Schedule) -> str:
 
 
 def schedules_table(schedules: list[Schedule]) -> Table:
+    from rich.table import Table
+
     table = Table("id", "what", "when", "next run (UTC)", "last run (UTC)", box=None)
     for s in schedules:
         # Entries come from Redis (not trusted): stripped and escaped for Rich markup.
@@ -92,23 +96,49 @@ def register(app: typer.Typer) -> None:
         policy: Annotated[
             str | None, typer.Option("--policy", help="every child's policy (drover policies)")
         ] = None,
+        tunnelled: o.Tunnelled = False,
+        auto_converge: o.AutoConverge = False,
+        bandwidth: o.Bandwidth = None,
+        completion_timeout: o.CompletionTimeout = None,
+        timeout_action: o.TimeoutActionOpt = None,
+        tls: o.Tls = False,
+        copy_storage: o.CopyStorage = None,
+        parallel: o.Parallel = None,
+        compressed: o.Compressed = False,
+        comp_methods: o.CompMethods = None,
+        comp_mt_level: o.CompMtLevel = None,
+        comp_mt_threads: o.CompMtThreads = None,
+        comp_mt_dthreads: o.CompMtDthreads = None,
+        comp_xbzrle_cache: o.CompXbzrleCache = None,
+        comp_zlib_level: o.CompZlibLevel = None,
+        comp_zstd_level: o.CompZstdLevel = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
-        """Evacuate HOST on a cron schedule (--cron) or once (--at); times are UTC."""
+        """Evacuate HOST on a cron schedule (--cron) or once (--at); times are UTC. Every
+        option `drover evacuate` gives its children is kept and applied when it fires."""
+        from pydantic import ValidationError
+
         from config.settings import load_settings
+        from jobs.spec import first_error
         from producer.hosts import producer_name
         from schedules.records import EvacuationRequest, utc_text
         from schedules.store import ScheduleStore
 
         if (cron is None) == (at is None):
             fail("give exactly one of --cron EXPR and --at TIME", EXIT_USAGE)
-        request = EvacuationRequest(
-            host=host,
-            to=_hosts(to),
-            max_parallel=max_parallel,
-            include_inactive=include_inactive,
-            policy=policy,
-        )
+        options = o.drain_request_of(locals())
+        try:
+            request = EvacuationRequest.model_validate(
+                {
+                    "host": host,
+                    "to": _hosts(to),
+                    "max_parallel": max_parallel,
+                    "include_inactive": include_inactive,
+                    **options,
+                }
+            )
+        except ValidationError as exc:
+            fail(first_error(exc), EXIT_USAGE)
 
         def go() -> None:
             store = ScheduleStore(load_settings())

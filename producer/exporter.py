@@ -19,7 +19,6 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -30,24 +29,13 @@ from jobs.connection import client_for
 from jobs.keys import EXPORTER_LEASE
 from jobs.lease import Lease
 from producer.exporter_collector import REDIS_FAILURES, FleetCollector
+from producer.exporter_listen import Listen
 
-DEFAULT_ADDRESS = "127.0.0.1"
-DEFAULT_PORT = 9640
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class ExporterStartError(Exception):
     """The exporter cannot start (Redis refuses its credentials, the port is taken); one line."""
-
-
-@dataclass(frozen=True)
-class Listen:
-    address: str
-    port: int
-
-    def url(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}/metrics"
 
 
 class Exporter:

@@ -10,16 +10,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import redis
 
 from config.settings import ConfigError, Settings
 from jobs.connection import client_for
 from jobs.errors import BrokerUnavailable, SubmitError, redis_location
-from jobs.evacuation_model import Evacuation
 from jobs.listing import ALL_STATES, JobFilter, fetch, recent_ids
 from jobs.model import Job
 from jobs.retention import retention_seconds
+
+if TYPE_CHECKING:
+    from jobs.evacuation_model import Evacuation
 
 _DURATION = re.compile(r"^(?P<n>[0-9]{1,6})(?P<unit>[smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}

@@ -131,7 +131,8 @@ def plan_table(placements: list[Placement], title: str) -> Table:
             p.destination or "-",
             f"{p.memory_mib} MiB",
             estimate + (f" ({p.convergence})" if p.convergence else ""),
-            "live" if p.active else "offline",
+            ("live" if p.active else "offline")
+            + (f", {p.local_disks} local disk(s)" if p.local_disks else ""),
             p.group or "",
             p.reason or "",
         )

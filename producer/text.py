@@ -13,8 +13,6 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
-from rich.markup import escape
-
 # Unicode categories never printed as they come: every "C" category (C0, DEL and C1
 # controls, format characters such as bidi overrides, surrogates, private use, unassigned)
 # and the line and paragraph separators.
@@ -31,6 +29,8 @@ def plain(value: object) -> str:
 def cell(value: object) -> str:
     """`value` for Rich markup (a table cell, a progress description): stripped as `plain`,
     and escaped so that `[red]` shows literally instead of styling."""
+    from rich.markup import escape
+
     return escape(plain(value))
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from config.security import JOB_ID
+from jobs.drain_options import DrainOptions
 from jobs.errors import SubmitError
 from jobs.phases import TASK_PREFIX
 
@@ -40,16 +41,14 @@ class ScheduleNotFound(LookupError):
     """No schedule with this id (never added, or removed)."""
 
 
-class EvacuationRequest(BaseModel):
-    """What the operator asked to evacuate; validated again whenever the schedule fires."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class EvacuationRequest(DrainOptions):
+    """What the operator asked to evacuate, with every option `drover evacuate` gives its
+    children (jobs/drain_options.py); validated again whenever the schedule fires."""
 
     host: str
-    to: list[str] = []
+    to: list[str] = Field(default_factory=list)
     max_parallel: int | None = None
     include_inactive: bool = False
-    policy: str | None = None  # every child's migration policy (checked as evacuate does)
 
 
 class ScheduleRecord(BaseModel):

@@ -29,7 +29,8 @@ NOT_LAB_PROCESSES = 4
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
     """Run the `-m "not lab"` selection in parallel unless told otherwise (`-n 0`, `-p
-    no:xdist`); lab and fault runs stay in one process, as one lab at a time demands."""
+    no:xdist`); a lab run is spread only when asked (`-n`: each process brings its own lab
+    up, tests/support/lab_fixtures.py), and the fault suite is not."""
     option = config.option
     if (
         config.pluginmanager.hasplugin("xdist")

@@ -27,7 +27,7 @@ guest left in place with a reason, the other way round a migration that fails in
 Verdicts depend only on (guest CPU signature, host CPU signature), so each pair is decided
 once per process and cached: a 1,000-guest drain has a handful of distinct guest CPUs and
 host CPU models. The destination's prepare still asks its own libvirtd
-(worker/guest_cpu.py `refuse_unrunnable_cpu`); facts may be stale, libvirt has the last word.
+(worker/precheck_cpu.py); facts may be stale, libvirt has the last word.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def _decide(guest: GuestCpuSig, host: HostCpu | None) -> str | None:
     if host is None:
         return f"{CPU_REFUSAL}: its hypervisor offers no {guest.virt_type} guests"
     if guest.mode in _PASSTHROUGH:
-        if not host.host_passthrough:
+        offered = host.maximum if guest.mode == "maximum" else host.host_passthrough
+        if not offered:
             return f"{CPU_REFUSAL}: {guest.mode} is not supported there"
         if guest.source is None or guest.source != host.signature:
             return f"{CPU_REFUSAL}: {guest.mode} needs a host CPU identical to the source's"

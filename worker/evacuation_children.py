@@ -19,6 +19,7 @@ from worker.admission_pass import admit_waiting
 from worker.evacuation_plan import child_spec, replanned
 from worker.job_end import rollback_destination_later
 from worker.libvirt_host import facts
+from worker.local_disks import local_disk_paths
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -76,6 +77,10 @@ def _placement_problem(rt: Runtime, ev: Evacuation, placement: Placement) -> str
         placement.persistent,
     ):
         return f"the plan's facts of {placement.domain} are not what libvirt shows on {rt.host}"
+    if spec.copy_storage is not None and placement.local_disks != len(
+        local_disk_paths(dom.XMLDesc(0))
+    ):
+        return f"the plan's local disks of {placement.domain} are not what libvirt shows"
     if not here.active and not spec.include_inactive:
         return f"{placement.domain} is inactive and the evacuation did not include inactive ones"
     return None

@@ -36,6 +36,7 @@ def plan_rows(placements: list[Placement]) -> list[dict[str, Any]]:
             "policy": p.policy,
             "convergence": p.convergence,
             "offline": not p.active,
+            "local_disks": p.local_disks,
             "group": p.group,
             "reason": p.reason,
         }
@@ -53,6 +54,9 @@ def checked(
     what the guest will need to converge when libvirt measured its dirty rate."""
     if placement.destination is None:
         return placement
+    refusal = ev.spec.unplaceable(active=placement.active, local_disks=placement.local_disks > 0)
+    if refusal is not None:
+        return placement.model_copy(update={"destination": None, "reason": refusal})
     try:
         spec = child_spec(ev, placement)
         policy = effective_policy(settings, spec, guest.policy) if spec.live else None
@@ -90,6 +94,7 @@ def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:
         placement.destination,
         active=placement.active,
         persistent=placement.persistent,
+        local_disks=placement.local_disks > 0,
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from config.settings import ConfigError
 from jobs.evacuation import EvacuationSpec, EvacuationStore
-from jobs.host_facts import liveness_and_reservations, read_facts
+from jobs.host_facts import HostFacts, liveness_and_reservations, read_facts
 from jobs.maintenance import Maintenance
 from jobs.states import TERMINAL
 from jobs.store import JobNotFound
@@ -37,8 +37,10 @@ from worker.libvirt_host import (
     is_gone,
     list_domains,
 )
+from worker.local_disks import local_disk_paths
 from worker.placement import Candidate, Guest
 from worker.runtime import Runtime
+from worker.tls_facts import TLS_REFUSAL
 
 
 @dataclass
@@ -81,6 +83,7 @@ def _guest(dom: Domain, include_inactive: bool, rates: dict[str, float]) -> Gues
         group=anti_affinity_group(dom),
         policy=policy_name(dom),
         dirty_mib_s=rates.get(dom.UUIDString()),
+        local_disks=len(local_disk_paths(dom.XMLDesc(0))),
     )
 
 
@@ -128,6 +131,11 @@ def gather(rt: Runtime, spec: EvacuationSpec, evacuation_id: str) -> FleetView:
             unavailable[name] = "its worker is not alive"
     asked = [name for name in limits if name in alive]
     facts = read_facts(rt.store.r, asked, tunables.host_facts_ttl, tunables.host_facts_max_skew)
+    if spec.tls:  # a host that says it has no migration TLS certificates cannot take one
+        facts = {
+            h: TLS_REFUSAL if isinstance(f, HostFacts) and f.migration_tls is False else f
+            for h, f in facts.items()
+        }
     sigs = guest_signatures(cpus, host_cpus(rt.libvirt.conn, tunables.host_cpu_refresh))
     candidates, without_facts = candidates_from_facts(
         facts,

@@ -21,6 +21,7 @@ from jobs.store import now
 from worker.domain_metadata import anti_affinity_group
 from worker.host_memory import free_memory_mib
 from worker.libvirt_host import KIB_PER_MIB, Connection, LibvirtError, is_gone, list_domains
+from worker.tls_facts import migration_tls_ready
 
 # The virt types a guest of drover's fleets asks for; a hypervisor lacking one says so
 # (libvirt refuses its domain capabilities) and it is left out of the facts.
@@ -92,6 +93,7 @@ def _host_cpu(conn: Connection, virt_type: str) -> HostCpu:
         usable_models=frozenset(m for m in usable if _NAME.match(m)),
         host_model=supported("host-model"),
         host_passthrough=supported("host-passthrough"),
+        maximum=supported("maximum"),
     )
 
 
@@ -146,4 +148,5 @@ def collect_facts(conn: Connection, host: str, worker: str, cpu_refresh_s: float
         active_mib=sum(d.memory_mib for d in domains),
         cpus=host_cpus(conn, cpu_refresh_s),
         domains=domains,
+        migration_tls=migration_tls_ready(),
     )

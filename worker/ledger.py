@@ -50,6 +50,10 @@ class Ledger:
             path.touch(mode=FILE_MODE, exist_ok=True)
             path.chmod(FILE_MODE)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            # Write-ahead log, synced on every commit: as durable as the rollback journal, at
+            # one fsync per write instead of several (a claim is written before each phase).
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"cannot open the worker's ledger in {directory}: {exc}") from None

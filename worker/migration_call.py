@@ -25,7 +25,9 @@ from config.settings import Host
 from jobs.record import Handoff
 from jobs.spec import ControlFlow, CopyStorage, MigrationSpec, Transport
 from jobs.targets import migration_uri_problem
+from worker.compression_support import compression_params
 from worker.libvirt_host import Domain, checked_uri, open_checked
+from worker.migration_options import option_params, shown_params
 
 
 class UnsafeTarget(ValueError):
@@ -53,7 +55,7 @@ class MigrationCall:
             "api": self.api,
             "dconnuri": self.dconnuri,
             "dest_connection": self.dest_connection_uri,
-            "params": self.params,
+            "params": shown_params(self.params),
             "flags": flag_names(self.flags),
         }
 
@@ -76,11 +78,16 @@ _FLAGS = {
     "VIR_MIGRATE_POSTCOPY_RESUME": libvirt.VIR_MIGRATE_POSTCOPY_RESUME,
     "VIR_MIGRATE_TLS": libvirt.VIR_MIGRATE_TLS,
     "VIR_MIGRATE_PARALLEL": libvirt.VIR_MIGRATE_PARALLEL,
+    "VIR_MIGRATE_UNSAFE": libvirt.VIR_MIGRATE_UNSAFE,
 }
 
 
 # What virDomainMigrate2 can carry besides flags (spec validation refuses the rest).
-MIGRATE2_PARAMS = (libvirt.VIR_MIGRATE_PARAM_DEST_NAME, libvirt.VIR_MIGRATE_PARAM_BANDWIDTH)
+MIGRATE2_PARAMS = (
+    libvirt.VIR_MIGRATE_PARAM_DEST_NAME,
+    libvirt.VIR_MIGRATE_PARAM_BANDWIDTH,
+    libvirt.VIR_MIGRATE_PARAM_DEST_XML,
+)
 
 
 def flag_names(flags: int) -> list[str]:
@@ -105,6 +112,7 @@ def _flags(spec: MigrationSpec, policy: MigrationPolicy) -> int:
         "VIR_MIGRATE_POSTCOPY": policy.allow_postcopy,
         "VIR_MIGRATE_TLS": spec.tls,
         "VIR_MIGRATE_PARALLEL": policy.parallel_connections > 1,
+        "VIR_MIGRATE_UNSAFE": spec.unsafe,
     }
     flags = 0
     for name, on in chosen.items():
@@ -122,23 +130,32 @@ def _params(spec: MigrationSpec, handoff: Handoff, policy: MigrationPolicy) -> d
         params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = handoff.listen_address
     if spec.dname:
         params[libvirt.VIR_MIGRATE_PARAM_DEST_NAME] = spec.dname
+    if spec.migrate_disks:
+        params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(spec.migrate_disks)
     if policy.bandwidth_mib:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = policy.bandwidth_mib
     if policy.allow_postcopy and policy.postcopy_bandwidth_mib:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = policy.postcopy_bandwidth_mib
     if policy.parallel_connections > 1:
         params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = policy.parallel_connections
-    if policy.compression not in (Compression.NONE, Compression.XBZRLE):
+    if spec.compression is not None:  # the job's methods and levels, exactly
+        params.update(compression_params(spec.compression))
+    elif policy.compression not in (Compression.NONE, Compression.XBZRLE):
         params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = policy.compression.value
     if policy.auto_converge:
         params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = policy.auto_converge_initial
         params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = policy.auto_converge_increment
+    params |= option_params(spec)
     return params
 
 
 def handoff_for(spec: MigrationSpec, dst: Host) -> Handoff:
     """The hand-off toward `dst` (its registry entry): its peer URI, and the migration URI the
     spec names (only toward one of its registry addresses) or its `migration_address`."""
+    if spec.disks_uri is not None:
+        problem = migration_uri_problem(spec.disks_uri, dst, "--disks-uri")
+        if problem is not None:
+            raise UnsafeTarget(problem)
     if spec.transport is not Transport.NATIVE:
         return Handoff(dconnuri=dst.peer_uri, migrate_uri=None, listen_address=None)
     if spec.migrate_uri is not None:
@@ -180,7 +197,8 @@ def invoke(dom: Domain, call: MigrationCall) -> None:
         else:
             dname = call.params.get(libvirt.VIR_MIGRATE_PARAM_DEST_NAME)
             bandwidth = call.params.get(libvirt.VIR_MIGRATE_PARAM_BANDWIDTH, 0)
-            dom.migrate2(dconn, None, call.flags, dname, None, bandwidth)
+            dxml = call.params.get(libvirt.VIR_MIGRATE_PARAM_DEST_XML)
+            dom.migrate2(dconn, dxml, call.flags, dname, None, bandwidth)
     finally:
         dconn.close()
 

@@ -1,7 +1,8 @@
 """The destination's phases: destination_prepare before the migration, finish after it.
 
-    destination_prepare  its CPU runs here, room for the guest, no clash, storage made; memory
-                         reserved; hand-off
+    destination_prepare  the pre-checks (CPU, hugepages, disks, room, memory, no clash:
+                         docs/prechecks.md); memory reserved; storage made; hand-off.
+                         A dry run ends here, `checked`, having taken nothing
     finish               the domain is here as asked (running, paused, defined)
 
 What the destination reserves, checks and creates comes from libvirt (its own, and the
@@ -15,18 +16,21 @@ from dataclasses import dataclass
 from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
+from jobs.phases import Side
 from jobs.record import DiskFacts, DomainFacts, Handoff
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
-from worker.cpu_compat import GuestCpu
-from worker.guest_cpu import guest_cpu, libvirt_cpu_refusal
+from worker.compression_support import compression_params, unsupported
+from worker.domain_xml_check import checked_xml
 from worker.host_memory import placement_room_mib
 from worker.job_end import advance
 from worker.libvirt_host import facts
 from worker.migration_call import UnsafeTarget, handoff_for
 from worker.phase_errors import PhaseFailed, PhaseSkipped
 from worker.phase_source import job_domain
+from worker.precheck import Check, enforce
+from worker.precheck_destination import SourceGuest, destination_checks, read_source_guest
 from worker.runtime import Runtime
 from worker.storage import StorageError, create_targets, local_disks
 
@@ -64,7 +68,7 @@ class SourceView:
 
     facts: DomainFacts
     disks: list[DiskFacts]
-    cpu: GuestCpu
+    guest: SourceGuest
 
 
 def _source_view(rt: Runtime, job: Job) -> SourceView:
@@ -78,15 +82,18 @@ def _source_view(rt: Runtime, job: Job) -> SourceView:
         if dom is None:
             raise PhaseFailed(f"{spec.domain} is not defined on {spec.src}")
         found = facts(dom)
-        disks = local_disks(dom) if spec.copy_storage is not None else []
-        cpu = guest_cpu(dom)
+        disks = local_disks(dom, spec.migrate_disks) if spec.copy_storage is not None else []
+        guest = read_source_guest(dom)
+        # --xml may move a file disk within this host's storage directories: made there.
+        moves = checked_xml(spec, dom, rt.registry_entry.storage_dirs).disk_moves
+    disks = [d.model_copy(update={"path": moves.get(d.path, d.path)}) for d in disks]
     recorded_uuid = job.facts.uuid if job.facts is not None else None
     if found.uuid != recorded_uuid:
         raise PhaseFailed(
             f"{spec.domain} on {spec.src} has uuid {found.uuid}, not the job's "
             f"{str(recorded_uuid)[:40]}"
         )
-    return SourceView(found, disks, cpu)
+    return SourceView(found, disks, guest)
 
 
 def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
@@ -94,26 +101,24 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     refusal = Maintenance(rt.store.r).refusal(rt.host)
     if refusal is not None:
         raise PhaseFailed(refusal)
+    if spec.compression is not None:  # the methods this host's libvirt must also take in
+        version = rt.libvirt.conn.getLibVersion()
+        lacking = unsupported(compression_params(spec.compression), version, spec.dst)
+        if lacking is not None:
+            raise PhaseFailed(lacking)
     source = _source_view(rt, job)
     # The planner chose this host from published facts; its own libvirtd decides.
-    cpu_refusal = libvirt_cpu_refusal(rt.libvirt.conn, source.cpu)
-    if cpu_refusal is not None:
-        raise PhaseFailed(f"{spec.dst} {cpu_refusal} ({spec.domain}, libvirt's comparison)")
     uuid, need = source.facts.uuid, source.facts.memory_mib
+    # A dry run's source recorded its verdicts without failing: its refusals count here.
+    earlier = job.result.source_checks if spec.dry_run else None
+    enforce(rt, job, Side.DESTINATION, _checks(rt, job, source), earlier=earlier)
+    if spec.dry_run:  # every check passed; nothing is taken, reserved or made
+        log.info("precheck.dry_run_passed")
+        return JobState.CHECKED
     _take_incoming(rt, job, uuid)
-    config_present = _dest_config_present(rt, spec, uuid)
-    if (
-        spec.undefine_source
-        and not spec.persistent
-        and source.facts.persistent
-        and not config_present
-        and not spec.force
-    ):
-        raise PhaseFailed(
-            f"refusing: {spec.domain} is persistent on {spec.src} and {spec.dst} has no "
-            "definition of it, so --undefine-source without --persistent would leave it "
-            "defined nowhere; add --persistent, or --force to accept that"
-        )
+    definition, config_present = _definition(rt, spec, source.facts)  # again, now taken
+    if definition is not None:
+        raise PhaseFailed(definition)
     if not spec.offline:
         free = _free_memory_mib(rt, job)
         if free < need:
@@ -147,23 +152,81 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     return JobState.PREPARED
 
 
+def _checks(rt: Runtime, job: Job, source: SourceView) -> list[Check]:
+    """The destination's pre-checks (worker/precheck_destination.py), with the incoming,
+    clash and memory checks this phase makes again when it takes and reserves."""
+    spec = job.spec
+    dirs = rt.registry_entry.storage_dirs
+    checks = destination_checks(spec, source.guest, rt.libvirt.conn, rt.host, dirs)
+    checks.insert(0, ("incoming", lambda: _incoming_refusal(rt, job, source.facts.uuid)))
+    checks.append(("definition", lambda: _definition_refusal(rt, spec, source.facts)))
+    if not spec.offline:
+        need = source.facts.memory_mib
+        checks.append(("memory", lambda: _memory_refusal(rt, job, need)))
+    return checks
+
+
+def _memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
+    free = _free_memory_mib(rt, job)
+    if free < need:
+        return f"{job.spec.dst} has {free} MiB free, {job.spec.domain} needs {need} MiB"
+    return None
+
+
+def _definition_refusal(rt: Runtime, spec: MigrationSpec, found: DomainFacts) -> str | None:
+    """A clash with a domain here, or a definition --undefine-source would leave nowhere."""
+    return _definition(rt, spec, found)[0]
+
+
+def _definition(rt: Runtime, spec: MigrationSpec, found: DomainFacts) -> tuple[str | None, bool]:
+    """`_definition_refusal`, and whether this host holds the domain's inactive config (one
+    look at libvirt for both)."""
+    config_present = _dest_config_present(rt, spec, found.uuid)
+    if (
+        spec.undefine_source
+        and not spec.persistent
+        and found.persistent
+        and not config_present
+        and not spec.force
+    ):
+        return (
+            f"refusing: {spec.domain} is persistent on {spec.src} and {spec.dst} has no "
+            "definition of it, so --undefine-source without --persistent would leave it "
+            "defined nowhere; add --persistent, or --force to accept that"
+        ), config_present
+    return None, config_present
+
+
+def _ended(rt: Runtime, holder: str) -> bool:
+    try:
+        return rt.store.state(holder) in TERMINAL
+    except JobNotFound:
+        return True
+
+
+def _incoming_clash(job: Job, uuid: str, holder: str) -> str:
+    return (
+        f"{job.spec.dst} is already bringing {job.spec.domain} ({uuid}) in for job "
+        f"{holder}; refusing a second migration of it"
+    )
+
+
+def _incoming_refusal(rt: Runtime, job: Job, uuid: str) -> str | None:
+    """The check `_take_incoming` makes again when it takes: another live job brings the guest
+    in (first, so the reason names that job whatever else the second one's checks say)."""
+    holder = rt.ledger.incoming_job(uuid)
+    if holder is None or holder == job.id or _ended(rt, holder):
+        return None
+    return _incoming_clash(job, uuid, holder)
+
+
 def _take_incoming(rt: Runtime, job: Job, uuid: str) -> None:
     """Record on this host (worker/ledger.py) that this job brings `uuid` in; refuse if another
     live job already is. Redis leases say the same thing, but they can run out under a live
     migration; the host's own record is what a rollback trusts before it destroys anything."""
-
-    def ended(holder: str) -> bool:
-        try:
-            return rt.store.state(holder) in TERMINAL
-        except JobNotFound:
-            return True
-
-    holder = rt.ledger.take_incoming(uuid, job.id, ended)
+    holder = rt.ledger.take_incoming(uuid, job.id, lambda h: _ended(rt, h))
     if holder is not None:
-        raise PhaseFailed(
-            f"{job.spec.dst} is already bringing {job.spec.domain} ({uuid}) in for job "
-            f"{holder}; refusing a second migration of it"
-        )
+        raise PhaseFailed(_incoming_clash(job, uuid, holder))
 
 
 def handoff_or_fail(rt: Runtime, spec: MigrationSpec) -> Handoff:

@@ -29,7 +29,7 @@ import structlog
 
 from config.celery import app
 from config.events import get_logger
-from jobs.model import Job
+from jobs.model import Job, PhaseRecord
 from jobs.phases import RULES, Phase, owner_of
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
@@ -160,31 +160,33 @@ def _marked(run: PhaseRun, job: Job) -> Iterator[None]:
 
 
 def _run(run: PhaseRun, job: Job) -> None:
-    started = _record_start(run, job)
+    started, record = _record_start(run, job)
     try:
         then = run.fn(run.rt, job)
     except Exception as exc:
         _failure_step(exc)(run, job, exc)
-    _record_end(run, job, started)
+    _record_end(run, job, started, record)
     _end_job(run, job, then)
 
 
-def _record_start(run: PhaseRun, job: Job) -> float:
-    """Record the start; the monotonic time it started (the fault delay counts in it)."""
+def _record_start(run: PhaseRun, job: Job) -> tuple[float, PhaseRecord | None]:
+    """Record the start; the monotonic time it started (the fault delay counts in it), and
+    the phase record written (None: a recovery's, already there)."""
     started = time.monotonic()
     rt, phase = run.rt, run.phase.value
+    record = None
     if not run.recovering or phase not in job.phases:
-        rt.store.phase_started(job.id, phase, rt.host)
+        record = rt.store.phase_started(job.id, phase, rt.host)
     log.info("phase.recovering" if run.recovering else "phase.started")
     delay = rt.settings.faults.phase_delays.get(phase)
     if delay and not run.recovering:
         log.warning("fault.delay", seconds=delay)  # the fault suite's window into this phase
         time.sleep(delay)
-    return started
+    return started, record
 
 
-def _record_end(run: PhaseRun, job: Job, started: float) -> None:
-    run.rt.store.phase_ended(job.id, run.phase.value)
+def _record_end(run: PhaseRun, job: Job, started: float, record: PhaseRecord | None) -> None:
+    run.rt.store.phase_ended(job.id, run.phase.value, started=record)
     log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
 
 

@@ -12,6 +12,8 @@ from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.states import JobState
 from worker.completion import Landing, landing
+from worker.compression_support import unsupported
+from worker.domain_xml_check import checked_xml
 from worker.job_end import advance
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import LibvirtError
@@ -37,8 +39,10 @@ class CallOutcome:
 
 
 def perform(rt: Runtime, job: Job) -> JobState | None:
-    advance(rt, job, JobState.MIGRATING)
     spec = job.spec
+    if spec.dry_run:  # the chain of a dry run ends at prepare; a forged message still stops
+        raise PhaseFailed("a dry run never migrates; nothing moved")
+    advance(rt, job, JobState.MIGRATING)
     dom = job_domain(rt, job, spec.domain)
     if dom is None or (not spec.offline and not dom.isActive()):
         raise PhaseFailed(f"{spec.domain} is no longer running on {spec.src}")
@@ -50,8 +54,12 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     refusal = Maintenance(rt.store.r).refusal(spec.dst)
     if refusal is not None:
         raise PhaseFailed(f"{refusal}; it went into maintenance after prepare, nothing moved")
+    checked_xml(spec, dom, rt.settings.host(spec.dst).storage_dirs)  # where it is used
     policy = resolve_and_record(rt, job, dom)
     call = build_call(spec, handoff_or_fail(rt, spec), policy.values)
+    lacking = unsupported(call.params, rt.libvirt.conn.getLibVersion(), rt.host)
+    if lacking is not None:  # libvirt would refuse it only after the destination prepared
+        raise PhaseFailed(lacking)
     log.info("migration.started", call=call.describe())
     finished = threading.Event()
     outcome = CallOutcome()

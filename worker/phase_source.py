@@ -1,6 +1,7 @@
 """The source's phases: source_preflight before the migration, confirm after it.
 
-    source_preflight  the domain exists, in a state the mode can move; its facts recorded
+    source_preflight  the domain exists, in a state the mode can move; the source's pre-checks
+                      (disk safety, --migrate-disks: docs/prechecks.md); its facts recorded
     confirm           the source copy is gone, inactive or kept, as asked (else leftovers)
 
 Each checks libvirt's real state before it acts and raises PhaseFailed with a reason an
@@ -14,11 +15,15 @@ from typing import Any
 
 from config.events import get_logger
 from jobs.model import Job
+from jobs.phases import Side
 from jobs.states import JobState
+from worker.domain_xml_check import checked_xml
 from worker.job_end import advance, hold_domain, succeed_with_leftovers
 from worker.libvirt_host import Domain, facts, is_paused
 from worker.libvirt_states import paused_for_postcopy, state_reason
 from worker.phase_errors import PhaseFailed
+from worker.precheck import enforce
+from worker.precheck_source import source_checks
 from worker.runtime import Runtime
 from worker.storage import local_disks
 
@@ -41,12 +46,15 @@ def source_preflight(rt: Runtime, job: Job) -> JobState | None:
         raise PhaseFailed(
             f"{spec.domain} is {found.state} on {spec.src}; only --offline moves an inactive domain"
         )
+    checked_xml(spec, dom, rt.settings.host(spec.dst).storage_dirs)  # --xml, before all else
     recorded: dict[str, Any] = found.model_dump()
+    enforce(rt, job, Side.SOURCE, source_checks(spec, dom.XMLDesc(0)), fail=not spec.dry_run)
     if spec.copy_storage is not None:
-        recorded["disks"] = [d.model_dump() for d in local_disks(dom)]
+        recorded["disks"] = [d.model_dump() for d in local_disks(dom, spec.migrate_disks)]
         if not recorded["disks"]:
             raise PhaseFailed(f"--copy-storage: {spec.domain} has no local disk to copy")
-    hold_domain(rt, job, found.uuid)
+    if not spec.dry_run:  # a dry run holds nothing: a real job of the guest may run beside it
+        hold_domain(rt, job, found.uuid)
     rt.store.update(job.id, facts=recorded)
     log.info("preflight.facts", **found.model_dump())
     return None

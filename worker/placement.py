@@ -53,6 +53,7 @@ class Guest:
     group: str | None = None
     policy: str | None = None  # the policy its libvirt metadata names (worker/domain_metadata.py)
     dirty_mib_s: float | None = None  # libvirt's last measured dirty rate, if one was measured
+    local_disks: int = 0  # disks --copy-storage would copy (worker/local_disks.py)
 
 
 @dataclass
@@ -148,6 +149,7 @@ def plan(
             active=guest.active,
             persistent=guest.persistent,
             group=guest.group,
+            local_disks=guest.local_disks,
         )
         if not eligible:
             others = [f"{name}: {why}" for name, why in sorted(unavailable.items())]

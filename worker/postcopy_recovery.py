@@ -9,6 +9,10 @@ destination. So the job is neither failed nor its holds released. It enters
 made again with VIR_MIGRATE_POSTCOPY | VIR_MIGRATE_POSTCOPY_RESUME as soon as the
 destination answers, with a back-off (tunables.postcopy_resume_delay, doubling up to
 postcopy_resume_max_delay), until libvirt shows the guest running on the destination only.
+When libvirt refuses the resume because QEMU says the old stream still runs (a link cut the
+TCP stream outlived: it may go on, or hang for as long as TCP keeps retrying) for
+tunables.postcopy_stall_timeout, the stream is interrupted (VIR_DOMAIN_ABORT_JOB_POSTCOPY)
+so that the next resume can take over.
 Then the job goes back to `migrating` and on to finish and confirm. Past
 tunables.postcopy_recovery_timeout drover stops trying: the job enters `postcopy_paused`,
 still holding everything, its reason saying where the guest is and how to resume it; once
@@ -17,13 +21,16 @@ libvirt shows it landed (resumed by hand) the job goes on.
 Both the running perform (worker/phase_perform.py) and a worker restarted after a crash
 (worker/recovery_perform.py) come here. Every step is an event (docs/events.md):
 postcopy.failed, postcopy.waiting, postcopy.resuming, postcopy.resume_failed,
-postcopy.resumed, postcopy.unrecovered.
+postcopy.interrupted, postcopy.resumed, postcopy.unrecovered.
 """
 
 from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta
+from typing import Literal
+
+import libvirt
 
 from config.events import get_logger
 from jobs.model import Job
@@ -39,6 +46,7 @@ from worker.runtime import Runtime
 log = get_logger()
 # How long the destination's libvirtd may take to answer one look (a cut link never does).
 ANSWER_WITHIN_S = 5.0
+ResumeOutcome = Literal["resumed", "still_running", "failed"]
 
 
 class PostcopyUnrecovered(HandedOver):
@@ -74,6 +82,7 @@ def resume_until_landed(rt: Runtime, job: Job, call: MigrationCall) -> bool:
     tunables = rt.settings.tunables
     deadline = _recovering_since(job) + timedelta(seconds=tunables.postcopy_recovery_timeout)
     delay, attempt, waiting, resumed = tunables.postcopy_resume_delay, 0, False, False
+    refused_since: float | None = None  # first of the current run of "still running" refusals
     while True:
         seen = locate(rt, job, ANSWER_WITHIN_S)
         if seen.landed:
@@ -88,9 +97,19 @@ def resume_until_landed(rt: Runtime, job: Job, call: MigrationCall) -> bool:
         elif seen.resumable:
             waiting = False
             attempt += 1
-            resumed = _resume(rt, job, call, attempt, seen, delay)
+            outcome = _resume(rt, job, call, attempt, seen, delay)
+            resumed = outcome == "resumed"
             if resumed:
                 continue  # libvirt says it completed: look again, without waiting
+            if outcome == "still_running":
+                refused_since = refused_since or time.monotonic()
+                stalled_s = time.monotonic() - refused_since
+                if stalled_s >= tunables.postcopy_stall_timeout:
+                    _interrupt(rt, job, seen, stalled_s)
+                    # QEMU pauses the stream in its own time: the first wait, then resume.
+                    refused_since, delay = None, tunables.postcopy_resume_delay
+            else:
+                refused_since = None
         time.sleep(delay)
         delay = min(delay * 2, tunables.postcopy_resume_max_delay)
 
@@ -106,12 +125,13 @@ def _how(resumed: bool, attempts: int, dst: str) -> str:
 
 def _resume(
     rt: Runtime, job: Job, call: MigrationCall, attempt: int, seen: Whereabouts, delay: float
-) -> bool:
-    """One VIR_MIGRATE_POSTCOPY_RESUME call; whether libvirt returned without an error (the
-    call returns once the rest of the memory is copied)."""
+) -> ResumeOutcome:
+    """One VIR_MIGRATE_POSTCOPY_RESUME call: "resumed" once libvirt returned without an error
+    (the call returns once the rest of the memory is copied), "still_running" when libvirt
+    refused it as an invalid operation (QEMU says the old stream still runs), else "failed"."""
     dom = job_domain(rt, job, job.spec.domain)
     if dom is None:
-        return False
+        return "failed"
     log.info("postcopy.resuming", attempt=attempt, where=seen.describe())
     try:
         invoke(dom, resume_call(call))
@@ -119,8 +139,28 @@ def _resume(
         log.warning(
             "postcopy.resume_failed", attempt=attempt, error=exc.get_error_message(), retry_in=delay
         )
-        return False
-    return True
+        if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+            return "still_running"
+        return "failed"
+    return "resumed"
+
+
+def _interrupt(rt: Runtime, job: Job, seen: Whereabouts, stalled_s: float) -> None:
+    """Interrupt the old post-copy stream libvirt says still runs, so a resume can replace
+    it: the guest stays paused on the source, its memory where it was."""
+    dom = job_domain(rt, job, job.spec.domain)
+    if dom is None:
+        return
+    reason = (
+        f"resume refused for {stalled_s:.0f}s while QEMU says the old stream still runs: "
+        "interrupted it (VIR_DOMAIN_ABORT_JOB_POSTCOPY) to resume it"
+    )
+    try:
+        dom.abortJobFlags(libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY)
+    except LibvirtError as exc:
+        log.warning("postcopy.interrupted", reason=reason, error=exc.get_error_message())
+        return
+    log.warning("postcopy.interrupted", reason=reason, where=seen.describe())
 
 
 def check_paused(rt: Runtime, job: Job) -> bool:

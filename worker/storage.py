@@ -32,13 +32,17 @@ class StorageError(Exception):
     pass
 
 
-def local_disks(dom: Domain) -> list[DiskFacts]:
-    """The domain's writable file-backed disks: the ones a storage copy has to move."""
+def local_disks(dom: Domain, chosen: tuple[str, ...] | None = None) -> list[DiskFacts]:
+    """The domain's writable file-backed disks: the ones a storage copy has to move (only
+    those whose target `chosen` names, with --migrate-disks)."""
     root = ET.fromstring(dom.XMLDesc(0))
     disks = []
     for disk in root.findall("./devices/disk"):
         source = disk.find("source")
         if disk.get("type") != "file" or disk.get("device") != "disk" or source is None:
+            continue
+        target = disk.find("target")
+        if chosen is not None and (target is None or target.get("dev") not in chosen):
             continue
         if disk.find("readonly") is not None or disk.find("shareable") is not None:
             continue

@@ -18,6 +18,7 @@ from tests.faults.conftest import (
     phase_started,
     start_throttled,
 )
+from tests.support.forgery import worker_log
 from tests.support.lab_fixtures import Lab, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_back")]
@@ -144,15 +145,35 @@ def test_abort_before_the_migration_starts(
 
 
 def test_abort_of_a_queued_job_means_it_never_starts(lab: Lab) -> None:
+    queue = host_queue("lab1")
+    r = lab.drover.store.r
     control.kill_worker("lab1")  # nothing consumes lab1's queue: the job stays queued
+    before = r.llen(queue)  # what an earlier case left there (the producer may only count)
     job_id = lab.drover.submit(domain="dirty-1", src="lab1", dst="lab2", live=True)
+
+    def waiting() -> bool:
+        """One more message in lab1's queue than before the submit: this job's."""
+        return bool(r.llen(queue) > before)
+
+    # The case's premise, checked rather than assumed: admitted, its first phase's message
+    # waiting in lab1's queue (if the submit's own start failed, a worker's tick sends it).
+    wait_for(waiting, 30, f"job {job_id}'s message in {queue}")
     assert "cancelled (queued)" in lab.drover.abort(job_id)
+    assert waiting(), "the message left lab1's queue with no worker there"
     control.restart_worker("lab1")
-    wait_for(
-        lambda: bool(events_named(lab, job_id, "phase.skipped")),
-        30,
-        "the queued message to be dropped",
-    )
+    try:
+        wait_for(
+            lambda: bool(events_named(lab, job_id, "phase.skipped")),
+            30,
+            "the queued message to be dropped",
+        )
+    except AssertionError:
+        seen = [e["event"] for e in lab.drover.events(job_id)]
+        tail = worker_log("lab1").read_text().splitlines()[-15:]
+        raise AssertionError(
+            f"no phase.skipped for {job_id}: {queue} holds {r.llen(queue)}, events {seen}, "
+            "lab1's worker log ends:\n" + "\n".join(tail)
+        ) from None
     job = finish(lab, job_id)
     assert_invariants(lab, job)
     assert job.state.value == "cancelled"

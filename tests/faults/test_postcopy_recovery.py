@@ -28,6 +28,7 @@ from lab import control, faults
 from producer.api import SubmitError
 from tests.faults.conftest import FAULT_WINDOW_S, assert_invariants, finish, in_transfer
 from tests.support.lab_fixtures import Lab, wait_for
+from tests.support.postcopy import lift_postcopy_cap
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_back")]
 
@@ -100,11 +101,7 @@ def start_in_postcopy(lab: Lab) -> str:
             wait_for(source_is(lab, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY), SWITCH_WAIT_S, "post-copy")
             return job_id
         except AssertionError:
-            said = [
-                (e["event"], e.get("reason") or e.get("error"))
-                for e in lab.drover.events(job_id)
-                if e["event"] != "migration.progress"
-            ]
+            said = [(e["event"], e.get("reason") or e.get("error")) for e in timeline(lab, job_id)]
             log = Path(lab.config).parent / "hosts" / "lab1" / "worker.log"
             tail = [line for line in log.read_text().splitlines() if "postcopy" in line][-5:]
             print(f"no post-copy yet; lab1 shows {source_state(lab)}; {said}; lab1: {tail}")
@@ -112,21 +109,9 @@ def start_in_postcopy(lab: Lab) -> str:
 
 
 def speed_up_postcopy(lab: Lab) -> bool:
-    """Lift the 1 MiB/s post-copy cap of the (resumed) post-copy; True once libvirt took it,
-    or once there is no post-copy left on lab1 to speed up."""
-    conn = libvirt.open(lab.uri("lab1"))
-    try:
-        dom = conn.lookupByName(DOMAIN)
-        if not dom.isActive():
-            return True
-        if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
-            return False
-        dom.migrateSetMaxSpeed(CATCH_UP_MIB, libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY)
-        return True
-    except libvirt.libvirtError:
-        return False
-    finally:
-        conn.close()
+    """Lift the 1 MiB/s post-copy cap of the (resumed) post-copy; True once libvirt or QEMU
+    took it, or once there is no post-copy left on lab1 to speed up."""
+    return lift_postcopy_cap(lab.uri("lab1"), DOMAIN, CATCH_UP_MIB)
 
 
 def carried_to_the_end(lab: Lab, job_id: str) -> Callable[[], bool]:
@@ -140,6 +125,11 @@ def carried_to_the_end(lab: Lab, job_id: str) -> Callable[[], bool]:
     return check
 
 
+def timeline(lab: Lab, job_id: str) -> list[dict[str, Any]]:
+    """The job's events but its progress reports."""
+    return [e for e in lab.drover.events(job_id) if e["event"] != "migration.progress"]
+
+
 def events_of(lab: Lab, job_id: str) -> list[str]:
     return [e["event"] for e in lab.drover.events(job_id)]
 
@@ -150,7 +140,11 @@ def resumed_and_landed(lab: Lab, job_id: str) -> None:
     wait_for(
         lambda: "postcopy.resuming" in events_of(lab, job_id), RECOVERY_S, "drover to resume it"
     )
-    wait_for(carried_to_the_end(lab, job_id), RECOVERY_S, "the resumed post-copy to end")
+    try:
+        wait_for(carried_to_the_end(lab, job_id), RECOVERY_S, "the resumed post-copy to end")
+    except AssertionError:
+        said = [(e["event"], e.get("reason") or e.get("error")) for e in timeline(lab, job_id)]
+        raise AssertionError(f"not landed: lab1 shows {source_state(lab)}; {said}") from None
     job = finish(lab, job_id)
     assert job.state is JobState.SUCCEEDED, job.reason
     assert_invariants(lab, job, DOMAIN)
@@ -160,8 +154,8 @@ def resumed_and_landed(lab: Lab, job_id: str) -> None:
     seen = events_of(lab, job_id)
     for event in lab.drover.events(job_id):  # the recovery's timeline, shown with -rP
         if event["event"].startswith("postcopy.") or event["event"] == "job.state":
-            said = event.get("state") or event.get("reason") or event.get("error")
-            print(event.get("ts"), event["event"], said)
+            told = event.get("state") or event.get("reason") or event.get("error")
+            print(event.get("ts"), event["event"], told)
     for name in RECOVERY_EVENTS:
         assert name in seen, f"no {name} in {seen}"
     states = [t.state for t in job.transitions]
@@ -169,7 +163,25 @@ def resumed_and_landed(lab: Lab, job_id: str) -> None:
     assert "failed" not in [t.state.value for t in job.transitions]
 
 
-def test_a_link_cut_past_the_keepalive_is_recovered(lab: Lab) -> None:
+def interrupted_each_refusal(lab: Lab, job_id: str) -> None:
+    """Under `postcopy_stall_timeout = 0`, every resume libvirt refused because the old
+    stream still ran is followed by drover interrupting that stream before its next try."""
+    steps = [
+        (e["event"], str(e.get("error") or ""))
+        for e in timeline(lab, job_id)
+        if e["event"] in ("postcopy.resume_failed", "postcopy.interrupted", "postcopy.resuming")
+    ]
+    for at, (event, error) in enumerate(steps):
+        if event == "postcopy.resume_failed" and "not valid" in error:
+            after = [name for name, _ in steps[at + 1 :] if name != "postcopy.resume_failed"]
+            assert after[:1] == ["postcopy.interrupted"], steps
+
+
+def test_a_link_cut_past_the_keepalive_is_recovered(
+    lab: Lab, fault_config: Callable[[str], None]
+) -> None:
+    # A resume refused because the old stream outlived the cut interrupts that stream at once.
+    fault_config("[tunables]\npostcopy_stall_timeout = 0\n")
     job_id = start_in_postcopy(lab)
     cut_at = time.monotonic()
     control.set_link("lab2", False)
@@ -195,6 +207,7 @@ def test_a_link_cut_past_the_keepalive_is_recovered(lab: Lab) -> None:
     finally:
         control.set_link("lab2", True)
     resumed_and_landed(lab, job_id)
+    interrupted_each_refusal(lab, job_id)
 
 
 def test_a_reset_migration_stream_is_recovered(lab: Lab) -> None:

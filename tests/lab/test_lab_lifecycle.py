@@ -18,11 +18,11 @@ import pytest
 from lab import control
 from lab.layout import LabLayout
 from lab.proc import LabError
-from tests.support.lab_fixtures import wait_for
+from tests.support.lab_fixtures import lab_id, wait_for
 
 pytestmark = pytest.mark.lab
 
-LIFECYCLE_LAB_ID = "8"
+LIFECYCLE_LAB_ID = lab_id(8)
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import libvirt
 import pytest
 
 from jobs.model import Job
-from lab.guests import GuestSpec, domain_xml
+from tests.support.disk_guest import disk_guest as local_disk_guest
+from tests.support.disk_guest import undefine
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
 
 pytestmark = pytest.mark.lab
@@ -153,46 +154,14 @@ def test_offline_migration_moves_only_the_definition(lab: Lab) -> None:
     there = lab.view("lab2", "idle-1")
     assert there.exists and there.persistent and not there.active
     assert lab.running_on("idle-1") == ["lab1"]  # still running where it was
-    _undefine(lab, "lab2", "idle-1")
-
-
-def _undefine(lab: Lab, host: str, name: str) -> None:
-    conn = libvirt.open(lab.uri(host))
-    try:
-        dom = conn.lookupByName(name)
-        if dom.isActive():
-            dom.destroy()
-        if dom.isPersistent():
-            dom.undefine()
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
+    undefine(lab, "lab2", "idle-1")
 
 
 @pytest.fixture
 def disk_guest(lab: Lab) -> Iterator[str]:
     """disk-1: a running guest with a local 64 MiB qcow2 disk on lab1 only."""
-    name = "disk-1"
-    inside = "/var/lib/libvirt/images/disk-1.qcow2"
-    hosts_dir = Path(lab.status["config"]).parent / "hosts"
-    image = hosts_dir / "lab1" / "lib" / "images" / "disk-1.qcow2"
-    image.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
-    disk = (
-        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-        f"<source file='{inside}'/><target dev='hda' bus='ide'/></disk>"
-    )
-    xml = domain_xml(GuestSpec(name, 64)).replace("<devices>", f"<devices>{disk}", 1)
-    conn = libvirt.open(lab.uri("lab1"))
-    try:
-        conn.defineXML(xml).create()
-    finally:
-        conn.close()
-    yield name
-    for host in ("lab1", "lab2"):
-        _undefine(lab, host, name)
-        (hosts_dir / host / "lib" / "images" / "disk-1.qcow2").unlink(missing_ok=True)
+    with local_disk_guest(lab, "disk-1"):
+        yield "disk-1"
 
 
 @pytest.mark.parametrize("mode", ["all", "inc"])

@@ -23,7 +23,20 @@ from producer.api import Drover
 # libvirt prints every error to stderr unless told otherwise; we handle them.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
-TEST_LAB_ID = os.environ.get("DROVER_TEST_LAB_ID", "9")
+# A lab run spread over processes (pytest-xdist's gw0, gw1, ...) gives each process labs of its
+# own: every lab id a test uses (the session's, and a module's own: TLS, Linux, lifecycle) moves
+# up by LAB_ID_STRIDE per process. Two modules that share a lab (the Linux lab) may land in two
+# processes, and would otherwise bring the same lab up twice.
+LAB_ID_STRIDE = 10
+XDIST_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+
+def lab_id(base: int | str) -> str:
+    """This process's id for the lab a test names by `base` (unchanged outside xdist)."""
+    return str(int(base) + LAB_ID_STRIDE * XDIST_INDEX)
+
+
+TEST_LAB_ID = lab_id(os.environ.get("DROVER_TEST_LAB_ID", "9"))
 JOB_TIMEOUT_S = 180.0
 # Three hosts and four idle guests (plus dirty-1), enough to drain lab1 onto lab2 and lab3.
 LAB_HOSTS = 3

@@ -114,13 +114,15 @@ def recorded(uuid: str, **seen: object) -> dict[str, object]:
 def test_preflight_records_what_libvirt_shows_and_holds_the_domain(
     env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
 ) -> None:
-    job_id = job_for(store)
+    # The test driver's guest has a disk on a path no host shares: --unsafe lets it pass
+    # the disk check (tests/lab/test_prechecks.py holds that check against real libvirt).
+    job_id = job_for(store, unsafe=True)
     assert source_preflight(runtime(store, "kvm1", tmp_path), store.get(job_id)) is None
     job = store.get(job_id)
     assert job.state is JobState.PREFLIGHT
     assert job.source.uuid == guest_uuid(hv)
     assert job.source.state == "running" and job.source.persistent is True
-    again = job_for(store)  # a second job for the same guest: its uuid is held
+    again = job_for(store, unsafe=True)  # a second job for the same guest: its uuid is held
     with pytest.raises(PhaseFailed, match=f"already has an active job {job_id}"):
         source_preflight(runtime(store, "kvm1", tmp_path), store.get(again))
 

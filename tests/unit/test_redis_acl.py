@@ -342,6 +342,27 @@ def test_producer_submits_admits_publishes_and_schedules(acl_redis: AclRedis, co
     assert acl_redis.denials() == []
 
 
+def test_a_start_that_fails_after_recording_is_said_not_swallowed(
+    acl_redis: AclRedis, config: Path
+) -> None:
+    """The job is recorded and in line, so submit returns its id; the failed start is one
+    line through `notice`, never a silent drop."""
+    notices: list[str] = []
+    drover = Drover(settings_as(config, acl_redis, PRODUCER), notice=notices.append)
+
+    def broken(_: object) -> None:
+        raise OSError("the broker hung up")
+
+    drover.send = broken  # type: ignore[method-assign]
+    job_id = drover.submit(domain="web05", src="kvm2", dst="kvm1", live=True)
+    assert drover.job(job_id).state.value == "queued"
+    assert notices == [
+        f"job {job_id} is in line; starting it here failed (the broker hung up); "
+        "a worker's admission tick starts it"
+    ]
+    assert drover.abort(job_id).startswith(f"job {job_id} cancelled")
+
+
 def test_worker_consumes_its_queue_and_ends_the_job_itself(
     acl_redis: AclRedis, producer: Drover, worker: Process
 ) -> None:

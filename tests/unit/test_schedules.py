@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 from config.celery import host_queue
 from config.security import argument_problem
 from config.settings import load_settings
+from jobs.drain_options import DrainOptions
 from jobs.keys import SCHEDULE_LOCK, SCHEDULE_PREFIX, schedule_entry_key
 from schedules.beat import REDBEAT_SCHEDULER
 from schedules.cron import lateness, parse_at, parse_cron
@@ -268,7 +269,7 @@ def test_add_list_remove_through_the_cli(config: Path, r: redis.Redis) -> None:
         "to": ["kvm2"],
         "max_parallel": None,
         "include_inactive": False,
-        "policy": None,
+        **DrainOptions().model_dump(mode="json"),  # every child option, at its default
     }
     assert (one["fired"], one["last_run"], one["runs"]) == (False, None, 0)
 
@@ -334,6 +335,33 @@ def test_an_entry_sends_only_its_id_to_the_evacuated_hosts_queue(config: Path) -
 
 
 # --- the beat, in-process and as `drover beat` ---------------------------------------------------
+
+
+def test_a_schedule_keeps_every_drain_option_and_refuses_bad_ones(config: Path) -> None:
+    at = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0).isoformat()
+    base = ("schedule", "add", "evacuate", "kvm1", "--at", at, "--json")
+    added = drover(
+        config,
+        *base,
+        *("--tls", "--copy-storage", "all", "--parallel", "2", "--compressed"),
+        *("--comp-methods", "xbzrle,mt", "--comp-mt-level", "1", "--comp-xbzrle-cache", "16"),
+    )
+    assert added.returncode == 0, added.stderr
+    request = json.loads(added.stdout)["request"]
+    assert (request["tls"], request["copy_storage"], request["parallel"]) == (True, "all", 2)
+    assert request["compressed"] is True
+    compression = request["compression"]
+    assert compression["methods"] == ["xbzrle", "mt"]
+    assert (compression["mt_level"], compression["xbzrle_cache_mib"]) == (1, 16)
+    for bad, says in (
+        (("--comp-zlib-level", "3"), "--comp-zlib-level needs zlib in --comp-methods"),
+        (("--copy-storage", "some"), "copy_storage"),
+        (("--tunnelled", "--parallel", "2"), "--parallel cannot be tunnelled"),
+    ):
+        refused = drover(config, *base, *bad)
+        assert refused.returncode == 2, refused.stdout
+        line = refused.stderr.strip()
+        assert says in line and "\n" not in line and "Traceback" not in line, line
 
 
 @pytest.fixture
