@@ -17,6 +17,7 @@ again, and edits again until the edit stays.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,15 @@ _TCG_HOST_CPU = "<hostCPU type='tcg'"
 # libvirtd sometimes writes its cache anew over the edit (measured: about half the restarts
 # that followed a restore, editing under a running daemon); the edit is then made again.
 EDIT_ATTEMPTS = 4
+# The cache file's fields libvirt compares with the host to decide whether to probe QEMU again.
+_VALIDITY_FIELDS = (
+    "qemuctime",
+    "qemumoddirmtime",
+    "selfctime",
+    "selfvers",
+    "microcodeVersion",
+    "kernelVersion",
+)
 
 # An edit of one cache file's text: the new text, or None when the file has nothing to edit.
 CacheEdit = Callable[[str], str | None]
@@ -61,9 +71,30 @@ def edit_cache(host: str, edit: CacheEdit, what: str) -> None:
         start_libvirtd(host)  # it loads (or probes again and rewrites) its cache as it starts
         if not edited:
             raise RuntimeError(f"{host}: no cached {what} to withhold")
-        if all(path.read_text() == changed for path, changed in edited):
+        rewritten = [(path, changed) for path, changed in edited if path.read_text() != changed]
+        if not rewritten:
             return
-    raise RuntimeError(f"{host}: libvirtd rewrote its cache over the edit {EDIT_ATTEMPTS} times")
+    path, changed = rewritten[0]
+    raise RuntimeError(
+        f"{host}: libvirtd rewrote its cache over the edit {EDIT_ATTEMPTS} times "
+        f"(last: {_validity_change(changed, path.read_text())})"
+    )
+
+
+def _validity_change(edited: str, written: str) -> str:
+    """Which of the fields libvirt judges a cache file's validity by differ between the two
+    texts: why libvirt probed QEMU again, said when the edit did not survive a restart."""
+    changed = []
+    for field in _VALIDITY_FIELDS:
+        before, after = _field(edited, field), _field(written, field)
+        if before != after:
+            changed.append(f"{field} {before} -> {after}")
+    return "; ".join(changed) or "no validity field changed"
+
+
+def _field(text: str, name: str) -> str | None:
+    match = re.search(rf"<{name}>([^<]*)</{name}>", text)
+    return match.group(1) if match else None
 
 
 def _without_feature(feature: str) -> CacheEdit:

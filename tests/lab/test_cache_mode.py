@@ -7,8 +7,9 @@ every host). libvirt 9.0 trusts its GlusterFS volume as a coherent cluster file 
 any cache mode (virFileIsClusterFS, mask 0x446 in the 9.0 library), so the volume cannot show
 this refusal. libvirt migrates such a disk only when the guest's running QEMU can drop its
 page cache on arrival (capability `migration-file-drop-cache`); lab/caps_faults.py withholds
-it on lab1, honestly: lab1's libvirt then starts the guest on a QEMU it believes lacks it.
-drover's source pre-check reads the same record and refuses; libvirt, asked directly,
+it from the running guest's status record on lab1, honestly: lab1's libvirt then judges the
+guest as one running on a QEMU without it. drover's source pre-check reads the same record and
+refuses; libvirt, asked directly,
 refuses too; `--unsafe` (VIR_MIGRATE_UNSAFE) moves it. With the capability present the same
 guest moves. Every verdict is checked through libvirt on both hosts.
 """
@@ -22,7 +23,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from lab.caps_faults import has_qemu_flag, restore_caps, withhold_qemu_flag
+from lab.caps_faults import recorded_flag, withhold_guest_flag
 from lab.guests import GuestSpec, domain_xml
 from lab.proc import run
 from tests.lab.test_linux_guest import LinuxLab, linux_lab  # noqa: F401 (the lab fixture)
@@ -105,46 +106,42 @@ def test_a_writeback_disk_without_drop_cache_is_refused_unless_unsafe(
     linux_lab: LinuxLab,  # noqa: F811
     shared_disk: str,
 ) -> None:
-    withhold_qemu_flag("lab1", FLAG)
+    assert start_on_lab1(linux_lab, shared_disk) is True
+    withhold_guest_flag("lab1", GUEST, FLAG, linux_lab.uri("lab1"))
+    assert not recorded_flag("lab1", GUEST, FLAG)
+    state, reason = migrate(linux_lab)
+    print(f"\nrefused: {reason}")
+    assert state == "failed"
+    assert f"vda ({shared_disk}, cache writeback) on shared storage" in (reason or "")
+    assert "no migration-file-drop-cache" in (reason or "")
+    assert linux_lab.running_on(GUEST) == ["lab1"]
+    assert view(linux_lab.uri("lab1"), GUEST).state == libvirt.VIR_DOMAIN_RUNNING
+    assert not view(linux_lab.uri("lab2"), GUEST).exists
+    # libvirt itself, asked without drover, refuses it for the same reason.
+    src, dst = libvirt.open(linux_lab.uri("lab1")), libvirt.open(linux_lab.uri("lab2"))
     try:
-        assert start_on_lab1(linux_lab, shared_disk) is False
-        state, reason = migrate(linux_lab)
-        print(f"\nrefused: {reason}")
-        assert state == "failed"
-        assert f"vda ({shared_disk}, cache writeback) on shared storage" in (reason or "")
-        assert "no migration-file-drop-cache" in (reason or "")
-        assert linux_lab.running_on(GUEST) == ["lab1"]
-        assert view(linux_lab.uri("lab1"), GUEST).state == libvirt.VIR_DOMAIN_RUNNING
-        assert not view(linux_lab.uri("lab2"), GUEST).exists
-        # libvirt itself, asked without drover, refuses it for the same reason.
-        src, dst = libvirt.open(linux_lab.uri("lab1")), libvirt.open(linux_lab.uri("lab2"))
-        try:
-            with pytest.raises(libvirt.libvirtError) as refused:
-                src.lookupByName(GUEST).migrate3(dst, {}, libvirt.VIR_MIGRATE_LIVE)
-        finally:
-            src.close()
-            dst.close()
-        print(f"libvirt: {refused.value.get_error_message()}")
-        assert refused.value.get_error_code() == libvirt.VIR_ERR_MIGRATE_UNSAFE
-        assert LIBVIRT_REFUSAL in refused.value.get_error_message()
-        assert linux_lab.running_on(GUEST) == ["lab1"]
-        assert not view(linux_lab.uri("lab2"), GUEST).exists
-        # --unsafe: libvirt's VIR_MIGRATE_UNSAFE, and the guest moves.
-        state, reason = migrate(linux_lab, unsafe=True)
-        assert state == "succeeded", reason
-        assert linux_lab.running_on(GUEST) == ["lab2"]
-        assert view(linux_lab.uri("lab2"), GUEST).state == libvirt.VIR_DOMAIN_RUNNING
-        assert not view(linux_lab.uri("lab1"), GUEST).active
+        with pytest.raises(libvirt.libvirtError) as refused:
+            src.lookupByName(GUEST).migrate3(dst, {}, libvirt.VIR_MIGRATE_LIVE)
     finally:
-        restore_caps("lab1")
-    assert has_qemu_flag("lab1", FLAG)
+        src.close()
+        dst.close()
+    print(f"libvirt: {refused.value.get_error_message()}")
+    assert refused.value.get_error_code() == libvirt.VIR_ERR_MIGRATE_UNSAFE
+    assert LIBVIRT_REFUSAL in refused.value.get_error_message()
+    assert linux_lab.running_on(GUEST) == ["lab1"]
+    assert not view(linux_lab.uri("lab2"), GUEST).exists
+    # --unsafe: libvirt's VIR_MIGRATE_UNSAFE, and the guest moves.
+    state, reason = migrate(linux_lab, unsafe=True)
+    assert state == "succeeded", reason
+    assert linux_lab.running_on(GUEST) == ["lab2"]
+    assert view(linux_lab.uri("lab2"), GUEST).state == libvirt.VIR_DOMAIN_RUNNING
+    assert not view(linux_lab.uri("lab1"), GUEST).active
 
 
 def test_a_writeback_disk_with_drop_cache_moves(
     linux_lab: LinuxLab,  # noqa: F811
     shared_disk: str,
 ) -> None:
-    assert has_qemu_flag("lab1", FLAG)
     assert start_on_lab1(linux_lab, shared_disk) is True
     state, reason = migrate(linux_lab)
     assert state == "succeeded", reason
