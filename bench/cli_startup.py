@@ -69,7 +69,7 @@ PUBLISH_LIBRARIES = "import celery.canvas, celery.security, kombu.transport.redi
 
 @dataclass
 class Figure:
-    kind: str  # "baseline", or TARGETS_MS's key
+    kind: str  # "baseline", "libraries", "read", or TARGETS_MS's key
     name: str
     argv: list[str]
     target_ms: float | None = None
@@ -132,17 +132,24 @@ def bench(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
             Figure("help", "drover --help", [drover, "--help"], TARGETS_MS["help"]),
             Figure("jobs", "drover jobs --json", [drover, "jobs", "--json"], TARGETS_MS["jobs"]),
             Figure("migrate", f"drover migrate {DOMAIN} --live --json", [], TARGETS_MS["migrate"]),
+            # No target: the commands that read one job back (the last migrate's).
+            Figure("read", "drover job ID --json", [drover, "job", "{id}", "--json"]),
+            Figure("read", "drover events ID --json", [drover, "events", "{id}", "--json"]),
         ]
         moves: list[str] = []
+        last_id = ""
         for run in range(args.warmup + args.runs):
             for fig in figures:
                 if fig.kind == "migrate":
                     dst = b if at == a else a
                     argv = [drover, "migrate", DOMAIN, "--from", at, "--to", dst, "--live"]
                     ms, stdout = timed([*argv, "--json"], env)
-                    settle(d, conns, json.loads(stdout)["job_id"], at, dst)
+                    last_id = json.loads(stdout)["job_id"]
+                    settle(d, conns, last_id, at, dst)
                     moves.append(f"{at}->{dst}")
                     at = dst
+                elif fig.kind == "read":
+                    ms, _ = timed([arg.replace("{id}", last_id) for arg in fig.argv], env)
                 else:
                     ms, _ = timed(fig.argv, env)
                 if run >= args.warmup:

@@ -29,7 +29,7 @@ from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import POSTCOPY_TASK
 from jobs.quota import QuotaFull
-from jobs.request_signing import signer_for, verifier_for
+from jobs.request_signing import RequestSigner, signer_for, verifier_for
 from jobs.spec import MigrationSpec
 from jobs.states import EVACUATION_KIND, TERMINAL, JobState
 from jobs.store import JobStore
@@ -39,10 +39,11 @@ from jobs.workflow import migration_chain
 from producer.hosts import host_rows, set_host_enabled
 from producer.hosts import producer_name as producer_name
 from producer.jobs_list import job_filter, list_jobs
-from producer.outage import OutageRider
-from producer.waiting import Ended, rider, wait_for_state_event
+from producer.waiting import rider, wait_for_state_event
 
 if TYPE_CHECKING:  # made on first use below: a migration needs none (~10 ms of imports)
+    from celery import Celery
+
     from jobs.evacuation import Evacuation, EvacuationSpec, EvacuationStore
     from jobs.evacuations import EvacuationService
     from producer.control import ControlRequests
@@ -62,10 +63,20 @@ class Drover:
         self.store = JobStore.from_settings(
             self.settings, retry_for=self.settings.tunables.producer_redis_retry_for
         )
-        self._app = make_app(self.settings)
-        self.signer = signer_for(self.settings.security)
-        self.admission = Admission(self.store, verifier_for(self.settings.security))
         self.maintenance = Maintenance(self.store.r)
+
+    # On first use: `drover job`/`events`/`wait` never send, sign or admit (each loads the key).
+    @cached_property
+    def _app(self) -> Celery:
+        return make_app(self.settings)
+
+    @cached_property
+    def signer(self) -> RequestSigner | None:
+        return signer_for(self.settings.security)
+
+    @cached_property
+    def admission(self) -> Admission:
+        return Admission(self.store, verifier_for(self.settings.security))
 
     @cached_property
     def evacuations(self) -> EvacuationStore:
@@ -213,18 +224,20 @@ class Drover:
         reads the events afterwards finds the whole story. Rides out a Redis outage of up to
         tunables.wait_redis_outage (producer/outage.py).
         """
-        ride = self._rider(job_id, timeout)
+        ride = rider(self.settings, self.notice, job_id, timeout)
 
         def ended() -> tuple[bool, str]:
             job = ride(lambda: self.store.get(job_id))
             return job.terminal, job.state.value
 
-        self._wait_for_end(job_id, ended, "job.state", TERMINAL_NAMES, timeout, ride)
+        wait_for_state_event(
+            self.store, self.settings, job_id, ended, "job.state", TERMINAL_NAMES, timeout, ride
+        )
         return ride(lambda: self.store.get(job_id))
 
     def wait_evacuation(self, evacuation_id: str, timeout: float | None = None) -> Evacuation:
         """Block until the evacuation has ended (drained, partial, planned, ...)."""
-        ride = self._rider(evacuation_id, timeout)
+        ride = rider(self.settings, self.notice, evacuation_id, timeout)
 
         def ended() -> tuple[bool, str]:
             ev = ride(lambda: self.evacuations.get(evacuation_id))
@@ -233,24 +246,11 @@ class Drover:
         from jobs.evacuation import EVACUATION_TERMINAL
 
         names = frozenset(s.value for s in EVACUATION_TERMINAL)
-        self._wait_for_end(evacuation_id, ended, "evacuation.state", names, timeout, ride)
+        event = "evacuation.state"
+        wait_for_state_event(
+            self.store, self.settings, evacuation_id, ended, event, names, timeout, ride
+        )
         return ride(lambda: self.evacuations.get(evacuation_id))
-
-    def _rider(self, job_id: str, timeout: float | None) -> OutageRider:
-        return rider(self.settings, self.notice, job_id, timeout)
-
-    def _wait_for_end(
-        self,
-        job_id: str,
-        ended: Ended,
-        event: str,
-        names: frozenset[str],
-        timeout: float | None,
-        ride: OutageRider,
-    ) -> None:
-        wait_for_state_event(self.store, self.settings, job_id, ended, event, names, timeout, ride)
-
-    # --- evacuations (jobs/evacuations.py) and maintenance (producer/hosts.py) ---------------
 
     def evacuation_spec(self, **request: Any) -> EvacuationSpec:
         """Validate an evacuation request, or raise SubmitError with one line."""
@@ -284,7 +284,7 @@ class Drover:
     ) -> Iterator[dict[str, Any]]:
         """The job's (or evacuation's) events; with `follow`, until it has ended (through a
         Redis outage of up to tunables.wait_redis_outage, as `wait`)."""
-        ride = self._rider(job_id, timeout)
+        ride = rider(self.settings, self.notice, job_id, timeout)
         # JobNotFound for a wrong id, before any waiting
         kind = ride(partial(self.store.kind, job_id)) if follow else self.store.kind(job_id)
 

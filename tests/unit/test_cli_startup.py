@@ -145,3 +145,16 @@ def test_the_python_api_loads_evacuations_and_control_when_first_used() -> None:
         "d.evacuations_service\nprint(before, sorted(lazy & set(sys.modules)))"
     )
     assert probe(code) == "[] ['jobs.evacuation', 'jobs.evacuations', 'producer.control']"
+
+
+def test_the_python_api_builds_its_celery_app_signer_and_admission_when_first_used() -> None:
+    """`drover job`, `events` and `wait` only read: a Drover loads no key (Celery's signing
+    and the request signer each load and check it) and builds no app until it sends."""
+    code = (
+        "from producer.api import Drover\nd = Drover()\n"
+        "lazy = ('_app', 'signer', 'admission')\n"
+        "before = [n for n in lazy if n in vars(d)]\n"
+        "assert d._app is d._app and d.admission is d.admission and d.signer is d.signer\n"
+        "print(before, [n for n in lazy if n in vars(d)])"
+    )
+    assert probe(code) == "[] ['_app', 'signer', 'admission']"
