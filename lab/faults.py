@@ -19,11 +19,44 @@ from lab.state import loaded as _loaded
 
 
 def kill_worker(name: str, sig: int = signal.SIGKILL) -> None:
-    """Fault injection: kill a host's worker (kill -9 by default) and wait until it is gone."""
+    """Fault injection: kill a host's worker (kill -9 by default) and wait until it is gone,
+    and until Redis's side of its connections has closed too.
+
+    The dead worker's last BRPOP stays registered in Redis until Redis reads the connection's
+    end; on a loaded machine that end may reach Redis after the next push, which Redis then
+    hands to the dead worker (the likely cause, not proven, of a fault-suite case that found
+    a job's first message, pushed right after the kill, gone from the queue). A case that
+    pushes work for the dead host must find it in the queue.
+    """
     _, state = _loaded()
-    pid = state.hosts[name].worker_pid
+    host = state.hosts[name]
+    pid = host.worker_pid
     os.kill(pid, sig)
     wait_until(lambda: not alive(pid), WORKER_START_TIMEOUT, f"{name}'s worker to die")
+    ports = _redis_ports(state.redis_url, state.node_pids)
+    wait_until(
+        lambda: not _redis_peers(host.address, ports),
+        WORKER_START_TIMEOUT,
+        f"Redis to see {name}'s worker gone",
+    )
+
+
+def _redis_ports(url: str, node_ports: dict[str, int]) -> set[int]:
+    """The ports the lab's Redis (every node of a Sentinel set) and sentinels listen on."""
+    ports = {int(p) for p in node_ports}
+    for part in url.split(";"):
+        port = urlsplit(part.split("?")[0]).port
+        if port is not None:
+            ports.add(port)
+    return ports
+
+
+def _redis_peers(address: str, ports: set[int]) -> list[str]:
+    """Established connections from `address` to the lab's Redis ports, as the root
+    namespace (where Redis runs) sees them."""
+    lines = run(["ss", "-Htn", "state", "established", "dst", address]).splitlines()
+    local = [ln.split()[2] for ln in lines if len(ln.split()) >= 4]
+    return [sock for sock in local if int(sock.rsplit(":", 1)[1]) in ports]
 
 
 def restart_redis(sig: int = signal.SIGTERM) -> None:

@@ -15,6 +15,7 @@ import pytest
 from jobs.admission import CLUSTER_GATE, WAITING, inbound_gate, outbound_gate
 from lab import control
 from tests.faults.conftest import check
+from tests.support.forgery import worker_log
 from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, wait_for
 from tests.support.limits_sampler import LimitsSampler
 
@@ -22,6 +23,19 @@ pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("workers_back")]
 
 MAX_PARALLEL = 2
 GUESTS = (*IDLE_GUESTS, "dirty-1")
+
+
+def _children(lab: Lab, evacuation_id: str) -> str:
+    """Where each child of an evacuation that did not end stands, and the end of lab1's
+    worker log: what a timeout alone does not say."""
+    d = lab.drover
+    lines = []
+    for domain, job_id in d.evacuation(evacuation_id).children.items():
+        job = d.job(job_id)
+        last = [e["event"] for e in d.events(job_id)][-4:]
+        lines.append(f"{domain} {job_id} {job.state.value} {sorted(job.phases)} {last}")
+    tail = worker_log("lab1").read_text().splitlines()[-12:]
+    return "children:\n" + "\n".join(lines) + "\nlab1's worker log ends:\n" + "\n".join(tail)
 
 
 def test_killing_the_evacuated_hosts_worker_mid_drain(lab: Lab) -> None:
@@ -45,7 +59,10 @@ def test_killing_the_evacuated_hosts_worker_mid_drain(lab: Lab) -> None:
             held = d.admission.holders(outbound_gate("lab1"))
             check(1 <= len(held) <= MAX_PARALLEL, f"lab1 holds {len(held)} outbound slots")
             control.restart_worker("lab1")
-            ev = d.wait_evacuation(evacuation_id, JOB_TIMEOUT_S)
+            try:
+                ev = d.wait_evacuation(evacuation_id, JOB_TIMEOUT_S)
+            except TimeoutError as exc:
+                raise AssertionError(f"{exc}; {_children(lab, evacuation_id)}") from None
         check(ev.state.value == "drained", f"evacuation {ev.state.value}: {ev.reason}")
         planned = {p.domain: p.destination for p in ev.plan or []}
         check(set(planned) == set(GUESTS), f"planned {sorted(planned)}")

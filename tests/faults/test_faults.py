@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import pytest
 
 from config.celery import host_queue
+from jobs.admission import CLUSTER_GATE, inbound_gate, outbound_gate
 from jobs.phases import Phase, task_name
 from lab import control
+from lab.proc import run
 from producer.api import SubmitError
 from tests.faults.conftest import (
     FAULT_WINDOW_S,
@@ -144,6 +147,32 @@ def test_abort_before_the_migration_starts(
     assert not events_named(lab, job_id, "migration.started")
 
 
+def _standing(lab: Lab, job_id: str) -> str:
+    """Where a job stands, for a case whose premise failed: its state, its events, who holds
+    the admission gates it needs, what waits in line, how kombu routes to its source's queue
+    (a message with no binding to follow goes nowhere a worker reads), who is connected to
+    Redis, and what the workers logged of the job."""
+    job = lab.drover.store.get(job_id)
+    gates = (CLUSTER_GATE, outbound_gate(job.spec.src), inbound_gate(job.spec.dst))
+    held = {gate: sorted(lab.drover.admission.holders(gate)) for gate in gates}
+    seen = [e["event"] for e in lab.drover.events(job_id)]
+    waiting = lab.drover.admission.waiting_ids()
+    queue = host_queue(job.spec.src)
+    routes = lab.drover.store.r.smembers(f"_kombu.binding.{queue}")  # kombu's routing table
+    port = str(urlsplit(lab.drover.settings.redis_url).port)
+    peers = [ln.split() for ln in run(["ss", "-Htn", "state", "established"]).splitlines()]
+    mine = [f for f in peers if len(f) >= 4 and f[2].endswith(f":{port}")]
+    clients = sorted(f"{f[3]} (send-q {f[1]})" for f in mine)
+    logs = {h: worker_log(h).read_text().splitlines() for h in lab.hosts()}
+    mentions = {h: [ln for ln in lines if job_id in ln][:5] for h, lines in logs.items()}
+    return (
+        f"job {job.state.value}, events {seen}, gates held {held}, waiting {waiting}, "
+        f"{queue}'s bindings {sorted(routes)}, Redis's established clients {clients}, "
+        f"the job in the workers' logs {mentions}; {job.spec.src}'s log ends:\n"
+        + "\n".join(logs[job.spec.src][-12:])
+    )
+
+
 def test_abort_of_a_queued_job_means_it_never_starts(lab: Lab) -> None:
     queue = host_queue("lab1")
     r = lab.drover.store.r
@@ -157,7 +186,12 @@ def test_abort_of_a_queued_job_means_it_never_starts(lab: Lab) -> None:
 
     # The case's premise, checked rather than assumed: admitted, its first phase's message
     # waiting in lab1's queue (if the submit's own start failed, a worker's tick sends it).
-    wait_for(waiting, 30, f"job {job_id}'s message in {queue}")
+    try:
+        wait_for(waiting, 30, f"job {job_id}'s message in {queue}")
+    except AssertionError:
+        raise AssertionError(
+            f"{queue} holds {r.llen(queue)}, {before} before the submit; " + _standing(lab, job_id)
+        ) from None
     assert "cancelled (queued)" in lab.drover.abort(job_id)
     assert waiting(), "the message left lab1's queue with no worker there"
     control.restart_worker("lab1")
