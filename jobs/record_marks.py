@@ -5,7 +5,7 @@ once per job), a pending abort, post-copy and redispatch times. Part of `JobReco
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import redis
 
@@ -47,6 +47,10 @@ class RecordMarks:
         if claimed:
             self.replicated()  # the claim and the message's pop before it, on a replica
         return bool(claimed)
+
+    def claim_of(self, job_id: str, phase: str) -> str | None:
+        """The host that claimed `phase` of the job (None: nobody has)."""
+        return cast(str | None, self.r.hget(claims_key(job_id), phase))
 
     def unclaim_phase(self, job_id: str, phase: str) -> None:
         """Give a phase back before a retry (it stopped before changing anything)."""

@@ -113,9 +113,28 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         return  # still waiting for a slot: admission, not recovery, starts it (and checks it)
     elif _quiet_s(rt, job, step) > rt.settings.tunables.redispatch_after and verified(rt, job):
         # (nor is anything sent again for a request no trusted key signed)
+        give_back_dead_claim(rt, job.id, step.phase)
         log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
         rt.store.mark_redispatched(job.id, step.phase.value)
         migration_chain(app, job.id, job.spec, start=step.phase).apply_async()
+
+
+def give_back_dead_claim(rt: Runtime, job_id: str, phase: Phase) -> bool:
+    """Give back this host's claim on a phase that never started and that no live worker runs.
+
+    The worker that took it died between the claim and the phase's start record, which comes
+    before the phase's body: the phase changed nothing. Kept, the claim would drop every
+    message sent again as a duplicate, and the job would wait for ever with its slots held
+    (seen: a worker killed mid-drain, its evacuation's child stuck `prepared`). Called only
+    for a step quiet for `redispatch_after`, long past a live claim's few ms to its start."""
+    if rt.store.claim_of(job_id, phase.value) != rt.host:
+        return False
+    if rt.store.runner(job_id, phase.value) is not None:
+        return False
+    rt.store.unclaim_phase(job_id, phase.value)
+    rt.ledger.unclaim(job_id, phase.value)
+    log.warning("phase.unclaimed", reason="its claimant died before the phase started")
+    return True
 
 
 def _quiet_s(rt: Runtime, job: Job, step: Step) -> float:

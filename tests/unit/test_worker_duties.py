@@ -214,3 +214,36 @@ def test_hosts_show_a_draining_worker_and_a_refused_config() -> None:
     assert "DEAD" not in cell and "CONFIG NOT LOADED" in cell
     assert worker_cell({"worker_alive": False}) == "DEAD"
     assert worker_cell({"worker_alive": True}) == "alive"
+
+
+# --- a claim whose worker died before the phase started ----------------------------------
+
+
+def test_a_dead_workers_claim_on_an_unstarted_phase_is_given_back(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """Killed between the claim and the phase's start, a worker leaves a claim that would drop
+    every message sent again: recovery gives it back (Redis and the host's ledger), and the
+    phase can be claimed again. A live runner's claim, or another host's, is left alone."""
+    from worker.ledger import Ledger
+    from worker.recovery import give_back_dead_claim
+
+    ledger = Ledger(str(tmp_path / "ledger"))
+    rt = Runtime(host="kvm1", store=store, libvirt=cast(Any, None), ledger=ledger)
+    job_id = store.create(SPEC, host="cli")
+    perform = Phase.PERFORM.value
+    assert store.claim_phase(job_id, perform, "kvm1") and ledger.claim(job_id, perform)
+    assert not store.claim_phase(job_id, perform, "kvm1")  # a message sent again: dropped
+
+    beside = runtime(store)  # a live worker running it keeps its claim
+    assert beside.begin(job_id, perform) is None
+    assert give_back_dead_claim(rt, job_id, Phase.PERFORM) is False
+    beside.end(job_id, perform)  # its mark gone, as a dead worker's expires
+
+    assert give_back_dead_claim(rt, job_id, Phase.PERFORM) is True
+    assert store.claim_phase(job_id, perform, "kvm1") and ledger.claim(job_id, perform)
+
+    store.unclaim_phase(job_id, perform)
+    assert store.claim_phase(job_id, perform, "kvm2")  # another host's claim: not ours to give
+    assert give_back_dead_claim(rt, job_id, Phase.PERFORM) is False
+    assert store.claim_of(job_id, perform) == "kvm2"
