@@ -107,12 +107,27 @@ def assert_nothing_left(layout: LabLayout) -> None:
             assert mine not in cmdline, f"pid {proc.name} still runs: {cmdline}"
 
 
+def console_tail(lab: LinuxLab, host: str, name: str, lines: int = 25) -> str:
+    """The end of the guest's serial console as `host` wrote it: a panic says why a guest
+    came up again after a move."""
+    own = lab.layout.host(int(host.removeprefix("lab"))).own_dir("/var/log/libvirt")
+    path = own / "qemu" / f"{name}.console.log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no console log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def assert_moved(lab: LinuxLab, name: str, src: str, dst: str, m: GuestMove) -> None:
     assert m.job.state.value == "succeeded", m.job.reason
     there, here = view(lab.uri(dst), name), view(lab.uri(src), name)
     assert there.active and there.state == libvirt.VIR_DOMAIN_RUNNING
     assert not here.active
-    assert m.continuity_problems() == []
+    problems = m.continuity_problems()
+    assert problems == [], f"{problems} ({m.job.id}); {dst}'s console ends:\n" + console_tail(
+        lab, dst, name
+    )
     assert m.ping.received > 0
     assert m.ping.longest_gap_s < MAX_PING_GAP_S
 
@@ -135,7 +150,10 @@ def test_the_linux_guest_moves_in_every_mode_answering_ping_and_writing(
     lines = []
     for mode, (opts, api, flag) in MODES.items():
         m = move(linux_lab.drover, guest.name, guest.address, src, dst, **opts)
-        assert_moved(linux_lab, guest.name, src, dst, m)
+        try:
+            assert_moved(linux_lab, guest.name, src, dst, m)
+        except AssertionError as exc:
+            raise AssertionError(f"moving {guest.name} {src}->{dst} ({mode}): {exc}") from None
         calls = [
             e["call"]
             for e in linux_lab.drover.events(m.job.id)
