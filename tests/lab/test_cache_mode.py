@@ -17,13 +17,12 @@ guest moves. Every verdict is checked through libvirt on both hosts.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
 
-from lab.caps_faults import recorded_flag, withhold_guest_flag
+from lab.caps_faults import recorded_flag, status_record, withhold_guest_flag
 from lab.guests import GuestSpec, domain_xml
 from lab.proc import run
 from tests.lab.test_linux_guest import LinuxLab, linux_lab  # noqa: F401 (the lab fixture)
@@ -88,8 +87,7 @@ def start_on_lab1(lab: LinuxLab, disk: str) -> bool:
         conn.defineXML(guest_xml(disk)).create()
     finally:
         conn.close()
-    status = lab.layout.host(1).own_dir("/run/libvirt") / "qemu" / f"{GUEST}.xml"
-    present = drop_cache_in(Path(status).read_text()).present
+    present = drop_cache_in(status_record("lab1", GUEST).read_text()).present
     assert present is not None
     return present
 
