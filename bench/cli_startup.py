@@ -14,6 +14,11 @@ transport, Celery's signing serializer), with no target. The migrations move `id
 the lab's first two hosts, one direction then the other; each job is waited for (untimed) and
 the guest checked through libvirt before the next run, so the lab stays as it was.
 
+Every command that has a target, and the two that read a job back, is measured twice: run
+where it is typed (DROVER_CLI_SERVER=off: no server of the user's either) and handed to a
+`drover cli-server` the bench starts for itself (cli/resident.py says what that server
+keeps). The bench counts, from the server's log, that the server ran every one of those.
+
 drover's own modules are byte-compiled first (`python -m compileall`, as pip does for an
 installed package and as the Docker image has): with PYTHONDONTWRITEBYTECODE=1 an editable
 install would compile them from source in every run. `--no-compile` measures as things are.
@@ -30,10 +35,14 @@ import argparse
 import compileall
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +65,11 @@ from lab.proc import LabError
 DEFAULT_LAB_ID = 4
 MS_PER_S = 1000.0
 COMMAND_TIMEOUT_S = 60.0
+SERVER_START_S = 30.0
+POLL_S = 0.05
+# cli/resident.py's names (the bench does not import the CLI it measures).
+SWITCH_ENV = "DROVER_CLI_SERVER"
+RUNTIME_ENV = "XDG_RUNTIME_DIR"
 SETTLE_TIMEOUT_S = 120.0
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("config", "jobs", "schedules", "worker", "producer", "lab", "cli")
@@ -74,6 +88,7 @@ class Figure:
     argv: list[str]
     target_ms: float | None = None
     times_ms: list[float] = field(default_factory=list)
+    served: bool = False  # run with a `drover cli-server` up (cli/resident.py), else without
 
     @property
     def median_ms(self) -> float:
@@ -93,6 +108,35 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
     return elapsed, done.stdout
 
 
+@contextmanager
+def cli_server(drover: str, env: dict[str, str]) -> Iterator[tuple[dict[str, str], Path]]:
+    """A `drover cli-server` of the bench's own (its own runtime directory, so a server the
+    user runs is never measured): the environment its callers use, and its log."""
+    runtime = tempfile.mkdtemp(prefix="drv-bench-")
+    served = env | {RUNTIME_ENV: runtime}
+    log = Path(runtime) / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [drover, "cli-server"], env=served, stdout=out, stderr=out, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while "listening on" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"drover cli-server did not start: {log.read_text().strip()}")
+            time.sleep(POLL_S)
+        yield served, log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=COMMAND_TIMEOUT_S)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def served_runs(log: Path) -> int:
+    """How many commands the server says it ran to their end (cli/server.py's log)."""
+    return sum(" ran " in line and ", exit 0" in line for line in log.read_text().splitlines())
+
+
 def compile_packages() -> None:
     """Byte-code for drover's own packages, as an install would leave it."""
     for package in PACKAGES:
@@ -109,51 +153,72 @@ def bench(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
     if len(names) < 2:
         raise BenchError("the lab needs two hosts")
     a, b = names[0], names[1]
-    env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV} | {"DROVER_CONFIG": config}
+    env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV} | {
+        "DROVER_CONFIG": config,
+        SWITCH_ENV: "off",  # the rows without a server: no server of the user's either
+    }
     drover = str(Path(sys.executable).with_name("drover"))
     d = Drover(load_settings(config))
     conns = {name: libvirt.open(h.operator_uri) for name, h in hosts.items()}
+    without = {k: v for k, v in env.items() if k != SWITCH_ENV}
     try:
-        at = where_running(conns, DOMAIN)
-        if at not in (a, b):
-            raise BenchError(f"{DOMAIN} runs on {at}, the bench uses {a} and {b}")
-        if not args.use_running_lab:
-            pause_noisy_guest(conns)
-        figures = [
-            Figure("baseline", "python -c pass", [sys.executable, "-c", "pass"]),
-            # Not drover: what any command that reads Redis imports before drover's own code
-            # (Typer, the pydantic its option parsing uses, redis-py), for scale.
-            Figure("libraries", "python -c 'import typer, redis'", [*LIBRARIES]),
-            Figure(
-                "libraries",
-                "  ... and celery, kombu, signing",
-                [*LIBRARIES[:-1], f"{LIBRARIES[-1]}; {PUBLISH_LIBRARIES}"],
-            ),
-            Figure("help", "drover --help", [drover, "--help"], TARGETS_MS["help"]),
-            Figure("jobs", "drover jobs --json", [drover, "jobs", "--json"], TARGETS_MS["jobs"]),
-            Figure("migrate", f"drover migrate {DOMAIN} --live --json", [], TARGETS_MS["migrate"]),
-            # No target: the commands that read one job back (the last migrate's).
-            Figure("read", "drover job ID --json", [drover, "job", "{id}", "--json"]),
-            Figure("read", "drover events ID --json", [drover, "events", "{id}", "--json"]),
-        ]
-        moves: list[str] = []
-        last_id = ""
-        for run in range(args.warmup + args.runs):
-            for fig in figures:
-                if fig.kind == "migrate":
-                    dst = b if at == a else a
-                    argv = [drover, "migrate", DOMAIN, "--from", at, "--to", dst, "--live"]
-                    ms, stdout = timed([*argv, "--json"], env)
-                    last_id = json.loads(stdout)["job_id"]
-                    settle(d, conns, last_id, at, dst)
-                    moves.append(f"{at}->{dst}")
-                    at = dst
-                elif fig.kind == "read":
-                    ms, _ = timed([arg.replace("{id}", last_id) for arg in fig.argv], env)
-                else:
-                    ms, _ = timed(fig.argv, env)
-                if run >= args.warmup:
-                    fig.times_ms.append(ms)
+        with cli_server(drover, without) as (served_env, server_log):
+            at = where_running(conns, DOMAIN)
+            if at not in (a, b):
+                raise BenchError(f"{DOMAIN} runs on {at}, the bench uses {a} and {b}")
+            if not args.use_running_lab:
+                pause_noisy_guest(conns)
+            figures = [
+                Figure("baseline", "python -c pass", [sys.executable, "-c", "pass"]),
+                # Not drover: what any command that reads Redis imports before drover's own code
+                # (Typer, the pydantic its option parsing uses, redis-py), for scale.
+                Figure("libraries", "python -c 'import typer, redis'", [*LIBRARIES]),
+                Figure(
+                    "libraries",
+                    "  ... and celery, kombu, signing",
+                    [*LIBRARIES[:-1], f"{LIBRARIES[-1]}; {PUBLISH_LIBRARIES}"],
+                ),
+                Figure("help", "drover --help", [drover, "--help"], TARGETS_MS["help"]),
+                Figure(
+                    "jobs", "drover jobs --json", [drover, "jobs", "--json"], TARGETS_MS["jobs"]
+                ),
+                Figure(
+                    "migrate", f"drover migrate {DOMAIN} --live --json", [], TARGETS_MS["migrate"]
+                ),
+                # No target: the commands that read one job back (the last migrate's).
+                Figure("read", "drover job ID --json", [drover, "job", "{id}", "--json"]),
+                Figure("read", "drover events ID --json", [drover, "events", "{id}", "--json"]),
+            ]
+            # The same commands handed to a `drover cli-server`.
+            figures += [
+                Figure(f.kind, f"{f.name} (served)", f.argv, f.target_ms, served=True)
+                for f in figures
+                if f.kind in (*TARGETS_MS, "read")
+            ]
+            moves: list[str] = []
+            last_id = ""
+            for run in range(args.warmup + args.runs):
+                for fig in figures:
+                    fenv = served_env if fig.served else env
+                    if fig.kind == "migrate":
+                        dst = b if at == a else a
+                        argv = [drover, "migrate", DOMAIN, "--from", at, "--to", dst, "--live"]
+                        ms, stdout = timed([*argv, "--json"], fenv)
+                        last_id = json.loads(stdout)["job_id"]
+                        settle(d, conns, last_id, at, dst)
+                        moves.append(f"{at}->{dst}")
+                        at = dst
+                    elif fig.kind == "read":
+                        ms, _ = timed([arg.replace("{id}", last_id) for arg in fig.argv], fenv)
+                    else:
+                        ms, _ = timed(fig.argv, fenv)
+                    if run >= args.warmup:
+                        fig.times_ms.append(ms)
+            expected = (args.warmup + args.runs) * sum(f.served for f in figures)
+            if served_runs(server_log) != expected:
+                raise BenchError(
+                    f"the server ran {served_runs(server_log)} of the {expected} served commands"
+                )
     finally:
         for conn in conns.values():
             conn.close()
@@ -202,14 +267,14 @@ def summarise(
 
 
 def print_report(summary: dict[str, Any]) -> None:
-    print(f"{'command':34} {'median ms':>9} {'min':>7} {'max':>7} {'x python':>8}  target")
+    print(f"{'command':46} {'median ms':>9} {'min':>7} {'max':>7} {'x python':>8}  target")
     for row in summary["figures"]:
         target = ""
         if "target_ms" in row:
             met = "met" if row["target_met"] else "NOT met"
             target = f"<= {row['target_ms']:.0f} ms: {met}"
         print(
-            f"{row['command']:34} {row['median_ms']:9.1f} {row['min_ms']:7.1f} "
+            f"{row['command']:46} {row['median_ms']:9.1f} {row['min_ms']:7.1f} "
             f"{row['max_ms']:7.1f} {row['ratio_to_python']:8.2f}  {target}"
         )
     print(

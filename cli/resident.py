@@ -1,0 +1,104 @@
+"""Where a resident `drover cli-server` listens, and what its client and it say to each other.
+
+Why a resident process: a `drover` command spends most of its start-up importing its
+libraries (Typer, pydantic, redis-py; Celery, kombu and the signing for a migrate), about
+180 ms for `drover jobs` and 290 ms for `drover migrate` on the lab machine, before any of
+drover's own code runs (bench/cli_startup.py). A shell or a script that calls drover in a loop
+pays that every time. `drover cli-server` imports those libraries once; each command line
+handed to it runs in a fresh child forked from it, with the caller's arguments, environment,
+working directory, umask and standard streams, and drover's own modules imported in that
+child from disk (so nothing drover-side goes stale). Without a server, `drover` runs the
+command itself, as before: the server only ever makes a command faster.
+
+This module is imported by every `drover` command (cli/launch.py), so it imports only small
+parts of the standard library (no typing, no pathlib): a served command's whole run is about
+90 ms, and those two would be 6 of them.
+
+The socket's directory is the caller's own: `$XDG_RUNTIME_DIR/drover`, else
+`/tmp/drover-UID`, mode 0700 and owned by the user; the socket's name carries a digest of the
+installation, so two installations (two virtualenvs) never hand each other a command line.
+A directory that is anyone else's, or open to others, is not used by either side.
+
+The exchange, one JSON object per line on one connection:
+    client -> server   {"argv", "env", "cwd", "umask", "install"} with fds 0, 1, 2 attached
+    server -> client   {"pid": N} (it runs the command) or {"declined": REASON}
+    server -> client   {"exit": CODE} once the command has ended
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+import zlib
+
+# `DROVER_CLI_SERVER=off`: run every command in this process even if a server is up.
+SWITCH_ENV = "DROVER_CLI_SERVER"
+OFF = "off"
+RUNTIME_ENV = "XDG_RUNTIME_DIR"
+DIR_MODE = 0o700
+SOCKET_MODE = 0o600
+# What a request may weigh: arguments and a whole environment fit with room to spare.
+MAX_REQUEST = 1 << 20
+STDIO = (0, 1, 2)
+# struct ucred { pid_t pid; uid_t uid; gid_t gid; }: what SO_PEERCRED answers.
+_UCRED = struct.Struct("3i")
+
+# What the server runs: the job commands (producer/cli.py's COMMAND_NAMES, which a test holds
+# this to) and the root's help. The rest run where they are typed: a worker, the lab, Flower
+# and the exporter run for as long as their caller does; the others are seldom typed in loops.
+SERVED = frozenset({"migrate", "abort", "postcopy", "events", "jobs", "job"})
+CONFIG_OPTION = "--config"
+HELP_OPTION = "--help"
+
+# This installation: the directory that holds the `cli` package.
+INSTALL = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
+
+def command_named(args: list[str]) -> str | None:
+    """The command on a `drover` command line (after the root's `--config`), if any."""
+    rest = list(args)
+    while rest and (rest[0] == CONFIG_OPTION or rest[0].startswith(f"{CONFIG_OPTION}=")):
+        rest = rest[1:] if "=" in rest[0] else rest[2:]
+    return rest[0] if rest and not rest[0].startswith("-") else None
+
+
+def served(args: list[str]) -> bool:
+    """Whether a server runs this command line (`args`: after the program's name)."""
+    command = command_named(args)
+    if command is None:
+        return not args or HELP_OPTION in args
+    return command in SERVED
+
+
+def socket_dir() -> str:
+    runtime = os.environ.get(RUNTIME_ENV)
+    if runtime and os.path.isabs(runtime):
+        return os.path.join(runtime, "drover")
+    return f"/tmp/drover-{os.getuid()}"
+
+
+def socket_path() -> str:
+    """The socket of this installation's server for this user."""
+    digest = zlib.crc32(INSTALL.encode()) & 0xFFFFFFFF
+    return os.path.join(socket_dir(), f"cli-{digest:08x}.sock")
+
+
+def private_dir(path: str) -> bool:
+    """`path` is a real directory (not a link), owned by this user, closed to everyone else."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.getuid()
+        and stat.S_IMODE(st.st_mode) & 0o077 == 0
+    )
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix socket, as the kernel says."""
+    _, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return int(uid)

@@ -1,0 +1,331 @@
+"""`drover cli-server`: a resident process that runs `drover` command lines for its user, each
+in a child forked from it with the libraries already imported (cli/resident.py says why).
+
+What it serves: the job commands (migrate, jobs, job, events, abort, postcopy), the ones a
+script calls in a loop, and the root's help (cli/resident.py's SERVED). Anything else (a
+worker, the lab, Flower...) it declines, and the caller runs it itself.
+
+What it keeps, and why nothing goes stale:
+- Only third-party libraries are imported before a fork, never drover's modules: those are
+  imported by each child from disk, with the caller's environment already in place (a config
+  module reads DROVER_CONFIG when it is imported).
+- Each child first compares the libraries' files (and the directories that hold installed
+  packages) with what they were when the server started. If anything was upgraded or
+  installed since, it declines and stops the server; the caller runs the command itself.
+
+Each child takes the caller's arguments, environment, working directory, umask and standard
+streams, starts a session of its own (so the server's terminal and process group never
+reach it, and a terminal it is handed is not its controlling one), and reports the exit code.
+If the caller goes away, the child is stopped with SIGHUP, as a terminal's hang-up would.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import importlib
+import io
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import types
+from typing import Any, NoReturn
+
+from cli import resident
+
+# What `drover migrate`, `jobs`, `job` and `events` import before any drover code runs.
+PRELOAD = (
+    "typer",
+    "typer._adapters",
+    "pydantic",
+    "redis",
+    "rich.console",
+    "celery",
+    "celery.canvas",
+    "celery.security",
+    "kombu.transport.redis",
+    "cryptography.hazmat.primitives.serialization",
+    "cryptography.x509",
+)
+BACKLOG = 64
+EXIT_DECLINED = 3
+# A caller sends its request at once; a connection that does not is dropped after this long.
+REQUEST_TIMEOUT_S = 10.0
+
+
+class ServerError(Exception):
+    """The server cannot start; the message says why in one line."""
+
+
+# --- what the server has loaded, so that a child can tell whether it is still current ------
+
+
+Stamp = dict[str, tuple[int, int]]
+
+
+def _watched() -> list[str]:
+    """Every file of a loaded module, and the directories installed packages live in (a
+    package installed or removed changes its directory; drover's own is left out, as its
+    files come and go with every test run and its modules are never loaded here)."""
+    files = {
+        path
+        for module in list(sys.modules.values())
+        if isinstance(path := getattr(module, "__file__", None), str)
+    }
+    dirs = {p for p in sys.path if os.path.isdir(p) and os.path.realpath(p) != resident.INSTALL}
+    return sorted(files | dirs)
+
+
+def stamp(paths: list[str]) -> Stamp:
+    """Each path's modification time and inode (a package upgraded has new files)."""
+    out: Stamp = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out[path] = (0, 0)
+        else:
+            out[path] = (st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def preload() -> Stamp:
+    for name in PRELOAD:
+        importlib.import_module(name)
+    # pydantic looks for its plugins (importlib.metadata's entry points) on its first schema:
+    # done once here, not in every child.
+    from pydantic import TypeAdapter
+
+    TypeAdapter(int)
+    return stamp(_watched())
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def serve(path: str) -> None:
+    """Listen on `path` until stopped (SIGTERM, SIGINT, or a child finding the server stale)."""
+    loaded = preload()
+    listener = _listen(path)
+    bound = os.stat(path).st_ino
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    signal.signal(signal.SIGTERM, _stop)
+    gc.freeze()  # what the preload made is shared with every child, untouched
+    print(f"drover cli-server: listening on {path}", file=sys.stderr, flush=True)
+    try:
+        while True:
+            conn, _ = listener.accept()
+            if resident.peer_uid(conn) != os.getuid():
+                conn.close()
+                continue
+            if os.fork() == 0:
+                _child(conn, listener, loaded)
+            conn.close()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _remove(path, bound)
+        listener.close()
+
+
+def _stop(signum: int, _: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _listen(path: str) -> socket.socket:
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, mode=resident.DIR_MODE, exist_ok=True)
+    except OSError as exc:
+        raise ServerError(f"cannot make {directory}: {exc.strerror}") from None
+    if not resident.private_dir(directory):
+        raise ServerError(f"{directory} must be a directory of this user's, mode 0700")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a server that is gone left it
+    else:
+        raise ServerError(f"a drover cli-server already listens on {path}")
+    finally:
+        probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(BACKLOG)
+    return listener
+
+
+def _remove(path: str, bound: int) -> None:
+    """Remove the socket if it is still the one this server bound (`bound`: its inode)."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == bound:
+            os.unlink(path)
+
+
+# --- one command line, in a child ------------------------------------------------------------
+
+
+def _child(conn: socket.socket, listener: socket.socket, loaded: Stamp) -> NoReturn:
+    """Run one command line and exit; never returns into the server's loop. Each writes a
+    line to the server's log (its stderr), before its caller hears the outcome: what ran,
+    in which process, and how it ended."""
+    code = EXIT_DECLINED
+    log = os.dup(2)  # the server's stderr, before the caller's takes its place
+    said = "ended before its request was read"
+    try:
+        listener.close()
+        os.setsid()
+        atexit._clear()  # the server's are not this command's
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        request = _receive(conn)
+        reason = _refusal(request, loaded) or _take_over(request) or _not_served(request)
+        if reason is not None:
+            said = f"declined: {reason}"
+            _log(log, said)
+            _say(conn, {"declined": reason})
+        else:
+            _say(conn, {"pid": os.getpid()})
+            threading.Thread(target=_hang_up_when_gone, args=(conn,), daemon=True).start()
+            said = f"ran {resident.command_named(request['argv'][1:]) or 'help'}"
+            code = _run(request["argv"])
+            said += f", exit {code}"
+            _log(log, said)
+            _say(conn, {"exit": code})
+    except BaseException as exc:  # nothing of a child may reach the server's loop
+        _log(log, f"{said} ({type(exc).__name__})")
+    os._exit(code)
+
+
+def _log(fd: int, line: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, f"drover cli-server: pid {os.getpid()} {line}\n".encode())
+
+
+def _receive(conn: socket.socket) -> dict[str, Any]:
+    conn.settimeout(REQUEST_TIMEOUT_S)
+    data, fds, _, _ = socket.recv_fds(conn, resident.MAX_REQUEST, len(resident.STDIO))
+    while not data.endswith(b"\n") and len(data) < resident.MAX_REQUEST:
+        more = conn.recv(resident.MAX_REQUEST - len(data))
+        if not more:
+            break
+        data += more
+    conn.settimeout(None)
+    request = json.loads(data)
+    if not isinstance(request, dict):
+        raise ValueError("not a request")
+    request["fds"] = fds
+    return request
+
+
+def _refusal(request: dict[str, Any], loaded: Stamp) -> str | None:
+    """Why this child will not take the request (None: it will)."""
+    argv, env = request.get("argv"), request.get("env")
+    if len(request["fds"]) != len(resident.STDIO):
+        return "the standard streams did not come"
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+        return "malformed request"
+    if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
+        return "malformed request"
+    if not isinstance(request.get("cwd"), str) or not isinstance(request.get("umask"), int):
+        return "malformed request"
+    if request.get("install") != resident.INSTALL:
+        return "another installation's command"
+    if stamp(list(loaded)) != loaded:
+        os.kill(os.getppid(), signal.SIGTERM)
+        return "the server's libraries changed since it started; it stops"
+    return None
+
+
+def _not_served(request: dict[str, Any]) -> str | None:
+    if not resident.served(request["argv"][1:]):
+        return "not a command the server runs"
+    return None
+
+
+def _take_over(request: dict[str, Any]) -> str | None:
+    """Become the caller's process: its directory, environment, umask and streams."""
+    try:
+        os.chdir(request["cwd"])
+    except OSError as exc:
+        return f"cannot enter {request['cwd']}: {exc.strerror}"
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.umask(request["umask"])
+    for target, fd in zip(resident.STDIO, request["fds"], strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    encoding, errors = sys.stdout.encoding, sys.stdout.errors
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding, errors)
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), encoding, errors, line_buffering=os.isatty(1)
+    )
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding, "backslashreplace", line_buffering=True
+    )
+    return None
+
+
+def _hang_up_when_gone(conn: socket.socket) -> None:
+    """The caller sends nothing more: a read that ends means it has gone."""
+    try:
+        while conn.recv(1):
+            pass
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGHUP)
+
+
+def _run(argv: list[str]) -> int:
+    """cli/main.py's main(), as `drover` would run it; its exit code."""
+    sys.argv = list(argv)
+    # As in the `drover` script: a __main__ of no package (Click names the program from it).
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        from cli.main import main
+
+        main()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # printed as the interpreter would, then exit 1
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _say(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def main() -> None:
+    """`python -m cli.server` (what `drover cli-server` runs): one line and exit 1 on error."""
+    path = resident.socket_path()
+    try:
+        serve(path)
+    except ServerError as exc:
+        print(f"drover cli-server: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""`drover cli-server`: a served command is the same command, as its caller sees it (output,
+streams, exit code, environment, directory, Ctrl-C), and the server is never needed.
+
+Real processes throughout: the server as `drover cli-server` runs it, the `drover` script a
+user types, the real test Redis. Which process ran a command is read from the server's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cli import resident
+from jobs.spec import MigrationSpec
+from jobs.states import JobState
+from jobs.store import JobStore
+from jobs.submission import enqueue
+from producer.cli import COMMAND_NAMES
+from tests.support.cli import CLI_TIMEOUT_S
+
+DROVER = str(Path(sys.executable).parent / "drover")
+DEADLINE_S = 20.0
+POLL_S = 0.05
+
+
+def until(what: str, check: Callable[[], bool], timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(POLL_S)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Server:
+    env: dict[str, str]  # the callers' environment: the server's runtime dir, the config
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.env[resident.RUNTIME_ENV], "drover", _socket_name())
+
+    def log(self) -> list[str]:
+        return self.log_path.read_text().splitlines()
+
+    def ran(self) -> list[str]:
+        return [line for line in self.log() if " ran " in line or " declined: " in line]
+
+    def drover(
+        self, *args: str, env: dict[str, str] | None = None, cwd: Path | str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [DROVER, *args],
+            capture_output=True,
+            text=True,
+            env=self.env if env is None else env,
+            cwd=cwd,
+            timeout=CLI_TIMEOUT_S,
+            check=False,
+        )
+
+
+def _socket_name() -> str:
+    return os.path.basename(resident.socket_path())
+
+
+def start_server(runtime: str, log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [DROVER, "cli-server"], env=env, stdout=log, stderr=log, start_new_session=True
+        )
+
+
+@pytest.fixture
+def server(config: Path, tmp_path: Path) -> Iterator[Server]:
+    # A short directory of its own (a Unix socket's path has at most 107 bytes).
+    runtime = tempfile.mkdtemp(prefix="drv-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
+    env |= {resident.RUNTIME_ENV: runtime, "DROVER_CONFIG": str(config)}
+    log_path = tmp_path / "server.log"
+    proc = start_server(runtime, log_path, env)
+    srv = Server(env, log_path, proc)
+    try:
+        until("the server listens", lambda: answers(srv.socket))
+        yield srv
+    finally:
+        proc.terminate()
+        proc.wait(timeout=DEADLINE_S)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def here(srv: Server) -> dict[str, str]:
+    return srv.env | {resident.SWITCH_ENV: resident.OFF}
+
+
+def test_the_served_commands_are_the_job_commands() -> None:
+    """cli/resident.py keeps its own list (it must not import the CLI to read it)."""
+    assert resident.SERVED == COMMAND_NAMES
+
+
+def test_a_served_command_answers_as_the_same_command_run_here(
+    server: Server, store: JobStore
+) -> None:
+    job_id = enqueue(store, MigrationSpec(domain="web-1", src="kvm1", dst="kvm2"), origin="t")
+    assert store.transition(job_id, JobState.CANCELLED, host="t", reason="test")[0]  # still
+    lines: tuple[list[str], ...] = (
+        ["jobs", "--json"],
+        ["job", job_id, "--json"],
+        ["events", job_id, "--json"],
+        ["job", "nosuchjob000", "--json"],  # refused: rc 2, one line
+        ["migrate", "web-2", "--from", "kvm1"],  # a usage error
+        ["migrate", "web-2", "--from", "kvm1", "--to", "kvm1", "--json"],  # refused
+        ["--help"],
+        [],
+    )
+    for args in lines:
+        served = server.drover(*args)
+        local = server.drover(*args, env=here(server))
+        assert (served.returncode, served.stdout, served.stderr) == (
+            local.returncode,
+            local.stdout,
+            local.stderr,
+        ), args
+    assert json.loads(server.drover("jobs", "--json").stdout)[0]["id"] == job_id
+    ran = server.ran()
+    assert len(ran) == len(lines) + 1 and all(" ran " in line for line in ran), ran
+    assert "ran job, exit 2" in ran[3] and "ran migrate, exit 2" in ran[4]
+
+
+def test_a_served_command_takes_its_callers_environment_and_directory(
+    server: Server, config: Path, store: JobStore
+) -> None:
+    job_id = enqueue(store, MigrationSpec(domain="web-1", src="kvm1", dst="kvm2"), origin="t")
+    elsewhere = {k: v for k, v in server.env.items() if k != "DROVER_CONFIG"}
+    # The config named relative to the caller's directory, and through the caller's env.
+    by_path = server.drover("--config", config.name, "job", job_id, "--json", cwd=config.parent)
+    assert by_path.returncode == 0, by_path.stderr
+    assert json.loads(by_path.stdout)["id"] == job_id
+    # Without DROVER_CONFIG (the server has it): whatever drover does then, it does served.
+    unset = server.drover("jobs", "--json", env=elsewhere, cwd="/")
+    local = server.drover("jobs", "--json", env=elsewhere | {resident.SWITCH_ENV: "off"}, cwd="/")
+    assert (unset.returncode, unset.stdout, unset.stderr) == (
+        local.returncode,
+        local.stdout,
+        local.stderr,
+    )
+    assert job_id not in unset.stdout + unset.stderr
+    assert len(server.ran()) == 2
+
+
+def test_commands_it_does_not_serve_run_where_they_are_typed(server: Server) -> None:
+    for args in (["lab", "--help"], ["policies", "--help"], ["nosuch"]):
+        served = server.drover(*args)
+        local = server.drover(*args, env=here(server))
+        assert (served.returncode, served.stdout, served.stderr) == (
+            local.returncode,
+            local.stdout,
+            local.stderr,
+        ), args
+    assert server.ran() == []
+
+
+def test_ctrl_c_reaches_a_served_command_and_a_vanished_caller_ends_it(
+    server: Server, store: JobStore
+) -> None:
+    job_id = enqueue(store, MigrationSpec(domain="web-1", src="kvm1", dst="kvm2"), origin="t")
+    follow = [DROVER, "events", job_id, "--follow"]
+    caller = subprocess.Popen(follow, env=server.env, stdout=subprocess.PIPE, text=True)
+    until("the follow is served", lambda: len(running(server)) == 1)
+    caller.send_signal(signal.SIGINT)
+    assert caller.wait(timeout=DEADLINE_S) == 130
+    until("the server logs it", lambda: any("ran events, exit 130" in x for x in server.ran()))
+
+    caller = subprocess.Popen(follow, env=server.env, stdout=subprocess.PIPE, text=True)
+    until("a second follow runs", lambda: len(running(server)) == 1)
+    (child,) = running(server)
+    caller.kill()  # no chance to pass anything on: the server's child notices and ends
+    caller.wait(timeout=DEADLINE_S)
+    until(f"the served command {child} ends with its caller", lambda: not alive(child))
+
+
+def running(server: Server) -> list[int]:
+    """Processes of the server's session that are its children's (a served command each)."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=,ppid=", "--ppid", str(server.proc.pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [int(line.split()[0]) for line in out.stdout.splitlines()]
+
+
+def test_a_killed_command_is_an_error_not_a_success(server: Server, store: JobStore) -> None:
+    job_id = enqueue(store, MigrationSpec(domain="web-1", src="kvm1", dst="kvm2"), origin="t")
+    caller = subprocess.Popen(
+        [DROVER, "events", job_id, "--follow"],
+        env=server.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    until("the follow runs", lambda: len(running(server)) == 1)
+    os.kill(running(server)[0], signal.SIGKILL)
+    assert caller.wait(timeout=DEADLINE_S) == 1
+    assert caller.stderr is not None
+    assert "ended without an exit status" in caller.stderr.read()
+
+
+def test_a_directory_others_can_enter_is_not_used(server: Server) -> None:
+    directory = os.path.dirname(server.socket)
+    os.chmod(directory, 0o755)
+    try:
+        done = server.drover("jobs", "--json")
+        assert done.returncode == 0 and json.loads(done.stdout) == []
+        assert server.ran() == []  # ran here, not by the server
+    finally:
+        os.chmod(directory, 0o700)
+
+
+def test_a_second_server_and_an_open_directory_are_refused_in_one_line(
+    server: Server, tmp_path: Path
+) -> None:
+    second = server.drover("cli-server")
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines() == [
+        f"drover cli-server: a drover cli-server already listens on {server.socket}"
+    ]
+    runtime = tempfile.mkdtemp(prefix="drv-")
+    try:
+        os.makedirs(os.path.join(runtime, "drover"), mode=0o755)
+        os.chmod(os.path.join(runtime, "drover"), 0o755)
+        refused = server.drover("cli-server", env=server.env | {resident.RUNTIME_ENV: runtime})
+        assert refused.returncode == 1 and "mode 0700" in refused.stderr, refused.stderr
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_an_upgraded_library_stops_the_server_and_the_command_runs_here(
+    config: Path, tmp_path: Path
+) -> None:
+    runtime = tempfile.mkdtemp(prefix="drv-")
+    packages = tmp_path / "site"  # a directory of installed packages, on the server's path
+    packages.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
+    env |= {resident.RUNTIME_ENV: runtime, "DROVER_CONFIG": str(config)}
+    log_path = tmp_path / "server.log"
+    proc = start_server(runtime, log_path, env | {"PYTHONPATH": str(packages)})
+    srv = Server(env, log_path, proc)
+    try:
+        until("the server listens", lambda: answers(srv.socket))
+        assert srv.drover("jobs", "--json").returncode == 0
+        (packages / "newly_installed.py").write_text("")
+        done = srv.drover("jobs", "--json")
+        assert done.returncode == 0 and json.loads(done.stdout) == []
+        assert proc.wait(timeout=DEADLINE_S) == 0
+        assert not os.path.exists(srv.socket)
+        until("the server logs both", lambda: len(srv.ran()) == 2)
+        ran = srv.ran()
+        assert " ran jobs, exit 0" in ran[0] and "libraries changed" in ran[1], ran
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=DEADLINE_S)
+        shutil.rmtree(runtime, ignore_errors=True)
