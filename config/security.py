@@ -139,12 +139,26 @@ def _identity(sec: Security) -> Identity | None:
     (registering then says why)."""
     stamps: list[Any] = [sec.digest]
     for path in (sec.key, sec.certificate, sec.cert_store):
-        try:
-            st = os.stat(path or "")
-        except OSError:
+        stamp = _stamp(path or "")
+        if stamp is None:
             return None
-        stamps.append((path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        stamps.append(stamp)
     return tuple(stamps)
+
+
+def _stamp(path: str) -> tuple[Any, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def key_checked(path: str) -> bool:
+    """Whether Celery's signing setup in this process loaded the key at `path` as the file is
+    now. Loading an RSA key checks its consistency (tens of milliseconds); the request signer
+    loading the same file next need not check it again (jobs/request_signing.py)."""
+    return _registered.key_checked(path)
 
 
 def _auth_encoder() -> object:
@@ -165,6 +179,11 @@ class _Registration:
     def remember(self, identity: Identity | None) -> None:
         with self._lock:
             self._identity, self._encoder = identity, _auth_encoder()
+
+    def key_checked(self, path: str) -> bool:
+        with self._lock:
+            identity = self._identity
+        return identity is not None and _stamp(path) == identity[1]
 
     def current(self, sec: Security) -> bool:
         identity = _identity(sec)

@@ -122,12 +122,18 @@ def _pss(algorithm: hashes.HashAlgorithm) -> padding.PSS:
 class RequestSigner:
     """Signs requests with this machine's key (`[security] key` and `certificate`)."""
 
-    def __init__(self, key_path: str, cert_path: str, digest: str = "sha256") -> None:
+    def __init__(
+        self, key_path: str, cert_path: str, digest: str = "sha256", *, checked: bool = False
+    ) -> None:
+        """`checked`: this process has just loaded the same file, and checked the key's
+        consistency then (config/security.py key_checked); the check is not made twice."""
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
 
-        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+        key = serialization.load_pem_private_key(
+            Path(key_path).read_bytes(), password=None, unsafe_skip_rsa_key_validation=checked
+        )
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ValueError("the signing key must be an RSA key")
         self._key = key

@@ -135,9 +135,11 @@ def signer_for(security: Security) -> RequestSigner | None:
         return None
     assert security.key and security.certificate
     ident = (security.key, security.certificate, security.digest)
+    from config.security import key_checked  # Celery's: a signing process has it loaded
+
     with _cache_lock:
         if ident not in _signers:
-            _signers[ident] = RequestSigner(*ident)
+            _signers[ident] = RequestSigner(*ident, checked=key_checked(security.key))
         return _signers[ident]
 
 

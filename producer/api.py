@@ -72,6 +72,7 @@ class Drover:
 
     @cached_property
     def signer(self) -> RequestSigner | None:
+        _ = self.settings.security.signing and self._app  # its setup checks the key, once
         return signer_for(self.settings.security)
 
     @cached_property
@@ -156,11 +157,9 @@ class Drover:
         signature.apply_async()
 
     def abort(self, job_id: str) -> str:
-        """Stop a job or an evacuation; returns what happened, in one line.
-
-        A queued job never starts, a running migration is aborted in libvirt; the guest stays
-        where it was. An evacuation stops its queued children and aborts its running ones.
-        """
+        """Stop a job or an evacuation; returns what happened, in one line. A queued job
+        never starts, a running migration is aborted in libvirt; the guest stays where it was.
+        An evacuation stops its queued children and aborts its running ones."""
         if self.store.kind(job_id) == EVACUATION_KIND:
             return self.abort_evacuation(job_id)
         try:

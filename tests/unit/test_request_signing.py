@@ -186,3 +186,37 @@ def test_admission_never_starts_a_forged_job(fleet: Fleet) -> None:
     events = [e["event"] for _, e in fleet.store.read_events(forged)]
     assert "security.rejected" in events
     assert forged not in admission.waiting_ids()
+
+
+def test_the_signer_skips_the_key_check_only_for_the_file_the_signing_setup_checked(
+    tmp_path: Path, redis_srv: RedisServer, keys: Path
+) -> None:
+    """Loading an RSA key checks its consistency (tens of ms). A producer loads its key twice,
+    for Celery's signing and for the request signer: the second load skips the check only
+    while the file is the very one the first load checked in this process."""
+    import os
+    import shutil
+
+    from config.celery import make_app
+    from config.security import key_checked
+    from jobs.request_signing import forget_keys
+
+    mine = tmp_path / "keys"
+    shutil.copytree(keys, mine)
+    config = tmp_path / "drover.toml"
+    config.write_text(REGISTRY.format(url=redis_srv.url) + signing_section(mine))
+    settings = load_settings(config)
+    key = str(mine / "key.pem")
+    assert not key_checked(key)  # never loaded in this process
+    make_app(settings)  # Celery's signing setup: loads the key, checked
+    assert key_checked(key)
+    forget_keys()
+    store = JobStore.from_url(redis_srv.url)
+    store.r.flushdb()
+    job_id = enqueue(store, SPEC, origin="producer@test", signer=signer_for(settings.security))
+    check_job(verifier_for(settings.security), store.get(job_id))  # signs as before
+    # The same bytes in a new file at the same path: not the file that was checked.
+    (mine / "new.pem").write_bytes((mine / "key.pem").read_bytes())
+    os.replace(mine / "new.pem", mine / "key.pem")
+    assert not key_checked(key)
+    forget_keys()
