@@ -23,8 +23,18 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import Any
 
-# Signals the caller's terminal or supervisor sends to `drover` that the command must get.
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+# Signals the caller's terminal or supervisor sends to `drover` that the command must get
+# (SIGCONT after a stop, SIGWINCH when the terminal is resized).
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCONT,
+    signal.SIGWINCH,
+)
 EXIT_LOST = 1
 
 
@@ -74,17 +84,26 @@ def handed_over(argv: list[str]) -> int | None:
 class _Relay:
     """Passes the caller's signals on to the served command; one that comes before the
     server has said which process runs it is held, then passed on, or raised here if the
-    command is to run here after all."""
+    command is to run here after all. Ctrl-Z (SIGTSTP) stops the command, then the caller;
+    the shell's `fg` or `bg` (SIGCONT) resumes both."""
 
     def __init__(self) -> None:
         self.pid = 0
         self.held: list[int] = []
         self.before = {signum: signal.signal(signum, self._on) for signum in FORWARDED}
+        self.before[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._on)
 
     def _on(self, signum: int, _: FrameType | None) -> None:
         if not self.pid:
             self.held.append(signum)
             return
+        if signum == signal.SIGTSTP:
+            self._kill(signal.SIGSTOP)
+            os.kill(os.getpid(), signal.SIGSTOP)  # here until SIGCONT
+            signum = signal.SIGCONT
+        self._kill(signum)
+
+    def _kill(self, signum: int) -> None:
         try:  # noqa: SIM105 - contextlib is one more import for every command
             os.kill(self.pid, signum)
         except ProcessLookupError:

@@ -197,6 +197,11 @@ def test_ctrl_c_reaches_a_served_command_and_a_vanished_caller_ends_it(
     follow = [DROVER, "events", job_id, "--follow"]
     caller = subprocess.Popen(follow, env=server.env, stdout=subprocess.PIPE, text=True)
     until("the follow is served", lambda: len(running(server)) == 1)
+    (child,) = running(server)
+    caller.send_signal(signal.SIGTSTP)  # Ctrl-Z: the command stops, then its caller
+    until("both stopped", lambda: state(child) == "T" and state(caller.pid) == "T")
+    caller.send_signal(signal.SIGCONT)  # `fg`
+    until("both go on", lambda: state(child) != "T" and state(caller.pid) != "T")
     caller.send_signal(signal.SIGINT)
     assert caller.wait(timeout=DEADLINE_S) == 130
     until("the server logs it", lambda: any("ran events, exit 130" in x for x in server.ran()))
@@ -207,6 +212,12 @@ def test_ctrl_c_reaches_a_served_command_and_a_vanished_caller_ends_it(
     caller.kill()  # no chance to pass anything on: the server's child notices and ends
     caller.wait(timeout=DEADLINE_S)
     until(f"the served command {child} ends with its caller", lambda: not alive(child))
+
+
+def state(pid: int) -> str:
+    """The process's state letter (R, S, T for stopped...), from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def running(server: Server) -> list[int]:
