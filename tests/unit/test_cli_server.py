@@ -119,8 +119,20 @@ def server(config: Path, tmp_path: Path) -> Iterator[Server]:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-def here(srv: Server) -> dict[str, str]:
-    return srv.env | {resident.SWITCH_ENV: resident.OFF}
+def same_both_ways(
+    srv: Server, *args: str, env: dict[str, str] | None = None, cwd: str | None = None
+) -> str:
+    """The command line gives the same exit code, stdout and stderr with the server (if it
+    serves it) as run here; what it printed."""
+    env = srv.env if env is None else env
+    served = srv.drover(*args, env=env, cwd=cwd)
+    local = srv.drover(*args, env=env | {resident.SWITCH_ENV: resident.OFF}, cwd=cwd)
+    assert (served.returncode, served.stdout, served.stderr) == (
+        local.returncode,
+        local.stdout,
+        local.stderr,
+    ), args
+    return served.stdout + served.stderr
 
 
 def test_the_served_commands_are_the_job_commands() -> None:
@@ -144,13 +156,7 @@ def test_a_served_command_answers_as_the_same_command_run_here(
         [],
     )
     for args in lines:
-        served = server.drover(*args)
-        local = server.drover(*args, env=here(server))
-        assert (served.returncode, served.stdout, served.stderr) == (
-            local.returncode,
-            local.stdout,
-            local.stderr,
-        ), args
+        same_both_ways(server, *args)
     assert json.loads(server.drover("jobs", "--json").stdout)[0]["id"] == job_id
     ran = server.ran()
     assert len(ran) == len(lines) + 1 and all(" ran " in line for line in ran), ran
@@ -167,26 +173,13 @@ def test_a_served_command_takes_its_callers_environment_and_directory(
     assert by_path.returncode == 0, by_path.stderr
     assert json.loads(by_path.stdout)["id"] == job_id
     # Without DROVER_CONFIG (the server has it): whatever drover does then, it does served.
-    unset = server.drover("jobs", "--json", env=elsewhere, cwd="/")
-    local = server.drover("jobs", "--json", env=elsewhere | {resident.SWITCH_ENV: "off"}, cwd="/")
-    assert (unset.returncode, unset.stdout, unset.stderr) == (
-        local.returncode,
-        local.stdout,
-        local.stderr,
-    )
-    assert job_id not in unset.stdout + unset.stderr
+    assert job_id not in same_both_ways(server, "jobs", "--json", env=elsewhere, cwd="/")
     assert len(server.ran()) == 2
 
 
 def test_commands_it_does_not_serve_run_where_they_are_typed(server: Server) -> None:
     for args in (["lab", "--help"], ["policies", "--help"], ["nosuch"]):
-        served = server.drover(*args)
-        local = server.drover(*args, env=here(server))
-        assert (served.returncode, served.stdout, served.stderr) == (
-            local.returncode,
-            local.stdout,
-            local.stderr,
-        ), args
+        same_both_ways(server, *args)
     assert server.ran() == []
 
 
