@@ -68,9 +68,11 @@ Stamp = dict[str, tuple[int, int]]
 
 
 def _watched() -> list[str]:
-    """Every file of a loaded module, and the directories installed packages live in (a
-    package installed or removed changes its directory; drover's own is left out, as its
-    files come and go with every test run and its modules are never loaded here)."""
+    """Every file of a loaded module, and the directories on the module path (a package
+    installed or removed changes its directory). The directory drover itself is installed
+    in is left out: files come and go there with every build and test run, and the server
+    loads none of drover's modules but its own two. (The server runs with `python -P`, so
+    the directory it was started from is not on its path.)"""
     files = {
         path
         for module in list(sys.modules.values())
@@ -119,12 +121,12 @@ def serve(path: str) -> None:
     try:
         while True:
             conn, _ = listener.accept()
-            if resident.peer_uid(conn) != os.getuid():
-                conn.close()
-                continue
-            if os.fork() == 0:
-                _child(conn, listener, loaded)
-            conn.close()
+            with conn:
+                try:
+                    if resident.peer_uid(conn) == os.getuid() and os.fork() == 0:
+                        _child(conn, listener, loaded)
+                except OSError as exc:  # the caller left, or no process could be made
+                    print(f"drover cli-server: a caller not served: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     finally:
@@ -322,7 +324,7 @@ def main() -> None:
     path = resident.socket_path()
     try:
         serve(path)
-    except ServerError as exc:
+    except (ServerError, OSError) as exc:
         print(f"drover cli-server: {exc}", file=sys.stderr)
         sys.exit(1)
 

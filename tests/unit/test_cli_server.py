@@ -94,10 +94,17 @@ def _socket_name() -> str:
     return os.path.basename(resident.socket_path())
 
 
-def start_server(runtime: str, log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_server(
+    runtime: str, log_path: Path, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [DROVER, "cli-server"], env=env, stdout=log, stderr=log, start_new_session=True
+            [DROVER, "cli-server"],
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=cwd,
         )
 
 
@@ -278,10 +285,13 @@ def test_an_upgraded_library_stops_the_server_and_the_command_runs_here(
     env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
     env |= {resident.RUNTIME_ENV: runtime, "DROVER_CONFIG": str(config)}
     log_path = tmp_path / "server.log"
-    proc = start_server(runtime, log_path, env | {"PYTHONPATH": str(packages)})
+    started_in = tmp_path / "home"  # where it was started: not its module path
+    started_in.mkdir()
+    proc = start_server(runtime, log_path, env | {"PYTHONPATH": str(packages)}, started_in)
     srv = Server(env, log_path, proc)
     try:
         until("the server listens", lambda: answers(srv.socket))
+        (started_in / "notes.txt").write_text("a file of the user's")
         assert srv.drover("jobs", "--json").returncode == 0
         (packages / "newly_installed.py").write_text("")
         done = srv.drover("jobs", "--json")
