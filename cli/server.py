@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import types
 from typing import Any, NoReturn
 
@@ -264,6 +265,7 @@ def _take_over(request: dict[str, Any]) -> str | None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.umask(request["umask"])
+    time.tzset()  # the caller's TZ, for anything that shows local time
     for target, fd in zip(resident.STDIO, request["fds"], strict=True):
         os.dup2(fd, target)
         os.close(fd)
