@@ -56,6 +56,7 @@ BACKLOG = 64
 EXIT_DECLINED = 3
 # A caller sends its request at once; a connection that does not is dropped after this long.
 REQUEST_TIMEOUT_S = 10.0
+_server_pid = 0  # set by serve(), read by its children
 
 
 class ServerError(Exception):
@@ -112,6 +113,8 @@ def preload() -> Stamp:
 
 def serve(path: str) -> None:
     """Listen on `path` until stopped (SIGTERM, SIGINT, or a child finding the server stale)."""
+    global _server_pid
+    _server_pid = os.getpid()
     loaded = preload()
     listener = _listen(path)
     bound = os.stat(path).st_ino
@@ -245,9 +248,16 @@ def _refusal(request: dict[str, Any], loaded: Stamp) -> str | None:
     if request.get("install") != resident.INSTALL:
         return "another installation's command"
     if stamp(list(loaded)) != loaded:
-        os.kill(os.getppid(), signal.SIGTERM)
+        _stop_server()
         return "the server's libraries changed since it started; it stops"
     return None
+
+
+def _stop_server() -> None:
+    """SIGTERM to the server: this child's parent, as long as it still is (a child whose
+    server has gone has been given to another parent, which is none of its business)."""
+    if os.getppid() == _server_pid:
+        os.kill(_server_pid, signal.SIGTERM)
 
 
 def _not_served(request: dict[str, Any]) -> str | None:
