@@ -221,14 +221,8 @@ def state(pid: int) -> str:
 
 
 def running(server: Server) -> list[int]:
-    """Processes of the server's session that are its children's (a served command each)."""
-    out = subprocess.run(
-        ["ps", "-o", "pid=,ppid=", "--ppid", str(server.proc.pid)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return [int(line.split()[0]) for line in out.stdout.splitlines()]
+    """The server's children: a served command each."""
+    return children(server.proc.pid)
 
 
 def test_a_killed_command_is_an_error_not_a_success(server: Server, store: JobStore) -> None:
@@ -306,3 +300,87 @@ def test_an_upgraded_library_stops_the_server_and_the_command_runs_here(
             proc.terminate()
             proc.wait(timeout=DEADLINE_S)
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+# A process that adopts its orphaned descendants (a subreaper, as init or a service manager
+# is) and writes down the signals it gets and the processes it reaps.
+REAPER = """
+import ctypes, os, signal, subprocess, sys
+PR_SET_CHILD_SUBREAPER = 36
+ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+record = open(sys.argv[1], "a", buffering=1)
+
+def reap(signum, frame):
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        record.write(f"reaped {pid}\\n")
+
+signal.signal(signal.SIGCHLD, reap)
+signal.signal(signal.SIGTERM, lambda signum, frame: record.write("SIGTERM\\n"))
+server = subprocess.Popen(sys.argv[2:], stdout=sys.stderr)
+record.write(f"server {server.pid}\\n")
+while True:
+    signal.pause()
+"""
+
+
+def test_a_child_whose_server_died_never_signals_the_process_that_adopted_it(
+    config: Path, tmp_path: Path
+) -> None:
+    """A child finding the server's libraries changed stops its server. Once the server has
+    died, the child's parent is whoever adopted it (init, as root): that one is left alone."""
+    runtime = tempfile.mkdtemp(prefix="drv-")
+    packages = tmp_path / "site"
+    packages.mkdir()
+    record = tmp_path / "reaper.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
+    env |= {resident.RUNTIME_ENV: runtime, "PYTHONPATH": str(packages)}
+    reaper = subprocess.Popen(
+        [sys.executable, "-c", REAPER, str(record), DROVER, "cli-server"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    path = os.path.join(runtime, "drover", _socket_name())
+    try:
+        until("the server listens", lambda: answers(path))
+        (server_pid,) = [
+            int(x.split()[1]) for x in record.read_text().splitlines() if "server" in x
+        ]
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(path)  # the server forks a child for it, which waits for the request
+            until("the child is forked", lambda: len(children(server_pid)) == 1)
+            os.kill(server_pid, signal.SIGKILL)
+            until("the reaper has the server", lambda: f"reaped {server_pid}" in record.read_text())
+            (packages / "newly_installed.py").write_text("")  # the libraries changed
+            request = {
+                "argv": [DROVER, "jobs", "--json"],
+                "env": {"DROVER_CONFIG": str(config)},
+                "cwd": "/",
+                "umask": 0o022,
+                "install": resident.INSTALL,
+            }
+            with open(os.devnull, "r+b") as null:
+                fds = [null.fileno()] * len(resident.STDIO)
+                socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], fds)
+            reply = json.loads(conn.makefile("rb").readline())
+        assert "libraries changed" in reply["declined"], reply
+        until("the child is reaped too", lambda: record.read_text().count("reaped") == 2)
+        assert "SIGTERM" not in record.read_text()
+    finally:
+        reaper.kill()
+        reaper.wait(timeout=DEADLINE_S)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(line) for line in out.stdout.split()]
