@@ -312,9 +312,13 @@ def _run(argv: list[str]) -> int:
         code: Any = 0
     except SystemExit as exc:
         code = exc.code
-    except BaseException:  # printed as the interpreter would, then exit 1
+    except BaseException as exc:  # printed as the interpreter would, then its exit code
         sys.excepthook(*sys.exc_info())
-        code = 1
+        # Ctrl-C before the command took it over (while drover's modules load): the
+        # interpreter would die of SIGINT, which a shell shows as 130.
+        from producer.cli_common import EXIT_FAILED, EXIT_INTERRUPTED
+
+        code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -195,15 +196,19 @@ def test_ctrl_c_reaches_a_served_command_and_a_vanished_caller_ends_it(
 ) -> None:
     job_id = enqueue(store, MigrationSpec(domain="web-1", src="kvm1", dst="kvm2"), origin="t")
     follow = [DROVER, "events", job_id, "--follow"]
-    caller = subprocess.Popen(follow, env=server.env, stdout=subprocess.PIPE, text=True)
+    caller = subprocess.Popen(
+        follow, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     until("the follow is served", lambda: len(running(server)) == 1)
+    assert "queued" in first_line(caller)  # the command runs: its first event is out
     (child,) = running(server)
     caller.send_signal(signal.SIGTSTP)  # Ctrl-Z: the command stops, then its caller
     until("both stopped", lambda: state(child) == "T" and state(caller.pid) == "T")
     caller.send_signal(signal.SIGCONT)  # `fg`
     until("both go on", lambda: state(child) != "T" and state(caller.pid) != "T")
     caller.send_signal(signal.SIGINT)
-    assert caller.wait(timeout=DEADLINE_S) == 130
+    _, said = caller.communicate(timeout=DEADLINE_S)
+    assert caller.returncode == 130, (said, server.log())
     until("the server logs it", lambda: any("ran events, exit 130" in x for x in server.ran()))
 
     caller = subprocess.Popen(follow, env=server.env, stdout=subprocess.PIPE, text=True)
@@ -212,6 +217,14 @@ def test_ctrl_c_reaches_a_served_command_and_a_vanished_caller_ends_it(
     caller.kill()  # no chance to pass anything on: the server's child notices and ends
     caller.wait(timeout=DEADLINE_S)
     until(f"the served command {child} ends with its caller", lambda: not alive(child))
+
+
+def first_line(proc: subprocess.Popen[str]) -> str:
+    """The first line `proc` writes to its stdout (within the deadline)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], DEADLINE_S)
+    assert ready, f"no output within {DEADLINE_S} s"
+    return proc.stdout.readline()
 
 
 def state(pid: int) -> str:
