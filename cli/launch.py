@@ -65,8 +65,8 @@ def handed_over(argv: list[str]) -> int | None:
             first = _line(reader)
         except (OSError, ValueError):
             first = {}
-        pid = first.get("pid")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        pid = _number(first.get("pid"))
+        if pid is None or pid <= 0:
             relay.give_back()  # declined (not served, a stale server): it runs here
             return None
         relay.to(pid)
@@ -74,8 +74,8 @@ def handed_over(argv: list[str]) -> int | None:
             last = _line(reader)
         except (OSError, ValueError):
             last = {}
-    code = last.get("exit")
-    if not isinstance(code, int) or isinstance(code, bool):
+    code = _number(last.get("exit"))
+    if code is None:
         print("drover: the command's process ended without an exit status", file=sys.stderr)
         return EXIT_LOST
     return code
@@ -159,6 +159,11 @@ def _send(conn: socket.socket, argv: list[str]) -> None:
     sent = socket.send_fds(conn, [data], list(resident.STDIO))
     if sent < len(data):
         conn.sendall(data[sent:])
+
+
+def _number(value: object) -> int | None:
+    """`value` if it is a JSON integer (not a boolean), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _line(reader: Any) -> dict[str, Any]:

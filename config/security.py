@@ -146,6 +146,10 @@ def _identity(sec: Security) -> Identity | None:
     return tuple(stamps)
 
 
+# Where _identity puts the key's stamp: after the digest, before the certificate's.
+_KEY_STAMP = 1
+
+
 def _stamp(path: str) -> tuple[Any, ...] | None:
     try:
         st = os.stat(path)
@@ -183,7 +187,7 @@ class _Registration:
     def key_checked(self, path: str) -> bool:
         with self._lock:
             identity = self._identity
-        return identity is not None and _stamp(path) == identity[1]
+        return identity is not None and _stamp(path) == identity[_KEY_STAMP]
 
     def current(self, sec: Security) -> bool:
         identity = _identity(sec)

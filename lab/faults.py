@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from config.redis_acl import HEALTH_USER
@@ -51,12 +52,30 @@ def _redis_ports(url: str, node_ports: dict[str, int]) -> set[int]:
     return ports
 
 
+@dataclass(frozen=True)
+class Connection:
+    """One established TCP connection as `ss` shows it: addresses as ADDRESS:PORT."""
+
+    local: str
+    peer: str
+    send_q: int
+
+    @property
+    def local_port(self) -> int:
+        return int(self.local.rsplit(":", 1)[1])
+
+
+def established(dst: str | None = None) -> list[Connection]:
+    """The established TCP connections the root namespace (where Redis runs) sees, those
+    with peer `dst` only if given."""
+    argv = ["ss", "-Htn", "state", "established", *(["dst", dst] if dst else [])]
+    rows = [line.split() for line in run(argv).splitlines()]
+    return [Connection(f[2], f[3], int(f[1])) for f in rows if len(f) >= 4]
+
+
 def _redis_peers(address: str, ports: set[int]) -> list[str]:
-    """Established connections from `address` to the lab's Redis ports, as the root
-    namespace (where Redis runs) sees them."""
-    lines = run(["ss", "-Htn", "state", "established", "dst", address]).splitlines()
-    local = [ln.split()[2] for ln in lines if len(ln.split()) >= 4]
-    return [sock for sock in local if int(sock.rsplit(":", 1)[1]) in ports]
+    """Established connections from `address` to the lab's Redis ports."""
+    return [c.local for c in established(address) if c.local_port in ports]
 
 
 def restart_redis(sig: int = signal.SIGTERM) -> None:

@@ -12,7 +12,7 @@ from config.celery import host_queue
 from jobs.admission import CLUSTER_GATE, inbound_gate, outbound_gate
 from jobs.phases import Phase, task_name
 from lab import control
-from lab.proc import run
+from lab.faults import established
 from producer.api import SubmitError
 from tests.faults.conftest import (
     FAULT_WINDOW_S,
@@ -159,10 +159,8 @@ def _standing(lab: Lab, job_id: str) -> str:
     waiting = lab.drover.admission.waiting_ids()
     queue = host_queue(job.spec.src)
     routes = lab.drover.store.r.smembers(f"_kombu.binding.{queue}")  # kombu's routing table
-    port = str(urlsplit(lab.drover.settings.redis_url).port)
-    peers = [ln.split() for ln in run(["ss", "-Htn", "state", "established"]).splitlines()]
-    mine = [f for f in peers if len(f) >= 4 and f[2].endswith(f":{port}")]
-    clients = sorted(f"{f[3]} (send-q {f[1]})" for f in mine)
+    port = urlsplit(lab.drover.settings.redis_url).port
+    clients = sorted(f"{c.peer} (send-q {c.send_q})" for c in established() if c.local_port == port)
     logs = {h: worker_log(h).read_text().splitlines() for h in lab.hosts()}
     mentions = {h: [ln for ln in lines if job_id in ln][:5] for h, lines in logs.items()}
     return (

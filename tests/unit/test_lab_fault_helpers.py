@@ -16,3 +16,23 @@ def test_a_sentinel_set_gives_every_sentinel_and_every_node() -> None:
         "/0?master_name=drover"
     )
     assert _redis_ports(url, {"6401": 11, "6402": 12}) == {26401, 26402, 6401, 6402}
+
+
+def test_established_reads_a_real_connection_as_ss_shows_it() -> None:
+    """lab/faults.py reads `ss`'s columns by position: a connection made here must come back
+    with its two ends the right way round."""
+    import socket
+
+    from lab.faults import established
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                mine = f"127.0.0.1:{client.getsockname()[1]}"
+                ends = {(c.local, c.peer) for c in established("127.0.0.1")}
+                assert (f"127.0.0.1:{port}", mine) in ends  # the server's side
+                assert (mine, f"127.0.0.1:{port}") in ends  # the client's side
+                server_side = [c for c in established() if c.peer == mine]
+                assert [c.local_port for c in server_side] == [port]
