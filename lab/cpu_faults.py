@@ -17,6 +17,7 @@ again, and edits again until the edit stays.
 
 from __future__ import annotations
 
+import difflib
 import re
 import shutil
 from collections.abc import Callable
@@ -30,6 +31,7 @@ _TCG_HOST_CPU = "<hostCPU type='tcg'"
 # libvirtd sometimes writes its cache anew over the edit (measured: about half the restarts
 # that followed a restore, editing under a running daemon); the edit is then made again.
 EDIT_ATTEMPTS = 4
+DIFF_LINES_SHOWN = 6  # of a rewrite that changed no validity field
 # The cache file's fields libvirt compares with the host to decide whether to probe QEMU again.
 _VALIDITY_FIELDS = (
     "qemuctime",
@@ -83,13 +85,19 @@ def edit_cache(host: str, edit: CacheEdit, what: str) -> None:
 
 def _validity_change(edited: str, written: str) -> str:
     """Which of the fields libvirt judges a cache file's validity by differ between the two
-    texts: why libvirt probed QEMU again, said when the edit did not survive a restart."""
+    texts: why libvirt probed QEMU again, said when the edit did not survive a restart. When
+    none does, the first lines that differ say what libvirt wrote instead."""
     changed = []
     for field in _VALIDITY_FIELDS:
         before, after = _field(edited, field), _field(written, field)
         if before != after:
             changed.append(f"{field} {before} -> {after}")
-    return "; ".join(changed) or "no validity field changed"
+    if changed:
+        return "; ".join(changed)
+    diff = difflib.unified_diff(edited.splitlines(), written.splitlines(), lineterm="", n=0)
+    lines = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    shown = "; ".join(line.strip() for line in lines[:DIFF_LINES_SHOWN])
+    return f"no validity field changed; {len(lines)} lines differ, first: {shown}"
 
 
 def _field(text: str, name: str) -> str | None:

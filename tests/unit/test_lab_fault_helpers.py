@@ -36,3 +36,15 @@ def test_established_reads_a_real_connection_as_ss_shows_it() -> None:
                 assert (mine, f"127.0.0.1:{port}") in ends  # the client's side
                 server_side = [c for c in established() if c.peer == mine]
                 assert [c.local_port for c in server_side] == [port]
+
+
+def test_a_cache_rewrite_is_explained_by_its_validity_fields_or_its_first_changed_lines() -> None:
+    """lab/cpu_faults.py: why libvirt wrote its cache over an edit, in the error it raises."""
+    from lab.cpu_faults import _validity_change
+
+    edited = "<qemuCaps>\n<selfctime>1</selfctime>\n<p name='aes' value='false'/>\n</qemuCaps>"
+    probed = edited.replace("value='false'", "value='true'")
+    assert _validity_change(edited, probed.replace(">1<", ">2<")) == "selfctime 1 -> 2"
+    said = _validity_change(edited, probed)
+    assert said.startswith("no validity field changed; 2 lines differ")
+    assert "-<p name='aes' value='false'/>; +<p name='aes' value='true'/>" in said
