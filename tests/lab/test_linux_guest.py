@@ -107,16 +107,26 @@ def assert_nothing_left(layout: LabLayout) -> None:
             assert mine not in cmdline, f"pid {proc.name} still runs: {cmdline}"
 
 
+# Where a guest kernel's report of a crash begins, in its console.
+OOPS_MARKS = ("BUG:", "Oops:", "general protection fault", "invalid opcode", "Kernel panic")
+OOPS_LINES_SHOWN = 80
+
+
 def console_tail(lab: LinuxLab, host: str, name: str, lines: int = 25) -> str:
     """The end of the guest's serial console as `host` wrote it: a panic says why a guest
-    came up again after a move."""
+    came up again after a move. From the first line of the last crash report when there is
+    one (its head names the fault), else the last `lines`."""
     own = lab.layout.host(int(host.removeprefix("lab"))).own_dir("/var/log/libvirt")
     path = own / "qemu" / f"{name}.console.log"
     try:
-        text = path.read_text(errors="replace")
+        text = path.read_text(errors="replace").splitlines()
     except OSError as exc:
         return f"(no console log: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
+    marks = [i for i, line in enumerate(text) if any(m in line for m in OOPS_MARKS)]
+    if marks:  # the last report's first mark: the earliest within a report's length of it
+        first = min(i for i in marks if i >= marks[-1] - OOPS_LINES_SHOWN)
+        return "\n".join(text[max(first - 2, 0) : first + OOPS_LINES_SHOWN])
+    return "\n".join(text[-lines:])
 
 
 def assert_moved(lab: LinuxLab, name: str, src: str, dst: str, m: GuestMove) -> None:
