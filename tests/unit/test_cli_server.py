@@ -61,6 +61,13 @@ def answers(path: str) -> bool:
     return True
 
 
+def until_ready(path: str, pid: int) -> None:
+    """The server `pid` answers on `path`, and the child it forked for that probe has gone
+    (so a test counting the server's children counts only its own callers')."""
+    until("the server listens", lambda: answers(path))
+    until("the probe's child is gone", lambda: not children(pid))
+
+
 @dataclass
 class Server:
     env: dict[str, str]  # the callers' environment: the server's runtime dir, the config
@@ -119,7 +126,7 @@ def server(config: Path, tmp_path: Path) -> Iterator[Server]:
     proc = start_server(runtime, log_path, env)
     srv = Server(env, log_path, proc)
     try:
-        until("the server listens", lambda: answers(srv.socket))
+        until_ready(srv.socket, proc.pid)
         yield srv
     finally:
         proc.terminate()
@@ -297,7 +304,7 @@ def test_an_upgraded_library_stops_the_server_and_the_command_runs_here(
     proc = start_server(runtime, log_path, env | {"PYTHONPATH": str(packages)}, started_in)
     srv = Server(env, log_path, proc)
     try:
-        until("the server listens", lambda: answers(srv.socket))
+        until_ready(srv.socket, proc.pid)
         (started_in / "notes.txt").write_text("a file of the user's")
         assert srv.drover("jobs", "--json").returncode == 0
         (packages / "newly_installed.py").write_text("")
@@ -361,10 +368,11 @@ def test_a_child_whose_server_died_never_signals_the_process_that_adopted_it(
     )
     path = os.path.join(runtime, "drover", _socket_name())
     try:
-        until("the server listens", lambda: answers(path))
+        until("the server starts", lambda: record.exists() and "server" in record.read_text())
         (server_pid,) = [
             int(x.split()[1]) for x in record.read_text().splitlines() if "server" in x
         ]
+        until_ready(path, server_pid)
         with socket.socket(socket.AF_UNIX) as conn:
             conn.connect(path)  # the server forks a child for it, which waits for the request
             until("the child is forked", lambda: len(children(server_pid)) == 1)
