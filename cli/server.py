@@ -53,6 +53,7 @@ PRELOAD = (
     "cryptography.x509",
 )
 BACKLOG = 64
+LISTENING = "drover cli-server: listening on"  # its first line, once it takes callers
 EXIT_DECLINED = 3
 # A caller sends its request at once; a connection that does not is dropped after this long.
 REQUEST_TIMEOUT_S = 10.0
@@ -121,7 +122,7 @@ def serve(path: str) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGTERM, _stop)
     gc.freeze()  # what the preload made is shared with every child, untouched
-    print(f"drover cli-server: listening on {path}", file=sys.stderr, flush=True)
+    print(f"{LISTENING} {path}", file=sys.stderr, flush=True)
     try:
         while True:
             conn, _ = listener.accept()

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from cli import resident
+from cli.server import LISTENING
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -52,20 +53,11 @@ def alive(pid: int) -> bool:
     return True
 
 
-def answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
-
-
-def until_ready(path: str, pid: int) -> None:
-    """The server `pid` answers on `path`, and the child it forked for that probe has gone
-    (so a test counting the server's children counts only its own callers')."""
-    until("the server listens", lambda: answers(path))
-    until("the probe's child is gone", lambda: not children(pid))
+def until_listening(log_path: Path) -> None:
+    """Wait for the server's own word that it listens. Not by connecting to it: the server
+    forks a child for every connection, a probe's too, and a test that counts the server's
+    children must see only its callers' (CI once took a probe's child for a caller's)."""
+    until("the server listens", lambda: LISTENING in log_path.read_text(errors="replace"))
 
 
 @dataclass
@@ -126,7 +118,7 @@ def server(config: Path, tmp_path: Path) -> Iterator[Server]:
     proc = start_server(runtime, log_path, env)
     srv = Server(env, log_path, proc)
     try:
-        until_ready(srv.socket, proc.pid)
+        until_listening(log_path)
         yield srv
     finally:
         proc.terminate()
@@ -304,7 +296,7 @@ def test_an_upgraded_library_stops_the_server_and_the_command_runs_here(
     proc = start_server(runtime, log_path, env | {"PYTHONPATH": str(packages)}, started_in)
     srv = Server(env, log_path, proc)
     try:
-        until_ready(srv.socket, proc.pid)
+        until_listening(log_path)
         (started_in / "notes.txt").write_text("a file of the user's")
         assert srv.drover("jobs", "--json").returncode == 0
         (packages / "newly_installed.py").write_text("")
@@ -358,21 +350,22 @@ def test_a_child_whose_server_died_never_signals_the_process_that_adopted_it(
     packages = tmp_path / "site"
     packages.mkdir()
     record = tmp_path / "reaper.log"
+    log_path = tmp_path / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
     env |= {resident.RUNTIME_ENV: runtime, "PYTHONPATH": str(packages)}
-    reaper = subprocess.Popen(
-        [sys.executable, "-c", REAPER, str(record), DROVER, "cli-server"],
-        env=env,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with log_path.open("ab") as log:  # the reaper's stderr: the server's too
+        reaper = subprocess.Popen(
+            [sys.executable, "-c", REAPER, str(record), DROVER, "cli-server"],
+            env=env,
+            stderr=log,
+            start_new_session=True,
+        )
     path = os.path.join(runtime, "drover", _socket_name())
     try:
-        until("the server starts", lambda: record.exists() and "server" in record.read_text())
+        until_listening(log_path)
         (server_pid,) = [
             int(x.split()[1]) for x in record.read_text().splitlines() if "server" in x
         ]
-        until_ready(path, server_pid)
         with socket.socket(socket.AF_UNIX) as conn:
             conn.connect(path)  # the server forks a child for it, which waits for the request
             until("the child is forked", lambda: len(children(server_pid)) == 1)
