@@ -86,3 +86,18 @@ def paused_for_postcopy(dom: Domain) -> bool:
     blocks for libvirt's job timeout and fails, and would be wrong anyway."""
     found = state_reason(dom)
     return found.state == libvirt.VIR_DOMAIN_PAUSED and found.in_postcopy
+
+
+def paused_for_switchover(dom: Domain) -> bool:
+    """Whether libvirt shows `dom` paused by its migration (VIR_DOMAIN_PAUSED_MIGRATION): the
+    switch-over of a live migration, the moment it holds its statistics back for. A state a
+    domain object's lock answers, not the migration job's: it comes while jobStats waits.
+    False when libvirt cannot say (the domain is gone on this host, the connection broke)."""
+    try:
+        found = state_reason(dom)
+    except libvirt.libvirtError:
+        return False
+    return (found.state, found.reason) == (
+        libvirt.VIR_DOMAIN_PAUSED,
+        libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+    )

@@ -19,6 +19,7 @@ from typing import Any
 from config.events import get_logger
 from worker.convergence import ConvergenceEngine, Decision
 from worker.libvirt_host import Domain, migration_stats
+from worker.libvirt_states import paused_for_switchover
 from worker.progress import Progress as Progress
 from worker.progress import Stage
 from worker.steering import CONTINUE, Action
@@ -38,8 +39,9 @@ class MigrationMonitor:
     statistics back.
 
     During switch-over libvirt answers `jobStats` only when the job's phase allows it, which
-    can take seconds; sampling runs on its own thread so the reports keep their pace and say
-    that the migration is completing.
+    can take seconds; sampling runs on its own thread so the reports keep their pace. A late
+    answer is not by itself a switch-over (a loaded libvirtd is late at any stage): the
+    report says `completing` only when libvirt shows the guest paused by the migration.
 
     The operator's abort request lives in Redis, which may be away while libvirt migrates:
     a check that cannot be made counts as no new request (said once, in an event), and the
@@ -114,11 +116,13 @@ class MigrationMonitor:
                 try:
                     stats = pending.result(timeout=half)
                 except FutureTimeout:
-                    stats = None
-                else:
-                    pending = None
-                    if stats is None and self.until_idle:
-                        return
+                    if due:  # the sample is late: the report says why, the figures wait
+                        reported = time.monotonic()
+                        self.on_progress(self._late(started))
+                    continue
+                pending = None
+                if stats is None and self.until_idle:
+                    return
                 progress = self._progress(stats, started)
                 if due:
                     reported = time.monotonic()
@@ -150,9 +154,24 @@ class MigrationMonitor:
             self.on_action(Action("cancel", reason))
         return False
 
+    def _late(self, started: float) -> Progress:
+        """A report while libvirt has not yet answered for its statistics. A busy host's
+        libvirtd is slow to answer at any stage, so lateness alone says nothing: the stage is
+        `completing` only while libvirt shows the guest paused by the migration (its
+        switch-over, when it holds the figures back), else the stage of the last figures."""
+        elapsed_ms = int((time.monotonic() - started) * MS_PER_S)
+        if self.postcopy:
+            stage: Stage = "postcopy"
+        elif paused_for_switchover(self.dom):
+            stage = "completing"
+        else:
+            stage = self.last.stage if self.last else "setup"
+        return Progress.waiting(stage, elapsed_ms, self.last)
+
     def _progress(self, stats: dict[str, Any] | None, started: float) -> Progress:
         """The sample as a Progress with its stage; libvirt reports a job before it has
-        figures (no memory total yet): that is still setup."""
+        figures (no memory total yet): that is still setup. No job any more after figures:
+        libvirt has ended the transfer and the migration call is returning."""
         if stats is None or not int(stats.get("data_total", 0)):
             stage: Stage = "completing" if self.last else "setup"
             elapsed_ms = int((time.monotonic() - started) * MS_PER_S)

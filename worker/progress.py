@@ -13,7 +13,7 @@ from typing import Any, Literal
 #   setup       no statistics yet (the destination is starting QEMU)
 #   transfer    pre-copy: memory is copied while the guest runs on the source
 #   postcopy    the guest runs on the destination; the rest is pulled from the source
-#   completing  libvirt holds the statistics back while it switches over
+#   completing  the switch-over: the guest paused by the migration, or the job just ended
 Stage = Literal["setup", "transfer", "postcopy", "completing"]
 
 DEFAULT_PAGE_SIZE = 4096  # bytes; what libvirt reports on x86 when it reports nothing

@@ -95,3 +95,50 @@ def test_without_the_event_it_asks_every_tick() -> None:
         finished.set()
         runner.join()
     assert [d.action for d in decided] == ["set_downtime"]
+
+
+class SlowDomain(ScriptedDomain):
+    """A loaded libvirtd: jobStats answers once, then not until `answer` is set; state() says
+    what the test puts in `paused_by_migration`, as virDomainGetState answers while
+    jobStats waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+        self.paused_by_migration = False
+
+    def jobStats(self) -> dict[str, Any]:
+        if self.calls:
+            self.answer.wait(10)
+        return super().jobStats()
+
+    def state(self) -> tuple[int, int]:
+        if self.paused_by_migration:
+            return libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION
+        return libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED
+
+
+def test_a_late_answer_keeps_the_stage_until_libvirt_shows_the_switch_over() -> None:
+    """CI saw a loaded host's slow jobStats reported as `completing` mid-transfer."""
+    dom, finished = SlowDomain(), threading.Event()
+    stages: list[str] = []
+    m = MigrationMonitor(
+        dom,  # type: ignore[arg-type,unused-ignore]
+        interval=0.02,
+        decision_interval=0.01,
+        engine=None,
+        on_progress=lambda p: stages.append(p.stage),
+        on_action=lambda _: None,
+    )
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    try:
+        wait_for(lambda: len(stages) >= 5, 5, "reports while libvirt is late")
+        assert set(stages) == {"transfer"}, stages
+        dom.paused_by_migration = True
+        wait_for(lambda: stages[-1] == "completing", 5, "a report of the switch-over")
+        dom.answer.set()
+    finally:
+        finished.set()
+        dom.answer.set()
+        runner.join()
