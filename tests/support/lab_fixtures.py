@@ -38,6 +38,9 @@ def lab_id(base: int | str) -> str:
 
 TEST_LAB_ID = lab_id(os.environ.get("DROVER_TEST_LAB_ID", "9"))
 JOB_TIMEOUT_S = 180.0
+# How many of the newest jobs `settle` looks through for one still moving a guest: more
+# than a test module starts before its fixtures settle again.
+JOBS_SCANNED = 200
 # Three hosts and four idle guests (plus dirty-1), enough to drain lab1 onto lab2 and lab3.
 LAB_HOSTS = 3
 LAB_IDLE_GUESTS = 4
@@ -117,8 +120,17 @@ class Lab:
         for name in self.hosts():
             self.drover.set_host_enabled(name, True)
 
+    def settle(self, domain: str) -> None:
+        """Wait out every job still moving `domain`: a test that failed mid-migration leaves
+        it in flight (on both hosts during switch-over), and the next test must start from
+        where that job leaves the guest, not fail on it too."""
+        for record in self.drover.jobs(limit=JOBS_SCANNED):
+            if isinstance(record, Job) and record.spec.domain == domain and not record.terminal:
+                self.drover.wait(record.id, JOB_TIMEOUT_S)
+
     def home(self, domain: str, host: str = "lab1") -> None:
         """Bring `domain` back to `host` through drover if a previous test left it elsewhere."""
+        self.settle(domain)
         where = self.running_on(domain)
         assert len(where) == 1, f"{domain} runs on {where}"
         if where[0] != host:
