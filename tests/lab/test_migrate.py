@@ -82,6 +82,10 @@ def test_dirty_guest_converges_with_auto_converge_and_reports_progress(
     assert transfer, "no progress sample with libvirt's transfer figures"
     assert all(ev["data_total"] >= 128 * 1024 * 1024 for ev in transfer)
     assert any(ev["data_processed"] > 0 and ev["memory_bandwidth"] > 0 for ev in transfer)
+    # The stages only move forward: a switch-over is reported once the transfer is over, not
+    # whenever a busy libvirtd answers late in the middle of it.
+    stages = [ev["stage"] for ev in progress]
+    assert stages == sorted(stages, key=["setup", "transfer", "completing"].index), stages
     # At least one report a second while perform ran.
     perform = job.phases["perform"]
     assert perform.ended is not None
