@@ -19,7 +19,7 @@ import libvirt
 from config.events import get_logger
 from jobs.control import BadControlRequest, TuneRequest, not_migrating, pop_tune
 from jobs.model import Job
-from worker.libvirt_host import Domain, LibvirtError, migration_stats
+from worker.libvirt_host import Domain, LibvirtError, StatsUnanswered, migration_stats
 from worker.phase_errors import PhaseFailed
 from worker.phase_source import job_domain
 from worker.policy_source import job_policy
@@ -64,7 +64,16 @@ def _wait_for_transfer(rt: Runtime, job: Job, dom: Domain, what: str) -> dict[st
     deadline = time.monotonic() + tunables.control_setup_wait
     outgoing = libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
     while True:
-        stats = migration_stats(dom)
+        try:
+            stats = migration_stats(dom)
+        except StatsUnanswered as exc:  # no word on the migration yet: asked again
+            if time.monotonic() > deadline:
+                raise PhaseFailed(
+                    f"libvirt on {rt.host} did not give the statistics of {job.spec.domain}'s "
+                    f"migration for {tunables.control_setup_wait:g}s ({exc}): nothing done"
+                ) from None
+            time.sleep(tunables.progress_interval / SETUP_POLLS_PER_INTERVAL)
+            continue
         if stats is None or stats.get("operation", outgoing) != outgoing:
             raise PhaseFailed(
                 f"libvirt on {rt.host} shows no migration of {job.spec.domain} running: "

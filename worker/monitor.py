@@ -18,7 +18,7 @@ from typing import Any
 
 from config.events import get_logger
 from worker.convergence import ConvergenceEngine, Decision
-from worker.libvirt_host import Domain, migration_stats
+from worker.libvirt_host import Domain, StatsUnanswered, migration_stats
 from worker.libvirt_states import paused_for_switchover
 from worker.progress import Progress as Progress
 from worker.progress import Stage
@@ -30,7 +30,8 @@ MS_PER_S = 1000
 
 
 def sample(dom: Domain) -> dict[str, Any] | None:
-    """libvirt's statistics of the running migration, or None while there is no job."""
+    """libvirt's statistics of the running migration, or None while there is no job;
+    StatsUnanswered when libvirt could not say."""
     return migration_stats(dom)
 
 
@@ -87,6 +88,7 @@ class MigrationMonitor:
         # watching a migration libvirtd goes on with (convergence.drain_action).
         self.handed_over: Action | None = None
         self.abort_check_failing = False
+        self.unanswered = False
 
     def run(self, finished: threading.Event) -> None:
         """Sample until `finished` is set (the migration call returned), or with `until_idle`
@@ -115,8 +117,11 @@ class MigrationMonitor:
                     pending = pool.submit(sample, self.dom)
                 try:
                     stats = pending.result(timeout=half)
-                except FutureTimeout:
-                    if due:  # the sample is late: the report says why, the figures wait
+                except (FutureTimeout, StatsUnanswered) as exc:
+                    if isinstance(exc, StatsUnanswered):
+                        pending = None  # asked again at the next tick
+                        self._unanswered(exc)
+                    if due:  # no figures this time: the report says why, the figures wait
                         reported = time.monotonic()
                         self.on_progress(self._late(started))
                     continue
@@ -153,6 +158,14 @@ class MigrationMonitor:
             self.cancelled = True
             self.on_action(Action("cancel", reason))
         return False
+
+    def _unanswered(self, exc: StatsUnanswered) -> None:
+        """Said once a migration: libvirt refused the statistics without saying the
+        migration ended; the monitor keeps watching (ending here would end a watch whose
+        migration libvirt still runs)."""
+        if not self.unanswered:
+            self.unanswered = True
+            log.warning("migration.stats_unanswered", error=str(exc))
 
     def _late(self, started: float) -> Progress:
         """A report while libvirt has not yet answered for its statistics. A busy host's

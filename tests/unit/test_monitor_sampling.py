@@ -142,3 +142,74 @@ def test_a_late_answer_keeps_the_stage_until_libvirt_shows_the_switch_over() -> 
         finished.set()
         dom.answer.set()
         runner.join()
+
+
+def libvirt_error(code: int, message: str) -> libvirt.libvirtError:
+    exc = libvirt.libvirtError(message)
+    exc.err = (code, libvirt.VIR_FROM_QEMU, message, libvirt.VIR_ERR_ERROR, "", "", "", 0, 0)
+    return exc
+
+
+class RefusingDomain(ScriptedDomain):
+    """jobStats as a busy libvirtd answers a re-attached watch: figures, then `refusals`
+    job-lock timeouts, then figures again, then no job (the migration ended)."""
+
+    def __init__(self, refusals: int, ended_with: libvirt.libvirtError | None) -> None:
+        super().__init__()
+        self.refusals = refusals
+        self.ended_with = ended_with
+        self.asked = 0
+
+    def jobStats(self) -> dict[str, Any]:
+        self.asked += 1
+        if 1 < self.asked <= 1 + self.refusals:
+            raise libvirt_error(
+                libvirt.VIR_ERR_OPERATION_TIMEOUT,
+                "Timed out during operation: cannot acquire state change lock",
+            )
+        if self.asked <= 2 + self.refusals:
+            return super().jobStats()
+        if self.ended_with is not None:
+            raise self.ended_with
+        return {"type": libvirt.VIR_DOMAIN_JOB_NONE}
+
+    def state(self) -> tuple[int, int]:
+        return libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED
+
+
+def watched_until_idle(dom: RefusingDomain) -> list[str]:
+    """The stages a re-attached watch reports, once it returned by itself."""
+    stages: list[str] = []
+    m = MigrationMonitor(
+        dom,  # type: ignore[arg-type,unused-ignore]
+        interval=0.01,
+        decision_interval=0.01,
+        engine=None,
+        on_progress=lambda p: stages.append(p.stage),
+        on_action=lambda _: None,
+        until_idle=True,
+    )
+    finished = threading.Event()  # never set: only libvirt's "no job" ends this watch
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive(), "the watch did not end once libvirt showed no job"
+    return stages
+
+
+def test_a_refused_sample_does_not_end_a_watch_libvirt_still_runs() -> None:
+    """A re-attached watch ended at libvirt's first refusal would have the job failed (and
+    its destination rolled back) under a migration libvirt goes on with."""
+    dom = RefusingDomain(refusals=5, ended_with=None)
+    stages = watched_until_idle(dom)
+    assert dom.asked == 1 + 5 + 2  # figures, 5 refusals, figures again, then no job
+    assert "completing" not in stages[:-1] and stages[0] == "transfer", stages
+
+
+def test_a_domain_gone_or_shut_off_or_a_daemon_away_ends_the_watch() -> None:
+    """What recovery does next asks libvirt again (and retries a daemon that is away)."""
+    ended = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_RPC)
+    for code in ended:
+        dom = RefusingDomain(refusals=0, ended_with=libvirt_error(code, "gone"))
+        watched_until_idle(dom)
+        assert dom.asked == 3
