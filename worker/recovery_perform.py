@@ -75,8 +75,12 @@ def recover_perform(rt: Runtime, job: Job) -> bool:
 
 
 def _defined_on_destination(rt: Runtime, job: Job) -> bool:
+    """The destination's libvirtd's word on an offline move's definition. One that cannot
+    be reached raises LibvirtUnavailable (the next recovery asks again): taken as "not
+    there", it would fail the job, and roll it back, on hearsay."""
     peer_uri = rt.settings.host(job.spec.dst).peer_uri
-    return rt.libvirt.on_peer(peer_uri, job.source.uuid) is not None
+    with rt.libvirt.peer_domain(peer_uri, job.spec.arrives_as) as there:
+        return there is not None and there.UUIDString() == job.source.uuid
 
 
 def _completed(rt: Runtime, job: Job) -> bool:

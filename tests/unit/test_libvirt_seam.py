@@ -26,7 +26,7 @@ from worker import job_end
 from worker.evacuation_children import _placement_problem
 from worker.fleet_view import gather
 from worker.ledger import Ledger
-from worker.libvirt_host import LibvirtHost, UnsafeURI
+from worker.libvirt_host import LibvirtHost, LibvirtUnavailable, UnsafeURI
 from worker.phase_destination import destination_prepare, finish
 from worker.phase_errors import PhaseFailed
 from worker.phase_source import confirm, source_preflight
@@ -330,3 +330,45 @@ def test_a_plan_read_back_must_match_what_libvirt_shows(
 def test_the_seam_refuses_a_uri_the_registry_does_not_allow(env: Path) -> None:
     with pytest.raises(UnsafeURI, match="refusing libvirt URI"):
         _ = LibvirtHost("qemu+ext:///system?command=/bin/true").conn
+
+
+def test_recovery_of_an_offline_move_asks_an_unreachable_destination_again(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path, rollbacks: list[str]
+) -> None:
+    """Whether an offline move's definition arrived is the destination's libvirtd's to say.
+    One that cannot be reached says nothing: the job is neither failed nor rolled back on
+    hearsay (its next recovery asks again), and the guest is left as libvirt has it."""
+    job_id = job_for(store, offline=True, live=False, persistent=True)
+    store.update(job_id, facts=recorded(guest_uuid(hv)))
+    walked(store, job_id, JobState.MIGRATING)
+    store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
+
+    def own_only(uri: str) -> libvirt.virConnect:
+        if uri != TEST_URI:
+            raise libvirt.libvirtError(f"cannot reach {uri}")
+        return libvirt.open(TEST_URI)
+
+    rt = Runtime("kvm1", store, LibvirtHost(TEST_URI, opener=own_only), Ledger(str(tmp_path / "l")))
+    with pytest.raises(LibvirtUnavailable):
+        recover_perform(rt, store.get(job_id))
+    job = store.get(job_id)
+    assert job.state is JobState.MIGRATING and job.reason is None
+    assert job.phases[Phase.PERFORM.value].ended is None
+    assert rollbacks == []
+    assert hv.lookupByName(GUEST).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_recovery_of_an_offline_move_whose_definition_arrived_goes_on(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path, rollbacks: list[str]
+) -> None:
+    """The same, with the destination reachable: libvirt shows the definition there (one
+    hypervisor plays both hosts), so perform ended and the chain goes on with finish."""
+    job_id = job_for(store, offline=True, live=False, persistent=True)
+    store.update(job_id, facts=recorded(guest_uuid(hv)))
+    walked(store, job_id, JobState.MIGRATING)
+    store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
+    assert recover_perform(runtime(store, "kvm1", tmp_path), store.get(job_id)) is True
+    job = store.get(job_id)
+    assert job.state is JobState.MIGRATING
+    assert job.phases[Phase.PERFORM.value].ended is not None
+    assert rollbacks == []
