@@ -6,15 +6,10 @@ from __future__ import annotations
 import libvirt
 import pytest
 
+from tests.support.libvirt_errors import libvirt_error
 from worker.libvirt_host import LibvirtHost
 
 BROKEN_PIPE = "Cannot write data: Broken pipe"
-
-
-def libvirt_error(code: int, message: str) -> libvirt.libvirtError:
-    exc = libvirt.libvirtError(message)
-    exc.err = (code, libvirt.VIR_FROM_RPC, message, libvirt.VIR_ERR_ERROR, "", "", "", 0, 0)
-    return exc
 
 
 class Flaky:

@@ -14,6 +14,7 @@ import libvirt
 
 from config.policy_model import BUILTIN_POLICIES
 from tests.support.lab_fixtures import wait_for
+from tests.support.libvirt_errors import libvirt_error
 from worker.convergence import ConvergenceEngine, Decision
 from worker.monitor import MigrationMonitor
 
@@ -97,6 +98,18 @@ def test_without_the_event_it_asks_every_tick() -> None:
     assert [d.action for d in decided] == ["set_downtime"]
 
 
+def reporting(dom: ScriptedDomain, stages: list[str], **kw: Any) -> MigrationMonitor:
+    """A monitor without a policy that notes the stage of each report in `stages`."""
+    return MigrationMonitor(
+        dom,  # type: ignore[arg-type,unused-ignore]
+        decision_interval=0.01,
+        engine=None,
+        on_progress=lambda p: stages.append(p.stage),
+        on_action=lambda _: None,
+        **kw,
+    )
+
+
 class SlowDomain(ScriptedDomain):
     """A loaded libvirtd: jobStats answers once, then not until `answer` is set; state() says
     what the test puts in `paused_by_migration`, as virDomainGetState answers while
@@ -122,14 +135,7 @@ def test_a_late_answer_keeps_the_stage_until_libvirt_shows_the_switch_over() -> 
     """CI saw a loaded host's slow jobStats reported as `completing` mid-transfer."""
     dom, finished = SlowDomain(), threading.Event()
     stages: list[str] = []
-    m = MigrationMonitor(
-        dom,  # type: ignore[arg-type,unused-ignore]
-        interval=0.02,
-        decision_interval=0.01,
-        engine=None,
-        on_progress=lambda p: stages.append(p.stage),
-        on_action=lambda _: None,
-    )
+    m = reporting(dom, stages, interval=0.02)
     runner = threading.Thread(target=m.run, args=(finished,))
     runner.start()
     try:
@@ -142,12 +148,6 @@ def test_a_late_answer_keeps_the_stage_until_libvirt_shows_the_switch_over() -> 
         finished.set()
         dom.answer.set()
         runner.join()
-
-
-def libvirt_error(code: int, message: str) -> libvirt.libvirtError:
-    exc = libvirt.libvirtError(message)
-    exc.err = (code, libvirt.VIR_FROM_QEMU, message, libvirt.VIR_ERR_ERROR, "", "", "", 0, 0)
-    return exc
 
 
 class RefusingDomain(ScriptedDomain):
@@ -166,6 +166,7 @@ class RefusingDomain(ScriptedDomain):
             raise libvirt_error(
                 libvirt.VIR_ERR_OPERATION_TIMEOUT,
                 "Timed out during operation: cannot acquire state change lock",
+                libvirt.VIR_FROM_QEMU,
             )
         if self.asked <= 2 + self.refusals:
             return super().jobStats()
@@ -180,15 +181,7 @@ class RefusingDomain(ScriptedDomain):
 def watched_until_idle(dom: RefusingDomain) -> list[str]:
     """The stages a re-attached watch reports, once it returned by itself."""
     stages: list[str] = []
-    m = MigrationMonitor(
-        dom,  # type: ignore[arg-type,unused-ignore]
-        interval=0.01,
-        decision_interval=0.01,
-        engine=None,
-        on_progress=lambda p: stages.append(p.stage),
-        on_action=lambda _: None,
-        until_idle=True,
-    )
+    m = reporting(dom, stages, interval=0.01, until_idle=True)
     finished = threading.Event()  # never set: only libvirt's "no job" ends this watch
     runner = threading.Thread(target=m.run, args=(finished,))
     runner.start()
@@ -210,6 +203,8 @@ def test_a_domain_gone_or_shut_off_or_a_daemon_away_ends_the_watch() -> None:
     """What recovery does next asks libvirt again (and retries a daemon that is away)."""
     ended = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_RPC)
     for code in ended:
-        dom = RefusingDomain(refusals=0, ended_with=libvirt_error(code, "gone"))
+        dom = RefusingDomain(
+            refusals=0, ended_with=libvirt_error(code, "gone", libvirt.VIR_FROM_QEMU)
+        )
         watched_until_idle(dom)
         assert dom.asked == 3
