@@ -73,8 +73,12 @@ def env(config: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return config
 
 
-def runtime(store: JobStore, host: str, tmp_path: Path) -> Runtime:
-    return Runtime(host, store, seam(), Ledger(str(tmp_path / f"ledger-{host}")))
+def runtime(
+    store: JobStore, host: str, tmp_path: Path, libvirt_host: LibvirtHost | None = None
+) -> Runtime:
+    """A worker's runtime on `host`: the test hypervisor as every host unless told otherwise."""
+    ledger = Ledger(str(tmp_path / f"ledger-{host}"))
+    return Runtime(host, store, libvirt_host or seam(), ledger)
 
 
 def job_for(store: JobStore, domain: str = GUEST, **spec: object) -> str:
@@ -348,7 +352,7 @@ def test_recovery_of_an_offline_move_asks_an_unreachable_destination_again(
             raise libvirt.libvirtError(f"cannot reach {uri}")
         return libvirt.open(TEST_URI)
 
-    rt = Runtime("kvm1", store, LibvirtHost(TEST_URI, opener=own_only), Ledger(str(tmp_path / "l")))
+    rt = runtime(store, "kvm1", tmp_path, LibvirtHost(TEST_URI, opener=own_only))
     with pytest.raises(LibvirtUnavailable):
         recover_perform(rt, store.get(job_id))
     job = store.get(job_id)
