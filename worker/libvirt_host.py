@@ -101,6 +101,17 @@ def is_gone(exc: libvirt.libvirtError) -> bool:
     return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
 
 
+def found(lookup: Callable[[str], Domain], key: str) -> Domain | None:
+    """The domain a libvirt lookup names, None when libvirt says there is none (any other
+    error is raised: it says nothing about the domain)."""
+    try:
+        return lookup(key)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
 def facts(dom: libvirt.virDomain) -> DomainFacts:
     state, max_kib, _, vcpus, _ = dom.info()
     return DomainFacts(
@@ -232,58 +243,48 @@ class LibvirtHost:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def by_name(self, name: str) -> libvirt.virDomain | None:
-        try:
-            return self.conn.lookupByName(name)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise
+        return found(self.conn.lookupByName, name)
 
     def by_uuid(self, uuid: str) -> libvirt.virDomain | None:
+        return found(self.conn.lookupByUUIDString, uuid)
+
+    def reach(self, uri: str) -> Connection:
+        """A connection to another host's libvirtd (the caller closes it); unreachable:
+        LibvirtUnavailable, which says nothing about its domains."""
         try:
-            return self.conn.lookupByUUIDString(uuid)
+            return self.opener(uri)
+        except libvirt.libvirtError as exc:
+            raise LibvirtUnavailable(f"cannot reach {uri}: {exc.get_error_message()}") from None
+
+    def peer_facts(self, uri: str, uuid: str) -> DomainFacts | None:
+        """Another host's domain `uuid`, its facts there; None only when that libvirtd says
+        it has no such domain. Unreachable, or lost mid-question: LibvirtUnavailable."""
+        conn = self.reach(uri)
+        try:
+            return facts(conn.lookupByUUIDString(uuid))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
-            raise
-
-    def open_peer(self, uri: str) -> Connection:
-        """A connection of its own to another host's libvirtd (the caller closes it)."""
-        return self.opener(uri)
+            raise LibvirtUnavailable(f"{uri}: {exc.get_error_message()}") from None
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
 
     def on_peer(self, uri: str, uuid: str) -> DomainFacts | None:
-        """Another host's domain, its facts there, or None (absent, unreachable).
-
-        Used before removing anything: a guest's only running copy is never touched on
-        hearsay.
-        """
+        """`peer_facts`, None for unreachable too: for a caller that acts only on a copy
+        libvirt shows (a guest's only running copy is never touched on hearsay)."""
         try:
-            conn = self.opener(uri)
-        except libvirt.libvirtError:
+            return self.peer_facts(uri, uuid)
+        except LibvirtUnavailable:
             return None
-        try:
-            return facts(conn.lookupByUUIDString(uuid))
-        except libvirt.libvirtError:
-            return None
-        finally:
-            conn.close()
 
     @contextlib.contextmanager
     def peer_domain(self, uri: str, name: str) -> Iterator[Domain | None]:
         """Another host's domain `name`, read from that host's libvirtd (None when not
         there). Unreachable: LibvirtUnavailable, so that a phase needing it is retried."""
+        conn = self.reach(uri)
         try:
-            conn = self.opener(uri)
-        except libvirt.libvirtError as exc:
-            raise LibvirtUnavailable(f"cannot reach {uri}: {exc.get_error_message()}") from None
-        try:
-            try:
-                dom = conn.lookupByName(name)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    raise
-                dom = None
-            yield dom
+            yield found(conn.lookupByName, name)
         finally:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
