@@ -82,6 +82,10 @@ class Tunables(BaseModel):
     # job ends); a worker's evacuations are checked for finished children this often.
     admission_interval: float = Field(default=0.5, gt=0)
     evacuation_check_interval: float = Field(default=0.5, gt=0)
+    # Once every child has ended, an evacuation confirms through each destination's libvirtd
+    # where its domains are. One that cannot be asked (restarting, cut off) is asked again at
+    # every check for this long; after that the evacuation ends partial and says why.
+    evacuation_confirm_wait: float = Field(default=60.0, ge=0, le=3600)
     # How often an evacuation queues a failed child again when its guest still runs on the
     # host being emptied (a worker restart or a blip cut the migration short).
     evacuation_retries: int = Field(default=1, ge=0, le=10)

@@ -190,11 +190,12 @@ class EvacuationStore:
             p.execute()
         return True
 
-    def mark_reported(self, evacuation_id: str, job_id: str) -> bool:
-        """True the first time a child's end is reported (its event is written once)."""
+    def mark_reported(self, evacuation_id: str, item: str) -> bool:
+        """True the first time `item` is reported, so that its event is written once: a
+        child's end (its job id), a destination that could not be asked (worker's own)."""
         key = evacuation_reported_key(evacuation_id)
         with self.r.pipeline(transaction=True) as p:
-            p.sadd(key, job_id)
+            p.sadd(key, item)
             self.store.retention.queue_adopt(p, evacuation_id, key)
             added, _ = p.execute()
         return bool(added)

@@ -99,6 +99,8 @@ class DomainOutcome(BaseModel):
     job_state: str | None
     on_source: bool  # still defined or running on the evacuated host
     running_on: str | None  # its destination, if libvirt there shows it as planned
+    # Why its destination's libvirtd could not be asked (then nothing is known there).
+    destination_unreachable: str | None = None
     moved: bool = False  # the child succeeded, it is on its destination and gone from here
     reason: str | None = None  # why it did not move
 

@@ -5,6 +5,8 @@ partial or cancelled (see worker/evacuation.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
 
 from config.celery import app, host_queue
@@ -19,7 +21,7 @@ from worker.evacuation import PLANNING_KEY, plan_and_queue_or_fail, planning
 from worker.evacuation_children import abort_children, children_of, retry_failed
 from worker.evacuation_plan import end, evacuation_context
 from worker.job_end import on_job_end
-from worker.libvirt_host import list_domains
+from worker.libvirt_host import LibvirtUnavailable, list_domains
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -105,9 +107,12 @@ def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[
 
     `drained` needs every domain of the plan moved: its child succeeded, libvirt shows it on
     its destination, and nothing of it is left here; and no other domain that had to go is
-    here. Anything else is `partial`, each domain that did not move listed with why.
+    here. Anything else is `partial`, each domain that did not move listed with why. A
+    destination whose libvirtd cannot be asked is asked again for a while (`_ask_again`).
     """
     outcome = [_confirm(rt, ev, p, children.get(p.domain)) for p in ev.plan or []]
+    if _ask_again(rt, store, ev, outcome, children):
+        return
     planned = {p.uuid for p in ev.plan or []}
     left = [
         dom.name()
@@ -130,18 +135,54 @@ def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[
     end(store, ev, final, reason, outcome=[o.model_dump() for o in outcome])
 
 
-def _on_destination(rt: Runtime, placement: Placement) -> str | None:
-    """The destination, if its libvirtd shows the domain there as the plan meant it."""
+def _ask_again(
+    rt: Runtime,
+    store: EvacuationStore,
+    ev: Evacuation,
+    outcome: list[DomainOutcome],
+    children: dict[str, Job],
+) -> bool:
+    """Whether to leave the evacuation for the next check: a domain gone from here whose
+    destination's libvirtd could not be asked is not known to be anywhere, and a daemon that
+    restarts answers again soon. For `evacuation_confirm_wait` after the last child ended;
+    said once per domain (`evacuation.confirm_deferred`). An aborted evacuation ends now."""
+    unknown = [o for o in outcome if o.destination_unreachable is not None and not o.on_source]
+    if not unknown or ev.abort_requested:
+        return False
+    last_end = max((job.updated for job in children.values()), default=ev.updated)
+    if (now() - last_end).total_seconds() >= rt.settings.tunables.evacuation_confirm_wait:
+        return False
+    for o in unknown:
+        if store.mark_reported(ev.id, f"unasked:{o.domain}"):
+            log.warning(
+                "evacuation.confirm_deferred", domain=o.domain, reason=o.destination_unreachable
+            )
+    return True
+
+
+@dataclass(frozen=True)
+class DestinationView:
+    """What a placement's destination said of its domain: the host, when its libvirtd shows
+    the domain as the plan meant it; or why that libvirtd could not be asked."""
+
+    running_on: str | None = None
+    unreachable: str | None = None
+
+
+def _on_destination(rt: Runtime, placement: Placement) -> DestinationView:
     if placement.destination is None:
-        return None
+        return DestinationView()
     try:
         uri = rt.settings.host(placement.destination).peer_uri
     except ConfigError:
-        return None  # removed from the registry since: not confirmed
-    there = rt.libvirt.on_peer(uri, placement.uuid)
+        return DestinationView()  # removed from the registry since: not confirmed
+    try:
+        there = rt.libvirt.peer_facts(uri, placement.uuid)
+    except LibvirtUnavailable as exc:
+        return DestinationView(unreachable=str(exc))
     if there is not None and (there.active or not placement.active):
-        return placement.destination
-    return None
+        return DestinationView(running_on=placement.destination)
+    return DestinationView()
 
 
 def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None) -> DomainOutcome:
@@ -149,25 +190,40 @@ def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None)
     on_source = here is not None and (
         bool(here.isActive()) or (bool(here.isPersistent()) and placement.persistent)
     )
-    running_on = _on_destination(rt, placement)
+    view = _on_destination(rt, placement)
     succeeded = job is not None and job.state is JobState.SUCCEEDED
-    moved = succeeded and not on_source and running_on is not None
-    reason = placement.reason
-    if job is None and placement.destination is not None:
-        reason = "never queued: the evacuation was stopped first"
-    if job is not None and not succeeded:
-        reason = f"job {job.id} {job.state.value}: {job.reason}"
-    elif succeeded and not moved:
-        seen = f"on {ev.spec.host}" if on_source else f"not on {placement.destination}"
-        reason = f"job {job.id if job else '-'} succeeded but libvirt shows it {seen}"
-    if not moved and not on_source and running_on is None and job is not None:
-        reason = f"{reason}; libvirt shows it neither here nor on {placement.destination}"
+    moved = succeeded and not on_source and view.running_on is not None
     return DomainOutcome(
         domain=placement.domain,
         job_id=job.id if job else None,
         job_state=job.state.value if job else None,
         on_source=on_source,
-        running_on=running_on,
+        running_on=view.running_on,
+        destination_unreachable=view.unreachable,
         moved=moved,
-        reason=None if moved else reason,
+        reason=None if moved else _why_not_moved(ev, placement, job, on_source, view),
     )
+
+
+def _why_not_moved(
+    ev: Evacuation, placement: Placement, job: Job | None, on_source: bool, view: DestinationView
+) -> str | None:
+    """What libvirt showed, on both hosts, of a domain that did not move; never more than it
+    showed (a destination that could not be asked is said to be so)."""
+    src, dst = ev.spec.host, placement.destination
+    if job is None:
+        return placement.reason if dst is None else "never queued: the evacuation was stopped first"
+    if job.state is not JobState.SUCCEEDED:
+        reason = f"job {job.id} {job.state.value}: {job.reason}"
+    elif on_source:
+        return f"job {job.id} succeeded but libvirt shows it on {src}"
+    elif view.unreachable is None:
+        reason = f"job {job.id} succeeded but libvirt shows it not on {dst}"
+    else:
+        reason = f"job {job.id} succeeded"
+    if on_source or view.running_on is not None:
+        return reason
+    if view.unreachable is not None:
+        there = f"{dst}'s libvirtd could not be asked ({view.unreachable})"
+        return f"{reason}; libvirt shows it gone from {src}, and {there}"
+    return f"{reason}; libvirt shows it neither here nor on {dst}"

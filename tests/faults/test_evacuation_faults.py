@@ -10,11 +10,13 @@ and never more migrations at once than the limits allow; nothing is left held in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from jobs.admission import CLUSTER_GATE, WAITING, inbound_gate, outbound_gate
 from lab import control
-from tests.faults.conftest import check
+from tests.faults.conftest import check, phase_started
 from tests.support.forgery import worker_log
 from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, wait_for
 from tests.support.limits_sampler import LimitsSampler
@@ -83,3 +85,87 @@ def test_killing_the_evacuated_hosts_worker_mid_drain(lab: Lab) -> None:
     finally:
         lab.all_home()
         lab.set_paused("dirty-1", True)
+
+
+# The child's last phase (confirm, on the source) waits this long: the window in which its
+# destination's libvirtd is stopped, after finish there verified the guest.
+CONFIRM_DELAY_S = 5
+
+
+def _evacuate_one_guest(lab: Lab, host: str, to: str, stop_when_confirming: str) -> str:
+    """Evacuate `host` (one guest on it) to `to`, and stop `stop_when_confirming`'s libvirtd
+    once the child's guest is on its destination and its confirm phase has begun."""
+    d = lab.drover
+    evacuation_id = d.evacuate(d.evacuation_spec(host=host, to=[to]))
+
+    def child_queued() -> bool:
+        return bool(d.evacuation(evacuation_id).children)
+
+    wait_for(child_queued, JOB_TIMEOUT_S, f"{host}'s evacuation to queue its child")
+    (child,) = d.evacuation(evacuation_id).children.values()
+    wait_for(phase_started(lab, child, "confirm"), JOB_TIMEOUT_S, "the child's confirm phase")
+    control.stop_libvirtd(stop_when_confirming)
+    return evacuation_id
+
+
+def _said(lab: Lab, evacuation_id: str, name: str) -> list[dict[str, object]]:
+    return [e for e in lab.drover.events(evacuation_id) if e["event"] == name]
+
+
+def test_an_evacuation_never_says_more_than_an_unreachable_destination_said(
+    lab: Lab, fault_config: Callable[[str], None]
+) -> None:
+    """Every child succeeded, but the destination's libvirtd is down when the evacuation
+    confirms where its guest is. Still down after `evacuation_confirm_wait`: the evacuation
+    ends partial, saying that the destination could not be asked (never that libvirt showed
+    the guest nowhere). Back within it: the evacuation waits for its answer and ends drained.
+    libvirt shows the guest running on its destination, and only there, either way."""
+    d = lab.drover
+    lab.all_home()
+    moved = lab.migrate("idle-1", "lab1", "lab3")
+    check(moved.state.value == "succeeded", f"idle-1 to lab3: {moved.reason}")
+    stopped: list[str] = []
+    try:
+        # Still down at the end of the wait.
+        fault_config(
+            f"[faults.phase_delays]\nconfirm = {CONFIRM_DELAY_S}\n"
+            "[tunables]\nevacuation_confirm_wait = 2\n"
+        )
+        first = _evacuate_one_guest(lab, "lab3", "lab2", stop_when_confirming="lab2")
+        stopped.append("lab2")
+        ev = d.wait_evacuation(first, JOB_TIMEOUT_S)
+        check(ev.state.value == "partial", f"evacuation {ev.state.value}: {ev.reason}")
+        reason = ev.reason or ""
+        check("lab2's libvirtd could not be asked" in reason, reason)
+        check("neither here nor" not in reason, reason)
+        (outcome,) = ev.outcome
+        check(outcome.destination_unreachable is not None and not outcome.moved, str(outcome))
+        check(len(_said(lab, first, "evacuation.confirm_deferred")) == 1, "deferred once")
+        control.start_libvirtd("lab2")
+        stopped.remove("lab2")
+        check(lab.running_on("idle-1") == ["lab2"], f"idle-1 runs on {lab.running_on('idle-1')}")
+        check(not lab.view("lab3", "idle-1").exists, "idle-1 still defined on lab3")
+
+        # Back within the wait.
+        fault_config(f"[faults.phase_delays]\nconfirm = {CONFIRM_DELAY_S}\n")
+        d.set_host_enabled("lab3", True)  # the first evacuation left it in maintenance
+        second = _evacuate_one_guest(lab, "lab2", "lab3", stop_when_confirming="lab3")
+        stopped.append("lab3")
+
+        def deferred() -> bool:
+            return bool(_said(lab, second, "evacuation.confirm_deferred"))
+
+        wait_for(deferred, JOB_TIMEOUT_S, "the evacuation to wait for lab3's libvirtd")
+        waiting = d.evacuation(second)
+        check(waiting.state.value == "running", f"evacuation {waiting.state.value} while waiting")
+        control.start_libvirtd("lab3")
+        stopped.remove("lab3")
+        ev = d.wait_evacuation(second, JOB_TIMEOUT_S)
+        check(ev.state.value == "drained", f"evacuation {ev.state.value}: {ev.reason}")
+        check(lab.running_on("idle-1") == ["lab3"], f"idle-1 runs on {lab.running_on('idle-1')}")
+        check(not lab.view("lab2", "idle-1").exists, "idle-1 still defined on lab2")
+    finally:
+        for host in stopped:
+            control.start_libvirtd(host)
+        fault_config("")
+        lab.all_home()

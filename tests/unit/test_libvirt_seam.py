@@ -8,22 +8,27 @@ Every claim about a migration itself stays on the lab (tests/lab, tests/faults).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import libvirt
 import pytest
+import structlog
 
-from jobs.evacuation import Evacuation, EvacuationSpec, Placement
+from config import events
+from jobs.evacuation import Evacuation, EvacuationSpec, EvacuationStore, Placement
 from jobs.host_facts import HostCpu, HostFacts, publish_facts
 from jobs.maintenance import Maintenance
 from jobs.phases import Phase
 from jobs.spec import MigrationSpec
-from jobs.states import JobState
+from jobs.states import EvacuationState, JobState
 from jobs.store import JobStore
 from worker import job_end
 from worker.evacuation_children import _placement_problem
+from worker.evacuation_watch import check
 from worker.fleet_view import gather
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost, LibvirtUnavailable, UnsafeURI
@@ -376,3 +381,98 @@ def test_recovery_of_an_offline_move_whose_definition_arrived_goes_on(
     assert job.state is JobState.MIGRATING
     assert job.phases[Phase.PERFORM.value].ended is not None
     assert rollbacks == []
+
+
+# --- an evacuation's end ----------------------------------------------------------------------
+
+GONE_UUID = "00000000-0000-0000-0000-0000000000ee"  # a guest no longer on the evacuated host
+
+
+def moved_child(store: JobStore, tmp: Path, destination_reachable: bool) -> tuple[Runtime, str]:
+    """kvm1's evacuation, its one child succeeded and its guest gone from kvm1 (the test
+    hypervisor has no such uuid), on the runtime of kvm1's worker; kvm2's libvirtd reachable
+    (the same test hypervisor, which has no such guest either) or not."""
+    evacuations = EvacuationStore(store)
+    ev_id = evacuations.create(EvacuationSpec(host="kvm1", to=["kvm2"]), "test")
+    evacuations.transition(ev_id, EvacuationState.PLANNING)
+    placed = Placement(
+        domain="gone", uuid=GONE_UUID, memory_mib=64, active=True, persistent=True,
+        destination="kvm2", estimate_s=1.0,
+    )  # fmt: skip
+    evacuations.save_plan(ev_id, [placed])
+    evacuations.transition(ev_id, EvacuationState.RUNNING)
+    spec = MigrationSpec(domain="gone", src="kvm1", dst="kvm2", live=True)
+    child = store.create(spec, host="kvm1", parent=ev_id)
+    walked(store, child, JobState.MIGRATING)
+    store.transition(child, JobState.FINISHING, host="kvm2")
+    assert store.transition(child, JobState.SUCCEEDED, host="kvm1")[0]
+
+    def own_only(uri: str) -> libvirt.virConnect:
+        if uri != TEST_URI:
+            raise libvirt.libvirtError(f"cannot reach {uri}")
+        return libvirt.open(TEST_URI)
+
+    libvirt_host = seam() if destination_reachable else LibvirtHost(TEST_URI, opener=own_only)
+    return runtime(store, "kvm1", tmp, libvirt_host), ev_id
+
+
+@contextmanager
+def bind_log(store: JobStore, host: str) -> Iterator[None]:
+    """The process-wide event chain as `host`'s worker sets it up, writing to `store`."""
+    old = structlog.get_config()
+    events.configure(host, store.without_retry, stream=io.StringIO())
+    try:
+        yield
+    finally:
+        structlog.configure(**old)
+
+
+def event_names(store: JobStore, ev_id: str) -> list[str]:
+    return [e["event"] for _, e in store.read_events(ev_id)]
+
+
+def test_an_evacuation_asks_an_unreachable_destination_again_before_it_ends(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """Every child succeeded and the guest is gone from kvm1, but kvm2's libvirtd cannot be
+    asked where it is: the evacuation is neither drained nor partial yet; it says so once
+    and asks again at the next checks."""
+    rt, ev_id = moved_child(store, tmp_path, destination_reachable=False)
+    evacuations = EvacuationStore(store)
+    with bind_log(store, "kvm1"):
+        for _ in range(3):
+            check(rt, ev_id)
+    ev = evacuations.get(ev_id)
+    assert ev.state is EvacuationState.RUNNING and not ev.outcome
+    assert event_names(store, ev_id).count("evacuation.confirm_deferred") == 1
+
+
+def test_an_evacuation_whose_destination_stays_unreachable_ends_partial_saying_so(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """After `evacuation_confirm_wait` it ends: partial, and its reason says that kvm2 could
+    not be asked, never that libvirt showed the guest nowhere."""
+    env.write_text(env.read_text() + "\n[tunables]\nevacuation_confirm_wait = 0\n")
+    rt, ev_id = moved_child(store, tmp_path, destination_reachable=False)
+    check(rt, ev_id)
+    ev = EvacuationStore(store).get(ev_id)
+    assert ev.state is EvacuationState.PARTIAL
+    assert ev.reason is not None and "kvm2's libvirtd could not be asked" in ev.reason
+    assert "cannot reach qemu+tcp://192.0.2.2/system" in ev.reason
+    assert "neither here nor" not in ev.reason
+    (outcome,) = ev.outcome
+    assert (outcome.moved, outcome.on_source, outcome.running_on) == (False, False, None)
+    assert outcome.destination_unreachable is not None
+
+
+def test_an_evacuation_whose_destination_shows_the_guest_nowhere_says_that(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """kvm2's libvirtd answers, and has no such guest: that is what the reason says, at once."""
+    rt, ev_id = moved_child(store, tmp_path, destination_reachable=True)
+    check(rt, ev_id)
+    ev = EvacuationStore(store).get(ev_id)
+    assert ev.state is EvacuationState.PARTIAL
+    assert ev.reason is not None and "libvirt shows it neither here nor on kvm2" in ev.reason
+    (outcome,) = ev.outcome
+    assert outcome.destination_unreachable is None
