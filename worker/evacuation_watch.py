@@ -213,15 +213,13 @@ def _why_not_moved(
     src, dst = ev.spec.host, placement.destination
     if job is None:
         return placement.reason if dst is None else "never queued: the evacuation was stopped first"
-    if job.state is not JobState.SUCCEEDED:
-        reason = f"job {job.id} {job.state.value}: {job.reason}"
-    elif on_source:
-        return f"job {job.id} succeeded but libvirt shows it on {src}"
-    elif view.unreachable is None:
-        reason = f"job {job.id} succeeded but libvirt shows it not on {dst}"
-    else:
-        reason = f"job {job.id} succeeded"
-    if on_source or view.running_on is not None:
+    succeeded = job.state is JobState.SUCCEEDED
+    reason = (
+        f"job {job.id} succeeded" if succeeded else f"job {job.id} {job.state.value}: {job.reason}"
+    )
+    if on_source:
+        return f"{reason} but libvirt shows it on {src}" if succeeded else reason
+    if view.running_on is not None:
         return reason
     if view.unreachable is not None:
         there = f"{dst}'s libvirtd could not be asked ({view.unreachable})"

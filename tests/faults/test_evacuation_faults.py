@@ -143,7 +143,8 @@ def test_an_evacuation_never_says_more_than_an_unreachable_destination_said(
         check(len(_said(lab, first, "evacuation.confirm_deferred")) == 1, "deferred once")
         control.start_libvirtd("lab2")
         stopped.remove("lab2")
-        check(lab.running_on("idle-1") == ["lab2"], f"idle-1 runs on {lab.running_on('idle-1')}")
+        where = lab.running_on("idle-1")
+        check(where == ["lab2"], f"idle-1 runs on {where}")
         check(not lab.view("lab3", "idle-1").exists, "idle-1 still defined on lab3")
 
         # Back within the wait.
@@ -162,7 +163,8 @@ def test_an_evacuation_never_says_more_than_an_unreachable_destination_said(
         stopped.remove("lab3")
         ev = d.wait_evacuation(second, JOB_TIMEOUT_S)
         check(ev.state.value == "drained", f"evacuation {ev.state.value}: {ev.reason}")
-        check(lab.running_on("idle-1") == ["lab3"], f"idle-1 runs on {lab.running_on('idle-1')}")
+        where = lab.running_on("idle-1")
+        check(where == ["lab3"], f"idle-1 runs on {where}")
         check(not lab.view("lab2", "idle-1").exists, "idle-1 still defined on lab2")
     finally:
         for host in stopped:

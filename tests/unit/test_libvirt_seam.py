@@ -71,6 +71,17 @@ def seam() -> LibvirtHost:
     return LibvirtHost(TEST_URI, opener=lambda _uri: libvirt.open(TEST_URI))
 
 
+def peers_unreachable() -> LibvirtHost:
+    """The seam with its own libvirtd (the test hypervisor) and no peer's reachable."""
+
+    def own_only(uri: str) -> libvirt.virConnect:
+        if uri != TEST_URI:
+            raise libvirt.libvirtError(f"cannot reach {uri}")
+        return libvirt.open(TEST_URI)
+
+    return LibvirtHost(TEST_URI, opener=own_only)
+
+
 @pytest.fixture
 def env(config: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DROVER_CONFIG", str(config))
@@ -351,13 +362,7 @@ def test_recovery_of_an_offline_move_asks_an_unreachable_destination_again(
     store.update(job_id, facts=recorded(guest_uuid(hv)))
     walked(store, job_id, JobState.MIGRATING)
     store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
-
-    def own_only(uri: str) -> libvirt.virConnect:
-        if uri != TEST_URI:
-            raise libvirt.libvirtError(f"cannot reach {uri}")
-        return libvirt.open(TEST_URI)
-
-    rt = runtime(store, "kvm1", tmp_path, LibvirtHost(TEST_URI, opener=own_only))
+    rt = runtime(store, "kvm1", tmp_path, peers_unreachable())
     with pytest.raises(LibvirtUnavailable):
         recover_perform(rt, store.get(job_id))
     job = store.get(job_id)
@@ -406,13 +411,7 @@ def moved_child(store: JobStore, tmp: Path, destination_reachable: bool) -> tupl
     walked(store, child, JobState.MIGRATING)
     store.transition(child, JobState.FINISHING, host="kvm2")
     assert store.transition(child, JobState.SUCCEEDED, host="kvm1")[0]
-
-    def own_only(uri: str) -> libvirt.virConnect:
-        if uri != TEST_URI:
-            raise libvirt.libvirtError(f"cannot reach {uri}")
-        return libvirt.open(TEST_URI)
-
-    libvirt_host = seam() if destination_reachable else LibvirtHost(TEST_URI, opener=own_only)
+    libvirt_host = seam() if destination_reachable else peers_unreachable()
     return runtime(store, "kvm1", tmp, libvirt_host), ev_id
 
 
