@@ -181,7 +181,7 @@ def outcome_table(outcome: list[DomainOutcome], host: str) -> Table:
             o.job_id or "-",
             o.job_state or "-",
             "yes" if o.on_source else "no",
-            o.running_on or "-",
+            o.running_on or ("unknown: not reachable" if o.destination_unreachable else "-"),
             o.reason or "",
         )
     return table

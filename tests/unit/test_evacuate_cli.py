@@ -6,11 +6,15 @@ honoured by every submission.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from jobs.evacuation import DomainOutcome
+from producer.render import outcome_table
 from tests.conftest import RedisServer
 from tests.unit.test_cli_errors import drover, queued_anything
 
@@ -91,3 +95,29 @@ def test_a_bad_reason_is_one_line_and_disables_nothing(
     assert result.stderr.startswith("drover: the maintenance reason (--reason) ")
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not queued_anything(redis_srv)
+
+
+def test_the_outcome_table_never_shows_an_unasked_destination_as_empty() -> None:
+    """'running on' is '-' where libvirt showed the domain nowhere, and says it is unknown
+    where its destination's libvirtd could not be asked."""
+    outcome = [
+        DomainOutcome(
+            domain="asked", job_id="a" * 12, job_state="succeeded", on_source=False,
+            running_on=None, reason="libvirt shows it neither here nor on kvm2",
+        ),
+        DomainOutcome(
+            domain="unasked", job_id="b" * 12, job_state="succeeded", on_source=False,
+            running_on=None, destination_unreachable="cannot reach qemu+tcp://192.0.2.2/system",
+            reason="kvm2's libvirtd could not be asked",
+        ),
+    ]  # fmt: skip
+    text = io.StringIO()
+    Console(file=text, width=300).print(outcome_table(outcome, "kvm1"))
+    rows = {
+        cells[1].strip(): line
+        for line in text.getvalue().splitlines()
+        if len(cells := line.split("│")) > 2
+    }
+    unasked, asked = rows["unasked"], rows["asked"]
+    assert "unknown: not reachable" in unasked
+    assert "unknown" not in asked and " - " in asked
