@@ -5,6 +5,7 @@ partial or cancelled (see worker/evacuation.py)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -111,8 +112,9 @@ def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[
     destination whose libvirtd cannot be asked is asked again for a while (`_ask_again`).
     """
     outcome = [_confirm(rt, ev, p, children.get(p.domain)) for p in ev.plan or []]
-    if _ask_again(rt, store, ev, outcome, children):
+    if _ask_again(rt, store, ev, outcome):
         return
+    rt.confirm_waits.pop(ev.id, None)
     planned = {p.uuid for p in ev.plan or []}
     left = [
         dom.name()
@@ -136,21 +138,18 @@ def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[
 
 
 def _ask_again(
-    rt: Runtime,
-    store: EvacuationStore,
-    ev: Evacuation,
-    outcome: list[DomainOutcome],
-    children: dict[str, Job],
+    rt: Runtime, store: EvacuationStore, ev: Evacuation, outcome: list[DomainOutcome]
 ) -> bool:
     """Whether to leave the evacuation for the next check: a domain gone from here whose
     destination's libvirtd could not be asked is not known to be anywhere, and a daemon that
-    restarts answers again soon. For `evacuation_confirm_wait` after the last child ended;
-    said once per domain (`evacuation.confirm_deferred`). An aborted evacuation ends now."""
+    restarts answers again soon. For `evacuation_confirm_wait` from the first time this
+    process could not ask (its own clock: a time in Redis could hold it forever); said once
+    per domain (`evacuation.confirm_deferred`). An aborted evacuation ends now."""
     unknown = [o for o in outcome if o.destination_unreachable is not None and not o.on_source]
     if not unknown or ev.abort_requested:
         return False
-    last_end = max((job.updated for job in children.values()), default=ev.updated)
-    if (now() - last_end).total_seconds() >= rt.settings.tunables.evacuation_confirm_wait:
+    since = rt.confirm_waits.setdefault(ev.id, time.monotonic())
+    if time.monotonic() - since >= rt.settings.tunables.evacuation_confirm_wait:
         return False
     for o in unknown:
         if store.mark_reported(ev.id, f"unasked:{o.domain}"):

@@ -39,6 +39,9 @@ class Runtime:
     config_problem: str | None = None
     # (job, phase, worker) marks recovery found held by another live worker: said once each.
     noted_runners: set[tuple[str, str, str]] = field(default_factory=set)
+    # Evacuations waiting for a destination's libvirtd to answer (worker/evacuation_watch.py):
+    # the monotonic time this process began to wait, never a time read from Redis.
+    confirm_waits: dict[str, float] = field(default_factory=dict)
     # The exporter (worker/metrics_exporter.py): its registry, fed by the event chain; the
     # host as the keeper's last report tick saw it; whether it listens, or why not.
     metrics: WorkerMetrics | None = None

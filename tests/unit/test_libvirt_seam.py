@@ -21,6 +21,7 @@ import structlog
 from config import events
 from jobs.evacuation import Evacuation, EvacuationSpec, EvacuationStore, Placement
 from jobs.host_facts import HostCpu, HostFacts, publish_facts
+from jobs.keys import job_key
 from jobs.maintenance import Maintenance
 from jobs.phases import Phase
 from jobs.spec import MigrationSpec
@@ -462,6 +463,20 @@ def test_an_evacuation_whose_destination_stays_unreachable_ends_partial_saying_s
     (outcome,) = ev.outcome
     assert (outcome.moved, outcome.on_source, outcome.running_on) == (False, False, None)
     assert outcome.destination_unreachable is not None
+
+
+def test_a_time_written_into_redis_cannot_hold_an_evacuation_open(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """The wait is timed by the worker's own clock: a child's end rewritten into the far
+    future (anyone with the Redis password can) does not keep the evacuation waiting."""
+    env.write_text(env.read_text() + "\n[tunables]\nevacuation_confirm_wait = 0\n")
+    rt, ev_id = moved_child(store, tmp_path, destination_reachable=False)
+    (child,) = EvacuationStore(store).get(ev_id).children.values()
+    store.r.hset(job_key(child), "updated", "9999-01-01T00:00:00+00:00")
+    store.r.hset(job_key(ev_id), "updated", "9999-01-01T00:00:00+00:00")
+    check(rt, ev_id)
+    assert EvacuationStore(store).get(ev_id).state is EvacuationState.PARTIAL
 
 
 def test_an_evacuation_whose_destination_shows_the_guest_nowhere_says_that(
