@@ -86,11 +86,6 @@ _CONNECTION_ERRORS = {
 }
 
 
-# A refusal that says nothing of the migration: the domain's job lock was not free in time.
-# Any other error (gone, not running, unsupported, the daemon away) is taken as "no job".
-_REFUSED = libvirt.VIR_ERR_OPERATION_TIMEOUT
-
-
 def is_connection_error(exc: libvirt.libvirtError) -> bool:
     closed = "client socket is closed" in (exc.get_error_message() or "")
     return closed or exc.get_error_code() in _CONNECTION_ERRORS
@@ -128,25 +123,6 @@ def facts(dom: libvirt.virDomain) -> DomainFacts:
 def is_paused(dom: Domain) -> bool:
     state, _ = dom.state()
     return bool(state == libvirt.VIR_DOMAIN_PAUSED)
-
-
-class StatsUnanswered(Exception):
-    """libvirt did not answer for the statistics this time (the domain's job lock stayed busy
-    past its wait): that says nothing about whether the migration still runs."""
-
-
-def migration_stats(dom: Domain) -> dict[str, Any] | None:
-    """libvirt's statistics of the domain's running migration, or None while there is none
-    (or libvirt cannot say for good); StatsUnanswered when its job lock was busy too long."""
-    try:
-        stats: dict[str, Any] = dom.jobStats()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != _REFUSED:
-            return None
-        raise StatsUnanswered(exc.get_error_message() or str(exc)) from exc
-    if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
-        return None
-    return stats
 
 
 def list_domains(conn: Connection, *, active_only: bool = False) -> list[Domain]:

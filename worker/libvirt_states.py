@@ -1,8 +1,9 @@
-"""What libvirt says a domain's state and its reason are, as drover needs to judge post-copy.
+"""What libvirt says a domain's state and its reason are, as drover needs to judge post-copy,
+and the statistics of its migration job, as the monitor samples them.
 
-A sibling of worker/libvirt_host.py (the seam; only these modules and worker/migration_call.py
-import libvirt). libvirt names a post-copy migration in the reason, not the state: during
-post-copy the source is paused (VIR_DOMAIN_PAUSED_POSTCOPY) and the destination running
+A sibling of worker/libvirt_host.py (the seam; only the modules it names import libvirt).
+libvirt names a post-copy migration in the reason, not the state: during post-copy the
+source is paused (VIR_DOMAIN_PAUSED_POSTCOPY) and the destination running
 (VIR_DOMAIN_RUNNING_POSTCOPY); once it failed (the stream broke, the peers lost each other
 past the keepalive) the source is paused (VIR_DOMAIN_PAUSED_POSTCOPY_FAILED) and the
 destination "running" (VIR_DOMAIN_RUNNING_POSTCOPY_FAILED) with QEMU `postcopy-paused`: the
@@ -13,6 +14,7 @@ blocks and fails; these helpers are how the worker tells the cases apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import libvirt
 
@@ -101,3 +103,27 @@ def paused_for_switchover(dom: Domain) -> bool:
         libvirt.VIR_DOMAIN_PAUSED,
         libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
     )
+
+
+# A refusal that says nothing of the migration: the domain's job lock was not free in time.
+# Any other error (gone, not running, unsupported, the daemon away) is taken as "no job".
+_REFUSED = libvirt.VIR_ERR_OPERATION_TIMEOUT
+
+
+class StatsUnanswered(Exception):
+    """libvirt did not answer for the statistics this time (the domain's job lock stayed busy
+    past its wait): that says nothing about whether the migration still runs."""
+
+
+def migration_stats(dom: Domain) -> dict[str, Any] | None:
+    """libvirt's statistics of the domain's running migration, or None while there is none
+    (or libvirt cannot say for good); StatsUnanswered when its job lock was busy too long."""
+    try:
+        stats: dict[str, Any] = dom.jobStats()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != _REFUSED:
+            return None
+        raise StatsUnanswered(exc.get_error_message() or str(exc)) from exc
+    if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+        return None
+    return stats

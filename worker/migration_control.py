@@ -19,7 +19,8 @@ import libvirt
 from config.events import get_logger
 from jobs.control import BadControlRequest, TuneRequest, not_migrating, pop_tune
 from jobs.model import Job
-from worker.libvirt_host import Domain, LibvirtError, StatsUnanswered, migration_stats
+from worker.libvirt_host import Domain, LibvirtError
+from worker.libvirt_states import StatsUnanswered, migration_stats
 from worker.phase_errors import PhaseFailed
 from worker.phase_source import job_domain
 from worker.policy_source import job_policy

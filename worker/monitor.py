@@ -18,8 +18,8 @@ from typing import Any
 
 from config.events import get_logger
 from worker.convergence import ConvergenceEngine, Decision
-from worker.libvirt_host import Domain, StatsUnanswered, migration_stats
-from worker.libvirt_states import paused_for_switchover
+from worker.libvirt_host import Domain
+from worker.libvirt_states import StatsUnanswered, migration_stats, paused_for_switchover
 from worker.progress import Progress as Progress
 from worker.progress import Stage
 from worker.steering import CONTINUE, Action
