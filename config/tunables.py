@@ -86,6 +86,10 @@ class Tunables(BaseModel):
     # where its domains are. One that cannot be asked (restarting, cut off) is asked again at
     # every check for this long; after that the evacuation ends partial and says why.
     evacuation_confirm_wait: float = Field(default=60.0, ge=0, le=3600)
+    # Another host's libvirtd must answer the opening of a connection within this, and then
+    # each request within about this (keepalive): one cut off or frozen is then unreachable,
+    # instead of holding the caller (the keeper's duties for every job) for minutes or ever.
+    peer_timeout: float = Field(default=15.0, ge=3, le=600)
     # How often an evacuation queues a failed child again when its guest still runs on the
     # host being emptied (a worker restart or a blip cut the migration short).
     evacuation_retries: int = Field(default=1, ge=0, le=10)

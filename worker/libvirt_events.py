@@ -1,8 +1,9 @@
 """libvirt's domain events in the worker: the event loop, and a domain's migration end.
 
 The Python bindings deliver events only when an event implementation is registered before a
-connection is opened and a thread runs it. That also turns keepalive on for every connection
-opened afterwards, which someone must then service: so the loop is started by the worker
+connection is opened and a thread runs it. Connections opened afterwards then answer
+libvirtd's keepalive messages (and may send their own: worker/peer_open.py), which someone
+must service: so the loop is started by the worker
 process itself (worker/main.py, worker/tasks.py), never when this module is imported, and
 processes that import worker code without running it (tests, bench, the lab) keep plain
 connections. Where the loop is not running, `CompletionWatch` registers nothing and perform

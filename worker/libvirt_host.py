@@ -2,7 +2,8 @@
 
 Only this module, its siblings `worker/host_memory.py` (a host's memory),
 `worker/libvirt_states.py` (a domain's state and reason, as post-copy needs them) and
-`worker/libvirt_events.py` (libvirt's event loop and a migration's events), and
+`worker/libvirt_events.py` (libvirt's event loop and a migration's events),
+`worker/peer_open.py` (a peer's connection, opened within a bound) and
 `worker/migration_call.py` (the migration call itself) import libvirt;
 the rest of the worker is handed a `LibvirtHost` (the runtime's) and uses what it and the
 functions here offer, so that phases, recovery and evacuation planning run as well against
@@ -22,6 +23,7 @@ import libvirt
 from config.settings import current
 from config.uris import check_libvirt_uri
 from jobs.record import DomainFacts
+from worker.peer_open import PeerOpener, PeerUnanswered
 
 KIB_PER_MIB = 1024
 T = TypeVar("T")
@@ -160,14 +162,25 @@ def dirty_rates_mib_s(conn: Connection) -> dict[str, float]:
     return rates
 
 
+def _peer_timeout() -> float:
+    return current().tunables.peer_timeout
+
+
 class LibvirtHost:
     """A lazily opened, reopened-when-dead connection shared by the worker's threads, and the
     way to other hosts' libvirtd (`opener` opens any URI: checked against the registry's
-    allowlists unless a test hands in another)."""
+    allowlists unless a test hands in another; a peer's within `peer_timeout()` seconds,
+    worker/peer_open.py)."""
 
-    def __init__(self, uri: str, opener: Opener = open_checked) -> None:
+    def __init__(
+        self,
+        uri: str,
+        opener: Opener = open_checked,
+        peer_timeout: Callable[[], float] = _peer_timeout,
+    ) -> None:
         self.uri = uri
         self.opener = opener
+        self.peers = PeerOpener(opener, peer_timeout)
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
 
@@ -228,9 +241,11 @@ class LibvirtHost:
         """A connection to another host's libvirtd (the caller closes it); unreachable:
         LibvirtUnavailable, which says nothing about its domains."""
         try:
-            return self.opener(uri)
+            return self.peers.open(uri)
         except libvirt.libvirtError as exc:
             raise LibvirtUnavailable(f"cannot reach {uri}: {exc.get_error_message()}") from None
+        except PeerUnanswered as exc:
+            raise LibvirtUnavailable(f"cannot reach {uri}: {exc}") from None
 
     def peer_facts(self, uri: str, uuid: str) -> DomainFacts | None:
         """Another host's domain `uuid`, its facts there; None only when that libvirtd says
