@@ -1,4 +1,5 @@
-"""Fault injection on the lab: kill a worker, stop Redis or a libvirtd, cut a host's link.
+"""Fault injection on the lab: kill a worker, stop Redis or a libvirtd, freeze a libvirtd, cut
+a host's link.
 
 Used by the fault suite (tests/faults) and the benchmarks; each helper returns once the fault
 (or the recovery from it) can be seen.
@@ -6,9 +7,11 @@ Used by the fault suite (tests/faults) and the benchmarks; each helper returns o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from config.redis_acl import HEALTH_USER
@@ -17,6 +20,9 @@ from lab.proc import alive, kill, run, wait_until
 from lab.sentinel_faults import restart_node
 from lab.state import WORKER_START_TIMEOUT
 from lab.state import loaded as _loaded
+
+STOPPED = "T"  # /proc/PID/stat's state of a process stopped by a signal
+STOP_SEEN_S = 5.0
 
 
 def kill_worker(name: str, sig: int = signal.SIGKILL) -> None:
@@ -129,6 +135,28 @@ def start_libvirtd(name: str) -> None:
     layout = lab.host(int(name.removeprefix("lab")))
     host.libvirtd_pid = libvirtd.start_libvirtd(layout, host.holder_pid)
     state.save(lab)
+
+
+def freeze_libvirtd(name: str) -> None:
+    """Fault injection: freeze a host's libvirtd (SIGSTOP), as one stuck on a lock: its
+    sockets still accept connections, and nothing answers on them."""
+    _, state = _loaded()
+    pid = state.hosts[name].libvirtd_pid
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: _run_state(pid) == STOPPED, STOP_SEEN_S, f"{name}'s libvirtd to stop")
+
+
+def _run_state(pid: int) -> str:
+    """A process's state letter (`R`, `S`, `T` for stopped...) as /proc shows it."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def thaw_libvirtd(name: str) -> None:
+    """Let a frozen libvirtd run again (SIGCONT; nothing for one that runs)."""
+    _, state = _loaded()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(state.hosts[name].libvirtd_pid, signal.SIGCONT)
 
 
 def restart_libvirtd(name: str) -> None:

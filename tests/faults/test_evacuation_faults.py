@@ -90,11 +90,22 @@ def test_killing_the_evacuated_hosts_worker_mid_drain(lab: Lab) -> None:
 # The child's last phase (confirm, on the source) waits this long: the window in which its
 # destination's libvirtd is stopped, after finish there verified the guest.
 CONFIRM_DELAY_S = 5
+# A frozen peer: how long one is asked (the least `peer_timeout` allows), and how long the
+# evacuation waits for it, long enough to see the keeper's other duties go on meanwhile.
+PEER_TIMEOUT_S = 3
+FROZEN_CONFIRM_WAIT_S = 20
 
 
-def _evacuate_one_guest(lab: Lab, host: str, to: str, stop_when_confirming: str) -> str:
-    """Evacuate `host` (one guest on it) to `to`, and stop `stop_when_confirming`'s libvirtd
-    once the child's guest is on its destination and its confirm phase has begun."""
+def _evacuate_one_guest(
+    lab: Lab,
+    host: str,
+    to: str,
+    stop_when_confirming: str,
+    fault: Callable[[str], None] = control.stop_libvirtd,
+) -> str:
+    """Evacuate `host` (one guest on it) to `to`, and stop (or otherwise `fault`)
+    `stop_when_confirming`'s libvirtd once the child's guest is on its destination and its
+    confirm phase has begun."""
     d = lab.drover
     evacuation_id = d.evacuate(d.evacuation_spec(host=host, to=[to]))
 
@@ -104,7 +115,7 @@ def _evacuate_one_guest(lab: Lab, host: str, to: str, stop_when_confirming: str)
     wait_for(child_queued, JOB_TIMEOUT_S, f"{host}'s evacuation to queue its child")
     (child,) = d.evacuation(evacuation_id).children.values()
     wait_for(phase_started(lab, child, "confirm"), JOB_TIMEOUT_S, "the child's confirm phase")
-    control.stop_libvirtd(stop_when_confirming)
+    fault(stop_when_confirming)
     return evacuation_id
 
 
@@ -169,5 +180,61 @@ def test_an_evacuation_never_says_more_than_an_unreachable_destination_said(
     finally:
         for host in stopped:
             control.start_libvirtd(host)
+        fault_config("")
+        lab.all_home()
+
+
+def _reported(lab: Lab, host: str) -> str:
+    """When `host`'s worker last reported the host (its keeper's `report` duty)."""
+    (row,) = [r for r in lab.drover.hosts() if r["host"] == host]
+    return str(row["reported"] or "")
+
+
+def test_a_frozen_destination_libvirtd_holds_up_only_what_needs_its_answer(
+    lab: Lab, fault_config: Callable[[str], None]
+) -> None:
+    """The destination's libvirtd freezes (SIGSTOP, as one stuck on a lock) when the
+    evacuation confirms where its guest is: it still accepts connections and never answers.
+    The evacuation asks it for at most `peer_timeout`, says it could not be asked, and ends
+    partial after `evacuation_confirm_wait`; meanwhile the same keeper goes on with its other
+    duties (lab3's host report keeps coming). Thawed, libvirt shows the guest on lab2 only."""
+    d = lab.drover
+    lab.all_home()
+    moved = lab.migrate("idle-1", "lab1", "lab3")
+    check(moved.state.value == "succeeded", f"idle-1 to lab3: {moved.reason}")
+    try:
+        fault_config(
+            f"[faults.phase_delays]\nconfirm = {CONFIRM_DELAY_S}\n"
+            f"[tunables]\nevacuation_confirm_wait = {FROZEN_CONFIRM_WAIT_S}\n"
+            f"peer_timeout = {PEER_TIMEOUT_S}\n"
+        )
+        evacuation_id = _evacuate_one_guest(
+            lab, "lab3", "lab2", stop_when_confirming="lab2", fault=control.freeze_libvirtd
+        )
+
+        def deferred() -> bool:
+            return bool(_said(lab, evacuation_id, "evacuation.confirm_deferred"))
+
+        wait_for(deferred, JOB_TIMEOUT_S, "the evacuation to wait for lab2's frozen libvirtd")
+        before = _reported(lab, "lab3")
+        wait_for(
+            lambda: _reported(lab, "lab3") > before,
+            FROZEN_CONFIRM_WAIT_S / 2,
+            "lab3's worker to report its host while lab2's libvirtd is frozen",
+        )
+        waiting = d.evacuation(evacuation_id)
+        check(waiting.state.value == "running", f"evacuation {waiting.state.value} while waiting")
+        ev = d.wait_evacuation(evacuation_id, JOB_TIMEOUT_S)
+        check(ev.state.value == "partial", f"evacuation {ev.state.value}: {ev.reason}")
+        reason = ev.reason or ""
+        check("lab2's libvirtd could not be asked" in reason and "answer" in reason, reason)
+        (outcome,) = ev.outcome
+        check(outcome.destination_unreachable is not None and not outcome.moved, str(outcome))
+        control.thaw_libvirtd("lab2")
+        where = lab.running_on("idle-1")
+        check(where == ["lab2"], f"idle-1 runs on {where}")
+        check(not lab.view("lab3", "idle-1").exists, "idle-1 still defined on lab3")
+    finally:
+        control.thaw_libvirtd("lab2")
         fault_config("")
         lab.all_home()
