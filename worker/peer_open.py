@@ -11,7 +11,8 @@ interval x (count + 1) s and the call fails). The keeper asks peers between its 
 would stall every job this host has a part in, not only the ones that need that peer.
 
 So the open runs in a thread of its own and the caller waits at most `peer_timeout`; then it
-gets LibvirtUnavailable, as for a peer that refuses. The abandoned open is left to end by
+gets PeerUnanswered, which the seam (`LibvirtHost.reach`) says as LibvirtUnavailable, as for a
+peer that refuses. The abandoned open is left to end by
 itself and its connection, if one comes, is closed; until it ends, the same URI fails at once
 instead of piling up threads behind it.
 """
@@ -52,7 +53,7 @@ def _in_thread(opener: Opener, uri: str) -> Future[libvirt.virConnect]:
     def run() -> None:
         try:
             pending.set_result(opener(uri))
-        except BaseException as exc:  # handed to the caller (or to _settled), never lost
+        except BaseException as exc:  # handed to the caller (or to `settled`), never lost
             pending.set_exception(exc)
 
     threading.Thread(target=run, name="peer-open", daemon=True).start()
