@@ -26,6 +26,7 @@ from lab import control, guest_probe
 from lab.guest_move import GuestMove, move
 from lab.layout import LabLayout
 from lab.linux_domain import LOCAL, SHARED, LinuxGuest, local_path
+from lab.proc import LabError
 from lab.state import loaded
 from producer.api import Drover
 from tests.support.lab_fixtures import lab_id, view, wait_for
@@ -129,6 +130,17 @@ def console_tail(lab: LinuxLab, host: str, name: str, lines: int = 25) -> str:
     return "\n".join(text[-lines:])
 
 
+def moved(lab: LinuxLab, guest: LinuxGuest, src: str, dst: str, **opts: Any) -> GuestMove:
+    """`move`, failing with the end of `dst`'s console when the guest's agent does not answer:
+    a guest that panicked after the move and came up again refuses the agent's port for a
+    moment (its network starts before its agent), which only the console explains."""
+    try:
+        return move(lab.drover, guest.name, guest.address, src, dst, **opts)
+    except LabError as exc:
+        tail = console_tail(lab, dst, guest.name)
+        raise AssertionError(f"{exc}; {dst}'s console ends:\n{tail}") from None
+
+
 def assert_moved(lab: LinuxLab, name: str, src: str, dst: str, m: GuestMove) -> None:
     assert m.job.state.value == "succeeded", m.job.reason
     there, here = view(lab.uri(dst), name), view(lab.uri(src), name)
@@ -159,7 +171,7 @@ def test_the_linux_guest_moves_in_every_mode_answering_ping_and_writing(
     assert linux_lab.running_on(guest.name) == [src]
     lines = []
     for mode, (opts, api, flag) in MODES.items():
-        m = move(linux_lab.drover, guest.name, guest.address, src, dst, **opts)
+        m = moved(linux_lab, guest, src, dst, **opts)
         try:
             assert_moved(linux_lab, guest.name, src, dst, m)
         except AssertionError as exc:
@@ -189,7 +201,7 @@ def test_the_local_disk_guest_without_copy_storage_is_refused_and_left_alone(
     # Its disk is on lab1's own storage: libvirt (or drover's pre-check) refuses to move only
     # its memory ("Migration without shared storage is unsafe"); nothing passes UNSAFE.
     guest = linux_lab.guest(LOCAL)
-    m = move(linux_lab.drover, guest.name, guest.address, "lab1", "lab2")
+    m = moved(linux_lab, guest, "lab1", "lab2")
     assert m.job.state.value == "failed"
     print(f"\nrefused: {m.job.reason}")
     assert linux_lab.running_on(guest.name) == ["lab1"]
@@ -202,7 +214,7 @@ def test_the_local_disk_guest_moves_with_copy_storage_and_keeps_its_disk(
     linux_lab: LinuxLab,
 ) -> None:
     guest = linux_lab.guest(LOCAL)
-    m = move(linux_lab.drover, guest.name, guest.address, "lab1", "lab2", copy_storage="all")
+    m = moved(linux_lab, guest, "lab1", "lab2", copy_storage="all")
     assert_moved(linux_lab, guest.name, "lab1", "lab2", m)
     assert m.job.handoff.created_images == [guest.disk]
     assert local_path(guest, linux_lab.layout.host(2)).exists()
@@ -222,10 +234,10 @@ def test_evacuate_with_copy_storage_drains_the_local_disk_guest(linux_lab: Linux
     # left them. The drain copies the local disk and must not copy the shared one (every host
     # sees it already: a copy would land on the image itself).
     if linux_lab.running_on(guest.name) == [dst]:
-        m = move(linux_lab.drover, guest.name, guest.address, dst, src, copy_storage="all")
+        m = moved(linux_lab, guest, dst, src, copy_storage="all")
         assert_moved(linux_lab, guest.name, dst, src, m)
     if linux_lab.running_on(shared.name) == [dst]:
-        m = move(linux_lab.drover, shared.name, shared.address, dst, src)
+        m = moved(linux_lab, shared, dst, src)
         assert_moved(linux_lab, shared.name, dst, src, m)
     assert linux_lab.running_on(guest.name) == [src]
     assert linux_lab.running_on(shared.name) == [src]
