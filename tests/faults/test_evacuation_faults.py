@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from jobs.admission import CLUSTER_GATE, WAITING, inbound_gate, outbound_gate
+from jobs.states import EVACUATION_TERMINAL
 from lab import control
 from tests.faults.conftest import check, phase_started
 from tests.support.forgery import worker_log
@@ -96,6 +97,19 @@ PEER_TIMEOUT_S = 3
 FROZEN_CONFIRM_WAIT_S = 20
 
 
+def _planning(lab: Lab, evacuation_id: str, host: str) -> str:
+    """Where an evacuation stands, what it said, and the end of its host's worker log: what
+    a missing child alone does not say."""
+    ev = lab.drover.evacuation(evacuation_id)
+    said = [str(e)[:400] for e in lab.drover.events(evacuation_id)]  # the plan's reasons too
+    alive = control.status()["hosts"][host]["worker_alive"]
+    tail = worker_log(host).read_text().splitlines()[-20:]
+    return (
+        f"evacuation {ev.state.value} ({ev.reason}); it said {said}; {host}'s worker "
+        f"{'runs' if alive else 'is dead'}; its log ends:\n" + "\n".join(tail)
+    )
+
+
 def _evacuate_one_guest(
     lab: Lab,
     host: str,
@@ -109,11 +123,17 @@ def _evacuate_one_guest(
     d = lab.drover
     evacuation_id = d.evacuate(d.evacuation_spec(host=host, to=[to]))
 
-    def child_queued() -> bool:
-        return bool(d.evacuation(evacuation_id).children)
+    def child_queued_or_ended() -> bool:
+        ev = d.evacuation(evacuation_id)
+        return bool(ev.children) or ev.state in EVACUATION_TERMINAL
 
-    wait_for(child_queued, JOB_TIMEOUT_S, f"{host}'s evacuation to queue its child")
-    (child,) = d.evacuation(evacuation_id).children.values()
+    try:
+        wait_for(child_queued_or_ended, JOB_TIMEOUT_S, f"{host}'s evacuation to queue its child")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {_planning(lab, evacuation_id, host)}") from None
+    ev = d.evacuation(evacuation_id)
+    check(len(ev.children) == 1, f"no child queued; {_planning(lab, evacuation_id, host)}")
+    (child,) = ev.children.values()
     wait_for(phase_started(lab, child, "confirm"), JOB_TIMEOUT_S, "the child's confirm phase")
     fault(stop_when_confirming)
     return evacuation_id
