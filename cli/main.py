@@ -72,8 +72,9 @@ def demo(
 def cli_server() -> None:
     """Keep drover's libraries loaded for this user's job commands (`drover migrate`, `jobs`,
     `job`, `events`...): each then starts in a fraction of the time. Runs until stopped."""
-    # A fresh interpreter: the server loads no drover module (cli/server.py says why); -P:
-    # the directory it is started from is not on its module path.
+    # A fresh interpreter: the server loads only what reads nothing at import (cli/server.py
+    # says why), not what this process loaded; -P: the directory it is started from is not
+    # on its module path.
     os.execv(sys.executable, [sys.executable, "-P", "-m", "cli.server"])
 
 

@@ -6,9 +6,11 @@ libraries (Typer, pydantic, redis-py; Celery, kombu and the signing for a migrat
 drover's own code runs (bench/cli_startup.py). A shell or a script that calls drover in a loop
 pays that every time. `drover cli-server` imports those libraries once; each command line
 handed to it runs in a fresh child forked from it, with the caller's arguments, environment,
-working directory, umask and standard streams, and drover's own modules imported in that
-child from disk (so nothing drover-side goes stale). Without a server, `drover` runs the
-command itself, as before: the server only ever makes a command faster.
+working directory, umask and standard streams. drover's own job-command modules that read
+nothing as they are imported are loaded once too; the rest are imported in that child from
+disk, and a child finding any loaded file changed since declines (cli/server.py), so nothing
+goes stale. Without a server, `drover` runs the command itself, as before: the server only
+ever makes a command faster.
 
 This module is imported by every `drover` command (cli/launch.py), so it imports only small
 parts of the standard library (no typing, no pathlib): a served command's whole run is about

@@ -398,3 +398,97 @@ def children(pid: int) -> list[int]:
         ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
     )
     return [int(line) for line in out.stdout.split()]
+
+
+# What the server's preload of drover's own modules reads: every environment variable asked
+# for and every file opened other than a module's own, after the third-party preload (whose
+# libraries read what they read as they are imported in any process).
+PRELOAD_READS = """
+import importlib, json, os, sys
+from cli import server
+from pydantic import TypeAdapter
+for name in server.PRELOAD:
+    importlib.import_module(name)
+TypeAdapter(int)
+asked, opened = set(), []
+real = os.environ
+
+class Spy(dict):
+    def __getitem__(self, key):
+        asked.add(key)
+        return real[key]
+
+    def get(self, key, default=None):
+        asked.add(key)
+        return real.get(key, default)
+
+    def __contains__(self, key):
+        asked.add(key)
+        return key in real
+
+def hook(event, args):
+    if event == "open" and isinstance(args[0], str):
+        if not args[0].endswith((".py", ".pyc", ".so")):
+            opened.append(args[0])
+
+sys.addaudithook(hook)
+os.environ = Spy(real)
+stamp = server.preload()
+os.environ = real
+print(json.dumps({
+    "asked": sorted(asked),
+    "opened": opened,
+    "loaded": sorted(sys.modules),
+    "stamped": sorted(stamp),
+}))
+"""
+# pydantic asks whether its plugins are disabled as it builds a model; it loads them (or not)
+# once per process, at the first schema, which the third-party preload has built already.
+PYDANTIC_ASKS = {"PYDANTIC_DISABLE_PLUGINS"}
+
+
+def test_the_drover_modules_the_server_preloads_read_nothing_at_import() -> None:
+    """What the server imports before a fork must be the same whoever calls: drover modules
+    that read no environment variable and no file as they are imported. The Celery app (made
+    as config.celery is imported, reading CELERY_* variables) is left to each child; each
+    preloaded module's file is in the stamp a child compares before it runs a command."""
+    from cli.server import DROVER_PRELOAD
+
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", PRELOAD_READS],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=True,
+        cwd=resident.INSTALL,
+    )
+    reads = json.loads(done.stdout)
+    assert set(reads["asked"]) <= PYDANTIC_ASKS, reads["asked"]
+    assert reads["opened"] == []
+    assert set(DROVER_PRELOAD) <= set(reads["loaded"])
+    assert "config.celery" not in reads["loaded"]
+    drover_files = {
+        os.path.join(resident.INSTALL, *name.split(".")) + ".py"
+        for name in ("jobs.spec", "producer.cli", "cli.main", "config.settings_model")
+    }
+    assert drover_files <= set(reads["stamped"])
+
+
+def test_an_edited_drover_module_stops_the_server_and_the_command_runs_here(
+    server: Server,
+) -> None:
+    """A module the server preloaded is changed on disk (its modification time is enough):
+    the next command is declined and run where it was typed, and the server stops."""
+    edited = Path(resident.INSTALL, "producer", "jobs_list.py")
+    before = edited.stat()
+    assert server.drover("jobs", "--json").returncode == 0
+    try:
+        os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+        done = server.drover("jobs", "--json")
+    finally:
+        os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert done.returncode == 0 and json.loads(done.stdout) == []
+    assert server.proc.wait(timeout=DEADLINE_S) == 0
+    until("the server logs both", lambda: len(server.ran()) == 2)
+    ran = server.ran()
+    assert " ran jobs, exit 0" in ran[0] and "libraries changed" in ran[1], ran
