@@ -88,7 +88,8 @@ class Tunables(BaseModel):
     evacuation_confirm_wait: float = Field(default=60.0, ge=0, le=3600)
     # Another host's libvirtd must answer the opening of a connection within this, and then
     # each request within about this (keepalive): one cut off or frozen is then unreachable,
-    # instead of holding the caller (the keeper's duties for every job) for minutes or ever.
+    # instead of holding the caller (the keeper's duties for every job, a managed-direct
+    # migration's hand-over) for minutes or ever.
     peer_timeout: float = Field(default=15.0, ge=3, le=600)
     # How often an evacuation queues a failed child again when its guest still runs on the
     # host being emptied (a worker restart or a blip cut the migration short).

@@ -26,7 +26,7 @@ from jobs.record import Handoff
 from jobs.spec import ControlFlow, CopyStorage, MigrationSpec, Transport
 from jobs.targets import migration_uri_problem
 from worker.compression_support import compression_params
-from worker.libvirt_host import Domain, checked_uri, open_checked
+from worker.libvirt_host import Domain, Opener, checked_uri
 from worker.migration_options import option_params, shown_params
 
 
@@ -183,14 +183,21 @@ def build_call(spec: MigrationSpec, handoff: Handoff, policy: MigrationPolicy) -
     return MigrationCall("migrateToURI3", handoff.dconnuri, None, params, flags)
 
 
-def invoke(dom: Domain, call: MigrationCall) -> None:
-    """Make the libvirt call; managed direct and virDomainMigrate2 need a destination conn."""
+def invoke(dom: Domain, call: MigrationCall, reach: Opener) -> None:
+    """Make the libvirt call; managed direct and virDomainMigrate2 need a destination conn.
+
+    That conn comes from `reach` (the seam's LibvirtHost.reach): opened within the peer
+    timeout, against the registry's allowlist, and kept alive, so that a destination libvirtd
+    that stops answering mid-migration (frozen, cut off) fails the call within that bound,
+    as libvirt fails a peer-to-peer one, instead of holding this thread and the job for
+    ever. Unreachable: LibvirtUnavailable, before anything moved.
+    """
     if call.api == "migrateToURI3":
         dconnuri = None if call.dconnuri is None else checked_uri(call.dconnuri)
         dom.migrateToURI3(dconnuri, call.params, call.flags)
         return
     assert call.dest_connection_uri is not None
-    dconn = open_checked(call.dest_connection_uri)
+    dconn = reach(call.dest_connection_uri)
     try:
         if call.api == "migrate3":
             dom.migrate3(dconn, call.params, call.flags)

@@ -16,7 +16,7 @@ from worker.compression_support import unsupported
 from worker.domain_xml_check import checked_xml
 from worker.job_end import advance
 from worker.libvirt_events import CompletionWatch
-from worker.libvirt_host import LibvirtError
+from worker.libvirt_host import LibvirtError, LibvirtUnavailable
 from worker.migration_call import build_call, invoke
 from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
@@ -69,10 +69,12 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     def migrate() -> None:
         returned = False
         try:
-            invoke(dom, call)
+            invoke(dom, call, rt.libvirt.reach)
             returned = True
         except LibvirtError as exc:
             outcome.failed, outcome.error = True, exc.get_error_message()
+        except LibvirtUnavailable as exc:  # the destination's libvirtd could not be opened
+            outcome.failed, outcome.error = True, str(exc)
         finally:
             if completion is not None and not returned:
                 completion.close()  # a failed migration completes nothing

@@ -36,7 +36,7 @@ from config.events import get_logger
 from jobs.model import Job
 from jobs.states import JobState
 from jobs.store import now
-from worker.libvirt_host import LibvirtError
+from worker.libvirt_host import LibvirtError, LibvirtUnavailable
 from worker.migration_call import MigrationCall, invoke, resume_call
 from worker.phase_errors import HandedOver
 from worker.phase_source import job_domain
@@ -134,7 +134,10 @@ def _resume(
         return "failed"
     log.info("postcopy.resuming", attempt=attempt, where=seen.describe())
     try:
-        invoke(dom, resume_call(call))
+        invoke(dom, resume_call(call), rt.libvirt.reach)
+    except LibvirtUnavailable as exc:  # the destination still cannot be opened: try again
+        log.warning("postcopy.resume_failed", attempt=attempt, error=str(exc), retry_in=delay)
+        return "failed"
     except LibvirtError as exc:
         log.warning(
             "postcopy.resume_failed", attempt=attempt, error=exc.get_error_message(), retry_in=delay

@@ -7,6 +7,8 @@ host, by the job's final state and result, its events, and what the CLI says.
   refused by the destination's ledger, and its rollback leaves the first job's incoming
   guest alone;
 - the destination's libvirtd restarted during perform: the rollback reconnects and says so;
+- the destination's libvirtd frozen during a managed-direct perform: the job fails within the
+  peer timeout instead of waiting for it for ever, the guest running on the source;
 - a stalled job that resumed and succeeded is no longer shown as stalled;
 - `drover abort` in post-copy says libvirt cannot abort it, and exits non-zero;
 - `drover abort` of a migration a restarted worker re-attached to is carried out;
@@ -156,6 +158,38 @@ def test_destination_libvirtd_restarted_during_perform_is_rolled_back(lab: Lab) 
         "the rollback to say how it ended",
     )
     check(not named(lab, job_id, "rollback.failed"), f"{named(lab, job_id, 'rollback.failed')}")
+    assert_invariants(lab, job)
+
+
+# How long a frozen peer is waited for (the least `peer_timeout` allows).
+PEER_TIMEOUT_S = 3
+
+
+@HOME
+def test_a_destination_libvirtd_frozen_mid_direct_migration_fails_the_job(
+    lab: Lab, fault_config: Callable[[str], None]
+) -> None:
+    """Managed direct: the worker's own libvirt client drives both daemons, so the call that
+    hands the guest over (Finish, on the destination) waits for the destination's libvirtd.
+    Frozen (SIGSTOP) while memory is on the wire, that libvirtd never answers, and the job
+    would stay migrating for ever, its slots held. The worker's connection to it is kept
+    alive within `peer_timeout`: the call fails, libvirt resumes the guest on the source,
+    and the job ends failed while lab2 is still frozen. Thawed, libvirt shows the guest
+    running on lab1 only."""
+    fault_config(f"[tunables]\npeer_timeout = {PEER_TIMEOUT_S}\n")
+    job_id = start_throttled(lab, control="direct")
+    control.freeze_libvirtd("lab2")
+    try:
+        job = finish(lab, job_id)
+        check(job.state.value == "failed", f"job {job.state.value}: {job.reason}")
+        check("migration to lab2 failed" in (job.reason or ""), f"{job.reason}")
+    finally:
+        control.thaw_libvirtd("lab2")
+    wait_for(
+        lambda: not lab.view("lab2", "dirty-1").active,
+        JOB_TIMEOUT_S,
+        "lab2's libvirtd to let go of the guest it never received",
+    )
     assert_invariants(lab, job)
 
 

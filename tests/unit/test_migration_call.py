@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import libvirt
+import pytest
 
 from config.settings import Settings
 from jobs.policy_choice import effective_policy
 from jobs.record import Handoff
 from jobs.spec import MigrationSpec
-from worker.migration_call import MigrationCall, build_call, flag_names
+from worker.libvirt_host import Domain, LibvirtUnavailable, Opener
+from worker.migration_call import MigrationCall, build_call, flag_names, invoke
 
 HANDOFF = Handoff(dconnuri="qemu+tcp://10.0.0.2/system", migrate_uri="tcp://10.0.0.2")
 
@@ -54,3 +58,48 @@ def test_requested_options_all_reach_the_call() -> None:
 
 def test_non_live_request_drops_the_live_flag() -> None:
     assert not call_of(spec(live=False), HANDOFF).flags & libvirt.VIR_MIGRATE_LIVE
+
+
+class _Dest:
+    """A destination connection that says whether it was closed."""
+
+    closed = False
+
+    def close(self) -> int:
+        self.closed = True
+        return 0
+
+
+class _Dom:
+    """A domain that records the migration calls made on it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def migrate3(self, dconn: object, params: dict[str, object], flags: int) -> None:
+        self.calls.append(("migrate3", dconn))
+
+
+def test_managed_direct_reaches_the_destination_through_the_bounded_seam() -> None:
+    """The destination conn a managed-direct call needs comes from the seam's `reach` (the
+    registry's allowlist, within peer_timeout, with keepalive: worker/peer_open.py), is
+    handed to libvirt and closed after; a destination that cannot be reached ends the call
+    before libvirt is asked to move anything."""
+    call = call_of(spec(control="direct"), HANDOFF)
+    assert call.api == "migrate3" and call.dest_connection_uri == HANDOFF.dconnuri
+    dest, dom, asked = _Dest(), _Dom(), []
+
+    def reach(uri: str) -> _Dest:
+        asked.append(uri)
+        return dest
+
+    invoke(cast(Domain, dom), call, cast(Opener, reach))
+    assert asked == [HANDOFF.dconnuri] and dom.calls == [("migrate3", dest)] and dest.closed
+
+    def unreachable(uri: str) -> _Dest:
+        raise LibvirtUnavailable(f"cannot reach {uri}: no answer within 3 s")
+
+    untouched = _Dom()
+    with pytest.raises(LibvirtUnavailable, match="no answer"):
+        invoke(cast(Domain, untouched), call, cast(Opener, unreachable))
+    assert untouched.calls == []
