@@ -115,28 +115,48 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     return settings
 
 
+# What tells a config file's versions apart: modification time, size and inode. The time
+# alone is not enough: a file rewritten in place is first truncated, then written, both
+# possibly within one tick of the filesystem's clock, and a reload between the two would
+# otherwise be the last one; a file replaced by a rename is a new inode.
+FileStamp = tuple[int, int, int]
+
+
+def _file_stamp(path: Path | None) -> FileStamp | None:
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 class _Cache:
-    """Settings loaded once per process and reloaded when the file's mtime changes.
+    """Settings loaded once per process and reloaded when the file changes.
 
     A reload that fails (a typo saved mid-edit, a file half-copied) keeps the last good
     settings: a worker's heartbeat, lease holding and recovery must not stop because an
     operator's editor wrote a bad file, and its in-flight migrations must keep their policy.
-    The problem is kept (`problem()`) for the worker to report loudly until the file is fixed.
-    A process that never loaded good settings has nothing to fall back on and raises.
+    So does a file found empty once good settings were loaded: it is valid TOML (the
+    defaults, no hosts), and it is what a file being rewritten in place looks like between
+    its truncation and its write. The problem is kept (`problem()`) for the worker to report
+    loudly until the file is fixed. A process that never loaded good settings has nothing to
+    fall back on and raises.
     """
 
     def __init__(self) -> None:
         self._lock = Lock()
         self._settings: Settings | None = None
-        self._stamp: float | None = None
+        self._stamp: FileStamp | None = None
         self._problem: str | None = None
 
     def get(self) -> Settings:
         path = _config_path(None)
-        stamp = path.stat().st_mtime if path is not None and path.exists() else None
+        stamp = _file_stamp(path)
         with self._lock:
             if self._settings is None or stamp != self._stamp:
                 try:
+                    if self._settings is not None and stamp is not None and stamp[1] == 0:
+                        raise ConfigError(f"config file {path} is empty (being written?)")
                     fresh = load_settings()
                 except ConfigError as exc:
                     if self._settings is None:

@@ -8,6 +8,7 @@ the job is terminal and its recorded outcome matches reality; nothing is left he
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,11 @@ def fault_config(lab_config_file: Path) -> Callable[[str], None]:
     original = lab_config_file.read_text()
 
     def add(extra: str) -> None:
-        lab_config_file.write_text(original + "\n" + extra + "\n")  # workers see the new mtime
+        # Replaced whole (a new file renamed over it), as an operator's tools should: a worker
+        # never reads it half-written, and sees a new file where it looks.
+        staged = lab_config_file.with_name(f".{lab_config_file.name}.new")
+        staged.write_text(original + "\n" + extra + "\n")
+        os.replace(staged, lab_config_file)
 
     return add
 

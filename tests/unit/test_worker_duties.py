@@ -56,6 +56,32 @@ def test_a_bad_config_file_keeps_the_last_good_settings_and_says_why(
     assert cache.problem() is None
 
 
+def test_a_config_file_rewritten_in_place_is_never_read_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file rewritten in place is truncated first, then written, both maybe within one tick
+    of the filesystem's clock. Read in between, it is empty: valid TOML, with no hosts, which
+    the worker must not take for its settings; and the write that follows must be read
+    although its modification time is the same."""
+    path = tmp_path / "drover.toml"
+    path.write_text(GOOD)
+    monkeypatch.setenv("DROVER_CONFIG", str(path))
+    cache = _Cache()
+    good = cache.get()
+    tick = path.stat().st_mtime_ns + 1_000_000_000
+
+    path.write_text("")  # truncated: the write has not come yet
+    os.utime(path, ns=(tick, tick))
+    assert cache.get() is good and good.hosts
+    problem = cache.problem()
+    assert problem is not None and "empty" in problem and str(path) in problem
+
+    path.write_text(GOOD + "\n[tunables]\nheartbeat_ttl = 7\n")  # written, in the same tick
+    os.utime(path, ns=(tick, tick))
+    assert cache.get().tunables.heartbeat_ttl == 7
+    assert cache.problem() is None
+
+
 def test_a_process_with_no_good_settings_yet_still_refuses_a_bad_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
