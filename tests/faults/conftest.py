@@ -8,7 +8,6 @@ the job is terminal and its recorded outcome matches reality; nothing is left he
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from jobs.model import Job
 from jobs.store import ACTIVE_JOBS, JobNotFound, JobStore, domain_lock_key, reservations_key
 from lab import control
 from producer.api import SubmitError
-from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
+from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, replace_config, wait_for
 from tests.support.postcopy import lift_postcopy_cap
 
 # dirty-1 at this cap stays in flight long enough to land a fault. Whether auto-converge
@@ -155,11 +154,7 @@ def fault_config(lab_config_file: Path) -> Callable[[str], None]:
     original = lab_config_file.read_text()
 
     def add(extra: str) -> None:
-        # Replaced whole (a new file renamed over it), as an operator's tools should: a worker
-        # never reads it half-written, and sees a new file where it looks.
-        staged = lab_config_file.with_name(f".{lab_config_file.name}.new")
-        staged.write_text(original + "\n" + extra + "\n")
-        os.replace(staged, lab_config_file)
+        replace_config(lab_config_file, original + "\n" + extra + "\n")
 
     return add
 

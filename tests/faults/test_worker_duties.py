@@ -17,7 +17,7 @@ from lab import control
 from lab.proc import alive
 from producer.api import SubmitError
 from tests.faults.conftest import assert_invariants, finish, in_transfer
-from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
+from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, replace_config, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_back")]
 
@@ -53,7 +53,7 @@ def test_a_config_saved_with_a_typo_during_a_migration(lab: Lab, lab_config_file
         completion_timeout_s=30,
     )  # fmt: skip
     wait_for(in_transfer(lab, job_id), 60, "the migration to be in flight")
-    config_file.write_text(good + A_TYPO)
+    replace_config(config_file, good + A_TYPO)
     store = lab.drover.store
 
     # Every worker says so, on `drover hosts` and on the stream of the job it takes part in.
@@ -82,7 +82,7 @@ def test_a_config_saved_with_a_typo_during_a_migration(lab: Lab, lab_config_file
     with pytest.raises(SubmitError, match="already has an active job"):
         lab.drover.submit(domain="dirty-1", src="lab1", dst="lab3", live=True)
 
-    config_file.write_text(good)
+    replace_config(config_file, good)
     wait_for(
         lambda: not any(row["config_error"] for row in host_rows(lab).values()),
         30,

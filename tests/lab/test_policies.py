@@ -21,7 +21,7 @@ import pytest
 from config.settings import load_settings
 from jobs.model import Job
 from producer.api import Drover
-from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
+from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, replace_config, wait_for
 from worker.domain_metadata import PLACEMENT_NS
 
 pytestmark = pytest.mark.lab
@@ -66,7 +66,7 @@ def policies(lab: Lab, lab_config_file: Path) -> Iterator[Drover]:
     text = lab_config_file.read_text()
     text = text.replace("[hosts.lab1]\n", '[hosts.lab1]\npolicy = "labhost"\n')
     text = text.replace("[hosts.lab2]\n", '[hosts.lab2]\ngroup = "racks"\n')
-    lab_config_file.write_text(text + POLICIES)
+    replace_config(lab_config_file, text + POLICIES)
     yield Drover(load_settings(lab_config_file))
     for guest in ("idle-1", "dirty-1"):
         set_metadata_policy(lab, guest, None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lab.control import LAB_HOST_MEMORY_MIB
-from tests.support.lab_fixtures import Lab
+from tests.support.lab_fixtures import Lab, replace_config
 
 pytestmark = pytest.mark.lab
 
@@ -29,11 +29,11 @@ def lab2_memory_limited(lab: Lab) -> Iterator[None]:
     original = path.read_text()
     block = f"[hosts.lab2.limits]\nmemory_mib = {LAB_HOST_MEMORY_MIB}\n"
     assert block in original
-    path.write_text(original.replace(block, "[hosts.lab2.limits]\nmemory_mib = 40\n"))
+    replace_config(path, original.replace(block, "[hosts.lab2.limits]\nmemory_mib = 40\n"))
     try:
         yield
     finally:
-        path.write_text(original)
+        replace_config(path, original)
 
 
 def test_destination_short_of_memory_leaves_vm_running_on_source(

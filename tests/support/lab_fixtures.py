@@ -171,14 +171,22 @@ def lab(lab_env: None) -> Iterator[Lab]:
         control.down()
 
 
+def replace_config(path: Path, text: str) -> None:
+    """Write a config file whole: a new file renamed over it, as an operator's tools should,
+    so that a worker re-reading it never finds it half-written."""
+    staged = path.with_name(f".{path.name}.new")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
 @pytest.fixture
 def lab_config_file(lab: Lab) -> Iterator[Path]:
-    """The lab's registry file, for a test to change (workers re-read it when its mtime
-    moves); restored as it was afterwards."""
+    """The lab's registry file, for a test to change (workers re-read it when it changes:
+    `replace_config`); restored as it was afterwards."""
     path = Path(lab.config)
     original = path.read_text()
     yield path
-    path.write_text(original)
+    replace_config(path, original)
 
 
 @pytest.fixture
