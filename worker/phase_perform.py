@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from config.events import get_logger
@@ -16,7 +17,7 @@ from worker.compression_support import unsupported
 from worker.domain_xml_check import checked_xml
 from worker.job_end import advance
 from worker.libvirt_events import CompletionWatch
-from worker.libvirt_host import LibvirtError, LibvirtUnavailable
+from worker.libvirt_host import LibvirtError
 from worker.migration_call import build_call, invoke
 from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
@@ -32,10 +33,28 @@ MS_PER_S = 1000
 
 @dataclass
 class CallOutcome:
-    """How the migration call returned: whether libvirt raised, and its error."""
+    """How the migration call returned: whether it raised, and its error."""
 
     failed: bool = False
     error: str | None = None
+
+
+# What a call that has not returned counts as: a failure, until the call says otherwise.
+NOT_RETURNED = "the migration call never returned"
+
+
+def call_outcome(make_call: Callable[[], None]) -> CallOutcome:
+    """Make the migration call; how it returned. Whatever it raises is a failure with its
+    message (libvirt's error, a destination that could not be opened, a refused URI, a bug),
+    never a migration that went through: what happened to the guest is then read from
+    libvirt (`ensure_running_on_source`)."""
+    try:
+        make_call()
+    except LibvirtError as exc:
+        return CallOutcome(True, exc.get_error_message() or str(exc))
+    except Exception as exc:
+        return CallOutcome(True, str(exc) or type(exc).__name__)
+    return CallOutcome()
 
 
 def perform(rt: Runtime, job: Job) -> JobState | None:
@@ -62,21 +81,16 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
         raise PhaseFailed(lacking)
     log.info("migration.started", call=call.describe())
     finished = threading.Event()
-    outcome = CallOutcome()
+    outcome = CallOutcome(failed=True, error=NOT_RETURNED)
     # libvirt's job-completed event (downtime, final figures) for the success path below.
     completion = None if spec.offline else CompletionWatch(dom)
 
     def migrate() -> None:
-        returned = False
         try:
-            invoke(dom, call, rt.libvirt.reach)
-            returned = True
-        except LibvirtError as exc:
-            outcome.failed, outcome.error = True, exc.get_error_message()
-        except LibvirtUnavailable as exc:  # the destination's libvirtd could not be opened
-            outcome.failed, outcome.error = True, str(exc)
+            done = call_outcome(lambda: invoke(dom, call, rt.libvirt.reach))
+            outcome.failed, outcome.error = done.failed, done.error
         finally:
-            if completion is not None and not returned:
+            if completion is not None and outcome.failed:
                 completion.close()  # a failed migration completes nothing
             finished.set()
 

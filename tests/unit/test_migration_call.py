@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import libvirt
@@ -11,8 +12,9 @@ from config.settings import Settings
 from jobs.policy_choice import effective_policy
 from jobs.record import Handoff
 from jobs.spec import MigrationSpec
-from worker.libvirt_host import Domain, LibvirtUnavailable, Opener
+from worker.libvirt_host import Domain, LibvirtUnavailable, Opener, UnsafeURI
 from worker.migration_call import MigrationCall, build_call, flag_names, invoke
+from worker.phase_perform import CallOutcome, call_outcome
 
 HANDOFF = Handoff(dconnuri="qemu+tcp://10.0.0.2/system", migrate_uri="tcp://10.0.0.2")
 
@@ -103,3 +105,27 @@ def test_managed_direct_reaches_the_destination_through_the_bounded_seam() -> No
     with pytest.raises(LibvirtUnavailable, match="no answer"):
         invoke(cast(Domain, untouched), call, cast(Opener, unreachable))
     assert untouched.calls == []
+
+
+def _raising(exc: Exception) -> Callable[[], None]:
+    def call() -> None:
+        raise exc
+
+    return call
+
+
+def test_whatever_the_migration_call_raises_is_a_failure_never_a_migration() -> None:
+    """perform runs the call in a thread of its own and reads how it returned: an error other
+    than libvirt's (the destination not reached, a refused URI, a bug) must fail the job like
+    libvirt's, never pass for a migration that went through."""
+    assert call_outcome(lambda: None) == CallOutcome(failed=False, error=None)
+    refused = libvirt.libvirtError("operation failed: migration job: unexpectedly failed")
+    cases: list[tuple[Exception, str]] = [
+        (refused, "unexpectedly failed"),
+        (LibvirtUnavailable("cannot reach qemu+tcp://b/system: no answer within 3s"), "no answer"),
+        (UnsafeURI("qemu+ext://b/system?command=/bin/sh: scheme not allowed"), "not allowed"),
+        (TypeError(), "TypeError"),
+    ]
+    for exc, said in cases:
+        outcome = call_outcome(_raising(exc))
+        assert outcome.failed and outcome.error is not None and said in outcome.error, exc
