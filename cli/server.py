@@ -55,15 +55,13 @@ PRELOAD = (
     "cryptography.hazmat.primitives.serialization",
     "cryptography.x509",
 )
-# The job commands' own modules (their closure: options, models, stores, admission), built
-# once here instead of in every child: about 70 ms of a served `drover migrate`'s start-up,
-# mostly pydantic building its models. Each reads no environment variable and no file when
-# imported (tests/unit/test_cli_server.py holds them to that); config.celery stays out.
+# The job commands' own modules (these and what they import: options, models, stores,
+# admission), built once here instead of in every child: about 70 ms of a served
+# `drover migrate`'s start-up, mostly pydantic building its models. Each reads no
+# environment variable and no file when imported (tests/unit/test_cli_server.py holds them
+# to that); config.celery stays out.
 DROVER_PRELOAD = (
-    "cli.main",
-    "cli.help_render",
-    "producer.cli",
-    "producer.cli_drain_options",
+    "cli.main",  # and through it producer.cli, its options, the help's renderer
     "producer.hosts",
     "producer.jobs_list",
     "producer.waiting",
@@ -71,8 +69,6 @@ DROVER_PRELOAD = (
     "jobs.validation",
     "jobs.dry_run",
     "jobs.phases",
-    "config.envelope",
-    "config.redis_url",
 )
 BACKLOG = 64
 LISTENING = "drover cli-server: listening on"  # its first line, once it takes callers

@@ -11,7 +11,7 @@ import os
 import tomllib
 from pathlib import Path
 from threading import Lock
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -119,15 +119,20 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
 # alone is not enough: a file rewritten in place is first truncated, then written, both
 # possibly within one tick of the filesystem's clock, and a reload between the two would
 # otherwise be the last one; a file replaced by a rename is a new inode.
-FileStamp = tuple[int, int, int]
+class FileStamp(NamedTuple):
+    mtime_ns: int
+    size: int
+    inode: int
 
 
 def _file_stamp(path: Path | None) -> FileStamp | None:
+    if path is None:
+        return None
     try:
-        st = path.stat() if path is not None else None
+        st = path.stat()
     except OSError:
         return None
-    return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
+    return FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class _Cache:
@@ -155,7 +160,7 @@ class _Cache:
         with self._lock:
             if self._settings is None or stamp != self._stamp:
                 try:
-                    if self._settings is not None and stamp is not None and stamp[1] == 0:
+                    if self._settings is not None and stamp is not None and stamp.size == 0:
                         raise ConfigError(f"config file {path} is empty (being written?)")
                     fresh = load_settings()
                 except ConfigError as exc:
