@@ -133,11 +133,17 @@ def list_domains(conn: Connection, *, active_only: bool = False) -> list[Domain]
 
 
 def metadata_element(dom: Domain, namespace: str) -> str | None:
-    """The domain's metadata element in `namespace` (its XML), or None if it has none."""
+    """The domain's metadata element in `namespace` (its XML), or None if it has none.
+
+    Only libvirt's "no such metadata" means none: any other error (libvirtd gone, the domain
+    gone) is raised, so that a guest's declared policy or anti-affinity group is never read
+    as "not declared" and silently replaced by the defaults."""
     try:
         return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace))
-    except libvirt.libvirtError:
-        return None
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            return None
+        raise
 
 
 def cpu_incompatible(conn: Connection, virt_type: str, cpu_xml: str) -> bool:

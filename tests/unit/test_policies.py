@@ -22,7 +22,7 @@ from jobs.store import JobStore
 from producer.cli_policies import standing
 from tests.support.registry import REGISTRY
 from tests.unit import test_libvirt_seam as seam
-from worker.domain_metadata import PLACEMENT_NS
+from worker.domain_metadata import PLACEMENT_NS, anti_affinity_group, policy_name
 from worker.evacuation import plan_and_queue_or_fail
 from worker.evacuation_plan import checked, child_spec
 from worker.fleet_view import gather
@@ -356,6 +356,22 @@ def test_the_planner_reads_the_metadata_policy_and_no_dirty_rate_unmeasured(
     (guest,) = view.guests
     assert guest.policy == "db" and guest.dirty_mib_s is None
     assert dirty_rates_mib_s(hv) == {}  # no calculation ran (the test driver has none)
+
+
+def test_a_guest_without_metadata_has_none_and_an_unreadable_one_is_an_error(
+    hv: libvirt.virConnect,
+) -> None:
+    """Only libvirt's "no such metadata" reads as undeclared: a guest whose metadata cannot be
+    read (the domain gone, its libvirtd gone) must not run under the default policy, nor be
+    placed as if it had no anti-affinity group."""
+    assert policy_name(hv.lookupByName(GUEST)) is None
+    assert anti_affinity_group(hv.lookupByName(GUEST)) is None
+    dom = hv.createXML(seam.IDLE_XML.format(name="vanishing"), 0)  # running, never defined
+    dom.destroy()  # gone under the reader: libvirt's "no domain", not "no metadata"
+    with pytest.raises(libvirt.libvirtError):
+        policy_name(dom)
+    with pytest.raises(libvirt.libvirtError):
+        anti_affinity_group(dom)
 
 
 def test_the_worker_checks_the_evacuations_policy_again_when_it_plans(
