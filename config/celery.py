@@ -18,6 +18,10 @@ from config.security import TASK_PREFIX, enable_signing, signing_config
 from config.settings import ConfigError, Settings, Tunables, current, load_settings
 
 QUEUE_PREFIX = "drover.host."
+# kombu's Redis transports, dropping a queue item that is not a message instead of stopping
+# the worker on it (config/broker_transport.py); named, so kombu imports them only to connect.
+BROKER_TRANSPORT = "config.broker_transport:Transport"
+SENTINEL_BROKER_TRANSPORT = "config.broker_transport:SentinelTransport"
 WORKER_NODE_PREFIX = "drover@"
 
 
@@ -37,11 +41,17 @@ def broker_of(settings: Settings) -> tuple[str, dict[str, Any]]:
     return settings.redis_url, {}
 
 
+def broker_transport_of(settings: Settings) -> str:
+    """The transport class kombu uses for the broker (the URL's scheme would name kombu's)."""
+    return SENTINEL_BROKER_TRANSPORT if is_sentinel(settings.redis_url) else BROKER_TRANSPORT
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings chosen for long, non-repeatable phase tasks (see docs/celery.md)."""
     broker_url, transport = broker_of(settings)
     return {
         "broker_url": broker_url,
+        "broker_transport": broker_transport_of(settings),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             "visibility_timeout": settings.tunables.broker_visibility_timeout,

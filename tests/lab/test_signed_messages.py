@@ -27,7 +27,9 @@ from config.celery import host_queue
 from config.settings import load_settings
 from jobs.phases import Phase, task_name
 from jobs.spec import MigrationSpec
+from lab import control
 from lab.layout import LabLayout
+from lab.proc import alive
 from lab.signing import make_certificate
 from tests.support.forgery import worker_log
 from tests.support.lab_fixtures import Lab, wait_for
@@ -123,6 +125,46 @@ def test_forged_task_message_is_rejected_and_nothing_runs(
         assert not lab.view("lab2", "idle-1").exists
     finally:
         lab.drover.store.discard(job_id)
+
+
+# Queue items that are not messages at all: each used to stop the worker that popped it
+# (kombu's JSON read, its message shape, a body that is not base64) before any check ran.
+NOT_MESSAGES = (
+    "garbage",
+    "[]",
+    "null",
+    "123",
+    '{"body": "%%% not base64 %%%", "headers": {}, "content-type": "application/json",'
+    ' "content-encoding": "utf-8", "properties": {"body_encoding": "base64",'
+    ' "delivery_tag": "x", "delivery_info": {"exchange": "", "routing_key": "x"}}}',
+)
+
+
+def test_items_that_are_not_messages_are_dropped_and_the_worker_goes_on(lab: Lab) -> None:
+    """Anyone who may push onto a host's queue must not be able to stop its worker."""
+    state = control.LabState.load(LabLayout.from_env())
+    assert state is not None
+    pid = state.hosts["lab1"].worker_pid
+    log = worker_log("lab1")
+    seen = log.read_text().count("not a message, dropped from the queue")
+    lab.home("idle-1")
+    for item in NOT_MESSAGES:
+        lab.drover.store.r.lpush(host_queue("lab1"), item)
+    wait_for(
+        lambda: (
+            log.read_text().count("not a message, dropped from the queue")
+            >= seen + len(NOT_MESSAGES)
+        ),
+        30,
+        "the worker to drop every item",
+    )
+    assert alive(pid), "the worker stopped on an item that is not a message"
+    assert lab.drover.store.r.llen(host_queue("lab1")) == 0
+    job = lab.migrate("idle-1", "lab1", "lab2")
+    assert job.state.value == "succeeded", job.reason
+    assert lab.view("lab2", "idle-1").active and not lab.view("lab1", "idle-1").active
+    assert alive(pid)
+    lab.home("idle-1")
 
 
 def test_signed_jobs_still_succeed_and_keep_secrets(lab: Lab) -> None:
