@@ -32,7 +32,9 @@ def root(
     config: Annotated[str | None, typer.Option("--config", help="drover.toml to use")] = None,
 ) -> None:
     """drover: move running VMs between libvirt/KVM hosts."""
-    if config:
+    if config == "":  # skipped, another config file would be used: refused instead
+        fail("--config: the path is empty", EXIT_USAGE)
+    if config is not None:
         from config.settings import CONFIG_ENV
 
         os.environ[CONFIG_ENV] = config

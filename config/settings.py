@@ -28,6 +28,7 @@ from config.settings_model import HostLimits as HostLimits
 from config.settings_model import Security as Security
 from config.settings_model import Settings as Settings
 from config.settings_model import Tunables as Tunables
+from config.user_files import UserFileError, read_text
 
 CONFIG_ENV = "DROVER_CONFIG"
 REDIS_URL_ENV = "DROVER_REDIS_URL"
@@ -35,10 +36,19 @@ DEFAULT_CONFIG_PATHS = (Path("drover.toml"), Path("/etc/drover/drover.toml"))
 
 
 def _config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
-    if explicit:
+    """The file to read: `explicit`, else $DROVER_CONFIG, else the first default that exists.
+
+    An empty path given or set is refused, not skipped: falling through to another file
+    would run with a registry the operator did not name.
+    """
+    if explicit is not None:
+        if not os.fspath(explicit):
+            raise ConfigError("the config file path is empty")
         return Path(explicit)
     env = os.environ.get(CONFIG_ENV)
-    if env:
+    if env is not None:
+        if not env:
+            raise ConfigError(f"${CONFIG_ENV} is set but empty: name a config file or unset it")
         return Path(env)
     return next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
 
@@ -87,11 +97,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     raw: dict[str, Any] = {}
     if cfg_path is not None:
         try:
-            raw = tomllib.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {cfg_path} does not exist") from None
-        except PermissionError:
-            raise ConfigError(f"config file {cfg_path} is not readable") from None
+            raw = tomllib.loads(read_text(cfg_path))
+        except UserFileError as exc:  # missing, unreadable, a directory or FIFO, not UTF-8
+            raise ConfigError(f"config file {cfg_path}: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {cfg_path} is not valid TOML: {exc}") from None
         raw = _normalise_hosts(raw)

@@ -141,3 +141,30 @@ def test_the_job_commands_run_alone_as_they_run_among_all_the_others(config: Pat
     )
     listed = drover(config, "--help").stdout
     assert all(name in listed for name in ("evacuate", "schedule", "lab", "jobs"))
+
+
+@pytest.mark.parametrize("which", ["directory", "binary", "empty"])
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_a_config_path_that_cannot_be_read_is_one_line(
+    tmp_path: Path, which: str, how: str
+) -> None:
+    """A directory, a file that is not UTF-8, an empty path: by $DROVER_CONFIG or --config,
+    one line and exit 2 (an empty path used to be skipped for another config file)."""
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    path = {"directory": str(tmp_path), "binary": str(binary), "empty": ""}[which]
+    if how == "env":
+        result = run_drover(path, "jobs")
+    else:
+        result = drover(tmp_path / "unused.toml", "--config", path, "jobs")
+    message = {
+        "directory": f"drover: config file {tmp_path}: is a directory",
+        "binary": f"drover: config file {binary}: not UTF-8 text",
+        "empty": "drover: $DROVER_CONFIG is set but empty"
+        if how == "env"
+        else "drover: --config: the path is empty",
+    }[which]
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr

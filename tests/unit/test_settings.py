@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -88,5 +89,35 @@ def test_malformed_files_give_one_line_errors(tmp_path: Path, text: str, message
 
 
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="no such file"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_a_config_that_is_no_file_or_no_text_is_one_line(tmp_path: Path) -> None:
+    """A directory, a FIFO (which would block) or bytes that are not UTF-8: a ConfigError
+    naming the file and why, never an OSError or UnicodeDecodeError."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    for path, why in (
+        (tmp_path, "is a directory"),
+        (fifo, "is a FIFO, not a regular file"),
+        (binary, "not UTF-8 text"),
+    ):
+        with pytest.raises(ConfigError) as exc:
+            load_settings(path)
+        assert str(exc.value) == f"config file {path}: {why}"
+
+
+def test_an_empty_config_path_is_refused_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty --config or $DROVER_CONFIG would have fallen through to ./drover.toml."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, GOOD)  # ./drover.toml: what an empty path used to load
+    with pytest.raises(ConfigError, match="the config file path is empty"):
+        load_settings("")
+    monkeypatch.setenv("DROVER_CONFIG", "")
+    with pytest.raises(ConfigError, match=r"\$DROVER_CONFIG is set but empty"):
+        load_settings()
