@@ -4,6 +4,7 @@ line on stderr, a non-zero exit, nothing queued; and a good file is carried in t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -35,12 +36,18 @@ def files(tmp_path: Path) -> dict[str, Path]:
     made["empty"].write_text("\n")
     made["renamed"].write_text(GOOD.replace("idle-1", "idle-9"))
     made["network"].write_text("<network><name>idle-1</name></network>")
+    os.mkfifo(tmp_path / "fifo.xml")  # read, it would block the command forever
+    (tmp_path / "link.xml").symlink_to(tmp_path / "fifo.xml")
     return made
 
 
 CASES = [
     ("--xml", "missing", "--xml {dir}/missing.xml: no such file"),
     ("--xml", "dir", "--xml {dir}: is a directory"),
+    ("--xml", "empty-path", "--xml: the path is empty"),
+    ("--xml", "fifo", "--xml {dir}/fifo.xml: is a FIFO, not a regular file"),
+    ("--xml", "fifo-link", "--xml {dir}/link.xml: is a FIFO, not a regular file"),
+    ("--persistent-xml", "fifo", "--persistent-xml {dir}/fifo.xml: is a FIFO, not a regular"),
     ("--xml", "unreadable", "--xml /proc/self/mem: cannot read it"),
     ("--xml", "not-xml", "--xml is not well-formed XML"),
     ("--xml", "too-big", "over 262144 characters"),
@@ -57,8 +64,15 @@ def test_a_bad_file_is_one_line_and_queues_nothing(
     config: Path, redis_srv: RedisServer, tmp_path: Path, option: str, which: str, message: str
 ) -> None:
     made = files(tmp_path)
-    special = {"missing": tmp_path / "missing.xml", "dir": tmp_path, "unreadable": MEM}
-    path = special.get(which) or made[which]
+    special = {
+        "missing": tmp_path / "missing.xml",
+        "dir": tmp_path,
+        "unreadable": MEM,
+        "empty-path": "",
+        "fifo": tmp_path / "fifo.xml",
+        "fifo-link": tmp_path / "link.xml",
+    }
+    path = special[which] if which in special else made[which]
     extra = ["--persistent"] if option == "--persistent-xml" else []
     result = run_drover(config, "migrate", *MOVE, *extra, option, str(path))
     assert result.returncode != 0
