@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from producer.cli_common import fail, guarded, out
+from producer.cli_common import EXIT_USAGE, fail, guarded, out
 
 PASSWORDS_FILE_HELP = (
     "NAME=VALUE lines (docker compose's .env works), mode 0600 or stricter; "
@@ -31,11 +31,12 @@ def register(app: typer.Typer) -> None:
 
 
 def redis_acl(
+    # str, not Path: Path("") is ".", and an empty path must be told apart to be refused.
     passwords_file: Annotated[
-        Path | None, typer.Option("--passwords-file", help=PASSWORDS_FILE_HELP)
+        str | None, typer.Option("--passwords-file", help=PASSWORDS_FILE_HELP)
     ] = None,
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--output", "-o", help="write the ACL file here (mode 0600), not stdout"),
     ] = None,
     db: Annotated[
@@ -56,11 +57,16 @@ def redis_acl(
     DROVER_REDIS_<ROLE>_PASSWORD_PREVIOUS); docs/redis-acl.md.
     """
 
+    if output == "":
+        fail("--output: the path is empty", EXIT_USAGE)
+
     def go() -> None:
         from config.redis_acl import BrokerNames, render_acl
         from config.settings import load_settings
 
-        values = read_passwords_file(passwords_file) if passwords_file else dict(os.environ)
+        values = (
+            read_passwords_file(passwords_file) if passwords_file is not None else dict(os.environ)
+        )
         current, previous = role_passwords(values)
         names = BrokerNames.from_settings(load_settings(), db=db, remote_control=remote_control)
         text = render_acl(current, names, previous=previous)
@@ -70,7 +76,7 @@ def redis_acl(
         from config.redis_acl import write_private
 
         try:
-            write_private(output, text)
+            write_private(Path(output), text)
         except OSError as exc:
             fail(f"cannot write {output}: {exc.strerror or exc}")
 
@@ -94,22 +100,24 @@ def role_passwords(values: dict[str, str]) -> tuple[dict[str, str], dict[str, st
     return current, previous
 
 
-def read_passwords_file(path: Path) -> dict[str, str]:
+def read_passwords_file(path: str) -> dict[str, str]:
     """NAME=VALUE lines (blank lines and # comments skipped, one level of quotes removed);
-    ConfigError, one line, for a file others may read or a line that is not NAME=VALUE."""
+    ConfigError, one line, for a path that is empty or no regular file (a FIFO would block),
+    a file others may read, text that is not UTF-8, a line that is not NAME=VALUE, or a name
+    given twice (which value was meant cannot be known; taking the last would hide it)."""
     from config.settings import ConfigError
+    from config.user_files import UserFileError, read_text, regular_file
 
+    where = f"--passwords-file {path}" if path else "--passwords-file"
     try:
-        info = path.stat()
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{path} is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & SHARED_MODE_BITS:
-        raise ConfigError(f"{path} is mode {mode:04o}; it holds passwords: chmod 600 {path}")
+        mode = stat.S_IMODE(regular_file(path).st_mode)
+        if mode & SHARED_MODE_BITS:
+            raise ConfigError(f"{path} is mode {mode:04o}; it holds passwords: chmod 600 {path}")
+        text = read_text(path)
+    except UserFileError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     values: dict[str, str] = {}
+    first_line: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -122,5 +130,12 @@ def read_passwords_file(path: Path) -> dict[str, str]:
             value = value[1:-1]
         else:  # as Compose reads .env: a comment after an unquoted value follows a space
             value = _INLINE_COMMENT.sub("", value)
-        values[name.strip()] = value
+        name = name.strip()
+        if name in first_line:
+            raise ConfigError(
+                f"{path}:{number}: {name} is given twice (first on line "
+                f"{first_line[name]}); keep one"
+            )
+        first_line[name] = number
+        values[name] = value
     return values

@@ -815,3 +815,53 @@ def test_cli_has_no_password_option(tmp_path: Path) -> None:
     result = redis_acl_cli(tmp_path, "--password", "producer-0123456789abcdef")
     assert "redis-acl: No such option: --password " in one_line_error(result)
     assert result.returncode == 2
+
+
+def private_passwords_file(tmp_path: Path, content: bytes) -> Path:
+    secrets_file = tmp_path / ".env"
+    secrets_file.write_bytes(content)
+    secrets_file.chmod(0o600)
+    return secrets_file
+
+
+@pytest.mark.parametrize("which", ["not-utf8", "fifo", "empty-path", "empty-output"])
+def test_cli_refuses_a_path_or_file_it_cannot_use_in_one_line(tmp_path: Path, which: str) -> None:
+    """Bytes that are not UTF-8, a FIFO (reading it would block), an empty path for either
+    file (Path("") is ".": it read as a directory): one line saying which and why."""
+    lines = "".join(f"DROVER_REDIS_{r.upper()}_PASSWORD={p}\n" for r, p in CLI_PASSWORDS.items())
+    good = private_passwords_file(tmp_path, lines.encode())
+    fifo = tmp_path / "fifo.env"
+    os.mkfifo(fifo, 0o600)
+    args, message = {
+        "not-utf8": (
+            ["--passwords-file", str(private_passwords_file(tmp_path, b"\xff\xfe\x00garbage"))],
+            f"drover: --passwords-file {tmp_path / '.env'}: not UTF-8 text",
+        ),
+        "fifo": (
+            ["--passwords-file", str(fifo)],
+            f"drover: --passwords-file {fifo}: is a FIFO, not a regular file",
+        ),
+        "empty-path": (["--passwords-file", ""], "drover: --passwords-file: the path is empty"),
+        "empty-output": (
+            ["--passwords-file", str(good), "-o", ""],
+            "drover: --output: the path is empty",
+        ),
+    }[which]
+    result = redis_acl_cli(tmp_path, *args)
+    assert one_line_error(result) == message
+    assert result.returncode == 2
+    assert result.stdout == ""
+
+
+def test_cli_refuses_a_name_given_twice_in_the_passwords_file(tmp_path: Path) -> None:
+    """Two values for one password: which was meant cannot be known (the last one won)."""
+    lines = "".join(f"DROVER_REDIS_{r.upper()}_PASSWORD={p}\n" for r, p in CLI_PASSWORDS.items())
+    again = f"DROVER_REDIS_WORKER_PASSWORD=other-{'0123456789abcdef' * 2}\n"
+    secrets_file = private_passwords_file(tmp_path, (lines + again).encode())
+    result = redis_acl_cli(tmp_path, "--passwords-file", str(secrets_file))
+    assert one_line_error(result) == (
+        f"drover: {secrets_file}:{len(ROLES) + 1}: DROVER_REDIS_WORKER_PASSWORD is given twice "
+        "(first on line 1); keep one"
+    )
+    assert result.returncode == 2
+    assert result.stdout == "" and "0123456789abcdef" not in result.stderr
