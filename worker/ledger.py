@@ -7,7 +7,10 @@ write (the registry's `state_dir`, mode 0700):
 - the disk images it created for a job: a rollback removes exactly these, never a path read
   from a job record;
 - the phases it has run for a job: a phase runs once per job on this host, even if someone
-  with the Redis password deletes the claims in Redis and sends it again;
+  with the Redis password deletes the claims in Redis and sends it again; and whether each
+  started and ended here, so that recovery never gives back the claim of a phase that
+  started, nor settles again one that ended, whatever the job record in Redis was rewritten
+  to say (a finished job made to look interrupted would otherwise migrate its guest again);
 - which job is bringing a domain (by UUID) in: prepare takes the UUID for its job and a
   second job's prepare for it is refused; a rollback destroys an incoming copy only if it is
   its own job's, so one job never destroys the guest another job is migrating here (with
@@ -22,6 +25,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 
 LEDGER_FILE = "ledger.sqlite3"
@@ -33,7 +37,14 @@ CREATE TABLE IF NOT EXISTS images (job_id TEXT NOT NULL, path TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS claims (job_id TEXT NOT NULL, phase TEXT NOT NULL,
                                    PRIMARY KEY (job_id, phase));
 CREATE TABLE IF NOT EXISTS incoming (uuid TEXT PRIMARY KEY, job_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS phase_marks (job_id TEXT NOT NULL, phase TEXT NOT NULL,
+                                        mark TEXT NOT NULL, PRIMARY KEY (job_id, phase, mark));
 """
+
+
+class PhaseMark(StrEnum):
+    STARTED = "started"  # its body was about to run here
+    ENDED = "ended"  # it ended here, whatever its outcome
 
 
 class LedgerError(Exception):
@@ -96,6 +107,33 @@ class Ledger:
         """Give a phase back before a retry (it stopped before changing anything)."""
         with self._lock:
             self._db.execute("DELETE FROM claims WHERE job_id = ? AND phase = ?", (job_id, phase))
+            self._db.execute(
+                "DELETE FROM phase_marks WHERE job_id = ? AND phase = ?", (job_id, phase)
+            )
+
+    def mark(self, job_id: str, phase: str, mark: PhaseMark) -> None:
+        """Record that `phase` of `job_id` started or ended here.
+
+        Written without waiting for the disk (a mark is lost only with the host's power, and
+        with it every guest that could be migrated again): two per phase, on the path of
+        every job, where a synced write costs about 0.4 ms each on the lab's disks.
+        """
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO phase_marks VALUES (?, ?, ?)", (job_id, phase, mark)
+                )
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+
+    def marked(self, job_id: str, phase: str, mark: PhaseMark) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM phase_marks WHERE job_id = ? AND phase = ? AND mark = ?",
+                (job_id, phase, mark),
+            ).fetchone()
+        return row is not None
 
     # --- domains this host is bringing in, and for which job ------------------------------
 

@@ -43,6 +43,7 @@ from worker.job_end import (
     touched_destination,
     verified,
 )
+from worker.ledger import PhaseMark
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable, is_connection_error
 from worker.phase_errors import Dropped, HandedOver, PhaseFailed, RetryPhase
 from worker.runtime import Runtime
@@ -177,6 +178,7 @@ def _record_start(run: PhaseRun, job: Job) -> tuple[float, PhaseRecord | None]:
     record = None
     if not run.recovering or phase not in job.phases:
         record = rt.store.phase_started(job.id, phase, rt.host)
+    rt.ledger.mark(job.id, phase, PhaseMark.STARTED)
     log.info("phase.recovering" if run.recovering else "phase.started")
     delay = rt.settings.faults.phase_delays.get(phase)
     if delay and not run.recovering:
@@ -186,8 +188,17 @@ def _record_start(run: PhaseRun, job: Job) -> tuple[float, PhaseRecord | None]:
 
 
 def _record_end(run: PhaseRun, job: Job, started: float, record: PhaseRecord | None) -> None:
-    run.rt.store.phase_ended(job.id, run.phase.value, started=record)
+    _phase_ended(run, job, started=record)
     log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
+
+
+def _phase_ended(
+    run: PhaseRun, job: Job, *, error: str | None = None, started: PhaseRecord | None = None
+) -> None:
+    """The phase's end, in the job record and in this host's ledger (recovery reads the
+    ledger, not the record, to know that it is over here)."""
+    run.rt.store.phase_ended(job.id, run.phase.value, error=error, started=started)
+    run.rt.ledger.mark(job.id, run.phase.value, PhaseMark.ENDED)
 
 
 def _end_job(run: PhaseRun, job: Job, then: JobState | None) -> None:
@@ -227,7 +238,7 @@ def _handed_over(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
 def _skipped(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
     """The job ended under the phase: free anything the phase took after that end."""
     rt = run.rt
-    rt.store.phase_ended(job.id, run.phase.value, error="skipped")
+    _phase_ended(run, job, error="skipped")
     if rt.store.state(job.id) in (JobState.CANCELLED, JobState.FAILED):
         rt.store.release_holds(job.id)
         if touched_destination(run.phase):
@@ -250,7 +261,7 @@ def _libvirt_gone(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
         log.warning("phase.retrying", reason=str(exc), attempt=run.attempt + 1, of=allowed)
         raise RetryPhase(str(exc)) from exc
     reason = f"{phase.value} on {rt.host}: {exc}"
-    rt.store.phase_ended(job.id, phase.value, error=reason)
+    _phase_ended(run, job, error=reason)
     log.error("phase.failed", reason=reason)
     fail_job(rt, job, phase, reason)
     raise PhaseFailed(reason) from exc
@@ -258,7 +269,7 @@ def _libvirt_gone(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
 
 def _failed(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
     assert isinstance(exc, PhaseFailed)
-    run.rt.store.phase_ended(job.id, run.phase.value, error=exc.reason)
+    _phase_ended(run, job, error=exc.reason)
     log.error("phase.failed", reason=exc.reason)
     fail_job(run.rt, job, run.phase, exc.reason, exc.final)
     raise exc
@@ -275,7 +286,7 @@ def _redis_gone(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
 def _unexpected(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
     rt, phase = run.rt, run.phase
     reason = f"{phase.value} on {rt.host} failed unexpectedly: {exc}"
-    rt.store.phase_ended(job.id, phase.value, error=reason)
+    _phase_ended(run, job, error=reason)
     log.exception("phase.failed", reason=reason)
     fail_job(rt, job, phase, reason)
     raise PhaseFailed(reason) from exc

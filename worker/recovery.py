@@ -34,6 +34,7 @@ from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
 from worker.job_end import job_context, verified
+from worker.ledger import PhaseMark
 from worker.phase_errors import Dropped, PhaseFailed
 from worker.phase_frame import execute_phase
 from worker.recovery_perform import recover_perform
@@ -107,16 +108,54 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         log.info("job.state", state=job.stalled_from.value, reason="owner is back")
         job = rt.store.get(job.id)
     if step.started:
+        if _ended_here(rt, job, step.phase):
+            return
         if verified(rt, job):  # nothing is recovered for a request no trusted key signed
             _recover_in_background(rt, job, step.phase)
     elif job.admitted is None:
         return  # still waiting for a slot: admission, not recovery, starts it (and checks it)
     elif _quiet_s(rt, job, step) > rt.settings.tunables.redispatch_after and verified(rt, job):
         # (nor is anything sent again for a request no trusted key signed)
+        if _started_here(rt, job.id, step.phase):
+            return
         give_back_dead_claim(rt, job.id, step.phase)
         log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
         rt.store.mark_redispatched(job.id, step.phase.value)
         migration_chain(app, job.id, job.spec, start=step.phase).apply_async()
+
+
+def _ended_here(rt: Runtime, job: Job, phase: Phase) -> bool:
+    """Whether this host's ledger says `phase` ended here although the record shows it
+    interrupted: the record was rewritten (a finished job made to look mid-flight), and
+    settling the phase again would act on the host (resume a guest, migrate it again).
+    The ledger wins; the job is left as it is, and this is said once."""
+    if not rt.ledger.marked(job.id, phase.value, PhaseMark.ENDED):
+        return False
+    _contradiction(rt, job.id, phase, "is still running", "ended here")
+    return True
+
+
+def _started_here(rt: Runtime, job_id: str, phase: Phase) -> bool:
+    """Whether this host's ledger says `phase` started here although the record shows it
+    never did: it is not sent again, nor its claim given back (it would run twice)."""
+    if not rt.ledger.marked(job_id, phase.value, PhaseMark.STARTED):
+        return False
+    _contradiction(rt, job_id, phase, "never started", "started here")
+    return True
+
+
+def _contradiction(
+    rt: Runtime, job_id: str, phase: Phase, record_says: str, ledger_says: str
+) -> None:
+    noted = (job_id, phase.value)
+    if noted not in rt.noted_contradictions:
+        rt.noted_contradictions.add(noted)
+        log.error(
+            "phase.not_recovered",
+            reason=f"the job record says {phase.value} {record_says}, but this host's ledger "
+            f"says it {ledger_says}: the record was changed behind drover's back (or lost); "
+            "nothing is done for it",
+        )
 
 
 def give_back_dead_claim(rt: Runtime, job_id: str, phase: Phase) -> bool:
@@ -130,6 +169,8 @@ def give_back_dead_claim(rt: Runtime, job_id: str, phase: Phase) -> bool:
     if rt.store.claim_of(job_id, phase.value) != rt.host:
         return False
     if rt.store.runner(job_id, phase.value) is not None:
+        return False
+    if _started_here(rt, job_id, phase):
         return False
     rt.store.unclaim_phase(job_id, phase.value)
     rt.ledger.unclaim(job_id, phase.value)

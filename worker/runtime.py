@@ -39,6 +39,9 @@ class Runtime:
     config_problem: str | None = None
     # (job, phase, worker) marks recovery found held by another live worker: said once each.
     noted_runners: set[tuple[str, str, str]] = field(default_factory=set)
+    # (job, phase) steps whose record says "interrupted here" although this host's ledger
+    # says the phase ended (or started) here: refused, and said once each.
+    noted_contradictions: set[tuple[str, str]] = field(default_factory=set)
     # Evacuations waiting for a destination's libvirtd to answer (worker/evacuation_watch.py):
     # the monotonic time this process began to wait, never a time read from Redis.
     confirm_waits: dict[str, float] = field(default_factory=dict)

@@ -33,9 +33,10 @@ from producer.outage import RedisOutage
 from tests.conftest import RedisServer
 from tests.support.lab_fixtures import wait_for
 from tests.support.registry import REGISTRY
-from worker.ledger import Ledger
+from worker.ledger import Ledger, PhaseMark
 from worker.libvirt_host import LibvirtHost
 from worker.monitor import MigrationMonitor, Progress
+from worker.phase_errors import PhaseFailed
 from worker.phase_frame import run_in_frame
 from worker.runtime import Runtime
 
@@ -283,3 +284,28 @@ def test_a_phase_that_loses_redis_for_good_stops_without_a_verdict(
     assert job.state is JobState.QUEUED and job.reason is None
     record = job.phases[Phase.PERFORM.value]
     assert record.ended is None and record.error is None
+    # Interrupted: started here, not ended, in the host's own ledger too (recovery takes it).
+    assert rt.ledger.marked(job_id, Phase.PERFORM.value, PhaseMark.STARTED)
+    assert not rt.ledger.marked(job_id, Phase.PERFORM.value, PhaseMark.ENDED)
+
+
+def test_the_frame_marks_in_the_hosts_ledger_each_phase_it_starts_and_ends(
+    config: Path, store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery believes the host's ledger, not the record, about what ran here: a phase
+    ended (passed or failed) is marked so, and is never settled again."""
+    monkeypatch.setenv("DROVER_CONFIG", str(config))
+    monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
+    rt = Runtime("kvm1", store, LibvirtHost("test:///default"), Ledger(str(tmp_path / "ledger")))
+    passed, failed = store.create(SPEC, host="test"), store.create(SPEC, host="test")
+
+    def refuse(_rt: Runtime, _job: Job) -> JobState | None:
+        raise PhaseFailed("refused")
+
+    run_in_frame(rt, store.get(passed), Phase.SOURCE_PREFLIGHT, lambda r, j: None, False, 0)
+    with pytest.raises(PhaseFailed):
+        run_in_frame(rt, store.get(failed), Phase.SOURCE_PREFLIGHT, refuse, False, 0)
+    for job_id in (passed, failed):
+        for mark in PhaseMark:
+            assert rt.ledger.marked(job_id, Phase.SOURCE_PREFLIGHT.value, mark), (job_id, mark)
+    assert not rt.ledger.marked(passed, Phase.PERFORM.value, PhaseMark.STARTED)

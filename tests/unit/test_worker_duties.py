@@ -273,3 +273,100 @@ def test_a_dead_workers_claim_on_an_unstarted_phase_is_given_back(
     assert store.claim_phase(job_id, perform, "kvm2")  # another host's claim: not ours to give
     assert give_back_dead_claim(rt, job_id, Phase.PERFORM) is False
     assert store.claim_of(job_id, perform) == "kvm2"
+
+
+# --- a job record rewritten to look interrupted ---------------------------------------------
+
+
+def _before_perform(store: JobStore) -> str:
+    """A job whose source_preflight and destination_prepare ended (perform is next)."""
+    job_id = store.create(SPEC, host="cli")
+    for done in (Phase.SOURCE_PREFLIGHT.value, Phase.DESTINATION_PREPARE.value):
+        store.phase_ended(job_id, done, started=store.phase_started(job_id, done, "kvm1"))
+    return job_id
+
+
+def _attended(
+    store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Runtime, list[Phase], list[str]]:
+    """A kvm1 runtime whose recovery records what it would recover and send again (the
+    sweep's step for one job is `_step`)."""
+    from worker.ledger import Ledger
+
+    recovered: list[Phase] = []
+    resent: list[str] = []
+
+    def chain(app: object, job_id: str, spec: object, start: Phase) -> _NoSend:
+        resent.append(start.value)
+        return _NoSend()
+
+    monkeypatch.setattr(recovery, "_recover", lambda rt, job, phase: recovered.append(phase))
+    monkeypatch.setattr(recovery, "verified", lambda rt, job: True)
+    monkeypatch.setattr(recovery, "migration_chain", chain)
+    monkeypatch.setattr(threading, "Thread", InlineThread)
+    rt = Runtime(host="kvm1", store=store, libvirt=cast(Any, None), ledger=Ledger(str(tmp_path)))
+    return rt, recovered, resent
+
+
+class _NoSend:
+    def apply_async(self) -> None:
+        return None
+
+
+def _step(rt: Runtime, job_id: str) -> None:
+    job = rt.store.get(job_id)
+    step = current_step(job)
+    assert step is not None
+    recovery._attend(rt, job, step)
+
+
+def test_a_phase_this_host_ended_is_never_settled_again_whatever_the_record_says(
+    store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished job made to look mid-perform (its perform record reopened in Redis) would be
+    re-attached: a paused guest resumed, a rollback sent. The host's ledger says perform ended
+    here: nothing is done, and that is said once."""
+    from worker.ledger import PhaseMark
+
+    rt, recovered, _ = _attended(store, tmp_path, monkeypatch)
+    job_id = _before_perform(store)
+    store.phase_started(job_id, Phase.PERFORM.value, "kvm1")  # started, never ended (record)
+    _step(rt, job_id)
+    assert recovered == [Phase.PERFORM]  # an interrupted perform is recovered
+
+    recovered.clear()
+    rt.ledger.mark(job_id, Phase.PERFORM.value, PhaseMark.ENDED)
+    _step(rt, job_id)
+    _step(rt, job_id)
+    assert recovered == []
+    assert rt.noted_contradictions == {(job_id, Phase.PERFORM.value)}
+
+
+def test_a_phase_this_host_started_is_never_sent_again_nor_its_claim_given_back(
+    store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished job whose later phase records were deleted (its state set back) looks like
+    a step whose claimant died before it started: the claim would be given back and the phase
+    sent again, migrating the guest a second time. The ledger says it started here."""
+    from worker.ledger import PhaseMark
+    from worker.recovery import give_back_dead_claim
+
+    rt, _, resent = _attended(store, tmp_path, monkeypatch)
+    monkeypatch.setattr(recovery, "_quiet_s", lambda rt, job, step: 1e9)  # long overdue
+    perform = Phase.PERFORM.value
+    job_id = _before_perform(store)
+    store.r.hset(f"drover:job:{job_id}", "admitted", "2020-01-01T00:00:00+00:00")
+    assert store.claim_phase(job_id, perform, "kvm1") and rt.ledger.claim(job_id, perform)
+    rt.ledger.mark(job_id, perform, PhaseMark.STARTED)
+
+    _step(rt, job_id)
+    assert resent == []
+    assert give_back_dead_claim(rt, job_id, Phase.PERFORM) is False
+    assert store.claim_of(job_id, perform) == "kvm1"
+    assert not rt.ledger.claim(job_id, perform)  # still claimed here
+    assert rt.noted_contradictions == {(job_id, perform)}
+
+    rt.ledger.unclaim(job_id, perform)  # a claimant that died before it started: no mark
+    assert rt.ledger.claim(job_id, perform)
+    _step(rt, job_id)
+    assert resent == [perform]
