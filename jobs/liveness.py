@@ -20,6 +20,7 @@ from jobs.keys import (
     reservations_key,
     runner_key,
 )
+from jobs.reservation_read import reserved_total
 from jobs.spec import MigrationSpec
 from jobs.states import LIVE, TERMINAL
 
@@ -227,8 +228,10 @@ class Liveness:
         self.r.hdel(reservations_key(host), job_id)
 
     def reserved_mib(self, host: str, *, excluding: str | None = None) -> int:
+        """MiB booked on `host`; a booking drover did not write never crashes the reader nor
+        adds room (jobs/reservation_read.py)."""
         held = cast(dict[str, str], self.r.hgetall(reservations_key(host)))
-        return sum(int(v) for k, v in held.items() if k != excluding)
+        return reserved_total(self.r, host, held, excluding=excluding)
 
     # --- hosts ---------------------------------------------------------------------------
 

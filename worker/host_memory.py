@@ -26,10 +26,15 @@ def active_memory_mib(conn: libvirt.virConnect) -> int:
 def room_mib(free_mib: int, active_mib: int, reserved_mib: int, limit_mib: int | None) -> int:
     """Memory drover may still place on a host: free minus reservations, capped by the
     registry's declared limit (what is running there already counts against it). Pure, so
-    the planner applies it to published facts (worker/facts_placement.py) the same way."""
-    room = free_mib - reserved_mib
+    the planner applies it to published facts (worker/facts_placement.py) the same way.
+
+    Reservations and running guests only ever take room: a negative figure (a booking
+    written into Redis by hand, jobs/reservation_read.py) counts as none, so the room never
+    exceeds the limit, nor the free memory."""
+    reserved, active = max(reserved_mib, 0), max(active_mib, 0)
+    room = free_mib - reserved
     if limit_mib is not None:
-        room = min(room, limit_mib - active_mib - reserved_mib)
+        room = min(room, limit_mib - active - reserved)
     return max(room, 0)
 
 
