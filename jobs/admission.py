@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
+from config.events import get_logger
 from jobs.admission_head import (
     ADMISSION_HOST,
     ADMITTED,
@@ -42,6 +43,7 @@ from jobs.admission_head import (
     lane_of,
 )
 from jobs.keys import (
+    BLOCKING_GATES,
     CLUSTER_GATE,
     WAITING,
     evacuation_gate,
@@ -69,6 +71,8 @@ __all__ = [
     "lane_of",
     "outbound_gate",
 ]
+
+log = get_logger()
 
 # A gate of a host no longer in the registry: treated as having room, so its lanes are tried
 # and their jobs end `failed` with the reason rather than wait for ever.
@@ -118,14 +122,29 @@ class Admission:
         return self._blocking_gates(settings)[0]
 
     def _blocking_gates(self, settings: Settings) -> tuple[list[str], set[str]]:
-        """The gates some lane is blocked on: those with room now, and those full."""
+        """The gates some lane is blocked on: those with room now, and those full.
+
+        A gate whose recorded limit cannot be read counts as having room: its lanes are
+        tried, and the admit script decides with the limits of the registry and the job's
+        signed request (never this record), writing a readable limit back if it refuses.
+        Read the other way, its lanes would wait for ever; read as an error, no lane would
+        be admitted at all.
+        """
         blocking = self.lanes.blocking_gates()
         gates = sorted(blocking)
         counts = self.lanes.holders_count(gates)
+        unreadable = [gate for gate in gates if blocking[gate] is None]
+        if unreadable:
+            log.warning(
+                "record.unreadable",
+                key=BLOCKING_GATES,
+                field=" ".join(unreadable),
+                reason="not a limit drover writes; its lanes are tried against the real limits",
+            )
         room = [
             gate
             for gate, held in zip(gates, counts, strict=True)
-            if held < _limit_now(settings, gate, blocking[gate])
+            if (limit := blocking[gate]) is None or held < _limit_now(settings, gate, limit)
         ]
         return room, set(gates) - set(room)
 

@@ -9,10 +9,12 @@ slot in every gate at once (jobs/lanes.py) and is sent.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from jobs.evacuation_model import MAX_PARALLEL
 from jobs.keys import (
     BLOCKED_PREFIX,
     CLUSTER_GATE,
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 ADMITTED, REFUSED, GONE, ALREADY = 1, 0, -1, 2
 ADMISSION_HOST = "admission"  # the `host` of the events and transitions admission writes
 BAD_SPEC = "refused: the job record's spec is not valid"
+BAD_PARENT_LIMIT = "refused: the job record's parent_limit is not an evacuation's limit"
+_WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits: int() also takes " 5", "1_0", "²"
 TERMINAL_NAMES = sorted(s.value for s in TERMINAL)
 
 
@@ -67,6 +71,16 @@ def gates_for(
     if parent and parent_limit is not None:
         gates.append(Gate(evacuation_gate(parent), parent_limit, f"evacuation {parent}"))
     return gates
+
+
+def parent_limit_of(raw: str | None) -> int | None:
+    """A child's `--max-parallel` as its record holds it (None: no limit); ValueError for
+    what no evacuation can have, which would otherwise fail the whole admission pass."""
+    if not raw:
+        return None
+    if not _WHOLE.fullmatch(raw) or not 1 <= int(raw) <= MAX_PARALLEL:
+        raise ValueError(raw)
+    return int(raw)
 
 
 def lane_of(spec: MigrationSpec, parent: str | None) -> str:
@@ -111,6 +125,10 @@ class HeadTrial:
             self.store.transition(job_id, JobState.FAILED, host=ADMISSION_HOST, reason=BAD_SPEC)
             return self._out(lane, job_id)
         try:
+            limit = parent_limit_of(parent_limit)
+        except ValueError:  # nor this: it must not stop the lanes behind it
+            return self._fail(lane, job_id, spec, BAD_PARENT_LIMIT)
+        try:
             check_record(
                 self.verifier,
                 request,
@@ -118,7 +136,7 @@ class HeadTrial:
                 kind=MIGRATION_KIND,
                 spec=spec,
                 parent=parent,
-                parent_limit=int(parent_limit) if parent_limit else None,
+                parent_limit=limit,
                 max_age_s=settings.tunables.request_max_age,
             )
         except RequestRefused as exc:
@@ -133,7 +151,7 @@ class HeadTrial:
             reason = f"refused: the job was found in the waiting line {lane}, not its own {own}"
             return self._fail(lane, job_id, spec, reason)
         try:
-            gates = gates_for(spec, settings, int(parent_limit or 0) or None, parent or "")
+            gates = gates_for(spec, settings, limit, parent or "")
         except Exception as exc:  # a host removed from the registry while the job waited
             return self._fail(lane, job_id, spec, f"cannot admit: {exc}")
         result = cast(

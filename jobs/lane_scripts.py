@@ -107,7 +107,8 @@ return {1, '', next_head(lane, blocked)}
 
 # Every lane's head. KEYS[1..4] = KEYS[3..6] of the scripts above (every lane, ready lanes,
 # lane -> blocking gate, gate -> limit); ARGV[1] the blocked-set prefix. Returns a flat list
-# of lane, head, creation time, the gate it is blocked on ('' for none).
+# of lane, head, creation time, the gate it is blocked on ('' for none). A gate no lane is
+# blocked on leaves gate -> limit (an entry a crash, or a Redis writer, left there).
 EVERY_HEAD_LUA = """
 local found = {}
 for _, lane in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -130,6 +131,9 @@ for _, lane in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     found[#found + 1] = head[2]
     found[#found + 1] = gate or ''
   end
+end
+for _, gate in ipairs(redis.call('HKEYS', KEYS[4])) do
+  if redis.call('ZCARD', ARGV[1] .. gate) == 0 then redis.call('HDEL', KEYS[4], gate) end
 end
 return found
 """

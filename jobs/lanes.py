@@ -16,6 +16,7 @@ from the job's spec, and its gates from the registry.
 from __future__ import annotations
 
 import heapq
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
@@ -48,6 +49,13 @@ from jobs.lane_scripts import (
 
 MS_PER_S = 1000
 LANE_PAGE = 32  # lanes read at a time from one index by a pass
+_WHOLE = re.compile(r"[0-9]{1,9}")  # a limit as the admit script writes it; int() takes more
+
+
+def _limit(raw: str) -> int | None:
+    if not _WHOLE.fullmatch(raw):
+        return None
+    return int(raw) or None
 
 
 @dataclass(frozen=True)
@@ -101,10 +109,12 @@ class Lanes:
         work whoever does it, so two hundred workers need not all do it."""
         return bool(self.r.set(SAFETY_PASS, holder, nx=True, px=int(every_s * MS_PER_S)))
 
-    def blocking_gates(self) -> dict[str, int]:
-        """Every gate some lane is blocked on -> its limit when it refused."""
+    def blocking_gates(self) -> dict[str, int | None]:
+        """Every gate some lane is blocked on -> its limit when it refused; None for a limit
+        the admit script cannot have written (not a whole number of at least one: every
+        limit is), which anyone with the Redis password can put there."""
         raw = cast(dict[str, str], self.r.hgetall(BLOCKING_GATES))
-        return {gate: int(limit) for gate, limit in raw.items()}
+        return {gate: _limit(value) for gate, value in raw.items()}
 
     def holders_count(self, gates: list[str]) -> list[int]:
         with self.r.pipeline(transaction=False) as p:
