@@ -140,7 +140,7 @@ class EvacuationStore:
         if raw.get("kind") != EVACUATION_KIND:
             raise JobNotFound(f"{evacuation_id} is a migration job, not an evacuation")
         children = cast(dict[str, str], self.r.hgetall(children_key(evacuation_id)))
-        return evacuation_from(raw, children)
+        return evacuation_from(raw, children)  # MalformedRecord when it cannot be read
 
     def transition(
         self, evacuation_id: str, target: EvacuationState, reason: str | None = None
@@ -182,8 +182,9 @@ class EvacuationStore:
     def take_retry(self, evacuation_id: str, domain: str, limit: int) -> bool:
         """True if `domain` may be queued again (fewer than `limit` retries so far)."""
         key = evacuation_retries_key(evacuation_id)
-        if int(cast(str | None, self.r.hget(key, domain)) or 0) >= limit:
-            return False
+        taken = cast(str | None, self.r.hget(key, domain)) or "0"
+        if not taken.isascii() or not taken.isdigit() or int(taken) >= limit:
+            return False  # a count drover did not write counts as spent: no retry storm
         with self.r.pipeline(transaction=True) as p:
             p.hincrby(key, domain, 1)
             self.store.retention.queue_adopt(p, evacuation_id, key)

@@ -7,7 +7,6 @@ before the host was disabled) all read the same answer.
 
 from __future__ import annotations
 
-import json
 from typing import cast
 
 import redis
@@ -19,6 +18,8 @@ from jobs.store import now
 __all__ = ["DISABLED_HOSTS", "Disabled", "Maintenance", "reason_problem"]
 # A reason is a note for people (`drover hosts`, the refusal a producer prints), not a log.
 MAX_REASON_CHARS = 200
+UNKNOWN = "unknown"
+UNREADABLE_ENTRY = "its maintenance entry in Redis cannot be read"
 
 
 def reason_problem(reason: str) -> str | None:
@@ -51,6 +52,16 @@ class Disabled(BaseModel):
     by: str
 
 
+def _entry(raw: str) -> Disabled:
+    """A host's entry; one drover did not write still disables the host (someone meant to,
+    and placing guests on it is the harm to avoid), instead of failing every planner and
+    destination check that reads the hash."""
+    try:
+        return Disabled.model_validate_json(raw)
+    except ValueError:
+        return Disabled(since=UNKNOWN, reason=UNREADABLE_ENTRY, by=UNKNOWN)
+
+
 class Maintenance:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
@@ -69,11 +80,11 @@ class Maintenance:
 
     def disabled_entry(self, host: str) -> Disabled | None:
         raw = cast(str | None, self.r.hget(DISABLED_HOSTS, host))
-        return Disabled.model_validate(json.loads(raw)) if raw else None
+        return _entry(raw) if raw else None
 
     def disabled(self) -> dict[str, Disabled]:
         raw = cast(dict[str, str], self.r.hgetall(DISABLED_HOSTS))
-        return {host: Disabled.model_validate_json(v) for host, v in raw.items()}
+        return {host: _entry(v) for host, v in raw.items()}
 
     def refusal(self, host: str) -> str | None:
         """Why `host` may not receive a guest now, or None."""

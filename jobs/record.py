@@ -172,7 +172,7 @@ def parse_field(model: type[M], job_id: str, name: str, raw: str | None) -> M | 
         return model.model_validate(data)
     except (ValueError, ValidationError) as exc:
         raise MalformedRecord(
-            f"job {job_id}: its {name} is not a valid record: {_first(exc)}"
+            f"job {job_id}: its {name} is not a valid record: {first_complaint(exc)}"
         ) from None
 
 
@@ -191,14 +191,18 @@ def merged_field(job_id: str, name: str, old: str | None, new: BaseModel | dict[
     try:
         checked = model.model_validate(merged)
     except ValidationError as exc:
-        raise MalformedRecord(f"job {job_id}: refusing to write {name}: {_first(exc)}") from None
+        raise MalformedRecord(
+            f"job {job_id}: refusing to write {name}: {first_complaint(exc)}"
+        ) from None
     return checked.model_dump_json(exclude_unset=True)
 
 
-def _first(exc: Exception) -> str:
+def first_complaint(exc: Exception) -> str:
     """One line for an error: pydantic's first complaint, with where it is."""
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "the record"
         return f"{where}: {err['msg']}"
-    return str(exc).splitlines()[0]
+    if isinstance(exc, KeyError):
+        return f"no {exc.args[0]} field"
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

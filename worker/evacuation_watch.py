@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import redis
 import structlog
 
 from config.celery import app, host_queue
@@ -16,6 +17,7 @@ from config.settings import ConfigError
 from jobs.evacuation import DomainOutcome, Evacuation, EvacuationState, EvacuationStore, Placement
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK
+from jobs.record import MalformedRecord
 from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from worker.evacuation import PLANNING_KEY, plan_and_queue_or_fail, planning
@@ -30,9 +32,23 @@ WATCH_KEY = "evacuation-watch"
 
 
 def watch(rt: Runtime) -> None:
-    """The keeper's duty: move on every live evacuation of this host."""
+    """The keeper's duty: move on every live evacuation of this host.
+
+    Each on its own: one whose record cannot be read (anyone with the Redis password can
+    write one), or whose check fails, is said in one line and the others are still
+    attended; a Redis outage ends the pass, as it would end every check after it.
+    """
     for evacuation_id in EvacuationStore(rt.store).active_ids():
-        check(rt, evacuation_id)
+        try:
+            check(rt, evacuation_id)
+        except MalformedRecord as exc:
+            log.warning("record.unreadable", evacuation_id=evacuation_id, reason=str(exc))
+        except redis.RedisError:
+            raise
+        except Exception as exc:  # a bug or libvirt's error in one must not starve the rest
+            log.exception(
+                "keeper.error", duty="evacuations", evacuation_id=evacuation_id, error=str(exc)
+            )
 
 
 @on_job_end
@@ -43,7 +59,8 @@ def _child_ended(rt: Runtime, job: Job) -> None:
 
 
 def check(rt: Runtime, evacuation_id: str) -> None:
-    """Move one evacuation on, if it is this host's; one check at a time per process."""
+    """Move one evacuation on, if it is this host's; one check at a time per process.
+    MalformedRecord when its record cannot be read (whose it is cannot be known)."""
     store = EvacuationStore(rt.store)
     with rt.holding(evacuation_id, WATCH_KEY) as ours:
         if not ours:
@@ -53,6 +70,8 @@ def check(rt: Runtime, evacuation_id: str) -> None:
             return
         try:
             ev = store.get(evacuation_id)
+        except MalformedRecord:
+            raise  # not gone: the caller says it cannot be read
         except JobNotFound:
             return
         if ev.spec.host != rt.host or ev.terminal:
