@@ -98,14 +98,22 @@ def succeed_with_leftovers(rt: Runtime, job: Job, leftovers: str) -> None:
 
 
 def fail_job(
-    rt: Runtime, job: Job, phase: Phase, reason: str, final: JobState = JobState.FAILED
+    rt: Runtime,
+    job: Job,
+    phase: Phase,
+    reason: str,
+    final: JobState = JobState.FAILED,
+    *,
+    never_left: bool = False,
 ) -> None:
     """Record the end once, free what the job held, and ask the destination to clean up.
 
     After a verified finish the move is done whatever failed since: the job succeeds, with
-    the failure as leftovers on the source (`succeed_with_leftovers`), and no rollback.
+    the failure as leftovers on the source (`succeed_with_leftovers`), and no rollback;
+    unless libvirt showed that the guest `never_left` its source (the record lied).
     """
-    if final is JobState.FAILED and moved_already(rt.store.get(job.id), phase):
+    moved = not never_left and moved_already(rt.store.get(job.id), phase)
+    if final is JobState.FAILED and moved:
         succeed_with_leftovers(rt, job, reason)
         moved, previous = rt.store.transition(job.id, JobState.SUCCEEDED, host=rt.host)
         if moved:

@@ -19,6 +19,11 @@ class PhaseFailed(Exception):
         self.reason = reason
 
 
+class NeverLeft(PhaseFailed):
+    """libvirt shows the guest still on its source and not on its destination after the
+    migration: the job failed, whatever its record says of a verified finish."""
+
+
 class PhaseCancelled(PhaseFailed):
     """The operator aborted the job; the guest stays where it was."""
 

@@ -45,7 +45,7 @@ from worker.job_end import (
 )
 from worker.ledger import PhaseMark
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable, is_connection_error
-from worker.phase_errors import Dropped, HandedOver, PhaseFailed, RetryPhase
+from worker.phase_errors import Dropped, HandedOver, NeverLeft, PhaseFailed, RetryPhase
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -271,7 +271,7 @@ def _failed(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
     assert isinstance(exc, PhaseFailed)
     _phase_ended(run, job, error=exc.reason)
     log.error("phase.failed", reason=exc.reason)
-    fail_job(run.rt, job, run.phase, exc.reason, exc.final)
+    fail_job(run.rt, job, run.phase, exc.reason, exc.final, never_left=isinstance(exc, NeverLeft))
     raise exc
 
 

@@ -21,7 +21,7 @@ from worker.domain_xml_check import checked_xml
 from worker.job_end import advance, hold_domain, succeed_with_leftovers
 from worker.libvirt_host import Domain, facts, is_paused
 from worker.libvirt_states import paused_for_postcopy, state_reason
-from worker.phase_errors import PhaseFailed
+from worker.phase_errors import NeverLeft, PhaseFailed
 from worker.precheck import enforce
 from worker.precheck_source import source_checks
 from worker.runtime import Runtime
@@ -97,6 +97,13 @@ def ensure_running_on_source(rt: Runtime, job: Job) -> str:
     return f"{job.spec.domain} still running on {rt.host}"
 
 
+def _runs_on_destination(rt: Runtime, job: Job) -> bool:
+    """Whether the destination's libvirtd runs the job's guest (by uuid), read over the
+    registry's peer URI; unreachable: LibvirtUnavailable (confirm is tried again)."""
+    found = rt.libvirt.peer_facts(rt.settings.host(job.spec.dst).peer_uri, job.source.uuid)
+    return found is not None and found.active
+
+
 def confirm(rt: Runtime, job: Job) -> JobState | None:
     """Check what is left of the guest on the source; the job succeeds whatever that is.
 
@@ -105,6 +112,11 @@ def confirm(rt: Runtime, job: Job) -> JobState | None:
     a copy still defined) is a leftover to report, not a failure to roll back (a rollback
     would be sent to the host where the guest now runs). The leftovers, and why, go into the
     job's result and a `confirm.leftovers` event.
+
+    "Finish verified it" is the job record's word, which anyone with the Redis password can
+    write. So a guest still running here is a leftover only if the destination's libvirtd
+    runs it too; if it does not, the guest never left, and the job fails (NeverLeft) whatever
+    the record says of finish.
     """
     spec = job.spec
     dom = job_domain(rt, job, spec.domain)
@@ -115,6 +127,10 @@ def confirm(rt: Runtime, job: Job) -> JobState | None:
         if (dom is not None and bool(dom.isActive())) != was_active:
             leftovers.append(f"{here} changed state during an offline migration")
     elif dom is not None and dom.isActive():
+        if not _runs_on_destination(rt, job):
+            raise NeverLeft(
+                f"{here} still runs and {spec.dst}'s libvirtd does not run it: the guest never left"
+            )
         leftovers.append(f"{here} is still active after migrating")
     keeps_config = job.source.persistent and not spec.undefine_source
     defined = dom is not None and bool(dom.isPersistent())

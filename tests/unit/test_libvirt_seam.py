@@ -35,6 +35,7 @@ from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost, LibvirtUnavailable, UnsafeURI
 from worker.phase_destination import destination_prepare, finish
 from worker.phase_errors import PhaseFailed
+from worker.phase_frame import run_in_frame
 from worker.phase_source import confirm, source_preflight
 from worker.placement import Estimate, plan
 from worker.recovery_perform import recover_perform
@@ -240,6 +241,43 @@ def test_confirm_reports_a_source_copy_still_running_as_leftovers(
     result = store.get(job_id).result
     assert "test on kvm1 is still active after migrating" in (result.leftovers or "")
     assert result.source_defined is True
+
+
+# A hypervisor with no domain at all: the destination, when the guest never reached it.
+EMPTY_NODE_XML = (
+    "<node><cpu><nodes>1</nodes><sockets>1</sockets><cores>1</cores><threads>1</threads>"
+    "<active>1</active><mhz>1000</mhz><model>i686</model></cpu><memory>1048576</memory></node>"
+)
+
+
+def test_confirm_fails_a_job_whose_guest_never_left_whatever_the_record_says_of_finish(
+    env: Path,
+    store: JobStore,
+    hv: libvirt.virConnect,
+    tmp_path: Path,
+    rollbacks: list[str],
+) -> None:
+    """A failed job rewritten in Redis to look finished (a finish record ended without error):
+    the guest still runs on the source and the destination's libvirtd does not have it. The
+    job used to end `succeeded` with the guest 'left over' on the source; it fails."""
+    empty = tmp_path / "empty-node.xml"
+    empty.write_text(EMPTY_NODE_XML)
+
+    def destination_empty(uri: str) -> libvirt.virConnect:
+        return libvirt.open(TEST_URI if uri == TEST_URI else f"test://{empty}")
+
+    job_id = job_for(store)
+    store.update(job_id, facts=recorded(guest_uuid(hv)))
+    walked(store, job_id, JobState.MIGRATING)
+    for phase in (Phase.PERFORM.value, Phase.FINISH.value):  # as forged: both "ended well"
+        store.phase_ended(job_id, phase, started=store.phase_started(job_id, phase, "kvm1"))
+    rt = runtime(store, "kvm1", tmp_path, LibvirtHost(TEST_URI, opener=destination_empty))
+    with pytest.raises(PhaseFailed, match="test on kvm1 still runs and kvm2's libvirtd does not"):
+        run_in_frame(rt, store.get(job_id), Phase.CONFIRM, confirm, False, 0)
+    job = store.get(job_id)
+    assert job.state is JobState.FAILED, job.state
+    assert "the guest never left" in (job.reason or "")
+    assert hv.lookupByName(GUEST).isActive()
 
 
 # --- recovery of an interrupted perform -----------------------------------------------------
