@@ -24,12 +24,12 @@ import ipaddress
 import os
 import stat
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from config.addresses import MAX_PORT
+from config.user_files import UserFileError, read_text, regular_file
 from producer.cli_common import EXIT_USAGE, fail, guarded
 
 DEFAULT_PORT = 5555
@@ -57,8 +57,9 @@ def flower(
     address: Annotated[
         str, typer.Option("--address", help="address to listen on (loopback by default)")
     ] = DEFAULT_ADDRESS,
+    # Files as str, not Path: Path("") is ".", and an empty path must be told apart to be refused.
     auth_file: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--auth-file",
             help=f"basic auth for the UI and API: {AUTH_FORM}, one or more lines, mode 0600 "
@@ -74,13 +75,13 @@ def flower(
         ),
     ] = None,
     certfile: Annotated[
-        Path | None, typer.Option("--certfile", help="serve HTTPS with this certificate (PEM)")
+        str | None, typer.Option("--certfile", help="serve HTTPS with this certificate (PEM)")
     ] = None,
     keyfile: Annotated[
-        Path | None, typer.Option("--keyfile", help="the certificate's private key (PEM)")
+        str | None, typer.Option("--keyfile", help="the certificate's private key (PEM)")
     ] = None,
     ca_certs: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--ca-certs", help="with HTTPS: require client certificates of this CA"),
     ] = None,
     read_only: Annotated[
@@ -157,24 +158,25 @@ def _environment_problem(environ: Mapping[str, str]) -> str | None:
     )
 
 
-def _credentials(auth_file: Path | None, from_env: str | None) -> tuple[str | None, str | None]:
-    """(credentials, problem): from the file or the environment, exactly one of them."""
+def _credentials(auth_file: str | None, from_env: str | None) -> tuple[str | None, str | None]:
+    """(credentials, problem): from the file or the environment, exactly one of them.
+
+    The file must be a regular one, its owner's alone, before it is read: a FIFO would block.
+    """
     if auth_file is not None and from_env:
         return None, f"credentials from {AUTH_ENV} and --auth-file: give one"
     if auth_file is None:
         return from_env, None
     try:
-        info = auth_file.stat()
-        text = auth_file.read_text()
-    except OSError as exc:
-        return None, f"--auth-file {auth_file}: {exc.strerror or exc}"
-    if not stat.S_ISREG(info.st_mode):
-        return None, f"--auth-file {auth_file} is not a regular file"
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & SHARED_MODE_BITS:
-        return None, (
-            f"--auth-file {auth_file} is mode {mode:04o}; it holds passwords: chmod 600 {auth_file}"
-        )
+        mode = stat.S_IMODE(regular_file(auth_file).st_mode)
+        if mode & SHARED_MODE_BITS:
+            return None, (
+                f"--auth-file {auth_file} is mode {mode:04o}; it holds passwords: "
+                f"chmod 600 {auth_file}"
+            )
+        text = read_text(auth_file)
+    except UserFileError as exc:
+        return None, f"{_named('--auth-file', auth_file)}: {exc}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return ",".join(lines), None
 
@@ -211,8 +213,16 @@ def _hosts_problem(names: list[str]) -> str | None:
     return None
 
 
-def _tls_problem(certfile: Path | None, keyfile: Path | None, ca_certs: Path | None) -> str | None:
-    """Both halves of the server's pair, readable; a CA only with them."""
+def _named(option: str, path: str) -> str:
+    """The option and its file, for a message (an empty path shows as the option alone)."""
+    return f"{option} {path}" if path else option
+
+
+def _tls_problem(certfile: str | None, keyfile: str | None, ca_certs: str | None) -> str | None:
+    """Both halves of the server's pair, regular files and readable; a CA only with them.
+
+    Flower reads them only once it serves: a directory or a FIFO would fail or block there.
+    """
     if (certfile is None) != (keyfile is None):
         return "HTTPS needs both --certfile and --keyfile"
     if ca_certs is not None and certfile is None:
@@ -222,7 +232,13 @@ def _tls_problem(certfile: Path | None, keyfile: Path | None, ca_certs: Path | N
         ("--keyfile", keyfile),
         ("--ca-certs", ca_certs),
     ):
-        if path is not None and not os.access(path, os.R_OK):
+        if path is None:
+            continue
+        try:
+            regular_file(path)
+        except UserFileError as exc:
+            return f"{_named(option, path)}: {exc}"
+        if not os.access(path, os.R_OK):
             return f"{option} {path} is not a readable file"
     return None
 

@@ -145,6 +145,27 @@ def test_an_auth_file_others_can_read_is_refused(config: Path, tmp_path: Path) -
     assert SECRET not in result.stderr
 
 
+@pytest.mark.parametrize("which", ["fifo", "not-utf8", "empty-path"])
+def test_an_auth_file_that_is_no_file_or_no_text_is_refused(
+    config: Path, tmp_path: Path, which: str
+) -> None:
+    """A FIFO (reading it would block), bytes that are not UTF-8 (a traceback), an empty path
+    (Path("") is ".": it read as a directory): one line naming the option and why."""
+    fifo = tmp_path / "auth-fifo"
+    os.mkfifo(fifo, 0o600)
+    binary = tmp_path / "auth-binary"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    binary.chmod(0o600)
+    path, message = {
+        "fifo": (str(fifo), f"--auth-file {fifo}: is a FIFO, not a regular file"),
+        "not-utf8": (str(binary), f"--auth-file {binary}: not UTF-8 text"),
+        "empty-path": ("", "--auth-file: the path is empty"),
+    }[which]
+    result = drover_flower(config, "--auth-file", path)
+    assert result.returncode == EXIT_USAGE
+    assert one_line(result) == f"drover: {message}"
+
+
 def test_credentials_from_two_places_are_refused(config: Path, tmp_path: Path) -> None:
     path = auth_file(tmp_path, f"{USER}:{SECRET}\n")
     result = drover_flower(config, "--auth-file", str(path), auth=f"{USER}:{SECRET}")
@@ -183,8 +204,10 @@ def test_public_address_without_basic_auth_is_refused(
         (["--ca-certs", "/etc/hostname"], "--ca-certs needs --certfile and --keyfile"),
         (
             ["--certfile", "/nonexistent/cert.pem", "--keyfile", "/etc/hostname"],
-            "--certfile /nonexistent/cert.pem is not a readable file",
+            "--certfile /nonexistent/cert.pem: no such file",
         ),
+        (["--certfile", "/tmp", "--keyfile", "/etc/hostname"], "--certfile /tmp: is a directory"),
+        (["--certfile", "", "--keyfile", "/etc/hostname"], "--certfile: the path is empty"),
     ],
 )
 def test_bad_host_and_tls_options_are_refused(config: Path, args: list[str], message: str) -> None:
