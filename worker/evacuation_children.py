@@ -122,6 +122,11 @@ def retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) 
         # not as it was planned here: judged by _finish, not moved blindly
         _not_retried(job, f"libvirt on {rt.host} no longer shows it as planned")
         return None
+    problem = _placement_problem(rt, ev, placement)  # the plan is read back from Redis
+    if problem is not None:
+        log.error("security.rejected", domain=placement.domain, reason=problem)
+        _not_retried(job, problem)
+        return None
     limit = rt.settings.tunables.evacuation_retries
     if not store.take_retry(ev.id, placement.domain, limit):
         _not_retried(job, f"its {limit} retries are spent")

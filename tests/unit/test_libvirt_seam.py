@@ -27,8 +27,8 @@ from jobs.phases import Phase
 from jobs.spec import MigrationSpec
 from jobs.states import EvacuationState, JobState
 from jobs.store import JobStore
-from worker import job_end
-from worker.evacuation_children import _placement_problem
+from worker import evacuation_children, job_end
+from worker.evacuation_children import _placement_problem, retry_failed
 from worker.evacuation_watch import check
 from worker.fleet_view import gather
 from worker.ledger import Ledger
@@ -384,6 +384,50 @@ def test_a_plan_read_back_must_match_what_libvirt_shows(
     assert "are not what libvirt shows on kvm1" in str(_placement_problem(rt, ev, rewritten))
     elsewhere = placed.model_copy(update={"destination": "kvm9"})
     assert "not a host it may use" in str(_placement_problem(rt, ev, elsewhere))
+
+
+def test_a_failed_child_is_retried_only_as_the_signed_request_and_libvirt_allow(
+    env: Path,
+    store: JobStore,
+    hv: libvirt.virConnect,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed child is queued again, and signed by this worker, from the plan kept in
+    Redis: a plan rewritten there (another destination, facts libvirt does not show) must be
+    refused as it is when the children are first queued, not signed on retry."""
+    rt = runtime(store, "kvm1", tmp_path)
+    evacuations = EvacuationStore(store)
+    ev_id = evacuations.create(EvacuationSpec(host="kvm1", to=["kvm2"]), "test")
+    placed = Placement(
+        domain=GUEST,
+        uuid=guest_uuid(hv),
+        memory_mib=64,
+        active=True,
+        persistent=True,
+        destination="kvm2",
+        estimate_s=1.0,
+    )
+    failed = job_for(store)
+    assert store.transition(failed, JobState.FAILED, host="test", reason="blip")[0]
+    queued: list[str] = []
+
+    def queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **_: object) -> str:
+        queued.append(str(placement.destination))
+        return failed
+
+    monkeypatch.setattr(evacuation_children, "_queue_child", queue_child)
+    monkeypatch.setattr(evacuation_children, "admit_waiting", lambda rt: None)
+    for rewritten in (
+        placed.model_copy(update={"destination": "kvm1"}),  # back to the evacuated host
+        placed.model_copy(update={"persistent": False}),  # not the guest libvirt shows
+    ):
+        evacuations.save_plan(ev_id, [rewritten])
+        assert retry_failed(rt, evacuations, evacuations.get(ev_id), store.get(failed)) is None
+    assert queued == []
+    evacuations.save_plan(ev_id, [placed])
+    assert retry_failed(rt, evacuations, evacuations.get(ev_id), store.get(failed)) is not None
+    assert queued == ["kvm2"]
 
 
 def test_the_seam_refuses_a_uri_the_registry_does_not_allow(env: Path) -> None:
