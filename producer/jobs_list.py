@@ -49,8 +49,15 @@ def parse_since(text: str, now: datetime) -> float:
 
 
 def parse_states(values: Iterable[str]) -> frozenset[str]:
-    """`--state`, repeated or comma-separated; SubmitError naming the states there are."""
-    states = frozenset(s.strip() for v in values for s in v.split(",") if s.strip())
+    """`--state`, repeated or comma-separated; SubmitError naming the states there are.
+
+    An empty name (`--state ''`, `--state ,`, `running,`) is refused: skipped, it would leave
+    no filter at all and list every job, not the states the operator meant.
+    """
+    names = [s.strip() for v in values for s in v.split(",")]
+    if "" in names:
+        raise SubmitError(f"--state names an empty state (states: {', '.join(sorted(ALL_STATES))})")
+    states = frozenset(names)
     unknown = sorted(states - ALL_STATES)
     if unknown:
         raise SubmitError(f"unknown state {unknown[0]!r} (states: {', '.join(sorted(ALL_STATES))})")

@@ -125,6 +125,10 @@ def test_jobs_table_shows_the_filtered_records(history: tuple[Path, dict[str, st
     [
         (["--state", "exploded"], "unknown state 'exploded' (states: "),
         (["--state", "failed,nope"], "unknown state 'nope'"),
+        (["--state", ""], "--state names an empty state (states: "),
+        (["--state", ","], "--state names an empty state (states: "),
+        (["--state", "failed,"], "--state names an empty state (states: "),
+        (["--state", "failed", "--state", " "], "--state names an empty state (states: "),
         (["--host", "kvm9"], "unknown host 'kvm9' (known hosts: kvm1, kvm2, kvm3)"),
         (["--since", "yesterday"], "--since 'yesterday' is neither a duration"),
         (["--since", "5x"], "--since '5x' is neither a duration"),
