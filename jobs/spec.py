@@ -209,6 +209,10 @@ def combination_problems(s: MigrationSpec) -> list[str]:
         ):
             if on:
                 problems.append(f"{flag} does not apply to an offline migration")
+    if s.force and not s.undefine_source:  # the destination reads it only with that flag
+        problems.append(
+            "--force only goes with --undefine-source (it lets that leave no definition)"
+        )
     if s.migrate_disks is not None and s.copy_storage is None:
         problems.append("--migrate-disks chooses disks to copy: it needs --copy-storage")
     if s.migrate_disks is not None and len(set(s.migrate_disks)) != len(s.migrate_disks):

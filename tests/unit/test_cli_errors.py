@@ -41,6 +41,14 @@ def queued_anything(redis_srv: RedisServer) -> bool:
         ),
         (["idle-1", "--from", "kvm1", "--to", "kvm2", "--timeout", "9"], "only with --wait"),
         (
+            ["idle-1", "--from", "kvm1", "--to", "kvm2", "--force"],
+            "--force only goes with --undefine-source",
+        ),
+        (
+            ["idle-1", "--from", "kvm1", "--to", "kvm2", "--force", "--dry-run"],
+            "--force only goes with --undefine-source",
+        ),
+        (
             ["idle-1", "--from", "kvm1", "--to", "kvm2", "--completion-timeout", "0"],
             "completion_timeout_s",
         ),
