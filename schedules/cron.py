@@ -135,7 +135,11 @@ def normal_cron(expr: str) -> str:
 
 
 def parse_at(text: str, *, reference: datetime | None = None) -> datetime:
-    """An ISO-8601 time in the future, in UTC to the second; without an offset it is UTC."""
+    """An ISO-8601 time in the future, in UTC to the second; without an offset it is UTC.
+
+    A fraction of a second is refused, not cut: the schedule would fire at another time than
+    the one given (a fraction of zero, `.000`, loses nothing and is taken).
+    """
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -148,7 +152,10 @@ def parse_at(text: str, *, reference: datetime | None = None) -> datetime:
         raise ScheduleError(
             f"--at {text!r} is out of range: in UTC it must fall within the years 1 to 9999"
         ) from None
-    when = when.replace(microsecond=0)  # redbeat keeps whole seconds
+    if when.microsecond:  # redbeat keeps whole seconds: the fraction would be dropped
+        raise ScheduleError(
+            f"--at {text!r} has a fraction of a second: schedules keep whole seconds"
+        )
     current = reference or now()
     if when <= current:
         raise ScheduleError(f"--at {utc_text(when)} is in the past (now {utc_text(current)})")

@@ -245,7 +245,7 @@ def test_a_scheduled_drain_carries_the_options(lab: Lab, beats: list[Beat], tmp_
         beats.append(Beat(lab, tmp_path / "beat.log"))
         beats[0].wait_started()
         wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
-        at = (datetime.now(UTC) + timedelta(seconds=AHEAD_S)).isoformat()
+        at = (datetime.now(UTC) + timedelta(seconds=AHEAD_S)).replace(microsecond=0).isoformat()
         added = run_drover(
             lab.config,
             *("schedule", "add", "evacuate", "lab2", "--at", at, "--to", "lab3"),

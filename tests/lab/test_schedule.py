@@ -108,7 +108,8 @@ def redis_of(lab: Lab) -> redis.Redis:
 
 
 def add_once(lab: Lab, host: str, *extra: str) -> str:
-    at = (datetime.now(UTC) + timedelta(seconds=AHEAD_S)).isoformat()
+    # Whole seconds: --at refuses a fraction (the schedule keeps seconds only).
+    at = (datetime.now(UTC) + timedelta(seconds=AHEAD_S)).replace(microsecond=0).isoformat()
     result = drover(lab, "schedule", "add", "evacuate", host, "--at", at, *extra, "--json")
     assert result.returncode == 0, result.stderr
     return str(json.loads(result.stdout)["id"])

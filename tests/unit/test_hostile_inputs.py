@@ -287,6 +287,7 @@ BAD_TIMEOUT_COMMANDS = [
 BAD_SCHEDULES = [
     ["--at", "9999-12-31T23:59:59-14:00"],  # the year 10000 in UTC
     ["--at", "0001-01-01T00:00:00+14:00"],  # before the year 1 in UTC
+    ["--at", "2030-06-01T03:00:00.5Z"],  # the fraction would be dropped: redbeat keeps seconds
     # named ranges that run backwards (Celery would wrap them), names of the other field
     ["--cron", "0 0 * * fri-mon"],
     ["--cron", "0 0 * * sat-sun"],

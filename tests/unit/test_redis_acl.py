@@ -474,7 +474,8 @@ def test_beat_holds_its_lock_and_fires_a_schedule_the_worker_runs(
     store = ScheduleStore(producer.settings)
     try:
         wait_for(lambda: "Acquired lock" in beat.text(), START_TIMEOUT_S, beat.text)
-        at = (datetime.now(UTC) + timedelta(seconds=FIRE_AHEAD_S)).isoformat()
+        at = (datetime.now(UTC) + timedelta(seconds=FIRE_AHEAD_S)).replace(microsecond=0)
+        at = at.isoformat()  # whole seconds: --at refuses a fraction
         added = store.add_evacuation(EvacuationRequest(host="kvm1"), at=at, by="test")
         wait_for(
             lambda: store.get(added.id).last_run is not None, JOB_TIMEOUT_S, "the worker's run"
