@@ -22,6 +22,11 @@ _DNS_NAME = re.compile(
     r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*\Z",
     re.ASCII,
 )
+# A label the C library's inet_aton reads as a number in hex (0x0a): with an all-digit last
+# label (RFC 3696 section 2: a top-level label is never all-numeric), what makes a name
+# numeric-looking. Such a name that is no canonical IPv4 address would be resolved to another
+# address (010.0.0.1 is 8.0.0.1, 167772162 is 10.0.0.2) instead of being looked up.
+_HEX_LABEL = re.compile(r"^0[xX][0-9A-Fa-f]*\Z", re.ASCII)
 _SCOPE_ID = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_INTERFACE_NAME}}}\Z", re.ASCII)
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -68,7 +73,10 @@ def check_address(value: str) -> str:
     """An IP address or a DNS name: nothing that could carry a URI part or an option.
 
     Brackets hold an IPv6 address only (`[10.0.0.1]` is no form QEMU or libvirt agree on);
-    ASCII only, so no look-alike digits or letters pass as an address.
+    ASCII only, so no look-alike digits or letters pass as an address. A name that looks
+    numeric (an all-digit last label, a hex label) must be a canonical IPv4 address, which
+    ipaddress alone accepts: 010.213.18.2, 0x0a.0xd5.18.2, 181473794, 1.2.3, 999.1.1.1 are
+    refused, as the resolver would turn each into some other address.
     """
     if value.startswith("[") or value.endswith("]"):
         inner = value[1:-1] if value.startswith("[") and value.endswith("]") else ""
@@ -84,4 +92,11 @@ def check_address(value: str) -> str:
         raise ValueError(problem)
     if not _DNS_NAME.match(value):
         raise ValueError(f"not an IP address or host name: {shown(value)}")
+    labels = value.split(".")
+    if labels[-1].isdigit() or any(_HEX_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"{shown(value)} is written like a number (an all-digit last label or a 0x label) "
+            "but is no IPv4 address in canonical form (four decimal numbers 0-255, no leading "
+            "zeros): a resolver may read it as another address"
+        )
     return value

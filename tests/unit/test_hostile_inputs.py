@@ -210,7 +210,15 @@ BAD_LISTEN_ADDRESSES = [
     "*",
     "0.0.0.0/0",
     "-h",
+    # written like numbers, no canonical IPv4: the resolver would make another address of each
+    "010.213.18.2",  # octal: 8.213.18.2
+    "0x0a.0xd5.18.2",
+    "181473794",  # 10.209.18.2 as one number
+    "1.2.3",
+    "999.1.1.1",
 ]
+# The same check guards --tls-destination (with --tls).
+BAD_TLS_DESTINATIONS = ["010.0.0.2", "0x0a.0.0.2", "167772162", "kvm2.0x02"]
 BAD_NUMBERS = [
     ("--bandwidth", "0"),
     ("--bandwidth", "-1"),
@@ -372,6 +380,10 @@ _CASES: list[tuple[str, list[str]]] = [
         for h, u in FOREIGN_MIGRATE_URIS
     ),
     *((f"--listen-address {a[:20]!r}", live("--listen-address", a)) for a in BAD_LISTEN_ADDRESSES),
+    *(
+        (f"--tls-destination {a!r}", live("--tls", "--tls-destination", a))
+        for a in BAD_TLS_DESTINATIONS
+    ),
     *((f"{opt} {v[:20]!r}", live(opt, v)) for opt, v in BAD_NUMBERS),
     *((f"flags {' '.join(a[6:])[:60]}", a) for a in BAD_COMBINATIONS),
     *((f"argv {' '.join(a)[:60]}", a) for a in BAD_ARGV),
@@ -874,3 +886,23 @@ def test_any_address_is_plain_ascii_or_refused(value: str) -> None:
     except ValueError:
         return
     assert re.fullmatch(r"\[?[A-Za-z0-9.:-]+(%[A-Za-z0-9_.-]{1,15})?\]?", value, re.ASCII), value
+
+
+NUMERIC_LOOKING = ["010.213.18.2", "0x0a.0xd5.18.2", "181473794", "1.2.3", "999.1.1.1", "0x0a.b"]
+
+
+@pytest.mark.parametrize("value", NUMERIC_LOOKING)
+def test_a_name_written_like_a_number_must_be_a_canonical_ipv4_address(value: str) -> None:
+    """RFC 3696: a top-level label is never all-numeric; the C resolver reads these as other
+    addresses (010.213.18.2 is 8.213.18.2), so they are refused, not passed on."""
+    with pytest.raises(ValueError, match="is written like a number") as exc:
+        check_address(value)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["10.0.0.1", "192.0.2.2", "::1", "fe80::1%eth0", "[fe80::1]", "kvm2.example", "3com.example"],
+)
+def test_canonical_addresses_and_names_still_pass(value: str) -> None:
+    assert check_address(value) == value

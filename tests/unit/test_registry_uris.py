@@ -97,6 +97,8 @@ BAD_URIS = {
     "qemu+tcp://h:/system": "port out of range",
     "qemu+tcp://-h/system": "not an IP address or DNS name",
     "qemu+tcp://h;id/system": "not an IP address or DNS name",
+    "qemu+tcp://0x0a.0.0.2/system": "not an IP address or DNS name",  # resolved: 10.0.0.2
+    "qemu+tcp://010.0.0.2/system": "not an IP address or DNS name",  # resolved: 8.0.0.2
     "qemu+tcp://[::1/system": "malformed host part",
     "qemu+tcp://[192.0.2.1]/system": "malformed host part",
     "qemu+tcp://[fe80::1%25x%20y]/system": "malformed host part",
@@ -143,6 +145,8 @@ def test_migration_address_must_be_an_address(tmp_path: Path, address: str) -> N
         ("fe80::1%x y", "IPv6 scope id 'x y' must be an interface name"),
         ("fe80::1%eth0;id", "IPv6 scope id 'eth0;id'"),
         ("\u0661\u0669\u0662.0.2.1", "not an IP address or host name"),
+        ("010.0.0.1", "is written like a number"),  # the resolver's 8.0.0.1
+        ("167772162", "is written like a number"),  # the resolver's 10.0.0.2
     ],
 )
 def test_migration_address_brackets_scopes_and_digits(
