@@ -6,8 +6,8 @@ with properties and a body, base64 when it says so), before Celery or drover's c
 body that is not base64) raised out of the consumer's loop and stopped the worker: one
 LPUSH by anyone with the Redis password ended a host's worker. Here such an item is logged
 as a refused message and dropped (BRPOP has already taken it off the queue), and the worker
-reads the next one. Celery is given these classes through `broker_transport`
-(config/celery.py); the broker URL stays `redis://` (or kombu's `sentinel://`) for Flower.
+reads the next one. A worker's Celery app is given these classes as it starts
+(`use_consumer_transport` in config/celery.py); producers and Flower keep kombu's own.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from config.settings import ConfigError, Settings, Tunables, current, load_setti
 QUEUE_PREFIX = "drover.host."
 # kombu's Redis transports, dropping a queue item that is not a message instead of stopping
 # the worker on it (config/broker_transport.py); named, so kombu imports them only to connect.
-BROKER_TRANSPORT = "config.broker_transport:Transport"
-SENTINEL_BROKER_TRANSPORT = "config.broker_transport:SentinelTransport"
+CONSUMER_TRANSPORT = "config.broker_transport:Transport"
+SENTINEL_CONSUMER_TRANSPORT = "config.broker_transport:SentinelTransport"
 WORKER_NODE_PREFIX = "drover@"
 
 
@@ -41,9 +41,15 @@ def broker_of(settings: Settings) -> tuple[str, dict[str, Any]]:
     return settings.redis_url, {}
 
 
-def broker_transport_of(settings: Settings) -> str:
-    """The transport class kombu uses for the broker (the URL's scheme would name kombu's)."""
-    return SENTINEL_BROKER_TRANSPORT if is_sentinel(settings.redis_url) else BROKER_TRANSPORT
+def use_consumer_transport(app: Celery, settings: Settings) -> None:
+    """A worker reads its queue through drover's transport (config/broker_transport.py).
+
+    Set on workers only, as they start and before they connect: a class path as transport
+    also becomes the scheme of the connection's URI, which Flower reads to pick its broker
+    client (its queue lengths); producers and Flower never consume a host's queue.
+    """
+    sentinel = is_sentinel(settings.redis_url)
+    app.conf.broker_transport = SENTINEL_CONSUMER_TRANSPORT if sentinel else CONSUMER_TRANSPORT
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -51,7 +57,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     broker_url, transport = broker_of(settings)
     return {
         "broker_url": broker_url,
-        "broker_transport": broker_transport_of(settings),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             "visibility_timeout": settings.tunables.broker_visibility_timeout,

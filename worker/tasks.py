@@ -18,7 +18,7 @@ from celery import Task
 from celery.exceptions import Ignore
 from celery.signals import worker_init, worker_ready, worker_shutting_down
 
-from config.celery import app
+from config.celery import app, use_consumer_transport
 from config.events import get_logger
 from config.security import JOB_ID
 from config.settings import current
@@ -105,6 +105,13 @@ def _refuse_insecure_start(**_: object) -> None:
         check_security(current())
     except WorkerStartError as exc:
         raise SystemExit(f"drover: {exc}") from None
+
+
+@worker_init.connect
+def _drop_malformed_queue_items(**_: object) -> None:
+    """Before the consumer connects: an item on the queue that is not a message is dropped,
+    never raised out of the consumer's loop (config/broker_transport.py)."""
+    use_consumer_transport(app, current())
 
 
 @worker_init.connect
