@@ -109,12 +109,14 @@ def test_a_submitted_job_carries_a_request_the_workers_accept(fleet: Fleet) -> N
         ("dst", "kvm9"),
         ("dname", "other"),
         ("undefine_source", True),
-        ("force", True),
+        ("force", True),  # with undefine_source, the only way it means something
     ],
 )
 def test_a_spec_changed_in_redis_is_refused(fleet: Fleet, field: str, value: object) -> None:
     job_id = fleet.submit()
     tampered = SPEC.model_dump(mode="json") | {field: value}
+    if field == "force":
+        tampered["undefine_source"] = True
     fleet.store.r.hset(job_key(job_id), "spec", json.dumps(tampered))
     assert f"changed: {field}" in refusal(fleet, job_id)
 
