@@ -72,7 +72,6 @@ __all__ = [
     "outbound_gate",
 ]
 
-log = get_logger()
 
 # A gate of a host no longer in the registry: treated as having room, so its lanes are tried
 # and their jobs end `failed` with the reason rather than wait for ever.
@@ -135,7 +134,7 @@ class Admission:
         counts = self.lanes.holders_count(gates)
         unreadable = [gate for gate in gates if blocking[gate] is None]
         if unreadable:
-            log.warning(
+            get_logger().warning(  # looked up here: producers import this, never log
                 "record.unreadable",
                 key=BLOCKING_GATES,
                 field=" ".join(unreadable),

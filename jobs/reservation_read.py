@@ -27,8 +27,6 @@ from jobs.keys import job_key, reservations_key
 from jobs.record import JobNotFound, SourceFacts, parse_field
 from jobs.states import LIVE
 
-log = get_logger()
-
 # The largest booking read as one: an exbibyte (host facts use the same bound), far beyond
 # any guest and small enough that a sum over a fleet stays an ordinary number.
 MAX_RESERVATION_MIB = 1 << 40
@@ -74,7 +72,9 @@ def _recorded_needs(r: redis.Redis, host: str, unreadable: dict[str, str]) -> in
         need = _need_of(job_id, state, facts_raw)
         total += need or 0
         counted = f"counted as its job's recorded need, {need} MiB" if need else "ignored"
-        log.warning(
+        # Looked up here, not at import: producers import this module (through the store)
+        # and never log; structlog is a worker's (and costs a CLI its start-up).
+        get_logger().warning(
             "record.unreadable",
             key=reservations_key(host),
             field=job_id,
