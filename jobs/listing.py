@@ -34,6 +34,7 @@ from jobs.keys import (
     transitions_key,
 )
 from jobs.model import Job
+from jobs.record import MalformedRecord
 from jobs.record_read import evacuation_from, job_from
 from jobs.states import EVACUATION_KIND, EVACUATION_TERMINAL, TERMINAL, EvacuationState, JobState
 
@@ -122,10 +123,19 @@ def _host_ids(
     return found[:limit]
 
 
-def fetch(r: redis.Redis, ids: Iterable[str], *, full: bool = True) -> list[Job | Evacuation]:
+def fetch(
+    r: redis.Redis,
+    ids: Iterable[str],
+    *,
+    full: bool = True,
+    unreadable: list[str] | None = None,
+) -> list[Job | Evacuation]:
     """The records of `ids` in their order, in one round trip; a record gone (expired since
     it was listed) is left out. Without `full`, a job's phases and history are not read
-    (a listing shows neither, and validating them is most of its work)."""
+    (a listing shows neither, and validating them is most of its work). With `unreadable`,
+    a record drover cannot read is left out too and its one-line reason added there (one
+    record written by hand into Redis must not hide every other job from a listing);
+    without it, MalformedRecord is raised."""
     ids = list(ids)
     with r.pipeline(transaction=False) as p:
         for job_id in ids:
@@ -142,8 +152,13 @@ def fetch(r: redis.Redis, ids: Iterable[str], *, full: bool = True) -> list[Job 
         phases, transitions, children = rest if full else ({}, [], {})
         if not raw:
             continue
-        if raw.get("kind") == EVACUATION_KIND:
-            records.append(evacuation_from(raw, children))
-        else:
-            records.append(job_from(job_id, raw, phases, transitions))
+        try:
+            if raw.get("kind") == EVACUATION_KIND:
+                records.append(evacuation_from(raw, children))
+            else:
+                records.append(job_from(job_id, raw, phases, transitions))
+        except MalformedRecord as exc:
+            if unreadable is None:
+                raise
+            unreadable.append(str(exc))
     return records

@@ -18,6 +18,7 @@ from producer.cli_common import (
     drover,
     fail,
     guarded,
+    notice,
     out,
     print_json,
 )
@@ -255,13 +256,16 @@ def jobs(
     def go() -> None:
         settings = load_settings()
         flt = job_filter(settings, states=state or (), host=host, since=since)
-        found = list_jobs(settings, flt, limit, full=False)  # a row shows no phases
+        unreadable: list[str] = []
+        found = list_jobs(settings, flt, limit, full=False, unreadable=unreadable)
         if as_json:
             print_json([j.summary() for j in found])
-            return
-        from producer.render import jobs_table  # Rich's tables: not for JSON
+        else:
+            from producer.render import jobs_table  # Rich's tables: not for JSON
 
-        out.print(jobs_table(found))
+            out.print(jobs_table(found))
+        for reason in unreadable:  # left out of the list, never silently
+            notice(f"{reason}; left out of this list")
 
     guarded(go)
 

@@ -88,10 +88,16 @@ def job_filter(
 
 
 def list_jobs(
-    settings: Settings, flt: JobFilter, limit: int, *, full: bool = True
+    settings: Settings,
+    flt: JobFilter,
+    limit: int,
+    *,
+    full: bool = True,
+    unreadable: list[str] | None = None,
 ) -> list[Job | Evacuation]:
     """Newest first: migration jobs and evacuations passing `flt`, at most `limit`; without
-    `full`, without a job's phases and history or an evacuation's children (jobs/listing.py)."""
+    `full`, without a job's phases and history or an evacuation's children (jobs/listing.py).
+    With `unreadable`, records drover cannot read are left out and said there."""
     r = client_for(settings.redis_url, retry_for=settings.tunables.producer_redis_retry_for)
     try:
         ids = recent_ids(
@@ -101,7 +107,7 @@ def list_jobs(
             now_s=datetime.now(UTC).timestamp(),
             retention_s=retention_seconds(settings.tunables.job_retention_days),
         )
-        return fetch(r, ids, full=full)
+        return fetch(r, ids, full=full, unreadable=unreadable)
     except redis.RedisError as exc:
         where = redis_location(settings.redis_url)
         raise BrokerUnavailable(f"cannot reach Redis at {where}: {exc}") from None

@@ -120,6 +120,23 @@ def test_jobs_table_shows_the_filtered_records(history: tuple[Path, dict[str, st
     assert ids["queued"] not in done.stdout
 
 
+def test_a_record_written_by_hand_is_left_out_and_said_never_hiding_the_rest(
+    history: tuple[Path, dict[str, str]], redis_srv: RedisServer
+) -> None:
+    """One record drover cannot read (anyone with the Redis password can write one) used to
+    make `drover jobs` fail as a whole: it is left out, with one line saying which and why."""
+    config, ids = history
+    store = JobStore.from_url(redis_srv.url)
+    store.r.hset(f"drover:job:{ids['failed']}", "spec", "not json")
+    for args in (["--json"], []):
+        done = run_drover(config, "jobs", *args)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert ids["failed"] in done.stderr and "left out of this list" in done.stderr
+        assert ids["queued"] in done.stdout and ids["failed"] not in done.stdout
+    assert listed(config) == [i for k, i in reversed(ids.items()) if k != "failed"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
