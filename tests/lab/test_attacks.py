@@ -321,6 +321,40 @@ def test_a_signed_rollback_of_a_job_that_succeeded_changes_nothing(
     assert lab.running_on(GUEST) == ["lab2"]
 
 
+def test_a_finished_job_made_to_look_interrupted_never_moves_its_guest_again(
+    lab: Lab, guest_home: None
+) -> None:
+    """A job that succeeded, rewritten in Redis to look as if perform had never run (state
+    set back, later phase records deleted, back among the active jobs): its claims used to be
+    given back and perform sent again, migrating the guest a second time with no new signed
+    request. The hosts' ledgers say those phases ran: nothing moves, and the source says so."""
+    first = lab.migrate(GUEST, "lab1", "lab2")
+    assert first.state.value == "succeeded", first.reason
+    back = lab.migrate(GUEST, "lab2", "lab1")
+    assert back.state.value == "succeeded", back.reason
+
+    def migrations() -> int:
+        return [e["event"] for e in lab.drover.events(first.id)].count("migration.started")
+
+    before = migrations()
+    r = lab.drover.store.r
+    try:
+        r.hset(job_key(first.id), mapping={"state": "prepared", "updated": "2020-01-01T00:00:00Z"})
+        r.hdel(f"{job_key(first.id)}:phases", "perform", "finish", "confirm")
+        r.sadd("drover:active", first.id)
+        wait_for(
+            lambda: "phase.not_recovered" in [e["event"] for e in lab.drover.events(first.id)],
+            RECOVERY_S,
+            "lab1 to refuse to send perform again",
+        )
+        assert lab.running_on(GUEST) == ["lab1"]
+        assert lab.drover.job(first.id).state.value == "prepared"  # as forged: nothing ran
+        assert migrations() == before
+    finally:  # the record as it was, so that nothing waits on the forged one
+        r.hset(job_key(first.id), "state", "succeeded")
+        r.srem("drover:active", first.id)
+
+
 # ---- 6. Celery remote control ----------------------------------------------------------------
 
 
