@@ -365,20 +365,25 @@ def test_planning_reads_the_guests_and_says_why_each_host_is_no_candidate(
     assert placement.reason is not None and "kvm2" in placement.reason
 
 
-def test_a_plan_read_back_must_match_what_libvirt_shows(
-    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
-) -> None:
-    rt = runtime(store, "kvm1", tmp_path)
-    ev = Evacuation.model_construct(spec=EvacuationSpec(host="kvm1"))
-    placed = Placement(
+def placed_on_kvm2(hv: libvirt.virConnect) -> Placement:
+    """The test guest as a plan places it: running, defined, as libvirt shows it on kvm1."""
+    return Placement(
         domain=GUEST,
         uuid=guest_uuid(hv),
-        memory_mib=8192,
+        memory_mib=64,
         active=True,
         persistent=True,
         destination="kvm2",
         estimate_s=1.0,
     )
+
+
+def test_a_plan_read_back_must_match_what_libvirt_shows(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    rt = runtime(store, "kvm1", tmp_path)
+    ev = Evacuation.model_construct(spec=EvacuationSpec(host="kvm1"))
+    placed = placed_on_kvm2(hv)
     assert _placement_problem(rt, ev, placed) is None
     rewritten = placed.model_copy(update={"uuid": "00000000-0000-0000-0000-0000000000bb"})
     assert "are not what libvirt shows on kvm1" in str(_placement_problem(rt, ev, rewritten))
@@ -399,15 +404,7 @@ def test_a_failed_child_is_retried_only_as_the_signed_request_and_libvirt_allow(
     rt = runtime(store, "kvm1", tmp_path)
     evacuations = EvacuationStore(store)
     ev_id = evacuations.create(EvacuationSpec(host="kvm1", to=["kvm2"]), "test")
-    placed = Placement(
-        domain=GUEST,
-        uuid=guest_uuid(hv),
-        memory_mib=64,
-        active=True,
-        persistent=True,
-        destination="kvm2",
-        estimate_s=1.0,
-    )
+    placed = placed_on_kvm2(hv)
     failed = job_for(store)
     assert store.transition(failed, JobState.FAILED, host="test", reason="blip")[0]
     queued: list[str] = []
