@@ -14,6 +14,7 @@ import typer
 
 from cli import help_render
 from cli.outline import outlined
+from cli.repeated import repeated_option
 from cli.resident import HELP_OPTION, command_named
 from producer import cli
 from producer.cli_common import (
@@ -29,9 +30,14 @@ from producer.text import plain
 
 
 def root(
+    ctx: typer.Context,
     config: Annotated[str | None, typer.Option("--config", help="drover.toml to use")] = None,
 ) -> None:
     """drover: move running VMs between libvirt/KVM hosts."""
+    # Before the command reads its options: one given twice is refused (cli/repeated.py).
+    problem = repeated_option(ctx.command, sys.argv[1:])
+    if problem is not None:
+        raise UsageError(problem)
     if config == "":  # skipped, another config file would be used: refused instead
         fail("--config: the path is empty", EXIT_USAGE)
     if config is not None:

@@ -32,6 +32,8 @@ def queued_anything(redis_srv: RedisServer) -> bool:
         ),
         (["idle-1", "--from", "nowhere", "--to", "kvm2"], "unknown host 'nowhere'"),
         (["idle-1", "--from", "kvm1", "--to", "kvm1"], "source and destination are the same host"),
+        (["idle-1", "--from", "kvm1", "--from", "kvm2", "--to", "kvm2"], "--from is given twice"),
+        (["idle-1", "--from", "kvm1", "--to", "kvm2", "--live"], "--live is given twice"),
         (["../etc/passwd", "--from", "kvm1", "--to", "kvm2"], "invalid domain '../etc/passwd'"),
         (["web 01", "--from", "kvm1", "--to", "kvm2"], "invalid domain 'web 01'"),
         (["idle-1", "--from", "kvm1", "--to", "kvm2", "--bandwidth", "0"], "bandwidth_mib"),
@@ -86,6 +88,31 @@ def test_bad_migrate_requests(
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not queued_anything(redis_srv)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["jobs", "--limit", "5", "--limit", "2"], ": --limit is given twice: give it once"),
+        (["--config", "a.toml", "--config", "b.toml", "jobs"], ": --config is given twice"),
+        (["host", "disable", "kvm2", "--reason", "a", "--reason=b"], "--reason is given twice"),
+    ],
+)
+def test_an_option_given_twice_is_refused_not_resolved_to_its_last_value(
+    config: Path, args: list[str], message: str
+) -> None:
+    result = drover(config, *args)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_an_option_meant_to_repeat_and_a_value_like_an_option_are_not_refused(
+    config: Path,
+) -> None:
+    assert drover(config, "jobs", "--state", "failed", "--state", "queued").returncode == 0
+    # "--limit" here is --since's value (refused as a time), not --since given again
+    result = drover(config, "jobs", "--since", "--limit", "--limit", "3")
+    assert "--since '--limit' is neither a duration" in result.stderr
 
 
 def test_unknown_job(config: Path) -> None:
