@@ -28,7 +28,13 @@ from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
 from worker.phase_source import job_domain, resume_if_left_paused
 from worker.policy_source import job_policy
-from worker.postcopy_recovery import check_paused, recover_failed_postcopy, resume_until_landed
+from worker.postcopy_recovery import (
+    ANSWER_WITHIN_S,
+    check_paused,
+    recover_failed_postcopy,
+    resume_until_landed,
+)
+from worker.postcopy_whereabouts import locate
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -109,8 +115,14 @@ def _until_postcopy_breaks(rt: Runtime, dom: Domain) -> threading.Event:
 
 def _postcopy_broke(dom: Domain, job: Job) -> bool:
     """A post-copy that failed while the worker was away (or was being recovered): there is
-    no migration to watch, only one to resume."""
-    return job.state is JobState.POSTCOPY_RECOVERING or state_reason(dom).postcopy_failed
+    no migration to watch, only one to resume. The record's `postcopy_recovering` counts
+    only while libvirt shows the guest in a post-copy: written into Redis over a pre-copy,
+    it would otherwise keep recovery from watching (and the policy from steering) a
+    migration libvirtd still runs."""
+    found = state_reason(dom)
+    return found.postcopy_failed or (
+        job.state is JobState.POSTCOPY_RECOVERING and found.in_postcopy
+    )
 
 
 def _recovered_postcopy(rt: Runtime, job: Job) -> bool:
@@ -126,6 +138,22 @@ def _recovered_postcopy(rt: Runtime, job: Job) -> bool:
     values = job_policy(rt, job, dom).values if dom is not None else MigrationPolicy()
     call = build_call(job.spec, handoff_or_fail(rt, job.spec), values)
     if job.state is JobState.POSTCOPY_RECOVERING:
+        contradiction = _no_postcopy_seen(rt, job)
+        if contradiction is not None:
+            log.warning("postcopy.not_found", reason=contradiction)
+            return False
         log.warning("postcopy.resuming_again", reason="the worker recovering it was restarted")
         return resume_until_landed(rt, job, call)
     return recover_failed_postcopy(rt, job, call, f"{rt.host}'s worker was away")
+
+
+def _no_postcopy_seen(rt: Runtime, job: Job) -> str | None:
+    """Why libvirt contradicts a record that says a post-copy is being recovered (None: it
+    does not). Believed while either host shows the guest in a post-copy or landed, or
+    while libvirt cannot tell (no source copy, destination silent); else the job is judged
+    from libvirt as any interrupted perform is, not kept waiting for a post-copy that is not
+    there until `postcopy_recovery_timeout` says `postcopy_paused` of a guest that runs."""
+    seen = locate(rt, job, ANSWER_WITHIN_S)
+    if seen.in_postcopy or seen.landed or (seen.source is None and not seen.reachable):
+        return None
+    return f"the job says post-copy recovering, but libvirt shows no post-copy: {seen.describe()}"

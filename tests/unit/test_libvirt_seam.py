@@ -17,6 +17,7 @@ from pathlib import Path
 import libvirt
 import pytest
 import structlog
+from structlog.contextvars import bound_contextvars
 
 from config import events
 from jobs.evacuation import Evacuation, EvacuationSpec, EvacuationStore, Placement
@@ -31,6 +32,7 @@ from worker import evacuation_children, job_end
 from worker.evacuation_children import _placement_problem, retry_failed
 from worker.evacuation_watch import check
 from worker.fleet_view import gather
+from worker.job_end import job_context
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost, LibvirtUnavailable, UnsafeURI
 from worker.phase_destination import destination_prepare, finish
@@ -97,6 +99,17 @@ def runtime(
     """A worker's runtime on `host`: the test hypervisor as every host unless told otherwise."""
     ledger = Ledger(str(tmp_path / f"ledger-{host}"))
     return Runtime(host, store, libvirt_host or seam(), ledger)
+
+
+def destination_empty(tmp_path: Path) -> LibvirtHost:
+    """The seam with its own libvirtd (the test hypervisor) and a destination that answers
+    and has no domains at all (a test driver node of its own)."""
+    empty = tmp_path / "empty-node.xml"
+    empty.write_text(EMPTY_NODE_XML)
+    return LibvirtHost(
+        TEST_URI,
+        opener=lambda uri: libvirt.open(TEST_URI if uri == TEST_URI else f"test://{empty}"),
+    )
 
 
 def job_for(store: JobStore, domain: str = GUEST, **spec: object) -> str:
@@ -260,18 +273,12 @@ def test_confirm_fails_a_job_whose_guest_never_left_whatever_the_record_says_of_
     """A failed job rewritten in Redis to look finished (a finish record ended without error):
     the guest still runs on the source and the destination's libvirtd does not have it. The
     job used to end `succeeded` with the guest 'left over' on the source; it fails."""
-    empty = tmp_path / "empty-node.xml"
-    empty.write_text(EMPTY_NODE_XML)
-
-    def destination_empty(uri: str) -> libvirt.virConnect:
-        return libvirt.open(TEST_URI if uri == TEST_URI else f"test://{empty}")
-
     job_id = job_for(store)
     store.update(job_id, facts=recorded(guest_uuid(hv)))
     walked(store, job_id, JobState.MIGRATING)
     for phase in (Phase.PERFORM.value, Phase.FINISH.value):  # as forged: both "ended well"
         store.phase_ended(job_id, phase, started=store.phase_started(job_id, phase, "kvm1"))
-    rt = runtime(store, "kvm1", tmp_path, LibvirtHost(TEST_URI, opener=destination_empty))
+    rt = runtime(store, "kvm1", tmp_path, destination_empty(tmp_path))
     with pytest.raises(PhaseFailed, match="test on kvm1 still runs and kvm2's libvirtd does not"):
         run_in_frame(rt, store.get(job_id), Phase.CONFIRM, confirm, False, 0)
     job = store.get(job_id)
@@ -311,6 +318,37 @@ def test_recovery_finds_no_migration_and_the_guest_still_here(
     )
     assert job.phases[Phase.PERFORM.value].error == job.reason
     assert rollbacks == [job_id]
+
+
+def test_recovery_judges_a_post_copy_libvirt_does_not_show_from_libvirt(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path, rollbacks: list[str]
+) -> None:
+    """A job set to `postcopy_recovering` in Redis while its guest runs on the source, in no
+    post-copy, and the destination has none: recovery used to resume a post-copy that is not
+    there until `postcopy_recovery_timeout` (an hour), then call the running guest
+    `postcopy_paused`. It judges from libvirt instead: the guest still runs here, the job
+    fails saying so, and the destination is rolled back."""
+    job_id = job_for(store)
+    store.update(job_id, facts=recorded(guest_uuid(hv)))
+    walked(store, job_id, JobState.MIGRATING)
+    store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
+    moved, _ = store.transition(job_id, JobState.POSTCOPY_RECOVERING, host="forged")
+    assert moved
+    job = store.get(job_id)
+    rt = runtime(store, "kvm1", tmp_path, destination_empty(tmp_path))
+    with bind_log(store, "kvm1"), bound_contextvars(**job_context(job, Phase.PERFORM.value)):
+        recovered = recover_perform(rt, job)
+    assert recovered is False
+    assert hv.lookupByName(GUEST).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    job = store.get(job_id)
+    assert job.state is JobState.FAILED, job.state
+    assert job.reason == (
+        "the migration did not complete while kvm1's worker was away; test still running on kvm1"
+    )
+    assert rollbacks == [job_id]
+    seen = event_names(store, job_id)
+    assert "postcopy.not_found" in seen
+    assert not [name for name in seen if name.startswith("postcopy.resum")], seen
 
 
 def test_recovery_judges_a_guest_gone_from_the_source_as_moved(
