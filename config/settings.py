@@ -7,6 +7,7 @@ adjust a host's limits without restarting the fleet.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -33,6 +34,8 @@ from config.user_files import UserFileError, read_text
 CONFIG_ENV = "DROVER_CONFIG"
 REDIS_URL_ENV = "DROVER_REDIS_URL"
 DEFAULT_CONFIG_PATHS = (Path("drover.toml"), Path("/etc/drover/drover.toml"))
+# How much of a wrongly typed value an error quotes: enough to find it, one line whatever it is.
+SHOWN_INPUT_CHARS = 60
 
 
 def _config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
@@ -56,7 +59,27 @@ def _config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {str(err['msg']).removeprefix('Value error, ')}"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"].endswith(("_type", "_parsing")):  # say what the file has instead
+        shown = repr(err["input"])
+        if len(shown) > SHOWN_INPUT_CHARS:
+            shown = f"{shown[: SHOWN_INPUT_CHARS - 3]}..."
+        message = f"{message}, not {shown}"
+    return f"{where}: {message}"
+
+
+def _as_json(raw: dict[str, Any], where: str) -> str:
+    """The file's values as JSON, so that they are validated strictly as JSON is: a value of
+    the wrong TOML type (`"yes"` or `1` for a switch, `"700"` or `1.5` for a count) is an
+    error, not read as something the operator did not write, while strings still name
+    paths, enums and addresses. A TOML date or time is no setting's type."""
+
+    def encode(value: object) -> object:
+        if isinstance(value, (set, frozenset)):  # the allowlists, already checked
+            return sorted(value)
+        raise ConfigError(f"config {where}: {value} is a TOML date or time; no setting takes one")
+
+    return json.dumps(raw, default=encode)
 
 
 def _allowlists(raw: dict[str, Any]) -> dict[str, frozenset[str]]:
@@ -108,10 +131,12 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     raw.update(allowlists)
     if os.environ.get(REDIS_URL_ENV):
         raw["redis_url"] = os.environ[REDIS_URL_ENV]
+    where = raw.get("source", "<defaults>")
     try:
-        settings = Settings.model_validate(raw, context=allowlists)
+        settings = Settings.model_validate_json(
+            _as_json(raw, where), strict=True, context=allowlists
+        )
     except ValidationError as exc:
-        where = raw.get("source", "<defaults>")
         raise ConfigError(f"config {where}: {_first_error(exc)}") from None
     try:
         check_any_redis_url(settings.redis_url, settings.security.insecure)

@@ -121,3 +121,60 @@ def test_an_empty_config_path_is_refused_not_skipped(
     monkeypatch.setenv("DROVER_CONFIG", "")
     with pytest.raises(ConfigError, match=r"\$DROVER_CONFIG is set but empty"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("table", "line", "message"),
+    [
+        ("hosts.kvm2", "metrics_expose_all = 'yes'", "valid boolean, not 'yes'"),
+        ("hosts.kvm2", "metrics_expose_all = 1", "valid boolean, not 1"),
+        ("hosts.kvm2.limits", "max_outbound = '3'", "valid integer, not '3'"),
+        ("hosts.kvm2.limits", "memory_mib = 65536.0", "valid integer, not 65536.0"),
+        ("hosts.kvm2.limits", "max_inbound = true", "valid integer, not True"),
+        ("hosts.kvm2", "storage_dirs = '/srv/images'", "valid array, not '/srv/images'"),
+        ("security", "signing = 'false'", "valid boolean, not 'false'"),
+        ("policies.slow", "auto_converge = 'true'", "valid boolean, not 'true'"),
+        ("policies.slow", "bandwidth_mib = '100'", "valid integer, not '100'"),
+        ("tunables", "message_ttl = '60'", "valid number, not '60'"),
+        ("hosts.kvm2", "policy = 5", "valid string, not 5"),
+        ("hosts.kvm2", f"metrics_port = '{'9' * 500}'", "valid integer, not '999"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_converted(
+    tmp_path: Path, table: str, line: str, message: str
+) -> None:
+    """pydantic's lax mode used to read "yes" or 1 as true, "700" as 700 and 65536.0 as
+    65536: a setting the operator did not write. The file's values are now taken only as
+    the TOML types they are, and the error quotes what the file has (shortened)."""
+    header = "" if table == "hosts.kvm2" else f"[{table}]\n"  # GOOD ends in that table
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, f"{GOOD}{header}{line}\n"))
+    text = str(caught.value)
+    assert f"{table}.{line.split('=')[0].strip()}: Input should be a " in text, text
+    assert message in text, text
+    assert "\n" not in text and len(text) < 300, text
+
+
+def test_strings_still_name_paths_enums_and_numbers_still_widen(tmp_path: Path) -> None:
+    """What JSON-strict validation keeps: a string for an enum, a path or a literal, an
+    integer for a float (TOML writes 60 for sixty seconds), a list for a tuple."""
+    text = (
+        f"{GOOD}\n[hosts.kvm2.limits]\nmemory_mib = 4096\n"
+        "[policies.slow]\ncompression = 'xbzrle'\nactions = ['suspend', 'abort']\n"
+        "progress_timeout_s = 60\n"
+        "[tunables]\nmessage_ttl = 120\n"
+        "[security]\ndigest = 'sha512'\n"
+    )
+    s = load_settings(write(tmp_path, text))
+    policy = s.policies["slow"]
+    assert policy.compression.value == "xbzrle"
+    assert [a.value for a in policy.actions] == ["suspend", "abort"]
+    assert policy.progress_timeout_s == 60.0
+    assert s.tunables.message_ttl == 120.0
+    assert s.security.digest == "sha512"
+    assert s.host("kvm2").limits.memory_mib == 4096
+
+
+def test_a_toml_date_is_no_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="1979-05-27 is a TOML date or time; no setting"):
+        load_settings(write(tmp_path, f"{GOOD}\n[tunables]\nmessage_ttl = 1979-05-27\n"))
