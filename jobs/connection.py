@@ -30,7 +30,31 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     FileNotFoundError,
 )
 
+# The longest a TLS handshake with Redis may take when the caller set no connect timeout.
+# redis-py runs the handshake under the socket's reply timeout, which drover leaves unset
+# (a follow blocks for up to `wait_block`): a `rediss://` URL pointed at a Redis without TLS
+# then hung for ever, the server waiting for the end of a command line that never comes.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
 T = TypeVar("T")
+
+
+class BoundedTLSConnection(redis.SSLConnection):
+    """redis-py's TLS connection with its handshake bounded (TLS_HANDSHAKE_TIMEOUT_S, or the
+    connect timeout when one is set); a handshake that times out says what it likely is."""
+
+    def _wrap_socket_with_ssl(self, sock: socket.socket) -> Any:
+        limit = self.socket_connect_timeout or TLS_HANDSHAKE_TIMEOUT_S
+        sock.settimeout(limit)
+        try:
+            wrapped = super()._wrap_socket_with_ssl(sock)  # type: ignore[no-untyped-call]
+        except TimeoutError:  # socket.timeout
+            raise redis.ConnectionError(
+                f"{self.host}:{self.port} did not answer a TLS handshake within {limit:g}s "
+                "(is it a Redis without TLS? rediss:// needs one with TLS)"
+            ) from None
+        wrapped.settimeout(self.socket_timeout)
+        return wrapped
 
 
 class OutageRetry(Retry):
@@ -94,6 +118,8 @@ def client_for(
         options["retry"] = OutageRetry(retry_for)
     if is_sentinel(url):
         return sentinel_master(url, **options)
+    if url.startswith("rediss://"):
+        options["connection_class"] = BoundedTLSConnection
     return redis.Redis.from_url(url, **options)
 
 
