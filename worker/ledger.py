@@ -17,7 +17,8 @@ write (the registry's `state_dir`, mode 0700):
   leases run out in Redis, two jobs for one domain could otherwise both reach this host).
 
 SQLite (the standard library's), one small file, one connection shared by the worker's
-threads behind a lock.
+threads behind a lock; durable across the worker's crashes, not the host's (why: the
+constructor).
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ class Ledger:
             path.touch(mode=FILE_MODE, exist_ok=True)
             path.chmod(FILE_MODE)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            # Write-ahead log, synced on every commit: as durable as the rollback journal, at
-            # one fsync per write instead of several (a claim is written before each phase).
+            # Write-ahead log, not synced on each commit (SQLite's synchronous=NORMAL): every
+            # write survives the worker's crash, kill -9 included (it is in the kernel's
+            # page cache, and the WAL is replayed on open); only the host's own crash or
+            # power loss can take the last writes, and that also stops every guest on the
+            # host, the only things the records protect. A synced commit is one fsync on the
+            # path of every phase: 0.3 ms on some disks, 4 ms median (up to 12 under load)
+            # on the lab machine's, several times per job.
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"cannot open the worker's ledger in {directory}: {exc}") from None
@@ -112,20 +118,11 @@ class Ledger:
             )
 
     def mark(self, job_id: str, phase: str, mark: PhaseMark) -> None:
-        """Record that `phase` of `job_id` started or ended here.
-
-        Written without waiting for the disk (a mark is lost only with the host's power, and
-        with it every guest that could be migrated again): two per phase, on the path of
-        every job, where a synced write costs about 0.4 ms each on the lab's disks.
-        """
+        """Record that `phase` of `job_id` started or ended here."""
         with self._lock:
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                self._db.execute(
-                    "INSERT OR IGNORE INTO phase_marks VALUES (?, ?, ?)", (job_id, phase, mark)
-                )
-            finally:
-                self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "INSERT OR IGNORE INTO phase_marks VALUES (?, ?, ?)", (job_id, phase, mark)
+            )
 
     def marked(self, job_id: str, phase: str, mark: PhaseMark) -> bool:
         with self._lock:
