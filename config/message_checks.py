@@ -8,12 +8,14 @@ sends and never consumes, so only a worker, when Celery resolves DroverTask's `R
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import InvalidTaskError
+from celery.worker.consumer.consumer import INVALID_TASK_ERROR, UNKNOWN_TASK_ERROR
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
@@ -123,3 +125,32 @@ class CheckedRequest(Request):  # type: ignore[misc]
         )
         if problem is not None:
             raise _refuse(f"envelope: {problem}", job=task_args[0], **where)
+
+
+# Celery's consumer logs each message it discards with its full traceback and the body (a
+# dozen lines and up to a KiB): anyone who can push to a queue could grow a worker's log at
+# that rate. drover already said why (`message.rejected`) for what its checks refused.
+CONSUMER_LOGGER = "celery.worker.consumer.consumer"
+
+
+class RejectionsInOneLine(logging.Filter):
+    """Drop Celery's record of a message drover's checks refused (said once already);
+    shorten its record of any other discarded message to one line, without traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in (INVALID_TASK_ERROR, UNKNOWN_TASK_ERROR):
+            return True
+        exc = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if isinstance(exc, MessageRejected):
+            return False
+        what = "unregistered task" if record.msg is UNKNOWN_TASK_ERROR else "invalid message"
+        record.msg, record.args = "discarded a task message (%s): %s", (what, excerpt(str(exc)))
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def rejections_in_one_line() -> None:
+    """Install the filter on Celery's consumer logger (once, whatever the calls)."""
+    consumer_log = logging.getLogger(CONSUMER_LOGGER)
+    if not any(isinstance(f, RejectionsInOneLine) for f in consumer_log.filters):
+        consumer_log.addFilter(RejectionsInOneLine())

@@ -20,6 +20,7 @@ from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 from config.celery import app, use_consumer_transport
 from config.events import get_logger
+from config.message_checks import rejections_in_one_line
 from config.security import JOB_ID
 from config.settings import current
 from jobs.model import Job
@@ -112,6 +113,12 @@ def _drop_malformed_queue_items(**_: object) -> None:
     """Before the consumer connects: an item on the queue that is not a message is dropped,
     never raised out of the consumer's loop (config/broker_transport.py)."""
     use_consumer_transport(app, current())
+
+
+@worker_init.connect
+def _quiet_rejections(**_: object) -> None:
+    """A discarded message costs one line of log at most (config/message_checks.py)."""
+    rejections_in_one_line()
 
 
 @worker_init.connect

@@ -100,6 +100,10 @@ def impostor(key: Path, cert: Path) -> None:
     make_certificate(key, cert, f"/{issuer}", serial=real.serial_number)
 
 
+# What Celery's consumer writes for each message it discards (its log, with a traceback).
+CELERY_REJECTION_LINES = ("Received invalid task message", "Traceback (most recent call last)")
+
+
 @pytest.mark.parametrize(
     "forge",
     [unsigned, signed_by(stranger), signed_by(impostor)],
@@ -113,12 +117,15 @@ def test_forged_task_message_is_rejected_and_nothing_runs(
     spec = MigrationSpec(domain="idle-1", src="lab1", dst="lab2")
     job_id = lab.drover.store.create(spec, host="forger")
     log = worker_log("lab1")
+    celery_said = [log.read_text().count(text) for text in CELERY_REJECTION_LINES]
     try:
         message_id = forge(lab, job_id, tmp_path)
         wait_for(lambda: message_id in log.read_text(), 30, "the worker to log the rejection")
         time.sleep(SETTLE_S)  # give a wrongly accepted message time to start a phase
         rejected = [line for line in log.read_text().splitlines() if message_id in line]
         assert any('"event": "message.rejected"' in line for line in rejected), rejected
+        # Said once, by drover: not again by Celery, a dozen lines with a traceback each time.
+        assert [log.read_text().count(text) for text in CELERY_REJECTION_LINES] == celery_said
         job = lab.drover.job(job_id)
         assert job.state.value == "queued" and not job.phases
         assert lab.view("lab1", "idle-1") == before
