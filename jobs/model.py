@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import AwareDatetime, BaseModel
 
 from config.policy_model import EffectivePolicy
 from jobs.record import Handoff, MalformedRecord, Result, SourceFacts
@@ -55,14 +55,14 @@ def queued_event(
 class PhaseRecord(BaseModel):
     phase: str
     host: str
-    started: datetime
-    ended: datetime | None = None
+    started: AwareDatetime
+    ended: AwareDatetime | None = None
     error: str | None = None
 
 
 class Transition(BaseModel):
     state: JobState
-    at: datetime
+    at: AwareDatetime
     host: str
     reason: str | None = None
 
@@ -81,8 +81,11 @@ class Record(BaseModel):
 
     id: str
     state: StrEnum
-    created: datetime
-    updated: datetime
+    # Every time drover reads from a record carries its offset (drover writes UTC): one
+    # without would fail the first comparison with a time that has one, deep in a duty, so
+    # such a record is unreadable (MalformedRecord, jobs/record_read.py) instead.
+    created: AwareDatetime
+    updated: AwareDatetime
     reason: str | None = None
     abort_requested: str | None = None
     # The producer's signed request (jobs/request_signing.py); workers verify it before acting.
@@ -126,9 +129,9 @@ class Job(Record):
     state: JobState
     stalled_from: JobState | None = None
     # When libvirt switched the migration to post-copy: past that, it cannot be aborted.
-    postcopy_since: datetime | None = None
+    postcopy_since: AwareDatetime | None = None
     # Admission (jobs/admission.py): when the job got its concurrency slots, or why it waits.
-    admitted: datetime | None = None
+    admitted: AwareDatetime | None = None
     waiting_for: str | None = None
     parent: str | None = None  # the evacuation this job belongs to
     parent_limit: int | None = None  # that evacuation's --max-parallel

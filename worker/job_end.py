@@ -39,9 +39,17 @@ def job_context(job: Job, phase: str | None) -> dict[str, Any]:
 
 def ended_fields(job: Job) -> dict[str, Any]:
     """What a terminal `job.state` adds: the job's duration from its admission (its creation
-    if it was never admitted), for the duration histogram (docs/metrics.md)."""
+    if it was never admitted), for the duration histogram (docs/metrics.md).
+
+    Called after the job has ended, so it never raises: a duration it cannot compute (a time
+    without an offset, one in the future, both written into Redis by hand) is left out, and
+    the end's event, rollback and listeners still follow."""
     start = job.admitted or job.created
-    return {"duration_s": round((now() - start).total_seconds(), 3)}
+    try:
+        duration_s = (now() - start).total_seconds()
+    except (TypeError, ValueError, OverflowError):
+        return {}
+    return {"duration_s": round(duration_s, 3)} if duration_s >= 0 else {}
 
 
 def advance(rt: Runtime, job: Job, target: JobState) -> None:
