@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
+import redis
+
 from config.events import get_logger
 from jobs.admission_head import (
     ADMISSION_HOST,
@@ -102,8 +104,9 @@ class Admission:
     # --- the passes ---------------------------------------------------------------------------
 
     def admit_lane(self, settings: Settings, send: Send, lane: str) -> list[str]:
-        """Admit, oldest first, what fits now from one lane."""
-        return self._run(settings, send, [(lane, 0.0)], {})
+        """Admit, oldest first, what fits now from one lane (an error is the caller's: there
+        is no other lane here to go on with)."""
+        return self._run(settings, send, [(lane, 0.0)], {}, alone=True)
 
     def admit_after_free(self, settings: Settings, send: Send, freed_gates: list[str]) -> list[str]:
         """Admit from the ready lanes and those blocked on `freed_gates` (gates that have room
@@ -174,48 +177,95 @@ class Admission:
         send: Send,
         lanes: Iterable[tuple[str, float]],
         heads: dict[str, str],
+        *,
+        alone: bool = False,
     ) -> list[str]:
         """Each lane (once, in the order given: oldest head first) from its head until a
-        refusal; all stop once the cluster-wide gate refuses."""
+        refusal; all stop once the cluster-wide gate refuses.
+
+        Each lane on its own: an error in one (a key of it that is not what drover writes,
+        a bug) is logged and the pass goes on with the others; an outage of Redis is the
+        caller's, as is any error when `alone`.
+        """
         admitted: list[str] = []
         seen: set[str] = set()
         for lane, _ in lanes:
             if lane in seen:
                 continue
             seen.add(lane)
-            head = heads.get(lane) or self.lanes.head(lane)
-            if head is None:
-                self.lanes.forget(lane)  # emptied by transitions: out of the indexes
-                continue
-            while head:
-                trial = self._heads.attempt(lane, head, settings, send)
-                if trial.code == REFUSED:
-                    if trial.gate == CLUSTER_GATE:
-                        return admitted
-                    break
-                if trial.code == ADMITTED:
-                    admitted.append(head)
-                head = trial.next_head
+            try:
+                if self._lane(settings, send, lane, heads.get(lane), admitted):
+                    return admitted
+            except (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError):
+                raise
+            except Exception as exc:
+                if alone:
+                    raise
+                _lane_failed(lane, exc)
+            else:
+                _LANES_FAILED.pop(lane, None)
         return admitted
+
+    def _lane(
+        self, settings: Settings, send: Send, lane: str, head: str | None, admitted: list[str]
+    ) -> bool:
+        """One lane from its head until a refusal; True when the cluster-wide gate refused."""
+        head = head or self.lanes.head(lane)
+        if head is None:
+            self.lanes.forget(lane)  # emptied by transitions: out of the indexes
+            return False
+        while head:
+            trial = self._heads.attempt(lane, head, settings, send)
+            if trial.code == REFUSED:
+                return trial.gate == CLUSTER_GATE
+            if trial.code == ADMITTED:
+                admitted.append(head)
+            head = trial.next_head
+        return False
 
     def _drain_legacy(self) -> None:
         """Jobs in the waiting set of versions before lanes go to their lanes."""
         old = cast(list[tuple[str, float]], self.store.r.zrange(WAITING, 0, -1, withscores=True))
         for job_id, created in old:
-            raw, parent = cast(
-                list[str | None], self.store.r.hmget(job_key(job_id), ["spec", "parent"])
-            )
             try:
-                spec = MigrationSpec.model_validate_json(raw) if raw else None
-            except ValueError:
-                self.store.transition(job_id, JobState.FAILED, host=ADMISSION_HOST, reason=BAD_SPEC)
-                spec = None
-            if spec is not None:
-                self.wait(job_id, spec, parent, created)
+                self._drain_one(job_id, created)
+            except redis.ResponseError as exc:  # a key of it drover did not write: skipped
+                get_logger().warning(
+                    "record.unreadable", key=job_key(job_id), field="", reason=str(exc)
+                )
             self.store.r.zrem(WAITING, job_id)
+
+    def _drain_one(self, job_id: str, created: float) -> None:
+        raw, parent = cast(
+            list[str | None], self.store.r.hmget(job_key(job_id), ["spec", "parent"])
+        )
+        try:
+            spec = MigrationSpec.model_validate_json(raw) if raw else None
+        except ValueError:
+            self.store.transition(job_id, JobState.FAILED, host=ADMISSION_HOST, reason=BAD_SPEC)
+            spec = None
+        if spec is not None:
+            self.wait(job_id, spec, parent, created)
 
     def holders(self, gate: str) -> set[str]:
         return cast(set[str], self.store.r.smembers(gate))
+
+
+# Lane -> the error last logged for it (in this process): a lane that fails the same way at
+# every pass is logged once, not at every tick. Bounded: lane keys are anyone's to write.
+_LANES_FAILED: dict[str, str] = {}
+_LANES_FAILED_MAX = 1024
+
+
+def _lane_failed(lane: str, exc: Exception) -> None:
+    error = f"{type(exc).__name__}: {exc}"
+    if _LANES_FAILED.get(lane) == error:
+        return
+    if len(_LANES_FAILED) >= _LANES_FAILED_MAX:
+        _LANES_FAILED.clear()
+    _LANES_FAILED[lane] = error
+    log = get_logger()  # looked up here: producers import this module
+    log.warning("admission.lane_failed", lane=lane, error=error)
 
 
 def _limit_now(settings: Settings, gate: str, when_refused: int) -> int:

@@ -14,12 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+import redis
+
+from config.events import get_logger
 from jobs.evacuation_model import MAX_PARALLEL
 from jobs.keys import (
     BLOCKED_PREFIX,
     CLUSTER_GATE,
     GATES_FIELD,
     evacuation_gate,
+    events_key,
     inbound_gate,
     job_key,
     lane_key,
@@ -109,20 +113,24 @@ class HeadTrial:
         self.verifier = verifier
 
     def attempt(self, lane: str, job_id: str, settings: Settings, send: Send) -> Trial:
-        fields = cast(
-            list[str | None],
-            self.store.r.hmget(
-                job_key(job_id),
-                ["spec", "parent", "parent_limit", "waiting_for", REQUEST_FIELD],
-            ),
-        )
+        try:
+            fields = cast(
+                list[str | None],
+                self.store.r.hmget(
+                    job_key(job_id),
+                    ["spec", "parent", "parent_limit", "waiting_for", REQUEST_FIELD],
+                ),
+            )
+        except redis.ResponseError:  # not a hash: no job drover wrote, nothing to fail
+            _unreadable(job_key(job_id), "", "not a job record; it leaves its waiting line")
+            return self._out(lane, job_id)
         raw_spec, parent, parent_limit, waiting_for, request = fields
         if raw_spec is None:
             return self._out(lane, job_id)
         try:
             spec = MigrationSpec.model_validate_json(raw_spec)
         except ValueError:  # not a job any producer could have written
-            self.store.transition(job_id, JobState.FAILED, host=ADMISSION_HOST, reason=BAD_SPEC)
+            self._end(job_id, JobState.FAILED, BAD_SPEC)
             return self._out(lane, job_id)
         try:
             limit = parent_limit_of(parent_limit)
@@ -141,11 +149,7 @@ class HeadTrial:
             )
         except RequestRefused as exc:
             reason = f"{SECURITY_REASON}: {exc}"
-            event = migration_event(
-                job_id, spec, "security.rejected", ADMISSION_HOST, reason=reason
-            )
-            self.store.append_event(job_id, event)
-            return self._fail(lane, job_id, spec, reason)
+            return self._fail(lane, job_id, spec, reason, "security.rejected")
         own = lane_of(spec, parent)
         if lane != own:  # put there by a Redis writer, not by enqueue
             reason = f"refused: the job was found in the waiting line {lane}, not its own {own}"
@@ -176,32 +180,66 @@ class HeadTrial:
             send(job_id, spec)
         elif trial.code == GONE and trial.gate == JobState.QUEUED.value:
             # Its abort was cut short between the flag and the transition: finish it.
-            self._end(job_id, spec, JobState.CANCELLED, "aborted before it started")
+            if self._end(job_id, JobState.CANCELLED, "aborted before it started"):
+                self._say(
+                    job_id, spec, "job.state", JobState.CANCELLED, "aborted before it started"
+                )
             return Trial(GONE, "", trial.next_head)
         elif trial.code == REFUSED:
             gate = next(g for g in gates if g.key == trial.gate)
             reason = f"waiting for a slot: {gate.label} limit {gate.limit} reached"
             if reason != waiting_for:  # tell followers once per reason, not once per pass
                 self.store.r.hset(job_key(job_id), "waiting_for", reason)
-                self.store.append_event(
-                    job_id,
-                    migration_event(job_id, spec, "job.waiting", ADMISSION_HOST, reason=reason),
-                )
+                self._say(job_id, spec, "job.waiting", None, reason)
         return trial
 
     def _out(self, lane: str, job_id: str) -> Trial:
         return Trial(GONE, "", self.lanes.drop(job_id, job_key(job_id), lane))
 
-    def _fail(self, lane: str, job_id: str, spec: MigrationSpec, reason: str) -> Trial:
-        self._end(job_id, spec, JobState.FAILED, reason)
-        return self._out(lane, job_id)
-
-    def _end(self, job_id: str, spec: MigrationSpec, final: JobState, reason: str) -> None:
-        moved, _ = self.store.transition(
-            job_id, final, host=ADMISSION_HOST, reason=reason, only_from=JobState.QUEUED
-        )
+    def _fail(
+        self, lane: str, job_id: str, spec: MigrationSpec, reason: str, first: str = ""
+    ) -> Trial:
+        """End a refused head `failed` and take it out of its line, then say so (`first`, an
+        event said before the state's). Its events come last, and one its stream cannot take
+        is not said: nothing written to the stream may keep a refused job in line."""
+        moved = self._end(job_id, JobState.FAILED, reason)
+        out = self._out(lane, job_id)
+        if first:
+            self._say(job_id, spec, first, None, reason)
         if moved:
-            event = migration_event(
-                job_id, spec, "job.state", ADMISSION_HOST, state=final.value, reason=reason
+            self._say(job_id, spec, "job.state", JobState.FAILED, reason)
+        return out
+
+    def _end(self, job_id: str, final: JobState, reason: str) -> bool:
+        """Move a waiting job to `final`; False if it was not waiting, or if its record cannot
+        take the state (a key of it that is not the type drover writes: logged), so that no
+        record can keep its head in line."""
+        try:
+            moved, _ = self.store.transition(
+                job_id, final, host=ADMISSION_HOST, reason=reason, only_from=JobState.QUEUED
             )
+        except redis.ResponseError as exc:
+            _unreadable(job_key(job_id), "state", f"cannot be moved to {final.value} ({exc})")
+            return False
+        return moved
+
+    def _say(
+        self, job_id: str, spec: MigrationSpec, name: str, state: JobState | None, reason: str
+    ) -> None:
+        """Append an event to the job's stream; a key there that is no stream (written by
+        hand) means it cannot be said: logged, never an outage nor a reason to stop."""
+        fields: dict[str, str] = {"reason": reason}
+        if state is not None:
+            fields["state"] = state.value
+        event = migration_event(job_id, spec, name, ADMISSION_HOST, **fields)
+        try:
             self.store.append_event(job_id, event)
+        except redis.ResponseError as exc:
+            _unreadable(
+                events_key(job_id), name, f"not an event stream; {name} not written ({exc})"
+            )
+
+
+def _unreadable(key: str, field: str, reason: str) -> None:
+    log = get_logger()  # looked up here: producers import this module
+    log.warning("record.unreadable", key=key, field=field, reason=reason)
