@@ -11,6 +11,9 @@ write (the registry's `state_dir`, mode 0700):
   started and ended here, so that recovery never gives back the claim of a phase that
   started, nor settles again one that ended, whatever the job record in Redis was rewritten
   to say (a finished job made to look interrupted would otherwise migrate its guest again);
+- the guest as this host's own libvirt calls showed it before the migration (the source's
+  preflight, the destination's prepare reading the source): whether to resume a guest left
+  paused, and what the guest must look like on arrival, are never read from the job record;
 - which job is bringing a domain (by UUID) in: prepare takes the UUID for its job and a
   second job's prepare for it is refused; a rollback destroys an incoming copy only if it is
   its own job's, so one job never destroys the guest another job is migrating here (with
@@ -29,6 +32,10 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from jobs.record import SourceFacts
+
 LEDGER_FILE = "ledger.sqlite3"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -40,6 +47,7 @@ CREATE TABLE IF NOT EXISTS claims (job_id TEXT NOT NULL, phase TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS incoming (uuid TEXT PRIMARY KEY, job_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS phase_marks (job_id TEXT NOT NULL, phase TEXT NOT NULL,
                                         mark TEXT NOT NULL, PRIMARY KEY (job_id, phase, mark));
+CREATE TABLE IF NOT EXISTS guest_facts (job_id TEXT PRIMARY KEY, facts TEXT NOT NULL);
 """
 
 
@@ -156,3 +164,27 @@ class Ledger:
         """Forget `uuid` as incoming, if `job_id` is the job recorded for it (and only then)."""
         with self._lock:
             self._db.execute("DELETE FROM incoming WHERE uuid = ? AND job_id = ?", (uuid, job_id))
+
+    # --- the guest as this host saw it before the migration -----------------------------
+
+    def remember_facts(self, job_id: str, facts: SourceFacts) -> None:
+        """Keep what this host's libvirt calls showed of the job's guest (the latest look)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO guest_facts VALUES (?, ?)",
+                (job_id, facts.model_dump_json()),
+            )
+
+    def facts(self, job_id: str) -> SourceFacts | None:
+        """What this host saw of the job's guest, or None when it never looked (or the row
+        cannot be read: only root writes here, and nothing is assumed of it then)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT facts FROM guest_facts WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            return SourceFacts.model_validate_json(str(row[0]))
+        except ValidationError:
+            return None

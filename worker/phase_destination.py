@@ -17,7 +17,7 @@ from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import Side
-from jobs.record import DiskFacts, DomainFacts, Handoff
+from jobs.record import DiskFacts, DomainFacts, Handoff, SourceFacts
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
@@ -137,6 +137,11 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
             )
         except StorageError as exc:
             raise PhaseFailed(f"{spec.dst}: {exc}") from None
+    # What finish checks the arrival against: this host's own look, kept where only root
+    # writes (the record's copy is for people; anyone with the Redis password can edit it).
+    rt.ledger.remember_facts(
+        job.id, SourceFacts(**source.facts.model_dump(), dest_config_present=config_present)
+    )
     rt.store.update(
         job.id,
         handoff=handoff.model_copy(update={"created_images": created}),
@@ -242,6 +247,15 @@ def _expect(condition: bool, reason: str) -> None:
         raise PhaseFailed(reason)
 
 
+def _arrival_states(suspend: bool, before: SourceFacts | None) -> tuple[str, ...]:
+    """The states a live migration may leave the guest in here: libvirt keeps a paused guest
+    paused, and --suspend pauses a running one on arrival. Without this host's own look at
+    the source (its ledger lost), either of libvirt's is accepted, never the record's word."""
+    if suspend or (before is not None and before.state == "paused"):
+        return ("paused",)
+    return ("running",) if before is not None else ("running", "paused")
+
+
 def finish(rt: Runtime, job: Job) -> JobState | None:
     advance(rt, job, JobState.FINISHING)
     spec = job.spec
@@ -251,19 +265,20 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
     found: DomainFacts = facts(dom)
     here = f"{spec.arrives_as} on {spec.dst}"
     _expect(found.name == spec.arrives_as, f"{here} arrived named {found.name}")
+    # How the guest was before, as this host's prepare read it from the source's libvirtd.
+    before = rt.ledger.facts(job.id)
     if spec.offline:
         _expect(not found.active, f"{here} is {found.state}; offline should leave it inactive")
-    elif spec.suspend or (job.facts is not None and job.facts.state == "paused"):
-        # libvirt keeps a paused guest paused; --suspend pauses a running one on arrival.
-        _expect(found.state == "paused", f"{here} is {found.state}, expected paused")
     else:
-        _expect(found.state == "running", f"{here} is {found.state}, expected running")
-    wants_config = spec.persistent or (job.facts is not None and job.facts.dest_config_present)
-    _expect(
-        found.persistent == wants_config,
-        f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
-        f"{'persistent' if wants_config else 'transient'}",
-    )
+        states = _arrival_states(spec.suspend, before)
+        _expect(found.state in states, f"{here} is {found.state}, expected {' or '.join(states)}")
+    wants_config = spec.persistent or (before is not None and before.dest_config_present)
+    if before is not None or spec.persistent:  # unknown: either is what libvirt may leave
+        _expect(
+            found.persistent == wants_config,
+            f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
+            f"{'persistent' if wants_config else 'transient'}",
+        )
     # The guest now really uses the memory that was reserved for it, and has arrived.
     rt.store.release(spec.dst, job.id)
     rt.ledger.drop_incoming(found.uuid, job.id)

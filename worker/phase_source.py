@@ -16,6 +16,7 @@ from typing import Any
 from config.events import get_logger
 from jobs.model import Job
 from jobs.phases import Side
+from jobs.record import SourceFacts
 from jobs.states import JobState
 from worker.domain_xml_check import checked_xml
 from worker.job_end import advance, hold_domain, succeed_with_leftovers
@@ -55,6 +56,8 @@ def source_preflight(rt: Runtime, job: Job) -> JobState | None:
             raise PhaseFailed(f"--copy-storage: {spec.domain} has no local disk to copy")
     if not spec.dry_run:  # a dry run holds nothing: a real job of the guest may run beside it
         hold_domain(rt, job, found.uuid)
+    # This host's own copy: what later phases here decide from (the record's is for people).
+    rt.ledger.remember_facts(job.id, SourceFacts.model_validate(recorded))
     rt.store.update(job.id, facts=recorded)
     log.info("preflight.facts", **found.model_dump())
     return None
@@ -74,14 +77,22 @@ def job_domain(rt: Runtime, job: Job, name: str) -> Domain | None:
     return dom
 
 
-def resume_if_left_paused(dom: Domain, job: Job, why: str) -> None:
+def resume_if_left_paused(rt: Runtime, dom: Domain, job: Job, why: str) -> None:
     """A guest that was running before its migration and is left paused by it runs again;
     never one paused by post-copy (its newest memory is on the destination, and libvirt
-    blocks the resume then fails it: worker/postcopy_recovery.py resumes the migration)."""
+    blocks the resume then fails it: worker/postcopy_recovery.py resumes the migration).
+
+    "Was running" is what this host's preflight saw (its ledger), never the job record: a
+    record rewritten to say so would have a guest the operator paused resumed."""
+    if not is_paused(dom):
+        return
     if paused_for_postcopy(dom):
         log.warning("source.not_resumed", reason=f"{why}, but paused by post-copy")
         return
-    if is_paused(dom) and job.facts is not None and job.facts.state == "running":
+    before = rt.ledger.facts(job.id)
+    if before is None:
+        log.warning("source.not_resumed", reason=f"{why}; {rt.host} has no record of its state")
+    elif before.state == "running":
         dom.resume()
         log.warning("source.resumed", reason=why)
 
@@ -93,7 +104,7 @@ def ensure_running_on_source(rt: Runtime, job: Job) -> str:
         return f"{job.spec.domain} is no longer active on {rt.host}"
     if paused_for_postcopy(dom):
         return f"{job.spec.domain} is {state_reason(dom).describe()} on {rt.host}"
-    resume_if_left_paused(dom, job, "migration failed with the guest paused")
+    resume_if_left_paused(rt, dom, job, "migration failed with the guest paused")
     return f"{job.spec.domain} still running on {rt.host}"
 
 
@@ -122,8 +133,11 @@ def confirm(rt: Runtime, job: Job) -> JobState | None:
     dom = job_domain(rt, job, spec.domain)
     here = f"{spec.domain} on {spec.src}"
     leftovers: list[str] = []
+    # How the guest was before, as this host's preflight saw it (the record's copy only if
+    # this host's is gone: it shapes the report of leftovers, nothing done to the guest).
+    before = rt.ledger.facts(job.id) or job.source
     if spec.offline:
-        was_active = job.source.active
+        was_active = before.active
         if (dom is not None and bool(dom.isActive())) != was_active:
             leftovers.append(f"{here} changed state during an offline migration")
     elif dom is not None and dom.isActive():
@@ -132,7 +146,7 @@ def confirm(rt: Runtime, job: Job) -> JobState | None:
                 f"{here} still runs and {spec.dst}'s libvirtd does not run it: the guest never left"
             )
         leftovers.append(f"{here} is still active after migrating")
-    keeps_config = job.source.persistent and not spec.undefine_source
+    keeps_config = before.persistent and not spec.undefine_source
     defined = dom is not None and bool(dom.isPersistent())
     if defined != keeps_config:
         leftovers.append(

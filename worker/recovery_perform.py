@@ -65,7 +65,7 @@ def recover_perform(rt: Runtime, job: Job) -> bool:
     dom = job_domain(rt, job, spec.domain)
     if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
         return _completed(rt, job)
-    resume_if_left_paused(dom, job, "the interrupted migration left the guest paused")
+    resume_if_left_paused(rt, dom, job, "the interrupted migration left the guest paused")
     where = f"{spec.domain} still running on {rt.host}"
     if cancelled:
         reason = f"{cancelled}: migration aborted; {where}"

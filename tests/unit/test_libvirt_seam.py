@@ -25,6 +25,7 @@ from jobs.host_facts import HostCpu, HostFacts, publish_facts
 from jobs.keys import job_key
 from jobs.maintenance import Maintenance
 from jobs.phases import Phase
+from jobs.record import SourceFacts
 from jobs.spec import MigrationSpec
 from jobs.states import EvacuationState, JobState
 from jobs.store import JobStore
@@ -124,6 +125,13 @@ def walked(store: JobStore, job_id: str, to: JobState) -> None:
         assert moved, state
 
 
+def seen_here(rt: Runtime, job_id: str, facts: dict[str, object]) -> None:
+    """What a phase on `rt`'s host saw of the guest, as it keeps it (its ledger) and records
+    it (the job record), the same."""
+    rt.ledger.remember_facts(job_id, SourceFacts.model_validate(facts))
+    rt.store.update(job_id, facts=facts)
+
+
 def guest_uuid(hv: libvirt.virConnect) -> str:
     return str(hv.lookupByName(GUEST).UUIDString())
 
@@ -219,18 +227,57 @@ def test_finish_checks_the_arrived_guest_against_the_spec(
 ) -> None:
     rt = runtime(store, "kvm2", tmp_path)
     transient = job_for(store)  # the guest here is persistent; the job asked for transient
-    store.update(transient, facts=recorded(guest_uuid(hv)))
+    seen_here(rt, transient, recorded(guest_uuid(hv)))
     walked(store, transient, JobState.MIGRATING)
     with pytest.raises(PhaseFailed, match="test on kvm2 is persistent, expected transient"):
         finish(rt, store.get(transient))
 
     kept = job_for(store, persistent=True)
-    store.update(kept, facts=recorded(guest_uuid(hv)))
+    seen_here(rt, kept, recorded(guest_uuid(hv)))
     walked(store, kept, JobState.MIGRATING)
     assert finish(rt, store.get(kept)) is None
     job = store.get(kept)
     assert job.state is JobState.FINISHING
     assert job.result.destination is not None and job.result.destination.state == "running"
+
+
+def test_finish_judges_the_arrival_by_what_this_host_saw_not_by_the_record(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """The record's facts rewritten mid-flight (the source was "paused", its config "already
+    here"): finish used to fail a job whose guest had arrived running as it should, with
+    confirm never run. It judges by this host's prepare's look (its ledger)."""
+    rt = runtime(store, "kvm2", tmp_path)
+    job_id = job_for(store, persistent=True)
+    seen_here(rt, job_id, recorded(guest_uuid(hv)))
+    store.update(job_id, facts=recorded(guest_uuid(hv), state="paused", dest_config_present=True))
+    walked(store, job_id, JobState.MIGRATING)
+    assert finish(rt, store.get(job_id)) is None
+    assert store.get(job_id).state is JobState.FINISHING
+
+    paused = job_for(store, persistent=True)  # this host saw it paused: running is wrong
+    seen_here(rt, paused, recorded(guest_uuid(hv), state="paused"))
+    store.update(paused, facts=recorded(guest_uuid(hv), state="running"))
+    walked(store, paused, JobState.MIGRATING)
+    with pytest.raises(PhaseFailed, match="test on kvm2 is running, expected paused"):
+        finish(rt, store.get(paused))
+
+
+def test_finish_without_this_hosts_look_takes_what_libvirt_may_leave(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """No look of this host's (its ledger lost): the spec's asks are still checked, and for
+    the rest either of libvirt's outcomes is accepted, never the record's word."""
+    rt = runtime(store, "kvm2", tmp_path)
+    job_id = job_for(store)  # transient asked; the guest here is persistent: not known wrong
+    store.update(job_id, facts=recorded(guest_uuid(hv), state="paused"))
+    walked(store, job_id, JobState.MIGRATING)
+    assert finish(rt, store.get(job_id)) is None
+    suspended = job_for(store, suspend=True)  # signed: --suspend leaves it paused
+    store.update(suspended, facts=recorded(guest_uuid(hv)))
+    walked(store, suspended, JobState.MIGRATING)
+    with pytest.raises(PhaseFailed, match="test on kvm2 is running, expected paused"):
+        finish(rt, store.get(suspended))
 
 
 def test_finish_refuses_a_record_whose_uuid_names_another_domain(
@@ -305,11 +352,12 @@ def test_recovery_finds_no_migration_and_the_guest_still_here(
     """The guest runs on the source, left paused by the migration that died with its worker:
     it runs again, the job fails with why, and the destination is asked to roll back."""
     job_id = job_for(store)
-    store.update(job_id, facts=recorded(guest_uuid(hv)))
+    rt = runtime(store, "kvm1", tmp_path)
+    seen_here(rt, job_id, recorded(guest_uuid(hv)))
     walked(store, job_id, JobState.MIGRATING)
     store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
     hv.lookupByName(GUEST).suspend()
-    assert recover_perform(runtime(store, "kvm1", tmp_path), store.get(job_id)) is False
+    assert recover_perform(rt, store.get(job_id)) is False
     assert hv.lookupByName(GUEST).state()[0] == libvirt.VIR_DOMAIN_RUNNING
     job = store.get(job_id)
     assert job.state is JobState.FAILED
@@ -318,6 +366,27 @@ def test_recovery_finds_no_migration_and_the_guest_still_here(
     )
     assert job.phases[Phase.PERFORM.value].error == job.reason
     assert rollbacks == [job_id]
+
+
+def test_a_guest_paused_before_its_migration_is_never_resumed_whatever_the_record_says(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path, rollbacks: list[str]
+) -> None:
+    """The operator paused the guest, preflight saw it paused; the record's facts were then
+    rewritten to "running". A failed migration used to resume it (the record's word): it
+    stays paused, as this host's preflight saw it (its ledger). With no look of this host's
+    at all, nothing is resumed either."""
+    hv.lookupByName(GUEST).suspend()
+    for looked in (True, False):
+        job_id = job_for(store)
+        rt = runtime(store, "kvm1", tmp_path / str(looked))
+        if looked:
+            seen_here(rt, job_id, recorded(guest_uuid(hv), state="paused"))
+        store.update(job_id, facts=recorded(guest_uuid(hv), state="running"))
+        walked(store, job_id, JobState.MIGRATING)
+        store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
+        assert recover_perform(rt, store.get(job_id)) is False
+        assert hv.lookupByName(GUEST).state()[0] == libvirt.VIR_DOMAIN_PAUSED, looked
+        assert store.get(job_id).state is JobState.FAILED
 
 
 def test_recovery_judges_a_post_copy_libvirt_does_not_show_from_libvirt(
