@@ -15,7 +15,8 @@ from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
 from worker.convergence import ConvergenceEngine, Decision
-from worker.libvirt_host import Domain, LibvirtError
+from worker.libvirt_host import Domain, LibvirtError, facts
+from worker.libvirt_states import state_reason
 from worker.monitor import MigrationMonitor, Progress
 from worker.runtime import Runtime
 from worker.steering import Action, drain_action
@@ -120,11 +121,14 @@ def watch_migration(
         dom,
         interval=tunables.progress_interval,
         decision_interval=tunables.decision_interval,
-        engine=ConvergenceEngine(policy, _memory_mib(job), tunables.migration_timeout),
+        engine=ConvergenceEngine(policy, facts(dom).memory_mib, tunables.migration_timeout),
         on_progress=on_progress,
         on_action=on_action,
         on_decision=on_decision,
-        postcopy=job.postcopy_since is not None,
+        # Whether the guest already runs on the destination: libvirt's word (the source
+        # paused for post-copy), never the record's `postcopy_since`, which anyone with the
+        # Redis password could set to stop the policy and the operator's abort.
+        postcopy=state_reason(dom).in_postcopy,
         pass_ended=pass_ended,
         # Read once per tick, never waiting out a Redis outage: libvirt migrates meanwhile.
         abort_requested=lambda: rt.store.without_retry.abort_requested(job.id),
@@ -135,8 +139,3 @@ def watch_migration(
     seen.last = monitor.last
     seen.handed_over = monitor.handed_over.reason if monitor.handed_over else None
     return seen
-
-
-def _memory_mib(job: Job) -> int:
-    """The guest's memory as preflight saw it (the completion timeout scales with it)."""
-    return job.facts.memory_mib if job.facts is not None else 0

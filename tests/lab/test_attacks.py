@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import kombu.exceptions
@@ -353,6 +354,30 @@ def test_a_finished_job_made_to_look_interrupted_never_moves_its_guest_again(
     finally:  # the record as it was, so that nothing waits on the forged one
         r.hset(job_key(first.id), "state", "succeeded")
         r.srem("drover:active", first.id)
+
+
+def test_a_postcopy_mark_written_into_the_record_stops_neither_the_timeout_nor_the_policy(
+    lab: Lab, dirty_running: None
+) -> None:
+    """`postcopy_since` written into a job's record before its perform: the source's monitor
+    used to take it for libvirt's word (the guest already runs on the destination), stop
+    judging, and the signed completion timeout never fired: a migration that cannot converge
+    copied for minutes. The monitor asks libvirt: the timeout aborts it at 3 s, and the
+    guest runs at home."""
+    job_id = lab.drover.submit(
+        domain="dirty-1",
+        src="lab1",
+        dst="lab2",
+        live=True,
+        bandwidth_mib=32,  # half dirty-1's dirty rate: it never converges by itself
+        completion_timeout_s=3,
+        timeout_action="abort",
+    )
+    lab.drover.store.r.hset(job_key(job_id), "postcopy_since", datetime.now(UTC).isoformat())
+    job = lab.drover.wait(job_id, timeout=JOB_TIMEOUT_S)
+    assert job.state.value == "failed", job.reason
+    assert "completion timeout of 3s" in (job.reason or ""), job.reason
+    assert lab.running_on("dirty-1") == ["lab1"]
 
 
 # ---- 6. Celery remote control ----------------------------------------------------------------
