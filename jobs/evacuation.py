@@ -34,7 +34,7 @@ from jobs.keys import (
     job_key,
     jobs_by_host_key,
 )
-from jobs.record_read import evacuation_from
+from jobs.record_read import evacuation_from, record_keys_read, shared_key_read
 from jobs.records import transition_keys
 from jobs.request_signing import RequestSigner, signed_record
 from jobs.states import EVACUATION_TABLE
@@ -134,12 +134,16 @@ class EvacuationStore:
         return evacuation_id
 
     def get(self, evacuation_id: str) -> Evacuation:
-        raw = cast(dict[str, str], self.r.hgetall(job_key(evacuation_id)))
-        if not raw:
-            raise JobNotFound(f"no job {evacuation_id!r}")
-        if raw.get("kind") != EVACUATION_KIND:
-            raise JobNotFound(f"{evacuation_id} is a migration job, not an evacuation")
-        children = cast(dict[str, str], self.r.hgetall(children_key(evacuation_id)))
+        """The evacuation; JobNotFound for none (or a migration), MalformedRecord for a record
+        drover did not write (a field it cannot read, a key of another type)."""
+        keys = {job_key(evacuation_id): "hash", children_key(evacuation_id): "hash"}
+        with record_keys_read(self.r, f"evacuation {evacuation_id}", keys):
+            raw = cast(dict[str, str], self.r.hgetall(job_key(evacuation_id)))
+            if not raw:
+                raise JobNotFound(f"no job {evacuation_id!r}")
+            if raw.get("kind") != EVACUATION_KIND:
+                raise JobNotFound(f"{evacuation_id} is a migration job, not an evacuation")
+            children = cast(dict[str, str], self.r.hgetall(children_key(evacuation_id)))
         return evacuation_from(raw, children)  # MalformedRecord when it cannot be read
 
     def transition(
@@ -202,7 +206,9 @@ class EvacuationStore:
         return bool(added)
 
     def active_ids(self) -> list[str]:
-        return sorted(cast(set[str], self.r.smembers(ACTIVE_EVACUATIONS)))
+        """The live evacuations; KeyUnreadable when the set is not a set."""
+        with shared_key_read(self.r, ACTIVE_EVACUATIONS, "set"):
+            return sorted(cast(set[str], self.r.smembers(ACTIVE_EVACUATIONS)))
 
     def append_event(self, evacuation_id: str, event: dict[str, Any]) -> str:
         return self.store.append_event(evacuation_id, event)

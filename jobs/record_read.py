@@ -7,10 +7,12 @@ signing and its cryptography) so that listing jobs loads only the models it show
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
+import redis
 from pydantic import BaseModel, ValidationError
 
 from config.policy_model import EffectivePolicy
@@ -18,11 +20,13 @@ from jobs.keys import POSTCOPY_FIELD
 from jobs.model import Job, PhaseRecord, Transition
 from jobs.record import (
     Handoff,
-    MalformedRecord,
     Result,
     SourceFacts,
     first_complaint,
     parse_field,
+)
+from jobs.record import (
+    MalformedRecord as MalformedRecord,
 )
 from jobs.record_marks import when
 from jobs.request_fields import REQUEST_FIELD
@@ -37,6 +41,76 @@ T = TypeVar("T")
 # What reading a field drover did not write can raise: a model or a state refusing it, a
 # date or number that does not parse, a field missing, a JSON value of the wrong type.
 READ_ERRORS = (ValueError, KeyError, TypeError)
+# Redis refusing every command, whatever the key: the server's state (a replica, its ACL, its
+# memory), not one record's data. With the outages, these end a duty's pass (worker/keeper.py
+# says `keeper.redis_unavailable`); any other refusal (WRONGTYPE: a key that holds another
+# type than drover writes) is the one record's or the one key's.
+SERVER_REFUSALS: tuple[type[redis.RedisError], ...] = (
+    redis.ReadOnlyError,
+    redis.OutOfMemoryError,
+    redis.exceptions.NoPermissionError,
+    redis.exceptions.MasterDownError,
+)
+REDIS_OUTAGES: tuple[type[redis.RedisError], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    *SERVER_REFUSALS,
+)
+
+
+class KeyUnreadable(redis.ResponseError):
+    """A key shared by many records (an index, a set of live ids) that Redis refuses to read
+    as the type drover writes there; one line naming the key and what it holds."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+
+
+def _wrong_type(r: redis.Redis, expected: Mapping[str, str], exc: redis.ResponseError) -> str:
+    """Which of `expected`'s keys holds another type ("drover:job:1 is a string, not a
+    hash"), asked of Redis after it refused to read one; else Redis's own first line."""
+    keys = list(expected)
+    with r.pipeline(transaction=False) as p:
+        for key in keys:
+            p.type(key)
+        found = cast(list[str], p.execute())
+    for key, kind in zip(keys, found, strict=True):
+        if kind not in ("none", expected[key]):
+            return f"{key} is a {kind}, not a {expected[key]}"
+    return first_line(str(exc))
+
+
+def first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "?"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@contextmanager
+def record_keys_read(r: redis.Redis, record: str, expected: Mapping[str, str]) -> Iterator[None]:
+    """Reading one record's keys (`expected`: key -> the type drover writes): Redis refusing
+    one (anyone with the password can SET a record's hash to a string) is that record's
+    MalformedRecord, skipped like any record drover did not write, never a Redis outage
+    that would end a duty's pass over every other record."""
+    try:
+        yield
+    except redis.ResponseError as exc:
+        if isinstance(exc, SERVER_REFUSALS):
+            raise
+        problem = _wrong_type(r, expected, exc)
+        raise MalformedRecord(f"{record}: its record cannot be read: {problem}") from None
+
+
+@contextmanager
+def shared_key_read(r: redis.Redis, key: str, expected: str) -> Iterator[None]:
+    """Reading a key many records share: Redis refusing it is KeyUnreadable, which names
+    the key and the type it holds (a duty says so instead of a Redis outage)."""
+    try:
+        yield
+    except redis.ResponseError as exc:
+        if isinstance(exc, SERVER_REFUSALS):
+            raise
+        raise KeyUnreadable(key, _wrong_type(r, {key: expected}, exc)) from None
 
 
 def _readable(record: str, read: Callable[[], T]) -> T:

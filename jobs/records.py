@@ -24,7 +24,7 @@ from jobs.keys import (
 from jobs.model import Job, PhaseRecord, Transition
 from jobs.record import JobNotFound, merged_field
 from jobs.record_marks import RecordMarks, now
-from jobs.record_read import job_from
+from jobs.record_read import job_from, record_keys_read, shared_key_read
 from jobs.replication import NO_WAIT
 from jobs.request_signing import MIGRATION_KIND, RequestSigner, signed_record
 from jobs.retention import Retention
@@ -126,8 +126,14 @@ class JobRecords(RecordMarks):
 
     def get(self, job_id: str) -> Job:
         """The job; JobNotFound for none (or an evacuation), MalformedRecord for a record
-        whose facts, hand-off or result are not what drover writes."""
-        with self.r.pipeline(transaction=True) as p:
+        whose facts, hand-off or result are not what drover writes, or one of whose keys
+        holds another type than drover writes there."""
+        keys = {job_key(job_id): "hash", phases_key(job_id): "hash"}
+        keys[transitions_key(job_id)] = "list"
+        with (
+            record_keys_read(self.r, f"job {job_id}", keys),
+            self.r.pipeline(transaction=True) as p,
+        ):
             p.hgetall(job_key(job_id))
             p.hgetall(phases_key(job_id))
             p.lrange(transitions_key(job_id), 0, -1)
@@ -191,7 +197,9 @@ class JobRecords(RecordMarks):
         return (spec.src, spec.dst)
 
     def active_ids(self) -> list[str]:
-        return sorted(cast(set[str], self.r.smembers(ACTIVE_JOBS)))
+        """The live migrations; KeyUnreadable when the set is not a set (written so by hand)."""
+        with shared_key_read(self.r, ACTIVE_JOBS, "set"):
+            return sorted(cast(set[str], self.r.smembers(ACTIVE_JOBS)))
 
     def field(self, job_id: str, name: str) -> str | None:
         return cast(str | None, self.r.hget(job_key(job_id), name))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import redis
 import structlog
 
 from config.celery import app, host_queue
@@ -18,6 +17,7 @@ from jobs.evacuation import DomainOutcome, Evacuation, EvacuationState, Evacuati
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK
 from jobs.record import MalformedRecord
+from jobs.record_read import REDIS_OUTAGES, KeyUnreadable
 from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from worker.evacuation import PLANNING_KEY, plan_and_queue_or_fail, planning
@@ -36,14 +36,20 @@ def watch(rt: Runtime) -> None:
 
     Each on its own: one whose record cannot be read (anyone with the Redis password can
     write one), or whose check fails, is said in one line and the others are still
-    attended; a Redis outage ends the pass, as it would end every check after it.
+    attended; a Redis outage ends the pass, as it would end every check after it. A set of
+    live evacuations that Redis cannot read as a set is said at each pass.
     """
-    for evacuation_id in EvacuationStore(rt.store).active_ids():
+    try:
+        evacuation_ids = EvacuationStore(rt.store).active_ids()
+    except KeyUnreadable as exc:
+        log.error("keeper.key_unreadable", duty="evacuations", key=exc.key, reason=str(exc))
+        return
+    for evacuation_id in evacuation_ids:
         try:
             check(rt, evacuation_id)
         except MalformedRecord as exc:
             log.warning("record.unreadable", evacuation_id=evacuation_id, reason=str(exc))
-        except redis.RedisError:
+        except REDIS_OUTAGES:
             raise
         except Exception as exc:  # a bug or libvirt's error in one must not starve the rest
             log.exception(

@@ -28,8 +28,10 @@ import structlog
 
 from config.celery import app
 from config.events import get_logger
+from jobs.keys import job_key
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, RULES, Phase, Recovery, next_phase, owner_of
+from jobs.record_read import REDIS_OUTAGES, KeyUnreadable, MalformedRecord
 from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
@@ -65,27 +67,43 @@ def current_step(job: Job) -> Step | None:
 
 
 def sweep(rt: Runtime) -> None:
-    """One pass over every live job (see the module docstring)."""
-    for job_id in rt.store.active_ids():
+    """One pass over every live job (see the module docstring), each on its own: one that
+    cannot be read or whose attendance fails is said in one line, and the pass goes on; a
+    Redis outage ends it, as does a set of live jobs that is not a set (said each pass)."""
+    try:
+        job_ids = rt.store.active_ids()
+    except KeyUnreadable as exc:
+        log.error("keeper.key_unreadable", duty="recovery", key=exc.key, reason=str(exc))
+        return
+    for job_id in job_ids:
         try:
-            job = rt.store.get(job_id)
+            _sweep_one(rt, job_id)
+        except MalformedRecord as exc:
+            log.warning("record.unreadable", key=job_key(job_id), reason=str(exc))
         except JobNotFound:
-            continue
-        if job.terminal:
-            rt.store.release_holds(job.id)  # a crash between the transition and the cleanup
-            continue
-        if rt.host not in (job.spec.src, job.spec.dst):
-            continue
-        step = current_step(job)
-        if step is None:
-            continue
-        context = job_context(job, step.phase.value)
-        # A failure is recorded on the job already; the sweep goes on with the next job.
-        with (
-            structlog.contextvars.bound_contextvars(**context),
-            contextlib.suppress(Dropped, PhaseFailed),
-        ):
-            _attend(rt, job, step)
+            continue  # gone meanwhile
+        except REDIS_OUTAGES:
+            raise
+        except Exception as exc:  # one job's bad data or a bug must not starve the rest
+            log.exception("keeper.error", duty="recovery", key=job_key(job_id), error=str(exc))
+
+
+def _sweep_one(rt: Runtime, job_id: str) -> None:
+    job = rt.store.get(job_id)
+    if job.terminal:
+        rt.store.release_holds(job.id)  # a crash between the transition and the cleanup
+        return
+    if rt.host not in (job.spec.src, job.spec.dst):
+        return
+    step = current_step(job)
+    if step is None:
+        return
+    context = job_context(job, step.phase.value)
+    with (  # a failure is recorded on the job already
+        structlog.contextvars.bound_contextvars(**context),
+        contextlib.suppress(Dropped, PhaseFailed),
+    ):
+        _attend(rt, job, step)
 
 
 def _idle_s(step: Step) -> float:
