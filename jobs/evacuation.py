@@ -13,6 +13,7 @@ left there; anything else ends `partial`, each domain left behind listed with it
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from jobs.evacuation_model import EVACUATION_KIND as EVACUATION_KIND
@@ -28,12 +29,15 @@ from jobs.keys import (
     EVACUATIONS_INDEX,
     JOBS_INDEX,
     children_key,
+    domain_lock_key,
     evacuation_redispatched_key,
     evacuation_reported_key,
     evacuation_retries_key,
     job_key,
     jobs_by_host_key,
 )
+from jobs.model import Job
+from jobs.record import MalformedRecord
 from jobs.record_read import evacuation_from, record_keys_read, shared_key_read
 from jobs.records import transition_keys
 from jobs.request_signing import RequestSigner, signed_record
@@ -42,6 +46,10 @@ from jobs.store import JobNotFound, JobStore, now
 from jobs.transition import Transitioner
 
 __all__ = ["ACTIVE_EVACUATIONS"]
+
+# How long before its evacuation a child may be scored in the host's job index: the
+# evacuation's time is its producer's clock, its children's the worker's.
+CLOCK_SLACK_S = 3600.0
 
 
 # The single-evacuation-per-host check and the creation in one step: two producers (or a
@@ -73,6 +81,16 @@ return {1}
 
 class EvacuationBusy(Exception):
     """The host already has an active (not dry-run) evacuation; the message is one line."""
+
+
+@dataclass
+class Children:
+    """An evacuation's child jobs by domain (`jobs`); among them those its children list did
+    not name (`refound`); and why a record that might have been one could not be read."""
+
+    jobs: dict[str, Job] = field(default_factory=dict)
+    refound: dict[str, Job] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
 
 
 class EvacuationStore:
@@ -204,6 +222,70 @@ class EvacuationStore:
             self.store.retention.queue_adopt(p, evacuation_id, key)
             added, _ = p.execute()
         return bool(added)
+
+    def find_children(self, ev: Evacuation) -> Children:
+        """Each domain's child job: the one the children list names, if its own record says
+        it is this evacuation's child of that domain; else, for a domain the plan sends
+        somewhere, the newest job whose record says so, found through the domain's leases
+        (a live child holds them) and the host's job index. The list is in Redis, where
+        anyone with the password can delete or rewrite it: a child still running must not
+        be missed (the evacuation would end under it), nor one ended be taken for one
+        never queued. A record that cannot be read is skipped, and its reason returned."""
+        found = Children()
+        for domain, job_id in ev.children.items():
+            job = self._child(ev, job_id, found)
+            if job is not None and job.spec.domain == domain:
+                found.jobs[domain] = job
+        wanted = {
+            p.domain: p
+            for p in ev.plan or []
+            if p.destination is not None and p.domain not in found.jobs
+        }
+        for job_id in self._candidates(ev, wanted) if wanted else []:
+            job = self._child(ev, job_id, found)
+            if job is None or job.spec.domain not in wanted:
+                continue
+            newest = found.refound.get(job.spec.domain)
+            if newest is None or (job.created, job.id) > (newest.created, newest.id):
+                found.refound[job.spec.domain] = job
+        found.jobs.update(found.refound)
+        return found
+
+    def _child(self, ev: Evacuation, job_id: str, found: Children) -> Job | None:
+        try:
+            job = self.store.get(job_id)
+        except MalformedRecord as exc:
+            found.unreadable.append(str(exc))
+            return None
+        except JobNotFound:
+            return None
+        return job if job.parent == ev.id and job.spec.src == ev.spec.host else None
+
+    def _candidates(self, ev: Evacuation, wanted: dict[str, Placement]) -> list[str]:
+        """The jobs that hold a lease on a wanted domain, and those of the host's job index
+        since the evacuation began, whose record names this evacuation as their parent."""
+        leases = [domain_lock_key("name", domain) for domain in wanted]
+        leases += [domain_lock_key("uuid", p.uuid) for p in wanted.values()]
+        ids = {job_id for job_id in cast(list[str | None], self.r.mget(leases)) if job_id}
+        index = jobs_by_host_key(ev.spec.host)
+        with shared_key_read(self.r, index, "zset"):
+            since = ev.created.timestamp() - CLOCK_SLACK_S
+            ids.update(cast(list[str], self.r.zrangebyscore(index, since, "+inf")))
+        ids.discard(ev.id)
+        ordered = sorted(ids)
+        with self.r.pipeline(transaction=False) as p:
+            for job_id in ordered:
+                p.hget(job_key(job_id), "parent")
+            parents = p.execute(raise_on_error=False)  # a key of another type is no child
+        return [job_id for job_id, parent in zip(ordered, parents, strict=True) if parent == ev.id]
+
+    def restore_children(self, evacuation_id: str, children: dict[str, str]) -> None:
+        """Put children found by their own records back into the evacuation's list."""
+        key = children_key(evacuation_id)
+        with self.r.pipeline(transaction=True) as p:
+            p.hset(key, mapping=children)
+            self.store.retention.queue_adopt(p, evacuation_id, key)
+            p.execute()
 
     def active_ids(self) -> list[str]:
         """The live evacuations; KeyUnreadable when the set is not a set."""

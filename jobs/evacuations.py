@@ -34,7 +34,7 @@ from jobs.phases import EVACUATE_TASK
 from jobs.policy_choice import effective_policy, named_layers
 from jobs.request_signing import RequestSigner
 from jobs.spec import first_error
-from jobs.store import JobStore
+from jobs.store import JobNotFound, JobStore
 
 # The `phase` of an evacuation's own events (docs/events.md), as its worker writes them.
 EVACUATION_PHASE = "evacuation"
@@ -163,21 +163,23 @@ class EvacuationService:
         self.records.request_abort(evacuation_id, ABORT_REASON)
         done = []
         rollback = rollback_sender(self.app, self.send)
-        for job_id in ev.children.values():
+        # Found by their own records too: the children list may have been deleted in Redis.
+        children = self.records.find_children(ev).jobs
+        for job in children.values():
             try:
-                done.append(abort_job(self.store, job_id, by=by, rollback=rollback))
-            except TooLate:
+                done.append(abort_job(self.store, job.id, by=by, rollback=rollback))
+            except (TooLate, JobNotFound):
                 continue
         said = (
             f"evacuation {evacuation_id}: abort requested; {len(done)} of "
-            f"{len(ev.children)} child jobs stopped or being aborted, the rest had ended"
+            f"{len(children)} child jobs stopped or being aborted, the rest had ended"
         )
         if self.store.alive(ev.spec.host):
             return said  # its worker checks where every domain is, then ends it `cancelled`
         # Its host's worker is away and would be the one to end it: end it here once no
         # child is live any more (a migrating one waits for that worker's recovery).
-        children = [self.store.get(j) for j in self.records.get(evacuation_id).children.values()]
-        if any(not c.terminal for c in children):
+        current = self.records.get(evacuation_id)
+        if any(not c.terminal for c in self.records.find_children(current).jobs.values()):
             return f"{said}; a child is still live while {ev.spec.host}'s worker is away"
         reason = (
             f"{ABORT_REASON}; {ev.spec.host}'s worker is away, so where each domain is was "

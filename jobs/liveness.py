@@ -239,9 +239,10 @@ class Liveness:
         self.r.set(draining_key(host), json.dumps(info), px=_ms(ttl_s))
 
     def draining(self, host: str) -> dict[str, Any] | None:
-        """What a draining worker last said of itself, or None when `host`'s is not draining."""
-        raw = cast(str | None, self.r.get(draining_key(host)))
-        return cast(dict[str, Any], json.loads(raw)) if raw else None
+        """What a draining worker last said of itself, or None when `host`'s is not draining,
+        or when the mark is not one a worker writes (anyone with the Redis password can set
+        it): unknown, never a reason for a reader to fail."""
+        return draining_info(cast(str | None, self.r.get(draining_key(host))))
 
     def heartbeat(self, host: str, ttl_s: float, worker: str = "") -> None:
         """`host` has a worker taking work (`worker` names the process)."""
@@ -260,5 +261,38 @@ class Liveness:
         self.r.set(host_report_key(host), json.dumps(report), px=_ms(ttl_s))
 
     def host_report(self, host: str) -> dict[str, Any]:
-        raw = cast(str | None, self.r.get(host_report_key(host)))
-        return cast(dict[str, Any], json.loads(raw)) if raw else {}
+        """A worker's last report of `host`; {} when none, or none a worker wrote (its fields
+        are the reader's to check)."""
+        report = _json(cast(str | None, self.r.get(host_report_key(host))))
+        return cast(dict[str, Any], report) if isinstance(report, dict) else {}
+
+
+# A draining mark as the keeper writes it (worker/keeper.py `_drain_report`): field -> types.
+_DRAINING_FIELDS: dict[str, tuple[type, ...]] = {
+    "since": (str,),
+    "worker": (str,),
+    "running": (list,),
+    "drain_timeout": (int, float),
+}
+
+
+def draining_info(raw: str | None) -> dict[str, Any] | None:
+    """A draining mark, or None unless it is a JSON object with every field of the type a
+    worker writes (`running` a list of job ids)."""
+    info = _json(raw)
+    if not isinstance(info, dict):
+        return None
+    for field, types in _DRAINING_FIELDS.items():
+        value = info.get(field)
+        if isinstance(value, bool) or not isinstance(value, types):
+            return None
+    if not all(isinstance(job_id, str) for job_id in info["running"]):
+        return None
+    return cast(dict[str, Any], info)
+
+
+def _json(raw: str | None) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, RecursionError):  # RecursionError: a deep nest of brackets
+        return None

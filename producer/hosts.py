@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, cast
 
 from config.settings import ConfigError, Settings
 from jobs.admission import Admission, inbound_gate, outbound_gate
 from jobs.errors import SubmitError
+from jobs.keys import draining_key
+from jobs.liveness import draining_info
 from jobs.maintenance import Maintenance, reason_problem
 from jobs.store import JobStore
 
@@ -44,7 +46,8 @@ def host_rows(
     for name in sorted(settings.hosts):
         report = store.host_report(name)
         entry = disabled.get(name)
-        draining = store.draining(name)
+        raw_draining = cast(str | None, store.r.get(draining_key(name)))
+        draining = draining_info(raw_draining)
         rows.append(
             {
                 "host": name,
@@ -53,14 +56,39 @@ def host_rows(
                 "worker_alive": store.alive(name),
                 # A worker in warm shutdown: since when, and the jobs it still runs.
                 "draining": draining,
-                "config_error": report.get("config_error"),
+                # A draining mark no worker wrote (set by hand): shown, never read.
+                "draining_unreadable": _unreadable(draining_key(name), raw_draining)
+                if raw_draining is not None and draining is None
+                else None,
+                "config_error": _of(report, "config_error", str),
                 "migrations_out": len(admission.holders(outbound_gate(name))),
                 "migrations_in": len(admission.holders(inbound_gate(name))),
-                "free_mib": report.get("free_mib"),
-                "running": report.get("running"),
+                "free_mib": _of(report, "free_mib", int),
+                "running": _names(report.get("running")),
                 # The hypervisor's host-model CPU per virt type, as its worker read it.
-                "cpu": report.get("cpu"),
-                "reported": report.get("ts"),
+                "cpu": _of(report, "cpu", str),
+                "reported": _of(report, "ts", str),
             }
         )
     return rows
+
+
+# What `drover hosts` shows of a value no worker wrote: its start, never all of it.
+_SHOWN = 60
+
+
+def _unreadable(key: str, raw: str) -> str:
+    shown = raw if len(raw) <= _SHOWN else raw[:_SHOWN] + "..."
+    return f"{key} is not a mark a worker writes: {shown!r}"
+
+
+def _of(report: dict[str, Any], field: str, kind: type) -> Any:
+    """A report's field if it has the type a worker writes, else None (shown as unknown)."""
+    value = report.get(field)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _names(value: Any) -> list[str] | None:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None

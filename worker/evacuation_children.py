@@ -13,7 +13,6 @@ from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.request_signing import signer_for
 from jobs.states import JobState
-from jobs.store import JobNotFound
 from jobs.submission import DomainBusy, enqueue
 from worker.admission_pass import admit_waiting
 from worker.evacuation_plan import child_spec, replanned
@@ -150,13 +149,26 @@ def _not_retried(job: Job, why: str) -> None:
 
 
 def children_of(rt: Runtime, ev: Evacuation) -> dict[str, Job]:
-    found = {}
-    for domain, job_id in ev.children.items():
-        try:
-            found[domain] = rt.store.get(job_id)
-        except JobNotFound:
-            continue
-    return found
+    """Each domain's child job (jobs/evacuation.py `find_children`): one the children list
+    no longer names (deleted or rewritten in Redis) is found by its own record, put back in
+    the list, and said once; so is a record that cannot be read."""
+    store = EvacuationStore(rt.store)
+    found = store.find_children(ev)
+    for reason in found.unreadable:
+        if store.mark_reported(ev.id, f"unreadable:{reason}"):
+            log.warning("record.unreadable", evacuation_id=ev.id, reason=reason)
+    if found.refound:
+        store.restore_children(ev.id, {domain: job.id for domain, job in found.refound.items()})
+    for domain, job in found.refound.items():
+        if store.mark_reported(ev.id, f"refound:{job.id}"):
+            log.warning(
+                "evacuation.child_refound",
+                domain=domain,
+                child=job.id,
+                reason="not in the evacuation's list of children: found by its own record, "
+                "through the domain's lease or the host's job index, and put back",
+            )
+    return found.jobs
 
 
 def abort_children(rt: Runtime, ev: Evacuation, children: dict[str, Job]) -> None:

@@ -235,16 +235,20 @@ def _why_not_moved(
     """What libvirt showed, on both hosts, of a domain that did not move; never more than it
     showed (a destination that could not be asked is said to be so)."""
     src, dst = ev.spec.host, placement.destination
-    if job is None:
-        return placement.reason if dst is None else "never queued: the evacuation was stopped first"
-    succeeded = job.state is JobState.SUCCEEDED
-    reason = (
-        f"job {job.id} succeeded" if succeeded else f"job {job.id} {job.state.value}: {job.reason}"
-    )
+    if job is None and dst is None:
+        return placement.reason
+    succeeded = job is not None and job.state is JobState.SUCCEEDED
+    if job is None:  # no record of a child anywhere (jobs/evacuation.py `find_children`)
+        stopped = "never queued: the evacuation was stopped first"
+        reason = stopped if ev.abort_requested else "no job of this evacuation found for it"
+    elif succeeded:
+        reason = f"job {job.id} succeeded"
+    else:
+        reason = f"job {job.id} {job.state.value}: {job.reason}"
     if on_source:
         return f"{reason} but libvirt shows it on {src}" if succeeded else reason
     if view.running_on is not None:
-        return reason
+        return reason if job is not None else f"{reason}; libvirt shows it on {dst}"
     if view.unreachable is not None:
         there = f"{dst}'s libvirtd could not be asked ({view.unreachable})"
         return f"{reason}; libvirt shows it gone from {src}, and {there}"
