@@ -26,7 +26,7 @@ from producer.cli_common import (
     out,
     start_up_over,
 )
-from producer.text import plain
+from producer.text import escaped
 
 
 def root(
@@ -161,7 +161,7 @@ def main() -> None:
             where = exc.ctx.command_path if exc.ctx else "drover"
             # One line whatever Click echoes of the command line (it escapes what it quotes
             # today; a newline in a message would make two lines).
-            err.print(plain(f"{where}: {exc.format_message()}"), markup=False, soft_wrap=True)
+            err.print(escaped(f"{where}: {exc.format_message()}"), markup=False, soft_wrap=True)
         code = EXIT_USAGE
     except typer.Abort:
         code = EXIT_INTERRUPTED

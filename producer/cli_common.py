@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import typer
 
-from producer.text import plain
+from producer.text import escaped
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -70,9 +70,10 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """One line on stderr and exit: control characters stripped, as a message may quote
-    Redis content (a maintenance reason, a job's reason) or echo the command line."""
-    err.print(f"drover: {plain(message)}", markup=False, soft_wrap=True)
+    """One line on stderr and exit: control characters escaped (`\\n`, `\\x1b`), as a message
+    may quote Redis content (a maintenance reason, a job's reason), a path or a config key, or
+    echo the command line: inert, and still naming exactly what it names."""
+    err.print(f"drover: {escaped(message)}", markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -105,7 +106,7 @@ def guarded(fn: Callable[[], T]) -> T:
 
 def notice(message: str) -> None:
     """One line on stderr that does not end the command (a Redis outage met while following)."""
-    err.print(f"drover: {plain(message)}", markup=False, soft_wrap=True)
+    err.print(f"drover: {escaped(message)}", markup=False, soft_wrap=True)
 
 
 def drover() -> Any:

@@ -26,6 +26,29 @@ def plain(value: object) -> str:
     )
 
 
+# How `escaped` writes the controls everyone knows; any other as \xHH, \uHHHH or \UHHHHHHHH.
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escaped(value: object) -> str:
+    """`value` as one line of text with every control or format character written as its
+    escape, as Python's repr writes it (`\\n`, `\\x00`, `\\u202e`): what a one-line error
+    quotes (a path, a config key, Redis content) stays readable and names the right thing,
+    where stripping would make `dead.toml\\n` read as `dead.toml`, another file."""
+    return "".join(_escape(c) for c in str(value))
+
+
+def _escape(c: str) -> str:
+    if not unicodedata.category(c).startswith(UNSHOWN_CATEGORIES):
+        return c
+    if c in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[c]
+    code = ord(c)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def cell(value: object) -> str:
     """`value` for Rich markup (a table cell, a progress description): stripped as `plain`,
     and escaped so that `[red]` shows literally instead of styling."""

@@ -203,3 +203,19 @@ def test_a_config_path_that_cannot_be_read_is_one_line(
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+
+
+def test_a_control_character_in_a_one_line_error_is_escaped_not_stripped(
+    tmp_path: Path, config: Path
+) -> None:
+    """Stripped, `dead.toml\\n` read as `dead.toml` (a file that exists) and a host key
+    `lab\\x00x` as `labx`: the error named the wrong thing. Escaped, it names the right one."""
+    result = run_drover(f"{config}\n", "jobs")
+    assert result.returncode == 2
+    assert result.stderr == f"drover: config file {config}\\n: no such file\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[hosts."lab\\u0000x"]\nmigration_address = 3\n')
+    result = drover(bad, "jobs")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "hosts.lab\\x00x.name" in result.stderr and "hosts.labx" not in result.stderr
