@@ -52,7 +52,12 @@ def worker(
 ) -> None:
     """Run the Celery worker of one hypervisor host (consumes drover.host.HOST)."""
     from cli.lab import lab_guarded
-    from worker.main import WorkerStartError, run_worker
+    from worker.main import BadLoglevel, WorkerStartError, check_loglevel, run_worker
+
+    try:  # up front, as `drover beat` does: Celery would refuse it after libvirt's connection
+        check_loglevel(loglevel)
+    except BadLoglevel as exc:
+        fail(str(exc), EXIT_USAGE)
 
     def go() -> None:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from config.celery import app, host_queue, worker_node
 from config.events import get_logger
 from config.settings import Settings, current
+from schedules.beat import LOG_LEVELS  # what `--loglevel` may be, as `drover beat` takes it
 from worker.ledger import LedgerError
 from worker.libvirt_events import start_event_loop
 from worker.libvirt_host import LibvirtUnavailable
@@ -23,6 +24,17 @@ UNSIGNED_REFUSAL = (
 
 class WorkerStartError(Exception):
     pass
+
+
+class BadLoglevel(WorkerStartError):
+    """A `--loglevel` Celery would refuse only after the worker has connected to libvirt."""
+
+
+def check_loglevel(loglevel: str) -> str:
+    """`loglevel` in upper case, or BadLoglevel (one line) before anything starts."""
+    if loglevel.upper() not in LOG_LEVELS:
+        raise BadLoglevel(f"--loglevel {loglevel!r}: one of {', '.join(LOG_LEVELS)}")
+    return loglevel.upper()
 
 
 def check_security(settings: Settings, *, announce: bool = True) -> None:
@@ -43,6 +55,7 @@ def check_security(settings: Settings, *, announce: bool = True) -> None:
 
 
 def run_worker(host: str, *, loglevel: str = "INFO") -> None:
+    loglevel = check_loglevel(loglevel)
     settings = current()
     settings.host(host)  # unknown host: one-line ConfigError
     check_security(settings, announce=False)

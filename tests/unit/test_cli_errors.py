@@ -219,3 +219,18 @@ def test_a_control_character_in_a_one_line_error_is_escaped_not_stripped(
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "hosts.lab\\x00x.name" in result.stderr and "hosts.labx" not in result.stderr
+
+
+def test_a_bad_worker_loglevel_is_one_line_before_anything_starts(
+    tmp_path: Path, config: Path
+) -> None:
+    """A worker that may run unsigned: Celery used to refuse the level with a traceback once
+    the worker had connected to its libvirtd (here none answers: it failed on that instead);
+    now refused up front, before the settings or libvirt, as `drover beat` refuses it."""
+    path = tmp_path / "worker.toml"
+    path.write_text(config.read_text() + "[security]\ninsecure = true\n")
+    result = drover(path, "worker", "--host", "kvm1", "--loglevel", "BOGUS")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "drover: --loglevel 'BOGUS': one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    ]
