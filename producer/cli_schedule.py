@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from producer import cli_drain_options as o
-from producer.cli_common import EXIT_USAGE, fail, guarded, out, print_json
+from producer.cli_common import EXIT_USAGE, fail, guarded, notice, out, print_json
 from producer.text import cell
 
 if TYPE_CHECKING:
@@ -163,13 +163,16 @@ def register(app: typer.Typer) -> None:
         from schedules.store import ScheduleStore
 
         def go() -> None:
-            found = ScheduleStore(load_settings()).list()
+            unreadable: list[str] = []
+            found = ScheduleStore(load_settings()).list(unreadable=unreadable)
             if as_json:
                 print_json([s.summary() for s in found])
             elif not found:
                 out.print("no schedules")
             else:
                 out.print(schedules_table(found))
+            for reason in unreadable:  # left out of the list, never silently
+                notice(f"{reason}; left out of this list (drover schedule remove ID removes it)")
 
         guarded(go)
 

@@ -24,8 +24,8 @@ from config.settings import Settings
 from jobs.connection import OUTAGE_ERRORS
 from jobs.fleet import Fleet, read_fleet
 from jobs.retention import retention_seconds
+from schedules.entries import read_schedules
 from schedules.records import Schedule
-from schedules.store import read_schedules
 
 PREFIX = "drover_"
 # What a scrape takes as "Redis is down": any Redis error, refused or timed-out connects.
@@ -75,11 +75,10 @@ class FleetCollector(Collector):
             now_s=time.time(),
             retention_s=retention_seconds(tunables.job_retention_days),
         )
-        try:
-            schedules = read_schedules(self.r)
-        except ValueError:  # a record drover cannot read: the fleet's figures still count
-            schedules = []
-        return fleet, schedules
+        # Each entry on its own: one drover cannot read (written into Redis by hand) is left
+        # out of the scrape, the other schedules and the fleet's figures still count.
+        unreadable: list[str] = []
+        return fleet, read_schedules(self.r, unreadable=unreadable)
 
 
 def fleet_metrics(fleet: Fleet) -> Iterator[Metric]:

@@ -17,7 +17,7 @@ from jobs.evacuations import EvacuationService
 from jobs.request_signing import SECURITY_REASON, RequestRefused
 from jobs.store import now
 from schedules.cron import lateness
-from schedules.records import LastRun, ScheduleNotFound
+from schedules.records import LastRun, ScheduleNotFound, UnreadableSchedule
 from schedules.store import ScheduleStore
 
 log = get_logger()
@@ -46,6 +46,9 @@ def fire(
     fields = {"schedule_id": schedule_id, "message_id": message_id}
     try:
         record = store.verified_record(schedule_id)
+    except UnreadableSchedule as exc:  # written into Redis by hand: nothing to start from
+        log.warning("record.unreadable", reason=str(exc), **fields)
+        return None
     except ScheduleNotFound:
         log.warning("schedule.ignored", reason="no such schedule (removed?)", **fields)
         return None

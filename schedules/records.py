@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from config.security import JOB_ID
 from jobs.drain_options import DrainOptions
@@ -41,6 +41,13 @@ class ScheduleNotFound(LookupError):
     """No schedule with this id (never added, or removed)."""
 
 
+class UnreadableSchedule(ScheduleNotFound, ValueError):
+    """An entry drover cannot read (written into Redis by hand): one line naming it.
+
+    Whoever reads many entries (`drover schedule list`, the fleet exporter, the beat) leaves
+    it out and says so, instead of failing on it and never showing the others."""
+
+
 class EvacuationRequest(DrainOptions):
     """What the operator asked to evacuate, with every option `drover evacuate` gives its
     children (jobs/drain_options.py); validated again whenever the schedule fires."""
@@ -60,8 +67,9 @@ class ScheduleRecord(BaseModel):
     action: Literal["evacuate"] = "evacuate"
     request: EvacuationRequest
     cron: str | None = None
-    at: datetime | None = None
-    created: datetime
+    # Times carry their offset (drover writes UTC): one without cannot be compared with now.
+    at: AwareDatetime | None = None
+    created: AwareDatetime
     created_by: str
 
 
@@ -70,7 +78,7 @@ class LastRun(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    at: datetime
+    at: AwareDatetime
     evacuation_id: str | None = None
     error: str | None = None
 
@@ -81,10 +89,10 @@ class Schedule(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     record: ScheduleRecord
-    next_run: datetime | None
-    sent_at: datetime | None
+    next_run: AwareDatetime | None
+    sent_at: AwareDatetime | None
     last_run: LastRun | None
-    runs: int
+    runs: int = Field(ge=0)
 
     @property
     def id(self) -> str:

@@ -12,10 +12,11 @@ from redbeat.schedulers import RedBeatSchedulerEntry, get_redis
 from config.celery import host_queue
 from config.settings import ConfigError, Settings
 from jobs.evacuations import validate_evacuation
-from jobs.keys import SCHEDULE_INDEX, schedule_entry_key, schedule_fired_key
+from jobs.keys import schedule_entry_key, schedule_fired_key
 from jobs.store import now
 from schedules.beat import redbeat_app
-from schedules.cron import next_run, normal_cron, one_shot, parse_at, parse_cron
+from schedules.cron import normal_cron, one_shot, parse_at, parse_cron
+from schedules.entries import read_schedules, record_from, schedule_from_fields
 from schedules.records import (
     FIRE_CLAIM_TTL_S,
     FIRE_LATE_LIMIT_S,
@@ -113,14 +114,15 @@ class ScheduleStore:
                 return schedule_id
 
     def record(self, schedule_id: str) -> ScheduleRecord:
-        """The stored record, or ScheduleNotFound (removed, never added)."""
+        """The stored record, or ScheduleNotFound (removed, never added; UnreadableSchedule
+        for one drover cannot read)."""
         raw = cast(
             str | None,
             self.r.hget(schedule_entry_key(check_schedule_id(schedule_id)), RECORD_FIELD),
         )
         if raw is None:
             raise ScheduleNotFound(f"no schedule {schedule_id!r}")
-        return ScheduleRecord.model_validate_json(raw)
+        return record_from(raw, schedule_entry_key(schedule_id))
 
     def verified_record(self, schedule_id: str) -> ScheduleRecord:
         """The record, if a trusted key signed it as it stands (RequestRefused otherwise)."""
@@ -133,20 +135,27 @@ class ScheduleStore:
         fields = cast(
             dict[str, str], self.r.hgetall(schedule_entry_key(check_schedule_id(schedule_id)))
         )
-        schedule = schedule_from_fields(fields)
+        schedule = schedule_from_fields(fields, key=schedule_entry_key(schedule_id))
         if schedule is None:
             raise ScheduleNotFound(f"no schedule {schedule_id!r}")
         return schedule
 
-    def list(self) -> list[Schedule]:
-        """Every schedule, oldest first (entries that are not drover's are left out)."""
-        return read_schedules(self.r, self.index_key)
+    def list(self, *, unreadable: list[str] | None = None) -> list[Schedule]:
+        """Every schedule, oldest first (entries that are not drover's are left out; with
+        `unreadable`, so are those drover cannot read, said there: see read_schedules)."""
+        return read_schedules(self.r, self.index_key, unreadable=unreadable)
 
-    def remove(self, schedule_id: str) -> ScheduleRecord:
-        """Delete the entry: a beat never fires it again, a worker ignores a message in flight."""
-        record = self.record(schedule_id)
+    def remove(self, schedule_id: str) -> None:
+        """Delete the entry: a beat never fires it again, a worker ignores a message in flight.
+        An entry drover cannot read is removed too (that is how it goes away)."""
+        key = schedule_entry_key(check_schedule_id(schedule_id))
+        try:
+            ours = self.r.hexists(key, RECORD_FIELD)
+        except redis.ResponseError:  # not a hash at all: unreadable, and removed the same
+            ours = True
+        if not ours:
+            raise ScheduleNotFound(f"no schedule {schedule_id!r}")
         RedBeatSchedulerEntry(name=schedule_id, app=self.app).delete()
-        return record
 
     def claim_fire(self, schedule_id: str, message_id: str) -> bool:
         """True for the first delivery of a fired message only."""
@@ -164,38 +173,6 @@ class ScheduleStore:
             run.model_dump_json(),
             RUNS_FIELD,
         )
-
-
-def read_schedules(r: redis.Redis, index_key: str = SCHEDULE_INDEX) -> list[Schedule]:
-    """Every schedule in redbeat's index, oldest first, in two round trips: `drover schedule
-    list` and the fleet exporter (on a client of its own, with its timeouts) read the same."""
-    keys = cast(list[str], r.zrange(index_key, 0, -1))
-    with r.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.hgetall(key)
-        rows = cast(list[dict[str, str]], pipe.execute())
-    found = [s for s in (schedule_from_fields(row) for row in rows) if s is not None]
-    return sorted(found, key=lambda s: (s.record.created, s.id))
-
-
-def schedule_from_fields(fields: dict[str, str]) -> Schedule | None:
-    """A schedule from its entry's hash; None for an entry that is not drover's."""
-    if RECORD_FIELD not in fields:
-        return None
-    record = ScheduleRecord.model_validate_json(fields[RECORD_FIELD])
-    meta = RedBeatSchedulerEntry.decode_meta(fields.get("meta"))
-    sent = int(meta.get("total_run_count") or 0) > 0
-    sent_at = cast(datetime | None, meta.get("last_run_at")) if sent else None
-    last_run = (
-        LastRun.model_validate_json(fields[LAST_RUN_FIELD]) if LAST_RUN_FIELD in fields else None
-    )
-    return Schedule(
-        record=record,
-        next_run=next_run(record, meta.get("last_run_at"), sent),
-        sent_at=sent_at,
-        last_run=last_run,
-        runs=int(fields.get(RUNS_FIELD, "0")),
-    )
 
 
 def validate_request(settings: Settings, request: EvacuationRequest) -> Any:
