@@ -22,6 +22,7 @@ from pydantic import (
 from config.addresses import MAX_PORT, check_address, parse_ip
 from config.metrics import DEFAULT_METRICS_ADDRESS, DEFAULT_METRICS_PORT
 from config.policy_model import BUILTIN_POLICIES, MigrationPolicy, PolicyName
+from config.tunables import MAX_PHASE_DELAY_S, phase_name_problem
 from config.tunables import Tunables as Tunables
 from config.uris import ALLOWED_PARAMS, ALLOWED_SCHEMES, check_libvirt_uri
 
@@ -34,6 +35,9 @@ URI_PARAMS_KEY = "allowed_uri_params"
 HostName = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", strip_whitespace=False)
 ]
+
+
+PhaseDelay = Annotated[float, Field(ge=0, le=MAX_PHASE_DELAY_S, allow_inf_nan=False)]
 
 
 class ConfigError(Exception):
@@ -161,10 +165,20 @@ class Cluster(_Strict):
 class FaultInjection(_Strict):
     """For the fault-injection suite only: hold a phase open so a fault can land inside it.
 
-    `phase_delays` maps a phase name to seconds slept at its start. Empty in production.
+    `phase_delays` maps a phase name (config/tunables.py PHASE_NAMES) to seconds slept at its
+    start: 0 up to an hour. Empty in production.
     """
 
-    phase_delays: dict[str, float] = {}
+    phase_delays: dict[str, PhaseDelay] = {}
+
+    @field_validator("phase_delays")
+    @classmethod
+    def _phases(cls, value: dict[str, float]) -> dict[str, float]:
+        for name in value:
+            problem = phase_name_problem(name)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
 
 class Security(_Strict):
