@@ -68,10 +68,15 @@ def read_schedules(
     return sorted(found, key=lambda s: (s.record.created, s.id))
 
 
+def printable(text: str) -> str:
+    """`text` on one line: a control character (a newline in a key) escaped as repr does."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def entry_name(key: str) -> str:
-    """An entry as a message names it: `schedule ID`, shortened."""
+    """An entry as a message names it: `schedule ID`, shortened, on one line."""
     name = key.removeprefix(SCHEDULE_PREFIX)
-    return f"schedule {name[:NAME_CHARS]}{'...' if len(name) > NAME_CHARS else ''}"
+    return f"schedule {printable(name[:NAME_CHARS])}{'...' if len(name) > NAME_CHARS else ''}"
 
 
 def schedule_from_fields(fields: dict[str, str], *, key: str) -> Schedule | None:
@@ -92,7 +97,7 @@ def complaint(exc: BaseException) -> str:
         text = first_complaint(exc)
     else:
         text = (str(exc).splitlines() or [""])[0] or type(exc).__name__
-    return text[:COMPLAINT_CHARS]
+    return printable(text[:COMPLAINT_CHARS])
 
 
 def _field(name: str, read: Callable[[], T]) -> T:

@@ -269,6 +269,8 @@ def test_a_scrape_leaves_out_an_unreadable_schedule_and_keeps_every_other_series
         spoil(r, spoilt.id, field, value)
     r.zadd(SCHEDULE_INDEX, {"drover:schedule:notahash": 2})
     r.set("drover:schedule:notahash", "x")
+    r.hset("drover:schedule:two\nlines", "drover", "{bad")
+    r.zadd(SCHEDULE_INDEX, {"drover:schedule:two\nlines": 3})
     collector = FleetCollector(lambda: settings, r, lambda: True)
 
     got = scrape(collector)  # raised AttributeError before: HTTP 500, every series lost
@@ -277,3 +279,14 @@ def test_a_scrape_leaves_out_an_unreadable_schedule_and_keeps_every_other_series
     assert ("drover_workers_alive", (("host", "kvm1"),)) in got
     schedules = [labels for name, labels in got if name == "drover_schedules"]
     assert [dict(labels)["schedule_id"] for labels in schedules] == [good]
+
+
+def test_an_entry_is_named_on_one_line_whatever_its_key(
+    store: ScheduleStore, r: redis.Redis
+) -> None:
+    r.hset("drover:schedule:two\nlines", "drover", "{bad")
+    r.zadd(SCHEDULE_INDEX, {"drover:schedule:two\nlines": 3})
+    unreadable: list[str] = []
+    assert store.list(unreadable=unreadable) == []
+    [said] = unreadable
+    assert said.startswith("schedule two\\nlines: its entry cannot be read: ") and "\n" not in said
