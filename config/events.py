@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
+from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError
 
 # The keys every event carries (null where a key does not apply, e.g. `phase` of a state change).
 CONTRACT_KEYS = ("ts", "event", "job_id", "domain", "src", "dst", "phase", "host")
@@ -81,6 +82,27 @@ def job_event(name: str, host: str, **fields: Any) -> dict[str, Any]:
     return dict(run_steps(contract_steps(host), {"event": name, **fields}))
 
 
+# A refusal about the server as a whole, not the stream written to, passes (memory freed, a
+# replica promoted, a script ended, the disk writable again): it is held through as an outage.
+# Codes redis-py keeps in the message, and classes it raises (without the code) for others.
+PASSING_CODES = frozenset({"MISCONF", "BUSY", "NOREPLICAS"})
+PASSING_CLASSES = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
+# What publishing an event did: written now, held through an outage, or refused by its stream.
+WRITTEN, HELD, REFUSED = "written", "held", "refused"
+REASON_MAX = 200
+
+
+def refusal(exc: redis.RedisError) -> str | None:
+    """What Redis said when the job's stream refused a write for good (its key of another
+    type, a top ID it cannot go past, no permission on it: anyone with the Redis password can
+    do that to one job's stream); None when Redis is away or refuses every write for now."""
+    if not isinstance(exc, redis.ResponseError) or isinstance(exc, PASSING_CLASSES):
+        return None
+    said = str(exc).rpartition("caused error: ")[2]  # a pipeline's names the command first
+    passing = said.split(" ", 1)[0] in PASSING_CODES
+    return None if passing else " ".join(said.split())[:REASON_MAX]
+
+
 class StreamPublisher:
     """Writes job events to their streams, and holds them while Redis cannot be written.
 
@@ -91,6 +113,10 @@ class StreamPublisher:
     job's terminal event stays its last). The hold is bounded (`limit`): past it the oldest
     event is dropped, and the job's stream gets an `events.lost` event with the count, ahead
     of the events that were kept, instead of a silent gap.
+
+    A stream that refuses a write for good (`refusal`) is its job's problem, no outage: the
+    event is dropped at once (no other job's waits), and the job owes its stream an
+    `events.lost` note, written ahead of its next event that the stream takes.
 
     `sink` should fail at once when Redis is away (JobStore.without_retry): one that waits
     out an outage would stall every thread that logs.
@@ -109,49 +135,87 @@ class StreamPublisher:
         self.limit = limit
         self.flush_interval = flush_interval
         self.held: deque[tuple[str, dict[str, Any]]] = deque()
+        # Per job: how many of its events were dropped, and why, until its stream is told
         self.lost: Counter[str] = Counter()
+        self.lost_why: dict[str, str] = {}
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
 
     def publish(self, job_id: str, event: dict[str, Any]) -> bool:
-        """Write `event` to the job's stream now (True), or hold it for later (False)."""
+        """Write `event` to the job's stream now (True), or not (False: held, or refused)."""
+        return self.send(job_id, event)[0] == WRITTEN
+
+    def send(self, job_id: str, event: dict[str, Any]) -> tuple[str, str | None]:
+        """Write `event` to the job's stream now (WRITTEN), hold it through an outage (HELD),
+        or drop it when its stream refuses it (REFUSED, and what Redis said)."""
         with self._lock:
-            if not self.held and not self.lost:
+            if not self.held:
                 try:
-                    self.sink.append_event(job_id, event)
-                    return True
-                except redis.RedisError:
-                    pass
+                    self._write(job_id, event)
+                    return WRITTEN, None
+                except redis.RedisError as exc:
+                    why = refusal(exc)
+                    if why is not None:
+                        self._count_lost(job_id, why)
+                        return REFUSED, why
             if len(self.held) >= self.limit:
                 dropped, _ = self.held.popleft()
-                self.lost[dropped] += 1
+                self._count_lost(dropped, None)
             self.held.append((job_id, event))
             if self._flusher is None:
                 self._flusher = threading.Thread(
                     target=self._flush_until_done, name="event-flush", daemon=True
                 )
                 self._flusher.start()
-            return False
+            return HELD, None
 
     def flush(self) -> bool:
-        """Write what is held, oldest first, until Redis fails again; True once all is out."""
+        """Write what is held, oldest first, until Redis fails again; True once all is out
+        (events that their streams refused are dropped on the way, and counted)."""
         with self._lock:
             return self._flush_locked()
 
     def _flush_locked(self) -> bool:
         try:
-            for job_id, count in list(self.lost.items()):
-                lost = job_event(EVENTS_LOST, self.host, job_id=job_id, count=count)
-                lost["reason"] = f"a Redis outage outlasted the hold of {self.limit} events"
-                self.sink.append_event(job_id, lost)
-                del self.lost[job_id]
+            for job_id in list(self.lost):
+                self._write_or_pass(job_id, None)
             while self.held:
-                job_id, event = self.held[0]
-                self.sink.append_event(job_id, event)
+                self._write_or_pass(*self.held[0])
                 self.held.popleft()
         except redis.RedisError:
             return False
         return True
+
+    def _write_or_pass(self, job_id: str, event: dict[str, Any] | None) -> None:
+        """The job's event (None: the note of its lost events alone); one that its stream
+        refuses is counted lost and passed over (a refused note stays owed), an outage raised."""
+        try:
+            self._write(job_id, event)
+        except redis.RedisError as exc:
+            why = refusal(exc)
+            if why is None:
+                raise
+            if event is not None:
+                self._count_lost(job_id, why)
+
+    def _write(self, job_id: str, event: dict[str, Any] | None) -> None:
+        """The note of the job's events lost before `event` if one is owed, then `event`."""
+        if self.lost[job_id]:
+            self._write_lost(job_id)
+        if event is not None:
+            self.sink.append_event(job_id, event)
+
+    def _write_lost(self, job_id: str) -> None:
+        lost = job_event(EVENTS_LOST, self.host, job_id=job_id, count=self.lost[job_id])
+        lost["reason"] = self.lost_why[job_id]
+        self.sink.append_event(job_id, lost)
+        del self.lost[job_id], self.lost_why[job_id]
+
+    def _count_lost(self, job_id: str, refused: str | None) -> None:
+        """One more event of the job dropped: its stream `refused` it, or a full hold (None)."""
+        self.lost[job_id] += 1
+        full = f"a Redis outage outlasted the hold of {self.limit} events"
+        self.lost_why.setdefault(job_id, f"its stream refused: {refused}" if refused else full)
 
     def _flush_until_done(self) -> None:
         while True:
@@ -167,7 +231,8 @@ class StreamAndLog:
 
     Events without a `job_id` are log lines only. Writing never fails the caller: the log line
     of an event that could not be written yet says `stream_held`, and the event itself reaches
-    the stream once Redis is back (StreamPublisher).
+    the stream once Redis is back (StreamPublisher); the line of one that its job's stream
+    refused says `stream_lost` (what Redis said), and the stream has only the count of those.
     """
 
     def __init__(self, publisher: StreamPublisher | None) -> None:
@@ -180,8 +245,11 @@ class StreamAndLog:
         job_id = event.get("job_id")
         if self.publisher is not None and job_id:
             copy = {k: v for k, v in event.items() if k != LEVEL_KEY}
-            if not self.publisher.publish(str(job_id), copy):
+            outcome, refused = self.publisher.send(str(job_id), copy)
+            if outcome == HELD:
                 event["stream_held"] = True
+            elif outcome == REFUSED:
+                event["stream_lost"] = refused
         return str(self.render(logger, method, event))
 
 
