@@ -17,7 +17,7 @@ from functools import partial
 
 from jobs.connection import Guard, direct
 from jobs.states import EVACUATION_TERMINAL, TERMINAL
-from jobs.streams import Event, EventStreams
+from jobs.streams import Event, EventStreams, Skipped
 
 DEFAULT_BLOCK_MS = 1000
 # How long a follower waits for the end event once the record has ended.
@@ -33,7 +33,8 @@ _END_EVENTS = {
 def is_end_event(event: Event) -> bool:
     """The event a job's (or an evacuation's) worker writes when it reaches a terminal state."""
     names = _END_EVENTS.get(str(event.get("event")))
-    return names is not None and event.get("state") in names
+    state = event.get("state")
+    return names is not None and isinstance(state, str) and state in names
 
 
 def follow(
@@ -47,6 +48,7 @@ def follow(
     timeout: float | None = None,
     guard: Guard = direct,
     grace_s: float = TERMINAL_EVENT_GRACE_S,
+    skipped: Skipped | None = None,
 ) -> Iterator[tuple[str, Event]]:
     """(stream id, event) of every event of the job, old then new, until it has ended.
 
@@ -54,24 +56,25 @@ def follow(
     been read, so a busy stream costs no record reads. With `timeout`, TimeoutError once that
     many seconds have passed without an end (`state` phrases it). Every Redis call goes
     through `guard` (a follower riding out an outage, say); the stream is read on from the
-    last event seen, so nothing is skipped or repeated.
+    last entry read, so nothing is skipped or repeated. An entry that is no event is passed
+    over, told to `skipped` once (jobs/streams.py).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     grace_until: float | None = None
     last, seen_end = "0-0", False
-    batch = guard(partial(streams.read_events, job_id))
+    read = partial(streams.read_batch, job_id, skipped=skipped)
+    batch = guard(read)
     while True:
-        for eid, event in batch:
-            last = eid
+        for eid, event in batch.events:
             seen_end = seen_end or end_event(event)
             yield eid, event
+        last = batch.last or last
         now = time.monotonic()
         late = deadline is not None and now > deadline
-        if (seen_end or not batch or late) and guard(ended):
+        if (seen_end or batch.last is None or late) and guard(ended):
             grace_until = grace_until or now + grace_s
             if seen_end or now > grace_until:
-                for eid, event in guard(partial(streams.read_events, job_id, after=last)):
-                    yield eid, event
+                yield from guard(partial(read, after=last)).events
                 return
         elif late:
             still = f"still {guard(state)}" if state is not None else "has not ended"
@@ -80,8 +83,7 @@ def follow(
         for until in (deadline, grace_until):
             if until is not None:
                 wait_s = min(wait_s, max(until - now, 0.0))
-        read = partial(streams.read_events, job_id, after=last, block_ms=_ms(wait_s))
-        batch = guard(read)
+        batch = guard(partial(read, after=last, block_ms=_ms(wait_s)))
 
 
 def wait_for_end(
@@ -95,6 +97,7 @@ def wait_for_end(
     timeout: float | None = None,
     guard: Guard = direct,
     grace_s: float = TERMINAL_EVENT_GRACE_S,
+    skipped: Skipped | None = None,
 ) -> Event | None:
     """Block until the job has ended and its end event is in the stream; that event (None
     when the worker could not write it within `grace_s` of the record's end)."""
@@ -109,6 +112,7 @@ def wait_for_end(
         timeout=timeout,
         guard=guard,
         grace_s=grace_s,
+        skipped=skipped,
     ):
         if found is None and end_event(event):
             found = event

@@ -8,9 +8,11 @@ are one step.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import redis
+from redis.client import NEVER_DECODE
 
 from jobs.keys import EVENT_FIELD, events_key
 
@@ -23,6 +25,16 @@ EVENT_READ_BATCH = 500
 DEFAULT_EVENT_MAXLEN = 10_000
 
 Event = dict[str, Any]
+# Told the stream id of an entry that is no event, and why (the reader says it, once).
+Skipped = Callable[[str, str], None]
+# Entries as Redis holds them: not decoded, so that one entry that is not UTF-8 costs only
+# itself (decoding the reply would fail the whole read).
+Rows = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+class EventBatch(NamedTuple):
+    events: list[tuple[str, Event]]
+    last: str | None  # the last entry read, an event or skipped; None when none was
 
 
 class EventStreams:
@@ -46,17 +58,76 @@ class EventStreams:
         self.retention.queue_adopt(pipe, job_id, key)
 
     def read_events(
-        self, job_id: str, after: str = "0-0", block_ms: int | None = None
+        self,
+        job_id: str,
+        after: str = "0-0",
+        block_ms: int | None = None,
+        *,
+        skipped: Skipped | None = None,
     ) -> list[tuple[str, Event]]:
-        """Events after stream id `after`; with `block_ms`, wait up to that long for new ones."""
+        """Events after stream id `after`; with `block_ms`, wait up to that long for new ones.
+
+        An entry that is no event drover writes is left out (and given to `skipped`)."""
+        return self.read_batch(job_id, after, block_ms, skipped=skipped).events
+
+    def read_batch(
+        self,
+        job_id: str,
+        after: str = "0-0",
+        block_ms: int | None = None,
+        *,
+        skipped: Skipped | None = None,
+    ) -> EventBatch:
+        """`read_events`, and the id of the last entry read, an event or not: a reader that
+        goes on from it never reads a skipped entry twice."""
+        key = events_key(job_id)
         if block_ms is None:
             start = f"({after}" if after != "0-0" else "-"
-            rows = cast(
-                list[tuple[str, dict[str, str]]], self.r.xrange(events_key(job_id), min=start)
-            )
-            return [(eid, json.loads(f[EVENT_FIELD])) for eid, f in rows]
-        got = cast(
-            list[tuple[str, list[tuple[str, dict[str, str]]]]],
-            self.r.xread({events_key(job_id): after}, block=block_ms, count=EVENT_READ_BATCH),
-        )
-        return [(eid, json.loads(f[EVENT_FIELD])) for _, rows in got for eid, f in rows]
+            rows = cast(Rows, self._raw("XRANGE", key, start, "+"))
+        else:
+            read = ("XREAD", "COUNT", EVENT_READ_BATCH, "BLOCK", block_ms, "STREAMS", key, after)
+            got = cast(list[tuple[bytes, Rows]], self._raw(*read))
+            rows = [row for _, stream_rows in got or [] for row in stream_rows]
+        events: list[tuple[str, Event]] = []
+        for raw_id, fields in rows:
+            eid = raw_id.decode()
+            try:
+                events.append((eid, event_of(fields)))
+            except ValueError as exc:
+                if skipped is not None:
+                    skipped(eid, str(exc))
+        return EventBatch(events, rows[-1][0].decode() if rows else None)
+
+    def newest_event_id(self, job_id: str) -> str:
+        """The id of the stream's last entry ("0-0" while it has none): read on from it to see
+        only what is added after."""
+        rows = cast(Rows, self._raw("XREVRANGE", events_key(job_id), "+", "-", "COUNT", 1))
+        return rows[0][0].decode() if rows else "0-0"
+
+    def _raw(self, *command: Any) -> Any:
+        """The reply to `command` as Redis sent it (bytes: see Rows)."""
+        return self.r.execute_command(*command, **{NEVER_DECODE: []})  # type: ignore[no-untyped-call]
+
+
+def skipped_notice(say: Callable[[str], None], job_id: str) -> Skipped:
+    """A `skipped` that says each entry passed over in one line (the CLI's notice: stderr)."""
+
+    def said(entry_id: str, why: str) -> None:
+        say(f"job {job_id}: stream entry {entry_id} skipped, not an event drover writes: {why}")
+
+    return said
+
+
+def event_of(fields: dict[bytes, bytes]) -> Event:
+    """The event an entry holds (as drover writes it: a JSON object in its `data` field), or
+    ValueError saying what it holds instead. Anyone with the Redis password can add entries."""
+    raw = fields.get(EVENT_FIELD.encode())
+    if raw is None:
+        raise ValueError(f"no {EVENT_FIELD!r} field")
+    try:
+        event = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{EVENT_FIELD!r} is not JSON ({type(exc).__name__})") from None
+    if not isinstance(event, dict):
+        raise ValueError(f"{EVENT_FIELD!r} is not a JSON object but {type(event).__name__}")
+    return event

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from celery import Celery
 from celery.canvas import Signature
@@ -30,7 +30,6 @@ from jobs.control import (
 )
 from jobs.errors import SubmitError
 from jobs.follow import MS_PER_S
-from jobs.keys import events_key
 from jobs.model import Job
 from jobs.phases import FORCE_COMPLETE_TASK, TUNE_TASK
 from jobs.store import JobStore
@@ -80,8 +79,7 @@ class ControlRequests:
     def _ask(self, job: Job, task: str, what: str, before: Callable[[], None]) -> str:
         """Send the request and wait for the worker's answer; its line, or SubmitError with
         the worker's refusal, or TimeoutError when no answer came in time."""
-        newest = cast(list[tuple[str, Any]], self.store.r.xrevrange(events_key(job.id), count=1))
-        after = newest[0][0] if newest else "0-0"
+        after = self.store.newest_event_id(job.id)
         request_id = uuid.uuid4().hex
         before()
         src = job.spec.src
@@ -92,8 +90,10 @@ class ControlRequests:
         deadline = time.monotonic() + tunables.control_reply_timeout
         block_ms = int(MS_PER_S * tunables.wait_block)
         while time.monotonic() < deadline:
-            for event_id, event in self.store.read_events(job.id, after, block_ms=block_ms):
-                after = event_id
+            # Entries that are no event are passed over (jobs/streams.py), and read on from.
+            batch = self.store.read_batch(job.id, after, block_ms=block_ms)
+            after = batch.last or after
+            for _, event in batch.events:
                 if event.get("request") != request_id:
                     continue
                 if event.get("event") == REFUSED_EVENT:

@@ -15,7 +15,7 @@ from rich.progress import (
 from jobs.evacuation import Evacuation
 from jobs.model import Job
 from producer.api import Drover
-from producer.render import event_line
+from producer.render import event_line, figure
 from producer.text import cell
 
 
@@ -35,14 +35,14 @@ def follow(d: Drover, job_id: str, console: Console, timeout: float | None = Non
         task = bar.add_task("migrating", total=None, visible=False)
         for ev in d.events(job_id, follow=True, timeout=timeout):
             if ev.get("event") == "migration.progress":
-                total = int(ev.get("data_total") or 0)
-                remaining = int(ev.get("data_remaining") or 0)
+                # A figure that is no number is unknown (figure): the bar shows no total.
+                total, remaining = figure(ev, "data_total"), figure(ev, "data_remaining")
                 bar.update(
                     task,
                     visible=True,
                     description=cell(f"{ev.get('domain')} [{ev.get('stage')}]"),
                     total=total or None,
-                    completed=total - remaining if total else 0,
+                    completed=max(total - remaining, 0) if total and remaining is not None else 0,
                 )
             bar.console.print(event_line(ev), markup=False, soft_wrap=True)
     # The events were followed to the job's end: its record is final, read it once.

@@ -6,6 +6,7 @@ characters and table cells escaped for Rich markup as well (producer/text.py).
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +18,8 @@ from jobs.model import Job
 from producer.text import cell, plain
 
 MIB = 1024 * 1024
+# A figure past this is no count of bytes drover wrote (and would not fit a float's range).
+FIGURE_MAX = 2**63
 
 
 def _clock(ts: Any) -> str:
@@ -26,15 +29,32 @@ def _clock(ts: Any) -> str:
         return str(ts)
 
 
+def figure(ev: dict[str, Any], key: str) -> int | None:
+    """A count an event carries (bytes, bytes/s): 0 when it has none, None when it has one
+    that is no number (Redis is not trusted: shown as unknown, never a crash)."""
+    value = ev.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return int(value) if abs(value) < FIGURE_MAX else None
+
+
+def _mib(value: int | None) -> str:
+    return "?" if value is None else f"{value / MIB:.1f}"
+
+
 def progress_text(ev: dict[str, Any]) -> str:
-    total = int(ev.get("data_total") or 0)
-    done = int(ev.get("data_processed") or 0)
-    remaining = int(ev.get("data_remaining") or 0)
-    pct = f"{100 * (total - remaining) / total:.0f}% " if total else ""
+    total, done, remaining, bandwidth = (
+        figure(ev, k)
+        for k in ("data_total", "data_processed", "data_remaining", "memory_bandwidth")
+    )
+    pct = f"{100 * (total - remaining) / total:.0f}% " if total and remaining is not None else ""
     return (
-        f"[{ev.get('stage')}] {pct}sent {done / MIB:.1f} MiB of {total / MIB:.1f} MiB, "
-        f"remaining {int(ev.get('data_remaining') or 0) / MIB:.1f} MiB, "
-        f"{int(ev.get('memory_bandwidth') or 0) / MIB:.1f} MiB/s, "
+        f"[{ev.get('stage')}] {pct}sent {_mib(done)} MiB of {_mib(total)} MiB, "
+        f"remaining {_mib(remaining)} MiB, {_mib(bandwidth)} MiB/s, "
         f"dirty {ev.get('memory_dirty_rate')} pages/s, iteration {ev.get('memory_iteration')}"
     )
 
@@ -49,7 +69,7 @@ def event_line(ev: dict[str, Any]) -> str:
 
 def _event_line(ev: dict[str, Any]) -> str:
     name = str(ev.get("event"))
-    host, phase = ev.get("host") or "-", ev.get("phase") or "-"
+    host, phase = str(ev.get("host") or "-"), str(ev.get("phase") or "-")
     head = f"{_clock(ev.get('ts'))}  {host:<22} {phase:<20} {name}"
     if name == "migration.progress":
         return f"{head}  {progress_text(ev)}"
@@ -57,13 +77,13 @@ def _event_line(ev: dict[str, Any]) -> str:
     if name.startswith("evacuation.child"):
         details = f"{ev.get('domain')} -> {ev.get('dst')} child={ev.get('child')} {details}"
     elif name == "evacuation.planned" and isinstance(ev.get("placements"), list):
-        placed = sum(1 for p in ev["placements"] if p.get("destination"))
+        placed = sum(1 for p in ev["placements"] if isinstance(p, dict) and p.get("destination"))
         details = f"{placed} of {len(ev['placements'])} domains placed"
     if name == "policy.step":
         details = policy_step_text(ev)
     if name == "migration.started" and isinstance(ev.get("call"), dict):
         call = ev["call"]
-        details = f"{call.get('api')} {' | '.join(call.get('flags', []))} {call.get('params')}"
+        details = f"{call.get('api')} {_joined(call.get('flags', []), ' | ')} {call.get('params')}"
     return f"{head}  {details}".rstrip()
 
 
@@ -75,8 +95,13 @@ def policy_step_text(ev: dict[str, Any]) -> str:
     )
     done = "" if ev.get("done", True) else f" (libvirt refused: {ev.get('error')})"
     allowed = f" -> {ev['downtime_ms']} ms" if ev.get("downtime_ms") is not None else ""
-    skipped = f"; passed over {'; '.join(ev['skipped'])}" if ev.get("skipped") else ""
+    skipped = f"; passed over {_joined(ev['skipped'], '; ')}" if ev.get("skipped") else ""
     return f"{ev.get('action')}{allowed}{done}: {ev.get('reason')} [{figures}]{skipped}"
+
+
+def _joined(items: Any, sep: str) -> str:
+    """A list an event carries, as text (anything else as it is: Redis is not trusted)."""
+    return sep.join(str(i) for i in items) if isinstance(items, list) else str(items)
 
 
 def add_row(table: Table, *cells: object) -> None:
