@@ -14,6 +14,7 @@ allowPostCopy) and oVirt's convergence schedules offer (docs/convergence.md maps
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated
 
@@ -144,6 +145,38 @@ BUILTIN_POLICIES: dict[str, MigrationPolicy] = {
 }
 
 
+# A layer of a job's policy: its label (where its values come from), its values, and the
+# policy's name (None for a layer that is no named policy: the job's flags).
+PolicyLayer = tuple[str, MigrationPolicy, str | None]
+
+
+def named_policy_layers(
+    configured: Mapping[str, MigrationPolicy], name: str, label: str
+) -> list[PolicyLayer]:
+    """The layers a policy name stands for: the shipped policy of that name, then the
+    operator's `[policies.NAME]` (`configured`) over it; none for a name neither defines."""
+    layers: list[PolicyLayer] = []
+    said = label if label == name else f"{label}: policy {name}"
+    if name in BUILTIN_POLICIES:
+        layers.append((f"{said} (shipped)", BUILTIN_POLICIES[name], name))
+    if name in configured:
+        layers.append((f"{said} (drover.toml)", configured[name], name))
+    return layers
+
+
+def standing_problems(
+    configured: Mapping[str, MigrationPolicy], chain: list[tuple[str, str]]
+) -> list[str]:
+    """What makes unusable the policy every job gets from `chain` ((name, label) of each
+    named policy over `default`, least specific first: a host's group's, the host's) before
+    any flag or `--policy` of its own: the rule (policy_problems) a job's policy is checked
+    with (jobs/policy_choice.py), applied when the config loads. Names must be known."""
+    layers = named_policy_layers(configured, DEFAULT_POLICY, DEFAULT_POLICY)
+    for name, label in chain:
+        layers += named_policy_layers(configured, name, label)
+    return policy_problems(layered(layers).values)
+
+
 class EffectivePolicy(BaseModel):
     """The policy a job runs with, and where each value came from (e.g. `flag --bandwidth`,
     `policy fast`, `domain metadata (policy db)`, `host lab1 (policy db)`, `default`)."""
@@ -155,7 +188,7 @@ class EffectivePolicy(BaseModel):
     sources: dict[str, str]
 
 
-def layered(layers: list[tuple[str, MigrationPolicy, str | None]]) -> EffectivePolicy:
+def layered(layers: list[PolicyLayer]) -> EffectivePolicy:
     """Stack `layers` (label, policy, policy name or None), least specific first, into one
     policy; each field keeps the value and label of the last layer that set it. The first
     layer is the base: every one of its fields counts as set."""

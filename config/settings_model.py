@@ -21,7 +21,13 @@ from pydantic import (
 
 from config.addresses import MAX_PORT, check_address, parse_ip
 from config.metrics import DEFAULT_METRICS_ADDRESS, DEFAULT_METRICS_PORT
-from config.policy_model import BUILTIN_POLICIES, MigrationPolicy, PolicyName
+from config.policy_model import (
+    BUILTIN_POLICIES,
+    DEFAULT_POLICY,
+    MigrationPolicy,
+    PolicyName,
+    standing_problems,
+)
 from config.tunables import MAX_PHASE_DELAY_S, phase_name_problem
 from config.tunables import Tunables as Tunables
 from config.uris import ALLOWED_PARAMS, ALLOWED_SCHEMES, check_libvirt_uri
@@ -238,7 +244,27 @@ class Settings(_Strict):
         for name, group in self.groups.items():
             if group.policy is not None and group.policy not in known:
                 raise ValueError(f"group {name}: unknown policy {group.policy!r}")
+        self._policies_usable()
         return self
+
+    def _policies_usable(self) -> None:
+        """The policy every job gets before its own flags, fleet-wide (`default`) and on each
+        host (its group's and its own over it), must be usable: otherwise it loaded and then
+        every migration using it was refused. A policy named only by `--policy` is checked
+        when a job names it (its flags may complete it); `drover policies` shows its problems."""
+        problems = standing_problems(self.policies, [])
+        if problems:
+            raise ValueError(f"policy {DEFAULT_POLICY}: {problems[0]}")
+        for host in self.hosts.values():
+            chain: list[tuple[str, str]] = []
+            group = self.groups[host.group].policy if host.group is not None else None
+            if group is not None:
+                chain.append((group, f"group {host.group}"))
+            if host.policy is not None:
+                chain.append((host.policy, f"host {host.name}"))
+            problems = standing_problems(self.policies, chain) if chain else []
+            if problems:
+                raise ValueError(f"host {host.name}: policy {chain[-1][0]}: {problems[0]}")
 
     def policy_names(self) -> list[str]:
         """Every policy a job may name: the shipped ones and the configured ones."""

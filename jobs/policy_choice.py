@@ -12,19 +12,20 @@ its own registry: Redis carries only the job's request.
 from __future__ import annotations
 
 from config.policy_model import (
-    BUILTIN_POLICIES,
     DEFAULT_POLICY,
     Compression,
     EffectivePolicy,
     MigrationPolicy,
     PolicyAction,
+    PolicyLayer,
     layered,
+    named_policy_layers,
     policy_problems,
 )
 from config.settings import ConfigError, Settings
 from jobs.spec import MigrationSpec, TimeoutAction
 
-Layer = tuple[str, MigrationPolicy, str | None]
+Layer = PolicyLayer
 
 _TIMEOUT_ACTIONS = {
     TimeoutAction.SUSPEND: PolicyAction.SUSPEND,
@@ -40,12 +41,7 @@ class UnknownPolicy(ConfigError):
 def named_layers(settings: Settings, name: str, label: str) -> list[Layer]:
     """The layers a policy name stands for: the shipped policy of that name, then the
     operator's `[policies.NAME]` over it."""
-    layers: list[Layer] = []
-    said = label if label == name else f"{label}: policy {name}"
-    if name in BUILTIN_POLICIES:
-        layers.append((f"{said} (shipped)", BUILTIN_POLICIES[name], name))
-    if name in settings.policies:
-        layers.append((f"{said} (drover.toml)", settings.policies[name], name))
+    layers = named_policy_layers(settings.policies, name, label)
     if not layers:
         known = ", ".join(settings.policy_names())
         raise UnknownPolicy(f"unknown policy {name!r} (known policies: {known})")

@@ -12,7 +12,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from config.policy_model import BUILTIN_POLICIES, Compression, PolicyAction
+from config.policy_model import BUILTIN_POLICIES, Compression, MigrationPolicy, PolicyAction
 from config.settings import ConfigError, Settings, load_settings
 from jobs.evacuation import EvacuationState, EvacuationStore
 from jobs.evacuation_model import EvacuationSpec, Placement
@@ -168,6 +168,67 @@ def test_unknown_names_in_the_registry_are_one_line_config_errors(
     with pytest.raises(ConfigError) as caught:
         settings_with(tmp_path, extra, host_lines)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+ZIP = '[policies.zip]\ncompression = "zstd"\n'
+
+
+@pytest.mark.parametrize(
+    ("extra", "host_lines", "message"),
+    [
+        (
+            '[policies.default]\ncompression = "zlib"\n',
+            "",
+            "policy default: compression zlib needs parallel_connections >= 2",
+        ),
+        (
+            '[policies.default]\nallow_postcopy = false\nactions = ["postcopy"]\n',
+            "",
+            "policy default: the postcopy action needs allow_postcopy = true",
+        ),
+        (
+            '[policies.default]\nactions = ["throttle"]\n',
+            "",
+            "policy default: the throttle action needs auto_converge = true",
+        ),
+        (ZIP, 'policy = "zip"\n', "host kvm1: policy zip: compression zstd needs"),
+        (ZIP + '[groups.g]\npolicy = "zip"\n', 'group = "g"\n', "host kvm1: policy zip:"),
+    ],
+)
+def test_a_policy_every_job_of_a_host_would_be_refused_with_does_not_load(
+    tmp_path: Path, extra: str, host_lines: str, message: str
+) -> None:
+    """It loaded, `drover policies` showed it, and every migration using it was refused."""
+    with pytest.raises(ConfigError) as caught:
+        settings_with(tmp_path, extra, host_lines)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+    # The rule is the one a job is checked with: with the config taken as it is, refused too.
+    names = [n for n in ("zip", "default") if f"[policies.{n}]" in extra]
+    fleet = Settings.model_construct(
+        policies={n: settings_with_policy(tmp_path, extra, n) for n in names},
+        hosts={},
+        groups={},
+    )
+    with pytest.raises(ConfigError, match=message.split(": ", 1)[-1].replace("(", r"\(")):
+        effective_policy(fleet, spec(policy=names[0]))
+
+
+def settings_with_policy(tmp_path: Path, extra: str, name: str) -> MigrationPolicy:
+    """`[policies.NAME]` of `extra` alone, as its own model (the config would not load)."""
+    import tomllib
+
+    return MigrationPolicy.model_validate(tomllib.loads(extra)["policies"][name])
+
+
+def test_a_policy_completed_by_its_host_group_or_left_to_jobs_loads(tmp_path: Path) -> None:
+    """Usable where it applies (its group sets the parallel connections), or named only by
+    `--policy` (a job's flags may complete it: refused then, with its reason)."""
+    wide = '[policies.wide]\nparallel_connections = 4\n[groups.g]\npolicy = "wide"\n'
+    fleet = settings_with(tmp_path, ZIP + wide, 'group = "g"\npolicy = "zip"\n')
+    assert effective_policy(fleet, spec()).values.compression is Compression.ZSTD
+    alone = settings_with(tmp_path, ZIP)
+    assert effective_policy(alone, spec(policy="zip", parallel=2)).values.parallel_connections == 2
 
 
 @pytest.mark.parametrize(
