@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, cast
 import redis
 
 from jobs.keys import POSTCOPY_FIELD, claims_key, job_key, redispatched_field
+from jobs.record import MalformedRecord
 
 if TYPE_CHECKING:
     from jobs.replication import ReplicaWait
@@ -21,7 +22,14 @@ def now() -> datetime:
 
 
 def when(raw: str | None) -> datetime | None:
-    return datetime.fromisoformat(raw) if raw else None
+    """A time drover wrote (ISO 8601, UTC); ValueError for anything else, a time without an
+    offset included (compared with drover's own times, it would raise deep in a duty)."""
+    if not raw:
+        return None
+    found = datetime.fromisoformat(raw)
+    if found.tzinfo is None:
+        raise ValueError(f"{raw[:40]!r} has no UTC offset")
+    return found
 
 
 class RecordMarks:
@@ -75,4 +83,10 @@ class RecordMarks:
         self.r.hset(job_key(job_id), redispatched_field(phase), now().isoformat())
 
     def redispatched_at(self, job_id: str, phase: str) -> datetime | None:
-        return when(self.field(job_id, redispatched_field(phase)))
+        field = redispatched_field(phase)
+        try:
+            return when(self.field(job_id, field))
+        except ValueError as exc:
+            raise MalformedRecord(
+                f"job {job_id}: its record cannot be read: {field}: {exc}"
+            ) from None

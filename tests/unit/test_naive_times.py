@@ -14,7 +14,7 @@ from typing import Any, cast
 import pytest
 from structlog.testing import capture_logs
 
-from jobs.keys import ACTIVE_JOBS, job_key, phases_key, transitions_key
+from jobs.keys import ACTIVE_JOBS, job_key, phases_key, redispatched_field, transitions_key
 from jobs.model import Job, Transition
 from jobs.phases import Phase
 from jobs.record import MalformedRecord
@@ -123,3 +123,17 @@ def test_a_measurable_end_still_says_its_duration() -> None:
     at = datetime.now(UTC) - timedelta(seconds=30)
     job = Job(id="0123456789ab", spec=SPEC, state=JobState.FAILED, created=at, updated=at)
     assert 29 < job_end.ended_fields(job)["duration_s"] < 60
+
+
+@pytest.mark.parametrize("raw", [NAIVE, "yesterday"])
+def test_a_redispatch_mark_drover_did_not_write_is_an_unreadable_record(
+    store: JobStore, raw: str
+) -> None:
+    """The phase's redispatch mark (a field recovery reads beside the record) without an
+    offset used to come back naive, and recovery's `max(aware, naive)` raised TypeError for
+    that job at every sweep; one that is no time raised ValueError. Both are MalformedRecord:
+    the sweep says so for that job (record.unreadable) and goes on."""
+    job_id = store.create(SPEC, host="test")
+    store.r.hset(job_key(job_id), redispatched_field(Phase.PERFORM.value), raw)
+    with pytest.raises(MalformedRecord):
+        store.redispatched_at(job_id, Phase.PERFORM.value)
