@@ -93,6 +93,15 @@ def parse_cron(expr: str, *, reference: datetime | None = None) -> crontab:
         if problem:
             raise ScheduleError(f"{where}: {problem}")
     minute, hour, day_of_month, month, day_of_week = fields
+    if not day_of_month.startswith("*") and not day_of_week.startswith("*"):
+        # Cron runs on a day that matches either field; Celery's crontab only on one that
+        # matches both (`0 3 1 * mon`: cron, every 1st and every Monday; Celery, a 1st that
+        # is a Monday). Refused rather than run on days other than the operator meant.
+        raise ScheduleError(
+            f"{where}: restricts both the day of month and the day of week, which cron "
+            "reads as either and drover's scheduler as both; keep one (use * in the "
+            "other), or add one schedule for each"
+        )
     no_day = ScheduleError(f"{where}: matches no day that exists")
     try:
         # Checked first: Celery 5.7 refuses such a crontab itself, in words of its own.

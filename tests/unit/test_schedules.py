@@ -97,6 +97,7 @@ def body(message: dict[str, Any]) -> list[Any]:
         "0 0 * * sun-sat/2",
         "0 0 1 jan-dec *",
         "0 0 * 3-dec *",
+        "0 3 */2 * mon",  # a field starting with * is unrestricted to cron too: both match
     ],
 )
 def test_valid_cron_expressions(expr: str) -> None:
@@ -131,6 +132,9 @@ def test_valid_cron_expressions(expr: str) -> None:
         ("abc * * * *", "minute takes numbers only"),
         ("0 0 * * xyz", "xyz"),
         ("0 0 31 2 *", "matches no day that exists"),
+        ("0 3 1 * mon", "restricts both the day of month and the day of week"),
+        ("0 3 13 * 5", "restricts both the day of month and the day of week"),
+        ("0 3 1-7 * 1-5", "restricts both the day of month and the day of week"),
         ("0 3 * * *;reboot", "only digits"),
         ("0\t3 * * *\n*", "only digits"),
         ("\uff10 3 * * *", "only digits"),  # a full-width zero
