@@ -46,8 +46,18 @@ from jobs.lane_scripts import (
     LINE_UP_LUA,
     PRUNE_LUA,
 )
+from jobs.lease import FREE_UNLESS_HELD_LUA
 
 MS_PER_S = 1000
+# Claim the safety pass: KEYS[1] its key, ARGV[1] the claimant, ARGV[2] the time to live in
+# ms. A claim with no time to live (set by hand) would stop every safety pass for good.
+_CLAIM_LUA = (
+    FREE_UNLESS_HELD_LUA
+    + """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+)
 LANE_PAGE = 32  # lanes read at a time from one index by a pass
 _WHOLE = re.compile(r"[0-9]{1,9}")  # a limit as the admit script writes it; int() takes more
 
@@ -83,6 +93,7 @@ class Lanes:
         self.admit_script = client.register_script(ADMIT_LUA)
         self._every_head = client.register_script(EVERY_HEAD_LUA)
         self._prune = client.register_script(PRUNE_LUA)
+        self._claim = client.register_script(_CLAIM_LUA)
 
     @staticmethod
     def index_keys(lane: str, job_key: str) -> list[str]:
@@ -107,7 +118,8 @@ class Lanes:
     def claim_safety_pass(self, holder: str, every_s: float) -> bool:
         """True for one caller per `every_s` in the whole fleet: the safety pass is the same
         work whoever does it, so two hundred workers need not all do it."""
-        return bool(self.r.set(SAFETY_PASS, holder, nx=True, px=int(every_s * MS_PER_S)))
+        claimed = self._claim(keys=[SAFETY_PASS], args=[holder, int(every_s * MS_PER_S)])
+        return bool(claimed)
 
     def blocking_gates(self) -> dict[str, int | None]:
         """Every gate some lane is blocked on -> its limit when it refused; None for a limit

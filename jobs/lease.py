@@ -6,8 +6,9 @@ so that one can die without a gap. The one holding the lease acts; the others wa
 it over once it lapses.
 
 Safety: the lease holds a token of its holder's own (host, pid and a random part). Taking it
-is `SET NX PX`; renewing is a compare-and-extend script, so a holder whose lease lapsed (a
-pause longer than the time to live) can never renew one another holder has taken since.
+is `SET NX PX` (over a value no holder can have written, one with no time to live, too);
+renewing is a compare-and-extend script, so a holder whose lease lapsed (a pause longer than
+the time to live) can never renew one another holder has taken since.
 The holder counts its lease from the moment it *sent* the command that took or renewed it,
 so it believes itself the holder for no longer than Redis keeps the key: a lost reply or a
 Redis that stopped answering makes it stand down at the end of that time, before anybody
@@ -26,9 +27,20 @@ import redis
 MS_PER_S = 1000
 TOKEN_RANDOM_BYTES = 6
 
+# A value at a lease's key that no holder wrote is no holder: every holder sets a string with
+# a time to live, so one without (PTTL -1), or of another type, was written by hand (anyone
+# with the Redis password) and would otherwise keep every holder out for ever. It is cleared.
+FREE_UNLESS_HELD_LUA = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'none' and (kind ~= 'string' or redis.call('PTTL', KEYS[1]) == -1) then
+  redis.call('DEL', KEYS[1])
+end
+"""
 # KEYS[1] the lease; ARGV[1] the holder's token, ARGV[2] the time to live in ms.
 # Takes a free lease or extends the caller's own; 1 when the caller holds it now, else 0.
-_TAKE_OR_RENEW_LUA = """
+_TAKE_OR_RENEW_LUA = (
+    FREE_UNLESS_HELD_LUA
+    + """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -38,9 +50,12 @@ if holder then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 return 1
 """
+)
 # Compare-and-delete: a holder gives back only its own lease.
 _RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 """
 

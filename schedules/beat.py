@@ -11,6 +11,7 @@ from config.redis_sentinel import is_sentinel, redbeat_settings
 from config.settings import Settings
 from jobs.connection import client_for
 from jobs.keys import SCHEDULE_LOCK, SCHEDULE_PREFIX
+from jobs.lease import FREE_UNLESS_HELD_LUA
 from schedules.records import FIRE_LATE_LIMIT_S, ScheduleError
 
 # redbeat's scheduler, reading each entry on its own (schedules/beat_scheduler.py).
@@ -70,6 +71,9 @@ def run_beat(settings: Settings, *, loglevel: str) -> None:
     # Fail in one line when Redis is out of reach; redbeat would only log a traceback.
     with client_for(settings.redis_url) as client:
         client.ping()
+        # A lock with no time to live was set by hand (every beat's lock has one): redbeat
+        # would wait for it for ever. Cleared here, so a beat started again takes over.
+        client.eval(FREE_UNLESS_HELD_LUA, 1, SCHEDULE_LOCK)
     beat_app = make_app(settings)  # registers the signing key when signing is on
     # No retrying: redbeat renews its lock on every tick without it anyway, so a beat that
     # loses Redis exits at its next tick, and its supervisor starts it again.
