@@ -46,9 +46,16 @@ def wait_for_state_event(
         store,
         job_id,
         lambda: ended()[0],
-        end_event=lambda ev: ev.get("event") == state_event and ev.get("state") in terminal_names,
+        end_event=lambda ev: _is_end(ev, state_event, terminal_names),
         state=lambda: ended()[1],
         block_ms=int(MS_PER_S * settings.tunables.wait_block),
         timeout=timeout,
         guard=ride,
     )
+
+
+def _is_end(event: dict[str, object], state_event: str, terminal_names: frozenset[str]) -> bool:
+    """The job's terminal state event; an entry whose `state` is not a string (written by
+    hand: a list would not even hash) is not one."""
+    state = event.get("state")
+    return event.get("event") == state_event and isinstance(state, str) and state in terminal_names

@@ -218,3 +218,16 @@ def test_the_cli_prints_the_events_past_the_junk_and_exits_as_usual(
     as_json = run_drover(config, "events", job_id, "--json")
     assert as_json.returncode == 0, as_json.stderr
     assert [json.loads(line)["event"] for line in as_json.stdout.splitlines()][-1] == "job.state"
+
+
+def test_wait_passes_over_a_state_event_whose_state_is_no_string(
+    store: JobStore, config: Path
+) -> None:
+    """`Drover.wait` (what `drover migrate --wait --json` runs): a `job.state` entry whose
+    `state` is a list used to raise TypeError (unhashable) out of the wait."""
+    job_id = store.create(SPEC, host="test")
+    add_event(store, job_id, "job.state", state=["cancelled"])
+    add_event(store, job_id, "job.state", state={"a": 1})
+    end(store, job_id)
+    job = Drover(load_settings(config)).wait(job_id, timeout=SETTLE_S)
+    assert job.state is JobState.CANCELLED
