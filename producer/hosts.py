@@ -60,14 +60,14 @@ def host_rows(
                 "draining_unreadable": _unreadable(draining_key(name), raw_draining)
                 if raw_draining is not None and draining is None
                 else None,
-                "config_error": _of(report, "config_error", str),
+                "config_error": report.get("config_error"),
                 "migrations_out": len(admission.holders(outbound_gate(name))),
                 "migrations_in": len(admission.holders(inbound_gate(name))),
-                "free_mib": _of(report, "free_mib", int),
+                "free_mib": report.get("free_mib"),
                 "running": _names(report.get("running")),
                 # The hypervisor's host-model CPU per virt type, as its worker read it.
-                "cpu": _of(report, "cpu", str),
-                "reported": _of(report, "ts", str),
+                "cpu": report.get("cpu"),
+                "reported": report.get("ts"),
             }
         )
     return rows
@@ -82,13 +82,7 @@ def _unreadable(key: str, raw: str) -> str:
     return f"{key} is not a mark a worker writes: {shown!r}"
 
 
-def _of(report: dict[str, Any], field: str, kind: type) -> Any:
-    """A report's field if it has the type a worker writes, else None (shown as unknown)."""
-    value = report.get(field)
-    return value if isinstance(value, kind) and not isinstance(value, bool) else None
-
-
 def _names(value: Any) -> list[str] | None:
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    return None
+    """A report's running domains as text (shown as they are); None (unknown) for what is
+    not a list, which no worker writes."""
+    return [str(v) for v in value] if isinstance(value, list) else None

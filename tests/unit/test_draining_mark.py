@@ -68,17 +68,21 @@ def test_drover_hosts_shows_the_mark_as_unreadable(
     assert json.loads(out)[1]["draining_unreadable"]
 
 
-def test_drover_hosts_shows_a_report_no_worker_wrote_as_unknown(
+@pytest.mark.parametrize("raw", ["{bad", "[1]", '"report"', "[" * 100_000])
+def test_a_report_that_is_no_json_object_reads_as_none(store: JobStore, raw: str) -> None:
+    store.r.set(host_report_key("kvm1"), raw)
+    assert store.host_report("kvm1") == {}
+
+
+def test_drover_hosts_shows_a_report_no_worker_wrote_as_it_is_or_unknown(
     config: Path, store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store.r.set(host_report_key("kvm1"), "[1]")
-    store.r.set(
-        host_report_key("kvm2"),
-        json.dumps({"free_mib": "lots", "running": [1, 2], "cpu": 5, "ts": [], "config_error": 1}),
-    )
+    store.r.set(host_report_key("kvm1"), json.dumps({"running": 5, "free_mib": "lots"}))
+    store.r.set(host_report_key("kvm2"), json.dumps({"running": [1, None], "cpu": 5}))
     rows = {r["host"]: r for r in Drover(load_settings(config)).hosts()}
-    for field in ("free_mib", "running", "cpu", "reported", "config_error"):
-        assert rows["kvm2"][field] is None and rows["kvm1"][field] is None
+    assert rows["kvm1"]["running"] is None  # not a list: unknown
+    assert rows["kvm1"]["free_mib"] == "lots"  # shown as it is (escaped by the table)
+    assert rows["kvm2"]["running"] == ["1", "None"]  # shown as they are, as text
     monkeypatch.setenv("DROVER_CONFIG", str(config))
     code, _, err = run_cli(["hosts"])
     assert (code, err) == (0, ""), err
