@@ -220,6 +220,8 @@ def worker_cell(row: dict[str, Any]) -> str:
         running = ", ".join(str(j) for j in draining.get("running", [])) or "nothing"
         parts.append(f"draining since {draining.get('since')} (running {running})")
     cell = "; ".join(parts) or "DEAD"
+    if row.get("draining_unreadable"):  # written by hand: neither draining nor not is known
+        cell += f"; draining mark unreadable: {row['draining_unreadable']}"
     if row.get("config_error"):
         cell += f"; CONFIG NOT LOADED: {row['config_error']}"
     return cell
