@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -17,6 +17,8 @@ from producer.cli_common import (
     check_timeout,
     drover,
     fail,
+    follow_job,
+    goes_on,
     guarded,
     notice,
     out,
@@ -184,12 +186,13 @@ def migrate(
         d = drover()
         job_id = d.submit(d.spec(**request))
         if dry_run:
-            show_dry_run(d, job_id, timeout, as_json)
+            with goes_on("job", job_id, as_json=as_json):  # Ctrl-C: it goes on, we say so
+                show_dry_run(d, job_id, timeout, as_json)
             return
         if not wait:
             print_json({"job_id": job_id}) if as_json else out.print(job_id)
             return
-        job = d.wait(job_id, timeout) if as_json else _follow_with_progress(d, job_id, timeout)
+        job = follow_job(d, job_id, timeout, as_json)
         if as_json:
             phases = {k: v.model_dump(mode="json") for k, v in job.phases.items()}
             print_json(job.summary() | {"phases": phases})
@@ -210,13 +213,6 @@ def postcopy(job_id: Annotated[str, typer.Argument(help="a running migration")])
     out.print(f"post-copy requested for {job_id}")
 
 
-def _follow_with_progress(d: Any, job_id: str, timeout: float | None) -> Any:
-    from producer.follow import follow
-
-    out.print(f"job {job_id}")
-    return follow(d, job_id, out.console, timeout)
-
-
 def events(
     job_id: Annotated[str, typer.Argument(help="job id")],
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
@@ -225,12 +221,16 @@ def events(
     """Print a job's events (JSON lines with --json); --follow until the job ends."""
     from producer.render import event_line
 
+    seen: set[str] = set()  # its events' kinds ("job", "evacuation", ...): what it is
+
     def go() -> None:
         for ev in drover().events(job_id, follow=follow):
+            seen.add(str(ev.get("event")).split(".")[0])
             print_json(ev) if as_json else out.print(event_line(ev), markup=False, soft_wrap=True)
             sys.stdout.flush()
 
-    guarded(go)
+    with goes_on(seen, job_id, when=follow):  # no JSON of its own: the caller named the id
+        guarded(go)
 
 
 def jobs(

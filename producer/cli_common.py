@@ -14,7 +14,8 @@ import gc
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
@@ -102,6 +103,53 @@ def guarded(fn: Callable[[], T]) -> T:
         fail("Redis refused the password in the config (redis_url)")
     except redis.RedisError as exc:
         fail(f"Redis: {exc}")
+
+
+@contextmanager
+def goes_on(
+    kind: str | set[str], record_id: str, *, as_json: bool = False, when: bool = True
+) -> Iterator[None]:
+    """Ctrl-C while following `record_id` (`--wait`, `--follow`): the job or evacuation goes
+    on without us. The command says so in one stderr line, with how to follow it again and
+    how to stop it, and exits 130 as an interrupted command does (it used to print a blank
+    line only). `kind` names it ("job", "evacuation") or holds the first words of its events'
+    names so far (kind_of). With `as_json`, stdout first gets what the command prints when
+    not told to wait, `{"job_id": ID}`, marked `"interrupted": true`: its only line, so the
+    output stays one JSON object per line and a script learns which job goes on. Not `when`:
+    as if absent."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not when:
+            raise
+        if as_json:
+            print_json({"job_id": record_id, "interrupted": True})
+            sys.stdout.flush()
+        what = kind if isinstance(kind, str) else kind_of(kind)
+        fail(
+            f"interrupted: {what} {record_id} goes on (follow it: drover events {record_id} "
+            f"--follow; stop it: drover abort {record_id})",
+            EXIT_INTERRUPTED,
+        )
+
+
+def follow_job(d: Any, job_id: str, timeout: float | None, as_json: bool) -> Any:
+    """`drover migrate --wait`: the job once it has ended, its events printed as they come
+    (unless `as_json`); Ctrl-C says it goes on (goes_on)."""
+    with goes_on("job", job_id, as_json=as_json):
+        if as_json:
+            return d.wait(job_id, timeout)
+        from producer.follow import follow
+
+        out.print(f"job {job_id}")
+        return follow(d, job_id, out.console, timeout)
+
+
+def kind_of(seen: set[str]) -> str:
+    """What a record is, from the first words of its events' names (`evacuation.state`)."""
+    if "evacuation" in seen:
+        return "evacuation"
+    return "job" if seen else "job or evacuation"
 
 
 def notice(message: str) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from producer import cli_drain_options as o
-from producer.cli_common import check_timeout, drover, fail, guarded, out, print_json
+from producer.cli_common import check_timeout, drover, fail, goes_on, guarded, out, print_json
 from producer.text import plain
 
 HOST_STATES = ("disable", "enable")
@@ -91,16 +91,16 @@ def register(app: typer.Typer) -> None:
             if not (wait or dry_run):
                 print_json({"job_id": evacuation_id}) if as_json else out.print(evacuation_id)
                 return
-            if as_json:
-                ev = d.wait_evacuation(evacuation_id, timeout)
-                print_json(ev.model_dump(mode="json"))
-            elif dry_run:
-                ev = d.wait_evacuation(evacuation_id, timeout)
-            else:
-                from producer.follow import follow_evacuation
+            with goes_on("evacuation", evacuation_id, as_json=as_json):  # Ctrl-C: say so
+                if as_json or dry_run:
+                    ev = d.wait_evacuation(evacuation_id, timeout)
+                else:
+                    from producer.follow import follow_evacuation
 
-                out.print(f"evacuation {evacuation_id}")
-                ev = follow_evacuation(d, evacuation_id, out.console, timeout)
+                    out.print(f"evacuation {evacuation_id}")
+                    ev = follow_evacuation(d, evacuation_id, out.console, timeout)
+            if as_json:
+                print_json(ev.model_dump(mode="json"))
             if not as_json:
                 out.print(plan_table(ev.plan or [], f"plan for {host} ({ev.id})"))
                 if ev.outcome:
