@@ -56,7 +56,7 @@ class MigrationPolicy(BaseModel):
     """One policy's values. Defaults are the shipped `default` policy; a layer overrides only
     the fields it sets (`model_fields_set`), which is how provenance is told."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # finite
 
     # Pre-copy bandwidth in MiB/s; 0: no cap (libvirt's own convention).
     bandwidth_mib: int = Field(default=0, ge=0, le=MAX_BANDWIDTH_MIB)

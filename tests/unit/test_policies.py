@@ -160,6 +160,11 @@ def test_unknown_names_at_the_job_and_metadata_levels_are_one_line(fleet: Settin
         ("", 'policy = "Not A Name"\n', "hosts.kvm1.policy"),
         ("[policies.x]\nbandwidth_mb = 5\n", "", "policies.x.bandwidth_mb"),
         ('[policies.x]\nactions = ["postcopy", "postcopy"]\n', "", "each action may appear once"),
+        (
+            "[policies.x]\nprogress_timeout_s = nan\n",
+            "",
+            "x.progress_timeout_s: Input should be a finite",
+        ),
     ],
 )
 def test_unknown_names_in_the_registry_are_one_line_config_errors(
