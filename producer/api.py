@@ -4,6 +4,9 @@ from producer.api import Drover
 d = Drover()
 job_id = d.submit(domain="web01", src="lab1", dst="lab2")
 job = d.wait(job_id)
+
+An argument of the wrong type or out of the CLI's bounds is a BadArgument (a SubmitError); Redis
+or the broker out of reach is a BrokerUnavailable from every method; each is one line.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from functools import cached_property, partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.canvas import Signature
 
@@ -21,10 +24,11 @@ from config.settings import Settings, load_settings
 from jobs.abort import TooLate, abort_job, rollback_sender
 from jobs.admission import Admission, lane_of
 from jobs.dry_run import record_dry_run
+from jobs.errors import BadArgument as BadArgument
 from jobs.errors import BrokerUnavailable as BrokerUnavailable
 from jobs.errors import SubmitError as SubmitError
-from jobs.errors import broker_errors
 from jobs.errors import redis_location as redis_location
+from jobs.errors import reporting_outages, require, require_id, require_seconds, spec_or_request
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import POSTCOPY_TASK
@@ -34,11 +38,11 @@ from jobs.spec import MigrationSpec
 from jobs.states import EVACUATION_KIND, TERMINAL, JobState
 from jobs.store import JobStore
 from jobs.submission import DomainBusy, enqueue
-from jobs.validation import check_against_registry, migration_spec
+from jobs.validation import migration_spec
 from jobs.workflow import migration_chain
 from producer.hosts import host_rows, set_host_enabled
 from producer.hosts import producer_name as producer_name
-from producer.jobs_list import job_filter, list_jobs
+from producer.jobs_list import api_listing, list_jobs
 from producer.waiting import rider, wait_for_state_event
 
 if TYPE_CHECKING:  # made on first use below: a migration needs none (~10 ms of imports)
@@ -49,8 +53,11 @@ if TYPE_CHECKING:  # made on first use below: a migration needs none (~10 ms of 
     from producer.control import ControlRequests
 
 TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
+R = TypeVar("R", "Job", "Evacuation")
+End = tuple[str, frozenset[str]]  # a record's state event, and its terminal states
 
 
+@reporting_outages
 class Drover:
     def __init__(
         self, settings: Settings | None = None, *, notice: Callable[[str], None] | None = None
@@ -58,6 +65,9 @@ class Drover:
         """`notice` gets one-line announcements: a Redis outage met while following a job, a
         job recorded whose start here failed (the log's warnings by default; the command line
         prints them on stderr)."""
+        require("settings", settings, Settings, type(None))
+        if notice is not None and not callable(notice):
+            raise BadArgument(f"notice must be callable or None, not {type(notice).__name__}")
         self.settings = settings or load_settings()
         self.notice = notice or logging.getLogger("drover").warning
         self.store = JobStore.from_settings(
@@ -104,32 +114,27 @@ class Drover:
     def submit(self, spec: MigrationSpec | None = None, **request: Any) -> str:
         """Record the job and put it in line; it starts as soon as every limit has room.
 
-        A spec built by the caller is checked against the registry here, as `spec()` does.
+        A spec or keywords, not both; a spec built by the caller is validated again, from its
+        fields, and checked against the registry, as `spec()` does.
         """
-        if spec is None:
-            spec = self.spec(**request)
-        else:
-            check_against_registry(self.settings, spec)
-        with broker_errors(self.settings.redis_url):
-            refusal = self.maintenance.refusal(spec.dst)
-            if refusal is not None:
-                raise SubmitError(refusal)
-            if spec.dry_run:  # the checks only: no lane, slot, lease or reservation
-                job_id = record_dry_run(
-                    self.store, spec, origin=producer_name(), signer=self.signer
-                )
-                self._start(job_id, spec)
-                return job_id
-            try:
-                job_id = enqueue(
-                    self.store,
-                    spec,
-                    origin=producer_name(),
-                    signer=self.signer,
-                    max_waiting=self.settings.cluster.max_waiting_per_producer,
-                )
-            except (DomainBusy, QuotaFull) as exc:
-                raise SubmitError(str(exc)) from None
+        spec = spec_or_request(spec, request, MigrationSpec, self.spec)
+        refusal = self.maintenance.refusal(spec.dst)
+        if refusal is not None:
+            raise SubmitError(refusal)
+        if spec.dry_run:  # the checks only: no lane, slot, lease or reservation
+            job_id = record_dry_run(self.store, spec, origin=producer_name(), signer=self.signer)
+            self._start(job_id, spec)
+            return job_id
+        try:
+            job_id = enqueue(
+                self.store,
+                spec,
+                origin=producer_name(),
+                signer=self.signer,
+                max_waiting=self.settings.cluster.max_waiting_per_producer,
+            )
+        except (DomainBusy, QuotaFull) as exc:
+            raise SubmitError(str(exc)) from None
         # The job is recorded and in line: whatever happens next, it will run. If starting it
         # here fails, every worker's admission tick (or recovery, once admitted) starts it.
         # Only this job's lane: the rest of the line is the workers' (a pass on each tick and
@@ -160,7 +165,7 @@ class Drover:
         """Stop a job or an evacuation; returns what happened, in one line. A queued job
         never starts, a running migration is aborted in libvirt; the guest stays where it was.
         An evacuation stops its queued children and aborts its running ones."""
-        if self.store.kind(job_id) == EVACUATION_KIND:
+        if self.store.kind(require_id(job_id)) == EVACUATION_KIND:
             return self.abort_evacuation(job_id)
         try:
             rollback = rollback_sender(self._app, self.send)
@@ -170,7 +175,7 @@ class Drover:
 
     def start_postcopy(self, job_id: str) -> None:
         """Ask the source host to switch a running migration to post-copy (policy allowing)."""
-        job = self.store.get(job_id)
+        job = self.store.get(require_id(job_id))
         if job.state is not JobState.MIGRATING:
             raise SubmitError(
                 f"job {job_id} is {job.state.value}; post-copy can start only while migrating"
@@ -189,31 +194,35 @@ class Drover:
         postcopy_bandwidth_mib: int | None = None,
         max_downtime_ms: int | None = None,
     ) -> str:
-        """New limits for a running migration (migrateSetMaxSpeed/-Downtime); one line."""
-        return self._control.tune(
-            job_id,
-            bandwidth_mib=bandwidth_mib,
-            postcopy_bandwidth_mib=postcopy_bandwidth_mib,
-            max_downtime_ms=max_downtime_ms,
-        )
+        """New limits for a running migration (migrateSetMaxSpeed/-Downtime); one line.
+        Each an int (or None: left as it is); the bounds are `drover tune`'s."""
+        values = {
+            "bandwidth_mib": bandwidth_mib,
+            "postcopy_bandwidth_mib": postcopy_bandwidth_mib,
+            "max_downtime_ms": max_downtime_ms,
+        }
+        for name, value in values.items():
+            require(name, value, int, type(None))
+        return self._control.tune(require_id(job_id), **values)
 
     def force_complete(self, job_id: str) -> str:
         """Post-copy where the policy allows it, else pause the guest until it arrives."""
-        return self._control.force_complete(job_id)
+        return self._control.force_complete(require_id(job_id))
 
     def job(self, job_id: str) -> Job:
-        return self.store.get(job_id)
+        return self.store.get(require_id(job_id))
 
     def record(self, job_id: str) -> Job | Evacuation:
         """A migration job or an evacuation, whichever the id names."""
-        if self.store.kind(job_id) == EVACUATION_KIND:
+        if self.store.kind(require_id(job_id)) == EVACUATION_KIND:
             return self.evacuations.get(job_id)
         return self.store.get(job_id)
 
     def jobs(self, limit: int = 50, **filters: Any) -> list[Job | Evacuation]:
-        """Newest first: migration jobs and evacuations; `states`, `host` and `since` (30m,
+        """Newest first, at most `limit` (jobs_list.MIN_LIMIT..MAX_LIMIT, as `drover jobs`):
+        migration jobs and evacuations; `states` (a list of names), `host` and `since` (30m,
         2h, 7d or an ISO time) filter them (producer/jobs_list.py), SubmitError if bad."""
-        return list_jobs(self.settings, job_filter(self.settings, **filters), limit)
+        return list_jobs(self.settings, api_listing(self.settings, limit, filters), limit)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is terminal and its terminal event is in the stream.
@@ -221,35 +230,28 @@ class Drover:
         Waits on the job's event stream (a blocking read), so it returns as soon as the
         terminal event lands instead of on the next tick of a polling loop; a caller that
         reads the events afterwards finds the whole story. Rides out a Redis outage of up to
-        tunables.wait_redis_outage (producer/outage.py).
+        tunables.wait_redis_outage (producer/outage.py). `timeout`: seconds, above 0.
         """
-        ride = rider(self.settings, self.notice, job_id, timeout)
-
-        def ended() -> tuple[bool, str]:
-            job = ride(lambda: self.store.get(job_id))
-            return job.terminal, job.state.value
-
-        wait_for_state_event(
-            self.store, self.settings, job_id, ended, "job.state", TERMINAL_NAMES, timeout, ride
-        )
-        return ride(lambda: self.store.get(job_id))
+        return self._wait(job_id, timeout, self.store.get, ("job.state", TERMINAL_NAMES))
 
     def wait_evacuation(self, evacuation_id: str, timeout: float | None = None) -> Evacuation:
         """Block until the evacuation has ended (drained, partial, planned, ...)."""
-        ride = rider(self.settings, self.notice, evacuation_id, timeout)
+        from jobs.evacuation import EVACUATION_TERMINAL as ENDS
+
+        end = ("evacuation.state", frozenset(s.value for s in ENDS))
+        return self._wait(evacuation_id, timeout, self.evacuations.get, end)
+
+    def _wait(self, rid: str, timeout: float | None, get: Callable[[str], R], end: End) -> R:
+        """Until the record ends and `end` (its state event, terminal states) is on its stream."""
+        require_seconds("timeout", timeout)
+        ride = rider(self.settings, self.notice, require_id(rid), timeout)
 
         def ended() -> tuple[bool, str]:
-            ev = ride(lambda: self.evacuations.get(evacuation_id))
-            return ev.terminal, ev.state.value
+            record = ride(lambda: get(rid))
+            return record.terminal, record.state.value
 
-        from jobs.evacuation import EVACUATION_TERMINAL
-
-        names = frozenset(s.value for s in EVACUATION_TERMINAL)
-        event = "evacuation.state"
-        wait_for_state_event(
-            self.store, self.settings, evacuation_id, ended, event, names, timeout, ride
-        )
-        return ride(lambda: self.evacuations.get(evacuation_id))
+        wait_for_state_event(self.store, self.settings, rid, ended, *end, timeout, ride)
+        return ride(lambda: get(rid))
 
     def evacuation_spec(self, **request: Any) -> EvacuationSpec:
         """Validate an evacuation request, or raise SubmitError with one line."""
@@ -259,19 +261,29 @@ class Drover:
         self, spec: EvacuationSpec | None = None, origin: str | None = None, **request: Any
     ) -> str:
         """Start emptying a host (jobs/evacuations.py): it is disabled first, unless a dry
-        run, and stays disabled afterwards until `drover host enable`."""
-        spec = spec if spec is not None else self.evacuation_spec(**request)
+        run, and stays disabled afterwards until `drover host enable`. A spec or keywords,
+        not both; a spec is validated again from its fields, as `evacuation_spec()` does."""
+        from jobs.evacuation import EvacuationSpec
+
+        require("origin", origin, str, type(None))
+        spec = spec_or_request(spec, request, EvacuationSpec, self.evacuation_spec)
         return self.evacuations_service.start(spec, origin or producer_name())
 
     def evacuation(self, evacuation_id: str) -> Evacuation:
-        return self.evacuations.get(evacuation_id)
+        return self.evacuations.get(require_id(evacuation_id))
 
     def abort_evacuation(self, evacuation_id: str) -> str:
         """Stop an evacuation: queued children never start, running ones are aborted."""
-        return self.evacuations_service.abort(evacuation_id, by=producer_name())
+        return self.evacuations_service.abort(require_id(evacuation_id), by=producer_name())
 
     def set_host_enabled(self, host: str, enabled: bool, reason: str | None = None) -> str:
-        """Maintenance mode: a disabled host is never a destination."""
+        """Maintenance mode: a disabled host is never a destination; `reason` only with
+        disabling (as `drover host disable --reason`)."""
+        require("host", host, str)
+        require("enabled", enabled, bool)
+        require("reason", reason, str, type(None))
+        if enabled and reason is not None:
+            raise BadArgument("a reason goes only with disabling a host (enabled=False)")
         return set_host_enabled(self.settings, self.maintenance, host, enabled, reason)
 
     def hosts(self) -> list[dict[str, Any]]:
@@ -282,7 +294,14 @@ class Drover:
         self, job_id: str, *, follow: bool = False, timeout: float | None = None
     ) -> Iterator[dict[str, Any]]:
         """The job's (or evacuation's) events; with `follow`, until it has ended (through a
-        Redis outage of up to tunables.wait_redis_outage, as `wait`)."""
+        Redis outage of up to tunables.wait_redis_outage, as `wait`), or `timeout` seconds."""
+        require("follow", follow, bool)
+        require_seconds("timeout", timeout)
+        if timeout is not None and not follow:
+            raise BadArgument("timeout applies only with follow=True")
+        return self._events(require_id(job_id), follow, timeout)
+
+    def _events(self, job_id: str, follow: bool, timeout: float | None) -> Iterator[dict[str, Any]]:
         ride = rider(self.settings, self.notice, job_id, timeout)
         # JobNotFound for a wrong id, before any waiting
         kind = ride(partial(self.store.kind, job_id)) if follow else self.store.kind(job_id)

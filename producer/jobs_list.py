@@ -10,13 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from config.settings import ConfigError, Settings
 from jobs.connection import client_for
-from jobs.errors import BrokerUnavailable, SubmitError, redis_location
+from jobs.errors import BadArgument, SubmitError, broker_errors, require
 from jobs.listing import ALL_STATES, JobFilter, fetch, recent_ids
 from jobs.model import Job
 from jobs.retention import retention_seconds
@@ -26,6 +24,10 @@ if TYPE_CHECKING:
 
 _DURATION = re.compile(r"^(?P<n>[0-9]{1,6})(?P<unit>[smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+# `drover jobs --limit` and Drover.jobs' `limit`: how many records one listing may return.
+MIN_LIMIT, MAX_LIMIT = 1, 10_000
+# Drover.jobs' filters: job_filter's, as `drover jobs` gives them.
+FILTERS = ("states", "host", "since")
 
 
 def parse_since(text: str, now: datetime) -> float:
@@ -87,6 +89,24 @@ def job_filter(
     )
 
 
+def api_listing(settings: Settings, limit: object, filters: dict[str, Any]) -> JobFilter:
+    """Drover.jobs' arguments checked as `drover jobs` checks its options, or BadArgument
+    with one line: a limit within MIN_LIMIT..MAX_LIMIT, states as a collection of names (one
+    str would be read letter by letter), `host` and `since` as str; then job_filter's checks."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not MIN_LIMIT <= limit <= MAX_LIMIT:
+        raise BadArgument(f"limit must be an int from {MIN_LIMIT} to {MAX_LIMIT}, not {limit!r}")
+    unknown = sorted(set(filters) - set(FILTERS))
+    if unknown:
+        raise BadArgument(f"unknown filter {unknown[0]!r} (filters: {', '.join(FILTERS)})")
+    states = filters.get("states", ())
+    require("states", states, list, tuple, set, frozenset)
+    for state in states:
+        require("each of states", state, str)
+    require("host", filters.get("host"), str, type(None))
+    require("since", filters.get("since"), str, type(None))
+    return job_filter(settings, **filters)
+
+
 def list_jobs(
     settings: Settings,
     flt: JobFilter,
@@ -99,7 +119,7 @@ def list_jobs(
     `full`, without a job's phases and history or an evacuation's children (jobs/listing.py).
     With `unreadable`, records drover cannot read are left out and said there."""
     r = client_for(settings.redis_url, retry_for=settings.tunables.producer_redis_retry_for)
-    try:
+    with broker_errors(settings.redis_url):  # an outage only: DataError is a program's error
         ids = recent_ids(
             r,
             flt,
@@ -108,6 +128,3 @@ def list_jobs(
             retention_s=retention_seconds(settings.tunables.job_retention_days),
         )
         return fetch(r, ids, full=full, unreadable=unreadable)
-    except redis.RedisError as exc:
-        where = redis_location(settings.redis_url)
-        raise BrokerUnavailable(f"cannot reach Redis at {where}: {exc}") from None

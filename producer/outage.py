@@ -15,14 +15,17 @@ from typing import TypeVar
 
 import redis
 
+from jobs.errors import BrokerUnavailable
+
 T = TypeVar("T")
 # How often a follower tries Redis again during an outage (each try also spends the
 # producer's own short retry, tunables.producer_redis_retry_for).
 RETRY_EVERY_S = 1.0
 
 
-class RedisOutage(redis.ConnectionError):
-    """Redis stayed away longer than a follower rides out; the message is one line."""
+class RedisOutage(redis.ConnectionError, BrokerUnavailable):
+    """Redis stayed away longer than a follower rides out; the message is one line. The
+    Python API's outage (BrokerUnavailable), as every other of its calls reports one."""
 
 
 class OutageRider:
