@@ -46,7 +46,7 @@ from jobs.records import JobRecords
 from jobs.replication import NO_WAIT, ReplicaWait
 from jobs.retention import Retention, retention_seconds
 from jobs.states import TERMINAL, JobState
-from jobs.streams import DEFAULT_EVENT_MAXLEN, EventStreams
+from jobs.streams import DEFAULT_EVENT_MAXLEN, EventStreams, Skipped
 
 # A store made without settings keeps records as long as the default `job_retention_days`.
 DEFAULT_RETENTION_S = retention_seconds(Tunables().job_retention_days)
@@ -188,10 +188,18 @@ class JobStore(JobRecords, Liveness, EventStreams):
         block_ms: int = DEFAULT_BLOCK_MS,
         timeout: float | None = None,
         guard: Guard = direct,
+        skipped: Skipped | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Every event of the job, old then new, until it has ended (jobs/follow.py)."""
+        """Every event of the job, old then new, until it has ended (jobs/follow.py); each
+        stream entry that is no event is passed over and told to `skipped`."""
         is_ended = ended or (lambda: self.state(job_id) in TERMINAL)
         for _, event in follow(
-            self, job_id, is_ended, block_ms=block_ms, timeout=timeout, guard=guard
+            self,
+            job_id,
+            is_ended,
+            block_ms=block_ms,
+            timeout=timeout,
+            guard=guard,
+            skipped=skipped,
         ):
             yield event

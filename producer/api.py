@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from functools import cached_property, partial
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.canvas import Signature
@@ -43,7 +43,7 @@ from jobs.workflow import migration_chain
 from producer.hosts import host_rows, set_host_enabled
 from producer.hosts import producer_name as producer_name
 from producer.jobs_list import api_listing, list_jobs
-from producer.waiting import rider, wait_for_state_event
+from producer.waiting import End, record_events, wait_record
 
 if TYPE_CHECKING:  # made on first use below: a migration needs none (~10 ms of imports)
     from celery import Celery
@@ -54,7 +54,6 @@ if TYPE_CHECKING:  # made on first use below: a migration needs none (~10 ms of 
 
 TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
 R = TypeVar("R", "Job", "Evacuation")
-End = tuple[str, frozenset[str]]  # a record's state event, and its terminal states
 
 
 @reporting_outages
@@ -243,15 +242,9 @@ class Drover:
 
     def _wait(self, rid: str, timeout: float | None, get: Callable[[str], R], end: End) -> R:
         """Until the record ends and `end` (its state event, terminal states) is on its stream."""
-        require_seconds("timeout", timeout)
-        ride = rider(self.settings, self.notice, require_id(rid), timeout)
-
-        def ended() -> tuple[bool, str]:
-            record = ride(lambda: get(rid))
-            return record.terminal, record.state.value
-
-        wait_for_state_event(self.store, self.settings, rid, ended, *end, timeout, ride)
-        return ride(lambda: get(rid))
+        return wait_record(
+            self.store, self.settings, self.notice, require_id(rid), timeout, get, end
+        )
 
     def evacuation_spec(self, **request: Any) -> EvacuationSpec:
         """Validate an evacuation request, or raise SubmitError with one line."""
@@ -299,20 +292,9 @@ class Drover:
         require_seconds("timeout", timeout)
         if timeout is not None and not follow:
             raise BadArgument("timeout applies only with follow=True")
-        return self._events(require_id(job_id), follow, timeout)
+        rid, note = require_id(job_id), self.notice
+        return record_events(self.store, self.settings, note, self._ended, rid, follow, timeout)
 
-    def _events(self, job_id: str, follow: bool, timeout: float | None) -> Iterator[dict[str, Any]]:
-        ride = rider(self.settings, self.notice, job_id, timeout)
-        # JobNotFound for a wrong id, before any waiting
-        kind = ride(partial(self.store.kind, job_id)) if follow else self.store.kind(job_id)
-
-        def ended() -> bool:
-            if kind == EVACUATION_KIND:
-                return self.evacuations.get(job_id).terminal
-            return self.store.get(job_id).terminal
-
-        if follow:
-            yield from self.store.follow_events(job_id, ended, timeout=timeout, guard=ride)
-        else:
-            for _, event in self.store.read_events(job_id):
-                yield event
+    def _ended(self, kind: str, rid: str) -> bool:
+        record = self.evacuations.get(rid) if kind == EVACUATION_KIND else self.store.get(rid)
+        return record.terminal

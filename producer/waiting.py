@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, TypeVar
 
 from config.settings import Settings
-from jobs.errors import redis_location
+from jobs.errors import redis_location, require_seconds
 from jobs.follow import MS_PER_S, wait_for_end
 from jobs.store import JobStore
+from jobs.streams import skipped_notice
 from producer.outage import OutageRider
+
+R = TypeVar("R")
+End = tuple[str, frozenset[str]]  # a record's state event, and its terminal states
 
 # Whether the record has ended, and its state now.
 Ended = Callable[[], tuple[bool, str]]
@@ -59,3 +65,51 @@ def _is_end(event: dict[str, object], state_event: str, terminal_names: frozense
     hand: a list would not even hash) is not one."""
     state = event.get("state")
     return event.get("event") == state_event and isinstance(state, str) and state in terminal_names
+
+
+def wait_record(
+    store: JobStore,
+    settings: Settings,
+    notice: Callable[[str], None],
+    rid: str,
+    timeout: float | None,
+    get: Callable[[str], R],
+    end: End,
+) -> R:
+    """Until the record `rid` ends and `end` (its state event, terminal states) is on its
+    stream; the record then (`get` reads it: a job's or an evacuation's). `timeout`:
+    seconds, above 0 (BadArgument otherwise)."""
+    require_seconds("timeout", timeout)
+    ride = rider(settings, notice, rid, timeout)
+
+    def ended() -> tuple[bool, str]:
+        record: Any = ride(lambda: get(rid))
+        return bool(record.terminal), str(record.state.value)
+
+    wait_for_state_event(store, settings, rid, ended, *end, timeout, ride)
+    return ride(lambda: get(rid))
+
+
+def record_events(
+    store: JobStore,
+    settings: Settings,
+    notice: Callable[[str], None],
+    is_ended: Callable[[str, str], bool],
+    job_id: str,
+    follow: bool,
+    timeout: float | None,
+) -> Iterator[dict[str, Any]]:
+    """The events of a job or evacuation (`is_ended(kind, id)` says whether it has ended);
+    with `follow`, until it has. Each stream entry that is no event drover writes is passed
+    over and said once, in one line, through `notice`."""
+    ride = rider(settings, notice, job_id, timeout)
+    said = skipped_notice(notice, job_id)
+    # JobNotFound for a wrong id, before any waiting
+    kind = ride(partial(store.kind, job_id)) if follow else store.kind(job_id)
+    if follow:
+        yield from store.follow_events(
+            job_id, lambda: is_ended(kind, job_id), timeout=timeout, guard=ride, skipped=said
+        )
+    else:
+        for _, event in store.read_events(job_id, skipped=said):
+            yield event

@@ -205,7 +205,7 @@ def test_the_cli_prints_the_events_past_the_junk_and_exits_as_usual(
 ) -> None:
     job_id = store.create(SPEC, host="test")
     add_event(store, job_id, "job.queued")
-    add_bad_entries(store, job_id)
+    bad = add_bad_entries(store, job_id)
     add_event(store, job_id, "migration.progress", stage="transfer", data_total="lots")
     end(store, job_id)
 
@@ -215,6 +215,11 @@ def test_the_cli_prints_the_events_past_the_junk_and_exits_as_usual(
         assert "Traceback" not in done.stderr
         printed = [line.split()[3] for line in done.stdout.splitlines()]
         assert printed == ["job.queued", "migration.progress", "job.state"]
+        said = done.stderr.splitlines()  # one line for each entry passed over, naming it
+        assert len(said) == len(bad), said
+        assert all(
+            f"stream entry {eid} skipped" in line for eid, line in zip(bad, said, strict=True)
+        )
     as_json = run_drover(config, "events", job_id, "--json")
     assert as_json.returncode == 0, as_json.stderr
     assert [json.loads(line)["event"] for line in as_json.stdout.splitlines()][-1] == "job.state"
