@@ -10,6 +10,8 @@ A schedule removed after the message was sent is logged and ignored.
 
 from __future__ import annotations
 
+import redis
+
 from config.events import get_logger
 from config.settings import Settings
 from jobs.errors import BrokerUnavailable, SubmitError
@@ -74,9 +76,12 @@ def fire(
     try:
         spec = service.validate(**record.request.model_dump())
         evacuation_id = service.start(spec, origin(schedule_id))
-    except (SubmitError, BrokerUnavailable) as exc:
-        store.record_run(schedule_id, LastRun(at=now(), error=str(exc)))
-        log.warning("schedule.refused", src=host, reason=str(exc), **fields)
+    except (SubmitError, BrokerUnavailable, redis.ResponseError) as exc:
+        # ResponseError: a key of the evacuation's the wrong type (written by hand), which
+        # is no outage: the run is recorded as refused, with what Redis said.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        store.record_run(schedule_id, LastRun(at=now(), error=reason))
+        log.warning("schedule.refused", src=host, reason=reason, **fields)
         return None
     store.record_run(schedule_id, LastRun(at=now(), evacuation_id=evacuation_id))
     log.info("schedule.fired", src=host, evacuation_id=evacuation_id, **fields)

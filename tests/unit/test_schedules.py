@@ -28,7 +28,13 @@ from config.celery import host_queue
 from config.security import argument_problem
 from config.settings import load_settings
 from jobs.drain_options import DrainOptions
-from jobs.keys import SCHEDULE_LOCK, SCHEDULE_PREFIX, schedule_entry_key
+from jobs.keys import (
+    DISABLED_HOSTS,
+    SCHEDULE_LOCK,
+    SCHEDULE_PREFIX,
+    heartbeat_key,
+    schedule_entry_key,
+)
 from schedules.beat import REDBEAT_SCHEDULER
 from schedules.cron import lateness, parse_at, parse_cron
 from schedules.records import (
@@ -549,3 +555,20 @@ def test_a_one_shot_found_late_is_not_started() -> None:
     assert late is not None and "fired 601 s after its time 2030-06-01T12:00:00Z" in late
     cron = record_at(NOW).model_copy(update={"at": None, "cron": "0 3 * * *"})
     assert lateness(cron, NOW + timedelta(days=30)) is None  # the beat keeps cron on time
+
+
+def test_a_key_of_another_type_refuses_the_run_and_records_it(worker_config: Path) -> None:
+    """A key the evacuation writes, set by hand to another type (WRONGTYPE from Redis): no
+    outage, so the firing task used to fail with Redis's error and no run was recorded."""
+    store = ScheduleStore(load_settings(worker_config))
+    added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron="0 3 * * *", by="test")
+    store.r.set(heartbeat_key("kvm1"), "worker-1", px=60_000)  # kvm1's worker is alive
+    store.r.set(DISABLED_HOSTS, "not a hash")
+    try:
+        with capture_logs() as logs:
+            assert fire(added.id, message_id="m1", node="drover@kvm1") is None
+    finally:
+        store.r.delete(DISABLED_HOSTS, heartbeat_key("kvm1"))
+    assert [e["event"] for e in logs] == ["schedule.refused"]
+    assert "WRONGTYPE" in logs[0]["reason"]
+    assert store.get(added.id).runs == 1
