@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from config.policy_model import PolicyName
 from jobs.compression import CompressionOptions
@@ -26,9 +26,11 @@ from jobs.spec import (
     MAX_BANDWIDTH_MIB,
     MAX_COMPLETION_TIMEOUT_S,
     MAX_PARALLEL_CONNECTIONS,
+    STRICT,
     CopyStorage,
     TimeoutAction,
     Transport,
+    lax,
 )
 
 OFFLINE_COPY_REFUSAL = (
@@ -38,21 +40,22 @@ OFFLINE_COPY_REFUSAL = (
 
 
 class DrainOptions(BaseModel):
-    """Every child migration's options (see the module's docstring for what is left out)."""
+    """Every child migration's options (see the module's docstring for what is left out);
+    each value only as its own type, as MigrationSpec's (jobs/spec.py `STRICT`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
     tunnelled: bool = False
     auto_converge: bool = False
     bandwidth_mib: int | None = Field(default=None, ge=1, le=MAX_BANDWIDTH_MIB)
     # A guest that never converges would hold the drain until the fleet's hard limit.
     completion_timeout_s: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TIMEOUT_S)
-    timeout_action: TimeoutAction | None = None
+    timeout_action: TimeoutAction | None = lax()
     # The migration policy of every child (config/policy_model.py): above the domain's
     # metadata and its host's and group's policies, below the flags here.
     policy: PolicyName | None = None
     tls: bool = False
-    copy_storage: CopyStorage | None = None  # only for guests with local disks
+    copy_storage: CopyStorage | None = lax()  # only for guests with local disks
     parallel: int | None = Field(default=None, ge=2, le=MAX_PARALLEL_CONNECTIONS)
     compressed: bool = False
     compression: CompressionOptions | None = None

@@ -28,7 +28,7 @@ class EvacuationSpec(DrainOptions):
     DrainOptions' (jobs/drain_options.py), shared with scheduled drains."""
 
     host: HostRef
-    to: list[HostRef] = Field(default_factory=list)
+    to: list[HostRef] = Field(default_factory=list, strict=False)  # names strict
     max_parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL)
     include_inactive: bool = False
     dry_run: bool = False

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
 # Re-exported: address and URI checks were defined here before they moved down a layer.
 from config.addresses import MAX_PORT as MAX_PORT
+from config.addresses import MAX_SHOWN_CHARS
 from config.addresses import IPAddress as IPAddress
 from config.addresses import check_address as check_address
 from config.addresses import parse_ip as parse_ip
@@ -29,6 +30,7 @@ from jobs.migration_uri import MIGRATION_URI_SCHEMES as MIGRATION_URI_SCHEMES
 from jobs.migration_uri import MigrationURI as MigrationURI
 from jobs.migration_uri import check_migration_uri as check_migration_uri
 from jobs.migration_uri import parse_migration_uri as parse_migration_uri
+from jobs.request_fields import option_of
 from jobs.spec_options import MAX_XML_CHARS, MIN_DISKS_PORT, option_problems
 
 # A conservative subset of what libvirt accepts: no '/', no control characters, no spaces.
@@ -38,12 +40,24 @@ MAX_BANDWIDTH_MIB = 1_000_000
 MAX_PARALLEL_CONNECTIONS = 64
 MAX_COMPLETION_TIMEOUT_S = 86_400
 
-DomainName = Annotated[str, StringConstraints(pattern=DOMAIN_NAME_PATTERN)]
+# Strict: a name is a str, never bytes or anything else pydantic would turn into one.
+DomainName = Annotated[str, Strict(), StringConstraints(pattern=DOMAIN_NAME_PATTERN)]
 # A disk's target name as libvirt spells it (vda, sdb, hdc, vdaa...): what --migrate-disks names.
 DISK_TARGET_PATTERN = r"^[a-z]{1,4}[a-z0-9]{1,8}$"
 MAX_MIGRATE_DISKS = 64
-DiskTarget = Annotated[str, StringConstraints(pattern=DISK_TARGET_PATTERN)]
-HostRef = Annotated[str, StringConstraints(pattern=HOST_NAME_PATTERN)]
+DiskTarget = Annotated[str, Strict(), StringConstraints(pattern=DISK_TARGET_PATTERN)]
+HostRef = Annotated[str, Strict(), StringConstraints(pattern=HOST_NAME_PATTERN)]
+# A request's values are taken only as their own types (strict models): a flag only as a bool,
+# a count only as an int (never a bool), a name only as a str, so `live='no'` or
+# `bandwidth_mib=True` is refused instead of read as something the caller did not write.
+# Lax are only what the CLI and a record's JSON spell otherwise: an enum's value as its word
+# (`lax()`), a list of disks or hosts as a list (its items stay strict).
+STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def lax(default: object = None) -> Any:
+    """An enum field of a strict model: its value may come as its word."""
+    return Field(default=default, strict=False)
 
 
 class ControlFlow(StrEnum):
@@ -75,15 +89,15 @@ class TimeoutAction(StrEnum):
 
 
 class MigrationSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
     domain: DomainName
     src: HostRef
     dst: HostRef
     live: bool = True
     offline: bool = False
-    control: ControlFlow = ControlFlow.P2P
-    transport: Transport = Transport.NATIVE
+    control: ControlFlow = lax(ControlFlow.P2P)
+    transport: Transport = lax(Transport.NATIVE)
     # Scenarios "client to and peer2peer between two libvirtd": the worker also opens the
     # destination connection and calls virDomainMigrate3 with PEER2PEER.
     dest_connection: bool = False
@@ -105,9 +119,9 @@ class MigrationSpec(BaseModel):
     # A named migration policy (config/policy_model.py); flags above override its fields.
     policy: PolicyName | None = None
     completion_timeout_s: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TIMEOUT_S)
-    timeout_action: TimeoutAction | None = None  # with completion_timeout_s; suspend if unset
+    timeout_action: TimeoutAction | None = lax()  # with completion_timeout_s; suspend if unset
     parallel: int | None = Field(default=None, ge=2, le=MAX_PARALLEL_CONNECTIONS)
-    copy_storage: CopyStorage | None = None
+    copy_storage: CopyStorage | None = lax()
     migrate_uri: str | None = None
     listen_address: str | None = None
     # Pre-checks (docs/prechecks.md): accept a disk libvirt deems unsafe to migrate
@@ -115,7 +129,7 @@ class MigrationSpec(BaseModel):
     # checks only (a dry run ends `checked` or `failed` after the destination's checks).
     unsafe: bool = False
     migrate_disks: tuple[DiskTarget, ...] | None = Field(
-        default=None, min_length=1, max_length=MAX_MIGRATE_DISKS
+        default=None, min_length=1, max_length=MAX_MIGRATE_DISKS, strict=False
     )
     dry_run: bool = False
     # --xml, --persistent-xml, --tls-destination, --disks-port, --disks-uri (jobs/spec_options.py)
@@ -136,7 +150,7 @@ class MigrationSpec(BaseModel):
             try:
                 check_address(self.listen_address)
             except ValueError as exc:
-                raise ValueError(f"listen address: {exc}") from None
+                raise ValueError(f"--listen-address: {exc}") from None
         return self
 
     @property
@@ -238,16 +252,35 @@ def combination_problems(s: MigrationSpec) -> list[str]:
 
 
 def first_error(exc: Exception) -> str:
-    """One line out of a pydantic ValidationError (or any exception)."""
+    """One line out of a pydantic ValidationError (or any exception), naming the CLI option
+    of the field (jobs/request_fields.py; the Python API's callers read the same names, as
+    its fields are the options') and quoting the value it was given cut short."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
         err = errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        msg = re.sub(r"^Value error, ", "", str(err.get("msg", "")))
-        if "pattern" in msg and where:
-            return f"invalid {where} {err.get('input')!r}"
-        return f"{where}: {msg}" if where else msg
+        loc = err.get("loc", ())
+        msg = re.sub(r"^Value error, ", "", str(err.get("msg", ""))).partition("\n")[0]
+        if not loc or msg.startswith("--"):  # a rule's own message names its options
+            return msg
+        option = option_of(loc)
+        value = err.get("input")
+        if err.get("type") == "string_pattern_mismatch":
+            return f"invalid {option} {_quoted(value)}"
+        if isinstance(value, str | int | float):
+            return f"{option} {_quoted(value)}: {msg}"
+        return f"{option}: {msg}"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _quoted(value: object) -> str:
+    """A refused value as an error quotes it: at most a line's worth of it."""
+    if isinstance(value, str):
+        return shown(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return "(a number too long to show)"
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}..."
 
 
 OFFLINE_MODE = "offline"

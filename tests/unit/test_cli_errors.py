@@ -36,7 +36,7 @@ def queued_anything(redis_srv: RedisServer) -> bool:
         (["idle-1", "--from", "kvm1", "--to", "kvm2", "--live"], "--live is given twice"),
         (["../etc/passwd", "--from", "kvm1", "--to", "kvm2"], "invalid domain '../etc/passwd'"),
         (["web 01", "--from", "kvm1", "--to", "kvm2"], "invalid domain 'web 01'"),
-        (["idle-1", "--from", "kvm1", "--to", "kvm2", "--bandwidth", "0"], "bandwidth_mib"),
+        (["idle-1", "--from", "kvm1", "--to", "kvm2", "--bandwidth", "0"], "--bandwidth 0: "),
         (
             ["idle-1", "--from", "kvm1", "--to", "kvm2", "--bandwidth", "lots"],
             "Invalid value for '--bandwidth'",
@@ -52,7 +52,7 @@ def queued_anything(redis_srv: RedisServer) -> bool:
         ),
         (
             ["idle-1", "--from", "kvm1", "--to", "kvm2", "--completion-timeout", "0"],
-            "completion_timeout_s",
+            "--completion-timeout 0: ",
         ),
         (
             ["idle-1", "--from", "kvm1", "--to", "kvm2", "--timeout-action", "abort"],

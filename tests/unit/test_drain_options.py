@@ -92,7 +92,7 @@ def test_the_jobs_methods_override_the_policys_and_say_so() -> None:
 @pytest.mark.parametrize(
     ("compression", "extra", "says"),
     [
-        ({"methods": ["lz4"]}, {}, "compression.methods.0"),
+        ({"methods": ["lz4"]}, {}, "--comp-methods 'lz4': Input should be"),
         ({"methods": []}, {}, "names no method"),
         ({"methods": ["none"]}, {}, "'none' is not a method"),
         ({"methods": ["mt", "mt"]}, {}, "names mt twice"),
