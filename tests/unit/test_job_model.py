@@ -29,11 +29,11 @@ def test_spec_defaults_are_live_native_p2p() -> None:
         ({"domain": "a/b"}, "invalid domain"),
         ({"domain": "x" * 201}, "invalid domain"),
         ({"domain": "bad\nname"}, "invalid domain"),
-        ({"src": "-kvm"}, "invalid src"),
-        ({"bandwidth_mib": 0}, "bandwidth_mib"),
+        ({"src": "-kvm"}, "invalid --from"),
+        ({"bandwidth_mib": 0}, "--bandwidth"),
         ({"bogus": 1}, "bogus"),
         ({"live": False, "completion_timeout_s": 30}, "--completion-timeout needs --live"),
-        ({"completion_timeout_s": 86_401}, "completion_timeout_s"),
+        ({"completion_timeout_s": 86_401}, "--completion-timeout"),
     ],
 )
 def test_bad_specs_are_refused_with_one_line(fields: dict[str, object], message: str) -> None:

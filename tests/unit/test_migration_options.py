@@ -97,7 +97,7 @@ def test_dest_connection_carries_the_xml_through_migrate2() -> None:
         ({"tls": True, "tls_destination": "lab2/x"}, "--tls-destination: not an IP address"),
         ({"disks_port": 49300}, "--disks-port needs --copy-storage"),
         ({"disks_uri": "tcp://10.0.0.2:1"}, "--disks-uri needs --copy-storage"),
-        ({"copy_storage": "all", "disks_port": 80}, "disks_port"),
+        ({"copy_storage": "all", "disks_port": 80}, "--disks-port"),
         (
             {"copy_storage": "all", "disks_port": 49300, "disks_uri": "tcp://10.0.0.2:49301"},
             "--disks-port and --disks-uri exclude each other",

@@ -178,8 +178,8 @@ def test_offline_and_incremental_storage_flags() -> None:
         ({"control": "unmanaged", "persistent": True}, "unmanaged migration"),
         ({"parallel": 1}, "parallel"),
         ({"parallel": 65}, "parallel"),
-        ({"copy_storage": "some"}, "copy_storage"),
-        ({"dname": "bad/name"}, "invalid dname"),
+        ({"copy_storage": "some"}, "--copy-storage"),
+        ({"dname": "bad/name"}, "invalid --dname"),
     ],
 )
 def test_bad_combinations_are_refused(options: dict[str, object], message: str) -> None:

@@ -46,13 +46,13 @@ def refused(result: object, message: str) -> None:
     ("args", "message"),
     [
         (["--policy", "nope"], "drover: unknown policy 'nope' (known policies: default, fast"),
-        (["--policy", "Bad"], "invalid policy 'Bad'"),
+        (["--policy", "Bad"], "invalid --policy 'Bad'"),
         (["--policy", "zip"], "policy zip: compression zstd needs parallel_connections >= 2"),
         (
             ["--policy", "no-postcopy", "--postcopy-bandwidth", "5"],
             "--postcopy-bandwidth needs post-copy, which is off (--policy: policy no-postcopy",
         ),
-        (["--postcopy-bandwidth", "0"], "postcopy_bandwidth_mib"),
+        (["--postcopy-bandwidth", "0"], "--postcopy-bandwidth"),
         (["--tunnelled", "--postcopy-bandwidth", "5"], "--postcopy-bandwidth cannot be tunnelled"),
         (
             ["--dest-connection", "--postcopy-bandwidth", "5"],

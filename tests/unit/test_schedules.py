@@ -211,7 +211,7 @@ def soon(seconds: float = 60) -> str:
         (["kvm1", "--cron", "0 3 * * *", "--to", "kvm1"], "the host being evacuated"),
         (["kvm1", "--cron", "0 3 * * *", "--to", "kvm2,kvm2"], "names kvm2 twice"),
         (["kvm1", "--cron", "0 3 * * *", "--max-parallel", "0"], "--max-parallel"),
-        (["kvm1", "--cron", "0 3 * * *", "--max-parallel", "65"], "max_parallel"),
+        (["kvm1", "--cron", "0 3 * * *", "--max-parallel", "65"], "--max-parallel"),
     ],
 )
 def test_bad_schedule_requests_are_one_line_and_reach_nothing(
@@ -367,7 +367,7 @@ def test_a_schedule_keeps_every_drain_option_and_refuses_bad_ones(config: Path) 
     assert (compression["mt_level"], compression["xbzrle_cache_mib"]) == (1, 16)
     for bad, says in (
         (("--comp-zlib-level", "3"), "--comp-zlib-level needs zlib in --comp-methods"),
-        (("--copy-storage", "some"), "copy_storage"),
+        (("--copy-storage", "some"), "--copy-storage"),
         (("--tunnelled", "--parallel", "2"), "--parallel cannot be tunnelled"),
     ):
         refused = drover(config, *base, *bad)
