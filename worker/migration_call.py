@@ -25,6 +25,7 @@ from config.settings import Host
 from jobs.record import Handoff
 from jobs.spec import ControlFlow, CopyStorage, MigrationSpec, Transport
 from jobs.targets import migration_uri_problem
+from jobs.validation import listen_address_problem
 from worker.compression_support import compression_params
 from worker.libvirt_host import Domain, Opener, checked_uri
 from worker.migration_options import option_params, shown_params
@@ -160,6 +161,10 @@ def handoff_for(spec: MigrationSpec, dst: Host) -> Handoff:
         return Handoff(dconnuri=dst.peer_uri, migrate_uri=None, listen_address=None)
     if spec.migrate_uri is not None:
         problem = migration_uri_problem(spec.migrate_uri, dst)
+        if problem is not None:
+            raise UnsafeTarget(problem)
+    if spec.listen_address is not None:  # checked by the producer; again where it is used
+        problem = listen_address_problem(spec, dst)
         if problem is not None:
             raise UnsafeTarget(problem)
     migrate_uri = spec.migrate_uri or f"tcp://{dst.migration_address}"

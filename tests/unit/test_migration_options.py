@@ -133,3 +133,20 @@ def test_the_worker_sends_disks_only_to_the_destination(uri: str, ok: bool) -> N
         return
     with pytest.raises(UnsafeTarget, match=r"^--disks-uri "):
         handoff_for(s, DST)
+
+
+@pytest.mark.parametrize(
+    ("address", "ok"),
+    [("10.0.0.2", True), ("10.0.0.9", False), ("0.0.0.0", False), ("b", False)],
+)
+def test_the_worker_has_the_destination_listen_only_where_the_source_connects(
+    address: str, ok: bool
+) -> None:
+    """The producer checks --listen-address against the registry; the worker checks again
+    where it uses it, as it does every address in the hand-off."""
+    s = spec(listen_address=address)
+    if ok:
+        assert handoff_for(s, DST).listen_address == address
+        return
+    with pytest.raises(UnsafeTarget):
+        handoff_for(s, DST)
