@@ -51,3 +51,14 @@ key = "{keys / "key.pem"}"
 certificate = "{keys / "cert.pem"}"
 cert_store = "{keys / "trusted"}"
 """
+
+
+def make_fleet_keys(keys: Path) -> Path:
+    """The producer's key and certificate in `keys` and a store trusting it, laid out as
+    `signing_section` names them; `keys` back."""
+    from lab.signing import make_certificate  # RSA, made only by the tests that sign
+
+    (keys / "trusted").mkdir(parents=True)
+    make_certificate(keys / "key.pem", keys / "cert.pem", "/CN=producer")
+    (keys / "trusted" / "producer.pem").write_bytes((keys / "cert.pem").read_bytes())
+    return keys

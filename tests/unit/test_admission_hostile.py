@@ -20,10 +20,9 @@ from jobs.request_signing import signer_for, verifier_for
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
-from lab.signing import make_certificate
 from producer.api import Drover
 from tests.conftest import RedisServer
-from tests.support.registry import REGISTRY, signing_section
+from tests.support.registry import REGISTRY, make_fleet_keys, signing_section
 from tests.unit.test_admission import settings, submit
 
 FORGED = "000lane"
@@ -44,11 +43,7 @@ def forge_head(r: redis.Redis, src: str, dst: str, **fields: str) -> None:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    keys = tmp_path_factory.mktemp("keys")
-    (keys / "trusted").mkdir(parents=True)
-    make_certificate(keys / "key.pem", keys / "cert.pem", "/CN=producer")
-    (keys / "trusted" / "producer.pem").write_bytes((keys / "cert.pem").read_bytes())
-    return keys
+    return make_fleet_keys(tmp_path_factory.mktemp("keys"))
 
 
 def unreadable(logs: list[MutableMapping[str, Any]]) -> list[str]:

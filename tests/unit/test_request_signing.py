@@ -31,7 +31,7 @@ from jobs.store import JobStore, job_key
 from jobs.submission import enqueue
 from lab.signing import make_certificate
 from tests.conftest import RedisServer
-from tests.support.registry import REGISTRY, signing_section
+from tests.support.registry import REGISTRY, make_fleet_keys, signing_section
 
 SPEC = MigrationSpec(domain="web01", src="kvm1", dst="kvm2")
 
@@ -71,10 +71,7 @@ class Fleet:
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fleet's key, a store trusting it, and a stranger's key: made once (RSA is slow)."""
-    keys = tmp_path_factory.mktemp("keys")
-    (keys / "trusted").mkdir(parents=True)
-    make_certificate(keys / "key.pem", keys / "cert.pem", "/CN=producer")
-    (keys / "trusted" / "producer.pem").write_bytes((keys / "cert.pem").read_bytes())
+    keys = make_fleet_keys(tmp_path_factory.mktemp("keys"))
     make_certificate(keys / "stranger-key.pem", keys / "stranger.pem", "/CN=stranger")
     return keys
 
