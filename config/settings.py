@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
+from config.addresses import MAX_SHOWN_CHARS, shown
 from config.redis_sentinel import check_any_redis_url
 
 # Re-exported: the model lives in config/settings_model.py.
@@ -34,8 +35,6 @@ from config.user_files import UserFileError, read_text
 CONFIG_ENV = "DROVER_CONFIG"
 REDIS_URL_ENV = "DROVER_REDIS_URL"
 DEFAULT_CONFIG_PATHS = (Path("drover.toml"), Path("/etc/drover/drover.toml"))
-# How much of a wrongly typed value an error quotes: enough to find it, one line whatever it is.
-SHOWN_INPUT_CHARS = 60
 
 
 def _config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
@@ -61,10 +60,9 @@ def _first_error(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"])
     message = str(err["msg"]).removeprefix("Value error, ")
     if err["type"].endswith(("_type", "_parsing")):  # say what the file has instead
-        shown = repr(err["input"])
-        if len(shown) > SHOWN_INPUT_CHARS:
-            shown = f"{shown[: SHOWN_INPUT_CHARS - 3]}..."
-        message = f"{message}, not {shown}"
+        found = err["input"]
+        text = shown(found) if isinstance(found, str) else repr(found)[:MAX_SHOWN_CHARS]
+        message = f"{message}, not {text}"
     return f"{where}: {message}"
 
 
