@@ -15,7 +15,9 @@ What the host's libvirt can do is judged on the worker (worker/compression_suppo
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from config.policy_model import Compression
 
@@ -29,11 +31,17 @@ METHODS = tuple(m for m in Compression if m is not Compression.NONE)
 
 
 class CompressionOptions(BaseModel):
-    """The compression methods a job names and their tuning; each value only with its method."""
+    """The compression methods a job names and their tuning; each value only with its method.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict as the request models around it (jobs/spec.py STRICT, not imported: spec imports
+    this module): a level only as an int, so `mt_level=True` or `'3'` is refused instead of
+    read as 1 or 3. Lax only where the CLI and a record's JSON spell it otherwise: the methods
+    as a list of their words (each item still only a method's word).
+    """
 
-    methods: tuple[Compression, ...] = ()
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    methods: tuple[Annotated[Compression, Strict(False)], ...] = Field(default=(), strict=False)
     mt_level: int | None = Field(default=None, ge=0, le=MAX_MT_LEVEL)
     mt_threads: int | None = Field(default=None, ge=1, le=MAX_MT_THREADS)
     mt_dthreads: int | None = Field(default=None, ge=1, le=MAX_MT_THREADS)
