@@ -121,8 +121,8 @@ def say_freed(key: str, freed: str) -> None:
     else:
         longest = LONGEST_HOLD_S.get(key, 0.0) + HAND_WRITTEN_MARGIN_S
         what = f"a string with {int(ttl) // MS_PER_S} s to live, more than drover's {longest:g} s"
-    # Looked up here, not at import: producers import this module and rarely log.
-    get_logger().warning(
+    log = get_logger()  # looked up here, not at import: producers import this module
+    log.warning(
         "lease.hand_written", key=key, reason=f"{key} held {what}: no holder's; taken as free"
     )
 
