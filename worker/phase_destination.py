@@ -119,6 +119,13 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     definition, config_present = _definition(rt, spec, source.facts)  # again, now taken
     if definition is not None:
         raise PhaseFailed(definition)
+    # What finish checks the arrival against, and the uuid every later step here looks the
+    # guest up by: this host's own look, kept where only root writes (the record's copy is
+    # for people; anyone with the Redis password can edit it). Kept before anything is made
+    # here, so a rollback after a failure below also goes by it.
+    rt.ledger.remember_facts(
+        job.id, SourceFacts(**source.facts.model_dump(), dest_config_present=config_present)
+    )
     if not spec.offline:
         free = _free_memory_mib(rt, job)
         if free < need:
@@ -137,11 +144,6 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
             )
         except StorageError as exc:
             raise PhaseFailed(f"{spec.dst}: {exc}") from None
-    # What finish checks the arrival against: this host's own look, kept where only root
-    # writes (the record's copy is for people; anyone with the Redis password can edit it).
-    rt.ledger.remember_facts(
-        job.id, SourceFacts(**source.facts.model_dump(), dest_config_present=config_present)
-    )
     rt.store.update(
         job.id,
         handoff=handoff.model_copy(update={"created_images": created}),
@@ -279,8 +281,10 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
             f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
             f"{'persistent' if wants_config else 'transient'}",
         )
-    # The guest now really uses the memory that was reserved for it, and has arrived.
+    # The guest now really uses the memory that was reserved for it, and has arrived: the
+    # images made for it are its disks now, no longer this job's to remove.
     rt.store.release(spec.dst, job.id)
+    rt.ledger.forget_images(job.id)
     rt.ledger.drop_incoming(found.uuid, job.id)
     rt.store.update(job.id, result={"destination": found.model_dump()})
     log.info("finish.verified", state=found.state, persistent=found.persistent)

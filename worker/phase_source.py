@@ -63,13 +63,23 @@ def source_preflight(rt: Runtime, job: Job) -> JobState | None:
     return None
 
 
-def job_domain(rt: Runtime, job: Job, name: str) -> Domain | None:
-    """The job's guest on this host, by the uuid the source found, if it is named `name`.
+def guest_uuid(rt: Runtime, job: Job) -> str:
+    """The job's guest's uuid as this host's own libvirt calls found it (its ledger: the
+    source's preflight, the destination's prepare reading the source); the job record's only
+    when this host never looked (its ledger lost with it). A uuid rewritten in the record
+    would otherwise make finish miss a guest that arrived, fail its job, and have the
+    rollback take the guest for absent and remove the disk images it runs on."""
+    seen = rt.ledger.facts(job.id)
+    return seen.uuid if seen is not None else job.source.uuid
 
-    The uuid comes from the job record; the name from the signed spec. A uuid that names
-    another domain here is a forged record: nothing is done to that domain.
+
+def job_domain(rt: Runtime, job: Job, name: str) -> Domain | None:
+    """The job's guest on this host, by its uuid (`guest_uuid`), if it is named `name`.
+
+    The name comes from the signed spec. A uuid that names another domain here (a forged
+    record, with this host's own look lost) is refused: nothing is done to that domain.
     """
-    dom = rt.libvirt.by_uuid(job.source.uuid)
+    dom = rt.libvirt.by_uuid(guest_uuid(rt, job))
     if dom is not None and dom.name() != name:
         raise PhaseFailed(
             f"the job's uuid is {dom.name()} on {rt.host}, not {name}: refusing to touch it"
@@ -111,7 +121,7 @@ def ensure_running_on_source(rt: Runtime, job: Job) -> str:
 def _runs_on_destination(rt: Runtime, job: Job) -> bool:
     """Whether the destination's libvirtd runs the job's guest (by uuid), read over the
     registry's peer URI; unreachable: LibvirtUnavailable (confirm is tried again)."""
-    found = rt.libvirt.peer_facts(rt.settings.host(job.spec.dst).peer_uri, job.source.uuid)
+    found = rt.libvirt.peer_facts(rt.settings.host(job.spec.dst).peer_uri, guest_uuid(rt, job))
     return found is not None and found.active
 
 

@@ -26,7 +26,7 @@ from worker.libvirt_states import state_reason
 from worker.migration_call import build_call
 from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
-from worker.phase_source import job_domain, resume_if_left_paused
+from worker.phase_source import guest_uuid, job_domain, resume_if_left_paused
 from worker.policy_source import job_policy
 from worker.postcopy_recovery import (
     ANSWER_WITHIN_S,
@@ -86,7 +86,7 @@ def _defined_on_destination(rt: Runtime, job: Job) -> bool:
     there", it would fail the job, and roll it back, on hearsay."""
     peer_uri = rt.settings.host(job.spec.dst).peer_uri
     with rt.libvirt.peer_domain(peer_uri, job.spec.arrives_as) as there:
-        return there is not None and there.UUIDString() == job.source.uuid
+        return there is not None and there.UUIDString() == guest_uuid(rt, job)
 
 
 def _completed(rt: Runtime, job: Job) -> bool:

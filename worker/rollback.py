@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import libvirt
+
 from config.events import get_logger
 from jobs.model import Job
 from jobs.states import JobState
-from worker.libvirt_host import is_paused
+from worker.libvirt_host import is_paused, list_domains
 from worker.phase_errors import PhaseFailed
 from worker.phase_source import job_domain
 from worker.runtime import Runtime
-from worker.storage import remove_own
+from worker.storage import disk_sources, remove_own
 
 log = get_logger()
 
@@ -32,7 +34,7 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
             f"job {job.id} is {job.state.value}; only a failed or cancelled job is rolled back"
         )
     rt.store.release(job.spec.dst, job.id)
-    uuid = job.facts.uuid if job.facts is not None else None
+    uuid = _guest_uuid(rt, job)
     dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
     incoming = rt.ledger.incoming_job(uuid) if uuid else None
     if dom is not None and dom.isActive():
@@ -45,7 +47,7 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
                 reason=f"the incoming {job.spec.arrives_as} on {rt.host} is {owner}, "
                 "not this job's",
             )
-        elif paused and _active_on_source(rt, job):
+        elif paused and uuid is not None and _active_on_source(rt, job, uuid):
             # This job's incoming copy that never started while the source still runs it.
             dom.destroy()
             log.warning("rollback.removed_incoming", uuid=uuid)
@@ -53,11 +55,41 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
         rt.ledger.drop_incoming(uuid, job.id)
     arrived = dom is not None and bool(dom.isActive())
     if not arrived:
-        # Only what this worker recorded making for this job (worker/ledger.py).
-        removed = remove_own(rt.ledger, job.id, rt.registry_entry.storage_dirs)
+        # Only what this worker recorded making for this job (worker/ledger.py), and of
+        # that, nothing a domain here names (libvirt's word, not the record's).
+        removed, kept = remove_own(
+            rt.ledger, job.id, rt.registry_entry.storage_dirs, _paths_in_use(rt)
+        )
         if removed:
             log.info("rollback.removed_images", paths=removed)
+        if kept:
+            log.warning(
+                "rollback.kept_images",
+                paths=kept,
+                reason=f"a domain on {rt.host} uses them",
+            )
     log.info("rollback.done")
+
+
+def _guest_uuid(rt: Runtime, job: Job) -> str | None:
+    """The guest's uuid as this host's prepare saw it (its ledger), else the record's, else
+    None (the job failed before its source looked)."""
+    seen = rt.ledger.facts(job.id)
+    if seen is not None:
+        return seen.uuid
+    return job.facts.uuid if job.facts is not None else None
+
+
+def _paths_in_use(rt: Runtime) -> set[str]:
+    """The disk paths every domain defined or running on this host names, live and
+    persistent definitions both (a failure to read them fails the rollback: nothing is
+    removed on a guess)."""
+    used: set[str] = set()
+    for dom in list_domains(rt.libvirt.conn):
+        used |= disk_sources(dom.XMLDesc(0))
+        if dom.isActive() and dom.isPersistent():
+            used |= disk_sources(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    return used
 
 
 def rollback_reconnecting(rt: Runtime, job: Job) -> None:
@@ -88,7 +120,7 @@ def rollback_reconnecting(rt: Runtime, job: Job) -> None:
         raise
 
 
-def _active_on_source(rt: Runtime, job: Job) -> bool:
+def _active_on_source(rt: Runtime, job: Job, uuid: str) -> bool:
     """Ask the source's libvirtd directly: never remove the only running copy of a guest."""
-    there = rt.libvirt.on_peer(rt.settings.host(job.spec.src).peer_uri, job.source.uuid)
+    there = rt.libvirt.on_peer(rt.settings.host(job.spec.src).peer_uri, uuid)
     return there is not None and there.active

@@ -109,20 +109,43 @@ def create_targets(
                 raise StorageError(f"cannot create {disk.path}: {last}")
             created.append(str(target))
     except BaseException:
-        remove_own(ledger, job_id, dirs)
+        remove_own(ledger, job_id, dirs, set())  # just made here: no domain names them yet
         raise
     return created
 
 
-def remove_own(ledger: Ledger, job_id: str, dirs: list[str]) -> list[str]:
-    """Remove the images this worker recorded for `job_id` (still under `dirs`); the paths."""
-    removed = []
+def disk_sources(domain_xml: str) -> set[str]:
+    """Every file or block device a domain's XML names for its disks, backing chains
+    included (`<backingStore>`), symbolic links resolved: what that domain may be using."""
+    used = set()
+    for disk in ET.fromstring(domain_xml).findall("./devices/disk"):
+        for source in disk.iter("source"):
+            for attr in ("file", "dev"):
+                if path := source.get(attr):
+                    used.add(os.path.realpath(path))
+    return used
+
+
+def remove_own(
+    ledger: Ledger, job_id: str, dirs: list[str], in_use: set[str]
+) -> tuple[list[str], list[str]]:
+    """Remove the images this worker recorded for `job_id` (still under `dirs`), except those
+    a domain on this host names (`in_use`, from `disk_sources`): the paths removed, and the
+    paths kept because a domain uses them.
+
+    The ledger says which images this worker made; only libvirt says whether a guest runs
+    on one now (the job's guest arrived, whatever its job record claims): such an image
+    is never removed."""
+    removed, kept = [], []
     for path in ledger.images(job_id):
         try:
             target = confined(path, dirs)
         except StorageError:
             continue  # the registry no longer allows that directory: leave it to the operator
+        if os.path.realpath(target) in in_use:
+            kept.append(path)
+            continue
         target.unlink(missing_ok=True)
         removed.append(path)
     ledger.forget_images(job_id)
-    return removed
+    return removed, kept

@@ -42,6 +42,7 @@ from worker.phase_frame import run_in_frame
 from worker.phase_source import confirm, source_preflight
 from worker.placement import Estimate, plan
 from worker.recovery_perform import recover_perform
+from worker.rollback import rollback_destination
 from worker.runtime import Runtime
 
 TEST_URI = "test:///default"
@@ -290,6 +291,88 @@ def test_finish_refuses_a_record_whose_uuid_names_another_domain(
     walked(store, job_id, JobState.MIGRATING)
     with pytest.raises(PhaseFailed, match="the job's uuid is other on kvm2, not test"):
         finish(runtime(store, "kvm2", tmp_path), store.get(job_id))
+
+
+FORGED_UUID = "00000000-1111-2222-3333-444444444444"
+
+
+def test_finish_looks_the_guest_up_by_this_hosts_uuid_not_the_records(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """The record's uuid rewritten mid-migration: finish used to miss the guest that had
+    arrived ("not on kvm2"), fail its job and send the rollback that removed its disk. It
+    looks the guest up by the uuid this host's prepare saw, and forgets the images made for
+    the job: they are the arrived guest's disks now."""
+    rt = runtime(store, "kvm2", tmp_path)
+    job_id = job_for(store, persistent=True)
+    seen_here(rt, job_id, recorded(guest_uuid(hv)))
+    rt.ledger.record_image(job_id, str(tmp_path / "made.qcow2"))
+    store.update(job_id, facts=recorded(FORGED_UUID))
+    walked(store, job_id, JobState.MIGRATING)
+    assert finish(rt, store.get(job_id)) is None
+    job = store.get(job_id)
+    assert job.state is JobState.FINISHING
+    assert job.result.destination is not None and job.result.destination.uuid == guest_uuid(hv)
+    assert rt.ledger.images(job_id) == []
+
+
+def images_on_kvm2(config: Path, tmp_path: Path) -> Path:
+    """kvm2's storage directory made a temporary one (a rollback removes only under it)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    text = config.read_text().replace(
+        "[hosts.kvm2]\n", f'[hosts.kvm2]\nstorage_dirs = ["{images}"]\n', 1
+    )
+    config.write_text(text)
+    return images
+
+
+def failed_with_an_image(
+    rt: Runtime, store: JobStore, images: Path, facts: dict[str, object]
+) -> tuple[str, Path]:
+    """A job that made an image here and failed, its record's facts `facts`."""
+    job_id = job_for(store)
+    image = images / "disk.qcow2"
+    image.write_text("the guest's disk")
+    rt.ledger.record_image(job_id, str(image))
+    store.update(job_id, facts=facts)
+    walked(store, job_id, JobState.MIGRATING)
+    moved, _ = store.transition(job_id, JobState.FAILED, host="test", reason="forged")
+    assert moved
+    return job_id, image
+
+
+def test_a_rollback_never_takes_a_guest_that_arrived_for_absent_whatever_its_uuid_in_redis(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """A job made to look failed, its record's uuid rewritten: the rollback used to look for
+    the guest by that uuid, find nothing, and remove the image the arrived guest runs on."""
+    images = images_on_kvm2(env, tmp_path)
+    rt = runtime(store, "kvm2", tmp_path)
+    job_id, image = failed_with_an_image(rt, store, images, recorded(FORGED_UUID))
+    rt.ledger.remember_facts(job_id, SourceFacts.model_validate(recorded(guest_uuid(hv))))
+    rollback_destination(rt, store.get(job_id))
+    assert image.read_text() == "the guest's disk"
+    assert hv.lookupByName(GUEST).isActive()
+
+
+def test_a_rollback_never_removes_an_image_a_domain_here_names(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """Whatever the ledger and the record say, an image that a domain defined on this host
+    uses (here, a shut-off one) stays, and the rollback says so."""
+    images = images_on_kvm2(env, tmp_path)
+    rt = runtime(store, "kvm2", tmp_path)
+    job_id, image = failed_with_an_image(rt, store, images, recorded(FORGED_UUID))
+    disk = f"<devices><disk type='file' device='disk'><source file='{image}'/>"
+    owner = IDLE_XML.format(name="owner")
+    hv.defineXML(owner.replace("</os>", f"</os>{disk}<target dev='vda'/></disk></devices>"))
+    with bind_log(store, "kvm2"), bound_contextvars(job_id=job_id):
+        rollback_destination(rt, store.get(job_id))
+    assert image.read_text() == "the guest's disk"
+    events = [e for _, e in store.read_events(job_id)]
+    kept = [e for e in events if e["event"] == "rollback.kept_images"]
+    assert kept and kept[0]["paths"] == [str(image)], events
 
 
 def test_confirm_reports_a_source_copy_still_running_as_leftovers(

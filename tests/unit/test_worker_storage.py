@@ -10,7 +10,7 @@ import pytest
 
 from jobs.record import DiskFacts
 from worker.ledger import Ledger
-from worker.storage import StorageError, confined, create_targets, remove_own
+from worker.storage import StorageError, confined, create_targets, disk_sources, remove_own
 
 MIB = 1024 * 1024
 
@@ -38,7 +38,7 @@ def test_targets_are_made_recorded_and_removed_by_the_ledger(images: Path, ledge
     made = create_targets([disk], [str(images)], ledger, "job000000001")
     assert made == [str(images / "a.qcow2")] and (images / "a.qcow2").exists()
     assert ledger.images("job000000001") == made
-    assert remove_own(ledger, "job000000001", [str(images)]) == made
+    assert remove_own(ledger, "job000000001", [str(images)], set()) == (made, [])
     assert not (images / "a.qcow2").exists() and ledger.images("job000000001") == []
 
 
@@ -87,8 +87,37 @@ def test_rollback_removes_only_what_this_worker_made(images: Path, ledger: Ledge
     """A path the job record names but the ledger does not is never touched."""
     victim = images / "someone-elses.qcow2"
     victim.write_text("not ours")
-    assert remove_own(ledger, "job000000002", [str(images)]) == []
+    assert remove_own(ledger, "job000000002", [str(images)], set()) == ([], [])
     assert victim.read_text() == "not ours"
+
+
+def test_an_image_a_domain_uses_is_never_removed(images: Path, ledger: Ledger) -> None:
+    """The job's guest arrived (whatever its record says): the image it runs on, named by
+    its domain XML here, stays; the ledger forgets it as the job's all the same."""
+    disk = DiskFacts(path=str(images / "b.qcow2"), format="qcow2", capacity=MIB)
+    made = create_targets([disk], [str(images)], ledger, "job000000004")
+    xml = (
+        "<domain><devices><disk type='file' device='disk'>"
+        f"<source file='{images / 'b.qcow2'}'/><target dev='vda'/></disk></devices></domain>"
+    )
+    assert remove_own(ledger, "job000000004", [str(images)], disk_sources(xml)) == ([], made)
+    assert (images / "b.qcow2").exists() and ledger.images("job000000004") == []
+
+
+def test_disk_sources_name_backing_chains_and_block_devices(tmp_path: Path) -> None:
+    xml = (
+        "<domain><devices>"
+        "<disk type='file' device='disk'><source file='/img/top.qcow2'/>"
+        "<backingStore type='file'><source file='/img/base.qcow2'/></backingStore>"
+        "<target dev='vda'/></disk>"
+        "<disk type='block' device='disk'><source dev='/dev/vg/lv'/><target dev='vdb'/></disk>"
+        "<disk type='network' device='disk'><source protocol='nbd' name='x'/>"
+        "<target dev='vdc'/></disk>"
+        "</devices></domain>"
+    )
+    assert disk_sources(xml) == {
+        os.path.realpath(p) for p in ("/img/top.qcow2", "/img/base.qcow2", "/dev/vg/lv")
+    }
 
 
 def test_phases_run_once_per_job_on_a_host(ledger: Ledger) -> None:
