@@ -98,3 +98,18 @@ def pop_tune(r: redis.Redis, job_id: str) -> TuneRequest | None:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "the request"
         raise BadControlRequest(f"the tune request is not valid: {where}: {err['msg']}") from None
+
+
+def postcopy_off(job: Job, request: TuneRequest) -> str | None:
+    """Why the request's post-copy bandwidth could never be used, or None: the job's effective
+    policy, as its source worker recorded it when perform began (jobs/policy_choice.py), does
+    not allow post-copy, and a running migration's policy does not change. A convenience
+    check before anything is sent; with no policy recorded it is left to the worker."""
+    policy = job.policy
+    if request.postcopy_bandwidth_mib is None or policy is None or policy.values.allow_postcopy:
+        return None
+    why = policy.sources.get("allow_postcopy", "its default")
+    return (
+        f"--postcopy-bandwidth: job {job.id} runs with policy {policy.name}, which does not "
+        f"allow post-copy ({why}): the figure would never be used"
+    )

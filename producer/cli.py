@@ -26,7 +26,7 @@ from producer.cli_common import (
 )
 from producer.cli_dry_run import disk_list, show_dry_run
 from producer.cli_xml import xml_request
-from producer.text import plain, plain_data
+from producer.text import plain, plain_data, quoting_short
 
 
 def register(app: typer.Typer) -> None:
@@ -204,12 +204,12 @@ def migrate(
 
 def abort(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
     """Abort a job: queued ones never start, a running migration is aborted in libvirt."""
-    out.print(plain(guarded(lambda: drover().abort(job_id))), markup=False)
+    out.print(plain(guarded(quoting_short(lambda: drover().abort(job_id), job_id))), markup=False)
 
 
 def postcopy(job_id: Annotated[str, typer.Argument(help="a running migration")]) -> None:
     """Switch a running migration to post-copy (its policy must allow post-copy)."""
-    guarded(lambda: drover().start_postcopy(job_id))
+    guarded(quoting_short(lambda: drover().start_postcopy(job_id), job_id))
     out.print(f"post-copy requested for {job_id}")
 
 
@@ -220,17 +220,18 @@ def events(
 ) -> None:
     """Print a job's events (JSON lines with --json); --follow until the job ends."""
     from producer.render import event_line
+    from producer.waiting import events_of
 
     seen: set[str] = set()  # its events' kinds ("job", "evacuation", ...): what it is
 
     def go() -> None:
-        for ev in drover().events(job_id, follow=follow):
+        for ev in events_of(drover(), job_id, follow):  # Redis away at first: one line at once
             seen.add(str(ev.get("event")).split(".")[0])
             print_json(ev) if as_json else out.print(event_line(ev), markup=False, soft_wrap=True)
             sys.stdout.flush()
 
     with goes_on(seen, job_id, when=follow):  # no JSON of its own: the caller named the id
-        guarded(go)
+        guarded(quoting_short(go, job_id))
 
 
 def jobs(
@@ -267,7 +268,7 @@ def jobs(
         for reason in unreadable:  # left out of the list, never silently
             notice(f"{reason}; left out of this list")
 
-    guarded(go)
+    guarded(quoting_short(go, state, host, since))
 
 
 def job(
@@ -290,7 +291,7 @@ def job(
 
                 out.print(policy_table(policy, f"effective policy {policy.name}"))
 
-    guarded(go)
+    guarded(quoting_short(go, job_id))
 
 
 # In the order `drover --help` lists them; cli/main.py runs these without the other commands.

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from config.addresses import shown
 from producer import cli_drain_options as o
 from producer.cli_common import EXIT_USAGE, fail, guarded, notice, out, print_json
-from producer.text import cell
+from producer.text import cell, quoting_short
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -31,7 +32,7 @@ def _hosts(value: str | None) -> list[str]:
         return []
     names = [name.strip() for name in value.split(",")]
     if not all(names):
-        fail(f"--to {value!r}: empty host name", EXIT_USAGE)
+        fail(f"--to {shown(value)}: empty host name", EXIT_USAGE)
     return names
 
 
@@ -154,7 +155,7 @@ def register(app: typer.Typer) -> None:
                 soft_wrap=True,
             )
 
-        guarded(go)
+        guarded(quoting_short(go, host, cron, at, to))
 
     @schedule_app.command("list")
     def list_schedules(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -191,7 +192,7 @@ def register(app: typer.Typer) -> None:
                 fail(str(exc), EXIT_USAGE)
             out.print(f"removed schedule {schedule_id}", markup=False)
 
-        guarded(go)
+        guarded(quoting_short(go, schedule_id))
 
     @app.command()
     def beat(loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO") -> None:
@@ -203,4 +204,4 @@ def register(app: typer.Typer) -> None:
         from config.settings import load_settings
         from schedules.beat import run_beat
 
-        guarded(lambda: run_beat(load_settings(), loglevel=loglevel))
+        guarded(quoting_short(lambda: run_beat(load_settings(), loglevel=loglevel), loglevel))

@@ -25,6 +25,7 @@ from jobs.control import (
     BadControlRequest,
     TuneRequest,
     not_migrating,
+    postcopy_off,
     push_tune,
     tune_request,
 )
@@ -59,6 +60,9 @@ class ControlRequests:
         except BadControlRequest as exc:
             raise SubmitError(str(exc)) from None
         job = self._migrating(job_id, "tune")
+        problem = postcopy_off(job, request)
+        if problem is not None:
+            raise SubmitError(problem)
         return self._ask(job, TUNE_TASK, "tune", lambda: self._push(job_id, request))
 
     def force_complete(self, job_id: str) -> str:

@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from config.settings import Settings
-from jobs.errors import redis_location, require_seconds
+from jobs.errors import broker_errors, redis_location, require_seconds
 from jobs.follow import MS_PER_S, wait_for_end
 from jobs.store import JobStore
 from jobs.streams import skipped_notice
@@ -113,3 +113,18 @@ def record_events(
     else:
         for _, event in store.read_events(job_id, skipped=said):
             yield event
+
+
+def events_of(d: Any, job_id: str, follow: bool) -> Iterator[dict[str, Any]]:
+    """`drover events [--follow]`: the record's events from `d` (producer/api.py's Drover,
+    which imports this module), its kind read once first when following. Redis out of reach
+    before the follower has seen the id is BrokerUnavailable at once (one line naming Redis),
+    not an outage ridden out for `wait_redis_outage` with a notice that the job "goes on":
+    nothing is known to go on, and the id may name nothing. An outage met once following is
+    ridden out (record_events), as `migrate --wait` does for the job it has just queued.
+    JobNotFound for a wrong id, as without --follow."""
+    if follow:
+        with broker_errors(d.settings.redis_url):
+            d.store.kind(job_id)
+    events: Iterator[dict[str, Any]] = d.events(job_id, follow=follow)
+    return events
