@@ -61,20 +61,60 @@ class Gate:
     label: str  # for people: "lab1 outbound (limit 2)"
 
 
+def gate_names(
+    spec: MigrationSpec, parent_limit: int | None = None, parent: str = ""
+) -> list[tuple[str, str]]:
+    """(key, label) of every gate a migration falls under: from its spec and evacuation
+    alone, so that they hold whatever the registry says now."""
+    names = [
+        (outbound_gate(spec.src), f"{spec.src} outbound"),
+        (inbound_gate(spec.dst), f"{spec.dst} inbound"),
+        (CLUSTER_GATE, "cluster-wide"),
+    ]
+    if parent and parent_limit is not None:
+        names.append((evacuation_gate(parent), f"evacuation {parent}"))
+    return names
+
+
 def gates_for(
     spec: MigrationSpec, settings: Settings, parent_limit: int | None = None, parent: str = ""
 ) -> list[Gate]:
     """Every limit a migration falls under, read from the registry as it is now."""
     src, dst = settings.host(spec.src).limits, settings.host(spec.dst).limits
-    cluster = settings.cluster.max_migrations
-    gates = [
-        Gate(outbound_gate(spec.src), src.max_outbound, f"{spec.src} outbound"),
-        Gate(inbound_gate(spec.dst), dst.max_inbound, f"{spec.dst} inbound"),
-        Gate(CLUSTER_GATE, cluster, "cluster-wide"),
+    names = gate_names(spec, parent_limit, parent)
+    limits = [src.max_outbound, dst.max_inbound, settings.cluster.max_migrations, parent_limit]
+    return [
+        Gate(key, limit or 0, label)
+        for (key, label), limit in zip(names, limits[: len(names)], strict=True)
     ]
-    if parent and parent_limit is not None:
-        gates.append(Gate(evacuation_gate(parent), parent_limit, f"evacuation {parent}"))
-    return gates
+
+
+@dataclass(frozen=True)
+class Slots:
+    """What `slots_of` read in one round trip: the job's state, and the labels of the gates
+    it holds no slot in."""
+
+    state: str | None
+    missing: list[str]
+
+
+def slots_of(
+    r: redis.Redis, job_id: str, spec: MigrationSpec, parent: str | None, limit: int | None
+) -> Slots:
+    """Whether `job_id` holds its slot in every gate it falls under (one pipeline).
+
+    Only the admit script takes slots, in the same step as it writes `admitted`; that field
+    alone is anyone's to write with the Redis password, so it proves nothing. A gate key that
+    is no set (written by hand) holds no slot.
+    """
+    names = gate_names(spec, limit, parent or "")
+    with r.pipeline(transaction=False) as p:
+        p.hget(job_key(job_id), "state")
+        for key, _ in names:
+            p.sismember(key, job_id)
+        state, *held = p.execute(raise_on_error=False)
+    missing = [label for (_, label), h in zip(names, held, strict=True) if h not in (1, True)]
+    return Slots(state if isinstance(state, str) else None, missing)
 
 
 def parent_limit_of(raw: str | None) -> int | None:

@@ -58,7 +58,8 @@ return next_head(KEYS[1], ARGV[2])
 # number n of terminal states, ARGV[8..7+n] those states, ARGV[8+n..] the gates' limits in
 # KEYS order. Returns {1, '', next head} admitted, {0, gate, ''} refused by gate (the lane is
 # now blocked on it), {-1, state, next head} not waiting any more (ended, aborted), {2, '',
-# next head} admitted before.
+# next head} admitted before: `admitted` and a slot in every gate (the field alone, written
+# by hand, is no admission: such a job stays in line and is admitted in its turn).
 ADMIT_LUA = (
     HELPERS
     + """
@@ -68,7 +69,11 @@ if state ~= ARGV[3] or redis.call('HEXISTS', KEYS[2], 'abort_requested') == 1 th
   redis.call('ZREM', lane, id)
   return {-1, state or '', next_head(lane, blocked)}
 end
-if redis.call('HEXISTS', KEYS[2], 'admitted') == 1 then
+local held = redis.call('HEXISTS', KEYS[2], 'admitted') == 1
+for i = 7, #KEYS do
+  if held and redis.call('SISMEMBER', KEYS[i], id) == 0 then held = false end
+end
+if held then
   redis.call('ZREM', lane, id)
   return {2, '', next_head(lane, blocked)}
 end

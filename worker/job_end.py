@@ -12,6 +12,7 @@ from typing import Any
 
 from config.celery import app, host_queue
 from config.events import get_logger
+from jobs.admission_head import TERMINAL_NAMES, slots_of
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, ROLLBACK_DESTINATION_TASK, Phase
 from jobs.request_signing import SECURITY_REASON, RequestRefused, check_job, verifier_for
@@ -176,3 +177,42 @@ def verified(rt: Runtime, job: Job) -> bool:
             job_ended(rt, job)
         return False
     return True
+
+
+# (job, gate) refusals recovery said already in this process: said once, not every sweep.
+# Bounded: job ids are anyone's to write with the Redis password.
+_NOTED_SLOTLESS: set[tuple[str, str]] = set()
+_NOTED_SLOTLESS_MAX = 4096
+
+
+def holds_slots(rt: Runtime, job: Job, *, resend: bool = False) -> bool:
+    """Whether the job holds its slot in every gate admission gives it, so that a phase may
+    start (or, `resend`, be sent again). `admitted` alone is no proof: anyone with the Redis
+    password can write it; only the admit script takes slots, in the same step.
+
+    A live job never loses a slot while drover runs it: they leave a gate only in the step
+    that ends the job, or when pruned as a slot of an ended or vanished job; a lowered limit
+    changes no membership; AOF keeps the sets through a restart. So a job found without one
+    was never admitted (or its slot was removed by hand): refused, with the gate named
+    (`message.rejected`; recovery sends nothing and says so once). A dry run takes no slot;
+    a job that ended meanwhile gave its slots back with its end and is skipped.
+    """
+    if job.spec.dry_run:
+        return True
+    slots = slots_of(rt.store.r, job.id, job.spec, job.parent, job.parent_limit)
+    if not slots.missing:
+        return True
+    if slots.state in TERMINAL_NAMES:
+        if not resend:
+            log.info("phase.skipped", reason=f"job already {slots.state}")
+        return False
+    gate = ", ".join(slots.missing)
+    reason = f"job holds no slot in {gate}: admission never started it"
+    if not resend:
+        log.warning("message.rejected", reason=reason)
+    elif (job.id, gate) not in _NOTED_SLOTLESS:
+        if len(_NOTED_SLOTLESS) >= _NOTED_SLOTLESS_MAX:
+            _NOTED_SLOTLESS.clear()
+        _NOTED_SLOTLESS.add((job.id, gate))
+        log.warning("message.rejected", reason=f"{reason}; its phase is not sent again")
+    return False

@@ -3,7 +3,7 @@ in middleware), so that each phase reads as the handful of libvirt facts it chec
 one thing it does:
 
     load      the message names a live job, and this host owns the phase
-    admit     the job is live, was admitted under the limits, its request is signed, and
+    admit     the job is live, holds its slot in every gate, its request is signed, and
               this worker takes work (a draining one sends the phase back to the queue)
     claim     the phase runs once per job: a claim in Redis and in this host's ledger
     mark      run by this process: recovery on any worker of this host leaves it alone
@@ -37,6 +37,7 @@ from jobs.workflow import migration_chain
 from worker.job_end import (
     advance,
     fail_job,
+    holds_slots,
     job_context,
     job_ended,
     rollback_destination_later,
@@ -117,6 +118,8 @@ def _admit(run: PhaseRun, job: Job) -> None:
         # no concurrency slot did not come from drover, and must not take the phase.
         log.warning("message.rejected", reason="job was never admitted under the limits")
         raise Dropped("not admitted")
+    if not holds_slots(rt, job):  # nor does `admitted` without the slots (written by hand)
+        raise Dropped("no slot")
     if not verified(rt, job):
         raise Dropped("not signed")
     if rt.draining and not run.recovering:

@@ -35,7 +35,7 @@ from jobs.record_read import REDIS_OUTAGES, KeyUnreadable, MalformedRecord
 from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
-from worker.job_end import job_context, verified
+from worker.job_end import holds_slots, job_context, verified
 from worker.ledger import PhaseMark
 from worker.phase_errors import Dropped, PhaseFailed
 from worker.phase_frame import execute_phase
@@ -134,7 +134,7 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         return  # still waiting for a slot: admission, not recovery, starts it (and checks it)
     elif _quiet_s(rt, job, step) > rt.settings.tunables.redispatch_after and verified(rt, job):
         # (nor is anything sent again for a request no trusted key signed)
-        if _started_here(rt, job.id, step.phase):
+        if _started_here(rt, job.id, step.phase) or not holds_slots(rt, job, resend=True):
             return
         give_back_dead_claim(rt, job.id, step.phase)
         log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
