@@ -20,6 +20,7 @@ import redis
 
 from config.celery import host_queue
 from config.redis_acl import WORKER
+from jobs.admission_head import gate_names
 from jobs.model import PhaseRecord
 from jobs.request_signing import MIGRATION_KIND, RequestSigner, signed_record
 from jobs.spec import MigrationSpec
@@ -108,7 +109,11 @@ def forge_job(
         "handoff": json.dumps(handoff or {}),
     }
     if admitted:
+        # Admitted as the admit script admits: the field and a slot in each of its gates
+        # (the field alone proves nothing to a worker: jobs/admission_head.py slots_of).
         record["admitted"] = then.isoformat()
+        for gate, _ in gate_names(spec):
+            r.sadd(gate, job_id)
     # What a producer writes (jobs/request_signing.py), as it would have signed it then.
     record |= signed_record(
         signer,

@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 
 from config.settings import ConfigError, _Cache
+from jobs.admission_head import gate_names
 from jobs.phases import Phase
 from jobs.spec import ControlFlow, MigrationSpec
 from jobs.states import JobState
@@ -356,6 +357,8 @@ def test_a_phase_this_host_started_is_never_sent_again_nor_its_claim_given_back(
     perform = Phase.PERFORM.value
     job_id = _before_perform(store)
     store.r.hset(f"drover:job:{job_id}", "admitted", "2020-01-01T00:00:00+00:00")
+    for gate, _ in gate_names(store.get(job_id).spec):  # admitted as the admit script does
+        store.r.sadd(gate, job_id)
     assert store.claim_phase(job_id, perform, "kvm1") and rt.ledger.claim(job_id, perform)
     rt.ledger.mark(job_id, perform, PhaseMark.STARTED)
 
