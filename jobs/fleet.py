@@ -18,7 +18,10 @@ read from records of which there are few at any time (jobs holding a slot, live 
 
 Reads go in MULTI blocks, so the counts read together are of one moment: one block for the
 jobs, lines, hosts and the ids of evacuations, a second when there are evacuations, a third
-while one runs (its children's states); plus redis-py's check that the scripts are loaded.
+while one runs (its children's states). Anyone with the Redis password can write these keys:
+each reply is taken on its own, so a key of the wrong type, a member of `LANES` that is no
+lane, a record drover cannot read cost only the figures read from them (left out, never
+shown as 0; `Fleet.unreadable` names the part), never the whole fleet.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -39,6 +42,7 @@ from jobs.keys import (
     CLUSTER_GATE,
     DISABLED_HOSTS,
     EVACUATIONS_INDEX,
+    LANE_PREFIX,
     LANES,
     LANES_BLOCKED_BY,
     SLOTS_PREFIX,
@@ -57,29 +61,39 @@ EVACUATION_FINAL = tuple(sorted(s.value for s in EVACUATION_TERMINAL))
 SHARED_FINAL = tuple(s for s in JOB_FINAL if s in EVACUATION_FINAL)
 ALL_FINAL = tuple(sorted({*JOB_FINAL, *EVACUATION_FINAL}))
 _SUCCEEDED = JobState.SUCCEEDED.value
+_HELD = {"", *(s.value for s in JobState)}  # a slot holder's state: '' for a record gone
 
-# KEYS[1] every lane, KEYS[2] lane -> the gate refusing its head. Returns a flat list of
-# gate ('' for none), jobs waiting in the lanes blocked on it. Reads only.
+# KEYS[1] every lane, KEYS[2] lane -> the gate refusing its head; ARGV[1] the lane key prefix.
+# Returns the members of KEYS[1] skipped (not a lane key, or a key that is not a sorted set),
+# then a flat list of gate ('' for none), jobs waiting in the lanes blocked on it. Reads only.
 _WAITING_BY_GATE_LUA = """
-local counts, order = {}, {}
+local counts, order, skipped = {}, {}, 0
 for _, lane in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local n = redis.call('ZCARD', lane)
-  if n > 0 then
-    local gate = redis.call('HGET', KEYS[2], lane) or ''
-    if not counts[gate] then counts[gate] = 0; order[#order + 1] = gate end
-    counts[gate] = counts[gate] + n
+  local kind = redis.call('TYPE', lane).ok
+  if string.sub(lane, 1, #ARGV[1]) ~= ARGV[1] or (kind ~= 'zset' and kind ~= 'none') then
+    skipped = skipped + 1
+  else
+    local n = redis.call('ZCARD', lane)
+    if n > 0 then
+      local gate = redis.call('HGET', KEYS[2], lane) or ''
+      if not counts[gate] then counts[gate] = 0; order[#order + 1] = gate end
+      counts[gate] = counts[gate] + n
+    end
   end
 end
-local out = {}
+local out = {skipped}
 for _, gate in ipairs(order) do out[#out + 1] = gate; out[#out + 1] = counts[gate] end
 return out
 """
 # KEYS[1] the cluster-wide gate; ARGV[1] the job key prefix. The state of every job holding a
-# slot ('' for a record gone), read in the same MULTI as the active set's size. Reads only.
+# slot ('' for a record gone, nil for a key that is not a hash), read in the same MULTI as the
+# active set's size. Reads only.
 _HOLDER_STATES_LUA = """
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  out[#out + 1] = redis.call('HGET', ARGV[1] .. id, 'state') or ''
+  local kind = redis.call('TYPE', ARGV[1] .. id).ok
+  if kind == 'hash' then out[#out + 1] = redis.call('HGET', ARGV[1] .. id, 'state') or ''
+  else out[#out + 1] = (kind == 'none') and '' or false end
 end
 return out
 """
@@ -98,26 +112,26 @@ class GuestsLeft:
 
 
 @dataclass(frozen=True)
-class Fleet:
-    jobs: dict[str, int]  # every migration job state -> how many
-    waiting: dict[str, int]  # gate label (or NO_GATE) -> jobs waiting in lanes behind it
-    evacuations: dict[str, int]  # every evacuation state -> how many
-    guests_left: list[GuestsLeft]  # one per running evacuation
+class Fleet:  # a state, a row or a family (None) that could not be read is left out
+    jobs: dict[str, int]  # migration job state -> how many (a state not readable: absent)
+    waiting: dict[str, int] | None  # gate label (or NO_GATE) -> jobs waiting in lanes behind it
+    evacuations: dict[str, int]  # evacuation state -> how many (as `jobs`)
+    guests_left: list[GuestsLeft] | None  # one per running evacuation whose plan reads
     alive: dict[str, bool]  # registry host -> its worker's heartbeat is present
-    maintenance: dict[str, float | None]  # host in maintenance -> since (epoch s), if known
+    maintenance: dict[str, float | None] | None  # host in maintenance -> since (epoch s)
+    unreadable: frozenset[str]  # the PARTS of which something could not be read
 
 
 def read_fleet(r: redis.Redis, hosts: Iterable[str], *, now_s: float, retention_s: float) -> Fleet:
-    """The figures above, in one to three MULTI blocks (RedisError for the caller on an
-    outage)."""
+    """The figures above, in one to three MULTI blocks. An outage raises (RedisError or an
+    OS error, for the caller); a key of the wrong type costs only the figures read from it."""
     hosts = sorted(hosts)
     low = now_s - retention_s
-    waiting_by_gate = r.register_script(_WAITING_BY_GATE_LUA)
-    holder_states = r.register_script(_HOLDER_STATES_LUA)
     with r.pipeline(transaction=True) as p:
         p.scard(ACTIVE_JOBS)
-        queue_script(p, holder_states, [CLUSTER_GATE], [job_key("")])
-        queue_script(p, waiting_by_gate, [LANES, LANES_BLOCKED_BY])
+        queue_script(p, r.register_script(_HOLDER_STATES_LUA), [CLUSTER_GATE], [job_key("")])
+        lanes = r.register_script(_WAITING_BY_GATE_LUA)
+        queue_script(p, lanes, [LANES, LANES_BLOCKED_BY], [LANE_PREFIX])
         p.zcard(WAITING)
         for state in ALL_FINAL:
             p.zcount(jobs_by_state_key(state), low, "+inf")
@@ -125,99 +139,128 @@ def read_fleet(r: redis.Redis, hosts: Iterable[str], *, now_s: float, retention_
         p.zrangebyscore(EVACUATIONS_INDEX, low, "+inf")
         p.mget([heartbeat_key(host) for host in hosts] or [heartbeat_key("")])
         p.hgetall(DISABLED_HOSTS)
-        first = p.execute()
+        first = p.execute(raise_on_error=False)
     live_total, held, by_gate, legacy = first[:4]
-    finals = dict(zip(ALL_FINAL, (int(n) for n in first[4 : 4 + len(ALL_FINAL)]), strict=True))
-    rest = first[4 + len(ALL_FINAL) :]
-    live_evacuations, recent_evacuations = sorted(rest[0]), list(rest[1])
-    beats, disabled = rest[2], rest[3]  # one MGET: a reply per host, not a command
-
+    finals = {s: _ok(n) for s, n in zip(ALL_FINAL, first[4 : 4 + len(ALL_FINAL)], strict=True)}
+    live_ids, recent, beats, disabled = (_ok(x) for x in first[4 + len(ALL_FINAL) :])
+    live_evacuations: list[str] = sorted(live_ids or ())
     with r.pipeline(transaction=True) as p:
-        for state in SHARED_FINAL if recent_evacuations else ():
-            p.zmscore(jobs_by_state_key(state), recent_evacuations)
+        for state in SHARED_FINAL if recent else ():
+            p.zmscore(jobs_by_state_key(state), recent)
         for evacuation_id in live_evacuations:
             p.hmget(job_key(evacuation_id), ["state", "spec", "plan"])
             p.hgetall(children_key(evacuation_id))
-        second = p.execute()
-    rest = second
-    shared = len(SHARED_FINAL) if recent_evacuations else 0
-    evacuations_ended = {
-        state: sum(1 for score in scores if score is not None)
-        for state, scores in zip(SHARED_FINAL, rest[:shared], strict=False)
+        second = p.execute(raise_on_error=False)
+    shared = len(SHARED_FINAL) if recent else 0
+    ended: dict[str, int | None] = dict.fromkeys(SHARED_FINAL, None if recent is None else 0)
+    for state, scores in zip(SHARED_FINAL, second[:shared], strict=False):
+        ended[state] = None if _ok(scores) is None else sum(x is not None for x in scores)
+    records, kids = second[shared:][::2], second[shared:][1::2]
+    held = _ok(held)
+    jobs = _jobs(_ok(live_total), held, finals, ended)
+    evacuations = _evacuations(None if live_ids is None else records, finals, ended)
+    left, left_out = _guests_left(r, live_evacuations, records, kids)
+    waiting = _waiting(_ok(by_gate), _ok(legacy))
+    maintenance = None if disabled is None else {h: _since(x) for h, x in sorted(disabled.items())}
+    unreadable = {
+        "jobs": len(jobs) < len(JobState) or any(s not in _HELD for s in held or ()),
+        "waiting": waiting is None or int(by_gate[0]) > 0,
+        "evacuations": len(evacuations) < len(EvacuationState) or any(map(_failed, records)),
+        "guests_left": live_ids is None or left_out,
+        "maintenance": disabled is None,
     }
-    running = rest[shared:]
-
     return Fleet(
-        jobs=_jobs(int(live_total), [str(x) for x in held], finals, evacuations_ended),
-        waiting=_waiting(by_gate, int(legacy)),
-        evacuations=_evacuations(running[::2], finals, evacuations_ended),
-        guests_left=_guests_left(r, live_evacuations, running[::2], running[1::2]),
-        alive={host: beat is not None for host, beat in zip(hosts, beats, strict=False)},
-        maintenance={host: _since(raw) for host, raw in sorted(disabled.items())},
+        jobs=jobs,
+        waiting=waiting,
+        evacuations=evacuations,
+        guests_left=None if live_ids is None else left,
+        alive={host: beat is not None for host, beat in zip(hosts, beats or (), strict=False)},
+        maintenance=maintenance,
+        unreadable=frozenset(part for part, failed in unreadable.items() if failed),
     )
 
 
+def _ok(reply: Any) -> Any:
+    """A reply, or None for the error Redis answered in its place (a key of the wrong type)."""
+    return None if _failed(reply) else reply
+
+
+def _failed(reply: Any) -> bool:
+    return isinstance(reply, Exception)
+
+
 def _jobs(
-    live_total: int,
-    held: list[str],
-    finals: dict[str, int],
-    evacuations_ended: dict[str, int],
+    live_total: int | None,
+    held: list[str | None] | None,
+    finals: dict[str, int | None],
+    evacuations_ended: dict[str, int | None],
 ) -> dict[str, int]:
-    counts = dict.fromkeys((s.value for s in JobState), 0)
-    live = {s.value for s in LIVE}
-    for state in held:  # a holder that ended (its slot not pruned yet) is counted as ended
-        if state in live and state != JobState.QUEUED.value:
-            counts[state] += 1
-    past_admission = sum(counts.values())
-    counts[JobState.QUEUED.value] = max(0, live_total - past_admission)
+    """By state; a state whose figure cannot be read is left out."""
+    counts: dict[str, int] = {}
     for state in JOB_FINAL:
-        counts[state] = max(0, finals[state] - evacuations_ended.get(state, 0))
+        total, less = finals[state], evacuations_ended.get(state, 0)
+        if total is not None and less is not None:
+            counts[state] = max(0, int(total) - less)
+    if held is None:  # the slots unread: no live state is known
+        return counts
+    past = [s.value for s in LIVE if s is not JobState.QUEUED]
+    counts |= {state: held.count(state) for state in past}  # an ended holder: counted as ended
+    if live_total is not None:
+        counts[JobState.QUEUED.value] = max(0, int(live_total) - sum(counts[s] for s in past))
     return counts
 
 
-def _waiting(by_gate: list[str | int], legacy: int) -> dict[str, int]:
+def _waiting(by_gate: list[str | int] | None, legacy: int | None) -> dict[str, int] | None:
     """Waiting jobs by the gate their lane is blocked on; the one-line waiting set of
     versions before lanes (moved into lanes by the next safety pass) counts as `none`."""
+    if by_gate is None or legacy is None:
+        return None
     found: dict[str, int] = {NO_GATE: legacy} if legacy else {}
-    for gate, n in zip(by_gate[::2], by_gate[1::2], strict=True):
+    for gate, n in zip(by_gate[1::2], by_gate[2::2], strict=True):
         label = gate_label(str(gate)) if gate else NO_GATE
         found[label] = found.get(label, 0) + int(n)
     return found
 
 
 def _evacuations(
-    live: list[list[str | None]], finals: dict[str, int], ended_shared: dict[str, int]
+    live: list[Any] | None, finals: dict[str, int | None], ended_shared: dict[str, int | None]
 ) -> dict[str, int]:
-    counts = dict.fromkeys((s.value for s in EvacuationState), 0)
-    for state, _spec, _plan in live:
-        if state in counts and state not in EVACUATION_FINAL:
-            counts[state] += 1
-    for state in EVACUATION_FINAL:
-        counts[state] = ended_shared.get(state, 0) if state in SHARED_FINAL else finals[state]
+    """By state, as `_jobs`; a record that is not a hash is left out, as one in a state drover
+    does not know."""
+    known = {s: finals[s] for s in EVACUATION_FINAL} | ended_shared
+    counts = {state: int(n) for state, n in known.items() if n is not None}
+    if live is not None:
+        states = [None if isinstance(x, Exception) else x[0] for x in live]
+        counts |= {
+            s.value: states.count(s.value) for s in EvacuationState if s not in EVACUATION_TERMINAL
+        }
     return counts
 
 
 def _guests_left(
-    r: redis.Redis,
-    ids: list[str],
-    fields: list[list[str | None]],
-    children: list[dict[str, str]],
-) -> list[GuestsLeft]:
+    r: redis.Redis, ids: list[str], fields: list[Any], children: list[Any]
+) -> tuple[list[GuestsLeft], bool]:
     """For each running evacuation, the domains of its plan whose child has not succeeded
-    (or was never queued): one more round trip for the children's states."""
-    running = [
-        (evacuation_id, _host(spec), _plan_domains(plan), kids)
-        for evacuation_id, (state, spec, plan), kids in zip(ids, fields, children, strict=True)
-        if state == EvacuationState.RUNNING.value and plan
-    ]
+    (or was never queued): one more round trip for the children's states. An evacuation
+    whose spec, plan or children cannot be read has no row (True: something was left out);
+    a child whose record is not a hash counts as not moved."""
+    running, left_out = [], False
+    for evacuation_id, record, kids in zip(ids, fields, children, strict=True):
+        if _failed(record) or record[0] != EvacuationState.RUNNING.value or not record[2]:
+            continue  # not running, or no plan yet: no row
+        host, domains = _host(record[1]), _plan_domains(record[2])
+        if host is None or domains is None or _failed(kids):
+            left_out = True
+        else:
+            running.append((evacuation_id, host, domains, cast(dict[str, str], kids)))
     child_ids = sorted({job_id for *_, kids in running for job_id in kids.values()})
-    states: dict[str, str | None] = {}
+    states: dict[str, Any] = {}
     if child_ids:
         with r.pipeline(transaction=True) as p:
             for job_id in child_ids:
                 p.hget(job_key(job_id), "state")
-            states = dict(zip(child_ids, p.execute(), strict=True))
-    return [
+            states = dict(zip(child_ids, p.execute(raise_on_error=False), strict=True))
+    left = [
         GuestsLeft(
             evacuation_id,
             host,
@@ -225,17 +268,19 @@ def _guests_left(
         )
         for evacuation_id, host, domains, kids in running
     ]
+    return left, left_out or any(map(_failed, states.values()))
 
 
-def _host(raw_spec: str | None) -> str:
+def _host(raw_spec: str | None) -> str | None:
     spec = _json(raw_spec)
-    return str(spec.get("host", "")) if isinstance(spec, dict) else ""
+    host = spec.get("host") if isinstance(spec, dict) else None
+    return host if isinstance(host, str) else None
 
 
-def _plan_domains(raw_plan: str | None) -> list[str]:
+def _plan_domains(raw_plan: str | None) -> list[str] | None:
     plan = _json(raw_plan)
     if not isinstance(plan, list):
-        return []
+        return None
     return [str(p["domain"]) for p in plan if isinstance(p, dict) and "domain" in p]
 
 
@@ -243,12 +288,13 @@ def _since(raw: str) -> float | None:
     entry = _json(raw)
     try:
         return datetime.fromisoformat(str(entry["since"])).timestamp()
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, OverflowError):
         return None
 
 
 def _json(raw: str | None) -> Any:
+    """The JSON in `raw`, or None for none drover can read (nested past Python's limit too)."""
     try:
         return json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None

@@ -28,7 +28,7 @@ from config.settings import Settings, current
 from jobs.connection import client_for
 from jobs.keys import EXPORTER_LEASE
 from jobs.lease import Lease
-from producer.exporter_collector import REDIS_FAILURES, FleetCollector
+from producer.exporter_collector import REDIS_FAILURES, FleetCollector, decode_leniently
 from producer.exporter_listen import Listen
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -44,7 +44,9 @@ class Exporter:
     def __init__(self, settings: Settings, say: Callable[[str], None]) -> None:
         tunables = settings.tunables
         self.say = say
-        self.client = client_for(settings.redis_url, probe_timeout=tunables.exporter_redis_timeout)
+        self.client = decode_leniently(
+            client_for(settings.redis_url, probe_timeout=tunables.exporter_redis_timeout)
+        )
         self.lease = Lease(self.client, EXPORTER_LEASE, tunables.exporter_lease_ttl)
         self.renew_every = tunables.exporter_lease_renew
         self.registry = CollectorRegistry(auto_describe=False)

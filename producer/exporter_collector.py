@@ -8,16 +8,21 @@ reads the fleet; a standby serves `drover_exporter_active 0` and nothing else.
 
 A scrape while Redis is down or silent gives up after `tunables.exporter_redis_timeout` and
 says so: `drover_exporter_redis_up 0` and no fleet series at all, never stale figures shown
-as fresh. Names and their KubeVirt equivalents: docs/metrics.md, "Fleet: drover exporter".
+as fresh. When Redis answers but holds something drover cannot read where a figure comes
+from (anyone with its password can write a string where a set should be), only that figure
+is left out, and `drover_exporter_read_errors_total{part}` counts the scrape: one hostile
+write must not blind the fleet's alerts. Names and their KubeVirt equivalents:
+docs/metrics.md, "Fleet: drover exporter".
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import redis
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from config.settings import Settings
@@ -30,6 +35,16 @@ from schedules.records import Schedule
 PREFIX = "drover_"
 # What a scrape takes as "Redis is down": any Redis error, refused or timed-out connects.
 REDIS_FAILURES: tuple[type[Exception], ...] = (redis.RedisError, *OUTAGE_ERRORS)
+# The parts of a scrape that can be left out on their own (`drover_exporter_read_errors_total`).
+PARTS = ("jobs", "waiting", "evacuations", "guests_left", "maintenance", "schedules")
+
+
+def decode_leniently(client: redis.Redis) -> redis.Redis:
+    """`client` (before its first command), decoding bytes that are not UTF-8 as U+FFFD: a
+    strict decode of one such member or field, which anyone with the Redis password can
+    write, fails the whole MULTI reply it is in (every figure, HTTP 500), not one figure."""
+    client.connection_pool.connection_kwargs["encoding_errors"] = "replace"
+    return client
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -47,6 +62,8 @@ class FleetCollector(Collector):
         self.settings = settings
         self.r = client
         self.active = active
+        self._lock = threading.Lock()  # scrapes may run at once (one HTTP thread each)
+        self._read_errors = dict.fromkeys(PARTS, 0)  # part -> scrapes that left some out
 
     def collect(self) -> Iterator[Metric]:
         active = self.active()
@@ -56,17 +73,21 @@ class FleetCollector(Collector):
         if not active:
             return
         try:
-            fleet, schedules = self._read()
+            fleet, schedules, unreadable = self._read()
         except REDIS_FAILURES:
-            fleet, schedules = None, []
-        up = _gauge("exporter_redis_up", "1 when this scrape read the fleet from Redis")
+            fleet, schedules, unreadable = None, None, frozenset()
+        up = _gauge("exporter_redis_up", "1 when Redis answered this scrape's reads of the fleet")
         up.add_metric([], 0.0 if fleet is None else 1.0)
         yield up
+        yield self._count(unreadable)
         if fleet is not None:
             yield from fleet_metrics(fleet)
+        if schedules is not None:
             yield from schedule_metrics(schedules)
 
-    def _read(self) -> tuple[Fleet, list[Schedule]]:
+    def _read(self) -> tuple[Fleet, list[Schedule] | None, frozenset[str]]:
+        """The fleet, the schedules (None when their index cannot be read) and the parts of
+        which something was left out; an outage raises."""
         settings = self.settings()
         tunables = settings.tunables
         fleet = read_fleet(
@@ -78,7 +99,28 @@ class FleetCollector(Collector):
         # Each entry on its own: one drover cannot read (written into Redis by hand) is left
         # out of the scrape, the other schedules and the fleet's figures still count.
         unreadable: list[str] = []
-        return fleet, read_schedules(self.r, unreadable=unreadable)
+        schedules: list[Schedule] | None
+        try:
+            schedules = read_schedules(self.r, unreadable=unreadable)
+        except redis.ResponseError:  # the index is not a sorted set: Redis answered
+            schedules = None
+        lost = {"schedules"} if schedules is None or unreadable else set()
+        return fleet, schedules, fleet.unreadable | lost
+
+    def _count(self, unreadable: frozenset[str]) -> Metric:
+        with self._lock:
+            for part in unreadable:
+                self._read_errors[part] += 1
+            counts = sorted(self._read_errors.items())
+        errors = CounterMetricFamily(
+            f"{PREFIX}exporter_read_errors",
+            "scrapes that left out some of a part of the fleet: Redis held something drover "
+            "cannot read there (a key of the wrong type, a record or member not drover's)",
+            labels=["part"],
+        )
+        for part, n in counts:
+            errors.add_metric([part], n)
+        return errors
 
 
 def fleet_metrics(fleet: Fleet) -> Iterator[Metric]:
@@ -87,44 +129,51 @@ def fleet_metrics(fleet: Fleet) -> Iterator[Metric]:
     for state, n in sorted(fleet.jobs.items()):
         jobs.add_metric([state], n)
     yield jobs
-    waiting = _gauge(
-        "jobs_waiting",
-        "jobs waiting for admission, by the gate (limit) refusing their lane's head; "
-        "gate=none: not refused yet",
-        ["gate"],
-    )
-    for gate, n in sorted(fleet.waiting.items()):
-        waiting.add_metric([gate], n)
-    yield waiting
+    if fleet.waiting is not None:
+        waiting = _gauge(
+            "jobs_waiting",
+            "jobs waiting for admission, by the gate (limit) refusing their lane's head; "
+            "gate=none: not refused yet",
+            ["gate"],
+        )
+        for gate, n in sorted(fleet.waiting.items()):
+            waiting.add_metric([gate], n)
+        yield waiting
     evacuations = _gauge(
         "evacuations", "evacuations by state (finished ones within the retention)", ["state"]
     )
     for state, n in sorted(fleet.evacuations.items()):
         evacuations.add_metric([state], n)
     yield evacuations
-    left = _gauge(
-        "evacuation_guests_left",
-        "domains of a running evacuation's plan not yet moved off its host",
-        ["evacuation", "host"],
-    )
-    for row in fleet.guests_left:
-        left.add_metric([row.evacuation, row.host], row.left)
-    yield left
+    if fleet.guests_left is not None:
+        left = _gauge(
+            "evacuation_guests_left",
+            "domains of a running evacuation's plan not yet moved off its host",
+            ["evacuation", "host"],
+        )
+        for row in fleet.guests_left:
+            left.add_metric([row.evacuation, row.host], row.left)
+        yield left
     alive = _gauge(
         "workers_alive", "1 when the registry host's worker heartbeat is in Redis", ["host"]
     )
     for host, beat in sorted(fleet.alive.items()):
         alive.add_metric([host], 1.0 if beat else 0.0)
     yield alive
+    if fleet.maintenance is not None:
+        yield from _maintenance(fleet.maintenance)
+
+
+def _maintenance(maintenance: dict[str, float | None]) -> Iterator[Metric]:
     count = _gauge("hosts_in_maintenance", "hosts disabled for maintenance (drover host disable)")
-    count.add_metric([], len(fleet.maintenance))
+    count.add_metric([], len(maintenance))
     yield count
     since = _gauge(
         "host_maintenance_since_timestamp_seconds",
         "when a host in maintenance was disabled (unix time)",
         ["host"],
     )
-    for host, at in sorted(fleet.maintenance.items()):
+    for host, at in sorted(maintenance.items()):
         if at is not None:
             since.add_metric([host], at)
     yield since
