@@ -4,6 +4,7 @@ reservations, workers' heartbeats, host reports and draining marks."""
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -20,7 +21,8 @@ from jobs.keys import (
     reservations_key,
     runner_key,
 )
-from jobs.reservation_read import reserved_total
+from jobs.record_read import KeyUnreadable, shared_key_read
+from jobs.reservation_read import RESERVE_LUA, reserved_by_host
 from jobs.spec import MigrationSpec
 from jobs.states import LIVE, TERMINAL
 
@@ -36,19 +38,6 @@ return 0
 # Compare-and-extend.
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-# Book memory for a job only while it lives: a reservation written after the job's terminal
-# transition (which frees reservations) would hold that memory for ever.
-# KEYS[1] job hash, KEYS[2] reservations hash; ARGV[1] job id, ARGV[2] MiB, ARGV[3..] live states.
-_RESERVE_LUA = """
-local cur = redis.call('HGET', KEYS[1], 'state')
-for i = 3, #ARGV do
-  if cur == ARGV[i] then
-    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-    return 1
-  end
-end
 return 0
 """
 # Take a domain lease for a live job only, noting it in the job's record in the same step: a
@@ -109,7 +98,7 @@ class Liveness:
         self._renew = client.register_script(_RENEW_LUA)
         self._keep_mark = client.register_script(_KEEP_MARK_LUA)
         self._keep_marks = client.register_script(_KEEP_MARKS_LUA)
-        self._reserve = client.register_script(_RESERVE_LUA)
+        self._reserve = client.register_script(RESERVE_LUA)
         self._take = client.register_script(_TAKE_LUA)
 
     # --- leases: one active job per domain ----------------------------------------------------
@@ -217,21 +206,26 @@ class Liveness:
     # --- reservations -----------------------------------------------------------------------
 
     def reserve(self, host: str, job_id: str, memory_mib: int) -> bool:
-        """Book `memory_mib` on `host` for a live job; False (nothing booked) once it ended."""
+        """Book `memory_mib` on `host` for a live job; False (nothing booked) once it ended.
+        KeyUnreadable (nothing booked) when the host's reservations key is not a hash."""
         live = [state.value for state in LIVE]
-        booked = self._reserve(
-            keys=[job_key(job_id), reservations_key(host)], args=[job_id, memory_mib, *live]
-        )
+        key = reservations_key(host)
+        with shared_key_read(self.r, key, "hash"):
+            booked = self._reserve(keys=[job_key(job_id), key], args=[job_id, memory_mib, *live])
         return bool(booked)
 
     def release(self, host: str, job_id: str) -> None:
-        self.r.hdel(reservations_key(host), job_id)
+        """Give back `job_id`'s booking; a reservations key that is not a hash holds none."""
+        key = reservations_key(host)
+        with suppress(KeyUnreadable), shared_key_read(self.r, key, "hash"):
+            self.r.hdel(key, job_id)
 
-    def reserved_mib(self, host: str, *, excluding: str | None = None) -> int:
+    def reserved_mib(self, host: str, *, excluding: str | None = None) -> int | None:
         """MiB booked on `host`; a booking drover did not write never crashes the reader nor
-        adds room (jobs/reservation_read.py)."""
-        held = cast(dict[str, str], self.r.hgetall(reservations_key(host)))
-        return reserved_total(self.r, host, held, excluding=excluding)
+        adds room (jobs/reservation_read.py). None, said, when its reservations key is not a
+        hash: nothing can be known of it, and worker/host_memory.py reads None as no room."""
+        found = reserved_by_host(self.r, [host], excluding=excluding)[host]
+        return found if isinstance(found, int) else None
 
     # --- hosts ---------------------------------------------------------------------------
 

@@ -12,6 +12,11 @@ destination's prepare books) while that job lives, so the host is not over-commi
 the amount it stands for; when that cannot be known (no live job, no readable facts) it is
 ignored, and said so. The registry's `memory_mib` caps the room whatever the bookings say
 (worker/host_memory.py `room_mib`).
+
+A reservations key that is not a hash at all (SET to a string, a list) books an unknown
+amount: the host counts as having no room (nothing is placed there, worker/host_memory.py),
+and that is said at each reading, never a Redis error that would fail every migration to
+the host, its report and every evacuation's planning.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import redis
 from config.events import get_logger
 from jobs.keys import job_key, reservations_key
 from jobs.record import JobNotFound, SourceFacts, parse_field
+from jobs.record_read import SERVER_REFUSALS, KeyUnreadable, first_line, shared_key_read
 from jobs.states import LIVE
 
 # The largest booking read as one: an exbibyte (host facts use the same bound), far beyond
@@ -32,6 +38,21 @@ from jobs.states import LIVE
 MAX_RESERVATION_MIB = 1 << 40
 _WHOLE_MIB = re.compile(r"[0-9]{1,16}")  # ASCII digits only: int() also takes "²", " 5", "1_0"
 _LIVE_STATES = frozenset(state.value for state in LIVE)
+
+
+# Book memory for a job only while it lives: a reservation written after the job's terminal
+# transition (which frees reservations) would hold that memory for ever.
+# KEYS[1] job hash, KEYS[2] reservations hash; ARGV[1] job id, ARGV[2] MiB, ARGV[3..] live states.
+RESERVE_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+for i = 3, #ARGV do
+  if cur == ARGV[i] then
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
 
 
 def booking_mib(raw: str) -> int | None:
@@ -58,6 +79,45 @@ def reserved_total(
     if unreadable:
         total += _recorded_needs(r, host, unreadable)
     return total
+
+
+def reserved_by_host(
+    r: redis.Redis, hosts: list[str], *, excluding: str | None = None
+) -> dict[str, int | str]:
+    """Each host's booked MiB (`reserved_total`, but `excluding`'s own), in one round trip;
+    in place of a number, why nothing can be placed there: its reservations key is not a
+    hash (said here, once per reading)."""
+    if not hosts:
+        return {}
+    with r.pipeline(transaction=False) as p:
+        for host in hosts:
+            p.hgetall(reservations_key(host))
+        replies = p.execute(raise_on_error=False)
+    found: dict[str, int | str] = {}
+    for host, reply in zip(hosts, replies, strict=True):
+        if isinstance(reply, redis.ResponseError):
+            found[host] = _unreadable_key(r, host, reply)
+        else:
+            held = cast(dict[str, str], reply)
+            found[host] = reserved_total(r, host, held, excluding=excluding)
+    return found
+
+
+def _unreadable_key(r: redis.Redis, host: str, refused: redis.ResponseError) -> str:
+    """Why `host` has no room when Redis refused to read its reservations as a hash; a
+    refusal of every command (a replica, the ACL) is the server's, raised as it came."""
+    if isinstance(refused, SERVER_REFUSALS):
+        raise refused
+    key = reservations_key(host)
+    try:
+        with shared_key_read(r, key, "hash"):  # asked again, for the type it holds
+            r.hgetall(key)
+        problem = first_line(str(refused))
+    except KeyUnreadable as exc:
+        problem = str(exc)
+    why = f"{problem}: what is booked on {host} cannot be known, so it counts as no room"
+    get_logger().warning("record.unreadable", key=key, reason=why)
+    return why
 
 
 def _recorded_needs(r: redis.Redis, host: str, unreadable: dict[str, str]) -> int:

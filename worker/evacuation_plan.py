@@ -78,12 +78,32 @@ def checked(
 
 
 def planned(rt: Runtime, ev: Evacuation, view: FleetView) -> list[Placement]:
-    """Every guest of `view` placed (worker/placement.py) and checked as above."""
+    """Every guest of `view` placed (worker/placement.py) and checked as above; a guest of
+    an anti-affinity group is not placed when the groups on their way cannot be known (a
+    limit refused rather than ignored, worker/fleet_view.py `groups_on_the_way`)."""
     tunables = rt.settings.tunables
     estimate = Estimate(tunables.estimate_startup_s, tunables.estimate_mib_per_s)
     guests = {g.uuid: g for g in view.guests}
-    placements = plan(view.guests, view.candidates, view.unavailable, estimate)
+    free, held = view.guests, []
+    if view.groups_unknown is not None:  # a group's limit cannot be kept: none of it placed
+        free = [g for g in view.guests if g.group is None]
+        held = [g for g in view.guests if g.group is not None]
+    placements = plan(free, view.candidates, view.unavailable, estimate)
+    placements += [_unplaced(g, f"no destination ({view.groups_unknown})") for g in held]
     return [checked(rt.settings, ev, p, guests[p.uuid], estimate) for p in placements]
+
+
+def _unplaced(guest: Guest, reason: str) -> Placement:
+    return Placement(
+        domain=guest.domain,
+        uuid=guest.uuid,
+        memory_mib=guest.memory_mib,
+        active=guest.active,
+        persistent=guest.persistent,
+        group=guest.group,
+        local_disks=guest.local_disks,
+        reason=reason,
+    )
 
 
 def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:

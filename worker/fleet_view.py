@@ -17,10 +17,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from config.events import get_logger
 from config.settings import ConfigError
-from jobs.evacuation import EvacuationSpec, EvacuationStore
-from jobs.host_facts import HostFacts, liveness_and_reservations, read_facts
+from jobs.evacuation import ACTIVE_EVACUATIONS, EvacuationSpec, EvacuationStore
+from jobs.host_facts import HostFacts, read_facts
+from jobs.keys import heartbeat_key, job_key
 from jobs.maintenance import Maintenance
+from jobs.record_read import KeyUnreadable, shared_key_read
+from jobs.reservation_read import reserved_by_host
 from jobs.states import TERMINAL
 from jobs.store import JobNotFound
 from worker.cpu_compat import GuestCpu as GuestCpu
@@ -42,6 +46,9 @@ from worker.placement import Candidate, Guest
 from worker.runtime import Runtime
 from worker.tls_facts import TLS_REFUSAL
 
+log = get_logger()
+SHOWN_ID = 32  # a live set's member drover did not write is named by this much of it
+
 
 @dataclass
 class FleetView:
@@ -49,6 +56,7 @@ class FleetView:
     cpus: dict[str, GuestCpu]  # by uuid
     candidates: list[Candidate]
     unavailable: dict[str, str]  # host -> why it is not a candidate
+    groups_unknown: str | None = None  # why groups on their way cannot be known (Heading)
 
 
 def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dict[str, GuestCpu]]:
@@ -87,26 +95,67 @@ def _guest(dom: Domain, include_inactive: bool, rates: dict[str, float]) -> Gues
     )
 
 
-def groups_on_the_way(rt: Runtime, evacuation_id: str) -> dict[str, Counter[str]]:
+@dataclass
+class Heading:
+    """Anti-affinity groups on their way to each host; `unknown`: why that cannot be known
+    (the set of live evacuations is not a set), when it cannot."""
+
+    groups: dict[str, Counter[str]]
+    unknown: str | None = None
+
+
+def groups_on_the_way(rt: Runtime, evacuation_id: str) -> Heading:
     """Anti-affinity groups already headed for each host: other evacuations' children not yet
-    ended (or not yet queued), as their plans placed them."""
+    ended (or not yet queued), as their plans placed them.
+
+    Each live evacuation on its own: one whose record cannot be read (a member of the set
+    drover did not write) is skipped and said. A child whose state cannot be read counts as
+    on its way (a limit kept, never ignored). A set that is not a set leaves every group
+    unknown, said here; the planner then places no guest of a group (worker/evacuation_plan.py).
+    """
     store = EvacuationStore(rt.store)
     heading: dict[str, Counter[str]] = {}
-    for other in store.active_ids():
+    try:
+        others = store.active_ids()
+    except KeyUnreadable as exc:
+        why = f"{exc}: the anti-affinity groups on their way cannot be known"
+        log.warning("record.unreadable", key=exc.key, reason=why)
+        return Heading(heading, unknown=why)
+    for other in others:
         if other == evacuation_id:
             continue
         try:
             ev = store.get(other)
-        except JobNotFound:
+        except JobNotFound as exc:  # MalformedRecord too: skipped, its plan unknown
+            shown = other if len(other) <= SHOWN_ID else other[:SHOWN_ID] + "..."
+            log.warning(
+                "record.unreadable", key=ACTIVE_EVACUATIONS, field=shown, reason=str(exc)[:200]
+            )
             continue
         for p in ev.plan or []:
             if p.group is None or p.destination is None:
                 continue
             child = ev.children.get(p.domain)
-            if child is not None and rt.store.state(child) in TERMINAL:
+            if child is not None and _ended(rt, child):
                 continue
             heading.setdefault(p.destination, Counter())[p.group] += 1
-    return heading
+    return Heading(heading)
+
+
+def _ended(rt: Runtime, child: str) -> bool:
+    """Whether the child has ended; not when its record cannot tell (fail safe)."""
+    try:
+        with shared_key_read(rt.store.r, job_key(child), "hash"):
+            return rt.store.state(child) in TERMINAL
+    except (JobNotFound, ValueError, KeyUnreadable):
+        return False
+
+
+def _alive(rt: Runtime, hosts: list[str]) -> set[str]:
+    with rt.store.r.pipeline(transaction=False) as p:
+        for host in hosts:
+            p.exists(heartbeat_key(host))
+        return {h for h, n in zip(hosts, p.execute(), strict=True) if n}
 
 
 def gather(rt: Runtime, spec: EvacuationSpec, evacuation_id: str) -> FleetView:
@@ -125,11 +174,14 @@ def gather(rt: Runtime, spec: EvacuationSpec, evacuation_id: str) -> FleetView:
             limits[name] = rt.settings.host(name).limits.memory_mib
         except ConfigError as exc:  # named in --to, removed from the registry since
             unavailable[name] = str(exc)
-    alive, reserved = liveness_and_reservations(rt.store.r, list(limits))
+    alive = _alive(rt, list(limits))
     for name in limits:
         if name not in alive:
             unavailable[name] = "its worker is not alive"
-    asked = [name for name in limits if name in alive]
+    found = reserved_by_host(rt.store.r, [name for name in limits if name in alive])
+    reserved = {name: mib for name, mib in found.items() if isinstance(mib, int)}
+    unavailable.update({name: why for name, why in found.items() if isinstance(why, str)})
+    asked = list(reserved)
     facts = read_facts(rt.store.r, asked, tunables.host_facts_ttl, tunables.host_facts_max_skew)
     if spec.tls:  # a host that says it has no migration TLS certificates cannot take one
         facts = {
@@ -137,12 +189,13 @@ def gather(rt: Runtime, spec: EvacuationSpec, evacuation_id: str) -> FleetView:
             for h, f in facts.items()
         }
     sigs = guest_signatures(cpus, host_cpus(rt.libvirt.conn, tunables.host_cpu_refresh))
+    heading = groups_on_the_way(rt, evacuation_id)
     candidates, without_facts = candidates_from_facts(
         facts,
         sigs,
         reserved_mib=reserved,
         limits_mib=limits,
-        heading=groups_on_the_way(rt, evacuation_id),
+        heading=heading.groups,
     )
     unavailable.update(without_facts)
-    return FleetView(guests, cpus, candidates, unavailable)
+    return FleetView(guests, cpus, candidates, unavailable, heading.unknown)

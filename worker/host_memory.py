@@ -23,14 +23,20 @@ def active_memory_mib(conn: libvirt.virConnect) -> int:
     return sum(d.maxMemory() // KIB_PER_MIB for d in list_domains(conn, active_only=True))
 
 
-def room_mib(free_mib: int, active_mib: int, reserved_mib: int, limit_mib: int | None) -> int:
+def room_mib(
+    free_mib: int, active_mib: int, reserved_mib: int | None, limit_mib: int | None
+) -> int:
     """Memory drover may still place on a host: free minus reservations, capped by the
     registry's declared limit (what is running there already counts against it). Pure, so
     the planner applies it to published facts (worker/facts_placement.py) the same way.
 
     Reservations and running guests only ever take room: a negative figure (a booking
     written into Redis by hand, jobs/reservation_read.py) counts as none, so the room never
-    exceeds the limit, nor the free memory."""
+    exceeds the limit, nor the free memory. Reservations that cannot be read at all (None:
+    the host's key is not a hash, jobs/reservation_read.py) leave no room: nothing is placed
+    on a host whose bookings are unknown."""
+    if reserved_mib is None:
+        return 0
     reserved, active = max(reserved_mib, 0), max(active_mib, 0)
     room = free_mib - reserved
     if limit_mib is not None:
@@ -38,7 +44,9 @@ def room_mib(free_mib: int, active_mib: int, reserved_mib: int, limit_mib: int |
     return max(room, 0)
 
 
-def placement_room_mib(conn: libvirt.virConnect, reserved_mib: int, limit_mib: int | None) -> int:
+def placement_room_mib(
+    conn: libvirt.virConnect, reserved_mib: int | None, limit_mib: int | None
+) -> int:
     """`room_mib` with this host's memory read from libvirt now."""
     active = active_memory_mib(conn) if limit_mib is not None else 0
     return room_mib(free_memory_mib(conn), active, reserved_mib, limit_mib)

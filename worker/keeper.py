@@ -24,6 +24,7 @@ from config.events import get_logger
 from config.settings import Tunables, config_problem
 from jobs.host_facts import MAX_TEXT, HostFacts, publish_facts
 from jobs.phases import PHASE_NAMES
+from jobs.reservation_read import reserved_by_host
 from jobs.store import JobNotFound, now
 from worker import evacuation_watch, recovery
 from worker.admission_pass import admit_safety, admit_waiting
@@ -54,15 +55,21 @@ def host_report(rt: Runtime) -> tuple[HostFacts, dict[str, Any]]:
     facts = collect_facts(
         rt.libvirt.conn, rt.host, rt.worker_id, rt.settings.tunables.host_cpu_refresh
     )
-    reserved = rt.store.reserved_mib(rt.host)
+    # Bookings that cannot be read (the host's reservations key is not a hash) leave no room,
+    # and are said (jobs/reservation_read.py): the rest of the report stands.
+    found = reserved_by_host(rt.store.r, [rt.host])[rt.host]
+    reserved = found if isinstance(found, int) else None
     limit = rt.registry_entry.limits.memory_mib
-    return facts, {
+    report = {
         "ts": facts.ts.isoformat(),
         "free_mib": room_mib(facts.free_mib, facts.active_mib, reserved, limit),
         "reserved_mib": reserved,
         "running": sorted(d.name for d in facts.domains),
         "cpu": _cpu_summary(facts),
     }
+    if reserved is None:
+        report["reservations_error"] = found
+    return facts, report
 
 
 def _cpu_summary(facts: HostFacts) -> str | None:
