@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from config.addresses import MAX_PORT, check_address, parse_ip
+from config.addresses import MAX_PORT, check_address, parse_ip, shown
 from config.metrics import DEFAULT_METRICS_ADDRESS, DEFAULT_METRICS_PORT
 from config.policy_model import (
     BUILTIN_POLICIES,
@@ -276,4 +276,4 @@ class Settings(_Strict):
             return self.hosts[name]
         except KeyError:
             known = ", ".join(sorted(self.hosts)) or "none"
-            raise ConfigError(f"unknown host {name!r} (known hosts: {known})") from None
+            raise ConfigError(f"unknown host {shown(name)} (known hosts: {known})") from None

@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from config.addresses import shown
 from jobs.evacuation_model import EVACUATION_KIND as EVACUATION_KIND
 from jobs.evacuation_model import EVACUATION_TERMINAL as EVACUATION_TERMINAL
 from jobs.evacuation_model import MAX_PARALLEL as MAX_PARALLEL
@@ -158,9 +159,9 @@ class EvacuationStore:
         with record_keys_read(self.r, f"evacuation {evacuation_id}", keys):
             raw = cast(dict[str, str], self.r.hgetall(job_key(evacuation_id)))
             if not raw:
-                raise JobNotFound(f"no job {evacuation_id!r}")
+                raise JobNotFound(f"no job {shown(evacuation_id)}")
             if raw.get("kind") != EVACUATION_KIND:
-                raise JobNotFound(f"{evacuation_id} is a migration job, not an evacuation")
+                raise JobNotFound(f"{shown(evacuation_id)} is a migration job, not an evacuation")
             children = cast(dict[str, str], self.r.hgetall(children_key(evacuation_id)))
         return evacuation_from(raw, children)  # MalformedRecord when it cannot be read
 

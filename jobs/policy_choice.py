@@ -11,6 +11,7 @@ its own registry: Redis carries only the job's request.
 
 from __future__ import annotations
 
+from config.addresses import shown
 from config.policy_model import (
     DEFAULT_POLICY,
     Compression,
@@ -44,7 +45,7 @@ def named_layers(settings: Settings, name: str, label: str) -> list[Layer]:
     layers = named_policy_layers(settings.policies, name, label)
     if not layers:
         known = ", ".join(settings.policy_names())
-        raise UnknownPolicy(f"unknown policy {name!r} (known policies: {known})")
+        raise UnknownPolicy(f"unknown policy {shown(name)} (known policies: {known})")
     return layers
 
 

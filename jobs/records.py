@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 from pydantic import BaseModel
 
+from config.addresses import shown
 from jobs.keys import (
     ACTIVE_JOBS,
     JOBS_INDEX,
@@ -139,15 +140,15 @@ class JobRecords(RecordMarks):
             p.lrange(transitions_key(job_id), 0, -1)
             raw, phases, transitions = p.execute()
         if not raw:
-            raise JobNotFound(f"no job {job_id!r}")
+            raise JobNotFound(f"no job {shown(job_id)}")
         if raw.get("kind", MIGRATION_KIND) != MIGRATION_KIND:
-            raise JobNotFound(f"{job_id} is an {raw['kind']}, not a migration job")
+            raise JobNotFound(f"{shown(job_id)} is an {shown(raw['kind'])}, not a migration job")
         return job_from(job_id, raw, phases, transitions)
 
     def state(self, job_id: str) -> JobState:
         value = cast(str | None, self.r.hget(job_key(job_id), "state"))
         if value is None:
-            raise JobNotFound(f"no job {job_id!r}")
+            raise JobNotFound(f"no job {shown(job_id)}")
         return JobState(value)
 
     def transition(
@@ -255,5 +256,5 @@ class JobRecords(RecordMarks):
         """ "migration" or "evacuation"; JobNotFound for an unknown id."""
         raw = cast(list[str | None], self.r.hmget(job_key(job_id), ["id", "kind"]))
         if raw[0] is None:
-            raise JobNotFound(f"no job {job_id!r}")
+            raise JobNotFound(f"no job {shown(job_id)}")
         return raw[1] or MIGRATION_KIND

@@ -26,7 +26,7 @@ from producer.cli_common import (
 )
 from producer.cli_dry_run import disk_list, show_dry_run
 from producer.cli_xml import xml_request
-from producer.text import plain, plain_data, quoting_short
+from producer.text import plain, plain_data
 
 
 def register(app: typer.Typer) -> None:
@@ -204,12 +204,12 @@ def migrate(
 
 def abort(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
     """Abort a job: queued ones never start, a running migration is aborted in libvirt."""
-    out.print(plain(guarded(quoting_short(lambda: drover().abort(job_id), job_id))), markup=False)
+    out.print(plain(guarded(lambda: drover().abort(job_id))), markup=False)
 
 
 def postcopy(job_id: Annotated[str, typer.Argument(help="a running migration")]) -> None:
     """Switch a running migration to post-copy (its policy must allow post-copy)."""
-    guarded(quoting_short(lambda: drover().start_postcopy(job_id), job_id))
+    guarded(lambda: drover().start_postcopy(job_id))
     out.print(f"post-copy requested for {job_id}")
 
 
@@ -231,7 +231,7 @@ def events(
             sys.stdout.flush()
 
     with goes_on(seen, job_id, when=follow):  # no JSON of its own: the caller named the id
-        guarded(quoting_short(go, job_id))
+        guarded(go)
 
 
 def jobs(
@@ -268,7 +268,7 @@ def jobs(
         for reason in unreadable:  # left out of the list, never silently
             notice(f"{reason}; left out of this list")
 
-    guarded(quoting_short(go, state, host, since))
+    guarded(go)
 
 
 def job(
@@ -291,7 +291,7 @@ def job(
 
                 out.print(policy_table(policy, f"effective policy {policy.name}"))
 
-    guarded(quoting_short(go, job_id))
+    guarded(go)
 
 
 # In the order `drover --help` lists them; cli/main.py runs these without the other commands.

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from producer.cli_common import drover, guarded, out
-from producer.text import plain, quoting_short
+from producer.text import plain
 
 
 def register(app: typer.Typer) -> None:
@@ -36,14 +36,11 @@ def tune(
     """Change a running migration's bandwidth and allowed downtime (libvirt's
     migrateSetMaxSpeed / migrateSetMaxDowntime on the source host)."""
     line = guarded(
-        quoting_short(
-            lambda: drover().tune(
-                job_id,
-                bandwidth_mib=bandwidth,
-                postcopy_bandwidth_mib=postcopy_bandwidth,
-                max_downtime_ms=max_downtime,
-            ),
+        lambda: drover().tune(
             job_id,
+            bandwidth_mib=bandwidth,
+            postcopy_bandwidth_mib=postcopy_bandwidth,
+            max_downtime_ms=max_downtime,
         )
     )
     out.print(plain(line), markup=False)
@@ -52,5 +49,5 @@ def tune(
 def force_complete(job_id: Annotated[str, typer.Argument(help="a migrating job")]) -> None:
     """Finish a running migration now: post-copy where its policy allows it, else pause the
     guest until it has arrived (it resumes there)."""
-    line = guarded(quoting_short(lambda: drover().force_complete(job_id), job_id))
+    line = guarded(lambda: drover().force_complete(job_id))
     out.print(plain(line), markup=False)

@@ -13,7 +13,7 @@ import typer
 from config.addresses import shown
 from producer import cli_drain_options as o
 from producer.cli_common import EXIT_USAGE, fail, guarded, notice, out, print_json
-from producer.text import cell, quoting_short
+from producer.text import cell
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -155,7 +155,7 @@ def register(app: typer.Typer) -> None:
                 soft_wrap=True,
             )
 
-        guarded(quoting_short(go, host, cron, at, to))
+        guarded(go)
 
     @schedule_app.command("list")
     def list_schedules(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -192,7 +192,7 @@ def register(app: typer.Typer) -> None:
                 fail(str(exc), EXIT_USAGE)
             out.print(f"removed schedule {schedule_id}", markup=False)
 
-        guarded(quoting_short(go, schedule_id))
+        guarded(go)
 
     @app.command()
     def beat(loglevel: Annotated[str, typer.Option("--loglevel")] = "INFO") -> None:
@@ -204,4 +204,4 @@ def register(app: typer.Typer) -> None:
         from config.settings import load_settings
         from schedules.beat import run_beat
 
-        guarded(quoting_short(lambda: run_beat(load_settings(), loglevel=loglevel), loglevel))
+        guarded(lambda: run_beat(load_settings(), loglevel=loglevel))

@@ -12,7 +12,6 @@ from jobs.keys import draining_key
 from jobs.liveness import draining_info
 from jobs.maintenance import Maintenance, reason_problem
 from jobs.store import JobStore
-from producer.text import cut_short
 
 
 def producer_name() -> str:
@@ -26,8 +25,8 @@ def set_host_enabled(
     """Maintenance mode: a disabled host is never a destination; what happened, in one line."""
     try:
         settings.host(host)
-    except ConfigError as exc:  # "unknown host ...": a typed name of any length, cut short
-        raise SubmitError(cut_short(str(exc), host)) from None
+    except ConfigError as exc:  # "unknown host ...", the name quoted as shown() quotes it
+        raise SubmitError(str(exc)) from None
     if enabled:
         was = maintenance.enable(host)
         return f"{host} enabled" if was else f"{host} was not disabled"

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from config.addresses import shown
 from config.settings import ConfigError, Settings
 from jobs.connection import client_for
 from jobs.errors import BadArgument, SubmitError, broker_errors, require
@@ -40,13 +41,13 @@ def parse_since(text: str, now: datetime) -> float:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise SubmitError(
-            f"--since {text!r} is neither a duration (30m, 2h, 7d) nor an ISO time "
+            f"--since {shown(text)} is neither a duration (30m, 2h, 7d) nor an ISO time "
             "(2026-05-01T12:00)"
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     if when > now:
-        raise SubmitError(f"--since {text!r} is in the future")
+        raise SubmitError(f"--since {shown(text)} is in the future")
     return when.timestamp()
 
 
@@ -62,7 +63,9 @@ def parse_states(values: Iterable[str]) -> frozenset[str]:
     states = frozenset(names)
     unknown = sorted(states - ALL_STATES)
     if unknown:
-        raise SubmitError(f"unknown state {unknown[0]!r} (states: {', '.join(sorted(ALL_STATES))})")
+        raise SubmitError(
+            f"unknown state {shown(unknown[0])} (states: {', '.join(sorted(ALL_STATES))})"
+        )
     return states
 
 

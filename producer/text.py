@@ -11,12 +11,7 @@ free of Rich's rendering machinery so that `drover --help` stays light.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
-
-from config.addresses import MAX_SHOWN_CHARS, shown
-
-T = TypeVar("T")
+from typing import Any
 
 # Unicode categories never printed as they come: every "C" category (C0, DEL and C1
 # controls, format characters such as bidi overrides, surrogates, private use, unassigned)
@@ -71,37 +66,3 @@ def plain_data(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain_data(v) for v in value]
     return value
-
-
-def cut_short(message: str, *typed: str | Iterable[str] | None) -> str:
-    """`message` with every value the user typed (and each comma-separated part of one) that
-    is longer than config/addresses.py shown() quotes cut as shown() cuts it.
-
-    A refusal built below the command line (the registry's unknown host, a job id not found,
-    a --since or --cron that does not read) quotes the value whole, and a value may be
-    megabytes: the command says what it refused in one readable line all the same. A value
-    is found as the message quotes it (its repr, or as it is) and a part as the lists' own
-    refusals quote one (`--state a,b`).
-    """
-    values: set[str] = set()
-    for value in typed:
-        for one in [value] if isinstance(value, str) else value or ():
-            values |= {one, *(part.strip() for part in one.split(","))}
-    for value in sorted((v for v in values if len(v) > MAX_SHOWN_CHARS), key=len, reverse=True):
-        message = message.replace(repr(value), shown(value)).replace(value, shown(value))
-    return message
-
-
-def quoting_short(fn: Callable[[], T], *typed: str | Iterable[str] | None) -> Callable[[], T]:
-    """`fn`, whose every error quotes the `typed` values at most as shown() does (cut_short):
-    its message is cut where it is raised, so whoever turns it into a line (the CLI's
-    guarded) shows it cut, and its type is kept (the exit code follows from it)."""
-
-    def run() -> T:
-        try:
-            return fn()
-        except Exception as exc:
-            exc.args = tuple(cut_short(a, *typed) if isinstance(a, str) else a for a in exc.args)
-            raise
-
-    return run

@@ -7,6 +7,7 @@ spec is built and again on the workers.
 
 from __future__ import annotations
 
+from config.addresses import shown
 from config.user_files import UserFileError, read_bytes
 from jobs.domain_xml import MAX_DOMAIN_XML_CHARS
 
@@ -23,7 +24,7 @@ def read_xml_file(path: str, option: str) -> str:
 
     Only a regular file is opened (config/user_files.py): a FIFO would block the command.
     """
-    where = f"{option} {path}" if path else option
+    where = f"{option} {shown(path)}" if path else option
     try:
         raw = read_bytes(path, MAX_XML_FILE_BYTES)
     except UserFileError as exc:  # an empty path, missing, a directory, a FIFO, unreadable

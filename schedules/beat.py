@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery
 
+from config.addresses import shown
 from config.celery import celery_config, make_app
 from config.redis_sentinel import is_sentinel, redbeat_settings
 from config.settings import Settings
@@ -67,7 +68,7 @@ def run_beat(settings: Settings, *, loglevel: str) -> None:
     Messages are signed like every producer's when `[security] signing` is on.
     """
     if loglevel.upper() not in LOG_LEVELS:
-        raise ScheduleError(f"--loglevel {loglevel!r}: one of {', '.join(LOG_LEVELS)}")
+        raise ScheduleError(f"--loglevel {shown(loglevel)}: one of {', '.join(LOG_LEVELS)}")
     # Fail in one line when Redis is out of reach; redbeat would only log a traceback.
     with client_for(settings.redis_url) as client:
         client.ping()

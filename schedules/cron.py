@@ -9,6 +9,7 @@ from typing import cast
 from celery.schedules import crontab, crontab_parser
 from redbeat.schedules import rrule
 
+from config.addresses import shown
 from jobs.store import now
 from schedules.records import FIRE_LATE_LIMIT_S, ScheduleError, ScheduleRecord, utc_text
 
@@ -48,8 +49,8 @@ def _cron_value_problem(
     value = _cron_number(text, low, names)
     if value is None:
         if not names:
-            return f"{name} takes numbers only, not {text!r}"
-        return f"{name} {text!r} is neither a number nor one of {', '.join(names)}"
+            return f"{name} takes numbers only, not {shown(text)}"
+        return f"{name} {shown(text)} is neither a number nor one of {', '.join(names)}"
     return None if low <= value <= high else f"{name} {value} is outside {low}-{high}"
 
 
@@ -59,7 +60,9 @@ def _cron_field_problem(
     for part in field.split(","):
         match = _CRON_PART.match(part)
         if match is None:
-            return f"{name} field {field!r}: {part!r} is not *, N, N-M or a step /N of those"
+            return (
+                f"{name} field {shown(field)}: {shown(part)} is not *, N, N-M or a step /N of those"
+            )
         for bound in (match["lo"], match["hi"], match["one"]):
             problem = bound and _cron_value_problem(bound, name, low, high, names)
             if problem:
@@ -82,7 +85,7 @@ def parse_cron(expr: str, *, reference: datetime | None = None) -> crontab:
     backwards ranges (Celery would wrap them), and a day that exists (`0 0 31 2 *` never
     fires, so it is refused rather than left to fail in the beat).
     """
-    where = f"--cron {expr!r}"
+    where = f"--cron {shown(expr)}"
     if not _CRON_CHARS.match(expr):
         raise ScheduleError(f"{where}: only digits, names, '*', '/', ',', '-' and spaces")
     fields = expr.lower().split()
@@ -153,17 +156,17 @@ def parse_at(text: str, *, reference: datetime | None = None) -> datetime:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise ScheduleError(
-            f"--at {text!r} is not an ISO-8601 time (e.g. 2030-06-01T03:00:00Z)"
+            f"--at {shown(text)} is not an ISO-8601 time (e.g. 2030-06-01T03:00:00Z)"
         ) from None
     try:
         when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
     except OverflowError:  # 9999-12-31T23:59:59-14:00 is in the year 10000 in UTC
         raise ScheduleError(
-            f"--at {text!r} is out of range: in UTC it must fall within the years 1 to 9999"
+            f"--at {shown(text)} is out of range: in UTC it must fall within the years 1 to 9999"
         ) from None
     if when.microsecond:  # redbeat keeps whole seconds: the fraction would be dropped
         raise ScheduleError(
-            f"--at {text!r} has a fraction of a second: schedules keep whole seconds"
+            f"--at {shown(text)} has a fraction of a second: schedules keep whole seconds"
         )
     current = reference or now()
     if when <= current:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from config.addresses import shown
 from config.security import JOB_ID
 from jobs.drain_options import DrainOptions
 from jobs.errors import SubmitError
@@ -148,5 +149,5 @@ def utc_text(when: datetime) -> str:
 def check_schedule_id(schedule_id: str) -> str:
     """A schedule id is 12 hex characters: anything else never reaches Redis."""
     if not JOB_ID.match(schedule_id):
-        raise ScheduleError(f"invalid schedule id {schedule_id!r} (12 hex characters)")
+        raise ScheduleError(f"invalid schedule id {shown(schedule_id)} (12 hex characters)")
     return schedule_id

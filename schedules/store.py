@@ -9,6 +9,7 @@ from typing import Any, cast
 import redis
 from redbeat.schedulers import RedBeatSchedulerEntry, get_redis
 
+from config.addresses import shown
 from config.celery import host_queue
 from config.settings import ConfigError, Settings
 from jobs.evacuations import validate_evacuation
@@ -121,7 +122,7 @@ class ScheduleStore:
             self.r.hget(schedule_entry_key(check_schedule_id(schedule_id)), RECORD_FIELD),
         )
         if raw is None:
-            raise ScheduleNotFound(f"no schedule {schedule_id!r}")
+            raise ScheduleNotFound(f"no schedule {shown(schedule_id)}")
         return record_from(raw, schedule_entry_key(schedule_id))
 
     def verified_record(self, schedule_id: str) -> ScheduleRecord:
@@ -137,7 +138,7 @@ class ScheduleStore:
         )
         schedule = schedule_from_fields(fields, key=schedule_entry_key(schedule_id))
         if schedule is None:
-            raise ScheduleNotFound(f"no schedule {schedule_id!r}")
+            raise ScheduleNotFound(f"no schedule {shown(schedule_id)}")
         return schedule
 
     def list(self, *, unreadable: list[str] | None = None) -> list[Schedule]:
@@ -154,7 +155,7 @@ class ScheduleStore:
         except redis.ResponseError:  # not a hash at all: unreadable, and removed the same
             ours = True
         if not ours:
-            raise ScheduleNotFound(f"no schedule {schedule_id!r}")
+            raise ScheduleNotFound(f"no schedule {shown(schedule_id)}")
         RedBeatSchedulerEntry(name=schedule_id, app=self.app).delete()
 
     def claim_fire(self, schedule_id: str, message_id: str) -> bool:
