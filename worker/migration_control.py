@@ -6,7 +6,9 @@ is copied at once; it resumes on arrival).
 Redis names the job, and for a tune the numbers, which are validated again here (jobs/control.py);
 whether the job may be acted on is asked of libvirt: the job must be migrating in its record
 AND libvirt must show an outgoing migration job on the domain. Each change is a `policy.step`
-event (by="operator"); a refusal is PhaseFailed with one line (`control.refused`).
+event (by="operator"); a refusal is PhaseFailed with one line (`control.refused`). A tune is
+all or nothing where drover can tell beforehand: a post-copy bandwidth for a job whose
+effective policy, as this worker computes it, forbids post-copy refuses the whole request.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import libvirt
 
 from config.events import get_logger
-from jobs.control import BadControlRequest, TuneRequest, not_migrating, pop_tune
+from jobs.control import BadControlRequest, TuneRequest, not_migrating, pop_tune, postcopy_off
 from jobs.model import Job
 from worker.libvirt_host import Domain, LibvirtError
 from worker.libvirt_states import StatsUnanswered, migration_stats
@@ -103,14 +105,34 @@ def tune(rt: Runtime, job: Job) -> None:
     if request is None:
         raise PhaseFailed(f"job {job.id} has no tune request waiting")
     dom, _ = migrating_domain(rt, job, "tune")
+    refused = postcopy_refusal(rt, job, dom, request)
+    if refused is not None:
+        raise PhaseFailed(refused)
     applied = apply_tune(dom, request)
     who = f" by {request.by}" if request.by else ""
     _step("tune", f"asked{who} (drover tune)", **applied)
 
 
+def postcopy_refusal(rt: Runtime, job: Job, dom: Domain, request: TuneRequest) -> str | None:
+    """Why the request may not be applied at all, or None: it names a post-copy bandwidth and
+    the job's effective policy, computed here (worker/policy_source.py: this worker's registry
+    and the domain's metadata, not the policy recorded in Redis), forbids post-copy.
+
+    The producer refuses such a request before sending it (jobs/control.py postcopy_off), but
+    one written into Redis by hand or sent by an older producer reaches this worker: the whole
+    request is refused, its other figures too, as an operator reads one `drover tune` (one
+    command, one change or none), rather than half of it applied and the rest refused."""
+    if request.postcopy_bandwidth_mib is None:
+        return None
+    policy = job_policy(rt, job, dom)
+    why = postcopy_off(job.model_copy(update={"policy": policy}), request)
+    return None if why is None else f"{why}; nothing of this tune request was applied"
+
+
 def apply_tune(dom: Domain, request: TuneRequest) -> dict[str, int]:
     """Set each limit the request names; the values set, by field. libvirt's refusal of
-    any of them is PhaseFailed, naming what was already set."""
+    any of them is PhaseFailed, naming what was already set. Called only once the request
+    has passed `postcopy_refusal`."""
     calls = {
         "bandwidth_mib": lambda v: dom.migrateSetMaxSpeed(v, 0),
         "postcopy_bandwidth_mib": lambda v: dom.migrateSetMaxSpeed(

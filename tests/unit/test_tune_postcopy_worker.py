@@ -1,0 +1,130 @@
+"""The source worker refuses a tune request's post-copy bandwidth for a job whose effective
+policy (as the worker computes it, not as Redis records it) forbids post-copy, and then applies
+nothing of that request: a request written into Redis by hand, or sent by a producer that does
+not check, is refused whole, like the `drover tune` the operator typed.
+
+Against libvirt's `test:///default` driver, whose domain `test` stands for the migrating guest;
+the driver has no migration, so the statistics libvirt would give of one are the seam, and the
+limits the worker sets are recorded on the domain instead of being sent to a driver that has
+no migrateSetMaxSpeed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from structlog.testing import capture_logs
+
+import worker.migration_control as control
+from config.policy_model import BUILTIN_POLICIES, EffectivePolicy
+from jobs.control import push_tune, tune_request
+from jobs.keys import tune_key
+from jobs.spec import MigrationSpec
+from jobs.states import JobState
+from jobs.store import JobStore
+from worker.ledger import Ledger
+from worker.libvirt_host import LibvirtHost
+from worker.phase_errors import PhaseFailed
+from worker.runtime import Runtime
+
+TEST_URI = "test:///default"
+POSTCOPY_SPEED = libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
+
+
+class Recorded:
+    """The test driver's domain, with the migration limits set on it recorded (in order)."""
+
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        self.dom = dom
+        self.set: list[tuple[str, int, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dom, name)
+
+    def migrateSetMaxSpeed(self, value: int, flags: int) -> int:  # libvirt's name
+        self.set.append(("speed", value, flags))
+        return 0
+
+    def migrateSetMaxDowntime(self, value: int, flags: int) -> int:  # libvirt's name
+        self.set.append(("downtime", value, flags))
+        return 0
+
+
+@pytest.fixture
+def guest(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorded]:
+    """The job's guest on kvm1, migrating out as libvirt's statistics say."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open(TEST_URI)
+    recorded = Recorded(conn.lookupByName("test"))
+    monkeypatch.setattr(control, "job_domain", lambda _rt, _job, _name: recorded)
+    outgoing = {"operation": libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT, "memory_total": 1}
+    monkeypatch.setattr(control, "migration_stats", lambda _dom: outgoing)
+    yield recorded
+    conn.close()
+
+
+@pytest.fixture
+def rt(config: Path, monkeypatch: pytest.MonkeyPatch, store: JobStore, tmp_path: Path) -> Runtime:
+    monkeypatch.setenv("DROVER_CONFIG", str(config))
+    monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
+    seam = LibvirtHost(TEST_URI, opener=lambda _uri: libvirt.open(TEST_URI))
+    return Runtime("kvm1", store, seam, Ledger(str(tmp_path / "ledger")))
+
+
+def migrating(store: JobStore, policy: str) -> str:
+    spec = MigrationSpec(domain="test", src="kvm1", dst="kvm2", live=True, policy=policy)
+    job_id = store.create(spec, host="kvm1")
+    for state in (JobState.PREFLIGHT, JobState.PREPARED, JobState.MIGRATING):
+        assert store.transition(job_id, state, host="kvm1")[0]
+    return job_id
+
+
+def ask(store: JobStore, job_id: str) -> None:
+    """What a producer that does not check (or a hand in Redis) puts in line."""
+    request = tune_request(bandwidth_mib=5, postcopy_bandwidth_mib=50, max_downtime_ms=300)
+    push_tune(store.r, job_id, request, ttl_s=60)
+
+
+def test_a_postcopy_bandwidth_under_a_policy_forbidding_post_copy_applies_nothing(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    job_id = migrating(store, "no-postcopy")
+    # The record in Redis says the job runs with `default` (post-copy allowed): a lie the
+    # worker does not go by; it computes the policy from its registry and the domain.
+    allowing = BUILTIN_POLICIES["default"]
+    store.update(job_id, policy=EffectivePolicy(name="default", values=allowing, sources={}))
+    ask(store, job_id)
+    with capture_logs() as logs, pytest.raises(PhaseFailed) as refused:
+        control.tune(rt, store.get(job_id))
+    said = str(refused.value)
+    assert "\n" not in said
+    assert "policy no-postcopy, which does not allow post-copy" in said
+    assert "nothing of this tune request was applied" in said
+    assert guest.set == []  # neither the bandwidth nor the downtime of the same request
+    assert not [log for log in logs if log["event"] == "policy.step"]
+    assert store.r.llen(tune_key(job_id)) == 0  # taken, not left for a later tune to apply
+
+
+def test_a_postcopy_bandwidth_is_applied_where_the_policy_allows_post_copy(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    job_id = migrating(store, "default")
+    ask(store, job_id)
+    with capture_logs() as logs:
+        control.tune(rt, store.get(job_id))
+    assert guest.set == [("speed", 5, 0), ("speed", 50, POSTCOPY_SPEED), ("downtime", 300, 0)]
+    steps = [log for log in logs if log["event"] == "policy.step"]
+    assert len(steps) == 1 and steps[0]["postcopy_bandwidth_mib"] == 50
+
+
+def test_a_tune_without_a_postcopy_figure_is_applied_under_any_policy(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    job_id = migrating(store, "no-postcopy")
+    push_tune(store.r, job_id, tune_request(bandwidth_mib=7), ttl_s=60)
+    control.tune(rt, store.get(job_id))
+    assert guest.set == [("speed", 7, 0)]
