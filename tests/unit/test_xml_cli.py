@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from config.addresses import shown
 from jobs.domain_xml import MAX_DOMAIN_XML_CHARS
 from jobs.store import job_key
 from tests.conftest import RedisServer
@@ -42,13 +43,13 @@ def files(tmp_path: Path) -> dict[str, Path]:
 
 
 CASES = [
-    ("--xml", "missing", "--xml {dir}/missing.xml: no such file"),
-    ("--xml", "dir", "--xml {dir}: is a directory"),
+    ("--xml", "missing", "--xml {path}: no such file"),
+    ("--xml", "dir", "--xml {path}: is a directory"),
     ("--xml", "empty-path", "--xml: the path is empty"),
-    ("--xml", "fifo", "--xml {dir}/fifo.xml: is a FIFO, not a regular file"),
-    ("--xml", "fifo-link", "--xml {dir}/link.xml: is a FIFO, not a regular file"),
-    ("--persistent-xml", "fifo", "--persistent-xml {dir}/fifo.xml: is a FIFO, not a regular"),
-    ("--xml", "unreadable", "--xml /proc/self/mem: cannot read it"),
+    ("--xml", "fifo", "--xml {path}: is a FIFO, not a regular file"),
+    ("--xml", "fifo-link", "--xml {path}: is a FIFO, not a regular file"),
+    ("--persistent-xml", "fifo", "--persistent-xml {path}: is a FIFO, not a regular"),
+    ("--xml", "unreadable", "--xml {path}: cannot read it"),
     ("--xml", "not-xml", "--xml is not well-formed XML"),
     ("--xml", "too-big", "over 262144 characters"),
     ("--xml", "binary", "not UTF-8 text"),
@@ -78,7 +79,7 @@ def test_a_bad_file_is_one_line_and_queues_nothing(
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert message.format(dir=tmp_path) in lines[0]
+    assert message.format(path=shown(str(path))) in lines[0]  # quoted as shown() quotes
     assert "Traceback" not in result.stderr + result.stdout
     assert not redis.Redis.from_url(redis_srv.url).keys("*")
 
