@@ -51,7 +51,16 @@ if TYPE_CHECKING:
 # ARGV[12] the lane field (jobs/lanes.py), ARGV[13] the blocked-lanes key prefix, ARGV[14..]
 # the allowed source states. A lane its end leaves empty leaves the indexes with it.
 # Returns {1, previous} when moved, {2, current} when already there, {0, current} if refused.
+# Redis does not undo a script's writes when a command in it fails, and the state is written
+# first: every write after it skips a key of another type than drover writes (anyone with the
+# Redis password can SET one), so the record never ends half-done: active, lanes and slots
+# kept, bookings held for ever, the caller told of an error for a state already changed.
 TRANSITION_LUA = """
+local function kind(key) return redis.call('TYPE', key)['ok'] end
+local function is(key, want) return kind(key) == want end
+local function empty(key)  -- holds no lane nor job: a key that is no sorted set holds none
+  return not is(key, 'zset') or redis.call('ZCARD', key) == 0
+end
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 if cur == ARGV[1] then return {2, cur} end
@@ -63,36 +72,39 @@ for i = 14, #ARGV do
     if ARGV[8] == '1' then redis.call('HDEL', KEYS[1], 'abort_requested') end
     if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[4]) end
     if stall ~= '' and ARGV[1] == stall then redis.call('HSET', KEYS[1], 'stalled_from', cur) end
-    if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
+    if ARGV[3] ~= '' and (is(KEYS[2], 'list') or is(KEYS[2], 'none')) then
+      redis.call('RPUSH', KEYS[2], ARGV[3])
+    end
     if ARGV[6] == '1' then
-      redis.call('SREM', KEYS[3], ARGV[5])
-      redis.call('ZREM', KEYS[4], ARGV[5])
+      if is(KEYS[3], 'set') then redis.call('SREM', KEYS[3], ARGV[5]) end
+      if is(KEYS[4], 'zset') then redis.call('ZREM', KEYS[4], ARGV[5]) end
       local lane = redis.call('HGET', KEYS[1], ARGV[12])
       if lane then
-        redis.call('ZREM', lane, ARGV[5])
-        if redis.call('ZCARD', lane) == 0 then
-          redis.call('SREM', KEYS[5], lane)
-          redis.call('ZREM', KEYS[6], lane)
-          local gate = redis.call('HGET', KEYS[7], lane)
+        if is(lane, 'zset') then redis.call('ZREM', lane, ARGV[5]) end
+        if empty(lane) then
+          if is(KEYS[5], 'set') then redis.call('SREM', KEYS[5], lane) end
+          if is(KEYS[6], 'zset') then redis.call('ZREM', KEYS[6], lane) end
+          local gate = is(KEYS[7], 'hash') and redis.call('HGET', KEYS[7], lane)
           if gate then
             local blocked = ARGV[13] .. gate
             redis.call('HDEL', KEYS[7], lane)
-            redis.call('ZREM', blocked, lane)
-            if redis.call('ZCARD', blocked) == 0 then redis.call('HDEL', KEYS[8], gate) end
+            if is(blocked, 'zset') then redis.call('ZREM', blocked, lane) end
+            if empty(blocked) and is(KEYS[8], 'hash') then redis.call('HDEL', KEYS[8], gate) end
           end
         end
       end
       local gates = redis.call('HGET', KEYS[1], ARGV[11])
       if gates then
-        for gate in string.gmatch(gates, '%S+') do redis.call('SREM', gate, ARGV[5]) end
+        for gate in string.gmatch(gates, '%S+') do
+          if is(gate, 'set') then redis.call('SREM', gate, ARGV[5]) end
+        end
       end
       local raw = redis.call('HGET', KEYS[1], 'spec')
       local ok, spec = pcall(cjson.decode, raw or '')  -- a spec that is not JSON ends too
       if ok and type(spec) == 'table' then
         for _, host in ipairs({spec['src'], spec['dst']}) do
-          if type(host) == 'string' then
-            redis.call('HDEL', ARGV[9] .. host .. ARGV[10], ARGV[5])
-          end
+          local booked = type(host) == 'string' and ARGV[9] .. host .. ARGV[10]
+          if booked and is(booked, 'hash') then redis.call('HDEL', booked, ARGV[5]) end
         end
       end
     end
