@@ -22,8 +22,7 @@ import redis
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic import ValidationError as ValidationError
 
-from jobs.keys import heartbeat_key, host_facts_key, reservations_key
-from jobs.reservation_read import reserved_total
+from jobs.keys import host_facts_key
 
 # Bounds of one record. Generous for a real host (libvirt's x86 models number ~60 and their
 # features ~150; a host running 1,000 guests is far beyond today's fleets), small enough that
@@ -151,20 +150,3 @@ def read_facts(
     raws = cast(list[str | None], r.mget([host_facts_key(h) for h in hosts]))
     now = datetime.now(UTC)
     return {h: judge(h, raw, now, max_age_s, skew_s) for h, raw in zip(hosts, raws, strict=True)}
-
-
-def liveness_and_reservations(r: redis.Redis, hosts: list[str]) -> tuple[set[str], dict[str, int]]:
-    """Which of `hosts` have a worker taking work, and the memory reserved on each (live
-    jobs' bookings, jobs/liveness.py): one round trip for the whole fleet. A booking that is
-    not a whole number of MiB is read as jobs/reservation_read.py says, never as room."""
-    pipe = r.pipeline(transaction=False)
-    for host in hosts:
-        pipe.exists(heartbeat_key(host))
-        pipe.hgetall(reservations_key(host))
-    replies = pipe.execute()
-    alive, reserved = set(), {}
-    for i, host in enumerate(hosts):
-        if replies[2 * i]:
-            alive.add(host)
-        reserved[host] = reserved_total(r, host, cast(dict[str, str], replies[2 * i + 1]))
-    return alive, reserved

@@ -18,6 +18,7 @@ from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import Side
 from jobs.record import DiskFacts, DomainFacts, Handoff, SourceFacts
+from jobs.reservation_read import reserved_by_host
 from jobs.spec import MigrationSpec
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
@@ -37,10 +38,17 @@ from worker.storage import StorageError, create_targets, local_disks
 log = get_logger()
 
 
-def _free_memory_mib(rt: Runtime, job: Job) -> int:
-    """Memory this host can still give: libvirt's free memory, capped by the declared limit."""
-    reserved = rt.store.reserved_mib(rt.host, excluding=job.id)
-    return placement_room_mib(rt.libvirt.conn, reserved, rt.registry_entry.limits.memory_mib)
+def _memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
+    """Refused when this host cannot give `need` MiB: libvirt's free memory less the other
+    live jobs' bookings here, capped by the declared limit; bookings that cannot be read
+    leave none, and the refusal says why (jobs/reservation_read.py)."""
+    found = reserved_by_host(rt.store.r, [rt.host], excluding=job.id)[rt.host]
+    reserved = found if isinstance(found, int) else None
+    free = placement_room_mib(rt.libvirt.conn, reserved, rt.registry_entry.limits.memory_mib)
+    if free >= need:
+        return None
+    why = f" ({found})" if isinstance(found, str) else ""
+    return f"{job.spec.dst} has {free} MiB free{why}, {job.spec.domain} needs {need} MiB"
 
 
 def _dest_config_present(rt: Runtime, spec: MigrationSpec, uuid: str) -> bool:
@@ -127,9 +135,9 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         job.id, SourceFacts(**source.facts.model_dump(), dest_config_present=config_present)
     )
     if not spec.offline:
-        free = _free_memory_mib(rt, job)
-        if free < need:
-            raise PhaseFailed(f"{spec.dst} has {free} MiB free, {spec.domain} needs {need} MiB")
+        refusal = _memory_refusal(rt, job, need)
+        if refusal is not None:
+            raise PhaseFailed(refusal)
         if not rt.store.reserve(spec.dst, job.id, need):
             log.info("phase.skipped", reason="the job ended while its memory was being booked")
             raise PhaseSkipped("the job ended while its memory was being booked")
@@ -171,13 +179,6 @@ def _checks(rt: Runtime, job: Job, source: SourceView) -> list[Check]:
         need = source.facts.memory_mib
         checks.append(("memory", lambda: _memory_refusal(rt, job, need)))
     return checks
-
-
-def _memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
-    free = _free_memory_mib(rt, job)
-    if free < need:
-        return f"{job.spec.dst} has {free} MiB free, {job.spec.domain} needs {need} MiB"
-    return None
 
 
 def _definition_refusal(rt: Runtime, spec: MigrationSpec, found: DomainFacts) -> str | None:

@@ -18,11 +18,11 @@ from jobs.host_facts import (
     HostCpu,
     HostFacts,
     RunningDomain,
-    liveness_and_reservations,
     publish_facts,
     read_facts,
 )
 from jobs.keys import host_facts_key
+from jobs.reservation_read import reserved_by_host
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -113,13 +113,11 @@ def test_each_unusable_record_says_why_in_one_line(store: JobStore) -> None:
         assert "\n" not in why
 
 
-def test_liveness_and_reservations_for_the_whole_fleet_in_one_read(store: JobStore) -> None:
-    store.heartbeat("kvm2", 30, "w1")
+def test_reservations_for_the_whole_fleet_in_one_read(store: JobStore) -> None:
     job_id = store.create(MigrationSpec(domain="a", src="kvm1", dst="kvm2"), host="test")
     store.transition(job_id, JobState.PREFLIGHT, host="test")
     assert store.reserve("kvm2", job_id, 512)
-    alive, reserved = liveness_and_reservations(store.r, ["kvm1", "kvm2"])
-    assert alive == {"kvm2"} and reserved == {"kvm1": 0, "kvm2": 512}
+    assert reserved_by_host(store.r, ["kvm1", "kvm2"]) == {"kvm1": 0, "kvm2": 512}
 
 
 def test_the_report_duty_publishes_facts_saying_libvirt_could_not_be_read(

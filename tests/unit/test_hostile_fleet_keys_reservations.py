@@ -62,9 +62,11 @@ def test_a_host_whose_reservations_are_no_hash_has_no_room_and_says_so(
     store: JobStore, kind: str
 ) -> None:
     hand_written(store, "kvm2", kind)
-    store.r.hset(reservations_key("kvm1"), "a", "64")
+    a = store.create(MigrationSpec(domain="a", src="kvm2", dst="kvm1"), host="test")
+    store.transition(a, JobState.PREFLIGHT, host="test")
+    assert store.reserve("kvm1", a, 64)  # a live job's booking on another host
     with capture_logs() as logs:
-        reserved = store.reserved_mib("kvm2", excluding="a")  # WRONGTYPE before
+        reserved = store.reserved_mib("kvm2", excluding=a)  # WRONGTYPE before
         assert placement_room_mib(Memory(65_536), reserved, None) == 0  # type: ignore[arg-type]
         assert placement_room_mib(Memory(65_536), reserved, 32_768) == 0  # type: ignore[arg-type]
     assert reserved is None and store.reserved_mib("kvm1") == 64  # another host, as it was

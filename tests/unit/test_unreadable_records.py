@@ -22,10 +22,11 @@ from jobs.evacuation import (
     EvacuationState,
     EvacuationStore,
 )
-from jobs.host_facts import HostFacts, liveness_and_reservations
+from jobs.host_facts import HostFacts
 from jobs.keys import BLOCKING_GATES, DISABLED_HOSTS, LANES_READY, evacuation_retries_key, job_key
 from jobs.maintenance import UNREADABLE_ENTRY, Maintenance
 from jobs.record import MalformedRecord, SourceFacts
+from jobs.reservation_read import reserved_by_host
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import ACTIVE_JOBS, JobStore, reservations_key
@@ -141,14 +142,18 @@ def test_a_reservation_that_is_not_a_whole_number_never_crashes_nor_adds_room(
         memory_mib=300, vcpus=1,
     )  # fmt: skip
     store.r.hset(job_key(live), "facts", facts.model_dump_json())
+    a, b, c, d = (
+        store.create(MigrationSpec(domain=f"vm{i}", src="kvm1", dst="kvm2"), host="test")
+        for i in range(4)
+    )  # live jobs headed for kvm2, without recorded facts: only their bookings count
     store.r.hset(
         reservations_key("kvm2"),
-        mapping={"a": "64", "b": "x", "c": "-1000000", "d": " 5", live: "lots"},
+        mapping={a: "64", b: "x", c: "-1000000", d: " 5", live: "lots"},
     )
     with capture_logs() as logs:
         assert store.reserved_mib("kvm2") == 64 + 300  # the live job's recorded need counts
         assert store.reserved_mib("kvm2", excluding=live) == 64
-        assert liveness_and_reservations(store.r, ["kvm2"])[1] == {"kvm2": 64 + 300}
+        assert reserved_by_host(store.r, ["kvm2"]) == {"kvm2": 64 + 300}
     assert len(unreadable(logs)) == 4 + 3 + 4  # each reading says each one
 
 
