@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 
-from jobs.keys import POSTCOPY_FIELD, claims_key, job_key, redispatched_field
+from jobs.keys import POSTCOPY_FIELD, claims_key, job_key, phases_key, redispatched_field
 from jobs.record import MalformedRecord
 
 if TYPE_CHECKING:
@@ -63,6 +63,17 @@ class RecordMarks:
     def unclaim_phase(self, job_id: str, phase: str) -> None:
         """Give a phase back before a retry (it stopped before changing anything)."""
         self.r.hdel(claims_key(job_id), phase)
+
+    def give_back_phase(self, job_id: str, phase: str) -> None:
+        """A phase that stopped before changing anything, to be tried again: its claim and
+        its start record go, so that it reads as never started. Should the retry never come
+        (its worker killed while it waited), recovery then sends the phase again; a record
+        ended "retrying" would read as done, and the job would skip the phase or wait for
+        ever."""
+        with self.r.pipeline(transaction=True) as p:
+            p.hdel(claims_key(job_id), phase)
+            p.hdel(phases_key(job_id), phase)
+            p.execute()
 
     def request_abort(self, job_id: str, reason: str) -> None:
         self.r.hset(job_key(job_id), "abort_requested", reason)

@@ -51,3 +51,9 @@ class HandedOver(Dropped):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Interrupted(Dropped):
+    """The phase stopped without a verdict: whether the guest moved is libvirt's to say, and
+    libvirt (or this host's ledger) could not be asked. It stays started, for recovery to
+    settle once libvirt answers (worker/phase_failure.py)."""

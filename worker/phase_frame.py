@@ -8,8 +8,9 @@ one thing it does:
     claim     the phase runs once per job: a claim in Redis and in this host's ledger
     mark      run by this process: recovery on any worker of this host leaves it alone
     record    its start and end in the job record (and the fault suite's delay)
-    failure   what stopped it, judged in order: handed over, skipped, libvirtd unreachable
-              (the retry predicate: retried, or failed), failed, Redis gone, unexpected
+    failure   what stopped it, judged in order (worker/phase_failure.py): handed over,
+              skipped, libvirtd unreachable (retried; out of tries, failed before the
+              migration and left to recovery from perform on), failed, Redis gone, unexpected
     job end   the state the phase returned is entered last; an end tells the listeners
 
 A step that drops the message raises `Dropped` (worker/phase_errors.py), never Celery's
@@ -19,52 +20,27 @@ A step that drops the message raises `Dropped` (worker/phase_errors.py), never C
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import NoReturn
 
-import redis
 import structlog
 
 from config.celery import app
 from config.events import get_logger
 from jobs.model import Job, PhaseRecord
-from jobs.phases import RULES, Phase, owner_of
+from jobs.phases import Phase, owner_of
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
 from jobs.workflow import migration_chain
-from worker.job_end import (
-    advance,
-    fail_job,
-    holds_slots,
-    job_context,
-    job_ended,
-    rollback_destination_later,
-    touched_destination,
-    verified,
-)
+from worker.job_end import advance, holds_slots, job_context, job_ended, verified
 from worker.ledger import PhaseMark
-from worker.libvirt_host import LibvirtError, LibvirtUnavailable, is_connection_error
-from worker.phase_errors import Dropped, HandedOver, NeverLeft, PhaseFailed, RetryPhase
+from worker.phase_errors import Dropped
+from worker.phase_failure import failure_step
+from worker.phase_run import PhaseFn, PhaseRun, phase_ended
 from worker.runtime import Runtime
 
 log = get_logger()
 MS_PER_S = 1000
-
-PhaseFn = Callable[[Runtime, Job], JobState | None]
-
-
-@dataclass(frozen=True)
-class PhaseRun:
-    """One run of one phase: `recovering` re-runs a phase this host had started before it
-    crashed (no new claim); `attempt` counts Celery's retries of it."""
-
-    rt: Runtime
-    phase: Phase
-    fn: PhaseFn
-    recovering: bool = False
-    attempt: int = 0
 
 
 def execute_phase(
@@ -168,7 +144,7 @@ def _run(run: PhaseRun, job: Job) -> None:
     try:
         then = run.fn(run.rt, job)
     except Exception as exc:
-        _failure_step(exc)(run, job, exc)
+        failure_step(exc)(run, job, exc)
     _record_end(run, job, started, record)
     _end_job(run, job, then)
 
@@ -191,17 +167,8 @@ def _record_start(run: PhaseRun, job: Job) -> tuple[float, PhaseRecord | None]:
 
 
 def _record_end(run: PhaseRun, job: Job, started: float, record: PhaseRecord | None) -> None:
-    _phase_ended(run, job, started=record)
+    phase_ended(run, job, started=record)
     log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
-
-
-def _phase_ended(
-    run: PhaseRun, job: Job, *, error: str | None = None, started: PhaseRecord | None = None
-) -> None:
-    """The phase's end, in the job record and in this host's ledger (recovery reads the
-    ledger, not the record, to know that it is over here)."""
-    run.rt.store.phase_ended(job.id, run.phase.value, error=error, started=started)
-    run.rt.ledger.mark(job.id, run.phase.value, PhaseMark.ENDED)
 
 
 def _end_job(run: PhaseRun, job: Job, then: JobState | None) -> None:
@@ -210,86 +177,3 @@ def _end_job(run: PhaseRun, job: Job, then: JobState | None) -> None:
         advance(run.rt, job, then)
         if then in TERMINAL:
             job_ended(run.rt, job)
-
-
-FailureStep = Callable[[PhaseRun, Job, Exception], NoReturn]
-
-
-def _failure_step(exc: Exception) -> FailureStep:
-    """What stopped the phase, judged in this order (the first that matches handles it)."""
-    if isinstance(exc, HandedOver):
-        return _handed_over
-    if isinstance(exc, Dropped):
-        return _skipped
-    if isinstance(exc, LibvirtUnavailable) or (
-        isinstance(exc, LibvirtError) and is_connection_error(exc)
-    ):
-        return _libvirt_gone
-    if isinstance(exc, PhaseFailed):
-        return _failed
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return _redis_gone
-    return _unexpected
-
-
-def _handed_over(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
-    assert isinstance(exc, HandedOver)
-    log.warning("phase.handed_over", reason=exc.reason)
-    raise exc
-
-
-def _skipped(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
-    """The job ended under the phase: free anything the phase took after that end."""
-    rt = run.rt
-    _phase_ended(run, job, error="skipped")
-    if rt.store.state(job.id) in (JobState.CANCELLED, JobState.FAILED):
-        rt.store.release_holds(job.id)
-        if touched_destination(run.phase):
-            rollback_destination_later(job)
-    raise exc
-
-
-def _libvirt_gone(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
-    """The retry predicate: a phase that changes nothing before it reaches libvirtd is tried
-    again (tunables.phase_retries); anything else fails the job."""
-    rt, phase = run.rt, run.phase
-    if isinstance(exc, LibvirtError):
-        rt.libvirt.reset()
-    retries = rt.settings.tunables.phase_retries.get(phase.value, 0)
-    allowed = retries if RULES[phase].retryable else 0
-    if run.attempt < allowed and not run.recovering:
-        rt.store.phase_ended(job.id, phase.value, error=f"retrying: {exc}")
-        rt.store.unclaim_phase(job.id, phase.value)
-        rt.ledger.unclaim(job.id, phase.value)
-        log.warning("phase.retrying", reason=str(exc), attempt=run.attempt + 1, of=allowed)
-        raise RetryPhase(str(exc)) from exc
-    reason = f"{phase.value} on {rt.host}: {exc}"
-    _phase_ended(run, job, error=reason)
-    log.error("phase.failed", reason=reason)
-    fail_job(rt, job, phase, reason)
-    raise PhaseFailed(reason) from exc
-
-
-def _failed(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
-    assert isinstance(exc, PhaseFailed)
-    _phase_ended(run, job, error=exc.reason)
-    log.error("phase.failed", reason=exc.reason)
-    fail_job(run.rt, job, run.phase, exc.reason, exc.final, never_left=isinstance(exc, NeverLeft))
-    raise exc
-
-
-def _redis_gone(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
-    """Redis stayed away longer than tunables.redis_retry_for. Nothing is known to have
-    failed (a migration may well have completed): the phase stops without a verdict, and
-    recovery takes it up from libvirt's state once Redis is back."""
-    log.error("phase.interrupted", reason=f"Redis unreachable: {exc}")
-    raise exc
-
-
-def _unexpected(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
-    rt, phase = run.rt, run.phase
-    reason = f"{phase.value} on {rt.host} failed unexpectedly: {exc}"
-    _phase_ended(run, job, error=reason)
-    log.exception("phase.failed", reason=reason)
-    fail_job(rt, job, phase, reason)
-    raise PhaseFailed(reason) from exc

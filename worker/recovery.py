@@ -36,7 +36,7 @@ from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
 from worker.job_end import holds_slots, job_context, verified
-from worker.ledger import PhaseMark
+from worker.ledger_word import ended_here, started_here
 from worker.phase_errors import Dropped, PhaseFailed
 from worker.phase_frame import execute_phase
 from worker.recovery_perform import recover_perform
@@ -126,7 +126,7 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         log.info("job.state", state=job.stalled_from.value, reason="owner is back")
         job = rt.store.get(job.id)
     if step.started:
-        if _ended_here(rt, job, step.phase):
+        if ended_here(rt, job, step.phase):
             return
         if verified(rt, job):  # nothing is recovered for a request no trusted key signed
             _recover_in_background(rt, job, step.phase)
@@ -134,46 +134,12 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         return  # still waiting for a slot: admission, not recovery, starts it (and checks it)
     elif _quiet_s(rt, job, step) > rt.settings.tunables.redispatch_after and verified(rt, job):
         # (nor is anything sent again for a request no trusted key signed)
-        if _started_here(rt, job.id, step.phase) or not holds_slots(rt, job, resend=True):
+        if started_here(rt, job.id, step.phase) or not holds_slots(rt, job, resend=True):
             return
         give_back_dead_claim(rt, job.id, step.phase)
         log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
         rt.store.mark_redispatched(job.id, step.phase.value)
         migration_chain(app, job.id, job.spec, start=step.phase).apply_async()
-
-
-def _ended_here(rt: Runtime, job: Job, phase: Phase) -> bool:
-    """Whether this host's ledger says `phase` ended here although the record shows it
-    interrupted: the record was rewritten (a finished job made to look mid-flight), and
-    settling the phase again would act on the host (resume a guest, migrate it again).
-    The ledger wins; the job is left as it is, and this is said once."""
-    if not rt.ledger.marked(job.id, phase.value, PhaseMark.ENDED):
-        return False
-    _contradiction(rt, job.id, phase, "is still running", "ended here")
-    return True
-
-
-def _started_here(rt: Runtime, job_id: str, phase: Phase) -> bool:
-    """Whether this host's ledger says `phase` started here although the record shows it
-    never did: it is not sent again, nor its claim given back (it would run twice)."""
-    if not rt.ledger.marked(job_id, phase.value, PhaseMark.STARTED):
-        return False
-    _contradiction(rt, job_id, phase, "never started", "started here")
-    return True
-
-
-def _contradiction(
-    rt: Runtime, job_id: str, phase: Phase, record_says: str, ledger_says: str
-) -> None:
-    noted = (job_id, phase.value)
-    if noted not in rt.noted_contradictions:
-        rt.noted_contradictions.add(noted)
-        log.error(
-            "phase.not_recovered",
-            reason=f"the job record says {phase.value} {record_says}, but this host's ledger "
-            f"says it {ledger_says}: the record was changed behind drover's back (or lost); "
-            "nothing is done for it",
-        )
 
 
 def give_back_dead_claim(rt: Runtime, job_id: str, phase: Phase) -> bool:
@@ -188,7 +154,7 @@ def give_back_dead_claim(rt: Runtime, job_id: str, phase: Phase) -> bool:
         return False
     if rt.store.runner(job_id, phase.value) is not None:
         return False
-    if _started_here(rt, job_id, phase):
+    if started_here(rt, job_id, phase):
         return False
     rt.store.unclaim_phase(job_id, phase.value)
     rt.ledger.unclaim(job_id, phase.value)
@@ -242,7 +208,9 @@ def _resume_after(job: Job, phase: Phase) -> None:
 
 
 def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
-    """Recover on a thread of its own: waiting for a migration must not stop the heartbeat."""
+    """Recover on a thread of its own: waiting for a migration must not stop the heartbeat.
+    Only libvirt can say how the phase ended: while this host's libvirtd does not answer,
+    the step waits (said once), and the next sweep asks again."""
     holder = rt.begin(job.id, phase.value)
     if holder is not None:
         noted = (job.id, phase.value, holder)
@@ -272,6 +240,16 @@ def _recover_in_background(rt: Runtime, job: Job, phase: Phase) -> None:
     threading.Thread(target=work, name=f"recover-{job.id}", daemon=True).start()
 
 
+def _libvirt_answers(rt: Runtime, job: Job, phase: Phase) -> bool:
+    """Whether this host's libvirtd answers now; the wait for it is said once per step."""
+    if rt.libvirt_answers():
+        return True
+    if (job.id, phase.value) not in rt.noted_libvirt_waits:
+        rt.noted_libvirt_waits.add((job.id, phase.value))
+        log.warning("phase.not_recovered", reason=f"{rt.host}'s libvirtd does not answer")
+    return False
+
+
 def _still_interrupted(rt: Runtime, job_id: str, phase: Phase) -> Job | None:
     """Read the job again now that the phase is marked as ours: the sweep's copy may predate
     the phase ending normally in this process, and re-running a finished phase (booking
@@ -288,7 +266,9 @@ def _still_interrupted(rt: Runtime, job_id: str, phase: Phase) -> Job | None:
 
 def _recover(rt: Runtime, job: Job, phase: Phase) -> None:
     """This host started `phase` and then lost it: settle it from libvirt's real state, as
-    the phase registry says (jobs/phases.py `Recovery`)."""
+    the phase registry says (jobs/phases.py `Recovery`); only once its libvirtd answers."""
+    if not _libvirt_answers(rt, job, phase):
+        return
     if job.state is not JobState.POSTCOPY_PAUSED:  # that one is looked at every tick, quietly
         log.warning("phase.recovering", reason="started here but not running in this worker")
     if RULES[phase].recovery is Recovery.REATTACH:

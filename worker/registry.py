@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from jobs.phases import PHASES, Phase, PhaseRule
 from worker.phase_destination import destination_prepare, finish
-from worker.phase_frame import PhaseFn
 from worker.phase_perform import perform
+from worker.phase_run import PhaseFn
 from worker.phase_source import confirm, source_preflight
 
 

@@ -16,7 +16,7 @@ from config.settings import Host, Settings, current
 from jobs.phases import PHASE_NAMES
 from jobs.store import JobStore
 from worker.ledger import Ledger
-from worker.libvirt_host import LibvirtHost
+from worker.libvirt_host import LibvirtError, LibvirtHost, LibvirtUnavailable
 from worker.metrics_host import HostCollector, HostSnapshot
 from worker.metrics_registry import WorkerMetrics
 
@@ -42,6 +42,8 @@ class Runtime:
     # (job, phase) steps whose record says "interrupted here" although this host's ledger
     # says the phase ended (or started) here: refused, and said once each.
     noted_contradictions: set[tuple[str, str]] = field(default_factory=set)
+    # (job, phase) steps recovery leaves until this host's libvirtd answers: said once each.
+    noted_libvirt_waits: set[tuple[str, str]] = field(default_factory=set)
     # Evacuations waiting for a destination's libvirtd to answer (worker/evacuation_watch.py):
     # the monotonic time this process began to wait, never a time read from Redis.
     confirm_waits: dict[str, float] = field(default_factory=dict)
@@ -100,6 +102,16 @@ class Runtime:
         with self.lock:
             running = sorted((j, p) for j, p in self.running if p in PHASE_NAMES)
         self.store.renew_runners(running, self.worker_id, ttl)  # one round trip for all
+
+    def libvirt_answers(self) -> bool:
+        """Whether this host's libvirtd answers a call now (on a fresh connection if the last
+        one broke: a restarted libvirtd leaves the old one looking alive)."""
+        try:
+            self.libvirt.conn.getLibVersion()
+        except (LibvirtUnavailable, LibvirtError):
+            self.libvirt.reset()
+            return False
+        return True
 
     @property
     def draining(self) -> bool:

@@ -1,0 +1,47 @@
+"""Where this host's ledger and a job's record in Redis disagree about a phase: the ledger
+wins (only root writes it; anyone with the Redis password can rewrite the record), the job
+is left as it is, and the disagreement is said once per step."""
+
+from __future__ import annotations
+
+from config.events import get_logger
+from jobs.model import Job
+from jobs.phases import Phase
+from worker.ledger import PhaseMark
+from worker.runtime import Runtime
+
+log = get_logger()
+
+
+def ended_here(rt: Runtime, job: Job, phase: Phase) -> bool:
+    """Whether this host's ledger says `phase` ended here although the record shows it
+    interrupted: the record was rewritten (a finished job made to look mid-flight), and
+    settling the phase again would act on the host (resume a guest, migrate it again).
+    The ledger wins; the job is left as it is, and this is said once."""
+    if not rt.ledger.marked(job.id, phase.value, PhaseMark.ENDED):
+        return False
+    _contradiction(rt, job.id, phase, "is still running", "ended here")
+    return True
+
+
+def started_here(rt: Runtime, job_id: str, phase: Phase) -> bool:
+    """Whether this host's ledger says `phase` started here although the record shows it
+    never did: it is not sent again, nor its claim given back (it would run twice)."""
+    if not rt.ledger.marked(job_id, phase.value, PhaseMark.STARTED):
+        return False
+    _contradiction(rt, job_id, phase, "never started", "started here")
+    return True
+
+
+def _contradiction(
+    rt: Runtime, job_id: str, phase: Phase, record_says: str, ledger_says: str
+) -> None:
+    noted = (job_id, phase.value)
+    if noted not in rt.noted_contradictions:
+        rt.noted_contradictions.add(noted)
+        log.error(
+            "phase.not_recovered",
+            reason=f"the job record says {phase.value} {record_says}, but this host's ledger "
+            f"says it {ledger_says}: the record was changed behind drover's back (or lost); "
+            "nothing is done for it",
+        )
