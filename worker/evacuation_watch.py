@@ -215,8 +215,10 @@ def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None)
         bool(here.isActive()) or (bool(here.isPersistent()) and placement.persistent)
     )
     view = _on_destination(rt, placement)
-    succeeded = job is not None and job.state is JobState.SUCCEEDED
-    moved = succeeded and not on_source and view.running_on is not None
+    # libvirt's word on both hosts, whatever the child job says: the host is drained of the
+    # guest when its libvirtd no longer has it and the destination's runs it (a child that
+    # failed on a fault after its guest had moved does not keep the host "not drained").
+    moved = not on_source and view.running_on is not None
     return DomainOutcome(
         domain=placement.domain,
         job_id=job.id if job else None,
