@@ -115,7 +115,14 @@ def ensure_running_on_source(rt: Runtime, job: Job) -> str:
     if paused_for_postcopy(dom):
         return f"{job.spec.domain} is {state_reason(dom).describe()} on {rt.host}"
     resume_if_left_paused(rt, dom, job, "migration failed with the guest paused")
-    return f"{job.spec.domain} still running on {rt.host}"
+    return still_here(dom, job.spec.domain, rt.host)
+
+
+def still_here(dom: Domain, name: str, host: str) -> str:
+    """Where the guest is after a migration that did not complete, as libvirt shows it now:
+    "running", or "paused" when it was left paused and not resumed (this host saw it
+    paused before the migration, or has no record of how it was)."""
+    return f"{name} still {'paused' if is_paused(dom) else 'running'} on {host}"
 
 
 def _runs_on_destination(rt: Runtime, job: Job) -> bool:

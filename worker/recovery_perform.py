@@ -26,7 +26,7 @@ from worker.libvirt_states import state_reason
 from worker.migration_call import build_call
 from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
-from worker.phase_source import guest_uuid, job_domain, resume_if_left_paused
+from worker.phase_source import guest_uuid, job_domain, resume_if_left_paused, still_here
 from worker.policy_source import job_policy
 from worker.postcopy_recovery import (
     ANSWER_WITHIN_S,
@@ -66,13 +66,13 @@ def recover_perform(rt: Runtime, job: Job) -> bool:
     if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
         return _completed(rt, job)
     resume_if_left_paused(rt, dom, job, "the interrupted migration left the guest paused")
-    where = f"{spec.domain} still running on {rt.host}"
+    where = still_here(dom, spec.domain, rt.host)
     if cancelled:
         reason = f"{cancelled}: migration aborted; {where}"
         rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)
         fail_job(rt, job, Phase.PERFORM, reason, JobState.CANCELLED)
         return False
-    away = f"did not complete while {rt.host}'s worker was away"
+    away = f"did not complete while {rt.host}'s worker could not follow it"
     why = f"was aborted: {aborted}" if aborted else away
     reason = f"the migration {why}; {where}"
     rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)

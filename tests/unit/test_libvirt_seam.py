@@ -445,7 +445,8 @@ def test_recovery_finds_no_migration_and_the_guest_still_here(
     job = store.get(job_id)
     assert job.state is JobState.FAILED
     assert job.reason == (
-        "the migration did not complete while kvm1's worker was away; test still running on kvm1"
+        "the migration did not complete while kvm1's worker could not follow it; "
+        "test still running on kvm1"
     )
     assert job.phases[Phase.PERFORM.value].error == job.reason
     assert rollbacks == [job_id]
@@ -495,7 +496,8 @@ def test_recovery_judges_a_post_copy_libvirt_does_not_show_from_libvirt(
     job = store.get(job_id)
     assert job.state is JobState.FAILED, job.state
     assert job.reason == (
-        "the migration did not complete while kvm1's worker was away; test still running on kvm1"
+        "the migration did not complete while kvm1's worker could not follow it; "
+        "test still running on kvm1"
     )
     assert rollbacks == [job_id]
     seen = event_names(store, job_id)
