@@ -45,7 +45,15 @@ SECONDS_PER_DAY = 86_400
 # host-index prefix, ARGV[7] lease field prefix, ARGV[8] waiting-by-origin prefix, ARGV[9..]
 # the kind's terminal states. Returns 1 when it applied the retention, 0 otherwise (live,
 # gone, or already done).
+# It runs after the transition has written the end, and Redis undoes nothing of a script that
+# fails midway: every shared key it reads or writes is checked for the type drover gives it
+# first (anyone with the Redis password can SET one to another), and one of another type is
+# passed over as holding nothing of the record (a lock that is no string is no lease of it;
+# an index that is no sorted set is neither filed into nor trimmed), so the end is whole:
+# retention set, leases given back, the producer's count and the other indexes kept right,
+# and the caller told of no error for an end that happened. The spoilt key is left as found.
 END_LUA = """
+local function is(key, want) return redis.call('TYPE', key)['ok'] == want end
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 0 end
 local ended = false
@@ -59,25 +67,28 @@ local lp = ARGV[7]
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(f, 1, #lp) == lp then
     local lock = string.sub(f, #lp + 1)
-    if redis.call('GET', lock) == id then redis.call('DEL', lock) end
+    if is(lock, 'string') and redis.call('GET', lock) == id then redis.call('DEL', lock) end
   end
 end
 local origin = redis.call('HGET', KEYS[1], 'origin')
-if origin then redis.call('SREM', ARGV[8] .. origin, id) end
-local score = redis.call('ZSCORE', ARGV[4], id) or t
+local counted = origin and ARGV[8] .. origin
+if counted and is(counted, 'set') then redis.call('SREM', counted, id) end
+local all = is(ARGV[4], 'zset')
+local score = all and redis.call('ZSCORE', ARGV[4], id) or t
 local cutoff = '(' .. tostring(t - ttl)
+local function trim(index)  -- an index of another type is left as found
+  if is(index, 'zset') then redis.call('ZREMRANGEBYSCORE', index, '-inf', cutoff) end
+end
 local by_state = ARGV[5] .. state
-redis.call('ZADD', by_state, score, id)
-redis.call('ZREMRANGEBYSCORE', by_state, '-inf', cutoff)
-redis.call('ZREMRANGEBYSCORE', ARGV[4], '-inf', cutoff)
+if is(by_state, 'zset') or is(by_state, 'none') then redis.call('ZADD', by_state, score, id) end
+trim(by_state)
+trim(ARGV[4])
 local raw = redis.call('HGET', KEYS[1], 'spec')
 if raw then
   local ok, spec = pcall(cjson.decode, raw)
   if ok and type(spec) == 'table' then
     for _, host in ipairs({spec['src'], spec['dst'], spec['host']}) do
-      if type(host) == 'string' then
-        redis.call('ZREMRANGEBYSCORE', ARGV[6] .. host, '-inf', cutoff)
-      end
+      if type(host) == 'string' then trim(ARGV[6] .. host) end
     end
   end
 end
