@@ -87,8 +87,8 @@ local raw = redis.call('HGET', KEYS[1], 'spec')
 if raw then
   local ok, spec = pcall(cjson.decode, raw)
   if ok and type(spec) == 'table' then
-    for _, host in ipairs({spec['src'], spec['dst'], spec['host']}) do
-      if type(host) == 'string' then trim(ARGV[6] .. host) end
+    for _, field in ipairs({'src', 'dst', 'host'}) do  -- an evacuation has only a host
+      if type(spec[field]) == 'string' then trim(ARGV[6] .. spec[field]) end
     end
   end
 end

@@ -12,6 +12,7 @@ from typing import cast
 
 import pytest
 
+from jobs.evacuation import EvacuationSpec, EvacuationState, EvacuationStore
 from jobs.keys import (
     JOBS_INDEX,
     domain_lock_key,
@@ -102,3 +103,17 @@ def test_a_job_ends_wholly_whatever_shared_key_is_of_another_type(
     assert store.state(job_id) is JobState.FAILED
     assert left_wrong(store, job_id, key) == []
     assert as_found(store, key) in ([job_id], job_id)  # left as found
+
+
+def test_an_evacuations_end_trims_its_hosts_index(store: JobStore) -> None:
+    """Not a hostile key: the end script walked a job's src, dst then host, and stopped at an
+    evacuation's missing src, so a host only evacuated kept entries past the retention."""
+    evacuations = EvacuationStore(store)
+    ev = evacuations.create(EvacuationSpec(host="kvm3"), "p1")
+    long_ago = cast(float, store.r.zscore(JOBS_INDEX, ev)) - 2 * DEFAULT_RETENTION_S
+    store.r.zadd(jobs_by_host_key("kvm3"), {OLD: long_ago})
+    for state in (EvacuationState.PLANNING, EvacuationState.RUNNING, EvacuationState.PARTIAL):
+        assert evacuations.transition(ev, state)[0]
+
+    assert store.r.zscore(jobs_by_host_key("kvm3"), OLD) is None
+    assert store.r.zscore(jobs_by_host_key("kvm3"), ev) is not None
