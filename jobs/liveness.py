@@ -30,13 +30,18 @@ LEASE_ATTEMPTS = 3
 LEASE_TAKEN, LEASE_JOB_ENDED = 1, -1
 MS_PER_S = 1000
 
-# Compare-and-delete for leases and marks: only the holder may drop its own.
+# Compare-and-delete for leases and marks: only the holder may drop its own. A key of another
+# type (a lock made a hash or list by hand) is no holder's: passed over and left as found, so
+# that a job's end (release_leases, run straight after it) does not fail with WRONGTYPE after
+# the end itself was written, as the end's own script does (jobs/retention.py).
 _RELEASE_LUA = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' then return 0 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-# Compare-and-extend.
+# Compare-and-extend, a key of another type passed over alike.
 _RENEW_LUA = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' then return 0 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """

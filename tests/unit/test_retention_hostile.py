@@ -21,7 +21,6 @@ from jobs.keys import (
     record_keys,
     waiting_by_origin_key,
 )
-from jobs.records import JobRecords
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import DEFAULT_RETENTION_S, JobStore
@@ -94,10 +93,10 @@ def test_a_job_ends_wholly_whatever_shared_key_is_of_another_type(
     key = GUARDED[what]
     spoil(store, key, job_id)
 
-    # The records' transition with the retention's end in its MULTI (WRONGTYPE before); the
-    # store's own lease release after it reads the lock again, in jobs/liveness.py.
-    end = JobRecords.transition if key == UUID_LEASE else JobStore.transition
-    moved, previous = end(store, job_id, JobState.FAILED, host="p1", reason="x")
+    # The store's transition: the records' one with the retention's end in its MULTI
+    # (WRONGTYPE before), then the store's own lease release (jobs/liveness.py), which reads
+    # every lock again and passes over one of another type too.
+    moved, previous = store.transition(job_id, JobState.FAILED, host="p1", reason="x")
 
     assert (moved, previous) == (True, JobState.QUEUED)
     assert store.state(job_id) is JobState.FAILED
