@@ -1,7 +1,7 @@
 """The destination's phases: destination_prepare before the migration, finish after it.
 
-    destination_prepare  the pre-checks (CPU, hugepages, disks, room, memory, no clash:
-                         docs/prechecks.md); memory reserved; storage made; hand-off.
+    destination_prepare  the pre-checks (CPU, anti-affinity, hugepages, disks, room, memory,
+                         no clash: docs/prechecks.md); memory reserved; storage made; hand-off.
                          A dry run ends here, `checked`, having taken nothing
     finish               the domain is here as asked (running, paused, defined)
 

@@ -2,6 +2,7 @@
 shows of the guest (its live XML, its disks' sizes) against this host's own view:
 
     cpu           libvirt's CPU comparison on this libvirtd (worker/precheck_cpu.py)
+    anti_affinity no domain of the guest's anti-affinity group runs on this libvirtd
     hugepages     free hugepages of the guest's page size here (worker/precheck_memory.py)
     shared_disks  every disk not copied is here at the same path, same kind and size
     storage_room  with --copy-storage, room for the full capacity of every image made here
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from jobs.host_facts import HostCpu
 from jobs.spec import MigrationSpec
+from worker.domain_metadata import anti_affinity_group, running_in_group
 from worker.guest_disks import copied, guest_disks
 from worker.libvirt_host import Connection, Domain, LibvirtError
 from worker.precheck import Check
@@ -32,6 +34,8 @@ class SourceGuest:
     cpu: GuestCpuRequest
     source_cpu: HostCpu | None  # the source's host CPU (passthrough guests only)
     capacities: dict[str, int]  # path -> virtual size (blockInfo), each disk with a source
+    uuid: str
+    group: str | None  # its anti-affinity group, its own metadata on the source
 
 
 def read_source_guest(dom: Domain) -> SourceGuest:
@@ -44,7 +48,20 @@ def read_source_guest(dom: Domain) -> SourceGuest:
             sizes[disk.path] = int(dom.blockInfo(disk.path)[0])
         except LibvirtError:  # no size from libvirt: compared by path and kind only
             continue
-    return SourceGuest(xml, req, source_host_cpu(req, dom.connect()), sizes)
+    cpu = source_host_cpu(req, dom.connect())
+    return SourceGuest(xml, req, cpu, sizes, dom.UUIDString(), anti_affinity_group(dom))
+
+
+def anti_affinity_refusal(guest: SourceGuest, conn: Connection, host: str) -> str | None:
+    """The guest's own declared rule, judged on this host's libvirtd: the planner chose this
+    host from its published facts, which anyone with the Redis password can rewrite, and a
+    plain migration never consulted them. Running domains only, as the planner counts."""
+    if guest.group is None:
+        return None
+    there = running_in_group(conn, guest.group, guest.uuid)
+    if not there:
+        return None
+    return f"{host}: anti-affinity group {guest.group} already there ({', '.join(there)} running)"
 
 
 def shared_disks_refusal(spec: MigrationSpec, guest: SourceGuest, host: str) -> str | None:
@@ -85,7 +102,8 @@ def destination_checks(
     """The checks for bringing the guest here (memory is added by the phase: it knows the
     reservations)."""
     checks: list[Check] = [
-        ("cpu", lambda: cpu_check(guest.cpu, guest.source_cpu, conn, host, spec.domain))
+        ("cpu", lambda: cpu_check(guest.cpu, guest.source_cpu, conn, host, spec.domain)),
+        ("anti_affinity", lambda: anti_affinity_refusal(guest, conn, host)),
     ]
     if spec.offline:
         return checks
