@@ -31,6 +31,7 @@ from worker.admission_pass import admit_safety, admit_waiting
 from worker.host_memory import room_mib
 from worker.host_probe import collect_facts
 from worker.job_end import job_context
+from worker.leftovers import sweep_leftovers
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
 from worker.metrics_exporter import cache_host, start_exporter
 from worker.runtime import Runtime
@@ -168,6 +169,7 @@ def duties() -> list[Duty]:
     return [
         Duty("report", lambda t: t.heartbeat_interval, _report),
         Duty("recovery", lambda t: t.watchdog_interval, recovery.sweep),
+        Duty("leftovers", lambda t: t.watchdog_interval, sweep_leftovers),
         Duty("admission", lambda t: t.admission_interval, admit_waiting),
         Duty("admission-safety", lambda t: t.admission_safety_interval, admit_safety),
         Duty("evacuations", lambda t: t.evacuation_check_interval, evacuation_watch.watch),

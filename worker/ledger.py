@@ -98,6 +98,15 @@ class Ledger:
             ).fetchall()
         return [str(r[0]) for r in rows]
 
+    def jobs_with_leftovers(self) -> list[str]:
+        """The jobs this host still holds images or an incoming record for (a rollback that
+        did not finish: worker/leftovers.py), oldest id first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id FROM images UNION SELECT job_id FROM incoming ORDER BY job_id"
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def forget_images(self, job_id: str, paths: list[str] | None = None) -> None:
         """Drop the job's images from the record (all of them, or `paths`)."""
         with self._lock:

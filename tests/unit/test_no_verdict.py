@@ -11,12 +11,13 @@ never started; recovery waits, quietly, for its libvirtd to answer.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
-import structlog
+from structlog.testing import capture_logs
 
 from jobs.phases import PHASE_ORDER, Phase
 from jobs.spec import MigrationSpec
@@ -63,8 +64,8 @@ def rollbacks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.fixture
-def events() -> Iterator[list[dict[str, object]]]:
-    with structlog.testing.capture_logs() as seen:
+def events() -> Iterator[list[MutableMapping[str, Any]]]:
+    with capture_logs() as seen:
         yield seen
 
 
@@ -174,7 +175,7 @@ def test_recovery_waits_for_its_libvirtd_and_says_so_once(
     store: JobStore,
     tmp_path: Path,
     rollbacks: list[str],
-    events: list[dict[str, object]],
+    events: list[MutableMapping[str, Any]],
 ) -> None:
     rt = runtime(store, tmp_path, "kvm2", libvirtd_up=False)
     job_id = job_at(store, Phase.FINISH)

@@ -1,0 +1,126 @@
+"""A destination's rollback that could not finish when its job ended is finished later.
+
+Seen on the lab: a `--copy-storage` job failed while the destination's libvirtd was down;
+its rollback gave up after its tries, the image it had made stayed, and the next migration
+of that guest there failed ("... already exists") until someone removed the file by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from structlog.testing import capture_logs
+
+from jobs.spec import MigrationSpec
+from jobs.states import JobState
+from jobs.store import JobStore, job_key
+from worker.ledger import Ledger
+from worker.leftovers import sweep_leftovers
+from worker.libvirt_host import LibvirtHost
+from worker.runtime import Runtime
+
+TEST_URI = "test:///default"
+LONG_AGO = "2020-01-01T00:00:00+00:00"
+
+
+@pytest.fixture
+def images(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """kvm2's storage directory, a temporary one (a rollback removes only under it)."""
+    made = tmp_path / "images"
+    made.mkdir()
+    text = config.read_text().replace(
+        "[hosts.kvm2]\n", f'[hosts.kvm2]\nstorage_dirs = ["{made}"]\n', 1
+    )
+    config.write_text(text)
+    monkeypatch.setenv("DROVER_CONFIG", str(config))
+    monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
+    return made
+
+
+@pytest.fixture
+def events() -> Iterator[list[MutableMapping[str, Any]]]:
+    with capture_logs() as seen:
+        yield seen
+
+
+def runtime(store: JobStore, tmp_path: Path, *, libvirtd_up: bool = True) -> Runtime:
+    def opener(uri: str) -> libvirt.virConnect:
+        if not libvirtd_up:
+            raise libvirt.libvirtError("Failed to connect socket: No such file or directory")
+        return libvirt.open(TEST_URI)
+
+    host = LibvirtHost(TEST_URI, opener=opener)
+    return Runtime("kvm2", store, host, Ledger(str(tmp_path / "ledger")))
+
+
+def ended_with_an_image(
+    rt: Runtime, images: Path, state: JobState, *, when: str = LONG_AGO
+) -> tuple[str, Path]:
+    """A job that made an image on kvm2 and ended `state` (at `when`) without its rollback."""
+    store = rt.store
+    job_id = store.create(MigrationSpec(domain="web01", src="kvm1", dst="kvm2"), host="test")
+    image = images / f"{job_id}.qcow2"
+    image.write_text("made by prepare")
+    rt.ledger.record_image(job_id, str(image))
+    walk = [JobState.PREFLIGHT, JobState.PREPARED, JobState.MIGRATING]
+    if state is JobState.SUCCEEDED:
+        walk.append(JobState.FINISHING)
+    for step in [*walk, state]:
+        moved, _ = store.transition(job_id, step, host="test", reason="a fault")
+        assert moved, step
+    store.r.hset(job_key(job_id), "updated", when)
+    return job_id, image
+
+
+def test_the_rollback_of_an_ended_job_is_finished_once_libvirtd_answers(
+    store: JobStore, images: Path, tmp_path: Path, events: list[MutableMapping[str, Any]]
+) -> None:
+    down = runtime(store, tmp_path, libvirtd_up=False)
+    job_id, image = ended_with_an_image(down, images, JobState.FAILED)
+    sweep_leftovers(down)  # libvirtd still down: nothing is done yet
+    assert image.exists() and down.ledger.images(job_id) == [str(image)]
+
+    up = runtime(store, tmp_path)
+    sweep_leftovers(up)
+    assert not image.exists()
+    assert up.ledger.jobs_with_leftovers() == []
+    said = [e["event"] for e in events]
+    assert "rollback.resumed" in said and "rollback.removed_images" in said
+
+
+@pytest.mark.parametrize(
+    ("state", "when"),
+    [
+        (JobState.SUCCEEDED, LONG_AGO),  # its guest arrived: never rolled back
+        (JobState.FAILED, None),  # just ended: its own rollback may still be on its way
+    ],
+    ids=["succeeded", "just-ended"],
+)
+def test_a_job_whose_rollback_is_not_due_keeps_its_image(
+    store: JobStore, images: Path, tmp_path: Path, state: JobState, when: str | None
+) -> None:
+    rt = runtime(store, tmp_path)
+    job_id, image = ended_with_an_image(rt, images, state, when=when or _now())
+    sweep_leftovers(rt)
+    assert image.exists() and rt.ledger.images(job_id) == [str(image)]
+
+
+def test_a_live_job_is_never_rolled_back(store: JobStore, images: Path, tmp_path: Path) -> None:
+    rt = runtime(store, tmp_path)
+    job_id = store.create(MigrationSpec(domain="web01", src="kvm1", dst="kvm2"), host="test")
+    image = images / "live.qcow2"
+    image.write_text("made by prepare")
+    rt.ledger.record_image(job_id, str(image))
+    store.r.hset(job_key(job_id), "updated", LONG_AGO)
+    sweep_leftovers(rt)
+    assert image.exists()
+
+
+def _now() -> str:
+    from jobs.store import now
+
+    return now().isoformat()
