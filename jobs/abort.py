@@ -46,7 +46,8 @@ def abort_job(
             raise TooLate(f"job {job_id} already {job.state.value}; nothing to abort")
         if job.state is JobState.FINISHING:
             raise TooLate(
-                f"job {job_id} is finishing: {job.spec.domain} already runs on {job.spec.dst}"
+                f"job {job_id} is finishing: libvirt completed the migration of "
+                f"{job.spec.domain} to {job.spec.dst}, which is checking it there"
             )
         if job.state in POSTCOPY_STATES:
             raise TooLate(_recovering(job))

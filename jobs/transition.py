@@ -76,6 +76,7 @@ for i = 14, #ARGV do
       redis.call('RPUSH', KEYS[2], ARGV[3])
     end
     if ARGV[6] == '1' then
+      redis.call('HDEL', KEYS[1], 'waiting_for')  -- an ended job waits for nothing
       if is(KEYS[3], 'set') then redis.call('SREM', KEYS[3], ARGV[5]) end
       if is(KEYS[4], 'zset') then redis.call('ZREM', KEYS[4], ARGV[5]) end
       local lane = redis.call('HGET', KEYS[1], ARGV[12])
