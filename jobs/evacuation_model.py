@@ -19,6 +19,13 @@ from jobs.states import EVACUATION_TABLE, EVACUATION_TERMINAL, EvacuationState, 
 __all__ = ["EVACUATION_TERMINAL", "EvacuationState"]
 
 MAX_PARALLEL = 64
+# What the evacuated host's worker writes into the record besides the transitions
+# (worker/evacuation.py `refusal`): `started`, its own signed word that it started the
+# evacuation (kind START_KIND, renewed while the evacuation lives, so that the producer's
+# request need not be young for as long as the evacuation runs); `ended`, when it ended.
+STARTED_FIELD = "started"
+ENDED_FIELD = "ended"
+START_KIND = "evacuation-start"
 
 
 class EvacuationSpec(DrainOptions):

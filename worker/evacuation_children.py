@@ -11,7 +11,13 @@ from jobs.abort import TooLate, abort_job
 from jobs.evacuation import Evacuation, EvacuationStore, Placement
 from jobs.maintenance import Maintenance
 from jobs.model import Job
-from jobs.request_signing import signer_for
+from jobs.request_signing import (
+    SECURITY_REASON,
+    RequestRefused,
+    check_job,
+    signer_for,
+    verifier_for,
+)
 from jobs.states import JobState
 from jobs.submission import DomainBusy, enqueue
 from worker.admission_pass import admit_waiting
@@ -112,6 +118,11 @@ def retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) 
     a guest behind on a host going into maintenance. Returns the new child, or None."""
     if job.state is not JobState.FAILED or ev.abort_requested:
         return None
+    forged = _child_problem(rt, ev, job)
+    if forged is not None:
+        log.error("security.rejected", domain=job.spec.domain, child=job.id, reason=forged)
+        _not_retried(job, forged)
+        return None
     placement = next((p for p in ev.plan or [] if p.domain == job.spec.domain), None)
     if placement is None or placement.destination is None:
         _not_retried(job, "it is not in the plan with a destination")
@@ -141,6 +152,22 @@ def retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) 
         return None
     admit_waiting(rt)
     return rt.store.get(child)
+
+
+def _child_problem(rt: Runtime, ev: Evacuation, job: Job) -> str | None:
+    """Why a failed child read back from Redis is not one this evacuation queued: its record
+    (anyone's to write with the Redis password) must carry a request a trusted key signed,
+    for this evacuation, before it is queued again (find_children matched its domain)."""
+    verifier = verifier_for(rt.settings.security)
+    if verifier is None:
+        return None  # signing off (a lab): nothing is checked
+    if job.parent != ev.id or job.spec.src != ev.spec.host:
+        return f"{SECURITY_REASON}: job {job.id} is not a child of this evacuation"
+    try:
+        check_job(verifier, job)
+    except RequestRefused as exc:
+        return f"{SECURITY_REASON}: job {job.id}: {exc}"
+    return None
 
 
 def _not_retried(job: Job, why: str) -> None:

@@ -13,8 +13,11 @@ from pydantic import ValidationError
 from config.events import get_logger
 from config.settings import ConfigError, Settings
 from jobs.evacuation import Evacuation, EvacuationState, EvacuationStore, Placement
+from jobs.evacuation_model import ENDED_FIELD
+from jobs.keys import job_key
 from jobs.policy_choice import effective_policy
 from jobs.spec import MigrationSpec, first_error
+from jobs.store import now
 from worker.fleet_view import FleetView, gather
 from worker.placement import Estimate, Guest, plan
 from worker.runtime import Runtime
@@ -146,6 +149,13 @@ def replanned(
     return fresh
 
 
+# Evacuations this process ended: one set back to a live state in Redis is never acted on
+# again here (worker/evacuation.py `refusal`), whatever its record says. Bounded: the ids
+# come from Redis.
+ENDED_HERE: set[str] = set()
+ENDED_HERE_MAX = 4096
+
+
 def end(
     store: EvacuationStore,
     ev: Evacuation,
@@ -153,6 +163,12 @@ def end(
     reason: str | None,
     **fields: Any,
 ) -> None:
+    """End the evacuation, and mark it ended beyond its state: in this process, and in the
+    record's `ended` field, which no transition removes."""
     moved, _ = store.transition(ev.id, final, reason)
     if moved:
+        if len(ENDED_HERE) >= ENDED_HERE_MAX:
+            ENDED_HERE.clear()
+        ENDED_HERE.add(ev.id)
+        store.r.hset(job_key(ev.id), ENDED_FIELD, now().isoformat())
         log.info("evacuation.state", state=final.value, reason=reason, **fields)

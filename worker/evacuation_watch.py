@@ -20,7 +20,7 @@ from jobs.record import MalformedRecord
 from jobs.record_read import REDIS_OUTAGES, KeyUnreadable
 from jobs.states import JobState
 from jobs.store import JobNotFound, now
-from worker.evacuation import PLANNING_KEY, plan_and_queue_or_fail, planning
+from worker.evacuation import PLANNING_KEY, attest, plan_and_queue_or_fail, planning, trusted
 from worker.evacuation_children import abort_children, children_of, retry_failed
 from worker.evacuation_plan import end, evacuation_context
 from worker.job_end import on_job_end
@@ -83,6 +83,12 @@ def check(rt: Runtime, evacuation_id: str) -> None:
         if ev.spec.host != rt.host or ev.terminal:
             return
         with structlog.contextvars.bound_contextvars(**evacuation_context(ev)):
+            # Its record is anyone's to write with the Redis password: nothing is planned,
+            # queued, retried or aborted for it unless a trusted key asked for it as it reads.
+            if not trusted(rt, store, ev):
+                return
+            if ev.state is not EvacuationState.QUEUED:
+                attest(rt, store, ev)  # still ours, however long it runs
             _attend(rt, store, ev)
 
 
@@ -100,7 +106,9 @@ def _attend(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
     if ev.state is EvacuationState.PLANNING:
         # Planning here was interrupted (the worker restarted): finish it from what is saved.
         with planning(rt, ev.id):
-            plan_and_queue_or_fail(rt, store, store.get(ev.id))
+            current = store.get(ev.id)
+            if (current.spec, current.request) == (ev.spec, ev.request):  # what was checked
+                plan_and_queue_or_fail(rt, store, current)
         return
     children = children_of(rt, ev)
     if ev.abort_requested:

@@ -1,0 +1,228 @@
+"""An evacuation record written into Redis by hand (no signed request, an old one, one set
+back from its end) moves no guest: the evacuated host's watch verifies the request before it
+plans, queues, retries or aborts anything, and ends such an evacuation `failed` with a
+`security.rejected` event. A failed child is queued again only when its own record carries a
+request a trusted key signed for this evacuation. Against the real test Redis and libvirt's
+`test:///default` driver (one hypervisor seen as every host), with signing on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, MutableMapping
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import libvirt
+import pytest
+from structlog.testing import capture_logs
+
+from config.settings import Settings, load_settings
+from jobs.evacuation import EVACUATION_KIND, Evacuation, EvacuationSpec, EvacuationStore, Placement
+from jobs.keys import job_key
+from jobs.request_signing import RequestSigner, signed_record, signer_for
+from jobs.spec import MigrationSpec
+from jobs.states import EvacuationState, JobState
+from jobs.store import JobStore, now
+from tests.conftest import RedisServer
+from tests.support.registry import REGISTRY, make_fleet_keys, signing_section, with_state_dirs
+from worker import evacuation, evacuation_children
+from worker.evacuation import attest
+from worker.evacuation_plan import end
+from worker.evacuation_watch import check
+from worker.ledger import Ledger
+from worker.libvirt_host import LibvirtHost
+from worker.runtime import Runtime
+
+TEST_URI = "test:///default"
+GUEST = "test"  # the test driver's running, persistent guest
+SPEC = EvacuationSpec(host="kvm1", to=["kvm2"])
+Logs = list[MutableMapping[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_fleet_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture
+def settings(
+    tmp_path: Path, redis_srv: RedisServer, keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    config = tmp_path / "drover.toml"
+    registry = with_state_dirs(REGISTRY.format(url=redis_srv.url), tmp_path / "state")
+    config.write_text(registry + signing_section(keys))
+    monkeypatch.setenv("DROVER_CONFIG", str(config))
+    monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
+    return load_settings(config)
+
+
+@pytest.fixture
+def queued(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The children the worker would sign and queue (domain -> destination), recorded
+    instead; and a planning that places the test guest on kvm2 without asking any peer."""
+    seen: list[str] = []
+
+    def queue_child(_rt: Runtime, _ev: Evacuation, placement: Placement, **_: object) -> str:
+        seen.append(f"{placement.domain}->{placement.destination}")
+        return "c0c0c0c0c0ff"
+
+    monkeypatch.setattr(evacuation_children, "_queue_child", queue_child)
+    monkeypatch.setattr(evacuation_children, "admit_waiting", lambda _rt: None)
+    monkeypatch.setattr(evacuation, "admit_waiting", lambda _rt: None)
+    monkeypatch.setattr(
+        evacuation, "gather", lambda *_: SimpleNamespace(candidates=[], unavailable={})
+    )
+    monkeypatch.setattr(evacuation, "planned", lambda rt, _ev, _view: [placement(rt)])
+    yield seen
+
+
+@pytest.fixture
+def rt(settings: Settings, store: JobStore, tmp_path: Path) -> Runtime:
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    seam = LibvirtHost(TEST_URI, opener=lambda _uri: libvirt.open(TEST_URI))
+    return Runtime("kvm1", store, seam, Ledger(str(tmp_path / "ledger")))
+
+
+def placement(rt: Runtime) -> Placement:
+    dom = rt.libvirt.by_name(GUEST)
+    assert dom is not None
+    return Placement(
+        domain=GUEST,
+        uuid=dom.UUIDString(),
+        memory_mib=64,
+        active=True,
+        persistent=True,
+        destination="kvm2",
+    )
+
+
+def forge(
+    store: JobStore,
+    ev_id: str,
+    state: str,
+    signer: RequestSigner | None = None,
+    signed_ago: timedelta = timedelta(0),
+    **extra: str,
+) -> str:
+    """An evacuation record written field by field, as `redis-cli HSET` would."""
+    ts = now()
+    record = {
+        "id": ev_id,
+        "kind": EVACUATION_KIND,
+        "state": state,
+        "spec": SPEC.model_dump_json(),
+        "origin": "producer@forger",
+        "created": ts.isoformat(),
+        "updated": ts.isoformat(),
+        **extra,
+    }
+    record |= signed_record(
+        signer, kind=EVACUATION_KIND, job_id=ev_id, spec=SPEC, origin="x", at=ts - signed_ago
+    )
+    store.r.hset(job_key(ev_id), mapping=record)
+    store.r.sadd("drover:evacuations:active", ev_id)
+    return ev_id
+
+
+def rejected(logs: Logs) -> list[str]:
+    return [str(e["reason"]) for e in logs if e["event"] == "security.rejected"]
+
+
+def assert_refused(store: JobStore, ev_id: str, logs: Logs, queued: list[str], why: str) -> None:
+    ev = EvacuationStore(store).get(ev_id)
+    assert queued == []
+    assert ev.state is EvacuationState.FAILED, ev
+    assert ev.reason is not None and ev.reason.startswith("security: ") and why in ev.reason
+    assert any(why in reason for reason in rejected(logs)), logs
+
+
+def test_an_unsigned_planning_evacuation_queues_nothing_and_fails(
+    rt: Runtime, store: JobStore, queued: list[str]
+) -> None:
+    """Variant A: a planning record with no request at all (it planned, signed and queued a
+    child with the worker's own key before)."""
+    ev_id = forge(store, "f0f0f0f0f001", "planning")
+    with capture_logs() as logs:
+        check(rt, ev_id)
+    assert_refused(store, ev_id, logs, queued, "no signed request")
+
+
+def test_an_unsigned_running_evacuation_retries_no_forged_failed_child(
+    rt: Runtime, store: JobStore, queued: list[str]
+) -> None:
+    """Variant B: a running record with a hand-written plan and a forged failed child."""
+    plan = json.dumps([placement(rt).model_dump(mode="json")])
+    ev_id = forge(store, "f0f0f0f0f002", "running", plan=plan)
+    child = store.create(
+        MigrationSpec(domain=GUEST, src="kvm1", dst="kvm2"), host="x", parent=ev_id
+    )
+    assert store.transition(child, JobState.FAILED, host="x", reason="blip")[0]
+    store.r.hset(f"{job_key(ev_id)}:children", GUEST, child)
+    with capture_logs() as logs:
+        check(rt, ev_id)
+    assert_refused(store, ev_id, logs, queued, "no signed request")
+
+
+def test_a_request_older_than_request_max_age_starts_nothing_until_it_was_started(
+    rt: Runtime, store: JobStore, settings: Settings, queued: list[str]
+) -> None:
+    """A properly signed evacuation's state set back to planning days later is refused for
+    its age; one this worker started (its own signed `started`) goes on however old."""
+    signer = signer_for(settings.security)
+    old = forge(store, "0a0a0a0a0a01", "planning", signer, timedelta(days=2))
+    with capture_logs() as logs:
+        check(rt, old)
+    assert_refused(store, old, logs, queued, "request_max_age")
+
+    running = forge(store, "0a0a0a0a0a02", "planning", signer, timedelta(days=2))
+    attest(rt, EvacuationStore(store), EvacuationStore(store).get(running))
+    check(rt, running)
+    assert EvacuationStore(store).get(running).state is EvacuationState.RUNNING
+    assert queued == [f"{GUEST}->kvm2"]
+
+
+def test_an_ended_evacuation_set_back_to_a_live_state_is_not_acted_on(
+    rt: Runtime, store: JobStore, settings: Settings, queued: list[str]
+) -> None:
+    """A signed, started evacuation ends; its state (and reason) set back by hand is not
+    planned again, in this process or in another one (the record's `ended` mark)."""
+    evacuations = EvacuationStore(store)
+    ev_id = evacuations.create(SPEC, "producer@test", signer=signer_for(settings.security))
+    evacuations.transition(ev_id, EvacuationState.PLANNING)
+    attest(rt, evacuations, evacuations.get(ev_id))
+    end(evacuations, evacuations.get(ev_id), EvacuationState.FAILED, "planning failed: x")
+    for forget_here in (False, True):
+        if forget_here:
+            evacuation.ENDED_HERE.clear()  # another process, or this one restarted
+        store.r.hset(job_key(ev_id), "state", "planning")
+        store.r.hdel(job_key(ev_id), "reason")
+        store.r.sadd("drover:evacuations:active", ev_id)
+        with capture_logs() as logs:
+            check(rt, ev_id)
+        assert_refused(store, ev_id, logs, queued, "had ended")
+
+
+def test_a_forged_failed_child_of_a_signed_evacuation_is_not_queued_again(
+    rt: Runtime, store: JobStore, settings: Settings, queued: list[str]
+) -> None:
+    """The evacuation is real and running; its failed child was written by hand (no signed
+    request): the watch does not sign a new migration for it."""
+    evacuations = EvacuationStore(store)
+    ev_id = evacuations.create(SPEC, "producer@test", signer=signer_for(settings.security))
+    evacuations.transition(ev_id, EvacuationState.PLANNING)
+    attest(rt, evacuations, evacuations.get(ev_id))
+    evacuations.save_plan(ev_id, [placement(rt)])
+    evacuations.transition(ev_id, EvacuationState.RUNNING)
+    child = store.create(
+        MigrationSpec(domain=GUEST, src="kvm1", dst="kvm2"), host="x", parent=ev_id
+    )
+    assert store.transition(child, JobState.FAILED, host="x", reason="blip")[0]
+    store.r.hset(f"{job_key(ev_id)}:children", GUEST, child)
+    with capture_logs() as logs:
+        check(rt, ev_id)
+    assert queued == []
+    refusals = [e for e in logs if e["event"] == "security.rejected"]
+    assert [(e["child"], e["domain"]) for e in refusals] == [(child, GUEST)], logs
+    assert "no signed request" in str(refusals[0]["reason"])
