@@ -102,20 +102,28 @@ def test_tune_takes_effect_in_libvirt_and_force_complete_suspends_without_postco
     lab: Lab, started: Started
 ) -> None:
     job_id = started.migrating(policy="manual", bandwidth_mib=SLOW_MIB)
+    postcopy_flag = libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
 
-    done = run_drover(
+    # manual forbids post-copy: a post-copy bandwidth would never be used, and the whole
+    # request is refused in one line, nothing of it applied (b8ba75d, and the worker: 9e499c1).
+    refused = run_drover(
         lab.config, "tune", job_id, "--bandwidth", "64", "--max-downtime", "700",
         "--postcopy-bandwidth", "5",
     )  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "does not allow post-copy" in refused.stderr
+    assert on_source(lab, lambda d: d.migrateGetMaxSpeed(0)) == SLOW_MIB
+    assert operator_steps(lab, job_id) == []
+
+    done = run_drover(lab.config, "tune", job_id, "--bandwidth", "64", "--max-downtime", "700")
     assert done.returncode == 0, done.stderr
     assert "bandwidth_mib=64" in done.stdout and "max_downtime_ms=700" in done.stdout
     assert on_source(lab, lambda d: d.migrateGetMaxSpeed(0)) == 64
-    postcopy_flag = libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
-    assert on_source(lab, lambda d: d.migrateGetMaxSpeed(postcopy_flag)) == 5
+    assert on_source(lab, lambda d: d.migrateGetMaxSpeed(postcopy_flag)) != 5
     assert on_source(lab, lambda d: d.migrateGetMaxDowntime(0)) == 700
     [step] = operator_steps(lab, job_id)
     assert step["action"] == "tune" and step["bandwidth_mib"] == 64
-    assert step["max_downtime_ms"] == 700 and step["postcopy_bandwidth_mib"] == 5
+    assert step["max_downtime_ms"] == 700 and step.get("postcopy_bandwidth_mib") is None
 
     # manual forbids post-copy: force-complete pauses the guest; it runs again on arrival.
     line = lab.drover.force_complete(job_id)
