@@ -92,21 +92,8 @@ def planned(rt: Runtime, ev: Evacuation, view: FleetView) -> list[Placement]:
         free = [g for g in view.guests if g.group is None]
         held = [g for g in view.guests if g.group is not None]
     placements = plan(free, view.candidates, view.unavailable, estimate)
-    placements += [_unplaced(g, f"no destination ({view.groups_unknown})") for g in held]
+    placements += [g.placement(f"no destination ({view.groups_unknown})") for g in held]
     return [checked(rt.settings, ev, p, guests[p.uuid], estimate) for p in placements]
-
-
-def _unplaced(guest: Guest, reason: str) -> Placement:
-    return Placement(
-        domain=guest.domain,
-        uuid=guest.uuid,
-        memory_mib=guest.memory_mib,
-        active=guest.active,
-        persistent=guest.persistent,
-        group=guest.group,
-        local_disks=guest.local_disks,
-        reason=reason,
-    )
 
 
 def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:

@@ -55,6 +55,20 @@ class Guest:
     dirty_mib_s: float | None = None  # libvirt's last measured dirty rate, if one was measured
     local_disks: int = 0  # disks --copy-storage would copy (worker/local_disks.py)
 
+    def placement(self, reason: str | None = None) -> Placement:
+        """The guest as a plan row: where it goes is filled in by `plan`; `reason` says why
+        it has no destination."""
+        return Placement(
+            domain=self.domain,
+            uuid=self.uuid,
+            memory_mib=self.memory_mib,
+            active=self.active,
+            persistent=self.persistent,
+            group=self.group,
+            local_disks=self.local_disks,
+            reason=reason,
+        )
+
 
 @dataclass
 class Candidate:
@@ -142,15 +156,7 @@ def plan(
                 eligible.append(host)
             else:
                 refusals.append(why)
-        base = Placement(
-            domain=guest.domain,
-            uuid=guest.uuid,
-            memory_mib=guest.memory_mib,
-            active=guest.active,
-            persistent=guest.persistent,
-            group=guest.group,
-            local_disks=guest.local_disks,
-        )
+        base = guest.placement()
         if not eligible:
             others = [f"{name}: {why}" for name, why in sorted(unavailable.items())]
             reason = _summary(refusals + others) or "no other host in the registry"
