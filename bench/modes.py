@@ -12,9 +12,10 @@ hosts.
 
 Two modes do not go there and back: an offline migration copies only the definition (the guest
 keeps running on the source; the copy is undefined on the destination again after each run,
-and only that direction is counted), and unmanaged direct is expected to fail (QEMU refuses
-it); for that one the time to the failed terminal state and the reason are reported, and the
-guest is checked to still run on the source.
+and only that direction is counted), and unmanaged direct is expected to fail (QEMU has none:
+the source's pre-check refuses it, as libvirt would); for that one the time to the failed
+terminal state and the reason are reported, and the guest is checked to still run on the
+source.
 
 It prints figures and never fails on them: a benchmark is not a test. It exits non-zero only
 when it could not measure (the lab did not come up, a mode did not end as expected, or a

@@ -49,7 +49,8 @@ def source_preflight(rt: Runtime, job: Job) -> JobState | None:
         )
     checked_xml(spec, dom, rt.settings.host(spec.dst).storage_dirs)  # --xml, before all else
     recorded: dict[str, Any] = found.model_dump()
-    enforce(rt, job, Side.SOURCE, source_checks(spec, dom.XMLDesc(0)), fail=not spec.dry_run)
+    checks = source_checks(spec, dom.XMLDesc(0), rt.libvirt.conn.getType)
+    enforce(rt, job, Side.SOURCE, checks, fail=not spec.dry_run)
     if spec.copy_storage is not None:
         recorded["disks"] = [d.model_dump() for d in local_disks(dom, spec.migrate_disks)]
         if not recorded["disks"]:

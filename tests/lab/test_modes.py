@@ -73,21 +73,42 @@ def test_scenario_moves_the_guest_there_and_back(lab: Lab, scenario: str) -> Non
     moved(lab, "idle-1", "lab2", "lab1")
 
 
+LIBVIRT_REFUSAL = "direct migration is not supported by the source host"
+
+
 def test_unmanaged_direct_is_refused_by_qemu_and_leaves_the_guest_alone(lab: Lab) -> None:
     lab.home("idle-1")
+    # libvirt's own word, asked directly on lab1's libvirtd: QEMU has no unmanaged direct
+    # migration (refused before anything is asked of QEMU or the destination).
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        migrate_uri = f"tcp://{lab.drover.settings.host('lab2').migration_address}"
+        params = {libvirt.VIR_MIGRATE_PARAM_URI: migrate_uri}
+        with pytest.raises(libvirt.libvirtError, match=LIBVIRT_REFUSAL):
+            conn.lookupByName("idle-1").migrateToURI3(None, params, libvirt.VIR_MIGRATE_LIVE)
+    finally:
+        conn.close()
+    # drover says so before anything moves, and its dry run says so too (it used to pass).
+    dry = lab.migrate("idle-1", "lab1", "lab2", control="unmanaged", dry_run=True)
     job = lab.migrate("idle-1", "lab1", "lab2", control="unmanaged")
-    assert job.state.value == "failed"
-    assert job.reason is not None
-    assert "direct migration is not supported by the source host" in job.reason
-    assert job.reason.endswith("idle-1 still running on lab1")
-    call = call_of(lab, job)
-    assert call["api"] == "migrateToURI3" and call["dconnuri"] is None
-    assert call["flags"] == ["VIR_MIGRATE_LIVE", POSTCOPY]
-    assert call["params"]["migrate_uri"].startswith("tcp://")
+    for ended in (dry, job):
+        assert ended.state.value == "failed", ended.reason
+        assert ended.reason is not None and LIBVIRT_REFUSAL in ended.reason
+        assert "use --p2p or --direct" in ended.reason
+        refused = [c for c in ended.result.source_checks if not c.passed]
+        assert [(c.check, c.host) for c in refused] == [("control_flow", "lab1")]
+        assert not [e for e in lab.drover.events(ended.id) if e["event"] == "migration.started"]
+    assert set(dry.phases) == {"source_preflight", "destination_prepare"}  # both sides judged
+    assert set(job.phases) == {"source_preflight"}  # the destination was never asked
     assert lab.running_on("idle-1") == ["lab1"]
     assert lab.view("lab1", "idle-1").state == libvirt.VIR_DOMAIN_RUNNING
     assert not lab.view("lab2", "idle-1").exists
     assert lab.drover.store.reserved_mib("lab2") == 0
+    # The other control flows are not touched by the check: the same guest moves by p2p.
+    moved_job = lab.migrate("idle-1", "lab1", "lab2")
+    assert moved_job.state.value == "succeeded", moved_job.reason
+    moved(lab, "idle-1", "lab1", "lab2")
+    assert [c.check for c in moved_job.result.source_checks] == ["disk_safety"]
 
 
 def test_tls_toward_a_host_without_certificates_fails_with_the_vm_intact(lab: Lab) -> None:
