@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from config.settings import Settings
 from jobs.errors import broker_errors, redis_location, require_seconds
@@ -115,7 +115,18 @@ def record_events(
             yield event
 
 
-def events_of(d: Any, job_id: str, follow: bool) -> Iterator[dict[str, Any]]:
+class EventSource(Protocol):
+    """What `events_of` needs of producer/api.py's Drover (which imports this module)."""
+
+    settings: Settings
+    store: JobStore
+
+    def events(
+        self, job_id: str, *, follow: bool = False, timeout: float | None = None
+    ) -> Iterator[dict[str, Any]]: ...
+
+
+def events_of(d: EventSource, job_id: str, follow: bool) -> Iterator[dict[str, Any]]:
     """`drover events [--follow]`: the record's events from `d` (producer/api.py's Drover,
     which imports this module), its kind read once first when following. Redis out of reach
     before the follower has seen the id is BrokerUnavailable at once (one line naming Redis),
@@ -126,5 +137,4 @@ def events_of(d: Any, job_id: str, follow: bool) -> Iterator[dict[str, Any]]:
     if follow:
         with broker_errors(d.settings.redis_url):
             d.store.kind(job_id)
-    events: Iterator[dict[str, Any]] = d.events(job_id, follow=follow)
-    return events
+    return d.events(job_id, follow=follow)
