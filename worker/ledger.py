@@ -17,7 +17,10 @@ write (the registry's `state_dir`, mode 0700):
 - which job is bringing a domain (by UUID) in: prepare takes the UUID for its job and a
   second job's prepare for it is refused; a rollback destroys an incoming copy only if it is
   its own job's, so one job never destroys the guest another job is migrating here (with
-  leases run out in Redis, two jobs for one domain could otherwise both reach this host).
+  leases run out in Redis, two jobs for one domain could otherwise both reach this host);
+- the memory this host booked for each guest it is bringing in: the destination's room check
+  counts these as well as the bookings in Redis, so a booking deleted or lowered there by
+  hand does not let a second guest in on memory the first one is still taking.
 
 SQLite (the standard library's), one small file, one connection shared by the worker's
 threads behind a lock; durable across the worker's crashes, not the host's (why: the
@@ -48,6 +51,7 @@ CREATE TABLE IF NOT EXISTS incoming (uuid TEXT PRIMARY KEY, job_id TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS phase_marks (job_id TEXT NOT NULL, phase TEXT NOT NULL,
                                         mark TEXT NOT NULL, PRIMARY KEY (job_id, phase, mark));
 CREATE TABLE IF NOT EXISTS guest_facts (job_id TEXT PRIMARY KEY, facts TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bookings (job_id TEXT PRIMARY KEY, mib INTEGER NOT NULL);
 """
 
 
@@ -99,11 +103,12 @@ class Ledger:
         return [str(r[0]) for r in rows]
 
     def jobs_with_leftovers(self) -> list[str]:
-        """The jobs this host still holds images or an incoming record for (a rollback that
-        did not finish: worker/leftovers.py), oldest id first."""
+        """The jobs this host still holds images, an incoming record or a booking for (a
+        rollback that did not finish: worker/leftovers.py), oldest id first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id FROM images UNION SELECT job_id FROM incoming ORDER BY job_id"
+                "SELECT job_id FROM images UNION SELECT job_id FROM incoming "
+                "UNION SELECT job_id FROM bookings ORDER BY job_id"
             ).fetchall()
         return [str(r[0]) for r in rows]
 
@@ -173,6 +178,26 @@ class Ledger:
         """Forget `uuid` as incoming, if `job_id` is the job recorded for it (and only then)."""
         with self._lock:
             self._db.execute("DELETE FROM incoming WHERE uuid = ? AND job_id = ?", (uuid, job_id))
+
+    # --- memory booked here for guests coming in --------------------------------------------
+
+    def book(self, job_id: str, mib: int) -> None:
+        """Remember `mib` MiB as booked here for `job_id` (before Redis is told)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO bookings VALUES (?, ?)", (job_id, mib))
+
+    def release_booking(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM bookings WHERE job_id = ?", (job_id,))
+
+    def booked_mib(self, excluding: str, ended: Callable[[str], bool]) -> int:
+        """MiB booked here for the other jobs that have not `ended` (an ended job's booking,
+        whose release never came, holds nothing, as in Redis)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, mib FROM bookings WHERE job_id != ?", (excluding,)
+            ).fetchall()
+        return sum(max(int(mib), 0) for job_id, mib in rows if not ended(str(job_id)))
 
     # --- the guest as this host saw it before the migration -----------------------------
 

@@ -40,10 +40,12 @@ log = get_logger()
 
 def _memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
     """Refused when this host cannot give `need` MiB: libvirt's free memory less the other
-    live jobs' bookings here, capped by the declared limit; bookings that cannot be read
-    leave none, and the refusal says why (jobs/reservation_read.py)."""
+    live jobs' bookings here (Redis's, or this host's own ledger's when those are more),
+    capped by the declared limit; bookings that cannot be read leave none, and the refusal
+    says why (jobs/reservation_read.py)."""
     found = reserved_by_host(rt.store.r, [rt.host], excluding=job.id)[rt.host]
-    reserved = found if isinstance(found, int) else None
+    held = rt.ledger.booked_mib(job.id, lambda other: _ended(rt, other))
+    reserved = max(found, held) if isinstance(found, int) else None
     free = placement_room_mib(rt.libvirt.conn, reserved, rt.registry_entry.limits.memory_mib)
     if free >= need:
         return None
@@ -138,7 +140,9 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         refusal = _memory_refusal(rt, job, need)
         if refusal is not None:
             raise PhaseFailed(refusal)
+        rt.ledger.book(job.id, need)
         if not rt.store.reserve(spec.dst, job.id, need):
+            rt.ledger.release_booking(job.id)
             log.info("phase.skipped", reason="the job ended while its memory was being booked")
             raise PhaseSkipped("the job ended while its memory was being booked")
     handoff = handoff_or_fail(rt, spec)
@@ -285,6 +289,7 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
     # The guest now really uses the memory that was reserved for it, and has arrived: the
     # images made for it are its disks now, no longer this job's to remove.
     rt.store.release(spec.dst, job.id)
+    rt.ledger.release_booking(job.id)
     rt.ledger.forget_images(job.id)
     rt.ledger.drop_incoming(found.uuid, job.id)
     rt.store.update(job.id, result={"destination": found.model_dump()})

@@ -34,6 +34,7 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
             f"job {job.id} is {job.state.value}; only a failed or cancelled job is rolled back"
         )
     rt.store.release(job.spec.dst, job.id)
+    rt.ledger.release_booking(job.id)
     uuid = _guest_uuid(rt, job)
     dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
     incoming = rt.ledger.incoming_job(uuid) if uuid else None

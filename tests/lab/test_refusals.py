@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from jobs.store import reservations_key
 from lab.control import LAB_HOST_MEMORY_MIB
-from tests.support.lab_fixtures import Lab, replace_config
+from lab.guests import DIRTY_MEMORY_MIB, IDLE_MEMORY_MIB
+from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, replace_config, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -50,3 +52,42 @@ def test_destination_short_of_memory_leaves_vm_running_on_source(
     assert lab.drover.store.reserved_mib("lab2") == 0
     failed = [e for e in lab.drover.events(job.id) if e.get("state") == "failed"]
     assert failed and re.search("40 MiB free", failed[-1]["reason"])
+
+
+# How long the first job waits in perform (the fault suite's hook) with its memory booked.
+HELD_IN_PERFORM_S = 15
+
+
+def test_a_booking_deleted_from_redis_does_not_let_a_second_guest_in(lab: Lab) -> None:
+    """lab2 has room for dirty-1 or idle-1, not both. While dirty-1's job holds its booking
+    (in perform), someone with the Redis password deletes that booking: idle-1's job must
+    still be refused, as lab2's worker also booked the memory in its own ledger."""
+    lab.home("idle-1")
+    lab.home("dirty-1")
+    path = Path(lab.config)
+    original = path.read_text()
+    block = f"[hosts.lab2.limits]\nmemory_mib = {LAB_HOST_MEMORY_MIB}\n"
+    assert block in original
+    limit = DIRTY_MEMORY_MIB + IDLE_MEMORY_MIB - 1
+    limited = original.replace(block, f"[hosts.lab2.limits]\nmemory_mib = {limit}\n")
+    replace_config(path, f"{limited}\n[faults.phase_delays]\nperform = {HELD_IN_PERFORM_S}\n")
+    d = lab.drover
+    try:
+        first = d.submit(domain="dirty-1", src="lab1", dst="lab2", live=True)
+        booking = reservations_key("lab2")
+        wait_for(lambda: "perform" in d.job(first).phases, JOB_TIMEOUT_S, "dirty-1 in perform")
+        assert d.store.r.hget(booking, first) == str(DIRTY_MEMORY_MIB)
+        d.store.r.hdel(booking, first)  # the forger's move
+        second = lab.migrate("idle-1", "lab1", "lab2")
+        room = limit - DIRTY_MEMORY_MIB
+        assert second.state.value == "failed"
+        assert second.reason == f"lab2 has {room} MiB free, idle-1 needs {IDLE_MEMORY_MIB} MiB"
+        assert "perform" not in second.phases
+        assert lab.running_on("idle-1") == ["lab1"]
+        assert not lab.view("lab2", "idle-1").exists
+        done = d.wait(first, timeout=JOB_TIMEOUT_S)
+        assert done.state.value == "succeeded", done.reason
+        assert lab.view("lab2", "dirty-1").active and not lab.view("lab1", "dirty-1").active
+    finally:
+        replace_config(path, original)
+        lab.home("dirty-1")

@@ -118,3 +118,29 @@ def test_a_refusal_for_unreadable_reservations_says_why(
     refusal = _memory_refusal(rt, store.get(job_id), 64) or ""
     assert refusal.startswith("kvm2 has 0 MiB free (drover:host:kvm2:reservations is a string")
     assert refusal.endswith("counts as no room), web01 needs 64 MiB") and "\n" not in refusal
+
+
+def test_a_live_booking_deleted_from_redis_still_holds_the_room(
+    env: Path, store: JobStore, tmp_path: Path
+) -> None:
+    """The destination books in its own ledger too (worker/ledger.py): deleting (or lowering)
+    a live job's booking in Redis, by hand, no longer lets a second guest in on memory the
+    first is still taking. An ended job's ledger booking holds nothing, as in Redis."""
+    rt = seam.runtime(store, "kvm2", tmp_path)
+    first = booked(store, "web01", mib=6000)
+    rt.ledger.book(first, 6000)  # as destination_prepare books, before Redis
+    second = store.create(MigrationSpec(domain="web02", src="kvm1", dst="kvm2"), host="test")
+    store.transition(second, JobState.PREFLIGHT, host="test")  # in its checks: no booking yet
+    rt.libvirt = cast(Any, SimpleNamespace(conn=Memory(8192)))
+    expected = "kvm2 has 2192 MiB free, web02 needs 4096 MiB"
+    assert _memory_refusal(rt, store.get(second), 4096) == expected
+    store.r.hdel(KVM2, first)  # the forger's move: 8192 MiB free before
+    assert _memory_refusal(rt, store.get(second), 4096) == expected
+    store.r.hset(KVM2, first, "1")  # lowered rather than deleted: the same
+    assert _memory_refusal(rt, store.get(second), 4096) == expected
+    assert _memory_refusal(rt, store.get(first), 6000) is None  # its own booking not counted
+    store.transition(first, JobState.FAILED, host="test", reason="test")
+    assert _memory_refusal(rt, store.get(second), 4096) is None  # ended: holds nothing
+    assert rt.ledger.jobs_with_leftovers() == [first]  # for the keeper's rollback to release
+    rt.ledger.release_booking(first)
+    assert rt.ledger.jobs_with_leftovers() == []
