@@ -1,9 +1,10 @@
-"""When a schedule fires: strict cron and --at parsing, the next run, and lateness."""
+"""When a schedule fires: strict cron and --at parsing, the next run, and which of its signed
+times a firing answers."""
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from celery.schedules import crontab, crontab_parser
@@ -11,7 +12,13 @@ from redbeat.schedules import rrule
 
 from config.addresses import shown
 from jobs.store import now
-from schedules.records import FIRE_LATE_LIMIT_S, ScheduleError, ScheduleRecord, utc_text
+from schedules.records import (
+    FIRE_EARLY_LIMIT_S,
+    FIRE_LATE_LIMIT_S,
+    ScheduleError,
+    ScheduleRecord,
+    utc_text,
+)
 
 CRON_FORM = "minute hour day-of-month month day-of-week, in UTC"
 # Names stand for the numbers from the field's lowest on, in this order (Vixie cron's).
@@ -206,17 +213,39 @@ def next_run(record: ScheduleRecord, last_run_at: datetime | None, sent: bool) -
     return after_last
 
 
-def lateness(record: ScheduleRecord, at: datetime) -> str | None:
-    """Why a one-shot firing at `at` is too late to start its evacuation, or None.
+def fire_slot(record: ScheduleRecord, at: datetime) -> datetime | str:
+    """The time of the signed schedule that a firing at `at` answers, or why it answers none.
 
-    Cron schedules are kept on time by the beat itself (`beat_cron_starting_deadline`).
+    A firing counts only from `FIRE_EARLY_LIMIT_S` before one of the times the signed `at` or
+    `cron` names to `FIRE_LATE_LIMIT_S` after it (the latest such time, for a cron). The
+    beat's entry in Redis says when to send, and anyone with a Redis password can rewrite it
+    (every minute, every 5 s): the worker goes by the signed record alone.
     """
-    if record.at is None:
-        return None
-    late_s = (at - record.at).total_seconds()
-    if late_s <= FIRE_LATE_LIMIT_S:
-        return None
-    return (
-        f"fired {int(late_s)} s after its time {utc_text(record.at)} (no beat ran then?); "
-        f"an evacuation starts at most {FIRE_LATE_LIMIT_S} s late"
-    )
+    if record.at is not None:
+        off_s = (at - record.at).total_seconds()
+        if off_s > FIRE_LATE_LIMIT_S:
+            return (
+                f"fired {int(off_s)} s after its time {utc_text(record.at)} (no beat ran "
+                f"then?); an evacuation starts at most {FIRE_LATE_LIMIT_S} s late"
+            )
+        if off_s < -FIRE_EARLY_LIMIT_S:
+            return (
+                f"fired {int(-off_s)} s before its time {utc_text(record.at)}; a schedule "
+                "fires only at the time it was signed for"
+            )
+        return record.at
+    assert record.cron is not None
+    try:
+        schedule = parse_cron(record.cron)
+    except ScheduleError as exc:
+        return f"its cron {shown(record.cron)} is refused today: {exc}"
+    latest = at + timedelta(seconds=FIRE_EARLY_LIMIT_S)
+    slot = _next_match(schedule, at - timedelta(seconds=FIRE_LATE_LIMIT_S + 1))
+    if slot > latest:
+        return (
+            f"fired at {utc_text(at)}, not at a time its cron {shown(record.cron)} ({CRON_FORM})"
+            f" names; an evacuation starts at its times only, at most {FIRE_LATE_LIMIT_S} s late"
+        )
+    while (following := _next_match(schedule, slot)) <= latest:
+        slot = following
+    return slot

@@ -5,10 +5,16 @@ the queue of the host to evacuate. The message carries nothing to trust: the req
 back from the schedule's entry in Redis, its signature checked, and it is validated again
 against today's registry, exactly as `drover evacuate` would validate it; the evacuation is
 then started through the same service (jobs/evacuations.py), called directly by the worker.
-A schedule removed after the message was sent is logged and ignored.
+A schedule removed after the message was sent is logged and ignored. The beat's entry says
+when to send, and a Redis password can rewrite it: the worker starts an evacuation only at a
+time the signed record names (schedules/cron.py `fire_slot`), once per such time on this host
+(`claim`: the host's own ledger, which Redis cannot reset).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
 
 import redis
 
@@ -18,12 +24,14 @@ from jobs.errors import BrokerUnavailable, SubmitError
 from jobs.evacuations import EvacuationService
 from jobs.request_signing import SECURITY_REASON, RequestRefused
 from jobs.store import now
-from schedules.cron import lateness
-from schedules.records import LastRun, ScheduleNotFound, UnreadableSchedule
+from schedules.cron import fire_slot
+from schedules.records import LastRun, ScheduleNotFound, UnreadableSchedule, utc_text
 from schedules.store import ScheduleStore
 
 log = get_logger()
 ORIGIN_PREFIX = "schedule:"
+# Claims one of a schedule's signed times on this host: True the first time only.
+FireClaim = Callable[[str, datetime], bool]
 
 
 def origin(schedule_id: str) -> str:
@@ -38,6 +46,7 @@ def fire(
     message_id: str,
     node: str,
     service: EvacuationService,
+    claim: FireClaim,
 ) -> str | None:
     """Start the evacuation of schedule `schedule_id`; its id, or None when nothing started.
 
@@ -68,10 +77,14 @@ def fire(
     if not store.claim_fire(schedule_id, message_id):
         log.warning("schedule.ignored", src=host, reason="message delivered twice", **fields)
         return None
-    late = lateness(record, now())
-    if late is not None:
-        store.record_run(schedule_id, LastRun(at=now(), error=late))
-        log.warning("schedule.refused", src=host, reason=late, **fields)
+    slot = fire_slot(record, now())
+    if isinstance(slot, str):
+        store.record_run(schedule_id, LastRun(at=now(), error=slot))
+        log.warning("schedule.refused", src=host, reason=slot, **fields)
+        return None
+    if not claim(schedule_id, slot):
+        reason = f"already fired for its time {utc_text(slot)}"
+        log.warning("schedule.ignored", src=host, reason=reason, **fields)
         return None
     try:
         spec = service.validate(**record.request.model_dump())

@@ -28,6 +28,10 @@ RUNS_FIELD = "drover_runs"
 # skipped by the worker, and a message no worker of the host took within this long is
 # dropped (Celery `expires`). Taking a host down hours late would surprise its operator.
 FIRE_LATE_LIMIT_S = 600
+# ... nor before its time, beyond this much (the beat's clock against the worker's host's):
+# the worker checks every firing against the times its signed schedule names, as the beat's
+# entry in Redis (`definition`, redbeat's) can be rewritten to fire at any moment.
+FIRE_EARLY_LIMIT_S = 60
 # A message delivered twice starts one evacuation: its id is remembered this long.
 FIRE_CLAIM_TTL_S = 86_400
 

@@ -20,7 +20,9 @@ write (the registry's `state_dir`, mode 0700):
   leases run out in Redis, two jobs for one domain could otherwise both reach this host);
 - the memory this host booked for each guest it is bringing in: the destination's room check
   counts these as well as the bookings in Redis, so a booking deleted or lowered there by
-  hand does not let a second guest in on memory the first one is still taking.
+  hand does not let a second guest in on memory the first one is still taking;
+- which of a schedule's signed times this host has already started an evacuation for: each
+  time starts one, whatever a rewritten beat entry or deleted claims in Redis say.
 
 SQLite (the standard library's), one small file, one connection shared by the worker's
 threads behind a lock; durable across the worker's crashes, not the host's (why: the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -52,6 +55,8 @@ CREATE TABLE IF NOT EXISTS phase_marks (job_id TEXT NOT NULL, phase TEXT NOT NUL
                                         mark TEXT NOT NULL, PRIMARY KEY (job_id, phase, mark));
 CREATE TABLE IF NOT EXISTS guest_facts (job_id TEXT PRIMARY KEY, facts TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS bookings (job_id TEXT PRIMARY KEY, mib INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS fired (schedule_id TEXT NOT NULL, slot TEXT NOT NULL,
+                                  PRIMARY KEY (schedule_id, slot));
 """
 
 
@@ -198,6 +203,17 @@ class Ledger:
                 "SELECT job_id, mib FROM bookings WHERE job_id != ?", (excluding,)
             ).fetchall()
         return sum(max(int(mib), 0) for job_id, mib in rows if not ended(str(job_id)))
+
+    # --- schedules fired here ------------------------------------------------------------
+
+    def claim_fire(self, schedule_id: str, slot: datetime) -> bool:
+        """True the first time only that `schedule_id` fires here for its time `slot`."""
+        key = slot.astimezone(UTC).isoformat()
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO fired VALUES (?, ?)", (schedule_id, key)
+            )
+        return cursor.rowcount == 1
 
     # --- the guest as this host saw it before the migration -----------------------------
 

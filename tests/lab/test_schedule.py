@@ -24,7 +24,7 @@ import redis
 
 from config.settings import load_settings
 from jobs.evacuation import EVACUATION_KIND
-from jobs.keys import SCHEDULE_LOCK, schedule_entry_key
+from jobs.keys import SCHEDULE_INDEX, SCHEDULE_LOCK, schedule_entry_key
 from jobs.store import JOBS_INDEX, job_key
 from lab import control
 from lab.layout import LabLayout
@@ -290,5 +290,52 @@ def test_a_schedule_changed_in_redis_fires_nothing(
         assert running_domains(lab, "lab1") == before
         events = worker_events("lab1", "security.rejected")
         assert [e for e in events if e.get("schedule_id") == sid]
+    finally:
+        drover(lab, "schedule", "remove", sid)
+
+
+# How often the rewritten beat entry sends the schedule (redbeat's interval schedule, in s).
+REWRITTEN_EVERY_S = 2.0
+
+
+def test_a_rewritten_beat_entry_starts_nothing_off_its_signed_time(
+    lab: Lab, beats: list[Beat], store: ScheduleStore, tmp_path: Path
+) -> None:
+    """`drover schedule add` signed a drain of lab1 on the 1st of January at 03:00; someone
+    with a Redis password rewrites redbeat's entry (`definition`) to send it every 2 s, now.
+    The beat sends it, and lab1's worker refuses each firing (not a time the signed cron
+    names): no evacuation, no guest moves (before, lab1 was drained within seconds)."""
+    lab.all_home()
+    before = running_domains(lab, "lab1")
+    beats.append(Beat(lab, tmp_path / "beat.log"))
+    beats[0].wait_started()
+    wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
+    added = drover(lab, "schedule", "add", "evacuate", "lab1", "--cron", "0 3 1 1 *", "--json")
+    assert added.returncode == 0, added.stderr
+    sid = str(json.loads(added.stdout)["id"])
+    r, key = redis_of(lab), schedule_entry_key(sid)
+    try:
+        definition = json.loads(cast(str, r.hget(key, "definition")))
+        definition["schedule"] = {
+            "__type__": "interval",
+            "every": REWRITTEN_EVERY_S,
+            "relative": False,
+        }
+        r.hset(key, "definition", json.dumps(definition))
+        r.zadd(SCHEDULE_INDEX, {key: time.time()})
+
+        def refused_twice() -> bool:
+            return store.get(sid).runs >= 2
+
+        wait_for(refused_twice, FIRE_TIMEOUT_S, "lab1's worker to refuse two firings")
+        last_run = store.get(sid).last_run
+        assert last_run is not None and last_run.evacuation_id is None
+        assert "not at a time its cron '0 3 1 1 *'" in str(last_run.error), last_run
+        assert evacuations_from(lab, sid) == []
+        assert running_domains(lab, "lab1") == before
+        refusals = [
+            e for e in worker_events("lab1", "schedule.refused") if e.get("schedule_id") == sid
+        ]
+        assert len(refusals) >= 2
     finally:
         drover(lab, "schedule", "remove", sid)

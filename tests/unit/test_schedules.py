@@ -36,8 +36,10 @@ from jobs.keys import (
     schedule_entry_key,
 )
 from schedules.beat import REDBEAT_SCHEDULER
-from schedules.cron import lateness, parse_at, parse_cron
+from schedules.cron import fire_slot, parse_at, parse_cron
+from schedules.firing import FireClaim
 from schedules.records import (
+    FIRE_EARLY_LIMIT_S,
     FIRE_LATE_LIMIT_S,
     SCHEDULED_EVACUATION_TASK,
     EvacuationRequest,
@@ -49,6 +51,7 @@ from tests.conftest import RedisServer, free_port
 from tests.support.cli import run_drover
 from tests.support.process import terminate
 from tests.support.registry import REGISTRY
+from worker.ledger import Ledger
 from worker.schedule_tasks import fire
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -502,35 +505,51 @@ def test_a_second_beat_waits_for_the_lock_and_takes_over(
 
 
 @pytest.fixture
+def claim(tmp_path: Path) -> FireClaim:
+    """The host ledger's claim of a schedule's time, as a worker hands it to the firing."""
+    return Ledger(str(tmp_path / "ledger")).claim_fire
+
+
+def cron_now() -> str:
+    """A daily cron whose time is this minute: a firing now answers it."""
+    current = datetime.now(UTC)
+    return f"{current.minute} {current.hour} * * *"
+
+
+@pytest.fixture
 def worker_config(config: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DROVER_CONFIG", str(config))
     monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
     return config
 
 
-def test_a_removed_schedule_is_logged_and_ignored(worker_config: Path) -> None:
+def test_a_removed_schedule_is_logged_and_ignored(worker_config: Path, claim: FireClaim) -> None:
     with capture_logs() as logs:
-        assert fire("0123456789ab", message_id="m1", node="drover@kvm1") is None
+        assert fire("0123456789ab", message_id="m1", node="drover@kvm1", claim=claim) is None
     assert [(e["event"], e["schedule_id"]) for e in logs] == [("schedule.ignored", "0123456789ab")]
     assert "removed" in logs[0]["reason"]
 
 
-def test_a_firing_on_another_hosts_worker_is_ignored(worker_config: Path) -> None:
+def test_a_firing_on_another_hosts_worker_is_ignored(worker_config: Path, claim: FireClaim) -> None:
     store = ScheduleStore(load_settings(worker_config))
     added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron="0 3 * * *", by="test")
     with capture_logs() as logs:
-        assert fire(added.id, message_id="m1", node="drover@kvm2") is None
+        assert fire(added.id, message_id="m1", node="drover@kvm2", claim=claim) is None
     assert logs[0]["event"] == "schedule.ignored" and "not kvm1" in logs[0]["reason"]
     assert store.get(added.id).runs == 0
 
 
-def test_a_refused_evacuation_is_recorded_once_per_message(worker_config: Path) -> None:
+def test_a_refused_evacuation_is_recorded_once_per_message(
+    worker_config: Path, claim: FireClaim
+) -> None:
     """kvm1 has no live worker here, so the evacuation itself refuses; the run records why."""
     store = ScheduleStore(load_settings(worker_config))
-    added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron="0 3 * * *", by="test")
+    added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron=cron_now(), by="test")
     with capture_logs() as logs:
-        assert fire(added.id, message_id="m1", node="drover@kvm1") is None
-        assert fire(added.id, message_id="m1", node="drover@kvm1") is None  # delivered twice
+        assert fire(added.id, message_id="m1", node="drover@kvm1", claim=claim) is None
+        assert (
+            fire(added.id, message_id="m1", node="drover@kvm1", claim=claim) is None
+        )  # delivered twice
     assert [e["event"] for e in logs] == ["schedule.refused", "schedule.ignored"]
     shown = store.get(added.id)
     assert shown.runs == 1
@@ -548,25 +567,63 @@ def record_at(when: datetime) -> ScheduleRecord:
     )
 
 
-def test_a_one_shot_found_late_is_not_started() -> None:
+def test_a_one_shot_counts_only_at_its_signed_time() -> None:
     on_time = NOW + timedelta(seconds=FIRE_LATE_LIMIT_S)
-    assert lateness(record_at(NOW), on_time) is None
-    late = lateness(record_at(NOW), on_time + timedelta(seconds=1))
-    assert late is not None and "fired 601 s after its time 2030-06-01T12:00:00Z" in late
+    assert fire_slot(record_at(NOW), on_time) == NOW
+    late = fire_slot(record_at(NOW), on_time + timedelta(seconds=1))
+    assert isinstance(late, str) and "fired 601 s after its time 2030-06-01T12:00:00Z" in late
+    assert fire_slot(record_at(NOW), NOW - timedelta(seconds=FIRE_EARLY_LIMIT_S)) == NOW
+    early = fire_slot(record_at(NOW), NOW - timedelta(days=30))  # a rewritten beat entry
+    assert early == (
+        "fired 2592000 s before its time 2030-06-01T12:00:00Z; a schedule fires only at the "
+        "time it was signed for"
+    )
+
+
+def test_a_cron_firing_counts_only_near_a_time_its_signed_cron_names() -> None:
     cron = record_at(NOW).model_copy(update={"at": None, "cron": "0 3 * * *"})
-    assert lateness(cron, NOW + timedelta(days=30)) is None  # the beat keeps cron on time
+    three = NOW.replace(hour=3, minute=0)
+    assert fire_slot(cron, three) == three
+    assert fire_slot(cron, three + timedelta(seconds=FIRE_LATE_LIMIT_S)) == three
+    assert fire_slot(cron, three - timedelta(seconds=FIRE_EARLY_LIMIT_S)) == three
+    for off in (FIRE_LATE_LIMIT_S + 1, -FIRE_EARLY_LIMIT_S - 1, 86_400 // 2):
+        refused = fire_slot(cron, three + timedelta(seconds=off))
+        assert isinstance(refused, str) and "not at a time its cron '0 3 * * *'" in refused
+    # Several times in the window: the latest, so that each fires once and none is skipped.
+    every_5 = cron.model_copy(update={"cron": "*/5 * * * *"})
+    assert fire_slot(every_5, three + timedelta(minutes=7)) == three + timedelta(minutes=5)
+    assert fire_slot(every_5, three + timedelta(minutes=9, seconds=30)) == three + timedelta(
+        minutes=10
+    )
 
 
-def test_a_key_of_another_type_refuses_the_run_and_records_it(worker_config: Path) -> None:
+def test_a_signed_time_fires_once_here_whatever_the_messages(
+    worker_config: Path, claim: FireClaim
+) -> None:
+    """A rewritten beat entry sends the schedule again and again within its window (each a
+    new message id, so the claim in Redis lets each through): one evacuation per time."""
+    store = ScheduleStore(load_settings(worker_config))
+    added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron=cron_now(), by="test")
+    with capture_logs() as logs:
+        assert fire(added.id, message_id="m1", node="drover@kvm1", claim=claim) is None
+        assert fire(added.id, message_id="m2", node="drover@kvm1", claim=claim) is None
+    assert [e["event"] for e in logs] == ["schedule.refused", "schedule.ignored"]
+    assert logs[1]["reason"].startswith("already fired for its time ")
+    assert store.get(added.id).runs == 1  # the first: refused by the evacuation (no worker)
+
+
+def test_a_key_of_another_type_refuses_the_run_and_records_it(
+    worker_config: Path, claim: FireClaim
+) -> None:
     """A key the evacuation writes, set by hand to another type (WRONGTYPE from Redis): no
     outage, so the firing task used to fail with Redis's error and no run was recorded."""
     store = ScheduleStore(load_settings(worker_config))
-    added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron="0 3 * * *", by="test")
+    added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron=cron_now(), by="test")
     store.r.set(heartbeat_key("kvm1"), "worker-1", px=60_000)  # kvm1's worker is alive
     store.r.set(DISABLED_HOSTS, "not a hash")
     try:
         with capture_logs() as logs:
-            assert fire(added.id, message_id="m1", node="drover@kvm1") is None
+            assert fire(added.id, message_id="m1", node="drover@kvm1", claim=claim) is None
     finally:
         store.r.delete(DISABLED_HOSTS, heartbeat_key("kvm1"))
     assert [e["event"] for e in logs] == ["schedule.refused"]

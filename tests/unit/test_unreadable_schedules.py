@@ -238,7 +238,9 @@ def test_a_firing_of_an_unreadable_entry_is_logged_and_ignored(
     added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron="0 3 * * *", by="t").id
     spoil(r, added, "drover", "{bad")
     with capture_logs() as logs:
-        assert fire(added, message_id="m1", node="drover@kvm1") is None  # raised before
+        assert (
+            fire(added, message_id="m1", node="drover@kvm1", claim=lambda *_: True) is None
+        )  # raised before
     [said] = logs
     assert said["event"] == "record.unreadable" and said["schedule_id"] == added
     assert "drover: " in said["reason"]
