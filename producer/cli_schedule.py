@@ -182,14 +182,18 @@ def register(app: typer.Typer) -> None:
         """Remove a schedule: it never fires again, and a firing already sent is ignored."""
         from config.settings import load_settings
         from schedules.records import ScheduleNotFound, check_schedule_id
+        from schedules.removal import tell_removed
         from schedules.store import ScheduleStore
 
         def go() -> None:
             check_schedule_id(schedule_id)
+            settings = load_settings()
             try:
-                ScheduleStore(load_settings()).remove(schedule_id)
+                host = ScheduleStore(settings).remove(schedule_id)
             except ScheduleNotFound as exc:
                 fail(str(exc), EXIT_USAGE)
+            if host is not None:  # its worker never fires it again, whatever Redis holds
+                tell_removed(settings, schedule_id, host)
             out.print(f"removed schedule {schedule_id}", markup=False)
 
         guarded(go)

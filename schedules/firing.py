@@ -8,13 +8,14 @@ then started through the same service (jobs/evacuations.py), called directly by 
 A schedule removed after the message was sent is logged and ignored. The beat's entry says
 when to send, and a Redis password can rewrite it: the worker starts an evacuation only at a
 time the signed record names (schedules/cron.py `fire_slot`), once per such time on this host
-(`claim`: the host's own ledger, which Redis cannot reset).
+(the host's own ledger, which Redis cannot reset), and never for a schedule that ledger
+knows was removed (schedules/removal.py), whatever Redis holds now.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
+from typing import Protocol
 
 import redis
 
@@ -30,8 +31,16 @@ from schedules.store import ScheduleStore
 
 log = get_logger()
 ORIGIN_PREFIX = "schedule:"
-# Claims one of a schedule's signed times on this host: True the first time only.
-FireClaim = Callable[[str, datetime], bool]
+
+
+class FiringLedger(Protocol):
+    """What a firing asks of the host's own ledger (worker/ledger.py)."""
+
+    def claim_fire(self, schedule_id: str, slot: datetime) -> bool:
+        """True the first time only that the schedule fires here for its time `slot`."""
+
+    def schedule_removed(self, schedule_id: str) -> bool:
+        """Whether this host was told the schedule was removed."""
 
 
 def origin(schedule_id: str) -> str:
@@ -46,7 +55,7 @@ def fire(
     message_id: str,
     node: str,
     service: EvacuationService,
-    claim: FireClaim,
+    ledger: FiringLedger,
 ) -> str | None:
     """Start the evacuation of schedule `schedule_id`; its id, or None when nothing started.
 
@@ -74,6 +83,10 @@ def fire(
     if here != host:
         log.warning("schedule.ignored", src=host, reason=f"sent to {here}, not {host}", **fields)
         return None
+    if ledger.schedule_removed(schedule_id):
+        reason = "removed (drover schedule remove); its entry in Redis was written back"
+        log.warning("schedule.ignored", src=host, reason=reason, **fields)
+        return None
     if not store.claim_fire(schedule_id, message_id):
         log.warning("schedule.ignored", src=host, reason="message delivered twice", **fields)
         return None
@@ -82,7 +95,7 @@ def fire(
         store.record_run(schedule_id, LastRun(at=now(), error=slot))
         log.warning("schedule.refused", src=host, reason=slot, **fields)
         return None
-    if not claim(schedule_id, slot):
+    if not ledger.claim_fire(schedule_id, slot):
         reason = f"already fired for its time {utc_text(slot)}"
         log.warning("schedule.ignored", src=host, reason=reason, **fields)
         return None

@@ -14,6 +14,8 @@ from jobs.errors import SubmitError
 from jobs.phases import TASK_PREFIX
 
 SCHEDULED_EVACUATION_TASK = f"{TASK_PREFIX}scheduled_evacuation"
+# Tells the evacuated host's worker that a schedule was removed (schedules/removal.py).
+SCHEDULE_REMOVED_TASK = f"{TASK_PREFIX}schedule_removed"
 
 # Fields of the entry's hash that are drover's (redbeat owns `definition` and `meta`).
 RECORD_FIELD = "drover"

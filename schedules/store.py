@@ -146,9 +146,10 @@ class ScheduleStore:
         `unreadable`, so are those drover cannot read, said there: see read_schedules)."""
         return read_schedules(self.r, self.index_key, unreadable=unreadable)
 
-    def remove(self, schedule_id: str) -> None:
+    def remove(self, schedule_id: str) -> str | None:
         """Delete the entry: a beat never fires it again, a worker ignores a message in flight.
-        An entry drover cannot read is removed too (that is how it goes away)."""
+        An entry drover cannot read is removed too (that is how it goes away). The host it
+        evacuates, to be told (schedules/removal.py); None for an entry drover cannot read."""
         key = schedule_entry_key(check_schedule_id(schedule_id))
         try:
             ours = self.r.hexists(key, RECORD_FIELD)
@@ -156,7 +157,12 @@ class ScheduleStore:
             ours = True
         if not ours:
             raise ScheduleNotFound(f"no schedule {shown(schedule_id)}")
+        try:
+            host: str | None = self.record(schedule_id).request.host
+        except (ScheduleNotFound, redis.ResponseError):
+            host = None
         RedBeatSchedulerEntry(name=schedule_id, app=self.app).delete()
+        return host
 
     def claim_fire(self, schedule_id: str, message_id: str) -> bool:
         """True for the first delivery of a fired message only."""

@@ -22,7 +22,9 @@ write (the registry's `state_dir`, mode 0700):
   counts these as well as the bookings in Redis, so a booking deleted or lowered there by
   hand does not let a second guest in on memory the first one is still taking;
 - which of a schedule's signed times this host has already started an evacuation for: each
-  time starts one, whatever a rewritten beat entry or deleted claims in Redis say.
+  time starts one, whatever a rewritten beat entry or deleted claims in Redis say; and which
+  schedules were removed: a removed schedule's entry written back into Redis, signature and
+  all, fires nothing here.
 
 SQLite (the standard library's), one small file, one connection shared by the worker's
 threads behind a lock; durable across the worker's crashes, not the host's (why: the
@@ -57,6 +59,7 @@ CREATE TABLE IF NOT EXISTS guest_facts (job_id TEXT PRIMARY KEY, facts TEXT NOT 
 CREATE TABLE IF NOT EXISTS bookings (job_id TEXT PRIMARY KEY, mib INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS fired (schedule_id TEXT NOT NULL, slot TEXT NOT NULL,
                                   PRIMARY KEY (schedule_id, slot));
+CREATE TABLE IF NOT EXISTS removed_schedules (schedule_id TEXT PRIMARY KEY);
 """
 
 
@@ -214,6 +217,17 @@ class Ledger:
                 "INSERT OR IGNORE INTO fired VALUES (?, ?)", (schedule_id, key)
             )
         return cursor.rowcount == 1
+
+    def remove_schedule(self, schedule_id: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO removed_schedules VALUES (?)", (schedule_id,))
+
+    def schedule_removed(self, schedule_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM removed_schedules WHERE schedule_id = ?", (schedule_id,)
+            ).fetchone()
+        return row is not None
 
     # --- the guest as this host saw it before the migration -----------------------------
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 from celery import Task
 
 from config.celery import app
+from config.events import get_logger
 from config.settings import current
 from jobs.evacuations import EvacuationService
 from jobs.request_signing import signer_for
 from jobs.store import JobStore
 from schedules import firing
-from schedules.firing import FireClaim
+from schedules.firing import FiringLedger
 from schedules.firing import origin as origin
-from schedules.records import SCHEDULED_EVACUATION_TASK
+from schedules.records import SCHEDULE_REMOVED_TASK, SCHEDULED_EVACUATION_TASK
 from worker.runtime import runtime_for_node
+
+log = get_logger()
 
 
 def fire(
@@ -26,11 +29,11 @@ def fire(
     *,
     message_id: str,
     node: str,
-    claim: FireClaim,
+    ledger: FiringLedger,
     store: JobStore | None = None,
 ) -> str | None:
     """Fire schedule `schedule_id` on worker `node` (`drover@HOST`); the evacuation's id, or
-    None when nothing started. `claim`: the host's ledger's (one evacuation per signed time).
+    None when nothing started. `ledger`: the host's own (worker/ledger.py).
     `store` is the worker's own; None opens one (a caller outside a worker: a test)."""
     settings = current()
     if store is None:
@@ -43,7 +46,7 @@ def fire(
         signer_for(settings.security),
     )
     return firing.fire(
-        settings, schedule_id, message_id=message_id, node=node, service=service, claim=claim
+        settings, schedule_id, message_id=message_id, node=node, service=service, ledger=ledger
     )
 
 
@@ -52,6 +55,15 @@ def scheduled_evacuation(self: Task, schedule_id: str) -> str | None:
     node = str(self.request.hostname)
     rt = runtime_for_node(node)
     message_id = str(self.request.id)
-    return fire(
-        schedule_id, message_id=message_id, node=node, claim=rt.ledger.claim_fire, store=rt.store
-    )
+    return fire(schedule_id, message_id=message_id, node=node, ledger=rt.ledger, store=rt.store)
+
+
+@app.task(bind=True, name=SCHEDULE_REMOVED_TASK)
+def schedule_removed(self: Task, schedule_id: str) -> str:
+    """`drover schedule remove` told this host: the schedule never fires here again, even if
+    its entry (signed as it was) is written back into Redis. A forged message can only stop a
+    schedule, as deleting its entry in Redis already can."""
+    rt = runtime_for_node(str(self.request.hostname))
+    rt.ledger.remove_schedule(schedule_id)
+    log.info("schedule.removed", schedule_id=schedule_id)
+    return schedule_id

@@ -339,3 +339,49 @@ def test_a_rewritten_beat_entry_starts_nothing_off_its_signed_time(
         assert len(refusals) >= 2
     finally:
         drover(lab, "schedule", "remove", sid)
+
+
+# A one-shot far enough ahead to remove it and write it back before its time.
+REPLAY_AHEAD_S = 20
+
+
+def test_a_removed_schedule_written_back_starts_nothing(
+    lab: Lab, beats: list[Beat], store: ScheduleStore, tmp_path: Path
+) -> None:
+    """Someone who can read Redis saves a signed one-shot's entry; the operator removes the
+    schedule; the entry is written back whole (it verifies) and the beat sends it at its
+    time. lab1's worker was told of the removal and starts nothing (before: lab1 drained)."""
+    lab.all_home()
+    before = running_domains(lab, "lab1")
+    beats.append(Beat(lab, tmp_path / "beat.log"))
+    beats[0].wait_started()
+    wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
+    at = (datetime.now(UTC) + timedelta(seconds=REPLAY_AHEAD_S)).replace(microsecond=0)
+    added = drover(lab, "schedule", "add", "evacuate", "lab1", "--at", at.isoformat(), "--json")
+    assert added.returncode == 0, added.stderr
+    sid = str(json.loads(added.stdout)["id"])
+    r, key = redis_of(lab), schedule_entry_key(sid)
+    saved = cast(dict[str, str], r.hgetall(key))
+    score = cast(float | None, r.zscore(SCHEDULE_INDEX, key))
+    assert saved and score is not None
+    removed = drover(lab, "schedule", "remove", sid)
+    assert removed.returncode == 0, removed.stderr
+
+    def told() -> bool:
+        return any(e.get("schedule_id") == sid for e in worker_events("lab1", "schedule.removed"))
+
+    wait_for(told, FIRE_TIMEOUT_S, "lab1's worker to be told of the removal")
+    r.hset(key, mapping=saved)
+    r.zadd(SCHEDULE_INDEX, {key: score})
+    try:
+
+        def ignored() -> list[dict[str, object]]:
+            found = worker_events("lab1", "schedule.ignored")
+            return [e for e in found if e.get("schedule_id") == sid]
+
+        wait_for(lambda: bool(ignored()), REPLAY_AHEAD_S + FIRE_TIMEOUT_S, "the firing")
+        assert str(ignored()[0]["reason"]).startswith("removed (drover schedule remove)")
+        assert evacuations_from(lab, sid) == []
+        assert running_domains(lab, "lab1") == before
+    finally:
+        drover(lab, "schedule", "remove", sid)

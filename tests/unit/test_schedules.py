@@ -37,10 +37,10 @@ from jobs.keys import (
 )
 from schedules.beat import REDBEAT_SCHEDULER
 from schedules.cron import fire_slot, parse_at, parse_cron
-from schedules.firing import FireClaim
 from schedules.records import (
     FIRE_EARLY_LIMIT_S,
     FIRE_LATE_LIMIT_S,
+    SCHEDULE_REMOVED_TASK,
     SCHEDULED_EVACUATION_TASK,
     EvacuationRequest,
     ScheduleError,
@@ -320,6 +320,12 @@ def test_add_list_remove_through_the_cli(config: Path, r: redis.Redis) -> None:
         weekly["id"]
     ]
     assert not r.exists(schedule_entry_key(one["id"]))
+    # The evacuated host's worker is told (it never fires the schedule again): one message
+    # with the id alone, on kvm1's queue.
+    told = [m for m in queued_messages(r, "kvm1") if m["headers"]["task"] == SCHEDULE_REMOVED_TASK]
+    assert len(told) == 1
+    args, kwargs, _ = body(told[0])
+    assert args == [one["id"]] and argument_problem(args, kwargs) is None
 
 
 def test_a_stored_expression_refused_today_still_lists(config: Path, r: redis.Redis) -> None:
@@ -505,9 +511,9 @@ def test_a_second_beat_waits_for_the_lock_and_takes_over(
 
 
 @pytest.fixture
-def claim(tmp_path: Path) -> FireClaim:
-    """The host ledger's claim of a schedule's time, as a worker hands it to the firing."""
-    return Ledger(str(tmp_path / "ledger")).claim_fire
+def ledger(tmp_path: Path) -> Ledger:
+    """The host's own ledger, as a worker hands it to the firing."""
+    return Ledger(str(tmp_path / "ledger"))
 
 
 def cron_now() -> str:
@@ -523,32 +529,32 @@ def worker_config(config: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return config
 
 
-def test_a_removed_schedule_is_logged_and_ignored(worker_config: Path, claim: FireClaim) -> None:
+def test_a_removed_schedule_is_logged_and_ignored(worker_config: Path, ledger: Ledger) -> None:
     with capture_logs() as logs:
-        assert fire("0123456789ab", message_id="m1", node="drover@kvm1", claim=claim) is None
+        assert fire("0123456789ab", message_id="m1", node="drover@kvm1", ledger=ledger) is None
     assert [(e["event"], e["schedule_id"]) for e in logs] == [("schedule.ignored", "0123456789ab")]
     assert "removed" in logs[0]["reason"]
 
 
-def test_a_firing_on_another_hosts_worker_is_ignored(worker_config: Path, claim: FireClaim) -> None:
+def test_a_firing_on_another_hosts_worker_is_ignored(worker_config: Path, ledger: Ledger) -> None:
     store = ScheduleStore(load_settings(worker_config))
     added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron="0 3 * * *", by="test")
     with capture_logs() as logs:
-        assert fire(added.id, message_id="m1", node="drover@kvm2", claim=claim) is None
+        assert fire(added.id, message_id="m1", node="drover@kvm2", ledger=ledger) is None
     assert logs[0]["event"] == "schedule.ignored" and "not kvm1" in logs[0]["reason"]
     assert store.get(added.id).runs == 0
 
 
 def test_a_refused_evacuation_is_recorded_once_per_message(
-    worker_config: Path, claim: FireClaim
+    worker_config: Path, ledger: Ledger
 ) -> None:
     """kvm1 has no live worker here, so the evacuation itself refuses; the run records why."""
     store = ScheduleStore(load_settings(worker_config))
     added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron=cron_now(), by="test")
     with capture_logs() as logs:
-        assert fire(added.id, message_id="m1", node="drover@kvm1", claim=claim) is None
+        assert fire(added.id, message_id="m1", node="drover@kvm1", ledger=ledger) is None
         assert (
-            fire(added.id, message_id="m1", node="drover@kvm1", claim=claim) is None
+            fire(added.id, message_id="m1", node="drover@kvm1", ledger=ledger) is None
         )  # delivered twice
     assert [e["event"] for e in logs] == ["schedule.refused", "schedule.ignored"]
     shown = store.get(added.id)
@@ -598,22 +604,22 @@ def test_a_cron_firing_counts_only_near_a_time_its_signed_cron_names() -> None:
 
 
 def test_a_signed_time_fires_once_here_whatever_the_messages(
-    worker_config: Path, claim: FireClaim
+    worker_config: Path, ledger: Ledger
 ) -> None:
     """A rewritten beat entry sends the schedule again and again within its window (each a
     new message id, so the claim in Redis lets each through): one evacuation per time."""
     store = ScheduleStore(load_settings(worker_config))
     added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron=cron_now(), by="test")
     with capture_logs() as logs:
-        assert fire(added.id, message_id="m1", node="drover@kvm1", claim=claim) is None
-        assert fire(added.id, message_id="m2", node="drover@kvm1", claim=claim) is None
+        assert fire(added.id, message_id="m1", node="drover@kvm1", ledger=ledger) is None
+        assert fire(added.id, message_id="m2", node="drover@kvm1", ledger=ledger) is None
     assert [e["event"] for e in logs] == ["schedule.refused", "schedule.ignored"]
     assert logs[1]["reason"].startswith("already fired for its time ")
     assert store.get(added.id).runs == 1  # the first: refused by the evacuation (no worker)
 
 
 def test_a_key_of_another_type_refuses_the_run_and_records_it(
-    worker_config: Path, claim: FireClaim
+    worker_config: Path, ledger: Ledger
 ) -> None:
     """A key the evacuation writes, set by hand to another type (WRONGTYPE from Redis): no
     outage, so the firing task used to fail with Redis's error and no run was recorded."""
@@ -623,9 +629,30 @@ def test_a_key_of_another_type_refuses_the_run_and_records_it(
     store.r.set(DISABLED_HOSTS, "not a hash")
     try:
         with capture_logs() as logs:
-            assert fire(added.id, message_id="m1", node="drover@kvm1", claim=claim) is None
+            assert fire(added.id, message_id="m1", node="drover@kvm1", ledger=ledger) is None
     finally:
         store.r.delete(DISABLED_HOSTS, heartbeat_key("kvm1"))
     assert [e["event"] for e in logs] == ["schedule.refused"]
     assert "WRONGTYPE" in logs[0]["reason"]
     assert store.get(added.id).runs == 1
+
+
+def test_a_removed_schedule_written_back_fires_nothing_where_its_host_was_told(
+    worker_config: Path, ledger: Ledger
+) -> None:
+    """Its entry saved before `drover schedule remove` and written back whole, signature and
+    all: it verifies, but the host's ledger holds the removal (drover.schedule_removed)."""
+    store = ScheduleStore(load_settings(worker_config))
+    added = store.add_evacuation(EvacuationRequest(host="kvm1"), cron=cron_now(), by="test")
+    key = schedule_entry_key(added.id)
+    saved = cast(dict[str, str], store.r.hgetall(key))
+    assert store.remove(added.id) == "kvm1"
+    store.r.hset(key, mapping=saved)
+    assert store.verified_record(added.id).id == added.id  # the signature still holds
+    ledger.remove_schedule(added.id)  # what drover.schedule_removed does on kvm1
+    with capture_logs() as logs:
+        assert fire(added.id, message_id="m1", node="drover@kvm1", ledger=ledger) is None
+    assert [e["event"] for e in logs] == ["schedule.ignored"]
+    assert logs[0]["reason"].startswith("removed (drover schedule remove)")
+    assert store.get(added.id).runs == 0
+    store.remove(added.id)

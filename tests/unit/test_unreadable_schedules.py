@@ -37,6 +37,7 @@ from tests.unit.test_schedules import (
     stop,
     wait_for,
 )
+from worker.ledger import Ledger
 from worker.schedule_tasks import fire
 
 TICKS = 5
@@ -231,7 +232,11 @@ def test_a_record_naming_another_entry_is_not_read_as_that_one(
 
 
 def test_a_firing_of_an_unreadable_entry_is_logged_and_ignored(
-    config: Path, store: ScheduleStore, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    config: Path,
+    store: ScheduleStore,
+    r: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     monkeypatch.setenv("DROVER_CONFIG", str(config))
     monkeypatch.delenv("DROVER_REDIS_URL", raising=False)
@@ -239,7 +244,7 @@ def test_a_firing_of_an_unreadable_entry_is_logged_and_ignored(
     spoil(r, added, "drover", "{bad")
     with capture_logs() as logs:
         assert (
-            fire(added, message_id="m1", node="drover@kvm1", claim=lambda *_: True) is None
+            fire(added, message_id="m1", node="drover@kvm1", ledger=Ledger(str(tmp_path))) is None
         )  # raised before
     [said] = logs
     assert said["event"] == "record.unreadable" and said["schedule_id"] == added
