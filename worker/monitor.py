@@ -199,6 +199,12 @@ class MigrationMonitor:
         decision = self.engine.decide(progress)
         if decision is None:
             return
+        if decision.action == "postcopy" and (reason := self._abort_reason()):
+            # The operator's abort, asked since the last report, comes first: once switched,
+            # a post-copy cannot be aborted, and the accepted abort would turn into a move.
+            self.cancelled = True
+            self.on_action(Action("cancel", reason))
+            return
         done = self.on_decision(decision)
         if done and decision.action == "postcopy":
             self.postcopy = True

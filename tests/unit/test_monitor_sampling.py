@@ -17,6 +17,7 @@ from tests.support.lab_fixtures import wait_for
 from tests.support.libvirt_errors import libvirt_error
 from worker.convergence import ConvergenceEngine, Decision
 from worker.monitor import MigrationMonitor
+from worker.steering import Action
 
 MIB = 1024 * 1024
 
@@ -207,3 +208,31 @@ def test_a_domain_gone_or_shut_off_or_a_daemon_away_ends_the_watch() -> None:
         )
         watched_until_idle(dom)
         assert dom.asked == 3
+
+
+def test_an_abort_asked_between_reports_comes_before_a_switch_to_post_copy() -> None:
+    """The abort is read at each report (here only the first); the policy decides at a pass's
+    end. An abort accepted since must be carried out instead of the switch, which would make
+    it impossible (a post-copy cannot be aborted)."""
+    dom, finished = ScriptedDomain(), threading.Event()
+    decided: list[Decision] = []
+    actions: list[Action] = []
+    asked: list[str] = []
+    pass_ended = threading.Event()
+    m = monitor(
+        dom, decided, pass_ended=pass_ended, abort_requested=lambda: asked[-1] if asked else None
+    )
+    m.on_action = actions.append
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    try:
+        wait_for(lambda: [d.action for d in decided] == ["set_downtime"], 5, "the first sample")
+        asked.append("aborted by operator@host")
+        dom.iteration = 2
+        pass_ended.set()
+        wait_for(lambda: bool(actions), 5, "the abort to be carried out")
+    finally:
+        finished.set()
+        runner.join()
+    assert [d.action for d in decided] == ["set_downtime"]  # no switch to post-copy
+    assert [(a.kind, a.reason) for a in actions] == [("cancel", "aborted by operator@host")]
