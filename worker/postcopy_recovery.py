@@ -18,17 +18,23 @@ tunables.postcopy_recovery_timeout drover stops trying: the job enters `postcopy
 still holding everything, its reason saying where the guest is and how to resume it; once
 libvirt shows it landed (resumed by hand) the job goes on.
 
+When libvirt shows that no resume can land the guest any more (the destination's copy
+destroyed, its QEMU killed, or the source's copy gone: `Whereabouts.beyond_resume`, seen on two
+looks in a row) the job fails with what libvirt shows (`postcopy.lost`): nothing is resumed on
+stale memory, the holds are released, and the destination's images are kept (they may hold
+the guest's newest disk writes: worker/rollback.py).
+
 Both the running perform (worker/phase_perform.py) and a worker restarted after a crash
 (worker/recovery_perform.py) come here. Every step is an event (docs/events.md):
 postcopy.failed, postcopy.waiting, postcopy.resuming, postcopy.resume_failed,
-postcopy.interrupted, postcopy.resumed, postcopy.unrecovered.
+postcopy.interrupted, postcopy.resumed, postcopy.unrecovered, postcopy.lost.
 """
 
 from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, NoReturn
 
 import libvirt
 
@@ -38,7 +44,7 @@ from jobs.states import JobState
 from jobs.store import now
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
 from worker.migration_call import MigrationCall, invoke, resume_call
-from worker.phase_errors import HandedOver
+from worker.phase_errors import HandedOver, PhaseFailed
 from worker.phase_source import job_domain
 from worker.postcopy_whereabouts import Whereabouts, locate
 from worker.runtime import Runtime
@@ -46,7 +52,14 @@ from worker.runtime import Runtime
 log = get_logger()
 # How long the destination's libvirtd may take to answer one look (a cut link never does).
 ANSWER_WITHIN_S = 5.0
+# Looks in a row (a back-off apart) that must show a post-copy beyond resume before the job
+# fails: one look could catch a libvirtd that has just restarted and not yet re-attached.
+LOOKS_BEYOND_RESUME = 2
 ResumeOutcome = Literal["resumed", "still_running", "failed"]
+
+
+class PostcopyLost(PhaseFailed):
+    """libvirt shows a post-copy no resume can land any more: the job fails with that."""
 
 
 class PostcopyUnrecovered(HandedOver):
@@ -83,11 +96,16 @@ def resume_until_landed(rt: Runtime, job: Job, call: MigrationCall) -> bool:
     deadline = _recovering_since(job) + timedelta(seconds=tunables.postcopy_recovery_timeout)
     delay, attempt, waiting, resumed = tunables.postcopy_resume_delay, 0, False, False
     refused_since: float | None = None  # first of the current run of "still running" refusals
+    beyond = 0  # looks in a row that showed no resume can land it
     while True:
         seen = locate(rt, job, ANSWER_WITHIN_S)
         if seen.landed:
             _back_to_migrating(rt, job, _how(resumed, attempt, job.spec.dst), seen)
             return True
+        why = seen.beyond_resume()
+        beyond = beyond + 1 if why is not None else 0
+        if why is not None and beyond >= LOOKS_BEYOND_RESUME:
+            _lost(job, seen, why)
         if now() >= deadline:
             _give_up(rt, job, seen)
         if not seen.reachable:
@@ -170,10 +188,27 @@ def check_paused(rt: Runtime, job: Job) -> bool:
     """A job drover gave up on (`postcopy_paused`): whether libvirt now shows its guest
     landed (someone resumed it), then the job goes on. Quiet otherwise: asked every tick."""
     seen = locate(rt, job, ANSWER_WITHIN_S)
+    if seen.beyond_resume() is not None:
+        time.sleep(rt.settings.tunables.postcopy_resume_delay)  # a second look, as above
+        seen = locate(rt, job, ANSWER_WITHIN_S)
+        why = seen.beyond_resume()
+        if why is not None:
+            _lost(job, seen, why)
     if not seen.landed:
         return False
     _back_to_migrating(rt, job, "post-copy resumed outside drover", seen)
     return True
+
+
+def _lost(job: Job, seen: Whereabouts, why: str) -> NoReturn:
+    """Fail the job with what libvirt shows: no resume can land it. Nothing is resumed (the
+    source's copy, if paused, would run on memory older than the guest's last run)."""
+    reason = (
+        f"post-copy cannot be resumed: {why}; {seen.describe()}. drover resumes nothing; "
+        f"what to keep of {job.spec.domain} is the operator's call (virsh)"
+    )
+    log.error("postcopy.lost", reason=reason, where=seen.describe())
+    raise PostcopyLost(reason)
 
 
 def _recovering_since(job: Job) -> datetime:

@@ -53,6 +53,25 @@ class Whereabouts:
         gone = self.source is None or not self.source.active
         return arrived and gone and not self.failed
 
+    def beyond_resume(self) -> str | None:
+        """Why no resume can land the guest any more, as libvirt shows it (None while one
+        can, or while the destination does not answer): a post-copy needs both halves, the
+        destination's copy (the newest memory) and the source's (the pages not yet copied),
+        and a resume is made on the source."""
+        if not self.reachable or self.landed:
+            return None
+        if self.destination is None:
+            return (
+                f"{self.dst}'s copy is gone ({self.dst}'s libvirtd has no {self.domain}): the "
+                "guest's newest memory went with it"
+            )
+        if self.source is None or not self.source.in_postcopy:
+            return (
+                f"{self.src}'s copy no longer takes part in the post-copy: the pages not yet "
+                f"copied to {self.dst} went with it"
+            )
+        return None
+
     def describe(self) -> str:
         """One line: "dirty-1 is paused (post-copy failed) on lab1, running (post-copy
         failed) on lab2"."""

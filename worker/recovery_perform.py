@@ -30,6 +30,7 @@ from worker.phase_source import guest_uuid, job_domain, resume_if_left_paused, s
 from worker.policy_source import job_policy
 from worker.postcopy_recovery import (
     ANSWER_WITHIN_S,
+    PostcopyLost,
     check_paused,
     recover_failed_postcopy,
     resume_until_landed,
@@ -42,7 +43,17 @@ log = get_logger()
 
 def recover_perform(rt: Runtime, job: Job) -> bool:
     """Wait for a migration still running in libvirt, then judge where the guest is: True
-    when it completed (the chain goes on), False when the job ended or was handed over."""
+    when it completed (the chain goes on), False when the job ended or was handed over.
+    A post-copy libvirt shows beyond resume fails the job, as in perform."""
+    try:
+        return _recover_perform(rt, job)
+    except PostcopyLost as exc:
+        rt.store.phase_ended(job.id, Phase.PERFORM.value, error=exc.reason)
+        fail_job(rt, job, Phase.PERFORM, exc.reason)  # which also rolls the destination back
+        return False
+
+
+def _recover_perform(rt: Runtime, job: Job) -> bool:
     spec = job.spec
     if job.state is JobState.POSTCOPY_PAUSED:  # drover gave up: has someone resumed it?
         return check_paused(rt, job) and _completed(rt, job)

@@ -9,6 +9,7 @@ from config.events import get_logger
 from jobs.model import Job
 from jobs.states import JobState
 from worker.libvirt_host import is_paused, list_domains
+from worker.libvirt_states import state_reason
 from worker.phase_errors import PhaseFailed
 from worker.phase_source import job_domain
 from worker.runtime import Runtime
@@ -55,7 +56,14 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
     if uuid:
         rt.ledger.drop_incoming(uuid, job.id)
     arrived = dom is not None and bool(dom.isActive())
-    if not arrived:
+    if not arrived and rt.ledger.images(job.id) and _reached_postcopy(rt, job):
+        # The guest ran on this host in post-copy: its disk writes since the switch are in
+        # these images only. Kept, and no longer this job's to remove.
+        kept = rt.ledger.images(job.id)
+        rt.ledger.forget_images(job.id)
+        reason = "the job reached post-copy: they may hold the guest's newest disk writes"
+        log.warning("rollback.kept_images", paths=kept, reason=reason)
+    elif not arrived:
         # Only what this worker recorded making for this job (worker/ledger.py), and of
         # that, nothing a domain here names (libvirt's word, not the record's).
         removed, kept = remove_own(
@@ -125,3 +133,13 @@ def _active_on_source(rt: Runtime, job: Job, uuid: str) -> bool:
     """Ask the source's libvirtd directly: never remove the only running copy of a guest."""
     there = rt.libvirt.on_peer(rt.settings.host(job.spec.src).peer_uri, uuid)
     return there is not None and there.active
+
+
+def _reached_postcopy(rt: Runtime, job: Job) -> bool:
+    """Whether the guest ran here in post-copy: the record says it switched, or the source's
+    libvirtd shows its copy in a post-copy (read over the registry's peer URI; unreachable:
+    LibvirtUnavailable, and the rollback is tried again rather than images removed)."""
+    if job.postcopy_since is not None:
+        return True
+    with rt.libvirt.peer_domain(rt.settings.host(job.spec.src).peer_uri, job.spec.domain) as dom:
+        return dom is not None and state_reason(dom).in_postcopy

@@ -276,3 +276,45 @@ def test_past_the_deadline_the_job_says_where_the_guest_is_and_keeps_its_holds(
     assert lab.running_on(DOMAIN) == ["lab2"]
     states = [t.state for t in job.transitions]
     assert JobState.POSTCOPY_PAUSED in states, states
+
+
+def test_a_destination_copy_destroyed_in_postcopy_fails_the_job_with_what_libvirt_shows(
+    lab: Lab,
+) -> None:
+    """lab2's copy, the guest's newest memory, is destroyed in post-copy (as a crash or an OOM
+    kill would): no resume can land it. The job used to retry for an hour, then wait for ever,
+    holding its lease, slots and lab2's reservation, its reason never updated. Now it fails
+    with what libvirt shows, releases its holds, and resumes nothing on stale memory."""
+    job_id = start_in_postcopy(lab)
+    conn = libvirt.open(lab.uri("lab2"))
+    try:
+        conn.lookupByName(DOMAIN).destroy()
+    finally:
+        conn.close()
+    try:
+        wait_for(lambda: lab.drover.job(job_id).terminal, RECOVERY_S, "the job to end")
+        job = lab.drover.job(job_id)
+        assert job.state is JobState.FAILED, job.state
+        assert job.reason is not None
+        assert job.reason.startswith("post-copy cannot be resumed: lab2's copy is gone"), job.reason
+        assert "dirty-1 is paused (post-copy failed) on lab1, not defined on lab2" in job.reason
+        assert "postcopy.lost" in events_of(lab, job_id)
+        # libvirt on both hosts: the source's copy left paused (never resumed), none on lab2.
+        assert source_state(lab) == (
+            libvirt.VIR_DOMAIN_PAUSED,
+            libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED,
+        )
+        assert not lab.view("lab2", DOMAIN).exists
+        store = lab.drover.store
+        wait_for(lambda: store.reserved_mib("lab2") == 0, RECOVERY_S, "lab2's booking to go")
+        assert not store.r.sismember(ACTIVE_JOBS, job_id)
+    finally:
+        # The operator's call: start the guest again from its disk on lab1.
+        conn = libvirt.open(lab.uri("lab1"))
+        try:
+            dom = conn.lookupByName(DOMAIN)
+            if dom.isActive():
+                dom.destroy()
+            dom.create()
+        finally:
+            conn.close()

@@ -65,6 +65,25 @@ def test_landed_means_running_on_the_destination_only() -> None:
     )
 
 
+def test_a_post_copy_with_a_half_gone_is_beyond_resume() -> None:
+    """Both halves are needed: the destination's copy (the newest memory) and the source's
+    (the pages not yet copied, and where a resume is made)."""
+    gone = where(PAUSED_FAILED, None).beyond_resume()
+    assert gone == (
+        "kvm2's copy is gone (kvm2's libvirtd has no web01): the guest's newest memory went with it"
+    )
+    booted = StateReason(libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
+    assert where(booted, None).beyond_resume() == gone  # restarted by hand on the source
+    source_gone = "kvm1's copy no longer takes part in the post-copy"
+    assert str(where(None, HUNG).beyond_resume()).startswith(source_gone)
+    assert str(where(LEFT, HUNG).beyond_resume()).startswith(source_gone)
+    # Still resumable, landed, or not known: never called lost.
+    assert where(PAUSED_FAILED, HUNG).beyond_resume() is None
+    assert where(PAUSED_POSTCOPY, HUNG).beyond_resume() is None
+    assert where(LEFT, ARRIVED).beyond_resume() is None
+    assert where(PAUSED_FAILED, None, reachable=False).beyond_resume() is None
+
+
 def test_the_resume_call_is_the_same_call_with_postcopy_resume() -> None:
     params = {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://10.0.0.2"}
     call = MigrationCall("migrateToURI3", "qemu+tcp://kvm2/system", None, params, 1)
