@@ -375,6 +375,27 @@ def test_a_rollback_never_removes_an_image_a_domain_here_names(
     assert kept and kept[0]["paths"] == [str(image)], events
 
 
+def test_a_rollback_keeps_the_images_of_a_job_that_reached_post_copy(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """Its guest ran here in post-copy, then its copy was lost (worker/postcopy_recovery.py
+    fails such a job): the images may hold its newest disk writes. Kept, and forgotten by
+    the ledger so that no later rollback removes them."""
+    images = images_on_kvm2(env, tmp_path)
+    rt = runtime(store, "kvm2", tmp_path)
+    job_id, image = failed_with_an_image(rt, store, images, recorded(FORGED_UUID))
+    store.mark_postcopy(job_id)
+    with bind_log(store, "kvm2"), bound_contextvars(job_id=job_id):
+        rollback_destination(rt, store.get(job_id))
+    assert image.read_text() == "the guest's disk"
+    assert rt.ledger.images(job_id) == []
+    events = [e for _, e in store.read_events(job_id)]
+    kept = [e for e in events if e["event"] == "rollback.kept_images"]
+    assert kept and kept[0]["paths"] == [str(image)] and "post-copy" in kept[0]["reason"]
+    rollback_destination(rt, store.get(job_id))  # run again (the keeper's leftovers pass)
+    assert image.read_text() == "the guest's disk"
+
+
 def test_confirm_reports_a_source_copy_still_running_as_leftovers(
     env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
 ) -> None:
