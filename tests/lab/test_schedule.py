@@ -154,6 +154,15 @@ def worker_events(host: str, name: str) -> list[dict[str, object]]:
     return found
 
 
+def start_beat(lab: Lab, beats: list[Beat], tmp_path: Path) -> Beat:
+    """One `drover beat`, started and holding the lock (so it fires what comes due)."""
+    beat = Beat(lab, tmp_path / "beat.log")
+    beats.append(beat)
+    beat.wait_started()
+    wait_for(beat.holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
+    return beat
+
+
 def holds_for(cond: Callable[[], bool], seconds: float, what: str) -> None:
     """`cond` stays true for `seconds` (polled)."""
     deadline = time.monotonic() + seconds
@@ -170,9 +179,7 @@ def test_a_scheduled_evacuation_fires_and_drains_the_host(
     assert running_domains(lab, "lab1") == sorted(GUESTS)
     schedule_id = None
     try:
-        beats.append(Beat(lab, tmp_path / "beat.log"))
-        beats[0].wait_started()
-        wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
+        start_beat(lab, beats, tmp_path)
         schedule_id = add_once(lab, "lab1", "--to", ",".join(DESTINATIONS))
         sid = schedule_id
         wait_for(
@@ -267,9 +274,7 @@ def test_a_schedule_changed_in_redis_fires_nothing(
     the worker refuses it when it fires, says why, and no guest moves."""
     lab.all_home()
     before = running_domains(lab, "lab1")
-    beats.append(Beat(lab, tmp_path / "beat.log"))
-    beats[0].wait_started()
-    wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
+    start_beat(lab, beats, tmp_path)
     sid = add_once(lab, "lab1", "--to", "lab2")
     try:
         record = store.record(sid)
@@ -307,9 +312,7 @@ def test_a_rewritten_beat_entry_starts_nothing_off_its_signed_time(
     names): no evacuation, no guest moves (before, lab1 was drained within seconds)."""
     lab.all_home()
     before = running_domains(lab, "lab1")
-    beats.append(Beat(lab, tmp_path / "beat.log"))
-    beats[0].wait_started()
-    wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
+    start_beat(lab, beats, tmp_path)
     added = drover(lab, "schedule", "add", "evacuate", "lab1", "--cron", "0 3 1 1 *", "--json")
     assert added.returncode == 0, added.stderr
     sid = str(json.loads(added.stdout)["id"])
@@ -353,9 +356,7 @@ def test_a_removed_schedule_written_back_starts_nothing(
     time. lab1's worker was told of the removal and starts nothing (before: lab1 drained)."""
     lab.all_home()
     before = running_domains(lab, "lab1")
-    beats.append(Beat(lab, tmp_path / "beat.log"))
-    beats[0].wait_started()
-    wait_for(beats[0].holds_lock, BEAT_START_TIMEOUT_S, "the beat to take its lock")
+    start_beat(lab, beats, tmp_path)
     at = (datetime.now(UTC) + timedelta(seconds=REPLAY_AHEAD_S)).replace(microsecond=0)
     added = drover(lab, "schedule", "add", "evacuate", "lab1", "--at", at.isoformat(), "--json")
     assert added.returncode == 0, added.stderr
