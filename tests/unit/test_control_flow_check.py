@@ -28,9 +28,7 @@ def verdicts(s: MigrationSpec, driver: str) -> dict[str, str | None]:
     return found
 
 
-@pytest.mark.parametrize(
-    "extra", [{"live": True}, {"live": False}, {"dry_run": True}]
-)
+@pytest.mark.parametrize("extra", [{"live": True}, {"live": False}, {"dry_run": True}])
 def test_unmanaged_from_qemu_is_refused_live_or_not_and_dry(extra: dict[str, object]) -> None:
     reason = verdicts(spec(control="unmanaged", **extra), "QEMU")["control_flow"]
     assert reason == (
