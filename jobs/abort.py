@@ -2,10 +2,14 @@
 
 A queued job never starts; one between preflight and migrating is cancelled and its
 destination cleans up; a running migration gets an abort request that the source's monitor
-turns into libvirt's abortJob. A finishing job is past the point of no return, and so is a
-migration libvirt has switched to post-copy (libvirt refuses to abort it: the guest runs on
+turns into libvirt's abortJob. A finishing job is past the point of no return (also one whose
+migration call returned well, before finish began), and so is a migration libvirt has
+switched to post-copy (libvirt refuses to abort it: the guest runs on
 the destination already), including one whose post-copy failed and is being recovered.
-The guest stays where it was in every case but these last two.
+The guest stays where it was in every case but these last two. A stalled job (its owner's
+worker away) is judged by the state it stalled in: one stalled in its migration only gets the
+request, which the source's worker, back, carries out in libvirt (or finds the migration
+completed); it is never marked cancelled while libvirtd may be moving its guest.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from celery.canvas import Signature
 
 from config.celery import host_queue
 from jobs.model import Job, migration_event
-from jobs.phases import ROLLBACK_DESTINATION_TASK
+from jobs.phases import ROLLBACK_DESTINATION_TASK, Phase
 from jobs.states import POSTCOPY_STATES, JobState
 from jobs.store import JobStore
 
@@ -44,21 +48,31 @@ def abort_job(
         job = store.get(job_id)
         if job.terminal:
             raise TooLate(f"job {job_id} already {job.state.value}; nothing to abort")
-        if job.state is JobState.FINISHING:
+        # A stalled job is where it stalled: its owner's worker is away, not its migration.
+        state = job.stalled_from if job.state is JobState.STALLED else job.state
+        if state is JobState.FINISHING or _migration_completed(job):
             raise TooLate(
                 f"job {job_id} is finishing: libvirt completed the migration of "
                 f"{job.spec.domain} to {job.spec.dst}, which is checking it there"
             )
-        if job.state in POSTCOPY_STATES:
+        if state in POSTCOPY_STATES:
             raise TooLate(_recovering(job))
         if job.postcopy_since is not None:
             raise TooLate(_in_postcopy(job))
         store.request_abort(job_id, reason)
-        if job.state is JobState.MIGRATING:
+        if state is JobState.MIGRATING or (state is None and _migration_started(job)):
             now = store.get(job_id)
             if now.postcopy_since is not None or now.state in POSTCOPY_STATES:
                 store.withdraw_abort(job_id)  # switched (or failed) while we asked
                 raise TooLate(_in_postcopy(job))
+            if job.state is JobState.STALLED:
+                # libvirtd may well go on with the migration: only its source's worker, back,
+                # can abort it there or find it completed. Cancelling here would be a lie.
+                return (
+                    f"abort requested: job {job_id} is stalled ({job.reason}); "
+                    f"{job.spec.src}'s worker aborts the migration of {job.spec.domain} when "
+                    "it is back, if libvirt still runs it"
+                )
             return (
                 f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
             )
@@ -73,6 +87,16 @@ def abort_job(
                 rollback(job)
             return f"job {job_id} cancelled ({job.state.value})"
     return f"abort requested: {job.spec.src} stops the job of {job.spec.domain}"
+
+
+def _migration_started(job: Job) -> bool:
+    return Phase.PERFORM.value in job.phases
+
+
+def _migration_completed(job: Job) -> bool:
+    """libvirt's migration call returned without an error: perform ended well (its record)."""
+    record = job.phases.get(Phase.PERFORM.value)
+    return record is not None and record.ended is not None and record.error is None
 
 
 def _in_postcopy(job: Job) -> str:

@@ -21,6 +21,7 @@ from jobs.record import MalformedRecord
 from jobs.store import JobNotFound, now
 from worker.job_end import job_context
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
+from worker.phase_errors import PhaseFailed
 from worker.rollback import ROLLBACK_STATES, rollback_destination
 from worker.runtime import Runtime
 
@@ -48,6 +49,9 @@ def sweep_leftovers(rt: Runtime) -> None:
             log.info("rollback.resumed", reason="its rollback did not finish when the job ended")
             try:
                 rollback_destination(rt, job)
+            except PhaseFailed as exc:  # libvirt shows the guest still coming in: next pass
+                log.warning("rollback.refused", reason=exc.reason)
+                continue
             except (LibvirtUnavailable, LibvirtError) as exc:
                 rt.libvirt.reset()
                 log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)

@@ -8,7 +8,7 @@ import libvirt
 from config.events import get_logger
 from jobs.model import Job
 from jobs.states import JobState
-from worker.libvirt_host import is_paused, list_domains
+from worker.libvirt_host import Domain, is_paused, list_domains
 from worker.libvirt_states import state_reason
 from worker.phase_errors import PhaseFailed
 from worker.phase_source import job_domain
@@ -34,10 +34,16 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
         raise PhaseFailed(
             f"job {job.id} is {job.state.value}; only a failed or cancelled job is rolled back"
         )
-    rt.store.release(job.spec.dst, job.id)
-    rt.ledger.release_booking(job.id)
     uuid = _guest_uuid(rt, job)
     dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
+    coming = _coming_in(dom)
+    if coming is not None:  # "failed" is the record's word; libvirt's here is the last one
+        raise PhaseFailed(
+            f"{job.spec.arrives_as} on {rt.host} is {coming}: libvirt shows its migration "
+            "still coming in; nothing is rolled back while it does"
+        )
+    rt.store.release(job.spec.dst, job.id)
+    rt.ledger.release_booking(job.id)
     incoming = rt.ledger.incoming_job(uuid) if uuid else None
     if dom is not None and dom.isActive():
         paused = is_paused(dom)
@@ -56,27 +62,26 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
     if uuid:
         rt.ledger.drop_incoming(uuid, job.id)
     arrived = dom is not None and bool(dom.isActive())
-    if not arrived and rt.ledger.images(job.id) and _reached_postcopy(rt, job):
-        # The guest ran on this host in post-copy: its disk writes since the switch are in
-        # these images only. Kept, and no longer this job's to remove.
-        kept = rt.ledger.images(job.id)
-        rt.ledger.forget_images(job.id)
-        reason = "the job reached post-copy: they may hold the guest's newest disk writes"
-        log.warning("rollback.kept_images", paths=kept, reason=reason)
-    elif not arrived:
-        # Only what this worker recorded making for this job (worker/ledger.py), and of
-        # that, nothing a domain here names (libvirt's word, not the record's).
-        removed, kept = remove_own(
-            rt.ledger, job.id, rt.registry_entry.storage_dirs, _paths_in_use(rt)
-        )
-        if removed:
-            log.info("rollback.removed_images", paths=removed)
-        if kept:
-            log.warning(
-                "rollback.kept_images",
-                paths=kept,
-                reason=f"a domain on {rt.host} uses them",
+    if rt.ledger.images(job.id):
+        kept_why = _keep_images(rt, job, uuid, arrived)
+        if kept_why is not None:  # no longer this job's to remove, by any later rollback
+            kept = rt.ledger.images(job.id)
+            rt.ledger.forget_images(job.id)
+            log.warning("rollback.kept_images", paths=kept, reason=kept_why)
+        else:
+            # Only what this worker recorded making for this job (worker/ledger.py), and of
+            # that, nothing a domain here names (libvirt's word, not the record's).
+            removed, kept = remove_own(
+                rt.ledger, job.id, rt.registry_entry.storage_dirs, _paths_in_use(rt)
             )
+            if removed:
+                log.info("rollback.removed_images", paths=removed)
+            if kept:
+                log.warning(
+                    "rollback.kept_images",
+                    paths=kept,
+                    reason=f"a domain on {rt.host} uses them",
+                )
     log.info("rollback.done")
 
 
@@ -135,11 +140,56 @@ def _active_on_source(rt: Runtime, job: Job, uuid: str) -> bool:
     return there is not None and there.active
 
 
-def _reached_postcopy(rt: Runtime, job: Job) -> bool:
-    """Whether the guest ran here in post-copy: the record says it switched, or the source's
-    libvirtd shows its copy in a post-copy (read over the registry's peer URI; unreachable:
-    LibvirtUnavailable, and the rollback is tried again rather than images removed)."""
+def _coming_in(dom: Domain | None) -> str | None:
+    """How libvirt shows the job's guest still arriving here (None: it does not): in a
+    post-copy, or paused by an incoming migration libvirt still runs (its job active)."""
+    if dom is None or not dom.isActive():
+        return None
+    found = state_reason(dom)
+    if found.in_postcopy:
+        return found.describe()
+    incoming = (found.state, found.reason) == (
+        libvirt.VIR_DOMAIN_PAUSED,
+        libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+    )
+    if incoming and _incoming_job(dom):
+        return f"{found.describe()}, its incoming migration job active"
+    return None
+
+
+def _incoming_job(dom: Domain) -> bool:
+    """Whether libvirt runs an incoming migration job on `dom`: it refuses its statistics then
+    ("available only on the source host", VIR_ERR_OPERATION_UNSUPPORTED, seen on the lab)."""
+    try:
+        return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED:
+            return True
+        raise
+
+
+def _keep_images(rt: Runtime, job: Job, uuid: str | None, arrived: bool) -> str | None:
+    """Why the images this host made for the job stay (None: they go). They are the only
+    copy of the guest's newest disk writes unless the source still runs the guest: libvirt's
+    word there, or the record's that the job reached post-copy (a word that only keeps)."""
+    spec = job.spec
+    if arrived:
+        return f"{spec.arrives_as} runs on {rt.host}: they are its disks"
     if job.postcopy_since is not None:
-        return True
+        return "the job reached post-copy: they may hold the guest's newest disk writes"
+    if uuid is None or not _source_runs_it(rt, job, uuid):
+        return (
+            f"{spec.src} does not run {spec.domain}: they may hold the guest's newest disk writes"
+        )
+    return None
+
+
+def _source_runs_it(rt: Runtime, job: Job, uuid: str) -> bool:
+    """Whether the source's libvirtd runs the guest itself, outside any post-copy (read over
+    the registry's peer URI; unreachable: LibvirtUnavailable, and the rollback is tried
+    again rather than images removed)."""
     with rt.libvirt.peer_domain(rt.settings.host(job.spec.src).peer_uri, job.spec.domain) as dom:
-        return dom is not None and state_reason(dom).in_postcopy
+        if dom is None or dom.UUIDString() != uuid:
+            return False
+        found = state_reason(dom)
+        return found.active and not found.in_postcopy

@@ -14,10 +14,11 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import kombu.exceptions
+import libvirt
 import pytest
 
 from config.celery import host_queue, make_app, worker_node
@@ -456,3 +457,53 @@ def test_a_forged_evacuation_plan_moves_nothing_outside_the_signed_request(
         untouched(lab)
     finally:
         lab.drover.set_host_enabled("lab1", True)
+
+
+# ---- a job written "failed" while its guest is still coming in -----------------------------
+
+# dirty-1 rewrites its memory faster than this (MiB/s): under the `manual` policy its pre-copy
+# goes on until the test aborts it in libvirt.
+SLOW_MIB = 8
+
+
+def test_a_job_written_failed_mid_migration_keeps_its_incoming_copy(
+    lab: Lab, dirty_running: None
+) -> None:
+    """`HSET drover:job:J state failed updated <an hour ago>` while dirty-1 is on its way to
+    lab2: lab2's keeper took the record's word, and its rollback destroyed the incoming copy
+    (with --copy-storage, its images too). libvirt on lab2 shows the migration still coming
+    in: the rollback is refused while it does; the incoming copy stays as libvirt has it."""
+    d, domain = lab.drover, "dirty-1"
+    job_id = d.submit(
+        domain=domain, src="lab1", dst="lab2", live=True, bandwidth_mib=SLOW_MIB, policy="manual"
+    )
+    wait_for(lambda: lab.view("lab2", domain).exists, RECOVERY_S, "the incoming copy on lab2")
+    long_ago = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    d.store.r.hset(job_key(job_id), mapping={"state": "failed", "updated": long_ago})
+
+    def refused() -> bool:
+        return any(e["event"] == "rollback.refused" for e in d.events(job_id))
+
+    wait_for(refused, RECOVERY_S, "lab2's keeper to refuse the rollback")
+    assert not any(e["event"] == "rollback.removed_incoming" for e in d.events(job_id))
+    assert lab.view("lab2", domain).exists  # still coming in, as libvirt has it
+    assert lab.running_on(domain) == ["lab1", "lab2"]  # running there, paused-incoming here
+    # The operator's abort, made in libvirt (the record says failed): libvirt cleans lab2 up.
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        conn.lookupByName(domain).abortJob()
+    finally:
+        conn.close()
+
+    def gone_from_lab2() -> bool:
+        lab2 = libvirt.open(lab.uri("lab2"))
+        try:
+            lab2.lookupByName(domain)
+        except libvirt.libvirtError:
+            return True  # no such domain (it may vanish between two calls: one call only)
+        finally:
+            lab2.close()
+        return False
+
+    wait_for(gone_from_lab2, RECOVERY_S, "lab2's copy to go")
+    assert lab.running_on(domain) == ["lab1"]

@@ -354,6 +354,23 @@ def test_a_rollback_never_takes_a_guest_that_arrived_for_absent_whatever_its_uui
     rollback_destination(rt, store.get(job_id))
     assert image.read_text() == "the guest's disk"
     assert hv.lookupByName(GUEST).isActive()
+    # Its disks now: forgotten, so that no later pass removes them once the guest stops.
+    assert rt.ledger.images(job_id) == [] and rt.ledger.jobs_with_leftovers() == []
+
+
+def test_a_rollback_keeps_the_images_when_the_source_does_not_run_the_guest(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """Not arrived here, and the source's libvirtd does not run the guest (here: the domain
+    of that name there is another one, by uuid): the images may hold its newest disk writes."""
+    images = images_on_kvm2(env, tmp_path)
+    rt = runtime(store, "kvm2", tmp_path)
+    job_id, image = failed_with_an_image(rt, store, images, recorded(FORGED_UUID))
+    with bind_log(store, "kvm2"), bound_contextvars(job_id=job_id):
+        rollback_destination(rt, store.get(job_id))
+    assert image.read_text() == "the guest's disk" and rt.ledger.images(job_id) == []
+    kept = [e for _, e in store.read_events(job_id) if e["event"] == "rollback.kept_images"]
+    assert kept and "kvm1 does not run" in kept[0]["reason"], kept
 
 
 def test_a_rollback_never_removes_an_image_a_domain_here_names(
