@@ -122,6 +122,23 @@ def _ledger_busy(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
     _unexpected(run, job, exc)
 
 
+def ledger_unwritable(run: PhaseRun, job: Job, exc: Exception) -> NoReturn:
+    """This host's ledger refused the phase's claim (locked, its disk full) before anything
+    ran: the claim in Redis is given back and the job says why it waits; the message is
+    tried again while the phase has tries left (tunables.phase_retries), else dropped for
+    recovery to send again. Never a traceback, never a silent wait."""
+    rt, phase = run.rt, run.phase.value
+    rt.store.give_back_phase(job.id, phase)
+    why = f"{phase} waits for {rt.host}'s ledger: {exc}"
+    rt.store.set_waiting_for(job.id, why)
+    allowed = rt.settings.tunables.phase_retries.get(phase, 0)
+    if run.attempt < allowed:
+        log.warning("phase.retrying", reason=why, attempt=run.attempt + 1, of=allowed)
+        raise RetryPhase(why) from exc
+    log.warning("phase.deferred", reason=f"{why}; recovery sends it again")
+    raise Dropped(why) from exc
+
+
 def _no_verdict(run: PhaseRun, job: Job, reason: str) -> NoReturn:
     """Stop without a verdict: the phase stays started and claimed, the job says why it
     waits, and recovery settles it from libvirt once it answers."""

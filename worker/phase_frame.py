@@ -19,6 +19,7 @@ A step that drops the message raises `Dropped` (worker/phase_errors.py), never C
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from jobs.workflow import migration_chain
 from worker.job_end import advance, holds_slots, job_context, job_ended, verified
 from worker.ledger import PhaseMark
 from worker.phase_errors import Dropped
-from worker.phase_failure import failure_step
+from worker.phase_failure import failure_step, ledger_unwritable
 from worker.phase_run import PhaseFn, PhaseRun, phase_ended
 from worker.runtime import Runtime
 
@@ -113,7 +114,11 @@ def _claim(run: PhaseRun, job: Job) -> None:
     if not rt.store.claim_phase(job.id, phase, rt.host):
         log.warning("phase.duplicate", reason="this phase already ran for this job")
         raise Dropped("claimed")
-    if not rt.ledger.claim(job.id, phase):
+    try:
+        ours = rt.ledger.claim(job.id, phase)
+    except sqlite3.Error as exc:  # locked, its disk full: nothing ran yet
+        ledger_unwritable(run, job, exc)
+    if not ours:
         # Redis said the phase was free, but this host has run it: a claim was removed
         # behind drover's back (or the message replayed); the host's own record wins.
         log.warning("phase.duplicate", reason="this host already ran this phase of the job")
