@@ -15,6 +15,7 @@ import libvirt
 import pytest
 from structlog.testing import capture_logs
 
+from jobs.record import SourceFacts
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore, job_key
@@ -47,11 +48,25 @@ def events() -> Iterator[list[MutableMapping[str, Any]]]:
         yield seen
 
 
+# kvm1, the source, as its libvirtd shows it: a test driver of its own, running web01 (a
+# rollback removes the images it made only while the source runs the guest itself).
+SOURCE_UUID = "6f1c5a3e-1b2d-4c5e-8f90-a1b2c3d4e5f6"
+SOURCE_NODE = f"""<node>
+  <domain type='test'>
+    <name>web01</name><uuid>{SOURCE_UUID}</uuid>
+    <memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>
+  </domain>
+</node>"""
+
+
 def runtime(store: JobStore, tmp_path: Path, *, libvirtd_up: bool = True) -> Runtime:
+    source = tmp_path / "kvm1.xml"
+    source.write_text(SOURCE_NODE)
+
     def opener(uri: str) -> libvirt.virConnect:
         if not libvirtd_up:
             raise libvirt.libvirtError("Failed to connect socket: No such file or directory")
-        return libvirt.open(TEST_URI)
+        return libvirt.open(TEST_URI if uri == TEST_URI else f"test://{source}")
 
     host = LibvirtHost(TEST_URI, opener=opener)
     return Runtime("kvm2", store, host, Ledger(str(tmp_path / "ledger")))
@@ -66,6 +81,9 @@ def ended_with_an_image(
     image = images / f"{job_id}.qcow2"
     image.write_text("made by prepare")
     rt.ledger.record_image(job_id, str(image))
+    facts = {"name": "web01", "uuid": SOURCE_UUID, "state": "running", "active": True}
+    seen = facts | {"persistent": True, "memory_mib": 64, "vcpus": 1}
+    rt.ledger.remember_facts(job_id, SourceFacts.model_validate(seen))
     walk = [JobState.PREFLIGHT, JobState.PREPARED, JobState.MIGRATING]
     if state is JobState.SUCCEEDED:
         walk.append(JobState.FINISHING)
