@@ -36,7 +36,8 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
         )
     uuid = _guest_uuid(rt, job)
     dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
-    coming = _coming_in(dom)
+    incoming = rt.ledger.incoming_job(uuid) if uuid else None
+    coming = _coming_in(dom) if incoming == job.id else None  # another job's: kept below
     if coming is not None:  # "failed" is the record's word; libvirt's here is the last one
         raise PhaseFailed(
             f"{job.spec.arrives_as} on {rt.host} is {coming}: libvirt shows its migration "
@@ -44,7 +45,6 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
         )
     rt.store.release(job.spec.dst, job.id)
     rt.ledger.release_booking(job.id)
-    incoming = rt.ledger.incoming_job(uuid) if uuid else None
     if dom is not None and dom.isActive():
         paused = is_paused(dom)
         if paused and incoming != job.id:
