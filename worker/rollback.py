@@ -62,12 +62,12 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
     if uuid:
         rt.ledger.drop_incoming(uuid, job.id)
     arrived = dom is not None and bool(dom.isActive())
-    if rt.ledger.images(job.id):
+    made = rt.ledger.images(job.id)
+    if made:
         kept_why = _keep_images(rt, job, uuid, arrived)
         if kept_why is not None:  # no longer this job's to remove, by any later rollback
-            kept = rt.ledger.images(job.id)
             rt.ledger.forget_images(job.id)
-            log.warning("rollback.kept_images", paths=kept, reason=kept_why)
+            log.warning("rollback.kept_images", paths=made, reason=kept_why)
         else:
             # Only what this worker recorded making for this job (worker/ledger.py), and of
             # that, nothing a domain here names (libvirt's word, not the record's).
