@@ -15,6 +15,7 @@ from typing import Any, Literal
 #   postcopy    the guest runs on the destination; the rest is pulled from the source
 #   completing  the switch-over: the guest paused by the migration, or the job just ended
 Stage = Literal["setup", "transfer", "postcopy", "completing"]
+STAGE_ORDER: tuple[Stage, ...] = ("setup", "transfer", "postcopy", "completing")
 
 DEFAULT_PAGE_SIZE = 4096  # bytes; what libvirt reports on x86 when it reports nothing
 

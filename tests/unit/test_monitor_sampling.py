@@ -150,6 +150,30 @@ def test_a_late_answer_keeps_the_stage_until_libvirt_shows_the_switch_over() -> 
         runner.join()
 
 
+def test_figures_answered_after_the_switch_over_was_seen_keep_the_stage_forward() -> None:
+    """CI saw `completing` then `transfer`: the sample asked before the pause (or the figures
+    of the last pages sent while the guest is paused) answered after the switch-over was
+    reported. Stages only move forward."""
+    dom, finished = SlowDomain(), threading.Event()
+    stages: list[str] = []
+    m = reporting(dom, stages, interval=0.02)
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    try:
+        wait_for(lambda: len(stages) >= 2, 5, "reports while libvirt is late")
+        dom.paused_by_migration = True
+        wait_for(lambda: stages[-1] == "completing", 5, "a report of the switch-over")
+        seen = len(stages)
+        dom.answer.set()  # libvirt answers with figures again
+        wait_for(lambda: dom.calls >= 3 and len(stages) >= seen + 5, 5, "answered reports")
+    finally:
+        finished.set()
+        dom.answer.set()
+        runner.join()
+    first = stages.index("completing")
+    assert set(stages[first:]) == {"completing"}, stages
+
+
 class RefusingDomain(ScriptedDomain):
     """jobStats as a busy libvirtd answers a re-attached watch: figures, then `refusals`
     job-lock timeouts, then figures again, then no job (the migration ended)."""
