@@ -50,6 +50,20 @@ class EventStreams:
             added, _ = p.execute()
         return str(added)
 
+    def append_events(self, items: list[tuple[str, Event]]) -> list[Exception | None]:
+        """Append each (job id, event) in one transaction; per event, what Redis refused of
+        its writes (None: written). A refused append leaves the others written."""
+        bounds = []
+        with self.r.pipeline(transaction=True) as p:
+            for job_id, event in items:
+                start = len(p)
+                self.queue_event(p, job_id, event)
+                bounds.append((start, len(p)))
+            replies = p.execute(raise_on_error=False)
+        return [
+            next((r for r in replies[a:b] if isinstance(r, Exception)), None) for a, b in bounds
+        ]
+
     def queue_event(self, pipe: Pipeline, job_id: str, event: Event) -> None:
         """Stack the append (and its adoption of the record's time to live) on `pipe`."""
         key = events_key(job_id)

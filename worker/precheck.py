@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from config.events import get_logger
+from config.events import batched, get_logger
 from jobs.model import Job
 from jobs.phases import Side
 from jobs.record import CheckVerdict
@@ -54,11 +54,12 @@ def enforce(
     destination then passes the source's verdicts as `earlier` and fails on either's.
     """
     found = verdicts(rt.host, checks)
-    for v in found:
-        if v.passed:
-            log.info("precheck.passed", check=v.check)
-        else:
-            log.warning("precheck.refused", check=v.check, reason=v.reason)
+    with batched():  # one round trip for all the verdicts
+        for v in found:
+            if v.passed:
+                log.info("precheck.passed", check=v.check)
+            else:
+                log.warning("precheck.refused", check=v.check, reason=v.reason)
     rt.store.update(
         job.id, result={f"{side.value}_checks": [v.model_dump(mode="json") for v in found]}
     )
