@@ -11,7 +11,8 @@ one thing it does:
     failure   what stopped it, judged in order (worker/phase_failure.py): handed over,
               skipped, libvirtd unreachable (retried; out of tries, failed before the
               migration and left to recovery from perform on), failed, Redis gone, unexpected
-    job end   the state the phase returned is entered last; an end tells the listeners
+    job end   the state the phase returned is entered last (its event and the phase's end
+              in one round trip); an end tells the listeners
 
 A step that drops the message raises `Dropped` (worker/phase_errors.py), never Celery's
 `Ignore`; worker/tasks.py translates at the edge.
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 import structlog
 
 from config.celery import app
-from config.events import get_logger
+from config.events import batched, get_logger
 from jobs.model import Job, PhaseRecord
 from jobs.phases import Phase, owner_of
 from jobs.states import TERMINAL, JobState
@@ -150,8 +151,11 @@ def _run(run: PhaseRun, job: Job) -> None:
         then = run.fn(run.rt, job)
     except Exception as exc:
         failure_step(exc)(run, job, exc)
-    _record_end(run, job, started, record)
-    _end_job(run, job, then)
+    with batched():  # `phase.finished` and the state the phase returned: one round trip
+        _record_end(run, job, started, record)
+        _enter(run, job, then)
+    if then in TERMINAL:
+        job_ended(run.rt, job)  # the listeners' own events are not held back by the batch
 
 
 def _record_start(run: PhaseRun, job: Job) -> tuple[float, PhaseRecord | None]:
@@ -176,9 +180,7 @@ def _record_end(run: PhaseRun, job: Job, started: float, record: PhaseRecord | N
     log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
 
 
-def _end_job(run: PhaseRun, job: Job, then: JobState | None) -> None:
+def _enter(run: PhaseRun, job: Job, then: JobState | None) -> None:
     """Entering the phase's state last keeps the job's terminal event last in its stream."""
     if then is not None:
         advance(run.rt, job, then)
-        if then in TERMINAL:
-            job_ended(run.rt, job)
