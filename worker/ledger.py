@@ -182,6 +182,14 @@ class Ledger:
             row = self._db.execute("SELECT job_id FROM incoming WHERE uuid = ?", (uuid,)).fetchone()
         return None if row is None else str(row[0])
 
+    def incoming_uuid(self, job_id: str) -> str | None:
+        """The uuid this host recorded `job_id` as bringing in, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT uuid FROM incoming WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def drop_incoming(self, uuid: str, job_id: str) -> None:
         """Forget `uuid` as incoming, if `job_id` is the job recorded for it (and only then)."""
         with self._lock:

@@ -18,13 +18,11 @@ from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import Side
 from jobs.record import DiskFacts, DomainFacts, Handoff, SourceFacts
-from jobs.reservation_read import reserved_by_host
 from jobs.spec import MigrationSpec
-from jobs.states import TERMINAL, JobState
-from jobs.store import JobNotFound
+from jobs.states import JobState
 from worker.compression_support import compression_params, unsupported
+from worker.destination_room import ended_in_redis, memory_refusal
 from worker.domain_xml_check import checked_xml
-from worker.host_memory import placement_room_mib
 from worker.job_end import advance
 from worker.libvirt_host import facts
 from worker.migration_call import UnsafeTarget, handoff_for
@@ -36,21 +34,6 @@ from worker.runtime import Runtime
 from worker.storage import StorageError, create_targets, local_disks
 
 log = get_logger()
-
-
-def _memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
-    """Refused when this host cannot give `need` MiB: libvirt's free memory less the other
-    live jobs' bookings here (Redis's, or this host's own ledger's when those are more),
-    capped by the declared limit; bookings that cannot be read leave none, and the refusal
-    says why (jobs/reservation_read.py)."""
-    found = reserved_by_host(rt.store.r, [rt.host], excluding=job.id)[rt.host]
-    held = rt.ledger.booked_mib(job.id, lambda other: _ended(rt, other))
-    reserved = max(found, held) if isinstance(found, int) else None
-    free = placement_room_mib(rt.libvirt.conn, reserved, rt.registry_entry.limits.memory_mib)
-    if free >= need:
-        return None
-    why = f" ({found})" if isinstance(found, str) else ""
-    return f"{job.spec.dst} has {free} MiB free{why}, {job.spec.domain} needs {need} MiB"
 
 
 def _dest_config_present(rt: Runtime, spec: MigrationSpec, uuid: str) -> bool:
@@ -137,7 +120,7 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         job.id, SourceFacts(**source.facts.model_dump(), dest_config_present=config_present)
     )
     if not spec.offline:
-        refusal = _memory_refusal(rt, job, need)
+        refusal = memory_refusal(rt, job, need)
         if refusal is not None:
             raise PhaseFailed(refusal)
         rt.ledger.book(job.id, need)
@@ -181,7 +164,7 @@ def _checks(rt: Runtime, job: Job, source: SourceView) -> list[Check]:
     checks.append(("definition", lambda: _definition_refusal(rt, spec, source.facts)))
     if not spec.offline:
         need = source.facts.memory_mib
-        checks.append(("memory", lambda: _memory_refusal(rt, job, need)))
+        checks.append(("memory", lambda: memory_refusal(rt, job, need)))
     return checks
 
 
@@ -209,13 +192,6 @@ def _definition(rt: Runtime, spec: MigrationSpec, found: DomainFacts) -> tuple[s
     return None, config_present
 
 
-def _ended(rt: Runtime, holder: str) -> bool:
-    try:
-        return rt.store.state(holder) in TERMINAL
-    except JobNotFound:
-        return True
-
-
 def _incoming_clash(job: Job, uuid: str, holder: str) -> str:
     return (
         f"{job.spec.dst} is already bringing {job.spec.domain} ({uuid}) in for job "
@@ -227,7 +203,7 @@ def _incoming_refusal(rt: Runtime, job: Job, uuid: str) -> str | None:
     """The check `_take_incoming` makes again when it takes: another live job brings the guest
     in (first, so the reason names that job whatever else the second one's checks say)."""
     holder = rt.ledger.incoming_job(uuid)
-    if holder is None or holder == job.id or _ended(rt, holder):
+    if holder is None or holder == job.id or ended_in_redis(rt, holder):
         return None
     return _incoming_clash(job, uuid, holder)
 
@@ -236,7 +212,7 @@ def _take_incoming(rt: Runtime, job: Job, uuid: str) -> None:
     """Record on this host (worker/ledger.py) that this job brings `uuid` in; refuse if another
     live job already is. Redis leases say the same thing, but they can run out under a live
     migration; the host's own record is what a rollback trusts before it destroys anything."""
-    holder = rt.ledger.take_incoming(uuid, job.id, lambda h: _ended(rt, h))
+    holder = rt.ledger.take_incoming(uuid, job.id, lambda h: ended_in_redis(rt, h))
     if holder is not None:
         raise PhaseFailed(_incoming_clash(job, uuid, holder))
 

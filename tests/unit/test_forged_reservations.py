@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from jobs.evacuation import EvacuationSpec
 from jobs.host_facts import HostCpu, publish_facts
+from jobs.keys import job_key
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore, reservations_key
@@ -25,8 +26,8 @@ from tests.unit import test_libvirt_seam as seam
 from tests.unit.test_facts_placement import facts_for
 from tests.unit.test_hostile_fleet_keys_reservations import Memory
 from worker import keeper
+from worker.destination_room import memory_refusal
 from worker.fleet_view import gather
-from worker.phase_destination import _memory_refusal
 
 env = seam.env
 hv = seam.hv
@@ -84,7 +85,7 @@ def test_the_destination_still_takes_a_guest(env: Path, store: JobStore, tmp_pat
     rt = seam.runtime(store, "kvm2", tmp_path)
     rt.libvirt = cast(Any, SimpleNamespace(conn=Memory(8192)))
     # "kvm2 has 0 MiB free, web01 needs 64 MiB" before: every migration to kvm2 refused
-    assert _memory_refusal(rt, store.get(job_id), 64) is None
+    assert memory_refusal(rt, store.get(job_id), 64) is None
 
 
 def test_the_host_report_and_the_planner_see_the_room(
@@ -115,7 +116,7 @@ def test_a_refusal_for_unreadable_reservations_says_why(
     store.r.set(KVM2, "0")
     rt = seam.runtime(store, "kvm2", tmp_path)
     rt.libvirt = cast(Any, SimpleNamespace(conn=Memory(8192)))
-    refusal = _memory_refusal(rt, store.get(job_id), 64) or ""
+    refusal = memory_refusal(rt, store.get(job_id), 64) or ""
     assert refusal.startswith("kvm2 has 0 MiB free (drover:host:kvm2:reservations is a string")
     assert refusal.endswith("counts as no room), web01 needs 64 MiB") and "\n" not in refusal
 
@@ -133,14 +134,47 @@ def test_a_live_booking_deleted_from_redis_still_holds_the_room(
     store.transition(second, JobState.PREFLIGHT, host="test")  # in its checks: no booking yet
     rt.libvirt = cast(Any, SimpleNamespace(conn=Memory(8192)))
     expected = "kvm2 has 2192 MiB free, web02 needs 4096 MiB"
-    assert _memory_refusal(rt, store.get(second), 4096) == expected
+    assert memory_refusal(rt, store.get(second), 4096) == expected
     store.r.hdel(KVM2, first)  # the forger's move: 8192 MiB free before
-    assert _memory_refusal(rt, store.get(second), 4096) == expected
+    assert memory_refusal(rt, store.get(second), 4096) == expected
     store.r.hset(KVM2, first, "1")  # lowered rather than deleted: the same
-    assert _memory_refusal(rt, store.get(second), 4096) == expected
-    assert _memory_refusal(rt, store.get(first), 6000) is None  # its own booking not counted
+    assert memory_refusal(rt, store.get(second), 4096) == expected
+    assert memory_refusal(rt, store.get(first), 6000) is None  # its own booking not counted
     store.transition(first, JobState.FAILED, host="test", reason="test")
-    assert _memory_refusal(rt, store.get(second), 4096) is None  # ended: holds nothing
+    assert memory_refusal(rt, store.get(second), 4096) is None  # ended: holds nothing
     assert rt.ledger.jobs_with_leftovers() == [first]  # for the keeper's rollback to release
     rt.ledger.release_booking(first)
     assert rt.ledger.jobs_with_leftovers() == []
+
+
+class Incoming:
+    """A domain as libvirt shows it: active or not."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def isActive(self) -> bool:
+        return self.active
+
+
+def test_a_live_job_written_ended_keeps_its_booking_while_libvirt_runs_its_guest_here(
+    env: Path, store: JobStore, tmp_path: Path
+) -> None:
+    """`HSET drover:job:J state failed` mid-migration must not free the room its guest takes:
+    the booking holds while this host's libvirtd runs the guest the job was bringing in."""
+    rt = seam.runtime(store, "kvm2", tmp_path)
+    first = booked(store, "web01", mib=6000)
+    rt.ledger.book(first, 6000)
+    assert rt.ledger.take_incoming("u-web01", first, lambda _: False) is None
+    second = store.create(MigrationSpec(domain="web02", src="kvm1", dst="kvm2"), host="test")
+    store.transition(second, JobState.PREFLIGHT, host="test")
+    shown: dict[str, Incoming] = {"u-web01": Incoming(active=True)}
+    rt.libvirt = cast(Any, SimpleNamespace(conn=Memory(8192), by_uuid=shown.get))
+    store.r.hset(job_key(first), "state", "failed")  # the forger's move
+    store.r.hdel(KVM2, first)
+    expected = "kvm2 has 2192 MiB free, web02 needs 4096 MiB"
+    assert memory_refusal(rt, store.get(second), 4096) == expected
+    shown["u-web01"].active = False  # the incoming copy went (a rollback, a failed migration)
+    assert memory_refusal(rt, store.get(second), 4096) is None
+    shown.clear()  # or was never there
+    assert memory_refusal(rt, store.get(second), 4096) is None

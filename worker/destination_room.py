@@ -1,0 +1,52 @@
+"""Whether the destination has room for the guest coming in: libvirt's free memory, less what
+the other live jobs booked here, capped by the host's declared limit.
+
+Bookings are kept in Redis, for the planners of every host, and in this host's ledger, which
+no Redis write changes. Whether another job is still live is first Redis's word; a booking
+of a job Redis calls ended still holds while this host's libvirtd runs the guest it was
+bringing in (a record written `failed` mid-migration must not free the room its guest uses).
+"""
+
+from __future__ import annotations
+
+from jobs.model import Job
+from jobs.reservation_read import reserved_by_host
+from jobs.states import TERMINAL
+from jobs.store import JobNotFound
+from worker.host_memory import placement_room_mib
+from worker.runtime import Runtime
+
+
+def memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
+    """Refused when this host cannot give `need` MiB: libvirt's free memory less the other
+    live jobs' bookings here (Redis's, or this host's own ledger's when those are more),
+    capped by the declared limit; bookings that cannot be read leave none, and the refusal
+    says why (jobs/reservation_read.py)."""
+    found = reserved_by_host(rt.store.r, [rt.host], excluding=job.id)[rt.host]
+    held = rt.ledger.booked_mib(job.id, lambda other: booking_over(rt, other))
+    reserved = max(found, held) if isinstance(found, int) else None
+    free = placement_room_mib(rt.libvirt.conn, reserved, rt.registry_entry.limits.memory_mib)
+    if free >= need:
+        return None
+    why = f" ({found})" if isinstance(found, str) else ""
+    return f"{job.spec.dst} has {free} MiB free{why}, {job.spec.domain} needs {need} MiB"
+
+
+def ended_in_redis(rt: Runtime, job_id: str) -> bool:
+    """Whether the job's record says it ended (or no record is left)."""
+    try:
+        return rt.store.state(job_id) in TERMINAL
+    except JobNotFound:
+        return True
+
+
+def booking_over(rt: Runtime, job_id: str) -> bool:
+    """Whether another job's ledger booking here holds nothing any more: its record says it
+    ended, and this host's libvirtd does not run the guest it was bringing in."""
+    if not ended_in_redis(rt, job_id):
+        return False
+    uuid = rt.ledger.incoming_uuid(job_id)
+    if uuid is None:
+        return True
+    dom = rt.libvirt.by_uuid(uuid)
+    return dom is None or not dom.isActive()
