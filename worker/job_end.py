@@ -179,9 +179,9 @@ def verified(rt: Runtime, job: Job) -> bool:
     return True
 
 
-# (job, gate) refusals recovery said already in this process: said once, not every sweep.
+# (job, gate, event) said already in this process: said once, not at every sweep.
 # Bounded: job ids are anyone's to write with the Redis password.
-_NOTED_SLOTLESS: set[tuple[str, str]] = set()
+_NOTED_SLOTLESS: set[tuple[str, str, str]] = set()
 _NOTED_SLOTLESS_MAX = 4096
 
 
@@ -194,8 +194,10 @@ def holds_slots(rt: Runtime, job: Job, *, resend: bool = False) -> bool:
     that ends the job, or when pruned as a slot of an ended or vanished job; a lowered limit
     changes no membership; AOF keeps the sets through a restart. So a job found without one
     was never admitted (or its slot was removed by hand): refused, with the gate named
-    (`message.rejected`; recovery sends nothing and says so once). A dry run takes no slot;
-    a job that ended meanwhile gave its slots back with its end and is skipped.
+    (`message.rejected`; recovery sends nothing and says so once), unless one of its phases
+    already ran on this host, as this host's ledger says (`job.slots_lost`, and it goes on).
+    A dry run takes no slot; a job that ended meanwhile gave its slots back with its end and
+    is skipped.
     """
     if job.spec.dry_run:
         return True
@@ -207,12 +209,26 @@ def holds_slots(rt: Runtime, job: Job, *, resend: bool = False) -> bool:
             log.info("phase.skipped", reason=f"job already {slots.state}")
         return False
     gate = ", ".join(slots.missing)
+    if rt.ledger.ran_here(job.id):
+        # Admitted when its earlier phase ran here: its slot went since (removed by hand, or
+        # pruned while its record was written ended). Refusing now would leave the job for
+        # ever in a state libvirt may contradict (its guest moved, finish refused).
+        if _first_time(job.id, gate, "slots_lost"):
+            log.warning("job.slots_lost", reason=f"its slot in {gate} went while it ran here")
+        return True
     reason = f"job holds no slot in {gate}: admission never started it"
     if not resend:
         log.warning("message.rejected", reason=reason)
-    elif (job.id, gate) not in _NOTED_SLOTLESS:
-        if len(_NOTED_SLOTLESS) >= _NOTED_SLOTLESS_MAX:
-            _NOTED_SLOTLESS.clear()
-        _NOTED_SLOTLESS.add((job.id, gate))
+    elif _first_time(job.id, gate, "rejected"):
         log.warning("message.rejected", reason=f"{reason}; its phase is not sent again")
     return False
+
+
+def _first_time(job_id: str, gate: str, what: str) -> bool:
+    """True the first time `what` is to be said of (job, gate) in this process."""
+    if (job_id, gate, what) in _NOTED_SLOTLESS:
+        return False
+    if len(_NOTED_SLOTLESS) >= _NOTED_SLOTLESS_MAX:
+        _NOTED_SLOTLESS.clear()
+    _NOTED_SLOTLESS.add((job_id, gate, what))
+    return True

@@ -154,6 +154,15 @@ class Ledger:
                 "INSERT OR IGNORE INTO phase_marks VALUES (?, ?, ?)", (job_id, phase, mark)
             )
 
+    def ran_here(self, job_id: str) -> bool:
+        """Whether a phase of `job_id` started here: it was admitted when it did."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM phase_marks WHERE job_id = ? AND mark = ? LIMIT 1",
+                (job_id, PhaseMark.STARTED),
+            ).fetchone()
+        return row is not None
+
     def marked(self, job_id: str, phase: str, mark: PhaseMark) -> bool:
         with self._lock:
             row = self._db.execute(

@@ -195,3 +195,42 @@ def test_only_what_admission_never_started_is_refused(
         "job holds no slot in evacuation ev0000000001: admission never started it"
     ]
     assert store.r.smembers(evacuation_gate("ev0000000001")) == {first}
+
+
+def run_phase(rt: Runtime, job_id: str, phase: Phase) -> Ran:
+    ran: Ran = []
+
+    def body(_rt: Runtime, job: Job) -> JobState | None:
+        ran.append(job.id)
+        return None
+
+    with contextlib.suppress(Dropped):
+        execute_phase(rt, job_id, phase, body)
+    return ran
+
+
+def test_a_job_whose_slots_were_pruned_under_a_forged_end_goes_on_where_it_already_ran(
+    rt: Runtime, store: JobStore
+) -> None:
+    """The probe: `HSET drover:job:J state succeeded` for two seconds while J migrated, and any
+    admission in that time pruned J's slots; J's finish was then refused for ever ("admission
+    never started it"), the job left `migrating` while libvirt showed the guest moved. A
+    phase of a job that already ran a phase on this host (its ledger says so) goes on."""
+    job_id = submit(store, "web01")
+    assert admit(rt) == [job_id]
+    assert run_preflight(rt, job_id) == [job_id]  # kvm1's ledger: it ran here
+    store.r.hset(job_key(job_id), "state", "succeeded")  # the forger's two seconds
+    other = submit(store, "web02")
+    admit(rt)  # prunes the slots of a job whose record says it ended
+    store.r.hset(job_key(job_id), "state", "migrating")  # and back
+    assert job_id not in store.r.smembers(inbound_gate("kvm2"))
+    with capture_logs() as logs:
+        assert run_phase(rt, job_id, Phase.PERFORM) == [job_id]
+    assert [e["event"] for e in logs if e["event"] in ("job.slots_lost", "message.rejected")] == [
+        "job.slots_lost"
+    ]
+    # A job that never ran here, without its slots, is still refused.
+    store.r.srem(inbound_gate("kvm2"), other)
+    with capture_logs() as logs:
+        assert run_preflight(rt, other) == []
+    assert rejections(logs) and "admission never started it" in rejections(logs)[0]
