@@ -2,9 +2,8 @@
 the other live jobs booked here, capped by the host's declared limit.
 
 Bookings are kept in Redis, for the planners of every host, and in this host's ledger, which
-no Redis write changes. Whether another job is still live is first Redis's word; a booking
-of a job Redis calls ended still holds while this host's libvirtd runs the guest it was
-bringing in (a record written `failed` mid-migration must not free the room its guest uses).
+no Redis write changes. A ledger booking holds until this host's finish or rollback releases
+it, whatever the job's record says (`booking_over`).
 """
 
 from __future__ import annotations
@@ -41,9 +40,16 @@ def ended_in_redis(rt: Runtime, job_id: str) -> bool:
 
 
 def booking_over(rt: Runtime, job_id: str) -> bool:
-    """Whether another job's ledger booking here holds nothing any more: its record says it
-    ended, and this host's libvirtd does not run the guest it was bringing in."""
-    if not ended_in_redis(rt, job_id):
+    """Whether another job's ledger booking here holds nothing any more. While the job has a
+    record, whatever its state, the booking holds until this host's finish or rollback
+    releases it: a record written ended must not free the room its guest is about to take
+    (the source's perform migrates here on its own). Once no record is left, it holds while
+    this host's libvirtd runs the guest the job was bringing in."""
+    try:
+        rt.store.state(job_id)
+    except JobNotFound:  # gone (or unreadable, written so by hand)
+        pass
+    else:
         return False
     uuid = rt.ledger.incoming_uuid(job_id)
     if uuid is None:

@@ -126,7 +126,7 @@ def test_a_live_booking_deleted_from_redis_still_holds_the_room(
 ) -> None:
     """The destination books in its own ledger too (worker/ledger.py): deleting (or lowering)
     a live job's booking in Redis, by hand, no longer lets a second guest in on memory the
-    first is still taking. An ended job's ledger booking holds nothing, as in Redis."""
+    first is still taking. An ended job's ledger booking holds until this host releases it."""
     rt = seam.runtime(store, "kvm2", tmp_path)
     first = booked(store, "web01", mib=6000)
     rt.ledger.book(first, 6000)  # as destination_prepare books, before Redis
@@ -141,9 +141,11 @@ def test_a_live_booking_deleted_from_redis_still_holds_the_room(
     assert memory_refusal(rt, store.get(second), 4096) == expected
     assert memory_refusal(rt, store.get(first), 6000) is None  # its own booking not counted
     store.transition(first, JobState.FAILED, host="test", reason="test")
-    assert memory_refusal(rt, store.get(second), 4096) is None  # ended: holds nothing
+    # Ended: held until this host's rollback releases it (the record's word is not enough).
+    assert memory_refusal(rt, store.get(second), 4096) == expected
     assert rt.ledger.jobs_with_leftovers() == [first]  # for the keeper's rollback to release
-    rt.ledger.release_booking(first)
+    rt.ledger.release_booking(first)  # as the rollback does
+    assert memory_refusal(rt, store.get(second), 4096) is None
     assert rt.ledger.jobs_with_leftovers() == []
 
 
@@ -157,24 +159,27 @@ class Incoming:
         return self.active
 
 
-def test_a_live_job_written_ended_keeps_its_booking_while_libvirt_runs_its_guest_here(
+def test_a_live_job_written_ended_keeps_its_booking_until_this_host_releases_it(
     env: Path, store: JobStore, tmp_path: Path
 ) -> None:
-    """`HSET drover:job:J state failed` mid-migration must not free the room its guest takes:
-    the booking holds while this host's libvirtd runs the guest the job was bringing in."""
+    """The probe: `HSET drover:job:J state succeeded` (and the Redis booking deleted) while J
+    was about to migrate let a second guest onto a full host. A booking holds whatever the
+    record says; once no record is left, while libvirt runs the guest it was for here."""
     rt = seam.runtime(store, "kvm2", tmp_path)
     first = booked(store, "web01", mib=6000)
     rt.ledger.book(first, 6000)
     assert rt.ledger.take_incoming("u-web01", first, lambda _: False) is None
     second = store.create(MigrationSpec(domain="web02", src="kvm1", dst="kvm2"), host="test")
     store.transition(second, JobState.PREFLIGHT, host="test")
-    shown: dict[str, Incoming] = {"u-web01": Incoming(active=True)}
+    shown: dict[str, Incoming] = {}  # the source has not started the migration yet
     rt.libvirt = cast(Any, SimpleNamespace(conn=Memory(8192), by_uuid=shown.get))
-    store.r.hset(job_key(first), "state", "failed")  # the forger's move
     store.r.hdel(KVM2, first)
     expected = "kvm2 has 2192 MiB free, web02 needs 4096 MiB"
+    for forged in ("succeeded", "failed", "cancelled"):
+        store.r.hset(job_key(first), "state", forged)
+        assert memory_refusal(rt, store.get(second), 4096) == expected, forged
+    store.r.delete(job_key(first))  # no record left: libvirt decides
+    shown["u-web01"] = Incoming(active=True)
     assert memory_refusal(rt, store.get(second), 4096) == expected
-    shown["u-web01"].active = False  # the incoming copy went (a rollback, a failed migration)
-    assert memory_refusal(rt, store.get(second), 4096) is None
-    shown.clear()  # or was never there
+    shown["u-web01"].active = False
     assert memory_refusal(rt, store.get(second), 4096) is None
