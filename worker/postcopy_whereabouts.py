@@ -60,9 +60,11 @@ class Whereabouts:
         and a resume is made on the source."""
         if not self.reachable or self.landed:
             return None
-        if self.destination is None:
+        if self.destination is None or not self.destination.active:
+            # A copy destroyed (its QEMU killed) leaves a persistent definition shut off.
+            shown = "has no" if self.destination is None else "shows a shut-off"
             return (
-                f"{self.dst}'s copy is gone ({self.dst}'s libvirtd has no {self.domain}): the "
+                f"{self.dst}'s copy is gone ({self.dst}'s libvirtd {shown} {self.domain}): the "
                 "guest's newest memory went with it"
             )
         if self.source is None or not self.source.in_postcopy:

@@ -74,6 +74,13 @@ def test_a_post_copy_with_a_half_gone_is_beyond_resume() -> None:
     )
     booted = StateReason(libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
     assert where(booted, None).beyond_resume() == gone  # restarted by hand on the source
+    # Its QEMU killed, a persistent definition left shut off (fault probe: the job retried a
+    # resume that could never work, for an hour).
+    shut_off = StateReason(libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
+    assert where(PAUSED_FAILED, shut_off).beyond_resume() == (
+        "kvm2's copy is gone (kvm2's libvirtd shows a shut-off web01): the guest's newest "
+        "memory went with it"
+    )
     source_gone = "kvm1's copy no longer takes part in the post-copy"
     assert str(where(None, HUNG).beyond_resume()).startswith(source_gone)
     assert str(where(LEFT, HUNG).beyond_resume()).startswith(source_gone)
