@@ -37,7 +37,7 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
     uuid = _guest_uuid(rt, job)
     dom = job_domain(rt, job, job.spec.arrives_as) if uuid else None
     incoming = rt.ledger.incoming_job(uuid) if uuid else None
-    coming = _coming_in(dom) if incoming == job.id else None  # another job's: kept below
+    coming = _coming_in(rt, job, dom) if incoming == job.id else None  # another's: kept below
     if coming is not None:  # "failed" is the record's word; libvirt's here is the last one
         raise PhaseFailed(
             f"{job.spec.arrives_as} on {rt.host} is {coming}: libvirt shows its migration "
@@ -59,6 +59,8 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
             # This job's incoming copy that never started while the source still runs it.
             dom.destroy()
             log.warning("rollback.removed_incoming", uuid=uuid)
+        elif (shown := state_reason(dom)).postcopy_failed:
+            _say_kept_postcopy(rt, job, shown.describe())
     if uuid:
         rt.ledger.drop_incoming(uuid, job.id)
     arrived = dom is not None and bool(dom.isActive())
@@ -140,13 +142,18 @@ def _active_on_source(rt: Runtime, job: Job, uuid: str) -> bool:
     return there is not None and there.active
 
 
-def _coming_in(dom: Domain | None) -> str | None:
+def _coming_in(rt: Runtime, job: Job, dom: Domain | None) -> str | None:
     """How libvirt shows the job's guest still arriving here (None: it does not): in a
-    post-copy, or paused by an incoming migration libvirt still runs (its job active)."""
+    post-copy that may still end (running, or failed while the source's copy takes part: a
+    resume can land it), or paused by an incoming migration libvirt still runs (its job
+    active). A failed post-copy the source no longer takes part in is lost, not arriving:
+    its copy is kept below, as the guest's newest memory, unless the source runs the guest."""
     if dom is None or not dom.isActive():
         return None
     found = state_reason(dom)
     if found.in_postcopy:
+        if found.postcopy_failed and not _source_in_postcopy(rt, job):
+            return None
         return found.describe()
     incoming = (found.state, found.reason) == (
         libvirt.VIR_DOMAIN_PAUSED,
@@ -155,6 +162,21 @@ def _coming_in(dom: Domain | None) -> str | None:
     if incoming and _incoming_job(dom):
         return f"{found.describe()}, its incoming migration job active"
     return None
+
+
+def _source_in_postcopy(rt: Runtime, job: Job) -> bool:
+    """Whether the source's libvirtd shows the guest in a post-copy (LibvirtUnavailable when
+    it does not answer: the rollback is tried again)."""
+    with rt.libvirt.peer_domain(rt.settings.host(job.spec.src).peer_uri, job.spec.domain) as dom:
+        return dom is not None and state_reason(dom).in_postcopy
+
+
+def _say_kept_postcopy(rt: Runtime, job: Job, shown: str) -> None:
+    log.warning(
+        "rollback.kept_incoming",
+        reason=f"{job.spec.arrives_as} on {rt.host} is {shown} and {job.spec.src}'s copy no "
+        "longer takes part: it holds the guest's newest memory, kept for the operator",
+    )
 
 
 def _incoming_job(dom: Domain) -> bool:

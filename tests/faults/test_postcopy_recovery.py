@@ -278,13 +278,23 @@ def test_past_the_deadline_the_job_says_where_the_guest_is_and_keeps_its_holds(
     assert JobState.POSTCOPY_PAUSED in states, states
 
 
+@pytest.mark.parametrize("defined_on_lab2", [False, True], ids=["transient", "defined"])
 def test_a_destination_copy_destroyed_in_postcopy_fails_the_job_with_what_libvirt_shows(
-    lab: Lab,
+    lab: Lab, defined_on_lab2: bool
 ) -> None:
     """lab2's copy, the guest's newest memory, is destroyed in post-copy (as a crash or an OOM
     kill would): no resume can land it. The job used to retry for an hour, then wait for ever,
     holding its lease, slots and lab2's reservation, its reason never updated. Now it fails
-    with what libvirt shows, releases its holds, and resumes nothing on stale memory."""
+    with what libvirt shows, releases its holds, and resumes nothing on stale memory. Also
+    when lab2 keeps a persistent definition of the guest, left shut off (fault probe)."""
+    if defined_on_lab2:  # lab2 keeps a persistent definition, as the config table allows
+        src, dst = libvirt.open(lab.uri("lab1")), libvirt.open(lab.uri("lab2"))
+        try:
+            flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_MIGRATABLE
+            dst.defineXML(src.lookupByName(DOMAIN).XMLDesc(flags))
+        finally:
+            src.close()
+            dst.close()
     job_id = start_in_postcopy(lab)
     conn = libvirt.open(lab.uri("lab2"))
     try:
@@ -297,18 +307,26 @@ def test_a_destination_copy_destroyed_in_postcopy_fails_the_job_with_what_libvir
         assert job.state is JobState.FAILED, job.state
         assert job.reason is not None
         assert job.reason.startswith("post-copy cannot be resumed: lab2's copy is gone"), job.reason
-        assert "dirty-1 is paused (post-copy failed) on lab1, not defined on lab2" in job.reason
+        there = "shutoff" if defined_on_lab2 else "not defined"
+        assert f"dirty-1 is paused (post-copy failed) on lab1, {there}" in job.reason
         assert "postcopy.lost" in events_of(lab, job_id)
         # libvirt on both hosts: the source's copy left paused (never resumed), none on lab2.
         assert source_state(lab) == (
             libvirt.VIR_DOMAIN_PAUSED,
             libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED,
         )
-        assert not lab.view("lab2", DOMAIN).exists
+        assert lab.view("lab2", DOMAIN).exists == defined_on_lab2
+        assert not lab.view("lab2", DOMAIN).active
         store = lab.drover.store
         wait_for(lambda: store.reserved_mib("lab2") == 0, RECOVERY_S, "lab2's booking to go")
         assert not store.r.sismember(ACTIVE_JOBS, job_id)
     finally:
+        if defined_on_lab2:
+            conn = libvirt.open(lab.uri("lab2"))
+            try:
+                conn.lookupByName(DOMAIN).undefine()
+            finally:
+                conn.close()
         # The operator's call: start the guest again from its disk on lab1.
         conn = libvirt.open(lab.uri("lab1"))
         try:
@@ -316,5 +334,48 @@ def test_a_destination_copy_destroyed_in_postcopy_fails_the_job_with_what_libvir
             if dom.isActive():
                 dom.destroy()
             dom.create()
+        finally:
+            conn.close()
+
+
+def test_a_source_copy_destroyed_in_postcopy_fails_the_job_and_lab2_keeps_the_newest_memory(
+    lab: Lab,
+) -> None:
+    """lab1's copy (the pages not yet sent) is destroyed in post-copy: the job fails with
+    what libvirt shows. lab2's copy, the guest's newest memory, is kept for the operator,
+    and its rollback ends: it used to be refused ("still coming in") every few seconds for
+    as long as the copy was there (fault probe)."""
+    job_id = start_in_postcopy(lab)
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        conn.lookupByName(DOMAIN).destroy()
+    finally:
+        conn.close()
+    try:
+        wait_for(lambda: lab.drover.job(job_id).terminal, RECOVERY_S, "the job to end")
+        job = lab.drover.job(job_id)
+        assert job.state is JobState.FAILED, job.state
+        assert str(job.reason).startswith(
+            "post-copy cannot be resumed: lab1's copy no longer takes part"
+        ), job.reason
+        wait_for(lambda: "rollback.done" in events_of(lab, job_id), RECOVERY_S, "lab2's rollback")
+        seen = events_of(lab, job_id)
+        assert "rollback.kept_incoming" in seen and "rollback.refused" not in seen, seen
+        assert lab.view("lab2", DOMAIN).active  # kept, as libvirt shows it
+        assert not lab.view("lab1", DOMAIN).active
+    finally:
+        # The operator's call: drop lab2's copy, start the guest again from its disk on lab1.
+        conn = libvirt.open(lab.uri("lab2"))
+        try:
+            conn.lookupByName(DOMAIN).destroy()
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()
+        conn = libvirt.open(lab.uri("lab1"))
+        try:
+            dom = conn.lookupByName(DOMAIN)
+            if not dom.isActive():
+                dom.create()
         finally:
             conn.close()
