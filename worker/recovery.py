@@ -7,20 +7,21 @@ live job it finds the step the job is at, and:
   lost Redis mid-phase): recover it from libvirt's real state, then resume the chain;
 - a step of this host's that never started although it should have: send it again (phase
   claims drop the copy if the first message turns up after all);
-- a step of another host whose worker has no heartbeat: mark the job `stalled`, with why.
+- a step of another host whose worker has no heartbeat (for `stall_after`, on this process's
+  own consecutive looks too): mark the job `stalled`, with why; its owner puts it back.
 
 How a started step is settled is the phase registry's recovery rule (jobs/phases.py): re-run
 its checks, or, for perform, re-attach (worker/recovery_perform.py). Peer-to-peer migrations
 keep running inside libvirtd while their worker is gone: recovery re-attaches and waits.
 Managed-direct ones are aborted by libvirt when their client dies: recovery finds the guest
-still on the source, resumes it if it was left paused, and the destination's rollback
-removes the paused incoming copy.
+on the source, resumes it if left paused; the destination's rollback removes the copy there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -44,6 +45,7 @@ from worker.registry import BOUND
 from worker.runtime import Runtime
 
 log = get_logger()
+LOOK_GAP_TICKS = 2  # recovery looks further apart (in ticks) are not consecutive
 
 
 @dataclass(frozen=True)
@@ -119,12 +121,13 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
     if step_owner != rt.host:
         _watch_peer(rt, job, step, step_owner)
         return
-    if rt.marked(job.id, step.phase.value):
-        return
     if job.state is JobState.STALLED and job.stalled_from is not None:
+        # Also while the phase runs here: a peer judged this worker gone in a Redis outage.
         rt.store.transition(job.id, job.stalled_from, host=rt.host)
         log.info("job.state", state=job.stalled_from.value, reason="owner is back")
         job = rt.store.get(job.id)
+    if rt.marked(job.id, step.phase.value):
+        return
     if step.started:
         if ended_here(rt, job, step.phase):
             return
@@ -176,8 +179,12 @@ def _watch_peer(rt: Runtime, job: Job, step: Step, peer: str) -> None:
     work, or a live worker running this very step; otherwise say why the job waits, and
     mark it `stalled` once it has waited `stall_after`."""
     tunables = rt.settings.tunables
-    if job.state is JobState.STALLED or rt.store.alive(peer):
+    if job.state is JobState.STALLED:
         return
+    if rt.store.alive(peer):
+        rt.peers_unseen.pop(peer, None)
+        return
+    unseen_s = _unseen_for(rt, peer, tunables.watchdog_interval)
     if step.started and rt.store.runner(job.id, step.phase.value) is not None:
         return  # a draining worker still runs it, and keeps its mark alive
     draining = rt.store.draining(peer)
@@ -191,7 +198,9 @@ def _watch_peer(rt: Runtime, job: Job, step: Step, peer: str) -> None:
             f"{peer}'s worker has not been seen for {tunables.stall_after:.0f}s "
             f"while the job was {job.state.value} ({step.phase.value})"
         )
-    if _idle_s(step) <= tunables.stall_after:
+    # The record's time and this process's own looks: after a Redis outage every heartbeat
+    # ran out, and the live peer's is renewed within seconds.
+    if _idle_s(step) <= tunables.stall_after or unseen_s <= tunables.stall_after:
         if draining is not None and job.waiting_for != why:
             rt.store.set_waiting_for(job.id, why)
             log.info("job.waiting", reason=why)
@@ -199,6 +208,17 @@ def _watch_peer(rt: Runtime, job: Job, step: Step, peer: str) -> None:
     moved, _ = rt.store.transition(job.id, JobState.STALLED, host=rt.host, reason=why)
     if moved:
         log.warning("job.state", state=JobState.STALLED.value, reason=why)
+
+
+def _unseen_for(rt: Runtime, peer: str, tick: float) -> float:
+    """Seconds this process has seen `peer` without a live worker on consecutive looks (a gap
+    between looks, Redis away, starts again: every heartbeat ran out, the live peer's too)."""
+    now = time.monotonic()
+    first, last = rt.peers_unseen.get(peer, (now, now))
+    if now - last > LOOK_GAP_TICKS * tick:
+        first = now
+    rt.peers_unseen[peer] = (first, now)
+    return now - first
 
 
 def _resume_after(job: Job, phase: Phase) -> None:

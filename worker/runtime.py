@@ -47,6 +47,9 @@ class Runtime:
     # Evacuations waiting for a destination's libvirtd to answer (worker/evacuation_watch.py):
     # the monotonic time this process began to wait, never a time read from Redis.
     confirm_waits: dict[str, float] = field(default_factory=dict)
+    # Peers recovery found without a live worker: the monotonic times this process first and
+    # last saw each so, on consecutive looks (worker/recovery.py), never a time from Redis.
+    peers_unseen: dict[str, tuple[float, float]] = field(default_factory=dict)
     # The exporter (worker/metrics_exporter.py): its registry, fed by the event chain; the
     # host as the keeper's last report tick saw it; whether it listens, or why not.
     metrics: WorkerMetrics | None = None

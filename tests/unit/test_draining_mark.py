@@ -19,6 +19,7 @@ from jobs.states import JobState
 from jobs.store import JobStore
 from producer.api import Drover
 from producer.render import hosts_table, worker_cell
+from tests.support.lab_fixtures import wait_for
 from tests.unit.test_hostile_inputs import run_cli
 from worker import recovery
 from worker.runtime import Runtime
@@ -105,7 +106,14 @@ def test_a_peers_unreadable_mark_does_not_stop_the_recovery_sweep(
     store.r.set(draining_key("kvm2"), raw)
     rt = Runtime(host="kvm1", store=store, libvirt=cast(Any, None), ledger=cast(Any, None))
     with capture_logs() as logs:
-        recovery.sweep(rt)
+        recovery.sweep(rt)  # the first look: kvm2 not seen since now
+        assert store.get(job_id).state is not JobState.STALLED
+
+        def stalled() -> bool:  # a later look, past stall_after by this process's clock too
+            recovery.sweep(rt)
+            return store.get(job_id).state is JobState.STALLED
+
+        wait_for(stalled, 5, "the job to be marked stalled")
     assert [e for e in logs if e["event"] == "keeper.error"] == []
     job = store.get(job_id)
     assert job.state is JobState.STALLED

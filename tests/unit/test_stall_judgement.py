@@ -1,0 +1,97 @@
+"""Whether a job waits on a host whose worker is gone (`stalled`), as recovery judges it.
+
+The fault probe: a Redis outage longer than `stall_after` during perform; once Redis was back,
+lab1's keeper found lab2's heartbeat run out (every key with a time to live does, in an
+outage) and marked the job `stalled` within a second, while lab2 ran the migration and beat
+again within seconds. The job stayed `stalled` for as long as the migration ran, and tune,
+post-copy and force-complete were refused. Now a peer counts as gone only on this process's
+own consecutive looks, and the host whose phase runs puts a stalled job back.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from jobs.keys import heartbeat_key
+from jobs.phases import Phase
+from jobs.states import JobState
+from jobs.store import JobStore
+from tests.support.lab_fixtures import wait_for
+from tests.unit.test_abort_stalled import stalled_in
+from worker import recovery
+from worker.runtime import Runtime
+
+
+@pytest.fixture
+def quick_stall(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config.write_text(config.read_text() + "\n[tunables]\nstall_after = 0.2\n")
+    monkeypatch.setenv("DROVER_CONFIG", str(config))
+
+
+def runtime(store: JobStore, host: str) -> Runtime:
+    return Runtime(host=host, store=store, libvirt=cast(Any, None), ledger=cast(Any, None))
+
+
+def finish_waiting_on_kvm2(store: JobStore) -> str:
+    """A job whose next step is kvm2's finish, perform having ended on kvm1."""
+    job_id = stalled_in(store, JobState.MIGRATING)
+    store.transition(job_id, JobState.MIGRATING, host="kvm1")
+    for phase, host in (("source_preflight", "kvm1"), ("destination_prepare", "kvm2")):
+        store.phase_ended(job_id, phase, started=store.phase_started(job_id, phase, host))
+    store.phase_ended(job_id, "perform")
+    assert store.get(job_id).state is JobState.MIGRATING
+    return job_id
+
+
+def test_a_peer_unseen_across_a_gap_in_the_looks_is_not_judged_at_once(
+    quick_stall: None, store: JobStore
+) -> None:
+    job_id = finish_waiting_on_kvm2(store)
+    rt = runtime(store, "kvm1")
+    tick = rt.settings.tunables.watchdog_interval
+    # The last look was before an outage: more than two ticks ago.
+    then = time.monotonic() - 3 * tick
+    rt.peers_unseen["kvm2"] = (then - 60.0, then)
+    recovery.sweep(rt)
+    assert store.get(job_id).state is JobState.MIGRATING  # the count starts again now
+
+    def stalled() -> bool:  # kvm2 still not seen, on consecutive looks past stall_after
+        recovery.sweep(rt)
+        return store.get(job_id).state is JobState.STALLED
+
+    wait_for(stalled, 5, "the job to be marked stalled")
+
+
+def test_a_peer_seen_again_starts_the_count_again(quick_stall: None, store: JobStore) -> None:
+    job_id = finish_waiting_on_kvm2(store)
+    rt = runtime(store, "kvm1")
+    recovery.sweep(rt)
+    assert "kvm2" in rt.peers_unseen
+    then = time.monotonic() - 1.0  # unseen since well past stall_after
+    rt.peers_unseen["kvm2"] = (then, time.monotonic())
+    store.r.set(heartbeat_key("kvm2"), "w@kvm2", ex=10)  # kvm2's worker beats again
+    recovery.sweep(rt)
+    assert "kvm2" not in rt.peers_unseen
+    store.r.delete(heartbeat_key("kvm2"))  # gone again: counted from this look on
+    recovery.sweep(rt)
+    assert store.get(job_id).state is JobState.MIGRATING
+
+
+def test_the_host_whose_phase_runs_puts_a_stalled_job_back(
+    quick_stall: None, store: JobStore
+) -> None:
+    job_id = stalled_in(store, JobState.MIGRATING)  # perform started on kvm1, not ended
+    for phase, host in (("source_preflight", "kvm1"), ("destination_prepare", "kvm2")):
+        store.phase_ended(job_id, phase, started=store.phase_started(job_id, phase, host))
+    assert recovery.current_step(store.get(job_id)) == recovery.Step(
+        Phase.PERFORM, True, store.get(job_id).phases["perform"].started
+    )
+    rt = runtime(store, "kvm1")
+    assert rt.mark(job_id, "perform")  # running in this process
+    recovery.sweep(rt)
+    job = store.get(job_id)
+    assert job.state is JobState.MIGRATING and job.reason is None, (job.state, job.reason)
