@@ -117,6 +117,19 @@ def slots_of(
     return Slots(state if isinstance(state, str) else None, missing)
 
 
+def retake_slots(
+    r: redis.Redis, job_id: str, spec: MigrationSpec, parent: str | None, limit: int | None
+) -> None:
+    """Put a running job back in every gate it falls under, after its slots went (removed by
+    hand, or pruned while its record was written ended): it runs, so it counts, even past a
+    limit reached meanwhile. A gate key that is no set is left as it is; should the job end
+    meanwhile, the next admission prunes its slot as any ended job's."""
+    with r.pipeline(transaction=False) as p:
+        for key, _ in gate_names(spec, limit, parent or ""):
+            p.sadd(key, job_id)
+        p.execute(raise_on_error=False)
+
+
 def parent_limit_of(raw: str | None) -> int | None:
     """A child's `--max-parallel` as its record holds it (None: no limit); ValueError for
     what no evacuation can have, which would otherwise fail the whole admission pass."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from config.celery import app, host_queue
 from config.events import get_logger
-from jobs.admission_head import TERMINAL_NAMES, slots_of
+from jobs.admission_head import TERMINAL_NAMES, retake_slots, slots_of
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, ROLLBACK_DESTINATION_TASK, Phase
 from jobs.request_signing import SECURITY_REASON, RequestRefused, check_job, verifier_for
@@ -215,6 +215,7 @@ def holds_slots(rt: Runtime, job: Job, *, resend: bool = False) -> bool:
         # ever in a state libvirt may contradict (its guest moved, finish refused).
         if _first_time(job.id, gate, "slots_lost"):
             log.warning("job.slots_lost", reason=f"its slot in {gate} went while it ran here")
+        retake_slots(rt.store.r, job.id, job.spec, job.parent, job.parent_limit)
         return True
     reason = f"job holds no slot in {gate}: admission never started it"
     if not resend:

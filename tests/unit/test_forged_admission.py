@@ -229,6 +229,7 @@ def test_a_job_whose_slots_were_pruned_under_a_forged_end_goes_on_where_it_alrea
     assert [e["event"] for e in logs if e["event"] in ("job.slots_lost", "message.rejected")] == [
         "job.slots_lost"
     ]
+    assert job_id in store.r.smembers(inbound_gate("kvm2"))  # it runs: it counts again
     # A job that never ran here, without its slots, is still refused.
     store.r.srem(inbound_gate("kvm2"), other)
     with capture_logs() as logs:
