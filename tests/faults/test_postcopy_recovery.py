@@ -23,6 +23,7 @@ import libvirt
 import pytest
 
 from jobs.keys import ACTIVE_JOBS
+from jobs.model import Job
 from jobs.states import JobState
 from lab import control, faults
 from producer.api import SubmitError
@@ -278,6 +279,20 @@ def test_past_the_deadline_the_job_says_where_the_guest_is_and_keeps_its_holds(
     assert JobState.POSTCOPY_PAUSED in states, states
 
 
+def failed_once_destroyed(lab: Lab, job_id: str, host: str) -> Job:
+    """Destroy `host`'s copy of the guest in post-copy (as a crash or an OOM kill would); the
+    job once it ended, failed."""
+    conn = libvirt.open(lab.uri(host))
+    try:
+        conn.lookupByName(DOMAIN).destroy()
+    finally:
+        conn.close()
+    wait_for(lambda: lab.drover.job(job_id).terminal, RECOVERY_S, "the job to end")
+    job = lab.drover.job(job_id)
+    assert job.state is JobState.FAILED, job.state
+    return job
+
+
 @pytest.mark.parametrize("defined_on_lab2", [False, True], ids=["transient", "defined"])
 def test_a_destination_copy_destroyed_in_postcopy_fails_the_job_with_what_libvirt_shows(
     lab: Lab, defined_on_lab2: bool
@@ -296,15 +311,8 @@ def test_a_destination_copy_destroyed_in_postcopy_fails_the_job_with_what_libvir
             src.close()
             dst.close()
     job_id = start_in_postcopy(lab)
-    conn = libvirt.open(lab.uri("lab2"))
     try:
-        conn.lookupByName(DOMAIN).destroy()
-    finally:
-        conn.close()
-    try:
-        wait_for(lambda: lab.drover.job(job_id).terminal, RECOVERY_S, "the job to end")
-        job = lab.drover.job(job_id)
-        assert job.state is JobState.FAILED, job.state
+        job = failed_once_destroyed(lab, job_id, "lab2")
         assert job.reason is not None
         assert job.reason.startswith("post-copy cannot be resumed: lab2's copy is gone"), job.reason
         there = "shutoff" if defined_on_lab2 else "not defined"
@@ -346,15 +354,8 @@ def test_a_source_copy_destroyed_in_postcopy_fails_the_job_and_lab2_keeps_the_ne
     and its rollback ends: it used to be refused ("still coming in") every few seconds for
     as long as the copy was there (fault probe)."""
     job_id = start_in_postcopy(lab)
-    conn = libvirt.open(lab.uri("lab1"))
     try:
-        conn.lookupByName(DOMAIN).destroy()
-    finally:
-        conn.close()
-    try:
-        wait_for(lambda: lab.drover.job(job_id).terminal, RECOVERY_S, "the job to end")
-        job = lab.drover.job(job_id)
-        assert job.state is JobState.FAILED, job.state
+        job = failed_once_destroyed(lab, job_id, "lab1")
         assert str(job.reason).startswith(
             "post-copy cannot be resumed: lab1's copy no longer takes part"
         ), job.reason

@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import structlog
 
 from config import events
 from config.events import EVENTS_LOST, StreamPublisher, batched, get_logger
 from jobs.keys import events_key
 from jobs.store import JobStore
+from tests.unit.test_redis_outage import FlakySink
 
 GOOD, BAD = "a1a1a1a1a1a1", "b1b1b1b1b1b1"
 MAX_ID = "18446744073709551615-18446744073709551615"
@@ -109,23 +109,12 @@ def test_a_refusing_stream_in_a_step_costs_its_job_alone_and_is_said_later(
     assert names(store, GOOD) == [0, 1, 2, 3] and not publisher.lost
 
 
-class Flaky:
+class Flaky(FlakySink):
     """Fails like a stopped Redis until `up`; batches and single events alike."""
 
-    def __init__(self) -> None:
-        self.up = False
-        self.written: list[tuple[str, dict[str, Any]]] = []
-
-    def append_event(self, job_id: str, event: dict[str, Any]) -> str:
-        if not self.up:
-            raise redis.ConnectionError("Error 111 connecting. Connection refused.")
-        self.written.append((job_id, event))
-        return str(len(self.written))
-
     def append_events(self, items: list[tuple[str, dict[str, Any]]]) -> list[Exception | None]:
-        if not self.up:
-            raise redis.ConnectionError("Error 111 connecting. Connection refused.")
-        self.written.extend(items)
+        for item in items:  # down: refused at the first, nothing written
+            self.append_event(*item)
         return [None] * len(items)
 
 
