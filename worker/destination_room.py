@@ -18,9 +18,9 @@ from worker.runtime import Runtime
 
 def memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
     """Refused when this host cannot give `need` MiB: libvirt's free memory less the other
-    live jobs' bookings here (Redis's, or this host's own ledger's when those are more),
-    capped by the declared limit; bookings that cannot be read leave none, and the refusal
-    says why (jobs/reservation_read.py)."""
+    jobs' bookings here (Redis's, of live jobs; or this host's own ledger's, held until this
+    host releases them, when those are more), capped by the declared limit; bookings that
+    cannot be read leave none, and the refusal says why (jobs/reservation_read.py)."""
     found = reserved_by_host(rt.store.r, [rt.host], excluding=job.id)[rt.host]
     held = rt.ledger.booked_mib(job.id, lambda other: booking_over(rt, other))
     reserved = max(found, held) if isinstance(found, int) else None
