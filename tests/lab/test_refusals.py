@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.keys import job_key
 from jobs.store import reservations_key
 from lab.control import LAB_HOST_MEMORY_MIB
 from lab.guests import DIRTY_MEMORY_MIB, IDLE_MEMORY_MIB
@@ -58,10 +59,15 @@ def test_destination_short_of_memory_leaves_vm_running_on_source(
 HELD_IN_PERFORM_S = 15
 
 
-def test_a_booking_deleted_from_redis_does_not_let_a_second_guest_in(lab: Lab) -> None:
+@pytest.mark.parametrize("forged_state", [None, "succeeded"], ids=["deleted", "and-ended"])
+def test_a_booking_deleted_from_redis_does_not_let_a_second_guest_in(
+    lab: Lab, forged_state: str | None
+) -> None:
     """lab2 has room for dirty-1 or idle-1, not both. While dirty-1's job holds its booking
-    (in perform), someone with the Redis password deletes that booking: idle-1's job must
-    still be refused, as lab2's worker also booked the memory in its own ledger."""
+    (in perform), someone with the Redis password deletes that booking (and, the attack
+    probe's variant, writes the job `succeeded` meanwhile): idle-1's job must still be
+    refused, as lab2's worker also booked the memory in its own ledger, which holds until
+    lab2 releases it; and dirty-1's job still ends as libvirt shows it."""
     lab.home("idle-1")
     lab.home("dirty-1")
     path = Path(lab.config)
@@ -78,7 +84,13 @@ def test_a_booking_deleted_from_redis_does_not_let_a_second_guest_in(lab: Lab) -
         wait_for(lambda: "perform" in d.job(first).phases, JOB_TIMEOUT_S, "dirty-1 in perform")
         assert d.store.r.hget(booking, first) == str(DIRTY_MEMORY_MIB)
         d.store.r.hdel(booking, first)  # the forger's move
-        second = lab.migrate("idle-1", "lab1", "lab2")
+        real = d.store.r.hget(job_key(first), "state")
+        if forged_state is not None:
+            d.store.r.hset(job_key(first), "state", forged_state)
+        try:
+            second = lab.migrate("idle-1", "lab1", "lab2")
+        finally:
+            d.store.r.hset(job_key(first), "state", str(real))
         room = limit - DIRTY_MEMORY_MIB
         assert second.state.value == "failed"
         assert second.reason == f"lab2 has {room} MiB free, idle-1 needs {IDLE_MEMORY_MIB} MiB"
