@@ -146,9 +146,10 @@ def _no_verdict(run: PhaseRun, job: Job, reason: str) -> NoReturn:
         f"{reason}; whether {job.spec.domain} moved is libvirt's to say: recovery settles "
         "it once libvirt answers"
     )
-    log.error("phase.interrupted", reason=why)
+    # The record first, then the event: a follower that sees the event finds the reason.
     with contextlib.suppress(redis.RedisError):  # Redis may be gone too: the log has it
         run.rt.store.set_waiting_for(job.id, why)
+    log.error("phase.interrupted", reason=why)
     raise Interrupted(why)
 
 
