@@ -6,6 +6,7 @@ a `batched()` step, with the others of that step in one round trip at its end.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter, deque
@@ -85,7 +86,7 @@ class StreamPublisher:
         self.host = host
         self.limit = limit
         self.flush_interval = flush_interval
-        self.held: deque[tuple[str, dict[str, Any]]] = deque()
+        self.held: deque[Item] = deque()
         # Per job: how many of its events were dropped, and why, until its stream is told
         self.lost: Counter[str] = Counter()
         self.lost_why: dict[str, str] = {}
@@ -109,13 +110,11 @@ class StreamPublisher:
         refuses for now is held, in order; the others are written."""
         with self._lock:
             owed = self.held or any(self.lost[job_id] for job_id, _ in items)
-            if owed or not isinstance(self.sink, BatchSink):
-                for job_id, event in items:
-                    self._send_locked(job_id, event)
-                return
-            try:
-                errors = self.sink.append_events(items)
-            except redis.RedisError:  # Redis away, or the whole step refused: as one by one
+            errors: list[Exception | None] | None = None
+            if not owed and isinstance(self.sink, BatchSink):
+                with contextlib.suppress(redis.RedisError):  # away, or the step refused whole
+                    errors = self.sink.append_events(items)
+            if errors is None:  # one by one, as without a batch
                 for job_id, event in items:
                     self._send_locked(job_id, event)
                 return
