@@ -178,6 +178,24 @@ def master_port(state: LabState) -> int | None:
     return None
 
 
+def settled_master(state: LabState) -> int | None:
+    """The master's port once every sentinel names the same one and none is failing it over;
+    None before. A failover named by one sentinel can still abort on a loaded machine (its
+    promotion outlasting `failover-timeout`), and the old master is named again."""
+    named = set()
+    for port in LabLayout.from_env().sentinel_ports:
+        try:
+            with _ask(port, state.sentinel_password) as client:
+                row = client.execute_command("SENTINEL", "MASTER", MASTER_NAME)
+        except redis.RedisError:
+            return None
+        master = dict(zip(row[::2], row[1::2], strict=True))
+        if "failover_in_progress" in master.get("flags", "").split(","):
+            return None
+        named.add(int(master["port"]))
+    return named.pop() if len(named) == 1 else None
+
+
 def replica_in_sync(state: LabState, port: int) -> bool:
     """Every sentinel sees the node on `port` as a replica whose link to the master is up."""
     for sentinel_port in LabLayout.from_env().sentinel_ports:

@@ -13,8 +13,8 @@ from pathlib import Path
 from config.redis_acl import HEALTH_USER, write_private
 from lab import redis_server
 from lab.proc import LabError, alive, wait_until
-from lab.sentinel import master_port, node_dir, replica_in_sync, replica_views
-from lab.state import WORKER_START_TIMEOUT
+from lab.sentinel import master_port, node_dir, replica_in_sync, replica_views, settled_master
+from lab.state import WORKER_START_TIMEOUT, LabState
 from lab.state import loaded as _loaded
 
 # A node brought back resyncs in full from the new master, and the sentinels notice its
@@ -24,7 +24,8 @@ SYNC_TIMEOUT_S = 2 * WORKER_START_TIMEOUT
 
 def kill_primary(sig: int = signal.SIGKILL) -> int:
     """Fault injection: kill the node the sentinels call master (kill -9 by default) and
-    wait until they have promoted the replica; the port of the node killed."""
+    wait until they all name the replica master with the failover over; the port of the node
+    killed."""
     lab, state = _loaded()
     if not state.sentinel_pids:
         raise LabError("the lab has no sentinels: `drover lab up --sentinel`")
@@ -35,13 +36,26 @@ def kill_primary(sig: int = signal.SIGKILL) -> int:
     os.kill(pid, sig)
     wait_until(lambda: not alive(pid), WORKER_START_TIMEOUT, "the Redis primary to die")
 
-    def promoted() -> bool:
-        return master_port(state) not in (None, port)
-
-    wait_until(promoted, WORKER_START_TIMEOUT, "the sentinels to promote the replica")
-    state.redis_pid = state.node_pids[str(master_port(state))]  # `status` follows the master
+    master = _agreed_master(state, WORKER_START_TIMEOUT, other_than=port)
+    state.redis_pid = state.node_pids[str(master)]  # `status` follows the master
     state.save(lab)
     return port
+
+
+def _agreed_master(state: LabState, timeout: float, other_than: int | None = None) -> int:
+    """Wait until every sentinel names one master (not `other_than`) with no failover under
+    way; its port."""
+    seen: list[int] = []
+
+    def agreed() -> bool:
+        master = settled_master(state)
+        if master is None or master == other_than:
+            return False
+        seen.append(master)
+        return True
+
+    wait_until(agreed, timeout, "the sentinels to agree on a master")
+    return seen[-1]
 
 
 def _follow(conf: Path, address: str, master: int) -> None:
@@ -61,8 +75,8 @@ def restart_node(port: int) -> None:
     sentinels see it in sync."""
     lab, state = _loaded()
     conf = node_dir(lab, port) / "redis.conf"
-    master = master_port(state)
-    if master is not None and master != port:
+    master = _agreed_master(state, SYNC_TIMEOUT_S)
+    if master != port:
         _follow(conf, lab.root_address, master)
     pid = redis_server.run_with(
         conf, "127.0.0.1", port, redis_server.HEALTH_PASSWORD, username=HEALTH_USER
