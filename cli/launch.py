@@ -41,6 +41,9 @@ EXIT_LOST = 1
 def main() -> None:
     code = handed_over(sys.argv)
     if code is None:
+        from cli.deferred_imports import defer_all
+
+        defer_all()
         from cli.main import main as run_here
 
         run_here()

@@ -74,6 +74,33 @@ def test_help_renderer_stand_ins_load_the_real_classes_when_used() -> None:
     assert "rich" in loaded_after(code)
 
 
+def test_redis_asyncio_is_loaded_only_when_used() -> None:
+    """cli/deferred_imports.py: redis-py's package imports its asyncio client up front; a
+    command that reads Redis does not load it, and code that uses it gets the real one."""
+    code = (
+        "import sys\nfrom cli.deferred_imports import defer_all\ndefer_all()\n"
+        "import redis\nfrom redis import asyncio as aio\n"
+        "assert 'redis.asyncio.client' not in sys.modules, 'loaded up front'\n"
+        "import redis.asyncio.client as real\n"
+        "assert aio.Redis is real.Redis and aio.Sentinel.__module__ == 'redis.asyncio.sentinel'\n"
+        "print('ok')"
+    )
+    assert probe(code) == "ok"
+
+
+def test_the_command_line_defers_redis_asyncio(config: Path) -> None:
+    """`drover jobs` run where it is typed reads Redis (the test server) and lists the jobs
+    without loading redis-py's asyncio client."""
+    code = (
+        f"import sys\nsys.argv = ['drover', '--config', {str(config)!r}, 'jobs', '--json']\n"
+        "import os\nos.environ['DROVER_CLI_SERVER'] = 'off'\n"
+        "from cli.launch import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print('redis.client' in sys.modules, 'redis.asyncio.client' in sys.modules)"
+    )
+    assert probe(code) == "True False"
+
+
 def probe(code: str) -> str:
     """The last line `code` prints, run in a new interpreter with no drover config around."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
