@@ -16,6 +16,17 @@ from worker.host_memory import placement_room_mib
 from worker.runtime import Runtime
 
 
+def take_room(rt: Runtime, job: Job, need: int) -> str | None:
+    """Book `need` MiB here in this host's ledger for `job`, or the refusal (nothing booked).
+    The check and the booking are one step (`Ledger.room_held`): two guests arriving at once
+    are never both checked against the room before either is booked."""
+    with rt.ledger.room_held():
+        refusal = memory_refusal(rt, job, need)
+        if refusal is None:
+            rt.ledger.book(job.id, need)
+        return refusal
+
+
 def memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
     """Refused when this host cannot give `need` MiB: libvirt's free memory less the other
     jobs' bookings here (Redis's, of live jobs; or this host's own ledger's, held until this

@@ -33,9 +33,12 @@ constructor).
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -45,6 +48,7 @@ from pydantic import ValidationError
 from jobs.record import SourceFacts
 
 LEDGER_FILE = "ledger.sqlite3"
+ROOM_LOCK_FILE = "room.lock"  # held over a destination's room check and booking
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 _SCHEMA = """
@@ -81,6 +85,8 @@ class Ledger:
             path = base / LEDGER_FILE
             path.touch(mode=FILE_MODE, exist_ok=True)
             path.chmod(FILE_MODE)
+            self._room = base / ROOM_LOCK_FILE
+            self._room.touch(mode=FILE_MODE, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             # Write-ahead log, not synced on each commit (SQLite's synchronous=NORMAL): every
             # write survives the worker's crash, kill -9 included (it is in the kernel's
@@ -205,6 +211,20 @@ class Ledger:
             self._db.execute("DELETE FROM incoming WHERE uuid = ? AND job_id = ?", (uuid, job_id))
 
     # --- memory booked here for guests coming in --------------------------------------------
+
+    @contextmanager
+    def room_held(self) -> Iterator[None]:
+        """Held while the destination checks its room for a guest and books it. Without it,
+        two guests coming in at once (on the worker's threads, or in a second worker process
+        of this host while one drains) are both checked against the room before either is
+        booked, and both fit. A file lock on a descriptor of its own: exclusive between
+        threads and between processes, and released by the kernel if the worker dies."""
+        fd = os.open(self._room, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def book(self, job_id: str, mib: int) -> None:
         """Remember `mib` MiB as booked here for `job_id` (before Redis is told)."""

@@ -21,7 +21,7 @@ from jobs.record import DiskFacts, DomainFacts, Handoff, SourceFacts
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from worker.compression_support import compression_params, unsupported
-from worker.destination_room import ended_in_redis, memory_refusal
+from worker.destination_room import ended_in_redis, memory_refusal, take_room
 from worker.domain_xml_check import checked_xml
 from worker.job_end import advance
 from worker.libvirt_host import facts
@@ -120,10 +120,9 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         job.id, SourceFacts(**source.facts.model_dump(), dest_config_present=config_present)
     )
     if not spec.offline:
-        refusal = memory_refusal(rt, job, need)
+        refusal = take_room(rt, job, need)
         if refusal is not None:
             raise PhaseFailed(refusal)
-        rt.ledger.book(job.id, need)
         if not rt.store.reserve(spec.dst, job.id, need):
             rt.ledger.release_booking(job.id)
             log.info("phase.skipped", reason="the job ended while its memory was being booked")

@@ -7,7 +7,9 @@ booking is never removed. Against the real test Redis (and libvirt's test driver
 
 from __future__ import annotations
 
+import threading
 from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -26,7 +28,7 @@ from tests.unit import test_libvirt_seam as seam
 from tests.unit.test_facts_placement import facts_for
 from tests.unit.test_hostile_fleet_keys_reservations import Memory
 from worker import keeper
-from worker.destination_room import memory_refusal
+from worker.destination_room import memory_refusal, take_room
 from worker.fleet_view import gather
 
 env = seam.env
@@ -183,3 +185,44 @@ def test_a_live_job_written_ended_keeps_its_booking_until_this_host_releases_it(
     assert memory_refusal(rt, store.get(second), 4096) == expected
     shown["u-web01"].active = False
     assert memory_refusal(rt, store.get(second), 4096) is None
+
+
+class Crowded(Memory):
+    """A libvirtd whose memory reading waits for a second reader to arrive (up to a
+    deadline): two room checks made at once both read the room before either books."""
+
+    WAIT_S = 1.0
+
+    def __init__(self, free_mib: int) -> None:
+        super().__init__(free_mib)
+        self.readers = 0
+        self.both = threading.Event()
+        self.lock = threading.Lock()
+
+    def getMemoryStats(self, cell: int) -> dict[str, int]:
+        with self.lock:
+            self.readers += 1
+            if self.readers >= 2:
+                self.both.set()
+        self.both.wait(self.WAIT_S)
+        return super().getMemoryStats(cell)
+
+
+def test_two_guests_arriving_at_once_do_not_both_take_the_last_room(
+    env: Path, store: JobStore, tmp_path: Path
+) -> None:
+    """Room for one 64 MiB guest; two destination prepares check it at the same moment, as
+    the worker's threads run them. One books it, the other is refused: both fit before."""
+    first, second = (
+        store.create(MigrationSpec(domain=d, src="kvm1", dst="kvm2"), host="test")
+        for d in ("web01", "web02")
+    )
+    for job_id in (first, second):
+        store.transition(job_id, JobState.PREFLIGHT, host="test")
+    rt = seam.runtime(store, "kvm2", tmp_path)
+    rt.libvirt = cast(Any, SimpleNamespace(conn=Crowded(100)))
+    with ThreadPoolExecutor(2) as pool:
+        verdicts = list(pool.map(lambda j: take_room(rt, store.get(j), 64), [first, second]))
+    refused = [v for v in verdicts if v is not None]
+    assert len(refused) == 1 and "needs 64 MiB" in refused[0], verdicts
+    assert rt.ledger.booked_mib("", lambda _: False) == 64  # one booking here, not two
