@@ -182,6 +182,27 @@ class JobRecords(RecordMarks):
             self.replicated()
         return out.moved, JobState(out.previous) if out.previous else None
 
+    def end_phase_entering(
+        self, job_id: str, phase: str, started: PhaseRecord | None, target: JobState, *, host: str
+    ) -> tuple[bool, JobState | None]:
+        """A phase's end and the state it leads to, in one MULTI (`transition`'s outcome): a
+        worker killed, or Redis gone, between two writes would leave a phase ended and its
+        state never entered, and a last phase's job live for ever."""
+        ts = now()
+        entry = Transition(state=target, at=ts, host=host).model_dump_json()
+        ended = self._phase_end(job_id, phase, None, started)
+        out = self._transitions.run(
+            transition_keys(job_id, ACTIVE_JOBS),
+            job_id,
+            target.value,
+            ts.isoformat(),
+            entry=entry,
+            with_writes=None if ended is None else lambda p: self._queue_phase_end(p, ended),
+        )
+        if out.moved:
+            self.replicated()
+        return out.moved, JobState(out.previous) if out.previous else None
+
     def queue_transition(self, pipe: Pipeline, job_id: str, target: JobState, host: str) -> None:
         """Stack a transition on `pipe`, unread (filling a store with history in bulk)."""
         ts = now()
@@ -240,17 +261,28 @@ class JobRecords(RecordMarks):
         started: PhaseRecord | None = None,
     ) -> None:
         """Record the end: of the record `phase_started` returned, or of the one read back."""
-        key = phases_key(job_id)
-        if started is None:
-            raw = cast(str | None, self.r.hget(key, phase))
-            if raw is None:
-                return
-            started = PhaseRecord.model_validate_json(raw)
-        rec = started.model_copy(update={"ended": now(), "error": error})
+        ended = self._phase_end(job_id, phase, error, started)
+        if ended is None:
+            return
         with self.r.pipeline(transaction=True) as p:
-            p.hset(key, phase, rec.model_dump_json())
-            self.retention.queue_adopt(p, job_id, key)
+            self._queue_phase_end(p, ended)
             p.execute()
+
+    def _phase_end(
+        self, job_id: str, phase: str, error: str | None, started: PhaseRecord | None
+    ) -> tuple[str, PhaseRecord] | None:
+        """(job id, its phase record ended now); None when the phase has no record."""
+        if started is None:
+            raw = cast(str | None, self.r.hget(phases_key(job_id), phase))
+            if raw is None:
+                return None
+            started = PhaseRecord.model_validate_json(raw)
+        return job_id, started.model_copy(update={"ended": now(), "error": error})
+
+    def _queue_phase_end(self, p: Pipeline, ended: tuple[str, PhaseRecord]) -> None:
+        job_id, rec = ended
+        p.hset(phases_key(job_id), rec.phase, rec.model_dump_json())
+        self.retention.queue_adopt(p, job_id, phases_key(job_id))
 
     def kind(self, job_id: str) -> str:
         """ "migration" or "evacuation"; JobNotFound for an unknown id."""

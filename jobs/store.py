@@ -40,6 +40,7 @@ from jobs.keys import (
     runner_key,
 )
 from jobs.liveness import Liveness
+from jobs.model import PhaseRecord
 from jobs.record import JobNotFound
 from jobs.record_marks import now
 from jobs.records import JobRecords
@@ -176,6 +177,15 @@ class JobStore(JobRecords, Liveness, EventStreams):
         moved, previous = super().transition(
             job_id, target, host=host, reason=reason, only_from=only_from
         )
+        if moved and target in TERMINAL:
+            self.release_leases(job_id)
+        return moved, previous
+
+    def end_phase_entering(
+        self, job_id: str, phase: str, started: PhaseRecord | None, target: JobState, *, host: str
+    ) -> tuple[bool, JobState | None]:
+        """JobRecords.end_phase_entering; the domain leases given back as `transition` does."""
+        moved, previous = super().end_phase_entering(job_id, phase, started, target, host=host)
         if moved and target in TERMINAL:
             self.release_leases(job_id)
         return moved, previous

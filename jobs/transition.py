@@ -20,6 +20,7 @@ back and it is filed in the listing indexes, atomically with the state change.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -156,17 +157,25 @@ class Transitioner:
         entry: str = "",
         reason: str | None = None,
         only_from: str | None = None,
+        with_writes: Callable[[redis.client.Pipeline], None] | None = None,
     ) -> Outcome:
-        """Move the record to `target` if its state allows it (narrowed to `only_from`)."""
+        """Move the record to `target` if its state allows it (narrowed to `only_from`).
+        `with_writes` stacks writes made in the same MULTI, before the transition, whatever
+        its outcome (a phase's end and the state it enters: both or neither)."""
         args = self._args(record_id, target, at, entry, reason, only_from)
         script_keys = [keys.record, keys.history, keys.active, keys.waiting, *LANE_INDEXES]
-        if self.retention is None or target not in self.table.terminal:
+        ending = self.retention is not None and target in self.table.terminal
+        if not ending and with_writes is None:
             raw = self._script(keys=script_keys, args=args)
         else:
             with self.r.pipeline(transaction=True) as p:
+                if with_writes is not None:
+                    with_writes(p)
+                at_script = len(p)
                 queue_script(p, self._script, script_keys, args)
-                self.retention.queue_end(p, record_id, time.time(), self.table.terminal)
-                raw = p.execute()[0]
+                if self.retention is not None and ending:
+                    self.retention.queue_end(p, record_id, time.time(), self.table.terminal)
+                raw = p.execute()[at_script]
         moved, previous = cast(list[object], raw)
         return Outcome(moved == MOVED, str(previous) if previous else None)
 

@@ -56,6 +56,11 @@ def ended_fields(job: Job) -> dict[str, Any]:
 def advance(rt: Runtime, job: Job, target: JobState) -> None:
     """Move the job on, or stop this phase quietly if someone else already ended the job."""
     moved, previous = rt.store.transition(job.id, target, host=rt.host)
+    entered(job, target, moved, previous)
+
+
+def entered(job: Job, target: JobState, moved: bool, previous: JobState | None) -> None:
+    """Say the state the job entered; or, when it had ended meanwhile, stop the phase."""
     if moved:
         was = previous.value if previous else None
         ended = ended_fields(job) if target in TERMINAL else {}

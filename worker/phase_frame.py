@@ -34,11 +34,11 @@ from jobs.phases import Phase, owner_of
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
 from jobs.workflow import migration_chain
-from worker.job_end import advance, holds_slots, job_context, job_ended, verified
+from worker.job_end import entered, holds_slots, job_context, job_ended, verified
 from worker.ledger import PhaseMark
 from worker.phase_errors import Dropped
 from worker.phase_failure import failure_step, ledger_unwritable
-from worker.phase_run import PhaseFn, PhaseRun, phase_ended
+from worker.phase_run import PhaseFn, PhaseRun, phase_ended, phase_ended_entering
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -152,8 +152,7 @@ def _run(run: PhaseRun, job: Job) -> None:
     except Exception as exc:
         failure_step(exc)(run, job, exc)
     with batched():  # `phase.finished` and the state the phase returned: one round trip
-        _record_end(run, job, started, record)
-        _enter(run, job, then)
+        _record_end(run, job, started, record, then)
     if then in TERMINAL:
         job_ended(run.rt, job)  # the listeners' own events are not held back by the batch
 
@@ -175,12 +174,16 @@ def _record_start(run: PhaseRun, job: Job) -> tuple[float, PhaseRecord | None]:
     return started, record
 
 
-def _record_end(run: PhaseRun, job: Job, started: float, record: PhaseRecord | None) -> None:
-    phase_ended(run, job, started=record)
+def _record_end(
+    run: PhaseRun, job: Job, started: float, record: PhaseRecord | None, then: JobState | None
+) -> None:
+    """The phase's end, and the state it returns entered in the same write: a worker killed
+    or Redis gone between the two would leave the phase ended and its state never entered.
+    Entering the state last keeps the job's terminal event last in its stream."""
+    if then is None:
+        phase_ended(run, job, started=record)
+    else:
+        moved, previous = phase_ended_entering(run, job, then, record)
     log.info("phase.finished", duration_ms=round((time.monotonic() - started) * MS_PER_S, 1))
-
-
-def _enter(run: PhaseRun, job: Job, then: JobState | None) -> None:
-    """Entering the phase's state last keeps the job's terminal event last in its stream."""
     if then is not None:
-        advance(run.rt, job, then)
+        entered(job, then, moved, previous)

@@ -3,14 +3,18 @@ how it stopped (worker/phase_failure.py) both see it, and the record of its end.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from config.events import get_logger
 from jobs.model import Job, PhaseRecord
 from jobs.phases import Phase
 from jobs.states import JobState
 from worker.ledger import PhaseMark
 from worker.runtime import Runtime
+
+log = get_logger()
 
 PhaseFn = Callable[[Runtime, Job], JobState | None]
 
@@ -34,3 +38,18 @@ def phase_ended(
     ledger, not the record, to know that it is over here)."""
     run.rt.store.phase_ended(job.id, run.phase.value, error=error, started=started)
     run.rt.ledger.mark(job.id, run.phase.value, PhaseMark.ENDED)
+
+
+def phase_ended_entering(
+    run: PhaseRun, job: Job, then: JobState, started: PhaseRecord | None
+) -> tuple[bool, JobState | None]:
+    """The phase's end and the state it returns, in one write (jobs/records.py says why),
+    then in this host's ledger; the transition's (moved, previous state)."""
+    outcome = run.rt.store.end_phase_entering(
+        job.id, run.phase.value, started, then, host=run.rt.host
+    )
+    try:
+        run.rt.ledger.mark(job.id, run.phase.value, PhaseMark.ENDED)
+    except sqlite3.Error as exc:  # locked past its wait, its disk full: the job goes on
+        log.warning("phase.end_unmarked", reason=f"{run.rt.host}'s ledger: {exc}")
+    return outcome

@@ -57,3 +57,31 @@ def test_a_refused_claim_gives_the_phase_back_and_says_why(
     assert not store.r.hexists(claims_key(job_id), Phase.SOURCE_PREFLIGHT.value)
     said = [e["event"] for e in logs]
     assert said[-1] == ("phase.retrying" if tries else "phase.deferred"), said
+
+
+def test_a_ledger_locked_at_the_phase_end_leaves_the_job_in_the_state_the_phase_entered(
+    rt: Runtime, store: JobStore, tmp_path: Path
+) -> None:
+    """The phase ran; at its end this host's ledger is locked by another process past its
+    wait. Its end and the state it returns are in Redis together, so the job is not left with
+    the phase ended and its state never entered (before: the ledger's error escaped between
+    the two writes; for confirm, the last phase, the job stayed `finishing` for ever)."""
+    job_id = submit(store, "web01")
+    assert admit(rt) == [job_id]
+    other = sqlite3.connect(tmp_path / "ledger" / LEDGER_FILE, isolation_level=None)
+
+    def ran_then_locked(_rt: Runtime, _job: Job) -> JobState | None:
+        other.execute("BEGIN EXCLUSIVE")  # as another process holding the file
+        return JobState.PREFLIGHT
+
+    try:
+        with capture_logs() as logs:
+            execute_phase(rt, job_id, Phase.SOURCE_PREFLIGHT, ran_then_locked)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    job = store.get(job_id)
+    assert job.state is JobState.PREFLIGHT
+    assert job.phases[Phase.SOURCE_PREFLIGHT.value].ended is not None
+    said = [e["event"] for e in logs]
+    assert said[-3:] == ["phase.end_unmarked", "phase.finished", "job.state"], said
