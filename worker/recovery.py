@@ -108,10 +108,6 @@ def _sweep_one(rt: Runtime, job_id: str) -> None:
         _attend(rt, job, step)
 
 
-def _idle_s(step: Step) -> float:
-    return _since_s(step.since)
-
-
 def _since_s(then: datetime) -> float:
     return (now() - then).total_seconds()
 
@@ -123,8 +119,11 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         return
     if job.state is JobState.STALLED and job.stalled_from is not None:
         # Also while the phase runs here: a peer judged this worker gone in a Redis outage.
-        rt.store.transition(job.id, job.stalled_from, host=rt.host)
-        log.info("job.state", state=job.stalled_from.value, reason="owner is back")
+        back, _ = rt.store.transition(
+            job.id, job.stalled_from, host=rt.host, only_from=JobState.STALLED
+        )
+        if back:  # (not when the job moved on meanwhile: its own phase said so)
+            log.info("job.state", state=job.stalled_from.value, reason="owner is back")
         job = rt.store.get(job.id)
     if rt.marked(job.id, step.phase.value):
         return
@@ -140,7 +139,7 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         if started_here(rt, job.id, step.phase) or not holds_slots(rt, job, resend=True):
             return
         give_back_dead_claim(rt, job.id, step.phase)
-        log.warning("phase.redispatched", reason=f"not started after {_idle_s(step):.0f}s")
+        log.warning("phase.redispatched", reason=f"not started after {_since_s(step.since):.0f}s")
         rt.store.mark_redispatched(job.id, step.phase.value)
         migration_chain(app, job.id, job.spec, start=step.phase).apply_async()
 
@@ -200,7 +199,7 @@ def _watch_peer(rt: Runtime, job: Job, step: Step, peer: str) -> None:
         )
     # The record's time and this process's own looks: after a Redis outage every heartbeat
     # ran out, and the live peer's is renewed within seconds.
-    if _idle_s(step) <= tunables.stall_after or unseen_s <= tunables.stall_after:
+    if _since_s(step.since) <= tunables.stall_after or unseen_s <= tunables.stall_after:
         if draining is not None and job.waiting_for != why:
             rt.store.set_waiting_for(job.id, why)
             log.info("job.waiting", reason=why)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from structlog.testing import capture_logs
 
 from jobs.keys import heartbeat_key
 from jobs.phases import Phase
@@ -95,3 +96,25 @@ def test_the_host_whose_phase_runs_puts_a_stalled_job_back(
     recovery.sweep(rt)
     job = store.get(job_id)
     assert job.state is JobState.MIGRATING and job.reason is None, (job.state, job.reason)
+
+
+def test_a_stalled_job_that_moved_on_meanwhile_is_not_said_put_back(
+    quick_stall: None, store: JobStore
+) -> None:
+    """The sweep read the job `stalled`; before it put it back, the job's own phase moved it
+    on (perform ended, finish began on kvm2). No transition, and no `job.state` event that
+    would say `migrating` after `finishing` in the job's stream."""
+    job_id = stalled_in(store, JobState.MIGRATING)
+    for phase, host in (("source_preflight", "kvm1"), ("destination_prepare", "kvm2")):
+        store.phase_ended(job_id, phase, started=store.phase_started(job_id, phase, host))
+    read = store.get(job_id)  # what the sweep read: stalled, from migrating
+    step = recovery.current_step(read)
+    assert read.state is JobState.STALLED and step is not None
+    store.phase_ended(job_id, "perform")
+    assert store.transition(job_id, JobState.FINISHING, host="kvm2")[0]
+    rt = runtime(store, "kvm1")
+    assert rt.mark(job_id, "perform")  # (so nothing else is done for the step)
+    with capture_logs() as logs:
+        recovery._attend(rt, read, step)
+    assert store.get(job_id).state is JobState.FINISHING
+    assert [e for e in logs if e["event"] == "job.state"] == []
