@@ -13,17 +13,18 @@ left there; anything else ends `partial`, each domain left behind listed with it
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from config.addresses import shown
 from jobs.evacuation_model import EVACUATION_KIND as EVACUATION_KIND
 from jobs.evacuation_model import EVACUATION_TERMINAL as EVACUATION_TERMINAL
 from jobs.evacuation_model import MAX_PARALLEL as MAX_PARALLEL
+from jobs.evacuation_model import Children as Children
 from jobs.evacuation_model import DomainOutcome as DomainOutcome
 from jobs.evacuation_model import Evacuation as Evacuation
 from jobs.evacuation_model import EvacuationSpec as EvacuationSpec
 from jobs.evacuation_model import EvacuationState as EvacuationState
+from jobs.evacuation_model import Genuine as Genuine
 from jobs.evacuation_model import Placement as Placement
 from jobs.keys import (
     ACTIVE_EVACUATIONS,
@@ -82,16 +83,6 @@ return {1}
 
 class EvacuationBusy(Exception):
     """The host already has an active (not dry-run) evacuation; the message is one line."""
-
-
-@dataclass
-class Children:
-    """An evacuation's child jobs by domain (`jobs`); among them those its children list did
-    not name (`refound`); and why a record that might have been one could not be read."""
-
-    jobs: dict[str, Job] = field(default_factory=dict)
-    refound: dict[str, Job] = field(default_factory=dict)
-    unreadable: list[str] = field(default_factory=list)
 
 
 class EvacuationStore:
@@ -224,17 +215,21 @@ class EvacuationStore:
             added, _ = p.execute()
         return bool(added)
 
-    def find_children(self, ev: Evacuation) -> Children:
+    def find_children(self, ev: Evacuation, genuine: Genuine = None) -> Children:
         """Each domain's child job: the one the children list names, if its own record says
         it is this evacuation's child of that domain; else, for a domain the plan sends
         somewhere, the newest job whose record says so, found through the domain's leases
         (a live child holds them) and the host's job index. The list is in Redis, where
         anyone with the password can delete or rewrite it: a child still running must not
         be missed (the evacuation would end under it), nor one ended be taken for one
-        never queued. A record that cannot be read is skipped, and its reason returned."""
+        never queued. A record that cannot be read is skipped, and its reason returned. Only
+        a domain of the plan has a child, and only a record that is `genuine` (the worker's
+        check of its signed request) is one: a record and a list entry made by hand would
+        end the evacuation under its real child, or hold it open for ever."""
         found = Children()
+        planned = {p.domain for p in ev.plan or []}
         for domain, job_id in ev.children.items():
-            job = self._child(ev, job_id, found)
+            job = self._child(ev, job_id, found, genuine) if domain in planned else None
             if job is not None and job.spec.domain == domain:
                 found.jobs[domain] = job
         wanted = {
@@ -243,7 +238,7 @@ class EvacuationStore:
             if p.destination is not None and p.domain not in found.jobs
         }
         for job_id in self._candidates(ev, wanted) if wanted else []:
-            job = self._child(ev, job_id, found)
+            job = self._child(ev, job_id, found, genuine)
             if job is None or job.spec.domain not in wanted:
                 continue
             newest = found.refound.get(job.spec.domain)
@@ -252,7 +247,7 @@ class EvacuationStore:
         found.jobs.update(found.refound)
         return found
 
-    def _child(self, ev: Evacuation, job_id: str, found: Children) -> Job | None:
+    def _child(self, ev: Evacuation, job_id: str, found: Children, genuine: Genuine) -> Job | None:
         try:
             job = self.store.get(job_id)
         except MalformedRecord as exc:
@@ -260,7 +255,9 @@ class EvacuationStore:
             return None
         except JobNotFound:
             return None
-        return job if job.parent == ev.id and job.spec.src == ev.spec.host else None
+        if job.parent != ev.id or job.spec.src != ev.spec.host:
+            return None
+        return job if genuine is None or genuine(job) else None
 
     def _candidates(self, ev: Evacuation, wanted: dict[str, Placement]) -> list[str]:
         """The jobs that hold a lease on a wanted domain, and those of the host's job index

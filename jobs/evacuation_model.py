@@ -6,12 +6,14 @@ read and written there (EvacuationStore) and started through jobs/evacuations.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from jobs.drain_options import DrainOptions
-from jobs.model import Record
+from jobs.model import Job, Record
 from jobs.spec import HostRef, MigrationSpec
 from jobs.states import EVACUATION_KIND as EVACUATION_KIND
 from jobs.states import EVACUATION_TABLE, EVACUATION_TERMINAL, EvacuationState, StateTable
@@ -127,3 +129,16 @@ class Evacuation(Record):
 
     def route(self) -> tuple[str, str, str]:
         return f"{len(self.plan or [])} domains", self.spec.host, ",".join(self.spec.to) or "any"
+
+
+Genuine = Callable[[Job], bool] | None  # whether a record's request was signed by a trusted key
+
+
+@dataclass
+class Children:
+    """An evacuation's child jobs by domain (`jobs`); among them those its children list did
+    not name (`refound`); and why a record that might have been one could not be read."""
+
+    jobs: dict[str, Job] = field(default_factory=dict)
+    refound: dict[str, Job] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)

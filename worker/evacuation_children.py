@@ -8,7 +8,7 @@ from typing import Any
 
 from config.events import get_logger
 from jobs.abort import TooLate, abort_job
-from jobs.evacuation import Evacuation, EvacuationStore, Placement
+from jobs.evacuation import Evacuation, EvacuationStore, Genuine, Placement
 from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.request_signing import (
@@ -175,12 +175,32 @@ def _not_retried(job: Job, why: str) -> None:
     log.info("evacuation.not_retried", domain=job.spec.domain, child=job.id, reason=why)
 
 
+def _genuine(rt: Runtime, ev: Evacuation) -> Genuine:
+    """Whether a record read back as a child carries a request a trusted key signed (for its
+    parent evacuation too), a refused one said once; None with signing off (a lab)."""
+    verifier = verifier_for(rt.settings.security)
+    if verifier is None:
+        return None
+
+    def signed(job: Job) -> bool:
+        try:
+            check_job(verifier, job)
+        except RequestRefused as exc:
+            if EvacuationStore(rt.store).mark_reported(ev.id, f"forged:{job.id}"):
+                reason = f"{SECURITY_REASON}: job {job.id}: {exc}"
+                log.error("security.rejected", domain=job.spec.domain, child=job.id, reason=reason)
+            return False
+        return True
+
+    return signed
+
+
 def children_of(rt: Runtime, ev: Evacuation) -> dict[str, Job]:
     """Each domain's child job (jobs/evacuation.py `find_children`): one the children list
     no longer names (deleted or rewritten in Redis) is found by its own record, put back in
     the list, and said once; so is a record that cannot be read."""
     store = EvacuationStore(rt.store)
-    found = store.find_children(ev)
+    found = store.find_children(ev, _genuine(rt, ev))
     for reason in found.unreadable:
         if store.mark_reported(ev.id, f"unreadable:{reason}"):
             log.warning("record.unreadable", evacuation_id=ev.id, reason=reason)

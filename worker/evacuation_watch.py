@@ -201,11 +201,16 @@ class DestinationView:
     unreachable: str | None = None
 
 
-def _on_destination(rt: Runtime, placement: Placement) -> DestinationView:
-    if placement.destination is None:
+def _on_destination(
+    rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None
+) -> DestinationView:
+    """Asked of the host the child's signed request sent the guest to (the plan, anyone's to
+    rewrite in Redis, only when no child was queued); never of the host being drained."""
+    destination = job.spec.dst if job is not None else placement.destination
+    if destination is None or destination == ev.spec.host:
         return DestinationView()
     try:
-        uri = rt.settings.host(placement.destination).peer_uri
+        uri = rt.settings.host(destination).peer_uri
     except ConfigError:
         return DestinationView()  # removed from the registry since: not confirmed
     try:
@@ -213,16 +218,16 @@ def _on_destination(rt: Runtime, placement: Placement) -> DestinationView:
     except LibvirtUnavailable as exc:
         return DestinationView(unreachable=str(exc))
     if there is not None and (there.active or not placement.active):
-        return DestinationView(running_on=placement.destination)
+        return DestinationView(running_on=destination)
     return DestinationView()
 
 
 def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None) -> DomainOutcome:
     here = rt.libvirt.by_uuid(placement.uuid)
-    on_source = here is not None and (
-        bool(here.isActive()) or (bool(here.isPersistent()) and placement.persistent)
-    )
-    view = _on_destination(rt, placement)
+    # Any copy of it libvirt has here, running or defined: the plan's word on what it was
+    # (`persistent`) is anyone's to rewrite, and a definition left behind is not drained.
+    on_source = here is not None and (bool(here.isActive()) or bool(here.isPersistent()))
+    view = _on_destination(rt, ev, placement, job)
     # libvirt's word on both hosts, whatever the child job says: the host is drained of the
     # guest when its libvirtd no longer has it and the destination's runs it (a child that
     # failed on a fault after its guest had moved does not keep the host "not drained").
@@ -244,7 +249,7 @@ def _why_not_moved(
 ) -> str | None:
     """What libvirt showed, on both hosts, of a domain that did not move; never more than it
     showed (a destination that could not be asked is said to be so)."""
-    src, dst = ev.spec.host, placement.destination
+    src, dst = ev.spec.host, job.spec.dst if job is not None else placement.destination
     if job is None and dst is None:
         return placement.reason
     succeeded = job is not None and job.state is JobState.SUCCEEDED

@@ -25,6 +25,7 @@ from jobs.request_signing import RequestSigner, signed_record, signer_for
 from jobs.spec import MigrationSpec
 from jobs.states import EvacuationState, JobState
 from jobs.store import JobStore, now
+from jobs.submission import enqueue
 from tests.conftest import RedisServer
 from tests.support.registry import REGISTRY, make_fleet_keys, signing_section, with_state_dirs
 from worker import evacuation, evacuation_children
@@ -226,3 +227,100 @@ def test_a_forged_failed_child_of_a_signed_evacuation_is_not_queued_again(
     refusals = [e for e in logs if e["event"] == "security.rejected"]
     assert [(e["child"], e["domain"]) for e in refusals] == [(child, GUEST)], logs
     assert "no signed request" in str(refusals[0]["reason"])
+
+
+def running_evacuation(rt: Runtime, store: JobStore, settings: Settings, **fields: Any) -> str:
+    """A signed evacuation of kvm1, planned (the test guest to kvm2) and running."""
+    evacuations = EvacuationStore(store)
+    ev_id = evacuations.create(SPEC, "producer@test", signer=signer_for(settings.security))
+    evacuations.transition(ev_id, EvacuationState.PLANNING)
+    attest(rt, evacuations, evacuations.get(ev_id))
+    evacuations.save_plan(ev_id, [placement(rt).model_copy(update=fields)])
+    evacuations.transition(ev_id, EvacuationState.RUNNING)
+    return ev_id
+
+
+def signed_child(store: JobStore, settings: Settings, ev_id: str, domain: str = GUEST) -> str:
+    """The child the watch queued: signed for this evacuation, migrating now."""
+    child = enqueue(
+        store,
+        MigrationSpec(domain=domain, src="kvm1", dst="kvm2", live=True),
+        origin=f"evacuation {ev_id}",
+        parent=ev_id,
+        parent_limit=SPEC.max_parallel,
+        signer=signer_for(settings.security),
+    )
+    for state in (JobState.PREFLIGHT, JobState.PREPARED, JobState.MIGRATING):
+        assert store.transition(child, state, host="kvm1")[0]
+    return child
+
+
+def copy_forged(store: JobStore, real: str, forged: str, **fields: str) -> None:
+    """`redis-cli` copy of a real child's record, its signed request left out."""
+    record = {k: v for k, v in store.r.hgetall(job_key(real)).items() if k != "request"}
+    store.r.hset(job_key(forged), mapping={**record, "id": forged, **fields})
+
+
+def test_a_forged_succeeded_child_does_not_end_the_evacuation_under_its_real_one(
+    rt: Runtime, store: JobStore, settings: Settings, queued: list[str]
+) -> None:
+    """The list names a copy of the real child, written `succeeded` with no signed request,
+    while the real one migrates: the watch finds the real child by its lease and waits for
+    it (before: the evacuation ended `partial` at once, with its guest mid-migration)."""
+    ev_id = running_evacuation(rt, store, settings)
+    real = signed_child(store, settings, ev_id)
+    copy_forged(store, real, "fa0000000001", state="succeeded")
+    store.r.hset(f"{job_key(ev_id)}:children", GUEST, "fa0000000001")
+    with capture_logs() as logs:
+        check(rt, ev_id)
+    ev = EvacuationStore(store).get(ev_id)
+    assert ev.state is EvacuationState.RUNNING, ev.reason
+    assert ev.children == {GUEST: real}  # the real child put back in the list
+    (refused,) = [e for e in logs if e["event"] == "security.rejected"]
+    assert refused["child"] == "fa0000000001"
+
+
+def test_a_forged_live_child_of_a_domain_not_in_the_plan_holds_nothing_open(
+    rt: Runtime, store: JobStore, settings: Settings, queued: list[str]
+) -> None:
+    """Every planned guest's child ended; the list also names a `ghost-1` that is not in the
+    plan, with a live record: the evacuation ends (before: `running` for ever)."""
+    ev_id = running_evacuation(rt, store, settings)
+    real = signed_child(store, settings, ev_id)
+    assert store.transition(real, JobState.FAILED, host="kvm1", reason="x")[0]
+    EvacuationStore(store).mark_reported(ev_id, real)  # its end already reported
+    ghost = MigrationSpec.model_validate_json(store.r.hget(job_key(real), "spec") or "")
+    ghost_spec = ghost.model_copy(update={"domain": "ghost-1"}).model_dump_json()
+    copy_forged(store, real, "fb0000000002", state="migrating", spec=ghost_spec)
+    store.r.hset(f"{job_key(ev_id)}:children", mapping={GUEST: real, "ghost-1": "fb0000000002"})
+    check(rt, ev_id)
+    ev = EvacuationStore(store).get(ev_id)
+    assert ev.state is EvacuationState.PARTIAL  # the test guest still runs here
+    assert "ghost-1" not in (ev.reason or "")
+
+
+@pytest.mark.parametrize("rewrite", ["not persistent", "cold, sent to the source"])
+def test_a_rewritten_plan_does_not_make_a_host_still_holding_a_guest_drained(
+    rt: Runtime, store: JobStore, settings: Settings, queued: list[str], rewrite: str
+) -> None:
+    """The test guest is still defined here, shut off; its placement is rewritten to say it
+    was never persistent (and, cold, to send it to the source itself), and its child ended:
+    libvirt on this host says it did not move (before: `partial` for a reason libvirt did
+    not show, or `drained` with `left_on_host` empty)."""
+    fields: dict[str, Any] = {"persistent": False}
+    if rewrite == "cold, sent to the source":  # the source's libvirtd "shows it there"
+        fields.update(destination="kvm1", active=False)
+    ev_id = running_evacuation(rt, store, settings, **fields)
+    dom = rt.libvirt.by_name(GUEST)
+    assert dom is not None
+    dom.destroy()  # shut off, still defined here: the plan's word would not count it
+    try:
+        real = signed_child(store, settings, ev_id)
+        assert store.transition(real, JobState.CANCELLED, host="kvm1", reason="x")[0]
+        check(rt, ev_id)
+    finally:
+        dom.create()
+    ev = EvacuationStore(store).get(ev_id)
+    assert ev.state is EvacuationState.PARTIAL, ev.reason
+    (outcome,) = ev.outcome or []
+    assert outcome.on_source and not outcome.moved
