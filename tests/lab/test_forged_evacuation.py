@@ -12,10 +12,11 @@ import pytest
 
 from jobs.evacuation import ACTIVE_EVACUATIONS, EVACUATION_KIND, EvacuationSpec
 from jobs.keys import JOBS_INDEX, job_key
-from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab
+from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, dirty_running, wait_for
 
 pytestmark = pytest.mark.lab
 
+__all__ = ["dirty_running"]  # a fixture, used by name
 GUEST = "idle-1"
 FORGED_ID = "f0f0f0f0f001"
 
@@ -55,3 +56,60 @@ def test_an_unsigned_planning_evacuation_moves_no_guest(lab: Lab, guest_home: No
     assert "security.rejected" in [e["event"] for e in lab.drover.events(FORGED_ID)]
     assert lab.running_on(GUEST) == ["lab1"]
     assert not lab.view("lab2", GUEST).exists
+
+
+FORGED_CHILD = "fa0000000001"
+
+
+@pytest.fixture
+def all_home(lab: Lab) -> Iterator[None]:
+    """Every guest on lab1 and every host enabled, before and after the test."""
+    lab.all_home()
+    yield
+    lab.all_home()
+
+
+def test_a_forged_succeeded_child_does_not_end_the_evacuation_under_its_real_one(
+    lab: Lab,
+    dirty_running: None,
+    all_home: None,  # its teardown first: it enables lab1 again
+) -> None:
+    """While dirty-1's child migrates, a copy of its record written `succeeded` with no
+    signed request, and the evacuation's list pointed at it (the attacker probe): the
+    evacuation ended `partial` at once, dirty-1 mid-migration. Now the watch finds the real
+    child by its lease, says the forged one once, and the evacuation drains."""
+    d = lab.drover
+    r = d.store.r
+    r.delete(job_key(FORGED_CHILD))  # a previous run's
+    # All at once: the idle guests are moved in seconds, while dirty-1 at 8 MiB/s takes
+    # longer (suspended after 3 s, then copied): its child is the last one live.
+    ev_id = d.evacuate(
+        d.evacuation_spec(
+            host="lab1",
+            to=["lab2", "lab3"],
+            max_parallel=5,
+            bandwidth_mib=8,
+            completion_timeout_s=3,
+        )
+    )
+    seen: list[str] = []
+
+    def dirty_child_migrating() -> bool:
+        child = d.evacuation(ev_id).children.get("dirty-1")
+        if child is not None and d.job(child).state.value == "migrating":
+            seen.append(child)
+        return bool(seen)
+
+    wait_for(dirty_child_migrating, JOB_TIMEOUT_S, "dirty-1's child migrating")
+    real = seen[0]
+    record = {k: v for k, v in r.hgetall(job_key(real)).items() if k != "request"}
+    r.hset(job_key(FORGED_CHILD), mapping={**record, "id": FORGED_CHILD, "state": "succeeded"})
+    r.hset(f"{job_key(ev_id)}:children", "dirty-1", FORGED_CHILD)
+
+    ev = d.wait_evacuation(ev_id, JOB_TIMEOUT_S)
+    assert ev.state.value == "drained", ev.reason
+    assert ev.children["dirty-1"] == real and d.job(real).state.value == "succeeded"
+    (where,) = lab.running_on("dirty-1")
+    assert where in ("lab2", "lab3") and not lab.view("lab1", "dirty-1").exists
+    refused = [e for e in d.events(ev_id) if e["event"] == "security.rejected"]
+    assert [e.get("child") for e in refused] == [FORGED_CHILD]
