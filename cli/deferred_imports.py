@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import sys
+import threading
 from types import ModuleType
 
 # importlib.abc would import importlib.resources, tempfile and random: a third of a command's
@@ -44,9 +45,13 @@ class DeferredInit:
         module.__getattr__ = self._first_use(module)  # type: ignore[method-assign]
 
     def _first_use(self, module: ModuleType) -> Callable[[str], object]:
+        once = threading.RLock()  # a second thread waits for the first one's load
+
         def load(name: str) -> object:
-            if module.__dict__.pop("__getattr__", None) is load:
-                self.loader.exec_module(module)
+            with once:
+                if module.__dict__.get("__getattr__") is load:
+                    del module.__dict__["__getattr__"]
+                    self.loader.exec_module(module)
             if name in module.__dict__:
                 return module.__dict__[name]
             raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
