@@ -138,7 +138,9 @@ def retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) 
         _not_retried(job, problem)
         return None
     limit = rt.settings.tunables.evacuation_retries
-    if not store.take_retry(ev.id, placement.domain, limit):
+    # This host's count first: the one in Redis (shown with the evacuation) can be deleted.
+    taken = rt.ledger.take_retry(ev.id, placement.domain, limit)
+    if not (taken and store.take_retry(ev.id, placement.domain, limit)):
         _not_retried(job, f"its {limit} retries are spent")
         return None
     if Maintenance(rt.store.r).refusal(placement.destination) is not None:

@@ -9,28 +9,22 @@ write (the registry's `state_dir`, mode 0700):
 - the phases it has run for a job: a phase runs once per job on this host, even if someone
   with the Redis password deletes the claims in Redis and sends it again; and whether each
   started and ended here, so that recovery never gives back the claim of a phase that
-  started, nor settles again one that ended, whatever the job record in Redis was rewritten
-  to say (a finished job made to look interrupted would otherwise migrate its guest again);
-- the guest as this host's own libvirt calls showed it before the migration (the source's
-  preflight, the destination's prepare reading the source): whether to resume a guest left
-  paused, and what the guest must look like on arrival, are never read from the job record;
-- which job is bringing a domain (by UUID) in: prepare takes the UUID for its job and a
-  second job's prepare for it is refused; a rollback destroys an incoming copy only if it is
-  its own job's, so one job never destroys the guest another job is migrating here (with
-  leases run out in Redis, two jobs for one domain could otherwise both reach this host);
-- the memory this host booked for each guest it is bringing in: the destination's room check
-  counts these as well as the bookings in Redis, so a booking deleted or lowered there by
-  hand does not let a second guest in on memory the first one is still taking;
-- which of a schedule's signed times this host has already started an evacuation for: each
-  time starts one, whatever a rewritten beat entry or deleted claims in Redis say; and which
-  schedules were removed: a removed schedule's entry written back into Redis, signature and
-  all, fires nothing here.
+  started, nor settles again one that ended, whatever the job record was rewritten to say;
+- the guest as this host's own libvirt calls showed it before the migration: whether to
+  resume a guest left paused, and what it must look like on arrival, are never read from
+  the job record;
+- which job is bringing a domain (by UUID) in: a second job's prepare for it is refused, and
+  a rollback destroys an incoming copy only if it is its own job's;
+- the memory this host booked for each guest it is bringing in, counted by the room check
+  beside the bookings in Redis (deleted or lowered there by hand, they let nobody in);
+- which of a schedule's signed times this host has already started an evacuation for, and
+  which schedules were removed: an entry written back into Redis fires nothing here;
+- how often each evacuation of this host queued a domain again (`evacuation_retries`).
 
 SQLite (the standard library's), one small file, one connection shared by the worker's
 threads behind a lock; durable across the worker's crashes, not the host's (why: the
 constructor).
 """
-
 from __future__ import annotations
 
 import fcntl
@@ -64,6 +58,8 @@ CREATE TABLE IF NOT EXISTS bookings (job_id TEXT PRIMARY KEY, mib INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS fired (schedule_id TEXT NOT NULL, slot TEXT NOT NULL,
                                   PRIMARY KEY (schedule_id, slot));
 CREATE TABLE IF NOT EXISTS removed_schedules (schedule_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS retries (evacuation_id TEXT NOT NULL, domain TEXT NOT NULL,
+                                    taken INTEGER NOT NULL, PRIMARY KEY (evacuation_id, domain));
 """
 
 
@@ -243,6 +239,17 @@ class Ledger:
                 "SELECT job_id, mib FROM bookings WHERE job_id != ?", (excluding,)
             ).fetchall()
         return sum(max(int(mib), 0) for job_id, mib in rows if not ended(str(job_id)))
+
+    def take_retry(self, evacuation_id: str, domain: str, limit: int) -> bool:
+        """True if this host may queue `domain` once more for the evacuation (fewer than
+        `limit` so far): the count a Redis write cannot reset."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO retries VALUES (?, ?, 1) ON CONFLICT (evacuation_id, domain) "
+                "DO UPDATE SET taken = taken + 1 WHERE taken < ?",
+                (evacuation_id, domain, limit),
+            )
+        return limit > 0 and cursor.rowcount == 1
 
     # --- schedules fired here ------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from structlog.contextvars import bound_contextvars
 from config import events
 from jobs.evacuation import Evacuation, EvacuationSpec, EvacuationStore, Placement
 from jobs.host_facts import HostCpu, HostFacts, publish_facts
-from jobs.keys import job_key
+from jobs.keys import evacuation_retries_key, job_key
 from jobs.maintenance import Maintenance
 from jobs.phases import Phase
 from jobs.record import SourceFacts
@@ -654,6 +654,37 @@ def test_a_failed_child_is_retried_only_as_the_signed_request_and_libvirt_allow(
     assert queued == []
     evacuations.save_plan(ev_id, [placed])
     assert retry_failed(rt, evacuations, evacuations.get(ev_id), store.get(failed)) is not None
+    assert queued == ["kvm2"]
+
+
+def test_a_retry_count_deleted_from_redis_gives_no_more_retries(
+    env: Path,
+    store: JobStore,
+    hv: libvirt.virConnect,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`evacuation_retries` (1) is counted in this host's ledger as well as in Redis: the
+    Redis count deleted before every retry (the attacker probe: 83 children queued for one
+    domain in 45 s) queues the domain once again, not for ever."""
+    rt = runtime(store, "kvm1", tmp_path)
+    assert rt.settings.tunables.evacuation_retries == 1
+    evacuations = EvacuationStore(store)
+    ev_id = evacuations.create(EvacuationSpec(host="kvm1", to=["kvm2"]), "test")
+    evacuations.save_plan(ev_id, [placed_on_kvm2(hv)])
+    failed = job_for(store)
+    assert store.transition(failed, JobState.FAILED, host="test", reason="blip")[0]
+    queued: list[str] = []
+
+    def queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **_: object) -> str:
+        queued.append(str(placement.destination))
+        return failed
+
+    monkeypatch.setattr(evacuation_children, "_queue_child", queue_child)
+    monkeypatch.setattr(evacuation_children, "admit_waiting", lambda rt: None)
+    for _ in range(3):
+        store.r.delete(evacuation_retries_key(ev_id))
+        retry_failed(rt, evacuations, evacuations.get(ev_id), store.get(failed))
     assert queued == ["kvm2"]
 
 
