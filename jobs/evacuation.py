@@ -217,8 +217,8 @@ class EvacuationStore:
 
     def find_children(self, ev: Evacuation, genuine: Genuine = None) -> Children:
         """Each domain's child job: the one the children list names, if its own record says
-        it is this evacuation's child of that domain; else, for a domain the plan sends
-        somewhere, the newest job whose record says so, found through the domain's leases
+        it is this evacuation's child of that domain; else, for any domain of the plan, the
+        newest job whose record says so, found through the domain's leases
         (a live child holds them) and the host's job index. The list is in Redis, where
         anyone with the password can delete or rewrite it: a child still running must not
         be missed (the evacuation would end under it), nor one ended be taken for one
@@ -232,11 +232,8 @@ class EvacuationStore:
             job = self._child(ev, job_id, found, genuine) if domain in planned else None
             if job is not None and job.spec.domain == domain:
                 found.jobs[domain] = job
-        wanted = {
-            p.domain: p
-            for p in ev.plan or []
-            if p.destination is not None and p.domain not in found.jobs
-        }
+        # Every domain of the plan, a destination or not: the plan is anyone's to rewrite too.
+        wanted = {p.domain: p for p in ev.plan or [] if p.domain not in found.jobs}
         for job_id in self._candidates(ev, wanted) if wanted else []:
             job = self._child(ev, job_id, found, genuine)
             if job is None or job.spec.domain not in wanted:

@@ -31,11 +31,14 @@ log = get_logger()
 
 
 def queue_children(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
-    """One child per placed domain, once (a restarted worker skips those already queued)."""
+    """One child per placed domain, once: a restarted worker skips those already queued, and
+    so does one whose evacuation was set back to be planned again by hand, its list of
+    children deleted (found by their own records: `children_of`)."""
     changed = False
     placements = list(ev.plan or [])
+    queued = children_of(rt, ev)
     for i, placement in enumerate(placements):
-        if placement.destination is None or placement.domain in ev.children:
+        if placement.destination is None or placement.domain in {*ev.children, *queued}:
             continue
         if store.get(ev.id).abort_requested:
             log.info("evacuation.stopped_queueing", reason="evacuation aborted")

@@ -324,3 +324,29 @@ def test_a_rewritten_plan_does_not_make_a_host_still_holding_a_guest_drained(
     assert ev.state is EvacuationState.PARTIAL, ev.reason
     (outcome,) = ev.outcome or []
     assert outcome.on_source and not outcome.moved
+
+
+@pytest.mark.parametrize("set_back_to", ["planning", "queued"])
+def test_an_evacuation_set_back_by_hand_neither_ends_nor_queues_under_its_live_child(
+    rt: Runtime, store: JobStore, settings: Settings, queued: list[str], set_back_to: str
+) -> None:
+    """A running evacuation written back to `planning` (or `queued`, then sent again) and
+    its list of children deleted, while its child migrates (the attacker probe): the watch
+    found no child, queued the domain again (refused: busy), took it out of the plan and
+    ended the evacuation `partial` under its live child. Now the child is found by its own
+    record, nothing is queued again, and the evacuation runs on."""
+    ev_id = running_evacuation(rt, store, settings)
+    real = signed_child(store, settings, ev_id)
+    store.r.hset(f"{job_key(ev_id)}:children", GUEST, real)
+    store.r.hset(job_key(ev_id), "state", set_back_to)
+    store.r.delete(f"{job_key(ev_id)}:children")
+    evacuations = EvacuationStore(store)
+    if set_back_to == "queued":  # the task sent again plans it: as the worker runs it
+        evacuation.start(rt, ev_id)
+    else:
+        check(rt, ev_id)
+    ev = evacuations.get(ev_id)
+    assert queued == []
+    assert ev.state is EvacuationState.RUNNING, ev.reason
+    assert ev.children == {GUEST: real}
+    assert [p.destination for p in ev.plan or []] == ["kvm2"]
