@@ -37,7 +37,7 @@ def phase_ended(
     """The phase's end, in the job record and in this host's ledger (recovery reads the
     ledger, not the record, to know that it is over here)."""
     run.rt.store.phase_ended(job.id, run.phase.value, error=error, started=started)
-    run.rt.ledger.mark(job.id, run.phase.value, PhaseMark.ENDED)
+    _mark_ended(run, job)
 
 
 def phase_ended_entering(
@@ -48,8 +48,15 @@ def phase_ended_entering(
     outcome = run.rt.store.end_phase_entering(
         job.id, run.phase.value, started, then, host=run.rt.host
     )
+    _mark_ended(run, job)
+    return outcome
+
+
+def _mark_ended(run: PhaseRun, job: Job) -> None:
+    """The end in this host's ledger. Refused (locked past its wait, its disk full), it is
+    said, and the job goes on: its end and its verdict (the state entered, a failure) are in
+    Redis already; stopping here would leave the phase ended and the verdict never given."""
     try:
         run.rt.ledger.mark(job.id, run.phase.value, PhaseMark.ENDED)
-    except sqlite3.Error as exc:  # locked past its wait, its disk full: the job goes on
+    except sqlite3.Error as exc:
         log.warning("phase.end_unmarked", reason=f"{run.rt.host}'s ledger: {exc}")
-    return outcome

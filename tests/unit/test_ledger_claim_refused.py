@@ -20,7 +20,7 @@ from jobs.states import JobState
 from jobs.store import JobStore
 from tests.unit.test_forged_admission import admit, rt, submit
 from worker.ledger import LEDGER_FILE
-from worker.phase_errors import Dropped, RetryPhase
+from worker.phase_errors import Dropped, PhaseFailed, RetryPhase
 from worker.phase_frame import execute_phase
 from worker.runtime import Runtime
 
@@ -85,3 +85,30 @@ def test_a_ledger_locked_at_the_phase_end_leaves_the_job_in_the_state_the_phase_
     assert job.phases[Phase.SOURCE_PREFLIGHT.value].ended is not None
     said = [e["event"] for e in logs]
     assert said[-3:] == ["phase.end_unmarked", "phase.finished", "job.state"], said
+
+
+def test_a_ledger_locked_as_a_phase_fails_leaves_the_job_failed(
+    rt: Runtime, store: JobStore, tmp_path: Path
+) -> None:
+    """The phase refused (a memory refusal, NeverLeft); at its end this host's ledger is
+    locked. The job still ends `failed` with the phase's reason (before: the ledger's error
+    escaped between the phase's end and the failure; every phase ended, the job live for
+    ever and its guest's next migration refused as busy: the fault probe)."""
+    job_id = submit(store, "web01")
+    assert admit(rt) == [job_id]
+    other = sqlite3.connect(tmp_path / "ledger" / LEDGER_FILE, isolation_level=None)
+
+    def refused_then_locked(_rt: Runtime, _job: Job) -> JobState | None:
+        other.execute("BEGIN EXCLUSIVE")
+        raise PhaseFailed("kvm1 has 36 MiB free, web01 needs 64 MiB")
+
+    try:
+        with capture_logs() as logs, pytest.raises(PhaseFailed):
+            execute_phase(rt, job_id, Phase.SOURCE_PREFLIGHT, refused_then_locked)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    job = store.get(job_id)
+    assert job.state is JobState.FAILED
+    assert job.reason == "kvm1 has 36 MiB free, web01 needs 64 MiB"
+    assert "phase.end_unmarked" in [e["event"] for e in logs]
