@@ -153,7 +153,7 @@ class EvacuationService:
             self.records.transition(evacuation_id, EvacuationState.FAILED, reason)
             entry = self.maintenance.disabled_entry(spec.host)
             if entry is not None and entry.reason == evacuation_reason(evacuation_id):
-                self.maintenance.enable(spec.host)
+                self.maintenance.enable(spec.host, self.signer, f"evacuation {evacuation_id}")
 
     def abort(self, evacuation_id: str, by: str) -> str:
         """Stop an evacuation: queued children never start, running ones are aborted."""

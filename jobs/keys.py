@@ -17,6 +17,7 @@ ACTIVE_JOBS = f"{KEY_PREFIX}:active"  # set: migration jobs not yet terminal
 WAITING = f"{KEY_PREFIX}:waiting"  # sorted set: jobs not yet admitted, oldest first
 ACTIVE_EVACUATIONS = f"{KEY_PREFIX}:evacuations:active"  # set: evacuations not yet terminal
 DISABLED_HOSTS = f"{KEY_PREFIX}:hosts:disabled"  # hash: host -> why it is in maintenance
+ENABLED_HOSTS = f"{KEY_PREFIX}:hosts:enabled"  # hash: host -> the signed `host enable`, last
 
 # --- one job (or evacuation) ----------------------------------------------------------------
 JOB_PREFIX = f"{KEY_PREFIX}:job:"

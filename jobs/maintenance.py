@@ -2,7 +2,9 @@
 
 Kept in Redis beside the jobs so that producers (which refuse at submit), planners (which
 never place on it) and the destination's own worker (which refuses in prepare, for jobs queued
-before the host was disabled) all read the same answer.
+before the host was disabled) all read the same answer. The host's worker also remembers that
+it saw its host disabled, until it reads an enable a trusted key signed after that
+(worker/maintenance_kept.py): an entry deleted by hand puts no guest on a host in maintenance.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import cast
 import redis
 from pydantic import BaseModel
 
-from jobs.keys import DISABLED_HOSTS
+from jobs.keys import DISABLED_HOSTS, ENABLED_HOSTS
+from jobs.request_signing import REQUEST_FIELD, RequestSigner, signed_record
 from jobs.store import now
 
 __all__ = ["DISABLED_HOSTS", "Disabled", "Maintenance", "reason_problem"]
@@ -20,6 +23,13 @@ __all__ = ["DISABLED_HOSTS", "Disabled", "Maintenance", "reason_problem"]
 MAX_REASON_CHARS = 200
 UNKNOWN = "unknown"
 UNREADABLE_ENTRY = "its maintenance entry in Redis cannot be read"
+ENABLE_KIND = "host-enable"  # what a signed `drover host enable` is
+
+
+class HostEnable(BaseModel):
+    """What `drover host enable` signs: the host put back in placement."""
+
+    host: str
 
 
 def reason_problem(reason: str) -> str | None:
@@ -74,9 +84,21 @@ class Maintenance:
         assert current is not None
         return current
 
-    def enable(self, host: str) -> bool:
-        """Put `host` back in placement; False when it was not disabled."""
-        return bool(self.r.hdel(DISABLED_HOSTS, host))
+    def enable(self, host: str, signer: RequestSigner | None = None, by: str = UNKNOWN) -> bool:
+        """Put `host` back in placement; False when it was not disabled. With signing on, the
+        signed enable is kept for the host's worker (it is what the worker believes)."""
+        signed = signed_record(
+            signer, kind=ENABLE_KIND, job_id=host, spec=HostEnable(host=host), origin=by, at=now()
+        )
+        with self.r.pipeline(transaction=True) as p:
+            if signed:
+                p.hset(ENABLED_HOSTS, host, signed[REQUEST_FIELD])
+            p.hdel(DISABLED_HOSTS, host)
+            return bool(p.execute()[-1])
+
+    def signed_enable(self, host: str) -> str | None:
+        """The last signed `drover host enable` of `host` (as written: checked by its reader)."""
+        return cast(str | None, self.r.hget(ENABLED_HOSTS, host))
 
     def disabled_entry(self, host: str) -> Disabled | None:
         raw = cast(str | None, self.r.hget(DISABLED_HOSTS, host))

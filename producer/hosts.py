@@ -11,6 +11,7 @@ from jobs.errors import SubmitError
 from jobs.keys import draining_key
 from jobs.liveness import draining_info
 from jobs.maintenance import Maintenance, reason_problem
+from jobs.request_signing import signer_for
 from jobs.store import JobStore
 
 
@@ -28,7 +29,7 @@ def set_host_enabled(
     except ConfigError as exc:  # "unknown host ...", the name quoted as shown() quotes it
         raise SubmitError(str(exc)) from None
     if enabled:
-        was = maintenance.enable(host)
+        was = maintenance.enable(host, signer_for(settings.security), producer_name())
         return f"{host} enabled" if was else f"{host} was not disabled"
     problem = None if reason is None else reason_problem(reason)
     if problem is not None:

@@ -33,6 +33,7 @@ from worker.host_probe import collect_facts
 from worker.job_end import job_context
 from worker.leftovers import sweep_leftovers
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
+from worker.maintenance_kept import remember_maintenance
 from worker.metrics_exporter import cache_host, start_exporter
 from worker.runtime import Runtime
 
@@ -168,6 +169,7 @@ def duties() -> list[Duty]:
     """
     return [
         Duty("report", lambda t: t.heartbeat_interval, _report),
+        Duty("maintenance", lambda t: t.heartbeat_interval, remember_maintenance),
         Duty("recovery", lambda t: t.watchdog_interval, recovery.sweep),
         Duty("leftovers", lambda t: t.watchdog_interval, sweep_leftovers),
         Duty("admission", lambda t: t.admission_interval, admit_waiting),

@@ -19,12 +19,14 @@ write (the registry's `state_dir`, mode 0700):
   beside the bookings in Redis (deleted or lowered there by hand, they let nobody in);
 - which of a schedule's signed times this host has already started an evacuation for, and
   which schedules were removed: an entry written back into Redis fires nothing here;
-- how often each evacuation of this host queued a domain again (`evacuation_retries`).
+- how often each evacuation of this host queued a domain again (`evacuation_retries`), and
+  that the host was seen disabled for maintenance (worker/ledger_operator.py).
 
 SQLite (the standard library's), one small file, one connection shared by the worker's
 threads behind a lock; durable across the worker's crashes, not the host's (why: the
 constructor).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -33,13 +35,13 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from jobs.record import SourceFacts
+from worker.ledger_operator import OperatorRecords
 
 LEDGER_FILE = "ledger.sqlite3"
 ROOM_LOCK_FILE = "room.lock"  # held over a destination's room check and booking
@@ -60,6 +62,7 @@ CREATE TABLE IF NOT EXISTS fired (schedule_id TEXT NOT NULL, slot TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS removed_schedules (schedule_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS retries (evacuation_id TEXT NOT NULL, domain TEXT NOT NULL,
                                     taken INTEGER NOT NULL, PRIMARY KEY (evacuation_id, domain));
+CREATE TABLE IF NOT EXISTS maintenance (host TEXT PRIMARY KEY, seen TEXT NOT NULL);
 """
 
 
@@ -72,7 +75,7 @@ class LedgerError(Exception):
     """The ledger cannot be opened; the message is one line."""
 
 
-class Ledger:
+class Ledger(OperatorRecords):
     def __init__(self, directory: str) -> None:
         base = Path(directory)
         try:
@@ -239,39 +242,6 @@ class Ledger:
                 "SELECT job_id, mib FROM bookings WHERE job_id != ?", (excluding,)
             ).fetchall()
         return sum(max(int(mib), 0) for job_id, mib in rows if not ended(str(job_id)))
-
-    def take_retry(self, evacuation_id: str, domain: str, limit: int) -> bool:
-        """True if this host may queue `domain` once more for the evacuation (fewer than
-        `limit` so far): the count a Redis write cannot reset."""
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT INTO retries VALUES (?, ?, 1) ON CONFLICT (evacuation_id, domain) "
-                "DO UPDATE SET taken = taken + 1 WHERE taken < ?",
-                (evacuation_id, domain, limit),
-            )
-        return limit > 0 and cursor.rowcount == 1
-
-    # --- schedules fired here ------------------------------------------------------------
-
-    def claim_fire(self, schedule_id: str, slot: datetime) -> bool:
-        """True the first time only that `schedule_id` fires here for its time `slot`."""
-        key = slot.astimezone(UTC).isoformat()
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO fired VALUES (?, ?)", (schedule_id, key)
-            )
-        return cursor.rowcount == 1
-
-    def remove_schedule(self, schedule_id: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO removed_schedules VALUES (?)", (schedule_id,))
-
-    def schedule_removed(self, schedule_id: str) -> bool:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM removed_schedules WHERE schedule_id = ?", (schedule_id,)
-            ).fetchone()
-        return row is not None
 
     # --- the guest as this host saw it before the migration -----------------------------
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from config.events import get_logger
-from jobs.maintenance import Maintenance
 from jobs.model import Job
 from jobs.phases import Side
 from jobs.record import DiskFacts, DomainFacts, Handoff, SourceFacts
@@ -25,6 +24,7 @@ from worker.destination_room import ended_in_redis, memory_refusal, take_room
 from worker.domain_xml_check import checked_xml
 from worker.job_end import advance
 from worker.libvirt_host import facts
+from worker.maintenance_kept import maintenance_refusal
 from worker.migration_call import UnsafeTarget, handoff_for
 from worker.phase_errors import PhaseFailed, PhaseSkipped
 from worker.phase_source import job_domain
@@ -91,7 +91,7 @@ def _source_view(rt: Runtime, job: Job) -> SourceView:
 
 def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
     spec = job.spec
-    refusal = Maintenance(rt.store.r).refusal(rt.host)
+    refusal = maintenance_refusal(rt)
     if refusal is not None:
         raise PhaseFailed(refusal)
     if spec.compression is not None:  # the methods this host's libvirt must also take in

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from jobs.keys import job_key
+from jobs.keys import DISABLED_HOSTS, job_key
 from jobs.store import reservations_key
 from lab.control import LAB_HOST_MEMORY_MIB
 from lab.guests import DIRTY_MEMORY_MIB, IDLE_MEMORY_MIB
+from lab.layout import LabLayout
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, replace_config, wait_for
+from worker.ledger import LEDGER_FILE
 
 pytestmark = pytest.mark.lab
 
@@ -103,3 +107,41 @@ def test_a_booking_deleted_from_redis_does_not_let_a_second_guest_in(
     finally:
         replace_config(path, original)
         lab.home("dirty-1")
+
+
+def lab2_holds_its_maintenance() -> bool:
+    """lab2's worker has kept, in its own ledger, that it saw lab2 disabled."""
+    path = LabLayout.from_env().host(2).dir / "lib" / "drover" / LEDGER_FILE
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT 1 FROM maintenance WHERE host = 'lab2'").fetchone() is not None
+
+
+@pytest.fixture
+def lab2_enabled_after(lab: Lab) -> Iterator[None]:
+    yield
+    lab.drover.set_host_enabled("lab2", True)
+    lab.home("idle-1")
+
+
+def test_a_maintenance_entry_deleted_by_hand_lands_no_guest_on_the_host(
+    lab: Lab, lab2_enabled_after: None
+) -> None:
+    """lab2 disabled by the operator, its worker has seen it; the entry deleted from Redis
+    (the attacker probe): a migration to lab2 is refused by lab2's worker, idle-1 stays on
+    lab1, until the operator's signed `drover host enable lab2`."""
+    lab.home("idle-1")
+    d = lab.drover
+    d.set_host_enabled("lab2", False, "firmware update")
+    wait_for(lab2_holds_its_maintenance, JOB_TIMEOUT_S, "lab2's worker to see its maintenance")
+    d.store.r.hdel(DISABLED_HOSTS, "lab2")  # the attacker, with the producer's password
+
+    job = lab.migrate("idle-1", "lab1", "lab2")
+    assert job.state.value == "failed", job.reason
+    assert job.reason is not None and "lab2 is disabled for maintenance" in job.reason
+    assert "without a signed `drover host enable lab2`" in job.reason
+    assert lab.running_on("idle-1") == ["lab1"] and not lab.view("lab2", "idle-1").exists
+
+    d.set_host_enabled("lab2", True)  # the operator's, signed
+    job = lab.migrate("idle-1", "lab1", "lab2")
+    assert job.state.value == "succeeded", job.reason
+    assert lab.running_on("idle-1") == ["lab2"]

@@ -1,0 +1,75 @@
+"""The ledger's records of what operators decided, as this host's worker saw it: a schedule's
+times that fired here and the schedules removed, how often an evacuation queued a domain
+again, and that the host was disabled for maintenance. Each is a decision a Redis write must
+not undo: an entry written back, a count deleted, a maintenance entry removed by hand.
+
+A mixin of worker/ledger.py's Ledger (its connection, its lock, its schema).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime
+
+
+class OperatorRecords:
+    _db: sqlite3.Connection
+    _lock: threading.Lock
+
+    # --- schedules fired here ------------------------------------------------------------
+
+    def claim_fire(self, schedule_id: str, slot: datetime) -> bool:
+        """True the first time only that `schedule_id` fires here for its time `slot`."""
+        key = slot.astimezone(UTC).isoformat()
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO fired VALUES (?, ?)", (schedule_id, key)
+            )
+        return cursor.rowcount == 1
+
+    def remove_schedule(self, schedule_id: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO removed_schedules VALUES (?)", (schedule_id,))
+
+    def schedule_removed(self, schedule_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM removed_schedules WHERE schedule_id = ?", (schedule_id,)
+            ).fetchone()
+        return row is not None
+
+    # --- an evacuation's retries ---------------------------------------------------------
+
+    def take_retry(self, evacuation_id: str, domain: str, limit: int) -> bool:
+        """True if this host may queue `domain` once more for the evacuation (fewer than
+        `limit` so far): the count a Redis write cannot reset."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO retries VALUES (?, ?, 1) ON CONFLICT (evacuation_id, domain) "
+                "DO UPDATE SET taken = taken + 1 WHERE taken < ?",
+                (evacuation_id, domain, limit),
+            )
+        return limit > 0 and cursor.rowcount == 1
+
+    # --- maintenance -----------------------------------------------------------------------
+
+    def note_disabled(self, host: str, seen: datetime) -> None:
+        """The host was seen disabled at `seen` (this worker's clock); kept from the first
+        look until an enable is accepted (`forget_disabled`)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO maintenance VALUES (?, ?)", (host, seen.isoformat())
+            )
+
+    def disabled_since(self, host: str) -> datetime | None:
+        """When this worker first saw the host disabled, if it still counts so."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT seen FROM maintenance WHERE host = ?", (host,)
+            ).fetchone()
+        return None if row is None else datetime.fromisoformat(str(row[0]))
+
+    def forget_disabled(self, host: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM maintenance WHERE host = ?", (host,))
