@@ -4,6 +4,7 @@ fields the phases write (facts, hand-off, result, phase records, claims, an abor
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -167,6 +168,29 @@ class JobRecords(RecordMarks):
         narrows the allowed sources to the state the caller decided on. Ending the job gives
         back its slots, reservations and active mark in the same step (jobs/transition.py).
         """
+        only = only_from.value if only_from is not None else None
+        return self._transition(job_id, target, host, reason=reason, only_from=only)
+
+    def end_phase_entering(
+        self, job_id: str, phase: str, started: PhaseRecord | None, target: JobState, *, host: str
+    ) -> tuple[bool, JobState | None]:
+        """A phase's end and the state it leads to, in one MULTI (`transition`'s outcome): a
+        worker killed, or Redis gone, between two writes would leave a phase ended and its
+        state never entered, and a last phase's job live for ever."""
+        ended = self._phase_end(job_id, phase, None, started)
+        writes = None if ended is None else lambda p: self._queue_phase_end(p, ended)
+        return self._transition(job_id, target, host, with_writes=writes)
+
+    def _transition(
+        self,
+        job_id: str,
+        target: JobState,
+        host: str,
+        *,
+        reason: str | None = None,
+        only_from: str | None = None,
+        with_writes: Callable[[Pipeline], None] | None = None,
+    ) -> tuple[bool, JobState | None]:
         ts = now()
         entry = Transition(state=target, at=ts, host=host, reason=reason).model_dump_json()
         out = self._transitions.run(
@@ -176,28 +200,8 @@ class JobRecords(RecordMarks):
             ts.isoformat(),
             entry=entry,
             reason=reason,
-            only_from=only_from.value if only_from is not None else None,
-        )
-        if out.moved:
-            self.replicated()
-        return out.moved, JobState(out.previous) if out.previous else None
-
-    def end_phase_entering(
-        self, job_id: str, phase: str, started: PhaseRecord | None, target: JobState, *, host: str
-    ) -> tuple[bool, JobState | None]:
-        """A phase's end and the state it leads to, in one MULTI (`transition`'s outcome): a
-        worker killed, or Redis gone, between two writes would leave a phase ended and its
-        state never entered, and a last phase's job live for ever."""
-        ts = now()
-        entry = Transition(state=target, at=ts, host=host).model_dump_json()
-        ended = self._phase_end(job_id, phase, None, started)
-        out = self._transitions.run(
-            transition_keys(job_id, ACTIVE_JOBS),
-            job_id,
-            target.value,
-            ts.isoformat(),
-            entry=entry,
-            with_writes=None if ended is None else lambda p: self._queue_phase_end(p, ended),
+            only_from=only_from,
+            with_writes=with_writes,
         )
         if out.moved:
             self.replicated()
