@@ -12,11 +12,12 @@ import pytest
 
 from jobs.evacuation import ACTIVE_EVACUATIONS, EVACUATION_KIND, EvacuationSpec
 from jobs.keys import JOBS_INDEX, job_key
+from tests.lab.test_evacuate_children_lost import home
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, dirty_running, wait_for
 
 pytestmark = pytest.mark.lab
 
-__all__ = ["dirty_running"]  # a fixture, used by name
+__all__ = ["dirty_running", "home"]  # fixtures, used by name
 GUEST = "idle-1"
 FORGED_ID = "f0f0f0f0f001"
 
@@ -61,18 +62,10 @@ def test_an_unsigned_planning_evacuation_moves_no_guest(lab: Lab, guest_home: No
 FORGED_CHILD = "fa0000000001"
 
 
-@pytest.fixture
-def all_home(lab: Lab) -> Iterator[None]:
-    """Every guest on lab1 and every host enabled, before and after the test."""
-    lab.all_home()
-    yield
-    lab.all_home()
-
-
 def test_a_forged_succeeded_child_does_not_end_the_evacuation_under_its_real_one(
     lab: Lab,
     dirty_running: None,
-    all_home: None,  # its teardown first: it enables lab1 again
+    home: None,  # its teardown first: it enables lab1 again
 ) -> None:
     """While dirty-1's child migrates, a copy of its record written `succeeded` with no
     signed request, and the evacuation's list pointed at it (the attacker probe): the

@@ -621,6 +621,20 @@ def test_a_plan_read_back_must_match_what_libvirt_shows(
     assert "not a host it may use" in str(_placement_problem(rt, ev, elsewhere))
 
 
+def recorded_children(monkeypatch: pytest.MonkeyPatch, child: str) -> list[str]:
+    """The destinations the watch would queue children for, recorded instead (each queued
+    child is `child`); nothing admitted."""
+    queued: list[str] = []
+
+    def queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **_: object) -> str:
+        queued.append(str(placement.destination))
+        return child
+
+    monkeypatch.setattr(evacuation_children, "_queue_child", queue_child)
+    monkeypatch.setattr(evacuation_children, "admit_waiting", lambda rt: None)
+    return queued
+
+
 def test_a_failed_child_is_retried_only_as_the_signed_request_and_libvirt_allow(
     env: Path,
     store: JobStore,
@@ -637,14 +651,7 @@ def test_a_failed_child_is_retried_only_as_the_signed_request_and_libvirt_allow(
     placed = placed_on_kvm2(hv)
     failed = job_for(store)
     assert store.transition(failed, JobState.FAILED, host="test", reason="blip")[0]
-    queued: list[str] = []
-
-    def queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **_: object) -> str:
-        queued.append(str(placement.destination))
-        return failed
-
-    monkeypatch.setattr(evacuation_children, "_queue_child", queue_child)
-    monkeypatch.setattr(evacuation_children, "admit_waiting", lambda rt: None)
+    queued = recorded_children(monkeypatch, failed)
     for rewritten in (
         placed.model_copy(update={"destination": "kvm1"}),  # back to the evacuated host
         placed.model_copy(update={"persistent": False}),  # not the guest libvirt shows
@@ -674,14 +681,7 @@ def test_a_retry_count_deleted_from_redis_gives_no_more_retries(
     evacuations.save_plan(ev_id, [placed_on_kvm2(hv)])
     failed = job_for(store)
     assert store.transition(failed, JobState.FAILED, host="test", reason="blip")[0]
-    queued: list[str] = []
-
-    def queue_child(rt: Runtime, ev: Evacuation, placement: Placement, **_: object) -> str:
-        queued.append(str(placement.destination))
-        return failed
-
-    monkeypatch.setattr(evacuation_children, "_queue_child", queue_child)
-    monkeypatch.setattr(evacuation_children, "admit_waiting", lambda rt: None)
+    queued = recorded_children(monkeypatch, failed)
     for _ in range(3):
         store.r.delete(evacuation_retries_key(ev_id))
         retry_failed(rt, evacuations, evacuations.get(ev_id), store.get(failed))
