@@ -121,6 +121,12 @@ class Tunables(BaseModel):
     # Jobs waiting for a concurrency slot are re-examined this often (and at once whenever a
     # job ends); a worker's evacuations are checked for finished children this often.
     admission_interval: float = Field(default=0.5, gt=0, le=MINUTE_S)
+    # A host's worker checks its own `max_inbound` (prepare) and `max_outbound` (perform)
+    # again, against its ledger and its libvirtd (worker/migration_limits.py). Admission keeps
+    # them, so a phase finds its host full only when a Redis write let too many jobs in, or
+    # for the moment a failed job's booking waits for its rollback: it waits this long (and
+    # looks again every `admission_interval`) before it refuses the job.
+    limit_wait: float = Field(default=30.0, ge=0, le=HOUR_S)
     evacuation_check_interval: float = Field(default=0.5, gt=0, le=MINUTE_S)
     # Once every child has ended, an evacuation confirms through each destination's libvirtd
     # where its domains are. One that cannot be asked (restarting, cut off) is asked again at

@@ -1,5 +1,6 @@
-"""Whether the destination has room for the guest coming in: libvirt's free memory, less what
-the other live jobs booked here, capped by the host's declared limit.
+"""Whether the destination has room for the guest coming in: fewer guests coming in than its
+`max_inbound`, and libvirt's free memory, less what the other live jobs booked here, capped by
+the host's declared limit.
 
 Bookings are kept in Redis, for the planners of every host, and in this host's ledger, which
 no Redis write changes. A ledger booking holds until this host's finish or rollback releases
@@ -13,18 +14,43 @@ from jobs.reservation_read import reserved_by_host
 from jobs.states import TERMINAL
 from jobs.store import JobNotFound
 from worker.host_memory import placement_room_mib
+from worker.migration_limits import named, wait_for_limit
 from worker.runtime import Runtime
 
 
 def take_room(rt: Runtime, job: Job, need: int) -> str | None:
     """Book `need` MiB here in this host's ledger for `job`, or the refusal (nothing booked).
-    The check and the booking are one step (`Ledger.room_held`): two guests arriving at once
-    are never both checked against the room before either is booked."""
-    with rt.ledger.room_held():
-        refusal = memory_refusal(rt, job, need)
-        if refusal is None:
-            rt.ledger.book(job.id, need)
-        return refusal
+    The checks and the booking are one step (`Ledger.room_held`): two guests arriving at once
+    are never both checked against the room before either is booked. A host that already
+    takes `max_inbound` guests is waited for (worker/migration_limits.py); one without the
+    memory refuses at once."""
+    memory: list[str | None] = []
+
+    def attempt() -> str | None:
+        with rt.ledger.room_held():
+            busy = inbound_refusal(rt, job)
+            if busy is None:
+                refusal = memory_refusal(rt, job, need)
+                if refusal is None:
+                    rt.ledger.book(job.id, need)
+                memory.append(refusal)
+            return busy
+
+    busy = wait_for_limit(rt, job, attempt)
+    return busy if busy is not None else memory[-1]
+
+
+def inbound_refusal(rt: Runtime, job: Job) -> str | None:
+    """Why this host cannot take one more guest now (None: it can): its ledger holds
+    bookings for `max_inbound` others, counted as the room is (`booking_over`)."""
+    limit = rt.registry_entry.limits.max_inbound
+    others = [other for other, _ in rt.ledger.booked_jobs(job.id) if not booking_over(rt, other)]
+    if len(others) < limit:
+        return None
+    return (
+        f"{rt.host} already takes {len(others)} guests ({named(others)}); "
+        f"its max_inbound is {limit}"
+    )
 
 
 def memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:

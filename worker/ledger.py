@@ -29,8 +29,6 @@ constructor).
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -41,6 +39,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from jobs.record import SourceFacts
+from worker.ledger_limits import OUTBOUND_LOCK_FILE, LimitRecords, file_lock
 from worker.ledger_operator import OperatorRecords
 
 LEDGER_FILE = "ledger.sqlite3"
@@ -63,6 +62,8 @@ CREATE TABLE IF NOT EXISTS removed_schedules (schedule_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS retries (evacuation_id TEXT NOT NULL, domain TEXT NOT NULL,
                                     taken INTEGER NOT NULL, PRIMARY KEY (evacuation_id, domain));
 CREATE TABLE IF NOT EXISTS maintenance (host TEXT PRIMARY KEY, seen TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbound (job_id TEXT PRIMARY KEY, uuid TEXT NOT NULL,
+                                     since REAL NOT NULL);
 """
 
 
@@ -75,7 +76,7 @@ class LedgerError(Exception):
     """The ledger cannot be opened; the message is one line."""
 
 
-class Ledger(OperatorRecords):
+class Ledger(OperatorRecords, LimitRecords):
     def __init__(self, directory: str) -> None:
         base = Path(directory)
         try:
@@ -86,6 +87,8 @@ class Ledger(OperatorRecords):
             path.chmod(FILE_MODE)
             self._room = base / ROOM_LOCK_FILE
             self._room.touch(mode=FILE_MODE, exist_ok=True)
+            self._outbound = base / OUTBOUND_LOCK_FILE
+            self._outbound.touch(mode=FILE_MODE, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             # Write-ahead log, not synced on each commit (SQLite's synchronous=NORMAL): every
             # write survives the worker's crash, kill -9 included (it is in the kernel's
@@ -216,14 +219,9 @@ class Ledger(OperatorRecords):
         """Held while the destination checks its room for a guest and books it. Without it,
         two guests coming in at once (on the worker's threads, or in a second worker process
         of this host while one drains) are both checked against the room before either is
-        booked, and both fit. A file lock on a descriptor of its own: exclusive between
-        threads and between processes, and released by the kernel if the worker dies."""
-        fd = os.open(self._room, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        booked, and both fit (worker/ledger_limits.py `file_lock`)."""
+        with file_lock(self._room):
             yield
-        finally:
-            os.close(fd)
 
     def book(self, job_id: str, mib: int) -> None:
         """Remember `mib` MiB as booked here for `job_id` (before Redis is told)."""
@@ -237,11 +235,7 @@ class Ledger(OperatorRecords):
     def booked_mib(self, excluding: str, ended: Callable[[str], bool]) -> int:
         """MiB booked here for the other jobs that have not `ended` (an ended job's booking,
         whose release never came, holds nothing, as in Redis)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT job_id, mib FROM bookings WHERE job_id != ?", (excluding,)
-            ).fetchall()
-        return sum(max(int(mib), 0) for job_id, mib in rows if not ended(str(job_id)))
+        return sum(max(mib, 0) for job_id, mib in self.booked_jobs(excluding) if not ended(job_id))
 
     # --- the guest as this host saw it before the migration -----------------------------
 

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from libvirt import virDomain
+
 from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
@@ -19,6 +21,7 @@ from worker.job_end import advance
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import LibvirtError
 from worker.migration_call import build_call, invoke
+from worker.migration_limits import sending
 from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
 from worker.phase_errors import HandedOver, PhaseCancelled, PhaseFailed
@@ -68,6 +71,13 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     aborted = rt.store.abort_requested(job.id)
     if aborted:
         raise PhaseCancelled(f"{aborted} before the migration started; nothing moved")
+    with sending(rt, job, dom.UUIDString()):  # this host's own max_outbound
+        return _migrate(rt, job, dom)
+
+
+def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
+    """The migration itself, from the last checks before libvirt moves the guest."""
+    spec = job.spec
     # Prepare refused a host in maintenance; one disabled since (another evacuation of it)
     # must not receive the guest either: this is the last moment before libvirt moves it.
     refusal = Maintenance(rt.store.r).refusal(spec.dst)

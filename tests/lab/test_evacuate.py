@@ -17,6 +17,7 @@ import pytest
 from config.settings import load_settings
 from jobs.evacuation import Evacuation
 from jobs.host_facts import HostFacts, read_facts
+from jobs.keys import outbound_gate
 from lab.guests import GuestSpec, domain_xml
 from producer.api import Drover, SubmitError
 from tests.support.cli import run_drover
@@ -176,6 +177,50 @@ def test_single_migrations_wait_for_a_slot(
     waiting = [e for e in drover.events(second) if e["event"] == "job.waiting"]
     assert waiting and reason in waiting[0]["reason"]
     assert lab.running_on("idle-1") == ["lab2"] and lab.running_on("idle-2") == ["lab3"]
+
+
+def test_slot_sets_deleted_let_no_host_exceed_its_own_limits(
+    lab: Lab, home: None, limits: Path
+) -> None:
+    """lab1 may send one guest at a time. While it sends dirty-1 (paused, 128 MiB at
+    1 MiB/s: long enough), idle-1 waits for the slot; then the attacker deletes lab1's
+    outbound slot set, and admission lets idle-1 in. lab1's worker counts what it sends
+    itself (its ledger, checked against its libvirtd): idle-1 waits at its perform, and
+    leaves only when dirty-1's migration is over (aborted here). libvirt never shows two
+    guests leaving lab1 at once."""
+    block = "[hosts.lab1.limits]\n"
+    text = limits.read_text()
+    assert block in text
+    limits.write_text(text.replace(block, block + "max_outbound = 1\n"))
+    drover = Drover(load_settings(limits))
+    with LimitsSampler(uris(lab)) as sampler:
+        slow = drover.submit(domain="dirty-1", src="lab1", dst="lab2", live=True, bandwidth_mib=1)
+        wait_for(lambda: drover.job(slow).state.value == "migrating", JOB_TIMEOUT_S, "dirty-1")
+        then = drover.submit(domain="idle-1", src="lab1", dst="lab3", live=True)
+        wait_for(
+            lambda: "lab1 outbound limit 1 reached" in (drover.job(then).waiting_for or ""),
+            JOB_TIMEOUT_S,
+            "idle-1 to wait for lab1's slot",
+        )
+        drover.store.r.delete(outbound_gate("lab1"))  # the attacker, with a Redis password
+
+        def held_by_lab1() -> bool:
+            return any(
+                e["event"] == "job.waiting" and e["host"] == "lab1" for e in drover.events(then)
+            )
+
+        wait_for(held_by_lab1, JOB_TIMEOUT_S, "lab1's worker to hold idle-1 at its perform")
+        assert drover.job(slow).state.value == "migrating"
+        assert lab.running_on("idle-1") == ["lab1"]
+        drover.abort(slow)
+        moved, aborted = drover.wait(then, JOB_TIMEOUT_S), drover.wait(slow, JOB_TIMEOUT_S)
+    assert (moved.state.value, aborted.state.value) == ("succeeded", "cancelled"), moved.reason
+    assert lab.running_on("idle-1") == ["lab3"] and lab.view("lab1", "dirty-1").exists
+    assert sampler.max_outbound["lab1"] == 1, "two guests left lab1 at once"
+    (held,) = [
+        e for e in drover.events(then) if e["event"] == "job.waiting" and e["host"] == "lab1"
+    ]
+    assert held["reason"] == f"lab1 already sends 1 guests ({slow}); its max_outbound is 1"
 
 
 def test_disabled_host_is_never_a_destination(lab: Lab, home: None) -> None:
