@@ -55,15 +55,19 @@ class OperatorRecords:
     # --- maintenance -----------------------------------------------------------------------
 
     def note_disabled(self, host: str, seen: datetime) -> None:
-        """The host was seen disabled at `seen` (this worker's clock); kept from the first
-        look until an enable is accepted (`forget_disabled`)."""
+        """The host was seen disabled at `seen` (this worker's clock): the latest such look is
+        kept until an enable signed after it is accepted (`forget_disabled`). The latest, not
+        the first: an enable signed between two disables (this worker away, or between its
+        looks) ended the first, not the second."""
         with self._lock:
             self._db.execute(
-                "INSERT OR IGNORE INTO maintenance VALUES (?, ?)", (host, seen.isoformat())
+                "INSERT INTO maintenance VALUES (?, ?) ON CONFLICT (host) DO UPDATE "
+                "SET seen = excluded.seen WHERE excluded.seen > maintenance.seen",
+                (host, seen.isoformat()),
             )
 
     def disabled_since(self, host: str) -> datetime | None:
-        """When this worker first saw the host disabled, if it still counts so."""
+        """When this worker last saw the host disabled, if it still counts so."""
         with self._lock:
             row = self._db.execute(
                 "SELECT seen FROM maintenance WHERE host = ?", (host,)

@@ -4,12 +4,14 @@ this worker saw before.
 A disabled host's entry lives in Redis, where anyone with the password can delete it: a
 guest would then land on a host in maintenance (the attacker probe: a migration queued, the
 host disabled, the entry deleted; the guest arrived). So the worker keeps, in its ledger,
-that it saw its host disabled (at its keeper's next tick, or at a destination's prepare), and
+when it last saw its host disabled (at each keeper tick, and at a destination's prepare), and
 holds the host disabled until it reads a `drover host enable` that a trusted key signed after
-that. With signing off (a lab) a deleted entry is an enable, as before.
+that: an enable signed before a later disable (the worker away in between) ends nothing.
+With signing off (a lab) a deleted entry is an enable, as before.
 
 What remains: an entry deleted before this worker first looked (a keeper tick,
-`heartbeat_interval`) is never seen.
+`heartbeat_interval`) is never seen; and an enable signed up to `host_facts_max_skew` before
+the worker's last look still counts (the clocks of two machines).
 """
 
 from __future__ import annotations

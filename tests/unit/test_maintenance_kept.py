@@ -76,3 +76,28 @@ def test_with_signing_off_a_deleted_entry_is_an_enable(
     assert maintenance_refusal(rt) is not None
     store.r.hdel(DISABLED_HOSTS, "kvm1")
     assert maintenance_refusal(rt) is None
+
+
+def test_an_enable_signed_between_two_disables_does_not_end_the_second(
+    rt: Runtime, store: JobStore, settings: Settings
+) -> None:
+    """The operator disables kvm1 (its worker sees it), enables it and, a while later,
+    disables it again, all while the worker is away. Back, it sees the second disable; the
+    entry is then deleted by hand. The enable was signed before the second disable was seen:
+    it ends nothing (attacker probe: the ledger kept the first sighting only, and the old
+    enable counted; a guest landed on the host in its second maintenance)."""
+    maintenance = Maintenance(store.r)
+    maintenance.disable("kvm1", "firmware", by="producer@test")
+    first_look = datetime.now(UTC) - timedelta(minutes=5)
+    rt.ledger.note_disabled("kvm1", first_look)  # the first maintenance, seen then
+    assert maintenance.enable("kvm1", signer_for(settings.security), "producer@test")
+    maintenance.disable("kvm1", "firmware again", by="producer@test")
+    skew = timedelta(seconds=settings.tunables.host_facts_max_skew)
+    back = datetime.now(UTC) + 2 * skew  # the worker back, later than the clocks' skew
+    rt.ledger.note_disabled("kvm1", back)  # what its keeper's tick records
+    assert rt.ledger.disabled_since("kvm1") == back
+    rt.ledger.note_disabled("kvm1", first_look)  # an older look never moves it back
+    assert rt.ledger.disabled_since("kvm1") == back
+    store.r.hdel(DISABLED_HOSTS, "kvm1")  # by hand
+    kept = maintenance_refusal(rt)
+    assert kept is not None and "was signed at" in kept and "before" in kept
