@@ -223,20 +223,28 @@ class EvacuationStore:
         anyone with the password can delete or rewrite it: a child still running must not
         be missed (the evacuation would end under it), nor one ended be taken for one
         never queued. A record that cannot be read is skipped, and its reason returned. Only
-        a domain of the plan has a child, and only a record that is `genuine` (the worker's
-        check of its signed request) is one: a record and a list entry made by hand would
-        end the evacuation under its real child, or hold it open for ever."""
+        a record that is `genuine` (the worker's check of its signed request, which names
+        this evacuation) is one, whatever the plan says: a record and a list entry made by
+        hand would end the evacuation under its real child, or hold it open for ever. With
+        signing off (`genuine` None), only a domain of the plan has a child."""
         found = Children()
         planned = {p.domain for p in ev.plan or []}
+        # Signed, a child needs no plan to vouch for it (the plan is anyone's to rewrite: a
+        # domain taken out of it under its live child would end the evacuation under it);
+        # with signing off, only a domain of the plan has one.
+        signed = genuine is not None
         for domain, job_id in ev.children.items():
-            job = self._child(ev, job_id, found, genuine) if domain in planned else None
+            job = self._child(ev, job_id, found, genuine) if signed or domain in planned else None
             if job is not None and job.spec.domain == domain:
                 found.jobs[domain] = job
         # Every domain of the plan, a destination or not: the plan is anyone's to rewrite too.
         wanted = {p.domain: p for p in ev.plan or [] if p.domain not in found.jobs}
-        for job_id in self._candidates(ev, wanted) if wanted else []:
-            job = self._child(ev, job_id, found, genuine)
-            if job is None or job.spec.domain not in wanted:
+        known = {job.id for job in found.jobs.values()}
+        for job_id in self._candidates(ev, wanted) if wanted or signed else []:
+            job = None if job_id in known else self._child(ev, job_id, found, genuine)
+            if job is None or job.spec.domain in found.jobs:
+                continue
+            if not signed and job.spec.domain not in wanted:
                 continue
             newest = found.refound.get(job.spec.domain)
             if newest is None or (job.created, job.id) > (newest.created, newest.id):
@@ -261,7 +269,8 @@ class EvacuationStore:
         since the evacuation began, whose record names this evacuation as their parent."""
         leases = [domain_lock_key("name", domain) for domain in wanted]
         leases += [domain_lock_key("uuid", p.uuid) for p in wanted.values()]
-        ids = {job_id for job_id in cast(list[str | None], self.r.mget(leases)) if job_id}
+        held = cast(list[str | None], self.r.mget(leases)) if leases else []
+        ids = {job_id for job_id in held if job_id}
         index = jobs_by_host_key(ev.spec.host)
         with shared_key_read(self.r, index, "zset"):
             since = ev.created.timestamp() - CLOCK_SLACK_S

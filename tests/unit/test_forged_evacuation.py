@@ -350,3 +350,23 @@ def test_an_evacuation_set_back_by_hand_neither_ends_nor_queues_under_its_live_c
     assert ev.state is EvacuationState.RUNNING, ev.reason
     assert ev.children == {GUEST: real}
     assert [p.destination for p in ev.plan or []] == ["kvm2"]
+
+
+def test_a_domain_taken_out_of_the_plan_under_its_live_child_does_not_end_the_evacuation(
+    rt: Runtime, store: JobStore, settings: Settings, queued: list[str]
+) -> None:
+    """While the test guest's child migrates, its placement is deleted from the plan and its
+    entry from the list of children (attacker probe, lab 17): the watch found no child and
+    ended the evacuation `partial`, the guest "appeared after planning", while the child went
+    on and landed it. A child signed for this evacuation is one whatever the plan says: the
+    evacuation waits for it."""
+    ev_id = running_evacuation(rt, store, settings)
+    real = signed_child(store, settings, ev_id)
+    store.r.hset(f"{job_key(ev_id)}:children", GUEST, real)
+    store.r.hset(job_key(ev_id), "plan", "[]")  # the plan rewritten without it
+    store.r.delete(f"{job_key(ev_id)}:children")
+    check(rt, ev_id)
+    ev = EvacuationStore(store).get(ev_id)
+    assert ev.state is EvacuationState.RUNNING, ev.reason
+    assert ev.children == {GUEST: real}  # found by its own record, put back in the list
+    assert queued == []
