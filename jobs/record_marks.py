@@ -9,8 +9,19 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 
-from jobs.keys import POSTCOPY_FIELD, claims_key, job_key, phases_key, redispatched_field
+from jobs.keys import (
+    ACTIVE_JOBS,
+    POSTCOPY_FIELD,
+    claims_key,
+    job_key,
+    phases_key,
+    redispatched_field,
+    transitions_key,
+)
+from jobs.model import Transition
+from jobs.prepared_receipt import PREPARED_FIELD
 from jobs.record import MalformedRecord
+from jobs.states import JobState
 
 if TYPE_CHECKING:
     from jobs.replication import ReplicaWait
@@ -30,6 +41,20 @@ def when(raw: str | None) -> datetime | None:
     if found.tzinfo is None:
         raise ValueError(f"{raw[:40]!r} has no UTC offset")
     return found
+
+
+# KEYS[1] record, KEYS[2] history, KEYS[3] active set; ARGV[1] the state the record must be
+# in, ARGV[2] the state it goes back to, ARGV[3] time, ARGV[4] history entry, ARGV[5] reason,
+# ARGV[6] record id. Returns 1 if it went back, 0 if the record is in another state now.
+_REOPEN_LUA = """
+local function is(key, want) return redis.call('TYPE', key)['ok'] == want end
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated', ARGV[3], 'reason', ARGV[5])
+if is(KEYS[2], 'list') or is(KEYS[2], 'none') then redis.call('RPUSH', KEYS[2], ARGV[4]) end
+if is(KEYS[3], 'set') or is(KEYS[3], 'none') then redis.call('SADD', KEYS[3], ARGV[6]) end
+redis.call('PERSIST', KEYS[1])
+return 1
+"""
 
 
 class RecordMarks:
@@ -55,6 +80,24 @@ class RecordMarks:
         if claimed:
             self.replicated()  # the claim and the message's pop before it, on a replica
         return bool(claimed)
+
+    def reopen(
+        self, job_id: str, ended: JobState, target: JobState, *, host: str, reason: str
+    ) -> bool:
+        """Take a record that says it `ended` back to the live `target`, if it still says so:
+        only for an end that libvirt contradicts, which no drover step entered (the caller
+        judges that from its own host: worker/contradicted_end.py). Nothing else of the end
+        is undone; the job's own end, later, gives everything back again."""
+        ts = now()
+        entry = Transition(state=target, at=ts, host=host, reason=reason).model_dump_json()
+        script = self.r.register_script(_REOPEN_LUA)
+        keys = [job_key(job_id), transitions_key(job_id), ACTIVE_JOBS]
+        args = [ended.value, target.value, ts.isoformat(), entry, reason, job_id]
+        return bool(script(keys=keys, args=args))
+
+    def mark_prepared(self, job_id: str, receipt: str) -> None:
+        """The destination's signed receipt of its prepare (jobs/prepared_receipt.py)."""
+        self.r.hset(job_key(job_id), PREPARED_FIELD, receipt)
 
     def claim_of(self, job_id: str, phase: str) -> str | None:
         """The host that claimed `phase` of the job (None: nobody has)."""

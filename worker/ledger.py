@@ -147,6 +147,14 @@ class Ledger(OperatorRecords, LimitRecords):
             cur = self._db.execute("INSERT OR IGNORE INTO claims VALUES (?, ?)", (job_id, phase))
         return cur.rowcount == 1
 
+    def claimed(self, job_id: str, phase: str) -> bool:
+        """Whether this host has claimed `phase` of `job_id` (and not given it back)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM claims WHERE job_id = ? AND phase = ?", (job_id, phase)
+            ).fetchone()
+        return row is not None
+
     def unclaim(self, job_id: str, phase: str) -> None:
         """Give a phase back before a retry (it stopped before changing anything)."""
         with self._lock:

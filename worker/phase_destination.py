@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from config.events import get_logger
 from jobs.model import Job
 from jobs.phases import Side
+from jobs.prepared_receipt import sign_prepared
 from jobs.record import DiskFacts, DomainFacts, Handoff, SourceFacts
+from jobs.request_signing import signer_for
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
+from jobs.store import now
 from worker.compression_support import compression_params, unsupported
 from worker.destination_room import ended_in_redis, memory_refusal, take_room
 from worker.domain_xml_check import checked_xml
@@ -150,6 +153,11 @@ def destination_prepare(rt: Runtime, job: Job) -> JobState | None:
         created_images=created,
         **handoff.as_dict(),
     )
+    # Last: the source's perform migrates only with this host's signed word that it did all
+    # of the above for this guest (jobs/prepared_receipt.py).
+    receipt = sign_prepared(signer_for(rt.settings.security), job.id, rt.host, uuid, now())
+    if receipt is not None:
+        rt.store.mark_prepared(job.id, receipt)
     return JobState.PREPARED
 
 

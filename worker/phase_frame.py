@@ -34,6 +34,7 @@ from jobs.phases import Phase, owner_of
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
 from jobs.workflow import migration_chain
+from worker.contradicted_end import reopened
 from worker.job_end import entered, holds_slots, job_context, job_ended, verified
 from worker.ledger import PhaseMark
 from worker.phase_errors import Dropped
@@ -58,7 +59,7 @@ def execute_phase(
     run = PhaseRun(rt, phase, fn, recovering, attempt)
     job = _load(run, job_id)
     with structlog.contextvars.bound_contextvars(**job_context(job, phase.value)):
-        _admit(run, job)
+        job = _admit(run, job)
         _claim(run, job)
         with _marked(run, job):
             _run(run, job)
@@ -86,11 +87,16 @@ def _load(run: PhaseRun, job_id: str) -> Job:
     return job
 
 
-def _admit(run: PhaseRun, job: Job) -> None:
+def _admit(run: PhaseRun, job: Job) -> Job:
+    """The job, if this phase may run for it (taken back up if libvirt contradicts its end:
+    worker/contradicted_end.py); else Dropped."""
     rt = run.rt
     if job.terminal:
-        log.info("phase.skipped", reason=f"job already {job.state.value}")
-        raise Dropped(job.state.value)
+        taken_up = reopened(rt, job, run.phase)
+        if taken_up is None:
+            log.info("phase.skipped", reason=f"job already {job.state.value}")
+            raise Dropped(job.state.value)
+        job = taken_up
     if job.admitted is None:
         # Only admission starts a job (jobs/admission.py): a message for a job that holds
         # no concurrency slot did not come from drover, and must not take the phase.
@@ -106,6 +112,7 @@ def _admit(run: PhaseRun, job: Job) -> None:
         log.warning("phase.deferred", reason=f"{rt.host}'s worker is shutting down")
         migration_chain(app, job.id, job.spec, start=run.phase).apply_async()
         raise Dropped("draining")
+    return job
 
 
 def _claim(run: PhaseRun, job: Job) -> None:

@@ -13,6 +13,8 @@ from libvirt import virDomain
 from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
+from jobs.prepared_receipt import PREPARED_FIELD, check_prepared
+from jobs.request_signing import SECURITY_REASON, RequestRefused, verifier_for
 from jobs.states import JobState
 from worker.completion import Landing, landing
 from worker.compression_support import unsupported
@@ -71,8 +73,23 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     aborted = rt.store.abort_requested(job.id)
     if aborted:
         raise PhaseCancelled(f"{aborted} before the migration started; nothing moved")
-    with sending(rt, job, dom.UUIDString()):  # this host's own max_outbound
+    uuid = dom.UUIDString()
+    prepared_or_fail(rt, job, uuid)
+    with sending(rt, job, uuid):  # this host's own max_outbound
         return _migrate(rt, job, dom)
+
+
+def prepared_or_fail(rt: Runtime, job: Job, uuid: str) -> None:
+    """The destination's signed receipt that it prepared this job for this guest, or the job
+    fails (`security.rejected`), nothing moved: a job written `prepared` by hand, its prepare
+    never run there, is not migrated (jobs/prepared_receipt.py)."""
+    raw = rt.store.field(job.id, PREPARED_FIELD)
+    try:
+        check_prepared(verifier_for(rt.settings.security), raw, job.id, job.spec.dst, uuid)
+    except RequestRefused as exc:
+        reason = f"{SECURITY_REASON}: {exc}"
+        log.error("security.rejected", reason=reason)
+        raise PhaseFailed(f"{reason}; nothing moved") from None
 
 
 def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:

@@ -159,7 +159,7 @@ def _coming_in(rt: Runtime, job: Job, dom: Domain | None) -> str | None:
         libvirt.VIR_DOMAIN_PAUSED,
         libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
     )
-    if incoming and _incoming_job(dom):
+    if incoming and incoming_job(dom):
         return f"{found.describe()}, its incoming migration job active"
     return None
 
@@ -179,7 +179,7 @@ def _say_kept_postcopy(rt: Runtime, job: Job, shown: str) -> None:
     )
 
 
-def _incoming_job(dom: Domain) -> bool:
+def incoming_job(dom: Domain) -> bool:
     """Whether libvirt runs an incoming migration job on `dom`: it refuses its statistics then
     ("available only on the source host", VIR_ERR_OPERATION_UNSUPPORTED, seen on the lab)."""
     try:

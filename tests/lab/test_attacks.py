@@ -117,7 +117,7 @@ def lab2_blocked(lab: Lab) -> Iterator[None]:
 
 
 def prepared_with_ext_uri(
-    lab: Lab, tmp_path: Path, signer: RequestSigner | None
+    lab: Lab, tmp_path: Path, signer: RequestSigner | None, prepared_on: str | None = None
 ) -> tuple[ForgedJob, Path]:
     """A job "prepared long ago" whose hand-off names a program and an outside address:
     recovery re-sends its perform. The marker file appears if the program ever runs."""
@@ -130,6 +130,7 @@ def prepared_with_ext_uri(
         handoff={"dconnuri": uri, "migrate_uri": "tcp://203.0.113.7:4444"},
         ended_phases=("source_preflight", "destination_prepare"),
         signer=signer,
+        prepared_on=prepared_on,
     )
     return forged, marker
 
@@ -146,9 +147,10 @@ def test_an_unsigned_record_with_an_ext_uri_runs_no_command(
 def test_a_signed_job_goes_where_the_registry_says_whatever_its_handoff_says(
     lab: Lab, guest_home: None, tmp_path: Path
 ) -> None:
-    """A request a producer really signed, its hand-off rewritten in Redis: recovery re-sends
-    perform, which takes the destination URI and address from the registry."""
-    forged, marker = prepared_with_ext_uri(lab, tmp_path, signer=lab_signer(lab))
+    """A request a producer really signed, and lab2's signed receipt of its prepare, its
+    hand-off rewritten in Redis: recovery re-sends perform, which takes the destination URI
+    and address from the registry."""
+    forged, marker = prepared_with_ext_uri(lab, tmp_path, lab_signer(lab), prepared_on="lab2")
     job = ended(lab, forged.id, RECOVERY_S + JOB_TIMEOUT_S)
     assert job.state.value == "succeeded", job.reason
     assert not marker.exists()
@@ -156,6 +158,24 @@ def test_a_signed_job_goes_where_the_registry_says_whatever_its_handoff_says(
     started = [e for e in lab.drover.events(forged.id) if e["event"] == "migration.started"]
     peer = lab.drover.settings.host("lab2").peer_uri
     assert started and started[0]["call"]["dconnuri"] == peer, started
+
+
+def test_a_job_written_prepared_is_not_migrated_without_the_destinations_receipt(
+    lab: Lab, guest_home: None, tmp_path: Path
+) -> None:
+    """A request a producer really signed; its prepare never ran on lab2 (the message taken
+    off lab2's queue, its phase written ended and the job `prepared` by hand: attacker probe).
+    Recovery re-sends perform, which finds no receipt lab2 signed: the job fails, nothing
+    moved (before: the guest went to lab2, which had checked and booked nothing)."""
+    forged, marker = prepared_with_ext_uri(lab, tmp_path, signer=lab_signer(lab))
+    job = ended(lab, forged.id, RECOVERY_S + JOB_TIMEOUT_S)
+    assert job.state.value == "failed", job
+    assert job.reason is not None and job.reason.startswith("security: "), job.reason
+    assert "lab2 never said it prepared this job" in job.reason
+    said = [e["event"] for e in lab.drover.events(forged.id)]
+    assert "security.rejected" in said and "migration.started" not in said
+    assert not marker.exists()
+    untouched(lab)
 
 
 # ---- 2. forged image paths -----------------------------------------------------------------

@@ -251,6 +251,8 @@ def test_a_signed_record_with_forbidden_xml_is_refused_by_the_worker(
         facts=domain_facts(lab, "lab1", guest),
         ended_phases=ended,
         signer=lab_signer(lab),
+        # and lab2's signed word that it prepared it, when the record says so
+        prepared_on="lab2" if "destination_prepare" in ended else None,
     )
     wait_for(lambda: lab.drover.job(forged.id).terminal, RECOVERY_S + JOB_TIMEOUT_S, "the job")
     job = lab.drover.job(forged.id)

@@ -22,6 +22,7 @@ from config.celery import host_queue
 from config.redis_acl import WORKER
 from jobs.admission_head import gate_names
 from jobs.model import PhaseRecord
+from jobs.prepared_receipt import PREPARED_FIELD, sign_prepared
 from jobs.request_signing import MIGRATION_KIND, RequestSigner, signed_record
 from jobs.spec import MigrationSpec
 from jobs.store import ACTIVE_JOBS, JOBS_INDEX, job_key
@@ -93,9 +94,12 @@ def forge_job(
     ended_phases: tuple[str, ...] = (),
     admitted: bool = True,
     signer: RequestSigner | None = None,
+    prepared_on: str | None = None,
 ) -> ForgedJob:
     """A job record written by hand: phases `ended_phases` ended long ago, so recovery takes
-    the job for one whose next phase was never sent. With `signer`, its request is signed."""
+    the job for one whose next phase was never sent. With `signer`, its request is signed;
+    with `prepared_on` too, that host's receipt of its prepare for the guest `facts` names
+    is in it from the start (jobs/prepared_receipt.py)."""
     r = lab.drover.store.r
     job_id = secrets.token_hex(6)
     then = datetime.now(UTC) - LONG_AGO
@@ -123,6 +127,11 @@ def forge_job(
         origin="producer@forger",
         at=then,
     )
+    if prepared_on is not None:
+        uuid = str((facts or {})["uuid"])
+        receipt = sign_prepared(signer, job_id, prepared_on, uuid, then)
+        assert receipt is not None, "a receipt needs the signer"
+        record[PREPARED_FIELD] = receipt
     r.hset(job_key(job_id), mapping=record)
     for phase in ended_phases:
         rec = PhaseRecord(phase=phase, host="forger", started=then, ended=then)
