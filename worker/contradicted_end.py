@@ -19,6 +19,7 @@ from __future__ import annotations
 from config.events import get_logger
 from jobs.model import Job
 from jobs.phases import Phase
+from jobs.request_signing import RequestRefused, check_job, verifier_for
 from jobs.states import JobState
 from worker.libvirt_host import LibvirtError
 from worker.rollback import incoming_job
@@ -33,7 +34,7 @@ def reopened(rt: Runtime, job: Job, phase: Phase) -> Job | None:
     """The job taken back to `finishing` (its record read again), or None: its end stands."""
     if phase is not Phase.FINISH or job.state not in CONTRADICTED:
         return None
-    if not arrived_here(rt, job):
+    if not arrived_here(rt, job) or not _signed(rt, job):
         return None
     spec = job.spec
     reason = (
@@ -44,6 +45,16 @@ def reopened(rt: Runtime, job: Job, phase: Phase) -> Job | None:
         return None  # its record changed meanwhile: judged again on the next message
     log.warning("job.reopened", reason=reason, previous=job.state.value)
     return rt.store.get(job.id)
+
+
+def _signed(rt: Runtime, job: Job) -> bool:
+    """The record's request is one a trusted key signed (as every phase checks next): an
+    unsigned record is never taken back up, whatever this host holds for its id."""
+    try:
+        check_job(verifier_for(rt.settings.security), job)
+    except RequestRefused:
+        return False
+    return True
 
 
 def arrived_here(rt: Runtime, job: Job) -> bool:
