@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from jobs.model import Job
 from jobs.reservation_read import reserved_by_host
-from jobs.states import TERMINAL
 from jobs.store import JobNotFound
 from worker.host_memory import placement_room_mib
+from worker.migration_limits import ended_in_redis as ended_in_redis
 from worker.migration_limits import named, wait_for_limit
 from worker.runtime import Runtime
 
@@ -66,14 +66,6 @@ def memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
         return None
     why = f" ({found})" if isinstance(found, str) else ""
     return f"{job.spec.dst} has {free} MiB free{why}, {job.spec.domain} needs {need} MiB"
-
-
-def ended_in_redis(rt: Runtime, job_id: str) -> bool:
-    """Whether the job's record says it ended (or no record is left)."""
-    try:
-        return rt.store.state(job_id) in TERMINAL
-    except JobNotFound:
-        return True
 
 
 def booking_over(rt: Runtime, job_id: str) -> bool:

@@ -52,12 +52,13 @@ def wait_for_limit(rt: Runtime, job: Job, attempt: Callable[[], str | None]) -> 
         aborted = rt.store.abort_requested(job.id)
         if aborted:
             raise PhaseCancelled(f"{aborted} while it waited ({busy}); nothing moved")
-        if _ended(rt, job.id):
+        if ended_in_redis(rt, job.id):
             log.info("phase.skipped", reason=f"the job ended while it waited ({busy})")
             raise PhaseSkipped("the job ended while it waited for its host's limit")
 
 
-def _ended(rt: Runtime, job_id: str) -> bool:
+def ended_in_redis(rt: Runtime, job_id: str) -> bool:
+    """Whether the job's record says it ended (or no record is left)."""
     try:
         return rt.store.state(job_id) in TERMINAL
     except JobNotFound:
