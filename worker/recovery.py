@@ -178,8 +178,8 @@ def _watch_peer(rt: Runtime, job: Job, step: Step, peer: str) -> None:
     work, or a live worker running this very step; otherwise say why the job waits, and
     mark it `stalled` once it has waited `stall_after`."""
     tunables = rt.settings.tunables
-    if job.state is JobState.STALLED:
-        return
+    if job.state is JobState.STALLED or (job.state is JobState.QUEUED and not job.admitted):
+        return  # in its lane, never admitted: a stall would take it out of the line for good
     if rt.store.alive(peer):
         rt.peers_unseen.pop(peer, None)
         return

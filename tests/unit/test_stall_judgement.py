@@ -11,16 +11,19 @@ own consecutive looks, and the host whose phase runs puts a stalled job back.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from structlog.testing import capture_logs
 
-from jobs.keys import heartbeat_key
+from jobs.keys import heartbeat_key, job_key
 from jobs.phases import Phase
+from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
+from jobs.submission import enqueue
 from tests.support.lab_fixtures import wait_for
 from tests.unit.test_abort_stalled import stalled_in
 from worker import recovery
@@ -118,3 +121,26 @@ def test_a_stalled_job_that_moved_on_meanwhile_is_not_said_put_back(
         recovery._attend(rt, read, step)
     assert store.get(job_id).state is JobState.FINISHING
     assert [e for e in logs if e["event"] == "job.state"] == []
+
+
+def test_a_job_waiting_in_line_is_never_stalled_by_its_sources_absence(
+    quick_stall: None, store: JobStore
+) -> None:
+    """A job queued behind a limit, never admitted, whose source's worker is away: it was
+    marked `stalled`, which took it out of its lane for good (admission drops a head that is
+    not queued), and put back to `queued` when the worker returned, in no lane: queued for
+    ever, its domain refused to any new job (fault probe, lab 18). It waits in line, as it
+    should: nothing is sent to its source before admission. An admitted one, whose first
+    phase waits for that worker, is stalled as before."""
+    waiting = enqueue(store, MigrationSpec(domain="web01", src="kvm1", dst="kvm2"), origin="t")
+    admitted = enqueue(store, MigrationSpec(domain="web02", src="kvm1", dst="kvm2"), origin="t")
+    store.r.hset(job_key(admitted), "admitted", datetime.now(UTC).isoformat())
+    rt = runtime(store, "kvm2")  # any worker's recovery, kvm1's worker unseen
+
+    def stalled() -> bool:
+        recovery.sweep(rt)
+        return store.get(admitted).state is JobState.STALLED
+
+    wait_for(stalled, 5, "the admitted job to be marked stalled")
+    job = store.get(waiting)
+    assert job.state is JobState.QUEUED and job.reason is None, (job.state, job.reason)
