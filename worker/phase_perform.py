@@ -142,11 +142,12 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
         cancel_reason, abort_reason, last = seen.cancel_reason, seen.abort_reason, seen.last
     worker.join()
     migration_ms = round((time.monotonic() - started) * MS_PER_S, 1)
-    if outcome.failed and outcome.unanswered and not rt.libvirt_answers():
-        # This worker's own connection was dropped under the call (the worker stopped past
-        # libvirtd's keepalive, the daemon restarted): libvirtd may still migrate the guest,
-        # or have landed it. No verdict here; recovery settles it from libvirt (fault probe:
-        # such a job said `failed` of a guest running on the destination, or still moving).
+    if outcome.failed and outcome.unanswered:
+        # A connection was dropped under the call (this worker stopped past libvirtd's
+        # keepalive, a daemon restarted): libvirtd may still migrate the guest, or have landed
+        # it. No verdict here; recovery settles it from libvirt on a new connection (fault
+        # probe: such a job said `failed` of a guest running on the destination, or moving).
+        rt.libvirt.reset()
         raise LibvirtUnavailable(
             f"the connection to {rt.host}'s libvirtd was lost under the "
             f"migration call ({outcome.error})"
