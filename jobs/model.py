@@ -145,6 +145,11 @@ class Job(Record):
     transitions: list[Transition] = []
 
     @property
+    def in_line(self) -> bool:
+        """Queued, never admitted, nothing run: it waits in its lane (jobs/lanes.py)."""
+        return self.state.value == "queued" and self.admitted is None and not self.phases
+
+    @property
     def source(self) -> SourceFacts:
         """The source's facts, for a phase that runs after preflight recorded them."""
         if self.facts is None:

@@ -8,13 +8,13 @@ live job it finds the step the job is at, and:
 - a step of this host's that never started although it should have: send it again (phase
   claims drop the copy if the first message turns up after all);
 - a step of another host whose worker has no heartbeat (for `stall_after`, on this process's
-  own consecutive looks too): mark the job `stalled`, with why; its owner puts it back.
+  own consecutive looks too): mark the job `stalled`, with why; its owner puts it back (not
+  a job still in line: a stall would take it out of its lane for good).
 
 How a started step is settled is the phase registry's recovery rule (jobs/phases.py): re-run
-its checks, or, for perform, re-attach (worker/recovery_perform.py). Peer-to-peer migrations
-keep running inside libvirtd while their worker is gone: recovery re-attaches and waits.
-Managed-direct ones are aborted by libvirt when their client dies: recovery finds the guest
-on the source, resumes it if left paused; the destination's rollback removes the copy there.
+its checks, or, for perform, re-attach (worker/recovery_perform.py): peer-to-peer migrations
+run on in libvirtd while their worker is gone; managed-direct ones are aborted by libvirt
+(the guest found on the source, resumed if paused; the destination's rollback cleans up).
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def _watch_peer(rt: Runtime, job: Job, step: Step, peer: str) -> None:
     work, or a live worker running this very step; otherwise say why the job waits, and
     mark it `stalled` once it has waited `stall_after`."""
     tunables = rt.settings.tunables
-    if job.state is JobState.STALLED or (job.state is JobState.QUEUED and not job.admitted):
-        return  # in its lane, never admitted: a stall would take it out of the line for good
+    if job.state is JobState.STALLED or job.in_line:
+        return
     if rt.store.alive(peer):
         rt.peers_unseen.pop(peer, None)
         return
