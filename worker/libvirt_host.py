@@ -88,15 +88,9 @@ _CONNECTION_ERRORS = {
 }
 
 
-# What libvirt says, as an internal error, of a connection the daemon (or its keepalive)
-# dropped under a call: the call's outcome is unknown, not refused.
-_DROPPED_CONNECTION = ("client socket is closed", "received hangup event on socket")
-
-
 def is_connection_error(exc: libvirt.libvirtError) -> bool:
-    message = exc.get_error_message() or str(exc)
-    dropped = any(words in message for words in _DROPPED_CONNECTION)
-    return dropped or exc.get_error_code() in _CONNECTION_ERRORS
+    closed = "client socket is closed" in (exc.get_error_message() or "")
+    return closed or exc.get_error_code() in _CONNECTION_ERRORS
 
 
 def is_gone(exc: libvirt.libvirtError) -> bool:

@@ -15,7 +15,7 @@ from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
 from worker.convergence import ConvergenceEngine, Decision
-from worker.libvirt_host import Domain, LibvirtError, facts, is_connection_error
+from worker.libvirt_host import Domain, LibvirtError, facts
 from worker.libvirt_states import state_reason
 from worker.monitor import MigrationMonitor, Progress
 from worker.runtime import Runtime
@@ -24,9 +24,8 @@ from worker.steering import Action, drain_action
 log = get_logger()
 
 
-def carry_out(dom: Domain, action: Action) -> bool | None:
-    """Abort the migration, as the operator or the drain decided; whether libvirt did (None:
-    this worker's connection was dropped, and libvirt was not asked).
+def carry_out(dom: Domain, action: Action) -> bool:
+    """Abort the migration, as the operator or the drain decided; whether libvirt did.
 
     A refusal (libvirt cannot abort a post-copy migration) is logged and the migration goes
     on.
@@ -36,7 +35,7 @@ def carry_out(dom: Domain, action: Action) -> bool | None:
         dom.abortJob()
     except LibvirtError as exc:
         log.warning("migration.action_failed", action=action.kind, error=exc.get_error_message())
-        return None if is_connection_error(exc) else False
+        return False
     return True
 
 
@@ -111,8 +110,7 @@ def watch_migration(
         elif action.kind == "abort":
             seen.abort_reason = action.reason
         done = carry_out(dom, action)
-        # Unanswered (None), the request stays: recovery carries it out on a new connection.
-        if done is False and action.kind == "cancel":
+        if not done and action.kind == "cancel":
             # The operator's abort cannot be carried out (libvirt refuses to abort a post-copy
             # migration): the migration goes on, and the request is not left pending.
             rt.store.withdraw_abort(job.id)

@@ -21,7 +21,7 @@ from worker.compression_support import unsupported
 from worker.domain_xml_check import checked_xml
 from worker.job_end import advance
 from worker.libvirt_events import CompletionWatch
-from worker.libvirt_host import LibvirtError, LibvirtUnavailable, is_connection_error
+from worker.libvirt_host import LibvirtError
 from worker.migration_call import build_call, invoke
 from worker.migration_limits import sending
 from worker.migration_watch import watch_migration
@@ -42,9 +42,6 @@ class CallOutcome:
 
     failed: bool = False
     error: str | None = None
-    # libvirt's words for a connection dropped under the call (worker/libvirt_host.py): the
-    # migration's outcome is unknown to the call, whatever libvirtd went on to do.
-    unanswered: bool = False
 
 
 # What a call that has not returned counts as: a failure, until the call says otherwise.
@@ -59,7 +56,7 @@ def call_outcome(make_call: Callable[[], None]) -> CallOutcome:
     try:
         make_call()
     except LibvirtError as exc:
-        return CallOutcome(True, exc.get_error_message() or str(exc), is_connection_error(exc))
+        return CallOutcome(True, exc.get_error_message() or str(exc))
     except Exception as exc:
         return CallOutcome(True, str(exc) or type(exc).__name__)
     return CallOutcome()
@@ -118,11 +115,7 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
     def migrate() -> None:
         try:
             done = call_outcome(lambda: invoke(dom, call, rt.libvirt.reach))
-            outcome.failed, outcome.error, outcome.unanswered = (
-                done.failed,
-                done.error,
-                done.unanswered,
-            )
+            outcome.failed, outcome.error = done.failed, done.error
         finally:
             if completion is not None and outcome.failed:
                 completion.close()  # a failed migration completes nothing
@@ -142,16 +135,6 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
         cancel_reason, abort_reason, last = seen.cancel_reason, seen.abort_reason, seen.last
     worker.join()
     migration_ms = round((time.monotonic() - started) * MS_PER_S, 1)
-    if outcome.failed and outcome.unanswered:
-        # A connection was dropped under the call (this worker stopped past libvirtd's
-        # keepalive, a daemon restarted): libvirtd may still migrate the guest, or have landed
-        # it. No verdict here; recovery settles it from libvirt on a new connection (fault
-        # probe: such a job said `failed` of a guest running on the destination, or moving).
-        rt.libvirt.reset()
-        raise LibvirtUnavailable(
-            f"the connection to {rt.host}'s libvirtd was lost under the "
-            f"migration call ({outcome.error})"
-        )
     if outcome.failed and not recover_failed_postcopy(rt, job, call, outcome.error):
         # Not a post-copy (libvirt shows none): the guest is still on the source.
         where = ensure_running_on_source(rt, job) if not spec.offline else "nothing moved"

@@ -14,9 +14,7 @@ from jobs.record import Handoff
 from jobs.spec import MigrationSpec
 from worker.libvirt_host import Domain, LibvirtUnavailable, Opener, UnsafeURI
 from worker.migration_call import MigrationCall, build_call, flag_names, invoke
-from worker.migration_watch import carry_out
 from worker.phase_perform import CallOutcome, call_outcome
-from worker.steering import Action
 
 HANDOFF = Handoff(dconnuri="qemu+tcp://10.0.0.2/system", migrate_uri="tcp://10.0.0.2")
 
@@ -131,37 +129,3 @@ def test_whatever_the_migration_call_raises_is_a_failure_never_a_migration() -> 
     for exc, said in cases:
         outcome = call_outcome(_raising(exc))
         assert outcome.failed and outcome.error is not None and said in outcome.error, exc
-
-
-def test_a_connection_dropped_under_the_call_leaves_its_outcome_unknown() -> None:
-    """A worker stopped past libvirtd's keepalive: libvirtd drops its connection, says
-    "received hangup event on socket" (an internal error) to the call, and goes on migrating.
-    That is no verdict on the migration (the fault probe: such a job said `failed` of a guest
-    libvirt had landed on the destination); a refusal is one."""
-    for words in ("internal error: received hangup event on socket", "client socket is closed"):
-        outcome = call_outcome(_raising(libvirt.libvirtError(words)))
-        assert outcome.failed and outcome.unanswered, words
-    refused = libvirt.libvirtError("operation failed: migration job: unexpectedly failed")
-    assert not call_outcome(_raising(refused)).unanswered
-    assert not call_outcome(_raising(TypeError())).unanswered
-
-
-class _Unreachable:
-    """A domain whose connection libvirtd dropped (or that refuses), for the abort."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def abortJob(self) -> None:
-        raise libvirt.libvirtError(self.message)
-
-
-def test_an_abort_on_a_dropped_connection_is_unanswered_not_refused() -> None:
-    """The operator's abort met the worker's dropped connection: it was taken for libvirt's
-    refusal (a post-copy), withdrawn, and lost, while libvirt went on migrating (fault
-    probe). Unanswered, it stays requested, for recovery's new connection."""
-    cancel = Action("cancel", "aborted by operator")
-    dropped = _Unreachable("internal error: client socket is closed")
-    refused = _Unreachable("Requested operation is not valid: cannot abort migration in post-copy")
-    assert carry_out(cast(Domain, dropped), cancel) is None
-    assert carry_out(cast(Domain, refused), cancel) is False
