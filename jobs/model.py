@@ -143,11 +143,14 @@ class Job(Record):
     result: Result = Result()
     phases: dict[str, PhaseRecord] = {}
     transitions: list[Transition] = []
+    # The destination's signed receipt of its prepare (jobs/prepared_receipt.py): perform
+    # migrates only with it.
+    prepared: str | None = None
 
     @property
     def in_line(self) -> bool:
         """Queued, never admitted, nothing run: it waits in its lane (jobs/lanes.py)."""
-        return self.state.value == "queued" and self.admitted is None and not self.phases
+        return self.state is JobState.QUEUED and self.admitted is None and not self.phases
 
     @property
     def source(self) -> SourceFacts:

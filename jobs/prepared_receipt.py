@@ -18,6 +18,7 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
+from jobs.request_fields import PREPARED_FIELD as PREPARED_FIELD
 from jobs.request_signing import (
     REQUEST_FIELD,
     RequestRefused,
@@ -28,7 +29,6 @@ from jobs.request_signing import (
 )
 
 PREPARED_KIND = "prepared"  # what a destination's receipt is
-PREPARED_FIELD = "prepared"  # the job record's field holding it
 
 
 class Prepared(BaseModel):

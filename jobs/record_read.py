@@ -29,7 +29,7 @@ from jobs.record import (
     MalformedRecord as MalformedRecord,
 )
 from jobs.record_marks import when
-from jobs.request_fields import REQUEST_FIELD
+from jobs.request_fields import PREPARED_FIELD, REQUEST_FIELD
 from jobs.spec import MigrationSpec
 from jobs.states import EvacuationState, JobState
 
@@ -170,6 +170,7 @@ def _job(job_id: str, raw: dict[str, str], phases: dict[str, str], transitions: 
         parent=raw.get("parent"),
         parent_limit=int(raw["parent_limit"]) if raw.get("parent_limit") else None,
         request=raw.get(REQUEST_FIELD),
+        prepared=raw.get(PREPARED_FIELD),
         facts=parse_field(SourceFacts, job_id, "facts", raw.get("facts")),
         handoff=parse_field(Handoff, job_id, "handoff", raw.get("handoff")) or Handoff(),
         policy=parse_field(EffectivePolicy, job_id, "policy", raw.get("policy")),

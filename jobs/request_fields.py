@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 REQUEST_FIELD = "request"
 MIGRATION_KIND = "migration"  # the kind of a migration job's request (and record)
+PREPARED_FIELD = "prepared"  # a job's field holding its destination's signed receipt
 
 # The option of each field of the request models the CLI fills: MigrationSpec (jobs/spec.py),
 # DrainOptions (jobs/drain_options.py), EvacuationSpec (jobs/evacuation_model.py) and their

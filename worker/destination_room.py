@@ -13,7 +13,6 @@ from jobs.model import Job
 from jobs.reservation_read import reserved_by_host
 from jobs.store import JobNotFound
 from worker.host_memory import placement_room_mib
-from worker.migration_limits import ended_in_redis as ended_in_redis
 from worker.migration_limits import named, wait_for_limit
 from worker.runtime import Runtime
 
@@ -28,9 +27,10 @@ def take_room(rt: Runtime, job: Job, need: int) -> str | None:
 
     def attempt() -> str | None:
         with rt.ledger.room_held():
-            busy = inbound_refusal(rt, job)
+            held = held_bookings(rt, job)
+            busy = inbound_refusal(rt, job, held)
             if busy is None:
-                refusal = memory_refusal(rt, job, need)
+                refusal = memory_refusal(rt, job, need, held)
                 if refusal is None:
                     rt.ledger.book(job.id, need)
                 memory.append(refusal)
@@ -40,11 +40,19 @@ def take_room(rt: Runtime, job: Job, need: int) -> str | None:
     return busy if busy is not None else memory[-1]
 
 
-def inbound_refusal(rt: Runtime, job: Job) -> str | None:
+def held_bookings(rt: Runtime, job: Job) -> list[tuple[str, int]]:
+    """The other jobs' bookings in this host's ledger that still hold (`booking_over`), and
+    their MiB: what both the inbound count and the room are judged by."""
+    return [
+        (other, mib) for other, mib in rt.ledger.booked_jobs(job.id) if not booking_over(rt, other)
+    ]
+
+
+def inbound_refusal(rt: Runtime, job: Job, held: list[tuple[str, int]]) -> str | None:
     """Why this host cannot take one more guest now (None: it can): its ledger holds
-    bookings for `max_inbound` others, counted as the room is (`booking_over`)."""
+    bookings for `max_inbound` others."""
     limit = rt.registry_entry.limits.max_inbound
-    others = [other for other, _ in rt.ledger.booked_jobs(job.id) if not booking_over(rt, other)]
+    others = [other for other, _ in held]
     if len(others) < limit:
         return None
     return (
@@ -53,14 +61,18 @@ def inbound_refusal(rt: Runtime, job: Job) -> str | None:
     )
 
 
-def memory_refusal(rt: Runtime, job: Job, need: int) -> str | None:
+def memory_refusal(
+    rt: Runtime, job: Job, need: int, held: list[tuple[str, int]] | None = None
+) -> str | None:
     """Refused when this host cannot give `need` MiB: libvirt's free memory less the other
     jobs' bookings here (Redis's, of live jobs; or this host's own ledger's, held until this
     host releases them, when those are more), capped by the declared limit; bookings that
-    cannot be read leave none, and the refusal says why (jobs/reservation_read.py)."""
+    cannot be read leave none, and the refusal says why (jobs/reservation_read.py). `held`:
+    the ledger's bookings as `held_bookings` just read them (read here without)."""
     found = reserved_by_host(rt.store.r, [rt.host], excluding=job.id)[rt.host]
-    held = rt.ledger.booked_mib(job.id, lambda other: booking_over(rt, other))
-    reserved = max(found, held) if isinstance(found, int) else None
+    bookings = held if held is not None else held_bookings(rt, job)
+    held_mib = sum(max(mib, 0) for _, mib in bookings)
+    reserved = max(found, held_mib) if isinstance(found, int) else None
     free = placement_room_mib(rt.libvirt.conn, reserved, rt.registry_entry.limits.memory_mib)
     if free >= need:
         return None

@@ -240,11 +240,6 @@ class Ledger(OperatorRecords, LimitRecords):
         with self._lock:
             self._db.execute("DELETE FROM bookings WHERE job_id = ?", (job_id,))
 
-    def booked_mib(self, excluding: str, ended: Callable[[str], bool]) -> int:
-        """MiB booked here for the other jobs that have not `ended` (an ended job's booking,
-        whose release never came, holds nothing, as in Redis)."""
-        return sum(max(mib, 0) for job_id, mib in self.booked_jobs(excluding) if not ended(job_id))
-
     # --- the guest as this host saw it before the migration -----------------------------
 
     def remember_facts(self, job_id: str, facts: SourceFacts) -> None:

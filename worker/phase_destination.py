@@ -23,12 +23,13 @@ from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import now
 from worker.compression_support import compression_params, unsupported
-from worker.destination_room import ended_in_redis, memory_refusal, take_room
+from worker.destination_room import memory_refusal, take_room
 from worker.domain_xml_check import checked_xml
 from worker.job_end import advance
 from worker.libvirt_host import facts
 from worker.maintenance_kept import maintenance_refusal
 from worker.migration_call import UnsafeTarget, handoff_for
+from worker.migration_limits import ended_in_redis
 from worker.phase_errors import PhaseFailed, PhaseSkipped
 from worker.phase_source import job_domain
 from worker.precheck import Check, enforce

@@ -13,7 +13,7 @@ from libvirt import virDomain
 from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
-from jobs.prepared_receipt import PREPARED_FIELD, check_prepared
+from jobs.prepared_receipt import check_prepared
 from jobs.request_signing import SECURITY_REASON, RequestRefused, verifier_for
 from jobs.states import JobState
 from worker.completion import Landing, landing
@@ -83,9 +83,9 @@ def prepared_or_fail(rt: Runtime, job: Job, uuid: str) -> None:
     """The destination's signed receipt that it prepared this job for this guest, or the job
     fails (`security.rejected`), nothing moved: a job written `prepared` by hand, its prepare
     never run there, is not migrated (jobs/prepared_receipt.py)."""
-    raw = rt.store.field(job.id, PREPARED_FIELD)
     try:
-        check_prepared(verifier_for(rt.settings.security), raw, job.id, job.spec.dst, uuid)
+        verifier = verifier_for(rt.settings.security)
+        check_prepared(verifier, job.prepared, job.id, job.spec.dst, uuid)
     except RequestRefused as exc:
         reason = f"{SECURITY_REASON}: {exc}"
         log.error("security.rejected", reason=reason)

@@ -105,9 +105,10 @@ def test_perform_fails_the_job_said_so_without_the_destinations_receipt(
     (rejected,) = said(logs, "security.rejected")
     assert "kvm2 never said it prepared this job" in rejected["reason"]
     fleet.store.r.hset(job_key(job_id), PREPARED_FIELD, receipt(fleet, job_id))
-    prepared_or_fail(rt, spec_job, UUID)  # the destination's word: it goes on
+    signed_job = fleet.store.get(job_id)  # the record as the phase frame loads it
+    prepared_or_fail(rt, signed_job, UUID)  # the destination's word: it goes on
     with pytest.raises(PhaseFailed, match="not what was signed"):
-        prepared_or_fail(rt, spec_job, OTHER_UUID)  # another guest than the one it prepared
+        prepared_or_fail(rt, signed_job, OTHER_UUID)  # another guest than the one it prepared
 
 
 def test_nothing_is_signed_or_checked_with_signing_off(store: JobStore) -> None:
