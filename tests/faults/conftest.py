@@ -189,10 +189,12 @@ def settle_jobs(lab: Lab) -> None:
 def dirty_home(lab: Lab) -> Iterator[None]:
     """dirty-1 running on lab1 before the case, paused on lab1 after it."""
     settle_jobs(lab)
+    lab.revive_lost("dirty-1")
     lab.home("dirty-1")
     lab.set_paused("dirty-1", False)
     yield
     settle_jobs(lab)
+    lab.revive_lost("dirty-1")
     lab.home("dirty-1")
     lab.set_paused("dirty-1", True)
 

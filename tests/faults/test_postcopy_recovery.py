@@ -72,9 +72,10 @@ def kept_logs(lab: Lab, request: pytest.FixtureRequest) -> Iterator[None]:
                 shutil.copy(source, target / name / part)
 
 
-def source_state(lab: Lab) -> tuple[int, int] | None:
-    """dirty-1's (state, reason) on lab1 per libvirt; None once it is not defined there."""
-    conn = libvirt.open(lab.uri("lab1"))
+def source_state(lab: Lab, host: str = "lab1") -> tuple[int, int] | None:
+    """dirty-1's (state, reason) on `host` (lab1) per libvirt; None once it is not defined
+    there."""
+    conn = libvirt.open(lab.uri(host))
     try:
         state, reason = conn.lookupByName(DOMAIN).state()
         return int(state), int(reason)
@@ -88,6 +89,21 @@ def source_is(lab: Lab, reason: int) -> Callable[[], bool]:
     return lambda: source_state(lab) == (libvirt.VIR_DOMAIN_PAUSED, reason)
 
 
+def switched_over(lab: Lab) -> bool:
+    """libvirt shows the post-copy on both hosts: paused on lab1, and running on lab2.
+
+    The second half matters: until the destination's libvirtd has run its Finish step (which
+    resumes the guest there, "running (post-copy)"), the incoming copy is still bound to the
+    source libvirtd's connection, and libvirt destroys it when that connection drops (the
+    keepalive of a cut link). A fault injected in that window loses the guest by libvirt's
+    own rule (the job then fails with postcopy.lost), which is not the recovery under test.
+    """
+    return source_is(lab, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)() and source_state(lab, "lab2") == (
+        libvirt.VIR_DOMAIN_RUNNING,
+        libvirt.VIR_DOMAIN_RUNNING_POSTCOPY,
+    )
+
+
 def start_in_postcopy(lab: Lab) -> str:
     """Submit, switch to post-copy once memory is on the wire; return once libvirt shows it.
 
@@ -99,13 +115,16 @@ def start_in_postcopy(lab: Lab) -> str:
     for _ in range(SWITCH_TRIES):
         lab.drover.start_postcopy(job_id)
         try:
-            wait_for(source_is(lab, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY), SWITCH_WAIT_S, "post-copy")
+            wait_for(lambda: switched_over(lab), SWITCH_WAIT_S, "post-copy on both hosts")
             return job_id
         except AssertionError:
             said = [(e["event"], e.get("reason") or e.get("error")) for e in timeline(lab, job_id)]
             log = Path(lab.config).parent / "hosts" / "lab1" / "worker.log"
             tail = [line for line in log.read_text().splitlines() if "postcopy" in line][-5:]
-            print(f"no post-copy yet; lab1 shows {source_state(lab)}; {said}; lab1: {tail}")
+            print(
+                f"no post-copy yet; lab1 shows {source_state(lab)}, lab2 "
+                f"{source_state(lab, 'lab2')}; {said}; lab1: {tail}"
+            )
     raise AssertionError(f"no post-copy after {SWITCH_TRIES} requests; lab1 {source_state(lab)}")
 
 

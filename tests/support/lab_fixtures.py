@@ -128,6 +128,28 @@ class Lab:
             if isinstance(record, Job) and record.spec.domain == domain and not record.terminal:
                 self.drover.wait(record.id, JOB_TIMEOUT_S)
 
+    def revive_lost(self, domain: str, host: str = "lab1") -> bool:
+        """Restart `domain` from its definition on `host` when a failed case left it lost
+        there: paused with its post-copy failed, on no other host, no job moving it (libvirt
+        then still holds the failed migration's job on it, so no resume can run). True when
+        it did; the next case then starts from a running guest, not from the last case's
+        failure."""
+        self.settle(domain)
+        if self.running_on(domain) != [host]:
+            return False
+        conn = libvirt.open(self.uri(host))
+        try:
+            dom = conn.lookupByName(domain)
+            lost = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED)
+            if tuple(dom.state()) != lost or not dom.isPersistent():
+                return False
+            dom.destroy()
+            dom.create()
+        finally:
+            conn.close()
+        print(f"{domain}: lost on {host} by an earlier case (post-copy failed); restarted")
+        return True
+
     def home(self, domain: str, host: str = "lab1") -> None:
         """Bring `domain` back to `host` through drover if a previous test left it elsewhere."""
         self.settle(domain)
