@@ -28,6 +28,7 @@ from lab import sentinel as redis_sentinel
 
 # Re-exported: the lab's record, workers and fault helpers (lab/state, workers, faults).
 from lab.faults import freeze_libvirtd as freeze_libvirtd
+from lab.faults import freeze_worker as freeze_worker
 from lab.faults import kill_worker as kill_worker
 from lab.faults import restart_libvirtd as restart_libvirtd
 from lab.faults import restart_redis as restart_redis
@@ -37,6 +38,7 @@ from lab.faults import start_redis as start_redis
 from lab.faults import stop_libvirtd as stop_libvirtd
 from lab.faults import stop_redis as stop_redis
 from lab.faults import thaw_libvirtd as thaw_libvirtd
+from lab.faults import thaw_worker as thaw_worker
 from lab.kernel import build_dirty_kernel
 from lab.layout import MAX_HOSTS, HostLayout, LabLayout
 from lab.metrics import metrics_lines, metrics_url

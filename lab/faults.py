@@ -1,5 +1,5 @@
-"""Fault injection on the lab: kill a worker, stop Redis or a libvirtd, freeze a libvirtd, cut
-a host's link.
+"""Fault injection on the lab: kill or freeze a worker, stop Redis or a libvirtd, freeze a
+libvirtd, cut a host's link.
 
 Used by the fault suite (tests/faults) and the benchmarks; each helper returns once the fault
 (or the recovery from it) can be seen.
@@ -144,6 +144,22 @@ def freeze_libvirtd(name: str) -> None:
     pid = state.hosts[name].libvirtd_pid
     os.kill(pid, signal.SIGSTOP)
     wait_until(lambda: _run_state(pid) == STOPPED, STOP_SEEN_S, f"{name}'s libvirtd to stop")
+
+
+def freeze_worker(name: str) -> None:
+    """Fault injection: freeze a host's worker (SIGSTOP), as a host thrashing in swap or a
+    debugger would: its libvirtd, and libvirt's migrations, go on without it."""
+    _, state = _loaded()
+    pid = state.hosts[name].worker_pid
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: _run_state(pid) == STOPPED, STOP_SEEN_S, f"{name}'s worker to stop")
+
+
+def thaw_worker(name: str) -> None:
+    """Let a frozen worker run again (SIGCONT; nothing for one that runs or is gone)."""
+    _, state = _loaded()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(state.hosts[name].worker_pid, signal.SIGCONT)
 
 
 def _run_state(pid: int) -> str:

@@ -23,6 +23,7 @@ from worker.job_end import advance
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import LibvirtError
 from worker.migration_call import build_call, invoke
+from worker.migration_carried_on import follow, still_migrating
 from worker.migration_limits import sending
 from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
@@ -134,6 +135,17 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
             raise HandedOver(seen.handed_over)
         cancel_reason, abort_reason, last = seen.cancel_reason, seen.abort_reason, seen.last
     worker.join()
+    carried = still_migrating(rt, job) if outcome.failed and not spec.offline else None
+    if carried is not None:  # the call's error is not libvirt's verdict while it migrates
+        seen, landed_there = follow(rt, job, carried, policy.values, outcome.error)
+        if seen.handed_over is not None:
+            raise HandedOver(seen.handed_over)
+        cancel_reason = cancel_reason or seen.cancel_reason
+        abort_reason = abort_reason or seen.abort_reason
+        last = seen.last or last
+        if landed_there:
+            outcome.failed, outcome.error = False, None
+            completion = None  # its figures: the destination's (this watch was closed)
     migration_ms = round((time.monotonic() - started) * MS_PER_S, 1)
     if outcome.failed and not recover_failed_postcopy(rt, job, call, outcome.error):
         # Not a post-copy (libvirt shows none): the guest is still on the source.
@@ -143,7 +155,7 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
         why = abort_reason or outcome.error
         raise PhaseFailed(f"migration to {spec.dst} failed: {why}; {where}")
     fields = last.as_event_fields() if last else {}
-    landed = Landing() if completion is None else landing(rt, job, completion)
+    landed = Landing() if spec.offline else landing(rt, job, completion)
     result = {"migration_ms": migration_ms, "last_progress": fields}
     rt.store.update(job.id, result=result | landed.result_fields())
     log.info("migration.completed", migration_ms=migration_ms, **landed.event_fields())

@@ -142,6 +142,7 @@ def workers_back(lab: Lab) -> Iterator[None]:
     for name in lab.hosts():
         control.set_link(name, True)
         control.thaw_libvirtd(name)
+        control.thaw_worker(name)
         status = control.status()["hosts"][name]
         if not status["worker_alive"]:
             control.restart_worker(name)

@@ -78,6 +78,10 @@ class Lab:
     def uri(self, host: str) -> str:
         return str(self.status["hosts"][host]["operator_uri"])
 
+    def log_dir(self, host: str) -> Path:
+        """`host`'s log directory (libvirtd.log, qemu/), as its namespace mounts it."""
+        return Path(self.config).parent / "hosts" / host / "log"
+
     def view(self, host: str, domain: str) -> DomainView:
         return view(self.uri(host), domain)
 
