@@ -11,7 +11,9 @@ So a failed call is judged only once libvirt on this host shows no migration job
 guest: while it shows one, perform re-attaches to it (a fresh connection, the same watch
 recovery uses: progress, the policy, the operator's abort, the drain) until libvirt shows
 none, and then libvirt says how it ended. A guest that left this host completed (finish
-then checks it on the destination); one still here failed, as before. A call that returned
+then checks it on the destination); one still here failed, as before. A migration that
+ended before the worker came back (no job left to follow) is judged the same way, with the
+destination asked whether it runs the guest (`landed_anyway`). A call that returned
 over a live connection leaves no job behind (libvirt ends its job before it answers), so
 nothing changes for those: a managed-direct migration whose destination did not answer is
 still failed with libvirt's error, its guest resumed here.
@@ -20,6 +22,7 @@ still failed with libvirt's error, its guest resumed here.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 from config.events import get_logger
 from config.policy_model import MigrationPolicy
@@ -27,16 +30,43 @@ from jobs.model import Job
 from worker.libvirt_host import Domain, LibvirtError, LibvirtUnavailable
 from worker.libvirt_states import StatsUnanswered, migration_stats
 from worker.migration_watch import Watched, watch_migration
-from worker.phase_source import job_domain
+from worker.phase_source import guest_uuid, job_domain
 from worker.runtime import Runtime
 
 log = get_logger()
 
 
+@dataclass(frozen=True)
+class SecondLook:
+    """libvirt's word on a migration whose call returned an error: whether the guest landed
+    all the same, and what the watch saw if one followed the migration."""
+
+    landed: bool = False
+    seen: Watched | None = None
+
+
+def second_look(rt: Runtime, job: Job, policy: MigrationPolicy, error: str | None) -> SecondLook:
+    """Follow the migration while libvirt still runs it, then say whether it landed; with
+    none left to follow, whether it landed while this worker could not hear it."""
+    carried = still_migrating(rt, job)
+    if carried is not None:
+        seen, landed = follow(rt, job, carried, policy, error)
+        return SecondLook(landed, seen)
+    shown = landed_anyway(rt, job)
+    if shown is not None:
+        reason = f"the migration call returned ({error}), but libvirt shows {shown}"
+        log.warning("migration.carried_on", reason=reason)
+        return SecondLook(landed=True)
+    return SecondLook()
+
+
 def still_migrating(rt: Runtime, job: Job) -> Domain | None:
-    """The job's guest, looked up on a connection that answers (reopened once if the one
-    the call used died), when libvirt on this host still shows a migration job on it;
-    None when it shows none, or cannot be asked (the call's error then stands)."""
+    """The job's guest, looked up on a connection that answers, when libvirt on this host
+    still shows a migration job on it; None when it shows none, or cannot be asked (the
+    call's error then stands). A connection closed under the call is known closed by now
+    (libvirt's client marks it), and the runtime opens a new one on the first lookup; the
+    lookup is made twice, never by closing the connection every job of this worker shares
+    (a managed-direct migration on it would be aborted)."""
     for _ in range(2):
         try:
             dom = job_domain(rt, job, job.spec.domain)
@@ -48,8 +78,8 @@ def still_migrating(rt: Runtime, job: Job) -> Domain | None:
                 return dom
         except LibvirtUnavailable:
             return None
-        except LibvirtError:  # a connection that looked alive and was not: once more
-            rt.libvirt.reset()
+        except LibvirtError:  # the closed connection's first use: once more, on a new one
+            continue
     return None
 
 
@@ -68,3 +98,25 @@ def follow(
         return seen, False
     after = job_domain(rt, job, job.spec.domain)
     return seen, after is None or not after.isActive()
+
+
+def landed_anyway(rt: Runtime, job: Job) -> str | None:
+    """After a failed call, with no migration job left here: how libvirt shows the guest
+    moved all the same (the migration ended while this worker could not hear it, frozen
+    past the keepalive), or None. The guest must be gone from this host and the
+    destination's libvirtd must run it; a destination that cannot be reached gets its say
+    in finish, which looks there itself (as recovery goes on once the guest left the
+    source). A guest still here, or one the destination does not run, leaves the call's
+    error standing."""
+    try:
+        here = job_domain(rt, job, job.spec.domain)
+        if here is not None and here.isActive():
+            return None
+    except (LibvirtUnavailable, LibvirtError):
+        return None
+    gone = f"{job.spec.domain} is no longer active on {rt.host}"
+    try:
+        there = rt.libvirt.peer_facts(rt.settings.host(job.spec.dst).peer_uri, guest_uuid(rt, job))
+    except LibvirtUnavailable:
+        return f"{gone}, and {job.spec.dst}'s libvirtd does not answer: finish looks there"
+    return f"{gone} and runs on {job.spec.dst}" if there is not None and there.active else None

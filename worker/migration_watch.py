@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import libvirt
+
 from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
@@ -24,19 +26,25 @@ from worker.steering import Action, drain_action
 log = get_logger()
 
 
-def carry_out(dom: Domain, action: Action) -> bool:
-    """Abort the migration, as the operator or the drain decided; whether libvirt did.
-
-    A refusal (libvirt cannot abort a post-copy migration) is logged and the migration goes
-    on.
+def carry_out(dom: Domain, action: Action) -> bool | None:
+    """Abort the migration, as the operator or the drain decided: True once libvirt did,
+    False when libvirt refused (it cannot abort a post-copy migration), None when libvirt
+    never heard it (the connection under the call was closed: a worker stopped past
+    libvirtd's keepalive). A refusal is logged and the migration goes on.
     """
     log.warning("migration.aborting", reason=action.reason, by=action.kind)
     try:
         dom.abortJob()
     except LibvirtError as exc:
         log.warning("migration.action_failed", action=action.kind, error=exc.get_error_message())
-        return False
+        return None if unheard(exc) else False
     return True
+
+
+def unheard(exc: LibvirtError) -> bool:
+    """An error of the connection itself (libvirt's RPC layer: the socket closed, a keepalive
+    timeout), not an answer of libvirtd's driver: the request never reached it."""
+    return exc.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
 
 
 def carry_out_step(dom: Domain, decision: Decision) -> bool:
@@ -110,7 +118,13 @@ def watch_migration(
         elif action.kind == "abort":
             seen.abort_reason = action.reason
         done = carry_out(dom, action)
-        if not done and action.kind == "cancel":
+        if done is None and action.kind == "cancel":
+            # Never heard by libvirt: not what stopped the migration, if anything does. The
+            # request stays for the watch that follows the migration on a new connection
+            # (worker/migration_carried_on.py), which carries it out.
+            seen.cancel_reason = None
+            log.warning("migration.abort_unheard", reason=action.reason)
+        elif not done and action.kind == "cancel":
             # The operator's abort cannot be carried out (libvirt refuses to abort a post-copy
             # migration): the migration goes on, and the request is not left pending.
             rt.store.withdraw_abort(job.id)

@@ -23,7 +23,7 @@ from worker.job_end import advance
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import LibvirtError
 from worker.migration_call import build_call, invoke
-from worker.migration_carried_on import follow, still_migrating
+from worker.migration_carried_on import second_look
 from worker.migration_limits import sending
 from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
@@ -135,15 +135,15 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
             raise HandedOver(seen.handed_over)
         cancel_reason, abort_reason, last = seen.cancel_reason, seen.abort_reason, seen.last
     worker.join()
-    carried = still_migrating(rt, job) if outcome.failed and not spec.offline else None
-    if carried is not None:  # the call's error is not libvirt's verdict while it migrates
-        seen, landed_there = follow(rt, job, carried, policy.values, outcome.error)
-        if seen.handed_over is not None:
-            raise HandedOver(seen.handed_over)
-        cancel_reason = cancel_reason or seen.cancel_reason
-        abort_reason = abort_reason or seen.abort_reason
-        last = seen.last or last
-        if landed_there:
+    if outcome.failed and not spec.offline:  # libvirt's verdict, not the call's error
+        look = second_look(rt, job, policy.values, outcome.error)
+        if look.seen is not None:
+            if look.seen.handed_over is not None:
+                raise HandedOver(look.seen.handed_over)
+            cancel_reason = cancel_reason or look.seen.cancel_reason
+            abort_reason = abort_reason or look.seen.abort_reason
+            last = look.seen.last or last
+        if look.landed:
             outcome.failed, outcome.error = False, None
             completion = None  # its figures: the destination's (this watch was closed)
     migration_ms = round((time.monotonic() - started) * MS_PER_S, 1)

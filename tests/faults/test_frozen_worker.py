@@ -3,12 +3,15 @@
 libvirtd closes the frozen worker's connection ("connection closed due to keepalive
 timeout") and goes on with the peer-to-peer migration it runs by itself. Thawed, the worker
 finds its migration call returned with that error. The job used to say failed, and ask lab2
-for a rollback, of a guest libvirt was landing on lab2. Now perform follows the migration
-libvirt carries on (`migration.carried_on`) and the job ends as libvirt shows it: succeeded,
-the guest running on lab2 only.
+for a rollback, of a guest libvirt was landing on lab2 (or had landed), and an abort sent
+meanwhile was dropped. Now perform follows the migration libvirt carries on, or sees that it
+landed (`migration.carried_on`), and the job ends as libvirt shows it.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import libvirt
 import pytest
@@ -51,9 +54,16 @@ def speed_up(lab: Lab) -> bool:
         conn.close()
 
 
-def test_a_source_worker_frozen_past_the_keepalive_ends_as_libvirt_shows(lab: Lab) -> None:
+def start_crawling(lab: Lab) -> str:
     job_id = lab.drover.submit(domain=DOMAIN, src="lab1", dst="lab2", live=True, **CRAWLING)
     wait_for(in_transfer(lab, job_id), FAULT_WINDOW_S, "the migration to be in flight")
+    return job_id
+
+
+@contextlib.contextmanager
+def frozen_past_keepalive(lab: Lab) -> Iterator[None]:
+    """lab1's worker frozen until lab1's libvirtd has closed its connection (keepalive),
+    the guest still leaving lab1; thawed when the block ends."""
     closed_before = keepalive_closures(lab, "lab1")
     control.freeze_worker("lab1")
     try:
@@ -62,21 +72,65 @@ def test_a_source_worker_frozen_past_the_keepalive_ends_as_libvirt_shows(lab: La
             KEEPALIVE_SEEN_S,
             "lab1's libvirtd to give its frozen worker up",
         )
-        # libvirt goes on without the worker: the guest still leaving lab1.
-        assert lab.view("lab1", DOMAIN).active
+        assert lab.view("lab1", DOMAIN).active  # libvirt goes on without the worker
+        yield
     finally:
         control.thaw_worker("lab1")
-    wait_for(
-        lambda: "migration.carried_on" in [e["event"] for e in lab.drover.events(job_id)],
-        FAULT_WINDOW_S,
-        "the thawed worker to follow the migration libvirt carried on",
-    )
-    wait_for(lambda: speed_up(lab), FAULT_WINDOW_S, "the cap to be lifted")
+
+
+def events_of(lab: Lab, job_id: str) -> list[str]:
+    return [e["event"] for e in lab.drover.events(job_id)]
+
+
+def landed_on_lab2(lab: Lab, job_id: str) -> None:
+    """The job succeeded, never said failed, rolled nothing back; libvirt shows the guest
+    running on lab2 only."""
     job = finish(lab, job_id, JOB_TIMEOUT_S)
     assert job.state.value == "succeeded", job.reason
     assert_invariants(lab, job, DOMAIN)
     assert lab.running_on(DOMAIN) == ["lab2"]
     assert not lab.view("lab1", DOMAIN).active
     assert "failed" not in [t.state.value for t in job.transitions], job.transitions
-    events = [e["event"] for e in lab.drover.events(job_id)]
-    assert not [e for e in events if e.startswith("rollback.")], events
+    assert not [e for e in events_of(lab, job_id) if e.startswith("rollback.")]
+    assert "migration.carried_on" in events_of(lab, job_id)
+
+
+def test_a_migration_still_running_when_the_worker_thaws_is_followed(lab: Lab) -> None:
+    job_id = start_crawling(lab)
+    with frozen_past_keepalive(lab):
+        pass
+    wait_for(
+        lambda: "migration.carried_on" in events_of(lab, job_id),
+        FAULT_WINDOW_S,
+        "the thawed worker to follow the migration libvirt carried on",
+    )
+    wait_for(lambda: speed_up(lab), FAULT_WINDOW_S, "the cap to be lifted")
+    landed_on_lab2(lab, job_id)
+
+
+def test_a_migration_that_landed_while_the_worker_was_frozen_succeeds(lab: Lab) -> None:
+    """No migration left to follow when the worker thaws: libvirt on both hosts says it
+    landed (fault probe: the job said failed, 'dirty-1 is no longer active on lab1')."""
+    job_id = start_crawling(lab)
+    with frozen_past_keepalive(lab):
+        wait_for(lambda: speed_up(lab), FAULT_WINDOW_S, "the cap to be lifted")
+        wait_for(
+            lambda: lab.running_on(DOMAIN) == ["lab2"],
+            JOB_TIMEOUT_S,
+            "libvirt to land the guest on lab2 without its worker",
+        )
+    landed_on_lab2(lab, job_id)
+
+
+def test_an_abort_sent_while_the_worker_was_frozen_is_carried_out(lab: Lab) -> None:
+    """The operator's abort meets a connection libvirtd closed: it used to be taken for
+    libvirt's refusal and withdrawn, and the migration landed the guest on lab2 under an
+    accepted abort (fault probe). It is carried out once the worker follows again."""
+    job_id = start_crawling(lab)
+    with frozen_past_keepalive(lab):
+        lab.drover.abort(job_id)
+    job = finish(lab, job_id, JOB_TIMEOUT_S)
+    assert job.state.value == "cancelled", job.reason
+    assert_invariants(lab, job, DOMAIN)
+    assert lab.running_on(DOMAIN) == ["lab1"]
+    assert "migration.abort_refused" not in events_of(lab, job_id)
