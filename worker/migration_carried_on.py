@@ -21,16 +21,18 @@ still failed with libvirt's error, its guest resumed here.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
 from worker.libvirt_host import Domain, LibvirtError, LibvirtUnavailable
-from worker.libvirt_states import StatsUnanswered, migration_stats
+from worker.libvirt_states import StatsUnanswered, migration_stats, state_reason
 from worker.migration_watch import Watched, watch_migration
-from worker.phase_source import guest_uuid, job_domain
+from worker.phase_source import job_domain
+from worker.postcopy_recovery import ANSWER_WITHIN_S
+from worker.postcopy_whereabouts import locate
+from worker.recovery_perform import until_postcopy_breaks
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -72,6 +74,8 @@ def still_migrating(rt: Runtime, job: Job) -> Domain | None:
             dom = job_domain(rt, job, job.spec.domain)
             if dom is None:
                 return None
+            if state_reason(dom).in_postcopy:  # the post-copy recovery's to judge, resume
+                return None
             try:
                 return dom if migration_stats(dom) is not None else None
             except StatsUnanswered:  # its job lock is held: by the migration, still running
@@ -93,7 +97,13 @@ def follow(
         reason=f"the migration call returned ({error}) while libvirt still migrates "
         f"{job.spec.domain}: following it until libvirt says how it ends",
     )
-    seen = watch_migration(rt, job, dom, threading.Event(), policy=policy, until_idle=True)
+    # A post-copy that breaks while followed stays listed as a job: nothing left to watch
+    # but a migration to resume, which the post-copy recovery does once the watch ends.
+    broke = until_postcopy_breaks(rt, dom)
+    try:
+        seen = watch_migration(rt, job, dom, broke, policy=policy, until_idle=True)
+    finally:
+        broke.set()
     if seen.handed_over is not None:
         return seen, False
     after = job_domain(rt, job, job.spec.domain)
@@ -103,20 +113,23 @@ def follow(
 def landed_anyway(rt: Runtime, job: Job) -> str | None:
     """After a failed call, with no migration job left here: how libvirt shows the guest
     moved all the same (the migration ended while this worker could not hear it, frozen
-    past the keepalive), or None. The guest must be gone from this host and the
-    destination's libvirtd must run it; a destination that cannot be reached gets its say
-    in finish, which looks there itself (as recovery goes on once the guest left the
-    source). A guest still here, or one the destination does not run, leaves the call's
-    error standing."""
+    past the keepalive), or None.
+
+    Landed: gone from this host and running on the destination, not hung in a post-copy
+    (`Whereabouts.landed`). A guest in a post-copy, running or broken, is the post-copy
+    recovery's to judge. A destination that cannot be reached, for a guest gone from here
+    with no post-copy recorded, gets its say in finish, which looks there itself (as
+    recovery goes on once the guest left the source). Anything else leaves the call's error
+    standing."""
     try:
-        here = job_domain(rt, job, job.spec.domain)
-        if here is not None and here.isActive():
-            return None
+        seen = locate(rt, job, ANSWER_WITHIN_S)
     except (LibvirtUnavailable, LibvirtError):
         return None
-    gone = f"{job.spec.domain} is no longer active on {rt.host}"
-    try:
-        there = rt.libvirt.peer_facts(rt.settings.host(job.spec.dst).peer_uri, guest_uuid(rt, job))
-    except LibvirtUnavailable:
-        return f"{gone}, and {job.spec.dst}'s libvirtd does not answer: finish looks there"
-    return f"{gone} and runs on {job.spec.dst}" if there is not None and there.active else None
+    if seen.in_postcopy:
+        return None
+    if seen.landed:
+        return seen.describe()
+    gone = seen.source is None or not seen.source.active
+    if gone and not seen.reachable and rt.store.get(job.id).postcopy_since is None:
+        return f"{seen.describe()}: finish looks at {job.spec.dst} itself"
+    return None

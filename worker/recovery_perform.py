@@ -61,7 +61,7 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
     cancelled = aborted = None
     if dom is not None and not _postcopy_broke(dom, job):
         policy = job_policy(rt, job, dom).values
-        broke = _until_postcopy_breaks(rt, dom)
+        broke = until_postcopy_breaks(rt, dom)
         try:
             seen = watch_migration(rt, job, dom, broke, policy=policy, until_idle=True)
         finally:
@@ -109,7 +109,7 @@ def _completed(rt: Runtime, job: Job) -> bool:
     return True
 
 
-def _until_postcopy_breaks(rt: Runtime, dom: Domain) -> threading.Event:
+def until_postcopy_breaks(rt: Runtime, dom: Domain) -> threading.Event:
     """An event set once libvirt shows the re-attached migration's post-copy failed (a job
     libvirt may still list then, with nothing left to watch but a migration to resume)."""
     broke = threading.Event()
