@@ -16,7 +16,9 @@ ended before the worker came back (no job left to follow) is judged the same way
 destination asked whether it runs the guest (`landed_anyway`). A call that returned
 over a live connection leaves no job behind (libvirt ends its job before it answers), so
 nothing changes for those: a managed-direct migration whose destination did not answer is
-still failed with libvirt's error, its guest resumed here.
+still failed with libvirt's error, its guest resumed here. The exception is a post-copy
+that broke, which libvirt keeps listed: any guest libvirt shows in a post-copy is left to
+the post-copy recovery (worker/postcopy_recovery.py), which resumes it or says it is lost.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from config.policy_model import MigrationPolicy
 from jobs.model import Job
 from worker.libvirt_host import Domain, LibvirtError, LibvirtUnavailable
 from worker.libvirt_states import StatsUnanswered, migration_stats, state_reason
-from worker.migration_watch import Watched, watch_migration
+from worker.migration_watch import Watched
 from worker.phase_source import job_domain
 from worker.postcopy_recovery import ANSWER_WITHIN_S
 from worker.postcopy_whereabouts import locate
-from worker.recovery_perform import until_postcopy_breaks
+from worker.recovery_perform import watch_until_idle
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -97,13 +99,7 @@ def follow(
         reason=f"the migration call returned ({error}) while libvirt still migrates "
         f"{job.spec.domain}: following it until libvirt says how it ends",
     )
-    # A post-copy that breaks while followed stays listed as a job: nothing left to watch
-    # but a migration to resume, which the post-copy recovery does once the watch ends.
-    broke = until_postcopy_breaks(rt, dom)
-    try:
-        seen = watch_migration(rt, job, dom, broke, policy=policy, until_idle=True)
-    finally:
-        broke.set()
+    seen = watch_until_idle(rt, job, dom, policy)
     if seen.handed_over is not None:
         return seen, False
     after = job_domain(rt, job, job.spec.domain)

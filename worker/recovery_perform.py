@@ -24,7 +24,7 @@ from worker.job_end import fail_job
 from worker.libvirt_host import Domain, LibvirtError
 from worker.libvirt_states import state_reason
 from worker.migration_call import build_call
-from worker.migration_watch import watch_migration
+from worker.migration_watch import Watched, watch_migration
 from worker.phase_destination import handoff_or_fail
 from worker.phase_source import guest_uuid, job_domain, resume_if_left_paused, still_here
 from worker.policy_source import job_policy
@@ -61,11 +61,7 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
     cancelled = aborted = None
     if dom is not None and not _postcopy_broke(dom, job):
         policy = job_policy(rt, job, dom).values
-        broke = until_postcopy_breaks(rt, dom)
-        try:
-            seen = watch_migration(rt, job, dom, broke, policy=policy, until_idle=True)
-        finally:
-            broke.set()
+        seen = watch_until_idle(rt, job, dom, policy)
         if seen.handed_over is not None:
             # The worker drains: libvirtd carries on, and the host's next worker recovers it.
             log.warning("phase.handed_over", reason=seen.handed_over)
@@ -107,6 +103,17 @@ def _completed(rt: Runtime, job: Job) -> bool:
     rt.store.update(job.id, result=landed.result_fields())
     log.info("migration.completed", recovered=True, **landed.event_fields())
     return True
+
+
+def watch_until_idle(rt: Runtime, job: Job, dom: Domain, policy: MigrationPolicy) -> Watched:
+    """Watch a migration this call did not start until libvirt shows no job on `dom`, or its
+    post-copy breaks (a failed post-copy stays listed as a job: nothing left to watch but a
+    migration to resume, which the post-copy recovery does once the watch ends)."""
+    broke = until_postcopy_breaks(rt, dom)
+    try:
+        return watch_migration(rt, job, dom, broke, policy=policy, until_idle=True)
+    finally:
+        broke.set()
 
 
 def until_postcopy_breaks(rt: Runtime, dom: Domain) -> threading.Event:
