@@ -135,7 +135,7 @@ def start_sentinels(lab: LabLayout, passwords: Mapping[str, str]) -> list[int]:
     return pids
 
 
-def _ask(port: int, password: str) -> redis.Redis:
+def ask_sentinel(port: int, password: str) -> redis.Redis:
     return redis.Redis(
         host="127.0.0.1",
         port=port,
@@ -156,7 +156,7 @@ def _replicas(client: redis.Redis) -> list[dict[str, str]]:
 def _sees_replica(port: int, password: str) -> bool:
     """The sentinel sees the replica in sync and the other sentinels: it can fail over."""
     try:
-        with _ask(port, password) as client:
+        with ask_sentinel(port, password) as client:
             replicas = _replicas(client)
             others = len(client.execute_command("SENTINEL", "SENTINELS", MASTER_NAME))
     except redis.RedisError:
@@ -169,7 +169,7 @@ def master_port(state: LabState) -> int | None:
     """The port of the node the sentinels call master now (None if none answers)."""
     for port in LabLayout.from_env().sentinel_ports:
         try:
-            with _ask(port, state.sentinel_password) as client:
+            with ask_sentinel(port, state.sentinel_password) as client:
                 found = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)
         except redis.RedisError:
             continue
@@ -185,7 +185,7 @@ def settled_master(state: LabState) -> int | None:
     named = set()
     for port in LabLayout.from_env().sentinel_ports:
         try:
-            with _ask(port, state.sentinel_password) as client:
+            with ask_sentinel(port, state.sentinel_password) as client:
                 row = client.execute_command("SENTINEL", "MASTER", MASTER_NAME)
         except redis.RedisError:
             return None
@@ -200,7 +200,7 @@ def replica_in_sync(state: LabState, port: int) -> bool:
     """Every sentinel sees the node on `port` as a replica whose link to the master is up."""
     for sentinel_port in LabLayout.from_env().sentinel_ports:
         try:
-            with _ask(sentinel_port, state.sentinel_password) as client:
+            with ask_sentinel(sentinel_port, state.sentinel_password) as client:
                 replicas = _replicas(client)
         except redis.RedisError:
             return False
@@ -220,7 +220,7 @@ def replica_views(state: LabState, port: int) -> str:
     views = []
     for sentinel_port in LabLayout.from_env().sentinel_ports:
         try:
-            with _ask(sentinel_port, state.sentinel_password) as client:
+            with ask_sentinel(sentinel_port, state.sentinel_password) as client:
                 rows = [r for r in _replicas(client) if int(r["port"]) == port]
         except redis.RedisError as exc:
             views.append(f"sentinel {sentinel_port}: {exc}")
