@@ -1,8 +1,8 @@
 """The operator's control of a running migration: `drover tune` and `drover force-complete`.
 
 A task message carries only a job id (config/security.py), so a tune request's numbers travel
-beside it in Redis: the producer pushes a `TuneRequest` onto the job's tune list
-(jobs/keys.py `tune_key`) and sends one task per request; the source worker pops one per task
+beside it in Redis: the producer puts a `TuneRequest` in the job's tune hash (jobs/keys.py
+`tune_key`) under the id of the task it sends for it; the source worker takes its task's own
 and validates it again against the same bounds (config/policy_model.py) before libvirt sees a
 number. Whoever can write to Redis can change a request's numbers, never beyond those bounds,
 and cannot make a worker act without a (signed) task message.
@@ -77,19 +77,33 @@ def not_migrating(job: Job, what: str) -> str | None:
     return f"job {job.id} is {job.state.value}, not migrating: nothing to {what}"
 
 
-def push_tune(r: redis.Redis, job_id: str, request: TuneRequest, ttl_s: float) -> None:
-    """Put a request in line for the source worker (kept no longer than a task message)."""
+def push_tune(
+    r: redis.Redis, job_id: str, request_id: str, request: TuneRequest, ttl_s: float
+) -> None:
+    """Put a request beside its task (`request_id`, the task's id), for the source worker
+    (kept no longer than a task message)."""
     key = tune_key(job_id)
     with r.pipeline(transaction=True) as p:
-        p.rpush(key, request.model_dump_json())
+        p.hset(key, request_id, request.model_dump_json())
         p.expire(key, max(1, round(ttl_s)))
         p.execute()
 
 
-def pop_tune(r: redis.Redis, job_id: str) -> TuneRequest | None:
-    """The oldest request in line (None when there is none), validated again here:
-    BadControlRequest when what Redis holds is not a valid request."""
-    raw = cast(str | bytes | None, r.lpop(tune_key(job_id)))
+def pop_tune(r: redis.Redis, job_id: str, request_id: str) -> TuneRequest | None:
+    """The request of the task `request_id` (None when there is none), taken and validated
+    again here: BadControlRequest when what Redis holds is not a valid request.
+
+    Each task takes its own request: several `drover tune` at once each get the answer to
+    what they asked (a probe's six concurrent tunes, taken oldest first, told one caller of
+    another's figures)."""
+    key = tune_key(job_id)
+    try:
+        with r.pipeline(transaction=True) as p:
+            p.hget(key, request_id)
+            p.hdel(key, request_id)
+            raw = cast(str | bytes | None, p.execute()[0])
+    except redis.ResponseError as exc:  # not a hash: written by hand
+        raise BadControlRequest(f"the tune requests cannot be read: {exc}") from None
     if raw is None:
         return None
     try:

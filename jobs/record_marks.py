@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, cast
 import redis
 
 from jobs.keys import (
+    ABORT_FIELD,
     ACTIVE_JOBS,
     POSTCOPY_FIELD,
     claims_key,
@@ -54,6 +55,15 @@ if is(KEYS[2], 'list') or is(KEYS[2], 'none') then redis.call('RPUSH', KEYS[2], 
 if is(KEYS[3], 'set') or is(KEYS[3], 'none') then redis.call('SADD', KEYS[3], ARGV[6]) end
 redis.call('PERSIST', KEYS[1])
 return 1
+"""
+
+# KEYS[1] record; ARGV[1] the abort field, ARGV[2] the post-copy field, ARGV[3] time. Returns
+# the abort's reason (nothing marked) or nil (marked).
+_MARK_UNLESS_ABORTING_LUA = """
+local asked = redis.call('HGET', KEYS[1], ARGV[1])
+if asked then return asked end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+return false
 """
 
 
@@ -119,19 +129,38 @@ class RecordMarks:
             p.execute()
 
     def request_abort(self, job_id: str, reason: str) -> None:
-        self.r.hset(job_key(job_id), "abort_requested", reason)
+        self.r.hset(job_key(job_id), ABORT_FIELD, reason)
 
     def withdraw_abort(self, job_id: str) -> None:
         """Take back an abort request that cannot be carried out."""
-        self.r.hdel(job_key(job_id), "abort_requested")
+        self.r.hdel(job_key(job_id), ABORT_FIELD)
 
     def abort_requested(self, job_id: str) -> str | None:
-        return self.field(job_id, "abort_requested")
+        return self.field(job_id, ABORT_FIELD)
 
     def mark_postcopy(self, job_id: str) -> None:
         """Record that libvirt switched the job's migration to post-copy: from then on it
         cannot be aborted (the guest already runs on the destination), and `abort` says so."""
         self.r.hset(job_key(job_id), POSTCOPY_FIELD, now().isoformat())
+
+    def mark_postcopy_unless_aborting(self, job_id: str) -> str | None:
+        """Mark the job switching to post-copy unless an abort is requested, in one step; the
+        abort's reason when one is (nothing marked). `abort` requests first and then reads
+        this mark (jobs/abort.py): of an abort and a switch asked at the same moment, at
+        least one side sees the other, so an accepted abort never turns into a move."""
+        asked = self.r.eval(
+            _MARK_UNLESS_ABORTING_LUA,
+            1,
+            job_key(job_id),
+            ABORT_FIELD,
+            POSTCOPY_FIELD,
+            now().isoformat(),
+        )
+        return None if asked is None else str(asked)
+
+    def unmark_postcopy(self, job_id: str) -> None:
+        """Take back a post-copy mark made for a switch libvirt then refused."""
+        self.r.hdel(job_key(job_id), POSTCOPY_FIELD)
 
     def mark_redispatched(self, job_id: str, phase: str) -> None:
         self.r.hset(job_key(job_id), redispatched_field(phase), now().isoformat())

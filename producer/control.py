@@ -63,12 +63,14 @@ class ControlRequests:
         problem = postcopy_off(job, request)
         if problem is not None:
             raise SubmitError(problem)
-        return self._ask(job, TUNE_TASK, "tune", lambda: self._push(job_id, request))
+        return self._ask(
+            job, TUNE_TASK, "tune", lambda task_id: self._push(job_id, task_id, request)
+        )
 
     def force_complete(self, job_id: str) -> str:
         """Finish a running migration now (post-copy where allowed, else pause the guest)."""
         job = self._migrating(job_id, "force-complete")
-        return self._ask(job, FORCE_COMPLETE_TASK, "force-complete", lambda: None)
+        return self._ask(job, FORCE_COMPLETE_TASK, "force-complete", lambda _: None)
 
     def _migrating(self, job_id: str, what: str) -> Job:
         job = self.store.get(job_id)
@@ -77,15 +79,15 @@ class ControlRequests:
             raise SubmitError(reason)
         return job
 
-    def _push(self, job_id: str, request: TuneRequest) -> None:
-        push_tune(self.store.r, job_id, request, self.settings.tunables.message_ttl)
+    def _push(self, job_id: str, task_id: str, request: TuneRequest) -> None:
+        push_tune(self.store.r, job_id, task_id, request, self.settings.tunables.message_ttl)
 
-    def _ask(self, job: Job, task: str, what: str, before: Callable[[], None]) -> str:
+    def _ask(self, job: Job, task: str, what: str, before: Callable[[str], None]) -> str:
         """Send the request and wait for the worker's answer; its line, or SubmitError with
         the worker's refusal, or TimeoutError when no answer came in time."""
         after = self.store.newest_event_id(job.id)
         request_id = uuid.uuid4().hex
-        before()
+        before(request_id)
         src = job.spec.src
         self.send(
             self.app.signature(task, args=(job.id,), queue=host_queue(src), task_id=request_id)

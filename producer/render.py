@@ -87,12 +87,30 @@ def _event_line(ev: dict[str, Any]) -> str:
     return f"{head}  {details}".rstrip()
 
 
+# What an operator's step (`by` = operator) carries instead of the policy's figures: the
+# values a tune set, or what libvirt showed when force-complete acted (docs/events.md).
+OPERATOR_FIGURES = (
+    "bandwidth_mib",
+    "postcopy_bandwidth_mib",
+    "max_downtime_ms",
+    "data_remaining",
+    "memory_iteration",
+    "memory_dirty_rate",
+    "memory_bandwidth",
+    "time_elapsed_ms",
+)
+
+
 def policy_step_text(ev: dict[str, Any]) -> str:
-    """A policy decision as a line: the action, why, and the figures it looked at."""
-    figures = (
-        f"{ev.get('remaining_mib')} MiB left, {ev.get('dirty_mib_s', '-')} MiB/s dirtied, "
-        f"{ev.get('transfer_mib_s')} MiB/s sent, pass {ev.get('iteration')}"
-    )
+    """A policy decision as a line: the action, why, and the figures it looked at (an
+    operator's step: the values it set, or what libvirt showed)."""
+    if ev.get("by") == "operator":
+        figures = " ".join(f"{k}={ev[k]}" for k in OPERATOR_FIGURES if ev.get(k) is not None)
+    else:
+        figures = (
+            f"{ev.get('remaining_mib')} MiB left, {ev.get('dirty_mib_s', '-')} MiB/s dirtied, "
+            f"{ev.get('transfer_mib_s')} MiB/s sent, pass {ev.get('iteration')}"
+        )
     done = "" if ev.get("done", True) else f" (libvirt refused: {ev.get('error')})"
     allowed = f" -> {ev['downtime_ms']} ms" if ev.get("downtime_ms") is not None else ""
     skipped = f"; passed over {_joined(ev['skipped'], '; ')}" if ev.get("skipped") else ""

@@ -65,6 +65,8 @@ class Decision:
         return fields
 
 
+# The fleet's limit on any migration's duration: the one trigger that outlasts the policy.
+HARD_LIMIT = "hard_limit"
 TERMINAL_ACTIONS = {PolicyAction.POSTCOPY, PolicyAction.SUSPEND, PolicyAction.ABORT}
 
 
@@ -120,7 +122,7 @@ class ConvergenceEngine:
                 f"migration still not converged after {self.max_duration_s:.0f}s "
                 f"({p.data_remaining // MIB} MiB remaining): the fleet's migration_timeout"
             )
-            return Decision("abort", "hard_limit", reason, _figures(p))
+            return Decision("abort", HARD_LIMIT, reason, _figures(p))
         if self.finished:
             return None
         first = self.start(p)
@@ -158,7 +160,9 @@ class ConvergenceEngine:
     def dirty_rate(self, p: Progress) -> int:
         """Bytes dirtied per second over the last pass: what is left over how long the pass
         took, or libvirt's own figure if higher."""
-        per_pass = p.data_remaining * MS_PER_S // max(1, self.previous_pass_ms)
+        if self.previous_pass_ms <= 0:  # no pass has ended yet: libvirt's figure alone
+            return p.dirty_bytes_per_s
+        per_pass = p.data_remaining * MS_PER_S // self.previous_pass_ms
         return max(p.dirty_bytes_per_s, per_pass)
 
     def _trigger(self, p: Progress, new_pass: bool) -> tuple[str, str] | None:

@@ -83,6 +83,13 @@ def state_reason(dom: Domain) -> StateReason:
     return StateReason(int(state), int(reason))
 
 
+def paused_by_user(found: StateReason) -> bool:
+    """Paused on request (`virsh suspend`, `virDomainSuspend`: a force-complete's or a
+    policy's pause), not by the migration itself nor by an error."""
+    paused = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
+    return (found.state, found.reason) == paused
+
+
 def paused_for_postcopy(dom: Domain) -> bool:
     """Whether `dom` is a source paused by post-copy (running or failed): resume() on it
     blocks for libvirt's job timeout and fails, and would be wrong anyway."""

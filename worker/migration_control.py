@@ -26,6 +26,7 @@ from worker.libvirt_states import StatsUnanswered, migration_stats
 from worker.phase_errors import PhaseFailed
 from worker.phase_source import job_domain
 from worker.policy_source import job_policy
+from worker.postcopy_switch import operator_switch, refuse_if_aborting
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -96,10 +97,10 @@ def _step(action: str, reason: str, **figures: Any) -> None:
     log.info("policy.step", action=action, by=OPERATOR, reason=reason, **figures)
 
 
-def tune(rt: Runtime, job: Job) -> None:
-    """Apply the oldest tune request of the job to its running migration."""
+def tune(rt: Runtime, job: Job, request_id: str) -> None:
+    """Apply the tune request of the task `request_id` to the job's running migration."""
     try:
-        request = pop_tune(rt.store.r, job.id)
+        request = pop_tune(rt.store.r, job.id, request_id)
     except BadControlRequest as exc:
         raise PhaseFailed(str(exc)) from None
     if request is None:
@@ -157,6 +158,7 @@ def force_complete(rt: Runtime, job: Job) -> None:
     """Finish the migration now: switch to post-copy when the job's effective policy allows it
     and libvirt's migration was started with post-copy allowed, else suspend the guest."""
     dom, stats = migrating_domain(rt, job, "force-complete")
+    refuse_if_aborting(rt, job, "force-completed")
     seen = {field: stats[name] for name, field in LOOKED_AT.items() if name in stats}
     state, reason = dom.state()
     in_postcopy = (
@@ -170,7 +172,7 @@ def force_complete(rt: Runtime, job: Job) -> None:
     why_not = f"policy {policy.name} forbids post-copy"
     if policy.values.allow_postcopy:
         try:
-            dom.migrateStartPostCopy()
+            operator_switch(rt, job, dom, "force-completed")
         except LibvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
                 raise PhaseFailed(
@@ -179,8 +181,6 @@ def force_complete(rt: Runtime, job: Job) -> None:
             # Not started with VIR_MIGRATE_POSTCOPY (or not switchable): pause instead.
             why_not = f"libvirt cannot switch to post-copy: {exc.get_error_message()}"
         else:
-            rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
-            log.info("migration.postcopy_started")
             _step("postcopy", f"force-complete: policy {policy.name} allows post-copy", **seen)
             return
     try:

@@ -18,9 +18,15 @@ from dataclasses import replace
 from typing import Any
 
 from config.events import get_logger
-from worker.convergence import ConvergenceEngine, Decision
-from worker.libvirt_host import Domain
-from worker.libvirt_states import StatsUnanswered, migration_stats, paused_for_switchover
+from worker.convergence import HARD_LIMIT, ConvergenceEngine, Decision
+from worker.libvirt_host import Domain, LibvirtError
+from worker.libvirt_states import (
+    StatsUnanswered,
+    migration_stats,
+    paused_by_user,
+    paused_for_switchover,
+    state_reason,
+)
 from worker.progress import STAGE_ORDER, Stage
 from worker.progress import Progress as Progress
 from worker.steering import CONTINUE, Action
@@ -91,12 +97,16 @@ class MigrationMonitor:
         self.handed_over: Action | None = None
         self.abort_check_failing = False
         self.unanswered = False
+        # Paused by someone (`virsh suspend`) before this watch began: the policy goes on.
+        self.paused_before: bool | None = None
+        self.stood_down = False  # the operator's force-complete paused the guest
 
     def run(self, finished: threading.Event) -> None:
         """Sample until `finished` is set (the migration call returned), or with `until_idle`
         until libvirt shows no migration job; a report every interval."""
         started = time.monotonic()
         reported = float("-inf")
+        self._look()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstats") as pool:
             pending: Future[dict[str, Any] | None] | None = None
             # Half a tick waiting, at most half for the sample.
@@ -131,6 +141,8 @@ class MigrationMonitor:
                 pending = None
                 if stats is None and self.until_idle:
                     return
+                if due:
+                    self._look()
                 progress = self._progress(stats, started)
                 if due:
                     reported = time.monotonic()
@@ -214,6 +226,9 @@ class MigrationMonitor:
         decision = self.engine.decide(progress)
         if decision is None:
             return
+        self._look()  # what libvirt shows now, right before acting on it
+        if self.postcopy or (self.stood_down and decision.trigger != HARD_LIMIT):
+            return
         if decision.action == "postcopy" and (reason := self._abort_reason()):
             # The operator's abort, asked since the last report, comes first: once switched,
             # a post-copy cannot be aborted, and the accepted abort would turn into a move.
@@ -226,6 +241,43 @@ class MigrationMonitor:
             # post-copy that follows is the stage now.
             self.postcopy = True
             self.reached = "postcopy"
+
+    def _look(self) -> None:
+        """What libvirt shows the guest as, beside the statistics: switched to post-copy by
+        someone else than this monitor (the operator's `drover postcopy` or force-complete),
+        or paused while it migrates (force-complete, where post-copy is not allowed).
+
+        A probe found the monitor unaware of the operator's switch: it went on asking for
+        pre-copy figures, and the policy's completion timeout then tried to abort a post-copy
+        (refused) or "paused the guest until it arrives" while it ran on the destination.
+        After the operator's pause, the policy's own steps would contradict the operator's
+        "finish now" (its completion timeout aborted and resumed the guest on the source):
+        the policy stands down, said once; only the fleet's hard limit still applies."""
+        if self.postcopy:
+            return
+        try:
+            found = state_reason(self.dom)
+        except LibvirtError:
+            return  # no word just now: the statistics and the next look say
+        if found.in_postcopy:
+            self.postcopy = True
+            self.reached = "postcopy"
+            return
+        paused = paused_by_user(found)
+        if self.paused_before is None:
+            self.paused_before = paused
+            return
+        engine = self.engine
+        if paused and not self.paused_before and not self.stood_down and engine is not None:
+            self.stood_down = True
+            if not engine.finished:
+                engine.finished = True
+                log.info(
+                    "policy.stood_down",
+                    reason="the guest was paused while it migrates (the operator's "
+                    "force-complete): the policy takes no further step; the fleet's "
+                    "migration_timeout still applies",
+                )
 
     def _abort_reason(self) -> str | None:
         """The operator's abort request, or None, also when it cannot be read just now."""

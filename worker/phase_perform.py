@@ -29,7 +29,7 @@ from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
 from worker.phase_errors import HandedOver, PhaseCancelled, PhaseFailed
 from worker.phase_source import ensure_running_on_source, job_domain
-from worker.policy_source import job_policy, resolve_and_record
+from worker.policy_source import resolve_and_record
 from worker.postcopy_recovery import recover_failed_postcopy
 from worker.runtime import Runtime
 
@@ -160,21 +160,3 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
     rt.store.update(job.id, result=result | landed.result_fields())
     log.info("migration.completed", migration_ms=migration_ms, **landed.event_fields())
     return None
-
-
-def start_postcopy(rt: Runtime, job: Job) -> None:
-    """Switch a running pre-copy migration to post-copy (asked for by `drover postcopy`)."""
-    if job.state is not JobState.MIGRATING:
-        raise PhaseFailed(f"job {job.id} is {job.state.value}, not migrating")
-    dom = job_domain(rt, job, job.spec.domain)
-    if dom is None:
-        raise PhaseFailed(f"{job.spec.domain} is not on {rt.host}")
-    if not job_policy(rt, job, dom).values.allow_postcopy:
-        raise PhaseFailed(f"job {job.id}'s policy does not allow post-copy")
-    try:
-        dom.migrateStartPostCopy()
-    except LibvirtError as exc:
-        reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
-        raise PhaseFailed(reason) from None
-    rt.store.mark_postcopy(job.id)
-    log.info("migration.postcopy_started")

@@ -43,7 +43,7 @@ from worker.main import WorkerStartError, check_security
 from worker.migration_control import force_complete, tune
 from worker.phase_errors import Dropped, PhaseFailed, RetryPhase
 from worker.phase_frame import execute_phase
-from worker.phase_perform import start_postcopy
+from worker.postcopy_switch import start_postcopy
 from worker.registry import BOUND
 from worker.rollback import rollback_reconnecting
 from worker.runtime import Runtime, runtime_for_node
@@ -183,7 +183,8 @@ def _run_control(task: Task, fn: Callable[[Runtime, Job], None], job_id: object)
 
 @app.task(bind=True, name=TUNE_TASK, throws=(PhaseFailed,))
 def tune_migration(self: Task, job_id: str) -> None:
-    _run_control(self, tune, job_id)
+    request_id = str(self.request.id)  # the request beside it in Redis is its own
+    _run_control(self, lambda rt, job: tune(rt, job, request_id), job_id)
 
 
 @app.task(bind=True, name=FORCE_COMPLETE_TASK, throws=(PhaseFailed,))

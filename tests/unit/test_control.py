@@ -15,7 +15,7 @@ from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from jobs.submission import enqueue
-from producer.render import downtime_cell, jobs_table
+from producer.render import downtime_cell, event_line, jobs_table
 from tests.support.cli import run_drover
 from worker.completion import Landing, parse_completed
 
@@ -96,16 +96,23 @@ def test_bad_tune_numbers_are_one_line(values: dict[str, int], message: str) -> 
     assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
 
 
-def test_tune_requests_wait_in_order_and_are_checked_again_when_taken(store: JobStore) -> None:
+def test_each_tune_task_takes_its_own_request_checked_again(store: JobStore) -> None:
+    """Concurrent tunes: each task gets the request sent with it, whatever the order the
+    tasks run in (taken oldest first, one caller was told of another's figures)."""
     job_id = "0123456789ab"
-    push_tune(store.r, job_id, tune_request(bandwidth_mib=8), ttl_s=60)
-    push_tune(store.r, job_id, tune_request(max_downtime_ms=500, by="ops"), ttl_s=60)
-    assert pop_tune(store.r, job_id) == TuneRequest(bandwidth_mib=8)
-    assert pop_tune(store.r, job_id) == TuneRequest(max_downtime_ms=500, by="ops")
-    assert pop_tune(store.r, job_id) is None
-    store.r.rpush(tune_key(job_id), '{"bandwidth_mib": 99999999}')  # edited in Redis
+    push_tune(store.r, job_id, "task-a", tune_request(bandwidth_mib=8), ttl_s=60)
+    push_tune(store.r, job_id, "task-b", tune_request(max_downtime_ms=500, by="ops"), ttl_s=60)
+    assert pop_tune(store.r, job_id, "task-b") == TuneRequest(max_downtime_ms=500, by="ops")
+    assert pop_tune(store.r, job_id, "task-b") is None  # taken once
+    assert pop_tune(store.r, job_id, "task-a") == TuneRequest(bandwidth_mib=8)
+    assert pop_tune(store.r, job_id, "task-c") is None
+    store.r.hset(tune_key(job_id), "task-d", '{"bandwidth_mib": 99999999}')  # edited in Redis
     with pytest.raises(BadControlRequest, match="bandwidth_mib"):
-        pop_tune(store.r, job_id)
+        pop_tune(store.r, job_id, "task-d")
+    store.r.delete(tune_key(job_id))
+    store.r.rpush(tune_key(job_id), "not a hash")  # another type, by hand
+    with pytest.raises(BadControlRequest, match="cannot be read"):
+        pop_tune(store.r, job_id, "task-e")
 
 
 def _job(store: JobStore, state: JobState | None = None) -> str:
@@ -132,7 +139,7 @@ def test_a_job_that_is_not_migrating_is_refused_with_its_state(
     queued = _job(store)
     line = _one_line_refusal(config, *command, queued)
     assert f"job {queued} is queued, not migrating" in line
-    assert store.r.llen(tune_key(queued)) == 0  # nothing was put in line for a worker
+    assert store.r.hlen(tune_key(queued)) == 0  # nothing was put in line for a worker
 
 
 def test_bad_numbers_are_refused_before_anything_is_sent(config: Path, store: JobStore) -> None:
@@ -141,7 +148,7 @@ def test_bad_numbers_are_refused_before_anything_is_sent(config: Path, store: Jo
     assert "--max-downtime 0: Input should be greater than or equal to 1" in line
     line = _one_line_refusal(config, "tune", migrating)
     assert "give at least one of --bandwidth" in line
-    assert store.r.llen(tune_key(migrating)) == 0
+    assert store.r.hlen(tune_key(migrating)) == 0
 
 
 def test_no_answer_from_the_source_worker_is_said_not_hung_on(
@@ -162,3 +169,17 @@ def test_jobs_table_shows_the_downtime(store: JobStore) -> None:
     assert "downtime" in [c.header for c in jobs_table([job]).columns]
     store.update(job_id, result={"downtime_ms": 180, "mode": "postcopy"})
     assert downtime_cell(store.get(job_id)) == "180 ms (postcopy)"
+
+
+def test_an_operators_step_is_shown_with_what_it_set_not_the_policys_figures() -> None:
+    """`drover events` printed a tune as `[None MiB left, None MiB/s sent, pass None]`."""
+    base = {"ts": "2026-12-04T15:00:00+00:00", "host": "kvm1", "event": "policy.step"}
+    tune = base | {"action": "tune", "by": "operator", "reason": "asked", "bandwidth_mib": 12}
+    line = event_line(tune)
+    assert "bandwidth_mib=12" in line and "None" not in line
+    forced = base | {"action": "suspend", "by": "operator", "reason": "force-complete"}
+    forced |= {"data_remaining": 4096, "memory_iteration": 3}
+    line = event_line(forced)
+    assert "data_remaining=4096 memory_iteration=3" in line and "None" not in line
+    policy = base | {"action": "postcopy", "by": "policy", "reason": "r", "remaining_mib": 5}
+    assert "5 MiB left" in event_line(policy)

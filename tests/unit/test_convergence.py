@@ -190,3 +190,14 @@ def test_a_jobs_own_completion_timeout_is_a_timer_not_a_judgement() -> None:
     assert (
         decisions[1].trigger == "completion_timeout" and decisions[1].figures["elapsed_ms"] > 5000
     )
+
+
+def test_a_step_in_the_first_pass_gives_libvirts_dirty_rate_not_a_guess() -> None:
+    """No pass has ended yet: what is left over a pass of 1 ms gave a probe's completion
+    timeout steps '52589.8 MiB/s dirtied'."""
+    policy = MigrationPolicy(completion_timeout_s=5, actions=(PolicyAction.ABORT,))
+    engine = ConvergenceEngine(policy, memory_mib=128, max_duration_s=1800)
+    decisions = run(engine, [sample(100, 120), sample(6000, 100)])
+    step = decisions[-1]
+    assert (step.trigger, step.action) == ("completion_timeout", "abort")
+    assert step.event_fields()["dirty_mib_s"] == 0  # libvirt's own figure: none measured

@@ -111,7 +111,7 @@ def test_tune_answers_from_past_entries_that_are_no_events(store: JobStore, conf
 
     requests = ControlRequests(load_settings(config), store, Celery("t"), send, "test")
     with pytest.raises(SubmitError, match="tune refused by kvm1: not now"):
-        requests._ask(job, TUNE_TASK, "tune", lambda: None)
+        requests._ask(job, TUNE_TASK, "tune", lambda _: None)
 
 
 # --- following ------------------------------------------------------------------------

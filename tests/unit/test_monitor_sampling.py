@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import libvirt
+from structlog.testing import capture_logs
 
 from config.policy_model import BUILTIN_POLICIES
 from tests.support.lab_fixtures import wait_for
@@ -30,6 +31,11 @@ class ScriptedDomain:
         self.calls = 0
         self.iteration = 1
         self.elapsed_ms = 100
+        self.shown = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
+
+    def state(self) -> tuple[int, int]:
+        """What libvirt shows the guest as (virDomainGetState): running, until a test says."""
+        return self.shown
 
     def jobStats(self) -> dict[str, Any]:
         self.calls += 1
@@ -97,6 +103,92 @@ def test_without_the_event_it_asks_every_tick() -> None:
         finished.set()
         runner.join()
     assert [d.action for d in decided] == ["set_downtime"]
+
+
+POSTCOPY_SHOWN = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)
+USER_PAUSED = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
+
+
+def steered(dom: ScriptedDomain, decided: list[Decision], stages: list[str], **kw: Any) -> Any:
+    """A policy's monitor (pass ends told by event) reporting each stage into `stages`."""
+    m = monitor(dom, decided, **kw)
+    m.interval = 0.02
+    m.on_progress = lambda p: stages.append(p.stage)
+    return m
+
+
+def test_a_switch_to_post_copy_made_by_the_operator_is_libvirts_word_for_the_watch() -> None:
+    """A probe's operator switched with `drover postcopy`: the monitor went on reporting
+    `transfer`, and the policy later tried to abort (refused) or suspend a guest already
+    running on the destination. libvirt shows the switch: the policy takes no step."""
+    dom, finished = ScriptedDomain(), threading.Event()
+    decided: list[Decision] = []
+    stages: list[str] = []
+    pass_ended = threading.Event()
+    m = steered(dom, decided, stages, pass_ended=pass_ended)
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    try:
+        wait_for(lambda: [d.action for d in decided] == ["set_downtime"], 5, "the first sample")
+        dom.shown = POSTCOPY_SHOWN  # the operator's switch, made by another task
+        dom.iteration = 2  # a pass that would make the policy switch (or abort) itself
+        pass_ended.set()
+        wait_for(lambda: stages[-1:] == ["postcopy"], 5, "a post-copy report")
+        threading.Event().wait(0.1)
+    finally:
+        finished.set()
+        runner.join()
+    assert [d.action for d in decided] == ["set_downtime"]
+    assert m.postcopy and "transfer" not in stages[stages.index("postcopy") :]
+
+
+def test_after_the_operators_pause_the_policy_stands_down_but_the_hard_limit_holds() -> None:
+    """force-complete paused the guest; the policy's completion timeout then aborted the
+    migration and resumed the guest on the source (probe). Now the policy stands down, said
+    once; the fleet's migration_timeout still ends a migration that never arrives."""
+    dom, finished = ScriptedDomain(), threading.Event()
+    decided: list[Decision] = []
+    stages: list[str] = []
+    m = steered(dom, decided, stages)
+    m.engine.max_duration_s = 20  # the fleet's limit: three passes of this guest
+    runner = threading.Thread(target=m.run, args=(finished,))
+    with capture_logs() as logs:
+        runner.start()
+        try:
+            wait_for(lambda: [d.action for d in decided] == ["set_downtime"], 5, "a sample")
+            wait_for(lambda: len(stages) >= 2, 5, "a report")
+            dom.shown = USER_PAUSED  # the operator's force-complete
+            wait_for(lambda: m.stood_down, 5, "the policy to stand down")
+            dom.iteration = 2  # passes that would make the policy switch to post-copy
+            wait_for(lambda: len(decided) == 2, 5, "the hard limit")
+        finally:
+            finished.set()
+            runner.join()
+    assert [(d.action, d.trigger) for d in decided[1:]] == [("abort", "hard_limit")]
+    said = [log for log in logs if log["event"] == "policy.stood_down"]
+    assert len(said) == 1 and "force-complete" in said[0]["reason"]
+
+
+def test_a_guest_paused_before_the_watch_began_keeps_its_policy() -> None:
+    """Paused by its owner before the move (not a force-complete): the policy the operator
+    chose still acts."""
+    dom, finished = ScriptedDomain(), threading.Event()
+    dom.shown = USER_PAUSED
+    decided: list[Decision] = []
+    stages: list[str] = []
+    pass_ended = threading.Event()
+    m = steered(dom, decided, stages, pass_ended=pass_ended)
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    try:
+        wait_for(lambda: [d.action for d in decided] == ["set_downtime"], 5, "the first sample")
+        dom.iteration = 2
+        pass_ended.set()
+        wait_for(lambda: len(decided) == 2, 5, "the policy's step at the pass's end")
+    finally:
+        finished.set()
+        runner.join()
+    assert decided[1].action == "postcopy" and not m.stood_down
 
 
 def reporting(dom: ScriptedDomain, stages: list[str], **kw: Any) -> MigrationMonitor:

@@ -78,7 +78,7 @@ def test_a_postcopy_bandwidth_is_refused_where_the_policy_forbids_post_copy(
     assert err.count("\n") == 1
     assert err.startswith(f"drover: --postcopy-bandwidth: job {job_id} runs with policy ")
     assert "no-postcopy, which does not allow post-copy (policy no-postcopy)" in err
-    assert store.r.llen(tune_key(job_id)) == 0  # nothing was put in line for the worker
+    assert store.r.hlen(tune_key(job_id)) == 0  # nothing was put in line for the worker
 
 
 def test_a_postcopy_bandwidth_still_goes_where_the_policy_allows_post_copy(
@@ -88,7 +88,7 @@ def test_a_postcopy_bandwidth_still_goes_where_the_policy_allows_post_copy(
     job_id = _migrating(store, "default")
     code, err = drover(monkeypatch, config, "tune", job_id, "--postcopy-bandwidth", "50")
     assert code == 1 and "no answer from kvm1's worker to tune" in err  # sent: no worker here
-    assert store.r.llen(tune_key(job_id)) == 1
+    assert store.r.hlen(tune_key(job_id)) == 1
     _, err = drover(monkeypatch, config, "tune", _migrating(store, "manual"), "--bandwidth", "5")
     assert "no answer from kvm1's worker to tune" in err  # a pre-copy figure: not refused
 

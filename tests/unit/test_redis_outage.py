@@ -187,6 +187,9 @@ class FakeDomain:
     def jobStats(self) -> dict[str, Any]:
         return {"type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED, "data_total": 100, "data_remaining": 50}
 
+    def state(self) -> tuple[int, int]:
+        return libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED
+
 
 def test_the_monitor_keeps_watching_while_the_abort_check_fails() -> None:
     """Redis away: no abort request can be read, and progress and policy go on regardless."""

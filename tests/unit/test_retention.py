@@ -114,7 +114,7 @@ def late_writes(store: JobStore, job_id: str) -> None:
     store.phase_ended(job_id, Phase.CONFIRM.value, error="late")
     store.claim_phase(job_id, "late_phase", "kvm1")
     store.renew_runner(job_id, Phase.PERFORM.value, "w@kvm1", 30)
-    push_tune(store.r, job_id, TuneRequest(bandwidth_mib=10), 60)
+    push_tune(store.r, job_id, "late-task", TuneRequest(bandwidth_mib=10), 60)
     assert store.take_lease(domain_lock_key("uuid", "late-uuid"), job_id) == job_id
 
 

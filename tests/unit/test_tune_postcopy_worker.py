@@ -20,12 +20,15 @@ import pytest
 from structlog.testing import capture_logs
 
 import worker.migration_control as control
+import worker.postcopy_switch as switch
 from config.policy_model import BUILTIN_POLICIES, EffectivePolicy
+from jobs.abort import TooLate, abort_job
 from jobs.control import push_tune, tune_request
 from jobs.keys import tune_key
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
+from tests.support.libvirt_errors import libvirt_error
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
 from worker.phase_errors import PhaseFailed
@@ -33,6 +36,7 @@ from worker.runtime import Runtime
 
 TEST_URI = "test:///default"
 POSTCOPY_SPEED = libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
+REQUEST = "task-1"  # the tune task's id, under which its request waits
 
 
 class Recorded:
@@ -41,6 +45,7 @@ class Recorded:
     def __init__(self, dom: libvirt.virDomain) -> None:
         self.dom = dom
         self.set: list[tuple[str, int, int]] = []
+        self.refuse_switch = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.dom, name)
@@ -53,6 +58,18 @@ class Recorded:
         self.set.append(("downtime", value, flags))
         return 0
 
+    def migrateStartPostCopy(self, flags: int = 0) -> int:  # libvirt's name
+        if self.refuse_switch:
+            raise libvirt_error(
+                libvirt.VIR_ERR_OPERATION_FAILED, "QEMU refused", libvirt.VIR_FROM_QEMU
+            )
+        self.set.append(("postcopy", 0, flags))
+        return 0
+
+    def suspend(self) -> int:
+        self.set.append(("suspend", 0, 0))
+        return 0
+
 
 @pytest.fixture
 def guest(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorded]:
@@ -61,6 +78,7 @@ def guest(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorded]:
     conn = libvirt.open(TEST_URI)
     recorded = Recorded(conn.lookupByName("test"))
     monkeypatch.setattr(control, "job_domain", lambda _rt, _job, _name: recorded)
+    monkeypatch.setattr(switch, "job_domain", lambda _rt, _job, _name: recorded)
     outgoing = {"operation": libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT, "memory_total": 1}
     monkeypatch.setattr(control, "migration_stats", lambda _dom: outgoing)
     yield recorded
@@ -86,7 +104,7 @@ def migrating(store: JobStore, policy: str) -> str:
 def ask(store: JobStore, job_id: str) -> None:
     """What a producer that does not check (or a hand in Redis) puts in line."""
     request = tune_request(bandwidth_mib=5, postcopy_bandwidth_mib=50, max_downtime_ms=300)
-    push_tune(store.r, job_id, request, ttl_s=60)
+    push_tune(store.r, job_id, REQUEST, request, ttl_s=60)
 
 
 def test_a_postcopy_bandwidth_under_a_policy_forbidding_post_copy_applies_nothing(
@@ -99,14 +117,14 @@ def test_a_postcopy_bandwidth_under_a_policy_forbidding_post_copy_applies_nothin
     store.update(job_id, policy=EffectivePolicy(name="default", values=allowing, sources={}))
     ask(store, job_id)
     with capture_logs() as logs, pytest.raises(PhaseFailed) as refused:
-        control.tune(rt, store.get(job_id))
+        control.tune(rt, store.get(job_id), REQUEST)
     said = str(refused.value)
     assert "\n" not in said
     assert "policy no-postcopy, which does not allow post-copy" in said
     assert "nothing of this tune request was applied" in said
     assert guest.set == []  # neither the bandwidth nor the downtime of the same request
     assert not [log for log in logs if log["event"] == "policy.step"]
-    assert store.r.llen(tune_key(job_id)) == 0  # taken, not left for a later tune to apply
+    assert store.r.hlen(tune_key(job_id)) == 0  # taken, not left for a later tune to apply
 
 
 def test_a_postcopy_bandwidth_is_applied_where_the_policy_allows_post_copy(
@@ -115,7 +133,7 @@ def test_a_postcopy_bandwidth_is_applied_where_the_policy_allows_post_copy(
     job_id = migrating(store, "default")
     ask(store, job_id)
     with capture_logs() as logs:
-        control.tune(rt, store.get(job_id))
+        control.tune(rt, store.get(job_id), REQUEST)
     assert guest.set == [("speed", 5, 0), ("speed", 50, POSTCOPY_SPEED), ("downtime", 300, 0)]
     steps = [log for log in logs if log["event"] == "policy.step"]
     assert len(steps) == 1 and steps[0]["postcopy_bandwidth_mib"] == 50
@@ -125,6 +143,56 @@ def test_a_tune_without_a_postcopy_figure_is_applied_under_any_policy(
     rt: Runtime, store: JobStore, guest: Recorded
 ) -> None:
     job_id = migrating(store, "no-postcopy")
-    push_tune(store.r, job_id, tune_request(bandwidth_mib=7), ttl_s=60)
-    control.tune(rt, store.get(job_id))
+    push_tune(store.r, job_id, REQUEST, tune_request(bandwidth_mib=7), ttl_s=60)
+    control.tune(rt, store.get(job_id), REQUEST)
     assert guest.set == [("speed", 7, 0)]
+
+
+# --- the operator's switch to post-copy, against the operator's abort ----------------------
+
+
+def test_an_abort_requested_first_refuses_the_operators_switch_and_force_complete(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    """A probe sent `drover abort` and then `drover postcopy` (or force-complete): the abort
+    was accepted, the switch made, and the guest landed. Now the switch is refused; the
+    abort stays requested for the monitor to carry out."""
+    job_id = migrating(store, "default")
+    store.request_abort(job_id, "ops: stop it")
+    moves = {
+        "postcopy": lambda: switch.start_postcopy(rt, store.get(job_id)),
+        "force-complete": lambda: control.force_complete(rt, store.get(job_id)),
+    }
+    for name, move in moves.items():
+        with pytest.raises(PhaseFailed) as refused:
+            move()
+        said = str(refused.value)
+        assert "is being aborted (ops: stop it)" in said and "\n" not in said, name
+    assert guest.set == []  # neither switched nor paused
+    assert store.get(job_id).postcopy_since is None
+    assert store.abort_requested(job_id) == "ops: stop it"
+
+
+def test_a_switch_made_first_makes_a_later_abort_too_late(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    job_id = migrating(store, "default")
+    switch.start_postcopy(rt, store.get(job_id))
+    assert guest.set == [("postcopy", 0, 0)]
+    with pytest.raises(TooLate, match="in post-copy"):
+        abort_job(store, job_id, by="ops", rollback=lambda _: None)
+    assert store.abort_requested(job_id) is None
+
+
+def test_a_switch_libvirt_refuses_takes_its_mark_back(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    """The switch is marked before libvirt is asked; refused, the mark goes, and the
+    operator's abort is accepted again."""
+    job_id = migrating(store, "default")
+    guest.refuse_switch = True
+    with pytest.raises(PhaseFailed, match="libvirt refused the switch to post-copy"):
+        switch.start_postcopy(rt, store.get(job_id))
+    assert store.get(job_id).postcopy_since is None
+    said = abort_job(store, job_id, by="ops", rollback=lambda _: None)
+    assert said.startswith("abort requested")

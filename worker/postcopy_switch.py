@@ -1,0 +1,79 @@
+"""The operator's switch of a running migration to post-copy (`drover postcopy`, and
+`drover force-complete` where the policy allows it), ordered against the operator's abort.
+
+Once switched, a migration cannot be aborted: the guest already runs on the destination. An
+abort accepted a moment before a switch would then be refused by libvirt and the guest would
+land all the same (a probe sent `drover abort` and, 0.1 s later, `drover postcopy`: the job
+said "abort requested", then succeeded). So the switch is marked in the job's record, in one
+step with a look at whether an abort is requested (jobs/record_marks.py), before libvirt is
+asked; `drover abort` requests first and then looks at that mark (jobs/abort.py). Of the two
+asked at once, at least one sees the other: the switch is refused while an abort is pending,
+or the abort is refused as too late. The policy's own switch is guarded the same way by its
+monitor (worker/monitor.py), which checks for an abort right before it.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from config.events import get_logger
+from jobs.model import Job
+from jobs.states import JobState
+from worker.libvirt_host import Domain, LibvirtError
+from worker.phase_errors import PhaseFailed
+from worker.phase_source import job_domain
+from worker.policy_source import job_policy
+from worker.runtime import Runtime
+
+log = get_logger()
+
+
+def refuse_if_aborting(rt: Runtime, job: Job, what: str) -> None:
+    """PhaseFailed when the operator asked for the job's abort: it is being carried out, and
+    `what` would contradict it (a force-complete's pause, reported as a finish)."""
+    try:
+        asked = rt.store.abort_requested(job.id)
+    except redis.RedisError as exc:
+        raise PhaseFailed(f"cannot read whether job {job.id} is being aborted: {exc}") from None
+    if asked is not None:
+        raise PhaseFailed(_aborting(job, asked, what))
+
+
+def operator_switch(rt: Runtime, job: Job, dom: Domain, what: str) -> None:
+    """Switch the migration to post-copy unless an abort is requested (PhaseFailed). libvirt's
+    refusal is raised as it came (LibvirtError), its mark taken back first."""
+    try:
+        asked = rt.store.mark_postcopy_unless_aborting(job.id)
+    except redis.RedisError as exc:
+        raise PhaseFailed(f"cannot mark job {job.id} switching to post-copy: {exc}") from None
+    if asked is not None:
+        raise PhaseFailed(_aborting(job, asked, what))
+    try:
+        dom.migrateStartPostCopy()
+    except LibvirtError:
+        rt.store.unmark_postcopy(job.id)
+        raise
+    log.info("migration.postcopy_started")
+
+
+def start_postcopy(rt: Runtime, job: Job) -> None:
+    """Switch a running pre-copy migration to post-copy (asked for by `drover postcopy`)."""
+    if job.state is not JobState.MIGRATING:
+        raise PhaseFailed(f"job {job.id} is {job.state.value}, not migrating")
+    dom = job_domain(rt, job, job.spec.domain)
+    if dom is None:
+        raise PhaseFailed(f"{job.spec.domain} is not on {rt.host}")
+    if not job_policy(rt, job, dom).values.allow_postcopy:
+        raise PhaseFailed(f"job {job.id}'s policy does not allow post-copy")
+    try:
+        operator_switch(rt, job, dom, "switched to post-copy")
+    except LibvirtError as exc:
+        reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
+        raise PhaseFailed(reason) from None
+
+
+def _aborting(job: Job, asked: str, what: str) -> str:
+    return (
+        f"job {job.id} is being aborted ({asked}): not {what}; its source aborts the "
+        f"migration of {job.spec.domain}"
+    )
