@@ -63,6 +63,10 @@ _POSTCOPY_SOURCES = {
 POSTCOPY_STATES = frozenset({JobState.POSTCOPY_RECOVERING, JobState.POSTCOPY_PAUSED})
 
 LIVE = frozenset(s for s in JobState if s not in TERMINAL)
+# What a stalled job goes back to once its owner is back: a live state a phase runs in. Its
+# `stalled_from` is a Redis write like any other; an end written there (a probe's
+# `succeeded`) made the owner's recovery end a job whose guest was still migrating.
+RESUMABLE = LIVE - {JobState.QUEUED, JobState.STALLED}
 
 
 def allowed_sources(target: JobState) -> frozenset[JobState]:

@@ -8,7 +8,8 @@ stop: the record would say the guest never moved, and nothing would verify where
 No drover step ends a job that way: a job drover fails or cancels before the migration is
 never migrated (perform moves only a live job), one that fails after it is ended by its
 finish or confirm, and a rolled-back one has lost its copy here. So when finish's message
-comes for a job whose record says failed, cancelled or rolled back, and this host's own
+comes for a job whose record says it ended (failed, cancelled, rolled back; or succeeded or
+checked, which no drover step enters before finish), and this host's own
 records and libvirtd say otherwise (it prepared the job, has not run its finish, and its
 libvirtd runs the guest the job brought in, arrived), the record is taken back to
 `finishing`: finish and confirm then run as always and the job ends as libvirt shows it.
@@ -26,8 +27,18 @@ from worker.rollback import incoming_job
 from worker.runtime import Runtime
 
 log = get_logger()
-# Ends that a guest arrived here contradicts (a succeeded job's is what libvirt shows).
-CONTRADICTED = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.ROLLED_BACK})
+# Ends that a guest arrived here, with this host's finish not run, contradicts: drover enters
+# succeeded only after finish (which this host's ledger would show) and checked only for a dry
+# run (which prepares nothing); a probe wrote either mid-migration.
+CONTRADICTED = frozenset(
+    {
+        JobState.FAILED,
+        JobState.CANCELLED,
+        JobState.ROLLED_BACK,
+        JobState.SUCCEEDED,
+        JobState.CHECKED,
+    }
+)
 
 
 def reopened(rt: Runtime, job: Job, phase: Phase) -> Job | None:

@@ -135,6 +135,7 @@ def fail_job(
             log.info("job.state", state=JobState.SUCCEEDED.value, previous=was, **ended_fields(job))
             job_ended(rt, job)
         return
+    _forged_end_taken_back(rt, job, phase)
     moved, _ = rt.store.transition(job.id, final, host=rt.host, reason=reason)
     if not moved:
         return
@@ -142,6 +143,27 @@ def fail_job(
     if touched_destination(phase):
         rollback_destination_later(job)
     job_ended(rt, job)
+
+
+# Ends no phase before finish can meet: only confirm enters succeeded, only a dry run checked.
+_NEVER_BEFORE_FINISH = frozenset({JobState.SUCCEEDED, JobState.CHECKED})
+
+
+def _forged_end_taken_back(rt: Runtime, job: Job, phase: Phase) -> None:
+    """A phase before finish is failing a job whose record says succeeded or checked: no
+    drover step wrote that (a Redis write did, mid-migration: attacker probe), and the
+    failure would be refused by it, leaving `succeeded` on a guest libvirt kept on its
+    source. The record is taken back to the state the phase runs in, and the failure is
+    then entered as usual (worker/contradicted_end.py takes back the ends finish meets)."""
+    if PHASE_ORDER.index(phase) >= PHASE_ORDER.index(Phase.FINISH):
+        return
+    said = rt.store.get(job.id).state
+    if said not in _NEVER_BEFORE_FINISH:
+        return
+    live = JobState.MIGRATING if phase is Phase.PERFORM else JobState.PREFLIGHT
+    why = f"the record said {said.value} while {phase.value} ran on {rt.host}: no drover step"
+    if rt.store.reopen(job.id, said, live, host=rt.host, reason=why):
+        log.warning("job.reopened", reason=why, previous=said.value)
 
 
 JobEnded = Callable[[Runtime, Job], object]

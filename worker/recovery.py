@@ -33,7 +33,7 @@ from jobs.keys import job_key
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, RULES, Phase, Recovery, next_phase, owner_of
 from jobs.record_read import REDIS_OUTAGES, KeyUnreadable, MalformedRecord
-from jobs.states import JobState
+from jobs.states import RESUMABLE, JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
 from worker.job_end import holds_slots, job_context, verified
@@ -117,13 +117,12 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
     if step_owner != rt.host:
         _watch_peer(rt, job, step, step_owner)
         return
-    if job.state is JobState.STALLED and job.stalled_from is not None:
+    was = job.stalled_from if job.state is JobState.STALLED else None
+    if was is not None and was in RESUMABLE:  # (a Redis write: never an end, jobs/states.py)
         # Also while the phase runs here: a peer judged this worker gone in a Redis outage.
-        back, _ = rt.store.transition(
-            job.id, job.stalled_from, host=rt.host, only_from=JobState.STALLED
-        )
+        back, _ = rt.store.transition(job.id, was, host=rt.host, only_from=JobState.STALLED)
         if back:  # (not when the job moved on meanwhile: its own phase said so)
-            log.info("job.state", state=job.stalled_from.value, reason="owner is back")
+            log.info("job.state", state=was.value, reason="owner is back")
         job = rt.store.get(job.id)
     if rt.marked(job.id, step.phase.value):
         return

@@ -75,7 +75,18 @@ def said(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping
     return [e for e in logs if e["event"] == name]
 
 
-@pytest.mark.parametrize("forged", [JobState.CANCELLED, JobState.FAILED, JobState.ROLLED_BACK])
+@pytest.mark.parametrize(
+    "forged",
+    # succeeded and checked too (attacker probe): drover enters succeeded only after this
+    # host's finish, and checked only for a dry run, which prepares nothing
+    [
+        JobState.CANCELLED,
+        JobState.FAILED,
+        JobState.ROLLED_BACK,
+        JobState.SUCCEEDED,
+        JobState.CHECKED,
+    ],
+)
 def test_an_end_written_by_hand_under_an_arrived_guest_is_taken_back_up(
     rt: Runtime, kvm2: Runtime, store: JobStore, hv: libvirt.virConnect, forged: JobState
 ) -> None:
@@ -121,7 +132,7 @@ def still_coming(_kvm2: Runtime, _job_id: str, mp: pytest.MonkeyPatch) -> None:
         (JobState.CANCELLED, finished_here),  # its own finish ran here (and ended it so)
         (JobState.FAILED, not_arrived),  # libvirt here runs no such guest: it never came
         (JobState.CANCELLED, still_coming),  # libvirt here still takes it in
-        (JobState.SUCCEEDED, None),  # what libvirt shows: nothing to take back
+        (JobState.SUCCEEDED, finished_here),  # drover's own success: finish ran here
     ],
     ids=["no-incoming-guest", "finished-here", "guest-not-here", "still-coming", "succeeded"],
 )
