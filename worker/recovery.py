@@ -36,6 +36,7 @@ from jobs.record_read import REDIS_OUTAGES, KeyUnreadable, MalformedRecord
 from jobs.states import RESUMABLE, JobState
 from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
+from worker import phases_all_ended
 from worker.job_end import holds_slots, job_context, verified
 from worker.ledger_word import ended_here, started_here
 from worker.phase_errors import Dropped, PhaseFailed
@@ -98,7 +99,8 @@ def _sweep_one(rt: Runtime, job_id: str) -> None:
     if rt.host not in (job.spec.src, job.spec.dst):
         return
     step = current_step(job)
-    if step is None:
+    if step is None:  # a live job with no phase left: libvirt says how it ended
+        phases_all_ended.settle(rt, job)
         return
     context = job_context(job, step.phase.value)
     with (  # a failure is recorded on the job already

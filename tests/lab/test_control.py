@@ -173,6 +173,35 @@ def test_force_complete_switches_to_postcopy_where_allowed(lab: Lab, started: St
     assert len(refusals) == 1 and "already in post-copy" in refusals[0]["reason"]
 
 
+def test_a_switch_asked_after_an_accepted_abort_does_not_land_the_guest(
+    lab: Lab, started: Started
+) -> None:
+    """A probe ran `drover abort` and, 0.1 s later, `drover postcopy`: the abort was accepted,
+    the switch made, libvirt refused the abort in post-copy and dirty-1 landed on lab2 (the
+    job succeeded). The switch is now refused while an abort is pending, and the abort is
+    carried out: the guest stays on lab1, running."""
+    job_id = started.migrating(policy="manual", postcopy=True, bandwidth_mib=SLOW_MIB)
+    aborted = run_drover(lab.config, "abort", job_id)
+    assert aborted.returncode == 0 and "abort requested" in aborted.stdout, aborted.stderr
+    switched = run_drover(lab.config, "postcopy", job_id)  # sent; the worker answers
+    assert switched.returncode == 0 and "post-copy requested" in switched.stdout
+    job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
+    assert job.state.value == "cancelled", job.reason
+    assert lab.running_on(DIRTY) == ["lab1"]
+    assert lab.view("lab1", DIRTY).state == libvirt.VIR_DOMAIN_RUNNING
+    events = lab.drover.events(job_id)
+    names = [ev["event"] for ev in events]
+    assert "migration.postcopy_started" not in names and "migration.abort_refused" not in names
+    assert job.postcopy_since is None
+    # The switch is refused where it can be seen: its stream says why (an abort is pending,
+    # or, had the abort been carried out first, there was no migration left to switch).
+    wait_for(
+        lambda: any(ev["event"] == "postcopy.refused" for ev in lab.drover.events(job_id)),
+        START_TIMEOUT_S,
+        "the switch's refusal in the job's stream",
+    )
+
+
 def test_every_successful_job_reports_its_downtime(lab: Lab) -> None:
     lab.home("idle-1")
     job = lab.migrate("idle-1", "lab1", "lab2")

@@ -14,7 +14,7 @@ from jobs.phases import Phase
 from jobs.states import JobState
 from jobs.store import JobStore
 from tests.unit.test_forged_admission import admit, rt, submit
-from worker import recovery
+from worker import phases_all_ended, recovery
 from worker.job_end import fail_job
 from worker.runtime import Runtime
 
@@ -84,3 +84,54 @@ def test_an_end_after_finish_is_not_taken_back_by_a_failing_confirm(
         fail_job(rt, store.get(job_id), Phase.CONFIRM, "confirm failed")
     assert store.get(job_id).state is JobState.SUCCEEDED
     assert not [e for e in logs if e["event"] == "job.reopened"]
+
+
+class Seen:
+    """What `locate` reads of libvirt on both hosts: landed or not."""
+
+    def __init__(self, landed: bool) -> None:
+        self.landed = landed
+
+    def describe(self) -> str:
+        return "idle-1 is shut off on kvm1, running on kvm2" if self.landed else "on kvm1"
+
+
+def all_phases_ended(rt: Runtime, store: JobStore, forged: str) -> str:
+    """A job whose every phase ended (its guest moved), its record then written `forged`."""
+    job_id = stalled_in_perform(rt, store)
+    rt.end(job_id, Phase.PERFORM.value)
+    store.r.hset(job_key(job_id), "state", JobState.FINISHING.value)
+    store.phase_ended(job_id, Phase.PERFORM.value)
+    for phase in (Phase.FINISH, Phase.CONFIRM):
+        store.phase_started(job_id, phase.value, "kvm1")
+        store.phase_ended(job_id, phase.value)
+    store.r.hset(job_key(job_id), "state", forged)
+    return job_id
+
+
+@pytest.mark.parametrize("forged", ["postcopy_paused", "postcopy_recovering", "migrating"])
+def test_a_live_job_with_every_phase_ended_ends_as_libvirt_shows(
+    rt: Runtime, store: JobStore, forged: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's write wedged the job for good: finish and confirm skipped, the guest's
+    lease held, no abort, no new migration. The source's recovery ends it by libvirt."""
+    job_id = all_phases_ended(rt, store, forged)
+    monkeypatch.setattr(phases_all_ended, "locate", lambda *_: Seen(landed=True))
+    with capture_logs() as logs:
+        recovery.sweep(rt)
+    job = store.get(job_id)
+    assert job.state is JobState.SUCCEEDED
+    (taken_back,) = [e for e in logs if e["event"] == "job.reopened"]
+    assert taken_back["previous"] == forged and "running on kvm2" in taken_back["reason"]
+
+
+def test_nothing_is_ended_on_a_records_word_when_libvirt_does_not_show_the_landing(
+    rt: Runtime, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = all_phases_ended(rt, store, "postcopy_paused")
+    monkeypatch.setattr(phases_all_ended, "locate", lambda *_: Seen(landed=False))
+    with capture_logs() as logs:
+        recovery.sweep(rt)
+    assert store.get(job_id).state is JobState.POSTCOPY_PAUSED
+    (said,) = [e for e in logs if e["event"] == "job.contradicted"]
+    assert "left as it is" in said["reason"]
