@@ -14,6 +14,8 @@ monitor (worker/monitor.py), which checks for an abort right before it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import redis
 
 from config.events import get_logger
@@ -31,29 +33,35 @@ log = get_logger()
 def refuse_if_aborting(rt: Runtime, job: Job, what: str) -> None:
     """PhaseFailed when the operator asked for the job's abort: it is being carried out, and
     `what` would contradict it (a force-complete's pause, reported as a finish)."""
-    try:
-        asked = rt.store.abort_requested(job.id)
-    except redis.RedisError as exc:
-        raise PhaseFailed(f"cannot read whether job {job.id} is being aborted: {exc}") from None
-    if asked is not None:
-        raise PhaseFailed(_aborting(job, asked, what))
+    asked = lambda: rt.store.abort_requested(job.id)  # noqa: E731
+    _unless_aborting(asked, job, what, f"read whether job {job.id} is being aborted")
 
 
 def operator_switch(rt: Runtime, job: Job, dom: Domain, what: str) -> None:
     """Switch the migration to post-copy unless an abort is requested (PhaseFailed). libvirt's
     refusal is raised as it came (LibvirtError), its mark taken back first."""
-    try:
-        asked = rt.store.mark_postcopy_unless_aborting(job.id)
-    except redis.RedisError as exc:
-        raise PhaseFailed(f"cannot mark job {job.id} switching to post-copy: {exc}") from None
-    if asked is not None:
-        raise PhaseFailed(_aborting(job, asked, what))
+    mark = lambda: rt.store.mark_postcopy_unless_aborting(job.id)  # noqa: E731
+    _unless_aborting(mark, job, what, f"mark job {job.id} switching to post-copy")
     try:
         dom.migrateStartPostCopy()
     except LibvirtError:
         rt.store.unmark_postcopy(job.id)
         raise
     log.info("migration.postcopy_started")
+
+
+def _unless_aborting(ask: Callable[[], str | None], job: Job, what: str, cannot: str) -> None:
+    """Run `ask` (the pending abort's reason, or None); PhaseFailed for an abort, or for
+    Redis not answering (nothing is done to the guest on a guess)."""
+    try:
+        asked = ask()
+    except redis.RedisError as exc:
+        raise PhaseFailed(f"cannot {cannot}: {exc}") from None
+    if asked is not None:
+        raise PhaseFailed(
+            f"job {job.id} is being aborted ({asked}): not {what}; its source aborts the "
+            f"migration of {job.spec.domain}"
+        )
 
 
 def start_postcopy(rt: Runtime, job: Job) -> None:
@@ -70,10 +78,3 @@ def start_postcopy(rt: Runtime, job: Job) -> None:
     except LibvirtError as exc:
         reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
         raise PhaseFailed(reason) from None
-
-
-def _aborting(job: Job, asked: str, what: str) -> str:
-    return (
-        f"job {job.id} is being aborted ({asked}): not {what}; its source aborts the "
-        f"migration of {job.spec.domain}"
-    )

@@ -117,6 +117,19 @@ def steered(dom: ScriptedDomain, decided: list[Decision], stages: list[str], **k
     return m
 
 
+def started(m: MigrationMonitor, finished: threading.Event, decided: list[Decision]) -> Any:
+    """`m` watching on a thread of its own, once it has made the policy's first decision."""
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    try:
+        wait_for(lambda: [d.action for d in decided] == ["set_downtime"], 5, "the first sample")
+    except BaseException:
+        finished.set()
+        runner.join()
+        raise
+    return runner
+
+
 def test_a_switch_to_post_copy_made_by_the_operator_is_libvirts_word_for_the_watch() -> None:
     """A probe's operator switched with `drover postcopy`: the monitor went on reporting
     `transfer`, and the policy later tried to abort (refused) or suspend a guest already
@@ -126,10 +139,8 @@ def test_a_switch_to_post_copy_made_by_the_operator_is_libvirts_word_for_the_wat
     stages: list[str] = []
     pass_ended = threading.Event()
     m = steered(dom, decided, stages, pass_ended=pass_ended)
-    runner = threading.Thread(target=m.run, args=(finished,))
-    runner.start()
+    runner = started(m, finished, decided)
     try:
-        wait_for(lambda: [d.action for d in decided] == ["set_downtime"], 5, "the first sample")
         dom.shown = POSTCOPY_SHOWN  # the operator's switch, made by another task
         dom.iteration = 2  # a pass that would make the policy switch (or abort) itself
         pass_ended.set()
@@ -178,10 +189,8 @@ def test_a_guest_paused_before_the_watch_began_keeps_its_policy() -> None:
     stages: list[str] = []
     pass_ended = threading.Event()
     m = steered(dom, decided, stages, pass_ended=pass_ended)
-    runner = threading.Thread(target=m.run, args=(finished,))
-    runner.start()
+    runner = started(m, finished, decided)
     try:
-        wait_for(lambda: [d.action for d in decided] == ["set_downtime"], 5, "the first sample")
         dom.iteration = 2
         pass_ended.set()
         wait_for(lambda: len(decided) == 2, 5, "the policy's step at the pass's end")
