@@ -22,16 +22,12 @@ from __future__ import annotations
 import structlog
 
 from config.events import get_logger
-from jobs.keys import job_key
-from jobs.model import Job
 from jobs.phases import Phase
 from jobs.record import MalformedRecord
-from jobs.record_read import REDIS_OUTAGES
 from jobs.store import JobNotFound, now
 from worker.contradicted_end import arrived_here, reopened
 from worker.job_end import job_context
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
-from worker.libvirt_states import state_reason
 from worker.phase_errors import PhaseFailed
 from worker.rollback import ended_without_moving, rollback_destination
 from worker.runtime import Runtime
@@ -39,69 +35,39 @@ from worker.runtime import Runtime
 log = get_logger()
 _ARRIVED = (
     "{job.spec.arrives_as} runs on {rt.host}, arrived, brought in by this job: its record's "
-    "end is not libvirt's; nothing of it is rolled back, and it is not taken back up (its "
-    "request is not signed, or its record changed meanwhile)"
+    "end is not libvirt's, and nothing of it is rolled back (its request is not signed)"
 )
-# Jobs whose arrival this process has said it will not roll back (said once each).
-_said_arrived: set[str] = set()
 
 
 def sweep_leftovers(rt: Runtime) -> None:
     """Run again the rollback of every ended job this host's ledger still holds something
     for (one try each pass; a job whose record cannot be read, or that is still live or
     succeeded, is left as it is; so is one that ended less than `redispatch_after` ago,
-    whose own rollback may still be on its way). One job's bad data or a bug is said and
-    passed over: it must not starve the jobs after it, pass after pass."""
+    whose own rollback may still be on its way)."""
     pending = rt.ledger.jobs_with_leftovers()
     if not pending or not rt.libvirt_answers():
         return
     for job_id in pending:
         try:
-            if not _sweep_one(rt, job_id):
-                return  # libvirtd stopped answering: the next pass
-        except REDIS_OUTAGES:
-            raise
-        except Exception as exc:
-            log.exception("keeper.error", duty="leftovers", key=job_key(job_id), error=str(exc))
-
-
-def _sweep_one(rt: Runtime, job_id: str) -> bool:
-    """One job's rollback run again, if it is due; False when libvirtd failed under it."""
-    try:
-        job = rt.store.get(job_id)
-    except (JobNotFound, MalformedRecord):
-        return True
-    if job.spec.dst != rt.host or not ended_without_moving(rt, job):
-        return True
-    if (now() - job.updated).total_seconds() < rt.settings.tunables.redispatch_after:
-        return True  # its own rollback, sent as it ended, may still be on its way
-    with structlog.contextvars.bound_contextvars(**job_context(job, "rollback")):
-        if _running_here(rt, job) and arrived_here(rt, job):  # taken back up instead
-            if reopened(rt, job, Phase.FINISH) is None and job_id not in _said_arrived:
-                _said_arrived.add(job_id)  # once: it stays so until someone acts
-                log.warning("rollback.refused", reason=_ARRIVED.format(rt=rt, job=job))
-            return True
-        log.info("rollback.resumed", reason="its rollback did not finish when the job ended")
-        try:
-            rollback_destination(rt, job)
-        except PhaseFailed as exc:  # libvirt shows the guest still coming in: next pass
-            log.warning("rollback.refused", reason=exc.reason)
-        except (LibvirtUnavailable, LibvirtError) as exc:
-            rt.libvirt.reset()
-            log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)
-            return False
-    return True
-
-
-def _running_here(rt: Runtime, job: Job) -> bool:
-    """libvirt here shows the guest this job brought in running, not in a post-copy: only
-    then is its arrival asked about. A copy still coming in (paused by its migration, or in
-    a post-copy) is the rollback's to judge, which refuses while it comes in; asking it for
-    its migration job as well would wait twice on a busy libvirtd (make test: 60 s)."""
-    uuid = rt.ledger.incoming_uuid(job.id)
-    try:
-        dom = None if uuid is None else rt.libvirt.by_uuid(uuid)
-        found = None if dom is None or not dom.isActive() else state_reason(dom)
-    except LibvirtError:
-        return False
-    return found is not None and found.running and not found.in_postcopy
+            job = rt.store.get(job_id)
+        except (JobNotFound, MalformedRecord):
+            continue
+        if job.spec.dst != rt.host or not ended_without_moving(rt, job):
+            continue
+        if (now() - job.updated).total_seconds() < rt.settings.tunables.redispatch_after:
+            continue  # its own rollback, sent as it ended, may still be on its way
+        with structlog.contextvars.bound_contextvars(**job_context(job, "rollback")):
+            if arrived_here(rt, job):  # libvirt contradicts the end: taken back up instead
+                if reopened(rt, job, Phase.FINISH) is None:
+                    log.warning("rollback.refused", reason=_ARRIVED.format(rt=rt, job=job))
+                continue
+            log.info("rollback.resumed", reason="its rollback did not finish when the job ended")
+            try:
+                rollback_destination(rt, job)
+            except PhaseFailed as exc:  # libvirt shows the guest still coming in: next pass
+                log.warning("rollback.refused", reason=exc.reason)
+                continue
+            except (LibvirtUnavailable, LibvirtError) as exc:
+                rt.libvirt.reset()
+                log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)
+                return

@@ -174,7 +174,6 @@ def test_a_guest_that_arrived_under_an_end_is_not_rolled_back(
     Now it is taken back up (worker/contradicted_end.py), or, its request not signed, left."""
     rt = runtime(store, tmp_path)
     job_id, image = ended_with_an_image(rt, images, JobState.FAILED)
-    monkeypatch.setattr(leftovers, "_running_here", lambda _rt, _job: True)
     monkeypatch.setattr(leftovers, "arrived_here", lambda _rt, _job: True)
     monkeypatch.setattr(leftovers, "reopened", lambda _rt, _job, _phase: None)
     sweep_leftovers(rt)
