@@ -9,12 +9,7 @@ ended failed or cancelled is run again here, once this host's libvirtd answers, 
 ledger lists nothing for it.
 
 Safe whatever the record says: a rollback removes only what the ledger lists and no domain
-on this host names, and finish forgets a job's images once its guest has arrived. A job whose
-guest arrived here all the same (its end written by hand mid-migration) is not rolled back:
-dropping its ledger rows would leave nothing to take it back up by (attacker probe); it is
-taken back up here as its finish would (worker/contradicted_end.py). An end that needs this
-host's finish (succeeded, checked) recorded for a job whose finish never ran here is rolled
-back as a failed one: its booking held this host's room for good (attacker probe).
+on this host names, and finish forgets a job's images once its guest has arrived.
 """
 
 from __future__ import annotations
@@ -22,21 +17,15 @@ from __future__ import annotations
 import structlog
 
 from config.events import get_logger
-from jobs.phases import Phase
 from jobs.record import MalformedRecord
 from jobs.store import JobNotFound, now
-from worker.contradicted_end import arrived_here, reopened
 from worker.job_end import job_context
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
 from worker.phase_errors import PhaseFailed
-from worker.rollback import ended_without_moving, rollback_destination
+from worker.rollback import ROLLBACK_STATES, rollback_destination
 from worker.runtime import Runtime
 
 log = get_logger()
-_ARRIVED = (
-    "{job.spec.arrives_as} runs on {rt.host}, arrived, brought in by this job: its record's "
-    "end is not libvirt's, and nothing of it is rolled back (its request is not signed)"
-)
 
 
 def sweep_leftovers(rt: Runtime) -> None:
@@ -52,15 +41,11 @@ def sweep_leftovers(rt: Runtime) -> None:
             job = rt.store.get(job_id)
         except (JobNotFound, MalformedRecord):
             continue
-        if job.spec.dst != rt.host or not ended_without_moving(rt, job):
+        if job.state not in ROLLBACK_STATES or job.spec.dst != rt.host:
             continue
         if (now() - job.updated).total_seconds() < rt.settings.tunables.redispatch_after:
             continue  # its own rollback, sent as it ended, may still be on its way
         with structlog.contextvars.bound_contextvars(**job_context(job, "rollback")):
-            if arrived_here(rt, job):  # libvirt contradicts the end: taken back up instead
-                if reopened(rt, job, Phase.FINISH) is None:
-                    log.warning("rollback.refused", reason=_ARRIVED.format(rt=rt, job=job))
-                continue
             log.info("rollback.resumed", reason="its rollback did not finish when the job ended")
             try:
                 rollback_destination(rt, job)
