@@ -127,7 +127,8 @@ class MigrationMonitor:
                         self.on_progress(self._forward(waiting))
                     continue
                 if pending is None:
-                    pending = pool.submit(sample, self.dom)
+                    # (its state beside the figures: a slow answer never holds reports)
+                    pending = pool.submit(self._sample, due)
                 try:
                     stats = pending.result(timeout=half)
                 except (FutureTimeout, StatsUnanswered) as exc:
@@ -141,8 +142,6 @@ class MigrationMonitor:
                 pending = None
                 if stats is None and self.until_idle:
                     return
-                if due:
-                    self._look()
                 progress = self._progress(stats, started)
                 if due:
                     reported = time.monotonic()
@@ -150,6 +149,13 @@ class MigrationMonitor:
                 if stats is not None and progress.stage != "setup":
                     self.last = progress
                     self._judge(progress)
+
+    def _sample(self, look: bool) -> dict[str, Any] | None:
+        """libvirt's statistics, and (`look`: a report is due) its state of the guest."""
+        stats = sample(self.dom)
+        if look:
+            self._look()
+        return stats
 
     def _pass_ended(self) -> bool:
         """Whether to sample now: a pass just ended, or no end-of-pass event comes here."""
