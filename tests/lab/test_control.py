@@ -33,13 +33,18 @@ class Started:
         self.ids: list[str] = []
 
     def migrating(self, **opts: Any) -> str:
-        """Submit dirty-1 lab1 -> lab2 and return once libvirt on lab1 migrates it."""
+        """Submit dirty-1 lab1 -> lab2 and return once libvirt on lab1 transfers its memory.
+
+        An active migration job alone is not enough: libvirt shows it from the start of its
+        own setup, and applies the migration's parameters (its bandwidth) only once the
+        destination is prepared, about 0.3 s later on the lab (longer under load); until then
+        `migrateGetMaxSpeed` reads unlimited. QEMU's memory figures appear only after."""
         job_id = self.lab.drover.submit(domain=DIRTY, src="lab1", dst="lab2", live=True, **opts)
         self.ids.append(job_id)
         wait_for(
             lambda: (
                 self.lab.drover.job(job_id).state.value == "migrating"
-                and outgoing_stats(self.lab) is not None
+                and (outgoing_stats(self.lab) or {}).get("memory_total", 0) > 0
             ),
             START_TIMEOUT_S,
             f"job {job_id} migrating in libvirt",
