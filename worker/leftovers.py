@@ -32,7 +32,8 @@ def sweep_leftovers(rt: Runtime) -> None:
     """Run again the rollback of every ended job this host's ledger still holds something
     for (one try each pass; a job whose record cannot be read, or that is still live or
     succeeded, is left as it is; so is one that ended less than `redispatch_after` ago,
-    whose own rollback may still be on its way)."""
+    whose own rollback may still be on its way). One job's failure is that job's: only a
+    libvirtd that cannot be reached ends the pass."""
     pending = rt.ledger.jobs_with_leftovers()
     if not pending or not rt.libvirt_answers():
         return
@@ -52,7 +53,13 @@ def sweep_leftovers(rt: Runtime) -> None:
             except PhaseFailed as exc:  # libvirt shows the guest still coming in: next pass
                 log.warning("rollback.refused", reason=exc.reason)
                 continue
-            except (LibvirtUnavailable, LibvirtError) as exc:
+            except LibvirtUnavailable as exc:  # the daemon is gone: every job's next pass
                 rt.libvirt.reset()
                 log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)
                 return
+            except LibvirtError as exc:
+                # This job's own error (ids come in one order, every pass): the jobs after it
+                # still get their pass; a lost connection is opened again for them.
+                rt.libvirt.reset()
+                log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)
+                continue

@@ -15,13 +15,16 @@ import libvirt
 import pytest
 from structlog.testing import capture_logs
 
+from jobs.model import Job
 from jobs.record import SourceFacts
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore, job_key
+from worker import leftovers
 from worker.ledger import Ledger
 from worker.leftovers import sweep_leftovers
-from worker.libvirt_host import LibvirtHost
+from worker.libvirt_host import LibvirtHost, LibvirtUnavailable
+from worker.rollback import rollback_destination
 from worker.runtime import Runtime
 
 TEST_URI = "test:///default"
@@ -142,3 +145,50 @@ def _now() -> str:
     from jobs.store import now
 
     return now().isoformat()
+
+
+def test_one_jobs_libvirt_error_does_not_keep_the_others_leftovers(
+    store: JobStore,
+    images: Path,
+    tmp_path: Path,
+    events: list[MutableMapping[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Jobs are swept in id order, every pass: a job whose rollback libvirt refuses each time
+    (its own domain's error, not the daemon gone) must not keep the jobs after it from
+    theirs for ever."""
+    rt = runtime(store, tmp_path)
+    made = sorted(ended_with_an_image(rt, images, JobState.FAILED) for _ in range(2))
+    (stuck, stuck_image), (other, other_image) = made
+    real = rollback_destination
+
+    def rollback(rt: Runtime, job: Job) -> None:
+        if job.id == stuck:
+            raise libvirt.libvirtError("Requested operation is not valid: domain is locked")
+        real(rt, job)
+
+    monkeypatch.setattr(leftovers, "rollback_destination", rollback)
+    sweep_leftovers(rt)
+    assert not other_image.exists() and rt.ledger.images(other) == []
+    assert stuck_image.exists() and rt.ledger.jobs_with_leftovers() == [stuck]
+    retrying = [e for e in events if e["event"] == "rollback.retrying"]
+    assert len(retrying) == 1 and "domain is locked" in retrying[0]["reason"]
+
+
+def test_a_libvirtd_gone_mid_pass_ends_the_pass(
+    store: JobStore, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon itself unreachable: the other jobs would fail alike; the next pass,
+    once it answers, takes them all."""
+    rt = runtime(store, tmp_path)
+    made = sorted(ended_with_an_image(rt, images, JobState.FAILED) for _ in range(2))
+    calls: list[str] = []
+
+    def rollback(rt: Runtime, job: Job) -> None:
+        calls.append(job.id)
+        raise LibvirtUnavailable("libvirtd on kvm2 is unreachable")
+
+    monkeypatch.setattr(leftovers, "rollback_destination", rollback)
+    sweep_leftovers(rt)
+    assert calls == [made[0][0]]
+    assert all(image.exists() for _, image in made)
