@@ -9,7 +9,12 @@ ended failed or cancelled is run again here, once this host's libvirtd answers, 
 ledger lists nothing for it.
 
 Safe whatever the record says: a rollback removes only what the ledger lists and no domain
-on this host names, and finish forgets a job's images once its guest has arrived.
+on this host names, and finish forgets a job's images once its guest has arrived. A job whose
+guest arrived here all the same (its end written by hand mid-migration) is not rolled back:
+dropping its ledger rows would leave nothing to take it back up by (attacker probe); it is
+taken back up here as its finish would (worker/contradicted_end.py). An end that needs this
+host's finish (succeeded, checked) recorded for a job whose finish never ran here is rolled
+back as a failed one: its booking held this host's room for good (attacker probe).
 """
 
 from __future__ import annotations
@@ -17,49 +22,90 @@ from __future__ import annotations
 import structlog
 
 from config.events import get_logger
+from jobs.keys import job_key
+from jobs.model import Job
+from jobs.phases import Phase
 from jobs.record import MalformedRecord
+from jobs.record_read import REDIS_OUTAGES
 from jobs.store import JobNotFound, now
+from worker.contradicted_end import arrived_here, reopened
 from worker.job_end import job_context
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
+from worker.libvirt_states import state_reason
 from worker.phase_errors import PhaseFailed
-from worker.rollback import ROLLBACK_STATES, rollback_destination
+from worker.rollback import ended_without_moving, rollback_destination
 from worker.runtime import Runtime
 
 log = get_logger()
+_ARRIVED = (
+    "{job.spec.arrives_as} runs on {rt.host}, arrived, brought in by this job: its record's "
+    "end is not libvirt's; nothing of it is rolled back, and it is not taken back up (its "
+    "request is not signed, or its record changed meanwhile)"
+)
+# Jobs whose arrival this process has said it will not roll back (said once each).
+_said_arrived: set[str] = set()
 
 
 def sweep_leftovers(rt: Runtime) -> None:
     """Run again the rollback of every ended job this host's ledger still holds something
     for (one try each pass; a job whose record cannot be read, or that is still live or
     succeeded, is left as it is; so is one that ended less than `redispatch_after` ago,
-    whose own rollback may still be on its way). One job's failure is that job's: only a
-    libvirtd that cannot be reached ends the pass."""
+    whose own rollback may still be on its way). One job's failure is that job's: its bad
+    data, a bug or libvirt's error for it is said and passed over, so that it cannot starve
+    the jobs after it pass after pass; only a libvirtd that cannot be reached ends the pass."""
     pending = rt.ledger.jobs_with_leftovers()
     if not pending or not rt.libvirt_answers():
         return
     for job_id in pending:
         try:
-            job = rt.store.get(job_id)
-        except (JobNotFound, MalformedRecord):
-            continue
-        if job.state not in ROLLBACK_STATES or job.spec.dst != rt.host:
-            continue
-        if (now() - job.updated).total_seconds() < rt.settings.tunables.redispatch_after:
-            continue  # its own rollback, sent as it ended, may still be on its way
-        with structlog.contextvars.bound_contextvars(**job_context(job, "rollback")):
-            log.info("rollback.resumed", reason="its rollback did not finish when the job ended")
-            try:
-                rollback_destination(rt, job)
-            except PhaseFailed as exc:  # libvirt shows the guest still coming in: next pass
-                log.warning("rollback.refused", reason=exc.reason)
-                continue
-            except LibvirtUnavailable as exc:  # the daemon is gone: every job's next pass
-                rt.libvirt.reset()
-                log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)
-                return
-            except LibvirtError as exc:
-                # This job's own error (ids come in one order, every pass): the jobs after it
-                # still get their pass; a lost connection is opened again for them.
-                rt.libvirt.reset()
-                log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)
-                continue
+            if not _sweep_one(rt, job_id):
+                return  # libvirtd stopped answering: the next pass
+        except REDIS_OUTAGES:
+            raise
+        except Exception as exc:
+            log.exception("keeper.error", duty="leftovers", key=job_key(job_id), error=str(exc))
+
+
+def _sweep_one(rt: Runtime, job_id: str) -> bool:
+    """One job's rollback run again, if it is due; False when libvirtd could not be reached."""
+    try:
+        job = rt.store.get(job_id)
+    except (JobNotFound, MalformedRecord):
+        return True
+    if job.spec.dst != rt.host or not ended_without_moving(rt, job):
+        return True
+    if (now() - job.updated).total_seconds() < rt.settings.tunables.redispatch_after:
+        return True  # its own rollback, sent as it ended, may still be on its way
+    with structlog.contextvars.bound_contextvars(**job_context(job, "rollback")):
+        if _running_here(rt, job) and arrived_here(rt, job):  # taken back up instead
+            if reopened(rt, job, Phase.FINISH) is None and job_id not in _said_arrived:
+                _said_arrived.add(job_id)  # once: it stays so until someone acts
+                log.warning("rollback.refused", reason=_ARRIVED.format(rt=rt, job=job))
+            return True
+        log.info("rollback.resumed", reason="its rollback did not finish when the job ended")
+        try:
+            rollback_destination(rt, job)
+        except PhaseFailed as exc:  # libvirt shows the guest still coming in: next pass
+            log.warning("rollback.refused", reason=exc.reason)
+        except LibvirtUnavailable as exc:  # the daemon is gone: every job's next pass
+            rt.libvirt.reset()
+            log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)
+            return False
+        except LibvirtError as exc:  # this job's own (a lost connection is opened again)
+            rt.libvirt.reset()
+            log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)
+    return True
+
+
+def _running_here(rt: Runtime, job: Job) -> bool:
+    """libvirt here shows the guest this job brought in running, not in a post-copy: only
+    then is its arrival asked about. A copy still coming in (paused by its migration, or in
+    a post-copy) is the rollback's to judge, which refuses while it comes in; asking it for
+    its migration job as well would wait twice on a busy libvirtd (make test: 60 s)."""
+    uuid = rt.ledger.incoming_uuid(job.id)
+    try:
+        dom = None if uuid is None else rt.libvirt.by_uuid(uuid)
+        found = None if dom is None or not dom.isActive() else state_reason(dom)
+    except LibvirtError:
+        return False
+    return found is not None and found.running and not found.in_postcopy

@@ -7,6 +7,7 @@ import libvirt
 
 from config.events import get_logger
 from jobs.model import Job
+from jobs.phases import Phase
 from jobs.states import JobState
 from worker.libvirt_host import Domain, is_paused, list_domains
 from worker.libvirt_states import state_reason
@@ -20,6 +21,18 @@ log = get_logger()
 # A rollback is for a job that ended without moving its guest, and for nothing else: sent for
 # a job still in flight (a replayed or forged message), it would destroy the incoming guest.
 ROLLBACK_STATES = frozenset({JobState.FAILED, JobState.CANCELLED})
+# Ends drover enters only after this host's finish (succeeded) or with nothing prepared here
+# (checked): recorded for a job whose finish never ran here, a Redis write made them, and the
+# job is rolled back here as a failed one would be (its booking held the host's room for good).
+FORGED_UNLESS_FINISHED = frozenset({JobState.SUCCEEDED, JobState.CHECKED})
+
+
+def ended_without_moving(rt: Runtime, job: Job) -> bool:
+    """Whether the job's record says it ended without moving its guest here, as far as this
+    host can tell: failed or cancelled, or an end that needs this host's finish, not run."""
+    if job.state in ROLLBACK_STATES:
+        return True
+    return job.state in FORGED_UNLESS_FINISHED and not rt.ledger.claimed(job.id, Phase.FINISH.value)
 
 
 def rollback_destination(rt: Runtime, job: Job) -> None:
@@ -30,7 +43,7 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
     for the same domain (its lease ran out in Redis) may be migrating it here right now; its
     incoming copy, perhaps in post-copy the only up-to-date one, is left alone.
     """
-    if job.state not in ROLLBACK_STATES:
+    if not ended_without_moving(rt, job):
         raise PhaseFailed(
             f"job {job.id} is {job.state.value}; only a failed or cancelled job is rolled back"
         )

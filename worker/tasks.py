@@ -164,7 +164,7 @@ def _run_side_task(
                 raise
 
 
-@app.task(bind=True, name=ROLLBACK_DESTINATION_TASK)
+@app.task(bind=True, name=ROLLBACK_DESTINATION_TASK, throws=(PhaseFailed,))
 def rollback_destination(self: Task, job_id: str) -> None:
     _run_side_task(self, "rollback", rollback_reconnecting, job_id)
 

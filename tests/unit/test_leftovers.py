@@ -16,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from jobs.model import Job
+from jobs.phases import Phase
 from jobs.record import SourceFacts
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
@@ -90,6 +91,7 @@ def ended_with_an_image(
     walk = [JobState.PREFLIGHT, JobState.PREPARED, JobState.MIGRATING]
     if state is JobState.SUCCEEDED:
         walk.append(JobState.FINISHING)
+        assert rt.ledger.claim(job_id, Phase.FINISH.value)  # drover's success: finish ran here
     for step in [*walk, state]:
         moved, _ = store.transition(job_id, step, host="test", reason="a fault")
         assert moved, step
@@ -192,3 +194,40 @@ def test_a_libvirtd_gone_mid_pass_ends_the_pass(
     sweep_leftovers(rt)
     assert calls == [made[0][0]]
     assert all(image.exists() for _, image in made)
+
+
+@pytest.mark.parametrize("forged", [JobState.SUCCEEDED, JobState.CHECKED])
+def test_an_end_written_for_a_job_whose_finish_never_ran_here_is_rolled_back(
+    store: JobStore, images: Path, tmp_path: Path, forged: JobState
+) -> None:
+    """Attacker probe: `succeeded` (or `checked`) written into a job prepared here kept its
+    booking, and the host's room, for good (the record had no end to expire it by)."""
+    rt = runtime(store, tmp_path)
+    job_id, image = ended_with_an_image(rt, images, JobState.FAILED)
+    rt.ledger.book(job_id, 64)
+    store.r.hset(job_key(job_id), mapping={"state": forged.value, "updated": LONG_AGO})
+    sweep_leftovers(rt)
+    assert not image.exists() and rt.ledger.jobs_with_leftovers() == []
+    assert rt.ledger.booked_jobs("") == []
+
+
+def test_a_guest_that_arrived_under_an_end_is_not_rolled_back(
+    store: JobStore,
+    images: Path,
+    tmp_path: Path,
+    events: list[MutableMapping[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attacker probe: its rollback dropped the ledger's rows of a guest that had arrived
+    here under a record written `failed`, and nothing could take the job back up any more.
+    Now it is taken back up (worker/contradicted_end.py), or, its request not signed, left."""
+    rt = runtime(store, tmp_path)
+    job_id, image = ended_with_an_image(rt, images, JobState.FAILED)
+    monkeypatch.setattr(leftovers, "_running_here", lambda _rt, _job: True)
+    monkeypatch.setattr(leftovers, "arrived_here", lambda _rt, _job: True)
+    monkeypatch.setattr(leftovers, "reopened", lambda _rt, _job, _phase: None)
+    sweep_leftovers(rt)
+    assert image.exists() and rt.ledger.jobs_with_leftovers() == [job_id]
+    (refused,) = [e for e in events if e["event"] == "rollback.refused"]
+    assert "arrived" in refused["reason"]
+    assert "rollback.resumed" not in [e["event"] for e in events]
