@@ -142,7 +142,10 @@ class Result(BaseModel):
     migration_ms: float | None = None  # perform: the libvirt migration call, timed
     last_progress: dict[str, Any] = {}  # perform: libvirt's last job statistics
     # perform: how long the guest was paused for the switch-over, as libvirt measured it
+    # (after a post-copy, from the pause libvirt announced before the switch, if any)
     downtime_ms: int | None = None
+    # perform: of that, the time the guest was paused before the switch to post-copy
+    paused_before_switch_ms: int | None = None
     mode: MigrationMode | None = None  # perform: the mode the migration finished in
     final: MigrationFigures | None = None  # perform: libvirt's completed statistics
     figures_from: FiguresSource | None = None

@@ -159,7 +159,11 @@ def downtime_cell(job: Job) -> str:
     r = job.result
     if r.downtime_ms is None:
         return r.mode or ""
-    return f"{r.downtime_ms} ms" + (f" ({r.mode})" if r.mode == "postcopy" else "")
+    if r.mode != "postcopy":
+        return f"{r.downtime_ms} ms"
+    paused = r.paused_before_switch_ms
+    of_it = f", {paused} ms of it paused before the switch" if paused is not None else ""
+    return f"{r.downtime_ms} ms (postcopy{of_it})"
 
 
 def plan_table(placements: list[Placement], title: str) -> Table:

@@ -7,6 +7,7 @@ bandwidth cap until the operator acts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.lab
 DIRTY = "dirty-1"
 START_TIMEOUT_S = 60.0
 SLOW_MIB = 8  # far below dirty-1's dirty rate: pre-copy never ends on its own
+EVENT_SLACK_MS = 200  # libvirt's events reach the worker a little after they happen
 
 
 class Started:
@@ -205,6 +207,43 @@ def test_a_switch_asked_after_an_accepted_abort_does_not_land_the_guest(
         START_TIMEOUT_S,
         "the switch's refusal in the job's stream",
     )
+
+
+def test_a_pause_before_the_switch_to_postcopy_counts_in_the_downtime(
+    lab: Lab, started: Started
+) -> None:
+    """Probe F4: a guest paused while it migrated, then switched to post-copy, was reported
+    down for libvirt's post-copy downtime only (6 ms; libvirt counts from the switch), though
+    it had been paused for seconds. The pause now counts, from libvirt's own events."""
+    job_id = started.migrating(policy="manual", postcopy=True, bandwidth_mib=SLOW_MIB)
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        conn.lookupByName(DIRTY).suspend()
+    finally:
+        conn.close()
+    paused = time.monotonic()
+
+    def reports() -> int:
+        return sum(ev["event"] == "migration.progress" for ev in lab.drover.events(job_id))
+
+    # Paused for a while, and seen so by drover: two more reports of the paused migration.
+    seen = reports()
+    wait_for(lambda: reports() >= seen + 2, START_TIMEOUT_S, "two reports after the pause")
+    asked = time.monotonic()
+    switched = run_drover(lab.config, "postcopy", job_id)
+    assert switched.returncode == 0 and "post-copy requested" in switched.stdout
+    job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
+    landed_on_lab2(lab, job)
+    shown = job.result.model_dump(exclude={"source_checks", "destination_checks", "final"})
+    assert job.result.mode == "postcopy", shown
+    before_switch = job.result.paused_before_switch_ms
+    # libvirt's events are stamped as they reach the worker: a little slack for delivery.
+    least_ms = (asked - paused) * 1000 - EVENT_SLACK_MS
+    assert before_switch is not None and before_switch >= least_ms, shown
+    assert job.result.downtime_ms is not None and job.result.downtime_ms > before_switch
+    [completed] = [ev for ev in lab.drover.events(job_id) if ev["event"] == "migration.completed"]
+    assert completed["downtime_ms"] == job.result.downtime_ms
+    assert completed["paused_before_switch_ms"] == before_switch
 
 
 def test_every_successful_job_reports_its_downtime(lab: Lab) -> None:
