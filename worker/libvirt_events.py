@@ -133,6 +133,12 @@ class CompletionWatch:
         elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED and self.postcopy_at is None:
             self.paused_at = None  # resumed before the switch: that pause ended there
 
+    def paused(self) -> bool:
+        """Whether libvirt announced the guest paused (by its migration's switch-over or on
+        request) and not resumed since: what the monitor's late report needs, answered
+        without asking libvirt, which holds its answers back during the switch-over."""
+        return self.paused_at is not None
+
     @property
     def paused_before_switch_ms(self) -> int | None:
         """How long the guest was paused before libvirt switched to post-copy (None: it was

@@ -17,6 +17,7 @@ from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
 from worker.convergence import ConvergenceEngine, Decision
+from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import Domain, LibvirtError, facts
 from worker.libvirt_states import state_reason
 from worker.monitor import MigrationMonitor, Progress
@@ -91,10 +92,12 @@ def watch_migration(
     *,
     policy: MigrationPolicy,
     until_idle: bool = False,
-    pass_ended: threading.Event | None = None,
+    events: CompletionWatch | None = None,
 ) -> Watched:
     """Report and steer the job's migration under its effective `policy` until `finished` is
-    set (or, `until_idle`, until libvirt shows no migration job on `dom`)."""
+    set (or, `until_idle`, until libvirt shows no migration job on `dom`). `events`: libvirt's
+    events of this migration, where this process receives them (its passes' ends, the
+    guest's pauses)."""
     spec, tunables = job.spec, rt.settings.tunables
     seen = Watched()
 
@@ -143,7 +146,8 @@ def watch_migration(
         # paused for post-copy), never the record's `postcopy_since`, which anyone with the
         # Redis password could set to stop the policy and the operator's abort.
         postcopy=state_reason(dom).in_postcopy,
-        pass_ended=pass_ended,
+        pass_ended=events.pass_ended if events is not None else None,
+        paused=events.paused if events is not None else None,
         # Read once per tick, never waiting out a Redis outage: libvirt migrates meanwhile.
         abort_requested=lambda: rt.store.without_retry.abort_requested(job.id),
         drain=lambda: drain_action(spec, rt.drained_for(), tunables.drain_timeout),

@@ -127,8 +127,8 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
     worker.start()
     cancel_reason = abort_reason = last = None
     if not spec.offline:  # an offline migration has no job statistics to sample
-        told = completion.pass_ended if completion is not None and completion.registered else None
-        seen = watch_migration(rt, job, dom, finished, policy=policy.values, pass_ended=told)
+        told = completion if completion is not None and completion.registered else None
+        seen = watch_migration(rt, job, dom, finished, policy=policy.values, events=told)
         if seen.handed_over is not None:
             if completion is not None:
                 completion.close()  # this worker no longer follows the migration

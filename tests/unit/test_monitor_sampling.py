@@ -345,3 +345,38 @@ def test_an_abort_asked_between_reports_comes_before_a_switch_to_post_copy() -> 
         runner.join()
     assert [d.action for d in decided] == ["set_downtime"]  # no switch to post-copy
     assert [(a.kind, a.reason) for a in actions] == [("cancel", "aborted by operator@host")]
+
+
+class SwitchingOverDomain(SlowDomain):
+    """libvirt during a switch-over as the lab showed it: virDomainGetState waits with the
+    statistics too (0.66 s per migration there), until `answer` is set."""
+
+    def state(self) -> tuple[int, int]:
+        if self.paused_by_migration:
+            self.answer.wait(10)
+        return super().state()
+
+
+def test_a_late_report_of_the_switch_over_goes_by_libvirts_events_without_waiting() -> None:
+    """The report loop asked libvirt for the guest's state when a sample was late, and waited
+    as long as libvirt held its answers back: no report, no abort check meanwhile. Told of
+    libvirt's pause by its events, it asks nothing, and reports at its pace."""
+    dom, finished = SwitchingOverDomain(), threading.Event()
+    stages: list[str] = []
+    announced = threading.Event()
+    m = reporting(dom, stages, interval=0.02, paused=announced.is_set)
+    runner = threading.Thread(target=m.run, args=(finished,))
+    runner.start()
+    try:
+        wait_for(lambda: len(stages) >= 5, 5, "reports while libvirt is late")
+        dom.paused_by_migration = True
+        announced.set()  # libvirt's lifecycle event of the pause
+        wait_for(lambda: stages[-1] == "completing", 5, "a report of the switch-over")
+        seen = len(stages)
+        wait_for(lambda: len(stages) >= seen + 5, 5, "reports while libvirt holds back")
+    finally:
+        finished.set()
+        dom.answer.set()
+        runner.join()
+    first = stages.index("completing")
+    assert set(stages[:first]) == {"transfer"} and set(stages[first:]) == {"completing"}
