@@ -60,6 +60,8 @@ def progress_text(ev: dict[str, Any]) -> str:
 
 
 _DETAIL_KEYS = ("state", "reason", "duration_ms", "migration_ms", "memory_mib", "free_mib")
+# How the migration went, as a person reads it first (the JSON form has every figure).
+_COMPLETED_KEYS = ("migration_ms", "downtime_ms", "paused_before_switch_ms", "mode")
 
 
 def event_line(ev: dict[str, Any]) -> str:
@@ -79,6 +81,8 @@ def _event_line(ev: dict[str, Any]) -> str:
     elif name == "evacuation.planned" and isinstance(ev.get("placements"), list):
         placed = sum(1 for p in ev["placements"] if isinstance(p, dict) and p.get("destination"))
         details = f"{placed} of {len(ev['placements'])} domains placed"
+    if name == "migration.completed":
+        details = " ".join(f"{k}={ev[k]}" for k in _COMPLETED_KEYS if ev.get(k) is not None)
     if name == "policy.step":
         details = policy_step_text(ev)
     if name == "migration.started" and isinstance(ev.get("call"), dict):

@@ -20,6 +20,7 @@ from config.events import get_logger
 from jobs.keys import POSTCOPY_FIELD
 from jobs.model import Job
 from jobs.record import FiguresSource, MigrationFigures, MigrationMode
+from worker import switch_asked
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
 from worker.runtime import Runtime
@@ -94,15 +95,9 @@ def parse_completed(stats: dict[str, Any], source: FiguresSource, switched: bool
 
 def with_pause_before_switch(found: Landing, paused_ms: int | None) -> Landing:
     """`found` with the guest's pause before the switch to post-copy counted in its downtime
-    (libvirt's post-copy downtime runs from the switch only; CompletionWatch).
-
-    An ordinary switch stops the guest too, a few milliseconds before libvirt announces
-    post-copy (5 ms against a downtime of 5 on the lab): a pause no longer than libvirt's
-    downtime is that stop, already in the figure. A longer one began before the switch; the
-    sum then counts the switch's own stop twice, a few milliseconds at most."""
+    (libvirt's post-copy downtime runs from the switch only; CompletionWatch). The sum may
+    count the switch's own stop of an already paused guest twice: a few milliseconds."""
     if found.mode != "postcopy" or found.downtime_ms is None or paused_ms is None:
-        return found
-    if paused_ms <= found.downtime_ms:
         return found
     return replace(
         found, downtime_ms=found.downtime_ms + paused_ms, paused_before_switch_ms=paused_ms
@@ -131,13 +126,15 @@ def landing(rt: Runtime, job: Job, watch: CompletionWatch | None) -> Landing:
     """How the job's migration finished: the job-completed event's statistics (waited for
     up to tunables.completion_event_wait), else the destination's; `watch` is closed."""
     switched = rt.store.field(job.id, POSTCOPY_FIELD) is not None
+    asked = switch_asked.taken(job.id)
     try:
         if watch is not None:
             stats = watch.wait(rt.settings.tunables.completion_event_wait)
             switched = switched or watch.postcopy
             if stats is not None:
                 found = parse_completed(stats, "job-completed event", switched)
-                return with_pause_before_switch(found, watch.paused_before_switch_ms)
+                paused_ms = watch.paused_before_switch_ms(asked)
+                return with_pause_before_switch(found, paused_ms)
     finally:
         if watch is not None:
             with contextlib.suppress(LibvirtError):

@@ -71,8 +71,9 @@ class CompletionWatch:
     (force-complete where post-copy was not yet allowed, the policy's suspend step, `virsh
     suspend`) was down from that pause. Measured on the lab: paused at 1.28 s, switched at
     4.38 s, and libvirt said 3 ms. So the moments of both, as libvirt announces them, are
-    kept (`paused_before_switch_ms`); the stop of an ordinary switch is announced too, a few
-    milliseconds before it, inside libvirt's own figure (worker/completion.py).
+    kept (`paused_before_switch_ms`). An ordinary switch's own stop is announced as a pause
+    too, a few milliseconds before post-copy: only a pause announced before the switch was
+    asked counts (worker/switch_asked.py).
     """
 
     def __init__(self, dom: Domain, clock: Callable[[], float] = time.monotonic) -> None:
@@ -139,12 +140,15 @@ class CompletionWatch:
         without asking libvirt, which holds its answers back during the switch-over."""
         return self.paused_at is not None
 
-    @property
-    def paused_before_switch_ms(self) -> int | None:
-        """How long the guest was paused before libvirt switched to post-copy (None: it was
-        not paused while this watch ran, or there was no switch)."""
-        if self.paused_at is None or self.postcopy_at is None:
+    def paused_before_switch_ms(self, switch_asked: float | None) -> int | None:
+        """How long the guest was paused before libvirt switched to post-copy: from a pause
+        libvirt announced before the switch was asked (`switch_asked`, this process's
+        monotonic clock; worker/switch_asked.py) to libvirt's announcement of post-copy.
+        None: no such pause, no switch, or the switch's moment is not known here."""
+        if self.paused_at is None or self.postcopy_at is None or switch_asked is None:
             return None
+        if self.paused_at >= switch_asked:
+            return None  # the switch's own stop
         return round((self.postcopy_at - self.paused_at) * 1000)
 
     def wait(self, timeout: float) -> dict[str, Any] | None:

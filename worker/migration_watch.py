@@ -16,6 +16,7 @@ import libvirt
 from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
+from worker import switch_asked
 from worker.convergence import ConvergenceEngine, Decision
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import Domain, LibvirtError, facts
@@ -110,9 +111,13 @@ def watch_migration(
     def on_decision(decision: Decision) -> bool:
         if decision.action == "abort":
             seen.abort_reason = decision.reason
+        if decision.action == "postcopy":
+            switch_asked.note(job.id)  # tells a pause before it from its own stop
         done = carry_out_step(dom, decision)
         if done and decision.action == "postcopy":
             rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
+        elif decision.action == "postcopy":
+            switch_asked.forget(job.id)
         return done
 
     def on_action(action: Action) -> None:

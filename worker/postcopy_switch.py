@@ -20,11 +20,9 @@ import redis
 
 from config.events import get_logger
 from jobs.model import Job
-from jobs.states import JobState
+from worker import switch_asked
 from worker.libvirt_host import Domain, LibvirtError
 from worker.phase_errors import PhaseFailed
-from worker.phase_source import job_domain
-from worker.policy_source import job_policy
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -42,9 +40,11 @@ def operator_switch(rt: Runtime, job: Job, dom: Domain, what: str) -> None:
     refusal is raised as it came (LibvirtError), its mark taken back first."""
     mark = lambda: rt.store.mark_postcopy_unless_aborting(job.id)  # noqa: E731
     _unless_aborting(mark, job, what, f"mark job {job.id} switching to post-copy")
+    switch_asked.note(job.id)
     try:
         dom.migrateStartPostCopy()
     except LibvirtError:
+        switch_asked.forget(job.id)
         rt.store.unmark_postcopy(job.id)
         raise
     log.info("migration.postcopy_started")
@@ -62,19 +62,3 @@ def _unless_aborting(ask: Callable[[], str | None], job: Job, what: str, cannot:
             f"job {job.id} is being aborted ({asked}): not {what}; its source aborts the "
             f"migration of {job.spec.domain}"
         )
-
-
-def start_postcopy(rt: Runtime, job: Job) -> None:
-    """Switch a running pre-copy migration to post-copy (asked for by `drover postcopy`)."""
-    if job.state is not JobState.MIGRATING:
-        raise PhaseFailed(f"job {job.id} is {job.state.value}, not migrating")
-    dom = job_domain(rt, job, job.spec.domain)
-    if dom is None:
-        raise PhaseFailed(f"{job.spec.domain} is not on {rt.host}")
-    if not job_policy(rt, job, dom).values.allow_postcopy:
-        raise PhaseFailed(f"job {job.id}'s policy does not allow post-copy")
-    try:
-        operator_switch(rt, job, dom, "switched to post-copy")
-    except LibvirtError as exc:
-        reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
-        raise PhaseFailed(reason) from None

@@ -40,10 +40,9 @@ from worker.job_end import job_context, verified
 from worker.keeper import begin_drain, start_keeper
 from worker.libvirt_events import start_event_loop
 from worker.main import WorkerStartError, check_security
-from worker.migration_control import force_complete, tune
+from worker.migration_control import force_complete, start_postcopy, tune
 from worker.phase_errors import Dropped, PhaseFailed, RetryPhase
 from worker.phase_frame import execute_phase
-from worker.postcopy_switch import start_postcopy
 from worker.registry import BOUND
 from worker.rollback import rollback_reconnecting
 from worker.runtime import Runtime, runtime_for_node

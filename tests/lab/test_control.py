@@ -173,6 +173,8 @@ def test_force_complete_switches_to_postcopy_where_allowed(lab: Lab, started: St
     job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
     landed_on_lab2(lab, job)
     assert job.result.mode == "postcopy" and job.postcopy_since is not None
+    # The switch's own stop is no pause before it (a probe saw 5-34 ms reported so).
+    assert job.result.paused_before_switch_ms is None, job.result.downtime_ms
     steps = operator_steps(lab, job_id)
     assert [s["action"] for s in steps] == ["postcopy", "tune"]
     assert steps[0]["data_remaining"] > 0 and "memory_iteration" in steps[0]

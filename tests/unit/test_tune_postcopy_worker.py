@@ -20,7 +20,6 @@ import pytest
 from structlog.testing import capture_logs
 
 import worker.migration_control as control
-import worker.postcopy_switch as switch
 from config.policy_model import BUILTIN_POLICIES, EffectivePolicy
 from jobs.abort import TooLate, abort_job
 from jobs.control import push_tune, tune_request
@@ -46,6 +45,10 @@ class Recorded:
         self.dom = dom
         self.set: list[tuple[str, int, int]] = []
         self.refuse_switch = False
+        self.shown: tuple[int, int] | None = None  # libvirt's state, when a test says
+
+    def state(self, flags: int = 0) -> tuple[int, int]:  # libvirt's name
+        return self.shown or self.dom.state(flags)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.dom, name)
@@ -78,7 +81,6 @@ def guest(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorded]:
     conn = libvirt.open(TEST_URI)
     recorded = Recorded(conn.lookupByName("test"))
     monkeypatch.setattr(control, "job_domain", lambda _rt, _job, _name: recorded)
-    monkeypatch.setattr(switch, "job_domain", lambda _rt, _job, _name: recorded)
     outgoing = {"operation": libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT, "memory_total": 1}
     monkeypatch.setattr(control, "migration_stats", lambda _dom: outgoing)
     yield recorded
@@ -160,7 +162,7 @@ def test_an_abort_requested_first_refuses_the_operators_switch_and_force_complet
     job_id = migrating(store, "default")
     store.request_abort(job_id, "ops: stop it")
     moves = {
-        "postcopy": lambda: switch.start_postcopy(rt, store.get(job_id)),
+        "postcopy": lambda: control.start_postcopy(rt, store.get(job_id)),
         "force-complete": lambda: control.force_complete(rt, store.get(job_id)),
     }
     for name, move in moves.items():
@@ -177,7 +179,7 @@ def test_a_switch_made_first_makes_a_later_abort_too_late(
     rt: Runtime, store: JobStore, guest: Recorded
 ) -> None:
     job_id = migrating(store, "default")
-    switch.start_postcopy(rt, store.get(job_id))
+    control.start_postcopy(rt, store.get(job_id))
     assert guest.set == [("postcopy", 0, 0)]
     with pytest.raises(TooLate, match="in post-copy"):
         abort_job(store, job_id, by="ops", rollback=lambda _: None)
@@ -192,7 +194,36 @@ def test_a_switch_libvirt_refuses_takes_its_mark_back(
     job_id = migrating(store, "default")
     guest.refuse_switch = True
     with pytest.raises(PhaseFailed, match="libvirt refused the switch to post-copy"):
-        switch.start_postcopy(rt, store.get(job_id))
+        control.start_postcopy(rt, store.get(job_id))
     assert store.get(job_id).postcopy_since is None
     said = abort_job(store, job_id, by="ops", rollback=lambda _: None)
     assert said.startswith("abort requested")
+
+
+def test_a_migration_libvirt_shows_in_post_copy_is_not_switched_again(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    """Probe: `drover postcopy` asked again in post-copy was made again (a second
+    `migration.postcopy_started`) and moved the record's moment of the switch."""
+    job_id = migrating(store, "default")
+    control.start_postcopy(rt, store.get(job_id))
+    since = store.get(job_id).postcopy_since
+    guest.shown = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)
+    with pytest.raises(PhaseFailed, match="already in post-copy: it completes on its own"):
+        control.start_postcopy(rt, store.get(job_id))
+    assert guest.set == [("postcopy", 0, 0)]  # once
+    assert store.get(job_id).postcopy_since == since
+
+
+def test_a_switch_asked_during_libvirts_setup_waits_for_the_transfer(
+    rt: Runtime, store: JobStore, guest: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe: asked while libvirt still set the migration up, QEMU refused the switch
+    ("Enable postcopy with migrate_set_capability before the start of migration") and the
+    request was lost. It now waits, as tune and force-complete do."""
+    setup = {"operation": libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT, "memory_total": 0}
+    answers = [setup, setup, setup | {"memory_total": 1}]
+    monkeypatch.setattr(control, "migration_stats", lambda _dom: answers.pop(0))
+    job_id = migrating(store, "default")
+    control.start_postcopy(rt, store.get(job_id))
+    assert answers == [] and guest.set == [("postcopy", 0, 0)]
