@@ -19,7 +19,14 @@ from typing import Any
 import libvirt
 
 from config.events import get_logger
-from jobs.control import BadControlRequest, TuneRequest, not_migrating, pop_tune, postcopy_off
+from jobs.control import (
+    TUNE_OPTIONS,
+    BadControlRequest,
+    TuneRequest,
+    not_migrating,
+    pop_tune,
+    postcopy_off,
+)
 from jobs.model import Job
 from worker.libvirt_host import Domain, LibvirtError
 from worker.libvirt_states import StatsUnanswered, migration_stats, state_reason
@@ -31,6 +38,8 @@ from worker.runtime import Runtime
 
 log = get_logger()
 OPERATOR = "operator"
+# The tune's figures that govern pre-copy only: after the switch they change nothing.
+PRECOPY_ONLY = frozenset({"bandwidth_mib", "max_downtime_ms"})
 # How often per progress interval a request that came during the migration's setup looks
 # again whether the transfer has begun.
 SETUP_POLLS_PER_INTERVAL = 5
@@ -106,7 +115,7 @@ def tune(rt: Runtime, job: Job, request_id: str) -> None:
     if request is None:
         raise PhaseFailed(f"job {job.id} has no tune request waiting")
     dom, _ = migrating_domain(rt, job, "tune")
-    refused = postcopy_refusal(rt, job, dom, request)
+    refused = postcopy_refusal(rt, job, dom, request) or _precopy_figures_refusal(dom, request)
     if refused is not None:
         raise PhaseFailed(refused)
     applied = apply_tune(dom, request)
@@ -128,6 +137,20 @@ def postcopy_refusal(rt: Runtime, job: Job, dom: Domain, request: TuneRequest) -
     policy = job_policy(rt, job, dom)
     why = postcopy_off(job.model_copy(update={"policy": policy}), request)
     return None if why is None else f"{why}; nothing of this tune request was applied"
+
+
+def _precopy_figures_refusal(dom: Domain, request: TuneRequest) -> str | None:
+    """Why a request naming pre-copy limits is refused whole in post-copy, or None. libvirt
+    takes them and they change nothing any more: a probe was told "bandwidth_mib=20" and
+    "max_downtime_ms=50" applied after the switch."""
+    lapsed = [TUNE_OPTIONS[f] for f in request.figures() if f in PRECOPY_ONLY]
+    if not lapsed or not state_reason(dom).in_postcopy:
+        return None
+    return (
+        f"the migration is in post-copy: {' and '.join(lapsed)} no longer apply (only "
+        f"{TUNE_OPTIONS['postcopy_bandwidth_mib']} does); nothing of this tune request was "
+        "applied"
+    )
 
 
 def apply_tune(dom: Domain, request: TuneRequest) -> dict[str, int]:

@@ -150,6 +150,27 @@ def test_a_tune_without_a_postcopy_figure_is_applied_under_any_policy(
     assert guest.set == [("speed", 7, 0)]
 
 
+IN_POSTCOPY = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)
+
+
+def test_pre_copy_limits_asked_in_post_copy_are_refused_whole(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    """Probe: after the switch, `drover tune --bandwidth 20` was answered "bandwidth_mib=20"
+    though pre-copy's limits change nothing any more."""
+    job_id = migrating(store, "default")
+    guest.shown = IN_POSTCOPY
+    ask(store, job_id)  # bandwidth, post-copy bandwidth and downtime
+    with pytest.raises(PhaseFailed) as refused:
+        control.tune(rt, store.get(job_id), REQUEST)
+    said = str(refused.value)
+    assert "in post-copy: --bandwidth and --max-downtime no longer apply" in said
+    assert "nothing of this tune request was applied" in said and guest.set == []
+    push_tune(store.r, job_id, REQUEST, tune_request(postcopy_bandwidth_mib=0), ttl_s=60)
+    control.tune(rt, store.get(job_id), REQUEST)  # what governs post-copy still applies
+    assert guest.set == [("speed", 0, POSTCOPY_SPEED)]
+
+
 # --- the operator's switch to post-copy, against the operator's abort ----------------------
 
 
@@ -208,7 +229,7 @@ def test_a_migration_libvirt_shows_in_post_copy_is_not_switched_again(
     job_id = migrating(store, "default")
     control.start_postcopy(rt, store.get(job_id))
     since = store.get(job_id).postcopy_since
-    guest.shown = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)
+    guest.shown = IN_POSTCOPY
     with pytest.raises(PhaseFailed, match="already in post-copy: it completes on its own"):
         control.start_postcopy(rt, store.get(job_id))
     assert guest.set == [("postcopy", 0, 0)]  # once
