@@ -31,7 +31,7 @@ from jobs.store import JobNotFound, now
 from worker.contradicted_end import arrived_here, reopened
 from worker.job_end import job_context
 from worker.libvirt_host import LibvirtError, LibvirtUnavailable
-from worker.libvirt_states import state_reason
+from worker.libvirt_states import paused_by_user, state_reason
 from worker.phase_errors import PhaseFailed
 from worker.rollback import ended_without_moving, rollback_destination
 from worker.runtime import Runtime
@@ -42,8 +42,18 @@ _ARRIVED = (
     "end is not libvirt's; nothing of it is rolled back, and it is not taken back up (its "
     "request is not signed, or its record changed meanwhile)"
 )
-# Jobs whose arrival this process has said it will not roll back (said once each).
+# Jobs whose arrival this process has said it will not roll back, and jobs whose rollback
+# it has said is refused (a copy still coming in): each said once, not at every pass (an
+# attacker probe counted two lines a pass for a minute). Bounded: job ids are anyone's.
 _said_arrived: set[str] = set()
+_said_refused: set[str] = set()
+_SAID_MAX = 4096
+
+
+def _note(said: set[str], job_id: str) -> None:
+    if len(said) >= _SAID_MAX:
+        said.clear()
+    said.add(job_id)
 
 
 def sweep_leftovers(rt: Runtime) -> None:
@@ -79,14 +89,18 @@ def _sweep_one(rt: Runtime, job_id: str) -> bool:
     with structlog.contextvars.bound_contextvars(**job_context(job, "rollback")):
         if _running_here(rt, job) and arrived_here(rt, job):  # taken back up instead
             if reopened(rt, job, Phase.FINISH) is None and job_id not in _said_arrived:
-                _said_arrived.add(job_id)  # once: it stays so until someone acts
+                _note(_said_arrived, job_id)  # once: it stays so until someone acts
                 log.warning("rollback.refused", reason=_ARRIVED.format(rt=rt, job=job))
             return True
-        log.info("rollback.resumed", reason="its rollback did not finish when the job ended")
+        said = job_id in _said_refused  # a refusal stands pass after pass: said once
+        if not said:
+            log.info("rollback.resumed", reason="its rollback did not finish when the job ended")
         try:
             rollback_destination(rt, job)
         except PhaseFailed as exc:  # libvirt shows the guest still coming in: next pass
-            log.warning("rollback.refused", reason=exc.reason)
+            if not said:
+                _note(_said_refused, job_id)
+                log.warning("rollback.refused", reason=exc.reason)
         except LibvirtUnavailable as exc:  # the daemon is gone: every job's next pass
             rt.libvirt.reset()
             log.warning("rollback.retrying", reason=str(exc), attempt=1, of=1)
@@ -98,14 +112,18 @@ def _sweep_one(rt: Runtime, job_id: str) -> bool:
 
 
 def _running_here(rt: Runtime, job: Job) -> bool:
-    """libvirt here shows the guest this job brought in running, not in a post-copy: only
-    then is its arrival asked about. A copy still coming in (paused by its migration, or in
-    a post-copy) is the rollback's to judge, which refuses while it comes in; asking it for
-    its migration job as well would wait twice on a busy libvirtd (make test: 60 s)."""
+    """libvirt here shows the guest this job brought in as a guest that arrived: running, or
+    paused on request (`--suspend`, or a guest paused at its source, lands paused: an attacker
+    probe had such an arrival rolled back), not in a post-copy. Only then is its arrival asked
+    about. A copy still coming in (paused by its migration, or in a post-copy) is the
+    rollback's to judge, which refuses while it comes in; asking it for its migration job as
+    well would wait twice on a busy libvirtd (make test: 60 s)."""
     uuid = rt.ledger.incoming_uuid(job.id)
     try:
         dom = None if uuid is None else rt.libvirt.by_uuid(uuid)
         found = None if dom is None or not dom.isActive() else state_reason(dom)
     except LibvirtError:
         return False
-    return found is not None and found.running and not found.in_postcopy
+    if found is None or found.in_postcopy:
+        return False
+    return found.running or paused_by_user(found)

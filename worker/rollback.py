@@ -56,6 +56,12 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
             f"{job.spec.arrives_as} on {rt.host} is {coming}: libvirt shows its migration "
             "still coming in; nothing is rolled back while it does"
         )
+    if incoming == job.id and uuid is not None and _landed_unfinished(rt, job, dom, uuid):
+        raise PhaseFailed(
+            f"{job.spec.arrives_as} arrived on {rt.host}, brought in by this job, whose finish "
+            "has not run here: libvirt shows it moved, whatever the record says; nothing is "
+            "rolled back (the job is taken back up as its finish would)"
+        )
     rt.store.release(job.spec.dst, job.id)
     rt.ledger.release_booking(job.id)
     if dom is not None and dom.isActive():
@@ -147,6 +153,17 @@ def rollback_reconnecting(rt: Runtime, job: Job) -> None:
     except Exception as exc:
         log.error("rollback.failed", reason=f"rollback on {rt.host} failed: {exc}")
         raise
+
+
+def _landed_unfinished(rt: Runtime, job: Job, dom: Domain | None, uuid: str) -> bool:
+    """The guest this job brought in has landed here (active, no migration coming in, not a
+    post-copy, and its source no longer runs it) while this host's finish never ran: a record
+    ended by hand mid-migration. An attacker probe had the rollback, its libvirt calls held
+    until the landing, drop such a guest's ledger rows (nothing could take the job back up
+    after). A finish that ran and failed it is rolled back as before."""
+    if dom is None or not dom.isActive() or rt.ledger.claimed(job.id, Phase.FINISH.value):
+        return False
+    return not state_reason(dom).in_postcopy and not _active_on_source(rt, job, uuid)
 
 
 def _active_on_source(rt: Runtime, job: Job, uuid: str) -> bool:

@@ -25,6 +25,7 @@ from worker import leftovers
 from worker.ledger import Ledger
 from worker.leftovers import sweep_leftovers
 from worker.libvirt_host import LibvirtHost, LibvirtUnavailable
+from worker.phase_errors import PhaseFailed
 from worker.rollback import rollback_destination
 from worker.runtime import Runtime
 
@@ -231,3 +232,84 @@ def test_a_guest_that_arrived_under_an_end_is_not_rolled_back(
     (refused,) = [e for e in events if e["event"] == "rollback.refused"]
     assert "arrived" in refused["reason"]
     assert "rollback.resumed" not in [e["event"] for e in events]
+
+
+# web01 as it arrived on kvm2 (the destination's test driver) and as its source now shows it:
+# shut off, migrated away.
+ARRIVED = f"""<domain type='test'>
+  <name>web01</name><uuid>{SOURCE_UUID}</uuid>
+  <memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>
+</domain>"""
+LEFT_SOURCE = f"""<node>
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>web01</name><uuid>{SOURCE_UUID}</uuid>
+    <memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>
+    <test:runstate>5</test:runstate>
+  </domain>
+</node>"""
+
+
+@pytest.fixture
+def arrived(tmp_path: Path) -> Iterator[libvirt.virDomain]:
+    """web01 running on kvm2 (test:///default, shared by the process: destroyed after), and
+    kvm1 showing it shut off."""
+    (tmp_path / "kvm1.xml").write_text(LEFT_SOURCE)
+    conn = libvirt.open(TEST_URI)
+    dom = conn.createXML(ARRIVED)
+    yield dom
+    dom.destroy()
+    conn.close()
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused-on-arrival"])
+def test_a_guest_that_landed_under_a_written_end_keeps_what_finish_needs(
+    store: JobStore,
+    images: Path,
+    tmp_path: Path,
+    events: list[MutableMapping[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    arrived: libvirt.virDomain,
+    paused: bool,
+) -> None:
+    """Attacker probe: a `--suspend` migration lands paused; with its record written `failed`
+    mid-migration, the sweep took the arrival for a copy still coming in and rolled it back:
+    the ledger's rows went, and nothing could take the job back up. A paused arrival is an
+    arrival; and the rollback itself, finding the guest landed while this host's finish never
+    ran, refuses (its libvirt calls may have waited out the landing)."""
+    rt = runtime(store, tmp_path)
+    (tmp_path / "kvm1.xml").write_text(LEFT_SOURCE)  # runtime() wrote a running source
+    job_id, image = ended_with_an_image(rt, images, JobState.FAILED)
+    assert rt.ledger.claim(job_id, Phase.DESTINATION_PREPARE.value)
+    assert rt.ledger.take_incoming(SOURCE_UUID, job_id, lambda _job: False) is None
+    if paused:
+        arrived.suspend()
+    assert leftovers._running_here(rt, store.get(job_id))
+    with pytest.raises(PhaseFailed, match="arrived on kvm2, brought in by this job"):
+        rollback_destination(rt, store.get(job_id))
+    monkeypatch.setattr(leftovers, "reopened", lambda _rt, _job, _phase: None)  # unsigned
+    sweep_leftovers(rt)
+    assert image.exists() and rt.ledger.incoming_uuid(job_id) == SOURCE_UUID
+    assert arrived.isActive()
+    (refused,) = [e for e in events if e["event"] == "rollback.refused"]
+    assert "arrived" in refused["reason"]
+
+
+def test_a_refused_rollback_is_said_once_not_at_every_pass(
+    store: JobStore,
+    images: Path,
+    tmp_path: Path,
+    events: list[MutableMapping[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attacker probe: two lines a pass for as long as the copy came in."""
+    rt = runtime(store, tmp_path)
+    ended_with_an_image(rt, images, JobState.FAILED)
+
+    def coming_in(_rt: Runtime, _job: Job) -> None:
+        raise PhaseFailed("web01 on kvm2 is paused (migration): still coming in")
+
+    monkeypatch.setattr(leftovers, "rollback_destination", coming_in)
+    for _ in range(3):
+        sweep_leftovers(rt)
+    said = [e["event"] for e in events if e["event"].startswith("rollback.")]
+    assert said == ["rollback.resumed", "rollback.refused"]
