@@ -58,8 +58,11 @@ class Landing:
 
     def result_fields(self) -> dict[str, Any]:
         """What goes into the job's result (only what is known)."""
-        fields: dict[str, Any] = {"downtime_ms": self.downtime_ms, "mode": self.mode}
-        fields["paused_before_switch_ms"] = self.paused_before_switch_ms
+        fields: dict[str, Any] = {
+            "downtime_ms": self.downtime_ms,
+            "mode": self.mode,
+            "paused_before_switch_ms": self.paused_before_switch_ms,
+        }
         if self.final is not None:
             fields["final"] = self.final.model_dump(mode="json", exclude_none=True)
             fields["figures_from"] = self.figures_from

@@ -80,8 +80,8 @@ class CompletionWatch:
         self.stats: dict[str, Any] | None = None
         self._clock = clock
         self.postcopy = False
-        # Monotonic moments of libvirt's events: the guest paused (not by the migration)
-        # while it migrates, and the switch to post-copy.
+        # Monotonic moments of libvirt's events: the guest paused while it migrates (on
+        # request, or by its switch-over) and not resumed since, and the switch to post-copy.
         self.paused_at: float | None = None
         self.postcopy_at: float | None = None
         # Set at the end of every pass of pre-copy (libvirt's migration-iteration event): the
