@@ -35,7 +35,9 @@ import argparse
 import compileall
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -73,6 +75,9 @@ RUNTIME_ENV = "XDG_RUNTIME_DIR"
 SETTLE_TIMEOUT_S = 120.0
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("config", "jobs", "schedules", "worker", "producer", "lab", "cli")
+# How a figure's command runs: here (DROVER_CLI_SERVER=off), handed to the bench's own
+# `drover cli-server`, or as a user types it (the default: a server started on first use).
+HERE, SERVED, AS_TYPED = "here", "served", "as typed"
 # Issue 17's targets, median wall ms; printed beside the figures, never asserted.
 TARGETS_MS = {"help": 150.0, "jobs": 150.0, "migrate": 250.0}
 LIBRARIES = (sys.executable, "-c", "import typer, typer._adapters, redis")
@@ -88,11 +93,53 @@ class Figure:
     argv: list[str]
     target_ms: float | None = None
     times_ms: list[float] = field(default_factory=list)
-    served: bool = False  # run with a `drover cli-server` up (cli/resident.py), else without
+    how: str = "here"  # HERE, SERVED or AS_TYPED
 
     @property
     def median_ms(self) -> float:
         return statistics.median(self.times_ms)
+
+
+def auto_started_servers(log: Path) -> list[int]:
+    """The live servers that `drover` started itself into the bench's runtime directory."""
+    pids = [int(p) for p in re.findall(r"listening on .* \(pid (\d+)\)", _text(log))]
+    return [pid for pid in pids if _is_server(pid)]
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _is_server(pid: int) -> bool:
+    try:
+        return b"cli.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@contextmanager
+def as_typed(env: dict[str, str]) -> Iterator[tuple[dict[str, str], Path]]:
+    """The environment of a user who has never started a server (a runtime directory of the
+    bench's own, nothing in it, DROVER_CLI_SERVER unset): the first command starts one
+    (cli/autostart.py), as it would for them. Its log, and the servers stopped at the end."""
+    runtime = tempfile.mkdtemp(prefix="drv-bench-")
+    typed = {k: v for k, v in env.items() if k != SWITCH_ENV} | {RUNTIME_ENV: runtime}
+    logs = Path(runtime) / "drover"
+    try:
+        yield typed, logs
+    finally:
+        for log in logs.glob("*.log"):
+            for pid in auto_started_servers(log):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + SERVER_START_S
+        while any(auto_started_servers(log) for log in logs.glob("*.log")):
+            if time.monotonic() > deadline:
+                raise BenchError("a server drover started did not stop on SIGTERM")
+            time.sleep(POLL_S)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -134,7 +181,7 @@ def cli_server(drover: str, env: dict[str, str]) -> Iterator[tuple[dict[str, str
 
 def served_runs(log: Path) -> int:
     """How many commands the server says it ran to their end (cli/server.py's log)."""
-    return sum(" ran " in line and ", exit 0" in line for line in log.read_text().splitlines())
+    return sum(" ran " in line and ", exit 0" in line for line in _text(log).splitlines())
 
 
 def compile_packages() -> None:
@@ -162,7 +209,13 @@ def bench(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
     conns = {name: libvirt.open(h.operator_uri) for name, h in hosts.items()}
     without = {k: v for k, v in env.items() if k != SWITCH_ENV}
     try:
-        with cli_server(drover, without) as (served_env, server_log):
+        with (
+            cli_server(drover, without) as (served_env, server_log),
+            as_typed(without) as (
+                typed_env,
+                typed_logs,
+            ),
+        ):
             at = where_running(conns, DOMAIN)
             if at not in (a, b):
                 raise BenchError(f"{DOMAIN} runs on {at}, the bench uses {a} and {b}")
@@ -189,17 +242,21 @@ def bench(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
                 Figure("read", "drover job ID --json", [drover, "job", "{id}", "--json"]),
                 Figure("read", "drover events ID --json", [drover, "events", "{id}", "--json"]),
             ]
-            # The same commands handed to a `drover cli-server`.
+            # The same commands handed to a `drover cli-server`, and as a user types them
+            # (the first one starts a server, cli/autostart.py).
+            mine = [f for f in figures if f.kind in (*TARGETS_MS, "read")]
             figures += [
-                Figure(f.kind, f"{f.name} (served)", f.argv, f.target_ms, served=True)
-                for f in figures
-                if f.kind in (*TARGETS_MS, "read")
+                Figure(f.kind, f"{f.name} (served)", f.argv, f.target_ms, SERVED) for f in mine
             ]
+            figures += [
+                Figure(f.kind, f"{f.name} (as typed)", f.argv, f.target_ms, AS_TYPED) for f in mine
+            ]
+            envs = {HERE: env, SERVED: served_env, AS_TYPED: typed_env}
             moves: list[str] = []
             last_id = ""
             for run in range(args.warmup + args.runs):
                 for fig in figures:
-                    fenv = served_env if fig.served else env
+                    fenv = envs[fig.how]
                     if fig.kind == "migrate":
                         dst = b if at == a else a
                         argv = [drover, "migrate", DOMAIN, "--from", at, "--to", dst, "--live"]
@@ -212,9 +269,13 @@ def bench(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
                         ms, _ = timed([arg.replace("{id}", last_id) for arg in fig.argv], fenv)
                     else:
                         ms, _ = timed(fig.argv, fenv)
-                    if run >= args.warmup:
+                    if run >= args.warmup or fig.how == AS_TYPED:  # its first: no server yet
                         fig.times_ms.append(ms)
-            expected = (args.warmup + args.runs) * sum(f.served for f in figures)
+            expected = (args.warmup + args.runs) * sum(f.how == SERVED for f in figures)
+            typed_runs = (args.warmup + args.runs) * sum(f.how == AS_TYPED for f in figures)
+            typed_served = sum(served_runs(log) for log in typed_logs.glob("*.log"))
+            if not typed_served:
+                raise BenchError("no command typed as a user would was served: no server started")
             if served_runs(server_log) != expected:
                 raise BenchError(
                     f"the server ran {served_runs(server_log)} of the {expected} served commands"
@@ -222,7 +283,13 @@ def bench(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
     finally:
         for conn in conns.values():
             conn.close()
-    return figures, {"moves": moves, "domain": DOMAIN, "hosts": [a, b]}
+    return figures, {
+        "moves": moves,
+        "domain": DOMAIN,
+        "hosts": [a, b],
+        "as_typed_served": typed_served,
+        "as_typed_runs": typed_runs,
+    }
 
 
 def settle(d: Any, conns: dict[str, libvirt.virConnect], job_id: str, src: str, dst: str) -> None:
@@ -282,6 +349,10 @@ def print_report(summary: dict[str, Any]) -> None:
         f"process, wall time. drover's bytecode: {summary['bytecode']}."
         f"\nmigrations: {DOMAIN} moved {len(summary['moves'])} times between "
         f"{' and '.join(summary['hosts'])}, each job waited for and checked through libvirt."
+        f"\n(served): handed to a `drover cli-server` the bench started first. (as typed): "
+        f"DROVER_CLI_SERVER unset and no server up at the start, its warm-up run counted: the "
+        f"first command starts one; {summary['as_typed_served']} of the "
+        f"{summary['as_typed_runs']} were served. The rest: DROVER_CLI_SERVER=off."
     )
 
 

@@ -36,10 +36,15 @@ FORWARDED = (
     signal.SIGWINCH,
 )
 EXIT_LOST = 1
+EXIT_USAGE = 2  # producer/cli_common.py's, which this module may not import (its libraries)
 
 
 def main() -> None:
-    code = handed_over(sys.argv)
+    try:
+        code = handed_over(sys.argv)
+    except resident.BadSwitch as exc:
+        print(f"drover: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     if code is None:
         from cli.deferred_imports import defer_all
 
@@ -53,12 +58,16 @@ def main() -> None:
 
 def handed_over(argv: list[str]) -> int | None:
     """The exit code of the command run by the server, or None: run it here."""
-    if os.environ.get(resident.SWITCH_ENV, "").lower() == resident.OFF:
+    mode = resident.switch()
+    idle_s = resident.idle_s() if mode == resident.AUTO else 0.0  # a typo is said at once
+    if mode == resident.OFF or not resident.served(argv[1:]):
         return None
-    if not resident.served(argv[1:]):
-        return None
-    conn = _connect()
+    conn, none_there = _connect()
     if conn is None:
+        if mode == resident.AUTO and none_there:
+            from cli import autostart
+
+            autostart.start(idle_s)
         return None
     relay = _Relay()  # from here on, a signal is the command's, wherever it runs
     with conn:
@@ -124,20 +133,31 @@ class _Relay:
             signal.raise_signal(held)
 
 
-def _connect() -> socket.socket | None:
+def _connect() -> tuple[socket.socket | None, bool]:
+    """A connection to this user's server, or None and whether no server is there at all (no
+    socket, or one left by a server that has gone): then one may be started. A server that
+    is another user's, or a directory that is not private, is not used and not replaced."""
     path = resident.socket_path()
     streams_open = all(_open(fd) for fd in resident.STDIO)
-    if not streams_open or not resident.private_dir(os.path.dirname(path)):
-        return None
+    directory = os.path.dirname(path)
+    if not streams_open:
+        return None, False
+    if not os.path.lexists(directory):
+        return None, True
+    if not resident.private_dir(directory):
+        return None, False
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
         if resident.peer_uid(conn) == os.getuid():
-            return conn
+            return conn, False
+    except (FileNotFoundError, ConnectionRefusedError):
+        conn.close()
+        return None, True
     except OSError:
         pass
     conn.close()
-    return None
+    return None, False
 
 
 def _open(fd: int) -> bool:

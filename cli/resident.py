@@ -35,9 +35,19 @@ import stat
 import struct
 import zlib
 
-# `DROVER_CLI_SERVER=off`: run every command in this process even if a server is up.
+# `DROVER_CLI_SERVER`: `auto` (the default) hands a served command to this user's server and
+# starts one in the background when none answers; `manual` uses one that is up and never
+# starts one; `off` runs every command in this process even if a server is up.
 SWITCH_ENV = "DROVER_CLI_SERVER"
+AUTO = "auto"
+MANUAL = "manual"
 OFF = "off"
+SWITCHES = (AUTO, MANUAL, OFF)
+# `DROVER_CLI_SERVER_IDLE`: seconds a server started by `drover` itself waits for a command
+# line before it stops (one started with `drover cli-server` runs until it is stopped).
+IDLE_ENV = "DROVER_CLI_SERVER_IDLE"
+IDLE_DEFAULT_S = 900.0
+IDLE_MAX_S = 86_400.0
 RUNTIME_ENV = "XDG_RUNTIME_DIR"
 DIR_MODE = 0o700
 SOCKET_MODE = 0o600
@@ -81,10 +91,57 @@ def socket_dir() -> str:
     return f"/tmp/drover-{os.getuid()}"
 
 
+def _stem() -> str:
+    """This installation's files in the socket's directory are named after it."""
+    digest = zlib.crc32(INSTALL.encode()) & 0xFFFFFFFF
+    return os.path.join(socket_dir(), f"cli-{digest:08x}")
+
+
 def socket_path() -> str:
     """The socket of this installation's server for this user."""
-    digest = zlib.crc32(INSTALL.encode()) & 0xFFFFFFFF
-    return os.path.join(socket_dir(), f"cli-{digest:08x}.sock")
+    return f"{_stem()}.sock"
+
+
+def lock_path() -> str:
+    """Held by this installation's server for as long as it runs: one server at a time."""
+    return f"{_stem()}.lock"
+
+
+def log_path() -> str:
+    """The log of a server `drover` started itself (one started by hand logs on its stderr)."""
+    return f"{_stem()}.log"
+
+
+class BadSwitch(ValueError):
+    """DROVER_CLI_SERVER or DROVER_CLI_SERVER_IDLE holds what drover cannot use."""
+
+
+def switch() -> str:
+    """DROVER_CLI_SERVER, checked: one of SWITCHES (unset or empty: auto)."""
+    value = os.environ.get(SWITCH_ENV, "").strip().lower() or AUTO
+    if value not in SWITCHES:
+        raise BadSwitch(
+            f"{SWITCH_ENV} must be {', '.join(SWITCHES[:-1])} or {SWITCHES[-1]}, "
+            f"not {os.environ[SWITCH_ENV]!r}"
+        )
+    return value
+
+
+def idle_s() -> float:
+    """DROVER_CLI_SERVER_IDLE, checked: seconds, more than 0 and at most a day."""
+    raw = os.environ.get(IDLE_ENV, "").strip()
+    if not raw:
+        return IDLE_DEFAULT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= IDLE_MAX_S:  # nan fails both
+        raise BadSwitch(
+            f"{IDLE_ENV} must be a number of seconds above 0 and at most "
+            f"{IDLE_MAX_S:.0f}, not {raw!r}"
+        )
+    return value
 
 
 def private_dir(path: str) -> bool:

@@ -39,7 +39,8 @@ import time
 import types
 from typing import Any, NoReturn
 
-from cli import resident
+from cli import resident, server_start
+from cli.server_start import ServerError
 
 # What `drover migrate`, `jobs`, `job` and `events` import before any drover code runs.
 PRELOAD = (
@@ -76,10 +77,7 @@ EXIT_DECLINED = 3
 # A caller sends its request at once; a connection that does not is dropped after this long.
 REQUEST_TIMEOUT_S = 10.0
 _server_pid = 0  # set by serve(), read by its children
-
-
-class ServerError(Exception):
-    """The server cannot start; the message says why in one line."""
+_lock_fd = -1  # the server's lock (cli/server_start.py), closed by every child
 
 
 # --- what the server has loaded, so that a child can tell whether it is still current ------
@@ -131,17 +129,19 @@ def preload() -> Stamp:
 # --- the server ------------------------------------------------------------------------------
 
 
-def serve(path: str) -> None:
-    """Listen on `path` until stopped (SIGTERM, SIGINT, or a child finding the server stale)."""
+def serve(path: str, idle_s: float | None = None) -> None:
+    """Listen on `path` until stopped (SIGTERM, SIGINT, a child finding the server stale, or
+    `idle_s` seconds without a caller). The caller holds the server's lock."""
     global _server_pid
     _server_pid = os.getpid()
     loaded = preload()
     listener = _listen(path)
+    listener.settimeout(idle_s)
     bound = os.stat(path).st_ino
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGTERM, _stop)
     gc.freeze()  # what the preload made is shared with every child, untouched
-    print(f"{LISTENING} {path}", file=sys.stderr, flush=True)
+    print(f"{LISTENING} {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
     try:
         while True:
             conn, _ = listener.accept()
@@ -153,6 +153,8 @@ def serve(path: str) -> None:
                     print(f"drover cli-server: a caller not served: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         pass
+    except TimeoutError:
+        print(f"drover cli-server: no command line for {idle_s:g} s; it stops", file=sys.stderr)
     finally:
         _remove(path, bound)
         listener.close()
@@ -163,13 +165,6 @@ def _stop(signum: int, _: Any) -> None:
 
 
 def _listen(path: str) -> socket.socket:
-    directory = os.path.dirname(path)
-    try:
-        os.makedirs(directory, mode=resident.DIR_MODE, exist_ok=True)
-    except OSError as exc:
-        raise ServerError(f"cannot make {directory}: {exc.strerror}") from None
-    if not resident.private_dir(directory):
-        raise ServerError(f"{directory} must be a directory of this user's, mode 0700")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -209,6 +204,7 @@ def _child(conn: socket.socket, listener: socket.socket, loaded: Stamp) -> NoRet
     said = "ended before its request was read"
     try:
         listener.close()
+        os.close(_lock_fd)
         os.setsid()
         atexit._clear()  # the server's are not this command's
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
@@ -356,10 +352,18 @@ def _say(conn: socket.socket, message: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    """`python -m cli.server` (what `drover cli-server` runs): one line and exit 1 on error."""
+    """`python -m cli.server` (what `drover cli-server` runs, and cli/autostart.py): one line
+    and exit 1 on error."""
+    global _lock_fd
+    chosen = server_start.options(sys.argv[1:])
     path = resident.socket_path()
     try:
-        serve(path)
+        server_start.private_directory(os.path.dirname(path))
+        log = server_start.log_to(chosen.log) if chosen.log else -1
+        _lock_fd = server_start.hold_lock(resident.lock_path())
+        if log >= 0:
+            os.ftruncate(log, 0)  # this server's log; what the one before wrote is over
+        serve(path, chosen.idle_s)
     except (ServerError, OSError) as exc:
         print(f"drover cli-server: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cli import resident
 from lab import redis_server
 from lab.proc import kill
 
 pytest_plugins = ["tests.support.lab_fixtures"]
+
+# A `drover` a test runs never starts a cli-server of its own (cli/autostart.py): one would
+# outlive its test and serve the next ones. The tests of that start theirs with `auto`.
+if os.environ.get(resident.SWITCH_ENV, "").strip().lower() != resident.OFF:
+    os.environ[resident.SWITCH_ENV] = resident.MANUAL
 
 # Everything here needs root and the lab; each module says so (`pytestmark = pytest.mark.lab`)
 # so that `pytest -m "not lab"` runs all the rest as an ordinary user.

@@ -94,6 +94,17 @@ def _socket_name() -> str:
     return os.path.basename(resident.socket_path())
 
 
+def callers_env(runtime: str, config: Path | None = None) -> dict[str, str]:
+    """A caller's environment with `runtime` for its server's directory. `manual`: these tests
+    start the server they use; those of one `drover` starts itself set `auto` (and an idle
+    time) on top (tests/unit/test_cli_autostart.py)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
+    env |= {resident.RUNTIME_ENV: runtime, resident.SWITCH_ENV: resident.MANUAL}
+    if config is not None:
+        env["DROVER_CONFIG"] = str(config)
+    return env
+
+
 def start_server(
     runtime: str, log_path: Path, env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.Popen[bytes]:
@@ -112,8 +123,7 @@ def start_server(
 def server(config: Path, tmp_path: Path) -> Iterator[Server]:
     # A short directory of its own (a Unix socket's path has at most 107 bytes).
     runtime = tempfile.mkdtemp(prefix="drv-")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
-    env |= {resident.RUNTIME_ENV: runtime, "DROVER_CONFIG": str(config)}
+    env = callers_env(runtime, config)
     log_path = tmp_path / "server.log"
     proc = start_server(runtime, log_path, env)
     srv = Server(env, log_path, proc)
@@ -270,7 +280,7 @@ def test_a_second_server_and_an_open_directory_are_refused_in_one_line(
     second = server.drover("cli-server")
     assert second.returncode == 1
     assert second.stderr.strip().splitlines() == [
-        f"drover cli-server: a drover cli-server already listens on {server.socket}"
+        f"drover cli-server: a drover cli-server already runs for {server.socket}"
     ]
     runtime = tempfile.mkdtemp(prefix="drv-")
     try:
@@ -288,8 +298,7 @@ def test_an_upgraded_library_stops_the_server_and_the_command_runs_here(
     runtime = tempfile.mkdtemp(prefix="drv-")
     packages = tmp_path / "site"  # a directory of installed packages, on the server's path
     packages.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
-    env |= {resident.RUNTIME_ENV: runtime, "DROVER_CONFIG": str(config)}
+    env = callers_env(runtime, config)
     log_path = tmp_path / "server.log"
     started_in = tmp_path / "home"  # where it was started: not its module path
     started_in.mkdir()
@@ -351,8 +360,7 @@ def test_a_child_whose_server_died_never_signals_the_process_that_adopted_it(
     packages.mkdir()
     record = tmp_path / "reaper.log"
     log_path = tmp_path / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DROVER_")}
-    env |= {resident.RUNTIME_ENV: runtime, "PYTHONPATH": str(packages)}
+    env = callers_env(runtime) | {"PYTHONPATH": str(packages)}
     with log_path.open("ab") as log:  # the reaper's stderr: the server's too
         reaper = subprocess.Popen(
             [sys.executable, "-c", REAPER, str(record), DROVER, "cli-server"],
