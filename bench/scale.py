@@ -251,7 +251,9 @@ def heartbeat_section(drover: Drover, report: Report) -> None:
 def drover_jobs_ms(f: Fleet, runs: int = CLI_RUNS) -> tuple[float, float]:
     """`drover jobs` as an operator runs it (a new process each time): median and best."""
     cli = Path(sys.executable).parent / "drover"
-    env = {**os.environ, "DROVER_CONFIG": str(f.config)}
+    # Run where it is typed (no cli-server, cli/autostart.py): the listing's own cost at each
+    # history size, with the same start-up in every figure, and no server left behind.
+    env = {**os.environ, "DROVER_CONFIG": str(f.config), "DROVER_CLI_SERVER": "off"}
     times = []
     for _ in range(runs):
         started = time.perf_counter()
