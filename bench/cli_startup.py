@@ -246,10 +246,11 @@ def bench(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
             # (the first one starts a server, cli/autostart.py).
             mine = [f for f in figures if f.kind in (*TARGETS_MS, "read")]
             figures += [
-                Figure(f.kind, f"{f.name} (served)", f.argv, f.target_ms, SERVED) for f in mine
+                Figure(f.kind, f"{f.name} (served)", f.argv, f.target_ms, how=SERVED) for f in mine
             ]
             figures += [
-                Figure(f.kind, f"{f.name} (as typed)", f.argv, f.target_ms, AS_TYPED) for f in mine
+                Figure(f.kind, f"{f.name} (as typed)", f.argv, f.target_ms, how=AS_TYPED)
+                for f in mine
             ]
             envs = {HERE: env, SERVED: served_env, AS_TYPED: typed_env}
             moves: list[str] = []

@@ -176,7 +176,7 @@ class Bench:
 
     @property
     def dconnuri(self) -> str:
-        return self.hosts[DST].peer_uri
+        return str(self.hosts[DST].peer_uri)
 
     @property
     def migrate_uri(self) -> str:
@@ -301,7 +301,7 @@ def _downtime(b: Bench, mark: int, landed: bool) -> float | None:
         if b.events.closed:
             raise BenchError(b.events.closed)
         return None
-    return ev.downtime_ms
+    return None if ev.downtime_ms is None else float(ev.downtime_ms)
 
 
 # --- virsh -----------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from worker.job_end import ended_fields, job_context
 from worker.metrics_exporter import serve
 from worker.metrics_host import HostCollector, HostSnapshot
 from worker.metrics_registry import WorkerMetrics
-from worker.progress import Progress
+from worker.progress import Progress, Stage
 
 HOST = "kvm1"
 DESTINATIONS = ("kvm2", "kvm3", "kvm4")
@@ -62,7 +62,7 @@ SAMPLES_PER_JOB = 30  # a 30 s migration's progress events
 ENDED_JOBS = 200  # history: every outcome and mode has its counter and histograms
 STALE_AFTER_S = 3600.0
 HTTP_TIMEOUT_S = 10.0
-MODES = (
+MODES: tuple[dict[str, Any], ...] = (
     {},
     {"transport": "tunnelled"},
     {"control": "direct"},
@@ -125,7 +125,7 @@ def feed(in_flight: int) -> None:
         emit(j, "perform", "phase.started")
         emit(j, "perform", "migration.progress", **Progress.waiting("setup", 200, None).__dict__)
         for step in range(1, SAMPLES_PER_JOB):
-            stage = "postcopy" if n % 8 == 0 and step > SAMPLES_PER_JOB // 2 else "transfer"
+            stage: Stage = "postcopy" if n % 8 == 0 and step > SAMPLES_PER_JOB // 2 else "transfer"
             sample = Progress.from_stats(stats(step), stage)
             emit(j, "perform", "migration.progress", **sample.as_event_fields())
 

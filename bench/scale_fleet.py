@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -61,7 +62,8 @@ class Fleet:
     client: redis.Redis
 
     def used_memory(self) -> int:
-        return int(self.client.info("memory")["used_memory"])
+        info: dict[str, Any] = self.client.info("memory")  # type: ignore[assignment]
+        return int(info["used_memory"])
 
 
 @contextmanager
