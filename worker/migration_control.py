@@ -28,6 +28,7 @@ from jobs.control import (
     postcopy_off,
 )
 from jobs.model import Job
+from worker import operator_downtime
 from worker.libvirt_host import Domain, LibvirtError
 from worker.libvirt_states import StatsUnanswered, migration_stats, state_reason
 from worker.phase_errors import PhaseFailed
@@ -118,7 +119,7 @@ def tune(rt: Runtime, job: Job, request_id: str) -> None:
     refused = postcopy_refusal(rt, job, dom, request) or _precopy_figures_refusal(dom, request)
     if refused is not None:
         raise PhaseFailed(refused)
-    applied = apply_tune(dom, request)
+    applied = apply_tune(dom, request, job.id)
     who = f" by {request.by}" if request.by else ""
     _step("tune", f"asked{who} (drover tune)", **applied)
 
@@ -153,16 +154,23 @@ def _precopy_figures_refusal(dom: Domain, request: TuneRequest) -> str | None:
     )
 
 
-def apply_tune(dom: Domain, request: TuneRequest) -> dict[str, int]:
+def apply_tune(dom: Domain, request: TuneRequest, job_id: str) -> dict[str, int]:
     """Set each limit the request names; the values set, by field. libvirt's refusal of
     any of them is PhaseFailed, naming what was already set. Called only once the request
-    has passed `postcopy_refusal`."""
+    has passed `postcopy_refusal`. A downtime set here stands against the policy's own
+    downtime steps for the rest of the migration (worker/operator_downtime.py)."""
+
+    def downtime(v: int) -> None:
+        with operator_downtime.setting(job_id):
+            dom.migrateSetMaxDowntime(v, 0)
+            operator_downtime.note(job_id, v)
+
     calls = {
         "bandwidth_mib": lambda v: dom.migrateSetMaxSpeed(v, 0),
         "postcopy_bandwidth_mib": lambda v: dom.migrateSetMaxSpeed(
             v, libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
         ),
-        "max_downtime_ms": lambda v: dom.migrateSetMaxDowntime(v, 0),
+        "max_downtime_ms": downtime,
     }
     applied: dict[str, int] = {}
     for field, value in request.figures().items():

@@ -16,7 +16,7 @@ import libvirt
 from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
-from worker import switch_asked
+from worker import operator_downtime, switch_asked
 from worker.convergence import ConvergenceEngine, Decision
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import Domain, LibvirtError, facts
@@ -49,15 +49,15 @@ def unheard(exc: LibvirtError) -> bool:
     return exc.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
 
 
-def carry_out_step(dom: Domain, decision: Decision) -> bool:
+def carry_out_step(dom: Domain, decision: Decision, job_id: str) -> bool:
     """Make libvirt do what the policy decided (a `policy.step` event either way); whether
     libvirt did. A refusal is said and the migration goes on: the policy takes its next
-    action at the next trigger, and the fleet's hard limit ends it in the end."""
+    action at the next trigger, and the fleet's hard limit ends it in the end. A downtime
+    step is not made once the operator set the job's downtime (worker/operator_downtime.py)."""
+    if decision.action in ("set_downtime", "raise_downtime"):
+        return _downtime_step(dom, decision, job_id)
     try:
-        if decision.action in ("set_downtime", "raise_downtime"):
-            assert decision.downtime_ms is not None
-            dom.migrateSetMaxDowntime(decision.downtime_ms)
-        elif decision.action == "postcopy":
+        if decision.action == "postcopy":
             dom.migrateStartPostCopy()
         elif decision.action == "suspend":
             dom.suspend()  # the guest resumes on arrival (unless --suspend asked otherwise)
@@ -67,6 +67,25 @@ def carry_out_step(dom: Domain, decision: Decision) -> bool:
     except LibvirtError as exc:
         refused = exc.get_error_message()
         log.warning("policy.step", **decision.event_fields(), done=False, error=refused)
+        return False
+    log.info("policy.step", **decision.event_fields(), done=True)
+    return True
+
+
+def _downtime_step(dom: Domain, decision: Decision, job_id: str) -> bool:
+    assert decision.downtime_ms is not None
+    with operator_downtime.setting(job_id):
+        held = operator_downtime.by_operator(job_id)
+        if held is None:
+            try:
+                dom.migrateSetMaxDowntime(decision.downtime_ms)
+            except LibvirtError as exc:
+                error = exc.get_error_message()
+                log.warning("policy.step", **decision.event_fields(), done=False, error=error)
+                return False
+    if held is not None:
+        fields = decision.event_fields() | {"done": False, "held_by": "operator"}
+        log.info("policy.step", **fields, operator_downtime_ms=held)
         return False
     log.info("policy.step", **decision.event_fields(), done=True)
     return True
@@ -113,7 +132,7 @@ def watch_migration(
             seen.abort_reason = decision.reason
         if decision.action == "postcopy":
             switch_asked.note(job.id)  # tells a pause before it from its own stop
-        done = carry_out_step(dom, decision)
+        done = carry_out_step(dom, decision, job.id)
         if done and decision.action == "postcopy":
             rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
         elif decision.action == "postcopy":

@@ -51,9 +51,18 @@ bandwidth_mib = 8
 postcopy_bandwidth_mib = 3
 actions = []
 
+# Raises the downtime on its schedule (100, 200, 300, 400 ms) at each stall, nothing else.
+[policies.stepped]
+bandwidth_mib = 8
+max_downtime_ms = 400
+downtime_steps = 4
+progress_timeout_s = 2
+actions = ["raise_downtime"]
+
 [groups.racks]
 policy = "labgroup"
 """
+OPERATOR_DOWNTIME_MS = 777
 FROM_TOML = "(drover.toml)"
 
 
@@ -220,3 +229,52 @@ def test_the_dry_run_estimates_with_the_policy_and_the_measured_dirty_rate(
     assert f"copied at {HOLD_CAP_MIB} MiB/s" in busy.convergence
     assert idle.convergence is None  # no calculation ran for it
     assert lab.running_on("dirty-1") == ["lab1"]  # a dry run moves nothing
+
+
+def policy_steps(drover: Drover, job_id: str) -> list[dict[str, Any]]:
+    return [e for e in drover.events(job_id) if e["event"] == "policy.step"]
+
+
+def max_downtime(lab: Lab, host: str, domain: str) -> int:
+    conn = libvirt.open(lab.uri(host))
+    try:
+        return int(conn.lookupByName(domain).migrateGetMaxDowntime(0))
+    finally:
+        conn.close()
+
+
+def test_the_operators_downtime_stands_against_the_policys_later_steps(
+    lab: Lab, policies: Drover, dirty_running: None
+) -> None:
+    """After `drover tune --max-downtime`, the policy's raise_downtime steps are said and not
+    made: libvirt keeps the operator's figure (probe F3: the policy's step overwrote it)."""
+    job_id = policies.submit(domain="dirty-1", src="lab1", dst="lab2", live=True, policy="stepped")
+    try:
+        wait_for(
+            lambda: any(s["action"] == "set_downtime" for s in policy_steps(policies, job_id)),
+            JOB_TIMEOUT_S,
+            "the policy's first downtime step",
+        )
+        assert max_downtime(lab, "lab1", "dirty-1") == 100
+        assert "max_downtime_ms=777" in policies.tune(job_id, max_downtime_ms=OPERATOR_DOWNTIME_MS)
+
+        def held() -> list[dict[str, Any]]:
+            return [
+                s
+                for s in policy_steps(policies, job_id)
+                if s["action"] == "raise_downtime" and s.get("held_by") == "operator"
+            ]
+
+        wait_for(lambda: held(), JOB_TIMEOUT_S, "a raise of the policy's after the tune")
+        step = held()[0]
+        assert step["done"] is False and step["operator_downtime_ms"] == OPERATOR_DOWNTIME_MS
+        assert step["downtime_ms"] in (200, 300, 400)
+        assert max_downtime(lab, "lab1", "dirty-1") == OPERATOR_DOWNTIME_MS
+        made = [s for s in policy_steps(policies, job_id) if s.get("by") == "policy" and s["done"]]
+        assert [s["action"] for s in made] == ["set_downtime"], made  # none made after it
+    finally:
+        policies.abort(job_id)
+    job = policies.wait(job_id, timeout=JOB_TIMEOUT_S)
+    assert job.state.value == "cancelled", job.reason
+    assert lab.running_on("dirty-1") == ["lab1"]
+    assert not lab.view("lab2", "dirty-1").exists
