@@ -28,7 +28,7 @@ from jobs.control import (
     postcopy_off,
 )
 from jobs.model import Job
-from worker import operator_downtime
+from worker import job_locks, operator_downtime, switch_asked
 from worker.libvirt_host import Domain, LibvirtError
 from worker.libvirt_states import StatsUnanswered, migration_stats, state_reason
 from worker.phase_errors import PhaseFailed
@@ -194,28 +194,36 @@ def start_postcopy(rt: Runtime, job: Job) -> None:
     A migration libvirt shows in post-copy already is refused: asking again made a second
     `migration.postcopy_started` and moved the record's moment of the switch."""
     dom, _ = migrating_domain(rt, job, "switch to post-copy")
-    if state_reason(dom).in_postcopy:
-        raise PhaseFailed(f"job {job.id} is already in post-copy: it completes on its own")
-    if not job_policy(rt, job, dom).values.allow_postcopy:
-        raise PhaseFailed(f"job {job.id}'s policy does not allow post-copy")
-    try:
-        operator_switch(rt, job, dom, "switched to post-copy")
-    except LibvirtError as exc:
-        reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
-        raise PhaseFailed(reason) from None
+    with job_locks.held(job.id):  # two asked at once: the second finds the first's switch
+        if state_reason(dom).in_postcopy or switch_asked.asked(job.id):
+            raise PhaseFailed(f"job {job.id} is already in post-copy: it completes on its own")
+        if not job_policy(rt, job, dom).values.allow_postcopy:
+            raise PhaseFailed(f"job {job.id}'s policy does not allow post-copy")
+        try:
+            operator_switch(rt, job, dom, "switched to post-copy")
+        except LibvirtError as exc:
+            reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
+            raise PhaseFailed(reason) from None
 
 
 def force_complete(rt: Runtime, job: Job) -> None:
     """Finish the migration now: switch to post-copy when the job's effective policy allows it
-    and libvirt's migration was started with post-copy allowed, else suspend the guest."""
+    and libvirt's migration was started with post-copy allowed, else suspend the guest. Two
+    asked at once are one after the other (worker/job_locks.py): the second finds the
+    first's switch or pause and says so (both were answered "switched")."""
     dom, stats = migrating_domain(rt, job, "force-complete")
+    with job_locks.held(job.id):
+        _force_complete(rt, job, dom, stats)
+
+
+def _force_complete(rt: Runtime, job: Job, dom: Domain, stats: dict[str, Any]) -> None:
     refuse_if_aborting(rt, job, "force-completed")
     seen = {field: stats[name] for name, field in LOOKED_AT.items() if name in stats}
     state, reason = dom.state()
     in_postcopy = (
         state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY
     )
-    if job.postcopy_since is not None or in_postcopy:
+    if job.postcopy_since is not None or in_postcopy or switch_asked.asked(job.id):
         raise PhaseFailed(f"job {job.id} is already in post-copy: it completes on its own")
     if state == libvirt.VIR_DOMAIN_PAUSED:
         raise PhaseFailed(f"{job.spec.domain} is already paused: the rest is being copied")

@@ -16,7 +16,7 @@ import libvirt
 from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
-from worker import operator_downtime, switch_asked
+from worker import job_locks, operator_downtime, switch_asked
 from worker.convergence import ConvergenceEngine, Decision
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import Domain, LibvirtError, facts
@@ -91,6 +91,22 @@ def _downtime_step(dom: Domain, decision: Decision, job_id: str) -> bool:
     return True
 
 
+def _policy_switch(rt: Runtime, job: Job, dom: Domain, decision: Decision) -> bool:
+    """The policy's switch to post-copy, unless this process has asked for one already (the
+    operator's `drover postcopy` or force-complete): then it is said and not made, and the
+    operator's switch stays the one asked (a failed second switch took its mark back)."""
+    if switch_asked.asked(job.id):
+        log.info("policy.step", **decision.event_fields(), done=False, held_by="operator")
+        return False
+    switch_asked.note(job.id)  # tells a pause before it from its own stop
+    done = carry_out_step(dom, decision, job.id)
+    if done:
+        rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
+    else:
+        switch_asked.forget(job.id)
+    return done
+
+
 @dataclass
 class Watched:
     """What the watch saw of a migration: why it was cancelled (the operator's abort, carried
@@ -130,14 +146,10 @@ def watch_migration(
     def on_decision(decision: Decision) -> bool:
         if decision.action == "abort":
             seen.abort_reason = decision.reason
-        if decision.action == "postcopy":
-            switch_asked.note(job.id)  # tells a pause before it from its own stop
-        done = carry_out_step(dom, decision, job.id)
-        if done and decision.action == "postcopy":
-            rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
-        elif decision.action == "postcopy":
-            switch_asked.forget(job.id)
-        return done
+        if decision.action != "postcopy":
+            return carry_out_step(dom, decision, job.id)
+        with job_locks.held(job.id):  # not at once with the operator's switch
+            return _policy_switch(rt, job, dom, decision)
 
     def on_action(action: Action) -> None:
         if action.kind == "cancel":

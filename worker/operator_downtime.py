@@ -10,40 +10,31 @@ would expect: the policy's later downtime steps are said (`policy.step`, done fa
 `held_by` operator) and not made; its other steps (post-copy, suspend, abort) go on.
 
 Every max-downtime call to libvirt on a job's migration, the policy's and the operator's, is
-made under that job's lock, so that the check and the call are one step for each side:
-whichever comes second finds the other's. One lock per job: a libvirtd slow to answer for one
-migration never holds up another's. Kept in this process (the worker's pool is threads: the tune
-and the migration's watch run in it), by job id, bounded like worker/switch_asked.py: a
-figure libvirt was told, never read from Redis. A job has one migration; its entry goes
-when the map is full.
+made under that job's lock (worker/job_locks.py), so that the check and the call are one step
+for each side: whichever comes second finds the other's. Kept in this process (the worker's
+pool is threads: the tune and the migration's watch run in it), by job id, bounded like
+worker/switch_asked.py: a figure libvirt was told, never read from Redis. A job has one
+migration; its entry goes when the map is full.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TypeVar
+from contextlib import AbstractContextManager
+
+from worker import job_locks
 
 MAX_REMEMBERED = 1024
-_V = TypeVar("_V")
 
-_lock = threading.Lock()  # over the two maps, held for no call to libvirt
-_locks: OrderedDict[str, threading.Lock] = OrderedDict()
+_lock = threading.Lock()  # over the map
 _set: OrderedDict[str, int] = OrderedDict()
 
 
-@contextmanager
-def setting(job_id: str) -> Iterator[None]:
+def setting(job_id: str) -> AbstractContextManager[None]:
     """Held around a max-downtime call to libvirt on `job_id`'s migration and the look at (or
-    note of) the operator's."""
-    with _lock:
-        job_lock = _locks.setdefault(job_id, threading.Lock())
-        _locks.move_to_end(job_id)
-        _bound(_locks)
-    with job_lock:
-        yield
+    note of) the operator's: the job's lock (worker/job_locks.py)."""
+    return job_locks.held(job_id)
 
 
 def note(job_id: str, downtime_ms: int) -> None:
@@ -60,6 +51,6 @@ def by_operator(job_id: str) -> int | None:
         return _set.get(job_id)
 
 
-def _bound(entries: OrderedDict[str, _V]) -> None:
+def _bound(entries: OrderedDict[str, int]) -> None:
     while len(entries) > MAX_REMEMBERED:
         entries.popitem(last=False)

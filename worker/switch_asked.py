@@ -41,6 +41,13 @@ def forget(job_id: str) -> None:
         _asked.pop(job_id, None)
 
 
+def asked(job_id: str) -> bool:
+    """Whether this process has asked libvirt to switch `job_id`'s migration (and libvirt has
+    not refused it): a second switch asked now is no switch."""
+    with _lock:
+        return job_id in _asked
+
+
 def taken(job_id: str) -> float | None:
     """When the switch of `job_id` was asked (None: not by this process), forgotten after."""
     with _lock:

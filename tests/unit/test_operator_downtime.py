@@ -15,9 +15,11 @@ import threading
 import uuid
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from jobs.control import TuneRequest
+from worker import job_locks
 from worker.convergence import Decision
 from worker.migration_control import apply_tune
 from worker.migration_watch import carry_out_step
@@ -140,3 +142,48 @@ def test_the_operators_downtime_is_one_jobs_only() -> None:
     tuned(guest, tuned_job)
     assert carry_out_step(guest, step("raise_downtime", 200), other_job)  # type: ignore[arg-type]
     assert guest.downtimes == [OPERATOR_MS, 200]
+
+
+def test_a_jobs_lock_in_use_is_never_dropped_for_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past job_locks.MAX_KEPT jobs the least recently used locks go, never one held: a second
+    lock for the same job would let two of its steps in at once."""
+    monkeypatch.setattr(job_locks, "MAX_KEPT", 2)
+    busy = job()
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with job_locks.held(busy):
+            inside.set()
+            leave.wait(WAIT_S)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(WAIT_S)
+    try:
+        for _ in range(5):  # more jobs than the map keeps
+            with job_locks.held(job()):
+                pass
+        got_in = threading.Event()
+
+        def wait_for_it() -> None:
+            with job_locks.held(busy):
+                got_in.set()
+
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        assert not got_in.wait(0.2)  # the same lock as the holder's: it waits
+    finally:
+        leave.set()
+        holder.join(WAIT_S)
+    assert got_in.wait(WAIT_S)
+    waiter.join(WAIT_S)
+    assert len(job_locks._locks) <= 2  # the room was made with the others
+
+
+def test_locks_under_the_limit_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(job_locks, "MAX_KEPT", 50)
+    monkeypatch.setattr(job_locks, "_locks", type(job_locks._locks)())
+    for _ in range(10):
+        with job_locks.held(job()):
+            pass
+    assert len(job_locks._locks) == 10

@@ -11,7 +11,8 @@ no migrateSetMaxSpeed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,18 @@ from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from tests.support.libvirt_errors import libvirt_error
+from worker import switch_asked
+from worker.convergence import Decision
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
+from worker.migration_watch import _policy_switch
 from worker.phase_errors import PhaseFailed
 from worker.runtime import Runtime
 
 TEST_URI = "test:///default"
 POSTCOPY_SPEED = libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY
 REQUEST = "task-1"  # the tune task's id, under which its request waits
+GATE_S = 5.0
 
 
 class Recorded:
@@ -45,6 +50,8 @@ class Recorded:
         self.dom = dom
         self.set: list[tuple[str, int, int]] = []
         self.refuse_switch = False
+        self.switch_gate: threading.Event | None = None  # a switch held inside libvirt's call
+        self.switching = threading.Event()
         self.shown: tuple[int, int] | None = None  # libvirt's state, when a test says
 
     def state(self, flags: int = 0) -> tuple[int, int]:  # libvirt's name
@@ -62,6 +69,9 @@ class Recorded:
         return 0
 
     def migrateStartPostCopy(self, flags: int = 0) -> int:  # libvirt's name
+        self.switching.set()
+        if self.switch_gate is not None:
+            assert self.switch_gate.wait(GATE_S), "the switch was never let through"
         if self.refuse_switch:
             raise libvirt_error(
                 libvirt.VIR_ERR_OPERATION_FAILED, "QEMU refused", libvirt.VIR_FROM_QEMU
@@ -248,3 +258,62 @@ def test_a_switch_asked_during_libvirts_setup_waits_for_the_transfer(
     job_id = migrating(store, "default")
     control.start_postcopy(rt, store.get(job_id))
     assert answers == [] and guest.set == [("postcopy", 0, 0)]
+
+
+def at_once(first: Callable[[], None], second: Callable[[], None], guest: Recorded) -> list[str]:
+    """`first` inside libvirt's switch when `second` is asked; what each said ("" when done)."""
+    said: dict[str, str] = {}
+
+    def run(name: str, move: Callable[[], None]) -> None:
+        try:
+            move()
+            said[name] = ""
+        except PhaseFailed as exc:
+            said[name] = str(exc)
+
+    guest.switch_gate = threading.Event()
+    one = threading.Thread(target=run, args=("first", first))
+    one.start()
+    assert guest.switching.wait(GATE_S)
+    two = threading.Thread(target=run, args=("second", second))
+    two.start()
+    two.join(0.2)
+    guest.switch_gate.set()
+    one.join(GATE_S)
+    two.join(GATE_S)
+    return [said["first"], said["second"]]
+
+
+@pytest.mark.parametrize("second", ["force-complete", "postcopy"])
+def test_a_second_switch_asked_during_the_first_is_refused_not_answered_switched(
+    rt: Runtime, store: JobStore, guest: Recorded, second: str
+) -> None:
+    """Probe: two force-completes asked together were both answered "switched". Each task
+    read the job's record when it began, before either switch was marked in it."""
+    job_id = migrating(store, "default")
+    read_first = store.get(job_id)
+    moves = {
+        "force-complete": lambda: control.force_complete(rt, read_first),
+        "postcopy": lambda: control.start_postcopy(rt, read_first),
+    }
+    with capture_logs() as logs:
+        said = at_once(moves["force-complete"], moves[second], guest)
+    assert said[0] == "" and "already in post-copy: it completes on its own" in said[1], said
+    assert guest.set == [("postcopy", 0, 0)]  # one switch
+    assert [log["event"] for log in logs].count("migration.postcopy_started") == 1
+    switch_asked.taken(job_id)
+
+
+def test_the_policys_switch_after_the_operators_is_said_and_not_made(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    job_id = migrating(store, "default")
+    decision = Decision("postcopy", "stalled", "the policy's", {"remaining_mib": 3})
+    control.start_postcopy(rt, store.get(job_id))
+    with capture_logs() as logs:
+        assert not _policy_switch(rt, store.get(job_id), guest, decision)  # type: ignore[arg-type]
+    assert guest.set == [("postcopy", 0, 0)]
+    (step,) = [log for log in logs if log["event"] == "policy.step"]
+    assert step["done"] is False and step["held_by"] == "operator"
+    assert switch_asked.asked(job_id)  # the operator's switch is still the one asked
+    switch_asked.taken(job_id)
