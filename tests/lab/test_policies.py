@@ -51,11 +51,13 @@ bandwidth_mib = 8
 postcopy_bandwidth_mib = 3
 actions = []
 
-# Raises the downtime on its schedule (100, 200, 300, 400 ms) at each stall, nothing else.
+# Raises the downtime on its schedule (3 s, 6 s, ... 60 s) at each stall, nothing else: dirty-1
+# rewrites its 64 MiB all the time, about 8 s of transfer at 8 MiB/s, so that the policy's
+# first step (3 s) never lets it converge and a raise to 9 s would.
 [policies.stepped]
 bandwidth_mib = 8
-max_downtime_ms = 400
-downtime_steps = 4
+max_downtime_ms = 60000
+downtime_steps = 20
 progress_timeout_s = 2
 actions = ["raise_downtime"]
 
@@ -63,6 +65,7 @@ actions = ["raise_downtime"]
 policy = "labgroup"
 """
 OPERATOR_DOWNTIME_MS = 777
+STEPPED_FIRST_MS = 3000
 FROM_TOML = "(drover.toml)"
 
 
@@ -255,7 +258,7 @@ def test_the_operators_downtime_stands_against_the_policys_later_steps(
             JOB_TIMEOUT_S,
             "the policy's first downtime step",
         )
-        assert max_downtime(lab, "lab1", "dirty-1") == 100
+        assert max_downtime(lab, "lab1", "dirty-1") == STEPPED_FIRST_MS
         assert "max_downtime_ms=777" in policies.tune(job_id, max_downtime_ms=OPERATOR_DOWNTIME_MS)
 
         def held() -> list[dict[str, Any]]:
@@ -268,7 +271,7 @@ def test_the_operators_downtime_stands_against_the_policys_later_steps(
         wait_for(lambda: held(), JOB_TIMEOUT_S, "a raise of the policy's after the tune")
         step = held()[0]
         assert step["done"] is False and step["operator_downtime_ms"] == OPERATOR_DOWNTIME_MS
-        assert step["downtime_ms"] in (200, 300, 400)
+        assert step["downtime_ms"] > STEPPED_FIRST_MS
         assert max_downtime(lab, "lab1", "dirty-1") == OPERATOR_DOWNTIME_MS
         made = [s for s in policy_steps(policies, job_id) if s.get("by") == "policy" and s["done"]]
         assert [s["action"] for s in made] == ["set_downtime"], made  # none made after it
