@@ -9,14 +9,17 @@ DROVER_CLI_SERVER_IDLE seconds (15 minutes unless set), and whenever what it loa
 on disk; the next command starts a fresh one. `manual` only uses a server started by hand,
 `off` none at all.
 
-The server is started without the caller's DROVER_* and CELERY_* variables, as its own
-session (no terminal's hang-up or Ctrl-C reaches it), with /dev/null for its standard
-streams, so it holds none of the caller's pipes open: a script reading drover's output sees
-its end when drover ends. It writes its log to cli-XXXXXXXX.log beside its socket. Several
-commands at once may each start one; the server's lock (cli/server_start.py) keeps the first
-and the others end at once.
-
-Imported by `drover` before any library (cli/launch.py): the standard library's `os` only.
+What the server takes of its first caller, and what it does not:
+- of the environment, only what its interpreter and libraries read as they start
+  (resident.STARTUP_NAMES: the module path, the encoding...), which also names its socket, so
+  that a caller with other values has a server of its own, and resident.KEPT_NAMES; a Redis
+  URL with its password or any other secret of the caller's never lives on in it;
+- no file descriptor but /dev/null on its standard streams: a pipe a script reads, or a lock
+  a cron job holds with flock(1), is never kept open by it;
+- not its working directory (`/`, then its own directory: cli/server_start.py), nor its
+  session: no terminal's hang-up or Ctrl-C reaches it.
+It writes its log to cli-XXXXXXXX.log beside its socket. Several commands at once may each
+start one; the server's lock (cli/server_start.py) keeps the first and the others end at once.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import sys
 
 from cli import resident
 
-_NOT_KEPT = ("DROVER_", "CELERY_")
-
 
 def start(idle_s: float) -> None:
     """Start a server for this user and installation in the background; never waits for it,
     and a server that cannot be started (no directory of the user's own, no process) is no
     error: the command runs where it was typed, as it would without one."""
+    import contextlib  # here only: once per server started, not in every command
+    import subprocess
+
     directory = resident.socket_dir()
     try:
         os.makedirs(directory, mode=resident.DIR_MODE, exist_ok=True)
@@ -48,21 +52,21 @@ def start(idle_s: float) -> None:
         "--idle",
         repr(idle_s),
         "--log",
-        resident.log_path(),
     ]
-    quiet = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-        (os.POSIX_SPAWN_DUP2, 1, 2),
-    ]
-    try:  # noqa: SIM105 - contextlib is one more import for every command
-        os.posix_spawn(sys.executable, argv, _server_env(), file_actions=quiet, setsid=True)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        subprocess.Popen(
+            argv,
+            env=server_env(),
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            start_new_session=True,
+        )
 
 
-def _server_env() -> dict[str, str]:
-    """The caller's environment without drover's and Celery's settings: the server reads
-    none of them (each command runs with its own caller's), and a Redis URL with its
-    password, or a key's path, has no business living on in a process for 15 minutes."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(_NOT_KEPT)}
+def server_env() -> dict[str, str]:
+    """What a server started here keeps of this process's environment."""
+    kept = {k: v for k, v in os.environ.items() if k in resident.KEPT_NAMES}
+    return kept | resident.startup_env(os.environ)

@@ -59,7 +59,7 @@ def main() -> None:
 def handed_over(argv: list[str]) -> int | None:
     """The exit code of the command run by the server, or None: run it here."""
     mode = resident.switch()
-    idle_s = resident.idle_s() if mode == resident.AUTO else 0.0  # a typo is said at once
+    idle_s = resident.idle_s()  # checked whatever the mode: a typo is said at once
     if mode == resident.OFF or not resident.served(argv[1:]):
         return None
     conn, none_there = _connect()

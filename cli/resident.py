@@ -33,6 +33,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import zlib
 
 # `DROVER_CLI_SERVER`: `auto` (the default) hands a served command to this user's server and
@@ -47,8 +48,31 @@ SWITCHES = (AUTO, MANUAL, OFF)
 # line before it stops (one started with `drover cli-server` runs until it is stopped).
 IDLE_ENV = "DROVER_CLI_SERVER_IDLE"
 IDLE_DEFAULT_S = 900.0
+IDLE_MIN_S = 1.0
 IDLE_MAX_S = 86_400.0
+
+# What the server's interpreter and the libraries it loads read from the environment as they
+# start, before any caller's environment is in place: the module path (PYTHONPATH, and a
+# sitecustomize on it), the user's site-packages (HOME), the streams' encoding (LANG, LC_*,
+# PYTHONIOENCODING), the three variables Typer reads as it is imported. A caller whose values
+# differ is served by a server of its own, started with its values: they are in the digest
+# that names the socket, and a child checks them again (cli/server.py).
+STARTUP_PREFIXES = ("PYTHON", "LC_")
+STARTUP_NAMES = frozenset(
+    {
+        "HOME",
+        "LANG",
+        "LANGUAGE",
+        "TYPER_USE_RICH",
+        "TERMINAL_WIDTH",
+        "_TYPER_FORCE_DISABLE_TERMINAL",
+    }
+)
 RUNTIME_ENV = "XDG_RUNTIME_DIR"
+# What else a server `drover` starts keeps of its caller's environment: where programs are and
+# its runtime directory. A caller's secrets (a Redis URL with its password, a token) never live
+# on in it; each command runs with its own caller's environment.
+KEPT_NAMES = frozenset({"PATH", "TMPDIR", RUNTIME_ENV})
 DIR_MODE = 0o700
 SOCKET_MODE = 0o600
 # What a request may weigh: arguments and a whole environment fit with room to spare.
@@ -84,32 +108,42 @@ def served(args: list[str]) -> bool:
     return command in SERVED
 
 
-def socket_dir() -> str:
-    runtime = os.environ.get(RUNTIME_ENV)
+def socket_dir(env: dict[str, str] | None = None) -> str:
+    """Where the server's socket, lock and log are, for `env` (this process's unless given)."""
+    runtime = (os.environ if env is None else env).get(RUNTIME_ENV)
     if runtime and os.path.isabs(runtime):
         return os.path.join(runtime, "drover")
     return f"/tmp/drover-{os.getuid()}"
 
 
-def _stem() -> str:
-    """This installation's files in the socket's directory are named after it."""
-    digest = zlib.crc32(INSTALL.encode()) & 0xFFFFFFFF
-    return os.path.join(socket_dir(), f"cli-{digest:08x}")
+def startup_env(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The variables of `env` that the server reads as it starts (STARTUP_NAMES, ...)."""
+    return {k: v for k, v in env.items() if k in STARTUP_NAMES or k.startswith(STARTUP_PREFIXES)}
 
 
-def socket_path() -> str:
-    """The socket of this installation's server for this user."""
-    return f"{_stem()}.sock"
+def _stem(env: dict[str, str] | None) -> str:
+    """This installation's files in the socket's directory are named after it, its
+    interpreter and the start-up variables of `env` (this process's environment if None)."""
+    startup = sorted(f"{k}={v}" for k, v in startup_env(os.environ if env is None else env).items())
+    key = "\0".join([INSTALL, sys.executable, *startup])
+    digest = zlib.crc32(key.encode("utf-8", "surrogateescape")) & 0xFFFFFFFF
+    return os.path.join(socket_dir(env), f"cli-{digest:08x}")
 
 
-def lock_path() -> str:
+def socket_path(env: dict[str, str] | None = None) -> str:
+    """The socket of this installation's server for this user and `env`'s start-up variables
+    (this process's environment unless given)."""
+    return f"{_stem(env)}.sock"
+
+
+def lock_path(env: dict[str, str] | None = None) -> str:
     """Held by this installation's server for as long as it runs: one server at a time."""
-    return f"{_stem()}.lock"
+    return f"{_stem(env)}.lock"
 
 
-def log_path() -> str:
+def log_path(env: dict[str, str] | None = None) -> str:
     """The log of a server `drover` started itself (one started by hand logs on its stderr)."""
-    return f"{_stem()}.log"
+    return f"{_stem(env)}.log"
 
 
 class BadSwitch(ValueError):
@@ -128,17 +162,17 @@ def switch() -> str:
 
 
 def idle_s() -> float:
-    """DROVER_CLI_SERVER_IDLE, checked: seconds, more than 0 and at most a day."""
+    """DROVER_CLI_SERVER_IDLE, checked: seconds (digits, a decimal part allowed), at least
+    one, at most a day."""
     raw = os.environ.get(IDLE_ENV, "").strip()
     if not raw:
         return IDLE_DEFAULT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= IDLE_MAX_S:  # nan fails both
+    whole, _, part = raw.partition(".")
+    digits = raw.isascii() and whole.isdigit() and (not part or part.isdigit())
+    value = float(raw) if digits else -1.0
+    if not IDLE_MIN_S <= value <= IDLE_MAX_S:
         raise BadSwitch(
-            f"{IDLE_ENV} must be a number of seconds above 0 and at most "
+            f"{IDLE_ENV} must be a number of seconds from {IDLE_MIN_S:.0f} to "
             f"{IDLE_MAX_S:.0f}, not {raw!r}"
         )
     return value

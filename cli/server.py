@@ -78,6 +78,7 @@ EXIT_DECLINED = 3
 REQUEST_TIMEOUT_S = 10.0
 _server_pid = 0  # set by serve(), read by its children
 _lock_fd = -1  # the server's lock (cli/server_start.py), closed by every child
+_startup: dict[str, str] = {}  # the server's start-up variables (resident.startup_env)
 
 
 # --- what the server has loaded, so that a child can tell whether it is still current ------
@@ -132,12 +133,14 @@ def preload() -> Stamp:
 def serve(path: str, idle_s: float | None = None) -> None:
     """Listen on `path` until stopped (SIGTERM, SIGINT, a child finding the server stale, or
     `idle_s` seconds without a caller). The caller holds the server's lock."""
-    global _server_pid
+    global _server_pid, _startup
     _server_pid = os.getpid()
+    _startup = resident.startup_env(os.environ)
     loaded = preload()
-    listener = _listen(path)
+    name = os.path.basename(path)  # in the working directory (cli/server_start.py)
+    listener = _listen(name, path)
     listener.settimeout(idle_s)
-    bound = os.stat(path).st_ino
+    bound = os.stat(name).st_ino
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGTERM, _stop)
     gc.freeze()  # what the preload made is shared with every child, untouched
@@ -156,7 +159,7 @@ def serve(path: str, idle_s: float | None = None) -> None:
     except TimeoutError:
         print(f"drover cli-server: no command line for {idle_s:g} s; it stops", file=sys.stderr)
     finally:
-        _remove(path, bound)
+        _remove(name, bound)
         listener.close()
 
 
@@ -164,13 +167,14 @@ def _stop(signum: int, _: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _listen(path: str) -> socket.socket:
+def _listen(name: str, path: str) -> socket.socket:
+    """Bind `name` (in the working directory; `path` is its whole path, for people)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
+        probe.connect(name)
     except OSError:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a server that is gone left it
+            os.unlink(name)  # a server that is gone left it
     else:
         raise ServerError(f"a drover cli-server already listens on {path}")
     finally:
@@ -178,7 +182,7 @@ def _listen(path: str) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        listener.bind(path)
+        listener.bind(name)
     finally:
         os.umask(old)
     listener.listen(BACKLOG)
@@ -263,6 +267,8 @@ def _refusal(request: dict[str, Any], loaded: Stamp) -> str | None:
         return "malformed request"
     if request.get("install") != resident.INSTALL:
         return "another installation's command"
+    if resident.startup_env(env) != _startup:  # the socket's digest says so, unless it collides
+        return "a command whose start-up environment (PYTHONPATH, HOME, LANG...) is another"
     if stamp(list(loaded)) != loaded:
         _stop_server()
         return "the server's libraries changed since it started; it stops"
@@ -358,9 +364,10 @@ def main() -> None:
     chosen = server_start.options(sys.argv[1:])
     path = resident.socket_path()
     try:
-        server_start.private_directory(os.path.dirname(path))
-        log = server_start.log_to(chosen.log) if chosen.log else -1
-        _lock_fd = server_start.hold_lock(resident.lock_path())
+        # From here on the directory is the working one: its files are named relative to it.
+        server_start.enter_private_directory(os.path.dirname(path))
+        log = server_start.log_to(os.path.basename(resident.log_path())) if chosen.log else -1
+        _lock_fd = server_start.hold_lock(os.path.basename(resident.lock_path()))
         if log >= 0:
             os.ftruncate(log, 0)  # this server's log; what the one before wrote is over
         serve(path, chosen.idle_s)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,17 +47,21 @@ class Runtime:
 
     @property
     def socket(self) -> Path:
-        return self.directory / Path(resident.socket_path()).name
+        return Path(resident.socket_path(self.env))
 
     @property
     def log_path(self) -> Path:
-        return self.directory / Path(resident.log_path()).name
+        return Path(resident.log_path(self.env))
 
-    def log(self) -> str:
+    def log(self, env: dict[str, str] | None = None) -> str:
+        """The log of the server for `env` on top of this runtime's environment."""
         try:
-            return self.log_path.read_text(errors="replace")
+            return Path(resident.log_path(self.env_with(env))).read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def env_with(self, env: dict[str, str] | None) -> dict[str, str]:
+        return self.env | (env or {})
 
     def drover(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         """`drover ARGS` as a user types it; a server it leaves behind must not hold its
@@ -69,12 +75,13 @@ class Runtime:
             check=False,
         )
 
-    def listening(self) -> list[int]:
+    def listening(self, env: dict[str, str] | None = None) -> list[int]:
         """The pids the server log says listened (one line per server that took the lock)."""
-        return [int(pid) for pid in re.findall(rf"{LISTENING} .* \(pid (\d+)\)", self.log())]
+        found = re.findall(rf"{LISTENING} .* \(pid (\d+)\)", self.log(env))
+        return [int(pid) for pid in found]
 
-    def served(self) -> list[str]:
-        return [line for line in self.log().splitlines() if " ran " in line]
+    def served(self, env: dict[str, str] | None = None) -> list[str]:
+        return [line for line in self.log(env).splitlines() if " ran " in line]
 
     def server_pid(self) -> int:
         until("the server listens", lambda: len(self.listening()) == 1)
@@ -92,14 +99,16 @@ def gone(pid: int) -> bool:
 
 
 def servers_of(directory: Path) -> list[int]:
-    """Every live `cli.server` process whose log is in `directory` (one started by drover)."""
+    """Every live `cli.server` process whose directory is `directory` (its runtime's)."""
+    mine = f"{resident.RUNTIME_ENV}={directory.parent}".encode()
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"cli.server" in argv and any(str(directory).encode() in a for a in argv):
+        if b"cli.server" in argv and mine in env:
             pids.append(int(proc.name))
     return pids
 
@@ -238,14 +247,111 @@ def test_manual_and_off_start_no_server(runtime: Runtime, switch: str) -> None:
         (resident.IDLE_ENV, "inf"),
         (resident.IDLE_ENV, "1e9"),
         (resident.IDLE_ENV, "ten"),
+        (resident.IDLE_ENV, "1_0"),  # Python's float() reads it as 10
+        (resident.IDLE_ENV, "1e-300"),  # a server per command, gone at once
+        (resident.IDLE_ENV, "0.5"),
+        (resident.IDLE_ENV, "\u00b2"),  # a digit to str.isdigit(), not to float()
     ],
 )
 @pytest.mark.parametrize("command", [["jobs", "--json"], ["hosts"]])
+@pytest.mark.parametrize("switch", ["auto", "manual"])
 def test_a_bad_setting_is_one_line_and_exit_2(
-    runtime: Runtime, name: str, value: str, command: list[str]
+    runtime: Runtime, name: str, value: str, command: list[str], switch: str
 ) -> None:
-    done = runtime.drover(*command, **{name: value})
+    """Whatever the command and the mode (a bad idle time under `manual` too)."""
+    done = runtime.drover(*command, **({resident.SWITCH_ENV: switch} | {name: value}))
     assert done.returncode == 2 and done.stdout == ""
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"drover: {name} must be ") and repr(value) in line, line
     assert not runtime.socket.exists() and servers_of(runtime.directory) == []
+
+
+def test_the_server_keeps_none_of_its_first_callers_descriptors_or_directory(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Probe: a pipe (or a flock(1) lock) the first caller had open stayed open in the server
+    for its whole life: a script reading the pipe waited for the server's idle stop."""
+    read_end, write_end = os.pipe()
+    try:
+        done = subprocess.run(
+            [DROVER, "jobs", "--json"],
+            env=runtime.env,
+            cwd=tmp_path,
+            pass_fds=(write_end,),
+            capture_output=True,
+            timeout=CLI_TIMEOUT_S,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        pid = runtime.server_pid()
+        os.close(write_end)
+        write_end = -1
+        ready, _, _ = select.select([read_end], [], [], DEADLINE_S)
+        assert ready and os.read(read_end, 1) == b"", "the pipe is still held open"
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    assert sorted(os.listdir(f"/proc/{pid}/fd")) != []
+    held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert not [h for h in held if str(tmp_path) in h], held
+    assert os.readlink(f"/proc/{pid}/cwd") == str(runtime.directory)  # not the caller's
+
+
+SHADOW = """import json
+_real = json.dumps
+json.dumps = lambda v, *args, **kwargs: '["shadowed"]' if v == [] else _real(v, *args, **kwargs)
+"""
+
+
+def test_a_caller_with_another_module_path_gets_a_server_of_its_own(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Probe: a later caller ran with the first caller's PYTHONPATH (and its sitecustomize):
+    its `drover jobs --json` printed what the first caller's code made of it."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "sitecustomize.py").write_text(SHADOW)
+    shadowed = {"PYTHONPATH": str(shadow)}
+    here = runtime.drover("jobs", "--json", **shadowed, **{resident.SWITCH_ENV: resident.OFF})
+    assert here.stdout.strip() == '["shadowed"]', here.stderr  # what that caller's code prints
+    assert runtime.drover("jobs", "--json", **shadowed).stdout.strip() == '["shadowed"]'
+    until("its server listens", lambda: len(runtime.listening(shadowed)) == 1)
+    for _ in range(2):  # the first starts a server of its own, the second is served by it
+        plain = runtime.drover("jobs", "--json")
+        assert (plain.returncode, plain.stdout.strip()) == (0, "[]"), plain.stderr
+    until("both serve", lambda: len(runtime.listening()) == 1)
+    assert runtime.listening() != runtime.listening(shadowed)
+    served = runtime.drover("jobs", "--json", **shadowed)
+    assert served.stdout.strip() == '["shadowed"]'  # served as it runs here
+    until("it is served", lambda: len(runtime.served(shadowed)) == 1)
+
+
+def test_a_server_refuses_a_linked_directory_and_a_fifo_for_its_log(runtime: Runtime) -> None:
+    """Its directory is opened without following a link and checked on the descriptor; its
+    log and lock must be regular files of the user's (a FIFO would hold it forever)."""
+    top = runtime.directory.parent
+    elsewhere = top / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    runtime.directory.symlink_to(elsewhere)
+    refused = server_run(runtime)
+    assert refused.returncode == 1 and "cannot use" in refused.stderr, refused.stderr
+    assert os.listdir(elsewhere) == []
+    runtime.directory.unlink()
+    runtime.directory.mkdir(mode=0o700)
+    os.mkfifo(runtime.log_path)
+    refused = server_run(runtime, "--log")
+    assert refused.returncode == 1 and servers_of(runtime.directory) == []
+    assert not runtime.socket.exists()
+
+
+def server_run(runtime: Runtime, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m cli.server ARGS` as drover starts one (its stderr: what it says on error)."""
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "cli.server", "--idle", "1", *args],
+        env=runtime.env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )

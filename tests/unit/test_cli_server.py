@@ -68,7 +68,7 @@ class Server:
 
     @property
     def socket(self) -> str:
-        return os.path.join(self.env[resident.RUNTIME_ENV], "drover", _socket_name())
+        return resident.socket_path(self.env)
 
     def log(self) -> list[str]:
         return self.log_path.read_text().splitlines()
@@ -88,10 +88,6 @@ class Server:
             timeout=CLI_TIMEOUT_S,
             check=False,
         )
-
-
-def _socket_name() -> str:
-    return os.path.basename(resident.socket_path())
 
 
 def callers_env(runtime: str, config: Path | None = None) -> dict[str, str]:
@@ -302,7 +298,8 @@ def test_an_upgraded_library_stops_the_server_and_the_command_runs_here(
     log_path = tmp_path / "server.log"
     started_in = tmp_path / "home"  # where it was started: not its module path
     started_in.mkdir()
-    proc = start_server(runtime, log_path, env | {"PYTHONPATH": str(packages)}, started_in)
+    env |= {"PYTHONPATH": str(packages)}  # the callers' too: a start-up variable
+    proc = start_server(runtime, log_path, env, started_in)
     srv = Server(env, log_path, proc)
     try:
         until_listening(log_path)
@@ -368,7 +365,7 @@ def test_a_child_whose_server_died_never_signals_the_process_that_adopted_it(
             stderr=log,
             start_new_session=True,
         )
-    path = os.path.join(runtime, "drover", _socket_name())
+    path = resident.socket_path(env)
     try:
         until_listening(log_path)
         (server_pid,) = [
@@ -382,7 +379,7 @@ def test_a_child_whose_server_died_never_signals_the_process_that_adopted_it(
             (packages / "newly_installed.py").write_text("")  # the libraries changed
             request = {
                 "argv": [DROVER, "jobs", "--json"],
-                "env": {"DROVER_CONFIG": str(config)},
+                "env": resident.startup_env(env) | {"DROVER_CONFIG": str(config)},
                 "cwd": "/",
                 "umask": 0o022,
                 "install": resident.INSTALL,
