@@ -18,6 +18,7 @@ from cli.repeated import repeated_option
 from cli.resident import HELP_OPTION, command_named
 from producer import cli
 from producer.cli_common import (
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     UsageError,
@@ -145,11 +146,33 @@ def __getattr__(name: str) -> typer.Typer:
     raise AttributeError(name)
 
 
+def standard_streams() -> int | None:
+    """None when the command may run: a closed stdin or stderr becomes /dev/null (the exit
+    code still says how it ended; a closed stderr made a refusal exit 1 instead of 2). A
+    closed stdout is refused before anything is done (EXIT_FAILED): the command could not say
+    what it did, and printing its result ended in a traceback."""
+    if sys.stdout is None:
+        if sys.stderr is not None:
+            print("drover: standard output is closed: nothing done", file=sys.stderr)
+        return EXIT_FAILED
+    for fd, name, mode in ((0, "stdin", "r"), (2, "stderr", "w")):
+        if getattr(sys, name) is None:
+            null = os.open(os.devnull, os.O_RDWR)  # takes the lowest free descriptor: `fd`
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - for the process
+    return None
+
+
 def main() -> None:
     """Run the CLI; usage errors become one line (Click's boxed help is for --help)."""
     # No garbage collection until the start-up is over (producer/cli_common.py says why): a
     # job command turns it back on once its API is built, every other command before it runs.
     gc.disable()
+    closed = standard_streams()
+    if closed is not None:
+        sys.exit(closed)
     args = sys.argv[1:]
     quick = command_named(args) in cli.COMMAND_NAMES
     if HELP_OPTION in args or not args:  # `drover` alone shows the help too

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import redis
 
 from tests.conftest import RedisServer, free_port
-from tests.support.cli import run_drover
+from tests.support.cli import CLI_TIMEOUT_S, run_drover
 from tests.support.registry import REGISTRY
 
 TIMED = ["idle-1", "--from", "kvm1", "--to", "kvm2", "--completion-timeout", "5"]
@@ -234,3 +237,39 @@ def test_a_bad_worker_loglevel_is_one_line_before_anything_starts(
     assert result.stderr.splitlines() == [
         "drover: --loglevel 'BOGUS': one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
     ]
+
+
+def with_streams_closed(config: Path, closed: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`drover ARGS` run by a shell with `closed` (its redirection, `>&-`...) applied."""
+    env = {**os.environ, "DROVER_CONFIG": str(config)}
+    env.pop("DROVER_REDIS_URL", None)
+    line = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "cli", *args))
+    return subprocess.run(
+        ["bash", "-c", f"{line} {closed}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+
+
+def test_a_closed_stdout_is_refused_before_anything_is_done(
+    config: Path, redis_srv: RedisServer
+) -> None:
+    """Probe: `drover jobs --json >&-` printed a traceback, and a migrate would have queued a
+    job whose id nobody could be told."""
+    for args in (["jobs", "--json"], ["migrate", "idle-1", "--from", "kvm1", "--to", "kvm2"]):
+        done = with_streams_closed(config, ">&-", *args)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == "drover: standard output is closed: nothing done\n"
+    assert not queued_anything(redis_srv)
+
+
+def test_a_closed_stderr_or_stdin_keeps_the_exit_code(config: Path) -> None:
+    """Probe: with stderr closed, `drover job nonexist` exited 1 instead of 2."""
+    assert with_streams_closed(config, "2>&-", "job", "nonexist").returncode == 2
+    refused = with_streams_closed(config, "<&- 2>&-", "migrate", "idle-1", "--from", "kvm1")
+    assert refused.returncode == 2
+    listed = with_streams_closed(config, "<&-", "jobs", "--json")
+    assert (listed.returncode, listed.stdout) == (0, "[]\n"), listed.stderr
