@@ -67,10 +67,14 @@ class Transition(BaseModel):
     reason: str | None = None
 
 
-def elapsed_s(created: datetime, updated: datetime, terminal: bool) -> float:
-    """How long a record ran (until its last update once it has ended, until now before)."""
+def elapsed_s(created: datetime, updated: datetime, terminal: bool) -> float | None:
+    """How long a record ran (until its last update once it has ended, until now before);
+    None when its times contradict each other (its end, or now, before its start: written
+    into Redis by hand, or a clock set back). A probe's forged `updated` showed as a negative
+    duration in `drover jobs`: no figure is better than one that cannot be."""
     end = updated if terminal else datetime.now(created.tzinfo)
-    return (end - created).total_seconds()
+    seconds = (end - created).total_seconds()
+    return seconds if seconds >= 0 else None
 
 
 class Record(BaseModel):
@@ -96,7 +100,7 @@ class Record(BaseModel):
         return self.state.value in self.TABLE.terminal
 
     @property
-    def duration_s(self) -> float:
+    def duration_s(self) -> float | None:
         return elapsed_s(self.created, self.updated, self.terminal)
 
     def route(self) -> tuple[str, str, str]:
@@ -108,6 +112,7 @@ class Record(BaseModel):
 
     def summary(self) -> dict[str, Any]:
         what, src, dst = self.route()
+        duration = self.duration_s
         head: dict[str, Any] = {"id": self.id}
         if self.KIND is not None:
             head["kind"] = self.KIND
@@ -117,7 +122,7 @@ class Record(BaseModel):
             "src": src,
             "dst": dst,
             "created": self.created.isoformat(),
-            "duration_s": round(self.duration_s, 3),
+            "duration_s": None if duration is None else round(duration, 3),
             "reason": self.shown_reason(),
         }
 

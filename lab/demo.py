@@ -159,7 +159,7 @@ def run_demo(console: Console, keep: bool = False) -> bool:
                 step.flags,
                 job.state.value,
                 f"{job.result.migration_ms or 0:.0f} ms",
-                f"{job.duration_s * 1000:.0f} ms",
+                _ms(job.duration_s),
                 said,
             )
         for guest in state.linux_guests:  # moved off lab1 before the drain
@@ -175,7 +175,7 @@ def run_demo(console: Console, keep: bool = False) -> bool:
                 LINUX_FLAGS,
                 m.job.state.value,
                 f"{m.job.result.migration_ms or 0:.0f} ms",
-                f"{m.job.duration_s * 1000:.0f} ms",
+                _ms(m.job.duration_s),
                 f"running on {', '.join(running) or 'no host'}; ping gap {m.longest_gap_ms:.0f} ms",
             )
         ok = _evacuation(console, d, status, summary) and ok
@@ -216,8 +216,13 @@ def _evacuation(console: Console, d: Drover, status: dict[str, Any], summary: Ta
         f"evacuate --max-parallel {EVACUATION_PARALLEL}",
         ev.state.value,
         "-",
-        f"{ev.duration_s * 1000:.0f} ms",
+        _ms(ev.duration_s),
         f"{EVACUATED} empty" if ev.state.value == "drained" else str(ev.reason),
     )
     d.set_host_enabled(EVACUATED, True)
     return ok
+
+
+def _ms(seconds: float | None) -> str:
+    """A record's duration in the summary ("?": its times contradict each other)."""
+    return "?" if seconds is None else f"{seconds * 1000:.0f} ms"

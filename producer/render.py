@@ -150,7 +150,7 @@ def jobs_table(jobs: list[Job | Evacuation]) -> Table:
             s["domain"],
             s["src"],
             s["dst"],
-            f"{s['duration_s']:.2f}s",
+            "?" if s["duration_s"] is None else f"{s['duration_s']:.2f}s",
             downtime,
             s["reason"] or "",
         )

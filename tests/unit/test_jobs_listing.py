@@ -4,6 +4,7 @@ the optional quota of waiting jobs per producer."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, cast
@@ -211,3 +212,22 @@ def test_an_evacuations_children_are_not_counted(redis_srv: RedisServer) -> None
     child = spec.model_copy(update={"domain": "web3"})
     assert enqueue(store, child, origin="p", parent=ev, parent_limit=2)  # no quota for children
     assert domains(store) == {"web1", "web3", None}  # None: the evacuation
+
+
+def test_a_forged_time_shows_no_duration_rather_than_a_negative_one(
+    history: tuple[Path, dict[str, str]], redis_srv: RedisServer
+) -> None:
+    """Probe: an ended record whose `updated` was written before its creation (anyone with the
+    Redis password can) showed a negative duration in `drover jobs`."""
+    config, ids = history
+    store = JobStore.from_url(redis_srv.url)
+    store.r.hset(job_key(ids["failed"]), "updated", "2000-01-01T00:00:00+00:00")
+    done = run_drover(config, "jobs", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {row["id"]: row for row in json.loads(done.stdout)}
+    assert rows[ids["failed"]]["duration_s"] is None
+    assert rows[ids["cancelled"]]["duration_s"] >= 0  # the others as they were
+    table = run_drover(config, "jobs", "--state", "failed")
+    assert table.returncode == 0, table.stderr
+    (row,) = [line for line in table.stdout.splitlines() if ids["failed"] in line]
+    assert " ? " in row and not re.search(r"-\d", row), row
