@@ -219,13 +219,10 @@ def force_complete(rt: Runtime, job: Job) -> None:
 def _force_complete(rt: Runtime, job: Job, dom: Domain, stats: dict[str, Any]) -> None:
     refuse_if_aborting(rt, job, "force-completed")
     seen = {field: stats[name] for name, field in LOOKED_AT.items() if name in stats}
-    state, reason = dom.state()
-    in_postcopy = (
-        state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY
-    )
-    if job.postcopy_since is not None or in_postcopy or switch_asked.asked(job.id):
+    found = state_reason(dom)
+    if job.postcopy_since is not None or found.in_postcopy or switch_asked.asked(job.id):
         raise PhaseFailed(f"job {job.id} is already in post-copy: it completes on its own")
-    if state == libvirt.VIR_DOMAIN_PAUSED:
+    if found.state == libvirt.VIR_DOMAIN_PAUSED:
         raise PhaseFailed(f"{job.spec.domain} is already paused: the rest is being copied")
     policy = job_policy(rt, job, dom)
     why_not = f"policy {policy.name} forbids post-copy"
