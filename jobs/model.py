@@ -7,7 +7,7 @@ kind adds its own spec, its state type and its state table (jobs/states.py).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -67,12 +67,21 @@ class Transition(BaseModel):
     reason: str | None = None
 
 
+# How far ahead of this host's clock a record's time may be and still be shown: the hosts'
+# clocks differ a little (NTP keeps them within this); an end further in the future was
+# written so (a probe's `updated` of 9999-12-31 showed as 251605878492 s).
+CLOCK_SKEW = timedelta(minutes=5)
+
+
 def elapsed_s(created: datetime, updated: datetime, terminal: bool) -> float | None:
     """How long a record ran (until its last update once it has ended, until now before);
     None when its times contradict each other (its end, or now, before its start: written
     into Redis by hand, or a clock set back). A probe's forged `updated` showed as a negative
     duration in `drover jobs`: no figure is better than one that cannot be."""
-    end = updated if terminal else datetime.now(created.tzinfo)
+    now = datetime.now(created.tzinfo)
+    end = updated if terminal else now
+    if end > now + CLOCK_SKEW:  # an end still to come: written so, as one before the start
+        return None
     seconds = (end - created).total_seconds()
     return seconds if seconds >= 0 else None
 

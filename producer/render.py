@@ -115,10 +115,20 @@ def policy_step_text(ev: dict[str, Any]) -> str:
             f"{ev.get('remaining_mib')} MiB left, {ev.get('dirty_mib_s', '-')} MiB/s dirtied, "
             f"{ev.get('transfer_mib_s')} MiB/s sent, pass {ev.get('iteration')}"
         )
-    done = "" if ev.get("done", True) else f" (libvirt refused: {ev.get('error')})"
+    done = "" if ev.get("done", True) else _not_done(ev)
     allowed = f" -> {ev['downtime_ms']} ms" if ev.get("downtime_ms") is not None else ""
     skipped = f"; passed over {_joined(ev['skipped'], '; ')}" if ev.get("skipped") else ""
     return f"{ev.get('action')}{allowed}{done}: {ev.get('reason')} [{figures}]{skipped}"
+
+
+def _not_done(ev: dict[str, Any]) -> str:
+    """Why a step was not made: held for the operator's own (worker/job_locks.py), or
+    libvirt's refusal (a held step showed as "libvirt refused: None")."""
+    if ev.get("held_by") is not None:
+        kept = ev.get("operator_downtime_ms")
+        theirs = f": {kept} ms stands" if kept is not None else ""
+        return f" (not made, held by the {ev['held_by']}{theirs})"
+    return f" (libvirt refused: {ev.get('error')})"
 
 
 def _joined(items: Any, sep: str) -> str:

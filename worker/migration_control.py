@@ -220,7 +220,9 @@ def _force_complete(rt: Runtime, job: Job, dom: Domain, stats: dict[str, Any]) -
     refuse_if_aborting(rt, job, "force-completed")
     seen = {field: stats[name] for name, field in LOOKED_AT.items() if name in stats}
     found = state_reason(dom)
-    if job.postcopy_since is not None or found.in_postcopy or switch_asked.asked(job.id):
+    # libvirt's state and this process's own switch, never the record's `postcopy_since`
+    # (a probe's forged one made force-complete answer "already in post-copy" in pre-copy).
+    if found.in_postcopy or switch_asked.asked(job.id):
         raise PhaseFailed(f"job {job.id} is already in post-copy: it completes on its own")
     if found.state == libvirt.VIR_DOMAIN_PAUSED:
         raise PhaseFailed(f"{job.spec.domain} is already paused: the rest is being copied")

@@ -183,3 +183,15 @@ def test_an_operators_step_is_shown_with_what_it_set_not_the_policys_figures() -
     assert "data_remaining=4096 memory_iteration=3" in line and "None" not in line
     policy = base | {"action": "postcopy", "by": "policy", "reason": "r", "remaining_mib": 5}
     assert "5 MiB left" in event_line(policy)
+
+
+def test_a_step_held_for_the_operator_is_not_shown_as_refused_by_libvirt() -> None:
+    """Probe: a raise held for the operator's downtime read "libvirt refused: None"."""
+    base = {"ts": "2026-12-04T15:00:00+00:00", "host": "kvm1", "event": "policy.step"}
+    held = base | {"action": "raise_downtime", "by": "policy", "reason": "stalled"}
+    held |= {"downtime_ms": 9000, "done": False, "held_by": "operator"}
+    line = event_line(held | {"operator_downtime_ms": 777})
+    assert "not made, held by the operator: 777 ms stands" in line and "refused" not in line
+    assert "held by the operator)" in event_line(held | {"action": "postcopy"})
+    refused = base | {"action": "postcopy", "by": "policy", "done": False, "error": "no"}
+    assert "(libvirt refused: no)" in event_line(refused)

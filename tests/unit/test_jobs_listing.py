@@ -222,11 +222,13 @@ def test_a_forged_time_shows_no_duration_rather_than_a_negative_one(
     config, ids = history
     store = JobStore.from_url(redis_srv.url)
     store.r.hset(job_key(ids["failed"]), "updated", "2000-01-01T00:00:00+00:00")
+    store.r.hset(job_key(ids["cancelled"]), "updated", "9999-12-31T00:00:00+00:00")  # ahead
     done = run_drover(config, "jobs", "--json")
     assert done.returncode == 0, done.stderr
     rows = {row["id"]: row for row in json.loads(done.stdout)}
     assert rows[ids["failed"]]["duration_s"] is None
-    assert rows[ids["cancelled"]]["duration_s"] >= 0  # the others as they were
+    assert rows[ids["cancelled"]]["duration_s"] is None
+    assert rows[ids["old"]]["duration_s"] >= 0  # the others as they were
     table = run_drover(config, "jobs", "--state", "failed")
     assert table.returncode == 0, table.stderr
     (row,) = [line for line in table.stdout.splitlines() if ids["failed"] in line]

@@ -317,3 +317,15 @@ def test_the_policys_switch_after_the_operators_is_said_and_not_made(
     assert step["done"] is False and step["held_by"] == "operator"
     assert switch_asked.asked(job_id)  # the operator's switch is still the one asked
     switch_asked.taken(job_id)
+
+
+def test_a_forged_postcopy_mark_does_not_stop_force_complete(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    """Probe: `postcopy_since` written into the record during pre-copy made force-complete
+    answer "already in post-copy"; libvirt's state says otherwise and has the last word."""
+    job_id = migrating(store, "default")
+    store.r.hset(f"drover:job:{job_id}", "postcopy_since", "2026-12-04T22:00:00+00:00")
+    control.force_complete(rt, store.get(job_id))
+    assert guest.set == [("postcopy", 0, 0)]
+    switch_asked.taken(job_id)
