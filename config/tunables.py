@@ -146,6 +146,11 @@ class Tunables(BaseModel):
     # A control request that comes while libvirt still sets the migration up (the destination
     # being prepared) waits this long on the worker for the transfer to begin.
     control_setup_wait: float = Field(default=5.0, gt=0, le=300)
+    # A control request for a job another control of which libvirt has not answered yet (a
+    # QEMU that stopped answering holds it for libvirt's own 30 s) waits this long, then is
+    # refused: each one waiting on would hold one of the worker's threads, which every other
+    # job's phases need too (a probe slowed an unrelated migration from 4 s to 83 s so).
+    control_lock_wait: float = Field(default=1.0, gt=0, le=60)
     # After a migration call returns, how long perform waits for libvirt's job-completed event
     # (the guest's downtime, the final figures) before asking the destination instead.
     completion_event_wait: float = Field(default=2.0, gt=0, le=60)

@@ -36,9 +36,14 @@ class _Held:
         self.users = 0
 
 
+class JobBusy(Exception):
+    """The job's lock was not free within the wait asked for."""
+
+
 @contextmanager
-def held(job_id: str) -> Iterator[None]:
-    """Hold `job_id`'s lock for the block."""
+def held(job_id: str, wait_s: float | None = None) -> Iterator[None]:
+    """Hold `job_id`'s lock for the block; `wait_s`: wait at most that long for it, else
+    JobBusy (None: as long as it takes, as the migration's own watch does)."""
     with _guard:
         entry = _locks.get(job_id)
         if entry is None:
@@ -47,8 +52,12 @@ def held(job_id: str) -> Iterator[None]:
         entry.users += 1
         _evict()
     try:
-        with entry.lock:
+        if not entry.lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise JobBusy(job_id)
+        try:
             yield
+        finally:
+            entry.lock.release()
     finally:
         with _guard:
             entry.users -= 1

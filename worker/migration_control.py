@@ -14,6 +14,8 @@ effective policy, as this worker computes it, forbids post-copy refuses the whol
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import libvirt
@@ -75,16 +77,17 @@ def _wait_for_transfer(rt: Runtime, job: Job, dom: Domain, what: str) -> dict[st
     QEMU starts would be overwritten by the migration's own parameters, and QEMU cannot
     switch to post-copy yet."""
     tunables = rt.settings.tunables
-    deadline = time.monotonic() + tunables.control_setup_wait
+    started = time.monotonic()
+    deadline = started + tunables.control_setup_wait
     outgoing = libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
     while True:
         try:
             stats = migration_stats(dom)
         except StatsUnanswered as exc:  # no word on the migration yet: asked again
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline:  # the time it took, libvirt's waits included
                 raise PhaseFailed(
                     f"libvirt on {rt.host} did not give the statistics of {job.spec.domain}'s "
-                    f"migration for {tunables.control_setup_wait:g}s ({exc}): nothing done"
+                    f"migration for {time.monotonic() - started:.0f}s ({exc}): nothing done"
                 ) from None
             time.sleep(tunables.progress_interval / SETUP_POLLS_PER_INTERVAL)
             continue
@@ -103,6 +106,22 @@ def _wait_for_transfer(rt: Runtime, job: Job, dom: Domain, what: str) -> dict[st
         time.sleep(tunables.progress_interval / SETUP_POLLS_PER_INTERVAL)
 
 
+@contextmanager
+def one_control(rt: Runtime, job: Job) -> Iterator[None]:
+    """One operator control of `job` at a time in this worker (worker/job_locks.py): one
+    asked while another is still before libvirt waits tunables.control_lock_wait, then is
+    refused in one line, never holding a worker thread for as long as libvirt takes."""
+    wait_s = rt.settings.tunables.control_lock_wait
+    try:
+        with job_locks.held(job.id, wait_s):
+            yield
+    except job_locks.JobBusy:
+        raise PhaseFailed(
+            f"another control of job {job.id} is still before libvirt on {rt.host} "
+            f"(waited {wait_s:g}s): try again once it has been answered"
+        ) from None
+
+
 def _step(action: str, reason: str, **figures: Any) -> None:
     log.info("policy.step", action=action, by=OPERATOR, reason=reason, **figures)
 
@@ -115,6 +134,11 @@ def tune(rt: Runtime, job: Job, request_id: str) -> None:
         raise PhaseFailed(str(exc)) from None
     if request is None:
         raise PhaseFailed(f"job {job.id} has no tune request waiting")
+    with one_control(rt, job):
+        _tune(rt, job, request)
+
+
+def _tune(rt: Runtime, job: Job, request: TuneRequest) -> None:
     dom, _ = migrating_domain(rt, job, "tune")
     refused = postcopy_refusal(rt, job, dom, request) or _precopy_figures_refusal(dom, request)
     if refused is not None:
@@ -193,8 +217,8 @@ def start_postcopy(rt: Runtime, job: Job) -> None:
     migration"), and a probe lost requests so, 0.4 to 1.6 s after the job said `migrating`.
     A migration libvirt shows in post-copy already is refused: asking again made a second
     `migration.postcopy_started` and moved the record's moment of the switch."""
-    dom, _ = migrating_domain(rt, job, "switch to post-copy")
-    with job_locks.held(job.id):  # two asked at once: the second finds the first's switch
+    with one_control(rt, job):  # two asked at once: the second finds the first's switch
+        dom, _ = migrating_domain(rt, job, "switch to post-copy")
         if state_reason(dom).in_postcopy or switch_asked.asked(job.id):
             raise PhaseFailed(f"job {job.id} is already in post-copy: it completes on its own")
         if not job_policy(rt, job, dom).values.allow_postcopy:
@@ -211,8 +235,8 @@ def force_complete(rt: Runtime, job: Job) -> None:
     and libvirt's migration was started with post-copy allowed, else suspend the guest. Two
     asked at once are one after the other (worker/job_locks.py): the second finds the
     first's switch or pause and says so (both were answered "switched")."""
-    dom, stats = migrating_domain(rt, job, "force-complete")
-    with job_locks.held(job.id):
+    with one_control(rt, job):
+        dom, stats = migrating_domain(rt, job, "force-complete")
         _force_complete(rt, job, dom, stats)
 
 

@@ -12,6 +12,7 @@ no migrateSetMaxSpeed.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from tests.support.libvirt_errors import libvirt_error
-from worker import switch_asked
+from worker import job_locks, switch_asked
 from worker.convergence import Decision
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
@@ -329,3 +330,38 @@ def test_a_forged_postcopy_mark_does_not_stop_force_complete(
     control.force_complete(rt, store.get(job_id))
     assert guest.set == [("postcopy", 0, 0)]
     switch_asked.taken(job_id)
+
+
+def test_a_control_behind_one_libvirt_has_not_answered_is_refused_not_queued(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    """Probe: with the guest's QEMU stopped, every `drover tune` blocked a worker thread for
+    libvirt's 30 s, and an unrelated migration on that host took 83 s instead of 4. A control
+    behind another of the same job waits tunables.control_lock_wait, then is refused."""
+    job_id = migrating(store, "default")
+    push_tune(store.r, job_id, REQUEST, tune_request(bandwidth_mib=7), ttl_s=60)
+    stuck = threading.Event()
+    inside = threading.Event()
+
+    def first_control() -> None:
+        with job_locks.held(job_id):
+            inside.set()
+            stuck.wait(GATE_S)
+
+    holder = threading.Thread(target=first_control)
+    holder.start()
+    assert inside.wait(GATE_S)
+    try:
+        for move in (
+            lambda: control.tune(rt, store.get(job_id), REQUEST),
+            lambda: control.force_complete(rt, store.get(job_id)),
+            lambda: control.start_postcopy(rt, store.get(job_id)),
+        ):
+            started = time.monotonic()
+            with pytest.raises(PhaseFailed, match=r"another control of job .* is still before"):
+                move()
+            assert time.monotonic() - started < GATE_S
+    finally:
+        stuck.set()
+        holder.join(GATE_S)
+    assert guest.set == []  # nothing of the refused ones reached libvirt
