@@ -19,8 +19,9 @@ write (the registry's `state_dir`, mode 0700):
   beside the bookings in Redis (deleted or lowered there by hand, they let nobody in);
 - which of a schedule's signed times this host has already started an evacuation for, and
   which schedules were removed: an entry written back into Redis fires nothing here;
-- how often each evacuation of this host queued a domain again (`evacuation_retries`), and
-  that the host was seen disabled for maintenance (worker/ledger_operator.py).
+- how often each evacuation of this host queued a domain again (`evacuation_retries`), that
+  the host was seen disabled for maintenance, and the maximum downtime an operator set on a
+  job's migration out of here (worker/ledger_operator.py).
 
 SQLite (the standard library's), one small file, one connection shared by the worker's
 threads behind a lock; durable across the worker's crashes, not the host's (why: the
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS retries (evacuation_id TEXT NOT NULL, domain TEXT NOT
 CREATE TABLE IF NOT EXISTS maintenance (host TEXT PRIMARY KEY, seen TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outbound (job_id TEXT PRIMARY KEY, uuid TEXT NOT NULL,
                                      since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS operator_downtime (job_id TEXT PRIMARY KEY, ms INTEGER NOT NULL);
 """
 
 

@@ -1,7 +1,8 @@
 """The ledger's records of what operators decided, as this host's worker saw it: a schedule's
 times that fired here and the schedules removed, how often an evacuation queued a domain
-again, and that the host was disabled for maintenance. Each is a decision a Redis write must
-not undo: an entry written back, a count deleted, a maintenance entry removed by hand.
+again, that the host was disabled for maintenance, and the downtime an operator set on a
+migration. Each is a decision a Redis write (or a restart of the worker) must not undo: an
+entry written back, a count deleted, a maintenance entry removed by hand.
 
 A mixin of worker/ledger.py's Ledger (its connection, its lock, its schema).
 """
@@ -38,6 +39,26 @@ class OperatorRecords:
                 "SELECT 1 FROM removed_schedules WHERE schedule_id = ?", (schedule_id,)
             ).fetchone()
         return row is not None
+
+    # --- the operator's downtime on a migration out of here ---------------------------------
+
+    def note_operator_downtime(self, job_id: str, ms: int) -> None:
+        """`drover tune --max-downtime`, as libvirt took it: it stands against the policy's
+        downtime steps for the rest of the migration, a restart of this worker included
+        (worker/operator_downtime.py)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO operator_downtime VALUES (?, ?) "
+                "ON CONFLICT (job_id) DO UPDATE SET ms = excluded.ms",
+                (job_id, ms),
+            )
+
+    def operator_downtime(self, job_id: str) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT ms FROM operator_downtime WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else int(row[0])
 
     # --- an evacuation's retries ---------------------------------------------------------
 

@@ -31,6 +31,7 @@ from jobs.control import (
 )
 from jobs.model import Job
 from worker import job_locks, operator_downtime, switch_asked
+from worker.ledger import Ledger
 from worker.libvirt_host import Domain, LibvirtError
 from worker.libvirt_states import StatsUnanswered, migration_stats, state_reason
 from worker.phase_errors import PhaseFailed
@@ -143,7 +144,7 @@ def _tune(rt: Runtime, job: Job, request: TuneRequest) -> None:
     refused = postcopy_refusal(rt, job, dom, request) or _precopy_figures_refusal(dom, request)
     if refused is not None:
         raise PhaseFailed(refused)
-    applied = apply_tune(dom, request, job.id)
+    applied = apply_tune(dom, request, job.id, rt.ledger)
     who = f" by {request.by}" if request.by else ""
     _step("tune", f"asked{who} (drover tune)", **applied)
 
@@ -178,7 +179,7 @@ def _precopy_figures_refusal(dom: Domain, request: TuneRequest) -> str | None:
     )
 
 
-def apply_tune(dom: Domain, request: TuneRequest, job_id: str) -> dict[str, int]:
+def apply_tune(dom: Domain, request: TuneRequest, job_id: str, ledger: Ledger) -> dict[str, int]:
     """Set each limit the request names; the values set, by field. libvirt's refusal of
     any of them is PhaseFailed, naming what was already set. Called only once the request
     has passed `postcopy_refusal`. A downtime set here stands against the policy's own
@@ -187,7 +188,7 @@ def apply_tune(dom: Domain, request: TuneRequest, job_id: str) -> dict[str, int]
     def downtime(v: int) -> None:
         with operator_downtime.setting(job_id):
             dom.migrateSetMaxDowntime(v, 0)
-            operator_downtime.note(job_id, v)
+            operator_downtime.note(ledger, job_id, v)
 
     calls = {
         "bandwidth_mib": lambda v: dom.migrateSetMaxSpeed(v, 0),

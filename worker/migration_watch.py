@@ -18,6 +18,7 @@ from config.policy_model import MigrationPolicy
 from jobs.model import Job
 from worker import job_locks, operator_downtime, switch_asked
 from worker.convergence import ConvergenceEngine, Decision
+from worker.ledger import Ledger
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import Domain, LibvirtError, facts
 from worker.libvirt_states import state_reason
@@ -49,13 +50,13 @@ def unheard(exc: LibvirtError) -> bool:
     return exc.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
 
 
-def carry_out_step(dom: Domain, decision: Decision, job_id: str) -> bool:
+def carry_out_step(dom: Domain, decision: Decision, job_id: str, ledger: Ledger) -> bool:
     """Make libvirt do what the policy decided (a `policy.step` event either way); whether
     libvirt did. A refusal is said and the migration goes on: the policy takes its next
     action at the next trigger, and the fleet's hard limit ends it in the end. A downtime
     step is not made once the operator set the job's downtime (worker/operator_downtime.py)."""
     if decision.action in ("set_downtime", "raise_downtime"):
-        return _downtime_step(dom, decision, job_id)
+        return _downtime_step(dom, decision, job_id, ledger)
     try:
         if decision.action == "postcopy":
             dom.migrateStartPostCopy()
@@ -72,10 +73,10 @@ def carry_out_step(dom: Domain, decision: Decision, job_id: str) -> bool:
     return True
 
 
-def _downtime_step(dom: Domain, decision: Decision, job_id: str) -> bool:
+def _downtime_step(dom: Domain, decision: Decision, job_id: str, ledger: Ledger) -> bool:
     assert decision.downtime_ms is not None
     with operator_downtime.setting(job_id):
-        held = operator_downtime.by_operator(job_id)
+        held = operator_downtime.by_operator(ledger, job_id)
         if held is None:
             try:
                 dom.migrateSetMaxDowntime(decision.downtime_ms)
@@ -99,7 +100,7 @@ def _policy_switch(rt: Runtime, job: Job, dom: Domain, decision: Decision) -> bo
         log.info("policy.step", **decision.event_fields(), done=False, held_by="operator")
         return False
     switch_asked.note(job.id)  # tells a pause before it from its own stop
-    done = carry_out_step(dom, decision, job.id)
+    done = carry_out_step(dom, decision, job.id, rt.ledger)
     if done:
         rt.store.mark_postcopy(job.id)  # from now on an abort cannot be carried out
     else:
@@ -147,7 +148,7 @@ def watch_migration(
         if decision.action == "abort":
             seen.abort_reason = decision.reason
         if decision.action != "postcopy":
-            return carry_out_step(dom, decision, job.id)
+            return carry_out_step(dom, decision, job.id, rt.ledger)
         with job_locks.held(job.id):  # not at once with the operator's switch
             return _policy_switch(rt, job, dom, decision)
 

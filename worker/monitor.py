@@ -256,7 +256,10 @@ class MigrationMonitor:
         (refused) or "paused the guest until it arrives" while it ran on the destination.
         After the operator's pause, the policy's own steps would contradict the operator's
         "finish now" (its completion timeout aborted and resumed the guest on the source):
-        the policy stands down, said once; only the fleet's hard limit still applies."""
+        the policy stands down, said once; only the fleet's hard limit still applies. A pause
+        a re-attached watch finds (`until_idle`: recovery, after the worker's restart) is this
+        migration's, the force-complete's or the policy's own suspend: a probe's restarted
+        worker took it for one from before, and its policy's timeout then aborted the move."""
         if self.postcopy:
             return
         try:
@@ -269,19 +272,15 @@ class MigrationMonitor:
             return
         paused = paused_by_user(found)
         if self.paused_before is None:
-            self.paused_before = paused
-            return
+            self.paused_before = paused and not self.until_idle
         engine = self.engine
         if paused and not self.paused_before and not self.stood_down and engine is not None:
-            self.stood_down = True
-            if not engine.finished:
-                engine.finished = True
-                log.info(
-                    "policy.stood_down",
-                    reason="the guest was paused while it migrates (the operator's "
-                    "force-complete): the policy takes no further step; the fleet's "
-                    "migration_timeout still applies",
-                )
+            self.stood_down = engine.finished = True  # said even when a decision finished it
+            log.info(
+                "policy.stood_down",
+                reason="the guest was paused while it migrates (the operator's force-complete"
+                "): the policy takes no further step; the fleet's migration_timeout applies",
+            )
 
     def _abort_reason(self) -> str | None:
         """The operator's abort request, or None, also when it cannot be read just now."""

@@ -11,24 +11,18 @@ would expect: the policy's later downtime steps are said (`policy.step`, done fa
 
 Every max-downtime call to libvirt on a job's migration, the policy's and the operator's, is
 made under that job's lock (worker/job_locks.py), so that the check and the call are one step
-for each side: whichever comes second finds the other's. Kept in this process (the worker's
-pool is threads: the tune and the migration's watch run in it), by job id, bounded like
-worker/switch_asked.py: a figure libvirt was told, never read from Redis. A job has one
-migration; its entry goes when the map is full.
+for each side: whichever comes second finds the other's. The figure is kept in this host's
+ledger (worker/ledger_operator.py), not in the worker's memory: a probe restarted the worker
+mid-migration and the re-attached watch's policy raised the downtime again from 777 ms to
+9 s. A figure libvirt was told, never read from Redis.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from contextlib import AbstractContextManager
 
 from worker import job_locks
-
-MAX_REMEMBERED = 1024
-
-_lock = threading.Lock()  # over the map
-_set: OrderedDict[str, int] = OrderedDict()
+from worker.ledger import Ledger
 
 
 def setting(job_id: str) -> AbstractContextManager[None]:
@@ -37,20 +31,11 @@ def setting(job_id: str) -> AbstractContextManager[None]:
     return job_locks.held(job_id)
 
 
-def note(job_id: str, downtime_ms: int) -> None:
+def note(ledger: Ledger, job_id: str, downtime_ms: int) -> None:
     """The operator's downtime for `job_id`, which libvirt has just taken (under `setting`)."""
-    with _lock:
-        _set[job_id] = downtime_ms
-        _set.move_to_end(job_id)
-        _bound(_set)
+    ledger.note_operator_downtime(job_id, downtime_ms)
 
 
-def by_operator(job_id: str) -> int | None:
+def by_operator(ledger: Ledger, job_id: str) -> int | None:
     """The downtime the operator set on `job_id`'s migration, if any (under `setting`)."""
-    with _lock:
-        return _set.get(job_id)
-
-
-def _bound(entries: OrderedDict[str, int]) -> None:
-    while len(entries) > MAX_REMEMBERED:
-        entries.popitem(last=False)
+    return ledger.operator_downtime(job_id)

@@ -380,3 +380,53 @@ def test_a_late_report_of_the_switch_over_goes_by_libvirts_events_without_waitin
         runner.join()
     first = stages.index("completing")
     assert set(stages[:first]) == {"transfer"} and set(stages[first:]) == {"completing"}
+
+
+def test_a_watch_reattached_to_a_paused_migration_stands_down() -> None:
+    """Probe: force-complete paused the guest, the worker restarted, and the re-attached
+    watch took the pause for one from before the migration: its policy's completion timeout
+    aborted the move and resumed the guest on the source. Re-attached, a pause found is this
+    migration's: the policy stands down before its first step, said once."""
+    dom, finished = ScriptedDomain(), threading.Event()
+    dom.shown = USER_PAUSED
+    decided: list[Decision] = []
+    stages: list[str] = []
+    m = steered(dom, decided, stages, until_idle=True)
+    runner = threading.Thread(target=m.run, args=(finished,))
+    with capture_logs() as logs:
+        runner.start()
+        try:
+            wait_for(lambda: m.stood_down, 5, "the policy to stand down")
+            dom.iteration = 2
+            wait_for(lambda: len(stages) >= 3, 5, "reports after it")
+        finally:
+            finished.set()
+            runner.join()
+    assert decided == []  # not even the policy's downtime at the start
+    said = [log for log in logs if log["event"] == "policy.stood_down"]
+    assert len(said) == 1
+
+
+def test_the_stand_down_is_said_when_the_step_it_stops_is_the_policys_last() -> None:
+    """Probe: after force-complete the policy's terminal step (here the switch at a pass's
+    end) was held back, but no `policy.stood_down` was said: the decision had finished the
+    policy before the look that found the pause."""
+    dom, finished = ScriptedDomain(), threading.Event()
+    decided: list[Decision] = []
+    stages: list[str] = []
+    pass_ended = threading.Event()
+    m = steered(dom, decided, stages, pass_ended=pass_ended)
+    with capture_logs() as logs:
+        runner = started(m, finished, decided)
+        try:
+            wait_for(lambda: len(stages) >= 2, 5, "a report")
+            dom.shown = USER_PAUSED  # the operator's force-complete
+            dom.iteration = 2  # a pass whose end makes the policy switch: its last step
+            pass_ended.set()
+            wait_for(lambda: m.stood_down, 5, "the policy to stand down")
+        finally:
+            finished.set()
+            runner.join()
+    assert [d.action for d in decided] == ["set_downtime"]  # the switch is not made
+    said = [log for log in logs if log["event"] == "policy.stood_down"]
+    assert len(said) == 1

@@ -11,8 +11,10 @@ migration (tests/lab/test_policies.py).
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +23,9 @@ from structlog.testing import capture_logs
 from jobs.control import TuneRequest
 from worker import job_locks
 from worker.convergence import Decision
+from worker.ledger import Ledger
 from worker.migration_control import apply_tune
-from worker.migration_watch import carry_out_step
+from worker.migration_watch import carry_out_step as watch_step
 
 WAIT_S = 5.0
 OPERATOR_MS = 777
@@ -48,8 +51,15 @@ def step(action: str, downtime_ms: int) -> Decision:
     return Decision(action, "start", "the policy's", {"remaining_mib": 10}, downtime_ms=downtime_ms)  # type: ignore[arg-type]
 
 
+LEDGER = Ledger(tempfile.mkdtemp(prefix="drover-ledger-"))  # this host's, for every test
+
+
 def tuned(guest: Guest, job_id: str, downtime_ms: int = OPERATOR_MS) -> dict[str, int]:
-    return apply_tune(guest, TuneRequest(max_downtime_ms=downtime_ms), job_id)  # type: ignore[arg-type]
+    return apply_tune(guest, TuneRequest(max_downtime_ms=downtime_ms), job_id, LEDGER)  # type: ignore[arg-type]
+
+
+def carry_out_step(guest: Guest, decision: Decision, job_id: str) -> bool:
+    return watch_step(guest, decision, job_id, LEDGER)  # type: ignore[arg-type]
 
 
 def job() -> str:
@@ -187,3 +197,13 @@ def test_locks_under_the_limit_are_kept(monkeypatch: pytest.MonkeyPatch) -> None
         with job_locks.held(job()):
             pass
     assert len(job_locks._locks) == 10
+
+
+def test_the_operators_downtime_outlives_the_worker(tmp_path: Path) -> None:
+    """Probe: the worker restarted mid-migration and the re-attached watch's policy raised
+    the downtime from the operator's 777 ms to 9 s. The figure is in this host's ledger."""
+    guest, job_id = Guest(), job()
+    apply_tune(guest, TuneRequest(max_downtime_ms=OPERATOR_MS), job_id, Ledger(str(tmp_path)))  # type: ignore[arg-type]
+    restarted = Ledger(str(tmp_path))  # the worker's next life, the same host
+    assert not watch_step(guest, step("set_downtime", 3000), job_id, restarted)  # type: ignore[arg-type]
+    assert guest.downtimes == [OPERATOR_MS]
