@@ -60,6 +60,20 @@ class OperatorRecords:
             ).fetchone()
         return None if row is None else int(row[0])
 
+    def note_finish_pause(self, job_id: str) -> None:
+        """The guest of `job_id` is being paused so that its migration finishes (the
+        operator's force-complete, the policy's suspend): a watch re-attached after this
+        worker's restart stands down, as the one that paused it did (worker/monitor.py)."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO finish_pauses VALUES (?)", (job_id,))
+
+    def finish_paused(self, job_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM finish_pauses WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return row is not None
+
     # --- an evacuation's retries ---------------------------------------------------------
 
     def take_retry(self, evacuation_id: str, domain: str, limit: int) -> bool:

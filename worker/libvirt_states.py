@@ -63,6 +63,11 @@ class StateReason:
         return (self.state, self.reason) in _FAILED
 
     @property
+    def paused(self) -> bool:
+        """Paused, for whatever reason (by its user, by its migration, by an error)."""
+        return bool(self.state == libvirt.VIR_DOMAIN_PAUSED)
+
+    @property
     def running(self) -> bool:
         """Running for real: not paused, and not a destination hung by a failed post-copy."""
         return self.state == libvirt.VIR_DOMAIN_RUNNING and not self.postcopy_failed

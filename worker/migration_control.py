@@ -266,6 +266,7 @@ def _force_complete(rt: Runtime, job: Job, dom: Domain, stats: dict[str, Any]) -
         else:
             _step("postcopy", f"force-complete: policy {policy.name} allows post-copy", **seen)
             return
+    rt.ledger.note_finish_pause(job.id)  # before: a restart right after it still knows
     try:
         dom.suspend()  # the guest resumes on arrival (phase_destination.py)
     except LibvirtError as exc:

@@ -61,6 +61,7 @@ def carry_out_step(dom: Domain, decision: Decision, job_id: str, ledger: Ledger)
         if decision.action == "postcopy":
             dom.migrateStartPostCopy()
         elif decision.action == "suspend":
+            ledger.note_finish_pause(job_id)  # a watch re-attached later stands down too
             dom.suspend()  # the guest resumes on arrival (unless --suspend asked otherwise)
         elif decision.action == "abort":
             dom.abortJob()
@@ -185,6 +186,8 @@ def watch_migration(
         postcopy=state_reason(dom).in_postcopy,
         pass_ended=events.pass_ended if events is not None else None,
         paused=events.paused if events is not None else None,
+        # Paused by this worker to finish (force-complete, the policy's suspend): its ledger.
+        paused_to_finish=lambda: rt.ledger.finish_paused(job.id),
         # Read once per tick, never waiting out a Redis outage: libvirt migrates meanwhile.
         abort_requested=lambda: rt.store.without_retry.abort_requested(job.id),
         drain=lambda: drain_action(spec, rt.drained_for(), tunables.drain_timeout),

@@ -66,6 +66,7 @@ class MigrationMonitor:
         postcopy: bool = False,
         pass_ended: threading.Event | None = None,
         paused: Callable[[], bool] | None = None,
+        paused_to_finish: Callable[[], bool] = lambda: False,
     ) -> None:
         self.dom = dom
         self.interval = interval
@@ -98,6 +99,7 @@ class MigrationMonitor:
         # Paused by someone (`virsh suspend`) before this watch began: the policy goes on.
         self.paused_before: bool | None = None
         self.stood_down = False  # the operator's force-complete paused the guest
+        self.paused_to_finish = paused_to_finish
 
     def run(self, finished: threading.Event) -> None:
         """Sample until `finished` is set (the migration call returned), or with `until_idle`
@@ -256,10 +258,10 @@ class MigrationMonitor:
         (refused) or "paused the guest until it arrives" while it ran on the destination.
         After the operator's pause, the policy's own steps would contradict the operator's
         "finish now" (its completion timeout aborted and resumed the guest on the source):
-        the policy stands down, said once; only the fleet's hard limit still applies. A pause
-        a re-attached watch finds (`until_idle`: recovery, after the worker's restart) is this
-        migration's, the force-complete's or the policy's own suspend: a probe's restarted
-        worker took it for one from before, and its policy's timeout then aborted the move."""
+        the policy stands down, said once; only the fleet's hard limit still applies. libvirt
+        shows a guest paused mid-migration as paused by the migration, not by its user: this
+        worker's ledger says it paused it to finish (`paused_to_finish`), also for a watch
+        re-attached after a restart (`until_idle`), whose policy had aborted such a move."""
         if self.postcopy:
             return
         try:
@@ -270,7 +272,7 @@ class MigrationMonitor:
             self.postcopy = True
             self.reached = "postcopy"
             return
-        paused = paused_by_user(found)
+        paused = paused_by_user(found) or (found.paused and self.paused_to_finish())
         if self.paused_before is None:
             self.paused_before = paused and not self.until_idle
         engine = self.engine

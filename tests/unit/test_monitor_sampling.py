@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import libvirt
+import pytest
 from structlog.testing import capture_logs
 
 from config.policy_model import BUILTIN_POLICIES
@@ -107,6 +108,7 @@ def test_without_the_event_it_asks_every_tick() -> None:
 
 POSTCOPY_SHOWN = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)
 USER_PAUSED = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
+MIGRATION_PAUSED = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION)
 
 
 def steered(dom: ScriptedDomain, decided: list[Decision], stages: list[str], **kw: Any) -> Any:
@@ -382,16 +384,19 @@ def test_a_late_report_of_the_switch_over_goes_by_libvirts_events_without_waitin
     assert set(stages[:first]) == {"transfer"} and set(stages[first:]) == {"completing"}
 
 
-def test_a_watch_reattached_to_a_paused_migration_stands_down() -> None:
+@pytest.mark.parametrize("shown", ["user", "migration"])
+def test_a_watch_reattached_to_a_paused_migration_stands_down(shown: str) -> None:
     """Probe: force-complete paused the guest, the worker restarted, and the re-attached
     watch took the pause for one from before the migration: its policy's completion timeout
     aborted the move and resumed the guest on the source. Re-attached, a pause found is this
-    migration's: the policy stands down before its first step, said once."""
+    migration's: the policy stands down before its first step, said once. libvirt shows a
+    guest paused mid-migration as paused by its migration (the lab): the ledger's word that
+    this worker paused it to finish counts."""
     dom, finished = ScriptedDomain(), threading.Event()
-    dom.shown = USER_PAUSED
+    dom.shown = USER_PAUSED if shown == "user" else MIGRATION_PAUSED
     decided: list[Decision] = []
     stages: list[str] = []
-    m = steered(dom, decided, stages, until_idle=True)
+    m = steered(dom, decided, stages, until_idle=True, paused_to_finish=lambda: True)
     runner = threading.Thread(target=m.run, args=(finished,))
     with capture_logs() as logs:
         runner.start()
@@ -430,3 +435,23 @@ def test_the_stand_down_is_said_when_the_step_it_stops_is_the_policys_last() -> 
     assert [d.action for d in decided] == ["set_downtime"]  # the switch is not made
     said = [log for log in logs if log["event"] == "policy.stood_down"]
     assert len(said) == 1
+
+
+def test_a_switch_over_pause_without_the_ledgers_word_keeps_the_policy() -> None:
+    """libvirt's own stop for the switch-over also shows as paused by the migration: without
+    this worker's word that it paused the guest to finish, the policy does not stand down."""
+    dom, finished = ScriptedDomain(), threading.Event()
+    decided: list[Decision] = []
+    stages: list[str] = []
+    pass_ended = threading.Event()
+    m = steered(dom, decided, stages, pass_ended=pass_ended, paused_to_finish=lambda: False)
+    runner = started(m, finished, decided)
+    try:
+        dom.shown = MIGRATION_PAUSED
+        dom.iteration = 2
+        pass_ended.set()
+        wait_for(lambda: len(decided) == 2, 5, "the policy's step at the pass's end")
+    finally:
+        finished.set()
+        runner.join()
+    assert not m.stood_down
