@@ -5,6 +5,7 @@ Every refusal is one line on stderr and a non-zero exit; `--json` gives scripts 
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import sys
@@ -146,6 +147,11 @@ def __getattr__(name: str) -> typer.Typer:
     raise AttributeError(name)
 
 
+# What writing to a stdout that takes no more raises (a probe's `>/dev/full` printed a
+# traceback); any other OSError is the command's own and is not turned into this line.
+UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
 def standard_streams() -> int | None:
     """None when the command may run: a closed stdin or stderr becomes /dev/null (the exit
     code still says how it ended; a closed stderr made a refusal exit 1 instead of 2). A
@@ -163,6 +169,22 @@ def standard_streams() -> int | None:
                 os.close(null)
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - for the process
     return None
+
+
+def written(code: object) -> object:
+    """`code`, once what the command printed is written out; EXIT_FAILED and one line when it
+    cannot be (a full disk, /dev/full): the interpreter's own flush at exit printed a
+    traceback-like "Exception ignored" and exited 120."""
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        return _unwritable(exc)
+    return code
+
+
+def _unwritable(exc: OSError) -> int:
+    print(f"drover: cannot write the output: {exc.strerror}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def main() -> None:
@@ -193,6 +215,11 @@ def main() -> None:
         code = EXIT_USAGE
     except typer.Abort:
         code = EXIT_INTERRUPTED
+    except OSError as exc:  # stdout that takes no more (a full disk, /dev/full): one line
+        if exc.errno not in UNWRITABLE:
+            raise
+        code = _unwritable(exc)
+    code = written(code)
     # Python's last garbage collection at exit walks every object the imports made (pydantic's
     # schemas, Click's commands): about 50 ms of a `drover jobs` that should answer at once.
     # Frozen objects are skipped; atexit handlers and finalizers still run. Collection is on

@@ -23,6 +23,7 @@ from producer.cli_common import (
     notice,
     out,
     print_json,
+    queued_unsaid,
 )
 from producer.cli_dry_run import disk_list, show_dry_run
 from producer.cli_xml import xml_request
@@ -190,7 +191,8 @@ def migrate(
                 show_dry_run(d, job_id, timeout, as_json)
             return
         if not wait:
-            print_json({"job_id": job_id}) if as_json else out.print(job_id)
+            with queued_unsaid(job_id):
+                print_json({"job_id": job_id}) if as_json else out.print(job_id)
             return
         job = follow_job(d, job_id, timeout, as_json)
         if as_json:

@@ -133,6 +133,22 @@ def goes_on(
         )
 
 
+@contextmanager
+def queued_unsaid(job_id: str) -> Iterator[None]:
+    """Printing the id of a job just queued: if it cannot be written (a full disk,
+    /dev/full), the job exists all the same, and stderr names it in one line (a probe's
+    `drover migrate ... >/dev/full` printed a traceback, and the job it queued was named
+    nowhere)."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        fail(
+            f"job {job_id} was queued, but its id could not be written ({exc.strerror}): "
+            f"follow it with drover events {job_id}; stop it with drover abort {job_id}"
+        )
+
+
 def follow_job(d: Any, job_id: str, timeout: float | None, as_json: bool) -> Any:
     """`drover migrate --wait`: the job once it has ended, its events printed as they come
     (unless `as_json`); Ctrl-C says it goes on (goes_on)."""

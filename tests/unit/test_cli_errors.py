@@ -273,3 +273,21 @@ def test_a_closed_stderr_or_stdin_keeps_the_exit_code(config: Path) -> None:
     assert refused.returncode == 2
     listed = with_streams_closed(config, "<&-", "jobs", "--json")
     assert (listed.returncode, listed.stdout) == (0, "[]\n"), listed.stderr
+
+
+def test_output_that_cannot_be_written_is_one_line_and_a_queued_job_is_named(
+    config: Path, redis_srv: RedisServer
+) -> None:
+    """Probe: `drover migrate ... >/dev/full` printed a traceback, and the job it had queued
+    was named nowhere; `drover jobs --json >/dev/full` printed one too."""
+    listed = with_streams_closed(config, ">/dev/full", "jobs", "--json")
+    assert listed.returncode == 1
+    assert listed.stderr == "drover: cannot write the output: No space left on device\n"
+    for n, as_json in enumerate(((), ("--json",))):
+        args = ("migrate", f"web-{n}", "--from", "kvm1", "--to", "kvm2", "--live", *as_json)
+        queued = with_streams_closed(config, ">/dev/full", *args)
+        assert queued.returncode == 1 and "Traceback" not in queued.stderr, queued.stderr
+        (line,) = queued.stderr.splitlines()
+        job_id = line.removeprefix("drover: job ").split()[0]
+        assert line.startswith(f"drover: job {job_id} was queued, but its id could not be")
+        assert redis.Redis.from_url(redis_srv.url).exists(f"drover:job:{job_id}")
