@@ -182,17 +182,22 @@ def test_after_the_operators_pause_the_policy_stands_down_but_the_hard_limit_hol
     assert len(said) == 1 and "force-complete" in said[0]["reason"]
 
 
-def test_a_guest_paused_before_the_watch_began_keeps_its_policy() -> None:
-    """Paused by its owner before the move (not a force-complete): the policy the operator
-    chose still acts."""
+@pytest.mark.parametrize("how", ["user-before", "switch-over"])
+def test_a_pause_that_is_no_finish_keeps_the_policy(how: str) -> None:
+    """Paused by its owner before the move (not a force-complete), or libvirt's own stop for
+    the switch-over, which also shows as paused by the migration, without this worker's word
+    that it paused the guest to finish: the policy the operator chose still acts."""
     dom, finished = ScriptedDomain(), threading.Event()
-    dom.shown = USER_PAUSED
+    if how == "user-before":
+        dom.shown = USER_PAUSED
     decided: list[Decision] = []
     stages: list[str] = []
     pass_ended = threading.Event()
-    m = steered(dom, decided, stages, pass_ended=pass_ended)
+    m = steered(dom, decided, stages, pass_ended=pass_ended, paused_to_finish=lambda: False)
     runner = started(m, finished, decided)
     try:
+        if how == "switch-over":
+            dom.shown = MIGRATION_PAUSED
         dom.iteration = 2
         pass_ended.set()
         wait_for(lambda: len(decided) == 2, 5, "the policy's step at the pass's end")
@@ -435,23 +440,3 @@ def test_the_stand_down_is_said_when_the_step_it_stops_is_the_policys_last() -> 
     assert [d.action for d in decided] == ["set_downtime"]  # the switch is not made
     said = [log for log in logs if log["event"] == "policy.stood_down"]
     assert len(said) == 1
-
-
-def test_a_switch_over_pause_without_the_ledgers_word_keeps_the_policy() -> None:
-    """libvirt's own stop for the switch-over also shows as paused by the migration: without
-    this worker's word that it paused the guest to finish, the policy does not stand down."""
-    dom, finished = ScriptedDomain(), threading.Event()
-    decided: list[Decision] = []
-    stages: list[str] = []
-    pass_ended = threading.Event()
-    m = steered(dom, decided, stages, pass_ended=pass_ended, paused_to_finish=lambda: False)
-    runner = started(m, finished, decided)
-    try:
-        dom.shown = MIGRATION_PAUSED
-        dom.iteration = 2
-        pass_ended.set()
-        wait_for(lambda: len(decided) == 2, 5, "the policy's step at the pass's end")
-    finally:
-        finished.set()
-        runner.join()
-    assert not m.stood_down

@@ -21,6 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from jobs.control import TuneRequest
+from tests.support.job_locks import job_lock_held
 from worker import job_locks
 from worker.convergence import Decision
 from worker.ledger import Ledger
@@ -158,33 +159,19 @@ def test_a_jobs_lock_in_use_is_never_dropped_for_room(monkeypatch: pytest.Monkey
     """Past job_locks.MAX_KEPT jobs the least recently used locks go, never one held: a second
     lock for the same job would let two of its steps in at once."""
     monkeypatch.setattr(job_locks, "MAX_KEPT", 2)
-    busy = job()
-    inside, leave = threading.Event(), threading.Event()
+    busy, got_in = job(), threading.Event()
 
-    def hold() -> None:
+    def wait_for_it() -> None:
         with job_locks.held(busy):
-            inside.set()
-            leave.wait(WAIT_S)
+            got_in.set()
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert inside.wait(WAIT_S)
-    try:
+    with job_lock_held(busy):
         for _ in range(5):  # more jobs than the map keeps
             with job_locks.held(job()):
                 pass
-        got_in = threading.Event()
-
-        def wait_for_it() -> None:
-            with job_locks.held(busy):
-                got_in.set()
-
         waiter = threading.Thread(target=wait_for_it)
         waiter.start()
         assert not got_in.wait(0.2)  # the same lock as the holder's: it waits
-    finally:
-        leave.set()
-        holder.join(WAIT_S)
     assert got_in.wait(WAIT_S)
     waiter.join(WAIT_S)
     assert len(job_locks._locks) <= 2  # the room was made with the others

@@ -29,8 +29,9 @@ from jobs.keys import tune_key
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
+from tests.support.job_locks import job_lock_held
 from tests.support.libvirt_errors import libvirt_error
-from worker import job_locks, switch_asked
+from worker import switch_asked
 from worker.convergence import Decision
 from worker.ledger import Ledger
 from worker.libvirt_host import LibvirtHost
@@ -340,18 +341,7 @@ def test_a_control_behind_one_libvirt_has_not_answered_is_refused_not_queued(
     behind another of the same job waits tunables.control_lock_wait, then is refused."""
     job_id = migrating(store, "default")
     push_tune(store.r, job_id, REQUEST, tune_request(bandwidth_mib=7), ttl_s=60)
-    stuck = threading.Event()
-    inside = threading.Event()
-
-    def first_control() -> None:
-        with job_locks.held(job_id):
-            inside.set()
-            stuck.wait(GATE_S)
-
-    holder = threading.Thread(target=first_control)
-    holder.start()
-    assert inside.wait(GATE_S)
-    try:
+    with job_lock_held(job_id):  # a first control libvirt has not answered
         for move in (
             lambda: control.tune(rt, store.get(job_id), REQUEST),
             lambda: control.force_complete(rt, store.get(job_id)),
@@ -361,7 +351,4 @@ def test_a_control_behind_one_libvirt_has_not_answered_is_refused_not_queued(
             with pytest.raises(PhaseFailed, match=r"another control of job .* is still before"):
                 move()
             assert time.monotonic() - started < GATE_S
-    finally:
-        stuck.set()
-        holder.join(GATE_S)
     assert guest.set == []  # nothing of the refused ones reached libvirt
