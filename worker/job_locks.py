@@ -5,7 +5,7 @@ force-complete.
 Why: each of those looks at the migration (libvirt's state, what this process already asked)
 and then acts; two of them at once on the same job each saw the migration as it was before the
 other acted. A tune made as the policy set its first downtime was overwritten by it (probe F3,
-worker/operator_downtime.py), and two force-completes asked together were both answered
+worker/migration_watch.py carry_out_step), and two force-completes asked together were both answered
 "switched". Under the job's lock the look and the act are one step. One lock per job: a
 libvirtd slow to answer for one migration never holds up another's. Reentrant: the operator's
 tune sets its downtime under the lock it already holds.

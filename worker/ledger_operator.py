@@ -45,7 +45,7 @@ class OperatorRecords:
     def note_operator_downtime(self, job_id: str, ms: int) -> None:
         """`drover tune --max-downtime`, as libvirt took it: it stands against the policy's
         downtime steps for the rest of the migration, a restart of this worker included
-        (worker/operator_downtime.py)."""
+        (worker/migration_watch.py carry_out_step)."""
         with self._lock:
             self._db.execute(
                 "INSERT INTO operator_downtime VALUES (?, ?) "

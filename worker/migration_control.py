@@ -30,7 +30,7 @@ from jobs.control import (
     postcopy_off,
 )
 from jobs.model import Job
-from worker import job_locks, operator_downtime, switch_asked
+from worker import job_locks, switch_asked
 from worker.ledger import Ledger
 from worker.libvirt_host import Domain, LibvirtError
 from worker.libvirt_states import StatsUnanswered, migration_stats, state_reason
@@ -183,12 +183,13 @@ def apply_tune(dom: Domain, request: TuneRequest, job_id: str, ledger: Ledger) -
     """Set each limit the request names; the values set, by field. libvirt's refusal of
     any of them is PhaseFailed, naming what was already set. Called only once the request
     has passed `postcopy_refusal`. A downtime set here stands against the policy's own
-    downtime steps for the rest of the migration (worker/operator_downtime.py)."""
+    downtime steps for the rest of the migration (worker/migration_watch.py carry_out_step),
+    noted in the ledger under the job's lock as libvirt takes it."""
 
     def downtime(v: int) -> None:
-        with operator_downtime.setting(job_id):
+        with job_locks.held(job_id):
             dom.migrateSetMaxDowntime(v, 0)
-            operator_downtime.note(ledger, job_id, v)
+            ledger.note_operator_downtime(job_id, v)
 
     calls = {
         "bandwidth_mib": lambda v: dom.migrateSetMaxSpeed(v, 0),

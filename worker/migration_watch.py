@@ -16,7 +16,7 @@ import libvirt
 from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
-from worker import job_locks, operator_downtime, switch_asked
+from worker import job_locks, switch_asked
 from worker.convergence import ConvergenceEngine, Decision
 from worker.ledger import Ledger
 from worker.libvirt_events import CompletionWatch
@@ -27,6 +27,7 @@ from worker.runtime import Runtime
 from worker.steering import Action, drain_action
 
 log = get_logger()
+DOWNTIME_STEPS = ("set_downtime", "raise_downtime")
 
 
 def carry_out(dom: Domain, action: Action) -> bool | None:
@@ -53,12 +54,33 @@ def unheard(exc: LibvirtError) -> bool:
 def carry_out_step(dom: Domain, decision: Decision, job_id: str, ledger: Ledger) -> bool:
     """Make libvirt do what the policy decided (a `policy.step` event either way); whether
     libvirt did. A refusal is said and the migration goes on: the policy takes its next
-    action at the next trigger, and the fleet's hard limit ends it in the end. A downtime
-    step is not made once the operator set the job's downtime (worker/operator_downtime.py)."""
-    if decision.action in ("set_downtime", "raise_downtime"):
-        return _downtime_step(dom, decision, job_id, ledger)
+    action at the next trigger, and the fleet's hard limit ends it in the end.
+
+    A downtime step is not made once the operator set the job's downtime (`drover tune
+    --max-downtime`): someone who sets it by hand has taken it out of the policy's hands for
+    that migration, as with `virsh migrate-setmaxdowntime`. The step is still said (done
+    false, held_by operator); the policy's other steps go on. The operator's figure is in
+    this host's ledger, so it holds across a restart of this worker (a probe's re-attached
+    watch raised it again from 777 ms to 9 s), and the look and the call are made under the
+    job's lock, as the operator's tune is (worker/job_locks.py): a tune racing the policy's
+    first step is made after it, never overwritten by it."""
+    if decision.action not in DOWNTIME_STEPS:
+        return _made(dom, decision, job_id, ledger)
+    with job_locks.held(job_id):
+        held = ledger.operator_downtime(job_id)
+        if held is None:
+            return _made(dom, decision, job_id, ledger)
+    fields = decision.event_fields() | {"done": False, "held_by": "operator"}
+    log.info("policy.step", **fields, operator_downtime_ms=held)
+    return False
+
+
+def _made(dom: Domain, decision: Decision, job_id: str, ledger: Ledger) -> bool:
     try:
-        if decision.action == "postcopy":
+        if decision.action in DOWNTIME_STEPS:
+            assert decision.downtime_ms is not None
+            dom.migrateSetMaxDowntime(decision.downtime_ms)
+        elif decision.action == "postcopy":
             dom.migrateStartPostCopy()
         elif decision.action == "suspend":
             ledger.note_finish_pause(job_id)  # a watch re-attached later stands down too
@@ -69,25 +91,6 @@ def carry_out_step(dom: Domain, decision: Decision, job_id: str, ledger: Ledger)
     except LibvirtError as exc:
         refused = exc.get_error_message()
         log.warning("policy.step", **decision.event_fields(), done=False, error=refused)
-        return False
-    log.info("policy.step", **decision.event_fields(), done=True)
-    return True
-
-
-def _downtime_step(dom: Domain, decision: Decision, job_id: str, ledger: Ledger) -> bool:
-    assert decision.downtime_ms is not None
-    with operator_downtime.setting(job_id):
-        held = operator_downtime.by_operator(ledger, job_id)
-        if held is None:
-            try:
-                dom.migrateSetMaxDowntime(decision.downtime_ms)
-            except LibvirtError as exc:
-                error = exc.get_error_message()
-                log.warning("policy.step", **decision.event_fields(), done=False, error=error)
-                return False
-    if held is not None:
-        fields = decision.event_fields() | {"done": False, "held_by": "operator"}
-        log.info("policy.step", **fields, operator_downtime_ms=held)
         return False
     log.info("policy.step", **decision.event_fields(), done=True)
     return True
