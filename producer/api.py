@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.canvas import Signature
 
-from config.celery import host_queue, make_app
+from config.celery import make_app
 from config.security import ensure_signing
 from config.settings import Settings, load_settings
 from jobs.abort import TooLate, abort_job, rollback_sender
@@ -31,11 +31,10 @@ from jobs.errors import redis_location as redis_location
 from jobs.errors import reporting_outages, require, require_id, require_seconds, spec_or_request
 from jobs.maintenance import Maintenance
 from jobs.model import Job
-from jobs.phases import POSTCOPY_TASK
 from jobs.quota import QuotaFull
 from jobs.request_signing import RequestSigner, signer_for, verifier_for
 from jobs.spec import MigrationSpec
-from jobs.states import EVACUATION_KIND, TERMINAL, JobState
+from jobs.states import EVACUATION_KIND, TERMINAL
 from jobs.store import JobStore
 from jobs.submission import DomainBusy, enqueue
 from jobs.validation import migration_spec
@@ -172,18 +171,11 @@ class Drover:
         except TooLate as exc:
             raise SubmitError(str(exc)) from None
 
-    def start_postcopy(self, job_id: str) -> None:
-        """Ask the source host to switch a running migration to post-copy (policy allowing)."""
-        job = self.store.get(require_id(job_id))
-        if job.state is not JobState.MIGRATING:
-            raise SubmitError(
-                f"job {job_id} is {job.state.value}; post-copy can start only while migrating"
-            )
-        if job.policy is not None and not job.policy.values.allow_postcopy:
-            raise SubmitError(f"job {job_id}'s policy {job.policy.name} does not allow post-copy")
-        self.send(
-            self._app.signature(POSTCOPY_TASK, args=(job_id,), queue=host_queue(job.spec.src))
-        )
+    def start_postcopy(self, job_id: str) -> str:
+        """Switch a running migration to post-copy (its policy allowing); one line once the
+        source's worker made the switch, SubmitError with its refusal, TimeoutError when it
+        did not answer in time."""
+        return self._control.postcopy(require_id(job_id))
 
     def tune(
         self,

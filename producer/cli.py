@@ -211,8 +211,8 @@ def abort(job_id: Annotated[str, typer.Argument(help="job id")]) -> None:
 
 def postcopy(job_id: Annotated[str, typer.Argument(help="a running migration")]) -> None:
     """Switch a running migration to post-copy (its policy must allow post-copy)."""
-    guarded(lambda: drover().start_postcopy(job_id))
-    out.print(f"post-copy requested for {job_id}")
+    line = guarded(lambda: drover().start_postcopy(job_id))
+    out.print(plain(line), markup=False)
 
 
 def events(

@@ -1,5 +1,5 @@
-"""`Drover.tune` and `Drover.force_complete`: ask the source worker to act on a running
-migration, and wait for its answer.
+"""`Drover.tune`, `Drover.force_complete` and `Drover.start_postcopy`: ask the source worker
+to act on a running migration, and wait for its answer.
 
 Bad numbers and a job that is not migrating are refused here, before anything is sent. The
 request goes to the source host's queue as a task (the tune's numbers beside it in Redis,
@@ -32,7 +32,7 @@ from jobs.control import (
 from jobs.errors import SubmitError
 from jobs.follow import MS_PER_S
 from jobs.model import Job
-from jobs.phases import FORCE_COMPLETE_TASK, TUNE_TASK
+from jobs.phases import FORCE_COMPLETE_TASK, POSTCOPY_TASK, TUNE_TASK
 from jobs.store import JobStore
 
 DONE_EVENT = "policy.step"
@@ -71,6 +71,14 @@ class ControlRequests:
         """Finish a running migration now (post-copy where allowed, else pause the guest)."""
         job = self._migrating(job_id, "force-complete")
         return self._ask(job, FORCE_COMPLETE_TASK, "force-complete", lambda _: None)
+
+    def postcopy(self, job_id: str) -> str:
+        """Switch a running migration to post-copy; the worker's answer, as for the others.
+        The record's policy is looked at first only to refuse early: the worker decides."""
+        job = self._migrating(job_id, "switch to post-copy")
+        if job.policy is not None and not job.policy.values.allow_postcopy:
+            raise SubmitError(f"job {job_id}'s policy {job.policy.name} does not allow post-copy")
+        return self._ask(job, POSTCOPY_TASK, "post-copy", lambda _: None)
 
     def _migrating(self, job_id: str, what: str) -> Job:
         job = self.store.get(job_id)

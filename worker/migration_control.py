@@ -212,7 +212,9 @@ def apply_tune(dom: Domain, request: TuneRequest, job_id: str, ledger: Ledger) -
 
 
 def start_postcopy(rt: Runtime, job: Job) -> None:
-    """Switch a running pre-copy migration to post-copy (asked for by `drover postcopy`).
+    """Switch a running pre-copy migration to post-copy (asked for by `drover postcopy`),
+    answered as tune and force-complete are: `policy.step` once libvirt took the switch, or
+    the refusal (a probe: the command said "post-copy requested" whatever happened).
 
     As tune and force-complete, it waits for libvirt to transfer: QEMU refuses a switch asked
     during libvirt's setup ("Enable postcopy with migrate_set_capability before the start of
@@ -230,6 +232,7 @@ def start_postcopy(rt: Runtime, job: Job) -> None:
         except LibvirtError as exc:
             reason = f"libvirt refused the switch to post-copy: {exc.get_error_message()}"
             raise PhaseFailed(reason) from None
+        _step("postcopy", "drover postcopy")  # the answer `drover postcopy` waits for
 
 
 def force_complete(rt: Runtime, job: Job) -> None:

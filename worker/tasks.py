@@ -170,12 +170,12 @@ def rollback_destination(self: Task, job_id: str) -> None:
 
 @app.task(bind=True, name=POSTCOPY_TASK, throws=(PhaseFailed,))
 def postcopy(self: Task, job_id: str) -> None:
-    _run_side_task(self, "postcopy", start_postcopy, job_id)
+    _run_control(self, start_postcopy, job_id)
 
 
 def _run_control(task: Task, fn: Callable[[Runtime, Job], None], job_id: object) -> None:
-    """`drover tune` / `force-complete`: its events name the request (the task's id), which
-    the producer waits for (its `policy.step`, or `control.refused` with the reason)."""
+    """`drover tune` / `force-complete` / `postcopy`: its events name the request (the task's
+    id), which the producer waits for (its `policy.step`, or `control.refused` with why)."""
     with structlog.contextvars.bound_contextvars(request=str(task.request.id)):
         _run_side_task(task, "control", fn, job_id)
 

@@ -5,16 +5,23 @@ result (worker/completion.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from celery import Celery
 
+from config.celery import host_queue
+from config.settings import load_settings
 from jobs.control import BadControlRequest, TuneRequest, pop_tune, push_tune, tune_request
+from jobs.errors import SubmitError
 from jobs.keys import tune_key
+from jobs.phases import POSTCOPY_TASK
 from jobs.record import Result, merged_field
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from jobs.submission import enqueue
+from producer.control import ControlRequests
 from producer.render import downtime_cell, event_line, jobs_table
 from tests.support.cli import run_drover
 from worker.completion import Landing, parse_completed
@@ -132,7 +139,9 @@ def _one_line_refusal(config: Path, *args: str) -> str:
     return done.stderr
 
 
-@pytest.mark.parametrize("command", [["tune", "--bandwidth", "8"], ["force-complete"]])
+@pytest.mark.parametrize(
+    "command", [["tune", "--bandwidth", "8"], ["force-complete"], ["postcopy"]]
+)
 def test_a_job_that_is_not_migrating_is_refused_with_its_state(
     config: Path, store: JobStore, command: list[str]
 ) -> None:
@@ -151,13 +160,45 @@ def test_bad_numbers_are_refused_before_anything_is_sent(config: Path, store: Jo
     assert store.r.hlen(tune_key(migrating)) == 0
 
 
+@pytest.mark.parametrize(
+    ("command", "what"), [("force-complete", "force-complete"), ("postcopy", "post-copy")]
+)
 def test_no_answer_from_the_source_worker_is_said_not_hung_on(
-    config: Path, store: JobStore
+    config: Path, store: JobStore, command: str, what: str
 ) -> None:
+    """Probe: `drover postcopy` said "post-copy requested" and exit 0 with no worker to
+    make the switch (and when the worker refused it): it now waits for the answer."""
     config.write_text(config.read_text() + "\n[tunables]\ncontrol_reply_timeout = 1\n")
     migrating = _job(store, JobState.MIGRATING)
-    line = _one_line_refusal(config, "force-complete", migrating)
-    assert f"no answer from kvm1's worker to force-complete of job {migrating} within 1s" in line
+    line = _one_line_refusal(config, command, migrating)
+    assert f"no answer from kvm1's worker to {what} of job {migrating} within 1s" in line
+
+
+def _answering(store: JobStore, config: Path, event: str, **fields: str) -> ControlRequests:
+    """The producer's side, with a send that answers as the source worker would."""
+
+    def send(signature: Any) -> None:
+        job_id, request = signature.args[0], signature.options["task_id"]
+        assert signature.task == POSTCOPY_TASK and signature.options["queue"] == host_queue("kvm1")
+        store.append_event(job_id, {"event": event, "job_id": job_id, "request": request, **fields})
+
+    return ControlRequests(load_settings(config), store, Celery("t"), send, "test")
+
+
+def test_postcopy_answers_with_the_switch_the_worker_made(store: JobStore, config: Path) -> None:
+    migrating = _job(store, JobState.MIGRATING)
+    requests = _answering(
+        store, config, "policy.step", action="postcopy", by="operator", reason="drover postcopy"
+    )
+    line = requests.postcopy(migrating)
+    assert line == f"job {migrating}: switched to post-copy (drover postcopy)"
+
+
+def test_postcopy_says_the_workers_refusal(store: JobStore, config: Path) -> None:
+    migrating = _job(store, JobState.MIGRATING)
+    requests = _answering(store, config, "control.refused", reason="job is being aborted")
+    with pytest.raises(SubmitError, match="post-copy refused by kvm1: job is being aborted"):
+        requests.postcopy(migrating)
 
 
 def test_jobs_table_shows_the_downtime(store: JobStore) -> None:

@@ -352,3 +352,23 @@ def test_a_control_behind_one_libvirt_has_not_answered_is_refused_not_queued(
                 move()
             assert time.monotonic() - started < GATE_S
     assert guest.set == []  # nothing of the refused ones reached libvirt
+
+
+def test_the_operators_switch_is_answered_once_libvirt_took_it(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    """`drover postcopy` waits for this step (a probe: it said "requested" whatever the
+    worker did); a switch libvirt refuses is not answered as made."""
+    job_id = migrating(store, "default")
+    with capture_logs() as logs:
+        control.start_postcopy(rt, store.get(job_id))
+    steps = [e for e in logs if e["event"] == "policy.step"]
+    assert [(s["action"], s["by"], s["reason"]) for s in steps] == [
+        ("postcopy", "operator", "drover postcopy")
+    ]
+    assert guest.set == [("postcopy", 0, 0)]
+    other = migrating(store, "default")
+    guest.refuse_switch = True
+    with capture_logs() as logs, pytest.raises(PhaseFailed):
+        control.start_postcopy(rt, store.get(other))
+    assert not [e for e in logs if e["event"] == "policy.step"]
