@@ -23,6 +23,7 @@ import libvirt
 from config.settings import current
 from config.uris import check_libvirt_uri
 from jobs.record import DomainFacts
+from worker.peer_connections import PeerConnections
 from worker.peer_open import PeerOpener, PeerUnanswered
 
 KIB_PER_MIB = 1024
@@ -187,6 +188,10 @@ class LibvirtHost:
         self.uri = uri
         self.opener = opener
         self.peers = PeerOpener(opener, peer_timeout)
+        # The allowlists are checked at every question on a kept connection too, unless a
+        # test hands in its own opener (of URIs no registry allows).
+        check = checked_uri if opener is open_checked else str
+        self.kept_peers = PeerConnections(self.reach, is_connection_error, check, peer_timeout)
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
 
@@ -256,16 +261,12 @@ class LibvirtHost:
     def peer_facts(self, uri: str, uuid: str) -> DomainFacts | None:
         """Another host's domain `uuid`, its facts there; None only when that libvirtd says
         it has no such domain. Unreachable, or lost mid-question: LibvirtUnavailable."""
-        conn = self.reach(uri)
         try:
-            return facts(conn.lookupByUUIDString(uuid))
+            return self.kept_peers.ask(uri, lambda conn: facts(conn.lookupByUUIDString(uuid)))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise LibvirtUnavailable(f"{uri}: {exc.get_error_message()}") from None
-        finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
 
     def on_peer(self, uri: str, uuid: str) -> DomainFacts | None:
         """`peer_facts`, None for unreachable too: for a caller that acts only on a copy
@@ -278,15 +279,12 @@ class LibvirtHost:
     @contextlib.contextmanager
     def peer_domain(self, uri: str, name: str) -> Iterator[Domain | None]:
         """Another host's domain `name`, read from that host's libvirtd (None when not
-        there). Unreachable: LibvirtUnavailable, so that a phase needing it is retried."""
-        conn = self.reach(uri)
-        try:
-            yield found(conn.lookupByName, name)
-        finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
+        there), on the connection kept to it (worker/peer_connections.py). Unreachable:
+        LibvirtUnavailable, so that a phase needing it is retried."""
+        yield self.kept_peers.ask(uri, lambda conn: found(conn.lookupByName, name))
 
     def close(self) -> None:
+        self.kept_peers.close()
         with self._lock:
             if self._conn is not None:
                 with contextlib.suppress(libvirt.libvirtError):
