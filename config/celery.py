@@ -7,6 +7,7 @@ routed explicitly to the queue of the host that owns it.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -119,6 +120,7 @@ def _stamp_envelope(
     sender: str | None = None,
     body: Any = None,
     routing_key: str | None = None,
+    headers: dict[str, Any] | None = None,
     **_: Any,
 ) -> None:
     """Put a fresh envelope into every drover message's (signed) body as it is published.
@@ -132,13 +134,28 @@ def _stamp_envelope(
     args, kwargs = body[0], body[1]
     if not isinstance(kwargs, dict) or not args:
         return
+    sent = time.time()
     kwargs[envelope.ENVELOPE_KEY] = envelope.stamp(
         str(sender),
         host_of_queue(routing_key or ""),
         str(args[0]),
-        time.time(),
-        _message_ttl(),
+        sent,
+        _ttl_within(sent, (headers or {}).get("expires")),
     )
+
+
+def _ttl_within(sent: float, expires: object) -> float:
+    """The message's TTL: the fleet's, or less when the sender gave Celery an `expires` (an
+    operator's control request is worth nothing once its producer stopped waiting for the
+    answer: producer/control.py). Signed with the envelope, it cannot be stretched later."""
+    ttl = _message_ttl()
+    if isinstance(expires, str):
+        try:
+            left = datetime.fromisoformat(expires).timestamp() - sent
+        except ValueError:
+            return ttl
+        ttl = min(ttl, max(left, 0.0))
+    return ttl
 
 
 before_task_publish.connect(_stamp_envelope, weak=False)

@@ -140,8 +140,10 @@ class Tunables(BaseModel):
     # How often an evacuation queues a failed child again when its guest still runs on the
     # host being emptied (a worker restart or a blip cut the migration short).
     evacuation_retries: int = Field(default=1, ge=0, le=10)
-    # `drover tune` / `force-complete` wait this long for the source worker's answer (its
-    # `policy.step` or `control.refused` event) before saying they got none.
+    # How long a `drover tune` / `postcopy` / `force-complete` request is good for: a worker
+    # that takes it later drops it. Its producer waits that long, plus what a worker that
+    # took it in time may wait before it acts (control_setup_wait, control_lock_wait), for
+    # the answer (its `policy.step` or `control.refused` event) before saying it got none.
     control_reply_timeout: float = Field(default=15.0, gt=0, le=600)
     # A control request that comes while libvirt still sets the migration up (the destination
     # being prepared) waits this long on the worker for the transfer to begin.

@@ -148,3 +148,8 @@ def spec_or_request(
     except Exception as exc:  # one made without validation (model_construct) may lack fields
         raise BadArgument(f"spec cannot be read: {str(exc).splitlines()[0]}") from None
     return check(**fields)
+
+
+class ControlUnanswered(TimeoutError):
+    """An operator's control got no answer from the source's worker in time; the message says
+    what may still happen to the request (one line, said as it is)."""

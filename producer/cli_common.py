@@ -83,7 +83,7 @@ def guarded(fn: Callable[[], T]) -> T:
     import redis
 
     from config.settings import ConfigError
-    from jobs.errors import BrokerUnavailable, SubmitError
+    from jobs.errors import BrokerUnavailable, ControlUnanswered, SubmitError
     from jobs.record import JobNotFound
     from producer.outage import RedisOutage
 
@@ -94,6 +94,8 @@ def guarded(fn: Callable[[], T]) -> T:
     except JobNotFound as exc:
         fail(str(exc.args[0]), EXIT_USAGE)
     except BrokerUnavailable as exc:
+        fail(str(exc))
+    except ControlUnanswered as exc:  # says itself what may still happen
         fail(str(exc))
     except TimeoutError as exc:  # --timeout ran out: the job goes on without us
         fail(f"{exc}; it goes on (drover events ID --follow)")

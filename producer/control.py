@@ -29,7 +29,7 @@ from jobs.control import (
     push_tune,
     tune_request,
 )
-from jobs.errors import SubmitError
+from jobs.errors import ControlUnanswered, SubmitError
 from jobs.follow import MS_PER_S
 from jobs.model import Job
 from jobs.phases import FORCE_COMPLETE_TASK, POSTCOPY_TASK, TUNE_TASK
@@ -92,16 +92,25 @@ class ControlRequests:
 
     def _ask(self, job: Job, task: str, what: str, before: Callable[[str], None]) -> str:
         """Send the request and wait for the worker's answer; its line, or SubmitError with
-        the worker's refusal, or TimeoutError when no answer came in time."""
+        the worker's refusal, or ControlUnanswered when no answer came in time.
+
+        The request is good for `control_reply_timeout` only (its signed envelope expires):
+        a probe killed the source's worker, was told "no answer", and the restarted worker
+        switched the guest to post-copy from the queue. One taken in time is waited for as
+        long as a worker may take before it acts (the transfer's start, another control)."""
         after = self.store.newest_event_id(job.id)
         request_id = uuid.uuid4().hex
         before(request_id)
         src = job.spec.src
-        self.send(
-            self.app.signature(task, args=(job.id,), queue=host_queue(src), task_id=request_id)
-        )
         tunables = self.settings.tunables
-        deadline = time.monotonic() + tunables.control_reply_timeout
+        valid_s = tunables.control_reply_timeout
+        self.send(
+            self.app.signature(
+                task, args=(job.id,), queue=host_queue(src), task_id=request_id, expires=valid_s
+            )
+        )
+        waited_s = valid_s + tunables.control_setup_wait + tunables.control_lock_wait
+        deadline = time.monotonic() + waited_s
         block_ms = int(MS_PER_S * tunables.wait_block)
         while time.monotonic() < deadline:
             # Entries that are no event are passed over (jobs/streams.py), and read on from.
@@ -114,9 +123,10 @@ class ControlRequests:
                     raise SubmitError(f"{what} refused by {src}: {event.get('reason')}")
                 if event.get("event") == DONE_EVENT:
                     return done_line(job.id, what, event)
-        raise TimeoutError(
-            f"no answer from {src}'s worker to {what} of job {job.id} within "
-            f"{tunables.control_reply_timeout:g}s"
+        raise ControlUnanswered(
+            f"no answer from {src}'s worker to {what} of job {job.id} within {waited_s:g}s: "
+            f"the request expired after {valid_s:g}s unless that worker took it before, and "
+            f"then it may still be carried out (drover events {job.id} --follow)"
         )
 
 

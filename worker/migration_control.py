@@ -118,8 +118,9 @@ def one_control(rt: Runtime, job: Job) -> Iterator[None]:
             yield
     except job_locks.JobBusy:
         raise PhaseFailed(
-            f"another control of job {job.id} is still before libvirt on {rt.host} "
-            f"(waited {wait_s:g}s): try again once it has been answered"
+            f"another change to job {job.id}'s migration (an operator's control, or a step of "
+            f"its policy) is still before libvirt on {rt.host} (waited {wait_s:g}s): try "
+            "again in a moment"
         ) from None
 
 

@@ -167,11 +167,18 @@ def test_no_answer_from_the_source_worker_is_said_not_hung_on(
     config: Path, store: JobStore, command: str, what: str
 ) -> None:
     """Probe: `drover postcopy` said "post-copy requested" and exit 0 with no worker to
-    make the switch (and when the worker refused it): it now waits for the answer."""
-    config.write_text(config.read_text() + "\n[tunables]\ncontrol_reply_timeout = 1\n")
+    make the switch (and when the worker refused it): it now waits for the answer, and
+    says what may still become of the request (a probe: told "no answer", the restarted
+    worker made the switch from its queue), naming the job, not "ID"."""
+    waits = "control_reply_timeout = 1\ncontrol_setup_wait = 0.5\ncontrol_lock_wait = 0.5"
+    config.write_text(config.read_text() + f"\n[tunables]\n{waits}\n")
     migrating = _job(store, JobState.MIGRATING)
     line = _one_line_refusal(config, command, migrating)
-    assert f"no answer from kvm1's worker to {what} of job {migrating} within 1s" in line
+    assert line == (
+        f"drover: no answer from kvm1's worker to {what} of job {migrating} within 2s: the "
+        "request expired after 1s unless that worker took it before, and then it may still "
+        f"be carried out (drover events {migrating} --follow)\n"
+    )
 
 
 def _answering(store: JobStore, config: Path, event: str, **fields: str) -> ControlRequests:

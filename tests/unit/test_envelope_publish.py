@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from config.celery import host_queue, make_app
@@ -64,3 +65,49 @@ def test_two_messages_never_share_a_nonce(config: Path, redis_srv: RedisServer) 
     bodies = queued_bodies(redis.Redis.from_url(redis_srv.url), host_queue("kvm2"))
     nonces = {b[1]["envelope"]["nonce"] for _, b in bodies}
     assert len(bodies) == 2 and len(nonces) == 2
+
+
+def test_a_control_request_expires_when_its_producer_stops_waiting(
+    config: Path, redis_srv: RedisServer
+) -> None:
+    """Probe: told "no answer", the operator's post-copy was still made by the source's
+    worker once restarted (the message waited in its queue). A control request's signed
+    envelope now expires with the producer's wait (the `expires` it gave Celery)."""
+    from jobs.phases import POSTCOPY_TASK
+    from producer.control import ControlRequests
+
+    settings = load_settings(config)
+    app = make_app(settings)
+    sent: list[Any] = []
+    requests = ControlRequests(settings, _Store(), app, lambda s: sent.append(s.apply_async()), "t")
+    before = time.time()
+    with pytest.raises(_Sent):  # no worker here: stop at the wait for its answer
+        requests._ask(_Job(), POSTCOPY_TASK, "post-copy", lambda _: None)
+    [(headers, (_, kwargs, _))] = queued_bodies(
+        redis.Redis.from_url(redis_srv.url), host_queue("kvm1")
+    )
+    valid = settings.tunables.control_reply_timeout
+    assert valid < settings.tunables.message_ttl
+    assert before + valid - 1 <= kwargs["envelope"]["exp"] <= time.time() + valid
+    assert headers["expires"] is not None
+
+
+class _Job:
+    """The part of a job record `_ask` reads."""
+
+    id = JOB_ID
+    spec = MigrationSpec(domain="web01", src="kvm1", dst="kvm2")
+
+
+class _Sent(Exception):
+    """The request was sent; the test does not wait for an answer."""
+
+
+class _Store:
+    """The part of the job store `_ask` uses before it waits."""
+
+    def newest_event_id(self, job_id: str) -> str:
+        return "0-0"
+
+    def read_batch(self, job_id: str, after: str, *, block_ms: int) -> Any:
+        raise _Sent

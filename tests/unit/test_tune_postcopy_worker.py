@@ -348,7 +348,7 @@ def test_a_control_behind_one_libvirt_has_not_answered_is_refused_not_queued(
             lambda: control.start_postcopy(rt, store.get(job_id)),
         ):
             started = time.monotonic()
-            with pytest.raises(PhaseFailed, match=r"another control of job .* is still before"):
+            with pytest.raises(PhaseFailed, match=r"another change to job .* still before libvirt"):
                 move()
             assert time.monotonic() - started < GATE_S
     assert guest.set == []  # nothing of the refused ones reached libvirt
