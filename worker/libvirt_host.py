@@ -3,7 +3,9 @@
 Only this module, its siblings `worker/host_memory.py` (a host's memory),
 `worker/libvirt_states.py` (a domain's state and reason, as post-copy needs them) and
 `worker/libvirt_events.py` (libvirt's event loop and a migration's events),
-`worker/peer_open.py` (a peer's connection, opened within a bound) and
+`worker/peer_open.py` (a peer's connection, opened within a bound),
+`worker/peer_connections.py` (peers' connections kept), `worker/libvirt_errors.py` (what
+an error means) and
 `worker/migration_call.py` (the migration call itself) import libvirt;
 the rest of the worker is handed a `LibvirtHost` (the runtime's) and uses what it and the
 functions here offer, so that phases, recovery and evacuation planning run as well against
@@ -23,6 +25,9 @@ import libvirt
 from config.settings import current
 from config.uris import check_libvirt_uri
 from jobs.record import DomainFacts
+from worker.libvirt_errors import is_connection_error as is_connection_error
+from worker.libvirt_errors import is_gone as is_gone
+from worker.libvirt_errors import is_stale_connection
 from worker.peer_connections import PeerConnections
 from worker.peer_open import PeerOpener, PeerUnanswered
 
@@ -77,26 +82,6 @@ def checked_uri(uri: str) -> str:
 def open_checked(uri: str) -> libvirt.virConnect:
     """libvirt.open, for an allowed URI only."""
     return libvirt.open(checked_uri(uri))
-
-
-# Errors that mean "the daemon is not there (any more)", not "the request was wrong".
-_CONNECTION_ERRORS = {
-    libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_INVALID_CONN,
-    libvirt.VIR_ERR_SYSTEM_ERROR,
-    libvirt.VIR_ERR_RPC,
-    libvirt.VIR_ERR_AUTH_FAILED,
-}
-
-
-def is_connection_error(exc: libvirt.libvirtError) -> bool:
-    closed = "client socket is closed" in (exc.get_error_message() or "")
-    return closed or exc.get_error_code() in _CONNECTION_ERRORS
-
-
-def is_gone(exc: libvirt.libvirtError) -> bool:
-    """The domain left since it was listed or looked up (undefined, or migrated away)."""
-    return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
 
 
 def found(lookup: Callable[[str], Domain], key: str) -> Domain | None:
@@ -191,7 +176,7 @@ class LibvirtHost:
         # The allowlists are checked at every question on a kept connection too, unless a
         # test hands in its own opener (of URIs no registry allows).
         check = checked_uri if opener is open_checked else str
-        self.kept_peers = PeerConnections(self.reach, is_connection_error, check, peer_timeout)
+        self.kept_peers = PeerConnections(self.reach, is_stale_connection, check)
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
 
@@ -208,8 +193,9 @@ class LibvirtHost:
             return self._conn
 
     def reset(self) -> None:
-        """Forget a connection that failed; the next use opens a new one."""
-        self.close()
+        """Forget this host's connection that failed; the next use opens a new one. The kept
+        peers' are not this host's: another job may be reading from one (a probe)."""
+        self._close_own()
 
     def reconnecting(
         self,
@@ -281,10 +267,19 @@ class LibvirtHost:
         """Another host's domain `name`, read from that host's libvirtd (None when not
         there), on the connection kept to it (worker/peer_connections.py). Unreachable:
         LibvirtUnavailable, so that a phase needing it is retried."""
-        yield self.kept_peers.ask(uri, lambda conn: found(conn.lookupByName, name))
+        try:
+            dom = self.kept_peers.ask(uri, lambda conn: found(conn.lookupByName, name))
+        except libvirt.libvirtError as exc:
+            if not is_connection_error(exc):
+                raise
+            raise LibvirtUnavailable(f"cannot reach {uri}: {exc.get_error_message()}") from None
+        yield dom
 
     def close(self) -> None:
         self.kept_peers.close()
+        self._close_own()
+
+    def _close_own(self) -> None:
         with self._lock:
             if self._conn is not None:
                 with contextlib.suppress(libvirt.libvirtError):

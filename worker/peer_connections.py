@@ -9,7 +9,10 @@ peer connections too.
 A kept connection can be dead without looking so: a libvirtd restarted since answers the next
 call on it with a connection error (`Cannot write data: Broken pipe`), not before. Such a
 question is asked once more, on a fresh connection, which is what the question would have
-had before; any other error is the answer, and the connection stays. Every open goes through
+had before. A frozen libvirtd is another matter: keepalive closes the connection ("connection
+closed due to keepalive timeout", within about peer_timeout of its last answer) and a fresh
+open would wait on it again, so that error is the answer, as any other is; a connection
+libvirt closed is not kept for the next question. Every open goes through
 `LibvirtHost.reach` (worker/peer_open.py: bounded in time, keepalive on), and the URI is
 checked again at every question, as at every open: the allowlists may have changed since.
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -39,43 +41,47 @@ class PeerConnections:
     def __init__(
         self,
         open_peer: Callable[[str], libvirt.virConnect],
-        is_connection_error: Callable[[libvirt.libvirtError], bool],
+        stale: Callable[[libvirt.libvirtError], bool],
         check: Callable[[str], object],
-        peer_timeout: Callable[[], float],
     ) -> None:
         """`open_peer` opens a connection (`LibvirtHost.reach`: bounded, its failures said as
-        the host's); `check` refuses a URI the allowlists no longer allow."""
+        the host's); `stale` tells an error a fresh connection would not meet (its daemon
+        restarted); `check` refuses a URI the allowlists no longer allow."""
         self._open = open_peer
-        self._peer_timeout = peer_timeout
-        self._is_connection_error = is_connection_error
+        self._stale = stale
         self._check = check
         self._lock = threading.Lock()
         self._kept: dict[str, libvirt.virConnect] = {}
 
     def ask(self, uri: str, question: Callable[[libvirt.virConnect], T]) -> T:
         """`question(conn)` on the peer at `uri`: on the kept connection, and once more on a
-        fresh one when the kept one turns out dead (at once: not one that a frozen peer's
-        keepalive closed). The opener's errors as they are."""
+        fresh one when its daemon restarted since (not when keepalive gave up on a frozen one:
+        a fresh one would wait on it again). The opener's errors as they are."""
         self._check(uri)
         conn, fresh = self._connection(uri)
-        asked = time.monotonic()
         try:
             return question(conn)
         except libvirt.libvirtError as exc:
-            if not self._is_connection_error(exc):
+            if not self._stale(exc) or fresh:
+                self._forget_if_dead(uri, conn, exc)
                 raise
             self.forget(uri, conn)
-            # A stale socket fails at once; a frozen peer only when keepalive gave up on it,
-            # after about peer_timeout: asking again would double the wait promised.
-            if fresh or time.monotonic() - asked >= self._peer_timeout():
-                raise
         conn, _ = self._connection(uri)
         try:
             return question(conn)
         except libvirt.libvirtError as exc:
-            if self._is_connection_error(exc):
-                self.forget(uri, conn)
+            self._forget_if_dead(uri, conn, exc)
             raise
+
+    def _forget_if_dead(self, uri: str, conn: libvirt.virConnect, exc: Exception) -> None:
+        """After an error: a connection that failed as a dead one does, or that libvirt
+        closed (keepalive gave up on a frozen peer), is not kept for the next question."""
+        try:
+            alive = conn.isAlive() == 1
+        except libvirt.libvirtError:
+            alive = False
+        if not alive or (isinstance(exc, libvirt.libvirtError) and self._stale(exc)):
+            self.forget(uri, conn)
 
     def forget(self, uri: str, conn: libvirt.virConnect) -> None:
         """Close `conn` and stop keeping it (unless another thread already replaced it)."""

@@ -17,6 +17,11 @@ from tests.support.lab_fixtures import Lab, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_back")]
 
+# A guest that moves in seconds, and a peer_timeout that lets keepalive give up on a frozen
+# libvirtd within a few (its interval and count are set when a connection opens).
+QUICK_GUEST = "idle-1"
+PEER_TIMEOUT_S = 3
+
 FAST_WATCHDOG = """[tunables]
 stall_after = 4
 heartbeat_ttl = 3
@@ -70,6 +75,46 @@ def test_a_phase_that_cannot_reach_libvirtd_is_retried(lab: Lab) -> None:
     job = finish(lab, job_id)
     assert_invariants(lab, job)
     assert job.state.value == "succeeded", job.reason
+
+
+def test_a_source_libvirtd_frozen_when_prepare_asks_it_is_waited_out(
+    lab: Lab, fault_config: Callable[[str], None]
+) -> None:
+    """Probe: the destination's worker keeps its connection to the source's libvirtd from an
+    earlier job (worker/peer_connections.py); that libvirtd frozen for a few seconds when
+    prepare asked it failed the job "unexpectedly" (the keepalive timeout on a kept
+    connection was not taken for an unreachable peer), where a fresh connection had waited
+    it out. Prepare is retried now, and the guest moves once its source answers again."""
+    fault_config(f"[tunables]\npeer_timeout = {PEER_TIMEOUT_S}\n")  # read at every open
+    [a] = lab.running_on(QUICK_GUEST)
+    b = "lab2" if a == "lab1" else "lab1"
+    for src, dst in ((a, b), (b, a)):  # b's worker keeps one to a's libvirtd, and a's to b's
+        job = finish(lab, lab.drover.submit(domain=QUICK_GUEST, src=src, dst=dst, live=True))
+        assert job.state.value == "succeeded", job.reason
+    control.freeze_worker(b)  # prepare waits in b's queue until a's libvirtd is frozen
+    try:
+        job_id = lab.drover.submit(domain=QUICK_GUEST, src=a, dst=b, live=True)
+
+        def preflight_ended() -> bool:
+            record = lab.drover.job(job_id).phases.get("source_preflight")
+            return record is not None and record.ended is not None
+
+        wait_for(preflight_ended, 30, "the source's preflight")
+        control.freeze_libvirtd(a)
+        control.thaw_worker(b)
+
+        def retrying() -> bool:
+            return any(e["event"] == "phase.retrying" for e in lab.drover.events(job_id))
+
+        wait_for(retrying, 30, "destination_prepare to retry")
+    finally:
+        control.thaw_libvirtd(a)
+        control.thaw_worker(b)
+    job = finish(lab, job_id)
+    assert_invariants(lab, job, QUICK_GUEST)
+    assert job.state.value == "succeeded", job.reason
+    assert lab.running_on(QUICK_GUEST) == [b]
+    lab.home(QUICK_GUEST, a)  # where the other cases expect it
 
 
 def test_a_migration_outlasting_the_visibility_timeout_runs_once(
