@@ -13,14 +13,18 @@ import libvirt
 import pytest
 
 from config.settings import load_settings
+from jobs.errors import ControlUnanswered
 from lab import control
 from producer.api import Drover
 from tests.faults.conftest import FAULT_WINDOW_S, assert_invariants, finish, in_transfer
+from tests.support.forgery import log_events
 from tests.support.lab_fixtures import Lab, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("dirty_home", "workers_back")]
 
 OPERATOR_DOWNTIME_MS = 777
+REPLY_TIMEOUT_S = 3  # how long a control request is good for, in the expiry case
+SLOW_MIB = 8  # far below dirty-1's dirty rate: pre-copy never ends on its own
 # Post-copy forbidden, no step of its own but the abort at its completion timeout; slow
 # enough that, paused by force-complete, dirty-1 lands well after that timeout.
 NO_POSTCOPY = """[policies.nopc]
@@ -100,3 +104,41 @@ def test_a_force_completed_migration_is_not_aborted_by_the_restarted_workers_pol
     assert not [
         e for e in events(lab, job_id) if e["event"] == "policy.step" and e["action"] == "abort"
     ]
+
+
+def test_a_control_taken_after_its_producer_stopped_waiting_is_dropped(
+    lab: Lab, fault_config: Callable[[str], None]
+) -> None:
+    """Probe: `drover postcopy` asked while the source's worker was dead said "no answer",
+    and the restarted worker then switched the guest to post-copy from its queue (which no
+    abort can undo). The request expired with the producer's wait: the restarted worker
+    drops it, and the migration stays in pre-copy, abortable."""
+    fault_config(f"[tunables]\ncontrol_reply_timeout = {REPLY_TIMEOUT_S}\n")
+    drover = Drover(load_settings(lab.config))  # a producer that reads the short wait
+    job_id = drover.submit(
+        domain="dirty-1",
+        src="lab1",
+        dst="lab2",
+        live=True,
+        postcopy=True,
+        policy="manual",
+        bandwidth_mib=SLOW_MIB,
+    )
+    wait_for(in_transfer(lab, job_id), FAULT_WINDOW_S, "the migration to be in flight")
+    control.kill_worker("lab1")  # libvirtd carries the migration on
+    with pytest.raises(ControlUnanswered, match="may still be carried out"):
+        drover.start_postcopy(job_id)
+    control.restart_worker("lab1")
+
+    def dropped() -> bool:
+        return any("expired" in str(e.get("reason")) for e in log_events("lab1", job_id))
+
+    wait_for(dropped, FAULT_WINDOW_S, "the restarted worker to drop the expired request")
+    names = [e["event"] for e in events(lab, job_id)]
+    assert "migration.postcopy_started" not in names, names
+    assert lab.drover.job(job_id).postcopy_since is None
+    said = lab.drover.abort(job_id)  # still pre-copy: abortable
+    assert said.startswith("abort requested"), said
+    job = finish(lab, job_id)
+    assert_invariants(lab, job)
+    assert job.state.value == "cancelled", job.reason
