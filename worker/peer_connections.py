@@ -3,8 +3,7 @@
 A phase that reads the guest from its other host (prepare reads the source's, a post-copy's
 recovery the destination's) opened a connection for each question and closed it after: on
 the lab that open was a sixth of prepare's own time (1.3-1.8 ms of 9-12 ms, the open's thread
-included), and over TLS, as a fleet runs, each open is a handshake. Nova and oVirt keep their
-peer connections too.
+included), and over TLS, as a fleet runs, each open is a handshake.
 
 A kept connection can be dead without looking so: a libvirtd restarted since answers the next
 call on it with a connection error (`Cannot write data: Broken pipe`), not before. Such a
