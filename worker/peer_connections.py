@@ -28,6 +28,14 @@ import libvirt
 T = TypeVar("T")
 
 
+def _alive(conn: libvirt.virConnect) -> bool:
+    """Whether libvirt still calls `conn` open (a daemon restarted since may not show yet)."""
+    try:
+        return bool(conn.isAlive() == 1)
+    except libvirt.libvirtError:
+        return False
+
+
 def _close(conn: libvirt.virConnect) -> None:
     with contextlib.suppress(libvirt.libvirtError):
         conn.close()
@@ -72,14 +80,12 @@ class PeerConnections:
             self._forget_if_dead(uri, conn, exc)
             raise
 
-    def _forget_if_dead(self, uri: str, conn: libvirt.virConnect, exc: Exception) -> None:
+    def _forget_if_dead(
+        self, uri: str, conn: libvirt.virConnect, exc: libvirt.libvirtError
+    ) -> None:
         """After an error: a connection that failed as a dead one does, or that libvirt
         closed (keepalive gave up on a frozen peer), is not kept for the next question."""
-        try:
-            alive = conn.isAlive() == 1
-        except libvirt.libvirtError:
-            alive = False
-        if not alive or (isinstance(exc, libvirt.libvirtError) and self._stale(exc)):
+        if self._stale(exc) or not _alive(conn):
             self.forget(uri, conn)
 
     def forget(self, uri: str, conn: libvirt.virConnect) -> None:
@@ -101,11 +107,7 @@ class PeerConnections:
         with self._lock:
             kept = self._kept.get(uri)
         if kept is not None:
-            try:
-                alive = kept.isAlive() == 1
-            except libvirt.libvirtError:
-                alive = False
-            if alive:
+            if _alive(kept):
                 return kept, False
             self.forget(uri, kept)
         conn = self._open(uri)

@@ -62,8 +62,8 @@ class Opener:
         return peer
 
 
-def looked_up(host: LibvirtHost, name: str = "idle-1") -> object:
-    with host.peer_domain(PEER_URI, name) as dom:
+def looked_up(host: LibvirtHost, name: str = "idle-1", uri: str = PEER_URI) -> object:
+    with host.peer_domain(uri, name) as dom:
         return dom
 
 
@@ -143,7 +143,7 @@ def test_the_allowlists_are_checked_at_every_question(
     host = LibvirtHost(OWN_URI, peer_timeout=lambda: 5.0)  # the worker's own opener
     host.kept_peers._kept["qemu+ext:///system?command=/bin/true"] = opener("x")
     with pytest.raises(UnsafeURI):
-        looked_up_at(host, "qemu+ext:///system?command=/bin/true")
+        looked_up(host, uri="qemu+ext:///system?command=/bin/true")
     assert opener.peers[0].lookups == 0
 
 
@@ -176,8 +176,3 @@ def test_resetting_this_hosts_connection_keeps_the_peers(host: LibvirtHost, open
     host.reset()
     assert not opener.peers[0].closed
     assert looked_up(host) == "domain idle-1" and len(opener.peers) == 1
-
-
-def looked_up_at(host: LibvirtHost, uri: str) -> object:
-    with host.peer_domain(uri, "idle-1") as dom:
-        return dom
