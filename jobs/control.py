@@ -4,12 +4,18 @@ A task message carries only a job id (config/security.py), so a tune request's n
 beside it in Redis: the producer puts a `TuneRequest` in the job's tune hash (jobs/keys.py
 `tune_key`) under the id of the task it sends for it; the source worker takes its task's own
 and validates it again against the same bounds (config/policy_model.py) before libvirt sees a
-number. Whoever can write to Redis can change a request's numbers, never beyond those bounds,
-and cannot make a worker act without a (signed) task message.
+number.
+
+With signing on, the request is signed where it is made, as a job's is (jobs/request_signing.py
+kind `tune`, its task's id inside the payload), and the worker takes only a request a trusted
+key signed for this job and this task: the numbers in Redis had been anyone's with its
+password (attacker probe: an operator's `--bandwidth 2` became an uncapped bandwidth and a
+60 s pause allowed, "asked by" a name of the attacker's choosing, and libvirt applied it).
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import cast
 
 import redis
@@ -18,7 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from config.policy_model import MAX_BANDWIDTH_MIB, MAX_DOWNTIME_MS
 from jobs.keys import tune_key
 from jobs.model import Job
+from jobs.request_signing import (
+    REQUEST_FIELD,
+    RequestRefused,
+    RequestSigner,
+    RequestVerifier,
+    signed_record,
+)
 from jobs.states import JobState
+
+TUNE_KIND = "tune"  # what a signed tune request is (jobs/request_signing.py)
 
 # What `drover tune` sets, by field, as the CLI spells it.
 TUNE_OPTIONS = {
@@ -53,6 +68,13 @@ class TuneRequest(BaseModel):
         return {k: v for k in TUNE_OPTIONS if (v := getattr(self, k)) is not None}
 
 
+class SignedTune(TuneRequest):
+    """What is signed: the request, and the task it was sent with (a signed request put
+    under another task's id is refused)."""
+
+    request_id: str
+
+
 class BadControlRequest(ValueError):
     """A tune request that is not valid; the message is one line naming the option."""
 
@@ -78,20 +100,36 @@ def not_migrating(job: Job, what: str) -> str | None:
 
 
 def push_tune(
-    r: redis.Redis, job_id: str, request_id: str, request: TuneRequest, ttl_s: float
+    r: redis.Redis,
+    job_id: str,
+    request_id: str,
+    request: TuneRequest,
+    ttl_s: float,
+    signer: RequestSigner | None = None,
 ) -> None:
     """Put a request beside its task (`request_id`, the task's id), for the source worker
-    (kept no longer than a task message)."""
+    (kept no longer than a task message); signed with `signer`'s key when signing is on."""
     key = tune_key(job_id)
+    signed = signed_record(
+        signer,
+        kind=TUNE_KIND,
+        job_id=job_id,
+        spec=SignedTune(**request.model_dump(), request_id=request_id),
+        origin=request.by,
+        at=datetime.now(UTC),
+    )
     with r.pipeline(transaction=True) as p:
-        p.hset(key, request_id, request.model_dump_json())
+        p.hset(key, request_id, signed.get(REQUEST_FIELD) or request.model_dump_json())
         p.expire(key, max(1, round(ttl_s)))
         p.execute()
 
 
-def pop_tune(r: redis.Redis, job_id: str, request_id: str) -> TuneRequest | None:
+def pop_tune(
+    r: redis.Redis, job_id: str, request_id: str, verifier: RequestVerifier | None = None
+) -> TuneRequest | None:
     """The request of the task `request_id` (None when there is none), taken and validated
-    again here: BadControlRequest when what Redis holds is not a valid request.
+    again here: BadControlRequest when what Redis holds is not a valid request, or (with
+    signing on: a `verifier`) not one a trusted key signed for this job and this task.
 
     Each task takes its own request: several `drover tune` at once each get the answer to
     what they asked (a probe's six concurrent tunes, taken oldest first, told one caller of
@@ -106,12 +144,39 @@ def pop_tune(r: redis.Redis, job_id: str, request_id: str) -> TuneRequest | None
         raise BadControlRequest(f"the tune requests cannot be read: {exc}") from None
     if raw is None:
         return None
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    return _signed_tune(verifier, text, job_id, request_id) if verifier else _tune_of(text)
+
+
+def _tune_of(raw: str) -> TuneRequest:
     try:
         return TuneRequest.model_validate_json(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "the request"
         raise BadControlRequest(f"the tune request is not valid: {where}: {err['msg']}") from None
+
+
+def _signed_tune(verifier: RequestVerifier, raw: str, job_id: str, request_id: str) -> TuneRequest:
+    """The request a trusted key signed for this job's task `request_id`, checked again."""
+    try:
+        request = verifier.verify(raw, job_id)
+    except RequestRefused as exc:
+        raise BadControlRequest(f"the tune request is refused: {exc}") from None
+    if request.kind != TUNE_KIND:
+        raise BadControlRequest(f"the tune request is refused: it is a signed {request.kind}")
+    try:
+        signed = SignedTune.model_validate(request.spec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "the request"
+        raise BadControlRequest(f"the tune request is not valid: {where}: {err['msg']}") from None
+    if signed.request_id != request_id:
+        raise BadControlRequest(
+            "the tune request is refused: it was signed for another request "
+            f"({signed.request_id[:32]}), not this one"
+        )
+    return TuneRequest.model_validate(signed.model_dump(exclude={"request_id"}))
 
 
 def postcopy_off(job: Job, request: TuneRequest) -> str | None:

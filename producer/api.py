@@ -103,7 +103,9 @@ class Drover:
     def _control(self) -> ControlRequests:
         from producer.control import ControlRequests
 
-        return ControlRequests(self.settings, self.store, self._app, self.send, producer_name())
+        return ControlRequests(
+            self.settings, self.store, self._app, self.send, producer_name(), self.signer
+        )
 
     def spec(self, **request: Any) -> MigrationSpec:
         """Validate a request into a spec, or raise SubmitError with one line."""

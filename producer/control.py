@@ -3,9 +3,9 @@ to act on a running migration, and wait for its answer.
 
 Bad numbers and a job that is not migrating are refused here, before anything is sent. The
 request goes to the source host's queue as a task (the tune's numbers beside it in Redis,
-jobs/control.py); the worker checks again, with libvirt, and answers in the job's event stream
-with a `policy.step` (done) or `control.refused` (why not) naming the request (the task's id),
-which is what this module waits for.
+signed: jobs/control.py); the worker checks again, with libvirt, and answers in the job's
+event stream with a `policy.step` (done) or `control.refused` (why not) naming the request
+(the task's id), which is what this module waits for.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from jobs.errors import ControlUnanswered, SubmitError
 from jobs.follow import MS_PER_S
 from jobs.model import Job
 from jobs.phases import FORCE_COMPLETE_TASK, POSTCOPY_TASK, TUNE_TASK
+from jobs.request_signing import RequestSigner
 from jobs.store import JobStore
 
 DONE_EVENT = "policy.step"
@@ -49,8 +50,10 @@ class ControlRequests:
         app: Celery,
         send: Callable[[Signature], None],
         by: str,
+        signer: RequestSigner | None = None,
     ) -> None:
         self.settings, self.store, self.app, self.send, self.by = settings, store, app, send, by
+        self.signer = signer  # signs a tune's numbers (jobs/control.py); None: signing off
 
     def tune(self, job_id: str, **values: int | None) -> str:
         """New limits for a running migration (None: leave it); one line saying what was set."""
@@ -88,7 +91,8 @@ class ControlRequests:
         return job
 
     def _push(self, job_id: str, task_id: str, request: TuneRequest) -> None:
-        push_tune(self.store.r, job_id, task_id, request, self.settings.tunables.message_ttl)
+        ttl_s = self.settings.tunables.message_ttl
+        push_tune(self.store.r, job_id, task_id, request, ttl_s, self.signer)
 
     def _ask(self, job: Job, task: str, what: str, before: Callable[[str], None]) -> str:
         """Send the request and wait for the worker's answer; its line, or SubmitError with

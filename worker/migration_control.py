@@ -30,6 +30,7 @@ from jobs.control import (
     postcopy_off,
 )
 from jobs.model import Job
+from jobs.request_signing import verifier_for
 from worker import job_locks, switch_asked
 from worker.ledger import Ledger
 from worker.libvirt_host import Domain, LibvirtError
@@ -131,7 +132,7 @@ def _step(action: str, reason: str, **figures: Any) -> None:
 def tune(rt: Runtime, job: Job, request_id: str) -> None:
     """Apply the tune request of the task `request_id` to the job's running migration."""
     try:
-        request = pop_tune(rt.store.r, job.id, request_id)
+        request = pop_tune(rt.store.r, job.id, request_id, verifier_for(rt.settings.security))
     except BadControlRequest as exc:
         raise PhaseFailed(str(exc)) from None
     if request is None:

@@ -7,6 +7,9 @@ bandwidth cap until the operator acts.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +18,9 @@ import libvirt
 import pytest
 
 from jobs.errors import SubmitError
+from jobs.keys import tune_key
 from jobs.model import Job
+from lab import control
 from tests.support.cli import run_drover
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
 
@@ -25,6 +30,8 @@ DIRTY = "dirty-1"
 START_TIMEOUT_S = 60.0
 SLOW_MIB = 8  # far below dirty-1's dirty rate: pre-copy never ends on its own
 EVENT_SLACK_MS = 200  # libvirt's events reach the worker a little after they happen
+TUNE_SENT_S = 30.0  # a `drover tune` process starts and puts its request in Redis
+TUNE_ANSWER_S = 60.0  # ... and hears back: within its control_reply_timeout and waits
 
 
 class Started:
@@ -150,6 +157,60 @@ def test_tune_takes_effect_in_libvirt_and_force_complete_suspends_without_postco
     refused = run_drover(lab.config, "force-complete", job_id)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "is succeeded, not migrating" in refused.stderr
+
+
+def forged(raw: str) -> str:
+    """A tune request with the attacker's numbers and name: in the signed payload (its
+    signature left as it was), or in plain JSON as producers wrote it before signing."""
+    attacker = {"bandwidth_mib": 1_000_000, "max_downtime_ms": 60_000, "by": "alice@ops"}
+    request = json.loads(raw)
+    if "payload" not in request:
+        return json.dumps(request | attacker)
+    payload = json.loads(request["payload"])
+    payload["spec"].update(attacker)
+    request["payload"] = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return json.dumps(request)
+
+
+def test_a_tune_changed_in_redis_before_the_worker_takes_it_is_refused(
+    lab: Lab, started: Started
+) -> None:
+    """Attacker probe, with the producer's Redis password: the numbers beside an operator's
+    `drover tune --bandwidth 2` were rewritten before the source worker took them, and
+    libvirt ran the migration uncapped with a 60 s pause allowed, "asked by alice@ops". The
+    request is signed now: the changed one is refused in one line and libvirt keeps its
+    limits; the operator's own request, unchanged, is applied."""
+    job_id = started.migrating(policy="manual", bandwidth_mib=SLOW_MIB)
+    downtime = on_source(lab, lambda d: d.migrateGetMaxDowntime(0))
+    key = tune_key(job_id)
+    answers: list[subprocess.CompletedProcess[str]] = []
+    control.freeze_worker("lab1")  # the request waits in lab1's queue, its numbers in Redis
+    try:
+        asking = threading.Thread(
+            target=lambda: answers.append(
+                run_drover(lab.config, "tune", job_id, "--bandwidth", "2")
+            )
+        )
+        asking.start()
+        wait_for(lambda: lab.drover.store.r.hlen(key) == 1, TUNE_SENT_S, "the tune request")
+        [(request_id, raw)] = lab.drover.store.r.hgetall(key).items()
+        lab.drover.store.r.hset(key, request_id, forged(raw))
+    finally:
+        control.thaw_worker("lab1")
+    asking.join(TUNE_ANSWER_S)
+    [refused] = answers
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "tune refused by lab1" in refused.stderr and "does not verify" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert on_source(lab, lambda d: d.migrateGetMaxSpeed(0)) == SLOW_MIB
+    assert on_source(lab, lambda d: d.migrateGetMaxDowntime(0)) == downtime
+    assert operator_steps(lab, job_id) == []
+
+    done = run_drover(lab.config, "tune", job_id, "--bandwidth", "2")
+    assert done.returncode == 0 and "bandwidth_mib=2" in done.stdout, done.stderr
+    assert on_source(lab, lambda d: d.migrateGetMaxSpeed(0)) == 2
+    [step] = operator_steps(lab, job_id)
+    assert step["bandwidth_mib"] == 2 and "alice" not in step["reason"]
 
 
 def test_force_complete_switches_to_postcopy_where_allowed(lab: Lab, started: Started) -> None:

@@ -4,6 +4,8 @@ result (worker/completion.py)."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ from jobs.control import BadControlRequest, TuneRequest, pop_tune, push_tune, tu
 from jobs.errors import SubmitError
 from jobs.keys import tune_key
 from jobs.phases import POSTCOPY_TASK
+from jobs.prepared_receipt import sign_prepared
 from jobs.record import Result, merged_field
+from jobs.request_signing import signer_for, verifier_for
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -24,6 +28,7 @@ from jobs.submission import enqueue
 from producer.control import ControlRequests
 from producer.render import downtime_cell, event_line, jobs_table
 from tests.support.cli import run_drover
+from tests.support.registry import REGISTRY, make_fleet_keys, signing_section
 from worker.completion import Landing, parse_completed
 
 # A pre-copy migration's completed statistics, as libvirt's job-completed event gives them.
@@ -243,3 +248,62 @@ def test_a_step_held_for_the_operator_is_not_shown_as_refused_by_libvirt() -> No
     assert "held by the operator)" in event_line(held | {"action": "postcopy"})
     refused = base | {"action": "postcopy", "by": "policy", "done": False, "error": "no"}
     assert "(libvirt refused: no)" in event_line(refused)
+
+
+@pytest.fixture(scope="module")
+def fleet_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_fleet_keys(tmp_path_factory.mktemp("keys"))
+
+
+def test_a_signed_tune_is_taken_only_as_signed_for_its_job_and_task(
+    tmp_path: Path, store: JobStore, fleet_keys: Path
+) -> None:
+    """Attacker probe: the numbers beside a tune's task were rewritten in Redis before the
+    source worker took them (an uncapped bandwidth, a 60 s pause allowed, "asked by" a name
+    of the attacker's), and libvirt applied them. With signing on only what a trusted key
+    signed for this job and this task is taken; anything else is refused in one line."""
+    config = tmp_path / "drover.toml"
+    config.write_text(REGISTRY.format(url="redis://127.0.0.1:1/0") + signing_section(fleet_keys))
+    security = load_settings(config).security
+    signer, verifier = signer_for(security), verifier_for(security)
+    job_id, other_job = "0123456789ab", "ba9876543210"
+    key = tune_key(job_id)
+
+    def pushed(request_id: str, job: str = job_id, **values: Any) -> str:
+        push_tune(store.r, job, request_id, tune_request(**values), 60, signer)
+        return str(store.r.hget(tune_key(job), request_id))
+
+    pushed("task-a", bandwidth_mib=2, by="ops@site")
+    taken = pop_tune(store.r, job_id, "task-a", verifier)
+    assert taken == TuneRequest(bandwidth_mib=2, by="ops@site")
+
+    # Its numbers and its name changed, the signature left as it was.
+    signed = json.loads(pushed("task-b", bandwidth_mib=2, by="ops@site"))
+    payload = json.loads(signed["payload"])
+    payload["spec"].update(bandwidth_mib=1_000_000, max_downtime_ms=60_000, by="alice@ops")
+    signed["payload"] = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    store.r.hset(key, "task-b", json.dumps(signed))
+    with pytest.raises(BadControlRequest, match="signature does not verify"):
+        pop_tune(store.r, job_id, "task-b", verifier)
+
+    refusals = {
+        # Plain numbers, as the producer wrote them before: nobody signed them.
+        "task-c": ('{"bandwidth_mib": 1000000}', "malformed"),
+        # A real signed request, put under another task's id.
+        "task-d": (pushed("task-x", max_downtime_ms=60_000), "signed for another request"),
+        # One signed for another job.
+        "task-e": (pushed("task-e", other_job, bandwidth_mib=0), f"not {job_id}"),
+    }
+    for request_id, (raw, why) in refusals.items():
+        store.r.hset(key, request_id, raw)
+        with pytest.raises(BadControlRequest, match=why) as exc:
+            pop_tune(store.r, job_id, request_id, verifier)
+        assert str(exc.value).startswith("the tune request is refused") or why == "malformed"
+        assert "\n" not in str(exc.value)
+
+    # Another kind of signed record (a destination's receipt for this job) is no tune.
+    receipt = sign_prepared(signer, job_id, "kvm2", "uuid-1", datetime.now(UTC))
+    assert receipt is not None
+    store.r.hset(key, "task-f", receipt)
+    with pytest.raises(BadControlRequest, match="it is a signed prepared"):
+        pop_tune(store.r, job_id, "task-f", verifier)
