@@ -28,7 +28,7 @@ from worker.migration_limits import sending
 from worker.migration_watch import watch_migration
 from worker.phase_destination import handoff_or_fail
 from worker.phase_errors import HandedOver, PhaseCancelled, PhaseFailed
-from worker.phase_source import ensure_running_on_source, job_domain
+from worker.phase_source import ensure_running_on_source, job_domain, offline_of_running
 from worker.policy_source import resolve_and_record
 from worker.postcopy_recovery import recover_failed_postcopy
 from worker.runtime import Runtime
@@ -71,6 +71,10 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     dom = job_domain(rt, job, spec.domain)
     if dom is None or (not spec.offline and not dom.isActive()):
         raise PhaseFailed(f"{spec.domain} is no longer running on {spec.src}")
+    # Started since preflight looked (an evacuation's guest planned shut off): again here.
+    running_refusal = offline_of_running(job, spec.offline and bool(dom.isActive()))
+    if running_refusal is not None:
+        raise PhaseFailed(running_refusal)
     aborted = rt.store.abort_requested(job.id)
     if aborted:
         raise PhaseCancelled(f"{aborted} before the migration started; nothing moved")

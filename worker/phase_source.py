@@ -47,6 +47,9 @@ def source_preflight(rt: Runtime, job: Job) -> JobState | None:
         raise PhaseFailed(
             f"{spec.domain} is {found.state} on {spec.src}; only --offline moves an inactive domain"
         )
+    running_refusal = offline_of_running(job, found.active)
+    if running_refusal is not None:
+        raise PhaseFailed(running_refusal)
     checked_xml(spec, dom, rt.settings.host(spec.dst).storage_dirs)  # --xml, before all else
     recorded: dict[str, Any] = found.model_dump()
     checks = source_checks(spec, dom.XMLDesc(0), rt.libvirt.conn.getType)
@@ -131,6 +134,34 @@ def _runs_on_destination(rt: Runtime, job: Job) -> bool:
     registry's peer URI; unreachable: LibvirtUnavailable (confirm is tried again)."""
     found = rt.libvirt.peer_facts(rt.settings.host(job.spec.dst).peer_uri, guest_uuid(rt, job))
     return found is not None and found.active
+
+
+def offline_of_running(job: Job, active: bool) -> str | None:
+    """Why an offline move of a guest that runs must not be made (None: it may be).
+
+    libvirt's offline migration copies a definition, whatever the guest's state: the guest
+    goes on running here, and is defined on the destination too, where starting it would
+    run one guest twice on its disks (migration guide, "Offline migration"). Asked for by
+    hand, that copy is what the operator chose. Not so (probe) when the operator asked for
+    the source's definition to go (`--undefine-source`: libvirt keeps it while the guest
+    runs, and the job "succeeded" with the guest defined on both hosts), nor for an
+    evacuation's move planned while the guest was shut off and started since."""
+    spec = job.spec
+    if not (spec.offline and active):
+        return None
+    if job.parent is not None:
+        return (
+            f"{spec.domain} runs on {spec.src} now; its evacuation planned it shut off (an "
+            "offline move of its definition), which would leave it running here and defined "
+            f"on {spec.dst}: nothing moved (evacuate again to move it live)"
+        )
+    if spec.undefine_source:
+        return (
+            f"{spec.domain} runs on {spec.src}: --offline copies only its definition, and "
+            "libvirt keeps the source's while it runs, so --undefine-source would leave it "
+            f"defined on both hosts; shut it down first, or migrate it --live"
+        )
+    return None
 
 
 def confirm(rt: Runtime, job: Job) -> JobState | None:

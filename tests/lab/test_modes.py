@@ -178,6 +178,22 @@ def test_offline_migration_moves_only_the_definition(lab: Lab) -> None:
     undefine(lab, "lab2", "idle-1")
 
 
+def test_offline_with_undefine_source_of_a_running_guest_is_refused(lab: Lab) -> None:
+    """Probe: libvirt copied the running guest's definition and kept the source's, and the
+    job "succeeded" with the guest defined on both hosts (start the copy, and one guest runs
+    twice on its disks). Refused before anything moves; the copy alone is still allowed."""
+    lab.home("idle-1")
+    job = lab.migrate(
+        "idle-1", "lab1", "lab2", live=False, offline=True, persistent=True, undefine_source=True
+    )
+    assert job.state.value == "failed"
+    assert "--undefine-source would leave it defined on both hosts" in (job.reason or "")
+    assert not lab.view("lab2", "idle-1").exists
+    here = lab.view("lab1", "idle-1")
+    assert here.active and here.persistent
+    assert [e for e in lab.drover.events(job.id) if e["event"] == "migration.started"] == []
+
+
 @pytest.fixture
 def disk_guest(lab: Lab) -> Iterator[str]:
     """disk-1: a running guest with a local 64 MiB qcow2 disk on lab1 only."""
