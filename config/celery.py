@@ -15,7 +15,7 @@ from celery.signals import before_task_publish
 
 from config import envelope
 from config.redis_sentinel import is_sentinel, kombu_broker
-from config.security import TASK_PREFIX, enable_signing, signing_config
+from config.security import TASK_PREFIX, enable_signing, message_life, signing_config
 from config.settings import ConfigError, Settings, Tunables, current, load_settings
 
 QUEUE_PREFIX = "drover.host."
@@ -140,15 +140,15 @@ def _stamp_envelope(
         host_of_queue(routing_key or ""),
         str(args[0]),
         sent,
-        _ttl_within(sent, (headers or {}).get("expires")),
+        _ttl_within(sent, (headers or {}).get("expires"), str(sender)),
     )
 
 
-def _ttl_within(sent: float, expires: object) -> float:
+def _ttl_within(sent: float, expires: object, task: str = "") -> float:
     """The message's TTL: the fleet's, or less when the sender gave Celery an `expires` (an
     operator's control request is worth nothing once its producer stopped waiting for the
     answer: producer/control.py). Signed with the envelope, it cannot be stretched later."""
-    ttl = _message_ttl()
+    ttl = _message_ttl(task)
     if isinstance(expires, str):
         try:
             left = datetime.fromisoformat(expires).timestamp() - sent
@@ -161,13 +161,14 @@ def _ttl_within(sent: float, expires: object) -> float:
 before_task_publish.connect(_stamp_envelope, weak=False)
 
 
-def _message_ttl() -> float:
-    """The fleet's message TTL; the default when this process's config cannot be read (a
-    producer given its settings explicitly need not have a config file of its own)."""
+def _message_ttl(task: str = "") -> float:
+    """The fleet's message TTL for `task` (config/security.py `message_life`); the default
+    when this process's config cannot be read (a producer given its settings explicitly need
+    not have a config file of its own)."""
     try:
-        return current().tunables.message_ttl
+        return message_life(task, current().tunables)
     except ConfigError:
-        return Tunables().message_ttl
+        return message_life(task, Tunables())
 
 
 def _enable_signing_when_configured(sender: Celery, **_: Any) -> None:

@@ -20,7 +20,7 @@ from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
 from config import envelope
-from config.security import TASK_PREFIX, argument_problem, excerpt, reject
+from config.security import TASK_PREFIX, argument_problem, excerpt, message_life, reject
 from config.settings import current
 
 
@@ -55,7 +55,7 @@ def envelope_problem(task: str, host: str, job_id: str, raw: object) -> str | No
     except ValueError as exc:
         return str(exc)
     now = time.time()
-    ttl = current().tunables.message_ttl
+    ttl = message_life(task, current().tunables)
     problem = envelope.problem(env, task=task, host=host, job=job_id, now=now, ttl=ttl)
     if problem is None and not nonces.first_sight(env.nonce, env.exp, now):
         problem = "replayed: this worker has seen its nonce before"

@@ -33,12 +33,23 @@ from kombu.serialization import registry as serializer_registry
 
 from config import envelope
 from config.events import get_logger
-from config.settings import ConfigError, Security, Settings
+from config.settings import ConfigError, Security, Settings, Tunables
 
 JOB_ID = re.compile(r"^[0-9a-f]{12}\Z")
 EXCERPT_CHARS = 80
 # Every drover task's name starts so; anything else a worker knows is Celery's own.
 TASK_PREFIX = "drover."
+# An operator's cancel of a job, told to its hosts' workers (worker/cancel_notice.py). Its
+# message lives as long as the job's signed request may (`request_max_age`), not the usual
+# `message_ttl`: a worker away for longer than that must still hear of it when it is back.
+CANCEL_NOTICE_TASK = f"{TASK_PREFIX}cancel_notice"
+
+
+def message_life(task: str, tunables: Tunables) -> float:
+    """How long a message of `task` may be valid (its envelope's TTL at most)."""
+    return tunables.request_max_age if task == CANCEL_NOTICE_TASK else tunables.message_ttl
+
+
 AUTH_SERIALIZER = "auth"  # Celery's signed serializer, as kombu's registry names it
 
 

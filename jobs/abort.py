@@ -10,6 +10,10 @@ The guest stays where it was in every case but these last two. A stalled job (it
 worker away) is judged by the state it stalled in: one stalled in its migration only gets the
 request, which the source's worker, back, carries out in libvirt (or finds the migration
 completed); it is never marked cancelled while libvirtd may be moving its guest.
+
+A cancel is told to the job's two hosts (`notify`: a signed notice each worker keeps in its
+ledger, worker/cancel_notice.py): the record's `cancelled` alone was anyone's to write back
+with the Redis password, and the job then ran (attacker probe).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from celery.canvas import Signature
 
 from config.celery import host_queue
 from jobs.model import Job, migration_event
-from jobs.phases import ROLLBACK_DESTINATION_TASK, Phase
+from jobs.phases import CANCEL_NOTICE_TASK, ROLLBACK_DESTINATION_TASK, Phase
 from jobs.states import POSTCOPY_STATES, JobState
 from jobs.store import JobStore
 
@@ -41,8 +45,10 @@ def abort_job(
     by: str,
     rollback: Callable[[Job], None],
     reason: str = ABORT_REASON,
+    notify: Callable[[Job], None] | None = None,
 ) -> str:
-    """Stop `job_id`; `rollback` asks its destination to clean up. Returns what happened."""
+    """Stop `job_id`; `rollback` asks its destination to clean up, `notify` tells both hosts
+    of a cancel. Returns what happened."""
     store.get(job_id)  # JobNotFound before any flag is set
     for _ in range(CANCEL_ATTEMPTS):
         job = store.get(job_id)
@@ -83,10 +89,26 @@ def abort_job(
         )
         if moved:
             _cancelled(store, job, by, reason)
+            untold = _told(notify, job)
             if job.state is not JobState.QUEUED:
                 rollback(job)
-            return f"job {job_id} cancelled ({job.state.value})"
+            return f"job {job_id} cancelled ({job.state.value}){untold}"
     return f"abort requested: {job.spec.src} stops the job of {job.spec.domain}"
+
+
+def _told(notify: Callable[[Job], None] | None, job: Job) -> str:
+    """Tell the job's hosts of its cancel; what to add to the answer when that failed (the
+    cancel stands: the record says so, and nothing sends the job again)."""
+    if notify is None:
+        return ""
+    try:
+        notify(job)
+    except Exception as exc:  # the broker away: said, never raised over a done cancel
+        return (
+            f"; its hosts could not be told ({exc}), so a Redis writer could start it again "
+            "until its signed request expires"
+        )
+    return ""
 
 
 def _migration_started(job: Job) -> bool:
@@ -131,3 +153,14 @@ def rollback_sender(app: Celery, send: Callable[[Signature], None]) -> Callable[
         )
 
     return rollback
+
+
+def cancel_notifier(app: Celery, send: Callable[[Signature], None]) -> Callable[[Job], None]:
+    """The `notify` of `abort_job` for a caller that publishes with `send`: a cancel notice
+    to each of the job's hosts, valid as long as its request (config/security.py)."""
+
+    def notify(job: Job) -> None:
+        for host in dict.fromkeys((job.spec.src, job.spec.dst)):
+            send(app.signature(CANCEL_NOTICE_TASK, args=(job.id,), queue=host_queue(host)))
+
+    return notify

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS outbound (job_id TEXT PRIMARY KEY, uuid TEXT NOT NULL
                                      since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS operator_downtime (job_id TEXT PRIMARY KEY, ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS finish_pauses (job_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS cancelled (job_id TEXT PRIMARY KEY, by TEXT NOT NULL);
 """
 
 

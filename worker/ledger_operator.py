@@ -1,8 +1,9 @@
 """The ledger's records of what operators decided, as this host's worker saw it: a schedule's
 times that fired here and the schedules removed, how often an evacuation queued a domain
-again, that the host was disabled for maintenance, and the downtime an operator set on a
-migration. Each is a decision a Redis write (or a restart of the worker) must not undo: an
-entry written back, a count deleted, a maintenance entry removed by hand.
+again, that the host was disabled for maintenance, the jobs an operator cancelled, and the
+downtime an operator set on a migration. Each is a decision a Redis write (or a restart of
+the worker) must not undo: an entry written back, a count deleted, a maintenance entry
+removed by hand, a cancelled job written back to `queued`.
 
 A mixin of worker/ledger.py's Ledger (its connection, its lock, its schema).
 """
@@ -39,6 +40,22 @@ class OperatorRecords:
                 "SELECT 1 FROM removed_schedules WHERE schedule_id = ?", (schedule_id,)
             ).fetchone()
         return row is not None
+
+    # --- jobs an operator cancelled ------------------------------------------------------
+
+    def note_cancelled(self, job_id: str, by: str) -> None:
+        """An operator cancelled `job_id` (its signed notice: worker/cancel_notice.py): no
+        phase of it runs here again, whatever its record says later."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO cancelled VALUES (?, ?)", (job_id, by))
+
+    def cancelled_by(self, job_id: str) -> str | None:
+        """Who cancelled `job_id`, if this host heard of it; None when it did not."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT by FROM cancelled WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
 
     # --- the operator's downtime on a migration out of here ---------------------------------
 

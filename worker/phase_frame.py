@@ -3,8 +3,9 @@ in middleware), so that each phase reads as the handful of libvirt facts it chec
 one thing it does:
 
     load      the message names a live job, and this host owns the phase
-    admit     the job is live, holds its slot in every gate, its request is signed, and
-              this worker takes work (a draining one sends the phase back to the queue)
+    admit     the job is live (and no operator's cancel of it reached this host), holds its
+              slot in every gate, its request is signed, and this worker takes work (a
+              draining one sends the phase back to the queue)
     claim     the phase runs once per job: a claim in Redis and in this host's ledger
     mark      run by this process: recovery on any worker of this host leaves it alone
     record    its start and end in the job record (and the fault suite's delay)
@@ -34,6 +35,7 @@ from jobs.phases import Phase, owner_of
 from jobs.states import TERMINAL, JobState
 from jobs.store import JobNotFound
 from jobs.workflow import migration_chain
+from worker.cancel_notice import cancelled_here
 from worker.contradicted_end import reopened
 from worker.job_end import entered, holds_slots, job_context, job_ended, verified
 from worker.ledger import PhaseMark
@@ -91,6 +93,10 @@ def _admit(run: PhaseRun, job: Job) -> Job:
     """The job, if this phase may run for it (taken back up if libvirt contradicts its end:
     worker/contradicted_end.py); else Dropped."""
     rt = run.rt
+    cancelled_by = cancelled_here(rt, job)  # an operator's cancel, as this host keeps it
+    if cancelled_by is not None:
+        log.info("phase.skipped", reason=f"job cancelled by {cancelled_by}")
+        raise Dropped(JobState.CANCELLED.value)
     if job.terminal:
         taken_up = reopened(rt, job, run.phase)
         if taken_up is None:

@@ -25,6 +25,7 @@ from config.security import JOB_ID
 from config.settings import current
 from jobs.model import Job
 from jobs.phases import (
+    CANCEL_NOTICE_TASK,
     EVACUATE_TASK,
     FORCE_COMPLETE_TASK,
     PHASE_ORDER,
@@ -36,6 +37,7 @@ from jobs.phases import (
 )
 from jobs.store import JobNotFound
 from worker import evacuation
+from worker.cancel_notice import note_cancel
 from worker.job_end import job_context, verified
 from worker.keeper import begin_drain, start_keeper
 from worker.libvirt_events import start_event_loop
@@ -189,6 +191,13 @@ def tune_migration(self: Task, job_id: str) -> None:
 @app.task(bind=True, name=FORCE_COMPLETE_TASK, throws=(PhaseFailed,))
 def force_complete_migration(self: Task, job_id: str) -> None:
     _run_control(self, force_complete, job_id)
+
+
+@app.task(bind=True, name=CANCEL_NOTICE_TASK)
+def cancel_notice(self: Task, job_id: str) -> None:
+    """An operator cancelled this job: this host keeps it (worker/cancel_notice.py)."""
+    with _edge():
+        note_cancel(_runtime(self), _checked_job_id(job_id))
 
 
 @app.task(bind=True, name=EVACUATE_TASK)

@@ -31,7 +31,7 @@ from jobs.model import Job
 from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
 from jobs.request_signing import RequestSigner
 from jobs.spec import MigrationSpec
-from jobs.store import job_key
+from jobs.store import ACTIVE_JOBS, job_key
 from lab import control
 from lab.layout import LabLayout
 from lab.proc import alive
@@ -527,3 +527,43 @@ def test_a_job_written_failed_mid_migration_keeps_its_incoming_copy(
 
     wait_for(gone_from_lab2, RECOVERY_S, "lab2's copy to go")
     assert lab.running_on(domain) == ["lab1"]
+
+
+# ---- an operator's cancel written back in Redis --------------------------------------------
+
+
+def test_a_cancelled_job_written_back_to_queued_never_runs(lab: Lab, guest_home: None) -> None:
+    """Probe, with the producer's password: a job cancelled while queued (its source's
+    worker away) was written back to `queued` in its lane; admission started it again and
+    the guest moved against the operator's cancel (its signed request good for a day). Each
+    host keeps the cancel from the signed notice the abort sends: nothing runs, the record
+    is set back to `cancelled`, and the guest stays."""
+    control.kill_worker("lab1")
+    try:
+        job_id = lab.drover.submit(domain=GUEST, src="lab1", dst="lab2", live=True)
+        assert lab.drover.job(job_id).state.value == "queued"  # lab1's worker is away
+        assert "cancelled (queued)" in lab.drover.abort(job_id)
+    finally:
+        control.restart_worker("lab1")
+        lab.status = control.status()
+
+    r = lab.drover.store.r
+    r.hset(job_key(job_id), "state", "queued")
+    r.hdel(job_key(job_id), "reason", "abort_requested")
+    r.sadd(ACTIVE_JOBS, job_id)
+    r.zadd(lane_key("lab1", "lab2"), {job_id: 0})
+    r.sadd(LANES, lane_key("lab1", "lab2"))
+    r.zadd(LANES_READY, {lane_key("lab1", "lab2"): 0})
+
+    # lab1's worker, back, takes the notice first (its queue holds it before anything
+    # admission sends now), lab2's took it at once.
+    wait_for(lambda: lab.drover.job(job_id).state.value != "queued", RECOVERY_S, "admission")
+    job = ended(lab, job_id)
+    assert job.state.value == "cancelled", job
+    assert "was cancelled by" in (job.reason or ""), job.reason
+    said = list(lab.drover.events(job_id))
+    assert {e["host"] for e in said if e["event"] == "cancel.noted"} == {"lab1", "lab2"}
+    assert "security.rejected" in [e["event"] for e in said]
+    for host in ("lab1", "lab2"):
+        assert not [e for e in log_events(host, job_id) if e["event"] == "phase.started"]
+    untouched(lab)

@@ -1,0 +1,103 @@
+"""An operator's cancel, kept by each of the job's hosts (worker/cancel_notice.py): a record
+written back to a live state in Redis runs no phase, and says `cancelled` again. Real test
+Redis, real SQLite ledger; the notice's own delivery is tests/lab/test_attacks.py's."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from config import envelope
+from config.celery import _ttl_within
+from config.message_checks import envelope_problem
+from config.security import CANCEL_NOTICE_TASK, message_life
+from config.settings import Tunables
+from jobs.abort import abort_job
+from jobs.keys import job_key
+from jobs.model import Job
+from jobs.phases import Phase, task_name
+from jobs.states import JobState
+from jobs.store import JobStore
+from tests.unit.test_forged_admission import admit, rt, submit
+from worker.cancel_notice import note_cancel
+from worker.ledger import Ledger
+from worker.phase_errors import Dropped
+from worker.phase_frame import execute_phase
+from worker.runtime import Runtime
+
+__all__ = ["rt"]  # a fixture, used by name
+
+
+def never(_rt: Runtime, _job: Job) -> JobState | None:
+    raise AssertionError("no phase of a cancelled job runs")
+
+
+def cancelled(rt: Runtime, store: JobStore, job_id: str) -> None:
+    """`drover abort` of the job, its notice taken by this host's worker."""
+    line = abort_job(
+        store,
+        job_id,
+        by="ops@site",
+        rollback=lambda _j: None,
+        notify=lambda j: note_cancel(rt, j.id),
+    )
+    assert "cancelled" in line
+
+
+@pytest.mark.parametrize("written_back", ["queued", "preflight", "prepared"])
+def test_a_cancelled_job_written_back_live_runs_no_phase_and_says_cancelled_again(
+    rt: Runtime, store: JobStore, written_back: str
+) -> None:
+    job_id = submit(store, "web01")
+    assert admit(rt) == [job_id]
+    cancelled(rt, store, job_id)
+    assert rt.ledger.cancelled_by(job_id) is not None
+    store.r.hset(job_key(job_id), "state", written_back)  # the attacker's writes
+    store.r.hdel(job_key(job_id), "reason", "abort_requested")
+
+    phase = Phase.SOURCE_PREFLIGHT  # this host's (the destination's prepare: the same)
+    for look in ("first", "again"):  # admission's message, then a redispatched one
+        with capture_logs() as logs, pytest.raises(Dropped):
+            execute_phase(rt, job_id, phase, never)
+        job = store.get(job_id)
+        assert job.state is JobState.CANCELLED
+        assert job.reason is not None and f"job {job_id} was cancelled by" in job.reason
+        assert phase.value not in job.phases
+        said = [e["event"] for e in logs]
+        if look == "first":  # the first look sets the record back
+            assert said[:2] == ["security.rejected", "job.state"], said
+        assert said[-1] == "phase.skipped", said
+
+
+def test_the_cancel_outlives_the_worker_and_a_record_removed(
+    rt: Runtime, store: JobStore, tmp_path: Path
+) -> None:
+    job_id = submit(store, "web02")
+    cancelled(rt, store, job_id)
+    store.r.delete(job_key(job_id))
+    note_cancel(rt, job_id)  # a notice whose record is gone is kept all the same
+    restarted = Ledger(str(tmp_path / "ledger"))
+    assert restarted.cancelled_by(job_id) is not None
+    assert restarted.cancelled_by("0123456789ab") is None
+
+
+def test_a_notice_lives_as_long_as_a_request_and_no_other_message_does() -> None:
+    """A worker away for longer than a message's life still hears of the cancel when it is
+    back: the notice's envelope may run to `request_max_age`; a phase's may not."""
+    tunables = Tunables()
+    assert message_life(CANCEL_NOTICE_TASK, tunables) == tunables.request_max_age
+    preflight = task_name(Phase.SOURCE_PREFLIGHT)
+    assert message_life(preflight, tunables) == tunables.message_ttl
+    assert _ttl_within(time.time(), None, CANCEL_NOTICE_TASK) == tunables.request_max_age
+    assert _ttl_within(time.time(), None, preflight) == tunables.message_ttl
+
+    now = time.time()
+    day = tunables.request_max_age - 60
+    notice = envelope.stamp(CANCEL_NOTICE_TASK, "kvm1", "0123456789ab", now, day)
+    assert envelope_problem(CANCEL_NOTICE_TASK, "kvm1", "0123456789ab", notice) is None
+    phase = envelope.stamp(preflight, "kvm1", "0123456789ab", now, day)
+    said = envelope_problem(preflight, "kvm1", "0123456789ab", phase)
+    assert said is not None and "further away" in said
