@@ -24,6 +24,10 @@ QUEUE_PREFIX = "drover.host."
 CONSUMER_TRANSPORT = "config.broker_transport:Transport"
 SENTINEL_CONSUMER_TRANSPORT = "config.broker_transport:SentinelTransport"
 WORKER_NODE_PREFIX = "drover@"
+# A worker's consumer, by name: importing it here would load Celery's worker into every
+# producer (the CLI's start-up); its delay is handed to it in the app's settings.
+TASK_EVENTS_CONSUMER = "config.task_events:DelayedEventsConsumer"
+TASK_EVENT_FLUSH_DELAY = "drover_task_event_flush_delay"
 
 
 def host_queue(host: str) -> str:
@@ -81,6 +85,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": True,
+        # ... published a moment later, together, off the hand-over (config/task_events.py).
+        "worker_consumer": TASK_EVENTS_CONSUMER,
+        TASK_EVENT_FLUSH_DELAY: settings.tunables.task_event_flush_delay,
         "worker_concurrency": settings.tunables.worker_concurrency,
         "worker_pool": "threads",
         # No remote control: a broadcast (shutdown, add_consumer, revoke, rate_limit, ...) is

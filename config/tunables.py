@@ -153,6 +153,11 @@ class Tunables(BaseModel):
     # refused: each one waiting on would hold one of the worker's threads, which every other
     # job's phases need too (a probe slowed an unrelated migration from 4 s to 83 s so).
     control_lock_wait: float = Field(default=1.0, gt=0, le=60)
+    # A worker publishes its Celery task events (for Flower) this long after the first one is
+    # buffered, all in one message, rather than at once: at once, the publish fell on the
+    # moment a phase hands over (the next one being taken from the queue), and each hop paid
+    # for it. Flower shows a task's progress at most this late (config/task_events.py).
+    task_event_flush_delay: float = Field(default=0.05, ge=0, le=5)
     # After a migration call returns, how long perform waits for libvirt's job-completed event
     # (the guest's downtime, the final figures) before asking the destination instead.
     completion_event_wait: float = Field(default=2.0, gt=0, le=60)
