@@ -233,9 +233,14 @@ def handoff_or_fail(rt: Runtime, spec: MigrationSpec) -> Handoff:
         raise PhaseFailed(str(exc)) from None
 
 
-def _expect(condition: bool, reason: str) -> None:
+def _expect(condition: bool, reason: str, found: DomainFacts, spec: MigrationSpec) -> None:
+    """The arrival as asked, or the job fails saying where the guest is: here, where it
+    stays (libvirt moved it; probe: "failed" alone read as "on the source, rolled back")."""
     if not condition:
-        raise PhaseFailed(reason)
+        raise PhaseFailed(
+            f"{reason}: libvirt shows it on {spec.dst} ({found.state}), where it stays; "
+            "nothing of it is rolled back"
+        )
 
 
 def _arrival_states(suspend: bool, before: SourceFacts | None) -> tuple[str, ...]:
@@ -255,20 +260,28 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
         raise PhaseFailed(f"{spec.arrives_as} is not on {spec.dst} after the migration")
     found: DomainFacts = facts(dom)
     here = f"{spec.arrives_as} on {spec.dst}"
-    _expect(found.name == spec.arrives_as, f"{here} arrived named {found.name}")
+    _expect(found.name == spec.arrives_as, f"{here} arrived named {found.name}", found, spec)
     # How the guest was before, as this host's prepare read it from the source's libvirtd.
     before = rt.ledger.facts(job.id)
     if spec.offline:
-        _expect(not found.active, f"{here} is {found.state}; offline should leave it inactive")
+        _expect(
+            not found.active,
+            f"{here} is {found.state}; offline should leave it inactive",
+            found,
+            spec,
+        )
     else:
         states = _arrival_states(spec.suspend, before)
-        _expect(found.state in states, f"{here} is {found.state}, expected {' or '.join(states)}")
+        expected = " or ".join(states)
+        _expect(found.state in states, f"{here} is {found.state}, expected {expected}", found, spec)
     wants_config = spec.persistent or (before is not None and before.dest_config_present)
     if before is not None or spec.persistent:  # unknown: either is what libvirt may leave
         _expect(
             found.persistent == wants_config,
             f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
             f"{'persistent' if wants_config else 'transient'}",
+            found,
+            spec,
         )
     # The guest now really uses the memory that was reserved for it, and has arrived: the
     # images made for it are its disks now, no longer this job's to remove.

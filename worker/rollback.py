@@ -83,6 +83,14 @@ def rollback_destination(rt: Runtime, job: Job) -> None:
     if uuid:
         rt.ledger.drop_incoming(uuid, job.id)
     arrived = dom is not None and bool(dom.isActive())
+    if arrived and uuid is not None and incoming == job.id:
+        # libvirt moved it, and finish found it other than asked (or never ran to its end):
+        # the guest is where it runs; only what the job held here is given back.
+        log.warning(
+            "rollback.kept_arrived",
+            uuid=uuid,
+            reason=f"{job.spec.arrives_as} runs on {rt.host}, brought in by this job: kept",
+        )
     made = rt.ledger.images(job.id)
     if made:
         kept_why = _keep_images(rt, job, uuid, arrived)

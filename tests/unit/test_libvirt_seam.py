@@ -230,8 +230,10 @@ def test_finish_checks_the_arrived_guest_against_the_spec(
     transient = job_for(store)  # the guest here is persistent; the job asked for transient
     seen_here(rt, transient, recorded(guest_uuid(hv)))
     walked(store, transient, JobState.MIGRATING)
-    with pytest.raises(PhaseFailed, match="test on kvm2 is persistent, expected transient"):
+    with pytest.raises(PhaseFailed, match="test on kvm2 is persistent, expected transient") as e:
         finish(rt, store.get(transient))
+    # Where the guest is, said (probe: "failed" read as "on the source, rolled back").
+    assert "libvirt shows it on kvm2 (running), where it stays" in str(e.value)
 
     kept = job_for(store, persistent=True)
     seen_here(rt, kept, recorded(guest_uuid(hv)))
@@ -356,6 +358,28 @@ def test_a_rollback_never_takes_a_guest_that_arrived_for_absent_whatever_its_uui
     assert hv.lookupByName(GUEST).isActive()
     # Its disks now: forgotten, so that no later pass removes them once the guest stops.
     assert rt.ledger.images(job_id) == [] and rt.ledger.jobs_with_leftovers() == []
+
+
+def test_a_rollback_after_a_failed_finish_keeps_the_guest_that_arrived_and_says_so(
+    env: Path, store: JobStore, hv: libvirt.virConnect, tmp_path: Path
+) -> None:
+    """Probe: the guest arrived, someone paused or undefined it during finish, finish failed
+    the job, and the rollback said only `rollback.done`. The guest stays where it runs, and
+    the rollback says it kept it."""
+    rt = runtime(store, "kvm2", tmp_path)
+    job_id = job_for(store)
+    uuid = guest_uuid(hv)
+    rt.ledger.remember_facts(job_id, SourceFacts.model_validate(recorded(uuid)))
+    assert rt.ledger.take_incoming(uuid, job_id, lambda _job: False) is None
+    assert rt.ledger.claim(job_id, Phase.FINISH.value)  # finish ran here, and failed it
+    walked(store, job_id, JobState.MIGRATING)
+    assert store.transition(job_id, JobState.FAILED, host="kvm2", reason="finish")[0]
+    with bind_log(store, "kvm2"), bound_contextvars(job_id=job_id):
+        rollback_destination(rt, store.get(job_id))
+    assert hv.lookupByName(GUEST).isActive()
+    said = [e for _, e in store.read_events(job_id) if e["event"].startswith("rollback.")]
+    assert [e["event"] for e in said] == ["rollback.kept_arrived", "rollback.done"], said
+    assert said[0]["uuid"] == uuid and "kept" in said[0]["reason"]
 
 
 def test_a_rollback_keeps_the_images_when_the_source_does_not_run_the_guest(
