@@ -43,14 +43,12 @@ TASK_PREFIX = "drover."
 # message lives as long as the job's signed request may (`request_max_age`), not the usual
 # `message_ttl`: a worker away for longer than that must still hear of it when it is back.
 CANCEL_NOTICE_TASK = f"{TASK_PREFIX}cancel_notice"
+AUTH_SERIALIZER = "auth"  # Celery's signed serializer, as kombu's registry names it
 
 
 def message_life(task: str, tunables: Tunables) -> float:
     """How long a message of `task` may be valid (its envelope's TTL at most)."""
     return tunables.request_max_age if task == CANCEL_NOTICE_TASK else tunables.message_ttl
-
-
-AUTH_SERIALIZER = "auth"  # Celery's signed serializer, as kombu's registry names it
 
 
 def argument_problem(args: Any, kwargs: Any, *, need_envelope: bool = False) -> str | None:

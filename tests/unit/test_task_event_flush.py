@@ -23,12 +23,10 @@ from config.settings import Settings, Tunables
 from config.task_events import DelayedEventsConsumer
 from tests.conftest import RedisServer
 from tests.support.lab_fixtures import wait_for
+from tests.unit.test_task_events import Received, receiving
 
-RECEIVER_READY_S = 15.0
-PROBE_INTERVAL_S = 0.2
 DELIVERED_S = 15.0
 RAN_S = 15.0
-JOIN_S = 30.0
 # Longer than any turn of the worker's event loop (its poll waits at most a second without
 # timers), so that only the delay can account for events arriving this late.
 DELAY_S = 3.0
@@ -37,22 +35,19 @@ DELAY_S = 3.0
 NEVER_S = 5.0
 TASK_PREFIX = "drover.test_event_flush"
 JOB_ID = "0123456789ab"
-PROBE = "drover-probe"
 TASK_EVENTS = ("task-received", "task-started", "task-succeeded")
 
 
-class Arrivals:
+class Arrivals(Received):
     """Task events by uuid, each with the time it arrived here and the time it was sent."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        super().__init__()
         self.events: dict[str, list[tuple[str, float, float]]] = {}
-        self.ready = threading.Event()
 
     def on_event(self, event: dict[str, Any]) -> None:
-        if event["type"] == PROBE:
-            self.ready.set()
-        elif event["type"].startswith("task-"):
+        super().on_event(event)
+        if event["type"].startswith("task-"):
             with self.lock:
                 seen = self.events.setdefault(event["uuid"], [])
                 seen.append((event["type"], time.time(), float(event["timestamp"])))
@@ -63,33 +58,10 @@ class Arrivals:
 
 
 @contextmanager
-def receiving(app: Celery) -> Iterator[Arrivals]:
+def arrivals_of(app: Celery) -> Iterator[Arrivals]:
     arrivals = Arrivals()
-    started = threading.Event()
-    receiver: Any = None
-
-    def run() -> None:
-        nonlocal receiver
-        with app.connection_for_read() as conn:
-            receiver = app.events.Receiver(conn, handlers={"*": arrivals.on_event})
-            started.set()
-            receiver.capture(limit=None, timeout=None, wakeup=False)
-
-    thread = threading.Thread(target=run, name="event-receiver", daemon=True)
-    thread.start()
-    try:
-        assert started.wait(RECEIVER_READY_S), "the receiver did not start"
-        with app.events.default_dispatcher(hostname="drover@probe") as probe:
-            wait_for(
-                lambda: probe.send(PROBE) or arrivals.ready.wait(PROBE_INTERVAL_S),
-                RECEIVER_READY_S,
-                "the event receiver to subscribe",
-            )
+    with receiving(app, arrivals):
         yield arrivals
-    finally:
-        if receiver is not None:
-            receiver.should_stop = True
-        thread.join(JOIN_S)
 
 
 class Worker:
@@ -139,7 +111,7 @@ def test_drover_workers_use_the_delayed_consumer_with_the_configured_delay(
 def test_a_tasks_events_arrive_together_after_the_delay(redis_srv: RedisServer) -> None:
     with (
         worker_app(redis_srv, DELAY_S) as w,
-        receiving(w.app) as arrivals,
+        arrivals_of(w.app) as arrivals,
         w.started(),
     ):
         task_id = w.send()
@@ -162,7 +134,7 @@ def test_a_tasks_events_arrive_together_after_the_delay(redis_srv: RedisServer) 
 
 
 def test_events_still_held_when_the_worker_stops_are_published(redis_srv: RedisServer) -> None:
-    with worker_app(redis_srv, NEVER_S) as w, receiving(w.app) as arrivals:
+    with worker_app(redis_srv, NEVER_S) as w, arrivals_of(w.app) as arrivals:
         with w.started():
             task_id = w.send()
             assert w.ran.wait(RAN_S), "the task did not run"

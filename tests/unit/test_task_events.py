@@ -72,9 +72,10 @@ class Received:
 
 
 @contextmanager
-def receiving(app: Celery) -> Iterator[Received]:
-    """An event receiver in a thread, subscribed (proved by a probe event) before yielding."""
-    received = Received()
+def receiving(app: Celery, received: Received | None = None) -> Iterator[Received]:
+    """An event receiver in a thread (feeding `received`, a new one by default), subscribed
+    (proved by a probe event) before yielding."""
+    received = received if received is not None else Received()
     started = threading.Event()
     receiver: Any = None
     failure: list[BaseException] = []
