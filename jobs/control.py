@@ -152,9 +152,14 @@ def _tune_of(raw: str) -> TuneRequest:
     try:
         return TuneRequest.model_validate_json(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "the request"
-        raise BadControlRequest(f"the tune request is not valid: {where}: {err['msg']}") from None
+        raise _not_valid(exc) from None
+
+
+def _not_valid(exc: ValidationError) -> BadControlRequest:
+    """The first thing wrong with a request read back, in one line."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "the request"
+    return BadControlRequest(f"the tune request is not valid: {where}: {err['msg']}")
 
 
 def _signed_tune(verifier: RequestVerifier, raw: str, job_id: str, request_id: str) -> TuneRequest:
@@ -168,9 +173,7 @@ def _signed_tune(verifier: RequestVerifier, raw: str, job_id: str, request_id: s
     try:
         signed = SignedTune.model_validate(request.spec)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "the request"
-        raise BadControlRequest(f"the tune request is not valid: {where}: {err['msg']}") from None
+        raise _not_valid(exc) from None
     if signed.request_id != request_id:
         raise BadControlRequest(
             "the tune request is refused: it was signed for another request "

@@ -233,14 +233,11 @@ def handoff_or_fail(rt: Runtime, spec: MigrationSpec) -> Handoff:
         raise PhaseFailed(str(exc)) from None
 
 
-def _expect(condition: bool, reason: str, found: DomainFacts, spec: MigrationSpec) -> None:
-    """The arrival as asked, or the job fails saying where the guest is: here, where it
+def _expect(condition: bool, reason: str, where: str) -> None:
+    """The arrival as asked, or the job fails saying `where` the guest is: here, where it
     stays (libvirt moved it; probe: "failed" alone read as "on the source, rolled back")."""
     if not condition:
-        raise PhaseFailed(
-            f"{reason}: libvirt shows it on {spec.dst} ({found.state}), where it stays; "
-            "nothing of it is rolled back"
-        )
+        raise PhaseFailed(f"{reason}: {where}")
 
 
 def _arrival_states(suspend: bool, before: SourceFacts | None) -> tuple[str, ...]:
@@ -260,28 +257,28 @@ def finish(rt: Runtime, job: Job) -> JobState | None:
         raise PhaseFailed(f"{spec.arrives_as} is not on {spec.dst} after the migration")
     found: DomainFacts = facts(dom)
     here = f"{spec.arrives_as} on {spec.dst}"
-    _expect(found.name == spec.arrives_as, f"{here} arrived named {found.name}", found, spec)
+    stays = f"libvirt shows it on {spec.dst} ({found.state}), where it stays"
+    where = f"{stays}; nothing of it is rolled back"
+    _expect(found.name == spec.arrives_as, f"{here} arrived named {found.name}", where)
     # How the guest was before, as this host's prepare read it from the source's libvirtd.
     before = rt.ledger.facts(job.id)
     if spec.offline:
         _expect(
             not found.active,
             f"{here} is {found.state}; offline should leave it inactive",
-            found,
-            spec,
+            where,
         )
     else:
         states = _arrival_states(spec.suspend, before)
         expected = " or ".join(states)
-        _expect(found.state in states, f"{here} is {found.state}, expected {expected}", found, spec)
+        _expect(found.state in states, f"{here} is {found.state}, expected {expected}", where)
     wants_config = spec.persistent or (before is not None and before.dest_config_present)
     if before is not None or spec.persistent:  # unknown: either is what libvirt may leave
         _expect(
             found.persistent == wants_config,
             f"{here} is {'persistent' if found.persistent else 'transient'}, expected "
             f"{'persistent' if wants_config else 'transient'}",
-            found,
-            spec,
+            where,
         )
     # The guest now really uses the memory that was reserved for it, and has arrived: the
     # images made for it are its disks now, no longer this job's to remove.

@@ -159,7 +159,7 @@ def offline_of_running(job: Job, active: bool) -> str | None:
         return (
             f"{spec.domain} runs on {spec.src}: --offline copies only its definition, and "
             "libvirt keeps the source's while it runs, so --undefine-source would leave it "
-            f"defined on both hosts; shut it down first, or migrate it --live"
+            "defined on both hosts; shut it down first, or migrate it --live"
         )
     return None
 
