@@ -7,6 +7,7 @@ shows of the guest (its live XML, its disks' sizes) against this host's own view
     shared_disks  every disk not copied is here at the same path, same kind and size
     storage_room  with --copy-storage, room for the full capacity of every image made here
     memory        room for the guest's memory (libvirt's free memory, the declared limit)
+    tls           with --tls, QEMU's migration server certificates here (worker/tls_facts.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from worker.precheck_memory import hugepage_refusals
 from worker.precheck_storage import room_refusal, unseen_refusal
 from worker.storage import StorageError, confined
 from worker.storage_view import path_view, rooms
+from worker.tls_facts import tls_refusal
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ def destination_checks(
     ]
     if spec.offline:
         return checks
+    if spec.tls:
+        checks.append(("tls", lambda: tls_refusal(host, destination=True)))
     checks.append(("hugepages", lambda: hugepage_refusals(conn, guest.xml, host)))
     checks.append(("shared_disks", lambda: shared_disks_refusal(spec, guest, host)))
     if spec.copy_storage is not None:

@@ -4,7 +4,9 @@ libvirt deems unsafe to migrate (unless `--unsafe`). The file system a disk lies
 host's view (the worker runs in the host's mount namespace), as libvirt's own test is; whether
 the guest's QEMU can drop its page cache is libvirt's record of the running guest here
 (worker/drop_cache.py). The control flow is checked against this host's hypervisor driver,
-as libvirt names it: a dry run must not say yes to a migration libvirt always refuses.
+as libvirt names it: a dry run must not say yes to a migration libvirt always refuses. With
+`--tls`, the CA certificate this host's QEMU checks the destination's with
+(worker/tls_facts.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from worker.guest_disks import guest_disks
 from worker.precheck import Check
 from worker.precheck_storage import chosen_refusal, unsafe_refusal
 from worker.storage_view import fs_type
+from worker.tls_facts import tls_refusal
 
 # libvirt's hypervisor drivers (`virConnectGetType`) that have no unmanaged direct migration:
 # libvirt refuses it before asking the hypervisor ("direct migration is not supported by the
@@ -44,6 +47,8 @@ def source_checks(spec: MigrationSpec, domain_xml: str, driver: Callable[[], str
         checks.append(("control_flow", lambda: unmanaged_refusal(spec.src, driver())))
     if spec.offline:
         return checks  # only the definition moves: no disk is opened on the destination
+    if spec.tls:
+        checks.append(("tls", lambda: tls_refusal(spec.src, destination=False)))
     disks = guest_disks(domain_xml)
     copy = spec.copy_storage is not None
     if spec.migrate_disks is not None:

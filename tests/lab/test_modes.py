@@ -73,6 +73,9 @@ def test_scenario_moves_the_guest_there_and_back(lab: Lab, scenario: str) -> Non
     moved(lab, "idle-1", "lab2", "lab1")
 
 
+# Each lab libvirtd listens on libvirt's default TCP port (lab/libvirtd.py: listen_tcp, no
+# tcp_port): a port the disks' NBD server cannot take on that host.
+LIBVIRTD_TCP_PORT = 16509
 LIBVIRT_REFUSAL = "direct migration is not supported by the source host"
 
 
@@ -111,13 +114,41 @@ def test_unmanaged_direct_is_refused_by_qemu_and_leaves_the_guest_alone(lab: Lab
     assert [c.check for c in moved_job.result.source_checks] == ["disk_safety"]
 
 
-def test_tls_toward_a_host_without_certificates_fails_with_the_vm_intact(lab: Lab) -> None:
+def test_tls_toward_a_host_without_certificates_is_refused_before_anything_moves(
+    lab: Lab,
+) -> None:
+    """This lab is up without --tls: no host has QEMU migration certificates. `--tls` used to
+    pass a dry run and fail only once QEMU had started on the destination; each side's
+    pre-check now says what is missing where, and nothing moves."""
     lab.home("idle-1")
+    qemu_certs = Path(lab.status["config"]).parent / "hosts/lab1/pki/qemu"
+    dry = lab.migrate("idle-1", "lab1", "lab2", tls=True, dry_run=True)
     job = lab.migrate("idle-1", "lab1", "lab2", tls=True)
-    assert job.state.value == "failed"
-    assert job.reason is not None and "credentials" in job.reason
+    for ended in (dry, job):
+        assert ended.state.value == "failed", ended.reason
+        assert ended.reason is not None and "ca-cert.pem missing" in ended.reason
+        assert not [e for e in lab.drover.events(ended.id) if e["event"] == "migration.started"]
+    verdicts = [*dry.result.source_checks, *dry.result.destination_checks]
+    assert {(c.check, c.host) for c in verdicts if not c.passed} == {
+        ("tls", "lab1"),
+        ("tls", "lab2"),
+    }
+    assert set(job.phases) == {"source_preflight"}  # the destination was never asked
+    # The source's CA in place (lab1's own /etc/pki): the destination's missing server files
+    # are what refuses, at its prepare, with nothing taken there.
+    qemu_certs.mkdir(parents=True, exist_ok=True)
+    (qemu_certs / "ca-cert.pem").write_text("placeholder: only its presence is checked\n")
+    try:
+        job = lab.migrate("idle-1", "lab1", "lab2", tls=True)
+    finally:
+        (qemu_certs / "ca-cert.pem").unlink()
+    assert job.state.value == "failed", job.reason
+    assert job.reason is not None and "lab2: no QEMU migration TLS server" in job.reason
+    assert "server-key.pem" in job.reason
+    assert [c.check for c in job.result.destination_checks if not c.passed] == ["tls"]
     assert lab.running_on("idle-1") == ["lab1"]
     assert not lab.view("lab2", "idle-1").exists
+    assert lab.drover.store.reserved_mib("lab2") == 0
 
 
 def test_suspend_dname_and_the_safety_flags(lab: Lab) -> None:
@@ -221,9 +252,11 @@ def test_copy_storage_creates_the_target_image_and_moves_the_guest(
 
 def test_copy_storage_target_is_removed_when_the_job_fails(lab: Lab, disk_guest: str) -> None:
     lab2_image = Path(lab.status["config"]).parent / "hosts/lab2/lib/images/disk-1.qcow2"
-    # The made image exists once prepare ran; TLS toward a host without certificates fails.
-    job = lab.migrate(disk_guest, "lab1", "lab2", copy_storage="all", tls=True)
+    # The made image exists once prepare ran; the disks' NBD server then cannot listen on
+    # lab2's own libvirtd port, and libvirt fails the migration after prepare.
+    job = lab.migrate(disk_guest, "lab1", "lab2", copy_storage="all", disks_port=LIBVIRTD_TCP_PORT)
     assert job.state.value == "failed"
+    assert job.reason is not None and "nbd-server-start" in job.reason
     assert job.handoff.created_images == ["/var/lib/libvirt/images/disk-1.qcow2"]
     wait_for(lambda: not lab2_image.exists(), 30, "the target image to be removed")
     assert lab.running_on(disk_guest) == ["lab1"]
