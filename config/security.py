@@ -43,12 +43,16 @@ TASK_PREFIX = "drover."
 # message lives as long as the job's signed request may (`request_max_age`), not the usual
 # `message_ttl`: a worker away for longer than that must still hear of it when it is back.
 CANCEL_NOTICE_TASK = f"{TASK_PREFIX}cancel_notice"
+# An operator's abort of a running migration, told to its source's worker the same way: the
+# record's abort flag alone was anyone's to delete (attacker probe: the migration went on).
+ABORT_NOTICE_TASK = f"{TASK_PREFIX}abort_notice"
+NOTICE_TASKS = frozenset({CANCEL_NOTICE_TASK, ABORT_NOTICE_TASK})
 AUTH_SERIALIZER = "auth"  # Celery's signed serializer, as kombu's registry names it
 
 
 def message_life(task: str, tunables: Tunables) -> float:
     """How long a message of `task` may be valid (its envelope's TTL at most)."""
-    return tunables.request_max_age if task == CANCEL_NOTICE_TASK else tunables.message_ttl
+    return tunables.request_max_age if task in NOTICE_TASKS else tunables.message_ttl
 
 
 def argument_problem(args: Any, kwargs: Any, *, need_envelope: bool = False) -> str | None:

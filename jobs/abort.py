@@ -13,7 +13,9 @@ completed); it is never marked cancelled while libvirtd may be moving its guest.
 
 A cancel is told to the job's two hosts (`notify`: a signed notice each worker keeps in its
 ledger, worker/cancel_notice.py): the record's `cancelled` alone was anyone's to write back
-with the Redis password, and the job then ran (attacker probe).
+with the Redis password, and the job then ran (attacker probe). So is an abort of a running
+migration, to its source: the record's abort flag alone was anyone's to delete, and the
+migration went on after the operator was told it would be aborted.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from celery.canvas import Signature
 
 from config.celery import host_queue
 from jobs.model import Job, migration_event
-from jobs.phases import CANCEL_NOTICE_TASK, ROLLBACK_DESTINATION_TASK, Phase
+from jobs.phases import ABORT_NOTICE_TASK, CANCEL_NOTICE_TASK, ROLLBACK_DESTINATION_TASK, Phase
 from jobs.states import POSTCOPY_STATES, JobState
 from jobs.store import JobStore
 
 ABORT_REASON = "aborted by operator"
+# `notify(job, task)`: tell the job's hosts with a notice of `task` (CANCEL_NOTICE_TASK: the
+# job was cancelled; ABORT_NOTICE_TASK: its running migration is to be aborted).
+Notify = Callable[[Job, str], None]
 # A job may move on between reading its state and cancelling it; read again this often.
 CANCEL_ATTEMPTS = 5
 
@@ -45,10 +50,10 @@ def abort_job(
     by: str,
     rollback: Callable[[Job], None],
     reason: str = ABORT_REASON,
-    notify: Callable[[Job], None] | None = None,
+    notify: Notify | None = None,
 ) -> str:
     """Stop `job_id`; `rollback` asks its destination to clean up, `notify` tells both hosts
-    of a cancel. Returns what happened."""
+    of a cancel, and the source of an abort of its running migration. Returns what happened."""
     store.get(job_id)  # JobNotFound before any flag is set
     for _ in range(CANCEL_ATTEMPTS):
         job = store.get(job_id)
@@ -71,16 +76,18 @@ def abort_job(
             if now.postcopy_since is not None or now.state in POSTCOPY_STATES:
                 store.withdraw_abort(job_id)  # switched (or failed) while we asked
                 raise TooLate(_in_postcopy(job))
+            untold = _told(notify, job, ABORT_NOTICE_TASK)
             if job.state is JobState.STALLED:
                 # libvirtd may well go on with the migration: only its source's worker, back,
                 # can abort it there or find it completed. Cancelling here would be a lie.
                 return (
                     f"abort requested: job {job_id} is stalled ({job.reason}); "
                     f"{job.spec.src}'s worker aborts the migration of {job.spec.domain} when "
-                    "it is back, if libvirt still runs it"
+                    f"it is back, if libvirt still runs it{untold}"
                 )
             return (
-                f"abort requested: {job.spec.src} aborts the running migration of {job.spec.domain}"
+                f"abort requested: {job.spec.src} aborts the running migration of "
+                f"{job.spec.domain}{untold}"
             )
         # Only from the state just read: a job that moved on into `migrating` meanwhile is
         # aborted by its source's monitor (which sees the flag), never cancelled under it.
@@ -89,21 +96,27 @@ def abort_job(
         )
         if moved:
             _cancelled(store, job, by, reason)
-            untold = _told(notify, job)
+            untold = _told(notify, job, CANCEL_NOTICE_TASK)
             if job.state is not JobState.QUEUED:
                 rollback(job)
             return f"job {job_id} cancelled ({job.state.value}){untold}"
     return f"abort requested: {job.spec.src} stops the job of {job.spec.domain}"
 
 
-def _told(notify: Callable[[Job], None] | None, job: Job) -> str:
-    """Tell the job's hosts of its cancel; what to add to the answer when that failed (the
-    cancel stands: the record says so, and nothing sends the job again)."""
+def _told(notify: Notify | None, job: Job, task: str) -> str:
+    """Tell the job's hosts with a notice of `task`; what to add to the answer when that
+    failed (the cancel stands: the record says so, and nothing sends the job again; the
+    abort stands on the record's flag, which the source's monitor also reads)."""
     if notify is None:
         return ""
     try:
-        notify(job)
+        notify(job, task)
     except Exception as exc:  # the broker away: said, never raised over a done cancel
+        if task == ABORT_NOTICE_TASK:
+            return (
+                f"; {job.spec.src} could not be told ({exc}): the abort rests on the job "
+                "record's flag alone, which a Redis writer could delete"
+            )
         return (
             f"; its hosts could not be told ({exc}), so a Redis writer could start it again "
             "until its signed request expires"
@@ -155,12 +168,15 @@ def rollback_sender(app: Celery, send: Callable[[Signature], None]) -> Callable[
     return rollback
 
 
-def cancel_notifier(app: Celery, send: Callable[[Signature], None]) -> Callable[[Job], None]:
+def host_notifier(app: Celery, send: Callable[[Signature], None]) -> Notify:
     """The `notify` of `abort_job` for a caller that publishes with `send`: a cancel notice
-    to each of the job's hosts, valid as long as its request (config/security.py)."""
+    to each of the job's hosts, an abort notice to its source (the one host that can abort
+    the migration in libvirt); valid as long as its request (config/security.py)."""
 
-    def notify(job: Job) -> None:
-        for host in dict.fromkeys((job.spec.src, job.spec.dst)):
-            send(app.signature(CANCEL_NOTICE_TASK, args=(job.id,), queue=host_queue(host)))
+    def notify(job: Job, task: str) -> None:
+        both = (job.spec.src, job.spec.dst)
+        hosts = (job.spec.src,) if task == ABORT_NOTICE_TASK else dict.fromkeys(both)
+        for host in hosts:
+            send(app.signature(task, args=(job.id,), queue=host_queue(host)))
 
     return notify

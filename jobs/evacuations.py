@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from config.celery import host_queue
 from config.events import job_event
 from config.settings import ConfigError, Settings
-from jobs.abort import ABORT_REASON, TooLate, abort_job, cancel_notifier, rollback_sender
+from jobs.abort import ABORT_REASON, TooLate, abort_job, host_notifier, rollback_sender
 from jobs.errors import SubmitError, broker_errors
 from jobs.evacuation import (
     EvacuationBusy,
@@ -163,7 +163,7 @@ class EvacuationService:
         self.records.request_abort(evacuation_id, ABORT_REASON)
         done = []
         rollback = rollback_sender(self.app, self.send)
-        notify = cancel_notifier(self.app, self.send)
+        notify = host_notifier(self.app, self.send)
         # Found by their own records too: the children list may have been deleted in Redis.
         children = self.records.find_children(ev).jobs
         for job in children.values():

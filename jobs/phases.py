@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from config.security import ABORT_NOTICE_TASK as ABORT_NOTICE_TASK
 from config.security import CANCEL_NOTICE_TASK as CANCEL_NOTICE_TASK
 from config.security import TASK_PREFIX as TASK_PREFIX
 from jobs.spec import MigrationSpec

@@ -21,7 +21,7 @@ from celery.canvas import Signature
 from config.celery import make_app
 from config.security import ensure_signing
 from config.settings import Settings, load_settings
-from jobs.abort import TooLate, abort_job, cancel_notifier, rollback_sender
+from jobs.abort import TooLate, abort_job, host_notifier, rollback_sender
 from jobs.admission import Admission, lane_of
 from jobs.dry_run import record_dry_run
 from jobs.errors import BadArgument as BadArgument
@@ -169,7 +169,7 @@ class Drover:
             return self.abort_evacuation(job_id)
         try:
             rollback = rollback_sender(self._app, self.send)
-            notify = cancel_notifier(self._app, self.send)
+            notify = host_notifier(self._app, self.send)
             return abort_job(
                 self.store, job_id, by=producer_name(), rollback=rollback, notify=notify
             )

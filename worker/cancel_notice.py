@@ -1,14 +1,19 @@
-"""An operator's cancel of a job, as this host keeps it.
+"""An operator's cancel of a job, or abort of its running migration, as this host keeps it.
 
 A job cancelled before its migration (`drover abort`, an aborted evacuation) said so only in
 its record, which anyone with the Redis password could write back to `queued` (with its
 slots): admission started it again, and the guest moved against the operator's cancel
 (attacker probe; its signed request stays good for `request_max_age`). So whoever cancels
-also sends each of the job's hosts a signed notice (jobs/abort.py `cancel_notifier`), valid as
+also sends each of the job's hosts a signed notice (jobs/abort.py `host_notifier`), valid as
 long as the request (config/security.py), queued behind nothing the job could still send:
 the worker keeps it in its ledger, and no phase of the job runs here again, whatever the
 record says; a record that says otherwise is set back to `cancelled` and the job's slots
 are given back.
+
+An abort of a running migration was the record's abort flag alone, which the same password
+could delete as soon as it was set: the operator was told the migration would be aborted, and
+it went on (attacker probe). Its source is told too; the worker keeps the abort in its ledger,
+and the migration's monitor (worker/migration_watch.py) aborts it in libvirt from either word.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import structlog
 
 from config.events import get_logger
+from jobs.abort import ABORT_REASON
 from jobs.model import Job
 from jobs.states import JobState
 from jobs.store import JobNotFound
@@ -40,6 +46,24 @@ def note_cancel(rt: Runtime, job_id: str) -> None:
     with structlog.contextvars.bound_contextvars(**job_context(job, None)):
         log.info("cancel.noted", by=by)
         cancelled_here(rt, job)
+
+
+def note_abort(rt: Runtime, job_id: str) -> None:
+    """The abort notice's task: keep the operator's abort of the job's migration. Its reason
+    is the record's (words only, for the job's end: the notice is what counts)."""
+    try:
+        reason = rt.store.abort_requested(job_id) or ABORT_REASON
+    except JobNotFound:
+        reason = ABORT_REASON
+    rt.ledger.note_abort_asked(job_id, reason)
+    with structlog.contextvars.bound_contextvars(job_id=job_id):
+        log.info("abort.noted", reason=reason)
+
+
+def abort_asked(rt: Runtime, job_id: str) -> str | None:
+    """The operator's abort of the job's migration: this host's record of the signed notice
+    first, else the record's flag (raises what a Redis read raises)."""
+    return rt.ledger.abort_asked(job_id) or rt.store.without_retry.abort_requested(job_id)
 
 
 def cancelled_here(rt: Runtime, job: Job) -> str | None:

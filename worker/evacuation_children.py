@@ -22,7 +22,7 @@ from jobs.states import JobState
 from jobs.submission import DomainBusy, enqueue
 from worker.admission_pass import admit_waiting
 from worker.evacuation_plan import child_spec, replanned
-from worker.job_end import cancel_notices_later, rollback_destination_later
+from worker.job_end import notices_later, rollback_destination_later
 from worker.libvirt_host import facts
 from worker.local_disks import local_disk_paths
 from worker.runtime import Runtime
@@ -235,7 +235,7 @@ def abort_children(rt: Runtime, ev: Evacuation, children: dict[str, Job]) -> Non
                 job.id,
                 by=rt.host,
                 rollback=rollback_destination_later,
-                notify=cancel_notices_later,
+                notify=notices_later,
             )
         except TooLate:
             continue  # finishing: the guest already runs on its destination

@@ -12,7 +12,7 @@ from typing import Any
 
 from config.celery import app, host_queue
 from config.events import get_logger
-from jobs.abort import cancel_notifier
+from jobs.abort import host_notifier
 from jobs.admission_head import TERMINAL_NAMES, retake_slots, slots_of
 from jobs.model import Job
 from jobs.phases import PHASE_ORDER, ROLLBACK_DESTINATION_TASK, Phase
@@ -82,9 +82,9 @@ def rollback_destination_later(job: Job) -> None:
     app.send_task(ROLLBACK_DESTINATION_TASK, args=(job.id,), queue=host_queue(job.spec.dst))
 
 
-def cancel_notices_later(job: Job) -> None:
-    """Tell both hosts of the job that it was cancelled (jobs/abort.py `cancel_notifier`)."""
-    cancel_notifier(app, lambda sig: sig.apply_async())(job)
+def notices_later(job: Job, task: str) -> None:
+    """Tell the job's hosts of its cancel or abort (jobs/abort.py `host_notifier`)."""
+    host_notifier(app, lambda sig: sig.apply_async())(job, task)
 
 
 def touched_destination(phase: Phase) -> bool:

@@ -1,9 +1,10 @@
 """The ledger's records of what operators decided, as this host's worker saw it: a schedule's
 times that fired here and the schedules removed, how often an evacuation queued a domain
-again, that the host was disabled for maintenance, the jobs an operator cancelled, and the
-downtime an operator set on a migration. Each is a decision a Redis write (or a restart of
-the worker) must not undo: an entry written back, a count deleted, a maintenance entry
-removed by hand, a cancelled job written back to `queued`.
+again, that the host was disabled for maintenance, the jobs an operator cancelled, the
+migrations an operator asked to abort, and the downtime an operator set on a migration. Each
+is a decision a Redis write (or a restart of the worker) must not undo: an entry written back,
+a count deleted, a maintenance entry removed by hand, a cancelled job written back to
+`queued`, an abort's flag deleted.
 
 A mixin of worker/ledger.py's Ledger (its connection, its lock, its schema).
 """
@@ -54,6 +55,21 @@ class OperatorRecords:
         with self._lock:
             row = self._db.execute(
                 "SELECT by FROM cancelled WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def note_abort_asked(self, job_id: str, reason: str) -> None:
+        """An operator asked to abort the running migration of `job_id` (its signed notice:
+        worker/cancel_notice.py): this host's monitor aborts it in libvirt, whatever the
+        record's abort flag says later (deleted, written over)."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO abort_asked VALUES (?, ?)", (job_id, reason))
+
+    def abort_asked(self, job_id: str) -> str | None:
+        """Why the operator asked to abort `job_id`'s migration, if this host was told."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT reason FROM abort_asked WHERE job_id = ?", (job_id,)
             ).fetchone()
         return None if row is None else str(row[0])
 

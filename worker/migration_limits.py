@@ -49,7 +49,8 @@ def wait_for_limit(rt: Runtime, job: Job, attempt: Callable[[], str | None]) -> 
             log.info("job.waiting", reason=busy)
             said = busy
         time.sleep(tunables.admission_interval)
-        aborted = rt.store.abort_requested(job.id)
+        # The operator's abort: this host's record of its signed notice, else the record's.
+        aborted = rt.ledger.abort_asked(job.id) or rt.store.abort_requested(job.id)
         if aborted:
             raise PhaseCancelled(f"{aborted} while it waited ({busy}); nothing moved")
         if ended_in_redis(rt, job.id):

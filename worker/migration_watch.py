@@ -17,6 +17,7 @@ from config.events import get_logger
 from config.policy_model import MigrationPolicy
 from jobs.model import Job
 from worker import job_locks, switch_asked
+from worker.cancel_notice import abort_asked
 from worker.convergence import ConvergenceEngine, Decision
 from worker.ledger import Ledger
 from worker.libvirt_events import CompletionWatch
@@ -192,7 +193,9 @@ def watch_migration(
         # Paused by this worker to finish (force-complete, the policy's suspend): its ledger.
         paused_to_finish=lambda: rt.ledger.finish_paused(job.id),
         # Read once per tick, never waiting out a Redis outage: libvirt migrates meanwhile.
-        abort_requested=lambda: rt.store.without_retry.abort_requested(job.id),
+        # This host's record of the operator's signed abort notice counts first: the
+        # record's flag alone was anyone's to delete (worker/cancel_notice.py).
+        abort_requested=lambda: abort_asked(rt, job.id),
         drain=lambda: drain_action(spec, rt.drained_for(), tunables.drain_timeout),
         until_idle=until_idle,
     )

@@ -25,6 +25,7 @@ from config.security import JOB_ID
 from config.settings import current
 from jobs.model import Job
 from jobs.phases import (
+    ABORT_NOTICE_TASK,
     CANCEL_NOTICE_TASK,
     EVACUATE_TASK,
     FORCE_COMPLETE_TASK,
@@ -37,7 +38,7 @@ from jobs.phases import (
 )
 from jobs.store import JobNotFound
 from worker import evacuation
-from worker.cancel_notice import note_cancel
+from worker.cancel_notice import note_abort, note_cancel
 from worker.job_end import job_context, verified
 from worker.keeper import begin_drain, start_keeper
 from worker.libvirt_events import start_event_loop
@@ -198,6 +199,14 @@ def cancel_notice(self: Task, job_id: str) -> None:
     """An operator cancelled this job: this host keeps it (worker/cancel_notice.py)."""
     with _edge():
         note_cancel(_runtime(self), _checked_job_id(job_id))
+
+
+@app.task(bind=True, name=ABORT_NOTICE_TASK)
+def abort_notice(self: Task, job_id: str) -> None:
+    """An operator asked to abort this job's running migration: this host keeps it, and the
+    migration's monitor aborts it in libvirt (worker/cancel_notice.py)."""
+    with _edge():
+        note_abort(_runtime(self), _checked_job_id(job_id))
 
 
 @app.task(bind=True, name=EVACUATE_TASK)

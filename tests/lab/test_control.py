@@ -18,8 +18,9 @@ import libvirt
 import pytest
 
 from jobs.errors import SubmitError
-from jobs.keys import tune_key
+from jobs.keys import ABORT_FIELD, tune_key
 from jobs.model import Job
+from jobs.store import job_key
 from lab import control
 from tests.support.cli import run_drover
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
@@ -268,6 +269,31 @@ def test_a_switch_asked_after_an_accepted_abort_does_not_land_the_guest(
     assert job.postcopy_since is None
     if "refused" in switched.stderr:  # said in the job's stream too
         assert "control.refused" in names, (switched.stderr, names)
+
+
+def test_an_abort_whose_flag_is_deleted_in_redis_still_stops_the_migration(
+    lab: Lab, started: Started
+) -> None:
+    """Attacker probe, with the producer's Redis password: the abort flag of a running
+    migration, deleted as soon as `drover abort` set it. The operator was told the migration
+    would be aborted, and it went on. The source's worker is told by a signed notice it keeps:
+    the migration is aborted in libvirt, the job ends `cancelled`, the guest runs on lab1."""
+    job_id = started.migrating(policy="manual", bandwidth_mib=SLOW_MIB)
+    control.freeze_worker("lab1")  # the notice waits in lab1's queue, the flag in Redis
+    try:
+        said = lab.drover.abort(job_id)
+        assert lab.drover.store.r.hdel(job_key(job_id), ABORT_FIELD) == 1
+    finally:
+        control.thaw_worker("lab1")
+    assert said.startswith("abort requested: lab1 aborts"), said
+    job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
+    assert job.state.value == "cancelled", job.reason
+    assert lab.running_on(DIRTY) == ["lab1"]
+    assert lab.view("lab1", DIRTY).state == libvirt.VIR_DOMAIN_RUNNING
+    assert not lab.view("lab2", DIRTY).exists
+    assert outgoing_stats(lab) is None  # libvirt on lab1 runs no migration job
+    names = [(ev["event"], ev.get("host")) for ev in lab.drover.events(job_id)]
+    assert ("abort.noted", "lab1") in names, names
 
 
 def test_a_pause_before_the_switch_to_postcopy_counts_in_the_downtime(

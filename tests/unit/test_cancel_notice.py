@@ -1,6 +1,8 @@
 """An operator's cancel, kept by each of the job's hosts (worker/cancel_notice.py): a record
-written back to a live state in Redis runs no phase, and says `cancelled` again. Real test
-Redis, real SQLite ledger; the notice's own delivery is tests/lab/test_attacks.py's."""
+written back to a live state in Redis runs no phase, and says `cancelled` again; an abort of
+a running migration, kept by its source, whatever becomes of the record's flag. Real test
+Redis, real SQLite ledger; the notices' own delivery is tests/lab/test_attacks.py's and
+tests/lab/test_control.py's."""
 
 from __future__ import annotations
 
@@ -13,16 +15,16 @@ from structlog.testing import capture_logs
 from config import envelope
 from config.celery import _ttl_within
 from config.message_checks import envelope_problem
-from config.security import CANCEL_NOTICE_TASK, message_life
+from config.security import ABORT_NOTICE_TASK, CANCEL_NOTICE_TASK, message_life
 from config.settings import Tunables
-from jobs.abort import abort_job
+from jobs.abort import abort_job, host_notifier
 from jobs.keys import job_key
 from jobs.model import Job
 from jobs.phases import Phase, task_name
 from jobs.states import JobState
 from jobs.store import JobStore
 from tests.unit.test_forged_admission import admit, rt, submit
-from worker.cancel_notice import note_cancel
+from worker.cancel_notice import abort_asked, note_abort, note_cancel
 from worker.ledger import Ledger
 from worker.phase_errors import Dropped
 from worker.phase_frame import execute_phase
@@ -42,7 +44,7 @@ def cancelled(rt: Runtime, store: JobStore, job_id: str) -> None:
         job_id,
         by="ops@site",
         rollback=lambda _j: None,
-        notify=lambda j: note_cancel(rt, j.id),
+        notify=lambda j, _task: note_cancel(rt, j.id),
     )
     assert "cancelled" in line
 
@@ -89,6 +91,7 @@ def test_a_notice_lives_as_long_as_a_request_and_no_other_message_does() -> None
     back: the notice's envelope may run to `request_max_age`; a phase's may not."""
     tunables = Tunables()
     assert message_life(CANCEL_NOTICE_TASK, tunables) == tunables.request_max_age
+    assert message_life(ABORT_NOTICE_TASK, tunables) == tunables.request_max_age
     preflight = task_name(Phase.SOURCE_PREFLIGHT)
     assert message_life(preflight, tunables) == tunables.message_ttl
     assert _ttl_within(time.time(), None, CANCEL_NOTICE_TASK) == tunables.request_max_age
@@ -101,3 +104,57 @@ def test_a_notice_lives_as_long_as_a_request_and_no_other_message_does() -> None
     phase = envelope.stamp(preflight, "kvm1", "0123456789ab", now, day)
     said = envelope_problem(preflight, "kvm1", "0123456789ab", phase)
     assert said is not None and "further away" in said
+
+
+def test_an_abort_of_a_running_migration_is_kept_by_its_source_when_its_flag_is_deleted(
+    rt: Runtime, store: JobStore, tmp_path: Path
+) -> None:
+    """Probe, with the producer's password: the abort flag deleted as soon as it was set, and
+    the migration went on after the operator was told it would be aborted. The source keeps
+    the abort from its notice; the monitor's look (`abort_asked`) finds it there."""
+    job_id = submit(store, "web03")
+    assert admit(rt) == [job_id]
+    store.r.hset(job_key(job_id), "state", JobState.MIGRATING.value)
+    told: list[str] = []
+
+    def notify(job: Job, task: str) -> None:
+        told.append(task)
+        note_abort(rt, job.id)
+
+    line = abort_job(store, job_id, by="ops@site", rollback=lambda _j: None, notify=notify)
+    assert line.startswith("abort requested: kvm1 aborts"), line
+    assert told == [ABORT_NOTICE_TASK]
+    assert abort_asked(rt, job_id) == "aborted by operator"
+    store.r.hdel(job_key(job_id), "abort_requested")  # the attacker's write
+    assert store.abort_requested(job_id) is None
+    assert abort_asked(rt, job_id) == "aborted by operator"
+    assert Ledger(str(tmp_path / "ledger")).abort_asked(job_id) == "aborted by operator"
+    assert abort_asked(rt, submit(store, "web04")) is None  # another job: not asked
+
+
+def test_an_abort_that_cannot_reach_the_source_says_so_and_stands(
+    rt: Runtime, store: JobStore
+) -> None:
+    job_id = submit(store, "web05")
+    assert admit(rt) == [job_id]
+    store.r.hset(job_key(job_id), "state", JobState.MIGRATING.value)
+
+    def broker_away(_job: Job, _task: str) -> None:
+        raise ConnectionError("broker unreachable")
+
+    line = abort_job(store, job_id, by="ops@site", rollback=lambda _j: None, notify=broker_away)
+    assert "kvm1 could not be told (broker unreachable)" in line
+    assert "record's flag alone" in line
+    assert store.abort_requested(job_id) == "aborted by operator"
+
+
+def test_a_cancel_is_told_to_both_hosts_an_abort_to_the_source_only(store: JobStore) -> None:
+    from config.celery import app, host_queue
+
+    job = store.get(submit(store, "web06"))
+    sent: list[tuple[str, str]] = []
+    notify = host_notifier(app, lambda sig: sent.append((sig.task, sig.options["queue"])))
+    notify(job, CANCEL_NOTICE_TASK)
+    notify(job, ABORT_NOTICE_TASK)
+    src, dst = host_queue(job.spec.src), host_queue(job.spec.dst)
+    assert sent == [(CANCEL_NOTICE_TASK, src), (CANCEL_NOTICE_TASK, dst), (ABORT_NOTICE_TASK, src)]
