@@ -40,7 +40,11 @@ CANCEL_ATTEMPTS = 5
 
 
 class TooLate(Exception):
-    """The job has ended, is finishing or is in post-copy; the message is one line."""
+    """The job has ended (`ended`), is finishing or is in post-copy; the message is one line."""
+
+    def __init__(self, message: str, *, ended: bool = False) -> None:
+        super().__init__(message)
+        self.ended = ended
 
 
 def abort_job(
@@ -58,7 +62,7 @@ def abort_job(
     for _ in range(CANCEL_ATTEMPTS):
         job = store.get(job_id)
         if job.terminal:
-            raise TooLate(f"job {job_id} already {job.state.value}; nothing to abort")
+            raise TooLate(f"job {job_id} already {job.state.value}; nothing to abort", ended=True)
         # A stalled job is where it stalled: its owner's worker is away, not its migration.
         state = job.stalled_from if job.state is JobState.STALLED else job.state
         if state is JobState.FINISHING or _migration_completed(job):

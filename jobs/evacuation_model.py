@@ -107,7 +107,11 @@ class DomainOutcome(BaseModel):
     job_id: str | None
     job_state: str | None
     on_source: bool  # still defined or running on the evacuated host
-    running_on: str | None  # its destination, if libvirt there shows it as planned
+    # Its destination, if libvirt there shows it as planned: running, or only defined for a
+    # guest moved shut off (probe: the name alone said "running" of those);
+    # `destination_state` is libvirt's state of it there.
+    running_on: str | None
+    destination_state: str | None = None
     # Why its destination's libvirtd could not be asked (then nothing is known there).
     destination_unreachable: str | None = None
     moved: bool = False  # the child succeeded, it is on its destination and gone from here

@@ -161,20 +161,20 @@ class EvacuationService:
         if ev.terminal:
             raise SubmitError(f"evacuation {evacuation_id} already {ev.state.value}")
         self.records.request_abort(evacuation_id, ABORT_REASON)
-        done = []
         rollback = rollback_sender(self.app, self.send)
         notify = host_notifier(self.app, self.send)
         # Found by their own records too: the children list may have been deleted in Redis.
         children = self.records.find_children(ev).jobs
+        done, too_late = 0, 0
         for job in children.values():
             try:
-                done.append(abort_job(self.store, job.id, by=by, rollback=rollback, notify=notify))
-            except (TooLate, JobNotFound):
+                abort_job(self.store, job.id, by=by, rollback=rollback, notify=notify)
+                done += 1
+            except TooLate as exc:  # ended, or finishing / in post-copy: it lands there
+                too_late += 0 if exc.ended else 1
+            except JobNotFound:
                 continue
-        said = (
-            f"evacuation {evacuation_id}: abort requested; {len(done)} of "
-            f"{len(children)} child jobs stopped or being aborted, the rest had ended"
-        )
+        said = abort_line(evacuation_id, len(children), done, too_late)
         if self.store.alive(ev.spec.host):
             return said  # its worker checks where every domain is, then ends it `cancelled`
         # Its host's worker is away and would be the one to end it: end it here once no
@@ -200,3 +200,18 @@ class EvacuationService:
 
     def _event(self, evacuation_id: str, name: str, by: str, **fields: Any) -> None:
         self.store.append_event(evacuation_id, job_event(name, by, job_id=evacuation_id, **fields))
+
+
+def abort_line(evacuation_id: str, children: int, stopped: int, landing: int) -> str:
+    """What an evacuation's abort did to its children, each counted once: stopped or being
+    aborted, past the point of no return (finishing or in post-copy: they land on their
+    destination), or ended before (probe: a finishing child was counted as ended)."""
+    ended = children - stopped - landing
+    parts = [f"{stopped} of {children} child jobs stopped or being aborted"]
+    if landing:
+        parts.append(
+            f"{landing} too far along to stop (finishing or in post-copy: they complete on "
+            "their destination)"
+        )
+    parts.append(f"{ended} had ended")
+    return f"evacuation {evacuation_id}: abort requested; " + ", ".join(parts)

@@ -233,7 +233,7 @@ def policies_table(policies: dict[str, MigrationPolicy], defined_in: dict[str, s
 
 def outcome_table(outcome: list[DomainOutcome], host: str) -> Table:
     table = Table(title=cell(f"where each domain is now (libvirt on {host} and its destination)"))
-    for col in ("domain", "job", "job state", f"on {host}", "running on", "reason"):
+    for col in ("domain", "job", "job state", f"on {host}", "on destination", "reason"):
         table.add_column(col)
     for o in outcome:
         add_row(
@@ -242,10 +242,18 @@ def outcome_table(outcome: list[DomainOutcome], host: str) -> Table:
             o.job_id or "-",
             o.job_state or "-",
             "yes" if o.on_source else "no",
-            o.running_on or ("unknown: not reachable" if o.destination_unreachable else "-"),
+            destination_cell(o),
             o.reason or "",
         )
     return table
+
+
+def destination_cell(o: DomainOutcome) -> str:
+    """Where the domain is on its destination: the host and libvirt's state there (a guest
+    moved shut off is only defined there, never "running"), or why nothing is known."""
+    if o.running_on is not None:
+        return f"{o.running_on} ({o.destination_state})" if o.destination_state else o.running_on
+    return "unknown: not reachable" if o.destination_unreachable else "-"
 
 
 def worker_cell(row: dict[str, Any]) -> str:

@@ -198,6 +198,7 @@ class DestinationView:
     the domain as the plan meant it; or why that libvirtd could not be asked."""
 
     running_on: str | None = None
+    state: str | None = None  # libvirt's state of the domain there, when it is as planned
     unreachable: str | None = None
 
 
@@ -218,7 +219,7 @@ def _on_destination(
     except LibvirtUnavailable as exc:
         return DestinationView(unreachable=str(exc))
     if there is not None and (there.active or not placement.active):
-        return DestinationView(running_on=destination)
+        return DestinationView(running_on=destination, state=there.state)
     return DestinationView()
 
 
@@ -238,6 +239,7 @@ def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None)
         job_state=job.state.value if job else None,
         on_source=on_source,
         running_on=view.running_on,
+        destination_state=view.state,
         destination_unreachable=view.unreachable,
         moved=moved,
         reason=None if moved else _why_not_moved(ev, placement, job, on_source, view),

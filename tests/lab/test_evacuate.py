@@ -24,6 +24,7 @@ from tests.support.cli import run_drover
 from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, wait_for
 from tests.support.limits_sampler import LimitsSampler
 from worker.fleet_view import PLACEMENT_NS
+from worker.libvirt_host import STATE_NAMES
 
 pytestmark = pytest.mark.lab
 
@@ -44,6 +45,13 @@ def home(lab: Lab) -> Iterator[None]:
 
 def uris(lab: Lab) -> dict[str, str]:
     return {h: lab.uri(h) for h in lab.hosts()}
+
+
+def libvirt_state(lab: Lab, host: str, domain: str) -> str:
+    """The domain's state on `host` as libvirt names it to drover (worker/libvirt_host.py)."""
+    state = lab.view(host, domain).state
+    assert state is not None, f"{domain} is not on {host}"
+    return STATE_NAMES[state]
 
 
 def evacuate(lab: Lab, **request: object) -> Evacuation:
@@ -99,6 +107,9 @@ def test_evacuation_drains_lab1_within_limits_as_the_dry_run_planned(lab: Lab, h
         assert lab.view(destination, domain).persistent, domain
         assert not lab.view("lab1", domain).exists, f"{domain} still defined on lab1"
     assert all(o.running_on == planned[o.domain] and not o.on_source for o in ev.outcome)
+    assert {o.domain: o.destination_state for o in ev.outcome} == {
+        d: libvirt_state(lab, there, d) for d, there in planned.items()
+    }
 
     # Limits, as libvirt itself showed them while the evacuation ran.
     assert sampler.samples > 10
@@ -418,6 +429,12 @@ def test_plan_from_real_facts_memory_cpu_and_inactive_domains(
     moved = lab.view(off_at, OFF)
     assert moved.exists and moved.persistent and not moved.active
     assert not lab.view("lab1", OFF).exists
+    # Its outcome says it is defined there, shut off (it said "running on" of it, no more).
+    outcome = {o.domain: o for o in ev.outcome}
+    assert (outcome[OFF].running_on, outcome[OFF].destination_state) == (off_at, "shutoff")
+    dirty_at = plan["dirty-1"].destination
+    assert dirty_at is not None
+    assert outcome["dirty-1"].destination_state == libvirt_state(lab, dirty_at, "dirty-1")
     assert lab.view("lab1", OLD_CPU).exists  # it had nowhere to go, and is listed why
     for domain in GUESTS:
         assert lab.running_on(domain) == [plan[domain].destination], domain
