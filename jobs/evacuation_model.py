@@ -98,6 +98,9 @@ class Placement(BaseModel):
     policy: str | None = None
     convergence: str | None = None
     reason: str | None = None  # why it was not placed
+    # Destinations whose own pre-checks refused its child, and why: not chosen again when it
+    # is placed anew (worker/evacuation_plan.py `replanned`).
+    refused_by: dict[str, str] = Field(default_factory=dict)
 
 
 class DomainOutcome(BaseModel):

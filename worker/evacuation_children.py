@@ -11,6 +11,7 @@ from jobs.abort import TooLate, abort_job
 from jobs.evacuation import Evacuation, EvacuationStore, Genuine, Placement
 from jobs.maintenance import Maintenance
 from jobs.model import Job
+from jobs.phases import Phase
 from jobs.request_signing import (
     SECURITY_REASON,
     RequestRefused,
@@ -146,8 +147,9 @@ def retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) 
     if not (taken and store.take_retry(ev.id, placement.domain, limit)):
         _not_retried(job, f"its {limit} retries are spent")
         return None
-    if Maintenance(rt.store.r).refusal(placement.destination) is not None:
-        placement = replanned(rt, store, ev, placement)
+    refusal = destination_refusal(job, placement.destination)
+    if refusal is not None or Maintenance(rt.store.r).refusal(placement.destination) is not None:
+        placement = replanned(rt, store, ev, placement, refusal)
         if placement.destination is None:
             return None
     try:
@@ -157,6 +159,23 @@ def retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) 
         return None
     admit_waiting(rt)
     return rt.store.get(child)
+
+
+def destination_refusal(job: Job, destination: str) -> str | None:
+    """What `destination`'s own pre-checks said when they refused the child, if that is what
+    failed it (nothing moved; the same host would say it again, so the child goes elsewhere).
+
+    The verdicts are the job record's, anyone's to write with the Redis password: a forged
+    one can only send the guest to another host of the evacuation's own choice, whose
+    pre-checks judge it again."""
+    if Phase.PERFORM.value in job.phases:
+        return None
+    refused = [
+        v.reason or v.check
+        for v in job.result.destination_checks
+        if not v.passed and v.host == destination
+    ]
+    return "; ".join(refused) or None
 
 
 def _child_problem(rt: Runtime, ev: Evacuation, job: Job) -> str | None:

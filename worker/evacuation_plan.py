@@ -109,29 +109,48 @@ def child_spec(ev: Evacuation, placement: Placement) -> MigrationSpec:
 
 
 def replanned(
-    rt: Runtime, store: EvacuationStore, ev: Evacuation, placement: Placement
+    rt: Runtime,
+    store: EvacuationStore,
+    ev: Evacuation,
+    placement: Placement,
+    refusal: str | None = None,
 ) -> Placement:
-    """`placement` placed again, its destination having gone into maintenance after planning
-    (another evacuation of it): the child was refused there before perform, and the domain
-    still has to leave. Placed by the same rules on what the fleet looks like now; saved in
-    the plan, so the evacuation's end is judged against where it really went."""
+    """`placement` placed again: its destination went into maintenance after planning
+    (another evacuation of it), or its own pre-checks refused the child (`refusal`: libvirt
+    there said no to what the published facts allowed, e.g. a guest of the anti-affinity
+    group started there since, or its memory taken). The child was refused before perform,
+    and the domain still has to leave. Placed by the same rules on what the fleet looks like
+    now, leaving out every host that refused it (Nova's scheduler retries a live migration on
+    another host the same way); saved in the plan, so the evacuation's end is judged against
+    where it really went."""
+    was = placement.destination
+    refused_by = dict(placement.refused_by)
+    if refusal is not None and was is not None:
+        refused_by[was] = refusal
     view = gather(rt, ev.spec, ev.id)
     view.guests = [g for g in view.guests if g.uuid == placement.uuid]
+    view.candidates = [c for c in view.candidates if c.name not in refused_by]
+    view.unavailable |= {host: f"refused it: {why}" for host, why in refused_by.items()}
     if view.guests:
         (fresh,) = planned(rt, ev, view)
     else:
         fresh = placement.model_copy(
             update={"destination": None, "reason": f"no longer here to re-plan on {rt.host}"}
         )
+    fresh = fresh.model_copy(update={"refused_by": refused_by})
     current = store.get(ev.id)
     store.save_plan(ev.id, [fresh if p.domain == fresh.domain else p for p in current.plan or []])
+    why = (
+        f"{was}'s pre-checks refused it after planning: {refusal}"
+        if refusal
+        else f"{was} went into maintenance after planning"
+    )
     log.warning(
         "evacuation.replanned",
         domain=placement.domain,
-        was=placement.destination,
+        was=was,
         dst=fresh.destination,
-        reason=f"{placement.destination} went into maintenance after planning"
-        + (f"; {fresh.reason}" if fresh.reason else ""),
+        reason=why + (f"; {fresh.reason}" if fresh.reason else ""),
     )
     return fresh
 

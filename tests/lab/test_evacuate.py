@@ -21,7 +21,7 @@ from jobs.keys import outbound_gate
 from lab.guests import GuestSpec, domain_xml
 from producer.api import Drover, SubmitError
 from tests.support.cli import run_drover
-from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, wait_for
+from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, replace_config, wait_for
 from tests.support.limits_sampler import LimitsSampler
 from worker.fleet_view import PLACEMENT_NS
 from worker.libvirt_host import STATE_NAMES
@@ -301,6 +301,63 @@ def test_anti_affinity_that_cannot_be_met_ends_partial_with_the_reason(
     finally:
         for domain in ("idle-1", "idle-2"):
             _clear_group(lab, domain)
+
+
+# How long each child's prepare waits before its checks (the fault suite's hook): the window
+# in which the test enables lab3 once the plan is made.
+PREPARE_HELD_S = 4
+
+
+def test_a_child_its_destination_refuses_is_placed_on_another_host(
+    lab: Lab, home: None, lab_config_file: Path
+) -> None:
+    """Probe: the planner placed a guest where the destination's own pre-checks then refused
+    it (libvirt there knew what the published facts did not), and the evacuation queued it
+    again to the same host, which refused it again: the guest stayed behind, `partial`. A
+    child refused by its destination's pre-checks is placed anew, that host left out, as
+    Nova's scheduler retries a live migration elsewhere. Here lab2 holds a different domain
+    named idle-2 (its `definition` check refuses); lab3 was in maintenance at planning."""
+    d = lab.drover
+    replace_config(
+        lab_config_file,
+        lab_config_file.read_text()
+        + f"\n[faults.phase_delays]\ndestination_prepare = {PREPARE_HELD_S}\n",
+    )
+    clash = domain_xml(GuestSpec("idle-2", 64))  # same name, a uuid of its own
+    conn = libvirt.open(lab.uri("lab2"))
+    try:
+        conn.defineXML(clash)
+    finally:
+        conn.close()
+    try:
+        assert "lab3 disabled" in d.set_host_enabled("lab3", False, "until planned")
+        ev_id = d.evacuate(d.evacuation_spec(host="lab1", to=["lab2", "lab3"]))
+        wait_for(lambda: d.evacuations.get(ev_id).plan is not None, JOB_TIMEOUT_S, "the plan")
+        planned = {p.domain: p.destination for p in d.evacuations.get(ev_id).plan or []}
+        assert planned == dict.fromkeys(GUESTS, "lab2")  # lab3 was in maintenance
+        d.set_host_enabled("lab3", True)
+        ev = d.wait_evacuation(ev_id, JOB_TIMEOUT_S)
+        assert ev.state.value == "drained", ev.reason
+        assert lab.running_on("idle-2") == ["lab3"] and not lab.view("lab1", "idle-2").exists
+        for domain in GUESTS:
+            if domain != "idle-2":
+                assert lab.running_on(domain) == ["lab2"], domain
+        plan = {p.domain: p for p in ev.plan or []}
+        assert plan["idle-2"].destination == "lab3"
+        assert "different domain named idle-2" in plan["idle-2"].refused_by["lab2"]
+        [replanned] = [e for e in d.events(ev_id) if e["event"] == "evacuation.replanned"]
+        assert (replanned["was"], replanned["dst"]) == ("lab2", "lab3")
+        assert "lab2's pre-checks refused it" in replanned["reason"]
+        outcome = {o.domain: o for o in ev.outcome}
+        assert outcome["idle-2"].moved and outcome["idle-2"].running_on == "lab3"
+    finally:
+        conn = libvirt.open(lab.uri("lab2"))
+        try:
+            for dom in conn.listAllDomains():
+                if dom.name() == "idle-2" and not dom.isActive():
+                    dom.undefine()  # the clash, never the guest itself
+        finally:
+            conn.close()
 
 
 def test_aborted_evacuation_leaves_every_vm_on_exactly_one_host(
