@@ -65,6 +65,11 @@ class OperatorRecords:
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO abort_asked VALUES (?, ?)", (job_id, reason))
 
+    def withdraw_abort_asked(self, job_id: str) -> None:
+        """libvirt refused the abort (a post-copy migration): it is not left pending."""
+        with self._lock:
+            self._db.execute("DELETE FROM abort_asked WHERE job_id = ?", (job_id,))
+
     def abort_asked(self, job_id: str) -> str | None:
         """Why the operator asked to abort `job_id`'s migration, if this host was told."""
         with self._lock:

@@ -173,6 +173,7 @@ def watch_migration(
             # The operator's abort cannot be carried out (libvirt refuses to abort a post-copy
             # migration): the migration goes on, and the request is not left pending.
             rt.store.withdraw_abort(job.id)
+            rt.ledger.withdraw_abort_asked(job.id)
             seen.cancel_reason = None
             log.warning("migration.abort_refused", reason=action.reason)
 

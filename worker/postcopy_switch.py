@@ -31,14 +31,18 @@ log = get_logger()
 def refuse_if_aborting(rt: Runtime, job: Job, what: str) -> None:
     """PhaseFailed when the operator asked for the job's abort: it is being carried out, and
     `what` would contradict it (a force-complete's pause, reported as a finish)."""
-    asked = lambda: rt.store.abort_requested(job.id)  # noqa: E731
+    # This host's record of the operator's signed abort notice first: the record's flag
+    # alone was anyone's to delete (worker/cancel_notice.py).
+    asked = lambda: rt.ledger.abort_asked(job.id) or rt.store.abort_requested(job.id)  # noqa: E731
     _unless_aborting(asked, job, what, f"read whether job {job.id} is being aborted")
 
 
 def operator_switch(rt: Runtime, job: Job, dom: Domain, what: str) -> None:
     """Switch the migration to post-copy unless an abort is requested (PhaseFailed). libvirt's
     refusal is raised as it came (LibvirtError), its mark taken back first."""
-    mark = lambda: rt.store.mark_postcopy_unless_aborting(job.id)  # noqa: E731
+    mark = lambda: (  # noqa: E731
+        rt.ledger.abort_asked(job.id) or rt.store.mark_postcopy_unless_aborting(job.id)
+    )
     _unless_aborting(mark, job, what, f"mark job {job.id} switching to post-copy")
     switch_asked.note(job.id)
     try:

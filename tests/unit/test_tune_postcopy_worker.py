@@ -208,6 +208,28 @@ def test_an_abort_requested_first_refuses_the_operators_switch_and_force_complet
     assert store.abort_requested(job_id) == "ops: stop it"
 
 
+def test_an_abort_kept_from_its_notice_refuses_the_switch_when_its_flag_is_deleted(
+    rt: Runtime, store: JobStore, guest: Recorded
+) -> None:
+    """The abort's flag deleted in Redis (attacker probe): this host's record of the
+    operator's signed notice still refuses a switch or a pause that would land the guest;
+    libvirt refusing that abort (post-copy) withdraws it on this host too."""
+    job_id = migrating(store, "default")
+    rt.ledger.note_abort_asked(job_id, "ops: stop it")
+    assert store.abort_requested(job_id) is None  # the flag: deleted
+    moves = {
+        "postcopy": lambda: control.start_postcopy(rt, store.get(job_id)),
+        "force-complete": lambda: control.force_complete(rt, store.get(job_id)),
+    }
+    for move in moves.values():
+        with pytest.raises(PhaseFailed, match=r"is being aborted \(ops: stop it\)"):
+            move()
+    assert guest.set == []  # neither switched nor paused
+    assert store.get(job_id).postcopy_since is None
+    rt.ledger.withdraw_abort_asked(job_id)
+    assert rt.ledger.abort_asked(job_id) is None
+
+
 def test_a_switch_made_first_makes_a_later_abort_too_late(
     rt: Runtime, store: JobStore, guest: Recorded
 ) -> None:
