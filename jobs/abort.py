@@ -62,24 +62,27 @@ def abort_job(
     for _ in range(CANCEL_ATTEMPTS):
         job = store.get(job_id)
         if job.terminal:
-            raise TooLate(f"job {job_id} already {job.state.value}; nothing to abort", ended=True)
+            said = f"job {job_id} already {job.state.value}; nothing to abort"
+            raise _too_late(notify, job, said, ended=True)
         # A stalled job is where it stalled: its owner's worker is away, not its migration.
         state = job.stalled_from if job.state is JobState.STALLED else job.state
         if state is JobState.FINISHING or _migration_completed(job):
-            raise TooLate(
+            raise _too_late(
+                notify,
+                job,
                 f"job {job_id} is finishing: libvirt completed the migration of "
-                f"{job.spec.domain} to {job.spec.dst}, which is checking it there"
+                f"{job.spec.domain} to {job.spec.dst}, which is checking it there",
             )
         if state in POSTCOPY_STATES:
-            raise TooLate(_recovering(job))
+            raise _too_late(notify, job, _recovering(job))
         if job.postcopy_since is not None:
-            raise TooLate(_in_postcopy(job))
+            raise _too_late(notify, job, _in_postcopy(job))
         store.request_abort(job_id, reason)
         if state is JobState.MIGRATING or (state is None and _migration_started(job)):
             now = store.get(job_id)
             if now.postcopy_since is not None or now.state in POSTCOPY_STATES:
                 store.withdraw_abort(job_id)  # switched (or failed) while we asked
-                raise TooLate(_in_postcopy(job))
+                raise _too_late(notify, job, _in_postcopy(job))
             untold = _told(notify, job, ABORT_NOTICE_TASK)
             if job.state is JobState.STALLED:
                 # libvirtd may well go on with the migration: only its source's worker, back,
@@ -107,6 +110,27 @@ def abort_job(
     return f"abort requested: {job.spec.src} stops the job of {job.spec.domain}"
 
 
+def _too_late(notify: Notify | None, job: Job, said: str, *, ended: bool = False) -> TooLate:
+    """The refusal the job record calls for, with the source told all the same.
+
+    The record's state and post-copy mark are anyone's to write with the Redis password: a
+    migration written `succeeded`, `finishing` or in post-copy could not be aborted, and the
+    operator was told so while libvirt went on moving the guest (attacker probe). The source
+    is sent the abort notice whatever the record says; its worker aborts a migration libvirt
+    still runs in pre-copy, and libvirt refuses one in post-copy (said in the job's events)."""
+    if notify is None:
+        return TooLate(said, ended=ended)
+    try:
+        notify(job, ABORT_NOTICE_TASK)
+    except Exception:  # the broker away: the record's word is all there is to say
+        return TooLate(said, ended=ended)
+    return TooLate(
+        f"{said} (the job record's word: {job.spec.src} was told all the same, and aborts a "
+        "migration libvirt still runs in pre-copy)",
+        ended=ended,
+    )
+
+
 def _told(notify: Notify | None, job: Job, task: str) -> str:
     """Tell the job's hosts with a notice of `task`; what to add to the answer when that
     failed (the cancel stands: the record says so, and nothing sends the job again; the
@@ -118,8 +142,8 @@ def _told(notify: Notify | None, job: Job, task: str) -> str:
     except Exception as exc:  # the broker away: said, never raised over a done cancel
         if task == ABORT_NOTICE_TASK:
             return (
-                f"; {job.spec.src} could not be told ({exc}): the abort rests on the job "
-                "record's flag alone, which a Redis writer could delete"
+                f"; {job.spec.src} could not be told ({exc}): with signing on, its worker "
+                "aborts only on that notice, so ask again"
             )
         return (
             f"; its hosts could not be told ({exc}), so a Redis writer could start it again "

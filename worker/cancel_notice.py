@@ -23,6 +23,7 @@ import structlog
 from config.events import get_logger
 from jobs.abort import ABORT_REASON
 from jobs.model import Job
+from jobs.request_signing import verifier_for
 from jobs.states import JobState
 from jobs.store import JobNotFound
 from worker.job_end import ended_fields, job_context, job_ended
@@ -49,21 +50,25 @@ def note_cancel(rt: Runtime, job_id: str) -> None:
 
 
 def note_abort(rt: Runtime, job_id: str) -> None:
-    """The abort notice's task: keep the operator's abort of the job's migration. Its reason
-    is the record's (words only, for the job's end: the notice is what counts)."""
-    try:
-        reason = rt.store.abort_requested(job_id) or ABORT_REASON
-    except JobNotFound:
-        reason = ABORT_REASON
+    """The abort notice's task: keep the operator's abort of the job's migration, with
+    drover's own reason (every abort drover makes gives it; the record's flag is anyone's to
+    write, and its words would become the job's reason)."""
+    reason = ABORT_REASON
     rt.ledger.note_abort_asked(job_id, reason)
     with structlog.contextvars.bound_contextvars(job_id=job_id):
         log.info("abort.noted", reason=reason)
 
 
 def abort_asked(rt: Runtime, job_id: str) -> str | None:
-    """The operator's abort of the job's migration: this host's record of the signed notice
-    first, else the record's flag (raises what a Redis read raises)."""
-    return rt.ledger.abort_asked(job_id) or rt.store.without_retry.abort_requested(job_id)
+    """The operator's abort of the job's migration, which the monitor carries out in libvirt:
+    this host's record of the signed notice. The record's flag counts only with signing off
+    (a lab without keys): with it on, anyone with the Redis password could write the flag and
+    have this host abort any migration (attacker probe); every abort drover makes sends the
+    notice (jobs/abort.py). Raises what a Redis read raises."""
+    kept = rt.ledger.abort_asked(job_id)
+    if kept is not None or verifier_for(rt.settings.security) is not None:
+        return kept
+    return rt.store.without_retry.abort_requested(job_id)
 
 
 def cancelled_here(rt: Runtime, job: Job) -> str | None:

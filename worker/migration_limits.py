@@ -25,6 +25,7 @@ from config.events import get_logger
 from jobs.model import Job
 from jobs.states import TERMINAL
 from jobs.store import JobNotFound
+from worker.cancel_notice import abort_asked
 from worker.ledger_limits import Sending
 from worker.libvirt_states import StatsUnanswered, migration_stats
 from worker.phase_errors import HandedOver, PhaseCancelled, PhaseFailed, PhaseSkipped
@@ -49,8 +50,8 @@ def wait_for_limit(rt: Runtime, job: Job, attempt: Callable[[], str | None]) -> 
             log.info("job.waiting", reason=busy)
             said = busy
         time.sleep(tunables.admission_interval)
-        # The operator's abort: this host's record of its signed notice, else the record's.
-        aborted = rt.ledger.abort_asked(job.id) or rt.store.abort_requested(job.id)
+        # The operator's abort: this host's record of its signed notice (worker/cancel_notice.py).
+        aborted = abort_asked(rt, job.id)
         if aborted:
             raise PhaseCancelled(f"{aborted} while it waited ({busy}); nothing moved")
         if ended_in_redis(rt, job.id):

@@ -296,6 +296,25 @@ def test_an_abort_whose_flag_is_deleted_in_redis_still_stops_the_migration(
     assert ("abort.noted", "lab1") in names, names
 
 
+def test_an_abort_refused_on_a_forged_postcopy_mark_still_stops_the_migration(
+    lab: Lab, started: Started
+) -> None:
+    """Attacker probe, with the producer's Redis password: a pre-copy migration's record
+    written as in post-copy made `drover abort` say libvirt could not abort it, and the guest
+    moved. The refusal now says it is the record's word, the source is told all the same,
+    and its worker, whose look at libvirt shows pre-copy, aborts the migration."""
+    job_id = started.migrating(policy="manual", bandwidth_mib=SLOW_MIB)
+    lab.drover.store.r.hset(job_key(job_id), "postcopy_since", "2026-12-05T07:00:00+00:00")
+    with pytest.raises(SubmitError, match="the job record's word: lab1 was told all the same"):
+        lab.drover.abort(job_id)
+    job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
+    assert job.state.value == "cancelled", job.reason
+    assert lab.running_on(DIRTY) == ["lab1"]
+    assert lab.view("lab1", DIRTY).state == libvirt.VIR_DOMAIN_RUNNING
+    assert not lab.view("lab2", DIRTY).exists
+    assert outgoing_stats(lab) is None
+
+
 def test_a_pause_before_the_switch_to_postcopy_counts_in_the_downtime(
     lab: Lab, started: Started
 ) -> None:

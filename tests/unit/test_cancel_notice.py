@@ -17,7 +17,7 @@ from config.celery import _ttl_within
 from config.message_checks import envelope_problem
 from config.security import ABORT_NOTICE_TASK, CANCEL_NOTICE_TASK, message_life
 from config.settings import Tunables
-from jobs.abort import abort_job, host_notifier
+from jobs.abort import TooLate, abort_job, host_notifier
 from jobs.keys import job_key
 from jobs.model import Job
 from jobs.phases import Phase, task_name
@@ -144,7 +144,7 @@ def test_an_abort_that_cannot_reach_the_source_says_so_and_stands(
 
     line = abort_job(store, job_id, by="ops@site", rollback=lambda _j: None, notify=broker_away)
     assert "kvm1 could not be told (broker unreachable)" in line
-    assert "record's flag alone" in line
+    assert "aborts only on that notice, so ask again" in line
     assert store.abort_requested(job_id) == "aborted by operator"
 
 
@@ -158,3 +158,52 @@ def test_a_cancel_is_told_to_both_hosts_an_abort_to_the_source_only(store: JobSt
     notify(job, ABORT_NOTICE_TASK)
     src, dst = host_queue(job.spec.src), host_queue(job.spec.dst)
     assert sent == [(CANCEL_NOTICE_TASK, src), (CANCEL_NOTICE_TASK, dst), (ABORT_NOTICE_TASK, src)]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        {"state": "succeeded"},
+        {"state": "finishing"},
+        {"postcopy_since": "2026-12-05T07:00:00+00:00"},
+    ],
+    ids=["succeeded", "finishing", "postcopy"],
+)
+def test_an_abort_the_record_calls_too_late_is_told_to_the_source_all_the_same(
+    rt: Runtime, store: JobStore, written: dict[str, str]
+) -> None:
+    """Probe, with the producer's password: a migrating job written `succeeded`, `finishing`
+    or in post-copy could not be aborted (the operator was told so) while libvirt went on
+    moving the guest. The refusal stands on the record's word, said as such, and the source
+    is sent the abort notice: its worker aborts a migration libvirt still runs in pre-copy."""
+    job_id = submit(store, f"web-{next(iter(written.values()))[:4]}")
+    assert admit(rt) == [job_id]
+    store.r.hset(job_key(job_id), mapping={"state": JobState.MIGRATING.value, **written})
+    told: list[str] = []
+
+    def notify(job: Job, task: str) -> None:
+        told.append(task)
+        note_abort(rt, job.id)
+
+    with pytest.raises(TooLate) as refused:
+        abort_job(store, job_id, by="ops@site", rollback=lambda _j: None, notify=notify)
+    assert "the job record's word: kvm1 was told all the same" in str(refused.value)
+    assert told == [ABORT_NOTICE_TASK]
+    assert abort_asked(rt, job_id) == "aborted by operator"
+    assert store.abort_requested(job_id) is None  # no flag: only the source's own look decides
+
+
+def test_with_signing_on_the_records_flag_alone_aborts_nothing(
+    rt: Runtime, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe: writing the abort flag in Redis had the source abort any migration in libvirt.
+    With signing on only the operator's signed notice, kept in the ledger, counts."""
+    import worker.cancel_notice as cancel_notice
+
+    job_id = submit(store, "web07")
+    store.request_abort(job_id, "a Redis writer's line")
+    assert abort_asked(rt, job_id) == "a Redis writer's line"  # signing off: a lab without keys
+    monkeypatch.setattr(cancel_notice, "verifier_for", lambda _security: object())
+    assert abort_asked(rt, job_id) is None
+    note_abort(rt, job_id)  # the operator's notice, with drover's own reason
+    assert abort_asked(rt, job_id) == "aborted by operator"
