@@ -25,6 +25,7 @@ from worker.admission_pass import admit_waiting
 from worker.evacuation_plan import child_spec, replanned
 from worker.job_end import notices_later, rollback_destination_later
 from worker.libvirt_host import facts
+from worker.libvirt_states import has_job
 from worker.local_disks import local_disk_paths
 from worker.runtime import Runtime
 
@@ -136,6 +137,11 @@ def retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) 
         # not as it was planned here: judged by _finish, not moved blindly
         _not_retried(job, f"libvirt on {rt.host} no longer shows it as planned")
         return None
+    if has_job(here):
+        # The record says failed, libvirt still migrates it (probe: a record written
+        # `failed` mid-migration had a second child follow the first one's migration).
+        _not_retried(job, f"libvirt on {rt.host} still migrates it: its child has not ended")
+        return None
     problem = _placement_problem(rt, ev, placement)  # the plan is read back from Redis
     if problem is not None:
         log.error("security.rejected", domain=placement.domain, reason=problem)
@@ -147,7 +153,10 @@ def retry_failed(rt: Runtime, store: EvacuationStore, ev: Evacuation, job: Job) 
     if not (taken and store.take_retry(ev.id, placement.domain, limit)):
         _not_retried(job, f"its {limit} retries are spent")
         return None
-    refusal = destination_refusal(job, placement.destination)
+    # Only a child this host never ran perform for (its own ledger: the record's phases are
+    # anyone's to delete) was refused by its destination before anything moved.
+    ran = rt.ledger.claimed(job.id, Phase.PERFORM.value)
+    refusal = None if ran else destination_refusal(job, placement.destination)
     if refusal is not None or Maintenance(rt.store.r).refusal(placement.destination) is not None:
         placement = replanned(rt, store, ev, placement, refusal)
         if placement.destination is None:

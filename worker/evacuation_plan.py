@@ -127,10 +127,20 @@ def replanned(
     refused_by = dict(placement.refused_by)
     if refusal is not None and was is not None:
         refused_by[was] = refusal
+    current = store.get(ev.id)
     view = gather(rt, ev.spec, ev.id)
     view.guests = [g for g in view.guests if g.uuid == placement.uuid]
     view.candidates = [c for c in view.candidates if c.name not in refused_by]
     view.unavailable |= {host: f"refused it: {why}" for host, why in refused_by.items()}
+    # The groups the rest of this plan sends to each host (probe: a re-placed guest joined a
+    # member of its anti-affinity group this evacuation had sent there; gather counts other
+    # evacuations' only, as a whole plan places its own guests together).
+    for c in view.candidates:
+        c.groups.update(
+            p.group
+            for p in current.plan or []
+            if p.group is not None and p.destination == c.name and p.domain != placement.domain
+        )
     if view.guests:
         (fresh,) = planned(rt, ev, view)
     else:
@@ -138,7 +148,6 @@ def replanned(
             update={"destination": None, "reason": f"no longer here to re-plan on {rt.host}"}
         )
     fresh = fresh.model_copy(update={"refused_by": refused_by})
-    current = store.get(ev.id)
     store.save_plan(ev.id, [fresh if p.domain == fresh.domain else p for p in current.plan or []])
     why = (
         f"{was}'s pre-checks refused it after planning: {refusal}"

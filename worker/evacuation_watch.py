@@ -25,6 +25,7 @@ from worker.evacuation_children import abort_children, children_of, retry_failed
 from worker.evacuation_plan import end, evacuation_context
 from worker.job_end import on_job_end
 from worker.libvirt_host import LibvirtUnavailable, list_domains
+from worker.libvirt_states import has_job
 from worker.runtime import Runtime
 
 log = get_logger()
@@ -144,6 +145,8 @@ def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[
     here. Anything else is `partial`, each domain that did not move listed with why. A
     destination whose libvirtd cannot be asked is asked again for a while (`_ask_again`).
     """
+    if _still_migrating(rt, store, ev):
+        return
     outcome = [_confirm(rt, ev, p, children.get(p.domain)) for p in ev.plan or []]
     if _ask_again(rt, store, ev, outcome):
         return
@@ -168,6 +171,23 @@ def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[
         final = EvacuationState.PARTIAL
         reason = f"{len(names)} domain(s) not moved off {ev.spec.host}: " + "; ".join(names)
     end(store, ev, final, reason, outcome=[o.model_dump() for o in outcome])
+
+
+def _still_migrating(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> bool:
+    """Whether libvirt here still runs a job on a domain of the plan: its children's records
+    all say they ended, but libvirt has the last word (probe: a child written `failed` in
+    Redis mid-migration ended the evacuation `partial`, the guest said to be still here, while
+    libvirt went on to land it). Judged again at the next check, said once per domain."""
+    busy = []
+    for p in ev.plan or []:
+        dom = rt.libvirt.by_uuid(p.uuid)
+        if dom is not None and has_job(dom):
+            busy.append(p.domain)
+    for domain in busy:
+        if store.mark_reported(ev.id, f"migrating:{domain}"):
+            reason = f"libvirt on {rt.host} still migrates it: judged when that ends"
+            log.warning("evacuation.confirm_deferred", domain=domain, reason=reason)
+    return bool(busy)
 
 
 def _ask_again(

@@ -127,6 +127,21 @@ class StatsUnanswered(Exception):
     past its wait): that says nothing about whether the migration still runs."""
 
 
+def has_job(dom: Domain) -> bool:
+    """Whether libvirt runs a job (a migration) on `dom` now: its word, whatever a record
+    says of the job's state. An answer held back (the domain's job lock busy past libvirt's
+    wait, or refused as an incoming migration's) counts as a job. An inactive domain has none
+    libvirt can show (it refuses the question: "domain is not running")."""
+    try:
+        return bool(dom.isActive()) and dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (_REFUSED, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
+            return True
+        if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+            return False  # stopped between the two questions
+        raise
+
+
 def migration_stats(dom: Domain) -> dict[str, Any] | None:
     """libvirt's statistics of the domain's running migration, or None while there is none
     (or libvirt cannot say for good); StatsUnanswered when its job lock was busy too long."""

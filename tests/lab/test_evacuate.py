@@ -17,7 +17,8 @@ import pytest
 from config.settings import load_settings
 from jobs.evacuation import Evacuation
 from jobs.host_facts import HostFacts, read_facts
-from jobs.keys import outbound_gate
+from jobs.keys import job_key, outbound_gate, phases_key
+from jobs.record import CheckVerdict
 from lab.guests import GuestSpec, domain_xml
 from producer.api import Drover, SubmitError
 from tests.support.cli import run_drover
@@ -303,6 +304,7 @@ def test_anti_affinity_that_cannot_be_met_ends_partial_with_the_reason(
             _clear_group(lab, domain)
 
 
+SLOW_DRAIN_MIB = 8  # dirty-1 (paused, 128 MiB) takes about 16 s to move at this cap
 # How long each child's prepare waits before its checks (the fault suite's hook): the window
 # in which the test enables lab3 once the plan is made.
 PREPARE_HELD_S = 4
@@ -358,6 +360,87 @@ def test_a_child_its_destination_refuses_is_placed_on_another_host(
                     dom.undefine()  # the clash, never the guest itself
         finally:
             conn.close()
+
+
+def test_a_re_placed_guest_never_joins_a_member_of_its_group_the_plan_sends_there(
+    lab: Lab, home: None
+) -> None:
+    """Probe: dirty-1 and idle-1 share an anti-affinity group; the plan sends them to
+    different hosts, and dirty-1's destination refuses it (a different domain has its name
+    there). The re-placement sent it where idle-1 was going (it counted other evacuations'
+    groups only), which ran both there when that host's prepares came back to back. Now it
+    counts its own plan's: there is no host left for dirty-1, which stays on lab1."""
+    d = lab.drover
+    decoy_on: list[str] = []
+    for domain in ("dirty-1", "idle-1"):
+        _set_group(lab, "lab1", domain, "g")
+    try:
+        dry = evacuate(lab, host="lab1", to=["lab2", "lab3"], dry_run=True)
+        planned = {p.domain: p.destination for p in dry.plan or []}
+        first, other = planned["dirty-1"], planned["idle-1"]
+        assert first is not None and other is not None and first != other
+        conn = libvirt.open(lab.uri(first))
+        try:
+            conn.defineXML(domain_xml(GuestSpec("dirty-1", 64)))  # same name, its own uuid
+            decoy_on.append(first)
+        finally:
+            conn.close()
+        ev = evacuate(lab, host="lab1", to=["lab2", "lab3"])
+        assert ev.state.value == "partial", ev.reason
+        [again] = [e for e in d.events(ev.id) if e["event"] == "evacuation.replanned"]
+        assert (again["was"], again["dst"]) == (first, None), again
+        assert "anti-affinity group g already there" in again["reason"]
+        assert lab.running_on("dirty-1") == ["lab1"] and lab.running_on("idle-1") == [other]
+    finally:
+        for domain in ("dirty-1", "idle-1"):
+            _clear_group(lab, domain)
+        for host in decoy_on:
+            conn = libvirt.open(lab.uri(host))
+            try:
+                for dom in conn.listAllDomains():
+                    if dom.name() == "dirty-1" and not dom.isActive():
+                        dom.undefine()  # the decoy, never the guest itself (it runs)
+            finally:
+                conn.close()
+
+
+def test_a_child_written_failed_in_redis_mid_migration_is_not_retried_nor_judged_early(
+    lab: Lab, home: None
+) -> None:
+    """Attacker probe, with the producer's password: while dirty-1's child migrated, its
+    record was written `failed`, its perform phase deleted and a destination verdict forged.
+    The evacuation re-placed the guest (a second child followed the first one's migration)
+    and ended `partial`, the guest said to be on lab1 while libvirt went on to land it. Now
+    libvirt's word counts: the child is not retried while libvirt migrates it, and the
+    evacuation is judged once that ends."""
+    d = lab.drover
+    ev_id = d.evacuate(d.evacuation_spec(host="lab1", to=["lab3"], bandwidth_mib=SLOW_DRAIN_MIB))
+
+    def dirty_child_migrating() -> bool:
+        child = d.evacuations.get(ev_id).children.get("dirty-1")
+        return child is not None and d.job(child).state.value == "migrating"
+
+    wait_for(dirty_child_migrating, JOB_TIMEOUT_S, "dirty-1's child migrating")
+    child = d.evacuations.get(ev_id).children["dirty-1"]
+    forged = d.job(child).result.model_copy(
+        update={
+            "destination_checks": [
+                CheckVerdict(check="memory", host="lab3", passed=False, reason="forged")
+            ]
+        }
+    )
+    r = d.store.r
+    r.hset(job_key(child), mapping={"state": "failed", "reason": "forged"})
+    r.hset(job_key(child), "result", forged.model_dump_json())
+    r.hdel(phases_key(child), "perform")
+    ev = d.wait_evacuation(ev_id, JOB_TIMEOUT_S)
+    assert ev.state.value == "drained", ev.reason
+    assert lab.running_on("dirty-1") == ["lab3"] and not lab.view("lab1", "dirty-1").exists
+    assert set(ev.children) == set(GUESTS)  # no second child of dirty-1
+    said = [e for e in d.events(ev_id) if e.get("domain") == "dirty-1"]
+    names = [e["event"] for e in said]
+    assert "evacuation.replanned" not in names, names
+    assert any("still migrates it" in str(e.get("reason")) for e in said), said
 
 
 def test_aborted_evacuation_leaves_every_vm_on_exactly_one_host(
