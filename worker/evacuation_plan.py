@@ -21,6 +21,7 @@ from jobs.store import now
 from worker.fleet_view import FleetView, gather
 from worker.placement import Estimate, Guest, plan
 from worker.runtime import Runtime
+from worker.tls_facts import tls_refusal
 
 log = get_logger()
 
@@ -87,12 +88,19 @@ def planned(rt: Runtime, ev: Evacuation, view: FleetView) -> list[Placement]:
     tunables = rt.settings.tunables
     estimate = Estimate(tunables.estimate_startup_s, tunables.estimate_mib_per_s)
     guests = {g.uuid: g for g in view.guests}
-    free, held = view.guests, []
+    # A --tls drain from a host whose QEMU lacks the CA would have every child refused at
+    # its preflight (worker/precheck_source.py): said here, where the dry run shows it.
+    # Live guests only: a shut-off one moves offline, without TLS.
+    source_tls = tls_refusal(rt.host, destination=False) if ev.spec.tls else None
+    stuck = [g for g in view.guests if source_tls is not None and g.active]
+    movable = [g for g in view.guests if g not in stuck]
+    free, held = movable, []
     if view.groups_unknown is not None:  # a group's limit cannot be kept: none of it placed
-        free = [g for g in view.guests if g.group is None]
-        held = [g for g in view.guests if g.group is not None]
+        free = [g for g in movable if g.group is None]
+        held = [g for g in movable if g.group is not None]
     placements = plan(free, view.candidates, view.unavailable, estimate)
     placements += [g.placement(f"no destination ({view.groups_unknown})") for g in held]
+    placements += [g.placement(f"no destination ({source_tls})") for g in stuck]
     return [checked(rt.settings, ev, p, guests[p.uuid], estimate) for p in placements]
 
 

@@ -183,11 +183,9 @@ def gather(rt: Runtime, spec: EvacuationSpec, evacuation_id: str) -> FleetView:
     unavailable.update({name: why for name, why in found.items() if isinstance(why, str)})
     asked = list(reserved)
     facts = read_facts(rt.store.r, asked, tunables.host_facts_ttl, tunables.host_facts_max_skew)
-    if spec.tls:  # a host that says it has no migration TLS certificates cannot take one
-        facts = {
-            h: TLS_REFUSAL if isinstance(f, HostFacts) and f.migration_tls is False else f
-            for h, f in facts.items()
-        }
+    # A host that says it has no migration TLS certificates takes no live guest of a --tls
+    # drain (its shut-off guests move offline, without TLS).
+    no_tls = {h for h, f in facts.items() if isinstance(f, HostFacts) and f.migration_tls is False}
     sigs = guest_signatures(cpus, host_cpus(rt.libvirt.conn, tunables.host_cpu_refresh))
     heading = groups_on_the_way(rt, evacuation_id)
     candidates, without_facts = candidates_from_facts(
@@ -198,4 +196,7 @@ def gather(rt: Runtime, spec: EvacuationSpec, evacuation_id: str) -> FleetView:
         heading=heading.groups,
     )
     unavailable.update(without_facts)
+    if spec.tls:
+        for c in candidates:
+            c.tls_refusal = TLS_REFUSAL if c.name in no_tls else None
     return FleetView(guests, cpus, candidates, unavailable, heading.unknown)

@@ -79,6 +79,10 @@ class Candidate:
     groups: Counter[str] = field(default_factory=Counter)
     # Guests (by uuid) whose CPU this host cannot run; the reason per guest.
     cpu_refusals: dict[str, str] = field(default_factory=dict)
+    # Why this host cannot take a --tls drain's live guests (its migration certificates
+    # missing); an offline move sends no memory, and takes no TLS (probe: a shut-off guest
+    # was left behind for it).
+    tls_refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ def _order(guests: list[Guest]) -> list[Guest]:
 def _why_not(guest: Guest, host: Candidate) -> str | None:
     if guest.uuid in host.cpu_refusals:
         return f"{host.name}: {host.cpu_refusals[guest.uuid]}"
+    if guest.active and host.tls_refusal is not None:
+        return f"{host.name}: {host.tls_refusal}"
     if guest.group is not None and host.groups[guest.group]:
         return f"{host.name}: anti-affinity group {guest.group} already there"
     need = guest.memory_mib if guest.active else 0

@@ -276,16 +276,31 @@ def test_a_scheduled_drain_carries_the_options(lab: Lab, beats: list[Beat], tmp_
 
 
 def test_a_tls_drain_leaves_out_hosts_without_certificates(lab: Lab) -> None:
-    """This lab is up without --tls: every worker says it has no migration certificates, so a
-    --tls drain places nothing (the dry run shows why) and nothing moves."""
+    """This lab is up without --tls: no host has migration certificates, so a --tls drain
+    places nothing (the dry run shows why) and nothing moves. lab1 itself lacks the CA its
+    QEMU would check a destination with: said first (every child would be refused at its
+    preflight); with that CA in place, the destinations' own lack is what is said."""
     lab.all_home()
-    done = run_drover(
-        lab.config, "evacuate", "lab1", "--tls", "--dry-run", "--timeout", "60", "--json"
-    )
-    ev = evacuation_of(lab, done.stdout)
-    assert ev.state.value == "planned", ev.reason
-    assert ev.plan and all(p.destination is None for p in ev.plan)
-    for p in ev.plan:
+
+    def dry_run() -> Evacuation:
+        done = run_drover(
+            lab.config, "evacuate", "lab1", "--tls", "--dry-run", "--timeout", "60", "--json"
+        )
+        ev = evacuation_of(lab, done.stdout)
+        assert ev.state.value == "planned", ev.reason
+        assert ev.plan and all(p.destination is None for p in ev.plan)
+        return ev
+
+    for p in dry_run().plan or []:
+        assert p.reason is not None and "lab1: no QEMU migration TLS client" in p.reason
+    ca = Path(lab.status["config"]).parent / "hosts/lab1/pki/qemu/ca-cert.pem"
+    ca.parent.mkdir(parents=True, exist_ok=True)
+    ca.write_text("placeholder: only its presence is checked\n")
+    try:
+        plan = dry_run().plan or []
+    finally:
+        ca.unlink()
+    for p in plan:
         assert p.reason is not None and "no QEMU migration TLS certificates" in p.reason
     assert lab.running_on("idle-1") == ["lab1"]
 

@@ -79,6 +79,15 @@ def test_inactive_domains_need_no_memory_and_go_last() -> None:
     assert placements[1].estimate_s == OFFLINE_ESTIMATE_S
 
 
+def test_a_host_without_tls_certificates_takes_only_the_shut_off_guests_of_a_tls_drain() -> None:
+    """Probe: a --tls drain with --include-inactive left every shut-off guest behind for the
+    hosts' missing certificates; an offline move sends no memory and takes no TLS."""
+    lab2 = Candidate("lab2", 4096, tls_refusal="no QEMU migration TLS certificates")
+    placements = plan([guest("on"), guest("off", active=False)], [lab2], {}, ESTIMATE)
+    assert where(placements) == {"on": None, "off": "lab2"}
+    assert placements[0].reason == "no destination (lab2: no QEMU migration TLS certificates)"
+
+
 @given(
     st.lists(st.integers(min_value=1, max_value=512), min_size=0, max_size=12),
     st.lists(st.integers(min_value=0, max_value=2048), min_size=1, max_size=4),
