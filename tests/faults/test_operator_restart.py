@@ -13,10 +13,11 @@ import libvirt
 import pytest
 
 from config.settings import load_settings
-from jobs.errors import ControlUnanswered, SubmitError
+from jobs.errors import ControlUnanswered
 from lab import control
 from producer.api import Drover
 from tests.faults.conftest import FAULT_WINDOW_S, assert_invariants, finish, in_transfer
+from tests.support.controls import when_free
 from tests.support.forgery import log_events
 from tests.support.lab_fixtures import Lab, wait_for
 
@@ -56,25 +57,6 @@ def max_downtime(lab: Lab) -> int:
         conn.close()
 
 
-def force_completed(drover: Drover, job_id: str) -> str:
-    """The worker's line for a force-complete, asked again while it says another change
-    (a step of the job's policy) is still before libvirt: that refusal tells an operator to
-    try again in a moment, and this does (any other refusal fails the test)."""
-    said: list[str] = []
-
-    def taken() -> bool:
-        try:
-            said.append(drover.force_complete(job_id))
-        except SubmitError as e:
-            if "try again in a moment" not in str(e):
-                raise
-            return False
-        return True
-
-    wait_for(taken, FAULT_WINDOW_S, "force-complete to be taken")
-    return said[0]
-
-
 def restarted_source(lab: Lab) -> None:
     control.kill_worker("lab1")
     control.restart_worker("lab1")
@@ -106,7 +88,8 @@ def test_a_force_completed_migration_is_not_aborted_by_the_restarted_workers_pol
     drover = Drover(load_settings(lab.config))  # a producer that knows the policy
     job_id = drover.submit(domain="dirty-1", src="lab1", dst="lab2", live=True, policy="nopc")
     wait_for(in_transfer(lab, job_id), FAULT_WINDOW_S, "the migration to be in flight")
-    assert "suspend" in force_completed(drover, job_id)  # post-copy is not allowed
+    # Post-copy is not allowed; asked again while the policy's own step holds the job.
+    assert "suspend" in when_free(lambda: drover.force_complete(job_id), FAULT_WINDOW_S)
     restarted_source(lab)
     try:
         wait_for(

@@ -23,6 +23,7 @@ from jobs.model import Job
 from jobs.store import job_key
 from lab import control
 from tests.support.cli import run_drover
+from tests.support.controls import when_free
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
 
 pytestmark = pytest.mark.lab
@@ -130,7 +131,12 @@ def test_tune_takes_effect_in_libvirt_and_force_complete_suspends_without_postco
     assert on_source(lab, lambda d: d.migrateGetMaxSpeed(0)) == SLOW_MIB
     assert operator_steps(lab, job_id) == []
 
-    done = run_drover(lab.config, "tune", job_id, "--bandwidth", "64", "--max-downtime", "700")
+    done = when_free(
+        lambda: run_drover(
+            lab.config, "tune", job_id, "--bandwidth", "64", "--max-downtime", "700"
+        ),
+        TUNE_ANSWER_S,
+    )
     assert done.returncode == 0, done.stderr
     assert "bandwidth_mib=64" in done.stdout and "max_downtime_ms=700" in done.stdout
     assert on_source(lab, lambda d: d.migrateGetMaxSpeed(0)) == 64
@@ -141,7 +147,7 @@ def test_tune_takes_effect_in_libvirt_and_force_complete_suspends_without_postco
     assert step["max_downtime_ms"] == 700 and step.get("postcopy_bandwidth_mib") is None
 
     # manual forbids post-copy: force-complete pauses the guest; it runs again on arrival.
-    line = lab.drover.force_complete(job_id)
+    line = when_free(lambda: lab.drover.force_complete(job_id), TUNE_ANSWER_S)
     assert "suspend" in line and "forbids post-copy" in line
     job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
     landed_on_lab2(lab, job)
@@ -207,7 +213,9 @@ def test_a_tune_changed_in_redis_before_the_worker_takes_it_is_refused(
     assert on_source(lab, lambda d: d.migrateGetMaxDowntime(0)) == downtime
     assert operator_steps(lab, job_id) == []
 
-    done = run_drover(lab.config, "tune", job_id, "--bandwidth", "2")
+    done = when_free(
+        lambda: run_drover(lab.config, "tune", job_id, "--bandwidth", "2"), TUNE_ANSWER_S
+    )
     assert done.returncode == 0 and "bandwidth_mib=2" in done.stdout, done.stderr
     assert on_source(lab, lambda d: d.migrateGetMaxSpeed(0)) == 2
     [step] = operator_steps(lab, job_id)
@@ -219,7 +227,7 @@ def test_force_complete_switches_to_postcopy_where_allowed(lab: Lab, started: St
     job_id = started.migrating(
         policy="manual", postcopy=True, bandwidth_mib=SLOW_MIB, postcopy_bandwidth_mib=1
     )
-    line = lab.drover.force_complete(job_id)
+    line = when_free(lambda: lab.drover.force_complete(job_id), TUNE_ANSWER_S)
     assert "post-copy" in line
     wait_for(
         lambda: lab.view("lab1", DIRTY).state == libvirt.VIR_DOMAIN_PAUSED,
@@ -231,7 +239,9 @@ def test_force_complete_switches_to_postcopy_where_allowed(lab: Lab, started: St
         lab.drover.force_complete(job_id)
     assert lab.drover.job(job_id).state.value == "migrating"
 
-    assert "postcopy_bandwidth_mib=0" in lab.drover.tune(job_id, postcopy_bandwidth_mib=0)
+    assert "postcopy_bandwidth_mib=0" in when_free(
+        lambda: lab.drover.tune(job_id, postcopy_bandwidth_mib=0), TUNE_ANSWER_S
+    )
     job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
     landed_on_lab2(lab, job)
     assert job.result.mode == "postcopy" and job.postcopy_since is not None
