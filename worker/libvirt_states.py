@@ -127,18 +127,27 @@ class StatsUnanswered(Exception):
     past its wait): that says nothing about whether the migration still runs."""
 
 
+# libvirt's errors of a question about a domain's job that mean it runs none we can see.
+NO_JOB_ERRORS = (
+    libvirt.VIR_ERR_OPERATION_INVALID,  # not running
+    libvirt.VIR_ERR_NO_DOMAIN,  # gone
+    libvirt.VIR_ERR_NO_SUPPORT,  # a driver that has no job information
+)
+
+
 def has_job(dom: Domain) -> bool:
     """Whether libvirt runs a job (a migration) on `dom` now: its word, whatever a record
     says of the job's state. An answer held back (the domain's job lock busy past libvirt's
     wait, or refused as an incoming migration's) counts as a job. An inactive domain has none
-    libvirt can show (it refuses the question: "domain is not running")."""
+    libvirt can show (it refuses the question: "domain is not running"), nor has one whose
+    driver cannot answer (libvirt's test driver; QEMU's always can)."""
     try:
         return bool(dom.isActive()) and dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
     except libvirt.libvirtError as exc:
         if exc.get_error_code() in (_REFUSED, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
             return True
-        if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
-            return False  # stopped between the two questions
+        if exc.get_error_code() in NO_JOB_ERRORS:
+            return False  # stopped, or gone, between the questions; or never asked
         raise
 
 

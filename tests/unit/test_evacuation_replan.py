@@ -51,3 +51,23 @@ def test_a_child_that_failed_otherwise_goes_back_where_it_was_planned() -> None:
     # Past perform the pre-checks had passed: the migration itself failed.
     late = child([refused("memory")], phases=("source_preflight", "destination_prepare", "perform"))
     assert destination_refusal(late, "kvm2") is None
+
+
+def test_a_domain_libvirt_cannot_show_a_job_for_has_none() -> None:
+    """`has_job` (worker/libvirt_states.py) on what libvirt's test driver answers: it has no
+    job information at all; an inactive domain, and one gone since it was looked up, have no
+    job either. Never raised: the evacuation's watch asks it of every domain of its plan."""
+    import libvirt
+
+    from worker.libvirt_states import has_job
+
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.lookupByName("test")
+        assert dom.isActive() and not has_job(dom)  # the driver: "not supported"
+        dom.destroy()
+        assert not has_job(dom)
+        dom.undefine()
+        assert not has_job(dom)
+    finally:
+        conn.close()
