@@ -118,12 +118,8 @@ def _too_late(notify: Notify | None, job: Job, said: str, *, ended: bool = False
     operator was told so while libvirt went on moving the guest (attacker probe). The source
     is sent the abort notice whatever the record says; its worker aborts a migration libvirt
     still runs in pre-copy, and libvirt refuses one in post-copy (said in the job's events)."""
-    if notify is None:
-        return TooLate(said, ended=ended)
-    try:
-        notify(job, ABORT_NOTICE_TASK)
-    except Exception:  # the broker away: the record's word is all there is to say
-        return TooLate(said, ended=ended)
+    if notify is None or _told(notify, job, ABORT_NOTICE_TASK):
+        return TooLate(said, ended=ended)  # nobody told: the record's word is all there is
     return TooLate(
         f"{said} (the job record's word: {job.spec.src} was told all the same, and aborts a "
         "migration libvirt still runs in pre-copy)",
