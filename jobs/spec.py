@@ -199,6 +199,13 @@ def combination_problems(s: MigrationSpec) -> list[str]:
         problems.append("--postcopy-bandwidth cannot be tunnelled (post-copy is not)")
     if tunnelled and s.parallel:
         problems.append("--parallel cannot be tunnelled (libvirt refuses it)")
+    if tunnelled and s.tls:
+        # libvirt's tunnel feeds the destination's QEMU one way (a pipe), and the TLS handshake
+        # needs both: QEMU fails it after the destination has started (lab, libvirt 9.0).
+        problems.append(
+            "--tls cannot be tunnelled: the tunnel carries the stream one way and QEMU's TLS "
+            "handshake needs both (encrypt a tunnelled migration with qemu+tls:// peer URIs)"
+        )
     if s.offline:
         if s.live:
             problems.append("--offline and --live exclude each other")

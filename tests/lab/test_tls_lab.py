@@ -23,6 +23,7 @@ from lab import control
 from lab.layout import LabLayout
 from lab.proc import run
 from producer.api import Drover
+from tests.support.cli import run_drover
 from tests.support.lab_fixtures import lab_id, view, wait_for
 
 libvirt.registerErrorHandler(lambda *_: None, None)
@@ -203,3 +204,28 @@ def test_a_name_not_in_the_certificate_fails_with_the_vm_on_the_source(lab6: Lab
     wait_for(lambda: running_only_on("lab1"), DESTINATION_SETTLE_S, "idle-1 on lab1 only")
     hosts = control.status()["hosts"]
     assert not view(hosts["lab2"]["operator_uri"], "idle-1").exists
+
+
+def test_qemu_tls_inside_a_tunnel_fails_in_libvirt_and_drover_refuses_it(lab6: LabLayout) -> None:
+    """libvirt's tunnel feeds the destination's QEMU through a one-way pipe, so QEMU's TLS
+    handshake cannot complete in it: libvirt itself fails TLS | TUNNELLED (the guest stays
+    on the source), and `drover migrate --tls --tunnelled` is refused in one line, before
+    any job exists, instead of failing the same way after QEMU started on the destination."""
+    hosts = lab_hosts()
+    assert_runs_only_on(hosts, "lab1")
+    tunnelled_tls = LIVE_P2P | libvirt.VIR_MIGRATE_TUNNELLED | libvirt.VIR_MIGRATE_TLS
+    # libvirt's words vary with the run ("TLS handshake failed: Error in the pull function",
+    # or its JSON layer failing first): the failure is the claim, not its wording.
+    with pytest.raises(libvirt.libvirtError):
+        migrate(hosts, "lab1", "lab2", tunnelled_tls)
+    wait_for(lambda: running_only_on("lab1"), DESTINATION_SETTLE_S, "idle-1 on lab1 only")
+
+    d = Drover(load_settings(lab6.config_path))
+    before = {job.id for job in d.jobs(limit=500)}
+    args = ("migrate", "idle-1", "--from", "lab1", "--to", "lab2", "--live")
+    refused = run_drover(lab6.config_path, *args, "--tls", "--tunnelled")
+    line = refused.stderr.strip()
+    assert refused.returncode == 2, refused.stdout
+    assert "--tls cannot be tunnelled" in line and "\n" not in line and "Traceback" not in line
+    assert {job.id for job in d.jobs(limit=500)} == before  # nothing queued, nothing recorded
+    assert_runs_only_on(hosts, "lab1")

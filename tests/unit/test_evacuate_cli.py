@@ -34,6 +34,7 @@ from tests.unit.test_cli_errors import drover, queued_anything
             ["kvm1", "--tunnelled", "--completion-timeout", "60", "--timeout-action", "postcopy"],
             "--timeout-action postcopy cannot be tunnelled",
         ),
+        (["kvm1", "--tunnelled", "--tls"], "--tls cannot be tunnelled"),
         (["kvm1", "--policy", "nope"], "unknown policy 'nope' (known policies: default, manual"),
         (["kvm1", "--policy", "Bad Name"], "invalid --policy 'Bad Name'"),
         (["kvm1"], "kvm1's worker is not alive; it plans the evacuation of its host"),

@@ -171,6 +171,7 @@ def test_offline_and_incremental_storage_flags() -> None:
         ),
         ({"transport": "tunnelled", "postcopy": True}, "--postcopy cannot be tunnelled"),
         ({"transport": "tunnelled", "parallel": 2}, "--parallel cannot be tunnelled"),
+        ({"transport": "tunnelled", "tls": True}, "--tls cannot be tunnelled"),
         ({"transport": "tunnelled", "migrate_uri": "tcp://10.0.0.1"}, "no effect when tunnelled"),
         ({"transport": "tunnelled", "listen_address": "10.0.0.1"}, "no effect when tunnelled"),
         ({"live": False, "postcopy": True}, "--postcopy needs --live"),

@@ -378,6 +378,7 @@ def test_a_schedule_keeps_every_drain_option_and_refuses_bad_ones(config: Path) 
         (("--comp-zlib-level", "3"), "--comp-zlib-level needs zlib in --comp-methods"),
         (("--copy-storage", "some"), "--copy-storage"),
         (("--tunnelled", "--parallel", "2"), "--parallel cannot be tunnelled"),
+        (("--tunnelled", "--tls"), "--tls cannot be tunnelled"),
     ):
         refused = drover(config, *base, *bad)
         assert refused.returncode == 2, refused.stdout
