@@ -78,6 +78,9 @@ def _event_line(ev: dict[str, Any]) -> str:
     details = " ".join(f"{k}={ev[k]}" for k in _DETAIL_KEYS if ev.get(k) is not None)
     if name.startswith("evacuation.child"):
         details = f"{ev.get('domain')} -> {ev.get('dst')} child={ev.get('child')} {details}"
+    elif name == "evacuation.replanned":  # where it goes now (no host left: nowhere)
+        moved = f"{ev.get('domain')}: {ev.get('was')} -> {ev.get('dst') or 'nowhere'}"
+        details = f"{moved} {details}"
     elif name == "evacuation.planned" and isinstance(ev.get("placements"), list):
         placed = sum(1 for p in ev["placements"] if isinstance(p, dict) and p.get("destination"))
         details = f"{placed} of {len(ev['placements'])} domains placed"

@@ -71,3 +71,15 @@ def test_a_domain_libvirt_cannot_show_a_job_for_has_none() -> None:
         assert not has_job(dom)
     finally:
         conn.close()
+
+
+def test_the_replanned_line_says_where_the_guest_goes_now() -> None:
+    """`drover events EVAC` showed the reason only; the new destination was in the JSON alone."""
+    from producer.render import event_line
+
+    base = {"event": "evacuation.replanned", "host": "lab1", "ts": 0.0, "domain": "idle-2"}
+    reason = "lab2's pre-checks refused it after planning: lab2 already has idle-2"
+    line = event_line(base | {"was": "lab2", "dst": "lab3", "reason": reason})
+    assert "idle-2: lab2 -> lab3 reason=lab2's pre-checks refused it" in line
+    line = event_line(base | {"was": "lab2", "dst": None, "reason": reason})
+    assert "idle-2: lab2 -> nowhere reason=" in line
