@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from worker.tls_certs import certificate_problem
+
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 DEFAULT_CERT_DIR = "/etc/pki/qemu"  # libvirt's built-in default_tls_x509_cert_dir
 # What a TLS server (the migration's destination QEMU) needs: qemu.conf's documentation.
@@ -50,18 +52,23 @@ def missing_files(files: tuple[str, ...], qemu_conf: Path = QEMU_CONF) -> tuple[
 
 
 def migration_tls_ready(qemu_conf: Path = QEMU_CONF) -> bool:
-    """True when every file a migration TLS server needs is in its certificate directory."""
-    return not missing_files(SERVER_FILES, qemu_conf)[1]
+    """True when the files a migration TLS server needs are in its certificate directory and
+    would serve QEMU (worker/tls_certs.py)."""
+    return tls_refusal("", destination=True, qemu_conf=qemu_conf) is None
 
 
 def tls_refusal(host: str, destination: bool, qemu_conf: Path = QEMU_CONF) -> str | None:
-    """Why this host cannot take its side of a `--tls` migration (None: its files are there):
-    the destination's QEMU is the TLS server, the source's the client."""
+    """Why this host cannot take its side of a `--tls` migration (None: its files are there,
+    and usable): the destination's QEMU is the TLS server, the source's the client."""
     cert_dir, missing = missing_files(SERVER_FILES if destination else CLIENT_FILES, qemu_conf)
-    if not missing:
-        return None
     role = "server" if destination else "client"
-    return (
-        f"{host}: no QEMU migration TLS {role} certificates: {', '.join(missing)} missing in "
-        f"{cert_dir} (--tls needs them on {'the destination' if destination else 'the source'})"
-    )
+    needed = f"--tls needs them on {'the destination' if destination else 'the source'}"
+    if missing:
+        return (
+            f"{host}: no QEMU migration TLS {role} certificates: {', '.join(missing)} missing "
+            f"in {cert_dir} ({needed})"
+        )
+    problem = certificate_problem(cert_dir, destination)
+    if problem is None:
+        return None
+    return f"{host}: unusable QEMU migration TLS {role} files in {cert_dir}: {problem} ({needed})"

@@ -9,6 +9,7 @@ must be refused by the worker before anything moves, with the guest untouched.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,7 @@ from tests.lab.test_schedule import (
 from tests.support.cli import run_drover
 from tests.support.disk_guest import undefine
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
+from tests.support.tls_files import Certs
 
 pytestmark = pytest.mark.lab
 _ = beats  # the fixture, imported for the schedule test
@@ -275,7 +277,7 @@ def test_a_scheduled_drain_carries_the_options(lab: Lab, beats: list[Beat], tmp_
         lab.all_home()
 
 
-def test_a_tls_drain_leaves_out_hosts_without_certificates(lab: Lab) -> None:
+def test_a_tls_drain_leaves_out_hosts_without_certificates(lab: Lab, tmp_path: Path) -> None:
     """This lab is up without --tls: no host has migration certificates, so a --tls drain
     places nothing (the dry run shows why) and nothing moves. lab1 itself lacks the CA its
     QEMU would check a destination with: said first (every child would be refused at its
@@ -295,11 +297,16 @@ def test_a_tls_drain_leaves_out_hosts_without_certificates(lab: Lab) -> None:
         assert p.reason is not None and "lab1: no QEMU migration TLS client" in p.reason
     ca = Path(lab.status["config"]).parent / "hosts/lab1/pki/qemu/ca-cert.pem"
     ca.parent.mkdir(parents=True, exist_ok=True)
-    ca.write_text("placeholder: only its presence is checked\n")
+    ca.write_text("placeholder: there, but no certificate\n")
     try:
+        junk = dry_run().plan or []
+        shutil.copy(Certs(tmp_path).dir / "ca-cert.pem", ca)
         plan = dry_run().plan or []
     finally:
         ca.unlink()
+    for p in junk:
+        assert p.reason is not None and "lab1: unusable QEMU migration TLS client" in p.reason
+        assert "ca-cert.pem is not a PEM certificate" in p.reason
     for p in plan:
         assert p.reason is not None and "no QEMU migration TLS certificates" in p.reason
     assert lab.running_on("idle-1") == ["lab1"]

@@ -3,6 +3,7 @@ real lab; every outcome is checked through libvirt on both hosts."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from jobs.model import Job
 from tests.support.disk_guest import disk_guest as local_disk_guest
 from tests.support.disk_guest import undefine
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
+from tests.support.tls_files import Certs
 
 pytestmark = pytest.mark.lab
 
@@ -115,13 +117,15 @@ def test_unmanaged_direct_is_refused_by_qemu_and_leaves_the_guest_alone(lab: Lab
 
 
 def test_tls_toward_a_host_without_certificates_is_refused_before_anything_moves(
-    lab: Lab,
+    lab: Lab, tmp_path: Path
 ) -> None:
     """This lab is up without --tls: no host has QEMU migration certificates. `--tls` used to
     pass a dry run and fail only once QEMU had started on the destination; each side's
-    pre-check now says what is missing where, and nothing moves."""
+    pre-check now says what is missing where, or which file there is unusable, and nothing
+    moves."""
     lab.home("idle-1")
-    qemu_certs = Path(lab.status["config"]).parent / "hosts/lab1/pki/qemu"
+    pki = Path(lab.status["config"]).parent / "hosts"
+    source_certs, destination_certs = pki / "lab1/pki/qemu", pki / "lab2/pki/qemu"
     dry = lab.migrate("idle-1", "lab1", "lab2", tls=True, dry_run=True)
     job = lab.migrate("idle-1", "lab1", "lab2", tls=True)
     for ended in (dry, job):
@@ -135,17 +139,40 @@ def test_tls_toward_a_host_without_certificates_is_refused_before_anything_moves
     }
     assert set(job.phases) == {"source_preflight"}  # the destination was never asked
     # The source's CA in place (lab1's own /etc/pki): the destination's missing server files
-    # are what refuses, at its prepare, with nothing taken there.
-    qemu_certs.mkdir(parents=True, exist_ok=True)
-    (qemu_certs / "ca-cert.pem").write_text("placeholder: only its presence is checked\n")
+    # are what refuses, at its prepare, with nothing taken there; then its files present but
+    # issued by another CA; then the source's CA file junk.
+    ours, theirs = Certs(tmp_path / "ours"), Certs(tmp_path / "theirs")
+    source_certs.mkdir(parents=True, exist_ok=True)
+    destination_certs.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ours.dir / "ca-cert.pem", source_certs)
     try:
         job = lab.migrate("idle-1", "lab1", "lab2", tls=True)
+        assert job.reason is not None and "lab2: no QEMU migration TLS server" in job.reason
+        assert "server-key.pem" in job.reason
+        shutil.copy(ours.dir / "ca-cert.pem", destination_certs)
+        for name in ("server-cert.pem", "server-key.pem"):
+            shutil.copy(theirs.dir / name, destination_certs)
+        another_ca = lab.migrate("idle-1", "lab1", "lab2", tls=True)
+        (source_certs / "ca-cert.pem").write_text("placeholder\n")
+        junk_ca = lab.migrate("idle-1", "lab1", "lab2", tls=True)
     finally:
-        (qemu_certs / "ca-cert.pem").unlink()
-    assert job.state.value == "failed", job.reason
-    assert job.reason is not None and "lab2: no QEMU migration TLS server" in job.reason
-    assert "server-key.pem" in job.reason
-    assert [c.check for c in job.result.destination_checks if not c.passed] == ["tls"]
+        (source_certs / "ca-cert.pem").unlink()
+        for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+            (destination_certs / name).unlink(missing_ok=True)
+    for ended in (job, another_ca):
+        assert ended.state.value == "failed", ended.reason
+        assert [c.check for c in ended.result.destination_checks if not c.passed] == ["tls"]
+    assert another_ca.reason is not None
+    assert "lab2: unusable QEMU migration TLS server files" in another_ca.reason
+    assert "server-cert.pem was not issued by the CA in ca-cert.pem" in another_ca.reason
+    assert junk_ca.state.value == "failed", junk_ca.reason
+    assert (
+        junk_ca.reason is not None and "lab1: unusable QEMU migration TLS client" in junk_ca.reason
+    )
+    assert "ca-cert.pem is not a PEM certificate" in junk_ca.reason
+    assert set(junk_ca.phases) == {"source_preflight"}
+    for ended in (job, another_ca, junk_ca):
+        assert not [e for e in lab.drover.events(ended.id) if e["event"] == "migration.started"]
     assert lab.running_on("idle-1") == ["lab1"]
     assert not lab.view("lab2", "idle-1").exists
     assert lab.drover.store.reserved_mib("lab2") == 0

@@ -201,6 +201,7 @@ def test_local_disks_are_the_writable_file_backed_ones() -> None:
 
 
 def test_the_tls_fact_reads_the_directory_qemu_conf_names(tmp_path: Path) -> None:
+    from tests.support.tls_files import Certs
     from worker.tls_facts import SERVER_FILES, migration_cert_dir, migration_tls_ready
 
     assert migration_cert_dir("") == "/etc/pki/qemu"
@@ -214,6 +215,8 @@ def test_the_tls_fact_reads_the_directory_qemu_conf_names(tmp_path: Path) -> Non
     assert not migration_tls_ready(conf)
     for name in SERVER_FILES:
         (certs / name).write_text("x")
+    assert not migration_tls_ready(conf)  # there, but junk (worker/tls_certs.py)
+    Certs(tmp_path, exist_ok=True)
     assert migration_tls_ready(conf)
 
 

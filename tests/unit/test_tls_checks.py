@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs.spec import MigrationSpec
+from tests.support.tls_files import Certs
 from worker.precheck_source import source_checks
 from worker.tls_facts import CLIENT_FILES, SERVER_FILES, tls_refusal
 
@@ -36,7 +37,10 @@ def test_the_destination_needs_every_server_file_and_says_which_are_missing(conf
     (certs / "server-key.pem").mkdir()  # not a file: QEMU cannot read it as one
     assert tls_refusal("kvm2", destination=True, qemu_conf=conf) is not None
     (certs / "server-key.pem").rmdir()
-    (certs / "server-key.pem").write_text("x")
+    (certs / "server-key.pem").write_text("x")  # there, but no key: worker/tls_certs.py
+    said = tls_refusal("kvm2", destination=True, qemu_conf=conf)
+    assert said is not None and "ca-cert.pem is not a PEM certificate" in said
+    Certs(conf.parent, exist_ok=True)
     assert tls_refusal("kvm2", destination=True, qemu_conf=conf) is None
 
 
@@ -45,6 +49,9 @@ def test_the_source_needs_the_ca_only(conf: Path) -> None:
     assert said is not None and "client" in said and "ca-cert.pem missing" in said
     for name in CLIENT_FILES:
         (conf.parent / "certs" / name).write_text("x")
+    said = tls_refusal("kvm1", destination=False, qemu_conf=conf)
+    assert said is not None and "ca-cert.pem is not a PEM certificate" in said
+    Certs(conf.parent, server=False, client=False, exist_ok=True)
     assert tls_refusal("kvm1", destination=False, qemu_conf=conf) is None
 
 
