@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import redis
 from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError
 
-from config.event_shape import EVENTS_LOST, job_event
+from config.event_shape import EVENTS_LOST, EVENTS_RECLAIMED, job_event
 
 HOLD_MAX = 10_000
 FLUSH_INTERVAL_S = 0.5
@@ -25,6 +25,13 @@ Item = tuple[str, dict[str, Any]]  # a job id and one of its events
 
 class EventSink(Protocol):
     def append_event(self, job_id: str, event: dict[str, Any]) -> str: ...
+
+
+@runtime_checkable
+class ReclaimingSink(Protocol):
+    """A sink that can give a stream run out of IDs its IDs back (jobs/streams.py)."""
+
+    def reclaim_ids(self, job_id: str) -> int: ...
 
 
 @runtime_checkable
@@ -39,6 +46,15 @@ class BatchSink(Protocol):
 # Codes redis-py keeps in the message, and classes it raises (without the code) for others.
 PASSING_CODES = frozenset({"MISCONF", "BUSY", "NOREPLICAS"})
 PASSING_CLASSES = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
+# What Redis says when a stream's last ID is the largest there is (written so by hand).
+EXHAUSTED = "exhausted the last possible ID"
+
+
+def exhausted(exc: Exception | None) -> bool:
+    """Whether `exc` is a stream's refusal for want of IDs (jobs/streams.py `reclaim_ids`)."""
+    return isinstance(exc, redis.ResponseError) and EXHAUSTED in str(exc)
+
+
 # What publishing an event did: written now, held through an outage, or refused by its stream.
 WRITTEN, HELD, REFUSED = "written", "held", "refused"
 REASON_MAX = 200
@@ -121,6 +137,9 @@ class StreamPublisher:
             for (job_id, event), exc in zip(items, errors, strict=True):
                 if exc is None:
                     continue
+                if exhausted(exc):  # its IDs given back, then written alone, in order
+                    self._send_locked(job_id, event)
+                    continue
                 why = refusal(exc) if isinstance(exc, redis.RedisError) else str(exc)
                 if why is not None:
                     self._count_lost(job_id, why)
@@ -182,11 +201,33 @@ class StreamPublisher:
                 self._count_lost(job_id, why)
 
     def _write(self, job_id: str, event: dict[str, Any] | None) -> None:
-        """The note of the job's events lost before `event` if one is owed, then `event`."""
+        """The note of the job's events lost before `event` if one is owed, then `event`; a
+        stream run out of IDs has them given back first (and says so), then is written."""
+        try:
+            self._write_once(job_id, event)
+        except redis.ResponseError as exc:
+            if not (exhausted(exc) and self._reclaimed(job_id)):
+                raise
+            self._write_once(job_id, event)
+
+    def _write_once(self, job_id: str, event: dict[str, Any] | None) -> None:
         if self.lost[job_id]:
             self._write_lost(job_id)
         if event is not None:
             self.sink.append_event(job_id, event)
+
+    def _reclaimed(self, job_id: str) -> bool:
+        if not isinstance(self.sink, ReclaimingSink):
+            return False
+        removed = self.sink.reclaim_ids(job_id)
+        if removed:
+            note = job_event(EVENTS_RECLAIMED, self.host, job_id=job_id, count=removed)
+            note["reason"] = (
+                f"{removed} entries written with IDs a day or more ahead of the clock had run the stream "
+                "out of IDs: removed, and the events after them written"
+            )
+            self.sink.append_event(job_id, note)
+        return removed > 0
 
     def _write_lost(self, job_id: str) -> None:
         lost = job_event(EVENTS_LOST, self.host, job_id=job_id, count=self.lost[job_id])

@@ -13,6 +13,8 @@ from typing import Any
 CONTRACT_KEYS = ("ts", "event", "job_id", "domain", "src", "dst", "phase", "host")
 # Written to a job's stream when events of it were dropped from a full hold (below).
 EVENTS_LOST = "events.lost"
+# Written to a job's stream when entries no worker wrote had run it out of stream IDs (below).
+EVENTS_RECLAIMED = "events.ids_reclaimed"
 
 EventDict = MutableMapping[str, Any]
 Processor = Callable[[Any, str, EventDict], EventDict]

@@ -8,6 +8,7 @@ are one step.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -23,6 +24,11 @@ if TYPE_CHECKING:
 
 EVENT_READ_BATCH = 500
 DEFAULT_EVENT_MAXLEN = 10_000
+# An entry this far ahead of the clock was not added with an automatic ID (`XADD *` takes
+# Redis's clock, or one past the stream's last ID): it was written with an ID of its own.
+FUTURE_ID_SLACK_MS = 24 * 3600 * 1000
+LAST_POSSIBLE_ID = "18446744073709551615-18446744073709551615"  # Redis's largest stream ID
+MS_PER_S = 1000
 
 Event = dict[str, Any]
 # Told the stream id of an entry that is no event, and why (the reader says it, once).
@@ -49,6 +55,29 @@ class EventStreams:
             self.queue_event(p, job_id, event)
             added, _ = p.execute()
         return str(added)
+
+    def reclaim_ids(self, job_id: str) -> int:
+        """Remove the entries of the job's stream written with IDs a day ahead of the clock, and
+        set its last ID back to the newest entry left; how many were removed.
+
+        An entry added by hand at the largest ID (anyone with the Redis password can) leaves
+        no ID to give the next `XADD *` ("exhausted the last possible ID"): every later event
+        of the job was refused, and the job's story stopped where it was written. No worker
+        wrote such an entry; the job's own events are all behind it."""
+        key = events_key(job_id)
+        # This host's clock, not Redis's TIME (no role is granted it): hosts keep time with
+        # Redis to seconds (controls need it), and the slack is a day.
+        horizon = int(time.time() * MS_PER_S) + FUTURE_ID_SLACK_MS
+        rows = cast(Rows, self.r.xrange(key, min=f"{horizon}-0", max="+"))
+        ahead = [entry for entry, _ in rows]
+        if not ahead:
+            return 0
+        with self.r.pipeline(transaction=True) as p:
+            p.xdel(key, *ahead)
+            p.xrevrange(key, count=1)
+            _, newest = p.execute()
+        self.r.execute_command("XSETID", key, newest[0][0] if newest else "0-1")  # type: ignore[no-untyped-call]
+        return len(ahead)
 
     def append_events(self, items: list[tuple[str, Event]]) -> list[Exception | None]:
         """Append each (job id, event) in one transaction; per event, what Redis refused of
@@ -95,13 +124,16 @@ class EventStreams:
         """`read_events`, and the id of the last entry read, an event or not: a reader that
         goes on from it never reads a skipped entry twice."""
         key = events_key(job_id)
-        if block_ms is None:
+        if after == LAST_POSSIBLE_ID:
+            # Read past an entry written by hand at the largest ID: nothing can follow it (and
+            # Redis refuses the range after it, which ended every follower with a traceback).
+            # A blocking read waits out its time as for a stream with nothing new.
+            rows = [] if block_ms is None else self._blocking(key, after, block_ms)
+        elif block_ms is None:
             start = f"({after}" if after != "0-0" else "-"
             rows = cast(Rows, self._raw("XRANGE", key, start, "+"))
         else:
-            read = ("XREAD", "COUNT", EVENT_READ_BATCH, "BLOCK", block_ms, "STREAMS", key, after)
-            got = cast(list[tuple[bytes, Rows]], self._raw(*read))
-            rows = [row for _, stream_rows in got or [] for row in stream_rows]
+            rows = self._blocking(key, after, block_ms)
         events: list[tuple[str, Event]] = []
         for raw_id, fields in rows:
             eid = raw_id.decode()
@@ -111,6 +143,11 @@ class EventStreams:
                 if skipped is not None:
                     skipped(eid, str(exc))
         return EventBatch(events, rows[-1][0].decode() if rows else None)
+
+    def _blocking(self, key: str, after: str, block_ms: int) -> Rows:
+        read = ("XREAD", "COUNT", EVENT_READ_BATCH, "BLOCK", block_ms, "STREAMS", key, after)
+        got = cast(list[tuple[bytes, Rows]], self._raw(*read))
+        return [row for _, stream_rows in got or [] for row in stream_rows]
 
     def newest_event_id(self, job_id: str) -> str:
         """The id of the stream's last entry ("0-0" while it has none): read on from it to see

@@ -10,6 +10,7 @@ QEMU, qemu-img or the filesystem, and no VM moves except as a trusted producer s
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from config.redis_acl import PRODUCER, WORKER
 from jobs.abort import rollback_sender
 from jobs.admission import inbound_gate
 from jobs.evacuation import EvacuationSpec, EvacuationStore, Placement
-from jobs.keys import LANES, LANES_READY, lane_key
+from jobs.keys import EVENT_FIELD, LANES, LANES_READY, events_key, lane_key
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
 from jobs.request_signing import RequestSigner
@@ -568,3 +569,36 @@ def test_a_cancelled_job_written_back_to_queued_never_runs(lab: Lab, guest_home:
     for host in ("lab1", "lab2"):
         assert not [e for e in log_events(host, job_id) if e["event"] == "phase.started"]
     untouched(lab)
+
+
+# ---- a job's event stream run out of IDs -----------------------------------------------------
+
+MAX_STREAM_ID = "18446744073709551615-18446744073709551615"
+
+
+def test_a_stream_run_out_of_ids_mid_migration_still_tells_the_whole_story(
+    lab: Lab, guest_home: None
+) -> None:
+    """`XADD drover:job:J:events 18446744073709551615-18446744073709551615 ...` while idle-2
+    migrates: no ID was left for the next event, and every later one (the migration's
+    completion, the job's end) was refused and lost while libvirt moved the guest. The worker
+    gives the stream its IDs back, says so, and the story goes on to its end."""
+    d = lab.drover
+    job_id = d.submit(domain=GUEST, src="lab1", dst="lab2", live=True, bandwidth_mib=SLOW_MIB)
+
+    def started() -> bool:
+        return any(e["event"] == "migration.started" for e in d.events(job_id))
+
+    wait_for(started, JOB_TIMEOUT_S, "the migration to start")
+    forged = {"event": "job.state", "state": "failed", "job_id": job_id}
+    d.store.r.xadd(events_key(job_id), {EVENT_FIELD: json.dumps(forged)}, id=MAX_STREAM_ID)
+    job = d.wait(job_id, timeout=JOB_TIMEOUT_S)
+    assert job.state.value == "succeeded", job.reason
+    assert lab.running_on(GUEST) == ["lab2"]
+    names = [e["event"] for e in d.events(job_id)]
+    assert "events.ids_reclaimed" in names, " ".join(names)
+    after = names[names.index("events.ids_reclaimed") :]
+    assert "migration.completed" in after or "phase.finished" in after
+    last = list(d.events(job_id))[-1]
+    assert (last["event"], last["state"]) == ("job.state", "succeeded")
+    assert not any(e.get("state") == "failed" for e in d.events(job_id))  # the forgery went

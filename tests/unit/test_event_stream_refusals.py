@@ -16,6 +16,7 @@ import redis
 import structlog
 
 from config import events
+from config.event_shape import EVENTS_RECLAIMED
 from config.events import EVENTS_LOST, StreamPublisher, get_logger
 from jobs.keys import events_key
 from jobs.store import JobStore
@@ -36,7 +37,9 @@ def of_another_type(r: redis.Redis) -> None:
     r.hset(events_key(BAD), "x", "y")
 
 
-POISONS = {"max-id": top_id_at_the_maximum, "wrongtype": of_another_type}
+# Streams that refuse every write for good. A stream whose top ID was written at the largest
+# one is given its IDs back instead (the tests at the end).
+POISONS = {"wrongtype": of_another_type}
 Poison = Callable[[redis.Redis], None]
 
 
@@ -117,7 +120,7 @@ def test_an_outage_holds_every_jobs_events_and_the_flush_passes_over_a_refusing_
         for job_id in (GOOD, BAD):
             assert not publisher.publish(job_id, {"event": "migration.progress", "i": i})
     assert len(publisher.held) == 6
-    top_id_at_the_maximum(store.r)
+    of_another_type(store.r)
     sink.up = True
     assert not publisher.publish(GOOD, {"event": "job.state", "i": 3}), "jumped the queue"
     assert publisher.flush()
@@ -185,3 +188,60 @@ def test_a_refusal_of_every_write_is_held_as_an_outage(error: redis.RedisError) 
     assert not publisher.publish(GOOD, {"event": "phase.started"})
     assert not publisher.publish(BAD, {"event": "phase.started"})
     assert len(publisher.held) == 2 and not publisher.lost
+
+
+def test_a_stream_run_out_of_ids_by_hand_gets_them_back_and_the_jobs_story_goes_on(
+    store: JobStore, publisher: StreamPublisher
+) -> None:
+    """An entry added at the largest ID (with another far ahead of the clock) left no ID for
+    the next XADD: every later event of the job was refused and lost. Those entries are
+    removed, the stream says so, and the job's events go on after its own earlier ones."""
+    assert publisher.publish(BAD, {"event": "phase.started", "i": 0})
+    store.r.xadd(events_key(BAD), {"data": "{}"}, id="99999999999999-0")
+    top_id_at_the_maximum(store.r)
+    assert publisher.publish(BAD, {"event": "phase.done", "i": 1})
+    assert publisher.publish(GOOD, {"event": "phase.done", "i": 1})
+    assert publisher.publish(BAD, {"event": "job.state", "i": 2})
+    events = [ev for _, ev in store.read_events(BAD)]
+    assert [ev.get("i", ev["event"]) for ev in events] == [0, EVENTS_RECLAIMED, 1, 2]
+    note = events[1]
+    assert (note["count"], note["job_id"], note["host"]) == (2, BAD, "kvm1")
+    assert "ahead of the clock" in note["reason"] and "\n" not in note["reason"]
+    ids = [entry for entry, _ in store.read_events(BAD)]
+    assert all(int(entry.split("-")[0]) < 99999999999999 for entry in ids)
+    assert not publisher.lost and not publisher.held
+    assert names(store, GOOD) == [1]
+
+
+def test_only_entries_a_day_ahead_of_redis_clock_are_taken_for_hand_written(
+    store: JobStore,
+) -> None:
+    """An entry a minute ahead (a clock set back since it was written) is the job's own: kept.
+    Only the entries no clock would have given are removed."""
+    seconds, _ = store.r.time()
+    soon = f"{(seconds + 60) * 1000}-0"
+    store.r.xadd(events_key(BAD), {"data": "{}"}, id=soon)
+    top_id_at_the_maximum(store.r)
+    assert store.reclaim_ids(BAD) == 1
+    assert [entry for entry, _ in store.r.xrange(events_key(BAD))] == [soon]
+    store.r.xadd(events_key(BAD), {"data": "{}"})  # IDs to give again
+    assert store.r.xlen(events_key(BAD)) == 2
+
+
+def test_reclaiming_a_stream_with_nothing_ahead_removes_nothing(store: JobStore) -> None:
+    store.r.xadd(events_key(GOOD), {"data": "{}"})
+    assert store.reclaim_ids(GOOD) == 0
+    assert store.r.xlen(events_key(GOOD)) == 1
+
+
+def test_a_reader_past_an_entry_at_the_largest_id_reads_nothing_more_without_error(
+    store: JobStore, publisher: StreamPublisher
+) -> None:
+    """A follower that had read the entry written at the largest ID asked Redis for the range
+    after it, which Redis refuses: `drover migrate --wait` ended in a traceback."""
+    assert publisher.publish(BAD, {"event": "phase.started", "i": 0})
+    top_id_at_the_maximum(store.r)
+    batch = store.read_batch(BAD)
+    assert batch.last == MAX_ID
+    assert store.read_batch(BAD, after=MAX_ID) == ([], None)
+    assert store.read_batch(BAD, after=MAX_ID, block_ms=50) == ([], None)  # waits, then none

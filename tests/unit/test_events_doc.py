@@ -15,6 +15,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from config import events
+from config.event_shape import EVENTS_RECLAIMED
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("config", "jobs", "schedules", "worker", "producer")
@@ -29,7 +30,7 @@ METHOD_BUILDERS = {"_event": 1}
 _ROW = re.compile(r"^\|\s*(?P<cell>`[^|]+)\|", re.MULTILINE)
 _NAME = re.compile(r"`([a-z_<>]+(?:\.[a-z_<>]+)+)`")
 # Module constants that hold an event name (`log.info(EVENTS_LOST, ...)`).
-CONSTANTS = {"EVENTS_LOST": events.EVENTS_LOST}
+CONSTANTS = {"EVENTS_LOST": events.EVENTS_LOST, "EVENTS_RECLAIMED": EVENTS_RECLAIMED}
 
 
 def _names_of(node: ast.expr) -> set[str]:

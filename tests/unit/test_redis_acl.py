@@ -868,3 +868,27 @@ def test_cli_refuses_a_name_given_twice_in_the_passwords_file(tmp_path: Path) ->
     )
     assert result.returncode == 2
     assert result.stdout == "" and "0123456789abcdef" not in result.stderr
+
+
+def test_a_worker_may_give_a_stream_run_out_of_ids_its_ids_back(sandbox: AclRedis) -> None:
+    """The worker's events go on after an entry written at the largest ID
+    (jobs/streams.py `reclaim_ids`): its role is granted each command that takes, as its
+    events are written through it."""
+    from config.event_publisher import StreamPublisher
+    from config.event_shape import EVENTS_RECLAIMED
+    from jobs.keys import events_key
+
+    job_id = "0123456789cd"
+    sandbox.admin.xadd(events_key(job_id), {"data": "{}"}, id="18446744073709551615-1")
+    sandbox.admin.xadd(
+        events_key(job_id), {"data": "{}"}, id="18446744073709551615-18446744073709551615"
+    )
+    sandbox.admin.acl_log_reset()
+    store = JobStore.from_url(sandbox.url(WORKER))
+    publisher = StreamPublisher(store.without_retry, "kvm1", flush_interval=3600)
+    assert publisher.publish(job_id, {"event": "phase.started"})
+    assert [ev["event"] for _, ev in store.read_events(job_id)] == [
+        EVENTS_RECLAIMED,
+        "phase.started",
+    ]
+    assert sandbox.denials() == []
