@@ -49,9 +49,18 @@ class SecondLook:
     seen: Watched | None = None
 
 
+# libvirt's words for a migration call that never started one: another job held the guest
+# (a migration, or any job past the state change lock's wait). The migration libvirt shows
+# then is that other job's, never this one's to follow, judge or abort.
+NEVER_STARTED = ("another migration job is already running", "cannot acquire state change lock")
+
+
 def second_look(rt: Runtime, job: Job, policy: MigrationPolicy, error: str | None) -> SecondLook:
     """Follow the migration while libvirt still runs it, then say whether it landed; with
-    none left to follow, whether it landed while this worker could not hear it."""
+    none left to follow, whether it landed while this worker could not hear it. A call that
+    never started one has nothing to follow: its error stands."""
+    if error is not None and any(words in error for words in NEVER_STARTED):
+        return SecondLook()
     carried = still_migrating(rt, job)
     if carried is not None:
         seen, landed = follow(rt, job, carried, policy, error)

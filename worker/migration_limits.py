@@ -83,6 +83,12 @@ def sending(rt: Runtime, job: Job, uuid: str) -> Iterator[None]:
 
     def attempt() -> str | None:
         with rt.ledger.outbound_held():
+            sender = other_sender(rt, job, uuid)
+            if sender is not None:
+                raise PhaseFailed(
+                    f"{job.spec.domain} is on its way out of {rt.host} already, in job "
+                    f"{sender} (this host's ledger); nothing moved"
+                )
             busy = outbound_refusal(rt, job)
             if busy is None:
                 rt.ledger.start_sending(job.id, uuid, time.time())
@@ -102,6 +108,20 @@ def sending(rt: Runtime, job: Job, uuid: str) -> Iterator[None]:
     finally:
         if not handed_over:
             rt.ledger.stop_sending(job.id)
+
+
+def other_sender(rt: Runtime, job: Job, uuid: str) -> str | None:
+    """Another job this host is sending the same guest for (None: none), by its ledger.
+
+    One job per guest is Redis's lease (jobs/lease.py), which anyone with the Redis password
+    can delete (probe): a second job's migration call was then refused by libvirt, and its
+    perform took the first job's migration for its own: its policy, abort or timeout stopped
+    that job's signed migration. The ledger's rows are this host's own, and count while
+    libvirt runs the guest's job (`still_sending`)."""
+    return next(
+        (s.job_id for s in rt.ledger.sending(job.id) if s.uuid == uuid and still_sending(rt, s)),
+        None,
+    )
 
 
 def outbound_refusal(rt: Runtime, job: Job) -> str | None:

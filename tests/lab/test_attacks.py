@@ -27,7 +27,7 @@ from config.redis_acl import PRODUCER, WORKER
 from jobs.abort import rollback_sender
 from jobs.admission import inbound_gate
 from jobs.evacuation import EvacuationSpec, EvacuationStore, Placement
-from jobs.keys import EVENT_FIELD, LANES, LANES_READY, events_key, lane_key
+from jobs.keys import EVENT_FIELD, LANES, LANES_READY, domain_lock_key, events_key, lane_key
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
 from jobs.request_signing import RequestSigner
@@ -36,6 +36,7 @@ from jobs.store import ACTIVE_JOBS, job_key
 from lab import control
 from lab.layout import LabLayout
 from lab.proc import alive
+from tests.support.controls import when_free
 from tests.support.forgery import (
     ForgedJob,
     capture,
@@ -602,3 +603,49 @@ def test_a_stream_run_out_of_ids_mid_migration_still_tells_the_whole_story(
     last = list(d.events(job_id))[-1]
     assert (last["event"], last["state"]) == ("job.state", "succeeded")
     assert not any(e.get("state") == "failed" for e in d.events(job_id))  # the forgery went
+
+
+# ---- a second job for a guest whose Redis lease was deleted -----------------------------------
+
+
+def test_a_second_job_for_a_guest_on_its_way_out_never_takes_the_first_ones_migration(
+    lab: Lab, dirty_running: None
+) -> None:
+    """`DEL drover:lock:name:dirty-1 drover:lock:uuid:U` while job A sends dirty-1 to lab2,
+    then job B for dirty-1 to lab3 with a 3 s completion timeout: libvirt refused B's call,
+    and B's perform followed A's migration as its own, its timeout aborting A (probe). Now
+    lab1's ledger says A sends dirty-1: B fails before its call, A goes on untouched."""
+    d, domain = lab.drover, "dirty-1"
+    a = d.submit(
+        domain=domain, src="lab1", dst="lab2", live=True, bandwidth_mib=SLOW_MIB, policy="manual"
+    )
+
+    def migrating() -> bool:
+        return any(e["event"] == "migration.started" for e in d.events(a))
+
+    wait_for(migrating, JOB_TIMEOUT_S, "job A's migration to start")
+    conn = libvirt.open(lab.uri("lab1"))
+    try:
+        uuid = conn.lookupByName(domain).UUIDString()
+    finally:
+        conn.close()
+    d.store.r.delete(domain_lock_key("name", domain), domain_lock_key("uuid", uuid))
+    b = d.submit(
+        domain=domain,
+        src="lab1",
+        dst="lab3",
+        live=True,
+        completion_timeout_s=3,
+        timeout_action="abort",
+    )
+    job_b = d.wait(b, timeout=JOB_TIMEOUT_S)
+    assert job_b.state.value == "failed", job_b.reason
+    assert f"in job {a} (this host's ledger); nothing moved" in (job_b.reason or ""), job_b.reason
+    assert not any(e["event"] == "migration.started" for e in d.events(b))
+    assert not lab.view("lab3", domain).exists
+    job_a = d.job(a)
+    assert job_a.state.value == "migrating", job_a.reason
+    assert not any(e.get("action") == "abort" for e in d.events(a))
+    when_free(lambda: d.abort(a), JOB_TIMEOUT_S)  # the operator's own abort: dirty-1 stays
+    assert d.wait(a, timeout=JOB_TIMEOUT_S).state.value == "cancelled"
+    wait_for(lambda: lab.running_on(domain) == ["lab1"], RECOVERY_S, "dirty-1 on lab1 only")

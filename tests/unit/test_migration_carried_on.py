@@ -192,3 +192,28 @@ def test_an_abort_libvirt_never_heard_is_not_a_refusal() -> None:
     )
     assert carry_out(Aborted(refused), action) is False  # type: ignore[arg-type]
     assert carry_out(Aborted(None), action) is True  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "Requested operation is not valid: another migration job is already running for "
+        "domain 'web'",
+        "Timed out during operation: cannot acquire state change lock (held by "
+        "monitor=remoteDispatchDomainMigratePerform3Params)",
+    ],
+)
+def test_a_call_that_never_started_a_migration_follows_none(
+    monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    """The migration libvirt shows then is another job's (probe: a second job followed the
+    first one's as its own, and its completion timeout aborted it): nothing is followed,
+    nor asked of the destination; the call's error stands."""
+
+    def never(*_: Any) -> Any:
+        raise AssertionError("another job's migration was looked at")
+
+    monkeypatch.setattr(migration_carried_on, "still_migrating", never)
+    monkeypatch.setattr(migration_carried_on, "landed_anyway", never)
+    look = migration_carried_on.second_look(None, None, None, error)  # type: ignore[arg-type]
+    assert (look.landed, look.seen) == (False, None)

@@ -38,6 +38,7 @@ hv = seam.hv
 NEED_MIB = 64
 ROOMY_MIB = 65_536  # libvirt's free memory: room is never what stops a guest here
 WAIT_DEADLINE_S = 10.0  # how long a test waits for a waiting phase to say so
+OTHER_UUID = "00000000-0000-0000-0000-000000000002"  # a guest the test libvirt has not
 
 
 def limited(config: Path, *, inbound: int = 2, outbound: int = 2, wait: float = 0.0) -> None:
@@ -178,7 +179,7 @@ def test_a_source_at_its_max_outbound_refuses_one_more_until_the_first_is_sent(
 ) -> None:
     limited(env, outbound=1)
     first, second = store.get(live_job(store, "web01")), store.get(live_job(store, "web02"))
-    other_uuid = "00000000-0000-0000-0000-000000000002"
+    other_uuid = OTHER_UUID
     with (
         sending(src, first, guest_uuid),
         pytest.raises(PhaseFailed) as refused,
@@ -227,12 +228,12 @@ def test_a_guest_whose_perform_died_counts_while_libvirt_runs_its_migration_only
     src.ledger.start_sending(dead, guest_uuid, time.time())
     with (
         pytest.raises(PhaseFailed, match="kvm1 already sends 1 guests"),
-        sending(src, nxt, guest_uuid),
+        sending(src, nxt, OTHER_UUID),
     ):
         pytest.fail("a fresh row did not count")
     long_ago = time.time() - 2 * src.settings.tunables.heartbeat_ttl
     src.ledger.start_sending(dead, guest_uuid, long_ago)
-    with sending(src, nxt, guest_uuid):
+    with sending(src, nxt, OTHER_UUID):
         assert [s.job_id for s in src.ledger.sending("")] == [nxt.id]  # the dead one's gone
 
 
@@ -249,9 +250,32 @@ def test_a_migration_handed_over_to_the_next_worker_still_counts(
     second = store.get(live_job(store, "web02"))
     with (
         pytest.raises(PhaseFailed, match="its max_outbound is 1"),
-        sending(src, second, guest_uuid),
+        sending(src, second, OTHER_UUID),
     ):
         pytest.fail("a handed-over migration did not count")
+
+
+def test_a_guest_another_job_sends_is_refused_at_once_whatever_the_limit(
+    env: Path, store: JobStore, src: Runtime, guest_uuid: str
+) -> None:
+    """A second job for a guest this host is sending (its Redis lease deleted, probe) fails
+    before its migration call, with the first job named; once the first's row is stale (its
+    worker dead, libvirt running no job on the guest), the guest may go again."""
+    limited(env, outbound=4)
+    first, second = store.get(live_job(store, "web01")), store.get(live_job(store, "web01"))
+    with sending(src, first, guest_uuid):
+        with pytest.raises(PhaseFailed) as refused, sending(src, second, guest_uuid):
+            pytest.fail("a second job sent the guest the first one sends")
+        assert str(refused.value) == (
+            f"web01 is on its way out of kvm1 already, in job {first.id} (this host's "
+            "ledger); nothing moved"
+        )
+        with sending(src, second, OTHER_UUID):  # another guest: only the limit counts
+            pass
+    long_ago = time.time() - 2 * src.settings.tunables.heartbeat_ttl
+    src.ledger.start_sending(first.id, guest_uuid, long_ago)
+    with sending(src, second, guest_uuid):
+        assert [s.job_id for s in src.ledger.sending("")] == [second.id]
 
 
 @pytest.fixture
