@@ -38,7 +38,7 @@ from jobs.store import JobNotFound, now
 from jobs.workflow import migration_chain
 from worker import phases_all_ended
 from worker.job_end import holds_slots, job_context, verified
-from worker.ledger_word import ended_here, started_here
+from worker.ledger_word import ended_here, given_up_here, started_here
 from worker.phase_errors import Dropped, PhaseFailed
 from worker.phase_frame import execute_phase
 from worker.recovery_perform import recover_perform
@@ -137,7 +137,9 @@ def _attend(rt: Runtime, job: Job, step: Step) -> None:
         return  # still waiting for a slot: admission, not recovery, starts it (and checks it)
     elif _quiet_s(rt, job, step) > rt.settings.tunables.redispatch_after and verified(rt, job):
         # (nor is anything sent again for a request no trusted key signed)
-        if started_here(rt, job.id, step.phase) or not holds_slots(rt, job, resend=True):
+        if started_here(rt, job.id, step.phase) or given_up_here(rt, job, step.phase):
+            return
+        if not holds_slots(rt, job, resend=True):
             return
         give_back_dead_claim(rt, job.id, step.phase)
         log.warning("phase.redispatched", reason=f"not started after {_since_s(step.since):.0f}s")

@@ -649,3 +649,48 @@ def test_a_second_job_for_a_guest_on_its_way_out_never_takes_the_first_ones_migr
     when_free(lambda: d.abort(a), JOB_TIMEOUT_S)  # the operator's own abort: dirty-1 stays
     assert d.wait(a, timeout=JOB_TIMEOUT_S).state.value == "cancelled"
     wait_for(lambda: lab.running_on(domain) == ["lab1"], RECOVERY_S, "dirty-1 on lab1 only")
+
+
+# ---- a failed job written back to migrating after another job moved its guest ----------------
+
+
+def test_a_failed_job_written_live_never_claims_a_move_another_job_made(
+    lab: Lab, dirty_running: None
+) -> None:
+    """Job F's migration of dirty-1 to lab2 fails (its completion timeout) and is rolled back;
+    job G then moves dirty-1 there. `HSET drover:job:F state migrating` and `SADD
+    drover:active F`: lab2's recovery sent F's finish again, which verified the guest G had
+    brought in, and F "succeeded" (probe). lab2's ledger says F's incoming guest was given up
+    there: nothing is sent, and F never claims G's move."""
+    d, domain = lab.drover, "dirty-1"
+    f = d.submit(
+        domain=domain,
+        src="lab1",
+        dst="lab2",
+        live=True,
+        bandwidth_mib=32,  # half dirty-1's dirty rate: the 3 s timeout comes first
+        completion_timeout_s=3,
+        timeout_action="abort",
+    )
+    assert d.wait(f, timeout=JOB_TIMEOUT_S).state.value == "failed"
+    rolled_back = lambda: any(e["event"] == "rollback.done" for e in d.events(f))  # noqa: E731
+    wait_for(rolled_back, RECOVERY_S, "F's rollback on lab2")
+    lab.set_paused(domain, True)  # G's move: a paused guest converges at once
+    g = d.wait(d.submit(domain=domain, src="lab1", dst="lab2", live=True), timeout=JOB_TIMEOUT_S)
+    assert g.state.value == "succeeded", g.reason
+    assert lab.running_on(domain) == ["lab2"]
+
+    d.store.r.hset(job_key(f), "state", "migrating")
+    d.store.r.sadd(ACTIVE_JOBS, f)
+    try:
+        not_recovered = lambda: any(  # noqa: E731
+            e["event"] == "phase.not_recovered" and e.get("phase") == "finish" for e in d.events(f)
+        )
+        wait_for(not_recovered, RECOVERY_S, "lab2's recovery to say F's finish cannot run")
+        job = d.job(f)
+        assert job.state.value != "succeeded" and "finish" not in job.phases, job
+        assert not any(e["event"] in ("phase.redispatched", "finish.verified") for e in d.events(f))
+        assert lab.running_on(domain) == ["lab2"]
+    finally:
+        d.store.r.hset(job_key(f), "state", "failed")
+        d.store.r.srem(ACTIVE_JOBS, f)
