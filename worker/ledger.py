@@ -75,6 +75,9 @@ CREATE TABLE IF NOT EXISTS abort_asked (job_id TEXT PRIMARY KEY, reason TEXT NOT
 class PhaseMark(StrEnum):
     STARTED = "started"  # its body was about to run here
     ENDED = "ended"  # it ended here, whatever its outcome
+    # perform only: libvirt's migration failed and the guest was found still here (its move
+    # did not happen, whatever the record says later: worker/ledger_word.py)
+    FAILED = "failed"
 
 
 class LedgerError(Exception):

@@ -34,15 +34,22 @@ def started_here(rt: Runtime, job_id: str, phase: Phase) -> bool:
 
 
 def given_up_here(rt: Runtime, job: Job, phase: Phase) -> bool:
-    """Whether this host's ledger says the job's guest no longer comes in for it, so that its
-    `finish` is never sent again: prepare looked at the guest here (its facts are kept), and
-    the incoming record prepare took is gone, which only the job's rollback or its own finish
-    removes (a finish that started is recovered, never sent again).
+    """Whether this host's ledger says the job's next step cannot run here, so that it is never
+    sent again: `confirm` on a source where the job's migration failed (the guest found still
+    here); `finish` on a destination where the job's guest no longer comes in for it: prepare
+    looked at the guest here (its facts are kept), and the incoming record prepare took is
+    gone, which only the job's rollback or its own finish removes (a finish that started is
+    recovered, never sent again).
 
     Probe: a job that failed in perform, rolled back here, written back to `migrating` in
     Redis, had its finish sent again by this host's recovery; it verified the guest another
     job had brought in since, and the job "succeeded". A host that lost its ledger has no
     word (no facts): the record's step is sent as before."""
+    if phase is Phase.CONFIRM and rt.ledger.marked(job.id, Phase.PERFORM.value, PhaseMark.FAILED):
+        # The source's own word: its migration failed with the guest still here. A record
+        # that says finish ended since (written so) would have confirm say the job succeeded.
+        _contradiction(rt, job.id, phase, "is due", "cannot run: the job's migration failed here")
+        return True
     if phase is not Phase.FINISH or rt.ledger.facts(job.id) is None:
         return False
     if rt.ledger.incoming_uuid(job.id) is not None:

@@ -3,6 +3,8 @@ switch of a running migration to post-copy (`drover postcopy`)."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from libvirt import virDomain
 from config.events import get_logger
 from jobs.maintenance import Maintenance
 from jobs.model import Job
+from jobs.phases import Phase
 from jobs.prepared_receipt import check_prepared
 from jobs.request_signing import SECURITY_REASON, RequestRefused, verifier_for
 from jobs.states import JobState
@@ -20,6 +23,7 @@ from worker.completion import Landing, landing
 from worker.compression_support import unsupported
 from worker.domain_xml_check import checked_xml
 from worker.job_end import advance
+from worker.ledger import PhaseMark
 from worker.libvirt_events import CompletionWatch
 from worker.libvirt_host import LibvirtError
 from worker.migration_call import build_call, invoke
@@ -154,6 +158,7 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
     if outcome.failed and not recover_failed_postcopy(rt, job, call, outcome.error):
         # Not a post-copy (libvirt shows none): the guest is still on the source.
         where = ensure_running_on_source(rt, job) if not spec.offline else "nothing moved"
+        _note_failed(rt, job)
         if cancel_reason:
             raise PhaseCancelled(f"{cancel_reason}: migration aborted; {where}")
         why = abort_reason or outcome.error
@@ -164,3 +169,11 @@ def _migrate(rt: Runtime, job: Job, dom: virDomain) -> JobState | None:
     rt.store.update(job.id, result=result | landed.result_fields())
     log.info("migration.completed", migration_ms=migration_ms, **landed.event_fields())
     return None
+
+
+def _note_failed(rt: Runtime, job: Job) -> None:
+    """This host's word that the job's migration failed with the guest still here, for
+    recovery to go by whatever the record says later (worker/ledger_word.py). A ledger that
+    cannot be written leaves it unsaid: the job's failure is said all the same."""
+    with contextlib.suppress(sqlite3.Error):
+        rt.ledger.mark(job.id, Phase.PERFORM.value, PhaseMark.FAILED)

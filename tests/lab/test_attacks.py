@@ -27,8 +27,16 @@ from config.redis_acl import PRODUCER, WORKER
 from jobs.abort import rollback_sender
 from jobs.admission import inbound_gate
 from jobs.evacuation import EvacuationSpec, EvacuationStore, Placement
-from jobs.keys import EVENT_FIELD, LANES, LANES_READY, domain_lock_key, events_key, lane_key
-from jobs.model import Job
+from jobs.keys import (
+    EVENT_FIELD,
+    LANES,
+    LANES_READY,
+    domain_lock_key,
+    events_key,
+    lane_key,
+    phases_key,
+)
+from jobs.model import Job, PhaseRecord
 from jobs.phases import EVACUATE_TASK, POSTCOPY_TASK, ROLLBACK_DESTINATION_TASK, Phase, task_name
 from jobs.request_signing import RequestSigner
 from jobs.spec import MigrationSpec
@@ -690,6 +698,18 @@ def test_a_failed_job_written_live_never_claims_a_move_another_job_made(
         job = d.job(f)
         assert job.state.value != "succeeded" and "finish" not in job.phases, job
         assert not any(e["event"] in ("phase.redispatched", "finish.verified") for e in d.events(f))
+        # And F's finish written ended too: its confirm is due on lab1, whose ledger says
+        # F's migration failed there with the guest still home.
+        ended = datetime.now(UTC)
+        finish = PhaseRecord(phase="finish", host="lab2", started=ended, ended=ended)
+        d.store.r.hset(phases_key(f), "finish", finish.model_dump_json())
+        confirm_refused = lambda: any(  # noqa: E731
+            e["event"] == "phase.not_recovered" and e.get("phase") == "confirm" for e in d.events(f)
+        )
+        wait_for(confirm_refused, RECOVERY_S, "lab1's recovery to say F's confirm cannot run")
+        job = d.job(f)
+        assert job.state.value != "succeeded" and "confirm" not in job.phases, job
+        assert not any(e["event"] == "confirm.verified" for e in d.events(f))
         assert lab.running_on(domain) == ["lab2"]
     finally:
         d.store.r.hset(job_key(f), "state", "failed")
