@@ -309,6 +309,6 @@ def test_the_frame_marks_in_the_hosts_ledger_each_phase_it_starts_and_ends(
     with pytest.raises(PhaseFailed):
         run_in_frame(rt, store.get(failed), Phase.SOURCE_PREFLIGHT, refuse, False, 0)
     for job_id in (passed, failed):
-        for mark in PhaseMark:
+        for mark in (PhaseMark.STARTED, PhaseMark.ENDED):
             assert rt.ledger.marked(job_id, Phase.SOURCE_PREFLIGHT.value, mark), (job_id, mark)
     assert not rt.ledger.marked(passed, Phase.PERFORM.value, PhaseMark.STARTED)
