@@ -59,6 +59,12 @@ def queue_children(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> None:
             log.warning("evacuation.child_refused", domain=placement.domain, reason=str(exc))
             continue
         ev.children[placement.domain] = job_id
+        if store.get(ev.id).abort_requested:
+            # Asked while this child was being made (probe: the producer's abort listed the
+            # children a moment before it was queued, and it migrated): stopped here, now.
+            abort_children(rt, ev, {placement.domain: rt.store.get(job_id)})
+            log.info("evacuation.stopped_queueing", reason="evacuation aborted")
+            break
     if changed:
         store.save_plan(ev.id, placements)
 

@@ -6,25 +6,23 @@ partial or cancelled (see worker/evacuation.py)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import structlog
 
 from config.celery import app, host_queue
 from config.events import get_logger
-from config.settings import ConfigError
-from jobs.evacuation import DomainOutcome, Evacuation, EvacuationState, EvacuationStore, Placement
+from jobs.evacuation import DomainOutcome, Evacuation, EvacuationState, EvacuationStore
 from jobs.model import Job
 from jobs.phases import EVACUATE_TASK
 from jobs.record import MalformedRecord
 from jobs.record_read import REDIS_OUTAGES, KeyUnreadable
-from jobs.states import JobState
 from jobs.store import JobNotFound, now
 from worker.evacuation import PLANNING_KEY, attest, plan_and_queue_or_fail, planning, trusted
 from worker.evacuation_children import abort_children, children_of, retry_failed
+from worker.evacuation_outcome import confirm
 from worker.evacuation_plan import end, evacuation_context
 from worker.job_end import on_job_end
-from worker.libvirt_host import LibvirtUnavailable, list_domains
+from worker.libvirt_host import list_domains
 from worker.libvirt_states import has_job
 from worker.runtime import Runtime
 
@@ -145,9 +143,9 @@ def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[
     here. Anything else is `partial`, each domain that did not move listed with why. A
     destination whose libvirtd cannot be asked is asked again for a while (`_ask_again`).
     """
-    if _still_migrating(rt, store, ev):
+    if _still_migrating(rt, store, ev, children):
         return
-    outcome = [_confirm(rt, ev, p, children.get(p.domain)) for p in ev.plan or []]
+    outcome = [confirm(rt, ev, p, children.get(p.domain)) for p in ev.plan or []]
     if _ask_again(rt, store, ev, outcome):
         return
     rt.confirm_waits.pop(ev.id, None)
@@ -173,13 +171,20 @@ def _finish(rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[
     end(store, ev, final, reason, outcome=[o.model_dump() for o in outcome])
 
 
-def _still_migrating(rt: Runtime, store: EvacuationStore, ev: Evacuation) -> bool:
+def _still_migrating(
+    rt: Runtime, store: EvacuationStore, ev: Evacuation, children: dict[str, Job]
+) -> bool:
     """Whether libvirt here still runs a job on a domain of the plan: its children's records
     all say they ended, but libvirt has the last word (probe: a child written `failed` in
     Redis mid-migration ended the evacuation `partial`, the guest said to be still here, while
-    libvirt went on to land it). Judged again at the next check, said once per domain."""
+    libvirt went on to land it). Judged again at the next check, said once per domain.
+
+    An aborted evacuation waits only for its own children's: another job's migration of a
+    guest it could not take (probe) held it `running` until that job ended."""
     busy = []
     for p in ev.plan or []:
+        if ev.abort_requested and p.domain not in children:
+            continue
         dom = rt.libvirt.by_uuid(p.uuid)
         if dom is not None and has_job(dom):
             busy.append(p.domain)
@@ -210,83 +215,3 @@ def _ask_again(
                 "evacuation.confirm_deferred", domain=o.domain, reason=o.destination_unreachable
             )
     return True
-
-
-@dataclass(frozen=True)
-class DestinationView:
-    """What a placement's destination said of its domain: the host, when its libvirtd shows
-    the domain as the plan meant it; or why that libvirtd could not be asked."""
-
-    running_on: str | None = None
-    state: str | None = None  # libvirt's state of the domain there, when it is as planned
-    unreachable: str | None = None
-
-
-def _on_destination(
-    rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None
-) -> DestinationView:
-    """Asked of the host the child's signed request sent the guest to (the plan, anyone's to
-    rewrite in Redis, only when no child was queued); never of the host being drained."""
-    destination = job.spec.dst if job is not None else placement.destination
-    if destination is None or destination == ev.spec.host:
-        return DestinationView()
-    try:
-        uri = rt.settings.host(destination).peer_uri
-    except ConfigError:
-        return DestinationView()  # removed from the registry since: not confirmed
-    try:
-        there = rt.libvirt.peer_facts(uri, placement.uuid)
-    except LibvirtUnavailable as exc:
-        return DestinationView(unreachable=str(exc))
-    if there is not None and (there.active or not placement.active):
-        return DestinationView(running_on=destination, state=there.state)
-    return DestinationView()
-
-
-def _confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None) -> DomainOutcome:
-    here = rt.libvirt.by_uuid(placement.uuid)
-    # Any copy of it libvirt has here, running or defined: the plan's word on what it was
-    # (`persistent`) is anyone's to rewrite, and a definition left behind is not drained.
-    on_source = here is not None and (bool(here.isActive()) or bool(here.isPersistent()))
-    view = _on_destination(rt, ev, placement, job)
-    # libvirt's word on both hosts, whatever the child job says: the host is drained of the
-    # guest when its libvirtd no longer has it and the destination's runs it (a child that
-    # failed on a fault after its guest had moved does not keep the host "not drained").
-    moved = not on_source and view.running_on is not None
-    return DomainOutcome(
-        domain=placement.domain,
-        job_id=job.id if job else None,
-        job_state=job.state.value if job else None,
-        on_source=on_source,
-        running_on=view.running_on,
-        destination_state=view.state,
-        destination_unreachable=view.unreachable,
-        moved=moved,
-        reason=None if moved else _why_not_moved(ev, placement, job, on_source, view),
-    )
-
-
-def _why_not_moved(
-    ev: Evacuation, placement: Placement, job: Job | None, on_source: bool, view: DestinationView
-) -> str | None:
-    """What libvirt showed, on both hosts, of a domain that did not move; never more than it
-    showed (a destination that could not be asked is said to be so)."""
-    src, dst = ev.spec.host, job.spec.dst if job is not None else placement.destination
-    if job is None and dst is None:
-        return placement.reason
-    succeeded = job is not None and job.state is JobState.SUCCEEDED
-    if job is None:  # no record of a child anywhere (jobs/evacuation.py `find_children`)
-        stopped = "never queued: the evacuation was stopped first"
-        reason = stopped if ev.abort_requested else "no job of this evacuation found for it"
-    elif succeeded:
-        reason = f"job {job.id} succeeded"
-    else:
-        reason = f"job {job.id} {job.state.value}: {job.reason}"
-    if on_source:
-        return f"{reason} but libvirt shows it on {src}" if succeeded else reason
-    if view.running_on is not None:
-        return reason if job is not None else f"{reason}; libvirt shows it on {dst}"
-    if view.unreachable is not None:
-        there = f"{dst}'s libvirtd could not be asked ({view.unreachable})"
-        return f"{reason}; libvirt shows it gone from {src}, and {there}"
-    return f"{reason}; libvirt shows it neither here nor on {dst}"

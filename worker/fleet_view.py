@@ -41,6 +41,7 @@ from worker.libvirt_host import (
     is_gone,
     list_domains,
 )
+from worker.libvirt_states import migrating_in
 from worker.local_disks import local_disk_paths
 from worker.placement import Candidate, Guest
 from worker.runtime import Runtime
@@ -61,11 +62,16 @@ class FleetView:
 
 def source_guests(rt: Runtime, include_inactive: bool) -> tuple[list[Guest], dict[str, GuestCpu]]:
     """The domains that must leave: every running one, and with `include_inactive` every
-    defined-but-off one (moved by offline migration)."""
+    defined-but-off one (moved by offline migration). A copy a migration is bringing in is
+    not one (probe: planned as the host's own, its child refused, the evacuation said it was
+    "neither here nor there" after its migration was aborted); if it lands, the evacuation's
+    end finds it here (`appeared after planning`)."""
     guests, cpus = [], {}
     rates = dirty_rates_mib_s(rt.libvirt.conn)
     for dom in list_domains(rt.libvirt.conn):
         try:
+            if migrating_in(dom):
+                continue
             guest = _guest(dom, include_inactive, rates)
             cpu = guest_cpu(dom) if guest is not None else None
         except LibvirtError as exc:

@@ -151,6 +151,19 @@ def has_job(dom: Domain) -> bool:
         raise
 
 
+def migrating_in(dom: Domain) -> bool:
+    """Whether `dom` is a copy a migration is bringing in to this host (the destination's
+    side): libvirt refuses its job's statistics there ("available only on the source host",
+    seen on the lab). Not this host's guest (yet): its migration's job decides where it ends."""
+    try:
+        if not dom.isActive():
+            return False
+        dom.jobInfo()
+    except libvirt.libvirtError as exc:
+        return bool(exc.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED)
+    return False
+
+
 def migration_stats(dom: Domain) -> dict[str, Any] | None:
     """libvirt's statistics of the domain's running migration, or None while there is none
     (or libvirt cannot say for good); StatsUnanswered when its job lock was busy too long."""

@@ -22,6 +22,7 @@ from jobs.record import CheckVerdict
 from lab.guests import GuestSpec, domain_xml
 from producer.api import Drover, SubmitError
 from tests.support.cli import run_drover
+from tests.support.controls import when_free
 from tests.support.lab_fixtures import IDLE_GUESTS, JOB_TIMEOUT_S, Lab, replace_config, wait_for
 from tests.support.limits_sampler import LimitsSampler
 from worker.fleet_view import PLACEMENT_NS
@@ -590,3 +591,89 @@ def test_the_destination_asks_its_own_libvirt_about_the_cpu(
     assert "lab2 cannot run the guest's CPU model" in (job.reason or ""), job.reason
     assert "libvirt's comparison" in (job.reason or "")
     assert lab.view("lab1", OLD_CPU).exists and not lab.view("lab2", OLD_CPU).exists
+
+
+def test_a_guest_another_job_moves_off_during_the_drain_counts_as_drained(
+    lab: Lab, home: None, dirty_running: None
+) -> None:
+    """dirty-1 on its way to lab3 in a job of its own when lab1 is evacuated: the plan cannot
+    take it (it has a job), and the evacuation waits for libvirt to end that migration. It
+    ended `partial`, "dirty-1 not moved off lab1 (already has an active job)", while libvirt
+    showed lab1 empty and dirty-1 on lab3 (probe): a domain no child took is looked for on
+    every other host once libvirt shows it gone from here."""
+    d = lab.drover
+    other = d.submit(
+        domain="dirty-1",
+        src="lab1",
+        dst="lab3",
+        live=True,
+        persistent=True,
+        undefine_source=True,  # nothing of it left on lab1 once it lands
+        bandwidth_mib=4,  # never converges by itself: suspended at the timeout, then lands
+        completion_timeout_s=8,
+    )
+
+    def migrating() -> bool:
+        return any(e["event"] == "migration.started" for e in d.events(other))
+
+    wait_for(migrating, JOB_TIMEOUT_S, "dirty-1's own migration to start")
+    try:
+        ev = d.wait_evacuation(d.evacuate(d.evacuation_spec(host="lab1")), JOB_TIMEOUT_S)
+        assert d.wait(other, JOB_TIMEOUT_S).state.value == "succeeded"
+        judged(lab, ev)
+    finally:
+        d.set_host_enabled("lab1", True)  # the evacuation left it in maintenance
+        if lab.running_on("dirty-1") == ["lab3"]:
+            lab.set_paused("dirty-1", True)  # back as it came, its definition with it
+            lab.migrate("dirty-1", "lab3", "lab1", persistent=True, undefine_source=True)
+
+
+def judged(lab: Lab, ev: Evacuation) -> None:
+    """The evacuation's judgement of lab1 with dirty-1 moved off by a job of its own."""
+    plan = {p.domain: p for p in ev.plan or []}
+    assert plan["dirty-1"].destination is None and "active job" in (plan["dirty-1"].reason or "")
+    assert ev.state.value == "drained", ev.reason
+    outcome = {o.domain: o for o in ev.outcome}
+    assert outcome["dirty-1"].moved and outcome["dirty-1"].running_on == "lab3"
+    assert outcome["dirty-1"].job_id is None and not outcome["dirty-1"].on_source
+    assert lab.running_on("dirty-1") == ["lab3"]
+    for domain in IDLE_GUESTS:
+        assert lab.running_on(domain) != ["lab1"] and len(lab.running_on(domain)) == 1, domain
+
+
+def test_a_copy_migrating_in_is_not_planned_as_the_hosts_own(lab: Lab, home: None) -> None:
+    """lab1 evacuated while a job brings dirty-1 in from lab2: the planner took the incoming
+    paused copy for one of lab1's guests and queued a child for it, and after that migration
+    was aborted the evacuation ended `partial`, the copy "neither here nor" where it was
+    planned (probe). The incoming copy is left out of the plan; with its migration aborted
+    (dirty-1 back to its definition alone on lab1), lab1 is drained."""
+    d = lab.drover
+    lab.home("dirty-1", "lab2")
+    lab.set_paused("dirty-1", False)
+    try:
+        incoming = d.submit(
+            domain="dirty-1",
+            src="lab2",
+            dst="lab1",
+            live=True,
+            bandwidth_mib=2,
+            completion_timeout_s=120,
+            timeout_action="abort",
+        )
+
+        def migrating() -> bool:
+            return any(e["event"] == "migration.started" for e in d.events(incoming))
+
+        wait_for(migrating, JOB_TIMEOUT_S, "dirty-1's migration to lab1 to start")
+        ev_id = d.evacuate(d.evacuation_spec(host="lab1"))
+        wait_for(lambda: d.evacuations.get(ev_id).plan is not None, JOB_TIMEOUT_S, "the plan")
+        planned = {p.domain for p in d.evacuations.get(ev_id).plan or []}
+        assert planned == set(IDLE_GUESTS), planned
+        when_free(lambda: d.abort(incoming), JOB_TIMEOUT_S)
+        assert d.wait(incoming, JOB_TIMEOUT_S).state.value == "cancelled"
+        ev = d.wait_evacuation(ev_id, JOB_TIMEOUT_S)
+        assert ev.state.value == "drained", ev.reason
+        assert lab.running_on("dirty-1") == ["lab2"]
+    finally:
+        d.set_host_enabled("lab1", True)
+        lab.set_paused("dirty-1", True)

@@ -370,3 +370,27 @@ def test_a_domain_taken_out_of_the_plan_under_its_live_child_does_not_end_the_ev
     assert ev.state is EvacuationState.RUNNING, ev.reason
     assert ev.children == {GUEST: real}  # found by its own record, put back in the list
     assert queued == []
+
+
+def test_a_child_queued_as_the_abort_is_asked_is_stopped_at_once(
+    rt: Runtime, store: JobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probe: `drover abort EVAC` listed the evacuation's children a moment before the watch
+    queued one ("0 of 0 child jobs stopped"), and that child then migrated. The watch looks
+    at the abort again once a child is made: the child is cancelled before it starts, and
+    no other child is queued."""
+    ev_id = running_evacuation(rt, store, settings)
+    evacuations = EvacuationStore(store)
+    real = evacuation_children._queue_child
+    made: list[str] = []
+
+    def queue_then_abort(rt_: Runtime, ev: Evacuation, p: Placement, **event: Any) -> str:
+        made.append(real(rt_, ev, p, **event))
+        evacuations.request_abort(ev_id, "aborted by operator@test")  # the producer, meanwhile
+        return made[-1]
+
+    monkeypatch.setattr(evacuation_children, "_queue_child", queue_then_abort)
+    evacuation_children.queue_children(rt, evacuations, evacuations.get(ev_id))
+    [child] = made
+    job = store.get(child)
+    assert job.state is JobState.CANCELLED, (job.state, job.reason)
