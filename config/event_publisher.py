@@ -223,8 +223,8 @@ class StreamPublisher:
         if removed:
             note = job_event(EVENTS_RECLAIMED, self.host, job_id=job_id, count=removed)
             note["reason"] = (
-                f"{removed} entries written with IDs a day or more ahead of the clock had run the stream "
-                "out of IDs: removed, and the events after them written"
+                f"{removed} entries written with IDs a day or more ahead of the clock had run "
+                "the stream out of IDs: removed, and the events after them written"
             )
             self.sink.append_event(job_id, note)
         return removed > 0
