@@ -32,17 +32,7 @@ def _on_destination(
     destination = job.spec.dst if job is not None else placement.destination
     if destination is None or destination == ev.spec.host:
         return DestinationView()
-    try:
-        uri = rt.settings.host(destination).peer_uri
-    except ConfigError:
-        return DestinationView()  # removed from the registry since: not confirmed
-    try:
-        there = rt.libvirt.peer_facts(uri, placement.uuid)
-    except LibvirtUnavailable as exc:
-        return DestinationView(unreachable=str(exc))
-    if there is not None and (there.active or not placement.active):
-        return DestinationView(running_on=destination, state=there.state)
-    return DestinationView()
+    return _asked(rt, destination, placement)
 
 
 def _elsewhere(rt: Runtime, ev: Evacuation, placement: Placement) -> DestinationView:
@@ -54,14 +44,27 @@ def _elsewhere(rt: Runtime, ev: Evacuation, placement: Placement) -> Destination
     for host in sorted(rt.settings.hosts):
         if host == ev.spec.host:
             continue
-        try:
-            there = rt.libvirt.peer_facts(rt.settings.host(host).peer_uri, placement.uuid)
-        except LibvirtUnavailable as exc:
-            unasked.append(f"{host}: {exc}")
-            continue
-        if there is not None and (there.active or not placement.active):
-            return DestinationView(running_on=host, state=there.state)
+        view = _asked(rt, host, placement)
+        if view.running_on is not None:
+            return view
+        if view.unreachable is not None:
+            unasked.append(f"{host}: {view.unreachable}")
     return DestinationView(unreachable="; ".join(unasked) or None)
+
+
+def _asked(rt: Runtime, host: str, placement: Placement) -> DestinationView:
+    """What `host`'s libvirtd shows of the placement's domain, over the registry's peer URI."""
+    try:
+        uri = rt.settings.host(host).peer_uri
+    except ConfigError:
+        return DestinationView()  # removed from the registry since: not confirmed
+    try:
+        there = rt.libvirt.peer_facts(uri, placement.uuid)
+    except LibvirtUnavailable as exc:
+        return DestinationView(unreachable=str(exc))
+    if there is not None and (there.active or not placement.active):
+        return DestinationView(running_on=host, state=there.state)
+    return DestinationView()
 
 
 def confirm(rt: Runtime, ev: Evacuation, placement: Placement, job: Job | None) -> DomainOutcome:
