@@ -55,6 +55,7 @@ from jobs.keys import (
 )
 from jobs.lanes import Lanes, lane_gates
 from jobs.request_signing import RequestVerifier
+from jobs.slot_holders import prune_unsigned
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -158,7 +159,9 @@ class Admission:
         now (its slots' holders checked first): it cannot start, whatever else is true.
         """
         self._drain_legacy()
-        self.lanes.prune(sorted(self.lanes.blocking_gates()), TERMINAL_NAMES)
+        blocking = sorted(self.lanes.blocking_gates())
+        self.lanes.prune(blocking, TERMINAL_NAMES)
+        prune_unsigned(self.store, self.verifier, blocking)
         heads = self.lanes.every_head()
         full = self._blocking_gates(settings)[1]
         heads = [

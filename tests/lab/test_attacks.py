@@ -714,3 +714,28 @@ def test_a_failed_job_written_live_never_claims_a_move_another_job_made(
     finally:
         d.store.r.hset(job_key(f), "state", "failed")
         d.store.r.srem(ACTIVE_JOBS, f)
+
+
+# ---- a gate filled with slots of jobs that do not exist ---------------------------------------
+
+
+def test_a_gate_filled_with_forged_holders_holds_no_real_job_back(
+    lab: Lab, guest_home: None
+) -> None:
+    """`SADD drover:slots:in:lab3 fakeA fakeB` beside records written `migrating`: every job
+    toward lab3 stayed `queued` for as long as they stayed (probe: over two minutes). A
+    worker's safety pass takes those slots back (no trusted key signed their records), and
+    the job moves idle-2 to lab3."""
+    d = lab.drover
+    fakes = ("f0f0f0f0f0f1", "f0f0f0f0f0f2")  # max_inbound 2 in the lab's registry
+    for fake in fakes:
+        d.store.r.hset(job_key(fake), mapping={"id": fake, "state": "migrating"})
+        d.store.r.sadd(inbound_gate("lab3"), fake)
+    try:
+        job = d.wait(d.submit(domain=GUEST, src="lab1", dst="lab3", live=True), JOB_TIMEOUT_S)
+        assert job.state.value == "succeeded", job.reason
+        assert lab.running_on(GUEST) == ["lab3"]
+        assert not set(fakes) & set(d.store.r.smembers(inbound_gate("lab3")))
+    finally:
+        d.store.r.srem(inbound_gate("lab3"), *fakes)
+        d.store.r.delete(*(job_key(fake) for fake in fakes))

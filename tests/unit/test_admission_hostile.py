@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from config.settings import load_settings
 from jobs.admission import Admission, outbound_gate
-from jobs.keys import events_key, job_key, lane_key
+from jobs.keys import events_key, inbound_gate, job_key, lane_key
 from jobs.lanes import Lanes
 from jobs.request_signing import signer_for, verifier_for
 from jobs.spec import MigrationSpec
@@ -134,3 +134,35 @@ def test_a_producer_starts_its_job_behind_a_refused_head_whose_stream_is_no_stre
     assert drover.store.get(job_id).admitted is not None
     assert r.hget(job_key(FORGED), "state") == JobState.FAILED.value
     assert drover.admission.waiting_ids() == []
+
+
+def test_slots_held_by_records_no_key_signed_are_taken_back_and_real_holders_kept(
+    tmp_path: Path, redis_srv: RedisServer, keys: Path
+) -> None:
+    """Probe: `SADD drover:slots:in:lab3 fakeA fakeB` beside records written `migrating`
+    filled lab3's inbound gate with jobs that do not exist, and every real job toward lab3
+    waited for as long as they stayed. With signing on, the next safety pass takes back a
+    slot whose holder's record carries no signed request; a real holder keeps its own."""
+    config = tmp_path / "drover.toml"
+    config.write_text(REGISTRY.format(url=redis_srv.url) + signing_section(keys))
+    cfg = load_settings(config)
+    store = JobStore.from_url(redis_srv.url)
+    store.r.flushdb()
+    for fake in ("fakeA", "fakeB"):  # kvm2 takes two at a time (the default): full
+        store.r.hset(job_key(fake), mapping={"id": fake, "state": "migrating"})
+        store.r.sadd(inbound_gate("kvm2"), fake)
+    signer, started = signer_for(cfg.security), []
+    a = submit(store, "web01", "kvm1", "kvm2", signer=signer)
+    b = submit(store, "web02", "kvm1", "kvm2", signer=signer)
+    admission = Admission(store, verifier_for(cfg.security))
+    assert admission.pass_(cfg, lambda j, _: started.append(j)) == []  # held by the fakes
+    with capture_logs() as logs:
+        for _ in range(2):  # a pass may leave a lane for the next one
+            admission.safety_pass(cfg, lambda j, _: started.append(j))
+    assert sorted(started) == sorted([a, b]) and admission.holders(inbound_gate("kvm2")) == {a, b}
+    said = sorted(e["reason"] for e in logs if e["event"] == "security.rejected")
+    assert len(said) == 2 and "held by fakeA" in said[0] and "held by fakeB" in said[1]
+    c = submit(store, "web03", "kvm1", "kvm2", signer=signer)
+    assert admission.safety_pass(cfg, lambda j, _: started.append(j)) == []
+    assert admission.holders(inbound_gate("kvm2")) == {a, b}  # real holders keep their slots
+    assert c not in started and store.get(c).state is JobState.QUEUED
