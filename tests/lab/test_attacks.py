@@ -58,6 +58,11 @@ from tests.support.forgery import (
 )
 from tests.support.lab_fixtures import JOB_TIMEOUT_S, Lab, wait_for
 
+# dirty-1 rewrites 64 MiB of its memory over and over: at this cap even its first pass takes
+# about 8 s, so a 3 s completion timeout always rings first, and under the `manual` policy its
+# pre-copy goes on until something aborts it (at 32 MiB/s a starved guest converged once).
+SLOW_MIB = 8
+
 pytestmark = pytest.mark.lab
 
 # Recovery sweeps every 5 s and re-sends a phase idle for 30 s; forged records say "long ago".
@@ -400,7 +405,7 @@ def test_a_postcopy_mark_written_into_the_record_stops_neither_the_timeout_nor_t
         src="lab1",
         dst="lab2",
         live=True,
-        bandwidth_mib=32,  # half dirty-1's dirty rate: it never converges by itself
+        bandwidth_mib=SLOW_MIB,  # it never converges by itself
         completion_timeout_s=3,
         timeout_action="abort",
     )
@@ -490,10 +495,6 @@ def test_a_forged_evacuation_plan_moves_nothing_outside_the_signed_request(
 
 
 # ---- a job written "failed" while its guest is still coming in -----------------------------
-
-# dirty-1 rewrites its memory faster than this (MiB/s): under the `manual` policy its pre-copy
-# goes on until the test aborts it in libvirt.
-SLOW_MIB = 8
 
 
 def test_a_job_written_failed_mid_migration_keeps_its_incoming_copy(
@@ -684,7 +685,7 @@ def test_a_failed_job_written_live_never_claims_a_move_another_job_made(
         src="lab1",
         dst="lab2",
         live=True,
-        bandwidth_mib=32,  # half dirty-1's dirty rate: the 3 s timeout comes first
+        bandwidth_mib=SLOW_MIB,  # the 3 s timeout comes first
         completion_timeout_s=3,
         timeout_action="abort",
     )

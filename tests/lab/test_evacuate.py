@@ -483,9 +483,9 @@ def test_a_guest_that_never_converges_is_suspended_and_the_drain_completes(
     dirty_running: None,
     home: None,  # home's teardown first: it enables lab1 again
 ) -> None:
-    # At 32 MiB/s dirty-1 (dirtying about 64 MB/s) would copy until the fleet's hard limit;
-    # the evacuation's completion timeout suspends it, and it resumes on its destination.
-    ev = evacuate(lab, host="lab1", to=["lab2", "lab3"], bandwidth_mib=32, completion_timeout_s=3)
+    # At 8 MiB/s dirty-1 (rewriting 64 MiB) would copy until the fleet's hard limit; the
+    # evacuation's completion timeout suspends it, and it resumes on its destination.
+    ev = evacuate(lab, host="lab1", to=["lab2", "lab3"], bandwidth_mib=8, completion_timeout_s=3)
     assert ev.state.value == "drained", ev.reason
     dirty = lab.drover.job(ev.children["dirty-1"])
     assert dirty.spec.completion_timeout_s == 3

@@ -333,12 +333,14 @@ def test_postcopy_switch_completes_a_migration_that_cannot_converge(
 def test_a_completion_timeout_ends_a_migration_that_cannot_converge(
     lab: Lab, dirty_running: None, action: str, state: str, lands_on: str
 ) -> None:
-    # 32 MiB/s is half dirty-1's dirty rate: without the timeout it would copy for ever.
+    # At 8 MiB/s dirty-1's first pass alone (its 64 MiB rewritten) takes about 8 s: the timeout
+    # rings first, and without it the copy would go on for ever (at 32 MiB/s a guest starved by
+    # a loaded machine dirtied too little and converged once, in another case).
     job = lab.migrate(
         "dirty-1",
         "lab1",
         "lab2",
-        bandwidth_mib=32,
+        bandwidth_mib=8,
         completion_timeout_s=3,
         timeout_action=action,
         postcopy=action == "postcopy",
