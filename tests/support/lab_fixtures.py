@@ -38,6 +38,9 @@ def lab_id(base: int | str) -> str:
 
 TEST_LAB_ID = lab_id(os.environ.get("DROVER_TEST_LAB_ID", "9"))
 JOB_TIMEOUT_S = 180.0
+# How long a start refused by libvirt's state change lock is asked again before the host's
+# libvirtd is restarted (each refusal itself takes libvirt's 30 s lock wait).
+LOCK_HELD_S = 90.0
 # How many of the newest jobs `settle` looks through for one still moving a guest: more
 # than a test module starts before its fixtures settle again.
 JOBS_SCANNED = 200
@@ -139,7 +142,12 @@ class Lab:
         it did; the next case then starts from a running guest, not from the last case's
         failure."""
         self.settle(domain)
-        if self.running_on(domain) != [host]:
+        where = self.running_on(domain)
+        if not where and self.view(host, domain).persistent:
+            self.start_again(domain, host)
+            print(f"{domain}: left shut off on {host} by an earlier case; started again")
+            return True
+        if where != [host]:
             return False
         conn = libvirt.open(self.uri(host))
         try:
@@ -148,11 +156,39 @@ class Lab:
             if tuple(dom.state()) != lost or not dom.isPersistent():
                 return False
             dom.destroy()
-            dom.create()
         finally:
             conn.close()
+        self.start_again(domain, host)
         print(f"{domain}: lost on {host} by an earlier case (post-copy failed); restarted")
         return True
+
+    def start_again(self, domain: str, host: str = "lab1") -> None:
+        """Start `domain` from its definition on `host`, as an operator would after its
+        copies were destroyed. libvirt may still hold the destroyed copy's migration job,
+        whose state change lock refuses the start (over two minutes, once in a full run):
+        asked again for LOCK_HELD_S, then the operator's remedy, `host`'s libvirtd restarted
+        (its jobs go with it), and started on the new daemon."""
+
+        def started() -> bool:
+            conn = libvirt.open(self.uri(host))
+            try:
+                dom = conn.lookupByName(domain)
+                if not dom.isActive():
+                    dom.create()
+                return True
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_TIMEOUT:
+                    raise
+                return False
+            finally:
+                conn.close()
+
+        try:
+            wait_for(started, LOCK_HELD_S, f"{domain} to start again on {host}")
+        except AssertionError:
+            print(f"{domain}: libvirt on {host} held its state change lock; libvirtd restarted")
+            control.restart_libvirtd(host)
+            wait_for(started, LOCK_HELD_S, f"{domain} to start on {host}'s new libvirtd")
 
     def home(self, domain: str, host: str = "lab1") -> None:
         """Bring `domain` back to `host` through drover if a previous test left it elsewhere."""
