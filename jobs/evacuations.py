@@ -41,6 +41,10 @@ EVACUATION_PHASE = "evacuation"
 # The domain name of the child spec an evacuation's options are checked with (no domain is
 # known before its worker plans): any valid name would do.
 PROBE_DOMAIN = "any-domain"
+# How often an abort lists the evacuation's children: once, then again for a child its worker
+# queued while the first list was read (the worker checks the abort after each child it
+# queues, so one more look finds it; a third is a margin).
+ABORT_LOOKS = 3
 
 
 def evacuation_reason(evacuation_id: str) -> str:
@@ -164,17 +168,27 @@ class EvacuationService:
         rollback = rollback_sender(self.app, self.send)
         notify = host_notifier(self.app, self.send)
         # Found by their own records too: the children list may have been deleted in Redis.
-        children = self.records.find_children(ev).jobs
+        # Listed again after the aborts: a child its worker queued meanwhile is stopped (and
+        # counted) here too, not only by that worker's own look at the abort.
+        asked: set[str] = set()
         done, too_late = 0, 0
-        for job in children.values():
-            try:
-                abort_job(self.store, job.id, by=by, rollback=rollback, notify=notify)
-                done += 1
-            except TooLate as exc:  # ended, or finishing / in post-copy: it lands there
-                too_late += 0 if exc.ended else 1
-            except JobNotFound:
-                continue
-        said = abort_line(evacuation_id, len(children), done, too_late)
+        for _ in range(ABORT_LOOKS):
+            current = self.records.get(evacuation_id)
+            fresh = [
+                j for j in self.records.find_children(current).jobs.values() if j.id not in asked
+            ]
+            if not fresh:
+                break
+            for job in fresh:
+                asked.add(job.id)
+                try:
+                    abort_job(self.store, job.id, by=by, rollback=rollback, notify=notify)
+                    done += 1
+                except TooLate as exc:  # ended, or finishing / in post-copy: it lands there
+                    too_late += 0 if exc.ended else 1
+                except JobNotFound:
+                    continue
+        said = abort_line(evacuation_id, len(asked), done, too_late)
         if self.store.alive(ev.spec.host):
             return said  # its worker checks where every domain is, then ends it `cancelled`
         # Its host's worker is away and would be the one to end it: end it here once no

@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from config.celery import app
 from config.settings import load_settings
 from jobs.evacuation import EvacuationSpec, EvacuationStore, Placement
+from jobs.evacuation_model import Children, Evacuation
 from jobs.evacuations import EvacuationService
 from jobs.keys import children_key, domain_lock_key, jobs_by_host_key
 from jobs.spec import MigrationSpec
@@ -156,3 +157,31 @@ def test_an_abort_while_the_worker_is_away_waits_for_children_missing_from_the_l
     assert "a child is still live while kvm1's worker is away" in said
     assert EvacuationStore(store).get(ev_id).state is EvacuationState.RUNNING
     assert all(store.get(child).abort_requested for child in children.values())
+
+
+def test_an_abort_stops_and_counts_a_child_queued_while_it_listed_them(
+    store: JobStore, config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child the worker queues while `drover evacuate --abort` lists the children (here:
+    missing from the first list) is stopped by the abort and counted in its line; it was
+    left to the worker's own look, and the line said "1 of 1"."""
+    ev_id, children = running_evacuation(store)
+    service = EvacuationService(load_settings(config), store, app, lambda _m: None, None)
+    real = service.records.find_children
+    looks: list[str] = []
+
+    def first_look_misses_gone_2(ev: Evacuation, genuine: object = None) -> Children:
+        found = real(ev)
+        if not looks:
+            found.jobs.pop("gone-2")
+        looks.append(ev.id)
+        return found
+
+    monkeypatch.setattr(service.records, "find_children", first_look_misses_gone_2)
+    monkeypatch.setattr(store, "alive", lambda _host: True)
+
+    said = service.abort(ev_id, by="test")
+
+    assert "2 of 2 child jobs stopped or being aborted, 0 had ended" in said, said
+    assert all(store.get(child).abort_requested for child in children.values())
+    assert len(looks) == 3  # the first, the one that found gone-2, one that found nothing new
