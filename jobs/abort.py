@@ -26,8 +26,10 @@ from celery import Celery
 from celery.canvas import Signature
 
 from config.celery import host_queue
+from jobs.abort_request import sign_abort
 from jobs.model import Job, migration_event
 from jobs.phases import ABORT_NOTICE_TASK, CANCEL_NOTICE_TASK, ROLLBACK_DESTINATION_TASK, Phase
+from jobs.request_signing import RequestSigner
 from jobs.states import POSTCOPY_STATES, JobState
 from jobs.store import JobStore
 
@@ -55,9 +57,11 @@ def abort_job(
     rollback: Callable[[Job], None],
     reason: str = ABORT_REASON,
     notify: Notify | None = None,
+    signer: RequestSigner | None = None,
 ) -> str:
     """Stop `job_id`; `rollback` asks its destination to clean up, `notify` tells both hosts
-    of a cancel, and the source of an abort of its running migration. Returns what happened."""
+    of a cancel, and the source of an abort of its running migration; the abort flag is
+    signed with `signer`'s key (jobs/abort_request.py). Returns what happened."""
     store.get(job_id)  # JobNotFound before any flag is set
     for _ in range(CANCEL_ATTEMPTS):
         job = store.get(job_id)
@@ -77,7 +81,7 @@ def abort_job(
             raise _too_late(notify, job, _recovering(job))
         if job.postcopy_since is not None:
             raise _too_late(notify, job, _in_postcopy(job))
-        store.request_abort(job_id, reason)
+        store.request_abort(job_id, reason, sign_abort(signer, job_id, reason, by))
         if state is JobState.MIGRATING or (state is None and _migration_started(job)):
             now = store.get(job_id)
             if now.postcopy_since is not None or now.state in POSTCOPY_STATES:
@@ -138,8 +142,9 @@ def _told(notify: Notify | None, job: Job, task: str) -> str:
     except Exception as exc:  # the broker away: said, never raised over a done cancel
         if task == ABORT_NOTICE_TASK:
             return (
-                f"; {job.spec.src} could not be told ({exc}): with signing on, its worker "
-                "aborts only on that notice, so ask again"
+                f"; {job.spec.src} could not be told ({exc}): its worker aborts on the "
+                "record's signed flag alone, which a Redis writer can delete, so ask again if "
+                "the migration goes on"
             )
         return (
             f"; its hosts could not be told ({exc}), so a Redis writer could start it again "

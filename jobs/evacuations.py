@@ -182,7 +182,14 @@ class EvacuationService:
             for job in fresh:
                 asked.add(job.id)
                 try:
-                    abort_job(self.store, job.id, by=by, rollback=rollback, notify=notify)
+                    abort_job(
+                        self.store,
+                        job.id,
+                        by=by,
+                        rollback=rollback,
+                        notify=notify,
+                        signer=self.signer,
+                    )
                     done += 1
                 except TooLate as exc:  # ended, or finishing / in post-copy: it lands there
                     too_late += 0 if exc.ended else 1

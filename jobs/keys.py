@@ -26,6 +26,7 @@ EVENT_FIELD = "data"
 # Fields of the job hash written outside the record model (jobs/model.py).
 POSTCOPY_FIELD = "postcopy_since"  # when libvirt switched the migration to post-copy
 ABORT_FIELD = "abort_requested"  # the operator's abort request: its reason
+ABORT_SIGNED_FIELD = "abort_request"  # that request as its asker signed it (signing on)
 GATES_FIELD = "gates"  # the admission gates the job holds a slot in, space-separated
 LEASE_FIELD_PREFIX = "lease:"  # lease:<key> = "1" for each domain lease the job took
 

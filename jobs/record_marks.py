@@ -11,6 +11,7 @@ import redis
 
 from jobs.keys import (
     ABORT_FIELD,
+    ABORT_SIGNED_FIELD,
     ACTIVE_JOBS,
     POSTCOPY_FIELD,
     claims_key,
@@ -128,15 +129,24 @@ class RecordMarks:
             p.hdel(phases_key(job_id), phase)
             p.execute()
 
-    def request_abort(self, job_id: str, reason: str) -> None:
-        self.r.hset(job_key(job_id), ABORT_FIELD, reason)
+    def request_abort(self, job_id: str, reason: str, signed: str | None = None) -> None:
+        """The abort flag, with the request as its asker signed it (jobs/abort_request.py)."""
+        fields = {ABORT_FIELD: reason} | ({ABORT_SIGNED_FIELD: signed} if signed else {})
+        self.r.hset(job_key(job_id), mapping=fields)
 
     def withdraw_abort(self, job_id: str) -> None:
         """Take back an abort request that cannot be carried out."""
-        self.r.hdel(job_key(job_id), ABORT_FIELD)
+        self.r.hdel(job_key(job_id), ABORT_FIELD, ABORT_SIGNED_FIELD)
 
     def abort_requested(self, job_id: str) -> str | None:
         return self.field(job_id, ABORT_FIELD)
+
+    def abort_request(self, job_id: str) -> tuple[str | None, str | None]:
+        """The abort flag's reason and its signed request, read together."""
+        reason, signed = cast(
+            list[str | None], self.r.hmget(job_key(job_id), [ABORT_FIELD, ABORT_SIGNED_FIELD])
+        )
+        return reason, signed
 
     def mark_postcopy(self, job_id: str) -> None:
         """Record that libvirt switched the job's migration to post-copy: from then on it

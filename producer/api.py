@@ -171,7 +171,12 @@ class Drover:
             rollback = rollback_sender(self._app, self.send)
             notify = host_notifier(self._app, self.send)
             return abort_job(
-                self.store, job_id, by=producer_name(), rollback=rollback, notify=notify
+                self.store,
+                job_id,
+                by=producer_name(),
+                rollback=rollback,
+                notify=notify,
+                signer=self.signer,
             )
         except TooLate as exc:
             raise SubmitError(str(exc)) from None

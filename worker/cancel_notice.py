@@ -22,14 +22,20 @@ import structlog
 
 from config.events import get_logger
 from jobs.abort import ABORT_REASON
+from jobs.abort_request import genuine_abort
 from jobs.model import Job
+from jobs.request_signing import RequestRefused, verifier_for
 from jobs.states import JobState
-from jobs.store import JobNotFound
+from jobs.store import JobNotFound, JobStore
 from worker.job_end import ended_fields, job_context, job_ended
 from worker.runtime import Runtime
 
 log = get_logger()
 SOMEONE = "an operator"
+# Jobs whose unsigned abort flag this process has said it passes over: said once, not at
+# every look of a monitor (bounded: job ids are anyone's to write).
+_said_unsigned: set[str] = set()
+_SAID_MAX = 4096
 
 
 def note_cancel(rt: Runtime, job_id: str) -> None:
@@ -63,8 +69,27 @@ def abort_asked(rt: Runtime, job_id: str) -> str | None:
     this host's record of the signed notice first, else the record's flag. The flag still
     counts: a draining worker (a warm shutdown) takes no message from its queue, so the notice
     reaches it only once it is back, and its monitor must still see the abort meanwhile (the
-    fault suite's warm shutdown cases). Raises what a Redis read raises."""
-    return rt.ledger.abort_asked(job_id) or rt.store.without_retry.abort_requested(job_id)
+    fault suite's warm shutdown cases); with signing on, only a flag its asker signed
+    (`flagged_abort`). Raises what a Redis read raises."""
+    return rt.ledger.abort_asked(job_id) or flagged_abort(rt, rt.store.without_retry, job_id)
+
+
+def flagged_abort(rt: Runtime, store: JobStore, job_id: str) -> str | None:
+    """The record's abort flag when it is one to act on: with signing on, one a trusted key
+    signed for this job (jobs/abort_request.py). A flag no such key signed, written with the
+    Redis password, made the source abort a migration no operator asked to stop; it is
+    passed over, and said once (`security.rejected`)."""
+    reason, signed = store.abort_request(job_id)
+    try:
+        return genuine_abort(verifier_for(rt.settings.security), job_id, reason, signed)
+    except RequestRefused as exc:
+        if job_id not in _said_unsigned:
+            if len(_said_unsigned) >= _SAID_MAX:
+                _said_unsigned.clear()
+            _said_unsigned.add(job_id)
+            reason = f"the record's abort flag is not acted on: {exc}"
+            log.error("security.rejected", job_id=job_id, reason=reason)
+        return None
 
 
 def cancelled_here(rt: Runtime, job: Job) -> str | None:

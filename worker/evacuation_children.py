@@ -270,6 +270,7 @@ def abort_children(rt: Runtime, ev: Evacuation, children: dict[str, Job]) -> Non
                 by=rt.host,
                 rollback=rollback_destination_later,
                 notify=notices_later,
+                signer=signer_for(rt.settings.security),
             )
         except TooLate:
             continue  # finishing: the guest already runs on its destination

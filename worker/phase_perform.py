@@ -19,6 +19,7 @@ from jobs.phases import Phase
 from jobs.prepared_receipt import check_prepared
 from jobs.request_signing import SECURITY_REASON, RequestRefused, verifier_for
 from jobs.states import JobState
+from worker.cancel_notice import flagged_abort
 from worker.completion import Landing, landing
 from worker.compression_support import unsupported
 from worker.domain_xml_check import checked_xml
@@ -79,7 +80,7 @@ def perform(rt: Runtime, job: Job) -> JobState | None:
     running_refusal = offline_of_running(job, spec.offline and bool(dom.isActive()))
     if running_refusal is not None:
         raise PhaseFailed(running_refusal)
-    aborted = rt.store.abort_requested(job.id)
+    aborted = flagged_abort(rt, rt.store, job.id)
     if aborted:
         raise PhaseCancelled(f"{aborted} before the migration started; nothing moved")
     uuid = dom.UUIDString()

@@ -21,6 +21,7 @@ import redis
 from config.events import get_logger
 from jobs.model import Job
 from worker import switch_asked
+from worker.cancel_notice import flagged_abort
 from worker.libvirt_host import Domain, LibvirtError
 from worker.phase_errors import PhaseFailed
 from worker.runtime import Runtime
@@ -33,7 +34,7 @@ def refuse_if_aborting(rt: Runtime, job: Job, what: str) -> None:
     `what` would contradict it (a force-complete's pause, reported as a finish)."""
     # This host's record of the operator's signed abort notice first: the record's flag
     # alone was anyone's to delete (worker/cancel_notice.py).
-    asked = lambda: rt.ledger.abort_asked(job.id) or rt.store.abort_requested(job.id)  # noqa: E731
+    asked = lambda: rt.ledger.abort_asked(job.id) or flagged_abort(rt, rt.store, job.id)  # noqa: E731
     _unless_aborting(asked, job, what, f"read whether job {job.id} is being aborted")
 
 

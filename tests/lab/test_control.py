@@ -31,6 +31,7 @@ pytestmark = pytest.mark.lab
 DIRTY = "dirty-1"
 START_TIMEOUT_S = 60.0
 SLOW_MIB = 8  # far below dirty-1's dirty rate: pre-copy never ends on its own
+MIB = 1024 * 1024
 EVENT_SLACK_MS = 200  # libvirt's events reach the worker a little after they happen
 TUNE_SENT_S = 30.0  # a `drover tune` process starts and puts its request in Redis
 TUNE_ANSWER_S = 60.0  # ... and hears back: within its control_reply_timeout and waits
@@ -304,6 +305,37 @@ def test_an_abort_whose_flag_is_deleted_in_redis_still_stops_the_migration(
     assert outgoing_stats(lab) is None  # libvirt on lab1 runs no migration job
     names = [(ev["event"], ev.get("host")) for ev in lab.drover.events(job_id)]
     assert ("abort.noted", "lab1") in names, names
+
+
+def test_an_abort_flag_written_in_redis_stops_no_migration(lab: Lab, started: Started) -> None:
+    """Attacker, with the producer's Redis password: `HSET drover:job:J abort_requested
+    "aborted by operator"` on a running migration made lab1's monitor abort it in libvirt,
+    no operator asking. No trusted key signed that flag: lab1 says so once and the migration
+    goes on (libvirt still transfers); the operator's own abort then stops it."""
+    job_id = started.migrating(policy="manual", bandwidth_mib=SLOW_MIB)
+    lab.drover.store.r.hset(job_key(job_id), ABORT_FIELD, "aborted by operator")
+
+    def rejected() -> list[dict[str, Any]]:
+        return [ev for ev in lab.drover.events(job_id) if ev["event"] == "security.rejected"]
+
+    wait_for(lambda: bool(rejected()), START_TIMEOUT_S, "lab1 to pass over the unsigned flag")
+    (said,) = rejected()
+    assert said["host"] == "lab1" and "abort flag is not acted on" in said["reason"], said
+    sent = (outgoing_stats(lab) or {}).get("memory_processed", 0)
+    wait_for(  # libvirt goes on sending: the monitor looked again, and aborted nothing
+        lambda: (outgoing_stats(lab) or {}).get("memory_processed", 0) > sent + SLOW_MIB * MIB,
+        START_TIMEOUT_S,
+        "libvirt on lab1 to go on transferring dirty-1",
+    )
+    assert lab.drover.job(job_id).state.value == "migrating"
+    assert len(rejected()) == 1  # said once, not at every look
+
+    assert lab.drover.abort(job_id).startswith("abort requested: lab1 aborts")
+    job = lab.drover.wait(job_id, JOB_TIMEOUT_S)
+    assert job.state.value == "cancelled", job.reason
+    assert lab.running_on(DIRTY) == ["lab1"]
+    assert not lab.view("lab2", DIRTY).exists
+    assert outgoing_stats(lab) is None
 
 
 def test_an_abort_refused_on_a_forged_postcopy_mark_still_stops_the_migration(

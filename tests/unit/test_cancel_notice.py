@@ -144,7 +144,7 @@ def test_an_abort_that_cannot_reach_the_source_says_so_and_stands(
 
     line = abort_job(store, job_id, by="ops@site", rollback=lambda _j: None, notify=broker_away)
     assert "kvm1 could not be told (broker unreachable)" in line
-    assert "aborts only on that notice, so ask again" in line
+    assert "aborts on the record's signed flag alone" in line
     assert store.abort_requested(job_id) == "aborted by operator"
 
 
