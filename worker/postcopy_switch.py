@@ -41,9 +41,19 @@ def refuse_if_aborting(rt: Runtime, job: Job, what: str) -> None:
 def operator_switch(rt: Runtime, job: Job, dom: Domain, what: str) -> None:
     """Switch the migration to post-copy unless an abort is requested (PhaseFailed). libvirt's
     refusal is raised as it came (LibvirtError), its mark taken back first."""
-    mark = lambda: (  # noqa: E731
-        rt.ledger.abort_asked(job.id) or rt.store.mark_postcopy_unless_aborting(job.id)
-    )
+
+    def mark() -> str | None:
+        noted = rt.ledger.abort_asked(job.id)
+        flag = noted or rt.store.mark_postcopy_unless_aborting(job.id)
+        if flag is not None and noted is None and flagged_abort(rt, rt.store, job.id) is None:
+            # A flag no trusted key signed: nothing aborts the migration, and no switch is
+            # made past it either (the flag and the mark are kept apart in one step).
+            raise PhaseFailed(
+                f"job {job.id}'s record carries an abort flag no trusted key signed: not "
+                f"{what}; ask again once it is gone"
+            )
+        return flag
+
     _unless_aborting(mark, job, what, f"mark job {job.id} switching to post-copy")
     switch_asked.note(job.id)
     try:

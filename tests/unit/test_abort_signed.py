@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from jobs.abort import ABORT_REASON, abort_job
 from jobs.abort_request import genuine_abort
-from jobs.keys import ABORT_FIELD, ABORT_SIGNED_FIELD, job_key
+from jobs.keys import ABORT_FIELD, ABORT_SIGNED_FIELD, POSTCOPY_FIELD, job_key
 from jobs.request_signing import RequestSigner, signer_for
 from jobs.spec import MigrationSpec
 from jobs.states import JobState
@@ -23,6 +23,8 @@ from tests.conftest import RedisServer
 from tests.support.registry import REGISTRY, make_fleet_keys, signing_section
 from worker.cancel_notice import abort_asked, flagged_abort
 from worker.ledger import Ledger
+from worker.phase_errors import PhaseFailed
+from worker.postcopy_switch import operator_switch
 from worker.runtime import Runtime
 
 
@@ -126,3 +128,31 @@ def test_a_withdrawn_abort_takes_its_signature_with_it(rt: Runtime) -> None:
 def test_with_signing_off_any_flag_is_acted_on() -> None:
     assert genuine_abort(None, "0123456789ab", ABORT_REASON, None) == ABORT_REASON
     assert genuine_abort(None, "0123456789ab", None, None) is None
+
+
+class NeverSwitched:
+    """A domain whose post-copy switch must not be asked for."""
+
+    def migrateStartPostCopy(self) -> None:
+        raise AssertionError("no switch past an abort flag")
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["operator's", "written in redis"])
+def test_no_postcopy_switch_is_made_past_an_abort_flag_and_each_says_what_it_is(
+    rt: Runtime, signed: bool
+) -> None:
+    """`drover force-complete` / `postcopy` past a flag: refused either way (the mark and the
+    flag are kept apart in one step), and the refusal says which flag it is."""
+    job_id = migrating(rt, f"web-{signed}")
+    if signed:
+        operator_abort(rt, job_id, signer_for(rt.settings.security))
+    else:
+        rt.store.r.hset(job_key(job_id), ABORT_FIELD, ABORT_REASON)
+    with pytest.raises(PhaseFailed) as refused:
+        operator_switch(rt, rt.store.get(job_id), NeverSwitched(), "switching to post-copy")  # type: ignore[arg-type]
+    said = str(refused.value)
+    if signed:
+        assert f"job {job_id} is being aborted ({ABORT_REASON})" in said, said
+    else:
+        assert "carries an abort flag no trusted key signed: not switching" in said, said
+    assert rt.store.r.hget(job_key(job_id), POSTCOPY_FIELD) is None
