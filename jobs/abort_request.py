@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict
 
+from jobs.keys import ABORT_FIELD, ABORT_SIGNED_FIELD
 from jobs.request_signing import (
     REQUEST_FIELD,
     RequestSigner,
@@ -46,6 +47,11 @@ def sign_abort(signer: RequestSigner | None, job_id: str, reason: str, by: str) 
         at=datetime.now(UTC),
     )
     return signed.get(REQUEST_FIELD)
+
+
+def abort_fields(reason: str, signed: str | None) -> dict[str, str]:
+    """The record fields of an abort: its reason, and its signed request when there is one."""
+    return {ABORT_FIELD: reason} | ({ABORT_SIGNED_FIELD: signed} if signed else {})
 
 
 def genuine_abort(

@@ -16,6 +16,7 @@ import secrets
 from typing import Any, cast
 
 from config.addresses import shown
+from jobs.abort_request import abort_fields
 from jobs.evacuation_model import EVACUATION_KIND as EVACUATION_KIND
 from jobs.evacuation_model import EVACUATION_TERMINAL as EVACUATION_TERMINAL
 from jobs.evacuation_model import MAX_PARALLEL as MAX_PARALLEL
@@ -180,13 +181,11 @@ class EvacuationStore:
         self, evacuation_id: str, outcome: list[DomainOutcome], left_on_host: list[str]
     ) -> None:
         data = "[" + ",".join(o.model_dump_json() for o in outcome) + "]"
-        self.r.hset(
-            job_key(evacuation_id),
-            mapping={"outcome": data, "left_on_host": ",".join(left_on_host)},
-        )
+        fields = {"outcome": data, "left_on_host": ",".join(left_on_host)}
+        self.r.hset(job_key(evacuation_id), mapping=fields)
 
-    def request_abort(self, evacuation_id: str, reason: str) -> None:
-        self.r.hset(job_key(evacuation_id), "abort_requested", reason)
+    def request_abort(self, evacuation_id: str, reason: str, signed: str | None = None) -> None:
+        self.r.hset(job_key(evacuation_id), mapping=abort_fields(reason, signed))
 
     def may_redispatch(self, evacuation_id: str, every_s: float) -> bool:
         """True at most once per `every_s`: a lost task message is sent again, not flooded."""

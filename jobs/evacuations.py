@@ -22,6 +22,7 @@ from config.celery import host_queue
 from config.events import job_event
 from config.settings import ConfigError, Settings
 from jobs.abort import ABORT_REASON, TooLate, abort_job, host_notifier, rollback_sender
+from jobs.abort_request import sign_abort
 from jobs.errors import SubmitError, broker_errors
 from jobs.evacuation import (
     EvacuationBusy,
@@ -164,7 +165,8 @@ class EvacuationService:
         ev = self.records.get(evacuation_id)
         if ev.terminal:
             raise SubmitError(f"evacuation {evacuation_id} already {ev.state.value}")
-        self.records.request_abort(evacuation_id, ABORT_REASON)
+        signed = sign_abort(self.signer, evacuation_id, ABORT_REASON, by)
+        self.records.request_abort(evacuation_id, ABORT_REASON, signed)
         rollback = rollback_sender(self.app, self.send)
         notify = host_notifier(self.app, self.send)
         # Found by their own records too: the children list may have been deleted in Redis.

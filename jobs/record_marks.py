@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 
+from jobs.abort_request import abort_fields
 from jobs.keys import (
     ABORT_FIELD,
     ABORT_SIGNED_FIELD,
@@ -131,8 +132,7 @@ class RecordMarks:
 
     def request_abort(self, job_id: str, reason: str, signed: str | None = None) -> None:
         """The abort flag, with the request as its asker signed it (jobs/abort_request.py)."""
-        fields = {ABORT_FIELD: reason} | ({ABORT_SIGNED_FIELD: signed} if signed else {})
-        self.r.hset(job_key(job_id), mapping=fields)
+        self.r.hset(job_key(job_id), mapping=abort_fields(reason, signed))
 
     def withdraw_abort(self, job_id: str) -> None:
         """Take back an abort request that cannot be carried out."""

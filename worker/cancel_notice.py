@@ -29,13 +29,11 @@ from jobs.states import JobState
 from jobs.store import JobNotFound, JobStore
 from worker.job_end import ended_fields, job_context, job_ended
 from worker.runtime import Runtime
+from worker.said_once import SaidOnce
 
 log = get_logger()
 SOMEONE = "an operator"
-# Jobs whose unsigned abort flag this process has said it passes over: said once, not at
-# every look of a monitor (bounded: job ids are anyone's to write).
-_said_unsigned: set[str] = set()
-_SAID_MAX = 4096
+_said_unsigned = SaidOnce()  # jobs whose unsigned abort flag was said passed over
 
 
 def note_cancel(rt: Runtime, job_id: str) -> None:
@@ -83,10 +81,7 @@ def flagged_abort(rt: Runtime, store: JobStore, job_id: str) -> str | None:
     try:
         return genuine_abort(verifier_for(rt.settings.security), job_id, reason, signed)
     except RequestRefused as exc:
-        if job_id not in _said_unsigned:
-            if len(_said_unsigned) >= _SAID_MAX:
-                _said_unsigned.clear()
-            _said_unsigned.add(job_id)
+        if _said_unsigned.first(job_id):
             reason = f"the record's abort flag is not acted on: {exc}"
             log.error("security.rejected", job_id=job_id, reason=reason)
         return None

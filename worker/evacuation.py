@@ -39,6 +39,7 @@ from jobs.request_signing import (
 from jobs.spec import first_error
 from jobs.store import now
 from worker.admission_pass import admit_waiting
+from worker.evacuation_abort import SignedAbortEvacuations
 from worker.evacuation_children import abort_children, children_of, queue_children
 from worker.evacuation_plan import ENDED_HERE, end, evacuation_context, plan_rows, planned
 from worker.fleet_view import gather
@@ -51,7 +52,7 @@ PLANNING_KEY = "evacuation-planning"
 
 def start(rt: Runtime, evacuation_id: str) -> None:
     """Plan the evacuation and queue its children (the body of the `drover.evacuate` task)."""
-    store = EvacuationStore(rt.store)
+    store = SignedAbortEvacuations(rt)
     ev = store.get(evacuation_id)
     if ev.spec.host != rt.host:
         log.warning("message.rejected", reason=f"evacuation of {ev.spec.host}, not {rt.host}")

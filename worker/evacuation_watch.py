@@ -18,6 +18,7 @@ from jobs.record import MalformedRecord
 from jobs.record_read import REDIS_OUTAGES, KeyUnreadable
 from jobs.store import JobNotFound, now
 from worker.evacuation import PLANNING_KEY, attest, plan_and_queue_or_fail, planning, trusted
+from worker.evacuation_abort import SignedAbortEvacuations
 from worker.evacuation_children import abort_children, children_of, retry_failed
 from worker.evacuation_outcome import confirm
 from worker.evacuation_plan import end, evacuation_context
@@ -66,7 +67,7 @@ def _child_ended(rt: Runtime, job: Job) -> None:
 def check(rt: Runtime, evacuation_id: str) -> None:
     """Move one evacuation on, if it is this host's; one check at a time per process.
     MalformedRecord when its record cannot be read (whose it is cannot be known)."""
-    store = EvacuationStore(rt.store)
+    store = SignedAbortEvacuations(rt)
     with rt.holding(evacuation_id, WATCH_KEY) as ours:
         if not ours:
             return

@@ -106,3 +106,33 @@ def test_a_forged_succeeded_child_does_not_end_the_evacuation_under_its_real_one
     assert where in ("lab2", "lab3") and not lab.view("lab1", "dirty-1").exists
     refused = [e for e in d.events(ev_id) if e["event"] == "security.rejected"]
     assert [e.get("child") for e in refused] == [FORGED_CHILD]
+
+
+def test_an_abort_flag_written_on_a_drain_stops_none_of_it(
+    lab: Lab,
+    dirty_running: None,
+    home: None,  # its teardown first: it enables lab1 again
+) -> None:
+    """`HSET drover:job:EV abort_requested "aborted by operator"` while lab1 drains: its
+    worker cancelled the queued children and aborted the running ones, no operator asking.
+    No trusted key signed that flag: lab1 says so once, and the drain completes."""
+    d = lab.drover
+    ev_id = d.evacuate(
+        d.evacuation_spec(
+            host="lab1",
+            to=["lab2", "lab3"],
+            max_parallel=5,
+            bandwidth_mib=8,
+            completion_timeout_s=3,
+        )
+    )
+    wait_for(lambda: bool(d.evacuation(ev_id).children), JOB_TIMEOUT_S, "the drain's children")
+    d.store.r.hset(job_key(ev_id), "abort_requested", "aborted by operator")
+
+    ev = d.wait_evacuation(ev_id, JOB_TIMEOUT_S)
+    assert ev.state.value == "drained", ev.reason
+    refused = [e for e in d.events(ev_id) if e["event"] == "security.rejected"]
+    assert len(refused) == 1 and "abort flag is not acted on" in refused[0]["reason"], refused
+    for domain in ev.children:
+        assert d.job(ev.children[domain]).state.value == "succeeded", domain
+        assert not lab.view("lab1", domain).exists, f"{domain} still on lab1"

@@ -11,7 +11,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from jobs.abort import ABORT_REASON, abort_job
-from jobs.abort_request import genuine_abort
+from jobs.abort_request import genuine_abort, sign_abort
+from jobs.evacuation import EvacuationSpec, EvacuationStore
 from jobs.keys import ABORT_FIELD, ABORT_SIGNED_FIELD, POSTCOPY_FIELD, job_key
 from jobs.request_signing import RequestSigner, signer_for
 from jobs.spec import MigrationSpec
@@ -22,6 +23,7 @@ from lab.signing import make_certificate
 from tests.conftest import RedisServer
 from tests.support.registry import REGISTRY, make_fleet_keys, signing_section
 from worker.cancel_notice import abort_asked, flagged_abort
+from worker.evacuation_abort import SignedAbortEvacuations
 from worker.ledger import Ledger
 from worker.phase_errors import PhaseFailed
 from worker.postcopy_switch import operator_switch
@@ -156,3 +158,29 @@ def test_no_postcopy_switch_is_made_past_an_abort_flag_and_each_says_what_it_is(
     else:
         assert "carries an abort flag no trusted key signed: not switching" in said, said
     assert rt.store.r.hget(job_key(job_id), POSTCOPY_FIELD) is None
+
+
+def test_an_evacuations_abort_flag_counts_only_as_its_asker_signed_it(rt: Runtime) -> None:
+    """`HSET drover:job:EV abort_requested ...` made the evacuation's worker cancel its
+    children: a drain stopped that no operator asked to stop. Its worker reads an unsigned
+    flag as no abort (said once); `drover evacuate --abort`'s own, signed, counts."""
+    records = EvacuationStore(rt.store)
+    forged, asked = (
+        records.create(EvacuationSpec(host=host, to=["kvm2"]), "t") for host in ("kvm1", "kvm3")
+    )
+    store = SignedAbortEvacuations(rt)
+    records.request_abort(forged, ABORT_REASON)  # the attacker's write
+    with capture_logs() as logs:
+        assert store.get(forged).abort_requested is None
+        assert store.get(forged).abort_requested is None
+    said = [e for e in logs if e["event"] == "security.rejected"]
+    assert [e["job_id"] for e in said] == [forged], logs
+    assert records.get(forged).abort_requested == ABORT_REASON  # the record's own word
+
+    signer = signer_for(rt.settings.security)
+    records.request_abort(asked, ABORT_REASON, sign_abort(signer, asked, ABORT_REASON, "ops"))
+    assert store.get(asked).abort_requested == ABORT_REASON
+    # The same signature on the other evacuation names another: passed over there.
+    signed = rt.store.r.hget(job_key(asked), ABORT_SIGNED_FIELD)
+    rt.store.r.hset(job_key(forged), ABORT_SIGNED_FIELD, str(signed))
+    assert store.get(forged).abort_requested is None
