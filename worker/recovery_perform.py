@@ -70,7 +70,7 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
     if _recovered_postcopy(rt, job):
         return _completed(rt, job)
     dom = job_domain(rt, job, spec.domain)
-    if dom is None or not dom.isActive() or (spec.offline and _defined_on_destination(rt, job)):
+    if dom is None or _moved(rt, job, dom):
         return _completed(rt, job)
     resume_if_left_paused(rt, dom, job, "the interrupted migration left the guest paused")
     where = still_here(dom, spec.domain, rt.host)
@@ -85,6 +85,17 @@ def _recover_perform(rt: Runtime, job: Job) -> bool:
     rt.store.phase_ended(job.id, Phase.PERFORM.value, error=reason)
     fail_job(rt, job, Phase.PERFORM, reason)  # which also rolls the destination back
     return False
+
+
+def _moved(rt: Runtime, job: Job, dom: Domain) -> bool:
+    """Whether libvirt moved the guest, the source still defining it: a live guest no longer
+    running here left; an offline one is a definition copied, shut off here before and after,
+    so only the destination's word counts (its guest being shut off here said it had moved,
+    and a job whose move never happened, or had not yet, went on to finish and failed there
+    while libvirt then defined it on the destination: fault probe)."""
+    if job.spec.offline:
+        return _defined_on_destination(rt, job)
+    return not dom.isActive()
 
 
 def _defined_on_destination(rt: Runtime, job: Job) -> bool:

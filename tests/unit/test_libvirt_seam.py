@@ -753,6 +753,40 @@ def test_recovery_of_an_offline_move_whose_definition_arrived_goes_on(
     assert rollbacks == []
 
 
+@pytest.mark.parametrize("arrived", [False, True], ids=["not there", "defined there"])
+def test_recovery_of_an_offline_move_of_a_shut_off_guest_asks_the_destination(
+    env: Path,
+    store: JobStore,
+    hv: libvirt.virConnect,
+    tmp_path: Path,
+    rollbacks: list[str],
+    arrived: bool,
+) -> None:
+    """An offline guest is shut off at home before and after its move: that said its move
+    had completed, and a job whose migration never reached the destination went on to
+    finish (fault probe: it failed there, and libvirt then defined the guest on the
+    destination, its source undefined). The destination's word decides."""
+    hv.defineXML(IDLE_XML.format(name="idle"))  # defined, not running
+    uuid = str(hv.lookupByName("idle").UUIDString())
+    job_id = job_for(store, domain="idle", offline=True, live=False, persistent=True)
+    shut_off = {"name": "idle", "state": "shutoff", "active": False}
+    store.update(job_id, facts=recorded(uuid, **shut_off))
+    walked(store, job_id, JobState.MIGRATING)
+    store.phase_started(job_id, Phase.PERFORM.value, "kvm1")
+    rt = runtime(store, "kvm1", tmp_path, None if arrived else destination_empty(tmp_path))
+
+    assert recover_perform(rt, store.get(job_id)) is arrived
+    job = store.get(job_id)
+    if arrived:  # one hypervisor plays both hosts: the definition is there
+        assert job.state is JobState.MIGRATING and rollbacks == []
+        assert job.phases[Phase.PERFORM.value].ended is not None
+    else:
+        assert job.state is JobState.FAILED, job.state
+        assert job.reason is not None and "did not complete" in job.reason, job.reason
+        assert rollbacks == [job_id]
+    assert hv.lookupByName("idle").isPersistent()  # left as libvirt has it
+
+
 # --- an evacuation's end ----------------------------------------------------------------------
 
 GONE_UUID = "00000000-0000-0000-0000-0000000000ee"  # a guest no longer on the evacuated host
