@@ -62,6 +62,15 @@ def test_an_unsigned_planning_evacuation_moves_no_guest(lab: Lab, guest_home: No
 FORGED_CHILD = "fa0000000001"
 
 
+def drain_lab1(lab: Lab) -> str:
+    """lab1's evacuation, all at once: the idle guests are moved in seconds, while dirty-1 at
+    8 MiB/s takes longer (suspended after 3 s, then copied): its child is the last one live."""
+    spec = lab.drover.evacuation_spec(
+        host="lab1", to=["lab2", "lab3"], max_parallel=5, bandwidth_mib=8, completion_timeout_s=3
+    )
+    return lab.drover.evacuate(spec)
+
+
 def test_a_forged_succeeded_child_does_not_end_the_evacuation_under_its_real_one(
     lab: Lab,
     dirty_running: None,
@@ -74,17 +83,7 @@ def test_a_forged_succeeded_child_does_not_end_the_evacuation_under_its_real_one
     d = lab.drover
     r = d.store.r
     r.delete(job_key(FORGED_CHILD))  # a previous run's
-    # All at once: the idle guests are moved in seconds, while dirty-1 at 8 MiB/s takes
-    # longer (suspended after 3 s, then copied): its child is the last one live.
-    ev_id = d.evacuate(
-        d.evacuation_spec(
-            host="lab1",
-            to=["lab2", "lab3"],
-            max_parallel=5,
-            bandwidth_mib=8,
-            completion_timeout_s=3,
-        )
-    )
+    ev_id = drain_lab1(lab)
     seen: list[str] = []
 
     def dirty_child_migrating() -> bool:
@@ -117,15 +116,7 @@ def test_an_abort_flag_written_on_a_drain_stops_none_of_it(
     worker cancelled the queued children and aborted the running ones, no operator asking.
     No trusted key signed that flag: lab1 says so once, and the drain completes."""
     d = lab.drover
-    ev_id = d.evacuate(
-        d.evacuation_spec(
-            host="lab1",
-            to=["lab2", "lab3"],
-            max_parallel=5,
-            bandwidth_mib=8,
-            completion_timeout_s=3,
-        )
-    )
+    ev_id = drain_lab1(lab)
     wait_for(lambda: bool(d.evacuation(ev_id).children), JOB_TIMEOUT_S, "the drain's children")
     d.store.r.hset(job_key(ev_id), "abort_requested", "aborted by operator")
 

@@ -19,9 +19,9 @@ from jobs.spec import MigrationSpec
 from jobs.states import JobState
 from jobs.store import JobStore
 from jobs.submission import enqueue
-from lab.signing import make_certificate
 from tests.conftest import RedisServer
-from tests.support.registry import REGISTRY, make_fleet_keys, signing_section
+from tests.support.registry import REGISTRY, signing_section
+from tests.unit.test_request_signing import keys
 from worker.cancel_notice import abort_asked, flagged_abort
 from worker.evacuation_abort import SignedAbortEvacuations
 from worker.ledger import Ledger
@@ -29,13 +29,7 @@ from worker.phase_errors import PhaseFailed
 from worker.postcopy_switch import operator_switch
 from worker.runtime import Runtime
 
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fleet's key, a store trusting it, and a stranger's key: made once (RSA is slow)."""
-    keys = make_fleet_keys(tmp_path_factory.mktemp("keys"))
-    make_certificate(keys / "stranger-key.pem", keys / "stranger.pem", "/CN=stranger")
-    return keys
+__all__ = ["keys"]  # a fixture, used by name
 
 
 @pytest.fixture
