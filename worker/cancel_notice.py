@@ -81,10 +81,16 @@ def flagged_abort(rt: Runtime, store: JobStore, job_id: str) -> str | None:
     try:
         return genuine_abort(verifier_for(rt.settings.security), job_id, reason, signed)
     except RequestRefused as exc:
-        if _said_unsigned.first(job_id):
-            reason = f"the record's abort flag is not acted on: {exc}"
-            log.error("security.rejected", job_id=job_id, reason=reason)
+        passed_over(_said_unsigned, job_id, exc)
         return None
+
+
+def passed_over(said: SaidOnce, job_id: str, refused: RequestRefused) -> None:
+    """Say once (`security.rejected`) that the abort flag of `job_id` (a job, or an
+    evacuation) is not acted on, and why."""
+    if said.first(job_id):
+        reason = f"the record's abort flag is not acted on: {refused}"
+        log.error("security.rejected", job_id=job_id, reason=reason)
 
 
 def cancelled_here(rt: Runtime, job: Job) -> str | None:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from typing import cast
 
-from config.events import get_logger
 from jobs.abort_request import genuine_abort
 from jobs.evacuation import Evacuation, EvacuationStore
 from jobs.keys import ABORT_SIGNED_FIELD, job_key
 from jobs.request_signing import RequestRefused, RequestVerifier, verifier_for
+from worker.cancel_notice import passed_over
 from worker.runtime import Runtime
 from worker.said_once import SaidOnce
 
-log = get_logger()
 _said = SaidOnce()  # evacuations whose unsigned flag was said passed over
 
 
@@ -43,8 +42,7 @@ class SignedAbortEvacuations(EvacuationStore):
         except RequestRefused as exc:
             # Said by the evacuation's own host, whose worker would have acted on it (every
             # host's watch reads each active evacuation before it knows whose it is).
-            if ev.spec.host == self.host and _said.first(evacuation_id):
-                reason = f"the record's abort flag is not acted on: {exc}"
-                log.error("security.rejected", job_id=evacuation_id, reason=reason)
+            if ev.spec.host == self.host:
+                passed_over(_said, evacuation_id, exc)
             return ev.model_copy(update={"abort_requested": None})
         return ev
